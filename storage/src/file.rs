@@ -1,0 +1,158 @@
+//! The I/O seam: every write, preallocation and sync of the engine goes
+//! through [`Io`], so tests can inject failures (a full disk, a failing
+//! fsync) without a special filesystem.
+//!
+//! Reads go through memory maps and are not part of the seam.
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::{fd::AsRawFd, unix::fs::FileExt},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+/// Failures to inject into a log's I/O. Shared by clones; all switches are
+/// atomic, so a test can flip them while the log runs.
+#[derive(Debug, Default)]
+pub struct Faults {
+    disk_full: AtomicBool,
+    /// The number of successful syncs left before one fails (`u64::MAX`: never).
+    syncs_before_failure: AtomicU64,
+    write_failures: AtomicU64,
+}
+
+impl Faults {
+    /// No failures until a switch is set.
+    pub fn new() -> Arc<Faults> {
+        Arc::new(Faults {
+            syncs_before_failure: AtomicU64::new(u64::MAX),
+            ..Faults::default()
+        })
+    }
+
+    /// While set, preallocation and writes that extend files fail with
+    /// `ENOSPC`, as on a full disk.
+    pub fn set_disk_full(&self, full: bool) {
+        self.disk_full.store(full, Ordering::SeqCst);
+    }
+
+    /// After `n` more successful syncs, the next sync fails with `EIO`.
+    pub fn fail_sync_after(&self, n: u64) {
+        self.syncs_before_failure.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` writes fail with `EIO`.
+    pub fn fail_writes(&self, n: u64) {
+        self.write_failures.store(n, Ordering::SeqCst);
+    }
+}
+
+/// The I/O operations of the engine, optionally with injected faults.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Io {
+    faults: Option<Arc<Faults>>,
+}
+
+impl Io {
+    pub(crate) fn new(faults: Option<Arc<Faults>>) -> Io {
+        Io { faults }
+    }
+
+    fn disk_full(&self) -> io::Result<()> {
+        match &self.faults {
+            Some(f) if f.disk_full.load(Ordering::SeqCst) => {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reserves `len` bytes of real blocks for `file` (no sparse file), so a
+    /// full disk is an error here rather than a SIGBUS when the map is read.
+    pub(crate) fn preallocate(&self, file: &File, len: u64) -> io::Result<()> {
+        self.disk_full()?;
+        let len =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `fallocate` only reads its integer arguments; the fd is
+        // valid for the lifetime of `file`.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // Filesystems without fallocate: write real zeros instead.
+            return write_zeros(file, 0, len as u64);
+        }
+        Err(err)
+    }
+
+    pub(crate) fn write_at(&self, file: &File, buf: &[u8], pos: u64) -> io::Result<()> {
+        if let Some(f) = &self.faults
+            && f.write_failures.load(Ordering::SeqCst) > 0
+        {
+            f.write_failures.fetch_sub(1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        file.write_all_at(buf, pos)
+    }
+
+    /// Appends to a file that grows (ack and key journals).
+    pub(crate) fn append(&self, file: &File, buf: &[u8], pos: u64) -> io::Result<()> {
+        self.disk_full()?;
+        self.write_at(file, buf, pos)
+    }
+
+    /// `fdatasync`: the file's data (and the metadata needed to read it) is
+    /// on stable storage when this returns.
+    pub(crate) fn sync_data(&self, file: &File) -> io::Result<()> {
+        if let Some(f) = &self.faults {
+            let left = f.syncs_before_failure.load(Ordering::SeqCst);
+            if left == 0 {
+                f.syncs_before_failure.store(u64::MAX, Ordering::SeqCst);
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            if left != u64::MAX {
+                f.syncs_before_failure.store(left - 1, Ordering::SeqCst);
+            }
+        }
+        file.sync_data()
+    }
+
+    /// Syncs a directory so that file creations, renames and removals in it
+    /// are durable.
+    pub(crate) fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+fn write_zeros(file: &File, mut pos: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    while pos < len {
+        let n = (len - pos).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+pub(crate) fn open_rw(path: &Path, create_new: bool) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    if create_new {
+        options.create_new(true);
+    }
+    options.open(path)
+}
+
+pub(crate) fn open_or_create(path: &Path) -> io::Result<(File, bool)> {
+    match open_rw(path, true) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok((open_rw(path, false)?, false)),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,223 @@
+//! The idempotency-key journal, so the broker's dedupe survives restarts
+//! even after retention removed the segments that held the keyed records.
+//!
+//! Keys of appended records are buffered in memory and written to the `keys`
+//! journal at each checkpoint, which records the journal's synced length.
+//! Recovery reads the journal up to that length (keys within the dedupe
+//! window), then picks up the keys of records after the checkpoint from its
+//! scan of the log tail. Memory: at most `dedupe_keys_max` recovered keys,
+//! plus the keys appended since the last checkpoint.
+//!
+//! Entry layout: `u32 crc over the rest, u16 key_len, u16 zero,
+//! u64 timestamp_ms, u64 offset, key, zero padding to 8 bytes`.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+};
+
+use bytes::Bytes;
+
+use crate::file::{self, Io};
+
+const MAGIC: [u8; 8] = *b"BLSTKEY\0";
+const VERSION: u32 = 1;
+pub(crate) const HEADER_SIZE: u64 = 16;
+const ENTRY_HEADER: usize = 24;
+pub(crate) const FILE_NAME: &str = "keys";
+
+/// An idempotency key seen in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub key: Bytes,
+    /// Offset of the record that carried the key.
+    pub offset: u64,
+    /// The record's enqueue time, Unix milliseconds.
+    pub timestamp_ms: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct KeyJournal {
+    dir: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl KeyJournal {
+    /// Opens the journal, trusting only its first `synced_len` bytes (from
+    /// the checkpoint; `None` when there is no checkpoint, so nothing is
+    /// trusted). Returns the keys not older than `cutoff_ms`.
+    pub(crate) fn open(
+        io: &Io,
+        dir: &Path,
+        synced_len: Option<u64>,
+        cutoff_ms: u64,
+    ) -> io::Result<(KeyJournal, Vec<KeyEntry>)> {
+        let path = dir.join(FILE_NAME);
+        let (file, created) = file::open_or_create(&path)?;
+        let size = file.metadata()?.len();
+        let trusted = synced_len
+            .unwrap_or(HEADER_SIZE)
+            .clamp(HEADER_SIZE, size.max(HEADER_SIZE));
+        let mut keys = Vec::new();
+        if created || size < HEADER_SIZE || synced_len.is_none() {
+            io.append(&file, &header(), 0)?;
+            file.set_len(HEADER_SIZE)?;
+            io.sync_data(&file)?;
+            if created {
+                io.sync_dir(dir)?;
+            }
+            return Ok((
+                KeyJournal {
+                    dir: dir.to_owned(),
+                    file,
+                    len: HEADER_SIZE,
+                },
+                keys,
+            ));
+        }
+        let mut bytes = vec![0u8; trusted as usize];
+        file.read_exact_at(&mut bytes, 0)?;
+        if bytes[0..8] != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} has a bad magic", path.display()),
+            ));
+        }
+        let mut pos = HEADER_SIZE as usize;
+        while let Some((entry, next)) = decode_entry(&bytes, pos) {
+            if entry.timestamp_ms >= cutoff_ms {
+                keys.push(entry);
+            }
+            pos = next;
+        }
+        let valid = pos as u64;
+        if valid != size {
+            file.set_len(valid)?;
+            io.sync_data(&file)?;
+        }
+        Ok((
+            KeyJournal {
+                dir: dir.to_owned(),
+                file,
+                len: valid,
+            },
+            keys,
+        ))
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends and syncs entries; returns the new synced length.
+    pub(crate) fn append(&mut self, io: &Io, entries: &[KeyEntry]) -> io::Result<u64> {
+        if entries.is_empty() {
+            return Ok(self.len);
+        }
+        let mut buf = Vec::new();
+        for entry in entries {
+            encode_entry(&mut buf, entry);
+        }
+        io.append(&self.file, &buf, self.len)?;
+        io.sync_data(&self.file)?;
+        self.len += buf.len() as u64;
+        Ok(self.len)
+    }
+
+    /// Rewrites the journal with only the `keys_max` newest keys not older
+    /// than `cutoff_ms` (temporary file, sync, rename, directory sync).
+    /// Returns the new length.
+    pub(crate) fn compact(&mut self, io: &Io, cutoff_ms: u64, keys_max: usize) -> io::Result<u64> {
+        let mut bytes = vec![0u8; self.len as usize];
+        self.file.read_exact_at(&mut bytes, 0)?;
+        let mut live = Vec::new();
+        let mut pos = HEADER_SIZE as usize;
+        while let Some((entry, next)) = decode_entry(&bytes, pos) {
+            if entry.timestamp_ms >= cutoff_ms {
+                live.push(entry);
+            }
+            pos = next;
+        }
+        let live = newest_unique(live, keys_max);
+        let mut out = header().to_vec();
+        for entry in &live {
+            encode_entry(&mut out, entry);
+        }
+        let tmp = self.dir.join("keys.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let file = file::open_rw(&tmp, true)?;
+        io.append(&file, &out, 0)?;
+        io.sync_data(&file)?;
+        std::fs::rename(&tmp, self.dir.join(FILE_NAME))?;
+        io.sync_dir(&self.dir)?;
+        self.file = file;
+        self.len = out.len() as u64;
+        Ok(self.len)
+    }
+}
+
+/// Keeps the newest entry per key, then at most `keys_max` keys, newest
+/// last, ordered by offset.
+pub(crate) fn newest_unique(entries: Vec<KeyEntry>, keys_max: usize) -> Vec<KeyEntry> {
+    let mut by_key: HashMap<Bytes, KeyEntry> = HashMap::with_capacity(entries.len().min(keys_max));
+    for entry in entries {
+        match by_key.get(&entry.key) {
+            Some(seen) if seen.offset >= entry.offset => {}
+            _ => {
+                by_key.insert(entry.key.clone(), entry);
+            }
+        }
+    }
+    let mut unique: Vec<KeyEntry> = by_key.into_values().collect();
+    unique.sort_by_key(|e| (e.timestamp_ms, e.offset));
+    let excess = unique.len().saturating_sub(keys_max);
+    unique.drain(..excess);
+    unique.sort_by_key(|e| e.offset);
+    unique
+}
+
+fn header() -> [u8; HEADER_SIZE as usize] {
+    let mut h = [0u8; HEADER_SIZE as usize];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h
+}
+
+fn encode_entry(buf: &mut Vec<u8>, entry: &KeyEntry) {
+    let start = buf.len();
+    let key_len =
+        u16::try_from(entry.key.len()).expect("key size was validated against KEY_SIZE_MAX");
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&key_len.to_le_bytes());
+    buf.extend_from_slice(&[0; 2]);
+    buf.extend_from_slice(&entry.timestamp_ms.to_le_bytes());
+    buf.extend_from_slice(&entry.offset.to_le_bytes());
+    buf.extend_from_slice(&entry.key);
+    buf.resize(start + (ENTRY_HEADER + entry.key.len()).div_ceil(8) * 8, 0);
+    let crc = crc32fast::hash(&buf[start + 4..]);
+    buf[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn decode_entry(bytes: &[u8], pos: usize) -> Option<(KeyEntry, usize)> {
+    let head = bytes.get(pos..pos + ENTRY_HEADER)?;
+    let key_len = u16::from_le_bytes(head[4..6].try_into().expect("2 bytes")) as usize;
+    if key_len == 0 {
+        return None;
+    }
+    let end = pos + (ENTRY_HEADER + key_len).div_ceil(8) * 8;
+    let whole = bytes.get(pos..end)?;
+    let crc = u32::from_le_bytes(whole[0..4].try_into().expect("4 bytes"));
+    if crc32fast::hash(&whole[4..]) != crc {
+        return None;
+    }
+    let entry = KeyEntry {
+        key: Bytes::copy_from_slice(&whole[ENTRY_HEADER..ENTRY_HEADER + key_len]),
+        timestamp_ms: u64::from_le_bytes(whole[8..16].try_into().expect("8 bytes")),
+        offset: u64::from_le_bytes(whole[16..24].try_into().expect("8 bytes")),
+    };
+    Some((entry, end))
+}

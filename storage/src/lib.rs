@@ -1,0 +1,52 @@
+//! `ballast-storage`: the durable log under every Ballast queue lane.
+//!
+//! One [`Log`] per (queue, lane): an append-only sequence of CRC-checked
+//! records in preallocated, memory-mapped segment files, with group-committed
+//! syncs, durable ack state, retention that follows the backlog, and crash
+//! recovery. The API is synchronous and runtime-free; a [`Commit`] is a plain
+//! `std::future::Future` (and can also be waited on).
+//!
+//! Layout, in reading order:
+//! - [`limits`]: every ceiling and default, named.
+//! - `options`: [`LogOptions`] and [`SyncPolicy`].
+//! - `error`: typed errors per operation.
+//! - `record`: the record format, encode/decode and CRC.
+//! - `segment`: one segment file, its map and sparse index.
+//! - `log`: [`Log`], appends and group commit, reads, [`Cursor`], the flusher.
+//! - `acks`: ack state (floor plus ranges) and its journal.
+//! - `checkpoint`: the durable point recovery starts from.
+//! - `keys`: the idempotency-key journal for the broker's dedupe.
+//! - `recovery`: what `Log::open` does to a directory.
+//! - `file`: the I/O seam, with fault injection ([`Faults`]).
+//!
+//! Invariants:
+//! 1. A record is returned only after its length, offset and CRC validate.
+//! 2. Offsets are contiguous: every offset below `next_offset` is either a
+//!    record, done, or reported corrupt and quarantined.
+//! 3. Under [`SyncPolicy::Fsync`] a commit resolves only after `fdatasync`
+//!    of every segment holding the batch.
+//! 4. Memory is O(segments + sparse index + ack holes + dedupe keys), never
+//!    O(records): the backlog lives in the files and the page cache.
+//! 5. A segment is removed only when every record in it is done and
+//!    checkpointed (its keys are in the key journal).
+
+pub mod limits;
+
+mod acks;
+mod checkpoint;
+mod error;
+mod file;
+mod keys;
+mod log;
+mod options;
+mod record;
+mod recovery;
+mod segment;
+
+pub use acks::AckKind;
+pub use error::{AckError, AppendError, OpenError, ReadError, SyncError};
+pub use file::Faults;
+pub use keys::KeyEntry;
+pub use log::{Appended, Commit, Cursor, Log, LogStats};
+pub use options::{LogOptions, SyncPolicy};
+pub use record::{NewRecord, Record};

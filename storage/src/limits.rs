@@ -1,0 +1,90 @@
+//! Hard ceilings and defaults of the storage engine, in one place.
+//!
+//! Operator-tunable values (segment size, sync policy, dedupe window) have
+//! their defaults here and are validated against these ceilings by
+//! [`LogOptions::validate`](crate::LogOptions::validate).
+
+/// Size, in bytes, of the header at the start of every segment file (magic,
+/// format version, base offset, segment size, CRC). Records start right after.
+pub const SEGMENT_HEADER_SIZE: u64 = 64;
+
+/// Size, in bytes, of the fixed part of every record (length, CRC, offset,
+/// timestamp, attempt, flags, key/headers/payload lengths).
+pub const RECORD_HEADER_SIZE: u32 = 40;
+
+/// Every record starts at a multiple of this many bytes. Alignment makes the
+/// resynchronisation scan after a corrupted record 8x cheaper and keeps
+/// headers from straddling cache lines more often than needed.
+pub const RECORD_ALIGN: u64 = 8;
+
+/// Default maximum size, in bytes, of one segment file (64 MiB). Each segment
+/// is preallocated to this size when created.
+pub const SEGMENT_SIZE_DEFAULT: u64 = 64 * 1024 * 1024;
+
+/// Smallest allowed segment size (64 KiB): small segments are for tests; a
+/// segment must still hold at least one maximum-size record.
+pub const SEGMENT_SIZE_MIN: u64 = 64 * 1024;
+
+/// Largest allowed segment size (1 GiB). Positions inside a segment are kept
+/// as `u32` in the sparse index, so this must stay below 4 GiB.
+pub const SEGMENT_SIZE_MAX: u64 = 1024 * 1024 * 1024;
+
+/// Ceiling, in bytes, for one record's payload (16 MiB). The broker's
+/// per-queue `message_size_max` (default 1 MiB) must not exceed it.
+pub const PAYLOAD_SIZE_MAX: u32 = 16 * 1024 * 1024;
+
+/// Ceiling, in bytes, for an idempotency key. Longer keys are refused with
+/// [`AppendError::KeyTooLarge`](crate::AppendError::KeyTooLarge); they are
+/// kept in memory for the dedupe window, so they must stay small.
+pub const KEY_SIZE_MAX: u32 = 256;
+
+/// Ceiling for the number of headers on one record.
+pub const HEADERS_COUNT_MAX: u32 = 64;
+
+/// Ceiling, in bytes, for the encoded headers block of one record (64 KiB).
+pub const HEADERS_SIZE_MAX: u32 = 64 * 1024;
+
+/// Ceiling for the number of records in one `append` call. Bigger batches are
+/// refused with [`AppendError::BatchTooLarge`](crate::AppendError::BatchTooLarge).
+pub const BATCH_COUNT_MAX: usize = 65_536;
+
+/// Default maximum record size (header, key, headers and payload), in bytes:
+/// a 1 MiB payload plus room for its key and headers.
+pub const RECORD_SIZE_DEFAULT: u32 = 1024 * 1024 + 128 * 1024;
+
+/// One sparse-index entry is kept per this many bytes of log (32 KiB), so the
+/// index costs 8 bytes per 32 KiB: 2.5 MiB for a 10 GiB backlog. A read by
+/// offset scans at most this many bytes of record headers.
+pub const INDEX_INTERVAL_BYTES: u64 = 32 * 1024;
+
+/// Default amount of synced data, in bytes, between two checkpoints (8 MiB).
+/// Recovery after a crash scans at most this much plus the unsynced tail.
+pub const CHECKPOINT_INTERVAL_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
+
+/// Default dedupe window (5 minutes): idempotency keys younger than this are
+/// recovered on open.
+pub const DEDUPE_WINDOW_MS_DEFAULT: u64 = 5 * 60 * 1000;
+
+/// Default ceiling for the idempotency keys recovered on open (the newest are
+/// kept). Bounds the memory the dedupe map may take per log.
+pub const DEDUPE_KEYS_MAX_DEFAULT: u32 = 100_000;
+
+/// Ceiling for `dedupe_keys_max`.
+pub const DEDUPE_KEYS_MAX: u32 = 10_000_000;
+
+/// How often, in milliseconds, a log with the `none` policy writes its
+/// buffered ack entries to the OS and considers a checkpoint.
+pub const BACKGROUND_FLUSH_MS: u64 = 1000;
+
+/// Ceiling for the `interval` sync policy, in milliseconds (1 minute).
+pub const SYNC_INTERVAL_MS_MAX: u64 = 60_000;
+
+const _: () = assert!(SEGMENT_SIZE_MIN > SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE as u64);
+const _: () = assert!(SEGMENT_SIZE_MAX <= u32::MAX as u64);
+const _: () = assert!(SEGMENT_HEADER_SIZE % RECORD_ALIGN == 0);
+const _: () = assert!(RECORD_HEADER_SIZE as u64 % RECORD_ALIGN == 0);
+const _: () = assert!(KEY_SIZE_MAX <= u16::MAX as u32);
+const _: () = assert!(
+    (RECORD_SIZE_DEFAULT as u64) + SEGMENT_HEADER_SIZE <= SEGMENT_SIZE_DEFAULT,
+    "a default-size record must fit in a default-size segment"
+);

@@ -1,0 +1,1186 @@
+//! One append-only log (one queue lane): segments, appends with group
+//! commit, reads, cursors, ack state and retention.
+//!
+//! Concurrency rules:
+//! 1. One writer at a time (`writer` mutex): it encodes, writes, publishes
+//!    `written` on the segment and then `next_offset` (release), then tells
+//!    the flusher under the `commit` lock. Lock order: `writer`, then
+//!    `segments`, then `commit`; `acks` is never held with `writer`.
+//! 2. Readers never take the writer lock: they load `next_offset` (acquire),
+//!    clone the `Arc<Segment>` they need, and read below its `written`.
+//! 3. The flusher thread alone syncs, checkpoints, compacts journals and
+//!    removes segments. It never holds `commit` while doing I/O.
+//! 4. After a failed write or sync the log is poisoned: appends, acks and
+//!    pending commits fail until it is reopened.
+
+use std::{
+    fmt,
+    future::Future,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll, Waker},
+    thread::JoinHandle,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::{
+    acks::{AckJournal, AckKind, AckState},
+    checkpoint::{Checkpoint, Point},
+    error::{AckError, AppendError, OpenError, ReadError, SyncError},
+    file::Io,
+    keys::{KeyEntry, KeyJournal},
+    limits::{
+        BACKGROUND_FLUSH_MS, BATCH_COUNT_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX,
+        SEGMENT_HEADER_SIZE,
+    },
+    options::{LogOptions, SyncPolicy},
+    record::{self, Invalid, NewRecord, Record},
+    recovery,
+    segment::{self, Segment},
+};
+
+/// One durable, append-only log.
+pub struct Log {
+    shared: Arc<Shared>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+/// The result of an append.
+#[derive(Debug)]
+pub struct Appended {
+    /// Offset of the first record of the batch; the rest follow contiguously.
+    pub first_offset: u64,
+    /// Records appended.
+    pub count: u32,
+    /// Resolves when the batch is durable under the log's sync policy.
+    pub commit: Commit,
+}
+
+/// Figures describing a log, cheap to take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogStats {
+    /// Oldest retained offset (start of the first segment).
+    pub first_offset: u64,
+    /// Offset the next record will get.
+    pub next_offset: u64,
+    /// Every offset below this is acked, dead-lettered or quarantined.
+    pub ack_floor: u64,
+    /// Offsets done above the floor.
+    pub done_above_floor: u64,
+    /// Offsets not done: the backlog, in-flight deliveries included.
+    pub pending: u64,
+    pub segment_count: u64,
+    /// Bytes of segment files on disk (preallocated sizes).
+    pub disk_bytes: u64,
+    /// Sparse-index entries held in memory.
+    pub index_entries: u64,
+    /// Done ranges kept above the floor (memory of the ack state).
+    pub ack_ranges: u64,
+    /// Records found corrupt and quarantined since open.
+    pub quarantined: u64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) dir: PathBuf,
+    pub(crate) options: LogOptions,
+    pub(crate) io: Io,
+    writer: Mutex<Writer>,
+    /// Ascending by base offset; the last one is the active segment.
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// Published after the records below it are readable.
+    next_offset: AtomicU64,
+    acks: Mutex<Acks>,
+    commit: Mutex<CommitState>,
+    /// Wakes the flusher.
+    flusher_wake: Condvar,
+    /// Wakes blocking `Commit::wait` callers.
+    waiter_wake: Condvar,
+    checkpointer: Mutex<Checkpointer>,
+    quarantined: AtomicU64,
+    recovered_keys: Mutex<Vec<KeyEntry>>,
+}
+
+struct Writer {
+    /// Position after the last record in the active segment.
+    write_pos: u64,
+    /// Reused encode buffer.
+    buf: Vec<u8>,
+    /// Keys appended since the last checkpoint, ascending by offset.
+    pending_keys: Vec<KeyEntry>,
+}
+
+pub(crate) struct Acks {
+    pub(crate) state: AckState,
+    pub(crate) journal: AckJournal,
+}
+
+struct Checkpointer {
+    checkpoint: Checkpoint,
+    keys: KeyJournal,
+    last: Point,
+}
+
+#[derive(Default)]
+struct CommitState {
+    data_written: u64,
+    data_synced: u64,
+    acks_written: u64,
+    acks_synced: u64,
+    /// Segments written since the last sync.
+    dirty: Vec<Arc<Segment>>,
+    /// The end of the data written so far (what a checkpoint would record).
+    point: Option<Point>,
+    bytes_since_checkpoint: u64,
+    /// Wakers of pending commits.
+    waiters: Vec<(Track, u64, Waker)>,
+    error: Option<SyncError>,
+    shutdown: bool,
+}
+
+/// Which sequence a commit waits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Track {
+    Data,
+    Acks,
+}
+
+/// Resolves when an append (or ack) is durable under the log's sync policy.
+/// Use [`Commit::wait`] to block, or `.await` it: it is a plain
+/// `std::future::Future`, tied to no runtime.
+#[must_use = "a commit says when the data is durable; acknowledge only after it resolves"]
+pub struct Commit {
+    state: CommitInner,
+}
+
+enum CommitInner {
+    Ready,
+    Pending {
+        shared: Arc<Shared>,
+        track: Track,
+        seq: u64,
+    },
+}
+
+impl fmt::Debug for Commit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.state {
+            CommitInner::Ready => f.write_str("Commit(ready)"),
+            CommitInner::Pending { track, seq, .. } => write!(f, "Commit({track:?} #{seq})"),
+        }
+    }
+}
+
+impl fmt::Debug for Log {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.shared.dir)
+            .field("next_offset", &self.next_offset())
+            .finish()
+    }
+}
+
+impl Commit {
+    fn ready() -> Commit {
+        Commit {
+            state: CommitInner::Ready,
+        }
+    }
+
+    /// Blocks until durable, or until the log is poisoned.
+    pub fn wait(self) -> Result<(), SyncError> {
+        let CommitInner::Pending { shared, track, seq } = self.state else {
+            return Ok(());
+        };
+        let mut commit = shared.commit.lock();
+        loop {
+            if let Some(done) = commit.resolved(track, seq) {
+                return done;
+            }
+            shared.waiter_wake.wait(&mut commit);
+        }
+    }
+
+    /// Whether the commit has resolved (successfully or not).
+    pub fn is_resolved(&self) -> bool {
+        match &self.state {
+            CommitInner::Ready => true,
+            CommitInner::Pending { shared, track, seq } => {
+                shared.commit.lock().resolved(*track, *seq).is_some()
+            }
+        }
+    }
+}
+
+impl Future for Commit {
+    type Output = Result<(), SyncError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let CommitInner::Pending { shared, track, seq } = &self.state else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut commit = shared.commit.lock();
+        if let Some(done) = commit.resolved(*track, *seq) {
+            return Poll::Ready(done);
+        }
+        commit.waiters.push((*track, *seq, cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
+impl CommitState {
+    fn resolved(&self, track: Track, seq: u64) -> Option<Result<(), SyncError>> {
+        let synced = match track {
+            Track::Data => self.data_synced,
+            Track::Acks => self.acks_synced,
+        };
+        if synced >= seq {
+            Some(Ok(()))
+        } else {
+            self.error.clone().map(Err)
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        self.data_written > self.data_synced || self.acks_written > self.acks_synced
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Log {
+    /// Opens the log in `dir` (created if missing), recovering it: validates
+    /// the tail written after the last checkpoint, cuts off a torn tail,
+    /// quarantines corrupt records, and replays the ack and key journals.
+    pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<Log, OpenError> {
+        options.validate().map_err(OpenError::InvalidOptions)?;
+        let io = Io::new(options.faults.clone());
+        let recovered = recovery::recover(dir.as_ref(), &options, &io)?;
+        let write_pos = recovered
+            .segments
+            .last()
+            .expect("recovery leaves an active segment")
+            .written();
+        let shared = Arc::new(Shared {
+            dir: dir.as_ref().to_owned(),
+            io,
+            writer: Mutex::new(Writer {
+                write_pos,
+                buf: Vec::new(),
+                pending_keys: Vec::new(),
+            }),
+            next_offset: AtomicU64::new(recovered.point.next_offset),
+            segments: RwLock::new(recovered.segments),
+            acks: Mutex::new(Acks {
+                state: recovered.ack_state,
+                journal: recovered.ack_journal,
+            }),
+            commit: Mutex::new(CommitState {
+                point: Some(recovered.point),
+                ..CommitState::default()
+            }),
+            flusher_wake: Condvar::new(),
+            waiter_wake: Condvar::new(),
+            checkpointer: Mutex::new(Checkpointer {
+                checkpoint: recovered.checkpoint,
+                keys: recovered.key_journal,
+                last: recovered.point,
+            }),
+            quarantined: AtomicU64::new(recovered.quarantined),
+            recovered_keys: Mutex::new(recovered.keys),
+            options,
+        });
+        let flusher = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("ballast-flusher".into())
+                .stack_size(256 * 1024)
+                .spawn(move || flusher(&shared))
+                .map_err(crate::error::io_open(dir.as_ref()))?
+        };
+        Ok(Log {
+            shared,
+            flusher: Some(flusher),
+        })
+    }
+
+    /// The directory holding this log.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The options the log was opened with.
+    pub fn options(&self) -> &LogOptions {
+        &self.shared.options
+    }
+
+    /// Appends a batch. The whole batch is validated first; on error nothing
+    /// of it is written. Offsets are contiguous from `first_offset`.
+    pub fn append(&self, records: &[NewRecord]) -> Result<Appended, AppendError> {
+        self.shared.append(records)
+    }
+
+    /// The offset the next appended record will get.
+    pub fn next_offset(&self) -> u64 {
+        self.shared.next_offset.load(Ordering::Acquire)
+    }
+
+    /// The oldest offset still in a segment file.
+    pub fn first_offset(&self) -> u64 {
+        self.shared.first_offset()
+    }
+
+    /// Reads the record at `offset`, done or not. CRC-checked; a corrupt
+    /// record is quarantined and reported, never returned.
+    pub fn read(&self, offset: u64) -> Result<Record, ReadError> {
+        self.shared.read(offset)
+    }
+
+    /// A cursor over the records not done, starting at `offset`.
+    pub fn cursor(&self, offset: u64) -> Cursor {
+        Cursor {
+            shared: Arc::clone(&self.shared),
+            segment: None,
+            pos: 0,
+            offset,
+        }
+    }
+
+    /// Marks `[first, first + count)` done (acked, dead-lettered or
+    /// quarantined). Offsets already done stay done. The commit resolves when
+    /// the ack state is durable under the sync policy; until then a crash may
+    /// redeliver them (at-least-once).
+    pub fn ack(&self, first: u64, count: u64, kind: AckKind) -> Result<Commit, AckError> {
+        self.shared.ack(first, count, kind)
+    }
+
+    /// Whether `offset` is done (acked, dead-lettered or quarantined).
+    pub fn is_done(&self, offset: u64) -> bool {
+        self.shared.acks.lock().state.is_done(offset)
+    }
+
+    /// Every offset below this is done.
+    pub fn ack_floor(&self) -> u64 {
+        self.shared.acks.lock().state.floor()
+    }
+
+    /// Takes the idempotency keys recovered on open (within the dedupe
+    /// window, at most `dedupe_keys_max`, ascending by offset). Later calls
+    /// return nothing.
+    pub fn take_recovered_keys(&self) -> Vec<KeyEntry> {
+        std::mem::take(&mut *self.shared.recovered_keys.lock())
+    }
+
+    /// Forces a sync of everything written so far, whatever the policy.
+    pub fn sync(&self) -> Result<(), SyncError> {
+        let mut commit = self.shared.commit.lock();
+        let (data, acks) = (commit.data_written + 1, commit.acks_written + 1);
+        commit.data_written = data;
+        commit.acks_written = acks;
+        self.shared.flusher_wake.notify_one();
+        loop {
+            if let Some(done) = commit.resolved(Track::Data, data) {
+                done?;
+                if let Some(done) = commit.resolved(Track::Acks, acks) {
+                    return done;
+                }
+            }
+            self.shared.waiter_wake.wait(&mut commit);
+        }
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let (ack_floor, done_above_floor, ack_ranges) = {
+            let acks = self.shared.acks.lock();
+            (
+                acks.state.floor(),
+                acks.state.done_above_floor(),
+                acks.state.range_count() as u64,
+            )
+        };
+        let segments = self.shared.segments.read();
+        let next_offset = self.next_offset();
+        LogStats {
+            first_offset: segments.first().map_or(next_offset, |s| s.base_offset),
+            next_offset,
+            ack_floor,
+            done_above_floor,
+            pending: next_offset
+                .saturating_sub(ack_floor)
+                .saturating_sub(done_above_floor),
+            segment_count: segments.len() as u64,
+            disk_bytes: segments.iter().map(|s| s.size()).sum(),
+            index_entries: segments.iter().map(|s| s.index_len() as u64).sum(),
+            ack_ranges,
+            quarantined: self.shared.quarantined.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Syncs everything, writes a final checkpoint and stops the flusher.
+    /// A clean close makes the next open scan nothing.
+    pub fn close(mut self) -> Result<(), SyncError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), SyncError> {
+        let Some(flusher) = self.flusher.take() else {
+            return Ok(());
+        };
+        self.shared.commit.lock().shutdown = true;
+        self.shared.flusher_wake.notify_one();
+        if flusher.join().is_err() {
+            tracing::error!(dir = %self.shared.dir.display(), "the flusher thread panicked");
+        }
+        match self.shared.commit.lock().error.clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!(dir = %self.shared.dir.display(), error = %e, "closing log");
+        }
+    }
+}
+
+impl Shared {
+    fn poisoned(&self) -> Option<SyncError> {
+        self.commit.lock().error.clone()
+    }
+
+    fn poison(&self, error: SyncError) {
+        let waiters = {
+            let mut commit = self.commit.lock();
+            if commit.error.is_none() {
+                tracing::error!(dir = %self.dir.display(), %error, "log poisoned; reopen to recover");
+                commit.error = Some(error);
+            }
+            std::mem::take(&mut commit.waiters)
+        };
+        self.waiter_wake.notify_all();
+        waiters.into_iter().for_each(|(_, _, w)| w.wake());
+    }
+
+    fn first_offset(&self) -> u64 {
+        let segments = self.segments.read();
+        segments.first().map_or_else(
+            || self.next_offset.load(Ordering::Acquire),
+            |s| s.base_offset,
+        )
+    }
+
+    fn validate(&self, records: &[NewRecord]) -> Result<(), AppendError> {
+        if records.is_empty() {
+            return Err(AppendError::BatchEmpty);
+        }
+        if records.len() > BATCH_COUNT_MAX {
+            return Err(AppendError::BatchTooLarge {
+                count: records.len(),
+                max: BATCH_COUNT_MAX,
+            });
+        }
+        for (index, r) in records.iter().enumerate() {
+            let key_size = r.key.as_ref().map_or(0, |k| k.len());
+            if key_size > KEY_SIZE_MAX as usize {
+                return Err(AppendError::KeyTooLarge {
+                    index,
+                    size: key_size,
+                    max: KEY_SIZE_MAX,
+                });
+            }
+            if r.headers.len() > HEADERS_COUNT_MAX as usize {
+                return Err(AppendError::TooManyHeaders {
+                    index,
+                    count: r.headers.len(),
+                    max: HEADERS_COUNT_MAX,
+                });
+            }
+            let headers_size = r.headers_size();
+            let name_too_long = r
+                .headers
+                .iter()
+                .any(|(k, _)| k.len() > usize::from(u16::MAX));
+            if headers_size > u64::from(HEADERS_SIZE_MAX) || name_too_long {
+                return Err(AppendError::HeadersTooLarge {
+                    index,
+                    size: headers_size,
+                    max: HEADERS_SIZE_MAX,
+                });
+            }
+            let size = r.encoded_len();
+            if size > u64::from(self.options.record_size_max) {
+                return Err(AppendError::RecordTooLarge {
+                    index,
+                    size,
+                    max: self.options.record_size_max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn append(self: &Arc<Self>, records: &[NewRecord]) -> Result<Appended, AppendError> {
+        self.validate(records)?;
+        let mut guard = self.writer.lock();
+        if let Some(e) = self.poisoned() {
+            return Err(AppendError::Poisoned(e));
+        }
+        let first_offset = self.next_offset.load(Ordering::Acquire);
+        let segment_size = self.options.segment_size;
+
+        // Plan: which records start a new segment. Records never span segments.
+        let mut starts = Vec::new();
+        let mut pos = guard.write_pos;
+        for (i, r) in records.iter().enumerate() {
+            let size = record::padded(r.encoded_len());
+            if pos + size > segment_size {
+                starts.push(i);
+                pos = SEGMENT_HEADER_SIZE;
+            }
+            pos += size;
+        }
+
+        // Create every new segment before writing anything, so a full disk
+        // fails the batch cleanly.
+        let mut created = Vec::with_capacity(starts.len());
+        for &i in &starts {
+            let base = first_offset + i as u64;
+            match Segment::create(&self.io, &self.dir, base, segment_size) {
+                Ok(segment) => created.push(Arc::new(segment)),
+                Err(source) => {
+                    let path = self.dir.join(segment::file_name(base));
+                    for segment in created {
+                        let _ = std::fs::remove_file(&segment.path);
+                    }
+                    if source.raw_os_error() == Some(libc::ENOSPC) {
+                        return Err(AppendError::DiskFull { path });
+                    }
+                    return Err(AppendError::Io { path, source });
+                }
+            }
+        }
+        if !created.is_empty() {
+            if let Err(source) = self.io.sync_dir(&self.dir) {
+                for segment in &created {
+                    let _ = std::fs::remove_file(&segment.path);
+                }
+                return Err(AppendError::Io {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+            self.segments.write().extend(created.iter().cloned());
+        }
+
+        // Write each run of records into its segment.
+        let mut touched: Vec<Arc<Segment>> = Vec::with_capacity(1 + created.len());
+        let mut run_segment = if starts.first() == Some(&0) {
+            None
+        } else {
+            Some(Arc::clone(
+                self.segments
+                    .read()
+                    .iter()
+                    .rev()
+                    .nth(created.len())
+                    .expect("active segment"),
+            ))
+        };
+        let mut next_created = created.into_iter();
+        let mut run_start = 0;
+        let writer = &mut *guard;
+        let mut bytes_written = 0;
+        for boundary in starts.iter().copied().chain(std::iter::once(records.len())) {
+            if boundary > run_start {
+                let segment = run_segment.take().expect("a run has a segment");
+                let pos = writer.write_pos;
+                writer.buf.clear();
+                for (i, r) in records[run_start..boundary].iter().enumerate() {
+                    let offset = first_offset + (run_start + i) as u64;
+                    segment.note_record(offset, pos + writer.buf.len() as u64);
+                    record::encode(r, offset, &mut writer.buf);
+                    if let Some(key) = &r.key {
+                        writer.pending_keys.push(KeyEntry {
+                            key: key.clone(),
+                            offset,
+                            timestamp_ms: r.timestamp_ms,
+                        });
+                    }
+                }
+                if let Err(source) = segment.write(&self.io, &writer.buf, pos) {
+                    let error =
+                        SyncError::new(format!("writing {}", segment.path.display()), source);
+                    self.poison(error.clone());
+                    return Err(AppendError::Poisoned(error));
+                }
+                writer.write_pos = pos + writer.buf.len() as u64;
+                bytes_written += writer.buf.len() as u64;
+                touched.push(segment);
+            }
+            if boundary < records.len() {
+                run_segment = next_created.next();
+                writer.write_pos = SEGMENT_HEADER_SIZE;
+            }
+            run_start = boundary;
+        }
+        let count = u32::try_from(records.len()).expect("batch size is below BATCH_COUNT_MAX");
+        let next_offset = first_offset + u64::from(count);
+        self.next_offset.store(next_offset, Ordering::Release);
+
+        let active = touched.last().expect("a non-empty batch touches a segment");
+        let point = Point {
+            segment_base: active.base_offset,
+            position: writer.write_pos,
+            next_offset,
+            keys_len: 0,
+        };
+        let seq = {
+            let mut commit = self.commit.lock();
+            commit.data_written += 1;
+            for segment in touched {
+                if !commit.dirty.iter().any(|d| Arc::ptr_eq(d, &segment)) {
+                    commit.dirty.push(segment);
+                }
+            }
+            commit.point = Some(point);
+            commit.bytes_since_checkpoint += bytes_written;
+            commit.data_written
+        };
+        drop(guard);
+        let commit = match self.options.sync_policy {
+            SyncPolicy::Fsync => {
+                self.flusher_wake.notify_one();
+                Commit {
+                    state: CommitInner::Pending {
+                        shared: Arc::clone(self),
+                        track: Track::Data,
+                        seq,
+                    },
+                }
+            }
+            SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
+        };
+        Ok(Appended {
+            first_offset,
+            count,
+            commit,
+        })
+    }
+
+    fn ack(self: &Arc<Self>, first: u64, count: u64, kind: AckKind) -> Result<Commit, AckError> {
+        let next_offset = self.next_offset.load(Ordering::Acquire);
+        let end = first.saturating_add(count);
+        if end > next_offset {
+            return Err(AckError::OutOfRange {
+                offset: end - 1,
+                next_offset,
+            });
+        }
+        if let Some(e) = self.poisoned() {
+            return Err(AckError::Poisoned(e));
+        }
+        if count == 0 || !self.mark_done(first, count, kind) {
+            return Ok(Commit::ready());
+        }
+        let seq = {
+            let mut commit = self.commit.lock();
+            commit.acks_written += 1;
+            commit.acks_written
+        };
+        Ok(match self.options.sync_policy {
+            SyncPolicy::Fsync => {
+                self.flusher_wake.notify_one();
+                Commit {
+                    state: CommitInner::Pending {
+                        shared: Arc::clone(self),
+                        track: Track::Acks,
+                        seq,
+                    },
+                }
+            }
+            SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
+        })
+    }
+
+    /// Marks a range done in memory and buffers the journal entry. Returns
+    /// whether anything changed.
+    fn mark_done(&self, first: u64, count: u64, kind: AckKind) -> bool {
+        let mut acks = self.acks.lock();
+        if acks.state.mark(first, count) == 0 {
+            return false;
+        }
+        acks.journal.record(first, count, kind);
+        true
+    }
+
+    /// The segment holding `offset` and the offset just past its last record.
+    fn segment_for(&self, offset: u64) -> Option<(Arc<Segment>, u64)> {
+        let segments = self.segments.read();
+        let at = segments
+            .partition_point(|s| s.base_offset <= offset)
+            .checked_sub(1)?;
+        let end = segments.get(at + 1).map_or_else(
+            || self.next_offset.load(Ordering::Acquire),
+            |s| s.base_offset,
+        );
+        Some((Arc::clone(&segments[at]), end))
+    }
+
+    fn read(&self, offset: u64) -> Result<Record, ReadError> {
+        let next_offset = self.next_offset.load(Ordering::Acquire);
+        if offset >= next_offset {
+            return Err(ReadError::NotWritten {
+                offset,
+                next_offset,
+            });
+        }
+        let Some((segment, end)) = self.segment_for(offset) else {
+            return Err(ReadError::Removed {
+                offset,
+                first_offset: self.first_offset(),
+            });
+        };
+        // Two rounds: a corrupt range met on the way leaves an index entry
+        // past it, so the second round gets there directly.
+        for _ in 0..2 {
+            let (pos, expected, invalid) = match segment.locate(offset, end) {
+                Ok(pos) => match record::decode(&segment.data_from(pos), offset) {
+                    Ok(record) => return Ok(record),
+                    Err(invalid) => (pos, offset, invalid),
+                },
+                Err(hop) => (hop.pos, hop.expected_offset, hop.invalid),
+            };
+            let (error, resumed) = self.quarantine(&segment, end, pos, expected, invalid);
+            if resumed.is_none_or(|(_, o)| offset < o) {
+                return Err(error);
+            }
+        }
+        Err(ReadError::Corrupt {
+            segment_base: segment.base_offset,
+            first_offset: offset,
+            last_offset: offset,
+            reason: "record not found after resynchronising".into(),
+        })
+    }
+
+    /// Steps over a corrupt range starting at `pos` (where `expected` should
+    /// have been): finds the next valid record, marks the offsets in between
+    /// quarantined, reports them. Returns the error to give the reader and
+    /// where valid data resumes.
+    fn quarantine(
+        &self,
+        segment: &Segment,
+        end: u64,
+        pos: u64,
+        expected: u64,
+        invalid: Invalid,
+    ) -> (ReadError, Option<(u64, u64)>) {
+        let data = segment.data_from(0);
+        let resumed = segment::resync(&data, pos, expected, end);
+        let stop = resumed.map_or(end, |(_, o)| o);
+        if let Some((pos, offset)) = resumed {
+            segment.index_resync_point(offset, pos);
+        }
+        let count = stop.saturating_sub(expected).max(1);
+        if self.mark_done(expected, count, AckKind::Quarantined) {
+            self.quarantined.fetch_add(count, Ordering::Relaxed);
+            self.commit.lock().acks_written += 1;
+            self.flusher_wake.notify_one();
+            tracing::error!(
+                segment = %segment.path.display(),
+                position = pos,
+                first_offset = expected,
+                last_offset = expected + count - 1,
+                reason = invalid.describe(),
+                "corrupt records quarantined; they will not be delivered"
+            );
+        }
+        let error = ReadError::Corrupt {
+            segment_base: segment.base_offset,
+            first_offset: expected,
+            last_offset: expected + count - 1,
+            reason: invalid.describe().into(),
+        };
+        (error, resumed)
+    }
+
+    /// One flusher cycle's I/O: write buffered acks, sync dirty segments and
+    /// the ack journal, then publish the synced sequences.
+    fn flush_once(
+        &self,
+        data_target: u64,
+        acks_target: u64,
+        dirty: Vec<Arc<Segment>>,
+    ) -> Result<(), SyncError> {
+        for segment in &dirty {
+            segment
+                .sync(&self.io)
+                .map_err(|e| SyncError::new(format!("syncing {}", segment.path.display()), e))?;
+        }
+        let acks_durable = {
+            let mut acks = self.acks.lock();
+            match acks.journal.flush(&self.io) {
+                Ok(()) => true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    tracing::warn!(dir = %self.dir.display(), "disk full writing the ack journal; acks stay buffered and are retried");
+                    false
+                }
+                Err(e) => return Err(SyncError::new("writing the ack journal", e)),
+            }
+        };
+        if acks_durable {
+            self.acks
+                .lock()
+                .journal
+                .sync(&self.io)
+                .map_err(|e| SyncError::new("syncing the ack journal", e))?;
+        }
+        let waiters = {
+            let mut commit = self.commit.lock();
+            commit.data_synced = commit.data_synced.max(data_target);
+            if acks_durable {
+                commit.acks_synced = commit.acks_synced.max(acks_target);
+            }
+            let (ready, pending) = std::mem::take(&mut commit.waiters)
+                .into_iter()
+                .partition::<Vec<_>, _>(|(track, seq, _)| commit.resolved(*track, *seq).is_some());
+            commit.waiters = pending;
+            ready
+        };
+        self.waiter_wake.notify_all();
+        waiters.into_iter().for_each(|(_, _, w)| w.wake());
+        Ok(())
+    }
+
+    /// Writes a checkpoint at `point` (already synced): first the keys
+    /// appended before it go to the key journal.
+    fn checkpoint(&self, point: Point) -> Result<(), SyncError> {
+        let keys: Vec<KeyEntry> = {
+            let mut writer = self.writer.lock();
+            let n = writer
+                .pending_keys
+                .partition_point(|k| k.offset < point.next_offset);
+            writer.pending_keys.drain(..n).collect()
+        };
+        let mut checkpointer = self.checkpointer.lock();
+        let keys_len = match checkpointer.keys.append(&self.io, &keys) {
+            Ok(len) => len,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                // Put the keys back; the checkpoint waits for space.
+                let mut writer = self.writer.lock();
+                writer.pending_keys.splice(0..0, keys);
+                tracing::warn!(dir = %self.dir.display(), "disk full writing the key journal; checkpoint deferred");
+                return Ok(());
+            }
+            Err(e) => return Err(SyncError::new("writing the key journal", e)),
+        };
+        let point = Point { keys_len, ..point };
+        checkpointer
+            .checkpoint
+            .write(&self.io, point)
+            .map_err(|e| SyncError::new("writing the checkpoint", e))?;
+        checkpointer.last = point;
+        let journal_size_max = 1024 * 1024 + 64 * u64::from(self.options.dedupe_keys_max);
+        if checkpointer.keys.len() > journal_size_max {
+            let cutoff = now_ms().saturating_sub(self.options.dedupe_window_ms);
+            let len = checkpointer
+                .keys
+                .compact(&self.io, cutoff, self.options.dedupe_keys_max as usize)
+                .map_err(|e| SyncError::new("compacting the key journal", e))?;
+            checkpointer
+                .checkpoint
+                .write(
+                    &self.io,
+                    Point {
+                        keys_len: len,
+                        ..point
+                    },
+                )
+                .map_err(|e| SyncError::new("writing the checkpoint", e))?;
+            checkpointer.last = Point {
+                keys_len: len,
+                ..point
+            };
+        }
+        Ok(())
+    }
+
+    /// Deletes segments whose records are all done and checkpointed, and
+    /// compacts the ack journal when it has grown.
+    fn retain(&self) -> Result<(), SyncError> {
+        let floor = self.acks.lock().state.floor();
+        let checkpointed = self.checkpointer.lock().last.next_offset;
+        let limit = floor.min(checkpointed);
+        let removed: Vec<Arc<Segment>> = {
+            let mut segments = self.segments.write();
+            let mut n = 0;
+            while n + 1 < segments.len() && segments[n + 1].base_offset <= limit {
+                n += 1;
+            }
+            segments.drain(..n).collect()
+        };
+        if !removed.is_empty() {
+            for segment in &removed {
+                std::fs::remove_file(&segment.path).map_err(|e| {
+                    SyncError::new(format!("removing {}", segment.path.display()), e)
+                })?;
+            }
+            self.io
+                .sync_dir(&self.dir)
+                .map_err(|e| SyncError::new("syncing the log directory", e))?;
+            tracing::debug!(dir = %self.dir.display(), count = removed.len(), "retention removed segments");
+        }
+        let mut acks = self.acks.lock();
+        let acks = &mut *acks;
+        if acks.journal.needs_compaction(&acks.state) {
+            acks.journal
+                .flush(&self.io)
+                .map_err(|e| SyncError::new("writing the ack journal", e))?;
+            acks.journal
+                .compact(&self.io, &acks.state)
+                .map_err(|e| SyncError::new("compacting the ack journal", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// The flusher thread: the only place that syncs, checkpoints and removes.
+fn flusher(shared: &Arc<Shared>) {
+    let wait = match shared.options.sync_policy {
+        SyncPolicy::Fsync => None,
+        SyncPolicy::Interval { interval_ms } => Some(Duration::from_millis(interval_ms)),
+        SyncPolicy::None => Some(Duration::from_millis(BACKGROUND_FLUSH_MS)),
+    };
+    let mut last_retention_floor = u64::MAX;
+    loop {
+        let (data_target, acks_target, dirty, point, checkpoint_due, shutdown) = {
+            let mut commit = shared.commit.lock();
+            loop {
+                if commit.shutdown || commit.error.is_some() {
+                    break;
+                }
+                let ack_buffered = shared
+                    .acks
+                    .try_lock()
+                    .is_some_and(|a| a.journal.has_buffered());
+                let has_work = commit.has_work() || ack_buffered;
+                match wait {
+                    None if has_work => break,
+                    None => shared.flusher_wake.wait(&mut commit),
+                    Some(interval) => {
+                        let timed_out = shared
+                            .flusher_wake
+                            .wait_for(&mut commit, interval)
+                            .timed_out();
+                        let ack_buffered = shared
+                            .acks
+                            .try_lock()
+                            .is_some_and(|a| a.journal.has_buffered());
+                        if timed_out
+                            && (commit.has_work()
+                                || ack_buffered
+                                || commit.bytes_since_checkpoint > 0)
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+            if commit.error.is_some() {
+                return;
+            }
+            let point = commit.point;
+            let last_checkpoint = shared.checkpointer.lock().last;
+            let moved = point.is_some_and(|p| p.segment_base != last_checkpoint.segment_base);
+            let checkpoint_due = commit.shutdown
+                || commit.bytes_since_checkpoint >= shared.options.checkpoint_interval_bytes
+                || (moved && commit.bytes_since_checkpoint > 0)
+                || (wait.is_some() && commit.bytes_since_checkpoint > 0);
+            if checkpoint_due {
+                commit.bytes_since_checkpoint = 0;
+            }
+            (
+                commit.data_written,
+                commit.acks_written,
+                std::mem::take(&mut commit.dirty),
+                point,
+                checkpoint_due,
+                commit.shutdown,
+            )
+        };
+        let result =
+            shared
+                .flush_once(data_target, acks_target, dirty)
+                .and_then(|()| match point {
+                    Some(point) if checkpoint_due => shared.checkpoint(point),
+                    _ => Ok(()),
+                });
+        let result = result.and_then(|()| {
+            let floor = shared.acks.lock().state.floor();
+            if floor != last_retention_floor || checkpoint_due {
+                last_retention_floor = floor;
+                shared.retain()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            shared.poison(e);
+            return;
+        }
+        if shutdown {
+            return;
+        }
+    }
+}
+
+/// Iterates over the records that are not done, from an offset, following
+/// appends as they happen. `next` returns `None` when caught up; call it
+/// again later to get newer records.
+pub struct Cursor {
+    shared: Arc<Shared>,
+    /// The segment the cursor is positioned in and the offset just past its
+    /// last record (as known when positioned).
+    segment: Option<(Arc<Segment>, u64)>,
+    /// Position of the record `offset` in `segment`.
+    pos: u64,
+    offset: u64,
+}
+
+impl fmt::Debug for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cursor")
+            .field("offset", &self.offset)
+            .finish()
+    }
+}
+
+impl Cursor {
+    /// The next offset the cursor will look at.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Moves the cursor to `offset`.
+    pub fn seek(&mut self, offset: u64) {
+        self.offset = offset;
+        self.segment = None;
+    }
+
+    /// The next record that is not done, `None` when caught up, or the
+    /// corrupt range it met (which is quarantined; the cursor moves past it).
+    #[allow(
+        clippy::should_implement_trait,
+        reason = "a cursor resumes after returning None"
+    )]
+    pub fn next(&mut self) -> Option<Result<Record, ReadError>> {
+        loop {
+            let next_offset = self.shared.next_offset.load(Ordering::Acquire);
+            let first = self.shared.first_offset();
+            if self.offset < first {
+                self.seek(first);
+            }
+            let not_done = self.shared.acks.lock().state.next_not_done(self.offset);
+            if not_done != self.offset {
+                self.seek(not_done);
+            }
+            if self.offset >= next_offset {
+                return None;
+            }
+            if let Err(error) = self.position() {
+                match error {
+                    Some(error) => return Some(Err(error)),
+                    None => continue,
+                }
+            }
+            let (segment, end) = self.segment.clone().expect("positioned above");
+            let data = segment.data_from(self.pos);
+            match record::decode(&data, self.offset) {
+                Ok(record) => {
+                    let len = record::peek(&data)
+                        .expect("a decoded record has a valid header")
+                        .len;
+                    self.pos += record::padded(u64::from(len));
+                    self.offset += 1;
+                    return Some(Ok(record));
+                }
+                Err(invalid) => {
+                    let target = self.offset;
+                    let (error, resumed) = self
+                        .shared
+                        .quarantine(&segment, end, self.pos, target, invalid);
+                    self.resume(segment, end, resumed);
+                    return Some(Err(error));
+                }
+            }
+        }
+    }
+
+    /// Makes `segment` and `pos` point at `offset`. `Err(None)`: the cursor
+    /// moved (past a corrupt range below its offset); look again.
+    fn position(&mut self) -> Result<(), Option<ReadError>> {
+        if let Some((_, end)) = &self.segment
+            && self.offset < *end
+        {
+            return Ok(());
+        }
+        let (segment, end) = self.shared.segment_for(self.offset).ok_or(None)?;
+        if let Some((current, _)) = &self.segment
+            && Arc::ptr_eq(current, &segment)
+        {
+            // Still the same (active) segment, which has grown: keep going.
+            self.segment = Some((segment, end));
+            return Ok(());
+        }
+        match segment.locate(self.offset, end) {
+            Ok(pos) => {
+                self.pos = pos;
+                self.segment = Some((segment, end));
+                Ok(())
+            }
+            Err(hop) => {
+                let target = self.offset;
+                let (error, resumed) = self.shared.quarantine(
+                    &segment,
+                    end,
+                    hop.pos,
+                    hop.expected_offset,
+                    hop.invalid,
+                );
+                let resume_offset = resumed.map_or(end, |(_, o)| o);
+                if target >= resume_offset {
+                    // The corrupt range lies below the target: relocate
+                    // through the new index entry past it.
+                    self.segment = None;
+                    return Err(None);
+                }
+                self.offset = target;
+                self.resume(segment, end, resumed);
+                Err(Some(error))
+            }
+        }
+    }
+
+    fn resume(&mut self, segment: Arc<Segment>, end: u64, resumed: Option<(u64, u64)>) {
+        match resumed {
+            Some((pos, offset)) => {
+                self.pos = pos;
+                self.offset = offset;
+                self.segment = Some((segment, end));
+            }
+            None => self.seek(end),
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! One segment file: a preallocated, fixed-size file holding a header and a
+//! run of records, read through a memory map.
+//!
+//! Contract of the map (the reason the `unsafe` below is sound):
+//! 1. The file is preallocated to its full size before it is mapped and is
+//!    never truncated while mapped, so no read of the map can fault (SIGBUS).
+//! 2. Bytes below `written` are never modified again while the segment is
+//!    open; writers only write at or above `written` and publish the new end
+//!    with a release store. Readers only read below `written`.
+//! 3. Recovery may zero a torn tail before any reader exists.
+
+use std::{
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::{
+    error::OpenError,
+    file::{self, Io},
+    limits::{INDEX_INTERVAL_BYTES, SEGMENT_HEADER_SIZE},
+    record::{self, Invalid},
+};
+
+pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"BLSTSEG\0";
+pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const SEGMENT_SUFFIX: &str = "seg";
+
+/// One segment of a log.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    /// Offset of the first record in this segment; also its file name.
+    pub base_offset: u64,
+    pub path: PathBuf,
+    file: File,
+    /// The whole file, mapped read-only; slices of it are handed out as
+    /// zero-copy payloads and keep the map alive.
+    map: Bytes,
+    /// End of valid data, in bytes from the start of the file. Release-stored
+    /// by the single writer after the bytes are written, acquire-loaded by
+    /// readers. For a sealed segment recovered without a scan, it is the file
+    /// size and readers are bounded by offsets instead.
+    written: AtomicU64,
+    /// Sparse index: `(offset - base_offset, position)` roughly every
+    /// [`INDEX_INTERVAL_BYTES`], ascending.
+    index: Mutex<SparseIndex>,
+}
+
+#[derive(Debug, Default)]
+struct SparseIndex {
+    entries: Vec<(u32, u32)>,
+    /// Whether `entries` covers the segment; sealed segments recovered without
+    /// a scan build their index lazily on the first read by offset.
+    complete: bool,
+    /// Position just past the last indexed entry (for incremental appends).
+    last_indexed_pos: u64,
+}
+
+pub(crate) fn file_name(base_offset: u64) -> String {
+    format!("{base_offset:020}.{SEGMENT_SUFFIX}")
+}
+
+/// Parses a segment file name back into its base offset.
+pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(SEGMENT_SUFFIX)?.strip_suffix('.')?;
+    (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit())).then(|| stem.parse().ok())?
+}
+
+fn encode_header(base_offset: u64, size: u64) -> [u8; SEGMENT_HEADER_SIZE as usize] {
+    let mut h = [0u8; SEGMENT_HEADER_SIZE as usize];
+    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(SEGMENT_HEADER_SIZE as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&base_offset.to_le_bytes());
+    h[24..32].copy_from_slice(&size.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+impl Segment {
+    /// Creates, preallocates and syncs a new segment file. The caller syncs
+    /// the directory. On error the file is removed again.
+    pub(crate) fn create(io: &Io, dir: &Path, base_offset: u64, size: u64) -> io::Result<Segment> {
+        let path = dir.join(file_name(base_offset));
+        let file = file::open_rw(&path, true)?;
+        let result = (|| {
+            io.preallocate(&file, size)?;
+            io.write_at(&file, &encode_header(base_offset, size), 0)?;
+            io.sync_data(&file)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let segment = Segment::map(path, file, base_offset, size)?;
+        segment
+            .written
+            .store(SEGMENT_HEADER_SIZE, Ordering::Release);
+        segment.index.lock().complete = true;
+        Ok(segment)
+    }
+
+    /// Opens an existing segment and validates its header. `written` starts
+    /// at the file size (sealed, trusted); recovery lowers it when it scans.
+    pub(crate) fn open(path: &Path, base_offset: u64) -> Result<Segment, OpenError> {
+        let not_a_log = |reason: String| OpenError::NotALog {
+            path: path.to_owned(),
+            reason,
+        };
+        let file = file::open_rw(path, false).map_err(crate::error::io_open(path))?;
+        let len = file.metadata().map_err(crate::error::io_open(path))?.len();
+        if len < SEGMENT_HEADER_SIZE {
+            return Err(not_a_log(format!(
+                "file is {len} bytes, shorter than a segment header"
+            )));
+        }
+        let mut h = [0u8; SEGMENT_HEADER_SIZE as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut h, 0)
+            .map_err(crate::error::io_open(path))?;
+        if h[0..8] != SEGMENT_MAGIC {
+            return Err(not_a_log("bad magic".into()));
+        }
+        if crc32fast::hash(&h[0..60]) != u32::from_le_bytes(h[60..64].try_into().expect("4 bytes"))
+        {
+            return Err(not_a_log("segment header fails its CRC".into()));
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        if version != FORMAT_VERSION {
+            return Err(OpenError::UnsupportedVersion {
+                path: path.to_owned(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let base = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
+        let size = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
+        if base != base_offset {
+            return Err(not_a_log(format!(
+                "header says base offset {base}, file name says {base_offset}"
+            )));
+        }
+        if size != len {
+            return Err(not_a_log(format!(
+                "header says {size} bytes, file has {len}"
+            )));
+        }
+        let segment = Segment::map(path.to_owned(), file, base_offset, size)
+            .map_err(crate::error::io_open(path))?;
+        segment.written.store(size, Ordering::Release);
+        Ok(segment)
+    }
+
+    fn map(path: PathBuf, file: File, base_offset: u64, size: u64) -> io::Result<Segment> {
+        // SAFETY: see the module contract: the file is preallocated to `size`
+        // (checked against its length on open), never truncated while mapped,
+        // and mapped bytes below `written` are never modified.
+        let map = unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file)? };
+        Ok(Segment {
+            base_offset,
+            path,
+            file,
+            map: Bytes::from_owner(map),
+            written: AtomicU64::new(0),
+            index: Mutex::new(SparseIndex::default()),
+        })
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Bytes from `pos` to the end of valid data (zero-copy).
+    pub(crate) fn data_from(&self, pos: u64) -> Bytes {
+        let end = self.written().max(pos);
+        self.map.slice(pos as usize..end as usize)
+    }
+
+    /// Bytes from `pos` to the end of the file, whether written or not
+    /// (recovery and resynchronisation only).
+    pub(crate) fn raw_from(&self, pos: u64) -> &[u8] {
+        &self.map[pos as usize..]
+    }
+
+    /// Writes encoded records at `pos` (which must be the current end) and
+    /// publishes them to readers. Records are indexed as the caller reports
+    /// their positions through `index_hint`.
+    pub(crate) fn write(&self, io: &Io, buf: &[u8], pos: u64) -> io::Result<()> {
+        assert_eq!(
+            pos,
+            self.written(),
+            "segment write not at the end of valid data"
+        );
+        assert!(
+            pos + buf.len() as u64 <= self.size(),
+            "segment write past the preallocated size"
+        );
+        io.write_at(&self.file, buf, pos)?;
+        self.written
+            .store(pos + buf.len() as u64, Ordering::Release);
+        Ok(())
+    }
+
+    /// Notes that the record `offset` starts at `pos`, adding a sparse index
+    /// entry when `pos` is far enough from the last one.
+    pub(crate) fn note_record(&self, offset: u64, pos: u64) {
+        let mut index = self.index.lock();
+        if index.entries.is_empty() || pos >= index.last_indexed_pos + INDEX_INTERVAL_BYTES {
+            index.push(self.base_offset, offset, pos);
+        }
+    }
+
+    pub(crate) fn set_index_complete(&self) {
+        self.index.lock().complete = true;
+    }
+
+    /// Lowers the end of valid data after a recovery scan.
+    pub(crate) fn set_written(&self, pos: u64) {
+        self.written.store(pos, Ordering::Release);
+    }
+
+    pub(crate) fn sync(&self, io: &Io) -> io::Result<()> {
+        io.sync_data(&self.file)
+    }
+
+    /// Overwrites `[from, to)` with zeros where it is not zero already, then
+    /// syncs: used once by recovery to erase a torn tail, so that stale bytes
+    /// can never be mistaken for records later.
+    pub(crate) fn zero_range(&self, io: &Io, from: u64, to: u64) -> io::Result<()> {
+        const CHUNK: u64 = 64 * 1024;
+        let zeros = vec![0u8; CHUNK as usize];
+        let mut pos = from;
+        let mut dirty = false;
+        while pos < to {
+            let end = (pos + CHUNK - pos % CHUNK).min(to);
+            if self.map[pos as usize..end as usize].iter().any(|&b| b != 0) {
+                io.write_at(&self.file, &zeros[..(end - pos) as usize], pos)?;
+                dirty = true;
+            }
+            pos = end;
+        }
+        if dirty { self.sync(io) } else { Ok(()) }
+    }
+
+    /// The position of the record `offset`, which must lie in this segment
+    /// below `end_offset`, hopping from the nearest index entry. Builds the
+    /// index of a sealed segment on first use.
+    pub(crate) fn locate(&self, offset: u64, end_offset: u64) -> Result<u64, Hop> {
+        let (mut at_offset, mut pos) = {
+            let mut index = self.index.lock();
+            if !index.complete {
+                self.build_index(&mut index, end_offset);
+            }
+            index.floor(self.base_offset, offset)
+        };
+        let data = self.data_from(0);
+        loop {
+            let buf = data.get(pos as usize..).unwrap_or(&[]);
+            let header = match record::peek(buf) {
+                Ok(h) if h.offset == at_offset => h,
+                Ok(_) => {
+                    return Err(Hop {
+                        pos,
+                        expected_offset: at_offset,
+                        invalid: Invalid::WrongOffset,
+                    });
+                }
+                Err(invalid) => {
+                    return Err(Hop {
+                        pos,
+                        expected_offset: at_offset,
+                        invalid,
+                    });
+                }
+            };
+            if at_offset == offset {
+                return Ok(pos);
+            }
+            pos += record::padded(u64::from(header.len));
+            at_offset += 1;
+        }
+    }
+
+    fn build_index(&self, index: &mut SparseIndex, end_offset: u64) {
+        let data = self.data_from(0);
+        let mut pos = SEGMENT_HEADER_SIZE;
+        let mut offset = self.base_offset;
+        index.entries.clear();
+        index.last_indexed_pos = 0;
+        while offset < end_offset {
+            let Ok(header) = record::peek(data.get(pos as usize..).unwrap_or(&[])) else {
+                break;
+            };
+            if header.offset != offset {
+                break;
+            }
+            if index.entries.is_empty() || pos >= index.last_indexed_pos + INDEX_INTERVAL_BYTES {
+                index.push(self.base_offset, offset, pos);
+            }
+            pos += record::padded(u64::from(header.len));
+            offset += 1;
+        }
+        if index.entries.is_empty() {
+            index.push(self.base_offset, self.base_offset, SEGMENT_HEADER_SIZE);
+        }
+        index.complete = true;
+    }
+
+    /// Adds an index entry after resynchronising past a corrupt range, so
+    /// later reads skip it.
+    pub(crate) fn index_resync_point(&self, offset: u64, pos: u64) {
+        let mut index = self.index.lock();
+        let rel = u32::try_from(offset - self.base_offset).expect("offsets in a segment fit u32");
+        let at = index.entries.partition_point(|&(r, _)| r < rel);
+        if index.entries.get(at).is_none_or(|&(r, _)| r != rel) {
+            let pos32 = u32::try_from(pos).expect("segment positions fit u32");
+            index.entries.insert(at, (rel, pos32));
+        }
+    }
+
+    pub(crate) fn index_len(&self) -> usize {
+        self.index.lock().entries.len()
+    }
+}
+
+/// Where and why hopping from record to record stopped before the target.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hop {
+    pub pos: u64,
+    pub expected_offset: u64,
+    pub invalid: Invalid,
+}
+
+impl SparseIndex {
+    fn push(&mut self, base_offset: u64, offset: u64, pos: u64) {
+        let rel = u32::try_from(offset - base_offset).expect("offsets in a segment fit u32");
+        let pos32 = u32::try_from(pos).expect("segment positions fit u32");
+        debug_assert!(self.entries.last().is_none_or(|&(r, _)| r < rel));
+        self.entries.push((rel, pos32));
+        self.last_indexed_pos = pos;
+    }
+
+    /// The indexed record at or before `offset`: `(offset, position)`.
+    fn floor(&self, base_offset: u64, offset: u64) -> (u64, u64) {
+        let rel = offset - base_offset;
+        let at = self.entries.partition_point(|&(r, _)| u64::from(r) <= rel);
+        match at.checked_sub(1).map(|i| self.entries[i]) {
+            Some((r, pos)) => (base_offset + u64::from(r), u64::from(pos)),
+            None => (base_offset, SEGMENT_HEADER_SIZE),
+        }
+    }
+}
+
+/// Searches forward from `pos` (exclusive) for the next valid record whose
+/// offset lies in `(after_offset, end_offset)`. Returns its position and
+/// offset. Used to step over a corrupt range.
+pub(crate) fn resync(
+    data: &[u8],
+    pos: u64,
+    after_offset: u64,
+    end_offset: u64,
+) -> Option<(u64, u64)> {
+    let mut candidate = pos + crate::limits::RECORD_ALIGN;
+    while (candidate as usize) < data.len() {
+        let buf = &data[candidate as usize..];
+        if let Ok(header) = record::peek(buf)
+            && header.offset > after_offset
+            && header.offset < end_offset
+            && record::check(buf, header.offset).is_ok()
+        {
+            return Some((candidate, header.offset));
+        }
+        candidate += crate::limits::RECORD_ALIGN;
+    }
+    None
+}
