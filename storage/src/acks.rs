@@ -64,12 +64,7 @@ impl AckState {
     }
 
     pub(crate) fn is_done(&self, offset: u64) -> bool {
-        offset < self.floor
-            || self
-                .ranges
-                .range(..=offset)
-                .next_back()
-                .is_some_and(|(_, &end)| offset < end)
+        offset < self.floor || self.ranges.range(..=offset).next_back().is_some_and(|(_, &end)| offset < end)
     }
 
     /// The first offset at or after `from` that is not done.
@@ -91,13 +86,8 @@ impl AckState {
         }
         let mut newly = end - start;
         // Absorb every range that overlaps or touches [start, end).
-        let touching: Vec<(u64, u64)> = self
-            .ranges
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &e)| e >= start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
+        let touching: Vec<(u64, u64)> =
+            self.ranges.range(..=end).rev().take_while(|&(_, &e)| e >= start).map(|(&s, &e)| (s, e)).collect();
         for (s, e) in touching {
             let overlap = e.min(end).saturating_sub(s.max(start));
             newly -= overlap;
@@ -156,10 +146,7 @@ impl AckJournal {
             let mut bytes = vec![0u8; size as usize];
             file.read_exact_at(&mut bytes, 0)?;
             if bytes[0..8] != MAGIC {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} has a bad magic", path.display()),
-                ));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} has a bad magic", path.display())));
             }
             for entry in bytes[HEADER_SIZE as usize..].chunks_exact(ENTRY_SIZE as usize) {
                 let Some((first, count, kind)) = decode_entry(entry) else {
@@ -179,16 +166,7 @@ impl AckJournal {
                 io.sync_data(&file)?;
             }
         }
-        Ok((
-            AckJournal {
-                dir: dir.to_owned(),
-                file,
-                len: valid,
-                buffer: Vec::new(),
-                entries,
-            },
-            state,
-        ))
+        Ok((AckJournal { dir: dir.to_owned(), file, len: valid, buffer: Vec::new(), entries }, state))
     }
 
     pub(crate) fn record(&mut self, first: u64, count: u64, kind: AckKind) {

@@ -84,11 +84,6 @@ fn decode(slot: &[u8]) -> Option<(u64, Point)> {
     if crc32fast::hash(&slot[0..48]) != crc {
         return None;
     }
-    let point = Point {
-        segment_base: u64_at(16),
-        position: u64_at(24),
-        next_offset: u64_at(32),
-        keys_len: u64_at(40),
-    };
+    let point = Point { segment_base: u64_at(16), position: u64_at(24), next_offset: u64_at(32), keys_len: u64_at(40) };
     Some((u64_at(8), point))
 }

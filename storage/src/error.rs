@@ -13,11 +13,7 @@ pub enum OpenError {
     #[error("{path} is not a Ballast log file: {reason}")]
     NotALog { path: PathBuf, reason: String },
     #[error("{path} uses format version {found}; this build reads version {supported}")]
-    UnsupportedVersion {
-        path: PathBuf,
-        found: u32,
-        supported: u32,
-    },
+    UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
 }
 
 /// Appending a batch failed. Nothing of the batch is visible to readers.
@@ -32,16 +28,10 @@ pub enum AppendError {
     #[error("record {index} has an idempotency key of {size} bytes; the limit is {max}")]
     KeyTooLarge { index: usize, size: usize, max: u32 },
     #[error("record {index} has {count} headers; the limit is {max}")]
-    TooManyHeaders {
-        index: usize,
-        count: usize,
-        max: u32,
-    },
+    TooManyHeaders { index: usize, count: usize, max: u32 },
     #[error("record {index} has {size} bytes of headers; the limit is {max}")]
     HeadersTooLarge { index: usize, size: u64, max: u32 },
-    #[error(
-        "disk full while creating segment {path}; nothing was appended, retry when space returns"
-    )]
+    #[error("disk full while creating segment {path}; nothing was appended, retry when space returns")]
     DiskFull { path: PathBuf },
     #[error("I/O error on {path}: {source}; the log is poisoned until reopened")]
     Io { path: PathBuf, source: io::Error },
@@ -59,12 +49,7 @@ pub enum ReadError {
     #[error(
         "records {first_offset}..={last_offset} in segment {segment_base} failed validation ({reason}); quarantined"
     )]
-    Corrupt {
-        segment_base: u64,
-        first_offset: u64,
-        last_offset: u64,
-        reason: String,
-    },
+    Corrupt { segment_base: u64, first_offset: u64, last_offset: u64, reason: String },
 }
 
 /// Acknowledging offsets failed. Nothing was changed.
@@ -94,10 +79,7 @@ impl PartialEq for SyncError {
 
 impl SyncError {
     pub(crate) fn new(context: impl Into<Arc<str>>, source: io::Error) -> SyncError {
-        SyncError {
-            context: context.into(),
-            source: Arc::new(source),
-        }
+        SyncError { context: context.into(), source: Arc::new(source) }
     }
 }
 

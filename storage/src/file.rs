@@ -28,10 +28,7 @@ pub struct Faults {
 impl Faults {
     /// No failures until a switch is set.
     pub fn new() -> Arc<Faults> {
-        Arc::new(Faults {
-            syncs_before_failure: AtomicU64::new(u64::MAX),
-            ..Faults::default()
-        })
+        Arc::new(Faults { syncs_before_failure: AtomicU64::new(u64::MAX), ..Faults::default() })
     }
 
     /// While set, preallocation and writes that extend files fail with
@@ -64,9 +61,7 @@ impl Io {
 
     fn disk_full(&self) -> io::Result<()> {
         match &self.faults {
-            Some(f) if f.disk_full.load(Ordering::SeqCst) => {
-                Err(io::Error::from_raw_os_error(libc::ENOSPC))
-            }
+            Some(f) if f.disk_full.load(Ordering::SeqCst) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
             _ => Ok(()),
         }
     }
@@ -75,8 +70,7 @@ impl Io {
     /// full disk is an error here rather than a SIGBUS when the map is read.
     pub(crate) fn preallocate(&self, file: &File, len: u64) -> io::Result<()> {
         self.disk_full()?;
-        let len =
-            libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `fallocate` only reads its integer arguments; the fd is
         // valid for the lifetime of `file`.
         let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };

@@ -59,9 +59,7 @@ impl KeyJournal {
         let path = dir.join(FILE_NAME);
         let (file, created) = file::open_or_create(&path)?;
         let size = file.metadata()?.len();
-        let trusted = synced_len
-            .unwrap_or(HEADER_SIZE)
-            .clamp(HEADER_SIZE, size.max(HEADER_SIZE));
+        let trusted = synced_len.unwrap_or(HEADER_SIZE).clamp(HEADER_SIZE, size.max(HEADER_SIZE));
         let mut keys = Vec::new();
         if created || size < HEADER_SIZE || synced_len.is_none() {
             io.append(&file, &header(), 0)?;
@@ -70,22 +68,12 @@ impl KeyJournal {
             if created {
                 io.sync_dir(dir)?;
             }
-            return Ok((
-                KeyJournal {
-                    dir: dir.to_owned(),
-                    file,
-                    len: HEADER_SIZE,
-                },
-                keys,
-            ));
+            return Ok((KeyJournal { dir: dir.to_owned(), file, len: HEADER_SIZE }, keys));
         }
         let mut bytes = vec![0u8; trusted as usize];
         file.read_exact_at(&mut bytes, 0)?;
         if bytes[0..8] != MAGIC {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} has a bad magic", path.display()),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} has a bad magic", path.display())));
         }
         let mut pos = HEADER_SIZE as usize;
         while let Some((entry, next)) = decode_entry(&bytes, pos) {
@@ -99,14 +87,7 @@ impl KeyJournal {
             file.set_len(valid)?;
             io.sync_data(&file)?;
         }
-        Ok((
-            KeyJournal {
-                dir: dir.to_owned(),
-                file,
-                len: valid,
-            },
-            keys,
-        ))
+        Ok((KeyJournal { dir: dir.to_owned(), file, len: valid }, keys))
     }
 
     pub(crate) fn len(&self) -> u64 {
@@ -189,8 +170,7 @@ fn header() -> [u8; HEADER_SIZE as usize] {
 
 fn encode_entry(buf: &mut Vec<u8>, entry: &KeyEntry) {
     let start = buf.len();
-    let key_len =
-        u16::try_from(entry.key.len()).expect("key size was validated against KEY_SIZE_MAX");
+    let key_len = u16::try_from(entry.key.len()).expect("key size was validated against KEY_SIZE_MAX");
     buf.extend_from_slice(&[0; 4]);
     buf.extend_from_slice(&key_len.to_le_bytes());
     buf.extend_from_slice(&[0; 2]);

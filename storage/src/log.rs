@@ -36,8 +36,7 @@ use crate::{
     file::Io,
     keys::{KeyEntry, KeyJournal},
     limits::{
-        BACKGROUND_FLUSH_MS, BATCH_COUNT_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX,
-        SEGMENT_HEADER_SIZE,
+        BACKGROUND_FLUSH_MS, BATCH_COUNT_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, SEGMENT_HEADER_SIZE,
     },
     options::{LogOptions, SyncPolicy},
     record::{self, Invalid, NewRecord, Record},
@@ -160,11 +159,7 @@ pub struct Commit {
 
 enum CommitInner {
     Ready,
-    Pending {
-        shared: Arc<Shared>,
-        track: Track,
-        seq: u64,
-    },
+    Pending { shared: Arc<Shared>, track: Track, seq: u64 },
 }
 
 impl fmt::Debug for Commit {
@@ -178,18 +173,13 @@ impl fmt::Debug for Commit {
 
 impl fmt::Debug for Log {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Log")
-            .field("dir", &self.shared.dir)
-            .field("next_offset", &self.next_offset())
-            .finish()
+        f.debug_struct("Log").field("dir", &self.shared.dir).field("next_offset", &self.next_offset()).finish()
     }
 }
 
 impl Commit {
     fn ready() -> Commit {
-        Commit {
-            state: CommitInner::Ready,
-        }
+        Commit { state: CommitInner::Ready }
     }
 
     /// Blocks until durable, or until the log is poisoned.
@@ -210,9 +200,7 @@ impl Commit {
     pub fn is_resolved(&self) -> bool {
         match &self.state {
             CommitInner::Ready => true,
-            CommitInner::Pending { shared, track, seq } => {
-                shared.commit.lock().resolved(*track, *seq).is_some()
-            }
+            CommitInner::Pending { shared, track, seq } => shared.commit.lock().resolved(*track, *seq).is_some(),
         }
     }
 }
@@ -239,11 +227,7 @@ impl CommitState {
             Track::Data => self.data_synced,
             Track::Acks => self.acks_synced,
         };
-        if synced >= seq {
-            Some(Ok(()))
-        } else {
-            self.error.clone().map(Err)
-        }
+        if synced >= seq { Some(Ok(())) } else { self.error.clone().map(Err) }
     }
 
     fn has_work(&self) -> bool {
@@ -252,9 +236,7 @@ impl CommitState {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Log {
@@ -265,29 +247,15 @@ impl Log {
         options.validate().map_err(OpenError::InvalidOptions)?;
         let io = Io::new(options.faults.clone());
         let recovered = recovery::recover(dir.as_ref(), &options, &io)?;
-        let write_pos = recovered
-            .segments
-            .last()
-            .expect("recovery leaves an active segment")
-            .written();
+        let write_pos = recovered.segments.last().expect("recovery leaves an active segment").written();
         let shared = Arc::new(Shared {
             dir: dir.as_ref().to_owned(),
             io,
-            writer: Mutex::new(Writer {
-                write_pos,
-                buf: Vec::new(),
-                pending_keys: Vec::new(),
-            }),
+            writer: Mutex::new(Writer { write_pos, buf: Vec::new(), pending_keys: Vec::new() }),
             next_offset: AtomicU64::new(recovered.point.next_offset),
             segments: RwLock::new(recovered.segments),
-            acks: Mutex::new(Acks {
-                state: recovered.ack_state,
-                journal: recovered.ack_journal,
-            }),
-            commit: Mutex::new(CommitState {
-                point: Some(recovered.point),
-                ..CommitState::default()
-            }),
+            acks: Mutex::new(Acks { state: recovered.ack_state, journal: recovered.ack_journal }),
+            commit: Mutex::new(CommitState { point: Some(recovered.point), ..CommitState::default() }),
             flusher_wake: Condvar::new(),
             waiter_wake: Condvar::new(),
             checkpointer: Mutex::new(Checkpointer {
@@ -307,10 +275,7 @@ impl Log {
                 .spawn(move || flusher(&shared))
                 .map_err(crate::error::io_open(dir.as_ref()))?
         };
-        Ok(Log {
-            shared,
-            flusher: Some(flusher),
-        })
+        Ok(Log { shared, flusher: Some(flusher) })
     }
 
     /// The directory holding this log.
@@ -347,12 +312,7 @@ impl Log {
 
     /// A cursor over the records not done, starting at `offset`.
     pub fn cursor(&self, offset: u64) -> Cursor {
-        Cursor {
-            shared: Arc::clone(&self.shared),
-            segment: None,
-            pos: 0,
-            offset,
-        }
+        Cursor { shared: Arc::clone(&self.shared), segment: None, pos: 0, offset }
     }
 
     /// Marks `[first, first + count)` done (acked, dead-lettered or
@@ -401,11 +361,7 @@ impl Log {
     pub fn stats(&self) -> LogStats {
         let (ack_floor, done_above_floor, ack_ranges) = {
             let acks = self.shared.acks.lock();
-            (
-                acks.state.floor(),
-                acks.state.done_above_floor(),
-                acks.state.range_count() as u64,
-            )
+            (acks.state.floor(), acks.state.done_above_floor(), acks.state.range_count() as u64)
         };
         let segments = self.shared.segments.read();
         let next_offset = self.next_offset();
@@ -414,9 +370,7 @@ impl Log {
             next_offset,
             ack_floor,
             done_above_floor,
-            pending: next_offset
-                .saturating_sub(ack_floor)
-                .saturating_sub(done_above_floor),
+            pending: next_offset.saturating_sub(ack_floor).saturating_sub(done_above_floor),
             segment_count: segments.len() as u64,
             disk_bytes: segments.iter().map(|s| s.size()).sum(),
             index_entries: segments.iter().map(|s| s.index_len() as u64).sum(),
@@ -475,10 +429,7 @@ impl Shared {
 
     fn first_offset(&self) -> u64 {
         let segments = self.segments.read();
-        segments.first().map_or_else(
-            || self.next_offset.load(Ordering::Acquire),
-            |s| s.base_offset,
-        )
+        segments.first().map_or_else(|| self.next_offset.load(Ordering::Acquire), |s| s.base_offset)
     }
 
     fn validate(&self, records: &[NewRecord]) -> Result<(), AppendError> {
@@ -486,46 +437,24 @@ impl Shared {
             return Err(AppendError::BatchEmpty);
         }
         if records.len() > BATCH_COUNT_MAX {
-            return Err(AppendError::BatchTooLarge {
-                count: records.len(),
-                max: BATCH_COUNT_MAX,
-            });
+            return Err(AppendError::BatchTooLarge { count: records.len(), max: BATCH_COUNT_MAX });
         }
         for (index, r) in records.iter().enumerate() {
             let key_size = r.key.as_ref().map_or(0, |k| k.len());
             if key_size > KEY_SIZE_MAX as usize {
-                return Err(AppendError::KeyTooLarge {
-                    index,
-                    size: key_size,
-                    max: KEY_SIZE_MAX,
-                });
+                return Err(AppendError::KeyTooLarge { index, size: key_size, max: KEY_SIZE_MAX });
             }
             if r.headers.len() > HEADERS_COUNT_MAX as usize {
-                return Err(AppendError::TooManyHeaders {
-                    index,
-                    count: r.headers.len(),
-                    max: HEADERS_COUNT_MAX,
-                });
+                return Err(AppendError::TooManyHeaders { index, count: r.headers.len(), max: HEADERS_COUNT_MAX });
             }
             let headers_size = r.headers_size();
-            let name_too_long = r
-                .headers
-                .iter()
-                .any(|(k, _)| k.len() > usize::from(u16::MAX));
+            let name_too_long = r.headers.iter().any(|(k, _)| k.len() > usize::from(u16::MAX));
             if headers_size > u64::from(HEADERS_SIZE_MAX) || name_too_long {
-                return Err(AppendError::HeadersTooLarge {
-                    index,
-                    size: headers_size,
-                    max: HEADERS_SIZE_MAX,
-                });
+                return Err(AppendError::HeadersTooLarge { index, size: headers_size, max: HEADERS_SIZE_MAX });
             }
             let size = r.encoded_len();
             if size > u64::from(self.options.record_size_max) {
-                return Err(AppendError::RecordTooLarge {
-                    index,
-                    size,
-                    max: self.options.record_size_max,
-                });
+                return Err(AppendError::RecordTooLarge { index, size, max: self.options.record_size_max });
             }
         }
         Ok(())
@@ -576,10 +505,7 @@ impl Shared {
                 for segment in &created {
                     let _ = std::fs::remove_file(&segment.path);
                 }
-                return Err(AppendError::Io {
-                    path: self.dir.clone(),
-                    source,
-                });
+                return Err(AppendError::Io { path: self.dir.clone(), source });
             }
             self.segments.write().extend(created.iter().cloned());
         }
@@ -589,14 +515,7 @@ impl Shared {
         let mut run_segment = if starts.first() == Some(&0) {
             None
         } else {
-            Some(Arc::clone(
-                self.segments
-                    .read()
-                    .iter()
-                    .rev()
-                    .nth(created.len())
-                    .expect("active segment"),
-            ))
+            Some(Arc::clone(self.segments.read().iter().rev().nth(created.len()).expect("active segment")))
         };
         let mut next_created = created.into_iter();
         let mut run_start = 0;
@@ -612,16 +531,11 @@ impl Shared {
                     segment.note_record(offset, pos + writer.buf.len() as u64);
                     record::encode(r, offset, &mut writer.buf);
                     if let Some(key) = &r.key {
-                        writer.pending_keys.push(KeyEntry {
-                            key: key.clone(),
-                            offset,
-                            timestamp_ms: r.timestamp_ms,
-                        });
+                        writer.pending_keys.push(KeyEntry { key: key.clone(), offset, timestamp_ms: r.timestamp_ms });
                     }
                 }
                 if let Err(source) = segment.write(&self.io, &writer.buf, pos) {
-                    let error =
-                        SyncError::new(format!("writing {}", segment.path.display()), source);
+                    let error = SyncError::new(format!("writing {}", segment.path.display()), source);
                     self.poison(error.clone());
                     return Err(AppendError::Poisoned(error));
                 }
@@ -640,12 +554,7 @@ impl Shared {
         self.next_offset.store(next_offset, Ordering::Release);
 
         let active = touched.last().expect("a non-empty batch touches a segment");
-        let point = Point {
-            segment_base: active.base_offset,
-            position: writer.write_pos,
-            next_offset,
-            keys_len: 0,
-        };
+        let point = Point { segment_base: active.base_offset, position: writer.write_pos, next_offset, keys_len: 0 };
         let seq = {
             let mut commit = self.commit.lock();
             commit.data_written += 1;
@@ -662,31 +571,18 @@ impl Shared {
         let commit = match self.options.sync_policy {
             SyncPolicy::Fsync => {
                 self.flusher_wake.notify_one();
-                Commit {
-                    state: CommitInner::Pending {
-                        shared: Arc::clone(self),
-                        track: Track::Data,
-                        seq,
-                    },
-                }
+                Commit { state: CommitInner::Pending { shared: Arc::clone(self), track: Track::Data, seq } }
             }
             SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
         };
-        Ok(Appended {
-            first_offset,
-            count,
-            commit,
-        })
+        Ok(Appended { first_offset, count, commit })
     }
 
     fn ack(self: &Arc<Self>, first: u64, count: u64, kind: AckKind) -> Result<Commit, AckError> {
         let next_offset = self.next_offset.load(Ordering::Acquire);
         let end = first.saturating_add(count);
         if end > next_offset {
-            return Err(AckError::OutOfRange {
-                offset: end - 1,
-                next_offset,
-            });
+            return Err(AckError::OutOfRange { offset: end - 1, next_offset });
         }
         if let Some(e) = self.poisoned() {
             return Err(AckError::Poisoned(e));
@@ -702,13 +598,7 @@ impl Shared {
         Ok(match self.options.sync_policy {
             SyncPolicy::Fsync => {
                 self.flusher_wake.notify_one();
-                Commit {
-                    state: CommitInner::Pending {
-                        shared: Arc::clone(self),
-                        track: Track::Acks,
-                        seq,
-                    },
-                }
+                Commit { state: CommitInner::Pending { shared: Arc::clone(self), track: Track::Acks, seq } }
             }
             SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
         })
@@ -728,29 +618,18 @@ impl Shared {
     /// The segment holding `offset` and the offset just past its last record.
     fn segment_for(&self, offset: u64) -> Option<(Arc<Segment>, u64)> {
         let segments = self.segments.read();
-        let at = segments
-            .partition_point(|s| s.base_offset <= offset)
-            .checked_sub(1)?;
-        let end = segments.get(at + 1).map_or_else(
-            || self.next_offset.load(Ordering::Acquire),
-            |s| s.base_offset,
-        );
+        let at = segments.partition_point(|s| s.base_offset <= offset).checked_sub(1)?;
+        let end = segments.get(at + 1).map_or_else(|| self.next_offset.load(Ordering::Acquire), |s| s.base_offset);
         Some((Arc::clone(&segments[at]), end))
     }
 
     fn read(&self, offset: u64) -> Result<Record, ReadError> {
         let next_offset = self.next_offset.load(Ordering::Acquire);
         if offset >= next_offset {
-            return Err(ReadError::NotWritten {
-                offset,
-                next_offset,
-            });
+            return Err(ReadError::NotWritten { offset, next_offset });
         }
         let Some((segment, end)) = self.segment_for(offset) else {
-            return Err(ReadError::Removed {
-                offset,
-                first_offset: self.first_offset(),
-            });
+            return Err(ReadError::Removed { offset, first_offset: self.first_offset() });
         };
         // Two rounds: a corrupt range met on the way leaves an index entry
         // past it, so the second round gets there directly.
@@ -818,16 +697,9 @@ impl Shared {
 
     /// One flusher cycle's I/O: write buffered acks, sync dirty segments and
     /// the ack journal, then publish the synced sequences.
-    fn flush_once(
-        &self,
-        data_target: u64,
-        acks_target: u64,
-        dirty: Vec<Arc<Segment>>,
-    ) -> Result<(), SyncError> {
+    fn flush_once(&self, data_target: u64, acks_target: u64, dirty: Vec<Arc<Segment>>) -> Result<(), SyncError> {
         for segment in &dirty {
-            segment
-                .sync(&self.io)
-                .map_err(|e| SyncError::new(format!("syncing {}", segment.path.display()), e))?;
+            segment.sync(&self.io).map_err(|e| SyncError::new(format!("syncing {}", segment.path.display()), e))?;
         }
         let acks_durable = {
             let mut acks = self.acks.lock();
@@ -841,11 +713,7 @@ impl Shared {
             }
         };
         if acks_durable {
-            self.acks
-                .lock()
-                .journal
-                .sync(&self.io)
-                .map_err(|e| SyncError::new("syncing the ack journal", e))?;
+            self.acks.lock().journal.sync(&self.io).map_err(|e| SyncError::new("syncing the ack journal", e))?;
         }
         let waiters = {
             let mut commit = self.commit.lock();
@@ -869,9 +737,7 @@ impl Shared {
     fn checkpoint(&self, point: Point) -> Result<(), SyncError> {
         let keys: Vec<KeyEntry> = {
             let mut writer = self.writer.lock();
-            let n = writer
-                .pending_keys
-                .partition_point(|k| k.offset < point.next_offset);
+            let n = writer.pending_keys.partition_point(|k| k.offset < point.next_offset);
             writer.pending_keys.drain(..n).collect()
         };
         let mut checkpointer = self.checkpointer.lock();
@@ -887,10 +753,7 @@ impl Shared {
             Err(e) => return Err(SyncError::new("writing the key journal", e)),
         };
         let point = Point { keys_len, ..point };
-        checkpointer
-            .checkpoint
-            .write(&self.io, point)
-            .map_err(|e| SyncError::new("writing the checkpoint", e))?;
+        checkpointer.checkpoint.write(&self.io, point).map_err(|e| SyncError::new("writing the checkpoint", e))?;
         checkpointer.last = point;
         let journal_size_max = 1024 * 1024 + 64 * u64::from(self.options.dedupe_keys_max);
         if checkpointer.keys.len() > journal_size_max {
@@ -901,18 +764,9 @@ impl Shared {
                 .map_err(|e| SyncError::new("compacting the key journal", e))?;
             checkpointer
                 .checkpoint
-                .write(
-                    &self.io,
-                    Point {
-                        keys_len: len,
-                        ..point
-                    },
-                )
+                .write(&self.io, Point { keys_len: len, ..point })
                 .map_err(|e| SyncError::new("writing the checkpoint", e))?;
-            checkpointer.last = Point {
-                keys_len: len,
-                ..point
-            };
+            checkpointer.last = Point { keys_len: len, ..point };
         }
         Ok(())
     }
@@ -933,24 +787,17 @@ impl Shared {
         };
         if !removed.is_empty() {
             for segment in &removed {
-                std::fs::remove_file(&segment.path).map_err(|e| {
-                    SyncError::new(format!("removing {}", segment.path.display()), e)
-                })?;
+                std::fs::remove_file(&segment.path)
+                    .map_err(|e| SyncError::new(format!("removing {}", segment.path.display()), e))?;
             }
-            self.io
-                .sync_dir(&self.dir)
-                .map_err(|e| SyncError::new("syncing the log directory", e))?;
+            self.io.sync_dir(&self.dir).map_err(|e| SyncError::new("syncing the log directory", e))?;
             tracing::debug!(dir = %self.dir.display(), count = removed.len(), "retention removed segments");
         }
         let mut acks = self.acks.lock();
         let acks = &mut *acks;
         if acks.journal.needs_compaction(&acks.state) {
-            acks.journal
-                .flush(&self.io)
-                .map_err(|e| SyncError::new("writing the ack journal", e))?;
-            acks.journal
-                .compact(&self.io, &acks.state)
-                .map_err(|e| SyncError::new("compacting the ack journal", e))?;
+            acks.journal.flush(&self.io).map_err(|e| SyncError::new("writing the ack journal", e))?;
+            acks.journal.compact(&self.io, &acks.state).map_err(|e| SyncError::new("compacting the ack journal", e))?;
         }
         Ok(())
     }
@@ -971,28 +818,15 @@ fn flusher(shared: &Arc<Shared>) {
                 if commit.shutdown || commit.error.is_some() {
                     break;
                 }
-                let ack_buffered = shared
-                    .acks
-                    .try_lock()
-                    .is_some_and(|a| a.journal.has_buffered());
+                let ack_buffered = shared.acks.try_lock().is_some_and(|a| a.journal.has_buffered());
                 let has_work = commit.has_work() || ack_buffered;
                 match wait {
                     None if has_work => break,
                     None => shared.flusher_wake.wait(&mut commit),
                     Some(interval) => {
-                        let timed_out = shared
-                            .flusher_wake
-                            .wait_for(&mut commit, interval)
-                            .timed_out();
-                        let ack_buffered = shared
-                            .acks
-                            .try_lock()
-                            .is_some_and(|a| a.journal.has_buffered());
-                        if timed_out
-                            && (commit.has_work()
-                                || ack_buffered
-                                || commit.bytes_since_checkpoint > 0)
-                        {
+                        let timed_out = shared.flusher_wake.wait_for(&mut commit, interval).timed_out();
+                        let ack_buffered = shared.acks.try_lock().is_some_and(|a| a.journal.has_buffered());
+                        if timed_out && (commit.has_work() || ack_buffered || commit.bytes_since_checkpoint > 0) {
                             break;
                         }
                     }
@@ -1020,13 +854,10 @@ fn flusher(shared: &Arc<Shared>) {
                 commit.shutdown,
             )
         };
-        let result =
-            shared
-                .flush_once(data_target, acks_target, dirty)
-                .and_then(|()| match point {
-                    Some(point) if checkpoint_due => shared.checkpoint(point),
-                    _ => Ok(()),
-                });
+        let result = shared.flush_once(data_target, acks_target, dirty).and_then(|()| match point {
+            Some(point) if checkpoint_due => shared.checkpoint(point),
+            _ => Ok(()),
+        });
         let result = result.and_then(|()| {
             let floor = shared.acks.lock().state.floor();
             if floor != last_retention_floor || checkpoint_due {
@@ -1061,9 +892,7 @@ pub struct Cursor {
 
 impl fmt::Debug for Cursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Cursor")
-            .field("offset", &self.offset)
-            .finish()
+        f.debug_struct("Cursor").field("offset", &self.offset).finish()
     }
 }
 
@@ -1081,10 +910,7 @@ impl Cursor {
 
     /// The next record that is not done, `None` when caught up, or the
     /// corrupt range it met (which is quarantined; the cursor moves past it).
-    #[allow(
-        clippy::should_implement_trait,
-        reason = "a cursor resumes after returning None"
-    )]
+    #[allow(clippy::should_implement_trait, reason = "a cursor resumes after returning None")]
     pub fn next(&mut self) -> Option<Result<Record, ReadError>> {
         loop {
             let next_offset = self.shared.next_offset.load(Ordering::Acquire);
@@ -1109,18 +935,14 @@ impl Cursor {
             let data = segment.data_from(self.pos);
             match record::decode(&data, self.offset) {
                 Ok(record) => {
-                    let len = record::peek(&data)
-                        .expect("a decoded record has a valid header")
-                        .len;
+                    let len = record::peek(&data).expect("a decoded record has a valid header").len;
                     self.pos += record::padded(u64::from(len));
                     self.offset += 1;
                     return Some(Ok(record));
                 }
                 Err(invalid) => {
                     let target = self.offset;
-                    let (error, resumed) = self
-                        .shared
-                        .quarantine(&segment, end, self.pos, target, invalid);
+                    let (error, resumed) = self.shared.quarantine(&segment, end, self.pos, target, invalid);
                     self.resume(segment, end, resumed);
                     return Some(Err(error));
                 }
@@ -1152,13 +974,7 @@ impl Cursor {
             }
             Err(hop) => {
                 let target = self.offset;
-                let (error, resumed) = self.shared.quarantine(
-                    &segment,
-                    end,
-                    hop.pos,
-                    hop.expected_offset,
-                    hop.invalid,
-                );
+                let (error, resumed) = self.shared.quarantine(&segment, end, hop.pos, hop.expected_offset, hop.invalid);
                 let resume_offset = resumed.map_or(end, |(_, o)| o);
                 if target >= resume_offset {
                     // The corrupt range lies below the target: relocate

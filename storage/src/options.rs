@@ -66,14 +66,10 @@ impl LogOptions {
             ));
         }
         if self.segment_size % RECORD_ALIGN != 0 {
-            return Err(format!(
-                "segment_size must be a multiple of {RECORD_ALIGN}; got {}",
-                self.segment_size
-            ));
+            return Err(format!("segment_size must be a multiple of {RECORD_ALIGN}; got {}", self.segment_size));
         }
-        let record_ceiling = (self.segment_size - SEGMENT_HEADER_SIZE).min(u64::from(
-            RECORD_HEADER_SIZE + KEY_SIZE_MAX + HEADERS_SIZE_MAX + PAYLOAD_SIZE_MAX,
-        ));
+        let record_ceiling = (self.segment_size - SEGMENT_HEADER_SIZE)
+            .min(u64::from(RECORD_HEADER_SIZE + KEY_SIZE_MAX + HEADERS_SIZE_MAX + PAYLOAD_SIZE_MAX));
         if u64::from(self.record_size_max) < u64::from(RECORD_HEADER_SIZE)
             || u64::from(self.record_size_max) > record_ceiling
         {
@@ -85,18 +81,13 @@ impl LogOptions {
         if let SyncPolicy::Interval { interval_ms } = self.sync_policy
             && !(1..=SYNC_INTERVAL_MS_MAX).contains(&interval_ms)
         {
-            return Err(format!(
-                "sync interval must be in 1..={SYNC_INTERVAL_MS_MAX} ms; got {interval_ms}"
-            ));
+            return Err(format!("sync interval must be in 1..={SYNC_INTERVAL_MS_MAX} ms; got {interval_ms}"));
         }
         if self.checkpoint_interval_bytes == 0 {
             return Err("checkpoint_interval_bytes must be at least 1".into());
         }
         if self.dedupe_keys_max > DEDUPE_KEYS_MAX {
-            return Err(format!(
-                "dedupe_keys_max must be in 0..={DEDUPE_KEYS_MAX}; got {}",
-                self.dedupe_keys_max
-            ));
+            return Err(format!("dedupe_keys_max must be in 0..={DEDUPE_KEYS_MAX}; got {}", self.dedupe_keys_max));
         }
         Ok(())
     }

@@ -57,10 +57,7 @@ pub struct Record {
 impl NewRecord {
     /// Encoded size of the headers block, in bytes.
     pub(crate) fn headers_size(&self) -> u64 {
-        self.headers
-            .iter()
-            .map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64)
-            .sum()
+        self.headers.iter().map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64).sum()
     }
 
     /// Encoded size without padding: what the `len` field holds.
@@ -105,11 +102,7 @@ pub(crate) fn encode(record: &NewRecord, offset: u64, buf: &mut Vec<u8>) {
         buf.extend_from_slice(value.as_bytes());
     }
     buf.extend_from_slice(&record.payload);
-    assert_eq!(
-        (buf.len() - start) as u64,
-        len,
-        "encoded length disagrees with encoded_len"
-    );
+    assert_eq!((buf.len() - start) as u64, len, "encoded length disagrees with encoded_len");
     let crc = crc32fast::hash(&buf[start + 8..]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     let pad = padded(len) - len;
@@ -167,11 +160,7 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
 /// against `buf` (the bytes up to the end of valid data). No CRC check.
 pub(crate) fn peek(buf: &[u8]) -> Result<Header, Invalid> {
     if buf.len() < RECORD_HEADER_SIZE as usize {
-        return if buf.iter().all(|&b| b == 0) {
-            Err(Invalid::Zero)
-        } else {
-            Err(Invalid::BadLength)
-        };
+        return if buf.iter().all(|&b| b == 0) { Err(Invalid::Zero) } else { Err(Invalid::BadLength) };
     }
     let len = u32_at(buf, 0);
     if len == 0 {
@@ -180,11 +169,7 @@ pub(crate) fn peek(buf: &[u8]) -> Result<Header, Invalid> {
     if len < RECORD_HEADER_SIZE || len as usize > buf.len() {
         return Err(Invalid::BadLength);
     }
-    Ok(Header {
-        len,
-        crc: u32_at(buf, 4),
-        offset: u64_at(buf, 8),
-    })
+    Ok(Header { len, crc: u32_at(buf, 4), offset: u64_at(buf, 8) })
 }
 
 /// Validates the record at the start of `buf` fully: length, CRC, expected

@@ -65,10 +65,8 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
     }
     bases.sort_unstable();
 
-    let (mut checkpoint, checkpoint_point) =
-        Checkpoint::open(io, dir).map_err(io_open(dir.join("checkpoint")))?;
-    let (mut ack_journal, mut ack_state) =
-        AckJournal::open(io, dir).map_err(io_open(dir.join("acks")))?;
+    let (mut checkpoint, checkpoint_point) = Checkpoint::open(io, dir).map_err(io_open(dir.join("checkpoint")))?;
+    let (mut ack_journal, mut ack_state) = AckJournal::open(io, dir).map_err(io_open(dir.join("acks")))?;
     let mut gaps: Vec<(u64, u64)> = Vec::new();
 
     // Step 2: open segments; set aside those whose header is unreadable.
@@ -92,21 +90,16 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
 
     // Step 3 and 4: scan from the checkpoint.
     let start = checkpoint_point.and_then(|p| {
-        let at = segments
-            .iter()
-            .position(|s| s.base_offset == p.segment_base)?;
-        let valid = p.position >= SEGMENT_HEADER_SIZE
-            && p.position <= segments[at].size()
-            && p.position % RECORD_ALIGN == 0;
+        let at = segments.iter().position(|s| s.base_offset == p.segment_base)?;
+        let valid =
+            p.position >= SEGMENT_HEADER_SIZE && p.position <= segments[at].size() && p.position % RECORD_ALIGN == 0;
         valid.then_some((at, p.position, p.next_offset))
     });
     let (start_at, start_pos, start_offset) = match (start, segments.first()) {
         (Some(s), _) => s,
         (None, Some(first)) => (0, SEGMENT_HEADER_SIZE, first.base_offset),
         (None, None) => {
-            let base = checkpoint_point
-                .map_or(0, |p| p.next_offset)
-                .max(ack_state.floor());
+            let base = checkpoint_point.map_or(0, |p| p.next_offset).max(ack_state.floor());
             let s = Segment::create(io, dir, base, options.segment_size)
                 .map_err(io_open(dir.join(segment::file_name(base))))?;
             io.sync_dir(dir).map_err(io_open(dir))?;
@@ -163,9 +156,7 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
                                 "cutting a torn tail (unsynced writes of a crash)"
                             );
                         }
-                        segment
-                            .zero_range(io, pos, segment.size())
-                            .map_err(io_open(&segment.path))?;
+                        segment.zero_range(io, pos, segment.size()).map_err(io_open(&segment.path))?;
                         break;
                     }
                 },
@@ -195,39 +186,16 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
     let synced_keys_len = checkpoint_point.map(|p| p.keys_len);
     let (mut key_journal, mut keys) =
         KeyJournal::open(io, dir, synced_keys_len, cutoff).map_err(io_open(dir.join("keys")))?;
-    keys.extend(
-        scanned_keys
-            .iter()
-            .filter(|k| k.timestamp_ms >= cutoff)
-            .cloned(),
-    );
+    keys.extend(scanned_keys.iter().filter(|k| k.timestamp_ms >= cutoff).cloned());
     let keys = keys::newest_unique(keys, options.dedupe_keys_max as usize);
 
     // Step 7: make the recovered state the new checkpoint.
     active.sync(io).map_err(io_open(&active.path))?;
-    let keys_len = key_journal
-        .append(io, &scanned_keys)
-        .map_err(io_open(dir.join("keys")))?;
-    let point = Point {
-        segment_base: active.base_offset,
-        position: active.written(),
-        next_offset,
-        keys_len,
-    };
-    checkpoint
-        .write(io, point)
-        .map_err(io_open(dir.join("checkpoint")))?;
+    let keys_len = key_journal.append(io, &scanned_keys).map_err(io_open(dir.join("keys")))?;
+    let point = Point { segment_base: active.base_offset, position: active.written(), next_offset, keys_len };
+    checkpoint.write(io, point).map_err(io_open(dir.join("checkpoint")))?;
 
-    Ok(Recovered {
-        segments,
-        point,
-        ack_state,
-        ack_journal,
-        checkpoint,
-        key_journal,
-        keys,
-        quarantined,
-    })
+    Ok(Recovered { segments, point, ack_state, ack_journal, checkpoint, key_journal, keys, quarantined })
 }
 
 /// Indexes the part of the checkpoint's segment before the checkpoint by

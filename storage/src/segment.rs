@@ -100,9 +100,7 @@ impl Segment {
             return Err(e);
         }
         let segment = Segment::map(path, file, base_offset, size)?;
-        segment
-            .written
-            .store(SEGMENT_HEADER_SIZE, Ordering::Release);
+        segment.written.store(SEGMENT_HEADER_SIZE, Ordering::Release);
         segment.index.lock().complete = true;
         Ok(segment)
     }
@@ -110,25 +108,18 @@ impl Segment {
     /// Opens an existing segment and validates its header. `written` starts
     /// at the file size (sealed, trusted); recovery lowers it when it scans.
     pub(crate) fn open(path: &Path, base_offset: u64) -> Result<Segment, OpenError> {
-        let not_a_log = |reason: String| OpenError::NotALog {
-            path: path.to_owned(),
-            reason,
-        };
+        let not_a_log = |reason: String| OpenError::NotALog { path: path.to_owned(), reason };
         let file = file::open_rw(path, false).map_err(crate::error::io_open(path))?;
         let len = file.metadata().map_err(crate::error::io_open(path))?.len();
         if len < SEGMENT_HEADER_SIZE {
-            return Err(not_a_log(format!(
-                "file is {len} bytes, shorter than a segment header"
-            )));
+            return Err(not_a_log(format!("file is {len} bytes, shorter than a segment header")));
         }
         let mut h = [0u8; SEGMENT_HEADER_SIZE as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut h, 0)
-            .map_err(crate::error::io_open(path))?;
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut h, 0).map_err(crate::error::io_open(path))?;
         if h[0..8] != SEGMENT_MAGIC {
             return Err(not_a_log("bad magic".into()));
         }
-        if crc32fast::hash(&h[0..60]) != u32::from_le_bytes(h[60..64].try_into().expect("4 bytes"))
-        {
+        if crc32fast::hash(&h[0..60]) != u32::from_le_bytes(h[60..64].try_into().expect("4 bytes")) {
             return Err(not_a_log("segment header fails its CRC".into()));
         }
         let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
@@ -142,17 +133,12 @@ impl Segment {
         let base = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
         let size = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
         if base != base_offset {
-            return Err(not_a_log(format!(
-                "header says base offset {base}, file name says {base_offset}"
-            )));
+            return Err(not_a_log(format!("header says base offset {base}, file name says {base_offset}")));
         }
         if size != len {
-            return Err(not_a_log(format!(
-                "header says {size} bytes, file has {len}"
-            )));
+            return Err(not_a_log(format!("header says {size} bytes, file has {len}")));
         }
-        let segment = Segment::map(path.to_owned(), file, base_offset, size)
-            .map_err(crate::error::io_open(path))?;
+        let segment = Segment::map(path.to_owned(), file, base_offset, size).map_err(crate::error::io_open(path))?;
         segment.written.store(size, Ordering::Release);
         Ok(segment)
     }
@@ -196,18 +182,10 @@ impl Segment {
     /// publishes them to readers. Records are indexed as the caller reports
     /// their positions through `index_hint`.
     pub(crate) fn write(&self, io: &Io, buf: &[u8], pos: u64) -> io::Result<()> {
-        assert_eq!(
-            pos,
-            self.written(),
-            "segment write not at the end of valid data"
-        );
-        assert!(
-            pos + buf.len() as u64 <= self.size(),
-            "segment write past the preallocated size"
-        );
+        assert_eq!(pos, self.written(), "segment write not at the end of valid data");
+        assert!(pos + buf.len() as u64 <= self.size(), "segment write past the preallocated size");
         io.write_at(&self.file, buf, pos)?;
-        self.written
-            .store(pos + buf.len() as u64, Ordering::Release);
+        self.written.store(pos + buf.len() as u64, Ordering::Release);
         Ok(())
     }
 
@@ -269,18 +247,10 @@ impl Segment {
             let header = match record::peek(buf) {
                 Ok(h) if h.offset == at_offset => h,
                 Ok(_) => {
-                    return Err(Hop {
-                        pos,
-                        expected_offset: at_offset,
-                        invalid: Invalid::WrongOffset,
-                    });
+                    return Err(Hop { pos, expected_offset: at_offset, invalid: Invalid::WrongOffset });
                 }
                 Err(invalid) => {
-                    return Err(Hop {
-                        pos,
-                        expected_offset: at_offset,
-                        invalid,
-                    });
+                    return Err(Hop { pos, expected_offset: at_offset, invalid });
                 }
             };
             if at_offset == offset {
@@ -364,12 +334,7 @@ impl SparseIndex {
 /// Searches forward from `pos` (exclusive) for the next valid record whose
 /// offset lies in `(after_offset, end_offset)`. Returns its position and
 /// offset. Used to step over a corrupt range.
-pub(crate) fn resync(
-    data: &[u8],
-    pos: u64,
-    after_offset: u64,
-    end_offset: u64,
-) -> Option<(u64, u64)> {
+pub(crate) fn resync(data: &[u8], pos: u64, after_offset: u64, end_offset: u64) -> Option<(u64, u64)> {
     let mut candidate = pos + crate::limits::RECORD_ALIGN;
     while (candidate as usize) < data.len() {
         let buf = &data[candidate as usize..];

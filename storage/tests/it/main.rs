@@ -1,0 +1,4 @@
+//! Integration tests of `ballast-storage` through its public API.
+
+mod basics;
+mod support;
