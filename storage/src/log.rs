@@ -631,9 +631,9 @@ impl Shared {
         let Some((segment, end)) = self.segment_for(offset) else {
             return Err(ReadError::Removed { offset, first_offset: self.first_offset() });
         };
-        // Two rounds: a corrupt range met on the way leaves an index entry
-        // past it, so the second round gets there directly.
-        for _ in 0..2 {
+        // Each corrupt range met on the way leaves an index entry past it, so
+        // every round gets further; the bound only guards against a bug.
+        for _ in 0..1024 {
             let (pos, expected, invalid) = match segment.locate(offset, end) {
                 Ok(pos) => match record::decode(&segment.data_from(pos), offset) {
                     Ok(record) => return Ok(record),

@@ -193,7 +193,9 @@ impl Segment {
     /// entry when `pos` is far enough from the last one.
     pub(crate) fn note_record(&self, offset: u64, pos: u64) {
         let mut index = self.index.lock();
-        if index.entries.is_empty() || pos >= index.last_indexed_pos + INDEX_INTERVAL_BYTES {
+        let rel = offset - self.base_offset;
+        let after_last = index.entries.last().is_none_or(|&(r, _)| u64::from(r) < rel);
+        if after_last && (index.entries.is_empty() || pos >= index.last_indexed_pos + INDEX_INTERVAL_BYTES) {
             index.push(self.base_offset, offset, pos);
         }
     }
@@ -242,21 +244,30 @@ impl Segment {
             index.floor(self.base_offset, offset)
         };
         let data = self.data_from(0);
+        // The record hopped over last: if the hop lands on garbage, its
+        // length field may be what is corrupt, so it is checked then.
+        let mut previous: Option<(u64, u64)> = None;
         loop {
             let buf = data.get(pos as usize..).unwrap_or(&[]);
-            let header = match record::peek(buf) {
-                Ok(h) if h.offset == at_offset => h,
-                Ok(_) => {
-                    return Err(Hop { pos, expected_offset: at_offset, invalid: Invalid::WrongOffset });
-                }
-                Err(invalid) => {
-                    return Err(Hop { pos, expected_offset: at_offset, invalid });
-                }
+            let invalid = match record::peek(buf) {
+                Ok(h) if h.offset == at_offset => None,
+                Ok(_) => Some(Invalid::WrongOffset),
+                Err(invalid) => Some(invalid),
             };
+            if let Some(invalid) = invalid {
+                if let Some((prev_pos, prev_offset)) = previous
+                    && let Err(prev_invalid) = record::check(&data[prev_pos as usize..], prev_offset)
+                {
+                    return Err(Hop { pos: prev_pos, expected_offset: prev_offset, invalid: prev_invalid });
+                }
+                return Err(Hop { pos, expected_offset: at_offset, invalid });
+            }
             if at_offset == offset {
                 return Ok(pos);
             }
-            pos += record::padded(u64::from(header.len));
+            let len = record::peek(buf).expect("checked above").len;
+            previous = Some((pos, at_offset));
+            pos += record::padded(u64::from(len));
             at_offset += 1;
         }
     }
@@ -295,6 +306,9 @@ impl Segment {
         if index.entries.get(at).is_none_or(|&(r, _)| r != rel) {
             let pos32 = u32::try_from(pos).expect("segment positions fit u32");
             index.entries.insert(at, (rel, pos32));
+            if at + 1 == index.entries.len() {
+                index.last_indexed_pos = pos;
+            }
         }
     }
 

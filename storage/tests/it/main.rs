@@ -1,4 +1,5 @@
 //! Integration tests of `ballast-storage` through its public API.
 
 mod basics;
+mod corruption;
 mod support;
