@@ -2,4 +2,7 @@
 
 mod basics;
 mod corruption;
+mod dedupe;
+mod faults;
+mod limits;
 mod support;

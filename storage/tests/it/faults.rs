@@ -1,0 +1,165 @@
+//! Full disks and failing syncs.
+
+use std::{path::Path, process::Command};
+
+use ballast_storage::{AppendError, Faults, Log, LogOptions};
+
+use crate::support::*;
+
+fn options_256k() -> LogOptions {
+    LogOptions { segment_size: 256 * 1024, record_size_max: 16 * 1024, ..LogOptions::default() }
+}
+
+/// Appends 1 KiB records until the log refuses with `DiskFull`; returns how
+/// many were acknowledged. Every acknowledged one must stay readable.
+fn fill_until_full(log: &Log) -> u64 {
+    let mut acknowledged = 0;
+    loop {
+        let batch: Vec<_> = (acknowledged..acknowledged + 16).map(|i| record(i, 1024)).collect();
+        match log.append(&batch) {
+            Ok(appended) => {
+                appended.commit.wait().expect("a sync on a full tmpfs still succeeds");
+                acknowledged += 16;
+            }
+            Err(AppendError::DiskFull { path }) => {
+                assert!(path.extension().is_some_and(|e| e == "seg"), "DiskFull names the segment: {path:?}");
+                return acknowledged;
+            }
+            Err(e) => panic!("expected DiskFull, got {e}"),
+        }
+        assert!(acknowledged < 1_000_000, "the disk never filled");
+    }
+}
+
+fn check_full_then_recovered(log: &Log, free_space: impl FnOnce()) {
+    let acknowledged = fill_until_full(log);
+    assert!(acknowledged > 0);
+    assert_eq!(log.next_offset(), acknowledged, "a refused batch leaves nothing behind");
+    // Single records still fit in what is left of the current, preallocated
+    // segment; then they are refused too, and keep being refused.
+    let mut acknowledged = acknowledged;
+    while let Ok(a) = log.append(&[record(acknowledged, 1024)]) {
+        a.commit.wait().unwrap();
+        acknowledged += 1;
+    }
+    assert!(matches!(log.append(&[record(0, 1024)]), Err(AppendError::DiskFull { .. })));
+    assert_eq!(log.next_offset(), acknowledged);
+    for offset in [0, acknowledged / 2, acknowledged - 1] {
+        assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
+    }
+    free_space();
+    let batch: Vec<_> = (acknowledged..acknowledged + 300).map(|i| record(i, 1024)).collect();
+    log.append(&batch).expect("appends resume once space returns").commit.wait().unwrap();
+    assert_eq!(payload_index(&log.read(acknowledged + 299).unwrap().payload), acknowledged + 299);
+}
+
+/// ENOSPC on a real, tiny filesystem: a 4 MiB tmpfs mounted for the test
+/// (this needs root, which the CI machine has). Space "returns" when the test
+/// deletes a filler file. If mounting is not permitted the test says so and
+/// exercises the same path through the fault-injection seam instead, so it
+/// never passes without checking something.
+#[test]
+fn enospc_on_a_real_small_filesystem() {
+    let mount_point = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(mount_point.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("mounting a tmpfs is not permitted here; using the fault-injection seam");
+        enospc_through_fault_injection();
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount_point.path());
+    let filler = mount_point.path().join("filler");
+    std::fs::write(&filler, vec![1u8; 1024 * 1024]).unwrap();
+    let dir = mount_point.path().join("log");
+    let log = Log::open(&dir, options_256k()).unwrap();
+    check_full_then_recovered(&log, || std::fs::remove_file(&filler).unwrap());
+    log.close().unwrap();
+    let log = Log::open(&dir, options_256k()).unwrap();
+    assert!(log.next_offset() > 300);
+    assert_eq!(log.stats().quarantined, 0);
+}
+
+/// ENOSPC through the fault-injection seam (`Faults::set_disk_full`), which
+/// fails preallocation and file growth as a full disk would.
+#[test]
+fn enospc_through_fault_injection() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..options_256k() }).unwrap();
+    append_all(&log, 0, 500, 1024);
+    faults.set_disk_full(true);
+    // The current segment still has room: preallocated space never fails.
+    let mut acknowledged = 500;
+    loop {
+        let batch: Vec<_> = (acknowledged..acknowledged + 16).map(|i| record(i, 1024)).collect();
+        match log.append(&batch) {
+            Ok(a) => {
+                a.commit.wait().unwrap();
+                acknowledged += 16;
+            }
+            Err(AppendError::DiskFull { .. }) => break,
+            Err(e) => panic!("expected DiskFull, got {e}"),
+        }
+    }
+    assert_eq!(log.next_offset(), acknowledged);
+    faults.set_disk_full(false);
+    append_all(&log, acknowledged, 300, 1024);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), options_256k()).unwrap();
+    assert_eq!(log.next_offset(), acknowledged + 300);
+    for offset in (0..acknowledged + 300).step_by(97) {
+        assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
+    }
+}
+
+/// A failed fsync poisons the log: the pending commit fails, later appends
+/// and acks fail with `Poisoned`, and a reopen recovers everything that was
+/// acknowledged before.
+#[test]
+fn failed_sync_poisons_until_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let options = LogOptions { faults: Some(faults.clone()), ..small_options() };
+    let log = Log::open(dir.path(), options.clone()).unwrap();
+    append_all(&log, 0, 50, 100);
+    faults.fail_sync_after(0);
+    let appended = log.append(&[record(50, 100)]).unwrap();
+    let error = appended.commit.wait().expect_err("the sync failed, so the commit must fail");
+    assert_eq!(error.source.raw_os_error(), Some(libc_eio()));
+    assert!(matches!(log.append(&[record(51, 100)]), Err(AppendError::Poisoned(_))));
+    assert!(matches!(log.ack(0, 1, ballast_storage::AckKind::Acked), Err(ballast_storage::AckError::Poisoned(_))));
+    assert!(log.close().is_err(), "close reports the poisoning");
+    let log = Log::open(dir.path(), small_options()).unwrap();
+    for offset in 0..50 {
+        assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
+    }
+    append_all(&log, 1000, 1, 100);
+}
+
+/// A failed write poisons the log as well, and nothing of the batch is
+/// visible.
+#[test]
+fn failed_write_poisons() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..small_options() }).unwrap();
+    append_all(&log, 0, 10, 100);
+    faults.fail_writes(1);
+    assert!(matches!(log.append(&[record(10, 100)]), Err(AppendError::Poisoned(_))));
+    assert_eq!(log.next_offset(), 10);
+    assert!(matches!(log.append(&[record(10, 100)]), Err(AppendError::Poisoned(_))));
+}
+
+fn libc_eio() -> i32 {
+    5
+}
