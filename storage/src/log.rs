@@ -83,6 +83,9 @@ pub struct LogStats {
     pub ack_ranges: u64,
     /// Records found corrupt and quarantined since open.
     pub quarantined: u64,
+    /// Data syncs done since open. Appends per sync shows group commit at
+    /// work.
+    pub sync_count: u64,
 }
 
 pub(crate) struct Shared {
@@ -102,6 +105,7 @@ pub(crate) struct Shared {
     waiter_wake: Condvar,
     checkpointer: Mutex<Checkpointer>,
     quarantined: AtomicU64,
+    sync_count: AtomicU64,
     recovered_keys: Mutex<Vec<KeyEntry>>,
 }
 
@@ -264,6 +268,7 @@ impl Log {
                 last: recovered.point,
             }),
             quarantined: AtomicU64::new(recovered.quarantined),
+            sync_count: AtomicU64::new(0),
             recovered_keys: Mutex::new(recovered.keys),
             options,
         });
@@ -376,6 +381,7 @@ impl Log {
             index_entries: segments.iter().map(|s| s.index_len() as u64).sum(),
             ack_ranges,
             quarantined: self.shared.quarantined.load(Ordering::Relaxed),
+            sync_count: self.shared.sync_count.load(Ordering::Relaxed),
         }
     }
 
@@ -700,6 +706,9 @@ impl Shared {
     fn flush_once(&self, data_target: u64, acks_target: u64, dirty: Vec<Arc<Segment>>) -> Result<(), SyncError> {
         for segment in &dirty {
             segment.sync(&self.io).map_err(|e| SyncError::new(format!("syncing {}", segment.path.display()), e))?;
+        }
+        if !dirty.is_empty() {
+            self.sync_count.fetch_add(1, Ordering::Relaxed);
         }
         let acks_durable = {
             let mut acks = self.acks.lock();

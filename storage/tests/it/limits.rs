@@ -37,7 +37,8 @@ fn key_size_limit() {
 #[test]
 fn header_limits() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path(), LogOptions { record_size_max: 200_000, segment_size: 1 << 20, ..small_options() }).unwrap();
+    let log = Log::open(dir.path(), LogOptions { record_size_max: 200_000, segment_size: 1 << 20, ..small_options() })
+        .unwrap();
     let with = |count: usize, value: usize| NewRecord {
         headers: (0..count).map(|i| (format!("h{i}"), "v".repeat(value))).collect(),
         ..NewRecord::default()

@@ -5,4 +5,5 @@ mod corruption;
 mod dedupe;
 mod faults;
 mod limits;
+mod model;
 mod support;
