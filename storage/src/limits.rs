@@ -79,6 +79,9 @@ pub const BACKGROUND_FLUSH_MS: u64 = 1000;
 /// Ceiling for the `interval` sync policy, in milliseconds (1 minute).
 pub const SYNC_INTERVAL_MS_MAX: u64 = 60_000;
 
+// Positions and sizes are `u64` on disk and converted to `usize` to index
+// maps; the engine supports 64-bit targets only, so those casts are lossless.
+const _: () = assert!(usize::BITS == 64, "ballast-storage needs a 64-bit target");
 const _: () = assert!(SEGMENT_SIZE_MIN > SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE as u64);
 const _: () = assert!(SEGMENT_SIZE_MAX <= u32::MAX as u64);
 const _: () = assert!(SEGMENT_HEADER_SIZE % RECORD_ALIGN == 0);
