@@ -1,5 +1,15 @@
-//! `ballast-proto`: the `ballast.v1` gRPC protocol.
+//! `ballast-proto`: the `ballast.v1` gRPC protocol of Ballast, generated from
+//! `proto/ballast/v1/ballast.proto` at build time (protox, no system
+//! `protoc`). Nothing else lives here: no domain logic, no conversions.
 //!
-//! Not built yet: the `.proto` files and the generated tonic/prost code arrive
-//! with the broker-node issue. This crate exports nothing until then, so no
-//! caller can mistake it for a working protocol.
+//! - [`v1`]: messages, `admin_client`/`admin_server`,
+//!   `publisher_client`/`publisher_server`, `consumer_client`/`consumer_server`.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
+
+#[allow(clippy::all, missing_debug_implementations, reason = "generated code")]
+pub mod v1 {
+    tonic::include_proto!("ballast.v1");
+}
+
+/// The encoded `FileDescriptorSet` of the protocol (for gRPC reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ballast_descriptor.bin"));
