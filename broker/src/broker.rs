@@ -1,0 +1,272 @@
+//! `Broker`: the registry of queues, their directories and their lifecycle
+//! (open on start, create, delete, shutdown).
+//!
+//! Directory layout: `<data>/queues/<name>~<generation>/` per queue (see
+//! `queue/queue.rs` for what is inside). The generation makes a re-created
+//! queue a new directory even while the deleted one is still being removed.
+//! A directory without `queue.toml` is an interrupted creation or deletion
+//! and is removed on start.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use parking_lot::RwLock;
+
+use crate::{
+    config::Config,
+    error::{BrokerError, Result},
+    limits::{DEAD_LETTER_SUFFIX, QUEUES_MAX},
+    now_ms,
+    queue::{Queue, QueueName, QueueSettings, SettingsRequest},
+};
+
+/// Identifier sources shared by every queue of one broker run.
+#[derive(Debug)]
+pub struct Ids {
+    delivery: AtomicU64,
+    consumer: AtomicU64,
+    generation: AtomicU64,
+}
+
+impl Ids {
+    fn new() -> Ids {
+        // Delivery ids start from the clock so that an id from before a
+        // restart is not reused by the next run: an ack of a stale delivery
+        // is refused instead of acking some other message.
+        let start = now_ms() << 20;
+        Ids { delivery: AtomicU64::new(start), consumer: AtomicU64::new(1), generation: AtomicU64::new(start) }
+    }
+
+    pub fn next_delivery(&self) -> u64 {
+        self.delivery.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn next_consumer(&self) -> u64 {
+        self.consumer.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The queues of one node.
+#[derive(Debug)]
+pub struct Broker {
+    config: Config,
+    queues_dir: PathBuf,
+    queues: RwLock<BTreeMap<QueueName, Arc<Queue>>>,
+    /// Serializes create and delete (they touch several directories).
+    admin: tokio::sync::Mutex<()>,
+    ids: Arc<Ids>,
+    shutting_down: AtomicBool,
+}
+
+const QUEUES_DIR: &str = "queues";
+
+impl Broker {
+    /// Opens every queue under `config.data_dir` (creating the directory if
+    /// needed). Must run inside a tokio runtime: queues start timer tasks.
+    pub fn open(config: Config) -> Result<Arc<Broker>> {
+        let queues_dir = config.data_dir.join(QUEUES_DIR);
+        std::fs::create_dir_all(&queues_dir).map_err(|e| io_error(&queues_dir, e))?;
+        let ids = Arc::new(Ids::new());
+        let mut found: Vec<(PathBuf, QueueName, QueueSettings)> = Vec::new();
+        for entry in std::fs::read_dir(&queues_dir).map_err(|e| io_error(&queues_dir, e))? {
+            let entry = entry.map_err(|e| io_error(&queues_dir, e))?;
+            let dir = entry.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            if !dir.join(crate::queue::QUEUE_FILE).exists() {
+                tracing::warn!(dir = %dir.display(), "removing an interrupted queue creation or deletion");
+                std::fs::remove_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+                continue;
+            }
+            let (name, settings) = Queue::read_settings(&dir)?;
+            found.push((dir, name, settings));
+        }
+        // Dead-letter queues first: their source queues hold them.
+        found.sort_by_key(|(_, name, _)| !name.as_str().ends_with(DEAD_LETTER_SUFFIX));
+        let mut queues: BTreeMap<QueueName, Arc<Queue>> = BTreeMap::new();
+        for (dir, name, settings) in found {
+            if queues.contains_key(&name) {
+                return Err(BrokerError::Storage(format!(
+                    "two directories hold queue {name}; the second is {}: move one away",
+                    dir.display()
+                )));
+            }
+            let dead_letter = if settings.dead_letter { queues.get(&dead_letter_name(&name)?).cloned() } else { None };
+            if settings.dead_letter && dead_letter.is_none() {
+                tracing::warn!(queue = %name, "its dead-letter queue is missing; dead letters will be dropped");
+            }
+            let queue = Queue::open(&dir, &config, Arc::clone(&ids), dead_letter)?;
+            tracing::info!(queue = %name, depth = queue.stats().lane_depths.iter().sum::<u64>(), "queue opened");
+            queues.insert(name, queue);
+        }
+        sync_dir(&queues_dir)?;
+        Ok(Arc::new(Broker {
+            config,
+            queues_dir,
+            queues: RwLock::new(queues),
+            admin: tokio::sync::Mutex::new(()),
+            ids,
+            shutting_down: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.shutting_down.load(Ordering::Acquire) { Err(BrokerError::ShuttingDown) } else { Ok(()) }
+    }
+
+    /// The queue named `name`.
+    pub fn queue(&self, name: &str) -> Result<Arc<Queue>> {
+        self.check_running()?;
+        let name = QueueName::parse(name)?;
+        self.queues.read().get(&name).cloned().ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
+    }
+
+    /// Every queue, by name.
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    /// Creates a queue (and its dead-letter queue). Creating an existing
+    /// queue with the same settings returns it; with other settings it is
+    /// `QueueExists`.
+    pub async fn create(&self, name: &str, request: &SettingsRequest) -> Result<Arc<Queue>> {
+        self.check_running()?;
+        let name = QueueName::parse(name)?;
+        if name.as_str().ends_with(DEAD_LETTER_SUFFIX) {
+            return Err(BrokerError::InvalidQueueName {
+                name: name.to_string(),
+                reason: "names ending in \".dead\" are reserved for dead-letter queues",
+            });
+        }
+        let settings = QueueSettings::resolve(request, &self.config.queue_defaults)?;
+        let _admin = self.admin.lock().await;
+        self.check_running()?;
+        if let Some(existing) = self.queues.read().get(&name) {
+            return match existing.settings.difference(&settings) {
+                None => Ok(Arc::clone(existing)),
+                Some(difference) => Err(BrokerError::QueueExists { name: name.to_string(), difference }),
+            };
+        }
+        let needed = if settings.dead_letter { 2 } else { 1 };
+        if self.queues.read().len() + needed > QUEUES_MAX {
+            return Err(BrokerError::LimitReached {
+                what: "queues",
+                max: QUEUES_MAX,
+                hint: "delete unused queues (a dead-letter queue counts as one)",
+            });
+        }
+        let dead_letter = if settings.dead_letter {
+            let dead_name = dead_letter_name(&name)?;
+            let existing = self.queues.read().get(&dead_name).cloned();
+            match existing {
+                Some(dead) => Some(dead),
+                None => {
+                    let dead_settings = QueueSettings { dead_letter: false, ..settings.clone() };
+                    let dead = self.create_dir_and_queue(dead_name.clone(), dead_settings, None)?;
+                    self.queues.write().insert(dead_name, Arc::clone(&dead));
+                    Some(dead)
+                }
+            }
+        } else {
+            None
+        };
+        let queue = self.create_dir_and_queue(name.clone(), settings, dead_letter)?;
+        self.queues.write().insert(name.clone(), Arc::clone(&queue));
+        tracing::info!(queue = %name, "queue created");
+        Ok(queue)
+    }
+
+    fn create_dir_and_queue(
+        &self,
+        name: QueueName,
+        settings: QueueSettings,
+        dead_letter: Option<Arc<Queue>>,
+    ) -> Result<Arc<Queue>> {
+        let dir = self.queues_dir.join(format!("{name}~{}", self.ids.next_generation()));
+        let queue = Queue::create(&dir, name, settings, &self.config, Arc::clone(&self.ids), dead_letter)?;
+        sync_dir(&self.queues_dir)?;
+        Ok(queue)
+    }
+
+    /// Deletes a queue and its dead-letter queue, with every message in
+    /// them. Consumers' streams end; the files go once the last request
+    /// using the queue is done. A dead-letter queue whose source queue
+    /// exists cannot be deleted on its own.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        self.check_running()?;
+        let name = QueueName::parse(name)?;
+        let _admin = self.admin.lock().await;
+        let queue = self.queues.read().get(&name).cloned().ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))?;
+        if let Some(source) = name.as_str().strip_suffix(DEAD_LETTER_SUFFIX)
+            && let Ok(source) = QueueName::parse(source)
+            && self.queues.read().get(&source).is_some_and(|q| q.dead_letter.is_some())
+        {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "{name} is the dead-letter queue of {source}; delete {source} (which deletes both) or purge {name}"
+            )));
+        }
+        let mut doomed = vec![queue];
+        if let Some(dead) = doomed[0].dead_letter.clone() {
+            doomed.push(dead);
+        }
+        for queue in doomed {
+            queue.close_consumers();
+            self.queues.write().remove(&queue.name);
+            queue.mark_removed()?;
+            tracing::info!(queue = %queue.name, "queue deleted");
+        }
+        Ok(())
+    }
+
+    /// Stops accepting work: every call after this is `ShuttingDown`, and
+    /// consumers' streams end (their leases stay until the process exits,
+    /// and are redelivered after the restart).
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        for queue in self.queues() {
+            queue.close_consumers();
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Syncs every log (the last step of a graceful shutdown).
+    pub fn sync_all(&self) -> Result<()> {
+        for queue in self.queues() {
+            for log in &queue.lanes {
+                log.sync()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `<name>.dead`.
+fn dead_letter_name(name: &QueueName) -> Result<QueueName> {
+    QueueName::parse(&format!("{name}{DEAD_LETTER_SUFFIX}"))
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> BrokerError {
+    BrokerError::Storage(format!("{}: {e}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io_error(dir, e))
+}

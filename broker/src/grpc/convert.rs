@@ -1,0 +1,104 @@
+//! Protocol messages to domain types and back. Everything the client sends
+//! is checked here or in the domain layer; nothing here panics on input.
+
+use ballast_proto::v1 as pb;
+use bytes::Bytes;
+
+use crate::{
+    error::{BrokerError, Result},
+    queue::{Delivery, Publish, Queue, QueueSettings, Receipt, SettingsRequest, SyncPolicySetting},
+};
+
+pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsRequest> {
+    let Some(s) = settings else { return Ok(SettingsRequest::default()) };
+    let sync_policy = match pb::SyncPolicy::try_from(s.sync_policy) {
+        Ok(pb::SyncPolicy::Unspecified) => None,
+        Ok(pb::SyncPolicy::Fsync) => Some(SyncPolicySetting::Fsync),
+        Ok(pb::SyncPolicy::Interval) => Some(SyncPolicySetting::Interval),
+        Ok(pb::SyncPolicy::None) => Some(SyncPolicySetting::None),
+        Err(_) => {
+            return Err(BrokerError::InvalidSetting {
+                key: "sync_policy",
+                message: format!("unknown value {}; use FSYNC, INTERVAL or NONE", s.sync_policy),
+            });
+        }
+    };
+    Ok(SettingsRequest {
+        lanes: s.lanes,
+        lane_weights: s.lane_weights,
+        strict_priority: s.strict_priority,
+        default_lane: s.default_lane,
+        lease_timeout_ms: s.lease_timeout_ms,
+        max_attempts: s.max_attempts,
+        dead_letter: s.dead_letter,
+        dedupe_window_ms: s.dedupe_window_ms,
+        message_size_max: s.message_size_max,
+        sync_policy,
+        sync_interval_ms: s.sync_interval_ms,
+    })
+}
+
+pub fn settings(s: &QueueSettings) -> pb::QueueSettings {
+    let sync_policy = match s.sync_policy {
+        SyncPolicySetting::Fsync => pb::SyncPolicy::Fsync,
+        SyncPolicySetting::Interval => pb::SyncPolicy::Interval,
+        SyncPolicySetting::None => pb::SyncPolicy::None,
+    };
+    pb::QueueSettings {
+        lanes: s.lanes.clone(),
+        lane_weights: s.lane_weights.clone(),
+        strict_priority: Some(s.strict_priority),
+        default_lane: Some(s.default_lane),
+        lease_timeout_ms: Some(s.lease_timeout_ms),
+        max_attempts: Some(s.max_attempts),
+        dead_letter: Some(s.dead_letter),
+        dedupe_window_ms: Some(s.dedupe_window_ms),
+        message_size_max: Some(s.message_size_max),
+        sync_policy: sync_policy.into(),
+        sync_interval_ms: Some(s.sync_interval_ms),
+    }
+}
+
+pub fn queue_info(queue: &Queue) -> pb::QueueInfo {
+    let stats = queue.stats();
+    pb::QueueInfo {
+        name: queue.name.to_string(),
+        settings: Some(settings(&queue.settings)),
+        dead_letter_queue: queue.dead_letter_name().unwrap_or_default(),
+        depth: stats.lane_depths.iter().sum(),
+        lane_depths: stats.lane_depths,
+        in_flight: stats.in_flight,
+        consumers: stats.consumers,
+        created_at_ms: queue.created_at_ms,
+    }
+}
+
+pub fn publish(message: Option<pb::Message>) -> Result<Publish> {
+    let m = message.ok_or_else(|| BrokerError::InvalidArgument("the request has no message".into()))?;
+    let mut headers: Vec<(String, String)> = m.headers.into_iter().collect();
+    headers.sort_unstable();
+    Ok(Publish {
+        payload: m.payload,
+        headers,
+        key: (!m.idempotency_key.is_empty()).then(|| Bytes::from(m.idempotency_key)),
+        lane: m.lane,
+        delay_ms: m.delay_ms,
+    })
+}
+
+pub fn receipt(r: Receipt) -> pb::Receipt {
+    pb::Receipt { id: Some(pb::MessageId { lane: r.lane, offset: r.offset }), duplicate: r.duplicate }
+}
+
+pub fn delivery(d: Delivery) -> pb::Delivery {
+    pb::Delivery {
+        delivery_id: d.delivery_id,
+        id: Some(pb::MessageId { lane: d.lane, offset: d.offset }),
+        payload: d.payload,
+        headers: d.headers.into_iter().collect(),
+        idempotency_key: d.key.map(|k| String::from_utf8_lossy(&k).into_owned()).unwrap_or_default(),
+        attempt: d.attempt,
+        published_at_ms: d.published_at_ms,
+        lease_deadline_ms: d.lease_deadline_ms,
+    }
+}

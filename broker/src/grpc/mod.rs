@@ -1,0 +1,13 @@
+//! The gRPC face of the broker: `ballast.v1` services on top of [`Broker`],
+//! conversions between protocol messages and domain types, and the one
+//! mapping from [`BrokerError`] to gRPC status.
+//!
+//! [`Broker`]: crate::Broker
+//! [`BrokerError`]: crate::BrokerError
+
+mod convert;
+mod service;
+mod status;
+
+pub use service::Service;
+pub use status::to_status;

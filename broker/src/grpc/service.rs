@@ -1,0 +1,267 @@
+//! The `ballast.v1` services: Admin, Publisher and Consumer.
+
+use std::{sync::Arc, time::Duration};
+
+use ballast_proto::v1::{self as pb, admin_server, consumer_server, publisher_server};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{convert, status::to_status};
+use crate::{
+    Broker,
+    error::BrokerError,
+    limits::{CREDIT_MAX, PULL_WAIT_MS_MAX},
+    queue::Queue,
+};
+
+/// Implements every `ballast.v1` service on one [`Broker`].
+#[derive(Debug, Clone)]
+pub struct Service {
+    broker: Arc<Broker>,
+}
+
+impl Service {
+    pub fn new(broker: Arc<Broker>) -> Service {
+        Service { broker }
+    }
+
+    fn queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
+        self.broker.queue(name).map_err(to_status)
+    }
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for Service {
+    async fn create_queue(&self, request: Request<pb::CreateQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
+        let request = request.into_inner();
+        let settings = convert::settings_request(request.settings).map_err(to_status)?;
+        let queue = self.broker.create(&request.name, &settings).await.map_err(to_status)?;
+        Ok(Response::new(convert::queue_info(&queue)))
+    }
+
+    async fn get_queue(&self, request: Request<pb::GetQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
+        let queue = self.queue(&request.into_inner().name)?;
+        Ok(Response::new(convert::queue_info(&queue)))
+    }
+
+    async fn list_queues(
+        &self,
+        _request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        if self.broker.is_shutting_down() {
+            return Err(to_status(BrokerError::ShuttingDown));
+        }
+        let queues = self.broker.queues().iter().map(|q| convert::queue_info(q)).collect();
+        Ok(Response::new(pb::ListQueuesResponse { queues }))
+    }
+
+    async fn delete_queue(
+        &self,
+        request: Request<pb::DeleteQueueRequest>,
+    ) -> Result<Response<pb::DeleteQueueResponse>, Status> {
+        self.broker.delete(&request.into_inner().name).await.map_err(to_status)?;
+        Ok(Response::new(pb::DeleteQueueResponse {}))
+    }
+
+    async fn purge_queue(
+        &self,
+        request: Request<pb::PurgeQueueRequest>,
+    ) -> Result<Response<pb::PurgeQueueResponse>, Status> {
+        let queue = self.queue(&request.into_inner().name)?;
+        let purged = queue.purge().map_err(to_status)?;
+        Ok(Response::new(pb::PurgeQueueResponse { purged }))
+    }
+}
+
+#[tonic::async_trait]
+impl publisher_server::Publisher for Service {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let request = request.into_inner();
+        let queue = self.queue(&request.queue)?;
+        let message = convert::publish(request.message).map_err(to_status)?;
+        let receipts = queue.publish(vec![message]).await.map_err(to_status)?;
+        let receipt = receipts.into_iter().next().map(convert::receipt);
+        Ok(Response::new(pb::PublishResponse { receipt }))
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<pb::PublishBatchRequest>,
+    ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let request = request.into_inner();
+        let queue = self.queue(&request.queue)?;
+        let messages =
+            request.messages.into_iter().map(|m| convert::publish(Some(m))).collect::<Result<Vec<_>, _>>().map_err(to_status)?;
+        let receipts = queue.publish(messages).await.map_err(to_status)?;
+        Ok(Response::new(pb::PublishBatchResponse { receipts: receipts.into_iter().map(convert::receipt).collect() }))
+    }
+}
+
+/// Responses a consume session may have queued towards the client beyond
+/// its deliveries (which credit bounds): rejections and the final status.
+const SESSION_CHANNEL_EXTRA: usize = 64;
+
+#[tonic::async_trait]
+impl consumer_server::Consumer for Service {
+    type ConsumeStream = ReceiverStream<Result<pb::ConsumeResponse, Status>>;
+
+    async fn consume(
+        &self,
+        request: Request<Streaming<pb::ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("the stream ended before subscribe"))?;
+        let Some(pb::consume_request::Kind::Subscribe(subscribe)) = first.kind else {
+            return Err(Status::invalid_argument("the first request of a consume stream must be subscribe"));
+        };
+        let queue = self.queue(&subscribe.queue)?;
+        let subscription = queue.subscribe(subscribe.credit).map_err(to_status)?;
+        let (out, rx) = mpsc::channel(CREDIT_MAX as usize + SESSION_CHANNEL_EXTRA);
+        let subscribed = pb::Subscribed { queue: queue.name.to_string(), consumer_id: subscription.consumer_id };
+        let _ = out.try_send(Ok(response(pb::consume_response::Kind::Subscribed(subscribed))));
+        tokio::spawn(session(queue, subscription, inbound, out));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn pull(&self, request: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {
+        let request = request.into_inner();
+        let queue = self.queue(&request.queue)?;
+        if request.wait_ms > PULL_WAIT_MS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "wait_ms is {}; the limit is {PULL_WAIT_MS_MAX}",
+                request.wait_ms
+            )));
+        }
+        let mut subscription = queue.subscribe(request.max_messages).map_err(to_status)?;
+        let first =
+            tokio::time::timeout(Duration::from_millis(request.wait_ms), subscription.deliveries.recv()).await.ok().flatten();
+        // Without release: what was leased stays leased until Ack, Nack or
+        // expiry. The channel still yields what was sent before.
+        queue.unsubscribe(subscription.consumer_id, false);
+        let mut deliveries: Vec<pb::Delivery> = first.into_iter().map(convert::delivery).collect();
+        while let Ok(delivery) = subscription.deliveries.try_recv() {
+            deliveries.push(convert::delivery(delivery));
+        }
+        Ok(Response::new(pb::PullResponse { deliveries }))
+    }
+
+    async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let request = request.into_inner();
+        let queue = self.queue(&request.queue)?;
+        if request.delivery_ids.is_empty() {
+            return Err(Status::invalid_argument("ack needs at least one delivery id"));
+        }
+        if request.delivery_ids.len() > CREDIT_MAX as usize {
+            return Err(Status::invalid_argument(format!(
+                "at most {CREDIT_MAX} delivery ids per ack (the credit limit); got {}",
+                request.delivery_ids.len()
+            )));
+        }
+        queue.ack(&request.delivery_ids, true).await.map_err(to_status)?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn nack(&self, request: Request<pb::NackRequest>) -> Result<Response<pb::NackResponse>, Status> {
+        let request = request.into_inner();
+        let queue = self.queue(&request.queue)?;
+        queue.nack(request.delivery_id, request.delay_ms, &request.reason).await.map_err(to_status)?;
+        Ok(Response::new(pb::NackResponse {}))
+    }
+}
+
+fn response(kind: pb::consume_response::Kind) -> pb::ConsumeResponse {
+    pb::ConsumeResponse { kind: Some(kind) }
+}
+
+fn rejected(delivery_id: u64, error: BrokerError) -> pb::ConsumeResponse {
+    let status = to_status(error);
+    response(pb::consume_response::Kind::Rejected(pb::Rejected {
+        delivery_id,
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    }))
+}
+
+type Out = mpsc::Sender<Result<pb::ConsumeResponse, Status>>;
+
+/// One consume stream: forwards deliveries and applies credit, acks and
+/// nacks until either side ends; then releases the consumer's leases.
+async fn session(
+    queue: Arc<Queue>,
+    mut subscription: crate::queue::Subscription,
+    mut inbound: Streaming<pb::ConsumeRequest>,
+    out: Out,
+) {
+    let consumer_id = subscription.consumer_id;
+    loop {
+        tokio::select! {
+            delivery = subscription.deliveries.recv() => match delivery {
+                Some(delivery) => {
+                    let message = response(pb::consume_response::Kind::Delivery(convert::delivery(delivery)));
+                    if out.send(Ok(message)).await.is_err() {
+                        break;
+                    }
+                }
+                None => {
+                    // The queue ended the consumer: deleted or shutting down.
+                    let status = if queue.is_closed() {
+                        Status::unavailable(format!("queue {} closed (deleted or broker shutting down)", queue.name))
+                    } else {
+                        Status::aborted("the broker ended this consumer; subscribe again")
+                    };
+                    let _ = out.send(Err(status)).await;
+                    break;
+                }
+            },
+            request = inbound.message() => match request {
+                Ok(Some(request)) => {
+                    if let Err(status) = handle(&queue, consumer_id, request, &out).await {
+                        let _ = out.send(Err(status)).await;
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            },
+        }
+    }
+    queue.unsubscribe(consumer_id, true);
+}
+
+/// Applies one request of a consume stream. An error ends the stream.
+async fn handle(queue: &Arc<Queue>, consumer_id: u64, request: pb::ConsumeRequest, out: &Out) -> Result<(), Status> {
+    match request.kind {
+        None => Err(Status::invalid_argument("empty consume request: set credit, ack or nack")),
+        Some(pb::consume_request::Kind::Subscribe(_)) => {
+            Err(Status::invalid_argument("already subscribed: open another stream for another queue"))
+        }
+        Some(pb::consume_request::Kind::Credit(credit)) => queue.add_credit(consumer_id, credit.credit).map_err(to_status),
+        Some(pb::consume_request::Kind::Ack(ack)) => {
+            if ack.delivery_ids.len() > CREDIT_MAX as usize {
+                return Err(Status::invalid_argument(format!(
+                    "at most {CREDIT_MAX} delivery ids per ack (the credit limit); got {}",
+                    ack.delivery_ids.len()
+                )));
+            }
+            // Each id on its own: a stale one is rejected, the others apply.
+            // Not awaited: stream acks become durable with the next sync.
+            for delivery_id in ack.delivery_ids {
+                if let Err(error) = queue.ack(&[delivery_id], false).await {
+                    let _ = out.send(Ok(rejected(delivery_id, error))).await;
+                }
+            }
+            Ok(())
+        }
+        Some(pb::consume_request::Kind::Nack(nack)) => {
+            let queue = Arc::clone(queue);
+            let out = out.clone();
+            // Off the session loop: a nack stores a copy (durable) first.
+            tokio::spawn(async move {
+                if let Err(error) = queue.nack(nack.delivery_id, nack.delay_ms, &nack.reason).await {
+                    let _ = out.send(Ok(rejected(nack.delivery_id, error))).await;
+                }
+            });
+            Ok(())
+        }
+    }
+}

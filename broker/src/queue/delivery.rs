@@ -1,0 +1,549 @@
+//! Consumer-paced delivery for one queue.
+//!
+//! Rules (all under the queue's `delivery` mutex):
+//! 1. A consumer holds `credit`; each delivery uses one. The broker never
+//!    sends a delivery to a consumer without credit, and `credit + in_flight`
+//!    never exceeds [`CREDIT_MAX`], which also bounds the consumer's channel.
+//! 2. Every message taken from a lane (cursor, delayed set or requeue) ends up
+//!    in exactly one place: leased (`in_flight`), back in the lane's requeue,
+//!    or handed to a redelivery task that re-appends or dead-letters it and
+//!    only then acks the original offset. So nothing is dropped silently.
+//! 3. Lanes are served by smooth weighted round-robin over the lanes that
+//!    have something to deliver (or in strict order when the queue says so).
+//! 4. Memory is bounded: leases by consumers x credit, the delayed set by
+//!    [`DELAYED_MAX`] per lane, the requeue by released leases.
+//!
+//! Nack and lease expiry re-append the message at the tail of its lane with
+//! its attempt count (durable), then ack the original; past `max_attempts`
+//! it is appended to the dead-letter queue instead. A consumer that
+//! disconnects releases its leases to the front of their lanes without
+//! counting an attempt.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    sync::{Arc, Weak, atomic::Ordering},
+    time::Duration,
+};
+
+use ballast_storage::{AckKind, Cursor, Log, NewRecord, Record};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{
+    HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_NOT_BEFORE, HEADER_SOURCE_LANE, HEADER_SOURCE_OFFSET,
+    HEADER_SOURCE_QUEUE, Queue,
+};
+use crate::{
+    error::{BrokerError, Result},
+    limits::{CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX},
+    now_ms,
+};
+
+/// A message leased to a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub delivery_id: u64,
+    pub lane: u32,
+    pub offset: u64,
+    pub payload: Bytes,
+    pub headers: Vec<(String, String)>,
+    pub key: Option<Bytes>,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+    pub published_at_ms: u64,
+    pub lease_deadline_ms: u64,
+}
+
+/// A consumer's registration: deliveries arrive on `deliveries`.
+#[derive(Debug)]
+pub struct Subscription {
+    pub consumer_id: u64,
+    pub deliveries: mpsc::Receiver<Delivery>,
+}
+
+pub(crate) struct DeliveryState {
+    lanes: Vec<LaneState>,
+    leases: HashMap<u64, Lease>,
+    /// `(deadline_ms, delivery_id)` of every lease, for expiry.
+    expiries: BTreeSet<(u64, u64)>,
+    consumers: BTreeMap<u64, Consumer>,
+    /// Round-robin position among consumers.
+    next_consumer: u64,
+    /// When the timer task plans to wake (`u64::MAX`: not planned).
+    timer_deadline: u64,
+}
+
+struct LaneState {
+    cursor: Cursor,
+    /// Read but not yet due: `(due_ms, offset, prior_attempts)`.
+    delayed: BTreeSet<(u64, u64, u32)>,
+    /// Released leases to deliver before anything else:
+    /// `(offset, prior_attempts)`.
+    requeue: VecDeque<(u64, u32)>,
+    /// Smooth weighted round-robin state.
+    current: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    lane: u32,
+    offset: u64,
+    consumer_id: u64,
+    deadline_ms: u64,
+    /// The delivery's attempt number (1-based).
+    attempt: u32,
+}
+
+struct Consumer {
+    credit: u32,
+    in_flight: u32,
+    sender: mpsc::Sender<Delivery>,
+}
+
+impl DeliveryState {
+    pub(crate) fn new(lanes: &[Arc<Log>]) -> DeliveryState {
+        DeliveryState {
+            lanes: lanes
+                .iter()
+                .map(|log| LaneState {
+                    cursor: log.cursor(log.ack_floor()),
+                    delayed: BTreeSet::new(),
+                    requeue: VecDeque::new(),
+                    current: 0,
+                })
+                .collect(),
+            leases: HashMap::new(),
+            expiries: BTreeSet::new(),
+            consumers: BTreeMap::new(),
+            next_consumer: 0,
+            timer_deadline: 0,
+        }
+    }
+
+    pub(crate) fn in_flight_count(&self) -> u64 {
+        self.leases.len() as u64
+    }
+
+    pub(crate) fn consumer_count(&self) -> usize {
+        self.consumers.len()
+    }
+
+    fn consumer_with_credit(&mut self) -> Option<u64> {
+        let found = self
+            .consumers
+            .range(self.next_consumer..)
+            .chain(self.consumers.range(..self.next_consumer))
+            .find(|(_, c)| c.credit > 0)
+            .map(|(&id, _)| id)?;
+        self.next_consumer = found + 1;
+        Some(found)
+    }
+
+    /// The earliest deadline of a lease, or of a delayed message if some
+    /// consumer could take it (without credit a due message waits for the
+    /// credit, which dispatches by itself).
+    fn next_deadline(&self) -> Option<u64> {
+        let lease = self.expiries.first().map(|&(d, _)| d);
+        let can_deliver = self.consumers.values().any(|c| c.credit > 0);
+        let delayed =
+            self.lanes.iter().filter_map(|l| l.delayed.first().map(|&(d, _, _)| d)).filter(|_| can_deliver).min();
+        lease.into_iter().chain(delayed).min()
+    }
+
+    fn remove_lease(&mut self, delivery_id: u64) -> Option<Lease> {
+        let lease = self.leases.remove(&delivery_id)?;
+        self.expiries.remove(&(lease.deadline_ms, delivery_id));
+        if let Some(consumer) = self.consumers.get_mut(&lease.consumer_id) {
+            consumer.in_flight -= 1;
+        }
+        Some(lease)
+    }
+}
+
+impl Queue {
+    /// Registers a consumer with `credit` initial credit.
+    pub fn subscribe(&self, credit: u32) -> Result<Subscription> {
+        check_credit(credit, 0)?;
+        if self.is_closed() {
+            return Err(BrokerError::QueueNotFound(self.name.to_string()));
+        }
+        let consumer_id = self.ids.next_consumer();
+        let (sender, deliveries) = mpsc::channel(CREDIT_MAX as usize);
+        {
+            let mut state = self.delivery.lock();
+            if state.consumers.len() >= CONSUMERS_MAX {
+                return Err(BrokerError::LimitReached {
+                    what: "consumers per queue",
+                    max: CONSUMERS_MAX,
+                    hint: "close idle consumers or use more queues",
+                });
+            }
+            state.consumers.insert(consumer_id, Consumer { credit, in_flight: 0, sender });
+        }
+        self.dispatch();
+        Ok(Subscription { consumer_id, deliveries })
+    }
+
+    /// Grants a consumer more credit.
+    pub fn add_credit(&self, consumer_id: u64, credit: u32) -> Result<()> {
+        {
+            let mut state = self.delivery.lock();
+            let consumer = state
+                .consumers
+                .get_mut(&consumer_id)
+                .ok_or_else(|| BrokerError::InvalidArgument("the consumer is not subscribed".into()))?;
+            check_credit(credit, consumer.credit + consumer.in_flight)?;
+            consumer.credit += credit;
+        }
+        self.dispatch();
+        Ok(())
+    }
+
+    /// Ends a consumer. With `release`, its leases go back to the front of
+    /// their lanes at once (a stream that closed); without, they stay until
+    /// acked, nacked or expired (a Pull that returned them).
+    pub fn unsubscribe(&self, consumer_id: u64, release: bool) {
+        {
+            let mut state = self.delivery.lock();
+            // Dropping the consumer drops its sender: the receiver still
+            // yields what was sent, then ends.
+            if state.consumers.remove(&consumer_id).is_none() || !release {
+                return;
+            }
+            let mine: Vec<u64> =
+                state.leases.iter().filter(|(_, l)| l.consumer_id == consumer_id).map(|(&id, _)| id).collect();
+            let mut released: Vec<Lease> = mine.into_iter().filter_map(|id| state.remove_lease(id)).collect();
+            released.sort_by_key(|l| std::cmp::Reverse(l.offset));
+            for lease in released {
+                state.lanes[lease.lane as usize].requeue.push_front((lease.offset, lease.attempt - 1));
+            }
+        }
+        self.dispatch();
+    }
+
+    /// Acks deliveries. All must be leased, or nothing changes. With `wait`,
+    /// returns once the acks are durable under the sync policy.
+    pub async fn ack(&self, delivery_ids: &[u64], wait: bool) -> Result<()> {
+        let leases: Vec<Lease> = {
+            let mut state = self.delivery.lock();
+            if let Some(&delivery_id) = delivery_ids.iter().find(|id| !state.leases.contains_key(id)) {
+                return Err(BrokerError::UnknownDelivery { delivery_id });
+            }
+            delivery_ids.iter().filter_map(|&id| state.remove_lease(id)).collect()
+        };
+        let mut commits = Vec::with_capacity(leases.len());
+        for lease in leases {
+            commits.push(self.lanes[lease.lane as usize].ack(lease.offset, 1, AckKind::Acked)?);
+        }
+        if wait {
+            for commit in commits {
+                commit.await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Nacks a delivery: redelivered after `delay_ms` (re-appended with its
+    /// attempt count), or dead-lettered after its last attempt.
+    pub async fn nack(self: &Arc<Self>, delivery_id: u64, delay_ms: u64, reason: &str) -> Result<()> {
+        if delay_ms > DELAY_MS_MAX {
+            return Err(BrokerError::InvalidArgument(format!("nack delay is {delay_ms} ms; the limit is {DELAY_MS_MAX}")));
+        }
+        let lease = self.delivery.lock().remove_lease(delivery_id).ok_or(BrokerError::UnknownDelivery { delivery_id })?;
+        self.retry(lease, delay_ms, reason).await;
+        Ok(())
+    }
+
+    /// Marks every message done; leases are dropped. Returns how many.
+    pub fn purge(&self) -> Result<u64> {
+        let mut state = self.delivery.lock();
+        state.leases.clear();
+        state.expiries.clear();
+        for consumer in state.consumers.values_mut() {
+            consumer.in_flight = 0;
+        }
+        let mut purged = 0;
+        for (lane, log) in self.lanes.iter().enumerate() {
+            let stats = log.stats();
+            purged += stats.pending;
+            if stats.next_offset > stats.ack_floor {
+                let _ = log.ack(stats.ack_floor, stats.next_offset - stats.ack_floor, AckKind::Acked)?;
+            }
+            let lane = &mut state.lanes[lane];
+            lane.requeue.clear();
+            lane.delayed.clear();
+            lane.cursor.seek(stats.next_offset);
+        }
+        Ok(purged)
+    }
+
+    /// Sends deliveries while some consumer has credit and some lane has a
+    /// message. Cheap when there is nothing to do.
+    pub(crate) fn dispatch(&self) {
+        if self.is_closed() {
+            return;
+        }
+        let now = now_ms();
+        let wake_timer = {
+            let mut guard = self.delivery.lock();
+            let state = &mut *guard;
+            while let Some(consumer_id) = state.consumer_with_credit() {
+                let Some((lane, offset, prior, record)) = self.next_message(state, now) else { break };
+                let delivery_id = self.ids.next_delivery();
+                let deadline_ms = now + self.settings.lease_timeout_ms;
+                let attempt = prior + 1;
+                let delivery = to_delivery(delivery_id, lane, record, attempt, deadline_ms);
+                let Some(consumer) = state.consumers.get_mut(&consumer_id) else { break };
+                match consumer.sender.try_send(delivery) {
+                    Ok(()) => {
+                        consumer.credit -= 1;
+                        consumer.in_flight += 1;
+                        debug_assert!(consumer.credit + consumer.in_flight <= CREDIT_MAX, "credit bound broken");
+                        state.leases.insert(delivery_id, Lease { lane, offset, consumer_id, deadline_ms, attempt });
+                        state.expiries.insert((deadline_ms, delivery_id));
+                    }
+                    Err(_) => {
+                        // The consumer went away: put the message back; its
+                        // stream task releases its leases.
+                        state.lanes[lane as usize].requeue.push_front((offset, prior));
+                        consumer.credit = 0;
+                    }
+                }
+            }
+            // Wake the timer only if something is now due before the time it
+            // sleeps until (otherwise every dispatch would spin it).
+            state.next_deadline().is_some_and(|d| d < state.timer_deadline)
+        };
+        if wake_timer {
+            self.timer_wake.notify_one();
+        }
+    }
+
+    /// The next message to deliver: picks a lane, then takes from it.
+    fn next_message(&self, state: &mut DeliveryState, now: u64) -> Option<(u32, u64, u32, Record)> {
+        let lane_count = state.lanes.len();
+        let mut candidates: Vec<usize> = (0..lane_count).collect();
+        while !candidates.is_empty() {
+            let pick = if self.settings.strict_priority {
+                candidates[0]
+            } else {
+                let total: i64 = candidates.iter().map(|&l| i64::from(self.settings.lane_weights[l])).sum();
+                for &l in &candidates {
+                    state.lanes[l].current += i64::from(self.settings.lane_weights[l]);
+                }
+                let best = *candidates.iter().max_by_key(|&&l| (state.lanes[l].current, std::cmp::Reverse(l))).expect("non-empty");
+                state.lanes[best].current -= total;
+                best
+            };
+            if let Some((offset, prior, record)) = self.take(pick, &mut state.lanes[pick], now) {
+                let lane = u32::try_from(pick).expect("at most LANES_MAX lanes");
+                return Some((lane, offset, prior, record));
+            }
+            // Nothing there: an empty lane accrues no weight.
+            state.lanes[pick].current = 0;
+            candidates.retain(|&l| l != pick);
+        }
+        None
+    }
+
+    /// Takes the next message of one lane: released leases first, then due
+    /// delayed messages, then fresh ones from the cursor.
+    fn take(&self, lane: usize, state: &mut LaneState, now: u64) -> Option<(u64, u32, Record)> {
+        let log = &self.lanes[lane];
+        while let Some((offset, prior)) = state.requeue.pop_front() {
+            if let Some(record) = self.reread(log, offset) {
+                return Some((offset, prior, record));
+            }
+        }
+        while let Some(&(due, offset, prior)) = state.delayed.first() {
+            if due > now {
+                break;
+            }
+            state.delayed.pop_first();
+            if let Some(record) = self.reread(log, offset) {
+                return Some((offset, prior, record));
+            }
+        }
+        while state.delayed.len() < DELAYED_MAX {
+            match state.cursor.next()? {
+                Ok(record) => match not_before(&record) {
+                    Some(due) if due > now => {
+                        state.delayed.insert((due, record.offset, record.attempt));
+                    }
+                    _ => return Some((record.offset, record.attempt, record)),
+                },
+                Err(error) => {
+                    tracing::error!(queue = %self.name, lane, %error, "skipping corrupt records");
+                }
+            }
+        }
+        None
+    }
+
+    /// Reads a message again by offset (requeue, delayed); `None` if it was
+    /// done meanwhile (purge) or cannot be read.
+    fn reread(&self, log: &Log, offset: u64) -> Option<Record> {
+        if log.is_done(offset) {
+            return None;
+        }
+        match log.read(offset) {
+            Ok(record) => Some(record),
+            Err(error) => {
+                tracing::error!(queue = %self.name, offset, %error, "cannot read a message for redelivery");
+                None
+            }
+        }
+    }
+
+    /// Takes back expired leases; returns them for redelivery.
+    fn expire(&self, now: u64) -> Vec<Lease> {
+        let mut state = self.delivery.lock();
+        let mut expired = Vec::new();
+        while let Some(&(deadline, delivery_id)) = state.expiries.first() {
+            if deadline > now {
+                break;
+            }
+            if let Some(lease) = state.remove_lease(delivery_id) {
+                expired.push(lease);
+            }
+        }
+        expired
+    }
+
+    /// The earliest deadline of a lease or a delayed message, noted as the
+    /// time the timer task sleeps until.
+    fn timer_target(&self) -> Option<u64> {
+        let mut state = self.delivery.lock();
+        let deadline = state.next_deadline();
+        state.timer_deadline = deadline.unwrap_or(u64::MAX);
+        deadline
+    }
+
+    /// Redelivers a message whose lease ended without ack: re-append it with
+    /// its attempt count (and delay), or dead-letter it after its last
+    /// attempt; then ack the original. If storing fails, the message goes
+    /// back to the front of its lane instead, so it is never lost.
+    async fn retry(self: &Arc<Self>, lease: Lease, delay_ms: u64, reason: &str) {
+        let log = &self.lanes[lease.lane as usize];
+        let Some(record) = self.reread(log, lease.offset) else { return };
+        let outcome = if lease.attempt >= self.settings.max_attempts {
+            self.dead_letter(lease, record, reason).await
+        } else {
+            let mut headers: Vec<(String, String)> =
+                record.headers.into_iter().filter(|(k, _)| k != HEADER_NOT_BEFORE).collect();
+            if delay_ms > 0 {
+                headers.push((HEADER_NOT_BEFORE.to_owned(), (now_ms() + delay_ms).to_string()));
+            }
+            let copy = NewRecord {
+                timestamp_ms: record.timestamp_ms,
+                attempt: lease.attempt,
+                flags: record.flags,
+                key: None,
+                headers,
+                payload: record.payload,
+            };
+            self.append_raw(lease.lane, copy).await.map(|_| AckKind::Acked)
+        };
+        match outcome {
+            Ok(kind) => {
+                if let Err(error) = log.ack(lease.offset, 1, kind) {
+                    tracing::error!(queue = %self.name, %error, "acking a redelivered message");
+                }
+            }
+            Err(error) => {
+                tracing::error!(queue = %self.name, offset = lease.offset, %error, "redelivery could not be stored; requeued in memory");
+                self.delivery.lock().lanes[lease.lane as usize].requeue.push_back((lease.offset, lease.attempt - 1));
+            }
+        }
+        self.dispatch();
+    }
+
+    async fn dead_letter(&self, lease: Lease, record: Record, reason: &str) -> Result<AckKind> {
+        let Some(dead) = self.dead_letter.as_ref().filter(|q| !q.is_closed()) else {
+            tracing::warn!(queue = %self.name, lane = lease.lane, offset = lease.offset, attempts = lease.attempt,
+                "message used its last attempt and the queue has no dead-letter queue: dropped");
+            return Ok(AckKind::DeadLettered);
+        };
+        let mut headers: Vec<(String, String)> = record.headers.into_iter().filter(|(k, _)| k != HEADER_NOT_BEFORE).collect();
+        let reason = if reason.is_empty() { "no reason given" } else { reason };
+        headers.push((HEADER_DEAD_LETTER_REASON.to_owned(), reason.to_owned()));
+        headers.push((HEADER_SOURCE_QUEUE.to_owned(), self.name.to_string()));
+        headers.push((HEADER_SOURCE_LANE.to_owned(), self.settings.lanes[lease.lane as usize].clone()));
+        headers.push((HEADER_SOURCE_OFFSET.to_owned(), lease.offset.to_string()));
+        headers.push((HEADER_ATTEMPTS.to_owned(), lease.attempt.to_string()));
+        let lane = lease.lane.min(dead.lane_count() - 1);
+        let copy = NewRecord { timestamp_ms: record.timestamp_ms, attempt: 0, flags: record.flags, key: None, headers, payload: record.payload };
+        dead.append_raw(lane, copy).await?;
+        dead.dispatch();
+        Ok(AckKind::DeadLettered)
+    }
+
+    /// Ends every consumer (shutdown or delete): their streams finish.
+    pub(crate) fn close_consumers(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.delivery.lock().consumers.clear();
+        self.timer_wake.notify_one();
+    }
+}
+
+fn check_credit(credit: u32, held: u32) -> Result<()> {
+    if credit == 0 {
+        return Err(BrokerError::InvalidArgument("credit must be at least 1".into()));
+    }
+    if u64::from(credit) + u64::from(held) > u64::from(CREDIT_MAX) {
+        return Err(BrokerError::InvalidArgument(format!(
+            "credit {credit} on top of {held} held (credit plus unacked deliveries) exceeds the limit of {CREDIT_MAX}"
+        )));
+    }
+    Ok(())
+}
+
+fn not_before(record: &Record) -> Option<u64> {
+    record.headers.iter().find(|(k, _)| k == HEADER_NOT_BEFORE).and_then(|(_, v)| v.parse().ok())
+}
+
+fn to_delivery(delivery_id: u64, lane: u32, record: Record, attempt: u32, lease_deadline_ms: u64) -> Delivery {
+    Delivery {
+        delivery_id,
+        lane,
+        offset: record.offset,
+        headers: record.headers.into_iter().filter(|(k, _)| k != HEADER_NOT_BEFORE).collect(),
+        key: record.key,
+        payload: record.payload,
+        attempt,
+        published_at_ms: record.timestamp_ms,
+        lease_deadline_ms,
+    }
+}
+
+/// Starts the queue's timer task: expires leases and releases delayed
+/// messages when due. It holds only a weak reference and ends with the queue.
+pub(crate) fn spawn_timer(queue: &Arc<Queue>) {
+    let weak: Weak<Queue> = Arc::downgrade(queue);
+    let wake = Arc::clone(&queue.timer_wake);
+    tokio::spawn(async move {
+        loop {
+            let deadline = {
+                let Some(queue) = weak.upgrade() else { return };
+                if queue.is_closed() {
+                    return;
+                }
+                queue.timer_target()
+            };
+            let wait = deadline.map_or(Duration::from_secs(3600), |d| Duration::from_millis(d.saturating_sub(now_ms())));
+            // `Notify` keeps one permit, so a wake-up between reading the
+            // deadline and waiting is not lost.
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = wake.notified() => {}
+            }
+            let Some(queue) = weak.upgrade() else { return };
+            let expired = queue.expire(now_ms());
+            for lease in expired {
+                let queue = Arc::clone(&queue);
+                tokio::spawn(async move { queue.retry(lease, 0, "lease expired").await });
+            }
+            queue.dispatch();
+        }
+    });
+}

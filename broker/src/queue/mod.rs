@@ -1,0 +1,24 @@
+//! Queues: a name, settings, one storage log per lane, dedupe, and the
+//! delivery state (consumers, credits, leases, lane scheduler).
+
+mod delivery;
+mod name;
+#[allow(clippy::module_inception, reason = "the file is named after the type, as everywhere else")]
+mod queue;
+mod settings;
+
+pub use delivery::{Delivery, Subscription};
+pub use name::QueueName;
+pub(crate) use queue::QUEUE_FILE;
+pub use queue::{Publish, Queue, QueueStats, Receipt};
+pub use settings::{QueueSettings, SettingsRequest, SyncPolicySetting};
+
+/// Reserved header: Unix milliseconds before which a message is not
+/// delivered (publish delay, nack delay). Stripped from deliveries.
+pub const HEADER_NOT_BEFORE: &str = "ballast-not-before";
+/// Reserved headers added to a dead-lettered message.
+pub const HEADER_DEAD_LETTER_REASON: &str = "ballast-dead-letter-reason";
+pub const HEADER_SOURCE_QUEUE: &str = "ballast-source-queue";
+pub const HEADER_SOURCE_LANE: &str = "ballast-source-lane";
+pub const HEADER_SOURCE_OFFSET: &str = "ballast-source-offset";
+pub const HEADER_ATTEMPTS: &str = "ballast-attempts";

@@ -1,0 +1,65 @@
+//! `QueueName`: parsed once, valid everywhere after.
+
+use std::fmt;
+
+use crate::{
+    error::{BrokerError, Result},
+    limits::QUEUE_NAME_SIZE_MAX,
+};
+
+/// A queue name matching `[a-z0-9][a-z0-9._-]{0,127}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueName(String);
+
+impl QueueName {
+    pub fn parse(name: &str) -> Result<QueueName> {
+        let invalid = |reason| BrokerError::InvalidQueueName { name: name.chars().take(200).collect(), reason };
+        let mut bytes = name.bytes();
+        let Some(first) = bytes.next() else { return Err(invalid("it is empty")) };
+        if name.len() > QUEUE_NAME_SIZE_MAX {
+            return Err(invalid("it is longer than 128 bytes"));
+        }
+        if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+            return Err(invalid("it must start with a-z or 0-9"));
+        }
+        if !bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-') {
+            return Err(invalid("only a-z, 0-9, '.', '_' and '-' are allowed"));
+        }
+        Ok(QueueName(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(name: &str, valid: bool) {
+        assert_eq!(QueueName::parse(name).is_ok(), valid, "{name:?}");
+    }
+
+    #[test]
+    fn names() {
+        check("payments", true);
+        check("a", true);
+        check("0.emails_v2-eu", true);
+        check(&"a".repeat(128), true);
+        check(&"a".repeat(129), false);
+        check("", false);
+        check("Payments", false);
+        check("-x", false);
+        check(".x", false);
+        check("a/b", false);
+        check("a b", false);
+        check("é", false);
+    }
+}

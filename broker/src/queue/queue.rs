@@ -1,0 +1,389 @@
+//! `Queue`: one durable, dedicated queue with its lanes, publish path and
+//! dedupe. Delivery lives in `delivery.rs`.
+//!
+//! Directory layout: `<data>/queues/<name>/queue.toml` (name, creation time,
+//! settings; written last on creation, so a directory without it is an
+//! interrupted creation) and `<data>/queues/<name>/lanes/<index>/` (one
+//! storage log per lane).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use ballast_storage::{Log, NewRecord};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, delivery::DeliveryState};
+use crate::{
+    broker::Ids,
+    config::Config,
+    dedupe::{Dedupe, Lookup, Stored},
+    error::{BrokerError, Result},
+    limits::{BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, KEY_SIZE_MAX, RESERVED_HEADER_PREFIX},
+    now_ms,
+};
+
+/// A message to publish, validated by [`Queue::publish`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Publish {
+    pub payload: Bytes,
+    pub headers: Vec<(String, String)>,
+    pub key: Option<Bytes>,
+    /// `None`: the queue's default lane.
+    pub lane: Option<u32>,
+    pub delay_ms: u64,
+}
+
+/// Where a published message is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub lane: u32,
+    pub offset: u64,
+    /// The key was seen before: nothing was stored; this is the original.
+    pub duplicate: bool,
+}
+
+/// Counts describing a queue now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages not done per lane (in-flight included).
+    pub lane_depths: Vec<u64>,
+    pub in_flight: u64,
+    pub consumers: u32,
+}
+
+/// The persisted description of a queue (`queue.toml`).
+#[derive(Debug, Serialize, Deserialize)]
+struct QueueFile {
+    name: String,
+    created_at_ms: u64,
+    settings: QueueSettings,
+}
+
+pub(crate) const QUEUE_FILE: &str = "queue.toml";
+
+/// One queue.
+pub struct Queue {
+    pub name: QueueName,
+    pub settings: QueueSettings,
+    pub created_at_ms: u64,
+    /// Where the queue's files are.
+    pub(crate) dir: PathBuf,
+    /// One log per lane, index = lane.
+    pub(crate) lanes: Vec<Arc<Log>>,
+    /// The dead-letter queue, if the queue has one.
+    pub(crate) dead_letter: Option<Arc<Queue>>,
+    pub(crate) ids: Arc<Ids>,
+    dedupe: Mutex<Dedupe>,
+    pub(crate) delivery: Mutex<DeliveryState>,
+    /// Wakes the queue's timer task (leases, delays) when deadlines change.
+    pub(crate) timer_wake: Arc<Notify>,
+    /// Set when the queue is deleted or the broker shuts down.
+    pub(crate) closed: AtomicBool,
+    /// Set when the queue is deleted: its directory goes when it drops.
+    pub(crate) removed: AtomicBool,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Let the timer task see the queue is gone.
+        self.timer_wake.notify_one();
+        if self.removed.load(Ordering::Acquire) {
+            // Close the logs first (sync and stop their flushers), then remove.
+            self.lanes.clear();
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "removing a deleted queue's files");
+            }
+        }
+    }
+}
+
+impl Queue {
+    /// Creates the queue's files: lane logs first, `queue.toml` last.
+    pub(crate) fn create(
+        dir: &Path,
+        name: QueueName,
+        settings: QueueSettings,
+        config: &Config,
+        ids: Arc<Ids>,
+        dead_letter: Option<Arc<Queue>>,
+    ) -> Result<Arc<Queue>> {
+        let created_at_ms = now_ms();
+        std::fs::create_dir_all(dir.join("lanes")).map_err(|e| storage_error(dir, e))?;
+        let queue = Queue::open_logs(dir, name, settings, created_at_ms, config, ids, dead_letter)?;
+        let file = QueueFile { name: queue.name.to_string(), created_at_ms, settings: queue.settings.clone() };
+        let text = toml::to_string(&file).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        write_atomically(dir, QUEUE_FILE, text.as_bytes()).map_err(|e| storage_error(dir, e))?;
+        Ok(queue)
+    }
+
+    /// Opens an existing queue from its directory.
+    pub(crate) fn open(dir: &Path, config: &Config, ids: Arc<Ids>, dead_letter: Option<Arc<Queue>>) -> Result<Arc<Queue>> {
+        let file = Queue::read_file(dir)?;
+        let name = QueueName::parse(&file.name)?;
+        Queue::open_logs(dir, name, file.settings, file.created_at_ms, config, ids, dead_letter)
+    }
+
+    /// Reads a queue directory's `queue.toml`.
+    pub(crate) fn read_settings(dir: &Path) -> Result<(QueueName, QueueSettings)> {
+        let file = Queue::read_file(dir)?;
+        Ok((QueueName::parse(&file.name)?, file.settings))
+    }
+
+    fn read_file(dir: &Path) -> Result<QueueFile> {
+        let path = dir.join(QUEUE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| storage_error(&path, e))?;
+        let file: QueueFile =
+            toml::from_str(&text).map_err(|e| BrokerError::Storage(format!("{}: {e}", path.display())))?;
+        file.settings.validate()?;
+        Ok(file)
+    }
+
+    fn open_logs(
+        dir: &Path,
+        name: QueueName,
+        settings: QueueSettings,
+        created_at_ms: u64,
+        config: &Config,
+        ids: Arc<Ids>,
+        dead_letter: Option<Arc<Queue>>,
+    ) -> Result<Arc<Queue>> {
+        let options = config.log_options(&settings);
+        let mut lanes = Vec::with_capacity(settings.lanes.len());
+        for index in 0..settings.lanes.len() {
+            let log = Log::open(dir.join("lanes").join(index.to_string()), options.clone())?;
+            lanes.push(Arc::new(log));
+        }
+        let mut dedupe = Dedupe::new(settings.dedupe_window_ms);
+        let mut keys: Vec<(u64, Bytes, Stored)> = Vec::new();
+        for (lane, log) in lanes.iter().enumerate() {
+            let lane = u32::try_from(lane).expect("at most LANES_MAX lanes");
+            keys.extend(log.take_recovered_keys().into_iter().map(|k| (k.timestamp_ms, k.key, Stored { lane, offset: k.offset })));
+        }
+        keys.sort_by_key(|(t, _, _)| *t);
+        for (timestamp_ms, key, at) in keys {
+            dedupe.insert(key, at, timestamp_ms);
+        }
+        let delivery = DeliveryState::new(&lanes);
+        let queue = Arc::new(Queue {
+            name,
+            settings,
+            created_at_ms,
+            dir: dir.to_owned(),
+            lanes,
+            dead_letter,
+            ids,
+            dedupe: Mutex::new(dedupe),
+            delivery: Mutex::new(delivery),
+            timer_wake: Arc::new(Notify::new()),
+            closed: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+        });
+        super::delivery::spawn_timer(&queue);
+        Ok(queue)
+    }
+
+    /// Deletes the queue durably (its `queue.toml` goes first, so a crash
+    /// from here on leaves a directory that the next start removes); the
+    /// files go when the last reference drops.
+    pub(crate) fn mark_removed(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        let path = self.dir.join(QUEUE_FILE);
+        std::fs::remove_file(&path).map_err(|e| storage_error(&path, e))?;
+        std::fs::File::open(&self.dir).and_then(|f| f.sync_all()).map_err(|e| storage_error(&self.dir, e))?;
+        self.removed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The name of the queue's dead-letter queue, if it has one.
+    pub fn dead_letter_name(&self) -> Option<String> {
+        self.dead_letter.as_ref().map(|q| q.name.to_string())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn lane_count(&self) -> u32 {
+        self.settings.lane_count()
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        let lane_depths = self.lanes.iter().map(|log| log.stats().pending).collect();
+        let delivery = self.delivery.lock();
+        QueueStats {
+            lane_depths,
+            in_flight: delivery.in_flight_count(),
+            consumers: u32::try_from(delivery.consumer_count()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Publishes messages: validated together, deduplicated by key, appended
+    /// per lane (one append, so all or none, per lane), answered once durable
+    /// under the queue's sync policy.
+    pub async fn publish(self: &Arc<Self>, messages: Vec<Publish>) -> Result<Vec<Receipt>> {
+        if messages.is_empty() {
+            return Err(BrokerError::InvalidArgument("a publish needs at least one message".into()));
+        }
+        if messages.len() > BATCH_COUNT_MAX {
+            return Err(BrokerError::InvalidArgument(format!(
+                "a batch holds at most {BATCH_COUNT_MAX} messages; got {}",
+                messages.len()
+            )));
+        }
+        let lanes: Vec<u32> = messages.iter().enumerate().map(|(i, m)| self.validate(i, m)).collect::<Result<_>>()?;
+        if self.is_closed() {
+            return Err(BrokerError::QueueNotFound(self.name.to_string()));
+        }
+        let now = now_ms();
+        // Resolve keys: duplicates answer at once; new keys are claimed.
+        let mut receipts: Vec<Option<Receipt>> = vec![None; messages.len()];
+        let mut claims = Vec::new();
+        let mut first_of_key: HashMap<Bytes, usize> = HashMap::new();
+        let mut same_as: Vec<(usize, usize)> = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            let Some(key) = &message.key else { continue };
+            if let Some(&first) = first_of_key.get(key) {
+                same_as.push((i, first));
+                continue;
+            }
+            first_of_key.insert(key.clone(), i);
+            loop {
+                let lookup = self.dedupe.lock().lookup(key, now);
+                match lookup {
+                    Lookup::Seen(at) => {
+                        receipts[i] = Some(Receipt { lane: at.lane, offset: at.offset, duplicate: true });
+                        break;
+                    }
+                    Lookup::Claimed(claim) => {
+                        claims.push((i, key.clone(), claim));
+                        break;
+                    }
+                    Lookup::Wait(mut rx) => {
+                        let _ = rx.wait_for(|done| *done).await;
+                    }
+                }
+            }
+        }
+        let result = self.append(&messages, &lanes, &mut receipts, now).await;
+        {
+            let mut dedupe = self.dedupe.lock();
+            for (i, key, claim) in claims {
+                match (&result, receipts[i]) {
+                    (Ok(()), Some(r)) => dedupe.stored(key, Stored { lane: r.lane, offset: r.offset }, now, claim),
+                    _ => dedupe.abandon(&key, claim),
+                }
+            }
+        }
+        result?;
+        for (i, first) in same_as {
+            receipts[i] = receipts[first].map(|r| Receipt { duplicate: true, ..r });
+        }
+        self.dispatch();
+        Ok(receipts.into_iter().map(|r| r.expect("every message has a receipt")).collect())
+    }
+
+    /// Appends the messages that have no receipt yet, one append per lane.
+    async fn append(&self, messages: &[Publish], lanes: &[u32], receipts: &mut [Option<Receipt>], now: u64) -> Result<()> {
+        let mut commits = Vec::new();
+        for lane in 0..self.lane_count() {
+            let indexes: Vec<usize> = (0..messages.len())
+                .filter(|&i| lanes[i] == lane && receipts[i].is_none() && !is_repeat(messages, i))
+                .collect();
+            if indexes.is_empty() {
+                continue;
+            }
+            let records: Vec<NewRecord> = indexes.iter().map(|&i| to_record(&messages[i], now)).collect();
+            let appended = self.lanes[lane as usize].append(&records)?;
+            for (n, &i) in indexes.iter().enumerate() {
+                receipts[i] = Some(Receipt { lane, offset: appended.first_offset + n as u64, duplicate: false });
+            }
+            commits.push(appended.commit);
+        }
+        for commit in commits {
+            commit.await?;
+        }
+        Ok(())
+    }
+
+    /// Checks one message against the queue's limits; returns its lane.
+    fn validate(&self, index: usize, message: &Publish) -> Result<u32> {
+        let which = |what: String| BrokerError::InvalidArgument(format!("message {index}: {what}"));
+        let size = message.payload.len();
+        if size > self.settings.message_size_max as usize {
+            return Err(which(format!(
+                "payload is {size} bytes; queue {} accepts at most {} (message_size_max)",
+                self.name, self.settings.message_size_max
+            )));
+        }
+        let lane = message.lane.unwrap_or(self.settings.default_lane);
+        if lane >= self.lane_count() {
+            return Err(which(format!("lane {lane} does not exist; queue {} has lanes 0..{}", self.name, self.lane_count())));
+        }
+        if let Some(key) = &message.key
+            && key.len() > KEY_SIZE_MAX as usize
+        {
+            return Err(which(format!("idempotency key is {} bytes; the limit is {KEY_SIZE_MAX}", key.len())));
+        }
+        if message.headers.len() > HEADERS_COUNT_MAX as usize {
+            return Err(which(format!("{} headers; the limit is {HEADERS_COUNT_MAX}", message.headers.len())));
+        }
+        if let Some((name, _)) = message.headers.iter().find(|(name, _)| name.starts_with(RESERVED_HEADER_PREFIX)) {
+            return Err(which(format!("header {name:?} uses the reserved prefix {RESERVED_HEADER_PREFIX:?}")));
+        }
+        if message.delay_ms > DELAY_MS_MAX {
+            return Err(which(format!("delay is {} ms; the limit is {DELAY_MS_MAX}", message.delay_ms)));
+        }
+        Ok(lane)
+    }
+
+    /// Appends records to one lane as they are (redelivery, dead letters)
+    /// and waits until durable.
+    pub(crate) async fn append_raw(&self, lane: u32, record: NewRecord) -> Result<u64> {
+        let appended = self.lanes[lane as usize].append(&[record])?;
+        appended.commit.await?;
+        Ok(appended.first_offset)
+    }
+}
+
+/// Whether message `i` repeats the key of an earlier message of the batch.
+fn is_repeat(messages: &[Publish], i: usize) -> bool {
+    messages[i].key.as_ref().is_some_and(|key| messages[..i].iter().any(|m| m.key.as_ref() == Some(key)))
+}
+
+fn to_record(message: &Publish, now: u64) -> NewRecord {
+    let mut headers = message.headers.clone();
+    if message.delay_ms > 0 {
+        headers.push((HEADER_NOT_BEFORE.to_owned(), (now + message.delay_ms).to_string()));
+    }
+    NewRecord { timestamp_ms: now, attempt: 0, flags: 0, key: message.key.clone(), headers, payload: message.payload.clone() }
+}
+
+fn storage_error(path: &Path, e: std::io::Error) -> BrokerError {
+    BrokerError::Storage(format!("{}: {e}", path.display()))
+}
+
+/// Writes `name` in `dir` durably: temporary file, fsync, rename, dir fsync.
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}

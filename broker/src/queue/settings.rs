@@ -1,0 +1,245 @@
+//! A queue's settings: the request (every field optional), the resolved
+//! settings (every field set), and their validation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{BrokerError, Result},
+    limits::*,
+};
+
+/// When a publish counts as durable (see `ballast_storage::SyncPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicySetting {
+    #[default]
+    Fsync,
+    Interval,
+    None,
+}
+
+/// Resolved settings of a queue. Persisted with the queue (`settings.toml`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSettings {
+    /// Lane names, highest priority first.
+    pub lanes: Vec<String>,
+    /// Scheduler weight per lane.
+    pub lane_weights: Vec<u32>,
+    /// Serve lanes in strict priority order instead of by weight.
+    pub strict_priority: bool,
+    /// Lane of a publish that names none.
+    pub default_lane: u32,
+    /// Lease (visibility) timeout of a delivery, in milliseconds.
+    pub lease_timeout_ms: u64,
+    /// Deliveries before a message is dead-lettered.
+    pub max_attempts: u32,
+    /// Whether the queue has a dead-letter queue `<name>.dead`.
+    pub dead_letter: bool,
+    /// Idempotency-key window, in milliseconds.
+    pub dedupe_window_ms: u64,
+    /// Largest payload, in bytes.
+    pub message_size_max: u32,
+    pub sync_policy: SyncPolicySetting,
+    /// Sync interval for the `interval` policy, in milliseconds.
+    pub sync_interval_ms: u64,
+}
+
+impl Default for QueueSettings {
+    /// The defaults every queue starts from (operators can override them in
+    /// the `[queue_defaults]` table of the config file).
+    fn default() -> QueueSettings {
+        QueueSettings {
+            lanes: vec!["high".into(), "normal".into(), "low".into()],
+            lane_weights: vec![4, 2, 1],
+            strict_priority: false,
+            default_lane: 1,
+            lease_timeout_ms: 30_000,
+            max_attempts: 5,
+            dead_letter: true,
+            dedupe_window_ms: 5 * 60 * 1000,
+            message_size_max: 1024 * 1024,
+            sync_policy: SyncPolicySetting::Fsync,
+            sync_interval_ms: 100,
+        }
+    }
+}
+
+/// Settings as asked for at creation: unset fields take the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettingsRequest {
+    pub lanes: Vec<String>,
+    pub lane_weights: Vec<u32>,
+    pub strict_priority: Option<bool>,
+    pub default_lane: Option<u32>,
+    pub lease_timeout_ms: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub dead_letter: Option<bool>,
+    pub dedupe_window_ms: Option<u64>,
+    pub message_size_max: Option<u32>,
+    pub sync_policy: Option<SyncPolicySetting>,
+    pub sync_interval_ms: Option<u64>,
+}
+
+fn invalid(key: &'static str, message: String) -> BrokerError {
+    BrokerError::InvalidSetting { key, message }
+}
+
+impl QueueSettings {
+    /// Fills the request's unset fields from `defaults` and validates.
+    pub fn resolve(request: &SettingsRequest, defaults: &QueueSettings) -> Result<QueueSettings> {
+        let lanes = if request.lanes.is_empty() { defaults.lanes.clone() } else { request.lanes.clone() };
+        let lane_weights = if !request.lane_weights.is_empty() {
+            request.lane_weights.clone()
+        } else if lanes.len() == defaults.lanes.len() {
+            defaults.lane_weights.clone()
+        } else {
+            (0..lanes.len()).rev().map(|i| 1u32 << i.min(9)).collect()
+        };
+        let default_lane = request.default_lane.unwrap_or(if request.lanes.is_empty() {
+            defaults.default_lane
+        } else {
+            u32::try_from(lanes.len() / 2).unwrap_or(0)
+        });
+        let settings = QueueSettings {
+            lanes,
+            lane_weights,
+            strict_priority: request.strict_priority.unwrap_or(defaults.strict_priority),
+            default_lane,
+            lease_timeout_ms: request.lease_timeout_ms.unwrap_or(defaults.lease_timeout_ms),
+            max_attempts: request.max_attempts.unwrap_or(defaults.max_attempts),
+            dead_letter: request.dead_letter.unwrap_or(defaults.dead_letter),
+            dedupe_window_ms: request.dedupe_window_ms.unwrap_or(defaults.dedupe_window_ms),
+            message_size_max: request.message_size_max.unwrap_or(defaults.message_size_max),
+            sync_policy: request.sync_policy.unwrap_or(defaults.sync_policy),
+            sync_interval_ms: request.sync_interval_ms.unwrap_or(defaults.sync_interval_ms),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every setting against its ceiling; the error names the key and
+    /// the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.lanes.len();
+        if !(1..=LANES_MAX).contains(&n) {
+            return Err(invalid("lanes", format!("a queue has 1..={LANES_MAX} lanes; got {n}")));
+        }
+        for (i, name) in self.lanes.iter().enumerate() {
+            if name.is_empty() || name.len() > LANE_NAME_SIZE_MAX {
+                return Err(invalid("lanes", format!("lane names are 1..={LANE_NAME_SIZE_MAX} bytes; lane {i} is {}", name.len())));
+            }
+            if self.lanes[..i].contains(name) {
+                return Err(invalid("lanes", format!("lane name {name:?} appears twice")));
+            }
+        }
+        if self.lane_weights.len() != n {
+            return Err(invalid("lane_weights", format!("one weight per lane: {n} lanes, {} weights", self.lane_weights.len())));
+        }
+        if let Some(w) = self.lane_weights.iter().find(|w| !(1..=LANE_WEIGHT_MAX).contains(*w)) {
+            return Err(invalid("lane_weights", format!("weights are 1..={LANE_WEIGHT_MAX}; got {w}")));
+        }
+        if self.default_lane as usize >= n {
+            return Err(invalid("default_lane", format!("must be a lane index in 0..{n}; got {}", self.default_lane)));
+        }
+        if !(LEASE_TIMEOUT_MS_MIN..=LEASE_TIMEOUT_MS_MAX).contains(&self.lease_timeout_ms) {
+            return Err(invalid(
+                "lease_timeout_ms",
+                format!("must be in {LEASE_TIMEOUT_MS_MIN}..={LEASE_TIMEOUT_MS_MAX}; got {}", self.lease_timeout_ms),
+            ));
+        }
+        if !(1..=MAX_ATTEMPTS_MAX).contains(&self.max_attempts) {
+            return Err(invalid("max_attempts", format!("must be in 1..={MAX_ATTEMPTS_MAX}; got {}", self.max_attempts)));
+        }
+        if self.dedupe_window_ms > DEDUPE_WINDOW_MS_MAX {
+            return Err(invalid("dedupe_window_ms", format!("must be at most {DEDUPE_WINDOW_MS_MAX}; got {}", self.dedupe_window_ms)));
+        }
+        if !(1..=MESSAGE_SIZE_MAX).contains(&self.message_size_max) {
+            return Err(invalid("message_size_max", format!("must be in 1..={MESSAGE_SIZE_MAX}; got {}", self.message_size_max)));
+        }
+        let interval_max = ballast_storage::limits::SYNC_INTERVAL_MS_MAX;
+        if self.sync_policy == SyncPolicySetting::Interval && !(1..=interval_max).contains(&self.sync_interval_ms) {
+            return Err(invalid("sync_interval_ms", format!("must be in 1..={interval_max}; got {}", self.sync_interval_ms)));
+        }
+        Ok(())
+    }
+
+    /// The first difference between two settings, for ALREADY_EXISTS.
+    pub fn difference(&self, other: &QueueSettings) -> Option<String> {
+        macro_rules! compare {
+            ($($field:ident),*) => {$(
+                if self.$field != other.$field {
+                    return Some(format!("{} is {:?}, asked {:?}", stringify!($field), self.$field, other.$field));
+                }
+            )*};
+        }
+        compare!(
+            lanes,
+            lane_weights,
+            strict_priority,
+            default_lane,
+            lease_timeout_ms,
+            max_attempts,
+            dead_letter,
+            dedupe_window_ms,
+            message_size_max,
+            sync_policy,
+            sync_interval_ms
+        );
+        None
+    }
+
+    pub fn lane_count(&self) -> u32 {
+        u32::try_from(self.lanes.len()).expect("validated: at most LANES_MAX lanes")
+    }
+
+    pub fn storage_policy(&self) -> ballast_storage::SyncPolicy {
+        match self.sync_policy {
+            SyncPolicySetting::Fsync => ballast_storage::SyncPolicy::Fsync,
+            SyncPolicySetting::Interval => ballast_storage::SyncPolicy::Interval { interval_ms: self.sync_interval_ms },
+            SyncPolicySetting::None => ballast_storage::SyncPolicy::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_resolve() {
+        let defaults = QueueSettings::default();
+        defaults.validate().unwrap();
+        assert_eq!(QueueSettings::resolve(&SettingsRequest::default(), &defaults).unwrap(), defaults);
+    }
+
+    #[test]
+    fn custom_lanes_get_power_of_two_weights_and_middle_default() {
+        let request = SettingsRequest { lanes: vec!["a".into(), "b".into(), "c".into(), "d".into()], ..Default::default() };
+        let s = QueueSettings::resolve(&request, &QueueSettings::default()).unwrap();
+        assert_eq!(s.lane_weights, vec![8, 4, 2, 1]);
+        assert_eq!(s.default_lane, 2);
+    }
+
+    #[test]
+    fn limits_are_enforced_with_the_key_named() {
+        let d = QueueSettings::default();
+        let cases: Vec<(SettingsRequest, &str)> = vec![
+            (SettingsRequest { lanes: (0..9).map(|i| format!("l{i}")).collect(), ..Default::default() }, "lanes"),
+            (SettingsRequest { lane_weights: vec![1, 2], ..Default::default() }, "lane_weights"),
+            (SettingsRequest { lane_weights: vec![0, 1, 1], ..Default::default() }, "lane_weights"),
+            (SettingsRequest { default_lane: Some(3), ..Default::default() }, "default_lane"),
+            (SettingsRequest { max_attempts: Some(0), ..Default::default() }, "max_attempts"),
+            (SettingsRequest { message_size_max: Some(MESSAGE_SIZE_MAX + 1), ..Default::default() }, "message_size_max"),
+            (SettingsRequest { lease_timeout_ms: Some(1), ..Default::default() }, "lease_timeout_ms"),
+        ];
+        for (request, key) in cases {
+            match QueueSettings::resolve(&request, &d) {
+                Err(BrokerError::InvalidSetting { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: expected InvalidSetting, got {other:?}"),
+            }
+        }
+        let at_limit = SettingsRequest { lanes: (0..8).map(|i| format!("l{i}")).collect(), message_size_max: Some(MESSAGE_SIZE_MAX), ..Default::default() };
+        QueueSettings::resolve(&at_limit, &d).unwrap();
+    }
+}
