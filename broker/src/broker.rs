@@ -211,7 +211,8 @@ impl Broker {
         self.check_running()?;
         let name = QueueName::parse(name)?;
         let _admin = self.admin.lock().await;
-        let queue = self.queues.read().get(&name).cloned().ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))?;
+        let queue =
+            self.queues.read().get(&name).cloned().ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))?;
         if let Some(source) = name.as_str().strip_suffix(DEAD_LETTER_SUFFIX)
             && let Ok(source) = QueueName::parse(source)
             && self.queues.read().get(&source).is_some_and(|q| q.dead_letter.is_some())

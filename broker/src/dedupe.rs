@@ -22,7 +22,10 @@ pub struct Stored {
 
 #[derive(Debug)]
 enum Slot {
-    Stored { at: Stored, timestamp_ms: u64 },
+    Stored {
+        at: Stored,
+        timestamp_ms: u64,
+    },
     /// Being published; the sender resolves when the publish ends.
     Pending(watch::Receiver<bool>),
 }

@@ -3,7 +3,9 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use ballast_proto::v1::{admin_server::AdminServer, consumer_server::ConsumerServer, publisher_server::PublisherServer};
+use ballast_proto::v1::{
+    admin_server::AdminServer, consumer_server::ConsumerServer, publisher_server::PublisherServer,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 

@@ -91,8 +91,12 @@ impl publisher_server::Publisher for Service {
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
         let request = request.into_inner();
         let queue = self.queue(&request.queue)?;
-        let messages =
-            request.messages.into_iter().map(|m| convert::publish(Some(m))).collect::<Result<Vec<_>, _>>().map_err(to_status)?;
+        let messages = request
+            .messages
+            .into_iter()
+            .map(|m| convert::publish(Some(m)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(to_status)?;
         let receipts = queue.publish(messages).await.map_err(to_status)?;
         Ok(Response::new(pb::PublishBatchResponse { receipts: receipts.into_iter().map(convert::receipt).collect() }))
     }
@@ -111,7 +115,8 @@ impl consumer_server::Consumer for Service {
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("the stream ended before subscribe"))?;
+        let first =
+            inbound.message().await?.ok_or_else(|| Status::invalid_argument("the stream ended before subscribe"))?;
         let Some(pb::consume_request::Kind::Subscribe(subscribe)) = first.kind else {
             return Err(Status::invalid_argument("the first request of a consume stream must be subscribe"));
         };
@@ -134,8 +139,10 @@ impl consumer_server::Consumer for Service {
             )));
         }
         let mut subscription = queue.subscribe(request.max_messages).map_err(to_status)?;
-        let first =
-            tokio::time::timeout(Duration::from_millis(request.wait_ms), subscription.deliveries.recv()).await.ok().flatten();
+        let first = tokio::time::timeout(Duration::from_millis(request.wait_ms), subscription.deliveries.recv())
+            .await
+            .ok()
+            .flatten();
         // Without release: what was leased stays leased until Ack, Nack or
         // expiry. The channel still yields what was sent before.
         queue.unsubscribe(subscription.consumer_id, false);
@@ -235,7 +242,9 @@ async fn handle(queue: &Arc<Queue>, consumer_id: u64, request: pb::ConsumeReques
         Some(pb::consume_request::Kind::Subscribe(_)) => {
             Err(Status::invalid_argument("already subscribed: open another stream for another queue"))
         }
-        Some(pb::consume_request::Kind::Credit(credit)) => queue.add_credit(consumer_id, credit.credit).map_err(to_status),
+        Some(pb::consume_request::Kind::Credit(credit)) => {
+            queue.add_credit(consumer_id, credit.credit).map_err(to_status)
+        }
         Some(pb::consume_request::Kind::Ack(ack)) => {
             if ack.delivery_ids.len() > CREDIT_MAX as usize {
                 return Err(Status::invalid_argument(format!(

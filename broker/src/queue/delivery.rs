@@ -247,9 +247,12 @@ impl Queue {
     /// attempt count), or dead-lettered after its last attempt.
     pub async fn nack(self: &Arc<Self>, delivery_id: u64, delay_ms: u64, reason: &str) -> Result<()> {
         if delay_ms > DELAY_MS_MAX {
-            return Err(BrokerError::InvalidArgument(format!("nack delay is {delay_ms} ms; the limit is {DELAY_MS_MAX}")));
+            return Err(BrokerError::InvalidArgument(format!(
+                "nack delay is {delay_ms} ms; the limit is {DELAY_MS_MAX}"
+            )));
         }
-        let lease = self.delivery.lock().remove_lease(delivery_id).ok_or(BrokerError::UnknownDelivery { delivery_id })?;
+        let lease =
+            self.delivery.lock().remove_lease(delivery_id).ok_or(BrokerError::UnknownDelivery { delivery_id })?;
         self.retry(lease, delay_ms, reason).await;
         Ok(())
     }
@@ -331,7 +334,10 @@ impl Queue {
                 for &l in &candidates {
                     state.lanes[l].current += i64::from(self.settings.lane_weights[l]);
                 }
-                let best = *candidates.iter().max_by_key(|&&l| (state.lanes[l].current, std::cmp::Reverse(l))).expect("non-empty");
+                let best = *candidates
+                    .iter()
+                    .max_by_key(|&&l| (state.lanes[l].current, std::cmp::Reverse(l)))
+                    .expect("non-empty");
                 state.lanes[best].current -= total;
                 best
             };
@@ -464,7 +470,8 @@ impl Queue {
                 "message used its last attempt and the queue has no dead-letter queue: dropped");
             return Ok(AckKind::DeadLettered);
         };
-        let mut headers: Vec<(String, String)> = record.headers.into_iter().filter(|(k, _)| k != HEADER_NOT_BEFORE).collect();
+        let mut headers: Vec<(String, String)> =
+            record.headers.into_iter().filter(|(k, _)| k != HEADER_NOT_BEFORE).collect();
         let reason = if reason.is_empty() { "no reason given" } else { reason };
         headers.push((HEADER_DEAD_LETTER_REASON.to_owned(), reason.to_owned()));
         headers.push((HEADER_SOURCE_QUEUE.to_owned(), self.name.to_string()));
@@ -472,7 +479,14 @@ impl Queue {
         headers.push((HEADER_SOURCE_OFFSET.to_owned(), lease.offset.to_string()));
         headers.push((HEADER_ATTEMPTS.to_owned(), lease.attempt.to_string()));
         let lane = lease.lane.min(dead.lane_count() - 1);
-        let copy = NewRecord { timestamp_ms: record.timestamp_ms, attempt: 0, flags: record.flags, key: None, headers, payload: record.payload };
+        let copy = NewRecord {
+            timestamp_ms: record.timestamp_ms,
+            attempt: 0,
+            flags: record.flags,
+            key: None,
+            headers,
+            payload: record.payload,
+        };
         dead.append_raw(lane, copy).await?;
         dead.dispatch();
         Ok(AckKind::DeadLettered)
@@ -530,7 +544,8 @@ pub(crate) fn spawn_timer(queue: &Arc<Queue>) {
                 }
                 queue.timer_target()
             };
-            let wait = deadline.map_or(Duration::from_secs(3600), |d| Duration::from_millis(d.saturating_sub(now_ms())));
+            let wait =
+                deadline.map_or(Duration::from_secs(3600), |d| Duration::from_millis(d.saturating_sub(now_ms())));
             // `Notify` keeps one permit, so a wake-up between reading the
             // deadline and waiting is not lost.
             tokio::select! {

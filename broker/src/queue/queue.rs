@@ -132,7 +132,12 @@ impl Queue {
     }
 
     /// Opens an existing queue from its directory.
-    pub(crate) fn open(dir: &Path, config: &Config, ids: Arc<Ids>, dead_letter: Option<Arc<Queue>>) -> Result<Arc<Queue>> {
+    pub(crate) fn open(
+        dir: &Path,
+        config: &Config,
+        ids: Arc<Ids>,
+        dead_letter: Option<Arc<Queue>>,
+    ) -> Result<Arc<Queue>> {
         let file = Queue::read_file(dir)?;
         let name = QueueName::parse(&file.name)?;
         Queue::open_logs(dir, name, file.settings, file.created_at_ms, config, ids, dead_letter)
@@ -172,7 +177,11 @@ impl Queue {
         let mut keys: Vec<(u64, Bytes, Stored)> = Vec::new();
         for (lane, log) in lanes.iter().enumerate() {
             let lane = u32::try_from(lane).expect("at most LANES_MAX lanes");
-            keys.extend(log.take_recovered_keys().into_iter().map(|k| (k.timestamp_ms, k.key, Stored { lane, offset: k.offset })));
+            keys.extend(
+                log.take_recovered_keys()
+                    .into_iter()
+                    .map(|k| (k.timestamp_ms, k.key, Stored { lane, offset: k.offset })),
+            );
         }
         keys.sort_by_key(|(t, _, _)| *t);
         for (timestamp_ms, key, at) in keys {
@@ -298,7 +307,13 @@ impl Queue {
     }
 
     /// Appends the messages that have no receipt yet, one append per lane.
-    async fn append(&self, messages: &[Publish], lanes: &[u32], receipts: &mut [Option<Receipt>], now: u64) -> Result<()> {
+    async fn append(
+        &self,
+        messages: &[Publish],
+        lanes: &[u32],
+        receipts: &mut [Option<Receipt>],
+        now: u64,
+    ) -> Result<()> {
         let mut commits = Vec::new();
         for lane in 0..self.lane_count() {
             let indexes: Vec<usize> = (0..messages.len())
@@ -332,7 +347,11 @@ impl Queue {
         }
         let lane = message.lane.unwrap_or(self.settings.default_lane);
         if lane >= self.lane_count() {
-            return Err(which(format!("lane {lane} does not exist; queue {} has lanes 0..{}", self.name, self.lane_count())));
+            return Err(which(format!(
+                "lane {lane} does not exist; queue {} has lanes 0..{}",
+                self.name,
+                self.lane_count()
+            )));
         }
         if let Some(key) = &message.key
             && key.len() > KEY_SIZE_MAX as usize
@@ -370,7 +389,14 @@ fn to_record(message: &Publish, now: u64) -> NewRecord {
     if message.delay_ms > 0 {
         headers.push((HEADER_NOT_BEFORE.to_owned(), (now + message.delay_ms).to_string()));
     }
-    NewRecord { timestamp_ms: now, attempt: 0, flags: 0, key: message.key.clone(), headers, payload: message.payload.clone() }
+    NewRecord {
+        timestamp_ms: now,
+        attempt: 0,
+        flags: 0,
+        key: message.key.clone(),
+        headers,
+        payload: message.payload.clone(),
+    }
 }
 
 fn storage_error(path: &Path, e: std::io::Error) -> BrokerError {

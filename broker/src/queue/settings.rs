@@ -127,14 +127,20 @@ impl QueueSettings {
         }
         for (i, name) in self.lanes.iter().enumerate() {
             if name.is_empty() || name.len() > LANE_NAME_SIZE_MAX {
-                return Err(invalid("lanes", format!("lane names are 1..={LANE_NAME_SIZE_MAX} bytes; lane {i} is {}", name.len())));
+                return Err(invalid(
+                    "lanes",
+                    format!("lane names are 1..={LANE_NAME_SIZE_MAX} bytes; lane {i} is {}", name.len()),
+                ));
             }
             if self.lanes[..i].contains(name) {
                 return Err(invalid("lanes", format!("lane name {name:?} appears twice")));
             }
         }
         if self.lane_weights.len() != n {
-            return Err(invalid("lane_weights", format!("one weight per lane: {n} lanes, {} weights", self.lane_weights.len())));
+            return Err(invalid(
+                "lane_weights",
+                format!("one weight per lane: {n} lanes, {} weights", self.lane_weights.len()),
+            ));
         }
         if let Some(w) = self.lane_weights.iter().find(|w| !(1..=LANE_WEIGHT_MAX).contains(*w)) {
             return Err(invalid("lane_weights", format!("weights are 1..={LANE_WEIGHT_MAX}; got {w}")));
@@ -149,17 +155,29 @@ impl QueueSettings {
             ));
         }
         if !(1..=MAX_ATTEMPTS_MAX).contains(&self.max_attempts) {
-            return Err(invalid("max_attempts", format!("must be in 1..={MAX_ATTEMPTS_MAX}; got {}", self.max_attempts)));
+            return Err(invalid(
+                "max_attempts",
+                format!("must be in 1..={MAX_ATTEMPTS_MAX}; got {}", self.max_attempts),
+            ));
         }
         if self.dedupe_window_ms > DEDUPE_WINDOW_MS_MAX {
-            return Err(invalid("dedupe_window_ms", format!("must be at most {DEDUPE_WINDOW_MS_MAX}; got {}", self.dedupe_window_ms)));
+            return Err(invalid(
+                "dedupe_window_ms",
+                format!("must be at most {DEDUPE_WINDOW_MS_MAX}; got {}", self.dedupe_window_ms),
+            ));
         }
         if !(1..=MESSAGE_SIZE_MAX).contains(&self.message_size_max) {
-            return Err(invalid("message_size_max", format!("must be in 1..={MESSAGE_SIZE_MAX}; got {}", self.message_size_max)));
+            return Err(invalid(
+                "message_size_max",
+                format!("must be in 1..={MESSAGE_SIZE_MAX}; got {}", self.message_size_max),
+            ));
         }
         let interval_max = ballast_storage::limits::SYNC_INTERVAL_MS_MAX;
         if self.sync_policy == SyncPolicySetting::Interval && !(1..=interval_max).contains(&self.sync_interval_ms) {
-            return Err(invalid("sync_interval_ms", format!("must be in 1..={interval_max}; got {}", self.sync_interval_ms)));
+            return Err(invalid(
+                "sync_interval_ms",
+                format!("must be in 1..={interval_max}; got {}", self.sync_interval_ms),
+            ));
         }
         Ok(())
     }
@@ -215,7 +233,8 @@ mod tests {
 
     #[test]
     fn custom_lanes_get_power_of_two_weights_and_middle_default() {
-        let request = SettingsRequest { lanes: vec!["a".into(), "b".into(), "c".into(), "d".into()], ..Default::default() };
+        let request =
+            SettingsRequest { lanes: vec!["a".into(), "b".into(), "c".into(), "d".into()], ..Default::default() };
         let s = QueueSettings::resolve(&request, &QueueSettings::default()).unwrap();
         assert_eq!(s.lane_weights, vec![8, 4, 2, 1]);
         assert_eq!(s.default_lane, 2);
@@ -230,7 +249,10 @@ mod tests {
             (SettingsRequest { lane_weights: vec![0, 1, 1], ..Default::default() }, "lane_weights"),
             (SettingsRequest { default_lane: Some(3), ..Default::default() }, "default_lane"),
             (SettingsRequest { max_attempts: Some(0), ..Default::default() }, "max_attempts"),
-            (SettingsRequest { message_size_max: Some(MESSAGE_SIZE_MAX + 1), ..Default::default() }, "message_size_max"),
+            (
+                SettingsRequest { message_size_max: Some(MESSAGE_SIZE_MAX + 1), ..Default::default() },
+                "message_size_max",
+            ),
             (SettingsRequest { lease_timeout_ms: Some(1), ..Default::default() }, "lease_timeout_ms"),
         ];
         for (request, key) in cases {
@@ -239,7 +261,11 @@ mod tests {
                 other => panic!("{key}: expected InvalidSetting, got {other:?}"),
             }
         }
-        let at_limit = SettingsRequest { lanes: (0..8).map(|i| format!("l{i}")).collect(), message_size_max: Some(MESSAGE_SIZE_MAX), ..Default::default() };
+        let at_limit = SettingsRequest {
+            lanes: (0..8).map(|i| format!("l{i}")).collect(),
+            message_size_max: Some(MESSAGE_SIZE_MAX),
+            ..Default::default()
+        };
         QueueSettings::resolve(&at_limit, &d).unwrap();
     }
 }

@@ -1,0 +1,7 @@
+//! End-to-end tests of `ballastd`: a real broker process on a loopback
+//! port, spoken to through the generated gRPC stubs.
+
+mod admin;
+mod delivery;
+mod durability;
+mod support;
