@@ -7,7 +7,7 @@ use ballast_proto::v1::{
     admin_server::AdminServer, consumer_server::ConsumerServer, publisher_server::PublisherServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 
 use crate::{Broker, grpc::Service, limits::GRPC_DECODE_SIZE_MAX};
 
@@ -29,6 +29,16 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    // Small responses must not wait for Nagle's algorithm (40 ms with
+    // delayed ACKs): every accepted connection gets TCP_NODELAY.
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        if let Ok(stream) = &stream
+            && let Err(e) = stream.set_nodelay(true)
+        {
+            tracing::warn!("cannot set TCP_NODELAY: {e}");
+        }
+        stream
+    });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -36,7 +46,7 @@ pub async fn serve(
         .add_service(AdminServer::new(service.clone()).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
         .add_service(PublisherServer::new(service.clone()).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
         .add_service(ConsumerServer::new(service).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);

@@ -1,0 +1,145 @@
+//! The broker under test: a `ballastd` child process started by the bench
+//! (found next to the bench's own executable), or an address to target.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use ballast_proto::v1::{self as pb, admin_client::AdminClient};
+use tonic::transport::Channel;
+
+/// A broker to run scenarios against.
+#[derive(Debug)]
+pub struct Target {
+    pub endpoint: String,
+    child: Option<Child>,
+    data_dir: Option<PathBuf>,
+    keep: bool,
+    ballastd: PathBuf,
+}
+
+impl Target {
+    /// Targets `addr` if given, otherwise starts `ballastd` on a fresh data
+    /// directory under `data_root` on a free loopback port.
+    pub fn new(
+        addr: Option<String>,
+        ballastd: Option<PathBuf>,
+        data_root: &Path,
+        keep: bool,
+    ) -> anyhow::Result<Target> {
+        let ballastd = match ballastd {
+            Some(path) => path,
+            None => std::env::current_exe()?.with_file_name("ballastd"),
+        };
+        if let Some(addr) = addr {
+            let endpoint = if addr.starts_with("http") { addr } else { format!("http://{addr}") };
+            return Ok(Target { endpoint, child: None, data_dir: None, keep, ballastd });
+        }
+        if !ballastd.exists() {
+            bail!(
+                "{} not found: build it with `cargo build --release -p ballast-broker` (or pass --ballastd PATH or --addr HOST:PORT)",
+                ballastd.display()
+            );
+        }
+        let data_dir = data_root.join(format!("run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        std::fs::create_dir_all(&data_dir)?;
+        let mut target = Target { endpoint: String::new(), child: None, data_dir: Some(data_dir), keep, ballastd };
+        target.start("127.0.0.1:0")?;
+        Ok(target)
+    }
+
+    fn start(&mut self, listen: &str) -> anyhow::Result<()> {
+        let data_dir = self.data_dir.clone().context("the bench did not start this broker")?;
+        let log = std::fs::File::create(data_dir.with_extension("log"))?;
+        let mut child = Command::new(&self.ballastd)
+            .arg("--data-dir")
+            .arg(data_dir.join("data"))
+            .arg("--listen")
+            .arg(listen)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.ballastd.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            bail!("ballastd did not start; see {}", data_dir.with_extension("log").display());
+        };
+        self.endpoint = format!("http://{addr}");
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The broker's process id, if the bench started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL and start again on the same data and port; returns how long
+    /// the restart took until the broker listened.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<Duration> {
+        let mut child = self.child.take().context("the bench did not start this broker")?;
+        let port = self.endpoint.rsplit(':').next().unwrap_or("0").to_owned();
+        child.kill()?;
+        child.wait()?;
+        let start = std::time::Instant::now();
+        self.start(&format!("127.0.0.1:{port}"))?;
+        Ok(start.elapsed())
+    }
+
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.endpoint.clone())?.connect().await?)
+    }
+
+    /// Creates (or re-creates, emptied) a queue for a scenario.
+    pub async fn fresh_queue(&self, name: &str, settings: pb::QueueSettings) -> anyhow::Result<()> {
+        let mut admin = AdminClient::new(self.channel().await?);
+        let _ = admin.delete_queue(pb::DeleteQueueRequest { name: name.into() }).await;
+        admin.create_queue(pb::CreateQueueRequest { name: name.into(), settings: Some(settings) }).await?;
+        Ok(())
+    }
+
+    pub async fn depth(&self, name: &str) -> anyhow::Result<u64> {
+        let mut admin = AdminClient::new(self.channel().await?);
+        Ok(admin.get_queue(pb::GetQueueRequest { name: name.into() }).await?.into_inner().depth)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM for a clean stop; SIGKILL if it lingers.
+            let pid = libc::pid_t::try_from(child.id()).unwrap_or(libc::pid_t::MAX);
+            // SAFETY: kill(2) on our own child; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            for _ in 0..300 {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(dir) = &self.data_dir
+            && !self.keep
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A process's anonymous resident memory (`RssAnon` in /proc), in bytes.
+pub fn rss_anon(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).context("no RssAnon in /proc/PID/status")?;
+    let kib: u64 = line.split_whitespace().nth(1).context("RssAnon value")?.parse()?;
+    Ok(kib * 1024)
+}

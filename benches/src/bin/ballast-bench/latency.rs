@@ -1,0 +1,129 @@
+//! `latency`: an open-loop producer at a fixed rate; publish-to-durable and
+//! publish-to-delivery latency, both measured from each message's intended
+//! send time (so a stalled broker cannot hide queueing delay: coordinated
+//! omission is corrected by construction).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ballast_proto::v1::{self as pb, publisher_client::PublisherClient};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::Semaphore;
+
+use crate::{Sync, broker::Target, load};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Offered rate, messages per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Payload size in bytes (at least 16).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Warm-up seconds, not measured.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Producer connections (calls are spread over them).
+    #[arg(long, default_value_t = 4)]
+    producers: usize,
+    /// Calls in flight at most; past it the generator waits (and the wait
+    /// shows in the latencies).
+    #[arg(long, default_value_t = 4096)]
+    inflight: usize,
+}
+
+pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(args.size >= 16 && args.rate > 0 && args.producers > 0, "size >= 16, rate and producers > 0");
+    let queue = "bench-latency";
+    target.fresh_queue(queue, sync.settings()).await?;
+    let total = args.rate * (args.seconds + args.warmup);
+    let warmup_count = args.rate * args.warmup;
+    let interval_ns = 1_000_000_000 / args.rate;
+    let start = Instant::now();
+    let intended = move |seq: u64| start + Duration::from_nanos(seq * interval_ns);
+
+    // The consumer: delivery latency from the intended send time.
+    let delivered = Arc::new(Mutex::new(load::histogram()));
+    let consumer = {
+        let delivered = Arc::clone(&delivered);
+        let channels = vec![target.channel().await?];
+        let queue = queue.to_owned();
+        tokio::spawn(async move {
+            let on_delivery = Arc::new(move |d: &pb::Delivery| {
+                let seq = u64::from_le_bytes(d.payload[..8].try_into().expect("8 bytes"));
+                if seq >= warmup_count {
+                    let us = intended(seq).elapsed().as_micros().max(1) as u64;
+                    let _ = delivered.lock().expect("histogram lock").record(us);
+                }
+            });
+            load::consume(&channels, &queue, 1, 1000, total, on_delivery).await
+        })
+    };
+
+    let mut clients = Vec::new();
+    for _ in 0..args.producers {
+        clients.push(PublisherClient::new(target.channel().await?));
+    }
+    let durable = Arc::new(Mutex::new(load::histogram()));
+    let permits = Arc::new(Semaphore::new(args.inflight));
+    let filler = Bytes::from(vec![b'x'; args.size - 8]);
+    let mut seq = 0u64;
+    let mut calls = Vec::new();
+    while seq < total {
+        // Send everything due by now, each stamped with its intended time.
+        let due = (start.elapsed().as_nanos() / u128::from(interval_ns)).min(u128::from(total)) as u64;
+        while seq < due {
+            let permit = Arc::clone(&permits).acquire_owned().await?;
+            let mut payload = BytesMut::with_capacity(args.size);
+            payload.put_u64_le(seq);
+            payload.put_slice(&filler);
+            let message = pb::Message { payload: payload.freeze(), ..Default::default() };
+            let mut client = clients[(seq % args.producers as u64) as usize].clone();
+            let durable = Arc::clone(&durable);
+            let queue = queue.to_owned();
+            let this = seq;
+            calls.push(tokio::spawn(async move {
+                let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
+                if this >= warmup_count {
+                    let us = intended(this).elapsed().as_micros().max(1) as u64;
+                    let _ = durable.lock().expect("histogram lock").record(us);
+                }
+                drop(permit);
+                result.map(|_| ())
+            }));
+            seq += 1;
+        }
+        if calls.len() > 10_000 {
+            for call in calls.drain(..) {
+                call.await??;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for call in calls {
+        call.await??;
+    }
+    let offered_for = start.elapsed();
+    tokio::time::timeout(Duration::from_secs(60), consumer).await???;
+    let durable = durable.lock().expect("histogram lock").clone();
+    let delivered = delivered.lock().expect("histogram lock").clone();
+    println!(
+        "latency: {} msg/s offered for {} s (+{} s warm-up), {} B, {} producer connections, sync {:?}",
+        args.rate, args.seconds, args.warmup, args.size, args.producers, sync
+    );
+    println!("  achieved offer: {:.0} msg/s", load::rate(total, offered_for));
+    load::print_percentile_header();
+    load::print_percentiles("publish-to-durable", &durable);
+    load::print_percentiles("publish-to-delivery", &delivered);
+    Ok(serde_json::json!({
+        "scenario": "latency", "rate": args.rate, "size": args.size, "seconds": args.seconds,
+        "warmup": args.warmup, "producers": args.producers, "sync": format!("{sync:?}").to_lowercase(),
+        "publish_to_durable": load::percentiles(&durable),
+        "publish_to_delivery": load::percentiles(&delivered),
+    }))
+}
