@@ -1,4 +1,94 @@
-//! `ballast-client`: the Rust client library and the `ballast` CLI.
+//! `ballast-client`: the Rust client of the Ballast broker, and the `ballast`
+//! command-line tool.
 //!
-//! Not built yet: it arrives with the client issue. This crate exports
-//! nothing until then.
+//! A [`Client`] is a connection to one `ballastd`. From it:
+//!
+//! - [`Producer`] publishes messages: batched with a linger, every call
+//!   bounded by a deadline, retried with exponential backoff and full jitter
+//!   (never sooner than the broker's retry-after hint), each logical message
+//!   carrying one idempotency key across all its retries so a retry is never
+//!   stored twice, and a circuit breaker per queue so a dead or refusing
+//!   broker fails calls fast.
+//! - [`Consumer`] runs a handler for every delivery with a credit window and a
+//!   concurrency limit, acks on success, nacks with a delay on failure,
+//!   reconnects after a broker restart, and stops gracefully.
+//! - [`Admin`] creates, inspects, lists, purges and deletes queues.
+//!
+//! Every failure is an [`Error`], which says whether a retry can help.
+//!
+//! ```no_run
+//! use ballast_client::{Client, ConsumerConfig, Delivery, Message, ProducerConfig, QueueSettings};
+//!
+//! # async fn example() -> Result<(), ballast_client::Error> {
+//! let client = Client::connect("http://127.0.0.1:7400").await?;
+//! client.admin().create_queue("emails", QueueSettings::default()).await?;
+//!
+//! let producer = client.producer(ProducerConfig::default())?;
+//! let receipt = producer.publish("emails", Message::new("welcome, ada")).await?;
+//! println!("stored at {}", receipt.id);
+//!
+//! let consumer = client.consumer("emails", ConsumerConfig::default())?;
+//! let handle = consumer.spawn(|delivery: Delivery| async move {
+//!     println!("sending {:?}", delivery.payload);
+//!     Ok::<(), std::io::Error>(())
+//! });
+//! # tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+//! let stats = handle.stop().await?;
+//! println!("acked {}", stats.acked);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Layout, in reading order:
+//!
+//! - [`contract`]: what the client assumes of the broker beyond the proto
+//!   (default address, retry-after, retryable codes, credit rules), in one
+//!   place.
+//! - `error`: [`Error`].
+//! - `client`: [`Client`], [`ClientConfig`].
+//! - `message`: [`Message`], [`Receipt`], [`MessageId`], idempotency keys.
+//! - `producer`: [`Producer`], [`ProducerConfig`], [`PendingReceipt`].
+//! - `consumer`: [`Consumer`], [`ConsumerConfig`], [`Delivery`],
+//!   [`NackPolicy`], [`ConsumerHandle`], [`Stopper`].
+//! - `admin` and `queue`: [`Admin`], [`QueueSettings`], [`QueueInfo`].
+//! - `backoff`, `breaker`, `retry`, `clock`: the retry machinery, reusable
+//!   on its own ([`Backoff`], [`RetryPolicy`], [`CircuitBreaker`]).
+//!
+//! Invariants:
+//!
+//! - No prost type appears in the public API; conversions happen at the edge
+//!   of each module.
+//! - A message's idempotency key is fixed before its first attempt and never
+//!   changes across retries.
+//! - A consumer never acks a delivery id on a session other than the one that
+//!   delivered it, and never holds more than `prefetch` credit plus unacked
+//!   deliveries.
+//! - Everything that queues is bounded (the producer's pending channel, its
+//!   in-flight batches, the consumer's window).
+
+mod admin;
+mod backoff;
+mod breaker;
+mod client;
+mod clock;
+mod consumer;
+pub mod contract;
+mod error;
+mod message;
+mod producer;
+mod queue;
+mod retry;
+
+#[cfg(test)]
+mod fake;
+
+pub use admin::{Admin, AdminConfig};
+pub use backoff::{Backoff, RetryPolicy};
+pub use breaker::{BreakerConfig, BreakerRefusal, BreakerState, CircuitBreaker, Permit};
+pub use client::{Client, ClientConfig};
+pub use clock::{Clock, SystemClock};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerHandle, ConsumerStats, Delivery, NackPolicy, Stopper};
+pub use error::Error;
+pub use message::{Message, MessageId, Receipt, generate_idempotency_key};
+pub use producer::{PendingReceipt, Producer, ProducerConfig};
+pub use queue::{QueueInfo, QueueSettings, SyncPolicy};

@@ -1,0 +1,252 @@
+//! The command line: every flag, its default and its help text.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes, for the `--help` footer; `exit.rs` maps errors to them.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  other error (broker internal error, unsupported command, I/O)
+  2  usage error or invalid argument (bad flag, bad queue name, payload too large)
+  3  not found (unknown queue)
+  4  already exists (queue exists with other settings)
+  5  refused (resource exhausted: queue full, disk nearly full; or circuit open)
+  6  unavailable (broker unreachable, shutting down, or deadline exceeded)
+
+Environment:
+  BALLAST_ADDR  broker address (overridden by --addr)
+  BALLAST_LOG   log filter for diagnostics on stderr (default: warn)";
+
+/// Command-line client of the Ballast message broker.
+#[derive(Debug, Parser)]
+#[command(name = "ballast", version, after_help = EXIT_CODES, propagate_version = true)]
+pub struct Cli {
+    /// Broker address.
+    #[arg(long, global = true, env = "BALLAST_ADDR", default_value = ballast_client::contract::ADDR_DEFAULT)]
+    pub addr: String,
+
+    /// Print JSON (one object per line) instead of human-readable text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Time allowed for each call, retries included, in milliseconds.
+    #[arg(long, global = true, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, inspect and remove queues.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+
+    /// Publish messages: each MESSAGE argument, or else each line of stdin.
+    ///
+    /// Prints one receipt per message (lane:offset, and "duplicate" when the
+    /// idempotency key had been seen). Messages are batched and retried; a
+    /// retry never stores a message twice.
+    Publish(PublishArgs),
+
+    /// Consume messages: print each delivery and ack it.
+    ///
+    /// Runs until interrupted (Ctrl-C, which stops gracefully) or, with
+    /// --count, until COUNT messages were printed and acked.
+    Consume(ConsumeArgs),
+
+    /// Show depth, saturation and drain estimates per queue and lane.
+    ///
+    /// Not available yet: the broker has no Stats RPC until issue 4.
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Create a queue (and its dead-letter queue NAME.dead). Succeeds if it
+    /// exists with the same settings.
+    Create(CreateArgs),
+    /// List every queue with its depth.
+    List,
+    /// Show one queue's settings and counts.
+    Get(NameArg),
+    /// Delete a queue and its messages (not its dead-letter queue).
+    Delete(NameArg),
+    /// Mark every message of a queue done; prints how many.
+    Purge(NameArg),
+}
+
+#[derive(Debug, Args)]
+pub struct NameArg {
+    /// Queue name: a-z, 0-9, ".", "_" and "-", starting with a-z or 0-9, at most 128 bytes.
+    pub name: String,
+}
+
+/// Settings left unset take the broker's defaults.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Queue name: a-z, 0-9, ".", "_" and "-", starting with a-z or 0-9, at most 128 bytes.
+    pub name: String,
+    /// Lane names, highest priority first [default: high,normal,low].
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pub lanes: Vec<String>,
+    /// Scheduler weight per lane, same order as --lanes [default: 4,2,1].
+    #[arg(long, value_delimiter = ',', value_name = "WEIGHTS")]
+    pub lane_weights: Vec<u32>,
+    /// Serve lanes in strict priority order instead of by weight.
+    #[arg(long)]
+    pub strict_priority: bool,
+    /// Lane index a publish goes to when it names none [default: the middle lane].
+    #[arg(long, value_name = "INDEX")]
+    pub default_lane: Option<u32>,
+    /// Lease time before an unacked delivery is redelivered [default: 30000].
+    #[arg(long, value_name = "MS")]
+    pub lease_timeout_ms: Option<u64>,
+    /// Deliveries before a message is dead-lettered [default: 5].
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+    /// Create no dead-letter queue (messages past max attempts are dropped and counted).
+    #[arg(long)]
+    pub no_dead_letter: bool,
+    /// Window in which a repeated idempotency key is a duplicate [default: 300000].
+    #[arg(long, value_name = "MS")]
+    pub dedupe_window_ms: Option<u64>,
+    /// Largest payload, in bytes [default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    pub message_size_max: Option<u32>,
+    /// Durability of publish acknowledgements: fsync, interval or none [default: fsync].
+    #[arg(long, value_name = "POLICY")]
+    pub sync_policy: Option<ballast_client::SyncPolicy>,
+    /// Sync interval for --sync-policy interval [default: 100].
+    #[arg(long, value_name = "MS")]
+    pub sync_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Queue to publish to.
+    pub queue: String,
+    /// Message payloads; without any, each line of stdin is one message.
+    pub messages: Vec<String>,
+    /// Lane, by name (as the queue lists them) or index (0 = highest) [default: the queue's default lane].
+    #[arg(long)]
+    pub lane: Option<String>,
+    /// Header NAME=VALUE; repeat for more.
+    #[arg(short = 'H', long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// Idempotency key. With several MESSAGE arguments or stdin input,
+    /// message N (from 0) gets KEY-N, so publishing the same input again
+    /// stores nothing new.
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Deliver no earlier than this many milliseconds from now.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub delay_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Queue to consume from.
+    pub queue: String,
+    /// Credit window: deliveries the broker may send ahead (1..=10000).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub credit: u32,
+    /// Exit after printing and acking N messages.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Only this queue [default: every queue].
+    pub queue: Option<String>,
+    /// Keep printing updates.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, got {text:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// The clap definition is consistent (no clashing flags, valid defaults).
+    #[test]
+    fn definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("ballast").chain(args.iter().copied())).expect("parses")
+    }
+
+    /// Global flags work after the subcommand, and the address defaults to
+    /// the broker's default.
+    #[test]
+    fn globals_and_defaults() {
+        // The default applies unless the environment running the tests sets
+        // BALLAST_ADDR.
+        let cli = parse(&["queue", "list", "--json"]);
+        assert!(cli.json);
+        if std::env::var_os("BALLAST_ADDR").is_none() {
+            assert_eq!(cli.addr, "http://127.0.0.1:7400");
+        }
+        assert!(matches!(cli.command, Command::Queue(QueueCommand::List)));
+        assert_eq!(parse(&["--addr", "h:1", "queue", "get", "q"]).addr, "h:1");
+    }
+
+    /// Publish takes a lane, repeated headers, a key and a delay.
+    #[test]
+    fn publish_flags() {
+        let cli =
+            parse(&["publish", "orders", "a", "b", "--lane", "high", "-H", "k=v", "--header", "x=1=2", "--key", "id"]);
+        let Command::Publish(args) = cli.command else { panic!("publish") };
+        assert_eq!(args.queue, "orders");
+        assert_eq!(args.messages, ["a", "b"]);
+        assert_eq!(args.lane.as_deref(), Some("high"));
+        assert_eq!(args.headers, [("k".to_owned(), "v".to_owned()), ("x".to_owned(), "1=2".to_owned())]);
+        assert_eq!(args.key.as_deref(), Some("id"));
+        assert!(Cli::try_parse_from(["ballast", "publish", "q", "-H", "novalue"]).is_err());
+    }
+
+    /// Consume's credit is bounded by the broker's credit limit.
+    #[test]
+    fn consume_flags() {
+        let Command::Consume(args) = parse(&["consume", "q", "--credit", "10000", "--count", "3"]).command else {
+            panic!("consume")
+        };
+        assert_eq!((args.credit, args.count), (10_000, Some(3)));
+        assert!(Cli::try_parse_from(["ballast", "consume", "q", "--credit", "10001"]).is_err());
+        assert!(Cli::try_parse_from(["ballast", "consume", "q", "--credit", "0"]).is_err());
+        assert!(Cli::try_parse_from(["ballast", "consume", "q", "--count", "0"]).is_err());
+    }
+
+    /// Queue creation flags map to settings, lists split on commas.
+    #[test]
+    fn create_flags() {
+        let cli =
+            parse(&["queue", "create", "q", "--lanes", "a,b", "--lane-weights", "3,1", "--sync-policy", "interval"]);
+        let Command::Queue(QueueCommand::Create(args)) = cli.command else { panic!("create") };
+        assert_eq!(args.lanes, ["a", "b"]);
+        assert_eq!(args.lane_weights, [3, 1]);
+        assert_eq!(args.sync_policy, Some(ballast_client::SyncPolicy::Interval));
+        assert!(Cli::try_parse_from(["ballast", "queue", "create", "q", "--sync-policy", "often"]).is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! One function per command, on top of `ballast-client`.
+
+use std::{collections::VecDeque, time::Duration};
+
+use ballast_client::{
+    AdminConfig, Client, ConsumerConfig, Delivery, Error, Message, PendingReceipt, Producer, ProducerConfig,
+    QueueSettings,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::{
+    args::{Cli, Command, ConsumeArgs, CreateArgs, PublishArgs, QueueCommand, StatsArgs},
+    exit::CliError,
+    output::Output,
+};
+
+/// Receipts awaited at once while reading stdin: enough to fill batches,
+/// few enough that memory stays small for any input size.
+const PUBLISH_WINDOW: usize = 1024;
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let client = Client::new(&cli.addr)?;
+    let output = Output { json: cli.json };
+    let timeout = cli.timeout();
+    match cli.command {
+        Command::Queue(command) => queue(&client, timeout, output, command).await,
+        Command::Publish(args) => publish(&client, timeout, output, args).await,
+        Command::Consume(args) => consume(&client, timeout, output, args).await,
+        Command::Stats(args) => stats(&client, output, args).await,
+    }
+}
+
+async fn queue(client: &Client, timeout: Duration, output: Output, command: QueueCommand) -> Result<(), CliError> {
+    let admin = client.admin_with_config(AdminConfig {
+        deadline: timeout,
+        attempt_timeout: timeout.min(AdminConfig::default().attempt_timeout),
+        ..AdminConfig::default()
+    });
+    match command {
+        QueueCommand::Create(args) => {
+            let name = args.name.clone();
+            output.queue(&admin.create_queue(&name, settings(args)).await?)?;
+        }
+        QueueCommand::List => output.queues(&admin.list_queues().await?)?,
+        QueueCommand::Get(args) => output.queue(&admin.get_queue(&args.name).await?)?,
+        QueueCommand::Delete(args) => {
+            admin.delete_queue(&args.name).await?;
+            output.deleted(&args.name)?;
+        }
+        QueueCommand::Purge(args) => {
+            let purged = admin.purge_queue(&args.name).await?;
+            output.purged(&args.name, purged)?;
+        }
+    }
+    Ok(())
+}
+
+fn settings(args: CreateArgs) -> QueueSettings {
+    let mut settings = QueueSettings::default();
+    settings.lanes = args.lanes;
+    settings.lane_weights = args.lane_weights;
+    settings.strict_priority = args.strict_priority.then_some(true);
+    settings.default_lane = args.default_lane;
+    settings.lease_timeout = args.lease_timeout_ms.map(Duration::from_millis);
+    settings.max_attempts = args.max_attempts;
+    settings.dead_letter = args.no_dead_letter.then_some(false);
+    settings.dedupe_window = args.dedupe_window_ms.map(Duration::from_millis);
+    settings.message_size_max = args.message_size_max;
+    settings.sync_policy = args.sync_policy;
+    settings.sync_interval = args.sync_interval_ms.map(Duration::from_millis);
+    settings
+}
+
+async fn publish(client: &Client, timeout: Duration, output: Output, args: PublishArgs) -> Result<(), CliError> {
+    let lane = match &args.lane {
+        None => None,
+        Some(lane) => Some(resolve_lane(client, timeout, &args.queue, lane).await?),
+    };
+    // One batch in flight keeps the input order on the broker (see
+    // Producer::submit); batches of up to 100 keep it fast.
+    let producer =
+        client.producer(ProducerConfig { deadline: timeout, in_flight_batches_max: 1, ..ProducerConfig::default() })?;
+    let template = Template { lane, headers: args.headers, key: args.key, delay: Duration::from_millis(args.delay_ms) };
+    let mut publisher = Publisher { producer, queue: args.queue, output, window: VecDeque::new(), failure: None };
+    if args.messages.is_empty() {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        let mut index = 0;
+        while let Some(line) = lines.next_line().await? {
+            publisher.send(template.message(line, index, true)).await?;
+            index += 1;
+        }
+    } else {
+        let several = args.messages.len() > 1;
+        for (index, payload) in args.messages.into_iter().enumerate() {
+            publisher.send(template.message(payload, index, several)).await?;
+        }
+    }
+    match publisher.finish().await? {
+        Some(error) => Err(error.into()),
+        None => Ok(()),
+    }
+}
+
+/// Maps `--lane` to an index: a number is one; a name is looked up in the
+/// queue's lanes.
+async fn resolve_lane(client: &Client, timeout: Duration, queue: &str, lane: &str) -> Result<u32, CliError> {
+    if let Ok(index) = lane.parse::<u32>() {
+        return Ok(index);
+    }
+    let admin = client.admin_with_config(AdminConfig { deadline: timeout, ..AdminConfig::default() });
+    let info = admin.get_queue(queue).await?;
+    info.settings.lane_index(lane).ok_or_else(|| {
+        CliError::Usage(format!("queue {queue} has no lane {lane:?}; its lanes are {}", info.settings.lanes.join(", ")))
+    })
+}
+
+/// What every published message shares.
+struct Template {
+    lane: Option<u32>,
+    headers: Vec<(String, String)>,
+    key: Option<String>,
+    delay: Duration,
+}
+
+impl Template {
+    fn message(&self, payload: String, index: usize, several: bool) -> Message {
+        let mut message = Message::new(payload).with_delay(self.delay);
+        if let Some(lane) = self.lane {
+            message = message.with_lane(lane);
+        }
+        for (name, value) in &self.headers {
+            message = message.with_header(name.clone(), value.clone());
+        }
+        if let Some(key) = &self.key {
+            message = message.with_idempotency_key(if several { format!("{key}-{index}") } else { key.clone() });
+        }
+        message
+    }
+}
+
+/// Submits messages in input order (so they share batches and keep their
+/// order) and prints receipts in the same order, with a bounded number
+/// waiting.
+struct Publisher {
+    producer: Producer,
+    queue: String,
+    output: Output,
+    window: VecDeque<PendingReceipt>,
+    /// The first failure, which decides the exit code.
+    failure: Option<Error>,
+}
+
+impl Publisher {
+    async fn send(&mut self, message: Message) -> Result<(), CliError> {
+        match self.producer.submit(&self.queue, message).await {
+            Ok(pending) => self.window.push_back(pending),
+            Err(error) => self.failed(error),
+        }
+        if self.window.len() >= PUBLISH_WINDOW {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<(), CliError> {
+        let Some(pending) = self.window.pop_front() else { return Ok(()) };
+        match pending.wait().await {
+            Ok(receipt) => self.output.receipt(&receipt)?,
+            Err(error) => self.failed(error),
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self, error: Error) {
+        eprintln!("error: {error}");
+        self.failure.get_or_insert(error);
+    }
+
+    async fn finish(mut self) -> Result<Option<Error>, CliError> {
+        while !self.window.is_empty() {
+            self.settle_one().await?;
+        }
+        self.producer.close().await;
+        Ok(self.failure)
+    }
+}
+
+async fn consume(client: &Client, timeout: Duration, output: Output, args: ConsumeArgs) -> Result<(), CliError> {
+    // Fail fast (exit 3 or 6) on an unknown queue or an unreachable broker;
+    // once consuming, a lost broker is waited for and reconnected to.
+    client
+        .admin_with_config(AdminConfig { deadline: timeout, ..AdminConfig::default() })
+        .get_queue(&args.queue)
+        .await?;
+    let config = ConsumerConfig {
+        prefetch: args.credit,
+        // One at a time, so output follows delivery order.
+        concurrency: 1,
+        max_messages: args.count,
+        ..ConsumerConfig::default()
+    };
+    let consumer = client.consumer(&args.queue, config)?;
+    // A failed write (a closed pipe) nacks that delivery and stops the loop.
+    let (write_failed, mut write_failure) = tokio::sync::mpsc::channel::<std::io::Error>(1);
+    let handle = consumer.spawn(move |delivery: Delivery| {
+        let written = output.delivery(&delivery);
+        let write_failed = write_failed.clone();
+        async move {
+            written.map_err(|error| {
+                let reason = format!("writing the delivery failed: {error}");
+                let _ = write_failed.try_send(error);
+                reason
+            })
+        }
+    });
+    let stopper = handle.stopper();
+    let join = handle.join();
+    tokio::pin!(join);
+    let mut io_error = None;
+    let stats = loop {
+        tokio::select! {
+            stats = &mut join => break stats?,
+            signal = tokio::signal::ctrl_c() => {
+                signal?;
+                stopper.stop();
+            }
+            Some(error) = write_failure.recv(), if io_error.is_none() => {
+                io_error = Some(error);
+                stopper.stop();
+            }
+        }
+    };
+    tracing::info!(acked = stats.acked, nacked = stats.nacked, "consumer finished");
+    match io_error {
+        // `ballast consume q | head -1`: a closed pipe is how the reader says
+        // it has enough; not an error.
+        Some(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Some(error) => Err(error.into()),
+        None => Ok(()),
+    }
+}
+
+/// Stats need the broker's Stats RPC (issue 4). When it lands this becomes
+/// `admin.stats(queue)` (and `admin.watch_stats` for `--watch`), printed by
+/// `Output::stats`.
+async fn stats(_client: &Client, _output: Output, args: StatsArgs) -> Result<(), CliError> {
+    let _ = (args.queue, args.watch);
+    Err(Error::Unsupported { feature: "stats", issue: "the broker has no Stats RPC until issue 4" }.into())
+}

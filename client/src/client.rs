@@ -1,0 +1,159 @@
+//! [`Client`]: one connection to a broker, from which producers, consumers
+//! and admin handles are made.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, ProducerConfig};
+
+/// Connection settings shared by everything made from a [`Client`].
+///
+/// ```
+/// use std::time::Duration;
+/// use ballast_client::ClientConfig;
+///
+/// let config = ClientConfig { connect_timeout: Duration::from_secs(1), ..ClientConfig::default() };
+/// assert_eq!(config.keep_alive_interval, Duration::from_secs(10));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Longest wait for a TCP connection to the broker.
+    pub connect_timeout: Duration,
+    /// Interval of HTTP/2 keep-alive pings, so a broker that vanished without
+    /// closing the connection (a partition, a power loss) is noticed.
+    pub keep_alive_interval: Duration,
+    /// How long a keep-alive ping may go unanswered before the connection is
+    /// considered dead.
+    pub keep_alive_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    /// Connect within 5 s; ping every 10 s, give up after 5 s without answer.
+    fn default() -> ClientConfig {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(5),
+            keep_alive_interval: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A handle on one broker. Cheap to clone; clones share the connection.
+///
+/// The connection is made on first use and remade after it breaks (a broker
+/// restart), so a `Client` can be created before the broker is up.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), ballast_client::Error> {
+/// use ballast_client::{Client, Message, ProducerConfig};
+///
+/// let client = Client::connect("http://127.0.0.1:7400").await?;
+/// let producer = client.producer(ProducerConfig::default())?;
+/// let receipt = producer.publish("emails", Message::new("hello")).await?;
+/// println!("stored at {}", receipt.id);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+    addr: String,
+}
+
+impl Client {
+    /// A client for the broker at `addr` (`http://host:port`; a bare
+    /// `host:port` gets `http://`), with default settings. Connects lazily:
+    /// no I/O happens until the first call. Must be called inside a Tokio
+    /// runtime.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let client = ballast_client::Client::new("127.0.0.1:7400").expect("a valid address");
+    /// assert_eq!(client.addr(), "http://127.0.0.1:7400");
+    /// assert!(ballast_client::Client::new("http://bad host").is_err());
+    /// # }
+    /// ```
+    pub fn new(addr: &str) -> Result<Client, Error> {
+        Client::with_config(addr, ClientConfig::default())
+    }
+
+    /// Like [`Client::new`], with explicit connection settings.
+    pub fn with_config(addr: &str, config: ClientConfig) -> Result<Client, Error> {
+        let (endpoint, addr) = endpoint(addr, config)?;
+        Ok(Client { channel: endpoint.connect_lazy(), addr })
+    }
+
+    /// A client connected to the broker at `addr` now, so an unreachable
+    /// broker is reported here ([`Error::Transport`]) rather than on the first
+    /// call. The connection is still remade if it breaks later.
+    pub async fn connect(addr: &str) -> Result<Client, Error> {
+        Client::connect_with_config(addr, ClientConfig::default()).await
+    }
+
+    /// Like [`Client::connect`], with explicit connection settings.
+    pub async fn connect_with_config(addr: &str, config: ClientConfig) -> Result<Client, Error> {
+        let (endpoint, addr) = endpoint(addr, config)?;
+        let channel = endpoint.connect().await.map_err(|error| Error::Transport {
+            message: format!("cannot connect to {addr}: {}", error_chain(&error)),
+        })?;
+        Ok(Client { channel, addr })
+    }
+
+    /// The broker's address, normalized (`http://host:port`).
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// An admin handle with default deadlines and retries.
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.channel.clone(), AdminConfig::default())
+    }
+
+    /// An admin handle with explicit deadlines and retries.
+    pub fn admin_with_config(&self, config: AdminConfig) -> Admin {
+        Admin::new(self.channel.clone(), config)
+    }
+
+    /// A producer; starts its batching task on the current Tokio runtime.
+    /// Fails if `config` is out of range.
+    pub fn producer(&self, config: ProducerConfig) -> Result<Producer, Error> {
+        Producer::new(self.channel.clone(), config)
+    }
+
+    /// A consumer of `queue`; nothing happens until
+    /// [`Consumer::spawn`](crate::Consumer::spawn). Fails if the queue name or
+    /// `config` is invalid.
+    pub fn consumer(&self, queue: &str, config: ConsumerConfig) -> Result<Consumer, Error> {
+        Consumer::new(self.channel.clone(), queue, config)
+    }
+}
+
+fn endpoint(addr: &str, config: ClientConfig) -> Result<(Endpoint, String), Error> {
+    let addr = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let endpoint = Endpoint::from_shared(addr.clone())
+        .map_err(|error| Error::InvalidAddress { addr: addr.clone(), message: error_chain(&error) })?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(config.keep_alive_interval)
+        .keep_alive_timeout(config.keep_alive_timeout)
+        .keep_alive_while_idle(true);
+    Ok((endpoint, addr))
+}
+
+/// An error and its causes, joined: tonic's transport errors say only
+/// "transport error" at the top.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,856 @@
+//! [`Consumer`]: a handler-driven loop over a consume stream, with a credit
+//! window, a concurrency limit, batched acks, nacks with a delay policy,
+//! reconnects and a graceful stop.
+//!
+//! One task owns the loop; handlers run as their own tasks. Rules:
+//!
+//! 1. Credit window: a session subscribes with credit `prefetch` (W). Every
+//!    delivery uses one credit. A delivery is *held* from its arrival until
+//!    its ack or nack is sent. After sending the acks and nacks of k
+//!    deliveries the loop grants credit k (after them on the stream, so the
+//!    broker's "credit held + unacked <= limit" rule holds). So at all times
+//!    credit held + deliveries held <= W (asserted).
+//! 2. Concurrency: at most `concurrency` handlers run at once, counted across
+//!    sessions; deliveries beyond that wait in arrival order.
+//! 3. Outcome: `Ok` acks the delivery; `Err` (or a panic) nacks it with the
+//!    delay the [`NackPolicy`] gives for its attempt, and the error's text as
+//!    the reason. Acks and nacks are sent in batches: when half the window is
+//!    done, or `ack_flush_interval` after the first unsent one.
+//! 4. Sessions: delivery ids belong to one stream. When a stream breaks
+//!    (broker restart, network), the deliveries held but not started are
+//!    dropped, and results of handlers still running for the old session are
+//!    discarded rather than acked on the new one: the broker released those
+//!    leases and redelivers the messages (at-least-once; a handler may see a
+//!    message again). The loop reconnects with backoff and jitter (honouring
+//!    a retry-after hint) and subscribes anew.
+//! 5. Fatal errors end the loop after in-flight handlers finish: the queue
+//!    does not exist or was deleted (`NOT_FOUND`), the request is invalid,
+//!    permission is denied, or the broker breaks the protocol.
+//! 6. Graceful stop: no new handler starts; running handlers finish; their
+//!    acks and nacks are sent; the request stream is closed and the loop waits
+//!    (up to `stop_timeout`) for the broker to end the response stream, which
+//!    it does after applying those acks. Deliveries not started are released
+//!    by the close and redelivered.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ballast_proto::v1::{
+    self as proto, consume_request::Kind as RequestKind, consume_response::Kind as ResponseKind,
+    consumer_client::ConsumerClient,
+};
+use bytes::Bytes;
+use tokio::{
+    sync::{mpsc, watch},
+    task::{JoinHandle, JoinSet},
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Streaming, transport::Channel};
+
+use crate::{Backoff, Error, MessageId, contract};
+
+/// How a [`Consumer`] paces, runs handlers, acks and reconnects.
+///
+/// ```
+/// use std::time::Duration;
+/// use ballast_client::{ConsumerConfig, NackPolicy};
+///
+/// let config = ConsumerConfig {
+///     prefetch: 32,
+///     concurrency: 4,
+///     nack_delay: NackPolicy::exponential(Duration::from_millis(500), Duration::from_secs(60)),
+///     ..ConsumerConfig::default()
+/// };
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    /// Credit window: deliveries the broker may send ahead of the handlers,
+    /// 1..=[`contract::CREDIT_MAX`].
+    pub prefetch: u32,
+    /// Handlers running at once, at least 1.
+    pub concurrency: usize,
+    /// Redelivery delay after a handler fails.
+    pub nack_delay: NackPolicy,
+    /// Longest time an ack or nack waits to be sent with others.
+    pub ack_flush_interval: Duration,
+    /// Delay between reconnect attempts (exponential with full jitter; the
+    /// attempt count resets once a session is established).
+    pub reconnect: Backoff,
+    /// Longest wait for a stream to open and the broker to confirm the
+    /// subscription.
+    pub subscribe_timeout: Duration,
+    /// Longest wait, on stop, for the broker to end the stream after the last
+    /// acks were sent.
+    pub stop_timeout: Duration,
+    /// Stop after this many handlers have been started (and have finished);
+    /// `None` runs until stopped.
+    pub max_messages: Option<u64>,
+}
+
+impl Default for ConsumerConfig {
+    /// Prefetch 64, 8 handlers, nack delay 1 s doubling to 60 s, acks sent
+    /// within 5 ms, reconnects from 100 ms doubling to 10 s, 10 s to
+    /// subscribe, 5 s to stop, no message limit.
+    fn default() -> ConsumerConfig {
+        ConsumerConfig {
+            prefetch: 64,
+            concurrency: 8,
+            nack_delay: NackPolicy::default(),
+            ack_flush_interval: Duration::from_millis(5),
+            reconnect: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            subscribe_timeout: Duration::from_secs(10),
+            stop_timeout: Duration::from_secs(5),
+            max_messages: None,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// Checks every setting against its range; the error names the setting.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(1..=contract::CREDIT_MAX).contains(&self.prefetch) {
+            return Err(Error::InvalidArgument {
+                message: format!("consumer.prefetch must be in 1..={}; got {}", contract::CREDIT_MAX, self.prefetch),
+            });
+        }
+        if self.concurrency == 0 {
+            return Err(Error::InvalidArgument { message: "consumer.concurrency must be at least 1; got 0".into() });
+        }
+        if self.max_messages == Some(0) {
+            return Err(Error::InvalidArgument { message: "consumer.max_messages must be at least 1; got 0".into() });
+        }
+        if self.nack_delay.cap > contract::DELAY_MAX {
+            return Err(Error::InvalidArgument {
+                message: format!("consumer.nack_delay cap must be at most {}ms", contract::DELAY_MAX.as_millis()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Redelivery delay after a failed handler, by attempt: `base * 2^(attempt-1)`
+/// capped at `cap` (no jitter: the broker spreads redeliveries by lease).
+///
+/// ```
+/// use std::time::Duration;
+/// use ballast_client::NackPolicy;
+///
+/// let policy = NackPolicy::exponential(Duration::from_secs(1), Duration::from_secs(10));
+/// assert_eq!(policy.delay(1), Duration::from_secs(1));
+/// assert_eq!(policy.delay(3), Duration::from_secs(4));
+/// assert_eq!(policy.delay(9), Duration::from_secs(10));
+/// assert_eq!(NackPolicy::fixed(Duration::from_secs(2)).delay(5), Duration::from_secs(2));
+/// assert_eq!(NackPolicy::immediate().delay(5), Duration::ZERO);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NackPolicy {
+    /// Delay after the first attempt fails.
+    pub base: Duration,
+    /// Longest delay.
+    pub cap: Duration,
+}
+
+impl NackPolicy {
+    /// Redeliver at once.
+    pub const fn immediate() -> NackPolicy {
+        NackPolicy { base: Duration::ZERO, cap: Duration::ZERO }
+    }
+
+    /// Always the same delay.
+    pub const fn fixed(delay: Duration) -> NackPolicy {
+        NackPolicy { base: delay, cap: delay }
+    }
+
+    /// A delay doubling per attempt from `base` up to `cap`.
+    pub const fn exponential(base: Duration, cap: Duration) -> NackPolicy {
+        NackPolicy { base, cap }
+    }
+
+    /// The delay after attempt `attempt` (1-based) failed.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        Backoff::new(self.base, self.cap).ceiling(attempt.saturating_sub(1))
+    }
+}
+
+impl Default for NackPolicy {
+    /// 1 s doubling to 60 s.
+    fn default() -> NackPolicy {
+        NackPolicy::exponential(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
+
+/// One delivery of a message to this consumer, handed to the handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// Where the message is stored.
+    pub id: MessageId,
+    /// The payload.
+    pub payload: Bytes,
+    /// Application headers.
+    pub headers: HashMap<String, String>,
+    /// The message's idempotency key, if it was published with one.
+    pub idempotency_key: Option<String>,
+    /// 1 for the first delivery, +1 for each redelivery.
+    pub attempt: u32,
+    /// When the message was first published.
+    pub published_at: SystemTime,
+    /// When the lease ends unless the delivery is acked or nacked; the
+    /// broker then redelivers the message.
+    pub lease_deadline: SystemTime,
+    /// The lease's id within its session (for logs; the loop acks by it).
+    pub delivery_id: u64,
+}
+
+impl Delivery {
+    fn from_proto(delivery: proto::Delivery) -> Result<Delivery, Error> {
+        let id = delivery.id.ok_or_else(|| Error::Protocol { message: "delivery without a message id".into() })?;
+        Ok(Delivery {
+            id: id.into(),
+            payload: delivery.payload,
+            headers: delivery.headers,
+            idempotency_key: Some(delivery.idempotency_key).filter(|key| !key.is_empty()),
+            attempt: delivery.attempt,
+            published_at: UNIX_EPOCH + Duration::from_millis(delivery.published_at_ms),
+            lease_deadline: UNIX_EPOCH + Duration::from_millis(delivery.lease_deadline_ms),
+            delivery_id: delivery.delivery_id,
+        })
+    }
+}
+
+/// What a consumer did, returned when it ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerStats {
+    /// Sessions established (1 + reconnects).
+    pub sessions: u64,
+    /// Deliveries received.
+    pub delivered: u64,
+    /// Handlers started.
+    pub handled: u64,
+    /// Acks sent.
+    pub acked: u64,
+    /// Nacks sent.
+    pub nacked: u64,
+    /// Acks or nacks the broker rejected (the lease had expired).
+    pub rejected: u64,
+    /// Handler results dropped because their session had ended (those
+    /// messages are redelivered).
+    pub abandoned: u64,
+}
+
+/// A consumer of one queue. [`Consumer::spawn`] starts it with a handler.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), ballast_client::Error> {
+/// use ballast_client::{Client, ConsumerConfig, Delivery};
+///
+/// let client = Client::connect("http://127.0.0.1:7400").await?;
+/// let consumer = client.consumer("emails", ConsumerConfig::default())?;
+/// let handle = consumer.spawn(|delivery: Delivery| async move {
+///     let text = std::str::from_utf8(&delivery.payload).map_err(|e| e.to_string())?;
+///     println!("attempt {}: {text}", delivery.attempt);
+///     Ok::<(), String>(()) // Ok acks; Err nacks with a delay
+/// });
+/// tokio::signal::ctrl_c().await.ok();
+/// let stats = handle.stop().await?; // finishes in-flight handlers first
+/// println!("acked {}", stats.acked);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    client: ConsumerClient<Channel>,
+    queue: String,
+    config: ConsumerConfig,
+}
+
+/// A running consumer. [`ConsumerHandle::stop`] stops it gracefully;
+/// dropping the handle (and every [`Stopper`]) does too, in the background.
+#[derive(Debug)]
+pub struct ConsumerHandle {
+    stop: Arc<watch::Sender<bool>>,
+    task: JoinHandle<Result<ConsumerStats, Error>>,
+}
+
+/// Asks a running consumer to stop gracefully, from anywhere (a signal
+/// handler, another task) while someone else waits in
+/// [`ConsumerHandle::join`].
+///
+/// ```no_run
+/// # async fn example(consumer: ballast_client::Consumer) -> Result<(), ballast_client::Error> {
+/// use ballast_client::Delivery;
+///
+/// let handle = consumer.spawn(|_delivery: Delivery| async { Ok::<(), String>(()) });
+/// let stopper = handle.stopper();
+/// tokio::spawn(async move {
+///     tokio::signal::ctrl_c().await.ok();
+///     stopper.stop();
+/// });
+/// let stats = handle.join().await?;
+/// # let _ = stats;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Stopper {
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl Stopper {
+    /// Starts a graceful stop (see the module docs, rule 6); returns at once.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl Consumer {
+    pub(crate) fn new(channel: Channel, queue: &str, config: ConsumerConfig) -> Result<Consumer, Error> {
+        contract::check_queue_name(queue)?;
+        config.validate()?;
+        let client = ConsumerClient::new(channel).max_decoding_message_size(contract::GRPC_DECODE_SIZE_MAX);
+        Ok(Consumer { client, queue: queue.to_owned(), config })
+    }
+
+    /// Starts consuming on the current Tokio runtime, calling `handler` for
+    /// every delivery. `Ok` acks the delivery; `Err(e)` nacks it with the
+    /// configured delay and `e.to_string()` as the reason. A panicking
+    /// handler counts as an error.
+    ///
+    /// `handler` itself is called on the consumer's task and should only
+    /// build its future; the work belongs in the future, which runs as its
+    /// own task (up to `concurrency` at once).
+    pub fn spawn<H, F, E>(self, handler: H) -> ConsumerHandle
+    where
+        H: Fn(Delivery) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: fmt::Display + Send + 'static,
+    {
+        let (stop, stopped) = watch::channel(false);
+        let handler: Arc<dyn Fn(Delivery) -> HandlerFuture + Send + Sync> = Arc::new(move |delivery| {
+            let future = handler(delivery);
+            Box::pin(async move { future.await.map_err(|error| error.to_string()) })
+        });
+        let task = tokio::spawn(Loop::new(self, handler, stopped).run());
+        ConsumerHandle { stop: Arc::new(stop), task }
+    }
+}
+
+impl ConsumerHandle {
+    /// Stops gracefully (see the module docs, rule 6) and returns what the
+    /// consumer did, or the fatal error that had already ended it.
+    pub async fn stop(self) -> Result<ConsumerStats, Error> {
+        self.stop.send_replace(true);
+        self.join().await
+    }
+
+    /// Waits until the consumer ends: `max_messages` reached, a fatal error
+    /// (the queue was deleted, ...), or a stop through a [`Stopper`].
+    pub async fn join(self) -> Result<ConsumerStats, Error> {
+        // `self.stop` stays alive while waiting, so waiting is not stopping.
+        match self.task.await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_cancelled) => Err(Error::Closed),
+        }
+    }
+
+    /// A handle that can stop the consumer while another task joins it.
+    pub fn stopper(&self) -> Stopper {
+        Stopper { stop: self.stop.clone() }
+    }
+
+    /// Whether the consumer has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type Handler = Arc<dyn Fn(Delivery) -> HandlerFuture + Send + Sync>;
+
+/// Longest nack reason sent, in bytes; longer handler errors are cut.
+const NACK_REASON_SIZE_MAX: usize = 1024;
+
+/// Requests queued on the outgoing stream before the loop stops moving more
+/// into it; the loop keeps its own queue beyond that, so it never blocks on
+/// sending while the broker waits for it to read.
+const OUTGOING_CAPACITY: usize = 64;
+
+/// A handler that is running: which session's delivery it handles.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    epoch: u64,
+    delivery_id: u64,
+    attempt: u32,
+}
+
+/// The consumer's task state, across sessions.
+struct Loop {
+    consumer: Consumer,
+    handler: Handler,
+    stop: watch::Receiver<bool>,
+    stopping: bool,
+    /// Handler tasks of every session; results of old sessions are dropped.
+    handlers: JoinSet<Result<(), String>>,
+    running: HashMap<tokio::task::Id, Running>,
+    /// Session counter; a session's deliveries carry its epoch.
+    epoch: u64,
+    rng: fastrand::Rng,
+    stats: ConsumerStats,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// Stopped on request (or `max_messages` reached) and flushed.
+    Stopped,
+    /// The stream broke; reconnect after `delay_hint` (at least).
+    Broken(Error),
+}
+
+/// One consume stream.
+struct Session {
+    epoch: u64,
+    outgoing: mpsc::Sender<proto::ConsumeRequest>,
+    incoming: Streaming<proto::ConsumeResponse>,
+    /// Requests not yet moved into `outgoing`.
+    outbox: VecDeque<proto::ConsumeRequest>,
+    /// Deliveries received, not yet started.
+    waiting: VecDeque<Delivery>,
+    /// Credit the broker holds for us.
+    credit: u32,
+    /// Deliveries received whose ack or nack is not yet sent.
+    held: u32,
+    /// Results not yet sent.
+    acks: Vec<u64>,
+    nacks: Vec<proto::Nack>,
+    /// When the unsent results must go out.
+    flush_at: Option<Instant>,
+}
+
+impl Loop {
+    fn new(consumer: Consumer, handler: Handler, stop: watch::Receiver<bool>) -> Loop {
+        Loop {
+            consumer,
+            handler,
+            stop,
+            stopping: false,
+            handlers: JoinSet::new(),
+            running: HashMap::new(),
+            epoch: 0,
+            rng: fastrand::Rng::new(),
+            stats: ConsumerStats::default(),
+        }
+    }
+
+    async fn run(mut self) -> Result<ConsumerStats, Error> {
+        let result = self.sessions().await;
+        // Whatever ended the loop, let running handlers finish (rule 5 and 6);
+        // their results can no longer be sent.
+        while let Some(joined) = self.handlers.join_next_with_id().await {
+            self.finished(joined, None);
+        }
+        result.map(|()| self.stats)
+    }
+
+    /// Opens sessions until stopped or a fatal error.
+    async fn sessions(&mut self) -> Result<(), Error> {
+        let mut failures: u32 = 0;
+        loop {
+            if self.stopping || self.limit_reached() {
+                return Ok(());
+            }
+            self.epoch += 1;
+            let error = match self.open().await {
+                Ok(session) => {
+                    failures = 0;
+                    self.stats.sessions += 1;
+                    match self.serve(session).await? {
+                        SessionEnd::Stopped => return Ok(()),
+                        SessionEnd::Broken(error) => error,
+                    }
+                }
+                Err(error) if is_fatal(&error) => return Err(error),
+                Err(error) => error,
+            };
+            if self.stopping {
+                return Ok(());
+            }
+            let delay = self.consumer.config.reconnect.delay_after(failures, error.retry_after(), &mut self.rng);
+            failures = failures.saturating_add(1);
+            tracing::warn!(queue = %self.consumer.queue, %error, delay_ms = delay.as_millis(), "consume stream lost; reconnecting");
+            self.pause(delay).await;
+        }
+    }
+
+    /// Waits `delay` while still reaping handlers and watching for stop.
+    async fn pause(&mut self, delay: Duration) {
+        let until = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return,
+                changed = self.stop.changed(), if !self.stopping => {
+                    if changed.is_err() || *self.stop.borrow() {
+                        self.stopping = true;
+                        return;
+                    }
+                }
+                Some(joined) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
+                    self.finished(joined, None);
+                }
+            }
+        }
+    }
+
+    /// Opens a stream, subscribes and waits for the broker's confirmation.
+    async fn open(&mut self) -> Result<Session, Error> {
+        let config = &self.consumer.config;
+        let credit = self.credit_for_subscribe();
+        let (outgoing, receiver) = mpsc::channel(OUTGOING_CAPACITY);
+        let subscribe = proto::ConsumeRequest {
+            kind: Some(RequestKind::Subscribe(proto::Subscribe { queue: self.consumer.queue.clone(), credit })),
+        };
+        outgoing.try_send(subscribe).expect("a new channel has room for the subscribe request");
+        let mut client = self.consumer.client.clone();
+        let opened = tokio::time::timeout(config.subscribe_timeout, async move {
+            let mut incoming =
+                client.consume(ReceiverStream::new(receiver)).await.map_err(Error::from_status)?.into_inner();
+            match incoming.message().await.map_err(Error::from_status)? {
+                Some(proto::ConsumeResponse { kind: Some(ResponseKind::Subscribed(subscribed)) }) => {
+                    tracing::debug!(queue = %subscribed.queue, consumer_id = subscribed.consumer_id, "subscribed");
+                    Ok(incoming)
+                }
+                Some(other) => Err(Error::Protocol { message: format!("expected subscribed, got {other:?}") }),
+                None => Err(Error::Unavailable { message: "the broker closed the stream before subscribing".into() }),
+            }
+        })
+        .await;
+        let incoming = match opened {
+            Ok(result) => result?,
+            Err(_elapsed) => {
+                return Err(Error::DeadlineExceeded { timeout: Some(config.subscribe_timeout), last_error: None });
+            }
+        };
+        Ok(Session {
+            epoch: self.epoch,
+            outgoing,
+            incoming,
+            outbox: VecDeque::new(),
+            waiting: VecDeque::new(),
+            credit,
+            held: 0,
+            acks: Vec::new(),
+            nacks: Vec::new(),
+            flush_at: None,
+        })
+    }
+
+    /// Runs one session until it breaks, or the consumer stops.
+    async fn serve(&mut self, mut session: Session) -> Result<SessionEnd, Error> {
+        let prefetch = self.consumer.config.prefetch;
+        loop {
+            self.start_handlers(&mut session);
+            let results = u32::try_from(session.acks.len() + session.nacks.len()).unwrap_or(u32::MAX);
+            if results > 0 && (results >= (prefetch / 2).max(1) || self.stopping) {
+                self.flush(&mut session);
+            }
+            if self.stopping && self.handlers.is_empty() && session.acks.is_empty() && session.nacks.is_empty() {
+                return self.close(session).await;
+            }
+            if !self.stopping && self.limit_reached() {
+                // Every allowed handler has started: finish like a stop.
+                self.stopping = true;
+                continue;
+            }
+            tokio::select! {
+                message = session.incoming.message() => match message {
+                    Ok(Some(response)) => self.received(&mut session, response)?,
+                    Ok(None) => {
+                        return Ok(SessionEnd::Broken(Error::Unavailable { message: "the broker ended the stream".into() }));
+                    }
+                    Err(status) => {
+                        let error = Error::from_status(status);
+                        if is_fatal(&error) {
+                            return Err(error);
+                        }
+                        return Ok(SessionEnd::Broken(error));
+                    }
+                },
+                Some(joined) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
+                    self.finished(joined, Some(&mut session));
+                }
+                permit = session.outgoing.clone().reserve_owned(), if !session.outbox.is_empty() => match permit {
+                    Ok(permit) => {
+                        permit.send(session.outbox.pop_front().expect("outbox is not empty"));
+                    }
+                    Err(_closed) => {
+                        return Ok(SessionEnd::Broken(Error::Transport { message: "the consume stream closed".into() }));
+                    }
+                },
+                () = sleep_until(session.flush_at), if session.flush_at.is_some() => self.flush(&mut session),
+                changed = self.stop.changed(), if !self.stopping => {
+                    if changed.is_err() || *self.stop.borrow() {
+                        self.stopping = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one message from the broker.
+    fn received(&mut self, session: &mut Session, response: proto::ConsumeResponse) -> Result<(), Error> {
+        match response.kind {
+            Some(ResponseKind::Delivery(delivery)) => {
+                if session.credit == 0 {
+                    return Err(Error::Protocol { message: "the broker sent a delivery without credit".into() });
+                }
+                session.credit -= 1;
+                session.held += 1;
+                self.check_window(session);
+                self.stats.delivered += 1;
+                let delivery = Delivery::from_proto(delivery)?;
+                session.waiting.push_back(delivery);
+                Ok(())
+            }
+            Some(ResponseKind::Rejected(rejected)) => {
+                self.stats.rejected += 1;
+                tracing::warn!(
+                    queue = %self.consumer.queue,
+                    delivery_id = rejected.delivery_id,
+                    code = rejected.code,
+                    message = %rejected.message,
+                    "ack or nack rejected; the message will be redelivered"
+                );
+                Ok(())
+            }
+            Some(ResponseKind::Subscribed(_)) | None => {
+                Err(Error::Protocol { message: format!("unexpected message on the consume stream: {response:?}") })
+            }
+        }
+    }
+
+    /// Starts handlers for waiting deliveries while the limits allow.
+    fn start_handlers(&mut self, session: &mut Session) {
+        if self.stopping {
+            // Not started: released when the stream closes.
+            session.waiting.clear();
+            return;
+        }
+        while self.handlers.len() < self.consumer.config.concurrency && !self.limit_reached() {
+            let Some(delivery) = session.waiting.pop_front() else { break };
+            let running =
+                Running { epoch: session.epoch, delivery_id: delivery.delivery_id, attempt: delivery.attempt };
+            let task = self.handlers.spawn((self.handler)(delivery));
+            self.running.insert(task.id(), running);
+            self.stats.handled += 1;
+        }
+    }
+
+    /// Records a finished handler: its result goes to the session it
+    /// belongs to, or is dropped if that session is gone.
+    fn finished(
+        &mut self,
+        joined: Result<(tokio::task::Id, Result<(), String>), tokio::task::JoinError>,
+        session: Option<&mut Session>,
+    ) {
+        let (id, outcome) = match joined {
+            Ok((id, outcome)) => (id, outcome),
+            Err(error) => (error.id(), Err(panic_reason(error))),
+        };
+        let running = self.running.remove(&id).expect("every handler task is registered when spawned");
+        let Some(session) = session.filter(|session| session.epoch == running.epoch) else {
+            self.stats.abandoned += 1;
+            return;
+        };
+        match outcome {
+            Ok(()) => session.acks.push(running.delivery_id),
+            Err(reason) => session.nacks.push(proto::Nack {
+                delivery_id: running.delivery_id,
+                delay_ms: u64::try_from(self.consumer.config.nack_delay.delay(running.attempt).as_millis())
+                    .unwrap_or(u64::MAX),
+                reason: truncate(reason, NACK_REASON_SIZE_MAX),
+            }),
+        }
+        if session.flush_at.is_none() {
+            session.flush_at = Some(Instant::now() + self.consumer.config.ack_flush_interval);
+        }
+    }
+
+    /// Queues the unsent acks and nacks, then the credit they free (rule 1).
+    fn flush(&mut self, session: &mut Session) {
+        session.flush_at = None;
+        let done = u32::try_from(session.acks.len() + session.nacks.len()).expect("results are bounded by the window");
+        if done == 0 {
+            return;
+        }
+        assert!(done <= session.held, "{done} results for {} held deliveries", session.held);
+        if !session.acks.is_empty() {
+            self.stats.acked += session.acks.len() as u64;
+            let delivery_ids = std::mem::take(&mut session.acks);
+            session
+                .outbox
+                .push_back(proto::ConsumeRequest { kind: Some(RequestKind::Ack(proto::Ack { delivery_ids })) });
+        }
+        for nack in session.nacks.drain(..) {
+            self.stats.nacked += 1;
+            session.outbox.push_back(proto::ConsumeRequest { kind: Some(RequestKind::Nack(nack)) });
+        }
+        session.held -= done;
+        let grant = if self.stopping { 0 } else { self.credit_to_grant(session, done) };
+        if grant > 0 {
+            session.credit += grant;
+            session
+                .outbox
+                .push_back(proto::ConsumeRequest { kind: Some(RequestKind::Credit(proto::Credit { credit: grant })) });
+        }
+        self.check_window(session);
+    }
+
+    /// Closes a session on stop: sends what is queued, half-closes the
+    /// stream and waits for the broker to end it (rule 6).
+    async fn close(&mut self, mut session: Session) -> Result<SessionEnd, Error> {
+        let deadline = Instant::now() + self.consumer.config.stop_timeout;
+        let drained = tokio::time::timeout_at(deadline, async {
+            while let Some(request) = session.outbox.pop_front() {
+                if session.outgoing.send(request).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        if drained != Ok(true) {
+            tracing::warn!(queue = %self.consumer.queue, "could not send the last acks before stopping; those messages will be redelivered");
+        }
+        drop(session.outgoing);
+        let ended = tokio::time::timeout_at(deadline, async {
+            // Deliveries still arriving are released by the close.
+            loop {
+                match session.incoming.message().await {
+                    Ok(Some(response)) => {
+                        if let Some(ResponseKind::Rejected(_)) = response.kind {
+                            self.stats.rejected += 1;
+                        }
+                    }
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        })
+        .await;
+        if ended.is_err() {
+            tracing::warn!(queue = %self.consumer.queue, "the broker did not end the stream within the stop timeout");
+        }
+        Ok(SessionEnd::Stopped)
+    }
+
+    /// Credit to subscribe with: the window, or less when `max_messages`
+    /// needs fewer.
+    fn credit_for_subscribe(&self) -> u32 {
+        let prefetch = self.consumer.config.prefetch;
+        match self.remaining() {
+            Some(remaining) => u32::try_from(remaining).unwrap_or(u32::MAX).clamp(1, prefetch),
+            None => prefetch,
+        }
+    }
+
+    /// Credit to grant after `done` results were sent: `done`, but never more
+    /// than the handlers still allowed by `max_messages` need.
+    fn credit_to_grant(&self, session: &Session, done: u32) -> u32 {
+        match self.remaining() {
+            None => done,
+            Some(remaining) => {
+                let coming = u64::from(session.credit) + session.waiting.len() as u64;
+                let needed = remaining.saturating_sub(coming);
+                done.min(u32::try_from(needed).unwrap_or(u32::MAX))
+            }
+        }
+    }
+
+    /// Handlers still allowed by `max_messages`.
+    fn remaining(&self) -> Option<u64> {
+        self.consumer.config.max_messages.map(|max| max.saturating_sub(self.stats.handled))
+    }
+
+    fn limit_reached(&self) -> bool {
+        self.remaining() == Some(0)
+    }
+
+    fn check_window(&self, session: &Session) {
+        let prefetch = self.consumer.config.prefetch;
+        assert!(
+            session.credit + session.held <= prefetch,
+            "credit {} + held {} exceeds the window {prefetch}",
+            session.credit,
+            session.held
+        );
+    }
+}
+
+/// Errors that end the consumer instead of a reconnect.
+fn is_fatal(error: &Error) -> bool {
+    match error {
+        Error::NotFound { .. }
+        | Error::InvalidArgument { .. }
+        | Error::PermissionDenied { .. }
+        | Error::FailedPrecondition { .. }
+        | Error::AlreadyExists { .. }
+        | Error::Protocol { .. }
+        | Error::InvalidAddress { .. }
+        | Error::Unsupported { .. } => true,
+        Error::Broker { code, .. } => *code == tonic::Code::Unimplemented,
+        Error::ResourceExhausted { .. }
+        | Error::Unavailable { .. }
+        | Error::Transport { .. }
+        | Error::DeadlineExceeded { .. }
+        | Error::Aborted { .. }
+        | Error::CircuitOpen { .. }
+        | Error::Closed => false,
+    }
+}
+
+fn panic_reason(error: tokio::task::JoinError) -> String {
+    if !error.is_panic() {
+        return "handler was cancelled".into();
+    }
+    let payload = error.into_panic();
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".into());
+    format!("handler panicked: {text}")
+}
+
+fn truncate(mut text: String, size_max: usize) -> String {
+    if text.len() > size_max {
+        let mut end = size_max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl fmt::Debug for Loop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Loop").field("queue", &self.consumer.queue).field("epoch", &self.epoch).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,384 @@
+//! [`Error`]: everything that can go wrong in the client, typed by what the
+//! caller would do about it.
+
+use std::{error::Error as _, fmt, time::Duration};
+
+use tonic::{Code, Status};
+
+use crate::contract;
+
+/// The client's one error type: what happened, and (through
+/// [`Error::is_retryable`] and [`Error::retry_after`]) whether sending the
+/// same request again can help.
+///
+/// Broker answers map by gRPC code; failures to reach the broker at all, or a
+/// connection lost mid-call, are [`Error::Transport`]. The producer already
+/// retries the retryable kinds within its deadline, so an error it returns
+/// means the retries ran out, the deadline passed, or retrying cannot help.
+///
+/// ```
+/// use ballast_client::Error;
+///
+/// let refused = Error::ResourceExhausted {
+///     message: "queue payments is 95% full; lane low is refused above 70%".into(),
+///     retry_after: Some(std::time::Duration::from_millis(250)),
+/// };
+/// assert!(refused.is_retryable());
+/// assert_eq!(refused.retry_after(), Some(std::time::Duration::from_millis(250)));
+///
+/// let missing = Error::NotFound { message: "queue payments does not exist".into() };
+/// assert!(!missing.is_retryable());
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request is malformed: a bad queue name, lane, header, key, delay
+    /// or an oversize payload. Checked locally where the client can, by the
+    /// broker otherwise (`INVALID_ARGUMENT`). Fix the request; never retried.
+    #[error("invalid argument: {message}")]
+    InvalidArgument {
+        /// What is wrong, naming the limit that was hit.
+        message: String,
+    },
+
+    /// The queue does not exist (`NOT_FOUND`).
+    #[error("not found: {message}")]
+    NotFound {
+        /// The broker's explanation.
+        message: String,
+    },
+
+    /// The queue already exists with other settings (`ALREADY_EXISTS`).
+    #[error("already exists: {message}")]
+    AlreadyExists {
+        /// The broker's explanation.
+        message: String,
+    },
+
+    /// The broker refused the work because a limit was hit: the queue is too
+    /// full for the lane, or the disk is nearly full (`RESOURCE_EXHAUSTED`).
+    /// Slow down; retry no sooner than `retry_after`.
+    #[error("refused by the broker: {message}{}", RetryAfter(*retry_after))]
+    ResourceExhausted {
+        /// The broker's explanation.
+        message: String,
+        /// The broker's hint (`retry-after-ms` metadata), if it sent one.
+        retry_after: Option<Duration>,
+    },
+
+    /// The broker answered that it cannot serve now, typically while it
+    /// shuts down (`UNAVAILABLE`). Retryable.
+    #[error("broker unavailable: {message}")]
+    Unavailable {
+        /// The broker's explanation.
+        message: String,
+    },
+
+    /// The broker could not be reached, or the connection was lost before
+    /// the answer arrived. The request may or may not have been applied; a
+    /// publish is safe to retry because it carries its idempotency key.
+    #[error("transport failure: {message}")]
+    Transport {
+        /// What the connection reported.
+        message: String,
+    },
+
+    /// The call did not finish within its deadline. Like a transport failure
+    /// the outcome is unknown; a publish retried with the same idempotency
+    /// key is stored at most once.
+    #[error("deadline exceeded{}{}", After(*timeout), LastError(last_error.as_deref()))]
+    DeadlineExceeded {
+        /// The time budget that ran out; `None` when the broker reported
+        /// that a deadline passed on its side.
+        timeout: Option<Duration>,
+        /// The last failure seen before the deadline, if any attempt failed.
+        last_error: Option<Box<Error>>,
+    },
+
+    /// The broker aborted the call, for example on a conflict with a
+    /// concurrent operation (`ABORTED`). Retryable.
+    #[error("aborted by the broker: {message}")]
+    Aborted {
+        /// The broker's explanation.
+        message: String,
+    },
+
+    /// The operation does not apply to the current state, for example an
+    /// ack of an expired delivery (`FAILED_PRECONDITION`).
+    #[error("failed precondition: {message}")]
+    FailedPrecondition {
+        /// The broker's explanation.
+        message: String,
+    },
+
+    /// The caller may not do this (`PERMISSION_DENIED` or `UNAUTHENTICATED`).
+    #[error("permission denied: {message}")]
+    PermissionDenied {
+        /// The broker's explanation.
+        message: String,
+    },
+
+    /// The circuit breaker for this queue is open after repeated failures:
+    /// the call failed fast without reaching the broker. Retry after
+    /// `retry_in`, when the breaker lets a probe through.
+    #[error("circuit breaker open after repeated failures; next probe in {}ms", retry_in.as_millis())]
+    CircuitOpen {
+        /// Time until the breaker lets a probe call through.
+        retry_in: Duration,
+    },
+
+    /// The broker failed in a way retrying will not fix: an internal error,
+    /// an unimplemented method (an older broker), data loss, or another code.
+    #[error("broker error ({code:?}): {message}")]
+    Broker {
+        /// The gRPC status code.
+        code: Code,
+        /// The broker's explanation.
+        message: String,
+    },
+
+    /// The broker's answer broke the protocol (a missing field, a wrong
+    /// number of receipts, an unexpected message on the consume stream).
+    #[error("protocol violation: {message}")]
+    Protocol {
+        /// What was wrong with the answer.
+        message: String,
+    },
+
+    /// The broker address could not be parsed as a URI.
+    #[error("invalid broker address {addr:?}: {message}")]
+    InvalidAddress {
+        /// The address as given.
+        addr: String,
+        /// Why it is invalid.
+        message: String,
+    },
+
+    /// The producer was closed (or its background task ended) before the
+    /// call was answered.
+    #[error("the producer is closed")]
+    Closed,
+
+    /// The feature needs broker support that does not exist yet.
+    #[error("{feature} is not available until the broker supports it ({issue})")]
+    Unsupported {
+        /// What was asked for.
+        feature: &'static str,
+        /// Where the missing support is tracked.
+        issue: &'static str,
+    },
+}
+
+impl Error {
+    /// Whether sending the same request again may succeed: the broker was
+    /// unreachable, busy, refusing for now, or the deadline passed. False for
+    /// requests the broker judged wrong (bad argument, unknown queue, ...).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::ResourceExhausted { .. }
+            | Error::Unavailable { .. }
+            | Error::Transport { .. }
+            | Error::DeadlineExceeded { .. }
+            | Error::Aborted { .. }
+            | Error::CircuitOpen { .. } => true,
+            Error::InvalidArgument { .. }
+            | Error::NotFound { .. }
+            | Error::AlreadyExists { .. }
+            | Error::FailedPrecondition { .. }
+            | Error::PermissionDenied { .. }
+            | Error::Broker { .. }
+            | Error::Protocol { .. }
+            | Error::InvalidAddress { .. }
+            | Error::Closed
+            | Error::Unsupported { .. } => false,
+        }
+    }
+
+    /// The least time to wait before a retry, when the failure says: the
+    /// broker's retry-after hint on a refusal, or the time until an open
+    /// circuit breaker lets a probe through.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::ResourceExhausted { retry_after, .. } => *retry_after,
+            Error::CircuitOpen { retry_in } => Some(*retry_in),
+            _ => None,
+        }
+    }
+
+    /// The gRPC status code this error corresponds to, if it came from (or
+    /// stands for) a gRPC status.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::InvalidArgument { .. } => Some(Code::InvalidArgument),
+            Error::NotFound { .. } => Some(Code::NotFound),
+            Error::AlreadyExists { .. } => Some(Code::AlreadyExists),
+            Error::ResourceExhausted { .. } => Some(Code::ResourceExhausted),
+            Error::Unavailable { .. } | Error::Transport { .. } => Some(Code::Unavailable),
+            Error::DeadlineExceeded { .. } => Some(Code::DeadlineExceeded),
+            Error::Aborted { .. } => Some(Code::Aborted),
+            Error::FailedPrecondition { .. } => Some(Code::FailedPrecondition),
+            Error::PermissionDenied { .. } => Some(Code::PermissionDenied),
+            Error::Broker { code, .. } => Some(*code),
+            Error::CircuitOpen { .. }
+            | Error::Protocol { .. }
+            | Error::InvalidAddress { .. }
+            | Error::Closed
+            | Error::Unsupported { .. } => None,
+        }
+    }
+
+    /// Maps a gRPC status to an error.
+    ///
+    /// A status that carries a source error was made by the local transport
+    /// (connect refused, connection reset, h2 failure), not sent by the
+    /// broker: it becomes [`Error::Transport`] whatever its code, because the
+    /// broker never judged the request. A status the broker sent has no
+    /// source and maps by code.
+    pub fn from_status(status: Status) -> Error {
+        let message = status.message().to_owned();
+        if let Some(source) = status.source() {
+            return Error::Transport { message: transport_message(&message, source) };
+        }
+        match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument { message },
+            Code::NotFound => Error::NotFound { message },
+            Code::AlreadyExists => Error::AlreadyExists { message },
+            Code::ResourceExhausted => Error::ResourceExhausted { retry_after: retry_after(&status), message },
+            Code::Unavailable => Error::Unavailable { message },
+            Code::DeadlineExceeded => Error::DeadlineExceeded {
+                timeout: None,
+                last_error: Some(Box::new(Error::Broker { code: Code::DeadlineExceeded, message })),
+            },
+            Code::Aborted => Error::Aborted { message },
+            Code::FailedPrecondition => Error::FailedPrecondition { message },
+            Code::PermissionDenied | Code::Unauthenticated => Error::PermissionDenied { message },
+            code @ (Code::Ok
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::DataLoss) => Error::Broker { code, message },
+        }
+    }
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Error {
+        Error::from_status(status)
+    }
+}
+
+/// Reads the broker's `retry-after-ms` hint off a status. A missing or
+/// unparsable value is no hint.
+fn retry_after(status: &Status) -> Option<Duration> {
+    let value = status.metadata().get(contract::RETRY_AFTER_METADATA)?;
+    let ms: u64 = value.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// The status message plus the innermost cause, which names what actually
+/// failed ("Connection refused").
+fn transport_message(message: &str, source: &(dyn std::error::Error + 'static)) -> String {
+    let mut root = source;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    let root = root.to_string();
+    if message.is_empty() || message.contains(&root) {
+        format!("{message}{root}")
+    } else {
+        format!("{message}: {root}")
+    }
+}
+
+/// Renders an optional retry-after hint inside an error message.
+struct RetryAfter(Option<Duration>);
+
+impl fmt::Display for RetryAfter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(after) => write!(f, " (retry after {}ms)", after.as_millis()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Renders an optional time budget inside an error message.
+struct After(Option<Duration>);
+
+impl fmt::Display for After {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(after) => write!(f, " after {}ms", after.as_millis()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Renders an optional last error inside an error message.
+struct LastError<'a>(Option<&'a Error>);
+
+impl fmt::Display for LastError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(error) => write!(f, "; last error: {error}"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::metadata::MetadataValue;
+
+    use super::*;
+
+    /// A refusal carries the broker's retry-after hint, parsed from metadata.
+    #[test]
+    fn resource_exhausted_reads_retry_after() {
+        let mut status = Status::resource_exhausted("queue full");
+        status.metadata_mut().insert(contract::RETRY_AFTER_METADATA, MetadataValue::from_static("1500"));
+        let error = Error::from_status(status);
+        assert!(error.is_retryable());
+        assert_eq!(error.retry_after(), Some(Duration::from_millis(1500)));
+        assert_eq!(error.to_string(), "refused by the broker: queue full (retry after 1500ms)");
+
+        let mut garbled = Status::resource_exhausted("queue full");
+        garbled.metadata_mut().insert(contract::RETRY_AFTER_METADATA, MetadataValue::from_static("soon"));
+        assert_eq!(Error::from_status(garbled).retry_after(), None);
+    }
+
+    /// Broker answers map by code; the contract's non-retryable codes stay so.
+    #[test]
+    fn codes_map_to_variants() {
+        let cases = [
+            (Status::invalid_argument("bad"), false),
+            (Status::not_found("gone"), false),
+            (Status::already_exists("dup"), false),
+            (Status::failed_precondition("lease"), false),
+            (Status::permission_denied("no"), false),
+            (Status::internal("disk"), false),
+            (Status::unavailable("draining"), true),
+            (Status::deadline_exceeded("slow"), true),
+            (Status::aborted("conflict"), true),
+        ];
+        for (status, retryable) in cases {
+            let code = status.code();
+            let error = Error::from_status(status);
+            assert_eq!(error.is_retryable(), retryable, "{code:?} -> {error:?}");
+            assert_eq!(error.code(), Some(code), "{error:?}");
+        }
+    }
+
+    /// A status made locally from a transport failure is a retryable
+    /// Transport error even when its code alone would not be retryable.
+    #[test]
+    fn local_transport_failure_is_retryable() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        let status = Status::from_error(Box::new(io));
+        let error = Error::from_status(status);
+        assert!(matches!(error, Error::Transport { .. }), "{error:?}");
+        assert!(error.is_retryable());
+        assert!(error.to_string().contains("connection reset by peer"), "{error}");
+    }
+}

@@ -1,0 +1,532 @@
+//! An in-process fake broker for unit tests: the generated tonic server
+//! traits over a little in-memory state, served on 127.0.0.1:0.
+//!
+//! It follows the wire contract (`crate::contract`) closely enough to test
+//! the client's side of it, records every request, and can be told to fail:
+//! answer with a status before storing, store and then fail or hang, or break
+//! every consume stream as a broker restart would.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use ballast_proto::v1::{
+    self as proto, admin_server::AdminServer, consume_request::Kind as RequestKind,
+    consume_response::Kind as ResponseKind, consumer_server::ConsumerServer, publisher_server::PublisherServer,
+};
+use tokio::{
+    sync::{Notify, mpsc, oneshot, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{Client, contract};
+
+/// A running fake broker.
+pub(crate) struct FakeServer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) state: Arc<Fake>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl FakeServer {
+    pub(crate) async fn start() -> FakeServer {
+        let state = Arc::new(Fake::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("bound address");
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let router = tonic::transport::Server::builder()
+            .add_service(PublisherServer::from_arc(state.clone()))
+            .add_service(ConsumerServer::new(ConsumerService(state.clone())))
+            .add_service(AdminServer::from_arc(state.clone()));
+        let task = tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("fake server runs");
+        });
+        FakeServer { addr, state, shutdown: Some(shutdown), task: Some(task) }
+    }
+
+    pub(crate) fn client(&self) -> Client {
+        Client::new(&format!("http://{}", self.addr)).expect("valid address")
+    }
+
+    /// A lazily connecting channel to the fake, for constructors that take
+    /// one directly.
+    pub(crate) fn client_channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).expect("valid address").connect_lazy()
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// What the fake does with the next publish calls.
+#[derive(Debug, Clone)]
+pub(crate) enum Fault {
+    /// Answer with this status; store nothing.
+    Refuse(Status),
+    /// Store, then answer UNAVAILABLE (the answer is lost).
+    StoreThenUnavailable,
+    /// Store, then never answer.
+    StoreThenHang,
+}
+
+/// One publish RPC as the fake saw it.
+#[derive(Debug, Clone)]
+pub(crate) struct PublishCall {
+    pub(crate) batch: bool,
+    pub(crate) keys: Vec<String>,
+    pub(crate) at: Instant,
+}
+
+/// A stored message.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub(crate) id: proto::MessageId,
+    pub(crate) message: proto::Message,
+}
+
+/// The fake's state. All of it sits behind one mutex: tests are small.
+#[derive(Debug, Default)]
+pub(crate) struct Fake {
+    state: Mutex<State>,
+    /// Wakes consume sessions when messages are added or released.
+    wake: Notify,
+    /// Bumped to break every consume stream (a broker restart).
+    restarts: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    // Publisher.
+    pub(crate) faults: VecDeque<Fault>,
+    pub(crate) calls: Vec<PublishCall>,
+    pub(crate) stored: Vec<Stored>,
+    dedupe: HashMap<String, proto::MessageId>,
+    // Consumer.
+    /// Messages ready for delivery, with their attempt count so far.
+    pub(crate) ready: VecDeque<(proto::MessageId, proto::Message, u32)>,
+    pub(crate) sessions: Vec<SessionLog>,
+    /// Message ids acked, in order.
+    pub(crate) acked: Vec<proto::MessageId>,
+    /// (message id, delay_ms, reason) of every nack.
+    pub(crate) nacked: Vec<(proto::MessageId, u64, String)>,
+    pub(crate) rejected: u64,
+    /// Largest credit + leased seen on any session.
+    pub(crate) window_max: u64,
+    /// Queues that exist for Subscribe and Admin.
+    pub(crate) queues: Vec<String>,
+}
+
+/// One consume session as the fake saw it.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct SessionLog {
+    pub(crate) subscribe_credit: u32,
+    pub(crate) requests: Vec<RequestKind>,
+    /// Delivery id -> message id, for every delivery of this session.
+    pub(crate) delivered: HashMap<u64, proto::MessageId>,
+    /// Whether the client half-closed the stream (a graceful stop).
+    pub(crate) closed_by_client: bool,
+}
+
+impl Fake {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("fake state lock is never poisoned")
+    }
+
+    pub(crate) fn fault(&self, fault: Fault) {
+        self.lock().faults.push_back(fault);
+    }
+
+    /// Adds queue `name` with `count` ready messages `name-0`, `name-1`, ...
+    pub(crate) fn add_queue(&self, name: &str, count: u64) {
+        let mut state = self.lock();
+        state.queues.push(name.to_owned());
+        for offset in 0..count {
+            let message =
+                proto::Message { payload: format!("{name}-{offset}").into_bytes().into(), ..proto::Message::default() };
+            state.ready.push_back((proto::MessageId { lane: 0, offset }, message, 0));
+        }
+        drop(state);
+        self.wake.notify_waiters();
+    }
+
+    /// Breaks every consume stream with UNAVAILABLE, releasing its leases.
+    pub(crate) fn restart(&self) {
+        self.restarts.send_modify(|count| *count += 1);
+    }
+
+    fn store(&self, message: proto::Message) -> proto::Receipt {
+        let mut state = self.lock();
+        if let Some(id) = state.dedupe.get(&message.idempotency_key) {
+            return proto::Receipt { id: Some(*id), duplicate: true, ..proto::Receipt::default() };
+        }
+        let id = proto::MessageId { lane: message.lane.unwrap_or(1), offset: state.stored.len() as u64 };
+        if !message.idempotency_key.is_empty() {
+            state.dedupe.insert(message.idempotency_key.clone(), id);
+        }
+        state.stored.push(Stored { id, message });
+        proto::Receipt { id: Some(id), duplicate: false, ..proto::Receipt::default() }
+    }
+
+    /// Records a publish call and takes the next fault, if any.
+    fn begin_publish(&self, batch: bool, messages: &[proto::Message]) -> Result<Option<Fault>, Status> {
+        let mut state = self.lock();
+        state.calls.push(PublishCall {
+            batch,
+            keys: messages.iter().map(|m| m.idempotency_key.clone()).collect(),
+            at: Instant::now(),
+        });
+        if let Some(bad) = messages.iter().find(|m| &m.payload[..] == b"bad") {
+            return Err(Status::invalid_argument(format!("payload {:?} is bad", bad.payload)));
+        }
+        match state.faults.pop_front() {
+            Some(Fault::Refuse(status)) => Err(status),
+            other => Ok(other),
+        }
+    }
+
+    async fn finish_publish<T>(fault: Option<Fault>, answer: T) -> Result<Response<T>, Status> {
+        match fault {
+            None | Some(Fault::Refuse(_)) => Ok(Response::new(answer)),
+            Some(Fault::StoreThenUnavailable) => Err(Status::unavailable("answer lost")),
+            Some(Fault::StoreThenHang) => std::future::pending().await,
+        }
+    }
+}
+
+/// A RESOURCE_EXHAUSTED status with the contract's retry-after metadata.
+pub(crate) fn refused(retry_after: Duration) -> Status {
+    let mut status = Status::resource_exhausted("queue is full");
+    let value = retry_after.as_millis().to_string().parse().expect("digits are valid metadata");
+    status.metadata_mut().insert(contract::RETRY_AFTER_METADATA, value);
+    status
+}
+
+#[tonic::async_trait]
+impl proto::publisher_server::Publisher for Fake {
+    async fn publish(
+        &self,
+        request: Request<proto::PublishRequest>,
+    ) -> Result<Response<proto::PublishResponse>, Status> {
+        let message = request.into_inner().message.ok_or_else(|| Status::invalid_argument("no message"))?;
+        let fault = self.begin_publish(false, std::slice::from_ref(&message))?;
+        let receipt = self.store(message);
+        Fake::finish_publish(fault, proto::PublishResponse { receipt: Some(receipt) }).await
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<proto::PublishBatchRequest>,
+    ) -> Result<Response<proto::PublishBatchResponse>, Status> {
+        let messages = request.into_inner().messages;
+        if messages.len() > contract::BATCH_COUNT_MAX {
+            return Err(Status::invalid_argument("batch too big"));
+        }
+        let fault = self.begin_publish(true, &messages)?;
+        let receipts = messages.into_iter().map(|m| self.store(m)).collect();
+        Fake::finish_publish(fault, proto::PublishBatchResponse { receipts }).await
+    }
+}
+
+/// The consume side of the fake (a newtype: session tasks need the `Arc`).
+struct ConsumerService(Arc<Fake>);
+
+#[tonic::async_trait]
+impl proto::consumer_server::Consumer for ConsumerService {
+    type ConsumeStream = ReceiverStream<Result<proto::ConsumeResponse, Status>>;
+
+    async fn consume(
+        &self,
+        request: Request<Streaming<proto::ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let mut incoming = request.into_inner();
+        let first = incoming.message().await?.and_then(|r| r.kind);
+        let Some(RequestKind::Subscribe(subscribe)) = first else {
+            return Err(Status::invalid_argument("the first request must be subscribe"));
+        };
+        if !self.0.lock().queues.contains(&subscribe.queue) {
+            return Err(Status::not_found(format!("queue {} does not exist", subscribe.queue)));
+        }
+        if !(1..=contract::CREDIT_MAX).contains(&subscribe.credit) {
+            return Err(Status::invalid_argument("credit out of range"));
+        }
+        let index = {
+            let mut state = self.0.lock();
+            state.sessions.push(SessionLog { subscribe_credit: subscribe.credit, ..SessionLog::default() });
+            state.sessions.len() - 1
+        };
+        let (outgoing, receiver) = mpsc::channel(1024);
+        outgoing
+            .send(Ok(proto::ConsumeResponse {
+                kind: Some(ResponseKind::Subscribed(proto::Subscribed {
+                    queue: subscribe.queue,
+                    consumer_id: index as u64,
+                })),
+            }))
+            .await
+            .expect("a new channel has room");
+        tokio::spawn(FakeSession::new(self.0.clone(), index, subscribe.credit).run(incoming, outgoing));
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn pull(&self, _request: Request<proto::PullRequest>) -> Result<Response<proto::PullResponse>, Status> {
+        Err(Status::unimplemented("the fake has no pull"))
+    }
+
+    async fn ack(&self, _request: Request<proto::AckRequest>) -> Result<Response<proto::AckResponse>, Status> {
+        Err(Status::unimplemented("the fake has no unary ack"))
+    }
+
+    async fn nack(&self, _request: Request<proto::NackRequest>) -> Result<Response<proto::NackResponse>, Status> {
+        Err(Status::unimplemented("the fake has no unary nack"))
+    }
+}
+
+/// One consume session of the fake broker.
+struct FakeSession {
+    fake: Arc<Fake>,
+    index: usize,
+    credit: u32,
+    next_delivery_id: u64,
+    /// Delivery id -> (message id, message, attempt).
+    leased: HashMap<u64, (proto::MessageId, proto::Message, u32)>,
+}
+
+impl FakeSession {
+    fn new(fake: Arc<Fake>, index: usize, credit: u32) -> FakeSession {
+        // Delivery ids restart at 1 in every session, as ids of different
+        // sessions may collide on a real broker too.
+        FakeSession { fake, index, credit, next_delivery_id: 1, leased: HashMap::new() }
+    }
+
+    async fn run(
+        mut self,
+        mut incoming: Streaming<proto::ConsumeRequest>,
+        outgoing: mpsc::Sender<Result<proto::ConsumeResponse, Status>>,
+    ) {
+        let mut restarts = self.fake.restarts.subscribe();
+        restarts.borrow_and_update();
+        let fake = self.fake.clone();
+        loop {
+            // Registered before delivering, so a message added meanwhile
+            // still wakes the session.
+            let wake = fake.wake.notified();
+            self.deliver(&outgoing).await;
+            tokio::select! {
+                request = incoming.message() => match request {
+                    Ok(Some(proto::ConsumeRequest { kind: Some(kind) })) => {
+                        self.fake.lock().sessions[self.index].requests.push(kind.clone());
+                        self.apply(kind, &outgoing).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        // Half-closed by the client: acks read so far are
+                        // applied; release the rest and end the stream.
+                        self.fake.lock().sessions[self.index].closed_by_client = true;
+                        break;
+                    }
+                    Err(_) => break,
+                },
+                _ = restarts.changed() => {
+                    let _ = outgoing.send(Err(Status::unavailable("broker restarting"))).await;
+                    break;
+                }
+                () = wake => {}
+            }
+        }
+        self.release();
+    }
+
+    async fn deliver(&mut self, outgoing: &mpsc::Sender<Result<proto::ConsumeResponse, Status>>) {
+        while self.credit > 0 {
+            let Some((id, message, attempt)) = self.fake.lock().ready.pop_front() else { return };
+            let delivery_id = self.next_delivery_id;
+            self.next_delivery_id += 1;
+            self.credit -= 1;
+            let attempt = attempt + 1;
+            let delivery = proto::Delivery {
+                delivery_id,
+                id: Some(id),
+                payload: message.payload.clone(),
+                headers: message.headers.clone(),
+                idempotency_key: message.idempotency_key.clone(),
+                attempt,
+                published_at_ms: 1,
+                lease_deadline_ms: 2,
+            };
+            self.leased.insert(delivery_id, (id, message, attempt));
+            self.fake.lock().sessions[self.index].delivered.insert(delivery_id, id);
+            self.note_window();
+            let response = proto::ConsumeResponse { kind: Some(ResponseKind::Delivery(delivery)) };
+            if outgoing.send(Ok(response)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn apply(&mut self, kind: RequestKind, outgoing: &mpsc::Sender<Result<proto::ConsumeResponse, Status>>) {
+        match kind {
+            RequestKind::Subscribe(_) => {
+                let _ = outgoing.send(Err(Status::invalid_argument("subscribed twice"))).await;
+            }
+            RequestKind::Credit(credit) => {
+                self.credit += credit.credit;
+                self.note_window();
+                assert!(
+                    u64::from(self.credit) + self.leased.len() as u64 <= u64::from(contract::CREDIT_MAX),
+                    "the broker's credit rule was broken"
+                );
+            }
+            RequestKind::Ack(ack) => {
+                for delivery_id in ack.delivery_ids {
+                    match self.leased.remove(&delivery_id) {
+                        Some((id, _, _)) => self.fake.lock().acked.push(id),
+                        None => self.reject(delivery_id, outgoing).await,
+                    }
+                }
+            }
+            RequestKind::Nack(nack) => match self.leased.remove(&nack.delivery_id) {
+                Some((id, message, attempt)) => {
+                    let mut state = self.fake.lock();
+                    state.nacked.push((id, nack.delay_ms, nack.reason));
+                    // The fake ignores the delay: redelivered at once.
+                    state.ready.push_back((id, message, attempt));
+                }
+                None => self.reject(nack.delivery_id, outgoing).await,
+            },
+        }
+    }
+
+    async fn reject(&self, delivery_id: u64, outgoing: &mpsc::Sender<Result<proto::ConsumeResponse, Status>>) {
+        self.fake.lock().rejected += 1;
+        let rejected = proto::Rejected {
+            delivery_id,
+            code: tonic::Code::FailedPrecondition as i32,
+            message: "unknown delivery".into(),
+        };
+        let _ = outgoing.send(Ok(proto::ConsumeResponse { kind: Some(ResponseKind::Rejected(rejected)) })).await;
+    }
+
+    fn note_window(&self) {
+        let window = u64::from(self.credit) + self.leased.len() as u64;
+        let mut state = self.fake.lock();
+        state.window_max = state.window_max.max(window);
+    }
+
+    /// Puts leased messages back at the front, in offset order.
+    fn release(&mut self) {
+        let mut leased: Vec<_> = self.leased.drain().map(|(_, entry)| entry).collect();
+        leased.sort_by_key(|(id, _, _)| id.offset);
+        let mut state = self.fake.lock();
+        for entry in leased.into_iter().rev() {
+            state.ready.push_front(entry);
+        }
+        drop(state);
+        self.fake.wake.notify_waiters();
+    }
+}
+
+#[tonic::async_trait]
+impl proto::admin_server::Admin for Fake {
+    async fn create_queue(
+        &self,
+        request: Request<proto::CreateQueueRequest>,
+    ) -> Result<Response<proto::QueueInfo>, Status> {
+        let request = request.into_inner();
+        let mut state = self.lock();
+        if state.queues.contains(&request.name) {
+            return Err(Status::already_exists(format!("queue {} exists with other settings", request.name)));
+        }
+        state.queues.push(request.name.clone());
+        Ok(Response::new(info(&request.name)))
+    }
+
+    async fn get_queue(&self, request: Request<proto::GetQueueRequest>) -> Result<Response<proto::QueueInfo>, Status> {
+        let name = request.into_inner().name;
+        if self.lock().queues.contains(&name) {
+            Ok(Response::new(info(&name)))
+        } else {
+            Err(Status::not_found(format!("queue {name} does not exist")))
+        }
+    }
+
+    async fn list_queues(
+        &self,
+        _request: Request<proto::ListQueuesRequest>,
+    ) -> Result<Response<proto::ListQueuesResponse>, Status> {
+        let mut names = self.lock().queues.clone();
+        names.sort();
+        Ok(Response::new(proto::ListQueuesResponse { queues: names.iter().map(|name| info(name)).collect() }))
+    }
+
+    async fn delete_queue(
+        &self,
+        request: Request<proto::DeleteQueueRequest>,
+    ) -> Result<Response<proto::DeleteQueueResponse>, Status> {
+        let name = request.into_inner().name;
+        let mut state = self.lock();
+        let before = state.queues.len();
+        state.queues.retain(|queue| *queue != name);
+        if state.queues.len() == before {
+            return Err(Status::not_found(format!("queue {name} does not exist")));
+        }
+        Ok(Response::new(proto::DeleteQueueResponse {}))
+    }
+
+    async fn purge_queue(
+        &self,
+        request: Request<proto::PurgeQueueRequest>,
+    ) -> Result<Response<proto::PurgeQueueResponse>, Status> {
+        let _ = request;
+        let mut state = self.lock();
+        let purged = state.ready.len() as u64;
+        state.ready.clear();
+        Ok(Response::new(proto::PurgeQueueResponse { purged }))
+    }
+}
+
+/// The fake's resolved view of a queue: the broker's documented defaults.
+fn info(name: &str) -> proto::QueueInfo {
+    proto::QueueInfo {
+        name: name.to_owned(),
+        settings: Some(proto::QueueSettings {
+            lanes: vec!["high".into(), "normal".into(), "low".into()],
+            lane_weights: vec![4, 2, 1],
+            strict_priority: Some(false),
+            default_lane: Some(1),
+            lease_timeout_ms: Some(30_000),
+            max_attempts: Some(5),
+            dead_letter: Some(true),
+            dedupe_window_ms: Some(300_000),
+            message_size_max: Some(1 << 20),
+            sync_policy: proto::SyncPolicy::Fsync.into(),
+            sync_interval_ms: Some(100),
+            ..proto::QueueSettings::default()
+        }),
+        dead_letter_queue: format!("{name}.dead"),
+        lane_depths: vec![0, 2, 0],
+        depth: 2,
+        in_flight: 0,
+        consumers: 0,
+        created_at_ms: 1_700_000_000_000,
+    }
+}

@@ -1,0 +1,312 @@
+//! Producer tests against the in-process fake broker (`crate::fake`).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tonic::Status;
+
+use super::*;
+use crate::{
+    Backoff, Client, MessageId,
+    fake::{FakeServer, Fault, refused},
+};
+
+/// Fast retries so failure tests take milliseconds; a fixed jitter seed so
+/// they replay the same way.
+fn config() -> ProducerConfig {
+    ProducerConfig {
+        linger: Duration::ZERO,
+        deadline: Duration::from_secs(10),
+        attempt_timeout: Duration::from_secs(5),
+        retry: RetryPolicy {
+            attempts_max: 5,
+            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(5)),
+        },
+        jitter_seed: Some(42),
+        ..ProducerConfig::default()
+    }
+}
+
+/// A publish whose answer is lost after the broker stored it is retried with
+/// the same idempotency key, so the broker stores it once and the caller
+/// gets the original id with `duplicate` set.
+#[tokio::test]
+async fn retried_publish_after_lost_answer_is_stored_once() {
+    let server = FakeServer::start().await;
+    server.state.fault(Fault::StoreThenUnavailable);
+    let producer = server.client().producer(config()).expect("valid config");
+
+    let receipt = producer.publish("orders", Message::new("one")).await.expect("retry succeeds");
+
+    let state = server.state.lock();
+    assert_eq!(state.stored.len(), 1, "stored once");
+    assert_eq!(&state.stored[0].message.payload[..], b"one");
+    assert_eq!(receipt.id, MessageId::from(state.stored[0].id));
+    assert!(receipt.duplicate, "the retry hit the dedupe entry");
+    assert_eq!(state.calls.len(), 2);
+    let key = &state.calls[0].keys[0];
+    assert_eq!(key.len(), 32, "a generated 128-bit hex key");
+    assert_eq!(&state.calls[1].keys[0], key, "the retry reused the key");
+}
+
+/// An attempt that hangs after storing is cut by the attempt timeout and
+/// retried with the same key; still stored once.
+#[tokio::test]
+async fn hung_attempt_is_retried_with_same_key() {
+    let server = FakeServer::start().await;
+    server.state.fault(Fault::StoreThenHang);
+    let producer = server
+        .client()
+        .producer(ProducerConfig { attempt_timeout: Duration::from_millis(200), ..config() })
+        .expect("valid config");
+
+    let receipt = producer.publish("orders", Message::new("one")).await.expect("retry succeeds");
+
+    let state = server.state.lock();
+    assert_eq!(state.stored.len(), 1);
+    assert!(receipt.duplicate);
+    assert_eq!(state.calls[0].keys, state.calls[1].keys);
+}
+
+/// A caller's own key is sent as is, and a second logical message with the
+/// same key is reported as a duplicate of the first.
+#[tokio::test]
+async fn caller_key_is_used() {
+    let server = FakeServer::start().await;
+    let producer = server.client().producer(config()).expect("valid config");
+    let first = producer.publish("orders", Message::new("a").with_idempotency_key("order-1")).await.expect("ok");
+    let second = producer.publish("orders", Message::new("a").with_idempotency_key("order-1")).await.expect("ok");
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(first.id, second.id);
+    assert_eq!(server.state.lock().calls[0].keys, vec!["order-1".to_owned()]);
+}
+
+/// A refusal's retry-after hint delays the retry by at least the hint, even
+/// with a backoff of a few milliseconds.
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let server = FakeServer::start().await;
+    server.state.fault(Fault::Refuse(refused(Duration::from_millis(300))));
+    let producer = server.client().producer(config()).expect("valid config");
+
+    let receipt = producer.publish("orders", Message::new("one")).await.expect("second attempt succeeds");
+    assert!(!receipt.duplicate, "the refused attempt stored nothing");
+
+    let state = server.state.lock();
+    assert_eq!(state.calls.len(), 2);
+    let waited = state.calls[1].at - state.calls[0].at;
+    assert!(waited >= Duration::from_millis(300), "retried after {waited:?}");
+}
+
+/// Messages published together are sent as batches of at most
+/// `batch_count_max`; the remainder goes out after the linger.
+#[tokio::test]
+async fn batches_by_count_then_linger() {
+    let server = FakeServer::start().await;
+    let linger = Duration::from_millis(100);
+    let producer =
+        server.client().producer(ProducerConfig { linger, batch_count_max: 10, ..config() }).expect("valid config");
+
+    let start = Instant::now();
+    let results = producer.publish_all("orders", (0..25).map(|i| Message::new(format!("m{i}")))).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+
+    let state = server.state.lock();
+    let sizes: Vec<usize> = state.calls.iter().map(|call| call.keys.len()).collect();
+    assert_eq!(sizes, vec![10, 10, 5]);
+    assert!(state.calls.iter().all(|call| call.batch));
+    assert!(state.calls[2].at - start >= linger, "the partial batch waited for the linger");
+    assert!(state.calls[0].at - start < linger, "the full batch did not wait");
+    assert_eq!(state.stored.len(), 25);
+    // Receipts come back in order, one per message.
+    let offsets: Vec<u64> = results.iter().map(|r| r.as_ref().expect("ok").id.offset).collect();
+    assert_eq!(offsets, (0..25).collect::<Vec<u64>>());
+}
+
+/// Concurrent publishes within the linger share one batch; a lone publish
+/// is sent with the unary Publish call.
+#[tokio::test]
+async fn linger_gathers_concurrent_publishes() {
+    let server = FakeServer::start().await;
+    let producer = Arc::new(
+        server
+            .client()
+            .producer(ProducerConfig { linger: Duration::from_millis(50), ..config() })
+            .expect("valid config"),
+    );
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let producer = producer.clone();
+            tokio::spawn(async move { producer.publish("orders", Message::new(format!("m{i}"))).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("no panic").expect("published");
+    }
+    producer.publish("orders", Message::new("alone")).await.expect("published");
+
+    let state = server.state.lock();
+    let shapes: Vec<(bool, usize)> = state.calls.iter().map(|call| (call.batch, call.keys.len())).collect();
+    assert_eq!(shapes, vec![(true, 3), (false, 1)]);
+}
+
+/// A batch's payload size limit splits batches; a message bigger than the
+/// limit goes alone.
+#[tokio::test]
+async fn batches_by_size() {
+    let server = FakeServer::start().await;
+    let producer = server
+        .client()
+        .producer(ProducerConfig { linger: Duration::from_millis(20), batch_size_max: 10, ..config() })
+        .expect("valid config");
+    let messages = ["aaaa", "bbbb", "cccc", "dddddddddddddddd", "e"].map(Message::new);
+    let results = producer.publish_all("orders", messages).await;
+    assert!(results.iter().all(Result::is_ok));
+    let sizes: Vec<usize> = server.state.lock().calls.iter().map(|call| call.keys.len()).collect();
+    assert_eq!(sizes, vec![2, 1, 1, 1], "4+4 | 4 (16 would not fit) | 16 alone | 1");
+}
+
+/// One invalid message rejects a batch; the producer then sends each alone,
+/// so only the bad one fails and nothing is stored twice.
+#[tokio::test]
+async fn invalid_message_fails_alone() {
+    let server = FakeServer::start().await;
+    let producer = server
+        .client()
+        .producer(ProducerConfig { linger: Duration::from_millis(20), ..config() })
+        .expect("valid config");
+    let results = producer.publish_all("orders", ["good", "bad", "fine"].map(Message::new)).await;
+    assert!(results[0].is_ok());
+    assert!(matches!(results[1], Err(Error::InvalidArgument { .. })), "{:?}", results[1]);
+    assert!(results[2].is_ok());
+    assert_eq!(server.state.lock().stored.len(), 2);
+}
+
+/// Requests the client can judge are refused before any network call.
+#[tokio::test]
+async fn local_validation() {
+    let server = FakeServer::start().await;
+    let producer = server.client().producer(config()).expect("valid config");
+    for (queue, message) in [
+        ("Bad Name", Message::new("x")),
+        ("orders", Message::new("x").with_header("ballast-x", "1")),
+        ("orders", Message::new("x").with_idempotency_key("k".repeat(257))),
+    ] {
+        let error = producer.publish(queue, message).await.expect_err("invalid");
+        assert!(matches!(error, Error::InvalidArgument { .. }), "{error:?}");
+    }
+    assert!(server.state.lock().calls.is_empty());
+}
+
+/// Repeated failures open the queue's breaker: the call in progress stops
+/// with CircuitOpen, later calls fail fast without reaching the broker, and
+/// after the open duration a successful probe closes it again.
+#[tokio::test]
+async fn breaker_fails_fast_then_recovers() {
+    let server = FakeServer::start().await;
+    for _ in 0..3 {
+        server.state.fault(Fault::Refuse(Status::unavailable("down")));
+    }
+    let clock = Arc::new(crate::clock::ManualClock::new());
+    let breaker = BreakerConfig {
+        failure_threshold: 3,
+        failure_window: Duration::from_secs(60),
+        open_duration: Duration::from_secs(30),
+        half_open_probes: 1,
+    };
+    let producer = Producer::with_clock(
+        server.client_channel(),
+        ProducerConfig { breaker, retry: RetryPolicy { attempts_max: 10, ..config().retry }, ..config() },
+        clock.clone(),
+    )
+    .expect("valid config");
+
+    let error = producer.publish("orders", Message::new("x")).await.expect_err("breaker opens");
+    assert!(matches!(error, Error::CircuitOpen { .. }), "{error:?}");
+    assert!(error.is_retryable());
+    assert_eq!(producer.breaker_state("orders"), BreakerState::Open);
+    assert_eq!(producer.breaker_state("other"), BreakerState::Closed, "breakers are per queue");
+
+    let start = Instant::now();
+    let error = producer.publish("orders", Message::new("y")).await.expect_err("fails fast");
+    assert!(matches!(error, Error::CircuitOpen { retry_in } if retry_in == Duration::from_secs(30)));
+    assert!(start.elapsed() < Duration::from_millis(100));
+    assert_eq!(server.state.lock().calls.len(), 3, "the open breaker sent nothing");
+
+    clock.advance(Duration::from_secs(30));
+    producer.publish("orders", Message::new("z")).await.expect("probe succeeds");
+    assert_eq!(producer.breaker_state("orders"), BreakerState::Closed);
+}
+
+/// A broker that is not there: the publish fails with a retryable error
+/// within the deadline, and the breaker then fails calls fast.
+#[tokio::test]
+async fn dead_broker_fails_fast() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let client = Client::new(&addr.to_string()).expect("valid address");
+    let producer = client
+        .producer(ProducerConfig {
+            breaker: BreakerConfig { failure_threshold: 2, ..BreakerConfig::default() },
+            deadline: Duration::from_secs(5),
+            ..config()
+        })
+        .expect("valid config");
+
+    let error = producer.publish("orders", Message::new("x")).await.expect_err("nobody listens");
+    assert!(error.is_retryable(), "{error:?}");
+    let start = Instant::now();
+    let error = producer.publish("orders", Message::new("y")).await.expect_err("still down");
+    assert!(matches!(error, Error::CircuitOpen { .. }), "{error:?}");
+    assert!(start.elapsed() < Duration::from_millis(100));
+}
+
+/// A broker that never answers: the call ends with DeadlineExceeded at its
+/// deadline, not later.
+#[tokio::test]
+async fn deadline_bounds_the_call() {
+    let server = FakeServer::start().await;
+    server.state.fault(Fault::StoreThenHang);
+    let producer = server
+        .client()
+        .producer(ProducerConfig { deadline: Duration::from_millis(300), ..config() })
+        .expect("valid config");
+    let start = Instant::now();
+    let error = producer.publish("orders", Message::new("x")).await.expect_err("hangs");
+    assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error:?}");
+    let elapsed = start.elapsed();
+    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(2), "{elapsed:?}");
+}
+
+/// close() sends what is still lingering and waits for the answers.
+#[tokio::test]
+async fn close_flushes_lingering_messages() {
+    let server = FakeServer::start().await;
+    let producer = server
+        .client()
+        .producer(ProducerConfig { linger: Duration::from_secs(3600), ..config() })
+        .expect("valid config");
+    let pending = producer.submit("orders", Message::new("x")).await.expect("queued");
+    producer.close().await;
+    let receipt = pending.wait().await.expect("answered before close returned");
+    assert_eq!(receipt.id.offset, 0);
+    assert_eq!(server.state.lock().stored.len(), 1);
+}
+
+/// Out-of-range settings are refused with the setting's name.
+#[test]
+fn config_validation() {
+    assert!(ProducerConfig::default().validate().is_ok());
+    let error = ProducerConfig { batch_count_max: contract::BATCH_COUNT_MAX + 1, ..ProducerConfig::default() }
+        .validate()
+        .expect_err("too big");
+    assert!(error.to_string().contains("batch_count_max"), "{error}");
+    assert!(
+        ProducerConfig { batch_count_max: contract::BATCH_COUNT_MAX, ..ProducerConfig::default() }.validate().is_ok()
+    );
+    assert!(ProducerConfig { in_flight_batches_max: 0, ..ProducerConfig::default() }.validate().is_err());
+    assert!(ProducerConfig { deadline: Duration::ZERO, ..ProducerConfig::default() }.validate().is_err());
+}

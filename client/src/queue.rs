@@ -1,0 +1,233 @@
+//! [`QueueSettings`], [`QueueInfo`] and [`SyncPolicy`]: a queue as the admin
+//! API sees it, in Rust types (no prost types in the public API).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ballast_proto::v1 as proto;
+
+/// Durability of a publish acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncPolicy {
+    /// Acknowledged once on stable storage (fdatasync); concurrent publishes
+    /// share one sync. The broker's default.
+    Fsync,
+    /// Acknowledged once written to the OS, synced every `sync_interval`. A
+    /// power loss can lose the last interval.
+    Interval,
+    /// Acknowledged once written to the OS, synced only at checkpoints. A
+    /// power loss can lose recent messages.
+    None,
+}
+
+impl SyncPolicy {
+    /// The policy's name as the CLI and the broker's config spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncPolicy::Fsync => "fsync",
+            SyncPolicy::Interval => "interval",
+            SyncPolicy::None => "none",
+        }
+    }
+
+    fn to_proto(policy: Option<SyncPolicy>) -> proto::SyncPolicy {
+        match policy {
+            None => proto::SyncPolicy::Unspecified,
+            Some(SyncPolicy::Fsync) => proto::SyncPolicy::Fsync,
+            Some(SyncPolicy::Interval) => proto::SyncPolicy::Interval,
+            Some(SyncPolicy::None) => proto::SyncPolicy::None,
+        }
+    }
+
+    fn from_proto(value: i32) -> Option<SyncPolicy> {
+        match proto::SyncPolicy::try_from(value).ok()? {
+            proto::SyncPolicy::Unspecified => None,
+            proto::SyncPolicy::Fsync => Some(SyncPolicy::Fsync),
+            proto::SyncPolicy::Interval => Some(SyncPolicy::Interval),
+            proto::SyncPolicy::None => Some(SyncPolicy::None),
+        }
+    }
+}
+
+impl std::str::FromStr for SyncPolicy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<SyncPolicy, String> {
+        match text {
+            "fsync" => Ok(SyncPolicy::Fsync),
+            "interval" => Ok(SyncPolicy::Interval),
+            "none" => Ok(SyncPolicy::None),
+            other => Err(format!("unknown sync policy {other:?}; expected fsync, interval or none")),
+        }
+    }
+}
+
+/// A queue's settings. Every field is optional: `None` (or an empty list)
+/// takes the broker's default, shown in parentheses.
+///
+/// ```
+/// use std::time::Duration;
+/// use ballast_client::{QueueSettings, SyncPolicy};
+///
+/// let mut settings = QueueSettings::default();
+/// settings.lanes = vec!["urgent".into(), "bulk".into()];
+/// settings.max_attempts = Some(10);
+/// settings.lease_timeout = Some(Duration::from_secs(60));
+/// settings.sync_policy = Some(SyncPolicy::Fsync);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueSettings {
+    /// Lane names, highest priority first (1..=8 lanes). (default: high, normal, low)
+    pub lanes: Vec<String>,
+    /// Scheduler weight per lane, same order as `lanes`, each 1..=1000.
+    /// (default: 4, 2, 1)
+    pub lane_weights: Vec<u32>,
+    /// Serve lanes in strict priority order instead of by weight. (default: false)
+    pub strict_priority: Option<bool>,
+    /// Lane a publish goes to when it names none. (default: the middle lane)
+    pub default_lane: Option<u32>,
+    /// How long a delivery stays leased without ack or nack before it is
+    /// redelivered (millisecond precision). (default: 30 s)
+    pub lease_timeout: Option<Duration>,
+    /// Deliveries of a message before it is dead-lettered. (default: 5)
+    pub max_attempts: Option<u32>,
+    /// Whether the queue has a dead-letter queue `<name>.dead`. (default: true)
+    pub dead_letter: Option<bool>,
+    /// Window in which a repeated idempotency key returns the original
+    /// receipt (millisecond precision). (default: 5 min)
+    pub dedupe_window: Option<Duration>,
+    /// Largest payload accepted, in bytes. (default: 1 MiB)
+    pub message_size_max: Option<u32>,
+    /// Durability of publish acknowledgements. (default: fsync)
+    pub sync_policy: Option<SyncPolicy>,
+    /// Sync interval for [`SyncPolicy::Interval`]. (default: 100 ms)
+    pub sync_interval: Option<Duration>,
+}
+
+impl QueueSettings {
+    pub(crate) fn into_proto(self) -> proto::QueueSettings {
+        proto::QueueSettings {
+            lanes: self.lanes,
+            lane_weights: self.lane_weights,
+            strict_priority: self.strict_priority,
+            default_lane: self.default_lane,
+            lease_timeout_ms: self.lease_timeout.map(millis),
+            max_attempts: self.max_attempts,
+            dead_letter: self.dead_letter,
+            dedupe_window_ms: self.dedupe_window.map(millis),
+            message_size_max: self.message_size_max,
+            sync_policy: SyncPolicy::to_proto(self.sync_policy).into(),
+            sync_interval_ms: self.sync_interval.map(millis),
+            // Fields the protocol gains later keep the broker's defaults.
+            ..proto::QueueSettings::default()
+        }
+    }
+
+    pub(crate) fn from_proto(settings: proto::QueueSettings) -> QueueSettings {
+        QueueSettings {
+            lanes: settings.lanes,
+            lane_weights: settings.lane_weights,
+            strict_priority: settings.strict_priority,
+            default_lane: settings.default_lane,
+            lease_timeout: settings.lease_timeout_ms.map(Duration::from_millis),
+            max_attempts: settings.max_attempts,
+            dead_letter: settings.dead_letter,
+            dedupe_window: settings.dedupe_window_ms.map(Duration::from_millis),
+            message_size_max: settings.message_size_max,
+            sync_policy: SyncPolicy::from_proto(settings.sync_policy),
+            sync_interval: settings.sync_interval_ms.map(Duration::from_millis),
+        }
+    }
+
+    /// The index of the lane named `name`, if the settings list lanes.
+    ///
+    /// ```
+    /// let mut settings = ballast_client::QueueSettings::default();
+    /// settings.lanes = vec!["high".into(), "normal".into(), "low".into()];
+    /// assert_eq!(settings.lane_index("low"), Some(2));
+    /// assert_eq!(settings.lane_index("urgent"), None);
+    /// ```
+    pub fn lane_index(&self, name: &str) -> Option<u32> {
+        let index = self.lanes.iter().position(|lane| lane == name)?;
+        u32::try_from(index).ok()
+    }
+}
+
+/// A queue as the broker reports it: settings with every default resolved,
+/// and its counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueInfo {
+    /// The queue's name.
+    pub name: String,
+    /// Resolved settings: every field is set.
+    pub settings: QueueSettings,
+    /// Name of the dead-letter queue, if the queue has one.
+    pub dead_letter_queue: Option<String>,
+    /// Messages not yet acked (in-flight included) per lane, in lane order.
+    pub lane_depths: Vec<u64>,
+    /// Sum of `lane_depths`.
+    pub depth: u64,
+    /// Deliveries currently leased to consumers.
+    pub in_flight: u64,
+    /// Consumers currently subscribed.
+    pub consumers: u32,
+    /// When the queue was created.
+    pub created_at: SystemTime,
+}
+
+impl QueueInfo {
+    pub(crate) fn from_proto(info: proto::QueueInfo) -> QueueInfo {
+        QueueInfo {
+            name: info.name,
+            settings: QueueSettings::from_proto(info.settings.unwrap_or_default()),
+            dead_letter_queue: Some(info.dead_letter_queue).filter(|name| !name.is_empty()),
+            lane_depths: info.lane_depths,
+            depth: info.depth,
+            in_flight: info.in_flight,
+            consumers: info.consumers,
+            created_at: UNIX_EPOCH + Duration::from_millis(info.created_at_ms),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Settings survive the round trip through the wire form, unset fields
+    /// included.
+    #[test]
+    fn settings_roundtrip() {
+        let full = QueueSettings {
+            lanes: vec!["a".into(), "b".into()],
+            lane_weights: vec![2, 1],
+            strict_priority: Some(true),
+            default_lane: Some(1),
+            lease_timeout: Some(Duration::from_millis(1500)),
+            max_attempts: Some(3),
+            dead_letter: Some(false),
+            dedupe_window: Some(Duration::from_secs(60)),
+            message_size_max: Some(4096),
+            sync_policy: Some(SyncPolicy::Interval),
+            sync_interval: Some(Duration::from_millis(50)),
+        };
+        assert_eq!(QueueSettings::from_proto(full.clone().into_proto()), full);
+        let empty = QueueSettings::default();
+        assert_eq!(QueueSettings::from_proto(empty.clone().into_proto()), empty);
+        assert_eq!(empty.into_proto().sync_policy, i32::from(proto::SyncPolicy::Unspecified));
+    }
+
+    /// Sync policies parse from their names.
+    #[test]
+    fn sync_policy_names() {
+        for policy in [SyncPolicy::Fsync, SyncPolicy::Interval, SyncPolicy::None] {
+            assert_eq!(policy.as_str().parse::<SyncPolicy>(), Ok(policy));
+        }
+        assert!("sometimes".parse::<SyncPolicy>().is_err());
+    }
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests of `ballast-client` and the `ballast` CLI against a real
+//! `ballastd` (built by `cargo build -p ballast-broker`; `cargo test
+//! --workspace` builds it too).
+
+mod cli;
+mod library;
+mod support;
