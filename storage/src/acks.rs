@@ -6,10 +6,25 @@
 //!
 //! On disk: the `acks` journal, a header then fixed 24-byte entries
 //! (`u64 first, u64 count, u8 kind, 3 zero bytes, u32 crc over the first 20`).
-//! Entries are buffered in memory and written by the log's flusher before it
-//! syncs, so acks follow the log's sync policy. The journal is compacted
-//! (rewritten as one floor entry plus the ranges, then renamed into place)
-//! when it holds many more entries than the state needs.
+//! The journal is compacted (rewritten as one floor entry plus the ranges,
+//! then renamed into place) when it holds many more entries than the state
+//! needs.
+//!
+//! Durability rules:
+//! 1. An ack changes the in-memory state at once and buffers its entry. Only
+//!    the log's flusher writes entries, in its cycle, then syncs the journal.
+//!    Under [`SyncPolicy::Fsync`](crate::SyncPolicy::Fsync) the ack's commit
+//!    resolves after that sync. Under `Interval` and `None` it resolves at
+//!    once, while the entry is still only in process memory: a crash, even a
+//!    `kill -9`, before the next cycle loses the ack, and the message is
+//!    delivered again (at-least-once).
+//! 2. An entry is written only once every offset it covers is below the
+//!    log's durable end (its records are synced); until then it stays
+//!    buffered. So an ack never becomes durable before the record it acks:
+//!    after a crash that loses a record, no ack of it is left to mark the
+//!    record appended next at that offset done.
+//! 3. Recovery drops acks at or above the recovered end of the log (written
+//!    by builds without rule 2) and rewrites the journal without them.
 
 use std::{
     collections::BTreeMap,
@@ -107,6 +122,30 @@ impl AckState {
         newly
     }
 
+    /// One past the highest done offset (the floor when no range is above it).
+    pub(crate) fn end(&self) -> u64 {
+        self.ranges.last_key_value().map_or(self.floor, |(_, &end)| end)
+    }
+
+    /// Forgets every done offset at or above `end`. Returns whether anything
+    /// was done there.
+    pub(crate) fn truncate(&mut self, end: u64) -> bool {
+        if self.floor >= end {
+            let changed = self.floor > end || !self.ranges.is_empty();
+            self.floor = end;
+            self.ranges.clear();
+            return changed;
+        }
+        let mut changed = !self.ranges.split_off(&end).is_empty();
+        if let Some((&start, &last_end)) = self.ranges.last_key_value()
+            && last_end > end
+        {
+            self.ranges.insert(start, end);
+            changed = true;
+        }
+        changed
+    }
+
     /// Raises the floor (offsets below a retained log's start are done).
     pub(crate) fn raise_floor(&mut self, floor: u64) {
         if floor > self.floor {
@@ -121,8 +160,9 @@ pub(crate) struct AckJournal {
     dir: PathBuf,
     file: File,
     len: u64,
-    /// Entries not yet written to the file.
-    buffer: Vec<u8>,
+    /// Entries not yet written to the file: `(first, count, kind)`. Every one
+    /// is already in the in-memory state.
+    buffer: Vec<(u64, u64, u8)>,
     /// Entries in the file (for the compaction decision).
     entries: u64,
 }
@@ -170,22 +210,29 @@ impl AckJournal {
     }
 
     pub(crate) fn record(&mut self, first: u64, count: u64, kind: AckKind) {
-        encode_entry(&mut self.buffer, first, count, kind as u8);
+        self.buffer.push((first, count, kind as u8));
     }
 
     pub(crate) fn has_buffered(&self) -> bool {
         !self.buffer.is_empty()
     }
 
-    /// Writes buffered entries to the file (not synced).
-    pub(crate) fn flush(&mut self, io: &Io) -> io::Result<()> {
-        if self.buffer.is_empty() {
+    /// Writes the buffered entries whose offsets all lie below `durable_end`
+    /// to the file (not synced). The others stay buffered until their records
+    /// are synced (rule 2 of the module docs). On error nothing is dropped
+    /// from the buffer.
+    pub(crate) fn flush(&mut self, io: &Io, durable_end: u64) -> io::Result<()> {
+        let mut bytes = Vec::new();
+        for &(first, count, kind) in self.buffer.iter().filter(|e| is_durable(e, durable_end)) {
+            encode_entry(&mut bytes, first, count, kind);
+        }
+        if bytes.is_empty() {
             return Ok(());
         }
-        io.append(&self.file, &self.buffer, self.len)?;
-        self.len += self.buffer.len() as u64;
-        self.entries += self.buffer.len() as u64 / ENTRY_SIZE;
-        self.buffer.clear();
+        io.append(&self.file, &bytes, self.len)?;
+        self.len += bytes.len() as u64;
+        self.entries += bytes.len() as u64 / ENTRY_SIZE;
+        self.buffer.retain(|e| !is_durable(e, durable_end));
         Ok(())
     }
 
@@ -197,9 +244,13 @@ impl AckJournal {
         self.entries > 1024 + 4 * (state.range_count() as u64 + 1)
     }
 
-    /// Rewrites the journal as the floor plus the ranges: write a temporary
-    /// file, sync it, rename it over the journal, sync the directory.
-    pub(crate) fn compact(&mut self, io: &Io, state: &AckState) -> io::Result<()> {
+    /// Rewrites the journal as the floor plus the ranges of `state` below
+    /// `durable_end`: write a temporary file, sync it, rename it over the
+    /// journal, sync the directory. Buffered entries below `durable_end` are
+    /// in the new file and leave the buffer; the others stay buffered.
+    pub(crate) fn compact(&mut self, io: &Io, state: &AckState, durable_end: u64) -> io::Result<()> {
+        let mut state = state.clone();
+        state.truncate(durable_end);
         let tmp = self.dir.join("acks.tmp");
         let _ = std::fs::remove_file(&tmp);
         let mut bytes = header().to_vec();
@@ -215,8 +266,14 @@ impl AckJournal {
         self.file = file;
         self.len = bytes.len() as u64;
         self.entries = (bytes.len() as u64 - HEADER_SIZE) / ENTRY_SIZE;
+        self.buffer.retain(|e| !is_durable(e, durable_end));
         Ok(())
     }
+}
+
+/// Whether every offset a buffered entry covers lies below `durable_end`.
+fn is_durable(&(first, count, _): &(u64, u64, u8), durable_end: u64) -> bool {
+    first.saturating_add(count) <= durable_end
 }
 
 fn header() -> [u8; HEADER_SIZE as usize] {
@@ -272,6 +329,33 @@ mod tests {
             let floor = (0..).find(|x| !model.contains(x)).unwrap();
             prop_assert_eq!(state.floor(), floor);
         }
+
+        /// Truncating forgets exactly the done offsets at or above the cut.
+        #[test]
+        fn truncate_matches_model(
+            ops in proptest::collection::vec((0u64..200, 1u64..8), 0..200),
+            cut in 0u64..220,
+        ) {
+            let mut state = AckState::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (first, count) in ops {
+                state.mark(first, count);
+                model.extend(first..first + count);
+            }
+            let changed = state.truncate(cut);
+            prop_assert_eq!(changed, model.iter().any(|&o| o >= cut));
+            model.retain(|&o| o < cut);
+            for o in 0..220 {
+                prop_assert_eq!(state.is_done(o), model.contains(&o), "offset {}", o);
+            }
+            prop_assert_eq!(state.end(), model.last().map_or(state.floor(), |&o| o + 1));
+            // The state stays well formed: marking on top of it agrees too.
+            state.mark(cut, 3);
+            model.extend(cut..cut + 3);
+            for o in 0..230 {
+                prop_assert_eq!(state.is_done(o), model.contains(&o), "offset {} after a mark", o);
+            }
+        }
     }
 
     /// The journal survives a reopen and a compaction with the same state.
@@ -284,13 +368,37 @@ mod tests {
             state.mark(o, 1);
             journal.record(o, 1, AckKind::Acked);
         }
-        journal.flush(&io).unwrap();
+        journal.flush(&io, u64::MAX).unwrap();
         let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
         assert_eq!(replayed, state);
         let (mut journal, _) = AckJournal::open(&io, dir.path()).unwrap();
-        journal.compact(&io, &state).unwrap();
+        journal.compact(&io, &state, u64::MAX).unwrap();
         let (_, compacted) = AckJournal::open(&io, dir.path()).unwrap();
         assert_eq!(compacted, state);
         assert_eq!(compacted.floor(), 2);
+    }
+
+    /// Entries of offsets not yet durable stay buffered through flushes and
+    /// compactions, and are written once their offsets are.
+    #[test]
+    fn entries_wait_for_their_offsets_to_be_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = Io::default();
+        let (mut journal, mut state) = AckJournal::open(&io, dir.path()).unwrap();
+        for (first, count) in [(0u64, 2u64), (5, 3), (10, 1)] {
+            state.mark(first, count);
+            journal.record(first, count, AckKind::Acked);
+        }
+        journal.flush(&io, 7).unwrap();
+        let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
+        assert_eq!((replayed.floor(), replayed.end()), (2, 2), "only [0, 2) is below 7");
+        journal.compact(&io, &state, 9).unwrap();
+        let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
+        assert!(replayed.is_done(7) && !replayed.is_done(8), "the compaction holds what is below 9");
+        assert!(journal.has_buffered());
+        journal.flush(&io, 11).unwrap();
+        assert!(!journal.has_buffered());
+        let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
+        assert_eq!(replayed, state);
     }
 }

@@ -27,13 +27,22 @@ pub enum AppendError {
     RecordTooLarge { index: usize, size: u64, max: u32 },
     #[error("record {index} has an idempotency key of {size} bytes; the limit is {max}")]
     KeyTooLarge { index: usize, size: usize, max: u32 },
+    /// The key is `Some` of no bytes. It is refused rather than dropped: the
+    /// caller meant a key, and no dedupe could be done on it. Pass `None` for
+    /// no key.
+    #[error("record {index} has an empty idempotency key; pass no key instead")]
+    KeyEmpty { index: usize },
     #[error("record {index} has {count} headers; the limit is {max}")]
     TooManyHeaders { index: usize, count: usize, max: u32 },
     #[error("record {index} has {size} bytes of headers; the limit is {max}")]
     HeadersTooLarge { index: usize, size: u64, max: u32 },
     #[error("disk full while creating segment {path}; nothing was appended, retry when space returns")]
     DiskFull { path: PathBuf },
-    #[error("I/O error on {path}: {source}; the log is poisoned until reopened")]
+    /// Creating a segment for the batch, or syncing the directory after it,
+    /// failed (other than with ENOSPC). Nothing of the batch was written and
+    /// the log is not poisoned: a later append may succeed. A failed write of
+    /// the records themselves is [`AppendError::Poisoned`] instead.
+    #[error("I/O error on {path}: {source}; nothing was appended")]
     Io { path: PathBuf, source: io::Error },
     #[error("a previous I/O error poisoned the log ({0}); reopen it to recover")]
     Poisoned(SyncError),

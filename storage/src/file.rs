@@ -23,6 +23,15 @@ pub struct Faults {
     /// The number of successful syncs left before one fails (`u64::MAX`: never).
     syncs_before_failure: AtomicU64,
     write_failures: AtomicU64,
+    /// Unit tests only: the next this many segment maps fail with `ENOMEM`.
+    #[cfg(test)]
+    map_failures: AtomicU64,
+    /// Unit tests only: how many operations failed with an injected `ENOSPC`.
+    #[cfg(test)]
+    pub(crate) disk_full_hits: AtomicU64,
+    /// Unit tests only: the inode of every file `sync_data` synced, in order.
+    #[cfg(test)]
+    pub(crate) synced_inodes: parking_lot::Mutex<Vec<u64>>,
 }
 
 impl Faults {
@@ -46,6 +55,12 @@ impl Faults {
     pub fn fail_writes(&self, n: u64) {
         self.write_failures.store(n, Ordering::SeqCst);
     }
+
+    /// Unit tests only: the next `n` segment maps fail with `ENOMEM`.
+    #[cfg(test)]
+    pub(crate) fn fail_maps(&self, n: u64) {
+        self.map_failures.store(n, Ordering::SeqCst);
+    }
 }
 
 /// The I/O operations of the engine, optionally with injected faults.
@@ -61,9 +76,26 @@ impl Io {
 
     fn disk_full(&self) -> io::Result<()> {
         match &self.faults {
-            Some(f) if f.disk_full.load(Ordering::SeqCst) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            Some(f) if f.disk_full.load(Ordering::SeqCst) => {
+                #[cfg(test)]
+                f.disk_full_hits.fetch_add(1, Ordering::SeqCst);
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
             _ => Ok(()),
         }
+    }
+
+    /// Called before a segment file is mapped, so unit tests can make the
+    /// map fail.
+    pub(crate) fn before_map(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(f) = &self.faults
+            && f.map_failures.load(Ordering::SeqCst) > 0
+        {
+            f.map_failures.fetch_sub(1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        Ok(())
     }
 
     /// Reserves `len` bytes of real blocks for `file` (no sparse file), so a
@@ -113,6 +145,8 @@ impl Io {
             if left != u64::MAX {
                 f.syncs_before_failure.store(left - 1, Ordering::SeqCst);
             }
+            #[cfg(test)]
+            f.synced_inodes.lock().push(std::os::unix::fs::MetadataExt::ino(&file.metadata()?));
         }
         file.sync_data()
     }
@@ -121,6 +155,18 @@ impl Io {
     /// are durable.
     pub(crate) fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+}
+
+/// A tag of the running kernel's boot: CRC32 of
+/// `/proc/sys/kernel/random/boot_id`, which changes at every boot; 0 when
+/// unknown. A checkpoint records it, and recovery compares it with its own:
+/// the same tag means the kernel that held the writer's unsynced pages is
+/// still running, so its page cache kept every write (see `recovery`).
+pub(crate) fn boot_tag() -> u32 {
+    match std::fs::read("/proc/sys/kernel/random/boot_id") {
+        Ok(id) if !id.is_empty() => crc32fast::hash(&id).max(1),
+        _ => 0,
     }
 }
 

@@ -169,6 +169,9 @@ fn header() -> [u8; HEADER_SIZE as usize] {
 }
 
 fn encode_entry(buf: &mut Vec<u8>, entry: &KeyEntry) {
+    // The decoder reads a zero key length as the end of the journal;
+    // `Shared::append` refuses empty keys (`AppendError::KeyEmpty`).
+    assert!(!entry.key.is_empty(), "an empty key would end the key journal (offset {})", entry.offset);
     let start = buf.len();
     let key_len = u16::try_from(entry.key.len()).expect("key size was validated against KEY_SIZE_MAX");
     buf.extend_from_slice(&[0; 4]);

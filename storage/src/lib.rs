@@ -29,6 +29,14 @@
 //!    O(records): the backlog lives in the files and the page cache.
 //! 5. A segment is removed only when every record in it is done and
 //!    checkpointed (its keys are in the key journal).
+//! 6. An ack becomes durable only after the record it acks: its journal
+//!    entry waits until the record is synced, and recovery drops acks above
+//!    the recovered end of the log.
+//! 7. An offset is never handed out twice for records that reached stable
+//!    storage: recovery never ends the log below a checkpoint's
+//!    `next_offset` or inside a set-aside last segment; such a shortfall is
+//!    quarantined instead. Only a torn tail of never-synced records is
+//!    reused.
 
 pub mod limits;
 

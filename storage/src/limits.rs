@@ -72,9 +72,18 @@ pub const DEDUPE_KEYS_MAX_DEFAULT: u32 = 100_000;
 /// Ceiling for `dedupe_keys_max`.
 pub const DEDUPE_KEYS_MAX: u32 = 10_000_000;
 
-/// How often, in milliseconds, a log with the `none` policy writes its
-/// buffered ack entries to the OS and considers a checkpoint.
+/// Flusher period, in milliseconds, of a log with the `none` policy: as for
+/// `Interval { interval_ms: 1000 }`, each period with work syncs the written
+/// segments, writes and syncs the buffered ack entries, and writes a
+/// checkpoint.
 pub const BACKGROUND_FLUSH_MS: u64 = 1000;
+
+/// Pause, in milliseconds, before the flusher writes the ack journal again
+/// after a write failed with ENOSPC. The acks stay buffered and their
+/// commits pending meanwhile; data syncs go on. Short enough that acks
+/// commit soon after space returns, long enough that a full disk does not
+/// turn the flusher into a busy loop.
+pub const ACK_JOURNAL_RETRY_MS: u64 = 100;
 
 /// Ceiling for the `interval` sync policy, in milliseconds (1 minute).
 pub const SYNC_INTERVAL_MS_MAX: u64 = 60_000;

@@ -3,14 +3,19 @@
 //!
 //! Concurrency rules:
 //! 1. One writer at a time (`writer` mutex): it encodes, writes, publishes
-//!    `written` on the segment and then `next_offset` (release), then tells
-//!    the flusher under the `commit` lock. Lock order: `writer`, then
-//!    `segments`, then `commit`; `acks` is never held with `writer`.
+//!    `written` on the segment, tells the flusher under the `commit` lock
+//!    (the new end point, the dirty segments), and only then publishes
+//!    `next_offset` (release). Lock order: `writer`, then `segments`, then
+//!    `commit`; `acks` is never held with `writer`.
 //! 2. Readers never take the writer lock: they load `next_offset` (acquire),
 //!    clone the `Arc<Segment>` they need, and read below its `written`.
 //! 3. The flusher thread alone syncs, checkpoints, compacts journals and
 //!    removes segments. It never holds `commit` while doing I/O.
-//! 4. After a failed write or sync the log is poisoned: appends, acks and
+//! 4. An ack entry is journaled only once its records are synced (`acks`
+//!    rule 2). Rule 1 makes this cheap: an ack is possible only after the
+//!    `next_offset` store, so a flusher cycle whose snapshot includes the
+//!    ack also includes the point past its records, and syncs them first.
+//! 5. After a failed write or sync the log is poisoned: appends, acks and
 //!    pending commits fail until it is reopened.
 
 use std::{
@@ -24,7 +29,7 @@ use std::{
     },
     task::{Context, Poll, Waker},
     thread::JoinHandle,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -36,7 +41,8 @@ use crate::{
     file::Io,
     keys::{KeyEntry, KeyJournal},
     limits::{
-        BACKGROUND_FLUSH_MS, BATCH_COUNT_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, SEGMENT_HEADER_SIZE,
+        ACK_JOURNAL_RETRY_MS, BACKGROUND_FLUSH_MS, BATCH_COUNT_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX,
+        SEGMENT_HEADER_SIZE,
     },
     options::{LogOptions, SyncPolicy},
     record::{self, Invalid, NewRecord, Record},
@@ -77,6 +83,10 @@ pub struct LogStats {
     pub segment_count: u64,
     /// Bytes of segment files on disk (preallocated sizes).
     pub disk_bytes: u64,
+    /// Bytes written to the retained segments (headers and records): what
+    /// the backlog occupies, acked records included until their segment
+    /// is removed.
+    pub data_bytes: u64,
     /// Sparse-index entries held in memory.
     pub index_entries: u64,
     /// Done ranges kept above the floor (memory of the ack state).
@@ -121,6 +131,9 @@ struct Writer {
 pub(crate) struct Acks {
     pub(crate) state: AckState,
     pub(crate) journal: AckJournal,
+    /// Every offset below this is on stable storage; acks of later offsets
+    /// stay buffered. Raised by the flusher after it syncs.
+    pub(crate) durable_end: u64,
 }
 
 struct Checkpointer {
@@ -144,6 +157,34 @@ struct CommitState {
     waiters: Vec<(Track, u64, Waker)>,
     error: Option<SyncError>,
     shutdown: bool,
+    /// `Log::sync` asked for a cycle now, whatever the policy's timing.
+    sync_requested: bool,
+}
+
+/// What one flusher cycle works on, taken under the `commit` lock.
+struct Cycle {
+    data_target: u64,
+    acks_target: u64,
+    /// Segments written since the last cycle.
+    dirty: Vec<Arc<Segment>>,
+    /// The end of the data written before the snapshot: synced by this
+    /// cycle, and where a checkpoint would go.
+    point: Option<Point>,
+    checkpoint_due: bool,
+    shutdown: bool,
+    /// Leave the ack journal alone this cycle (backing off after ENOSPC).
+    acks_paused: bool,
+}
+
+/// What a flusher cycle did with the buffered ack entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JournalWrite {
+    /// Written (those whose records are durable) and synced.
+    Written,
+    /// Not attempted: backing off after ENOSPC.
+    Paused,
+    /// The write failed with ENOSPC; the entries stay buffered.
+    DiskFull,
 }
 
 /// Which sequence a commit waits on.
@@ -233,10 +274,6 @@ impl CommitState {
         };
         if synced >= seq { Some(Ok(())) } else { self.error.clone().map(Err) }
     }
-
-    fn has_work(&self) -> bool {
-        self.data_written > self.data_synced || self.acks_written > self.acks_synced
-    }
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -258,7 +295,11 @@ impl Log {
             writer: Mutex::new(Writer { write_pos, buf: Vec::new(), pending_keys: Vec::new() }),
             next_offset: AtomicU64::new(recovered.point.next_offset),
             segments: RwLock::new(recovered.segments),
-            acks: Mutex::new(Acks { state: recovered.ack_state, journal: recovered.ack_journal }),
+            acks: Mutex::new(Acks {
+                state: recovered.ack_state,
+                journal: recovered.ack_journal,
+                durable_end: recovered.point.next_offset,
+            }),
             commit: Mutex::new(CommitState { point: Some(recovered.point), ..CommitState::default() }),
             flusher_wake: Condvar::new(),
             waiter_wake: Condvar::new(),
@@ -345,12 +386,14 @@ impl Log {
         std::mem::take(&mut *self.shared.recovered_keys.lock())
     }
 
-    /// Forces a sync of everything written so far, whatever the policy.
+    /// Forces a sync of everything written so far, whatever the policy: the
+    /// flusher runs a cycle at once, also under `Interval` and `None`.
     pub fn sync(&self) -> Result<(), SyncError> {
         let mut commit = self.shared.commit.lock();
         let (data, acks) = (commit.data_written + 1, commit.acks_written + 1);
         commit.data_written = data;
         commit.acks_written = acks;
+        commit.sync_requested = true;
         self.shared.flusher_wake.notify_one();
         loop {
             if let Some(done) = commit.resolved(Track::Data, data) {
@@ -378,6 +421,7 @@ impl Log {
             pending: next_offset.saturating_sub(ack_floor).saturating_sub(done_above_floor),
             segment_count: segments.len() as u64,
             disk_bytes: segments.iter().map(|s| s.size()).sum(),
+            data_bytes: segments.iter().map(|s| s.written()).sum(),
             index_entries: segments.iter().map(|s| s.index_len() as u64).sum(),
             ack_ranges,
             quarantined: self.shared.quarantined.load(Ordering::Relaxed),
@@ -447,6 +491,9 @@ impl Shared {
         }
         for (index, r) in records.iter().enumerate() {
             let key_size = r.key.as_ref().map_or(0, |k| k.len());
+            if r.key.is_some() && key_size == 0 {
+                return Err(AppendError::KeyEmpty { index });
+            }
             if key_size > KEY_SIZE_MAX as usize {
                 return Err(AppendError::KeyTooLarge { index, size: key_size, max: KEY_SIZE_MAX });
             }
@@ -557,7 +604,6 @@ impl Shared {
         }
         let count = u32::try_from(records.len()).expect("batch size is below BATCH_COUNT_MAX");
         let next_offset = first_offset + u64::from(count);
-        self.next_offset.store(next_offset, Ordering::Release);
 
         let active = touched.last().expect("a non-empty batch touches a segment");
         let point = Point { segment_base: active.base_offset, position: writer.write_pos, next_offset, keys_len: 0 };
@@ -573,6 +619,9 @@ impl Shared {
             commit.bytes_since_checkpoint += bytes_written;
             commit.data_written
         };
+        // Publish only now that the flusher's next snapshot holds the point
+        // past these records: see rule 4 of the module docs.
+        self.next_offset.store(next_offset, Ordering::Release);
         drop(guard);
         let commit = match self.options.sync_policy {
             SyncPolicy::Fsync => {
@@ -673,7 +722,7 @@ impl Shared {
         invalid: Invalid,
     ) -> (ReadError, Option<(u64, u64)>) {
         let data = segment.data_from(0);
-        let resumed = segment::resync(&data, pos, expected, end);
+        let resumed = segment::resync(&data, pos, data.len() as u64, expected, end);
         let stop = resumed.map_or(end, |(_, o)| o);
         if let Some((pos, offset)) = resumed {
             segment.index_resync_point(offset, pos);
@@ -701,34 +750,44 @@ impl Shared {
         (error, resumed)
     }
 
-    /// One flusher cycle's I/O: write buffered acks, sync dirty segments and
-    /// the ack journal, then publish the synced sequences.
-    fn flush_once(&self, data_target: u64, acks_target: u64, dirty: Vec<Arc<Segment>>) -> Result<(), SyncError> {
-        for segment in &dirty {
+    /// One flusher cycle's I/O: sync dirty segments, write the buffered acks
+    /// whose records are now durable and sync the ack journal, then publish
+    /// the synced sequences.
+    fn flush_once(&self, cycle: &Cycle) -> Result<JournalWrite, SyncError> {
+        for segment in &cycle.dirty {
             segment.sync(&self.io).map_err(|e| SyncError::new(format!("syncing {}", segment.path.display()), e))?;
         }
-        if !dirty.is_empty() {
+        if !cycle.dirty.is_empty() {
             self.sync_count.fetch_add(1, Ordering::Relaxed);
         }
-        let acks_durable = {
+        let journal = {
             let mut acks = self.acks.lock();
-            match acks.journal.flush(&self.io) {
-                Ok(()) => true,
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    tracing::warn!(dir = %self.dir.display(), "disk full writing the ack journal; acks stay buffered and are retried");
-                    false
+            // Every record before the cycle's point is synced now (here or
+            // in an earlier cycle). Acks of later records wait for the cycle
+            // that syncs them; none of them is covered by `acks_target`
+            // (rule 4 of the module docs), so no commit of this cycle waits.
+            if let Some(point) = cycle.point {
+                acks.durable_end = acks.durable_end.max(point.next_offset);
+            }
+            let durable_end = acks.durable_end;
+            if cycle.acks_paused {
+                JournalWrite::Paused
+            } else {
+                match acks.journal.flush(&self.io, durable_end) {
+                    Ok(()) => JournalWrite::Written,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => JournalWrite::DiskFull,
+                    Err(e) => return Err(SyncError::new("writing the ack journal", e)),
                 }
-                Err(e) => return Err(SyncError::new("writing the ack journal", e)),
             }
         };
-        if acks_durable {
+        if journal == JournalWrite::Written {
             self.acks.lock().journal.sync(&self.io).map_err(|e| SyncError::new("syncing the ack journal", e))?;
         }
         let waiters = {
             let mut commit = self.commit.lock();
-            commit.data_synced = commit.data_synced.max(data_target);
-            if acks_durable {
-                commit.acks_synced = commit.acks_synced.max(acks_target);
+            commit.data_synced = commit.data_synced.max(cycle.data_target);
+            if journal == JournalWrite::Written {
+                commit.acks_synced = commit.acks_synced.max(cycle.acks_target);
             }
             let (ready, pending) = std::mem::take(&mut commit.waiters)
                 .into_iter()
@@ -738,12 +797,14 @@ impl Shared {
         };
         self.waiter_wake.notify_all();
         waiters.into_iter().for_each(|(_, _, w)| w.wake());
-        Ok(())
+        Ok(journal)
     }
 
     /// Writes a checkpoint at `point` (already synced): first the keys
-    /// appended before it go to the key journal.
-    fn checkpoint(&self, point: Point) -> Result<(), SyncError> {
+    /// appended before it go to the key journal. `clean` only from the last
+    /// cycle of a clean close, whose point is the exact end of the log (no
+    /// append can run during `Log::stop`).
+    fn checkpoint(&self, point: Point, clean: bool) -> Result<(), SyncError> {
         let keys: Vec<KeyEntry> = {
             let mut writer = self.writer.lock();
             let n = writer.pending_keys.partition_point(|k| k.offset < point.next_offset);
@@ -762,7 +823,10 @@ impl Shared {
             Err(e) => return Err(SyncError::new("writing the key journal", e)),
         };
         let point = Point { keys_len, ..point };
-        checkpointer.checkpoint.write(&self.io, point).map_err(|e| SyncError::new("writing the checkpoint", e))?;
+        checkpointer
+            .checkpoint
+            .write(&self.io, point, clean)
+            .map_err(|e| SyncError::new("writing the checkpoint", e))?;
         checkpointer.last = point;
         let journal_size_max = 1024 * 1024 + 64 * u64::from(self.options.dedupe_keys_max);
         if checkpointer.keys.len() > journal_size_max {
@@ -773,7 +837,7 @@ impl Shared {
                 .map_err(|e| SyncError::new("compacting the key journal", e))?;
             checkpointer
                 .checkpoint
-                .write(&self.io, Point { keys_len: len, ..point })
+                .write(&self.io, Point { keys_len: len, ..point }, clean)
                 .map_err(|e| SyncError::new("writing the checkpoint", e))?;
             checkpointer.last = Point { keys_len: len, ..point };
         }
@@ -805,8 +869,11 @@ impl Shared {
         let mut acks = self.acks.lock();
         let acks = &mut *acks;
         if acks.journal.needs_compaction(&acks.state) {
-            acks.journal.flush(&self.io).map_err(|e| SyncError::new("writing the ack journal", e))?;
-            acks.journal.compact(&self.io, &acks.state).map_err(|e| SyncError::new("compacting the ack journal", e))?;
+            // Acks whose records are not durable yet stay out of the
+            // rewritten journal (and buffered).
+            acks.journal
+                .compact(&self.io, &acks.state, acks.durable_end)
+                .map_err(|e| SyncError::new("compacting the ack journal", e))?;
         }
         Ok(())
     }
@@ -814,31 +881,51 @@ impl Shared {
 
 /// The flusher thread: the only place that syncs, checkpoints and removes.
 fn flusher(shared: &Arc<Shared>) {
-    let wait = match shared.options.sync_policy {
+    // Under `Interval` and `None` cycles run at fixed deadlines, one interval
+    // apart: wake-ups in between neither run a cycle nor move the deadline.
+    let interval = match shared.options.sync_policy {
         SyncPolicy::Fsync => None,
         SyncPolicy::Interval { interval_ms } => Some(Duration::from_millis(interval_ms)),
         SyncPolicy::None => Some(Duration::from_millis(BACKGROUND_FLUSH_MS)),
     };
+    let mut deadline = interval.map(|i| Instant::now() + i);
+    // Set while the ack journal is full: no write of it before then.
+    let mut acks_retry_at: Option<Instant> = None;
     let mut last_retention_floor = u64::MAX;
     loop {
-        let (data_target, acks_target, dirty, point, checkpoint_due, shutdown) = {
+        let cycle = {
             let mut commit = shared.commit.lock();
             loop {
-                if commit.shutdown || commit.error.is_some() {
+                if commit.shutdown || commit.error.is_some() || commit.sync_requested {
                     break;
                 }
-                let ack_buffered = shared.acks.try_lock().is_some_and(|a| a.journal.has_buffered());
-                let has_work = commit.has_work() || ack_buffered;
-                match wait {
-                    None if has_work => break,
-                    None => shared.flusher_wake.wait(&mut commit),
-                    Some(interval) => {
-                        let timed_out = shared.flusher_wake.wait_for(&mut commit, interval).timed_out();
-                        let ack_buffered = shared.acks.try_lock().is_some_and(|a| a.journal.has_buffered());
-                        if timed_out && (commit.has_work() || ack_buffered || commit.bytes_since_checkpoint > 0) {
+                let now = Instant::now();
+                let acks_paused = acks_retry_at.is_some_and(|at| now < at);
+                let ack_work = !acks_paused
+                    && (commit.acks_written > commit.acks_synced
+                        || shared.acks.try_lock().is_some_and(|a| a.journal.has_buffered()));
+                let data_work = commit.data_written > commit.data_synced;
+                match (deadline, interval) {
+                    (Some(at), Some(interval)) if now >= at => {
+                        // The next deadline follows this one, unless the
+                        // flusher fell a whole interval behind.
+                        let next = at + interval;
+                        deadline = Some(if next > now { next } else { now + interval });
+                        if data_work || ack_work || commit.bytes_since_checkpoint > 0 {
                             break;
                         }
                     }
+                    (Some(at), _) => {
+                        shared.flusher_wake.wait_until(&mut commit, at);
+                    }
+                    _ if data_work || ack_work => break,
+                    // Only ack work is left, and it waits for the retry.
+                    _ => match acks_retry_at.filter(|_| acks_paused) {
+                        Some(at) => {
+                            shared.flusher_wake.wait_until(&mut commit, at);
+                        }
+                        None => shared.flusher_wake.wait(&mut commit),
+                    },
                 }
             }
             if commit.error.is_some() {
@@ -850,26 +937,53 @@ fn flusher(shared: &Arc<Shared>) {
             let checkpoint_due = commit.shutdown
                 || commit.bytes_since_checkpoint >= shared.options.checkpoint_interval_bytes
                 || (moved && commit.bytes_since_checkpoint > 0)
-                || (wait.is_some() && commit.bytes_since_checkpoint > 0);
+                || (interval.is_some() && commit.bytes_since_checkpoint > 0);
             if checkpoint_due {
                 commit.bytes_since_checkpoint = 0;
             }
-            (
-                commit.data_written,
-                commit.acks_written,
-                std::mem::take(&mut commit.dirty),
+            // A close or an explicit sync tries the ack journal even while
+            // backing off.
+            let forced = commit.shutdown || commit.sync_requested;
+            commit.sync_requested = false;
+            Cycle {
+                data_target: commit.data_written,
+                acks_target: commit.acks_written,
+                dirty: std::mem::take(&mut commit.dirty),
                 point,
                 checkpoint_due,
-                commit.shutdown,
-            )
+                shutdown: commit.shutdown,
+                acks_paused: !forced && acks_retry_at.is_some_and(|at| Instant::now() < at),
+            }
         };
-        let result = shared.flush_once(data_target, acks_target, dirty).and_then(|()| match point {
-            Some(point) if checkpoint_due => shared.checkpoint(point),
-            _ => Ok(()),
+        let result = shared.flush_once(&cycle).and_then(|journal| {
+            match journal {
+                JournalWrite::Written => {
+                    if acks_retry_at.take().is_some() {
+                        tracing::info!(dir = %shared.dir.display(), "the ack journal is writable again");
+                    }
+                }
+                JournalWrite::DiskFull => {
+                    if acks_retry_at.is_none() {
+                        tracing::warn!(
+                            dir = %shared.dir.display(),
+                            retry_ms = ACK_JOURNAL_RETRY_MS,
+                            "disk full writing the ack journal; acks stay buffered and are retried"
+                        );
+                    }
+                    acks_retry_at = Some(Instant::now() + Duration::from_millis(ACK_JOURNAL_RETRY_MS));
+                }
+                JournalWrite::Paused => {}
+            }
+            match cycle.point {
+                // The last cycle of a close: the point is the exact end and
+                // nothing will be written past it (`Shared::checkpoint`).
+                Some(point) if cycle.checkpoint_due => shared.checkpoint(point, cycle.shutdown),
+                _ => Ok(()),
+            }
         });
         let result = result.and_then(|()| {
             let floor = shared.acks.lock().state.floor();
-            if floor != last_retention_floor || checkpoint_due {
+            if floor != last_retention_floor || cycle.checkpoint_due {
                 last_retention_floor = floor;
                 shared.retain()
             } else {
@@ -880,7 +994,7 @@ fn flusher(shared: &Arc<Shared>) {
             shared.poison(e);
             return;
         }
-        if shutdown {
+        if cycle.shutdown {
             return;
         }
     }
@@ -1009,3 +1123,6 @@ impl Cursor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

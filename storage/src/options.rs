@@ -14,11 +14,17 @@ pub enum SyncPolicy {
     #[default]
     Fsync,
     /// The commit resolves once the record is written to the OS; a background
-    /// sync runs every `interval_ms`. A power loss can lose the last interval.
+    /// sync runs every `interval_ms` (at fixed deadlines; [`Log::sync`]
+    /// forces one at once). A power loss can lose the last interval.
+    ///
+    /// [`Log::sync`]: crate::Log::sync
     Interval { interval_ms: u64 },
-    /// The commit resolves once the record is written to the OS; the engine
-    /// only syncs at checkpoints and on close. A power loss can lose anything
-    /// written since the last checkpoint.
+    /// The commit resolves once the record is written to the OS. The engine
+    /// then behaves exactly like `Interval { interval_ms: 1000 }`
+    /// ([`BACKGROUND_FLUSH_MS`](crate::limits::BACKGROUND_FLUSH_MS)): every
+    /// second with work, the flusher syncs the written segments, writes and
+    /// syncs the ack journal and writes a checkpoint. A power loss can lose
+    /// about the last second.
     None,
 }
 

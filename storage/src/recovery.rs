@@ -4,19 +4,29 @@
 //!    `*.tmp` files of interrupted compactions.
 //! 2. Open every segment and validate its header. A segment with a bad header
 //!    is renamed `*.corrupt` and its offsets are quarantined (a newer format
-//!    version is refused instead, so nothing is destroyed).
+//!    version is refused instead, so nothing is destroyed). Where the offsets
+//!    of a set-aside *last* segment end is unknown: step 5 bounds them.
 //! 3. Read the checkpoint. Segments before the checkpoint's segment are
-//!    trusted and not scanned (their indexes are built on first read).
+//!    trusted and not scanned (their indexes are built on first read). After
+//!    a clean close nothing at all is scanned.
 //! 4. Scan from the checkpoint to the end, validating every record (length,
 //!    CRC, offset). At an invalid record, search forward for the next valid
 //!    one: if found, quarantine the range in between (corruption in the
-//!    middle); if not, it is the torn tail: zero it and sync.
-//! 5. Replay the ack journal, raising the floor to the first segment; record
-//!    quarantined ranges in it.
-//! 6. Recover the idempotency keys: the key journal up to the checkpoint's
+//!    middle); if not, it is the torn tail: zero it and sync. How far the
+//!    search and the zeroing reach depends on what survived the crash
+//!    ([`Tail`]).
+//! 5. Keep offsets unique: the log never ends below an offset known to have
+//!    been durable. A shortfall is quarantined, and a new segment starts past
+//!    it.
+//! 6. Sync every scanned segment, so the new checkpoint can vouch for them.
+//! 7. Ack state: the journal replayed, the floor raised to the first segment,
+//!    the gaps quarantined, and acks at or above the recovered end dropped
+//!    (their records were lost) with the journal rewritten without them.
+//! 8. Recover the idempotency keys: the key journal up to the checkpoint's
 //!    length, plus the keys of the scanned records, within the window.
-//! 7. Sync the last segment, journal the scanned keys and write a new
-//!    checkpoint at the end, so the next clean open scans nothing.
+//! 9. Journal the scanned keys and write a new checkpoint at the end (never a
+//!    clean one: this process is about to append past it), so the next open
+//!    scans from there.
 
 use std::{fs, path::Path, sync::Arc};
 
@@ -26,7 +36,7 @@ use crate::{
     error::{OpenError, io_open},
     file::Io,
     keys::{self, KeyEntry, KeyJournal},
-    limits::{RECORD_ALIGN, SEGMENT_HEADER_SIZE},
+    limits::{RECORD_ALIGN, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE},
     log::now_ms,
     options::LogOptions,
     record::{self, Invalid},
@@ -43,6 +53,26 @@ pub(crate) struct Recovered {
     pub key_journal: KeyJournal,
     pub keys: Vec<KeyEntry>,
     pub quarantined: u64,
+}
+
+/// What the scan may assume about the bytes past the first invalid record
+/// of a segment, that is, about what the crash left there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// The kernel that ran the writer is still running (the checkpoint
+    /// carries this boot's tag), so its page cache kept every write made
+    /// since the checkpoint: the files hold exactly what was written. A write
+    /// of a killed process stops at a page boundary, so each write left a
+    /// prefix of itself, and past the last one the segment holds zeros
+    /// (segment contract 4). The search and the zeroing stop where the
+    /// writes stopped.
+    Intact,
+    /// After a reboot, or without a usable checkpoint: any subset of the
+    /// unsynced pages may have reached the disk, in any order, so a valid
+    /// record may follow lost ones and stale bytes may lie anywhere up to
+    /// the end of the segment. The whole rest of the segment is searched and
+    /// zeroed.
+    Unknown,
 }
 
 pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recovered, OpenError> {
@@ -65,12 +95,14 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
     }
     bases.sort_unstable();
 
-    let (mut checkpoint, checkpoint_point) = Checkpoint::open(io, dir).map_err(io_open(dir.join("checkpoint")))?;
+    let (mut checkpoint, recorded) = Checkpoint::open(io, dir).map_err(io_open(dir.join("checkpoint")))?;
+    let checkpoint_point = recorded.map(|r| r.point);
     let (mut ack_journal, mut ack_state) = AckJournal::open(io, dir).map_err(io_open(dir.join("acks")))?;
     let mut gaps: Vec<(u64, u64)> = Vec::new();
 
     // Step 2: open segments; set aside those whose header is unreadable.
     let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len());
+    let mut lost_tail_base = None;
     for (i, &base) in bases.iter().enumerate() {
         let path = dir.join(segment::file_name(base));
         match Segment::open(&path, base) {
@@ -80,42 +112,174 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
                 tracing::error!(path = %path.display(), %reason, "segment header invalid; renamed to .corrupt");
                 fs::rename(&path, &aside).map_err(io_open(&path))?;
                 io.sync_dir(dir).map_err(io_open(dir))?;
-                if let Some(&next) = bases.get(i + 1) {
-                    gaps.push((base, next));
+                match bases.get(i + 1) {
+                    Some(&next) => gaps.push((base, next)),
+                    None => lost_tail_base = Some(base),
                 }
             }
             Err(e) => return Err(e),
         }
     }
 
-    // Step 3 and 4: scan from the checkpoint.
+    // Offsets below `durable_end` were on stable storage at some point, so
+    // they may have been delivered and acked: they are never handed out
+    // again (step 5).
+    // - The checkpoint's `next_offset`. Under every sync policy the flusher
+    //   writes a checkpoint only after syncing every segment written before
+    //   its point (`Shared::flush_once` runs first in the same cycle), and
+    //   recovery syncs what it scanned before writing its own (step 6). So a
+    //   scan ending below it met destroyed data (a lost or set-aside
+    //   segment), not a torn tail. When the checkpoint is usable the scan
+    //   starts there, so this bounds only the full-scan fallback.
+    // - For a set-aside last segment: its base (it was created for a record
+    //   with that offset) and the end of the ack state (acks are journaled
+    //   only for synced records). Otherwise acks above the scanned end are
+    //   dropped instead (step 7): the scan ended at a torn tail, whose records
+    //   were never synced, so such acks were journaled before their records
+    //   by an older build.
+    let mut durable_end = checkpoint_point.map_or(0, |p| p.next_offset);
+    if let Some(base) = lost_tail_base {
+        durable_end = durable_end.max(base).max(ack_state.end());
+    }
+
+    // Steps 3 and 4: scan from the checkpoint.
     let start = checkpoint_point.and_then(|p| {
         let at = segments.iter().position(|s| s.base_offset == p.segment_base)?;
         let valid =
             p.position >= SEGMENT_HEADER_SIZE && p.position <= segments[at].size() && p.position % RECORD_ALIGN == 0;
         valid.then_some((at, p.position, p.next_offset))
     });
-    let (start_at, start_pos, start_offset) = match (start, segments.first()) {
-        (Some(s), _) => s,
-        (None, Some(first)) => (0, SEGMENT_HEADER_SIZE, first.base_offset),
+    let same_boot = recorded.is_some_and(|r| r.boot_tag != 0 && r.boot_tag == checkpoint.boot_tag());
+    let clean = recorded.is_some_and(|r| r.clean)
+        && lost_tail_base.is_none()
+        && start.is_some_and(|(at, _, _)| at + 1 == segments.len());
+    let mut scanned_keys = Vec::new();
+    // The first segment the scan covered, and the offset after the last
+    // valid record.
+    let (scanned_from, scanned_end) = match (start, segments.first()) {
+        (Some((at, pos, offset)), _) if clean => {
+            // A clean close left nothing past the checkpoint. The segment's
+            // index is built on its first read by offset.
+            segments[at].set_written(pos);
+            (None, offset)
+        }
+        (Some((at, pos, offset)), _) => {
+            let tail = if same_boot { Tail::Intact } else { Tail::Unknown };
+            let end = scan(io, &segments[at..], pos, offset, tail, &mut gaps, &mut scanned_keys)?;
+            (Some(at), end)
+        }
+        (None, Some(first)) => {
+            let first_offset = first.base_offset;
+            let end =
+                scan(io, &segments, SEGMENT_HEADER_SIZE, first_offset, Tail::Unknown, &mut gaps, &mut scanned_keys)?;
+            (Some(0), end)
+        }
         (None, None) => {
-            let base = checkpoint_point.map_or(0, |p| p.next_offset).max(ack_state.floor());
+            // Nothing to scan: a fresh segment holds no record.
+            let base = durable_end.max(ack_state.floor());
+            if let Some(lost) = lost_tail_base.filter(|&lost| lost < base) {
+                gaps.push((lost, base));
+            }
             let s = Segment::create(io, dir, base, options.segment_size)
                 .map_err(io_open(dir.join(segment::file_name(base))))?;
             io.sync_dir(dir).map_err(io_open(dir))?;
             segments.push(Arc::new(s));
-            (0, SEGMENT_HEADER_SIZE, base)
+            (None, base)
         }
     };
-    let mut scanned_keys = Vec::new();
+
+    // Step 5: never end below an offset that was durable. Records in a
+    // segment are contiguous from its base, so the log continues in a new
+    // segment past the lost range.
+    let mut next_offset = scanned_end;
+    if durable_end > next_offset {
+        tracing::error!(
+            dir = %dir.display(),
+            first_offset = next_offset,
+            last_offset = durable_end - 1,
+            "records lost at the end of the log (a set-aside or missing segment); quarantined, offsets not reused"
+        );
+        gaps.push((next_offset, durable_end));
+        let s = Segment::create(io, dir, durable_end, options.segment_size)
+            .map_err(io_open(dir.join(segment::file_name(durable_end))))?;
+        io.sync_dir(dir).map_err(io_open(dir))?;
+        segments.push(Arc::new(s));
+        next_offset = durable_end;
+    }
+    let active = segments.last().expect("at least one segment").clone();
+
+    // Step 6: records the scan found may be only in the page cache (a crash
+    // of the process, not of the kernel). The new checkpoint, and any ack of
+    // them, must not be durable before they are.
+    if let Some(from) = scanned_from {
+        for segment in &segments[from..] {
+            segment.sync(io).map_err(io_open(&segment.path))?;
+        }
+    }
+
+    // Step 7: ack state. Gaps first, so that those below the first segment
+    // (a set-aside first segment) count as quarantined; then everything
+    // below the first segment is done (retention removed it).
+    let mut quarantined = 0;
+    for &(first, end) in &gaps {
+        let count = end - first;
+        if ack_state.mark(first, count) > 0 {
+            ack_journal.record(first, count, AckKind::Quarantined);
+            quarantined += count;
+        }
+    }
+    ack_state.raise_floor(segments[0].base_offset);
+    if ack_state.truncate(next_offset) {
+        tracing::warn!(
+            dir = %dir.display(),
+            next_offset,
+            "acks of records lost in a crash dropped; the ack journal is rewritten without them"
+        );
+        // The rewrite holds the quarantined gaps too, and replaces every
+        // entry that could bring the dropped acks back.
+        ack_journal.compact(io, &ack_state, next_offset).map_err(io_open(dir.join("acks")))?;
+    } else {
+        ack_journal.flush(io, next_offset).map_err(io_open(dir.join("acks")))?;
+        ack_journal.sync(io).map_err(io_open(dir.join("acks")))?;
+    }
+
+    // Step 8: keys.
+    let cutoff = now_ms().saturating_sub(options.dedupe_window_ms);
+    let synced_keys_len = checkpoint_point.map(|p| p.keys_len);
+    let (mut key_journal, mut keys) =
+        KeyJournal::open(io, dir, synced_keys_len, cutoff).map_err(io_open(dir.join("keys")))?;
+    keys.extend(scanned_keys.iter().filter(|k| k.timestamp_ms >= cutoff).cloned());
+    let keys = keys::newest_unique(keys, options.dedupe_keys_max as usize);
+
+    // Step 9: make the recovered state the new checkpoint.
+    let keys_len = key_journal.append(io, &scanned_keys).map_err(io_open(dir.join("keys")))?;
+    let point = Point { segment_base: active.base_offset, position: active.written(), next_offset, keys_len };
+    checkpoint.write(io, point, false).map_err(io_open(dir.join("checkpoint")))?;
+
+    Ok(Recovered { segments, point, ack_state, ack_journal, checkpoint, key_journal, keys, quarantined })
+}
+
+/// Step 4: validates the records of `segments` from `start_pos` in the first
+/// one (where `start_offset` is expected) to the end of the last, indexes
+/// them, collects their keys, records corrupt ranges in `gaps`, and zeroes
+/// the torn tail of the last segment. Returns the offset after the last valid
+/// record.
+fn scan(
+    io: &Io,
+    segments: &[Arc<Segment>],
+    start_pos: u64,
+    start_offset: u64,
+    tail: Tail,
+    gaps: &mut Vec<(u64, u64)>,
+    scanned_keys: &mut Vec<KeyEntry>,
+) -> Result<u64, OpenError> {
     let mut pos = start_pos;
     let mut expected = start_offset;
-    index_trusted_prefix(&segments[start_at], start_pos, start_offset);
-    for at in start_at..segments.len() {
-        let segment = &segments[at];
+    index_trusted_prefix(&segments[0], start_pos, start_offset);
+    for (at, segment) in segments.iter().enumerate() {
         let next_base = segments.get(at + 1).map(|s| s.base_offset);
         let limit = next_base.unwrap_or(u64::MAX);
-        if at > start_at {
+        if at > 0 {
             pos = SEGMENT_HEADER_SIZE;
             if expected < segment.base_offset {
                 gaps.push((expected, segment.base_offset));
@@ -138,64 +302,62 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
                     pos += record::padded(u64::from(header.len));
                     expected += 1;
                 }
-                Err(invalid) => match segment::resync(raw, pos, expected, limit) {
-                    Some((found_pos, found_offset)) => {
-                        report(segment, pos, expected, found_offset, invalid);
-                        gaps.push((expected, found_offset));
-                        segment.index_resync_point(found_offset, found_pos);
-                        pos = found_pos;
-                        expected = found_offset;
-                    }
-                    None if next_base.is_some() => break,
-                    None => {
-                        if invalid != Invalid::Zero || raw[pos as usize..].iter().any(|&b| b != 0) {
-                            tracing::warn!(
-                                segment = %segment.path.display(),
-                                position = pos,
-                                next_offset = expected,
-                                "cutting a torn tail (unsynced writes of a crash)"
-                            );
+                Err(invalid) => {
+                    // Past `written_end` the segment holds only zeros.
+                    let written_end = match tail {
+                        Tail::Intact => intact_end(raw, pos, invalid),
+                        Tail::Unknown => segment.size(),
+                    };
+                    match segment::resync(raw, pos, written_end, expected, limit) {
+                        Some((found_pos, found_offset)) => {
+                            report(segment, pos, expected, found_offset, invalid);
+                            gaps.push((expected, found_offset));
+                            segment.index_resync_point(found_offset, found_pos);
+                            pos = found_pos;
+                            expected = found_offset;
                         }
-                        segment.zero_range(io, pos, segment.size()).map_err(io_open(&segment.path))?;
-                        break;
+                        None if next_base.is_some() => break,
+                        None => {
+                            let zeroed = segment.zero_range(io, pos, written_end).map_err(io_open(&segment.path))?;
+                            if invalid != Invalid::Zero || zeroed {
+                                tracing::warn!(
+                                    segment = %segment.path.display(),
+                                    position = pos,
+                                    next_offset = expected,
+                                    "cutting a torn tail (unsynced writes of a crash)"
+                                );
+                            }
+                            break;
+                        }
                     }
-                },
+                }
             }
         }
         segment.set_written(pos);
         segment.set_index_complete();
     }
-    let active = segments.last().expect("at least one segment").clone();
-    let next_offset = expected;
+    Ok(expected)
+}
 
-    // Step 5: ack state.
-    ack_state.raise_floor(segments[0].base_offset);
-    let mut quarantined = 0;
-    for &(first, end) in &gaps {
-        let count = end - first;
-        if ack_state.mark(first, count) > 0 {
-            ack_journal.record(first, count, AckKind::Quarantined);
-            quarantined += count;
-        }
+/// Under [`Tail::Intact`], where the bytes of a segment may stop being zero
+/// past `pos`, the first invalid record. A killed write stops at a page
+/// boundary and a record's 4-byte length field (8-aligned) never straddles
+/// one, so either the length reads zero and nothing from `pos` on was
+/// written, or it is the length the writer wrote and nothing past that one
+/// record was (the record after it is still searched, in case the record at
+/// `pos` is corrupt rather than torn). A length no writer could have written
+/// gives no bound: the whole rest of the segment then.
+fn intact_end(raw: &[u8], pos: u64, invalid: Invalid) -> u64 {
+    let size = raw.len() as u64;
+    if invalid == Invalid::Zero {
+        return pos;
     }
-    ack_journal.flush(io).map_err(io_open(dir.join("acks")))?;
-    ack_journal.sync(io).map_err(io_open(dir.join("acks")))?;
-
-    // Step 6: keys.
-    let cutoff = now_ms().saturating_sub(options.dedupe_window_ms);
-    let synced_keys_len = checkpoint_point.map(|p| p.keys_len);
-    let (mut key_journal, mut keys) =
-        KeyJournal::open(io, dir, synced_keys_len, cutoff).map_err(io_open(dir.join("keys")))?;
-    keys.extend(scanned_keys.iter().filter(|k| k.timestamp_ms >= cutoff).cloned());
-    let keys = keys::newest_unique(keys, options.dedupe_keys_max as usize);
-
-    // Step 7: make the recovered state the new checkpoint.
-    active.sync(io).map_err(io_open(&active.path))?;
-    let keys_len = key_journal.append(io, &scanned_keys).map_err(io_open(dir.join("keys")))?;
-    let point = Point { segment_base: active.base_offset, position: active.written(), next_offset, keys_len };
-    checkpoint.write(io, point).map_err(io_open(dir.join("checkpoint")))?;
-
-    Ok(Recovered { segments, point, ack_state, ack_journal, checkpoint, key_journal, keys, quarantined })
+    let Some(len) = raw.get(pos as usize..pos as usize + 4) else {
+        return size;
+    };
+    let len = u64::from(u32::from_le_bytes(len.try_into().expect("4 bytes")));
+    let end = pos + record::padded(len);
+    if len >= u64::from(RECORD_HEADER_SIZE) && end <= size { end } else { size }
 }
 
 /// Indexes the part of the checkpoint's segment before the checkpoint by
@@ -227,3 +389,6 @@ fn report(segment: &Segment, pos: u64, first: u64, resume: u64, invalid: Invalid
         "corrupt records found during recovery; quarantined, never delivered"
     );
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,6 +8,11 @@
 //!    open; writers only write at or above `written` and publish the new end
 //!    with a release store. Readers only read below `written`.
 //! 3. Recovery may zero a torn tail before any reader exists.
+//! 4. Past the end of valid data, the active segment holds only zeros: the
+//!    file was preallocated with zeros, the writer only appends at the end
+//!    (a failed write poisons the log until recovery), and recovery zeroes
+//!    and syncs every byte a crash may have left past the end. A clean close
+//!    and recovery rely on this to skip the unused rest of the segment.
 
 use std::{
     fs::File,
@@ -83,22 +88,30 @@ fn encode_header(base_offset: u64, size: u64) -> [u8; SEGMENT_HEADER_SIZE as usi
 }
 
 impl Segment {
-    /// Creates, preallocates and syncs a new segment file. The caller syncs
-    /// the directory. On error the file is removed again.
+    /// Creates, preallocates, syncs and maps a new segment file. The caller
+    /// syncs the directory. On error the file is removed again (and the
+    /// directory synced, best effort), so the creation can be retried under
+    /// the same name.
     pub(crate) fn create(io: &Io, dir: &Path, base_offset: u64, size: u64) -> io::Result<Segment> {
         let path = dir.join(file_name(base_offset));
         let file = file::open_rw(&path, true)?;
-        let result = (|| {
-            io.preallocate(&file, size)?;
-            io.write_at(&file, &encode_header(base_offset, size), 0)?;
-            io.sync_data(&file)?;
-            Ok(())
-        })();
-        if let Err(e) = result {
-            drop(file);
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
+        match Segment::prepare(io, file, path.clone(), base_offset, size) {
+            Ok(segment) => Ok(segment),
+            Err(e) => {
+                // The file was closed by `prepare`; nothing else refers to it.
+                let _ = std::fs::remove_file(&path);
+                let _ = io.sync_dir(dir);
+                Err(e)
+            }
         }
+    }
+
+    /// The part of [`Segment::create`] after the file exists.
+    fn prepare(io: &Io, file: File, path: PathBuf, base_offset: u64, size: u64) -> io::Result<Segment> {
+        io.preallocate(&file, size)?;
+        io.write_at(&file, &encode_header(base_offset, size), 0)?;
+        io.sync_data(&file)?;
+        io.before_map()?;
         let segment = Segment::map(path, file, base_offset, size)?;
         segment.written.store(SEGMENT_HEADER_SIZE, Ordering::Release);
         segment.index.lock().complete = true;
@@ -214,22 +227,28 @@ impl Segment {
     }
 
     /// Overwrites `[from, to)` with zeros where it is not zero already, then
-    /// syncs: used once by recovery to erase a torn tail, so that stale bytes
-    /// can never be mistaken for records later.
-    pub(crate) fn zero_range(&self, io: &Io, from: u64, to: u64) -> io::Result<()> {
+    /// syncs: used by recovery to erase a torn tail, so that stale bytes can
+    /// never be mistaken for records later. Returns whether anything was not
+    /// zero. Works from the end backwards: if it is interrupted, the bytes
+    /// left at `from` still describe the whole range to the next recovery.
+    pub(crate) fn zero_range(&self, io: &Io, from: u64, to: u64) -> io::Result<bool> {
         const CHUNK: u64 = 64 * 1024;
         let zeros = vec![0u8; CHUNK as usize];
-        let mut pos = from;
+        let mut end = to;
         let mut dirty = false;
-        while pos < to {
-            let end = (pos + CHUNK - pos % CHUNK).min(to);
-            if self.map[pos as usize..end as usize].iter().any(|&b| b != 0) {
-                io.write_at(&self.file, &zeros[..(end - pos) as usize], pos)?;
+        while end > from {
+            let start = (end - 1) / CHUNK * CHUNK;
+            let start = start.max(from);
+            if self.map[start as usize..end as usize].iter().any(|&b| b != 0) {
+                io.write_at(&self.file, &zeros[..(end - start) as usize], start)?;
                 dirty = true;
             }
-            pos = end;
+            end = start;
         }
-        if dirty { self.sync(io) } else { Ok(()) }
+        if dirty {
+            self.sync(io)?;
+        }
+        Ok(dirty)
     }
 
     /// The position of the record `offset`, which must lie in this segment
@@ -345,12 +364,13 @@ impl SparseIndex {
     }
 }
 
-/// Searches forward from `pos` (exclusive) for the next valid record whose
-/// offset lies in `(after_offset, end_offset)`. Returns its position and
-/// offset. Used to step over a corrupt range.
-pub(crate) fn resync(data: &[u8], pos: u64, after_offset: u64, end_offset: u64) -> Option<(u64, u64)> {
+/// Searches forward from `pos` (exclusive) up to `search_end` (inclusive)
+/// for the next valid record in `data` whose offset lies in
+/// `(after_offset, end_offset)`. Returns its position and offset. Used to
+/// step over a corrupt range.
+pub(crate) fn resync(data: &[u8], pos: u64, search_end: u64, after_offset: u64, end_offset: u64) -> Option<(u64, u64)> {
     let mut candidate = pos + crate::limits::RECORD_ALIGN;
-    while (candidate as usize) < data.len() {
+    while candidate <= search_end && (candidate as usize) < data.len() {
         let buf = &data[candidate as usize..];
         if let Ok(header) = record::peek(buf)
             && header.offset > after_offset
@@ -363,3 +383,6 @@ pub(crate) fn resync(data: &[u8], pos: u64, after_offset: u64, end_offset: u64) 
     }
     None
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,6 @@
 //! Appends, reads, cursors, acks, reopen and retention.
 
-use ballast_storage::{AckKind, Log, ReadError, SyncPolicy};
+use ballast_storage::{AckKind, Log, LogOptions, ReadError, SyncPolicy};
 
 use crate::support::*;
 
@@ -83,4 +83,90 @@ fn every_policy_round_trips() {
         let log = Log::open(dir.path(), options_with(policy)).unwrap();
         assert_eq!(log.next_offset(), 100, "{policy:?}");
     }
+}
+
+/// `Log::sync` forces a sync at once under `Interval`: it does not wait for
+/// the interval to pass.
+#[test]
+fn sync_is_prompt_under_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let log =
+        std::sync::Arc::new(Log::open(dir.path(), options_with(SyncPolicy::Interval { interval_ms: 60_000 })).unwrap());
+    append_all(&log, 0, 10, 100);
+    let (done, synced) = std::sync::mpsc::channel();
+    let syncing = std::sync::Arc::clone(&log);
+    std::thread::spawn(move || done.send(syncing.sync()));
+    let result = synced.recv_timeout(std::time::Duration::from_secs(10));
+    assert!(matches!(result, Ok(Ok(()))), "Log::sync did not return within 10 s of a 60 s interval: {result:?}");
+    assert!(log.stats().sync_count >= 1);
+}
+
+/// Default-size segments (64 MiB), 1 MiB of records.
+fn big_segment_options() -> LogOptions {
+    LogOptions::default()
+}
+
+fn only_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut segments: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    assert_eq!(segments.len(), 1);
+    segments.pop().unwrap()
+}
+
+/// Opening a cleanly closed log reads nothing of the unused rest of its
+/// active segment (here 63 of 64 MiB): the checkpoint written at close says
+/// where the data ends and that nothing follows it. Also prints the open
+/// times (cold and warm page cache).
+#[test]
+fn clean_open_reads_nothing_past_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), big_segment_options()).unwrap();
+    append_all(&log, 0, 1024, 1000);
+    log.close().unwrap();
+    let segment = only_segment(dir.path());
+    evict_from_cache(&segment);
+    assert!(cached_size(&segment) < 1 << 20, "eviction worked");
+
+    let started = std::time::Instant::now();
+    let log = Log::open(dir.path(), big_segment_options()).unwrap();
+    let cold = started.elapsed();
+    let cached = cached_size(&segment);
+    assert_eq!(log.next_offset(), 1024);
+    log.close().unwrap();
+    let started = std::time::Instant::now();
+    let log = Log::open(dir.path(), big_segment_options()).unwrap();
+    let warm = started.elapsed();
+    println!(
+        "open after clean close (64 MiB segment, 1 MiB of records): cold {cold:?}, warm {warm:?}, read {cached} bytes of the segment"
+    );
+    assert_eq!(payload_index(&log.read(1023).unwrap().payload), 1023);
+    assert!(cached <= 2 << 20, "open read {cached} bytes of a segment holding 1 MiB of records");
+}
+
+/// Opening after a crash (a copy of the directory taken while the log is
+/// open, same boot) reads the records written since the checkpoint, not the
+/// unused rest of the segment.
+#[test]
+fn crash_open_reads_only_the_written_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), big_segment_options()).unwrap();
+    append_all(&log, 0, 1024, 1000);
+    let image = tempfile::tempdir().unwrap();
+    crate::corruption::copy_dir(dir.path(), image.path());
+    drop(log);
+    let segment = only_segment(image.path());
+    evict_from_cache(&segment);
+
+    let started = std::time::Instant::now();
+    let log = Log::open(image.path(), big_segment_options()).unwrap();
+    let cold = started.elapsed();
+    let cached = cached_size(&segment);
+    println!(
+        "open after a crash (64 MiB segment, 1 MiB of records): cold {cold:?}, read {cached} bytes of the segment"
+    );
+    assert_eq!(log.next_offset(), 1024);
+    assert!(cached <= 8 << 20, "open read {cached} bytes of a segment holding 1 MiB of records");
 }

@@ -34,6 +34,18 @@ fn key_size_limit() {
     assert!(matches!(log.append(&[key(limits::KEY_SIZE_MAX as usize + 1)]), Err(AppendError::KeyTooLarge { .. })));
 }
 
+/// A one-byte key is accepted; an empty one (`Some` of no bytes) is refused
+/// as a whole batch, since the key journal cannot hold it.
+#[test]
+fn empty_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_options()).unwrap();
+    let key = |n: usize| NewRecord { key: Some(Bytes::from(vec![b'k'; n])), ..NewRecord::default() };
+    log.append(&[key(1)]).unwrap().commit.wait().unwrap();
+    assert!(matches!(log.append(&[key(1), key(0)]), Err(AppendError::KeyEmpty { index: 1 })));
+    assert_eq!(log.next_offset(), 1, "a refused batch writes nothing");
+}
+
 #[test]
 fn header_limits() {
     let dir = tempfile::tempdir().unwrap();

@@ -29,3 +29,30 @@ pub fn append_all(log: &Log, from: u64, count: u64, size: usize) {
     let appended = log.append(&batch).expect("append");
     appended.commit.wait().expect("commit");
 }
+
+/// Bytes of `path` held in the page cache (`mincore` over a fresh map).
+pub fn cached_size(path: &std::path::Path) -> u64 {
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: a read-only map of a file no one truncates during the test;
+    // its bytes are never read, only its residency queried.
+    let map = unsafe { memmap2::Mmap::map(&file).unwrap() };
+    // SAFETY: sysconf only reads its argument.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let mut resident = vec![0u8; map.len().div_ceil(page)];
+    // SAFETY: the range is the whole live map and `resident` has one byte
+    // per page of it.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, map.len(), resident.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    (resident.iter().filter(|&&r| r & 1 == 1).count() * page) as u64
+}
+
+/// Syncs `path` and drops its pages from the page cache, so a later read of
+/// it shows up in [`cached_size`].
+pub fn evict_from_cache(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    file.sync_all().unwrap();
+    // SAFETY: posix_fadvise only reads its integer arguments; the fd is live.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+}

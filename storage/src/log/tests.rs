@@ -1,0 +1,110 @@
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::{file::Faults, limits::SEGMENT_SIZE_MIN};
+
+fn options(sync_policy: SyncPolicy) -> LogOptions {
+    LogOptions { segment_size: SEGMENT_SIZE_MIN, record_size_max: 16 * 1024, sync_policy, ..LogOptions::default() }
+}
+
+fn record(size: usize) -> NewRecord {
+    NewRecord { payload: Bytes::from(vec![b'x'; size]), ..NewRecord::default() }
+}
+
+fn ack_journal_size(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join(crate::acks::FILE_NAME)).unwrap().len()
+}
+
+/// An ack is journaled only once the record it acks is synced: a flusher
+/// cycle whose snapshot predates the append (so it syncs nothing of it)
+/// keeps the ack buffered; the next cycle, which syncs the record, writes it.
+#[test]
+fn acks_are_journaled_only_after_their_records_are_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long interval keeps the background flusher out of the way.
+    let log = Log::open(dir.path(), options(SyncPolicy::Interval { interval_ms: 60_000 })).unwrap();
+    let shared = Arc::clone(&log.shared);
+    let cycle = |dirty: Vec<Arc<Segment>>, point: Option<Point>| Cycle {
+        data_target: 0,
+        acks_target: 0,
+        dirty,
+        point,
+        checkpoint_due: false,
+        shutdown: false,
+        acks_paused: false,
+    };
+    let before = shared.commit.lock().point;
+    let _ = log.append(&[record(100), record(100)]).unwrap();
+    let _commit = log.ack(0, 2, AckKind::Acked).unwrap();
+    assert_eq!(ack_journal_size(dir.path()), 16, "nothing journaled yet");
+
+    assert_eq!(shared.flush_once(&cycle(Vec::new(), before)).unwrap(), JournalWrite::Written);
+    assert_eq!(ack_journal_size(dir.path()), 16, "an ack was journaled before its record was synced");
+    assert!(shared.acks.lock().journal.has_buffered());
+
+    let (dirty, after) = {
+        let mut commit = shared.commit.lock();
+        (std::mem::take(&mut commit.dirty), commit.point)
+    };
+    assert_eq!(after.map(|p| p.next_offset), Some(2));
+    shared.flush_once(&cycle(dirty, after)).unwrap();
+    assert_eq!(ack_journal_size(dir.path()), 16 + 24, "the ack is journaled once its records are synced");
+    assert!(!shared.acks.lock().journal.has_buffered());
+}
+
+/// Under `Interval`, wake-ups of the flusher do not postpone the periodic
+/// sync: it happens on time while something keeps waking the flusher.
+#[test]
+fn wakeups_do_not_postpone_the_interval_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), options(SyncPolicy::Interval { interval_ms: 200 })).unwrap();
+    let _ = log.append(&[record(100)]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while log.stats().sync_count == 0 {
+        assert!(Instant::now() < deadline, "no sync within 10 s of a 200 ms interval");
+        log.shared.flusher_wake.notify_one();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A full disk while writing the ack journal makes the flusher retry after
+/// a pause, not in a busy loop; the ack commits once space returns.
+#[test]
+fn ack_journal_disk_full_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..options(SyncPolicy::Fsync) }).unwrap();
+    log.append(&[record(100)]).unwrap().commit.wait().unwrap();
+    faults.set_disk_full(true);
+    let commit = log.ack(0, 1, AckKind::Acked).unwrap();
+    let window = Duration::from_millis(500);
+    std::thread::sleep(window);
+    let hits = faults.disk_full_hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(hits >= 1, "the ack journal was written");
+    assert!(hits <= 20, "{hits} ack journal writes hit ENOSPC within {window:?}: a busy loop");
+    assert!(!commit.is_resolved(), "the ack is not durable while the disk is full");
+    faults.set_disk_full(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !commit.is_resolved() {
+        assert!(Instant::now() < deadline, "the ack did not commit within 10 s of space returning");
+        std::thread::yield_now();
+    }
+    commit.wait().unwrap();
+}
+
+/// A segment whose map fails while rolling fails that append only: the next
+/// append creates the segment again and succeeds.
+#[test]
+fn failed_segment_map_does_not_block_later_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..options(SyncPolicy::Fsync) }).unwrap();
+    let batch: Vec<NewRecord> = (0..100).map(|_| record(1000)).collect();
+    faults.fail_maps(1);
+    assert!(matches!(log.append(&batch), Err(AppendError::Io { .. })));
+    assert_eq!(log.next_offset(), 0);
+    log.append(&batch).expect("the segment is created again").commit.wait().unwrap();
+    assert_eq!(log.next_offset(), 100);
+}
