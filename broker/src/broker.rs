@@ -26,21 +26,53 @@ use crate::{
     queue::{Queue, QueueName, QueueSettings, SettingsRequest},
 };
 
-/// Identifier sources shared by every queue of one broker run.
+/// Node-wide state every queue shares: identifier sources and the disk
+/// watermark.
 #[derive(Debug)]
-pub struct Ids {
+pub struct Node {
     delivery: AtomicU64,
     consumer: AtomicU64,
     generation: AtomicU64,
+    /// Free bytes on the data directory's filesystem, refreshed every tick.
+    disk_free: AtomicU64,
+    disk_free_min: u64,
 }
 
-impl Ids {
-    fn new() -> Ids {
+impl Node {
+    fn new(disk_free_min: u64) -> Node {
         // Delivery ids start from the clock so that an id from before a
         // restart is not reused by the next run: an ack of a stale delivery
         // is refused instead of acking some other message.
         let start = now_ms() << 20;
-        Ids { delivery: AtomicU64::new(start), consumer: AtomicU64::new(1), generation: AtomicU64::new(start) }
+        Node {
+            delivery: AtomicU64::new(start),
+            consumer: AtomicU64::new(1),
+            generation: AtomicU64::new(start),
+            disk_free: AtomicU64::new(u64::MAX),
+            disk_free_min,
+        }
+    }
+
+    /// `Some(free bytes)` while the disk is below its watermark.
+    pub fn disk_low(&self) -> Option<u64> {
+        let free = self.disk_free.load(Ordering::Relaxed);
+        (free < self.disk_free_min).then_some(free)
+    }
+
+    pub fn disk_free(&self) -> u64 {
+        self.disk_free.load(Ordering::Relaxed)
+    }
+
+    pub fn disk_free_min(&self) -> u64 {
+        self.disk_free_min
+    }
+
+    /// Measures the free space of the filesystem holding `dir`.
+    pub(crate) fn refresh_disk(&self, dir: &Path) {
+        match free_bytes(dir) {
+            Ok(free) => self.disk_free.store(free, Ordering::Relaxed),
+            Err(e) => tracing::warn!(dir = %dir.display(), "cannot measure free disk space: {e}"),
+        }
     }
 
     pub fn next_delivery(&self) -> u64 {
@@ -64,7 +96,7 @@ pub struct Broker {
     queues: RwLock<BTreeMap<QueueName, Arc<Queue>>>,
     /// Serializes create and delete (they touch several directories).
     admin: tokio::sync::Mutex<()>,
-    ids: Arc<Ids>,
+    node: Arc<Node>,
     shutting_down: AtomicBool,
 }
 
@@ -76,7 +108,8 @@ impl Broker {
     pub fn open(config: Config) -> Result<Arc<Broker>> {
         let queues_dir = config.data_dir.join(QUEUES_DIR);
         std::fs::create_dir_all(&queues_dir).map_err(|e| io_error(&queues_dir, e))?;
-        let ids = Arc::new(Ids::new());
+        let node = Arc::new(Node::new(config.disk_free_min_bytes));
+        node.refresh_disk(&queues_dir);
         let mut found: Vec<(PathBuf, QueueName, QueueSettings)> = Vec::new();
         for entry in std::fs::read_dir(&queues_dir).map_err(|e| io_error(&queues_dir, e))? {
             let entry = entry.map_err(|e| io_error(&queues_dir, e))?;
@@ -106,7 +139,7 @@ impl Broker {
             if settings.dead_letter && dead_letter.is_none() {
                 tracing::warn!(queue = %name, "its dead-letter queue is missing; dead letters will be dropped");
             }
-            let queue = Queue::open(&dir, &config, Arc::clone(&ids), dead_letter)?;
+            let queue = Queue::open(&dir, &config, Arc::clone(&node), dead_letter)?;
             tracing::info!(queue = %name, depth = queue.stats().lane_depths.iter().sum::<u64>(), "queue opened");
             queues.insert(name, queue);
         }
@@ -116,7 +149,7 @@ impl Broker {
             queues_dir,
             queues: RwLock::new(queues),
             admin: tokio::sync::Mutex::new(()),
-            ids,
+            node,
             shutting_down: AtomicBool::new(false),
         }))
     }
@@ -197,8 +230,8 @@ impl Broker {
         settings: QueueSettings,
         dead_letter: Option<Arc<Queue>>,
     ) -> Result<Arc<Queue>> {
-        let dir = self.queues_dir.join(format!("{name}~{}", self.ids.next_generation()));
-        let queue = Queue::create(&dir, name, settings, &self.config, Arc::clone(&self.ids), dead_letter)?;
+        let dir = self.queues_dir.join(format!("{name}~{}", self.node.next_generation()));
+        let queue = Queue::create(&dir, name, settings, &self.config, Arc::clone(&self.node), dead_letter)?;
         sync_dir(&self.queues_dir)?;
         Ok(queue)
     }
@@ -248,6 +281,18 @@ impl Broker {
         self.shutting_down.load(Ordering::Acquire)
     }
 
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// One stats tick: smoothed rates and the disk's free space.
+    pub fn tick(&self, seconds: f64) {
+        self.node.refresh_disk(&self.queues_dir);
+        for queue in self.queues() {
+            queue.tick(seconds);
+        }
+    }
+
     /// Syncs every log (the last step of a graceful shutdown).
     pub fn sync_all(&self) -> Result<()> {
         for queue in self.queues() {
@@ -257,6 +302,22 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// Free bytes for unprivileged users on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` points to
+    // writable memory of the right type; statvfs fills it on success.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it initialized `stat`.
+    let stat = unsafe { stat.assume_init() };
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// `<name>.dead`.

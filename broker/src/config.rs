@@ -26,10 +26,14 @@ use crate::queue::QueueSettings;
 pub const DATA_DIR_DEFAULT: &str = "./data";
 /// Default gRPC address: loopback only.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:7400";
+/// Default Prometheus metrics address: loopback only.
+pub const METRICS_LISTEN_DEFAULT: &str = "127.0.0.1:7401";
+/// Default disk watermark: publishes stop below 512 MiB free.
+pub const DISK_FREE_MIN_BYTES_DEFAULT: u64 = 512 * 1024 * 1024;
 /// How long a graceful shutdown waits for in-flight requests, in ms.
 pub const SHUTDOWN_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Where queues live.
@@ -38,6 +42,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Longest wait for in-flight requests on SIGTERM/SIGINT, in ms.
     pub shutdown_timeout_ms: u64,
+    /// Prometheus `/metrics` HTTP address: loopback by default.
+    pub metrics_listen: SocketAddr,
+    /// Publishes are refused while the data directory's filesystem has less
+    /// free space than this, in bytes (consumers, acks and admin go on).
+    pub disk_free_min_bytes: u64,
     pub storage: StorageConfig,
     /// Settings a new queue gets for every field its creator leaves unset.
     pub queue_defaults: QueueSettings,
@@ -59,6 +68,8 @@ impl Default for Config {
             data_dir: PathBuf::from(DATA_DIR_DEFAULT),
             listen: LISTEN_DEFAULT.parse().expect("the default listen address parses"),
             shutdown_timeout_ms: SHUTDOWN_TIMEOUT_MS_DEFAULT,
+            metrics_listen: METRICS_LISTEN_DEFAULT.parse().expect("the default metrics address parses"),
+            disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
             storage: StorageConfig::default(),
             queue_defaults: QueueSettings::default(),
         }
@@ -120,7 +131,7 @@ mod tests {
 
     #[test]
     fn file_overrides_and_unknown_keys_are_refused() {
-        let c = Config::from_toml("listen = \"127.0.0.1:9000\"\n[queue_defaults]\nlanes = [\"a\"]\nlane_weights = [1]\ndefault_lane = 0\nlease_timeout_ms = 1000\nmax_attempts = 3\ndead_letter = false\ndedupe_window_ms = 0\nmessage_size_max = 100\nsync_policy = \"none\"\nsync_interval_ms = 5\nstrict_priority = true\n").unwrap();
+        let c = Config::from_toml("listen = \"127.0.0.1:9000\"\n[queue_defaults]\nlanes = [\"a\"]\nlane_weights = [1]\nlane_admission = [1.0]\ndefault_lane = 0\nlease_timeout_ms = 1000\nmax_attempts = 3\ndead_letter = false\ndedupe_window_ms = 0\nmessage_size_max = 100\nsync_policy = \"none\"\nsync_interval_ms = 5\nstrict_priority = true\n").unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.queue_defaults.lanes, vec!["a"]);
         assert!(Config::from_toml("lisen = \"x\"").unwrap_err().contains("lisen"));

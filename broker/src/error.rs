@@ -25,8 +25,52 @@ pub enum BrokerError {
     ShuttingDown,
     #[error("disk full: {0}")]
     DiskFull(String),
+    #[error("{0}")]
+    Refused(Box<Refusal>),
     #[error("storage failure: {0}")]
     Storage(String),
+}
+
+/// A publish refused by admission: why, and the figures behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub queue: String,
+    pub lane: String,
+    /// The queue's figures when it refused.
+    pub figures: crate::queue::Figures,
+    /// The lane's admission fraction.
+    pub threshold: f64,
+    /// A hint: retrying sooner is likely to be refused again.
+    pub retry_after_ms: u64,
+    pub reason: RefusalReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    QueueFull { max_messages: u64, max_bytes: u64 },
+    DiskLow { free: u64, min: u64 },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.reason {
+            RefusalReason::QueueFull { max_messages, max_bytes } => write!(
+                f,
+                "queue {} is {:.0}% full ({} of {max_messages} messages, {} of {max_bytes} bytes); lane {} is admitted up to {:.0}%: retry after {} ms, or publish to a higher lane",
+                self.queue,
+                self.figures.saturation * 100.0,
+                self.figures.depth,
+                self.figures.bytes,
+                self.lane,
+                self.threshold * 100.0,
+                self.retry_after_ms
+            ),
+            RefusalReason::DiskLow { free, min } => write!(
+                f,
+                "the broker's disk has {free} bytes free, below its floor of {min} (disk_free_min_bytes): publishes are refused until space returns; consumers and acks go on"
+            ),
+        }
+    }
 }
 
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
@@ -35,6 +79,7 @@ impl From<AppendError> for BrokerError {
     fn from(e: AppendError) -> BrokerError {
         match e {
             AppendError::BatchEmpty
+            | AppendError::KeyEmpty { .. }
             | AppendError::BatchTooLarge { .. }
             | AppendError::RecordTooLarge { .. }
             | AppendError::KeyTooLarge { .. }

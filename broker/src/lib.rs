@@ -9,6 +9,7 @@
 //! - [`broker`]: the registry of queues and their lifecycle.
 //! - [`queue`]: one queue: settings, publish, dedupe, delivery.
 //! - [`grpc`]: the tonic services and the error-to-status mapping.
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //! - [`server`]: wiring it all to a listener, with graceful shutdown.
 
 pub mod broker;
@@ -17,6 +18,7 @@ mod dedupe;
 pub mod error;
 pub mod grpc;
 pub mod limits;
+pub mod metrics;
 pub mod queue;
 pub mod server;
 

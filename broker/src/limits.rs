@@ -82,3 +82,28 @@ pub const RESERVED_HEADER_PREFIX: &str = "ballast-";
 
 const _: () = assert!(LANES_MAX <= u8::MAX as usize);
 const _: () = assert!(QUEUE_NAME_SIZE_MAX > DEAD_LETTER_SUFFIX.len());
+
+/// Default admission limit on a queue's unacked messages.
+pub const MAX_MESSAGES_DEFAULT: u64 = 1_000_000;
+/// Largest `max_messages` a queue may set.
+pub const MAX_MESSAGES_MAX: u64 = 1_000_000_000_000;
+/// Default admission limit on a queue's bytes on disk (1 GiB).
+pub const MAX_BYTES_DEFAULT: u64 = 1 << 30;
+/// Smallest and largest `max_bytes` a queue may set (64 KiB .. 1 PiB).
+pub const MAX_BYTES_MIN: u64 = 64 * 1024;
+pub const MAX_BYTES_MAX: u64 = 1 << 50;
+
+/// Bounds of a refusal's retry-after hint, in milliseconds.
+pub const RETRY_AFTER_MS_MIN: u64 = 100;
+pub const RETRY_AFTER_MS_MAX: u64 = 30_000;
+/// Retry-after hint when nothing is consuming (no drain rate to go by).
+pub const RETRY_AFTER_MS_UNKNOWN: u64 = 1_000;
+
+/// How often rates, disk free space and gauges are refreshed, in ms.
+pub const STATS_TICK_MS: u64 = 1_000;
+/// Smoothing of the publish and ack rates: weight of the newest tick.
+pub const RATE_SMOOTHING: f64 = 0.3;
+/// Stats Watch interval bounds and default, in milliseconds.
+pub const WATCH_INTERVAL_MS_MIN: u64 = 100;
+pub const WATCH_INTERVAL_MS_MAX: u64 = 60_000;
+pub const WATCH_INTERVAL_MS_DEFAULT: u64 = 1_000;

@@ -5,6 +5,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use ballast_proto::v1::{
     admin_server::AdminServer, consumer_server::ConsumerServer, publisher_server::PublisherServer,
+    stats_server::StatsServer,
 };
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
@@ -14,9 +15,12 @@ use crate::{Broker, grpc::Service, limits::GRPC_DECODE_SIZE_MAX};
 /// Serves `broker` on `listener` until `shutdown` resolves, then drains:
 /// new calls get UNAVAILABLE, consume streams end, in-flight publishes finish
 /// (up to the configured shutdown timeout), and every log is synced.
+/// With `metrics`, Prometheus metrics are served there (if this process can
+/// install the global metrics recorder).
 pub async fn serve(
     broker: Arc<Broker>,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let service = Service::new(Arc::clone(&broker));
@@ -24,6 +28,7 @@ pub async fn serve(
     health.set_serving::<AdminServer<Service>>().await;
     health.set_serving::<PublisherServer<Service>>().await;
     health.set_serving::<ConsumerServer<Service>>().await;
+    health.set_serving::<StatsServer<Service>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ballast_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -45,11 +50,22 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(AdminServer::new(service.clone()).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
         .add_service(PublisherServer::new(service.clone()).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
-        .add_service(ConsumerServer::new(service).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
+        .add_service(ConsumerServer::new(service.clone()).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
+        .add_service(StatsServer::new(service).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);
+    let ticker = tokio::spawn(tick(Arc::downgrade(&broker)));
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = match (metrics, crate::metrics::install()) {
+        (Some(listener), Some(handle)) => {
+            Some(tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, async {
+                let _ = metrics_stopped.await;
+            })))
+        }
+        _ => None,
+    };
 
     tokio::select! {
         result = &mut server => {
@@ -64,6 +80,7 @@ pub async fn serve(
     health.set_not_serving::<AdminServer<Service>>().await;
     health.set_not_serving::<PublisherServer<Service>>().await;
     health.set_not_serving::<ConsumerServer<Service>>().await;
+    health.set_not_serving::<StatsServer<Service>>().await;
     let _ = stop_tx.send(());
     let timeout = Duration::from_millis(broker.config().shutdown_timeout_ms);
     match tokio::time::timeout(timeout, &mut server).await {
@@ -73,7 +90,28 @@ pub async fn serve(
             server.abort();
         }
     }
+    ticker.abort();
+    let _ = metrics_stop.send(());
+    if let Some(task) = metrics_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
     broker.sync_all()?;
     tracing::info!("all queues synced; bye");
     Ok(())
+}
+
+/// The stats task: smoothed rates and the disk watermark, every tick.
+async fn tick(broker: std::sync::Weak<Broker>) {
+    let period = Duration::from_millis(crate::limits::STATS_TICK_MS);
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut last = tokio::time::Instant::now();
+    loop {
+        ticker.tick().await;
+        let Some(broker) = broker.upgrade() else { return };
+        let now = tokio::time::Instant::now();
+        broker.tick((now - last).as_secs_f64());
+        last = now;
+    }
 }

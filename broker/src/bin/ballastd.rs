@@ -2,7 +2,8 @@
 //!
 //! With no arguments: data in `./data`, gRPC on `127.0.0.1:7400`. A TOML
 //! file (`--config`) and flags override every setting; flags win.
-//! Prints `listening on <address>` on stdout once it accepts connections.
+//! Prints `listening on <address>` then `metrics on <address>` on stdout
+//! once it accepts connections.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -22,6 +23,12 @@ struct Args {
     /// gRPC listen address; port 0 picks a free port [default: 127.0.0.1:7400].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Prometheus /metrics address; port 0 picks a free port [default: 127.0.0.1:7401].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Refuse publishes below this much free disk space, in bytes [default: 536870912].
+    #[arg(long, value_name = "BYTES")]
+    disk_free_min_bytes: Option<u64>,
     /// Longest wait for in-flight calls on SIGTERM/SIGINT, in ms [default: 10000].
     #[arg(long, value_name = "MS")]
     shutdown_timeout_ms: Option<u64>,
@@ -74,6 +81,12 @@ fn load_config(args: &Args) -> Result<Config, String> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if let Some(listen) = args.metrics_listen {
+        config.metrics_listen = listen;
+    }
+    if let Some(bytes) = args.disk_free_min_bytes {
+        config.disk_free_min_bytes = bytes;
+    }
     if let Some(ms) = args.shutdown_timeout_ms {
         config.shutdown_timeout_ms = ms;
     }
@@ -86,11 +99,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let address = listener.local_addr()?;
+    let metrics = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} for metrics: {e}", config.metrics_listen))?;
+    let metrics_address = metrics.local_addr()?;
     tracing::info!(data_dir = %config.data_dir.display(), "opening queues");
     let broker = Broker::open(config)?;
     tracing::info!(%address, "serving gRPC");
-    println!("listening on {address}");
-    ballast_broker::server::serve(broker, listener, shutdown_signal()).await
+    announce(&format!("listening on {address}\nmetrics on {metrics_address}\n"));
+    ballast_broker::server::serve(broker, listener, Some(metrics), shutdown_signal()).await
+}
+
+/// Prints the bound addresses in one write (a reader that stops after the
+/// first line still gets both), ignoring a closed stdout: the broker must
+/// not die because whoever started it stopped listening.
+fn announce(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 /// Resolves on SIGTERM or SIGINT.

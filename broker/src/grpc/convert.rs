@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use crate::{
     error::{BrokerError, Result},
-    queue::{Delivery, Publish, Queue, QueueSettings, Receipt, SettingsRequest, SyncPolicySetting},
+    queue::{Delivery, Figures, Publish, Queue, QueueSettings, Receipt, SettingsRequest, SyncPolicySetting},
 };
 
 pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsRequest> {
@@ -35,6 +35,9 @@ pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsR
         message_size_max: s.message_size_max,
         sync_policy,
         sync_interval_ms: s.sync_interval_ms,
+        max_messages: s.max_messages,
+        max_bytes: s.max_bytes,
+        lane_admission: s.lane_admission,
     })
 }
 
@@ -56,6 +59,9 @@ pub fn settings(s: &QueueSettings) -> pb::QueueSettings {
         message_size_max: Some(s.message_size_max),
         sync_policy: sync_policy.into(),
         sync_interval_ms: Some(s.sync_interval_ms),
+        max_messages: Some(s.max_messages),
+        max_bytes: Some(s.max_bytes),
+        lane_admission: s.lane_admission.clone(),
     }
 }
 
@@ -86,8 +92,57 @@ pub fn publish(message: Option<pb::Message>) -> Result<Publish> {
     })
 }
 
-pub fn receipt(r: Receipt) -> pb::Receipt {
-    pb::Receipt { id: Some(pb::MessageId { lane: r.lane, offset: r.offset }), duplicate: r.duplicate }
+/// Receipts with the queue's figures taken once after the publish.
+pub fn receipts(queue: &Queue, receipts: Vec<Receipt>) -> Vec<pb::Receipt> {
+    let (total, lanes) = queue.figures();
+    receipts
+        .into_iter()
+        .map(|r| pb::Receipt {
+            id: Some(pb::MessageId { lane: r.lane, offset: r.offset }),
+            duplicate: r.duplicate,
+            queue: Some(saturation(&total)),
+            lane: lanes.get(r.lane as usize).map(saturation),
+        })
+        .collect()
+}
+
+pub fn saturation(f: &Figures) -> pb::Saturation {
+    pb::Saturation {
+        depth: f.depth,
+        bytes: f.bytes,
+        saturation: f.saturation,
+        oldest_age_ms: f.oldest_age_ms,
+        drain_estimate_ms: f.drain_estimate_ms,
+        ack_rate: f.ack_rate,
+        publish_rate: f.publish_rate,
+    }
+}
+
+/// Stats of one queue.
+pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
+    let (total, lanes) = queue.figures();
+    let delivery = queue.delivery_figures();
+    pb::QueueStats {
+        name: queue.name.to_string(),
+        saturation: Some(saturation(&total)),
+        lanes: lanes
+            .iter()
+            .enumerate()
+            .map(|(i, f)| pb::LaneStats {
+                name: queue.settings.lanes[i].clone(),
+                saturation: Some(saturation(f)),
+                admission: queue.settings.lane_admission[i],
+                in_flight: delivery.lane_in_flight.get(i).copied().unwrap_or(0),
+            })
+            .collect(),
+        in_flight: delivery.in_flight,
+        consumers: delivery.consumers,
+        credit: delivery.credit,
+        max_messages: queue.settings.max_messages,
+        max_bytes: queue.settings.max_bytes,
+        refused_queue_full: queue.refused_count().0,
+        refused_disk_full: queue.refused_count().1,
+    }
 }
 
 pub fn delivery(d: Delivery) -> pb::Delivery {

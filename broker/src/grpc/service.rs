@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ballast_proto::v1::{self as pb, admin_server, consumer_server, publisher_server};
+use ballast_proto::v1::{self as pb, admin_server, consumer_server, publisher_server, stats_server};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -11,7 +11,8 @@ use super::{convert, status::to_status};
 use crate::{
     Broker,
     error::BrokerError,
-    limits::{CREDIT_MAX, PULL_WAIT_MS_MAX},
+    limits::{CREDIT_MAX, PULL_WAIT_MS_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN},
+    now_ms,
     queue::Queue,
 };
 
@@ -81,7 +82,7 @@ impl publisher_server::Publisher for Service {
         let queue = self.queue(&request.queue)?;
         let message = convert::publish(request.message).map_err(to_status)?;
         let receipts = queue.publish(vec![message]).await.map_err(to_status)?;
-        let receipt = receipts.into_iter().next().map(convert::receipt);
+        let receipt = convert::receipts(&queue, receipts).into_iter().next();
         Ok(Response::new(pb::PublishResponse { receipt }))
     }
 
@@ -98,7 +99,63 @@ impl publisher_server::Publisher for Service {
             .collect::<Result<Vec<_>, _>>()
             .map_err(to_status)?;
         let receipts = queue.publish(messages).await.map_err(to_status)?;
-        Ok(Response::new(pb::PublishBatchResponse { receipts: receipts.into_iter().map(convert::receipt).collect() }))
+        Ok(Response::new(pb::PublishBatchResponse { receipts: convert::receipts(&queue, receipts) }))
+    }
+}
+
+impl Service {
+    fn stats(&self, queue: &str) -> Result<pb::StatsResponse, Status> {
+        let queues = if queue.is_empty() {
+            if self.broker.is_shutting_down() {
+                return Err(to_status(BrokerError::ShuttingDown));
+            }
+            self.broker.queues()
+        } else {
+            vec![self.queue(queue)?]
+        };
+        Ok(pb::StatsResponse {
+            at_ms: now_ms(),
+            queues: queues.iter().map(|q| convert::queue_stats(q)).collect(),
+            disk_free_bytes: self.broker.node().disk_free(),
+            disk_free_min_bytes: self.broker.node().disk_free_min(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl stats_server::Stats for Service {
+    async fn get_stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        Ok(Response::new(self.stats(&request.into_inner().queue)?))
+    }
+
+    type WatchStream = ReceiverStream<Result<pb::StatsResponse, Status>>;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let interval_ms = if request.interval_ms == 0 { WATCH_INTERVAL_MS_DEFAULT } else { request.interval_ms };
+        if !(WATCH_INTERVAL_MS_MIN..=WATCH_INTERVAL_MS_MAX).contains(&interval_ms) {
+            return Err(Status::invalid_argument(format!(
+                "interval_ms must be in {WATCH_INTERVAL_MS_MIN}..={WATCH_INTERVAL_MS_MAX}; got {interval_ms}"
+            )));
+        }
+        let first = self.stats(&request.queue)?;
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut next = Ok(first);
+            let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                let failed = next.is_err();
+                if tx.send(next).await.is_err() || failed {
+                    return;
+                }
+                ticker.tick().await;
+                next = service.stats(&request.queue);
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 

@@ -2,11 +2,43 @@
 
 use tonic::{Code, Status};
 
-use crate::error::BrokerError;
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+use crate::error::{BrokerError, Refusal, RefusalReason};
+
+/// Metadata key of the retry-after hint on RESOURCE_EXHAUSTED, in ms.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// RESOURCE_EXHAUSTED with the hint and the figures in metadata (see the
+/// Stats service's documentation in the proto).
+fn refused(refusal: &Refusal) -> Status {
+    let mut metadata = MetadataMap::new();
+    let mut put = |key: &'static str, value: String| {
+        if let Ok(value) = MetadataValue::try_from(value) {
+            metadata.insert(key, value);
+        }
+    };
+    put(RETRY_AFTER_MS, refusal.retry_after_ms.to_string());
+    put("ballast-lane", refusal.lane.clone());
+    put("ballast-depth", refusal.figures.depth.to_string());
+    put("ballast-bytes", refusal.figures.bytes.to_string());
+    put("ballast-saturation", format!("{:.4}", refusal.figures.saturation));
+    put("ballast-threshold", format!("{:.4}", refusal.threshold));
+    if let RefusalReason::DiskLow { free, .. } = refusal.reason {
+        put("ballast-disk-free-bytes", free.to_string());
+    }
+    Status::with_metadata(Code::ResourceExhausted, refusal.to_string(), metadata)
+}
 
 /// The status a client sees for `error`. Storage failures are logged here
 /// with their detail; the client gets INTERNAL with the same text.
 pub fn to_status(error: BrokerError) -> Status {
+    let status = status_of(error);
+    crate::metrics::count_error(status.code());
+    status
+}
+
+fn status_of(error: BrokerError) -> Status {
     let code = match &error {
         BrokerError::QueueNotFound(_) => Code::NotFound,
         BrokerError::InvalidQueueName { .. } | BrokerError::InvalidSetting { .. } | BrokerError::InvalidArgument(_) => {
@@ -15,6 +47,7 @@ pub fn to_status(error: BrokerError) -> Status {
         BrokerError::QueueExists { .. } => Code::AlreadyExists,
         BrokerError::FailedPrecondition(_) | BrokerError::UnknownDelivery { .. } => Code::FailedPrecondition,
         BrokerError::LimitReached { .. } | BrokerError::DiskFull(_) => Code::ResourceExhausted,
+        BrokerError::Refused(refusal) => return refused(refusal),
         BrokerError::ShuttingDown => Code::Unavailable,
         BrokerError::Storage(_) => {
             tracing::error!(%error, "storage failure answered as INTERNAL");

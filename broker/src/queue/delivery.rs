@@ -92,6 +92,8 @@ struct Lease {
     deadline_ms: u64,
     /// The delivery's attempt number (1-based).
     attempt: u32,
+    /// When it was delivered, Unix ms.
+    delivered_ms: u64,
 }
 
 struct Consumer {
@@ -160,14 +162,44 @@ impl DeliveryState {
     }
 }
 
+/// Delivery figures of a queue now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryFigures {
+    pub in_flight: u64,
+    pub lane_in_flight: Vec<u64>,
+    pub consumers: u32,
+    /// Credit held by the consumers (deliveries they may still receive).
+    pub credit: u64,
+}
+
 impl Queue {
+    /// Leases, consumers and credit.
+    pub fn delivery_figures(&self) -> DeliveryFigures {
+        let state = self.delivery.lock();
+        let mut lane_in_flight = vec![0; state.lanes.len()];
+        for lease in state.leases.values() {
+            lane_in_flight[lease.lane as usize] += 1;
+        }
+        DeliveryFigures {
+            in_flight: state.leases.len() as u64,
+            lane_in_flight,
+            consumers: u32::try_from(state.consumers.len()).unwrap_or(u32::MAX),
+            credit: state.consumers.values().map(|c| u64::from(c.credit)).sum(),
+        }
+    }
+
+    /// Publishes refused since start: `(queue full, disk low)`.
+    pub fn refused_count(&self) -> (u64, u64) {
+        (self.refused.queue_full.load(Ordering::Relaxed), self.refused.disk_full.load(Ordering::Relaxed))
+    }
+
     /// Registers a consumer with `credit` initial credit.
     pub fn subscribe(&self, credit: u32) -> Result<Subscription> {
         check_credit(credit, 0)?;
         if self.is_closed() {
             return Err(BrokerError::QueueNotFound(self.name.to_string()));
         }
-        let consumer_id = self.ids.next_consumer();
+        let consumer_id = self.node.next_consumer();
         let (sender, deliveries) = mpsc::channel(CREDIT_MAX as usize);
         {
             let mut state = self.delivery.lock();
@@ -215,6 +247,7 @@ impl Queue {
             let mut released: Vec<Lease> = mine.into_iter().filter_map(|id| state.remove_lease(id)).collect();
             released.sort_by_key(|l| std::cmp::Reverse(l.offset));
             for lease in released {
+                self.meters[lease.lane as usize].metrics.released.increment(1);
                 state.lanes[lease.lane as usize].requeue.push_front((lease.offset, lease.attempt - 1));
             }
         }
@@ -234,6 +267,10 @@ impl Queue {
         let mut commits = Vec::with_capacity(leases.len());
         for lease in leases {
             commits.push(self.lanes[lease.lane as usize].ack(lease.offset, 1, AckKind::Acked)?);
+            let meter = &self.meters[lease.lane as usize];
+            meter.acked.fetch_add(1, Ordering::Relaxed);
+            meter.metrics.acked.increment(1);
+            meter.metrics.delivery_to_ack.record(now_ms().saturating_sub(lease.delivered_ms) as f64 / 1000.0);
         }
         if wait {
             for commit in commits {
@@ -270,7 +307,8 @@ impl Queue {
             let stats = log.stats();
             purged += stats.pending;
             if stats.next_offset > stats.ack_floor {
-                let _ = log.ack(stats.ack_floor, stats.next_offset - stats.ack_floor, AckKind::Acked)?;
+                // Not awaited: the purge is durable with the next sync.
+                drop(log.ack(stats.ack_floor, stats.next_offset - stats.ack_floor, AckKind::Acked)?);
             }
             let lane = &mut state.lanes[lane];
             lane.requeue.clear();
@@ -292,9 +330,10 @@ impl Queue {
             let state = &mut *guard;
             while let Some(consumer_id) = state.consumer_with_credit() {
                 let Some((lane, offset, prior, record)) = self.next_message(state, now) else { break };
-                let delivery_id = self.ids.next_delivery();
+                let delivery_id = self.node.next_delivery();
                 let deadline_ms = now + self.settings.lease_timeout_ms;
                 let attempt = prior + 1;
+                let published_ms = record.timestamp_ms;
                 let delivery = to_delivery(delivery_id, lane, record, attempt, deadline_ms);
                 let Some(consumer) = state.consumers.get_mut(&consumer_id) else { break };
                 match consumer.sender.try_send(delivery) {
@@ -302,7 +341,15 @@ impl Queue {
                         consumer.credit -= 1;
                         consumer.in_flight += 1;
                         debug_assert!(consumer.credit + consumer.in_flight <= CREDIT_MAX, "credit bound broken");
-                        state.leases.insert(delivery_id, Lease { lane, offset, consumer_id, deadline_ms, attempt });
+                        state.leases.insert(
+                            delivery_id,
+                            Lease { lane, offset, consumer_id, deadline_ms, attempt, delivered_ms: now },
+                        );
+                        let metrics = &self.meters[lane as usize].metrics;
+                        metrics.delivered.increment(1);
+                        if attempt == 1 {
+                            metrics.publish_to_delivery.record(now.saturating_sub(published_ms) as f64 / 1000.0);
+                        }
                         state.expiries.insert((deadline_ms, delivery_id));
                     }
                     Err(_) => {
@@ -370,7 +417,8 @@ impl Queue {
                 return Some((offset, prior, record));
             }
         }
-        while state.delayed.len() < DELAYED_MAX {
+        let durable = self.durable[lane].load(Ordering::Acquire);
+        while state.delayed.len() < DELAYED_MAX && state.cursor.offset() < durable {
             match state.cursor.next()? {
                 Ok(record) => match not_before(&record) {
                     Some(due) if due > now => {
@@ -452,6 +500,15 @@ impl Queue {
         };
         match outcome {
             Ok(kind) => {
+                let meter = &self.meters[lease.lane as usize];
+                if kind == AckKind::DeadLettered {
+                    meter.acked.fetch_add(1, Ordering::Relaxed);
+                    meter.metrics.dead_lettered.increment(1);
+                } else if reason == LEASE_EXPIRED {
+                    meter.metrics.redelivered_expired.increment(1);
+                } else {
+                    meter.metrics.redelivered_nack.increment(1);
+                }
                 if let Err(error) = log.ack(lease.offset, 1, kind) {
                     tracing::error!(queue = %self.name, %error, "acking a redelivered message");
                 }
@@ -499,6 +556,9 @@ impl Queue {
         self.timer_wake.notify_one();
     }
 }
+
+/// The retry reason of an expired lease (also the dead-letter reason).
+const LEASE_EXPIRED: &str = "lease expired";
 
 fn check_credit(credit: u32, held: u32) -> Result<()> {
     if credit == 0 {
@@ -556,7 +616,7 @@ pub(crate) fn spawn_timer(queue: &Arc<Queue>) {
             let expired = queue.expire(now_ms());
             for lease in expired {
                 let queue = Arc::clone(&queue);
-                tokio::spawn(async move { queue.retry(lease, 0, "lease expired").await });
+                tokio::spawn(async move { queue.retry(lease, 0, LEASE_EXPIRED).await });
             }
             queue.dispatch();
         }

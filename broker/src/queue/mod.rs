@@ -5,12 +5,14 @@ mod delivery;
 mod name;
 #[allow(clippy::module_inception, reason = "the file is named after the type, as everywhere else")]
 mod queue;
+mod saturation;
 mod settings;
 
-pub use delivery::{Delivery, Subscription};
+pub use delivery::{Delivery, DeliveryFigures, Subscription};
 pub use name::QueueName;
 pub(crate) use queue::QUEUE_FILE;
 pub use queue::{Publish, Queue, QueueStats, Receipt};
+pub use saturation::Figures;
 pub use settings::{QueueSettings, SettingsRequest, SyncPolicySetting};
 
 /// Reserved header: Unix milliseconds before which a message is not

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 
 use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, delivery::DeliveryState};
 use crate::{
-    broker::Ids,
+    broker::Node,
     config::Config,
     dedupe::{Dedupe, Lookup, Stored},
     error::{BrokerError, Result},
@@ -81,7 +81,12 @@ pub struct Queue {
     pub(crate) lanes: Vec<Arc<Log>>,
     /// The dead-letter queue, if the queue has one.
     pub(crate) dead_letter: Option<Arc<Queue>>,
-    pub(crate) ids: Arc<Ids>,
+    pub(crate) node: Arc<Node>,
+    /// Per lane: counters and smoothed rates for the saturation figures.
+    pub(crate) meters: Vec<super::saturation::LaneMeter>,
+    pub(crate) refused: super::saturation::Refused,
+    /// Per lane: offsets below this are durable and may be delivered.
+    pub(crate) durable: Vec<std::sync::atomic::AtomicU64>,
     dedupe: Mutex<Dedupe>,
     pub(crate) delivery: Mutex<DeliveryState>,
     /// Wakes the queue's timer task (leases, delays) when deadlines change.
@@ -119,12 +124,12 @@ impl Queue {
         name: QueueName,
         settings: QueueSettings,
         config: &Config,
-        ids: Arc<Ids>,
+        node: Arc<Node>,
         dead_letter: Option<Arc<Queue>>,
     ) -> Result<Arc<Queue>> {
         let created_at_ms = now_ms();
         std::fs::create_dir_all(dir.join("lanes")).map_err(|e| storage_error(dir, e))?;
-        let queue = Queue::open_logs(dir, name, settings, created_at_ms, config, ids, dead_letter)?;
+        let queue = Queue::open_logs(dir, name, settings, created_at_ms, config, node, dead_letter)?;
         let file = QueueFile { name: queue.name.to_string(), created_at_ms, settings: queue.settings.clone() };
         let text = toml::to_string(&file).map_err(|e| BrokerError::Storage(e.to_string()))?;
         write_atomically(dir, QUEUE_FILE, text.as_bytes()).map_err(|e| storage_error(dir, e))?;
@@ -135,12 +140,12 @@ impl Queue {
     pub(crate) fn open(
         dir: &Path,
         config: &Config,
-        ids: Arc<Ids>,
+        node: Arc<Node>,
         dead_letter: Option<Arc<Queue>>,
     ) -> Result<Arc<Queue>> {
         let file = Queue::read_file(dir)?;
         let name = QueueName::parse(&file.name)?;
-        Queue::open_logs(dir, name, file.settings, file.created_at_ms, config, ids, dead_letter)
+        Queue::open_logs(dir, name, file.settings, file.created_at_ms, config, node, dead_letter)
     }
 
     /// Reads a queue directory's `queue.toml`.
@@ -164,7 +169,7 @@ impl Queue {
         settings: QueueSettings,
         created_at_ms: u64,
         config: &Config,
-        ids: Arc<Ids>,
+        node: Arc<Node>,
         dead_letter: Option<Arc<Queue>>,
     ) -> Result<Arc<Queue>> {
         let options = config.log_options(&settings);
@@ -188,6 +193,8 @@ impl Queue {
             dedupe.insert(key, at, timestamp_ms);
         }
         let delivery = DeliveryState::new(&lanes);
+        let durable = lanes.iter().map(|log| std::sync::atomic::AtomicU64::new(log.next_offset())).collect();
+        let meters = settings.lanes.iter().map(|lane| super::saturation::LaneMeter::new(name.as_str(), lane)).collect();
         let queue = Arc::new(Queue {
             name,
             settings,
@@ -195,7 +202,10 @@ impl Queue {
             dir: dir.to_owned(),
             lanes,
             dead_letter,
-            ids,
+            node,
+            durable,
+            meters,
+            refused: super::saturation::Refused::default(),
             dedupe: Mutex::new(dedupe),
             delivery: Mutex::new(delivery),
             timer_wake: Arc::new(Notify::new()),
@@ -288,7 +298,30 @@ impl Queue {
                 }
             }
         }
-        let result = self.append(&messages, &lanes, &mut receipts, now).await;
+        let mut adding = vec![(0u64, 0u64); self.lanes.len()];
+        for (i, message) in messages.iter().enumerate() {
+            if receipts[i].is_none() && !is_repeat(&messages, i) {
+                let lane = &mut adding[lanes[i] as usize];
+                lane.0 += 1;
+                lane.1 += record_size(message);
+            }
+        }
+        let started = std::time::Instant::now();
+        let result = match self.admit(&adding) {
+            Ok(()) => self.append(&messages, &lanes, &mut receipts, now).await,
+            Err(refused) => Err(refused),
+        };
+        if result.is_ok() {
+            let seconds = started.elapsed().as_secs_f64();
+            for (lane, (n, _)) in adding.iter().enumerate() {
+                if *n > 0 {
+                    let meter = &self.meters[lane];
+                    meter.published.fetch_add(*n, Ordering::Relaxed);
+                    meter.metrics.published.increment(*n);
+                    meter.metrics.publish_durable.record(seconds);
+                }
+            }
+        }
         {
             let mut dedupe = self.dedupe.lock();
             for (i, key, claim) in claims {
@@ -327,10 +360,11 @@ impl Queue {
             for (n, &i) in indexes.iter().enumerate() {
                 receipts[i] = Some(Receipt { lane, offset: appended.first_offset + n as u64, duplicate: false });
             }
-            commits.push(appended.commit);
+            commits.push((lane, appended.first_offset + indexes.len() as u64, appended.commit));
         }
-        for commit in commits {
+        for (lane, end, commit) in commits {
             commit.await?;
+            self.mark_durable(lane, end);
         }
         Ok(())
     }
@@ -375,8 +409,25 @@ impl Queue {
     pub(crate) async fn append_raw(&self, lane: u32, record: NewRecord) -> Result<u64> {
         let appended = self.lanes[lane as usize].append(&[record])?;
         appended.commit.await?;
+        self.mark_durable(lane, appended.first_offset + 1);
         Ok(appended.first_offset)
     }
+
+    /// Notes that every offset of `lane` below `end` is durable: appends are
+    /// sequential and a sync covers everything written before it, so a
+    /// resolved commit vouches for all earlier offsets too. Delivery never
+    /// reads past this point, so no consumer sees a message whose publish
+    /// could still be lost (no phantom deliveries after a power loss).
+    pub(crate) fn mark_durable(&self, lane: u32, end: u64) {
+        self.durable[lane as usize].fetch_max(end, Ordering::AcqRel);
+    }
+}
+
+/// Bytes a message takes in its lane's log, near enough for admission.
+fn record_size(message: &Publish) -> u64 {
+    let headers: usize = message.headers.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+    let key = message.key.as_ref().map_or(0, Bytes::len);
+    (ballast_storage::limits::RECORD_HEADER_SIZE as usize + message.payload.len() + headers + key) as u64
 }
 
 /// Whether message `i` repeats the key of an earlier message of the batch.

@@ -18,8 +18,8 @@ pub enum SyncPolicySetting {
     None,
 }
 
-/// Resolved settings of a queue. Persisted with the queue (`settings.toml`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Resolved settings of a queue. Persisted with the queue (`queue.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueSettings {
     /// Lane names, highest priority first.
@@ -43,6 +43,12 @@ pub struct QueueSettings {
     pub sync_policy: SyncPolicySetting,
     /// Sync interval for the `interval` policy, in milliseconds.
     pub sync_interval_ms: u64,
+    /// Admission limit on messages not yet acked, all lanes together.
+    pub max_messages: u64,
+    /// Admission limit on bytes held on disk, all lanes together.
+    pub max_bytes: u64,
+    /// Per lane: the fraction of the limits up to which it is admitted.
+    pub lane_admission: Vec<f64>,
 }
 
 impl Default for QueueSettings {
@@ -61,12 +67,15 @@ impl Default for QueueSettings {
             message_size_max: 1024 * 1024,
             sync_policy: SyncPolicySetting::Fsync,
             sync_interval_ms: 100,
+            max_messages: MAX_MESSAGES_DEFAULT,
+            max_bytes: MAX_BYTES_DEFAULT,
+            lane_admission: vec![1.0, 0.9, 0.7],
         }
     }
 }
 
 /// Settings as asked for at creation: unset fields take the defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SettingsRequest {
     pub lanes: Vec<String>,
     pub lane_weights: Vec<u32>,
@@ -79,6 +88,18 @@ pub struct SettingsRequest {
     pub message_size_max: Option<u32>,
     pub sync_policy: Option<SyncPolicySetting>,
     pub sync_interval_ms: Option<u64>,
+    pub max_messages: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub lane_admission: Vec<f64>,
+}
+
+/// Admission fractions for `n` lanes: 1.0 for the first, down to 0.7 for
+/// the last, evenly spaced.
+fn default_admission(n: usize) -> Vec<f64> {
+    if n <= 1 {
+        return vec![1.0];
+    }
+    (0..n).map(|i| 1.0 - 0.3 * i as f64 / (n - 1) as f64).collect()
 }
 
 fn invalid(key: &'static str, message: String) -> BrokerError {
@@ -101,7 +122,17 @@ impl QueueSettings {
         } else {
             u32::try_from(lanes.len() / 2).unwrap_or(0)
         });
+        let lane_admission = if !request.lane_admission.is_empty() {
+            request.lane_admission.clone()
+        } else if lanes.len() == defaults.lanes.len() {
+            defaults.lane_admission.clone()
+        } else {
+            default_admission(lanes.len())
+        };
         let settings = QueueSettings {
+            lane_admission,
+            max_messages: request.max_messages.unwrap_or(defaults.max_messages),
+            max_bytes: request.max_bytes.unwrap_or(defaults.max_bytes),
             lanes,
             lane_weights,
             strict_priority: request.strict_priority.unwrap_or(defaults.strict_priority),
@@ -172,6 +203,27 @@ impl QueueSettings {
                 format!("must be in 1..={MESSAGE_SIZE_MAX}; got {}", self.message_size_max),
             ));
         }
+        if !(1..=MAX_MESSAGES_MAX).contains(&self.max_messages) {
+            return Err(invalid(
+                "max_messages",
+                format!("must be in 1..={MAX_MESSAGES_MAX}; got {}", self.max_messages),
+            ));
+        }
+        if !(MAX_BYTES_MIN..=MAX_BYTES_MAX).contains(&self.max_bytes) {
+            return Err(invalid(
+                "max_bytes",
+                format!("must be in {MAX_BYTES_MIN}..={MAX_BYTES_MAX}; got {}", self.max_bytes),
+            ));
+        }
+        if self.lane_admission.len() != n {
+            return Err(invalid(
+                "lane_admission",
+                format!("one fraction per lane: {n} lanes, {} fractions", self.lane_admission.len()),
+            ));
+        }
+        if let Some(f) = self.lane_admission.iter().find(|f| !(**f > 0.0 && **f <= 1.0)) {
+            return Err(invalid("lane_admission", format!("fractions are in (0, 1]; got {f}")));
+        }
         let interval_max = ballast_storage::limits::SYNC_INTERVAL_MS_MAX;
         if self.sync_policy == SyncPolicySetting::Interval && !(1..=interval_max).contains(&self.sync_interval_ms) {
             return Err(invalid(
@@ -202,7 +254,10 @@ impl QueueSettings {
             dedupe_window_ms,
             message_size_max,
             sync_policy,
-            sync_interval_ms
+            sync_interval_ms,
+            max_messages,
+            max_bytes,
+            lane_admission
         );
         None
     }

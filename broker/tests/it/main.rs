@@ -4,4 +4,5 @@
 mod admin;
 mod delivery;
 mod durability;
+mod saturation;
 mod support;

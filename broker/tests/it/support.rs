@@ -19,6 +19,7 @@ use tonic::{Code, Status, Streaming, transport::Channel};
 pub struct BrokerProcess {
     child: Option<Child>,
     pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
     _dir: tempfile::TempDir,
     extra_args: Vec<String>,
@@ -34,8 +35,8 @@ impl BrokerProcess {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
         let data_dir = dir.path().join("data");
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
-        let (child, addr) = spawn(&data_dir, "127.0.0.1:0".parse().unwrap(), &extra_args);
-        BrokerProcess { child: Some(child), addr, data_dir, _dir: dir, extra_args }
+        let (child, addr, metrics_addr) = spawn(&data_dir, "127.0.0.1:0".parse().unwrap(), &extra_args);
+        BrokerProcess { child: Some(child), addr, metrics_addr, data_dir, _dir: dir, extra_args }
     }
 
     pub fn endpoint(&self) -> String {
@@ -84,12 +85,31 @@ impl BrokerProcess {
         wait_timeout(&mut child, Duration::from_secs(30)).expect("ballastd exits within 30 s")
     }
 
+    /// Starts the broker again with other flags (same data and port).
+    pub fn restart_with(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        self.restart();
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    pub fn scrape(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics_addr).expect("connect to /metrics");
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
+    }
+
     /// Starts the broker again on the same data directory and port.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the broker before restarting it");
-        let (child, addr) = spawn(&self.data_dir, self.addr, &self.extra_args);
+        let (child, addr, metrics_addr) = spawn(&self.data_dir, self.addr, &self.extra_args);
         self.child = Some(child);
         self.addr = addr;
+        self.metrics_addr = metrics_addr;
     }
 }
 
@@ -120,7 +140,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn spawn(data_dir: &Path, listen: SocketAddr, extra_args: &[String]) -> (Child, SocketAddr) {
+fn spawn(data_dir: &Path, listen: SocketAddr, extra_args: &[String]) -> (Child, SocketAddr, SocketAddr) {
     // Binding a port just released by the previous process can race with
     // TIME_WAIT or another test; retry a few times.
     for attempt in 0..50 {
@@ -134,6 +154,8 @@ fn spawn(data_dir: &Path, listen: SocketAddr, extra_args: &[String]) -> (Child, 
             .arg(data_dir)
             .arg("--listen")
             .arg(listen.to_string())
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -141,10 +163,14 @@ fn spawn(data_dir: &Path, listen: SocketAddr, extra_args: &[String]) -> (Child, 
             .spawn()
             .expect("spawn ballastd");
         let stdout = child.stdout.take().expect("stdout");
+        let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = stdout.read_line(&mut line);
         if let Some(addr) = line.trim().strip_prefix("listening on ") {
-            return (child, addr.parse().expect("address"));
+            let mut metrics = String::new();
+            let _ = stdout.read_line(&mut metrics);
+            let metrics = metrics.trim().strip_prefix("metrics on ").expect("the metrics address line");
+            return (child, addr.parse().expect("address"), metrics.parse().expect("metrics address"));
         }
         let status = child.wait().expect("wait");
         let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
@@ -207,13 +233,6 @@ pub async fn depth(admin: &mut AdminClient<Channel>, queue: &str) -> u64 {
 pub struct Session {
     requests: mpsc::Sender<pb::ConsumeRequest>,
     responses: Streaming<pb::ConsumeResponse>,
-    consumer_id: u64,
-}
-
-impl Session {
-    pub fn consumer_id(&self) -> u64 {
-        self.consumer_id
-    }
 }
 
 impl Session {
@@ -227,7 +246,8 @@ impl Session {
         let mut responses = consumer.consume(ReceiverStream::new(rx)).await?.into_inner();
         match responses.message().await?.and_then(|r| r.kind) {
             Some(pb::consume_response::Kind::Subscribed(s)) => {
-                Ok(Session { requests, responses, consumer_id: s.consumer_id })
+                assert!(s.consumer_id > 0);
+                Ok(Session { requests, responses })
             }
             other => panic!("expected subscribed, got {other:?}"),
         }

@@ -14,33 +14,68 @@ use tokio::sync::Semaphore;
 
 use crate::{Sync, broker::Target, load};
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Offered rate, messages per second.
     #[arg(long, default_value_t = 10_000)]
-    rate: u64,
+    pub rate: u64,
     /// Payload size in bytes (at least 16).
     #[arg(long, default_value_t = 1024)]
-    size: usize,
+    pub size: usize,
     /// Measured seconds (after the warm-up).
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub seconds: u64,
     /// Warm-up seconds, not measured.
     #[arg(long, default_value_t = 2)]
-    warmup: u64,
+    pub warmup: u64,
     /// Producer connections (calls are spread over them).
     #[arg(long, default_value_t = 4)]
-    producers: usize,
+    pub producers: usize,
     /// Calls in flight at most; past it the generator waits (and the wait
     /// shows in the latencies).
     #[arg(long, default_value_t = 4096)]
-    inflight: usize,
+    pub inflight: usize,
 }
 
 pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(args.size >= 16 && args.rate > 0 && args.producers > 0, "size >= 16, rate and producers > 0");
     let queue = "bench-latency";
     target.fresh_queue(queue, sync.settings()).await?;
+    let m = measure(target, queue, args).await?;
+    println!(
+        "latency: {} msg/s offered for {} s (+{} s warm-up), {} B, {} producer connections, sync {:?}",
+        args.rate, args.seconds, args.warmup, args.size, args.producers, sync
+    );
+    m.print();
+    Ok(serde_json::json!({
+        "scenario": "latency", "rate": args.rate, "size": args.size, "seconds": args.seconds,
+        "warmup": args.warmup, "producers": args.producers, "sync": format!("{sync:?}").to_lowercase(),
+        "achieved_rate": m.achieved_rate,
+        "publish_to_durable": load::percentiles(&m.durable),
+        "publish_to_delivery": load::percentiles(&m.delivered),
+    }))
+}
+
+/// What one open-loop run measured.
+#[derive(Debug)]
+pub struct Measured {
+    pub achieved_rate: f64,
+    pub durable: hdrhistogram::Histogram<u64>,
+    pub delivered: hdrhistogram::Histogram<u64>,
+}
+
+impl Measured {
+    pub fn print(&self) {
+        println!("  achieved offer: {:.0} msg/s", self.achieved_rate);
+        load::print_percentile_header();
+        load::print_percentiles("publish-to-durable", &self.durable);
+        load::print_percentiles("publish-to-delivery", &self.delivered);
+    }
+}
+
+/// Runs the open-loop producer and one consumer on `queue` (which must
+/// exist and be empty).
+pub async fn measure(target: &Target, queue: &str, args: &Args) -> anyhow::Result<Measured> {
     let total = args.rate * (args.seconds + args.warmup);
     let warmup_count = args.rate * args.warmup;
     let interval_ns = 1_000_000_000 / args.rate;
@@ -109,21 +144,8 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         call.await??;
     }
     let offered_for = start.elapsed();
-    tokio::time::timeout(Duration::from_secs(60), consumer).await???;
+    tokio::time::timeout(Duration::from_secs(120), consumer).await???;
     let durable = durable.lock().expect("histogram lock").clone();
     let delivered = delivered.lock().expect("histogram lock").clone();
-    println!(
-        "latency: {} msg/s offered for {} s (+{} s warm-up), {} B, {} producer connections, sync {:?}",
-        args.rate, args.seconds, args.warmup, args.size, args.producers, sync
-    );
-    println!("  achieved offer: {:.0} msg/s", load::rate(total, offered_for));
-    load::print_percentile_header();
-    load::print_percentiles("publish-to-durable", &durable);
-    load::print_percentiles("publish-to-delivery", &delivered);
-    Ok(serde_json::json!({
-        "scenario": "latency", "rate": args.rate, "size": args.size, "seconds": args.seconds,
-        "warmup": args.warmup, "producers": args.producers, "sync": format!("{sync:?}").to_lowercase(),
-        "publish_to_durable": load::percentiles(&durable),
-        "publish_to_delivery": load::percentiles(&delivered),
-    }))
+    Ok(Measured { achieved_rate: load::rate(total, offered_for), durable, delivered })
 }

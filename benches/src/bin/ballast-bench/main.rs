@@ -10,10 +10,12 @@
 //! target/release/ballast-bench throughput --size 1024 --producers 4 --batch 64
 //! target/release/ballast-bench latency --rate 10000 --size 1024
 //! target/release/ballast-bench backlog --messages 10000000 --size 100
+//! target/release/ballast-bench isolation --rate 2000 --flood full
 //! ```
 
 mod backlog;
 mod broker;
+mod isolation;
 mod latency;
 mod load;
 mod throughput;
@@ -75,6 +77,8 @@ enum Scenario {
     Latency(latency::Args),
     /// Broker memory (RssAnon) as a backlog grows, and after a restart.
     Backlog(backlog::Args),
+    /// A steady queue's latency alone and while another queue is flooded.
+    Isolation(isolation::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Throughput(a) => ("throughput", throughput::run(&target, a, args.sync).await?),
             Scenario::Latency(a) => ("latency", latency::run(&target, a, args.sync).await?),
             Scenario::Backlog(a) => ("backlog", backlog::run(&mut target, a, args.sync).await?),
+            Scenario::Isolation(a) => ("isolation", isolation::run(&target, a, args.sync).await?),
         };
         let path = args.json.clone().unwrap_or_else(|| PathBuf::from(format!("target/bench-results/{name}.json")));
         if let Some(dir) = path.parent() {

@@ -1,0 +1,121 @@
+//! `isolation`: bulkheads. A steady queue's open-loop latency alone, then
+//! while another queue is flooded: either held at its admission limit
+//! (every flood publish refused) or growing a backlog no one consumes.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use ballast_proto::v1::{self as pb, publisher_client::PublisherClient};
+use bytes::Bytes;
+
+use crate::{Sync, broker::Target, latency, load};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    steady: latency::Args,
+    /// How the other queue is flooded.
+    #[arg(long, value_enum, default_value_t = Flood::Full)]
+    flood: Flood,
+    /// Flood producer connections (each keeps 4 batch calls in flight).
+    #[arg(long, default_value_t = 4)]
+    flood_producers: usize,
+    /// Messages per flood call.
+    #[arg(long, default_value_t = 100)]
+    flood_batch: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Flood {
+    /// The flooded queue sits at its limit: its publishes are refused.
+    Full,
+    /// The flooded queue takes everything and nobody consumes it.
+    Backlog,
+}
+
+pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde_json::Value> {
+    let steady = "bench-steady";
+    let flooded = "bench-flooded";
+    target.fresh_queue(steady, sync.settings()).await?;
+    let alone = latency::measure(target, steady, &args.steady).await?;
+
+    target.fresh_queue(steady, sync.settings()).await?;
+    let max_messages = match args.flood {
+        Flood::Full => 10_000,
+        Flood::Backlog => 1_000_000_000,
+    };
+    let flood_settings =
+        pb::QueueSettings { max_messages: Some(max_messages), max_bytes: Some(1 << 40), ..sync.settings() };
+    target.fresh_queue(flooded, flood_settings).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stored = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..args.flood_producers {
+        let channel = target.channel().await?;
+        for _ in 0..4 {
+            let mut client = PublisherClient::new(channel.clone());
+            let (stop, stored, refused) = (Arc::clone(&stop), Arc::clone(&stored), Arc::clone(&refused));
+            let batch = args.flood_batch;
+            let payload = Bytes::from(vec![b'f'; args.steady.size]);
+            flood.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let messages =
+                        (0..batch).map(|_| pb::Message { payload: payload.clone(), ..Default::default() }).collect();
+                    match client.publish_batch(pb::PublishBatchRequest { queue: flooded.into(), messages }).await {
+                        Ok(_) => stored.fetch_add(batch as u64, Ordering::Relaxed),
+                        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                            refused.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Err(status) => return Err(anyhow::anyhow!("flood publish failed: {status}")),
+                    };
+                }
+                Ok(())
+            }));
+        }
+    }
+    let flood_start = Instant::now();
+    let during = latency::measure(target, steady, &args.steady).await?;
+    let flood_seconds = flood_start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for task in flood {
+        task.await??;
+    }
+    let stored = stored.load(Ordering::Relaxed);
+    let refused = refused.load(Ordering::Relaxed);
+
+    println!(
+        "isolation: steady queue at {} msg/s ({} B, sync {:?}); flood {:?}: {} producers x 4 calls of {}",
+        args.steady.rate, args.steady.size, sync, args.flood, args.flood_producers, args.flood_batch
+    );
+    println!("-- steady queue alone");
+    alone.print();
+    println!("-- steady queue during the flood");
+    during.print();
+    println!(
+        "flood: {:.0} msg/s stored, {:.0} calls/s refused",
+        stored as f64 / flood_seconds,
+        refused as f64 / flood_seconds
+    );
+    let ratio = |a: &hdrhistogram::Histogram<u64>, b: &hdrhistogram::Histogram<u64>| {
+        b.value_at_quantile(0.99) as f64 / a.value_at_quantile(0.99).max(1) as f64
+    };
+    let durable_ratio = ratio(&alone.durable, &during.durable);
+    let delivery_ratio = ratio(&alone.delivered, &during.delivered);
+    println!(
+        "p99 during / alone: publish-to-durable {durable_ratio:.2}x, publish-to-delivery {delivery_ratio:.2}x (target <= 1.20x)"
+    );
+    Ok(serde_json::json!({
+        "scenario": "isolation", "flood": format!("{:?}", args.flood).to_lowercase(),
+        "steady_rate": args.steady.rate, "size": args.steady.size, "sync": format!("{sync:?}").to_lowercase(),
+        "alone": { "publish_to_durable": load::percentiles(&alone.durable), "publish_to_delivery": load::percentiles(&alone.delivered) },
+        "during": { "publish_to_durable": load::percentiles(&during.durable), "publish_to_delivery": load::percentiles(&during.delivered) },
+        "flood_stored_per_s": stored as f64 / flood_seconds, "flood_refused_calls_per_s": refused as f64 / flood_seconds,
+        "p99_ratio_publish_to_durable": durable_ratio, "p99_ratio_publish_to_delivery": delivery_ratio,
+    }))
+}

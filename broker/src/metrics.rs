@@ -1,0 +1,218 @@
+//! Prometheus metrics: the four golden signals per queue and lane, through
+//! the `metrics` crate, rendered by `metrics-exporter-prometheus` and served
+//! on `GET /metrics` (default `127.0.0.1:7401`). The metric table, with
+//! every name, type and label, is in `docs/metrics.md`.
+//!
+//! Counters and histograms are pre-registered handles per queue and lane
+//! ([`LaneMetrics`]), so the hot path pays an atomic add, not a registry
+//! lookup. Gauges (depth, bytes, saturation, ...) are refreshed from the
+//! queues at every scrape, so they are exact when read.
+
+use std::{future::Future, sync::Arc};
+
+use metrics::{Counter, Histogram, Label, counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use crate::{Broker, queue::Queue};
+
+/// Latency histogram buckets, in seconds.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+/// Counters and histograms of one lane of one queue.
+#[derive(Debug, Clone)]
+pub struct LaneMetrics {
+    pub published: Counter,
+    pub delivered: Counter,
+    pub acked: Counter,
+    pub nacked: Counter,
+    pub redelivered_nack: Counter,
+    pub redelivered_expired: Counter,
+    pub released: Counter,
+    pub dead_lettered: Counter,
+    pub refused_queue_full: Counter,
+    pub refused_disk_low: Counter,
+    /// Publish call start to durable (answered), seconds.
+    pub publish_durable: Histogram,
+    /// Enqueue time to first delivery, seconds.
+    pub publish_to_delivery: Histogram,
+    /// Delivery to ack, seconds.
+    pub delivery_to_ack: Histogram,
+}
+
+impl LaneMetrics {
+    pub fn new(queue: &str, lane: &str) -> LaneMetrics {
+        let labels = || vec![Label::new("queue", queue.to_owned()), Label::new("lane", lane.to_owned())];
+        let with = |key: &'static str, value: &'static str| {
+            let mut l = labels();
+            l.push(Label::new(key, value));
+            l
+        };
+        LaneMetrics {
+            published: counter!("ballast_published_messages_total", labels()),
+            delivered: counter!("ballast_delivered_messages_total", labels()),
+            acked: counter!("ballast_acked_messages_total", labels()),
+            nacked: counter!("ballast_nacked_messages_total", labels()),
+            redelivered_nack: counter!("ballast_redelivered_messages_total", with("reason", "nack")),
+            redelivered_expired: counter!("ballast_redelivered_messages_total", with("reason", "lease_expired")),
+            released: counter!("ballast_released_messages_total", labels()),
+            dead_lettered: counter!("ballast_dead_lettered_messages_total", labels()),
+            refused_queue_full: counter!("ballast_refused_publishes_total", with("reason", "queue_full")),
+            refused_disk_low: counter!("ballast_refused_publishes_total", with("reason", "disk_low")),
+            publish_durable: histogram!("ballast_publish_durable_seconds", labels()),
+            publish_to_delivery: histogram!("ballast_publish_to_delivery_seconds", labels()),
+            delivery_to_ack: histogram!("ballast_delivery_to_ack_seconds", labels()),
+        }
+    }
+}
+
+/// Counts a request that failed with `code` (the errors signal).
+pub fn count_error(code: tonic::Code) {
+    counter!("ballast_errors_total", "code" => code_name(code)).increment(1);
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        AlreadyExists => "already_exists",
+        PermissionDenied => "permission_denied",
+        ResourceExhausted => "resource_exhausted",
+        FailedPrecondition => "failed_precondition",
+        Aborted => "aborted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
+        Internal => "internal",
+        Unavailable => "unavailable",
+        DataLoss => "data_loss",
+        Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Installs the global Prometheus recorder. `None` if another recorder is
+/// installed already (then metrics are not exported).
+pub fn install() -> Option<PrometheusHandle> {
+    let builder = match PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS) {
+        Ok(builder) => builder,
+        Err(e) => {
+            tracing::error!("metrics buckets: {e}");
+            return None;
+        }
+    };
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    match metrics::set_global_recorder(recorder) {
+        Ok(()) => {
+            describe();
+            Some(handle)
+        }
+        Err(e) => {
+            tracing::warn!("metrics recorder already installed; /metrics disabled: {e}");
+            None
+        }
+    }
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("ballast_published_messages_total", Unit::Count, "Messages stored by publishes.");
+    describe_counter!("ballast_delivered_messages_total", Unit::Count, "Deliveries sent to consumers.");
+    describe_counter!("ballast_acked_messages_total", Unit::Count, "Deliveries acked.");
+    describe_counter!("ballast_nacked_messages_total", Unit::Count, "Deliveries nacked.");
+    describe_counter!(
+        "ballast_redelivered_messages_total",
+        Unit::Count,
+        "Messages stored again for redelivery, by reason."
+    );
+    describe_counter!("ballast_released_messages_total", Unit::Count, "Leases released by a consumer that left.");
+    describe_counter!("ballast_dead_lettered_messages_total", Unit::Count, "Messages moved to the dead-letter queue.");
+    describe_counter!("ballast_refused_publishes_total", Unit::Count, "Publish calls refused by admission, by reason.");
+    describe_counter!("ballast_errors_total", Unit::Count, "Failed gRPC calls, by status code.");
+    describe_histogram!("ballast_publish_durable_seconds", Unit::Seconds, "Publish call to durable answer.");
+    describe_histogram!("ballast_publish_to_delivery_seconds", Unit::Seconds, "Enqueue to delivery.");
+    describe_histogram!("ballast_delivery_to_ack_seconds", Unit::Seconds, "Delivery to ack.");
+    describe_gauge!("ballast_queue_depth_messages", Unit::Count, "Messages not yet acked (in-flight included).");
+    describe_gauge!("ballast_queue_bytes", Unit::Bytes, "Bytes of the lane's log on disk from its oldest segment.");
+    describe_gauge!("ballast_queue_in_flight_messages", Unit::Count, "Deliveries leased to consumers.");
+    describe_gauge!("ballast_queue_saturation_ratio", Unit::Count, "max(depth/max_messages, bytes/max_bytes).");
+    describe_gauge!("ballast_queue_oldest_age_seconds", Unit::Seconds, "Age of the oldest unacked message.");
+    describe_gauge!(
+        "ballast_queue_drain_estimate_seconds",
+        Unit::Seconds,
+        "Depth over the smoothed ack rate; NaN when unknown."
+    );
+    describe_gauge!("ballast_queue_consumers", Unit::Count, "Consumers subscribed.");
+    describe_gauge!("ballast_queue_credit", Unit::Count, "Credit held by the queue's consumers.");
+    describe_gauge!("ballast_queue_segments", Unit::Count, "Segment files of the lane's log.");
+    describe_gauge!("ballast_disk_free_bytes", Unit::Bytes, "Free space on the data directory's filesystem.");
+    describe_gauge!("ballast_disk_free_min_bytes", Unit::Bytes, "Publishes are refused below this free space.");
+    describe_gauge!("ballast_open_files", Unit::Count, "File descriptors the process holds.");
+    describe_gauge!("ballast_queues", Unit::Count, "Queues, dead-letter queues included.");
+}
+
+/// Sets every gauge from the queues now.
+fn refresh(broker: &Broker) {
+    let queues = broker.queues();
+    gauge!("ballast_queues").set(queues.len() as f64);
+    gauge!("ballast_disk_free_bytes").set(broker.node().disk_free() as f64);
+    gauge!("ballast_disk_free_min_bytes").set(broker.node().disk_free_min() as f64);
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauge!("ballast_open_files").set(fds.count() as f64);
+    }
+    for queue in &queues {
+        refresh_queue(queue);
+    }
+}
+
+fn refresh_queue(queue: &Arc<Queue>) {
+    let name = queue.name.to_string();
+    let (total, lanes) = queue.figures();
+    let delivery = queue.delivery_figures();
+    for (i, figures) in lanes.iter().enumerate() {
+        let labels = [("queue", name.clone()), ("lane", queue.settings.lanes[i].clone())];
+        gauge!("ballast_queue_depth_messages", &labels).set(figures.depth as f64);
+        gauge!("ballast_queue_bytes", &labels).set(figures.bytes as f64);
+        gauge!("ballast_queue_in_flight_messages", &labels)
+            .set(delivery.lane_in_flight.get(i).copied().unwrap_or(0) as f64);
+        gauge!("ballast_queue_saturation_ratio", &labels).set(figures.saturation);
+        gauge!("ballast_queue_oldest_age_seconds", &labels).set(figures.oldest_age_ms as f64 / 1000.0);
+        gauge!("ballast_queue_segments", &labels).set(queue.lanes[i].stats().segment_count as f64);
+    }
+    let labels = [("queue", name)];
+    gauge!("ballast_queue_drain_estimate_seconds", &labels)
+        .set(total.drain_estimate_ms.map_or(f64::NAN, |ms| ms as f64 / 1000.0));
+    gauge!("ballast_queue_consumers", &labels).set(f64::from(delivery.consumers));
+    gauge!("ballast_queue_credit", &labels).set(delivery.credit as f64);
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    broker: std::sync::Weak<Broker>,
+    handle: PrometheusHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let render = move || {
+        if let Some(broker) = broker.upgrade() {
+            refresh(&broker);
+        }
+        handle.run_upkeep();
+        handle.render()
+    };
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render()) }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        tracing::error!("metrics endpoint stopped: {e}");
+    }
+}

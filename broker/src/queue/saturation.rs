@@ -1,0 +1,247 @@
+//! Saturation: how full a queue and its lanes are, how fast they move, and
+//! the admission decision that sheds the lowest lanes first.
+//!
+//! Figures are cheap to take (two locks per lane and, when the ack floor
+//! moved, one record read for the oldest age), so every publish receipt
+//! carries them. Rates are exponentially smoothed once per
+//! [`STATS_TICK_MS`] by the broker's stats task.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::Queue;
+use crate::{
+    error::{BrokerError, Refusal, RefusalReason, Result},
+    limits::{RATE_SMOOTHING, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN, RETRY_AFTER_MS_UNKNOWN, STATS_TICK_MS},
+    now_ms,
+};
+
+/// Saturation figures of a queue or a lane.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Figures {
+    pub depth: u64,
+    pub bytes: u64,
+    /// max(depth / max_messages, bytes / max_bytes).
+    pub saturation: f64,
+    pub oldest_age_ms: u64,
+    /// depth / ack rate; `None` when nothing was acked recently.
+    pub drain_estimate_ms: Option<u64>,
+    pub ack_rate: f64,
+    pub publish_rate: f64,
+}
+
+/// Per-lane counters, smoothed rates and exported metrics.
+#[derive(Debug)]
+pub(crate) struct LaneMeter {
+    pub metrics: crate::metrics::LaneMetrics,
+    pub published: AtomicU64,
+    pub acked: AtomicU64,
+    rates: Mutex<Rates>,
+    /// `(ack floor, timestamp of the record there)`: the oldest message's
+    /// age is re-read only when the floor moves.
+    oldest: Mutex<Option<(u64, u64)>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Rates {
+    last_published: u64,
+    last_acked: u64,
+    publish_rate: f64,
+    ack_rate: f64,
+}
+
+/// Counters of refused publishes.
+#[derive(Debug, Default)]
+pub(crate) struct Refused {
+    pub queue_full: AtomicU64,
+    pub disk_full: AtomicU64,
+}
+
+impl LaneMeter {
+    pub(crate) fn new(queue: &str, lane: &str) -> LaneMeter {
+        LaneMeter {
+            metrics: crate::metrics::LaneMetrics::new(queue, lane),
+            published: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            rates: Mutex::new(Rates::default()),
+            oldest: Mutex::new(None),
+        }
+    }
+
+    /// Folds the counts since the last tick into the smoothed rates.
+    pub(crate) fn tick(&self, seconds: f64) {
+        let published = self.published.load(Ordering::Relaxed);
+        let acked = self.acked.load(Ordering::Relaxed);
+        let mut r = self.rates.lock();
+        let smooth = |old: f64, delta: u64| {
+            let now = delta as f64 / seconds;
+            if old == 0.0 { now } else { RATE_SMOOTHING * now + (1.0 - RATE_SMOOTHING) * old }
+        };
+        r.publish_rate = smooth(r.publish_rate, published - r.last_published);
+        r.ack_rate = smooth(r.ack_rate, acked - r.last_acked);
+        // Below one message per ten ticks the rate is noise: call it zero.
+        let floor = 0.1 / (STATS_TICK_MS as f64 / 1000.0);
+        if r.ack_rate < floor && acked == r.last_acked {
+            r.ack_rate = 0.0;
+        }
+        if r.publish_rate < floor && published == r.last_published {
+            r.publish_rate = 0.0;
+        }
+        r.last_published = published;
+        r.last_acked = acked;
+    }
+
+    fn rates(&self) -> (f64, f64) {
+        let r = self.rates.lock();
+        (r.publish_rate, r.ack_rate)
+    }
+}
+
+impl Queue {
+    fn saturation_of(&self, depth: u64, bytes: u64) -> f64 {
+        let s = &self.settings;
+        (depth as f64 / s.max_messages as f64).max(bytes as f64 / s.max_bytes as f64)
+    }
+
+    /// Figures of one lane.
+    pub fn lane_figures(&self, lane: u32) -> Figures {
+        self.lane_figures_with(lane, true)
+    }
+
+    /// With `read_oldest` false, the oldest age comes only from the cache
+    /// (no record read): what a refusal uses, so refusing touches no file.
+    fn lane_figures_with(&self, lane: u32, read_oldest: bool) -> Figures {
+        let log = &self.lanes[lane as usize];
+        let meter = &self.meters[lane as usize];
+        let stats = log.stats();
+        let (publish_rate, ack_rate) = meter.rates();
+        let now = now_ms();
+        let oldest_age_ms = if stats.pending == 0 {
+            0
+        } else {
+            let mut oldest = meter.oldest.lock();
+            let timestamp = match *oldest {
+                Some((floor, timestamp)) if floor == stats.ack_floor => Some(timestamp),
+                Some((_, timestamp)) if !read_oldest => Some(timestamp),
+                None if !read_oldest => None,
+                _ => {
+                    let read = log.read(stats.ack_floor).ok().map(|r| r.timestamp_ms);
+                    if let Some(timestamp) = read {
+                        *oldest = Some((stats.ack_floor, timestamp));
+                    }
+                    read
+                }
+            };
+            timestamp.map_or(0, |t| now.saturating_sub(t))
+        };
+        Figures {
+            depth: stats.pending,
+            bytes: stats.data_bytes,
+            saturation: self.saturation_of(stats.pending, stats.data_bytes),
+            oldest_age_ms,
+            drain_estimate_ms: drain_estimate(stats.pending, ack_rate),
+            ack_rate,
+            publish_rate,
+        }
+    }
+
+    /// Figures of every lane and of the queue as a whole.
+    pub fn figures(&self) -> (Figures, Vec<Figures>) {
+        self.figures_with(true)
+    }
+
+    fn figures_with(&self, read_oldest: bool) -> (Figures, Vec<Figures>) {
+        let lanes: Vec<Figures> = (0..self.lane_count()).map(|l| self.lane_figures_with(l, read_oldest)).collect();
+        let depth = lanes.iter().map(|f| f.depth).sum();
+        let bytes = lanes.iter().map(|f| f.bytes).sum();
+        let ack_rate = lanes.iter().map(|f| f.ack_rate).sum();
+        let total = Figures {
+            depth,
+            bytes,
+            saturation: self.saturation_of(depth, bytes),
+            oldest_age_ms: lanes.iter().map(|f| f.oldest_age_ms).max().unwrap_or(0),
+            drain_estimate_ms: drain_estimate(depth, ack_rate),
+            ack_rate,
+            publish_rate: lanes.iter().map(|f| f.publish_rate).sum(),
+        };
+        (total, lanes)
+    }
+
+    /// Refreshes the smoothed rates (the broker's stats task calls this).
+    pub(crate) fn tick(&self, seconds: f64) {
+        for meter in &self.meters {
+            meter.tick(seconds);
+        }
+    }
+
+    /// Admission: may `adding[lane] = (messages, bytes)` be stored? A lane is
+    /// admitted while the queue stays within the lane's fraction of
+    /// `max_messages` and `max_bytes`. Takes no disk I/O beyond what the
+    /// figures need, and stores nothing.
+    pub(crate) fn admit(&self, adding: &[(u64, u64)]) -> Result<()> {
+        if let Some(free) = self.node.disk_low() {
+            self.refused.disk_full.fetch_add(1, Ordering::Relaxed);
+            let (total, _) = self.figures_with(false);
+            let lane = adding.iter().position(|(n, _)| *n > 0).unwrap_or(0);
+            self.meters[lane].metrics.refused_disk_low.increment(1);
+            return Err(BrokerError::Refused(Box::new(Refusal {
+                queue: self.name.to_string(),
+                lane: self.settings.lanes[lane].clone(),
+                figures: total,
+                threshold: self.settings.lane_admission[lane],
+                retry_after_ms: RETRY_AFTER_MS_MAX.min(10_000),
+                reason: RefusalReason::DiskLow { free, min: self.node.disk_free_min() },
+            })));
+        }
+        let mut depth = 0;
+        let mut bytes = 0;
+        for log in &self.lanes {
+            let stats = log.stats();
+            depth += stats.pending;
+            bytes += stats.data_bytes;
+        }
+        let new_messages: u64 = adding.iter().map(|(n, _)| n).sum();
+        let new_bytes: u64 = adding.iter().map(|(_, b)| b).sum();
+        for (lane, &(n, _)) in adding.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let threshold = self.settings.lane_admission[lane];
+            let max_messages = (self.settings.max_messages as f64 * threshold).floor() as u64;
+            let max_bytes = (self.settings.max_bytes as f64 * threshold).floor() as u64;
+            if depth + new_messages > max_messages || bytes + new_bytes > max_bytes {
+                self.refused.queue_full.fetch_add(1, Ordering::Relaxed);
+                self.meters[lane].metrics.refused_queue_full.increment(1);
+                let (total, _) = self.figures_with(false);
+                // Time for consumers to bring the queue back under the lane's
+                // threshold at the recent ack rate.
+                let excess = (depth + new_messages).saturating_sub(max_messages).max(1);
+                let retry_after_ms = if total.ack_rate > 0.0 {
+                    ((excess as f64 / total.ack_rate * 1000.0) as u64).clamp(RETRY_AFTER_MS_MIN, RETRY_AFTER_MS_MAX)
+                } else {
+                    RETRY_AFTER_MS_UNKNOWN
+                };
+                return Err(BrokerError::Refused(Box::new(Refusal {
+                    queue: self.name.to_string(),
+                    lane: self.settings.lanes[lane].clone(),
+                    figures: total,
+                    threshold,
+                    retry_after_ms,
+                    reason: RefusalReason::QueueFull {
+                        max_messages: self.settings.max_messages,
+                        max_bytes: self.settings.max_bytes,
+                    },
+                })));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn drain_estimate(depth: u64, ack_rate: f64) -> Option<u64> {
+    if depth == 0 {
+        return Some(0);
+    }
+    (ack_rate > 0.0).then(|| (depth as f64 / ack_rate * 1000.0) as u64)
+}

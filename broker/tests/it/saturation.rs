@@ -1,0 +1,248 @@
+//! Admission (lowest lanes shed first), saturation figures in receipts and
+//! Stats, the disk watermark, and the Prometheus endpoint.
+
+use std::time::{Duration, Instant};
+
+use ballast_proto::v1::{self as pb, stats_client::StatsClient};
+use tonic::Code;
+
+use crate::support::*;
+
+async fn stats(broker: &BrokerProcess, queue: &str) -> pb::QueueStats {
+    let mut client = StatsClient::new(broker.channel().await);
+    let response = client.get_stats(pb::StatsRequest { queue: queue.into() }).await.unwrap().into_inner();
+    response.queues.into_iter().next().expect("the queue's stats")
+}
+
+#[tokio::test]
+async fn lowest_lanes_are_shed_first_with_retry_after_and_figures() {
+    let broker = BrokerProcess::start();
+    let settings = pb::QueueSettings { max_messages: Some(100), ..queue_settings() };
+    create(&mut broker.admin().await, "full", settings).await;
+    let mut publisher = broker.publisher().await;
+    // Fill through the low lane: admitted up to 70% of 100.
+    let mut stored = 0;
+    let refusal = loop {
+        match publisher.publish(pb::PublishRequest { queue: "full".into(), message: Some(on_lane("x", 2)) }).await {
+            Ok(_) => stored += 1,
+            Err(status) => break status,
+        }
+        assert!(stored <= 100, "the low lane was never refused");
+    };
+    assert_eq!(stored, 70, "low is admitted up to 70%");
+    assert_eq!(refusal.code(), Code::ResourceExhausted);
+    assert!(refusal.message().contains("lane low"), "{}", refusal.message());
+    let meta = refusal.metadata();
+    let get = |key: &str| meta.get(key).unwrap_or_else(|| panic!("metadata {key}")).to_str().unwrap().to_owned();
+    assert!(get("retry-after-ms").parse::<u64>().unwrap() >= 100);
+    assert_eq!(get("ballast-lane"), "low");
+    assert_eq!(get("ballast-depth"), "70");
+    assert_eq!(get("ballast-threshold").parse::<f64>().unwrap(), 0.7);
+    assert!((get("ballast-saturation").parse::<f64>().unwrap() - 0.7).abs() < 1e-6);
+
+    // Normal goes on to 90%, high to 100%.
+    let fill = |lane: u32| {
+        let mut publisher = publisher.clone();
+        async move {
+            let mut n = 0;
+            loop {
+                match publisher
+                    .publish(pb::PublishRequest { queue: "full".into(), message: Some(on_lane("y", lane)) })
+                    .await
+                {
+                    Ok(_) => n += 1,
+                    Err(status) => {
+                        assert_eq!(status.code(), Code::ResourceExhausted);
+                        return n;
+                    }
+                }
+            }
+        }
+    };
+    assert_eq!(fill(1).await, 20);
+    assert_eq!(fill(0).await, 10);
+    // Refused publishes stored nothing.
+    let s = stats(&broker, "full").await;
+    assert_eq!(s.saturation.unwrap().depth, 100);
+    assert_eq!(s.refused_queue_full, 3);
+    // A batch that would cross the threshold is refused whole.
+    let mut consumer = broker.consumer().await;
+    let mut session = Session::open(&mut consumer, "full", 15).await;
+    let mut ids = Vec::new();
+    for _ in 0..15 {
+        ids.push(session.delivery().await.delivery_id);
+    }
+    consumer.ack(pb::AckRequest { queue: "full".into(), delivery_ids: ids }).await.unwrap();
+    // depth 85: high and normal may publish 5 more, low none.
+    assert_status(
+        publisher.publish(pb::PublishRequest { queue: "full".into(), message: Some(on_lane("z", 2)) }).await,
+        Code::ResourceExhausted,
+        "lane low",
+    );
+    assert_status(
+        publisher
+            .publish_batch(pb::PublishBatchRequest {
+                queue: "full".into(),
+                messages: (0..6).map(|_| on_lane("z", 1)).collect(),
+            })
+            .await,
+        Code::ResourceExhausted,
+        "lane normal",
+    );
+    publish_batch(&mut publisher, "full", (0..5).map(|_| on_lane("z", 1)).collect()).await;
+    assert_eq!(depth(&mut broker.admin().await, "full").await, 90);
+}
+
+#[tokio::test]
+async fn receipts_carry_the_figures_that_stats_report() {
+    let broker = BrokerProcess::start();
+    let settings = pb::QueueSettings { max_messages: Some(1000), ..queue_settings() };
+    create(&mut broker.admin().await, "fig", settings).await;
+    let mut publisher = broker.publisher().await;
+    publish_batch(&mut publisher, "fig", (0..9).map(|i| on_lane(vec![0u8; 100], i % 3)).collect()).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let receipt = publish(&mut publisher, "fig", on_lane(vec![0u8; 100], 0)).await;
+    let queue = receipt.queue.expect("queue figures");
+    let lane = receipt.lane.expect("lane figures");
+    assert_eq!(queue.depth, 10);
+    assert_eq!(lane.depth, 4);
+    assert!((queue.saturation - 0.01).abs() < 1e-9, "{}", queue.saturation);
+    assert!(queue.bytes >= 10 * 100, "bytes {}", queue.bytes);
+    assert!(queue.oldest_age_ms >= 50, "oldest age {}", queue.oldest_age_ms);
+    assert_eq!(queue.drain_estimate_ms, None, "nothing consumes: unknown");
+
+    let s = stats(&broker, "fig").await;
+    let total = s.saturation.unwrap();
+    assert_eq!(total.depth, queue.depth);
+    assert_eq!(total.bytes, queue.bytes);
+    assert_eq!(total.saturation, queue.saturation);
+    assert!(total.oldest_age_ms >= queue.oldest_age_ms);
+    assert_eq!(s.lanes.len(), 3);
+    assert_eq!(s.lanes[0].saturation.as_ref().unwrap().depth, lane.depth);
+    assert_eq!(s.lanes.iter().map(|l| l.admission).collect::<Vec<_>>(), vec![1.0, 0.9, 0.7]);
+    assert_eq!(s.max_messages, 1000);
+
+    // All queues, and the stream.
+    let mut client = StatsClient::new(broker.channel().await);
+    let all = client.get_stats(pb::StatsRequest { queue: String::new() }).await.unwrap().into_inner();
+    assert_eq!(all.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), vec!["fig", "fig.dead"]);
+    assert!(all.disk_free_bytes > 0);
+    let mut watch =
+        client.watch(pb::WatchRequest { queue: "fig".into(), interval_ms: 100 }).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    let second = watch.message().await.unwrap().unwrap();
+    assert!(second.at_ms >= first.at_ms + 90, "{} then {}", first.at_ms, second.at_ms);
+    assert_status(
+        client.watch(pb::WatchRequest { queue: "fig".into(), interval_ms: 1 }).await.map(|_| ()),
+        Code::InvalidArgument,
+        "interval_ms",
+    );
+    assert_status(client.get_stats(pb::StatsRequest { queue: "nope".into() }).await, Code::NotFound, "nope");
+}
+
+#[tokio::test]
+async fn drain_estimate_converges_on_a_steady_consumer() {
+    let broker = BrokerProcess::start();
+    create(&mut broker.admin().await, "drain", queue_settings()).await;
+    let mut publisher = broker.publisher().await;
+    for _ in 0..3 {
+        publish_batch(&mut publisher, "drain", (0..1000).map(|_| message("m")).collect()).await;
+    }
+    // A consumer acking 200 messages per second, steadily.
+    let mut consumer = broker.consumer().await;
+    let mut session = Session::open(&mut consumer, "drain", 20).await;
+    let rate = 200.0;
+    let start = Instant::now();
+    let mut acked = 0u64;
+    let mut estimates = Vec::new();
+    while start.elapsed() < Duration::from_secs(6) {
+        let d = session.delivery().await;
+        session.ack(vec![d.delivery_id]).await;
+        session.credit(1).await;
+        acked += 1;
+        let due = start + Duration::from_secs_f64(acked as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        if acked % 200 == 0 {
+            let s = stats(&broker, "drain").await.saturation.unwrap();
+            estimates.push((s.depth, s.ack_rate, s.drain_estimate_ms));
+        }
+    }
+    let (depth, ack_rate, estimate) = *estimates.last().unwrap();
+    let estimate = estimate.expect("an estimate once acks flow") as f64;
+    let truth = depth as f64 / rate * 1000.0;
+    assert!((ack_rate - rate).abs() / rate < 0.25, "smoothed ack rate {ack_rate} vs {rate}: {estimates:?}");
+    assert!((estimate - truth).abs() / truth < 0.25, "estimate {estimate} ms vs {truth} ms: {estimates:?}");
+}
+
+#[tokio::test]
+async fn disk_watermark_refuses_publishes_and_serves_consumers() {
+    let mut broker = BrokerProcess::start();
+    create(&mut broker.admin().await, "disk", queue_settings()).await;
+    publish_batch(&mut broker.publisher().await, "disk", (0..3).map(|i| message(format!("{i}"))).collect()).await;
+    assert!(broker.terminate().success());
+    // A floor above any disk this test runs on: 1 EiB.
+    broker.restart_with(&["--disk-free-min-bytes", "1152921504606846976"]);
+    let mut publisher = broker.publisher().await;
+    let status = publisher
+        .publish(pb::PublishRequest { queue: "disk".into(), message: Some(message("refused")) })
+        .await
+        .expect_err("below the disk floor");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("disk_free_min_bytes"), "{}", status.message());
+    assert!(status.metadata().get("ballast-disk-free-bytes").is_some());
+    assert!(status.metadata().get("retry-after-ms").is_some());
+    // Consumers, acks and admin go on.
+    let mut consumer = broker.consumer().await;
+    let mut session = Session::open(&mut consumer, "disk", 3).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(session.delivery().await.delivery_id);
+    }
+    consumer.ack(pb::AckRequest { queue: "disk".into(), delivery_ids: ids }).await.unwrap();
+    assert_eq!(depth(&mut broker.admin().await, "disk").await, 0);
+    assert_eq!(stats(&broker, "disk").await.refused_disk_full, 1);
+    // Space "returns": the normal floor accepts again.
+    assert!(broker.terminate().success());
+    broker.restart_with(&[]);
+    publish(&mut broker.publisher().await, "disk", message("accepted")).await;
+}
+
+/// The value of the sample `name{labels}` in Prometheus text.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse().expect("a number"))
+}
+
+#[tokio::test]
+async fn metrics_endpoint_tracks_the_backlog() {
+    let broker = BrokerProcess::start();
+    create(&mut broker.admin().await, "m", queue_settings()).await;
+    let depth_of = |text: &str| sample(text, "ballast_queue_depth_messages", "queue=\"m\",lane=\"normal\"");
+    assert_eq!(depth_of(&broker.scrape()), Some(0.0));
+    publish_batch(&mut broker.publisher().await, "m", (0..10).map(|i| message(format!("{i}"))).collect()).await;
+    let text = broker.scrape();
+    assert_eq!(depth_of(&text), Some(10.0));
+    assert_eq!(sample(&text, "ballast_published_messages_total", "queue=\"m\",lane=\"normal\""), Some(10.0));
+    assert!(text.contains("# TYPE ballast_publish_durable_seconds histogram"), "histograms are exported");
+    assert!(sample(&text, "ballast_disk_free_bytes", "").is_none(), "unlabelled gauges have no braces");
+    assert!(text.lines().any(|l| l.starts_with("ballast_disk_free_bytes ")));
+
+    let mut consumer = broker.consumer().await;
+    let mut session = Session::open(&mut consumer, "m", 4).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(session.delivery().await.delivery_id);
+    }
+    let text = broker.scrape();
+    assert_eq!(depth_of(&text), Some(10.0), "in-flight messages are still backlog");
+    assert_eq!(sample(&text, "ballast_queue_in_flight_messages", "queue=\"m\",lane=\"normal\""), Some(4.0));
+    assert_eq!(sample(&text, "ballast_delivered_messages_total", "queue=\"m\",lane=\"normal\""), Some(4.0));
+    consumer.ack(pb::AckRequest { queue: "m".into(), delivery_ids: ids }).await.unwrap();
+    let text = broker.scrape();
+    assert_eq!(depth_of(&text), Some(6.0));
+    assert_eq!(sample(&text, "ballast_acked_messages_total", "queue=\"m\",lane=\"normal\""), Some(4.0));
+    assert_eq!(sample(&text, "ballast_queue_consumers", "queue=\"m\""), Some(1.0));
+    // Errors by code.
+    let _ = broker.admin().await.get_queue(pb::GetQueueRequest { name: "nope".into() }).await;
+    assert_eq!(sample(&broker.scrape(), "ballast_errors_total", "code=\"not_found\""), Some(1.0));
+}
