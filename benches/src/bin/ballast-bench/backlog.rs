@@ -37,7 +37,7 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
     for _ in 0..args.producers {
         channels.push(target.channel().await?);
     }
-    let (elapsed, _) = load::publish_all(&channels, queue, args.messages, args.size, args.batch, 1).await?;
+    let (elapsed, _) = load::publish_all(&channels, queue, args.messages, args.size, args.batch, 1, false).await?;
     let full = crate::broker::rss_anon(pid)?;
     anyhow::ensure!(target.depth(queue).await? == args.messages, "the backlog is not all there");
     drop(channels);

@@ -59,6 +59,7 @@ pub async fn publish_all(
     size: usize,
     batch: usize,
     inflight: usize,
+    keys: bool,
 ) -> anyhow::Result<(Duration, Histogram<u64>)> {
     let payload = Bytes::from(vec![b'x'; size]);
     let next = Arc::new(AtomicU64::new(0));
@@ -79,12 +80,21 @@ pub async fn publish_all(
                     }
                     let n = (total - first).min(batch as u64) as usize;
                     let call = Instant::now();
+                    let key = |i: u64| {
+                        if keys { format!("{:032x}", u128::from(first + i) << 64 | 0xba11a57) } else { String::new() }
+                    };
                     if n == 1 {
-                        let message = pb::Message { payload: payload.clone(), ..Default::default() };
+                        let message =
+                            pb::Message { payload: payload.clone(), idempotency_key: key(0), ..Default::default() };
                         client.publish(pb::PublishRequest { queue: queue.clone(), message: Some(message) }).await?;
                     } else {
-                        let messages =
-                            (0..n).map(|_| pb::Message { payload: payload.clone(), ..Default::default() }).collect();
+                        let messages = (0..n as u64)
+                            .map(|i| pb::Message {
+                                payload: payload.clone(),
+                                idempotency_key: key(i),
+                                ..Default::default()
+                            })
+                            .collect();
                         client.publish_batch(pb::PublishBatchRequest { queue: queue.clone(), messages }).await?;
                     }
                     h.record(call.elapsed().as_micros().max(1) as u64)?;

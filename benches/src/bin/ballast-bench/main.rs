@@ -18,6 +18,7 @@ mod broker;
 mod isolation;
 mod latency;
 mod load;
+mod overhead;
 mod throughput;
 
 use std::path::PathBuf;
@@ -79,6 +80,8 @@ enum Scenario {
     Backlog(backlog::Args),
     /// A steady queue's latency alone and while another queue is flooded.
     Isolation(isolation::Args),
+    /// Publish throughput through the client library versus raw stubs.
+    Overhead(overhead::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,6 +94,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Latency(a) => ("latency", latency::run(&target, a, args.sync).await?),
             Scenario::Backlog(a) => ("backlog", backlog::run(&mut target, a, args.sync).await?),
             Scenario::Isolation(a) => ("isolation", isolation::run(&target, a, args.sync).await?),
+            Scenario::Overhead(a) => ("overhead", overhead::run(&target, a, args.sync).await?),
         };
         let path = args.json.clone().unwrap_or_else(|| PathBuf::from(format!("target/bench-results/{name}.json")));
         if let Some(dir) = path.parent() {

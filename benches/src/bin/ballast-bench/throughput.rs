@@ -41,9 +41,16 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     for _ in 0..args.producers.max(args.consumers) {
         channels.push(target.channel().await?);
     }
-    let (elapsed, calls) =
-        load::publish_all(&channels[..args.producers], queue, args.messages, args.size, args.batch, args.inflight)
-            .await?;
+    let (elapsed, calls) = load::publish_all(
+        &channels[..args.producers],
+        queue,
+        args.messages,
+        args.size,
+        args.batch,
+        args.inflight,
+        false,
+    )
+    .await?;
     let publish_rate = load::rate(args.messages, elapsed);
     println!(
         "publish: {} messages of {} B, {} producers x {} in flight, batch {}, sync {:?}",
