@@ -1,22 +1,21 @@
-//! [`Admin`]: create, inspect and remove queues.
+//! [`Admin`]: create, inspect and remove queues, and read their saturation
+//! figures.
 //!
-//! Reads (`get_queue`, `list_queues`) and `create_queue` (which succeeds when
-//! the queue exists with the same settings) are safe to repeat, so they are
-//! retried on retryable failures within the deadline. `delete_queue` and
-//! `purge_queue` are sent once: after a lost answer a repeat would report
-//! `NOT_FOUND` for a delete that worked, or purge messages published since.
-//!
-//! Queue statistics (a unary and a streaming Stats RPC) are not in the
-//! protocol yet (issue 4); `Admin` gains `stats` and `watch_stats` when they
-//! are.
+//! Reads (`get_queue`, `list_queues`, `stats`, opening `watch_stats`) and
+//! `create_queue` (which succeeds when the queue exists with the same
+//! settings) are safe to repeat, so they are retried on retryable failures
+//! within the deadline. `delete_queue` and `purge_queue` are sent once: after
+//! a lost answer a repeat would report `NOT_FOUND` for a delete that worked,
+//! or purge messages published since. An open watch has no deadline: it runs
+//! until dropped or ended by the broker.
 
 use std::{sync::Arc, time::Duration};
 
-use ballast_proto::v1::{self as proto, admin_client::AdminClient};
+use ballast_proto::v1::{self as proto, admin_client::AdminClient, stats_client::StatsClient};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::{Error, QueueInfo, QueueSettings, RetryPolicy, contract, retry::Retrier};
+use crate::{BrokerStats, Error, QueueInfo, QueueSettings, RetryPolicy, StatsWatch, contract, retry::Retrier};
 
 /// Deadlines and retries of admin calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +39,8 @@ impl Default for AdminConfig {
     }
 }
 
-/// Creates, inspects and removes queues. Cheap to clone.
+/// Creates, inspects and removes queues, and reads their saturation figures.
+/// Cheap to clone.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), ballast_client::Error> {
@@ -63,6 +63,7 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone)]
 pub struct Admin {
     client: AdminClient<Channel>,
+    stats: StatsClient<Channel>,
     config: AdminConfig,
     /// Retries for repeatable calls.
     retrier: Arc<Retrier>,
@@ -73,6 +74,9 @@ pub struct Admin {
 impl Admin {
     pub(crate) fn new(channel: Channel, config: AdminConfig) -> Admin {
         Admin {
+            // A snapshot of every queue (up to the broker's queue limit) can
+            // outgrow tonic's 4 MiB default.
+            stats: StatsClient::new(channel.clone()).max_decoding_message_size(contract::GRPC_DECODE_SIZE_MAX),
             client: AdminClient::new(channel),
             retrier: Arc::new(Retrier::new(config.retry, config.attempt_timeout, None)),
             once: Arc::new(Retrier::new(RetryPolicy::NONE, config.deadline, None)),
@@ -144,6 +148,81 @@ impl Admin {
         Ok(response.purged)
     }
 
+    /// Saturation figures of queue `queue`, or of every queue (dead-letter
+    /// queues included) with `None`, and the broker's free disk space.
+    /// [`Error::NotFound`] for an unknown queue.
+    ///
+    /// ```no_run
+    /// # async fn example(admin: ballast_client::Admin) -> Result<(), ballast_client::Error> {
+    /// let stats = admin.stats(Some("payments")).await?;
+    /// let payments = &stats.queues[0];
+    /// for lane in &payments.lanes {
+    ///     println!(
+    ///         "{}: {} messages, {:.0}% of the queue's limits (admitted up to {:.0}%), oldest {:?}",
+    ///         lane.name,
+    ///         lane.saturation.depth,
+    ///         lane.saturation.saturation * 100.0,
+    ///         lane.admission * 100.0,
+    ///         lane.saturation.oldest_age,
+    ///     );
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn stats(&self, queue: Option<&str>) -> Result<BrokerStats, Error> {
+        let request = proto::StatsRequest { queue: queue_filter(queue)? };
+        let response = self
+            .call_stats(|mut client| {
+                let request = request.clone();
+                async move { client.get_stats(request).await }
+            })
+            .await?;
+        BrokerStats::from_proto(response)
+    }
+
+    /// Streams the figures of `queue` (every queue with `None`): one
+    /// snapshot at once, then one every `interval`, which must be within
+    /// [`contract::WATCH_INTERVAL_MIN`]`..=`[`contract::WATCH_INTERVAL_MAX`]
+    /// (millisecond precision). Opening the stream is retried within the
+    /// deadline; see [`StatsWatch`] for how it ends.
+    ///
+    /// ```no_run
+    /// # async fn example(admin: ballast_client::Admin) -> Result<(), ballast_client::Error> {
+    /// use std::time::Duration;
+    /// use tokio_stream::StreamExt;
+    ///
+    /// let watch = admin.watch_stats(None, Duration::from_millis(500)).await?;
+    /// let mut first_three = watch.take(3);
+    /// while let Some(stats) = first_three.next().await {
+    ///     let stats = stats?;
+    ///     println!("{} queues, {} bytes free on disk", stats.queues.len(), stats.disk_free_bytes);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn watch_stats(&self, queue: Option<&str>, interval: Duration) -> Result<StatsWatch, Error> {
+        let queue = queue_filter(queue)?;
+        if !(contract::WATCH_INTERVAL_MIN..=contract::WATCH_INTERVAL_MAX).contains(&interval) {
+            return Err(Error::InvalidArgument {
+                message: format!(
+                    "stats watch interval must be in {}..={} ms; got {} ms",
+                    contract::WATCH_INTERVAL_MIN.as_millis(),
+                    contract::WATCH_INTERVAL_MAX.as_millis(),
+                    interval.as_millis()
+                ),
+            });
+        }
+        let interval_ms = u64::try_from(interval.as_millis()).expect("checked against WATCH_INTERVAL_MAX");
+        let request = proto::WatchRequest { queue, interval_ms };
+        let stream = self
+            .call_stats(|mut client| {
+                let request = request.clone();
+                async move { client.watch(request).await }
+            })
+            .await?;
+        Ok(StatsWatch::new(stream))
+    }
+
     async fn call<T, F, Fut>(&self, retrier: &Retrier, mut rpc: F) -> Result<T, Error>
     where
         F: FnMut(AdminClient<Channel>) -> Fut,
@@ -156,6 +235,32 @@ impl Admin {
                 async move { response.await.map(tonic::Response::into_inner).map_err(Error::from_status) }
             })
             .await
+    }
+
+    /// Like `call`, on the Stats service; always retried (reads only).
+    async fn call_stats<T, F, Fut>(&self, mut rpc: F) -> Result<T, Error>
+    where
+        F: FnMut(StatsClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.config.deadline;
+        self.retrier
+            .run(deadline, self.config.deadline, None, || {
+                let response = rpc(self.stats.clone());
+                async move { response.await.map(tonic::Response::into_inner).map_err(Error::from_status) }
+            })
+            .await
+    }
+}
+
+/// The wire form of an optional queue name: empty means every queue.
+fn queue_filter(queue: Option<&str>) -> Result<String, Error> {
+    match queue {
+        Some(name) => {
+            contract::check_queue_name(name)?;
+            Ok(name.to_owned())
+        }
+        None => Ok(String::new()),
     }
 }
 
@@ -190,5 +295,69 @@ mod tests {
         assert!(matches!(error, Error::NotFound { .. }), "{error:?}");
         let error = admin.delete_queue("Payments").await.expect_err("bad name");
         assert!(matches!(error, Error::InvalidArgument { .. }), "{error:?}");
+    }
+
+    /// Stats convert from the wire, for one queue or all; a bad name or
+    /// interval is refused before any call, an unknown queue by the broker.
+    #[tokio::test]
+    async fn stats_snapshot() {
+        let server = FakeServer::start().await;
+        server.state.add_queue("emails", 0);
+        server.state.add_queue("payments", 0);
+        let admin = server.client().admin();
+        let all = admin.stats(None).await.expect("stats");
+        let names: Vec<&str> = all.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names, ["emails", "payments"]);
+        assert_eq!(all.disk_free_bytes, 1 << 40);
+        let one = admin.stats(Some("emails")).await.expect("stats");
+        let emails = one.queue("emails").expect("asked for");
+        assert_eq!(emails.lanes.iter().map(|l| l.admission).collect::<Vec<_>>(), [1.0, 0.9, 0.7]);
+        assert_eq!(emails.max_messages, crate::fake::FAKE_LIMIT.0);
+
+        let error = admin.stats(Some("nope")).await.expect_err("unknown");
+        assert!(matches!(error, Error::NotFound { .. }), "{error:?}");
+        let error = admin.stats(Some("Bad Name")).await.expect_err("bad name");
+        assert!(matches!(error, Error::InvalidArgument { .. }), "{error:?}");
+        for interval in [Duration::from_millis(99), Duration::from_millis(60_001)] {
+            let error = admin.watch_stats(None, interval).await.expect_err("out of range");
+            assert!(matches!(&error, Error::InvalidArgument { message } if message.contains("100..=60000")), "{error}");
+        }
+        assert!(server.state.lock().watches.is_empty(), "refused locally");
+    }
+
+    /// A watch yields a snapshot at once and then one per interval; when the
+    /// broker ends it with an error, the error is yielded once and then the
+    /// stream is over.
+    #[tokio::test]
+    async fn watch_yields_snapshots_then_ends_after_an_error() {
+        let server = FakeServer::start().await;
+        server.state.add_queue("emails", 0);
+        server.state.lock().watch_snapshots = Some(3);
+        let admin = server.client().admin();
+        let interval = Duration::from_millis(100);
+        let mut watch = admin.watch_stats(Some("emails"), interval).await.expect("opened");
+        let start = Instant::now();
+        let mut at = Vec::new();
+        for _ in 0..3 {
+            let stats = watch.next().await.expect("a snapshot").expect("no error");
+            assert_eq!(stats.queues.len(), 1);
+            at.push(Instant::now() - start);
+        }
+        assert!(at[0] < interval, "the first snapshot comes with the stream: {at:?}");
+        assert!(at[2] >= interval * 2, "then one per interval: {at:?}");
+        let error = watch.next().await.expect("the error").expect_err("ended by the broker");
+        assert!(matches!(error, Error::Unavailable { .. }), "{error:?}");
+        assert!(watch.next().await.is_none(), "over after the error");
+        assert!(watch.next().await.is_none(), "and stays over");
+        assert_eq!(server.state.lock().watches, [100]);
+    }
+
+    /// Watching a queue that does not exist fails when opening.
+    #[tokio::test]
+    async fn watch_of_unknown_queue_fails() {
+        let server = FakeServer::start().await;
+        let error =
+            server.client().admin().watch_stats(Some("nope"), Duration::from_secs(1)).await.expect_err("unknown");
+        assert!(matches!(error, Error::NotFound { .. }), "{error:?}");
     }
 }

@@ -1,4 +1,7 @@
-//! [`CircuitBreaker`]: fail fast while the broker is dead or refusing.
+//! [`CircuitBreaker`]: fail fast while the broker is dead or failing.
+//!
+//! Admission refusals are not failures here: the broker is alive and paces
+//! its clients with a retry-after hint (see `retry`, rule 5).
 //!
 //! Without a breaker, every caller of a dead broker waits out its own
 //! deadline and retries, and calls pile up. The breaker watches outcomes and,
@@ -266,7 +269,7 @@ impl Permit<'_> {
     }
 
     /// The call failed in a way that says the broker is unhealthy
-    /// (unreachable, refusing, timing out).
+    /// (unreachable, unavailable, timing out).
     pub fn failure(mut self) {
         self.reported = true;
         self.breaker.record(self.generation, self.probe, Outcome::Failure);

@@ -10,7 +10,15 @@
 //!    also reads the `BALLAST_ADDR` environment variable).
 //! 2. Refusal: a publish the broker will not admit fails with
 //!    `RESOURCE_EXHAUSTED` and the ASCII metadata entry [`RETRY_AFTER_METADATA`]
-//!    holding a decimal number of milliseconds to wait before retrying.
+//!    holding a decimal number of milliseconds to wait before retrying, and
+//!    stores nothing. An admission refusal also carries the refused lane's
+//!    name ([`LANE_METADATA`]), the queue's depth, bytes and saturation
+//!    ([`DEPTH_METADATA`], [`BYTES_METADATA`], [`SATURATION_METADATA`]) and
+//!    the lane's threshold ([`THRESHOLD_METADATA`]); a refusal for a nearly
+//!    full disk adds [`DISK_FREE_BYTES_METADATA`]. Admission compares the
+//!    whole queue (every lane's messages and bytes) with the publishing
+//!    lane's fraction of `max_messages` and `max_bytes`; a batch that would
+//!    cross it is refused whole.
 //! 3. Retryable failures: `UNAVAILABLE`, `RESOURCE_EXHAUSTED`,
 //!    `DEADLINE_EXCEEDED`, `ABORTED`, and transport or connect failures (the
 //!    request may or may not have reached the broker). Never retried:
@@ -38,10 +46,15 @@
 //!    delivered again (at-least-once). When the client half-closes the request
 //!    stream, the broker applies the acks it has read and then ends the
 //!    response stream.
-//! 7. Receipts carry the message id and the duplicate flag today; the
-//!    saturation figures (depth, bytes, saturation, oldest age, drain
-//!    estimate) join them when the protocol grows them (issue 4), as does a
-//!    Stats RPC.
+//! 7. Saturation: every receipt carries the figures of the queue and of the
+//!    message's lane, taken right after the publish (a batch's receipts share
+//!    the figures taken after the whole batch). The Stats service returns the
+//!    same figures per queue and lane (`GetStats`; an empty queue name means
+//!    every queue) and pushes them (`Watch`) every `interval_ms` in
+//!    [`WATCH_INTERVAL_MIN`]`..=`[`WATCH_INTERVAL_MAX`], the first snapshot
+//!    at once; the watch ends with an error status when the queue is deleted
+//!    or the broker shuts down. A drain estimate is absent ("unknown") while
+//!    messages wait and nothing was acked recently.
 
 use std::time::Duration;
 
@@ -54,6 +67,35 @@ pub const ADDR_DEFAULT: &str = "http://127.0.0.1:7400";
 /// ASCII metadata key on a `RESOURCE_EXHAUSTED` status: how long to wait
 /// before retrying, in decimal milliseconds.
 pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
+
+/// ASCII metadata key on an admission refusal: the refused lane's name.
+pub const LANE_METADATA: &str = "ballast-lane";
+
+/// ASCII metadata key on an admission refusal: the queue's messages not yet
+/// acked, decimal.
+pub const DEPTH_METADATA: &str = "ballast-depth";
+
+/// ASCII metadata key on an admission refusal: the queue's bytes on disk,
+/// decimal.
+pub const BYTES_METADATA: &str = "ballast-bytes";
+
+/// ASCII metadata key on an admission refusal: the queue's saturation, a
+/// decimal fraction (`0.7000`).
+pub const SATURATION_METADATA: &str = "ballast-saturation";
+
+/// ASCII metadata key on an admission refusal: the refused lane's admission
+/// threshold, a decimal fraction.
+pub const THRESHOLD_METADATA: &str = "ballast-threshold";
+
+/// ASCII metadata key on a refusal for a nearly full disk: the free bytes,
+/// decimal.
+pub const DISK_FREE_BYTES_METADATA: &str = "ballast-disk-free-bytes";
+
+/// Shortest interval between stats snapshots the broker pushes.
+pub const WATCH_INTERVAL_MIN: Duration = Duration::from_millis(100);
+
+/// Longest interval between stats snapshots the broker pushes.
+pub const WATCH_INTERVAL_MAX: Duration = Duration::from_millis(60_000);
 
 /// Random bits in a generated idempotency key (rendered as 32 hex digits).
 pub const IDEMPOTENCY_KEY_BITS: u32 = 128;

@@ -3,7 +3,7 @@
 
 use std::{error::Error as _, fmt, time::Duration};
 
-use tonic::{Code, Status};
+use tonic::{Code, Status, metadata::MetadataMap};
 
 use crate::contract;
 
@@ -22,6 +22,7 @@ use crate::contract;
 /// let refused = Error::ResourceExhausted {
 ///     message: "queue payments is 95% full; lane low is refused above 70%".into(),
 ///     retry_after: Some(std::time::Duration::from_millis(250)),
+///     refusal: None,
 /// };
 /// assert!(refused.is_retryable());
 /// assert_eq!(refused.retry_after(), Some(std::time::Duration::from_millis(250)));
@@ -57,13 +58,16 @@ pub enum Error {
 
     /// The broker refused the work because a limit was hit: the queue is too
     /// full for the lane, or the disk is nearly full (`RESOURCE_EXHAUSTED`).
-    /// Slow down; retry no sooner than `retry_after`.
+    /// Slow down; retry no sooner than `retry_after`. Nothing was stored.
     #[error("refused by the broker: {message}{}", RetryAfter(*retry_after))]
     ResourceExhausted {
         /// The broker's explanation.
         message: String,
         /// The broker's hint (`retry-after-ms` metadata), if it sent one.
         retry_after: Option<Duration>,
+        /// The figures behind the refusal, when the broker sent any (an
+        /// admission refusal always does; see [`Refusal`]).
+        refusal: Option<Box<Refusal>>,
     },
 
     /// The broker answered that it cannot serve now, typically while it
@@ -205,6 +209,27 @@ impl Error {
         }
     }
 
+    /// The figures behind an admission refusal: which lane was refused, how
+    /// full the queue was and the lane's threshold, or the free disk space.
+    ///
+    /// ```
+    /// # fn example(error: &ballast_client::Error) {
+    /// if let Some(refusal) = error.refusal() {
+    ///     if refusal.is_disk_low() {
+    ///         eprintln!("the broker's disk is nearly full");
+    ///     } else if let (Some(lane), Some(saturation)) = (&refusal.lane, refusal.saturation) {
+    ///         eprintln!("lane {lane} refused: the queue is {:.0}% full", saturation * 100.0);
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            Error::ResourceExhausted { refusal, .. } => refusal.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The gRPC status code this error corresponds to, if it came from (or
     /// stands for) a gRPC status.
     pub fn code(&self) -> Option<Code> {
@@ -243,7 +268,11 @@ impl Error {
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument { message },
             Code::NotFound => Error::NotFound { message },
             Code::AlreadyExists => Error::AlreadyExists { message },
-            Code::ResourceExhausted => Error::ResourceExhausted { retry_after: retry_after(&status), message },
+            Code::ResourceExhausted => Error::ResourceExhausted {
+                retry_after: retry_after(&status),
+                refusal: Refusal::from_metadata(status.metadata()).map(Box::new),
+                message,
+            },
             Code::Unavailable => Error::Unavailable { message },
             Code::DeadlineExceeded => Error::DeadlineExceeded {
                 timeout: None,
@@ -265,6 +294,68 @@ impl Error {
 impl From<Status> for Error {
     fn from(status: Status) -> Error {
         Error::from_status(status)
+    }
+}
+
+/// The figures the broker attaches to an admission refusal
+/// ([`Error::ResourceExhausted`]), parsed from the status metadata (see
+/// [`contract`] rule 2). Each is `None` when the broker did not send it or
+/// sent something unreadable.
+///
+/// `depth`, `bytes` and `saturation` are the *queue's* figures (all lanes
+/// together) when it refused: admission compares them with the refused
+/// lane's `threshold`. A refusal for a nearly full disk also carries
+/// `disk_free_bytes`.
+///
+/// ```
+/// use ballast_client::Refusal;
+///
+/// let mut refusal = Refusal::default();
+/// refusal.lane = Some("low".into());
+/// refusal.saturation = Some(0.7);
+/// refusal.threshold = Some(0.7);
+/// assert!(!refusal.is_disk_low());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Refusal {
+    /// Name of the refused lane (`ballast-lane`).
+    pub lane: Option<String>,
+    /// Messages in the queue not yet acked (`ballast-depth`).
+    pub depth: Option<u64>,
+    /// Bytes the queue holds on disk (`ballast-bytes`).
+    pub bytes: Option<u64>,
+    /// The queue's saturation, 0..1 (`ballast-saturation`).
+    pub saturation: Option<f64>,
+    /// The refused lane's admission threshold, 0..1 (`ballast-threshold`).
+    pub threshold: Option<f64>,
+    /// Free bytes on the broker's disk, sent when the disk is nearly full
+    /// (`ballast-disk-free-bytes`).
+    pub disk_free_bytes: Option<u64>,
+}
+
+impl Refusal {
+    /// Whether the broker refused because its disk is nearly full (rather
+    /// than because the queue is too full for the lane). Publishing to a
+    /// higher lane does not help then.
+    pub fn is_disk_low(&self) -> bool {
+        self.disk_free_bytes.is_some()
+    }
+
+    /// The figures in `metadata`; `None` when it holds none of them.
+    fn from_metadata(metadata: &MetadataMap) -> Option<Refusal> {
+        let text = |key: &str| Some(metadata.get(key)?.to_str().ok()?.trim().to_owned());
+        let number = |key: &str| text(key)?.parse::<u64>().ok();
+        let fraction = |key: &str| text(key)?.parse::<f64>().ok().filter(|value| value.is_finite());
+        let refusal = Refusal {
+            lane: text(contract::LANE_METADATA),
+            depth: number(contract::DEPTH_METADATA),
+            bytes: number(contract::BYTES_METADATA),
+            saturation: fraction(contract::SATURATION_METADATA),
+            threshold: fraction(contract::THRESHOLD_METADATA),
+            disk_free_bytes: number(contract::DISK_FREE_BYTES_METADATA),
+        };
+        (refusal != Refusal::default()).then_some(refusal)
     }
 }
 
@@ -343,9 +434,47 @@ mod tests {
         assert_eq!(error.retry_after(), Some(Duration::from_millis(1500)));
         assert_eq!(error.to_string(), "refused by the broker: queue full (retry after 1500ms)");
 
+        assert_eq!(error.refusal(), None, "no figures sent, none invented");
+
         let mut garbled = Status::resource_exhausted("queue full");
         garbled.metadata_mut().insert(contract::RETRY_AFTER_METADATA, MetadataValue::from_static("soon"));
         assert_eq!(Error::from_status(garbled).retry_after(), None);
+    }
+
+    /// An admission refusal's figures are parsed from the broker's metadata;
+    /// unreadable values are dropped one by one, not the whole refusal.
+    #[test]
+    fn resource_exhausted_reads_figures() {
+        let mut status = Status::resource_exhausted("queue emails is 70% full");
+        let metadata = status.metadata_mut();
+        for (key, value) in [
+            (contract::RETRY_AFTER_METADATA, "1000"),
+            (contract::LANE_METADATA, "low"),
+            (contract::DEPTH_METADATA, "35"),
+            (contract::BYTES_METADATA, "4096"),
+            (contract::SATURATION_METADATA, "0.7000"),
+            (contract::THRESHOLD_METADATA, "0.7000"),
+        ] {
+            metadata.insert(key, MetadataValue::from_static(value));
+        }
+        let error = Error::from_status(status);
+        let refusal = error.refusal().expect("figures");
+        assert_eq!(refusal.lane.as_deref(), Some("low"));
+        assert_eq!((refusal.depth, refusal.bytes), (Some(35), Some(4096)));
+        assert_eq!((refusal.saturation, refusal.threshold), (Some(0.7), Some(0.7)));
+        assert!(!refusal.is_disk_low());
+        assert_eq!(error.retry_after(), Some(Duration::from_millis(1000)));
+
+        let mut disk = Status::resource_exhausted("disk nearly full");
+        disk.metadata_mut().insert(contract::DISK_FREE_BYTES_METADATA, MetadataValue::from_static("1024"));
+        disk.metadata_mut().insert(contract::SATURATION_METADATA, MetadataValue::from_static("NaN"));
+        disk.metadata_mut().insert(contract::DEPTH_METADATA, MetadataValue::from_static("-1"));
+        let error = Error::from_status(disk);
+        let refusal = error.refusal().expect("figures");
+        assert!(refusal.is_disk_low());
+        assert_eq!(refusal.disk_free_bytes, Some(1024));
+        assert_eq!((refusal.saturation, refusal.depth), (None, None), "unreadable values are dropped");
+        assert_eq!(Error::NotFound { message: String::new() }.refusal(), None);
     }
 
     /// Broker answers map by code; the contract's non-retryable codes stay so.

@@ -16,6 +16,7 @@ use std::{
 use ballast_proto::v1::{
     self as proto, admin_server::AdminServer, consume_request::Kind as RequestKind,
     consume_response::Kind as ResponseKind, consumer_server::ConsumerServer, publisher_server::PublisherServer,
+    stats_server::StatsServer,
 };
 use tokio::{
     sync::{Notify, mpsc, oneshot, watch},
@@ -44,7 +45,8 @@ impl FakeServer {
         let router = tonic::transport::Server::builder()
             .add_service(PublisherServer::from_arc(state.clone()))
             .add_service(ConsumerServer::new(ConsumerService(state.clone())))
-            .add_service(AdminServer::from_arc(state.clone()));
+            .add_service(AdminServer::from_arc(state.clone()))
+            .add_service(StatsServer::new(StatsService(state.clone())));
         let task = tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
@@ -134,6 +136,12 @@ pub(crate) struct State {
     pub(crate) window_max: u64,
     /// Queues that exist for Subscribe and Admin.
     pub(crate) queues: Vec<String>,
+    // Stats.
+    /// Interval of every Watch call, in ms.
+    pub(crate) watches: Vec<u64>,
+    /// Snapshots a Watch sends before it ends with UNAVAILABLE (as a broker
+    /// shutting down does); `None` sends until the client leaves.
+    pub(crate) watch_snapshots: Option<usize>,
 }
 
 /// One consume session as the fake saw it.
@@ -177,14 +185,48 @@ impl Fake {
     fn store(&self, message: proto::Message) -> proto::Receipt {
         let mut state = self.lock();
         if let Some(id) = state.dedupe.get(&message.idempotency_key) {
-            return proto::Receipt { id: Some(*id), duplicate: true, ..proto::Receipt::default() };
+            return state.receipt(*id, true);
         }
         let id = proto::MessageId { lane: message.lane.unwrap_or(1), offset: state.stored.len() as u64 };
         if !message.idempotency_key.is_empty() {
             state.dedupe.insert(message.idempotency_key.clone(), id);
         }
         state.stored.push(Stored { id, message });
-        proto::Receipt { id: Some(id), duplicate: false, ..proto::Receipt::default() }
+        state.receipt(id, false)
+    }
+
+    /// The fake's stats: every known queue (or `queue`), its depth the
+    /// number of stored messages.
+    fn stats(&self, queue: &str) -> Result<proto::StatsResponse, Status> {
+        let state = self.lock();
+        let mut names: Vec<&String> = state.queues.iter().filter(|name| queue.is_empty() || *name == queue).collect();
+        if names.is_empty() && !queue.is_empty() {
+            return Err(Status::not_found(format!("queue {queue} does not exist")));
+        }
+        names.sort();
+        let depth = state.stored.len() as u64;
+        let queues = names
+            .into_iter()
+            .map(|name| proto::QueueStats {
+                name: name.clone(),
+                saturation: Some(FAKE_LIMIT.figures(depth)),
+                lanes: ["high", "normal", "low"]
+                    .iter()
+                    .zip([1.0, 0.9, 0.7])
+                    .enumerate()
+                    .map(|(index, (lane, admission))| proto::LaneStats {
+                        name: (*lane).to_owned(),
+                        saturation: Some(FAKE_LIMIT.figures(state.lane_depth(index as u32))),
+                        admission,
+                        in_flight: 0,
+                    })
+                    .collect(),
+                max_messages: FAKE_LIMIT.0,
+                max_bytes: 1 << 30,
+                ..proto::QueueStats::default()
+            })
+            .collect();
+        Ok(proto::StatsResponse { at_ms: now_ms(), queues, disk_free_bytes: 1 << 40, disk_free_min_bytes: 1 << 29 })
     }
 
     /// Records a publish call and takes the next fault, if any.
@@ -211,6 +253,48 @@ impl Fake {
             Some(Fault::StoreThenHang) => std::future::pending().await,
         }
     }
+}
+
+impl State {
+    fn lane_depth(&self, lane: u32) -> u64 {
+        self.stored.iter().filter(|stored| stored.id.lane == lane).count() as u64
+    }
+
+    fn receipt(&self, id: proto::MessageId, duplicate: bool) -> proto::Receipt {
+        proto::Receipt {
+            id: Some(id),
+            duplicate,
+            queue: Some(FAKE_LIMIT.figures(self.stored.len() as u64)),
+            lane: Some(FAKE_LIMIT.figures(self.lane_depth(id.lane))),
+        }
+    }
+}
+
+/// The fake's `max_messages` for every queue.
+pub(crate) const FAKE_LIMIT: FakeLimit = FakeLimit(100);
+
+/// Figures at a depth against a message limit: 100 bytes a message, no
+/// consumer (so the drain estimate is unknown unless the queue is empty).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FakeLimit(pub(crate) u64);
+
+impl FakeLimit {
+    pub(crate) fn figures(self, depth: u64) -> proto::Saturation {
+        proto::Saturation {
+            depth,
+            bytes: depth * 100,
+            saturation: depth as f64 / self.0 as f64,
+            oldest_age_ms: if depth == 0 { 0 } else { 250 },
+            drain_estimate_ms: (depth == 0).then_some(0),
+            ack_rate: 0.0,
+            publish_rate: 0.0,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    u64::try_from(since_epoch.as_millis()).expect("fits until year 584556019")
 }
 
 /// A RESOURCE_EXHAUSTED status with the contract's retry-after metadata.
@@ -501,6 +585,49 @@ impl proto::admin_server::Admin for Fake {
         let purged = state.ready.len() as u64;
         state.ready.clear();
         Ok(Response::new(proto::PurgeQueueResponse { purged }))
+    }
+}
+
+/// The stats side of the fake (a newtype: watch tasks need the `Arc`).
+struct StatsService(Arc<Fake>);
+
+#[tonic::async_trait]
+impl proto::stats_server::Stats for StatsService {
+    async fn get_stats(&self, request: Request<proto::StatsRequest>) -> Result<Response<proto::StatsResponse>, Status> {
+        self.0.stats(&request.into_inner().queue).map(Response::new)
+    }
+
+    type WatchStream = ReceiverStream<Result<proto::StatsResponse, Status>>;
+
+    /// The broker's shape: the first snapshot at once, then one per
+    /// interval; ends with UNAVAILABLE after `watch_snapshots` if set.
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let limit = {
+            let mut state = self.0.lock();
+            state.watches.push(request.interval_ms);
+            state.watch_snapshots
+        };
+        let first = self.0.stats(&request.queue)?;
+        let (outgoing, receiver) = mpsc::channel(1);
+        let fake = self.0.clone();
+        tokio::spawn(async move {
+            let mut next = Ok(first);
+            let mut sent = 0;
+            loop {
+                if limit == Some(sent) {
+                    let _ = outgoing.send(Err(Status::unavailable("broker shutting down"))).await;
+                    return;
+                }
+                if outgoing.send(next).await.is_err() {
+                    return;
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(request.interval_ms)).await;
+                next = fake.stats(&request.queue);
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
 

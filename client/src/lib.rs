@@ -7,14 +7,24 @@
 //!   bounded by a deadline, retried with exponential backoff and full jitter
 //!   (never sooner than the broker's retry-after hint), each logical message
 //!   carrying one idempotency key across all its retries so a retry is never
-//!   stored twice, and a circuit breaker per queue so a dead or refusing
-//!   broker fails calls fast.
+//!   stored twice, and a circuit breaker per queue so a dead or failing
+//!   broker fails calls fast (a refusing broker is alive: its retry-after
+//!   hint paces the retries instead).
 //! - [`Consumer`] runs a handler for every delivery with a credit window and a
 //!   concurrency limit, acks on success, nacks with a delay on failure,
 //!   reconnects after a broker restart, and stops gracefully.
-//! - [`Admin`] creates, inspects, lists, purges and deletes queues.
+//! - [`Admin`] creates, inspects, lists, purges and deletes queues, and reads
+//!   their saturation figures once ([`Admin::stats`]) or as a stream
+//!   ([`Admin::watch_stats`]).
 //!
 //! Every failure is an [`Error`], which says whether a retry can help.
+//!
+//! Saturation is a first-class signal: every [`Receipt`] carries how full
+//! the queue and the message's lane were right after the publish
+//! ([`Saturation`]: depth, bytes, fraction of the limits, oldest age, drain
+//! estimate, rates), so a producer can slow down before the broker refuses;
+//! and a refusal ([`Error::ResourceExhausted`]) carries the retry-after hint
+//! and the figures behind it ([`Refusal`]).
 //!
 //! ```no_run
 //! use ballast_client::{Client, ConsumerConfig, Delivery, Message, ProducerConfig, QueueSettings};
@@ -44,9 +54,11 @@
 //! - [`contract`]: what the client assumes of the broker beyond the proto
 //!   (default address, retry-after, retryable codes, credit rules), in one
 //!   place.
-//! - `error`: [`Error`].
+//! - `error`: [`Error`], [`Refusal`].
 //! - `client`: [`Client`], [`ClientConfig`].
 //! - `message`: [`Message`], [`Receipt`], [`MessageId`], idempotency keys.
+//! - `stats`: [`Saturation`], [`BrokerStats`], [`QueueStats`], [`LaneStats`],
+//!   [`StatsWatch`].
 //! - `producer`: [`Producer`], [`ProducerConfig`], [`PendingReceipt`].
 //! - `consumer`: [`Consumer`], [`ConsumerConfig`], [`Delivery`],
 //!   [`NackPolicy`], [`ConsumerHandle`], [`Stopper`].
@@ -78,9 +90,15 @@ mod message;
 mod producer;
 mod queue;
 mod retry;
+mod stats;
 
 #[cfg(test)]
 mod fake;
+
+/// The README's Rust examples, compiled as doc tests so the tour cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
 
 pub use admin::{Admin, AdminConfig};
 pub use backoff::{Backoff, RetryPolicy};
@@ -88,7 +106,8 @@ pub use breaker::{BreakerConfig, BreakerRefusal, BreakerState, CircuitBreaker, P
 pub use client::{Client, ClientConfig};
 pub use clock::{Clock, SystemClock};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerHandle, ConsumerStats, Delivery, NackPolicy, Stopper};
-pub use error::Error;
+pub use error::{Error, Refusal};
 pub use message::{Message, MessageId, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};
 pub use queue::{QueueInfo, QueueSettings, SyncPolicy};
+pub use stats::{BrokerStats, LaneStats, QueueStats, Saturation, StatsWatch};

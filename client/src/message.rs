@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 use ballast_proto::v1 as proto;
 use bytes::Bytes;
 
-use crate::{Error, contract};
+use crate::{Error, Saturation, contract};
 
 /// A message to publish: payload, headers, lane, delay and idempotency key.
 ///
@@ -201,14 +201,43 @@ impl From<proto::MessageId> for MessageId {
 }
 
 /// The broker's answer to a publish: the message is durable under the
-/// queue's sync policy.
+/// queue's sync policy, and how full the queue was right after.
 ///
-/// The saturation figures (queue depth, bytes, saturation, age of the oldest
-/// message, drain estimate) will join this type when the protocol carries
-/// them (issue 4); it is `#[non_exhaustive]` so adding them is not a breaking
-/// change. Until then, watch for [`Error::ResourceExhausted`] and its
-/// retry-after hint to slow down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The saturation figures are the signal to slow down on *before* the broker
+/// starts refusing. Admission compares the queue as a whole
+/// ([`Receipt::queue_saturation`]) with the publishing lane's threshold
+/// (by default 1.0, 0.9 and 0.7 for high, normal and low; see
+/// [`QueueSettings::lane_admission`](crate::QueueSettings::lane_admission)),
+/// so a producer of low-priority work can ease off as the queue nears 70%:
+///
+/// ```no_run
+/// # async fn example(producer: &ballast_client::Producer) -> Result<(), ballast_client::Error> {
+/// use std::time::Duration;
+/// use ballast_client::Message;
+///
+/// // The low lane's admission threshold (QueueInfo::settings.lane_admission).
+/// let threshold = 0.7;
+/// for n in 0..10_000 {
+///     let receipt = producer.publish("reports", Message::new(format!("report {n}")).with_lane(2)).await?;
+///     let Some(queue) = receipt.queue_saturation else { continue };
+///     // Past half the threshold, pause in proportion to how close the queue
+///     // is to refusing us: up to a tenth of the time consumers need to
+///     // drain it (or a second when nothing is consuming).
+///     let pressure = (queue.saturation / threshold - 0.5).clamp(0.0, 0.5) * 2.0;
+///     if pressure > 0.0 {
+///         let drain = queue.drain_estimate.unwrap_or(Duration::from_secs(10));
+///         tokio::time::sleep(drain.min(Duration::from_secs(10)).mul_f64(pressure / 10.0)).await;
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Once the broker refuses, the producer retries no sooner than its
+/// retry-after hint, and a publish whose retries run out fails with
+/// [`Error::ResourceExhausted`] carrying the hint and the figures
+/// ([`Error::refusal`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct Receipt {
     /// Where the message is stored; for a duplicate, the original's id.
@@ -216,6 +245,13 @@ pub struct Receipt {
     /// True when the idempotency key had been seen within the queue's dedupe
     /// window: nothing new was stored.
     pub duplicate: bool,
+    /// The queue's figures (all lanes) right after the publish. A batch's
+    /// receipts share the figures taken after the whole batch. `None` only
+    /// from a broker that does not send figures.
+    pub queue_saturation: Option<Saturation>,
+    /// The same for the lane the message went to (`id.lane`), measured
+    /// against the queue's limits.
+    pub lane_saturation: Option<Saturation>,
 }
 
 impl TryFrom<proto::Receipt> for Receipt {
@@ -223,7 +259,12 @@ impl TryFrom<proto::Receipt> for Receipt {
 
     fn try_from(receipt: proto::Receipt) -> Result<Receipt, Error> {
         let id = receipt.id.ok_or_else(|| Error::Protocol { message: "receipt without a message id".into() })?;
-        Ok(Receipt { id: id.into(), duplicate: receipt.duplicate })
+        Ok(Receipt {
+            id: id.into(),
+            duplicate: receipt.duplicate,
+            queue_saturation: receipt.queue.map(Saturation::from_proto),
+            lane_saturation: receipt.lane.map(Saturation::from_proto),
+        })
     }
 }
 

@@ -73,8 +73,13 @@ impl std::str::FromStr for SyncPolicy {
 /// settings.max_attempts = Some(10);
 /// settings.lease_timeout = Some(Duration::from_secs(60));
 /// settings.sync_policy = Some(SyncPolicy::Fsync);
+/// // Refuse work beyond 50 000 messages or 256 MiB; the bulk lane only up
+/// // to half of that, so it is shed first.
+/// settings.max_messages = Some(50_000);
+/// settings.max_bytes = Some(256 << 20);
+/// settings.lane_admission = vec![1.0, 0.5];
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct QueueSettings {
     /// Lane names, highest priority first (1..=8 lanes). (default: high, normal, low)
@@ -102,6 +107,21 @@ pub struct QueueSettings {
     pub sync_policy: Option<SyncPolicy>,
     /// Sync interval for [`SyncPolicy::Interval`]. (default: 100 ms)
     pub sync_interval: Option<Duration>,
+    /// Admission limit: messages not yet acked (in-flight included), all
+    /// lanes together. (default: 1 000 000)
+    pub max_messages: Option<u64>,
+    /// Admission limit: bytes the queue holds on disk, all lanes together;
+    /// acked records count until their segment file is removed. At least
+    /// 64 KiB. (default: 1 GiB)
+    pub max_bytes: Option<u64>,
+    /// Per lane, same order as `lanes`: the fraction of `max_messages` and
+    /// `max_bytes`, in (0, 1], up to which the lane's publishes are admitted.
+    /// A publish that would take the queue past its lane's fraction is
+    /// refused with [`Error::ResourceExhausted`](crate::Error::ResourceExhausted),
+    /// so lower lanes with lower fractions are shed first.
+    /// (default: 1.0, 0.9, 0.7; in general 1.0 for the first lane down to
+    /// 0.7 for the last)
+    pub lane_admission: Vec<f64>,
 }
 
 impl QueueSettings {
@@ -118,8 +138,9 @@ impl QueueSettings {
             message_size_max: self.message_size_max,
             sync_policy: SyncPolicy::to_proto(self.sync_policy).into(),
             sync_interval_ms: self.sync_interval.map(millis),
-            // Fields the protocol gains later keep the broker's defaults.
-            ..proto::QueueSettings::default()
+            max_messages: self.max_messages,
+            max_bytes: self.max_bytes,
+            lane_admission: self.lane_admission,
         }
     }
 
@@ -136,6 +157,9 @@ impl QueueSettings {
             message_size_max: settings.message_size_max,
             sync_policy: SyncPolicy::from_proto(settings.sync_policy),
             sync_interval: settings.sync_interval_ms.map(Duration::from_millis),
+            max_messages: settings.max_messages,
+            max_bytes: settings.max_bytes,
+            lane_admission: settings.lane_admission,
         }
     }
 
@@ -155,7 +179,7 @@ impl QueueSettings {
 
 /// A queue as the broker reports it: settings with every default resolved,
 /// and its counts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct QueueInfo {
     /// The queue's name.
@@ -215,6 +239,9 @@ mod tests {
             message_size_max: Some(4096),
             sync_policy: Some(SyncPolicy::Interval),
             sync_interval: Some(Duration::from_millis(50)),
+            max_messages: Some(50),
+            max_bytes: Some(1 << 20),
+            lane_admission: vec![1.0, 0.5],
         };
         assert_eq!(QueueSettings::from_proto(full.clone().into_proto()), full);
         let empty = QueueSettings::default();

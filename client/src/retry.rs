@@ -10,9 +10,13 @@
 //! 3. Run the attempt, bounded by `min(deadline, now + attempt_timeout)`.
 //! 4. Success ends the call. A non-retryable error ends it too and says
 //!    nothing to the breaker (the broker is healthy; the request was wrong).
-//! 5. A retryable error counts as a breaker failure. If attempts remain and
-//!    the backoff delay (never shorter than a retry-after hint) ends before the
-//!    deadline, sleep and go again; otherwise return that error.
+//! 5. A refusal (`RESOURCE_EXHAUSTED`) counts as a breaker success: the
+//!    broker is alive and paces the client with its retry-after hint, and a
+//!    breaker opened by a full low lane would fail the queue's other lanes
+//!    too. Any other retryable error counts as a breaker failure. If attempts
+//!    remain and the backoff delay (never shorter than a retry-after hint)
+//!    ends before the deadline, sleep and go again; otherwise return that
+//!    error.
 //!
 //! The caller makes each attempt send the same request: a publish reuses its
 //! idempotency keys, so a retry after a lost answer is stored once.
@@ -80,11 +84,21 @@ impl Retrier {
                 }
                 Err(_elapsed) => Error::DeadlineExceeded { timeout: Some(self.attempt_timeout), last_error: None },
             };
+            if let Some(permit) = permit {
+                match &error {
+                    // A refusal is admission control answering: the broker
+                    // is alive and has said when to come back, which the
+                    // delay below honours. As a failure it would open the
+                    // queue's breaker over a full low lane and fail the
+                    // high-lane publishes the broker still admits.
+                    Error::ResourceExhausted { .. } => permit.success(),
+                    error if error.is_retryable() => permit.failure(),
+                    // Dropped: the request was wrong, the broker is fine.
+                    _ => drop(permit),
+                }
+            }
             if !error.is_retryable() {
                 return Err(error);
-            }
-            if let Some(permit) = permit {
-                permit.failure();
             }
             retry += 1;
             if retry >= self.policy.attempts_max {
@@ -189,7 +203,7 @@ mod tests {
                 let first = times.len() == 1;
                 async move {
                     if first {
-                        Err(Error::ResourceExhausted { message: "full".into(), retry_after: Some(hint) })
+                        Err(Error::ResourceExhausted { message: "full".into(), retry_after: Some(hint), refusal: None })
                     } else {
                         Ok(())
                     }
@@ -213,6 +227,7 @@ mod tests {
                 Err::<(), _>(Error::ResourceExhausted {
                     message: "full".into(),
                     retry_after: Some(Duration::from_secs(5)),
+                    refusal: None,
                 })
             })
             .await
@@ -262,5 +277,29 @@ mod tests {
                 .await;
         }
         assert_eq!(breaker.state(), BreakerState::Closed, "caller mistakes are not broker failures");
+    }
+
+    /// Refusals never open the breaker, however many: the caller gets the
+    /// refusal (with its hint and figures), not CircuitOpen.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_do_not_open_the_breaker() {
+        let config = BreakerConfig { failure_threshold: 2, ..BreakerConfig::default() };
+        let breaker = CircuitBreaker::with_clock(config, Arc::new(ManualClock::new()));
+        let calls = AtomicU32::new(0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let error = retrier(5)
+            .run(deadline, Duration::from_secs(30), Some(&breaker), || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(Error::ResourceExhausted {
+                    message: "full".into(),
+                    retry_after: Some(Duration::from_millis(100)),
+                    refusal: None,
+                })
+            })
+            .await
+            .expect_err("refused every time");
+        assert!(matches!(error, Error::ResourceExhausted { .. }), "{error:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 5, "every attempt reached the broker");
+        assert_eq!(breaker.state(), BreakerState::Closed);
     }
 }

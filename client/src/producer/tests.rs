@@ -100,6 +100,47 @@ async fn retry_after_is_honoured() {
     assert!(waited >= Duration::from_millis(300), "retried after {waited:?}");
 }
 
+/// Receipts carry the queue's and the lane's figures, batched or not.
+#[tokio::test]
+async fn receipts_carry_saturation() {
+    let server = FakeServer::start().await;
+    let producer = server.client().producer(config()).expect("valid config");
+    let results = producer.publish_all("orders", (0..4).map(|i| Message::new(format!("m{i}")).with_lane(i % 2))).await;
+    let receipts: Vec<Receipt> = results.into_iter().collect::<Result<_, _>>().expect("stored");
+    let last = receipts.last().expect("four receipts");
+    let queue = last.queue_saturation.expect("queue figures");
+    let lane = last.lane_saturation.expect("lane figures");
+    assert_eq!(queue.depth, 4);
+    assert_eq!(lane.depth, 2, "lane 1 holds m1 and m3");
+    assert_eq!(queue.saturation, 4.0 / crate::fake::FAKE_LIMIT.0 as f64);
+    assert_eq!(queue.oldest_age, Duration::from_millis(250));
+    assert_eq!(queue.drain_estimate, None, "nothing consumes: unknown");
+}
+
+/// When the refusals outlast the attempts, the caller gets the refusal with
+/// the broker's hint and figures; refusals leave the queue's breaker closed.
+#[tokio::test]
+async fn refusal_figures_reach_the_caller() {
+    let server = FakeServer::start().await;
+    let mut status = refused(Duration::from_millis(5));
+    for (key, value) in [(contract::LANE_METADATA, "low"), (contract::DEPTH_METADATA, "70")] {
+        status.metadata_mut().insert(key, value.parse().expect("ASCII"));
+    }
+    for _ in 0..2 {
+        server.state.fault(Fault::Refuse(status.clone()));
+    }
+    let producer = server
+        .client()
+        .producer(ProducerConfig { retry: RetryPolicy { attempts_max: 2, ..config().retry }, ..config() })
+        .expect("valid config");
+    let error = producer.publish("orders", Message::new("x").with_lane(2)).await.expect_err("refused twice");
+    assert_eq!(error.retry_after(), Some(Duration::from_millis(5)));
+    let refusal = error.refusal().expect("figures");
+    assert_eq!((refusal.lane.as_deref(), refusal.depth), (Some("low"), Some(70)));
+    assert!(server.state.lock().stored.is_empty());
+    assert_eq!(producer.breaker_state("orders"), BreakerState::Closed);
+}
+
 /// Messages published together are sent as batches of at most
 /// `batch_count_max`; the remainder goes out after the linger.
 #[tokio::test]

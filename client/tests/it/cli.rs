@@ -1,8 +1,10 @@
 //! The `ballast` binary against the real broker: output and exit codes.
 
 use std::{
-    io::Write,
-    process::{Command, Output, Stdio},
+    io::{BufRead, BufReader, Read, Write},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::mpsc,
+    time::Duration,
 };
 
 use crate::support::Broker;
@@ -83,19 +85,202 @@ fn queue_publish_consume() {
     assert_eq!(code(&deleted), 0, "{deleted:?}");
 }
 
-/// Stats is not available until the broker has the RPC: a clear message and
-/// exit code 1. A bad queue name is a usage error (2).
+/// A bad queue name is a usage error (2), as is an unknown flag.
 #[test]
-fn stats_and_usage_errors() {
+fn usage_errors() {
     let broker = Broker::start();
     let url = broker.url();
-    let stats = ballast(&url, &["stats"], None);
-    assert_eq!(code(&stats), 1);
-    assert!(String::from_utf8_lossy(&stats.stderr).contains("not available"), "{stats:?}");
     let bad = ballast(&url, &["queue", "get", "Bad Name"], None);
     assert_eq!(code(&bad), 2, "{bad:?}");
     let unknown_flag = ballast(&url, &["queue", "list", "--frobnicate"], None);
     assert_eq!(code(&unknown_flag), 2);
+    let bad_stats = ballast(&url, &["stats", "Bad Name"], None);
+    assert_eq!(code(&bad_stats), 2, "{bad_stats:?}");
+    let fast_top = ballast(&url, &["top", "--interval-ms", "50"], None);
+    assert_eq!(code(&fast_top), 2, "the broker's interval floor is 100 ms: {fast_top:?}");
+}
+
+/// Admission through the CLI: a queue created with --max-messages refuses
+/// the low lane at 70% (exit 5, the broker's explanation on stderr) while
+/// the high lane is admitted; `stats --json` reports the figures, and the
+/// human table shows the queue and its lanes.
+#[test]
+fn stats_after_a_refusal() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let created = ballast(&url, &["queue", "create", "emails", "--max-messages", "10", "--json"], None);
+    assert_eq!(code(&created), 0, "{created:?}");
+    let info: serde_json::Value = serde_json::from_str(stdout(&created).trim()).expect("json");
+    assert_eq!(info["settings"]["max_messages"], 10);
+    assert_eq!(info["settings"]["lane_admission"], serde_json::json!([1.0, 0.9, 0.7]));
+
+    let messages: Vec<String> = (0..7).map(|i| format!("m{i}")).collect();
+    let mut args = vec!["publish", "emails", "--lane", "low", "--json"];
+    args.extend(messages.iter().map(String::as_str));
+    let published = ballast(&url, &args, None);
+    assert_eq!(code(&published), 0, "{published:?}");
+    let last: serde_json::Value =
+        serde_json::from_str(stdout(&published).lines().last().expect("receipts")).expect("json");
+    assert_eq!(last["queue_saturation"]["depth"], 7, "receipts carry the figures: {last}");
+    assert_eq!(last["lane_saturation"]["depth"], 7);
+
+    let refused = ballast(&url, &["--timeout-ms", "500", "publish", "emails", "--lane", "low", "one too many"], None);
+    assert_eq!(code(&refused), 5, "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("lane low"), "{refused:?}");
+    let urgent = ballast(&url, &["publish", "emails", "--lane", "high", "urgent"], None);
+    assert_eq!(code(&urgent), 0, "the high lane is admitted up to 100%: {urgent:?}");
+
+    let stats = ballast(&url, &["stats", "emails", "--json"], None);
+    assert_eq!(code(&stats), 0, "{stats:?}");
+    let text = stdout(&stats);
+    assert_eq!(text.lines().count(), 1, "one object: {text}");
+    let stats: serde_json::Value = serde_json::from_str(text.trim()).expect("json");
+    assert!(stats["disk_free_bytes"].as_u64().is_some_and(|free| free > 0), "{stats}");
+    let queues = stats["queues"].as_array().expect("queues");
+    assert_eq!(queues.len(), 1, "{stats}");
+    let emails = &queues[0];
+    assert_eq!(emails["name"], "emails");
+    assert_eq!(emails["depth"], 8);
+    assert_eq!(emails["max_messages"], 10);
+    assert!((emails["saturation"].as_f64().expect("a number") - 0.8).abs() < 1e-9, "{emails}");
+    assert!(emails["refused_queue_full"].as_u64().is_some_and(|refused| refused >= 1), "{emails}");
+    assert!(emails["drain_estimate_ms"].is_null(), "nothing consumes: unknown: {emails}");
+    let lanes = emails["lanes"].as_array().expect("lanes");
+    let depths: Vec<_> = lanes.iter().map(|lane| (lane["name"].clone(), lane["depth"].clone())).collect();
+    assert_eq!(depths, [("high".into(), 1.into()), ("normal".into(), 0.into()), ("low".into(), 7.into())]);
+    assert_eq!(lanes[2]["admission"], 0.7);
+
+    let table = ballast(&url, &["stats"], None);
+    assert_eq!(code(&table), 0, "{table:?}");
+    let text = stdout(&table);
+    let row = |name: &str| text.lines().find(|line| line.split_whitespace().next() == Some(name)).map(str::to_owned);
+    let emails = row("emails").unwrap_or_else(|| panic!("a row for emails: {text}"));
+    assert_eq!(emails.split_whitespace().nth(1), Some("8"), "{text}");
+    assert!(emails.contains("80.0%"), "{text}");
+    assert!(row("emails.dead").is_some(), "every queue: {text}");
+    let low = text.lines().find(|line| line.starts_with("  low")).expect("lane rows");
+    assert!(low.contains("70%"), "the lane's admission threshold: {text}");
+    assert!(text.contains("disk free"), "{text}");
+
+    let missing = ballast(&url, &["stats", "nope"], None);
+    assert_eq!(code(&missing), 3, "{missing:?}");
+}
+
+/// `ballast top --iterations 2` shows two updates and exits 0; piped, it
+/// writes no escape codes. With --json it prints one object per update.
+#[test]
+fn top_iterations() {
+    let broker = Broker::start();
+    let url = broker.url();
+    assert_eq!(code(&ballast(&url, &["queue", "create", "emails"], None)), 0);
+    let top = ballast(&url, &["top", "--iterations", "2", "--interval-ms", "100", "emails"], None);
+    assert_eq!(code(&top), 0, "{top:?}");
+    let text = stdout(&top);
+    assert_eq!(text.lines().filter(|line| line.starts_with("ballast top")).count(), 2, "{text}");
+    assert_eq!(text.lines().filter(|line| line.starts_with("emails ")).count(), 2, "{text}");
+    assert!(!text.contains('\x1b'), "no escape codes into a pipe: {text:?}");
+
+    let once = ballast(&url, &["top", "--once", "--json"], None);
+    assert_eq!(code(&once), 0, "{once:?}");
+    let json = ballast(&url, &["top", "--iterations", "2", "--interval-ms", "100", "--json"], None);
+    assert_eq!(code(&json), 0, "{json:?}");
+    let updates: Vec<serde_json::Value> =
+        stdout(&json).lines().map(|line| serde_json::from_str(line).expect("a JSON line per update")).collect();
+    assert_eq!(updates.len(), 2);
+    let at = |update: &serde_json::Value| update["at_ms"].as_u64().expect("at_ms");
+    assert!(at(&updates[1]) >= at(&updates[0]) + 90, "one update per interval: {updates:?}");
+
+    let missing = ballast(&url, &["top", "--once", "nope"], None);
+    assert_eq!(code(&missing), 3, "{missing:?}");
+}
+
+/// A running `ballast top` exits 0 on Ctrl-C (SIGINT), and with the error's
+/// code when the broker ends the stream (here: the queue is deleted, 3).
+#[test]
+fn top_exits_on_ctrl_c_and_when_the_stream_ends() {
+    let broker = Broker::start();
+    let url = broker.url();
+    assert_eq!(code(&ballast(&url, &["queue", "create", "emails"], None)), 0);
+
+    let top = Top::spawn(&url, &["top", "--interval-ms", "100", "emails"]);
+    top.wait_for_update();
+    let status = Command::new("kill").args(["-INT", &top.id().to_string()]).status().expect("run kill");
+    assert!(status.success());
+    let (status, stderr) = top.wait();
+    assert_eq!(status.code(), Some(0), "Ctrl-C is a clean exit: {status:?} {stderr}");
+
+    let top = Top::spawn(&url, &["top", "--interval-ms", "100", "emails"]);
+    top.wait_for_update();
+    assert_eq!(code(&ballast(&url, &["queue", "delete", "emails"], None)), 0);
+    let (status, stderr) = top.wait();
+    assert_eq!(status.code(), Some(3), "the stream ended with NOT_FOUND: {stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
+}
+
+/// A `ballast top` child whose output is read as it comes.
+struct Top {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Top {
+    fn spawn(url: &str, args: &[&str]) -> Top {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ballast"))
+            .arg("--addr")
+            .arg(url)
+            .args(args)
+            .env_remove("BALLAST_ADDR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ballast top");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Top { child, lines }
+    }
+
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (at most 10 s) until an update was printed.
+    fn wait_for_update(&self) {
+        loop {
+            let line = self.lines.recv_timeout(Duration::from_secs(10)).expect("ballast top prints an update");
+            if line.starts_with("ballast top") {
+                return;
+            }
+        }
+    }
+
+    /// Waits (at most 10 s) for the exit; returns the status and stderr.
+    fn wait(self) -> (ExitStatus, String) {
+        let id = self.id();
+        let mut child = self.child;
+        let (sender, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            let status = child.wait().expect("wait for ballast top");
+            let mut stderr = String::new();
+            let _ = child.stderr.take().expect("piped stderr").read_to_string(&mut stderr);
+            let _ = sender.send((status, stderr));
+        });
+        match exited.recv_timeout(Duration::from_secs(10)) {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let _ = Command::new("kill").args(["-KILL", &id.to_string()]).status();
+                panic!("ballast top did not exit within 10 s");
+            }
+        }
+    }
 }
 
 /// An unreachable broker exits with 6 (unavailable).

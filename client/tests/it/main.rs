@@ -4,4 +4,5 @@
 
 mod cli;
 mod library;
+mod saturation;
 mod support;

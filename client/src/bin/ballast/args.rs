@@ -64,10 +64,24 @@ pub enum Command {
     /// --count, until COUNT messages were printed and acked.
     Consume(ConsumeArgs),
 
-    /// Show depth, saturation and drain estimates per queue and lane.
+    /// Show depth, saturation, rates, oldest age and drain estimate per queue
+    /// and lane, once.
     ///
-    /// Not available yet: the broker has no Stats RPC until issue 4.
+    /// SAT is the fraction of the queue's limits (max messages, max bytes) in
+    /// use; a lane's publishes are refused once they would take the queue past
+    /// the lane's ADMIT fraction. DRAIN is the backlog over the recent ack
+    /// rate: "?" when nothing was acked recently. With --json: one object with
+    /// every figure.
     Stats(StatsArgs),
+
+    /// A live view of `stats`, redrawn at every update the broker pushes.
+    ///
+    /// Runs until interrupted (Ctrl-C), until the broker ends the stream (the
+    /// queue was deleted, the broker shut down: exit code as for any error),
+    /// or for --iterations updates. The screen is cleared between updates
+    /// only when stdout is a terminal; otherwise updates follow each other.
+    /// With --json: one object per update, as `stats --json` prints.
+    Top(TopArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +143,16 @@ pub struct CreateArgs {
     /// Sync interval for --sync-policy interval [default: 100].
     #[arg(long, value_name = "MS")]
     pub sync_interval_ms: Option<u64>,
+    /// Admission limit: messages not yet acked, all lanes together [default: 1000000].
+    #[arg(long, value_name = "N")]
+    pub max_messages: Option<u64>,
+    /// Admission limit: bytes held on disk, all lanes together (at least 65536) [default: 1073741824].
+    #[arg(long, value_name = "BYTES")]
+    pub max_bytes: Option<u64>,
+    /// Per lane, same order as --lanes: the fraction of the limits, in (0, 1],
+    /// up to which the lane's publishes are admitted [default: 1,0.9,0.7].
+    #[arg(long, value_delimiter = ',', value_name = "FRACTIONS")]
+    pub lane_admission: Vec<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -167,11 +191,30 @@ pub struct ConsumeArgs {
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// Only this queue [default: every queue].
+    /// Only this queue [default: every queue, dead-letter queues included].
     pub queue: Option<String>,
-    /// Keep printing updates.
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Only this queue [default: every queue, dead-letter queues included].
+    pub queue: Option<String>,
+    /// Time between updates, in milliseconds (100..=60000).
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub interval_ms: u64,
+    /// Exit after showing N updates.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "once")]
+    pub iterations: Option<u64>,
+    /// Show one update and exit (--iterations 1).
     #[arg(long)]
-    pub watch: bool,
+    pub once: bool,
+}
+
+impl TopArgs {
+    /// Updates to show before exiting; `None` runs until stopped.
+    pub fn iterations(&self) -> Option<u64> {
+        if self.once { Some(1) } else { self.iterations }
+    }
 }
 
 fn parse_header(text: &str) -> Result<(String, String), String> {
@@ -248,5 +291,32 @@ mod tests {
         assert_eq!(args.lane_weights, [3, 1]);
         assert_eq!(args.sync_policy, Some(ballast_client::SyncPolicy::Interval));
         assert!(Cli::try_parse_from(["ballast", "queue", "create", "q", "--sync-policy", "often"]).is_err());
+
+        let cli = parse(&["queue", "create", "q", "--max-messages", "50", "--lane-admission", "1,0.9,0.5"]);
+        let Command::Queue(QueueCommand::Create(args)) = cli.command else { panic!("create") };
+        assert_eq!(args.max_messages, Some(50));
+        assert_eq!(args.lane_admission, [1.0, 0.9, 0.5]);
+    }
+
+    /// Stats takes an optional queue; top's interval is bounded like the
+    /// broker's, and --once means one iteration.
+    #[test]
+    fn stats_and_top_flags() {
+        let Command::Stats(args) = parse(&["stats"]).command else { panic!("stats") };
+        assert_eq!(args.queue, None);
+        let Command::Top(args) = parse(&["top", "emails", "--interval-ms", "100", "--iterations", "2"]).command else {
+            panic!("top")
+        };
+        assert_eq!((args.queue.as_deref(), args.interval_ms, args.iterations()), (Some("emails"), 100, Some(2)));
+        let Command::Top(args) = parse(&["top", "--once"]).command else { panic!("top") };
+        assert_eq!((args.interval_ms, args.iterations()), (1000, Some(1)));
+        let Command::Top(args) = parse(&["top"]).command else { panic!("top") };
+        assert_eq!(args.iterations(), None);
+        for bad in
+            [&["top", "--interval-ms", "99"][..], &["top", "--interval-ms", "60001"], &["top", "--iterations", "0"]]
+        {
+            assert!(Cli::try_parse_from(std::iter::once("ballast").chain(bad.iter().copied())).is_err(), "{bad:?}");
+        }
+        assert!(Cli::try_parse_from(["ballast", "top", "--once", "--iterations", "3"]).is_err());
     }
 }

@@ -1,17 +1,17 @@
 //! One function per command, on top of `ballast-client`.
 
-use std::{collections::VecDeque, time::Duration};
+use std::{collections::VecDeque, io::IsTerminal, time::Duration};
 
 use ballast_client::{
-    AdminConfig, Client, ConsumerConfig, Delivery, Error, Message, PendingReceipt, Producer, ProducerConfig,
+    Admin, AdminConfig, Client, ConsumerConfig, Delivery, Error, Message, PendingReceipt, Producer, ProducerConfig,
     QueueSettings,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{
-    args::{Cli, Command, ConsumeArgs, CreateArgs, PublishArgs, QueueCommand, StatsArgs},
+    args::{Cli, Command, ConsumeArgs, CreateArgs, PublishArgs, QueueCommand, StatsArgs, TopArgs},
     exit::CliError,
-    output::Output,
+    output::{Output, Screen},
 };
 
 /// Receipts awaited at once while reading stdin: enough to fill batches,
@@ -26,16 +26,22 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Queue(command) => queue(&client, timeout, output, command).await,
         Command::Publish(args) => publish(&client, timeout, output, args).await,
         Command::Consume(args) => consume(&client, timeout, output, args).await,
-        Command::Stats(args) => stats(&client, output, args).await,
+        Command::Stats(args) => stats(&client, timeout, output, args).await,
+        Command::Top(args) => top(&client, timeout, output, args).await,
     }
 }
 
-async fn queue(client: &Client, timeout: Duration, output: Output, command: QueueCommand) -> Result<(), CliError> {
-    let admin = client.admin_with_config(AdminConfig {
+/// An admin handle whose calls (retries included) end within `timeout`.
+fn admin(client: &Client, timeout: Duration) -> Admin {
+    client.admin_with_config(AdminConfig {
         deadline: timeout,
         attempt_timeout: timeout.min(AdminConfig::default().attempt_timeout),
         ..AdminConfig::default()
-    });
+    })
+}
+
+async fn queue(client: &Client, timeout: Duration, output: Output, command: QueueCommand) -> Result<(), CliError> {
+    let admin = admin(client, timeout);
     match command {
         QueueCommand::Create(args) => {
             let name = args.name.clone();
@@ -68,6 +74,9 @@ fn settings(args: CreateArgs) -> QueueSettings {
     settings.message_size_max = args.message_size_max;
     settings.sync_policy = args.sync_policy;
     settings.sync_interval = args.sync_interval_ms.map(Duration::from_millis);
+    settings.max_messages = args.max_messages;
+    settings.max_bytes = args.max_bytes;
+    settings.lane_admission = args.lane_admission;
     settings
 }
 
@@ -240,10 +249,46 @@ async fn consume(client: &Client, timeout: Duration, output: Output, args: Consu
     }
 }
 
-/// Stats need the broker's Stats RPC (issue 4). When it lands this becomes
-/// `admin.stats(queue)` (and `admin.watch_stats` for `--watch`), printed by
-/// `Output::stats`.
-async fn stats(_client: &Client, _output: Output, args: StatsArgs) -> Result<(), CliError> {
-    let _ = (args.queue, args.watch);
-    Err(Error::Unsupported { feature: "stats", issue: "the broker has no Stats RPC until issue 4" }.into())
+async fn stats(client: &Client, timeout: Duration, output: Output, args: StatsArgs) -> Result<(), CliError> {
+    let stats = admin(client, timeout).stats(args.queue.as_deref()).await?;
+    output.stats(&stats)?;
+    Ok(())
+}
+
+/// Redraws the figures at every update of a stats watch. Ends with success
+/// on Ctrl-C, after `--iterations` updates, when stdout is closed (`| head`)
+/// or when the broker ends the stream cleanly; with the error's exit code
+/// when the stream ends with an error (queue deleted, broker gone).
+async fn top(client: &Client, timeout: Duration, output: Output, args: TopArgs) -> Result<(), CliError> {
+    let iterations = args.iterations();
+    let interval = Duration::from_millis(args.interval_ms);
+    // Listening for Ctrl-C from the start replaces the default "die at once";
+    // nothing needs restoring (no raw mode, no alternate screen), but the
+    // exit is then a clean one.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let admin = admin(client, timeout);
+    let mut watch = tokio::select! {
+        signal = &mut ctrl_c => return Ok(signal?),
+        watch = admin.watch_stats(args.queue.as_deref(), interval) => watch?,
+    };
+    let screen = Screen { addr: client.addr().to_owned(), interval, terminal: std::io::stdout().is_terminal() };
+    let mut shown: u64 = 0;
+    loop {
+        let stats = tokio::select! {
+            signal = &mut ctrl_c => return Ok(signal?),
+            next = watch.next() => match next {
+                Some(stats) => stats?,
+                None => return Ok(()),
+            },
+        };
+        match output.frame(&screen, &stats) {
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            written => written?,
+        }
+        shown += 1;
+        if iterations.is_some_and(|iterations| shown >= iterations) {
+            return Ok(());
+        }
+    }
 }

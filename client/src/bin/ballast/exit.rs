@@ -94,7 +94,7 @@ mod tests {
             (Error::InvalidArgument { message: String::new() }, USAGE),
             (Error::NotFound { message: String::new() }, NOT_FOUND),
             (Error::AlreadyExists { message: String::new() }, ALREADY_EXISTS),
-            (Error::ResourceExhausted { message: String::new(), retry_after: None }, REFUSED),
+            (Error::ResourceExhausted { message: String::new(), retry_after: None, refusal: None }, REFUSED),
             (Error::CircuitOpen { retry_in: Duration::ZERO }, REFUSED),
             (Error::Unavailable { message: String::new() }, UNAVAILABLE),
             (Error::Transport { message: String::new() }, UNAVAILABLE),

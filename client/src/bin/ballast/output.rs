@@ -3,10 +3,10 @@
 
 use std::{
     io::Write,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ballast_client::{Delivery, QueueInfo, Receipt};
+use ballast_client::{BrokerStats, Delivery, QueueInfo, Receipt, Saturation};
 use serde_json::{Value, json};
 
 /// Where command output goes, in the chosen format.
@@ -47,6 +47,10 @@ impl Output {
         field("message size max", optional(settings.message_size_max));
         field("sync policy", settings.sync_policy.map_or("-".into(), |p| p.as_str().to_owned()));
         field("sync interval ms", optional(settings.sync_interval.map(|d| d.as_millis())));
+        field("max messages", optional(settings.max_messages));
+        field("max bytes", optional(settings.max_bytes));
+        let admission: Vec<String> = settings.lane_admission.iter().map(|f| f.to_string()).collect();
+        field("lane admission", if admission.is_empty() { "-".into() } else { admission.join(", ") });
         field("created at ms", unix_ms(queue.created_at).to_string());
         write(&text)
     }
@@ -90,6 +94,8 @@ impl Output {
             line(&json!({
                 "id": { "lane": receipt.id.lane, "offset": receipt.id.offset },
                 "duplicate": receipt.duplicate,
+                "queue_saturation": receipt.queue_saturation.as_ref().map(saturation_json),
+                "lane_saturation": receipt.lane_saturation.as_ref().map(saturation_json),
             }))
         } else if receipt.duplicate {
             write(&format!("{} duplicate\n", receipt.id))
@@ -115,6 +121,212 @@ impl Output {
         }
         line(&object)
     }
+
+    /// One snapshot: a JSON object, or a table with the disk line under it.
+    pub fn stats(&self, stats: &BrokerStats) -> std::io::Result<()> {
+        if self.json {
+            return line(&stats_json(stats));
+        }
+        write(&format!("{}{}\n", stats_table(stats), disk_line(stats)))
+    }
+
+    /// One update of `ballast top`: on a terminal the screen is cleared and
+    /// redrawn in one write (no flicker from partial frames); elsewhere the
+    /// frames follow each other, separated by a blank line, with no escape
+    /// codes in the output.
+    pub fn frame(&self, screen: &Screen, stats: &BrokerStats) -> std::io::Result<()> {
+        if self.json {
+            return line(&stats_json(stats));
+        }
+        let header = format!(
+            "ballast top  {}  every {} ms  at {}  {}{}",
+            screen.addr,
+            screen.interval.as_millis(),
+            utc_time(stats.at),
+            disk_line(stats),
+            if screen.terminal { "  (Ctrl-C quits)" } else { "" },
+        );
+        let body = stats_table(stats);
+        if screen.terminal {
+            // Home the cursor, clear the screen, draw.
+            write(&format!("\x1b[H\x1b[2J{header}\n\n{body}"))
+        } else {
+            write(&format!("{header}\n{body}\n"))
+        }
+    }
+}
+
+/// What `ballast top` shows above the table.
+#[derive(Debug, Clone)]
+pub struct Screen {
+    pub addr: String,
+    pub interval: Duration,
+    /// Whether stdout is a terminal (clear and redraw) or not (append).
+    pub terminal: bool,
+}
+
+/// A row per queue, then a row per lane indented under it.
+fn stats_table(stats: &BrokerStats) -> String {
+    let width = stats
+        .queues
+        .iter()
+        .flat_map(|queue| std::iter::once(queue.name.len()).chain(queue.lanes.iter().map(|lane| lane.name.len() + 2)))
+        .max()
+        .unwrap_or(0)
+        .max(Row::HEADER[0].len());
+    let mut text = Row::header(width);
+    if stats.queues.is_empty() {
+        text.push_str("(no queues)\n");
+    }
+    for queue in &stats.queues {
+        let row = Row {
+            name: queue.name.clone(),
+            figures: &queue.saturation,
+            admission: "-".into(),
+            in_flight: queue.in_flight,
+            consumers: queue.consumers.to_string(),
+            refused: (queue.refused_queue_full + queue.refused_disk_full).to_string(),
+        };
+        text.push_str(&row.render(width));
+        for lane in &queue.lanes {
+            let row = Row {
+                name: format!("  {}", lane.name),
+                figures: &lane.saturation,
+                admission: percent(lane.admission, 0),
+                in_flight: lane.in_flight,
+                consumers: String::new(),
+                refused: String::new(),
+            };
+            text.push_str(&row.render(width));
+        }
+    }
+    text
+}
+
+/// One line of the stats table.
+struct Row<'a> {
+    name: String,
+    figures: &'a Saturation,
+    admission: String,
+    in_flight: u64,
+    consumers: String,
+    refused: String,
+}
+
+impl Row<'_> {
+    const HEADER: [&'static str; 12] = [
+        "QUEUE / LANE",
+        "DEPTH",
+        "BYTES",
+        "SAT",
+        "ADMIT",
+        "IN FLIGHT",
+        "OLDEST",
+        "DRAIN",
+        "PUB/S",
+        "ACK/S",
+        "CONSUMERS",
+        "REFUSED",
+    ];
+    /// Right-aligned widths of the columns after the name.
+    const WIDTHS: [usize; 11] = [10, 10, 6, 5, 9, 7, 7, 8, 8, 9, 7];
+
+    fn header(width: usize) -> String {
+        Row::line(width, Row::HEADER.map(str::to_owned))
+    }
+
+    fn render(&self, width: usize) -> String {
+        let figures = self.figures;
+        let empty = figures.depth == 0;
+        let drain = match figures.drain_estimate {
+            _ if empty => "-".to_owned(),
+            // Messages wait and nothing was acked recently.
+            None => "?".to_owned(),
+            Some(estimate) => duration(estimate),
+        };
+        Row::line(
+            width,
+            [
+                self.name.clone(),
+                figures.depth.to_string(),
+                bytes(figures.bytes),
+                percent(figures.saturation, 1),
+                self.admission.clone(),
+                self.in_flight.to_string(),
+                if empty { "-".to_owned() } else { duration(figures.oldest_age) },
+                drain,
+                format!("{:.1}", figures.publish_rate),
+                format!("{:.1}", figures.ack_rate),
+                self.consumers.clone(),
+                self.refused.clone(),
+            ],
+        )
+    }
+
+    fn line(width: usize, cells: [String; 12]) -> String {
+        let [name, rest @ ..] = cells;
+        let mut text = format!("{name:<width$}");
+        for (cell, cell_width) in rest.iter().zip(Row::WIDTHS) {
+            text.push_str(&format!("  {cell:>cell_width$}"));
+        }
+        let trimmed = text.trim_end().len();
+        text.truncate(trimmed);
+        text.push('\n');
+        text
+    }
+}
+
+fn disk_line(stats: &BrokerStats) -> String {
+    format!("disk free {} (publishes refused below {})", bytes(stats.disk_free_bytes), bytes(stats.disk_free_min_bytes))
+}
+
+fn stats_json(stats: &BrokerStats) -> Value {
+    let queues: Vec<Value> = stats
+        .queues
+        .iter()
+        .map(|queue| {
+            let mut object = saturation_json(&queue.saturation);
+            object["name"] = Value::from(queue.name.clone());
+            object["in_flight"] = Value::from(queue.in_flight);
+            object["consumers"] = Value::from(queue.consumers);
+            object["credit"] = Value::from(queue.credit);
+            object["max_messages"] = Value::from(queue.max_messages);
+            object["max_bytes"] = Value::from(queue.max_bytes);
+            object["refused_queue_full"] = Value::from(queue.refused_queue_full);
+            object["refused_disk_full"] = Value::from(queue.refused_disk_full);
+            object["lanes"] = queue
+                .lanes
+                .iter()
+                .map(|lane| {
+                    let mut object = saturation_json(&lane.saturation);
+                    object["name"] = Value::from(lane.name.clone());
+                    object["admission"] = Value::from(lane.admission);
+                    object["in_flight"] = Value::from(lane.in_flight);
+                    object
+                })
+                .collect();
+            object
+        })
+        .collect();
+    json!({
+        "at_ms": unix_ms(stats.at),
+        "disk_free_bytes": stats.disk_free_bytes,
+        "disk_free_min_bytes": stats.disk_free_min_bytes,
+        "queues": queues,
+    })
+}
+
+/// The figures as flat fields; an unknown drain estimate is `null`.
+fn saturation_json(figures: &Saturation) -> Value {
+    json!({
+        "depth": figures.depth,
+        "bytes": figures.bytes,
+        "saturation": figures.saturation,
+        "oldest_age_ms": millis(figures.oldest_age),
+        "drain_estimate_ms": figures.drain_estimate.map(millis),
+        "ack_rate": figures.ack_rate,
+        "publish_rate": figures.publish_rate,
+    })
 }
 
 fn queue_json(queue: &QueueInfo) -> Value {
@@ -139,12 +351,52 @@ fn queue_json(queue: &QueueInfo) -> Value {
             "message_size_max": settings.message_size_max,
             "sync_policy": settings.sync_policy.map(|p| p.as_str()),
             "sync_interval_ms": settings.sync_interval.map(millis),
+            "max_messages": settings.max_messages,
+            "max_bytes": settings.max_bytes,
+            "lane_admission": settings.lane_admission,
         },
     })
 }
 
 fn millis(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `0.7` as `70.0%` (with `decimals` digits after the point).
+fn percent(fraction: f64, decimals: usize) -> String {
+    format!("{:.decimals$}%", fraction * 100.0)
+}
+
+/// Bytes in binary units: `512 B`, `3.4 KiB`, `1.0 GiB`.
+fn bytes(count: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = count as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{count} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// A duration to the precision a person reads at a glance: `850ms`, `4.2s`,
+/// `3m07s`, `2h05m`, `3d04h`.
+fn duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    let s = duration.as_secs();
+    match s {
+        _ if ms < 1000 => format!("{ms}ms"),
+        0..60 => format!("{:.1}s", duration.as_secs_f64()),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+        _ => format!("{}d{:02}h", s / 86_400, s / 3600 % 24),
+    }
+}
+
+/// Time of day in UTC, `HH:MM:SS` (no time-zone database needed).
+fn utc_time(time: SystemTime) -> String {
+    let s = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format!("{:02}:{:02}:{:02} UTC", s / 3600 % 24, s / 60 % 60, s % 60)
 }
 
 fn optional<T: ToString>(value: Option<T>) -> String {
@@ -169,4 +421,26 @@ fn write(text: &str) -> std::io::Result<()> {
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(text.as_bytes())?;
     stdout.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Units and precisions of the human renderings, at their boundaries.
+    #[test]
+    fn human_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1024), "1.0 KiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+        assert_eq!(duration(Duration::from_millis(999)), "999ms");
+        assert_eq!(duration(Duration::from_millis(4200)), "4.2s");
+        assert_eq!(duration(Duration::from_secs(187)), "3m07s");
+        assert_eq!(duration(Duration::from_secs(2 * 3600 + 5 * 60)), "2h05m");
+        assert_eq!(duration(Duration::from_secs(3 * 86_400 + 4 * 3600)), "3d04h");
+        assert_eq!(percent(0.7, 1), "70.0%");
+        assert_eq!(percent(0.9, 0), "90%");
+        assert_eq!(utc_time(UNIX_EPOCH + Duration::from_secs(86_400 + 3723)), "01:02:03 UTC");
+    }
 }
