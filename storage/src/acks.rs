@@ -165,6 +165,10 @@ pub(crate) struct AckJournal {
     buffer: Vec<(u64, u64, u8)>,
     /// Entries in the file (for the compaction decision).
     entries: u64,
+    /// Whether bytes may have been written to the file since it was last
+    /// synced: [`AckJournal::sync`] is a no-op otherwise, so a group commit
+    /// without acks pays no device flush for the journal.
+    dirty: bool,
 }
 
 impl AckJournal {
@@ -177,11 +181,15 @@ impl AckJournal {
         let mut entries = 0;
         let size = file.metadata()?.len();
         let mut valid = HEADER_SIZE;
+        // A file replayed as found may hold entries a killed process wrote
+        // and never synced: the first sync (recovery's) must not be skipped.
+        let mut dirty = true;
         if created || size < HEADER_SIZE {
             io.append(&file, &header(), 0)?;
             file.set_len(HEADER_SIZE)?;
             io.sync_data(&file)?;
             io.sync_dir(dir)?;
+            dirty = false;
         } else {
             let mut bytes = vec![0u8; size as usize];
             file.read_exact_at(&mut bytes, 0)?;
@@ -204,9 +212,10 @@ impl AckJournal {
                 tracing::warn!(path = %path.display(), valid, size, "cutting a torn tail off the ack journal");
                 file.set_len(valid)?;
                 io.sync_data(&file)?;
+                dirty = false;
             }
         }
-        Ok((AckJournal { dir: dir.to_owned(), file, len: valid, buffer: Vec::new(), entries }, state))
+        Ok((AckJournal { dir: dir.to_owned(), file, len: valid, buffer: Vec::new(), entries, dirty }, state))
     }
 
     pub(crate) fn record(&mut self, first: u64, count: u64, kind: AckKind) {
@@ -229,6 +238,9 @@ impl AckJournal {
         if bytes.is_empty() {
             return Ok(());
         }
+        // Before the write: a failed (or short) write may still have left
+        // bytes in the file.
+        self.dirty = true;
         io.append(&self.file, &bytes, self.len)?;
         self.len += bytes.len() as u64;
         self.entries += bytes.len() as u64 / ENTRY_SIZE;
@@ -236,8 +248,15 @@ impl AckJournal {
         Ok(())
     }
 
-    pub(crate) fn sync(&self, io: &Io) -> io::Result<()> {
-        io.sync_data(&self.file)
+    /// `fdatasync`s the journal if anything was written to it since its
+    /// last sync. Returns whether it synced.
+    pub(crate) fn sync(&mut self, io: &Io) -> io::Result<bool> {
+        if !self.dirty {
+            return Ok(false);
+        }
+        io.sync_data(&self.file)?;
+        self.dirty = false;
+        Ok(true)
     }
 
     pub(crate) fn needs_compaction(&self, state: &AckState) -> bool {
@@ -266,6 +285,8 @@ impl AckJournal {
         self.file = file;
         self.len = bytes.len() as u64;
         self.entries = (bytes.len() as u64 - HEADER_SIZE) / ENTRY_SIZE;
+        // The new file was synced before the rename.
+        self.dirty = false;
         self.buffer.retain(|e| !is_durable(e, durable_end));
         Ok(())
     }

@@ -240,6 +240,8 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
         ack_journal.compact(io, &ack_state, next_offset).map_err(io_open(dir.join("acks")))?;
     } else {
         ack_journal.flush(io, next_offset).map_err(io_open(dir.join("acks")))?;
+        // Syncs whenever the journal was written, or replayed as a crash
+        // left it (`AckJournal::open`).
         ack_journal.sync(io).map_err(io_open(dir.join("acks")))?;
     }
 

@@ -108,3 +108,38 @@ fn failed_segment_map_does_not_block_later_appends() {
     log.append(&batch).expect("the segment is created again").commit.wait().unwrap();
     assert_eq!(log.next_offset(), 100);
 }
+
+/// A group commit syncs the ack journal only when it wrote ack entries to
+/// it: cycles of a publish-only workload pay one device flush (the
+/// segment's), not two; an ack still gets its journal synced before its
+/// commit resolves.
+#[test]
+fn ack_journal_is_synced_only_when_written() {
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..options(SyncPolicy::Fsync) }).unwrap();
+    let acks_inode = std::fs::metadata(dir.path().join(crate::acks::FILE_NAME)).unwrap().ino();
+    let acks_syncs = || faults.synced_inodes.lock().iter().filter(|&&inode| inode == acks_inode).count();
+    let at_open = acks_syncs();
+
+    for _ in 0..5 {
+        log.append(&[record(100)]).unwrap().commit.wait().unwrap();
+    }
+    let stats = log.stats();
+    assert!(stats.sync_count >= 1);
+    assert_eq!(stats.ack_sync_count, 0, "group commits without acks synced the ack journal");
+    assert_eq!(acks_syncs(), at_open, "the ack journal was fdatasynced with nothing written to it");
+
+    log.ack(0, 3, AckKind::Acked).unwrap().wait().unwrap();
+    assert_eq!(ack_journal_size(dir.path()), 16 + 24, "the ack is journaled before its commit resolves");
+    assert_eq!(log.stats().ack_sync_count, 1);
+    assert_eq!(acks_syncs(), at_open + 1, "the ack's entry was synced before its commit resolved");
+
+    for _ in 0..5 {
+        log.append(&[record(100)]).unwrap().commit.wait().unwrap();
+    }
+    assert_eq!(log.stats().ack_sync_count, 1, "the journal is clean again after its sync");
+    assert_eq!(acks_syncs(), at_open + 1);
+}
