@@ -98,6 +98,9 @@ pub struct Broker {
     admin: tokio::sync::Mutex<()>,
     node: Arc<Node>,
     shutting_down: AtomicBool,
+    /// Turns `true` once, at `begin_shutdown`: long-lived tasks (Stats
+    /// Watch streams) wait on it so they never hold up a graceful shutdown.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 const QUEUES_DIR: &str = "queues";
@@ -151,6 +154,7 @@ impl Broker {
             admin: tokio::sync::Mutex::new(()),
             node,
             shutting_down: AtomicBool::new(false),
+            stopping: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -272,6 +276,7 @@ impl Broker {
     /// and are redelivered after the restart).
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
+        self.stopping.send_replace(true);
         for queue in self.queues() {
             queue.close_consumers();
         }
@@ -279,6 +284,17 @@ impl Broker {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the broker begins shutting down (at once if it has
+    /// already begun, or if the broker is gone). Tasks that outlive a call,
+    /// such as a Stats Watch stream, select on it and end.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            // An error means the broker was dropped: stopping too.
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        }
     }
 
     pub fn node(&self) -> &Node {

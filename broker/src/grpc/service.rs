@@ -141,19 +141,34 @@ impl stats_server::Stats for Service {
         let first = self.stats(&request.queue)?;
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
+        // The task must end when the broker shuts down: a graceful shutdown
+        // waits for every open stream, and the next tick may be a minute
+        // away (or the client may have stopped reading).
+        let stopping = self.broker.stopping();
         tokio::spawn(async move {
+            tokio::pin!(stopping);
             let mut next = Ok(first);
             let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticker.tick().await;
             loop {
                 let failed = next.is_err();
-                if tx.send(next).await.is_err() || failed {
-                    return;
+                tokio::select! {
+                    biased;
+                    () = &mut stopping => break,
+                    sent = tx.send(next) => if sent.is_err() || failed { return },
                 }
-                ticker.tick().await;
+                tokio::select! {
+                    biased;
+                    () = &mut stopping => break,
+                    () = tx.closed() => return,
+                    _ = ticker.tick() => {}
+                }
                 next = service.stats(&request.queue);
             }
+            // Shutting down: say so if the client has room for it; either
+            // way the stream ends when `tx` drops.
+            let _ = tx.try_send(Err(to_status(BrokerError::ShuttingDown)));
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
