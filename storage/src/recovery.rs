@@ -6,9 +6,10 @@
 //!    is renamed `*.corrupt` and its offsets are quarantined (a newer format
 //!    version is refused instead, so nothing is destroyed). Where the offsets
 //!    of a set-aside *last* segment end is unknown: step 5 bounds them.
-//! 3. Read the checkpoint. Segments before the checkpoint's segment are
-//!    trusted and not scanned (their indexes are built on first read). After
-//!    a clean close nothing at all is scanned.
+//! 3. Read the checkpoint. Segments before the checkpoint's segment, and the
+//!    records of that segment before the checkpoint, are trusted and not
+//!    read at all (their indexes are built on the first read by offset).
+//!    After a clean close nothing at all is scanned.
 //! 4. Scan from the checkpoint to the end, validating every record (length,
 //!    CRC, offset). At an invalid record, search forward for the next valid
 //!    one: if found, quarantine the range in between (corruption in the
@@ -277,7 +278,10 @@ fn scan(
 ) -> Result<u64, OpenError> {
     let mut pos = start_pos;
     let mut expected = start_offset;
-    index_trusted_prefix(&segments[0], start_pos, start_offset);
+    // The records before the start were validated before the checkpoint:
+    // they are indexed on the first read below it, not here (the scan
+    // costs what follows the checkpoint, not the segment).
+    segments[0].set_unindexed_below(start_offset);
     for (at, segment) in segments.iter().enumerate() {
         let next_base = segments.get(at + 1).map(|s| s.base_offset);
         let limit = next_base.unwrap_or(u64::MAX);
@@ -360,25 +364,6 @@ fn intact_end(raw: &[u8], pos: u64, invalid: Invalid) -> u64 {
     let len = u64::from(u32::from_le_bytes(len.try_into().expect("4 bytes")));
     let end = pos + record::padded(len);
     if len >= u64::from(RECORD_HEADER_SIZE) && end <= size { end } else { size }
-}
-
-/// Indexes the part of the checkpoint's segment before the checkpoint by
-/// hopping over headers (trusted: it was synced and validated before).
-fn index_trusted_prefix(segment: &Segment, end_pos: u64, end_offset: u64) {
-    let raw = segment.raw_from(0);
-    let mut pos = SEGMENT_HEADER_SIZE;
-    let mut offset = segment.base_offset;
-    while pos < end_pos && offset < end_offset {
-        let Ok(header) = record::peek(&raw[pos as usize..]) else {
-            break;
-        };
-        if header.offset != offset {
-            break;
-        }
-        segment.note_record(offset, pos);
-        pos += record::padded(u64::from(header.len));
-        offset += 1;
-    }
 }
 
 fn report(segment: &Segment, pos: u64, first: u64, resume: u64, invalid: Invalid) {

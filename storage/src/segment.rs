@@ -63,6 +63,11 @@ struct SparseIndex {
     complete: bool,
     /// Position just past the last indexed entry (for incremental appends).
     last_indexed_pos: u64,
+    /// Records below this offset are not indexed yet: recovery after a kill
+    /// scans from the checkpoint, in the middle of this segment, and leaves
+    /// the trusted prefix before it to the first read by offset below it
+    /// ([`Segment::index_prefix`]), as a clean open leaves a whole segment.
+    unindexed_below: Option<u64>,
 }
 
 pub(crate) fn file_name(base_offset: u64) -> String {
@@ -217,6 +222,16 @@ impl Segment {
         self.index.lock().complete = true;
     }
 
+    /// Leaves the records below `offset` out of the index until a read by
+    /// offset needs them: they were synced and validated before the
+    /// checkpoint at `offset`, so recovery does not touch them. Call before
+    /// any record at or past `offset` is noted.
+    pub(crate) fn set_unindexed_below(&self, offset: u64) {
+        let mut index = self.index.lock();
+        debug_assert!(index.entries.is_empty(), "the prefix is set before the scan indexes anything");
+        index.unindexed_below = (offset > self.base_offset).then_some(offset);
+    }
+
     /// Lowers the end of valid data after a recovery scan.
     pub(crate) fn set_written(&self, pos: u64) {
         self.written.store(pos, Ordering::Release);
@@ -259,6 +274,10 @@ impl Segment {
             let mut index = self.index.lock();
             if !index.complete {
                 self.build_index(&mut index, end_offset);
+            } else if let Some(below) = index.unindexed_below
+                && offset < below
+            {
+                self.index_prefix(&mut index, below);
             }
             index.floor(self.base_offset, offset)
         };
@@ -314,6 +333,40 @@ impl Segment {
             index.push(self.base_offset, self.base_offset, SEGMENT_HEADER_SIZE);
         }
         index.complete = true;
+    }
+
+    /// Indexes the records below `end_offset` (the trusted prefix left by
+    /// recovery) by hopping over their headers without CRC checks, as
+    /// `build_index` does, and merges the entries with those already held.
+    fn index_prefix(&self, index: &mut SparseIndex, end_offset: u64) {
+        let data = self.data_from(0);
+        let mut pos = SEGMENT_HEADER_SIZE;
+        let mut offset = self.base_offset;
+        let mut prefix: Vec<(u32, u32)> = Vec::new();
+        let mut last_pos = 0;
+        while offset < end_offset {
+            let Ok(header) = record::peek(data.get(pos as usize..).unwrap_or(&[])) else {
+                break;
+            };
+            if header.offset != offset {
+                break;
+            }
+            if prefix.is_empty() || pos >= last_pos + INDEX_INTERVAL_BYTES {
+                let rel = u32::try_from(offset - self.base_offset).expect("offsets in a segment fit u32");
+                prefix.push((rel, u32::try_from(pos).expect("segment positions fit u32")));
+                last_pos = pos;
+            }
+            pos += record::padded(u64::from(header.len));
+            offset += 1;
+        }
+        if index.entries.is_empty() {
+            index.last_indexed_pos = last_pos;
+        }
+        prefix.append(&mut index.entries);
+        prefix.sort_unstable_by_key(|&(rel, _)| rel);
+        prefix.dedup_by_key(|&mut (rel, _)| rel);
+        index.entries = prefix;
+        index.unindexed_below = None;
     }
 
     /// Adds an index entry after resynchronising past a corrupt range, so

@@ -43,3 +43,45 @@ fn every_scanned_segment_is_synced() {
         assert!(synced.contains(inode), "segment {index} of {} was scanned but not synced", inodes.len());
     }
 }
+
+/// After a kill, recovery reads only what follows the checkpoint: the
+/// records of the checkpoint's segment before it are not indexed at open,
+/// but on the first read below the checkpoint, which then finds them.
+#[test]
+fn the_prefix_before_a_checkpoint_is_indexed_on_first_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        segment_size: 1024 * 1024,
+        // Checkpoints only when `Log::sync` asks.
+        sync_policy: crate::SyncPolicy::Interval { interval_ms: 60_000 },
+        ..options()
+    };
+    let record = |i: u64| NewRecord { payload: bytes::Bytes::from(vec![i as u8; 1000]), ..NewRecord::default() };
+    let log = Log::open(dir.path(), options.clone()).unwrap();
+    log.append(&(0..300).map(record).collect::<Vec<_>>()).unwrap();
+    log.sync().unwrap();
+    // The image a kill leaves: a checkpoint of this boot at offset 300,
+    // records past it in the page cache.
+    let checkpoint = dir.path().join(crate::checkpoint::FILE_NAME);
+    let saved = fs::read(&checkpoint).unwrap();
+    log.append(&(300..320).map(record).collect::<Vec<_>>()).unwrap();
+    log.close().unwrap();
+    fs::write(&checkpoint, saved).unwrap();
+
+    let log = Log::open(dir.path(), options).unwrap();
+    assert_eq!(log.next_offset(), 320);
+    // 300 records of 1040 bytes before the checkpoint would take 10 entries
+    // (one per 32 KiB); the 20 after it take one.
+    assert_eq!(log.stats().index_entries, 1, "recovery indexed records before the checkpoint");
+    for offset in [0, 150, 299, 300, 319] {
+        assert_eq!(log.read(offset).unwrap().payload[0], offset as u8, "offset {offset}");
+    }
+    assert!(log.stats().index_entries >= 10, "the first read below the checkpoint indexes the prefix");
+    log.append(&(320..400).map(record).collect::<Vec<_>>()).unwrap();
+    let mut cursor = log.cursor(0);
+    for offset in 0..400 {
+        let record = cursor.next().expect("a record").expect("intact");
+        assert_eq!((record.offset, record.payload[0]), (offset, offset as u8));
+    }
+    assert!(cursor.next().is_none());
+}
