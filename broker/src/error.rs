@@ -35,7 +35,9 @@ pub enum BrokerError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {
     pub queue: String,
+    /// The refused lane's name (any UTF-8) and index.
     pub lane: String,
+    pub lane_index: u32,
     /// The queue's figures when it refused.
     pub figures: crate::queue::Figures,
     /// The lane's admission fraction.

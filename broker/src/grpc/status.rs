@@ -8,9 +8,17 @@ use crate::error::{BrokerError, Refusal, RefusalReason};
 
 /// Metadata key of the retry-after hint on RESOURCE_EXHAUSTED, in ms.
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+/// Metadata key of the refused lane's name, sent only when the name is
+/// printable ASCII (an ASCII metadata value cannot carry anything else).
+pub const LANE: &str = "ballast-lane";
+/// Binary metadata key of the refused lane's name as UTF-8 bytes (base64 on
+/// the wire, as gRPC does for every `-bin` key): always sent.
+pub const LANE_BIN: &str = "ballast-lane-bin";
+/// Metadata key of the refused lane's index (decimal): always sent.
+pub const LANE_INDEX: &str = "ballast-lane-index";
 
-/// RESOURCE_EXHAUSTED with the hint and the figures in metadata (see the
-/// Stats service's documentation in the proto).
+/// RESOURCE_EXHAUSTED with the hint and the figures in metadata (see
+/// `docs/metrics.md`, "Admission").
 fn refused(refusal: &Refusal) -> Status {
     let mut metadata = MetadataMap::new();
     let mut put = |key: &'static str, value: String| {
@@ -19,7 +27,13 @@ fn refused(refusal: &Refusal) -> Status {
         }
     };
     put(RETRY_AFTER_MS, refusal.retry_after_ms.to_string());
-    put("ballast-lane", refusal.lane.clone());
+    // Raw UTF-8 would pass here as opaque header bytes that clients cannot
+    // read as text, so only a printable ASCII name goes in `ballast-lane`;
+    // the index and the binary entry below always carry the lane.
+    if refusal.lane.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        put(LANE, refusal.lane.clone());
+    }
+    put(LANE_INDEX, refusal.lane_index.to_string());
     put("ballast-depth", refusal.figures.depth.to_string());
     put("ballast-bytes", refusal.figures.bytes.to_string());
     put("ballast-saturation", format!("{:.4}", refusal.figures.saturation));
@@ -27,6 +41,7 @@ fn refused(refusal: &Refusal) -> Status {
     if let RefusalReason::DiskLow { free, .. } = refusal.reason {
         put("ballast-disk-free-bytes", free.to_string());
     }
+    metadata.insert_bin(LANE_BIN, MetadataValue::from_bytes(refusal.lane.as_bytes()));
     Status::with_metadata(Code::ResourceExhausted, refusal.to_string(), metadata)
 }
 

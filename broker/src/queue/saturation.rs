@@ -188,6 +188,7 @@ impl Queue {
             return Err(BrokerError::Refused(Box::new(Refusal {
                 queue: self.name.to_string(),
                 lane: self.settings.lanes[lane].clone(),
+                lane_index: lane_index(lane),
                 figures: total,
                 threshold: self.settings.lane_admission[lane],
                 retry_after_ms: RETRY_AFTER_MS_MAX.min(10_000),
@@ -225,6 +226,7 @@ impl Queue {
                 return Err(BrokerError::Refused(Box::new(Refusal {
                     queue: self.name.to_string(),
                     lane: self.settings.lanes[lane].clone(),
+                    lane_index: lane_index(lane),
                     figures: total,
                     threshold,
                     retry_after_ms,
@@ -237,6 +239,11 @@ impl Queue {
         }
         Ok(())
     }
+}
+
+/// A lane's position as it travels (`u32`); lanes are at most `LANES_MAX`.
+fn lane_index(lane: usize) -> u32 {
+    u32::try_from(lane).expect("at most LANES_MAX lanes")
 }
 
 fn drain_estimate(depth: u64, ack_rate: f64) -> Option<u64> {

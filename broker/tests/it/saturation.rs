@@ -36,6 +36,8 @@ async fn lowest_lanes_are_shed_first_with_retry_after_and_figures() {
     let get = |key: &str| meta.get(key).unwrap_or_else(|| panic!("metadata {key}")).to_str().unwrap().to_owned();
     assert!(get("retry-after-ms").parse::<u64>().unwrap() >= 100);
     assert_eq!(get("ballast-lane"), "low");
+    assert_eq!(get("ballast-lane-index"), "2");
+    assert_eq!(meta.get_bin("ballast-lane-bin").expect("ballast-lane-bin").to_bytes().unwrap(), "low".as_bytes());
     assert_eq!(get("ballast-depth"), "70");
     assert_eq!(get("ballast-threshold").parse::<f64>().unwrap(), 0.7);
     assert!((get("ballast-saturation").parse::<f64>().unwrap() - 0.7).abs() < 1e-6);
@@ -91,6 +93,37 @@ async fn lowest_lanes_are_shed_first_with_retry_after_and_figures() {
     );
     publish_batch(&mut publisher, "full", (0..5).map(|_| on_lane("z", 1)).collect()).await;
     assert_eq!(depth(&mut broker.admin().await, "full").await, 90);
+}
+
+/// A refused lane whose name is not ASCII is still named: by index, and by
+/// its UTF-8 bytes in `ballast-lane-bin` (an ASCII `ballast-lane` value
+/// cannot carry it, so that entry is left out).
+#[tokio::test]
+async fn refusal_names_a_non_ascii_lane_by_index_and_bytes() {
+    let broker = BrokerProcess::start();
+    let lanes = vec!["dringend".to_owned(), "später ✉".to_owned()];
+    let settings = pb::QueueSettings {
+        lanes: lanes.clone(),
+        lane_admission: vec![1.0, 0.5],
+        max_messages: Some(4),
+        ..queue_settings()
+    };
+    create(&mut broker.admin().await, "utf", settings).await;
+    let mut publisher = broker.publisher().await;
+    publish_batch(&mut publisher, "utf", vec![on_lane("a", 1), on_lane("b", 1)]).await;
+    let refusal = publisher
+        .publish(pb::PublishRequest { queue: "utf".into(), message: Some(on_lane("c", 1)) })
+        .await
+        .expect_err("lane 1 is full at 50% of 4");
+    assert_eq!(refusal.code(), Code::ResourceExhausted);
+    assert!(refusal.message().contains("später ✉"), "{}", refusal.message());
+    let meta = refusal.metadata();
+    assert_eq!(meta.get("ballast-lane-index").expect("ballast-lane-index").to_str().unwrap(), "1");
+    let name = meta.get_bin("ballast-lane-bin").expect("ballast-lane-bin").to_bytes().unwrap();
+    assert_eq!(std::str::from_utf8(&name).unwrap(), lanes[1]);
+    assert!(meta.get("ballast-lane").is_none(), "an ASCII value cannot hold the name");
+    assert!(meta.get("retry-after-ms").is_some());
+    assert_eq!(meta.get("ballast-depth").unwrap().to_str().unwrap(), "2");
 }
 
 #[tokio::test]
