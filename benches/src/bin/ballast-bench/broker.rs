@@ -61,6 +61,9 @@ impl Target {
             .arg(data_dir.join("data"))
             .arg("--listen")
             .arg(listen)
+            // Several brokers may run at once (the smoke tests): no fixed port.
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -142,4 +145,19 @@ pub fn rss_anon(pid: u32) -> anyhow::Result<u64> {
     let line = status.lines().find(|l| l.starts_with("RssAnon:")).context("no RssAnon in /proc/PID/status")?;
     let kib: u64 = line.split_whitespace().nth(1).context("RssAnon value")?.parse()?;
     Ok(kib * 1024)
+}
+
+impl Target {
+    /// The queue's saturation figures from the Stats RPC.
+    pub async fn stats_on(channel: &Channel, name: &str) -> anyhow::Result<pb::QueueStats> {
+        let mut stats = ballast_proto::v1::stats_client::StatsClient::new(channel.clone());
+        let response = stats.get_stats(pb::StatsRequest { queue: name.into() }).await?.into_inner();
+        response.queues.into_iter().find(|q| q.name == name).with_context(|| format!("no stats for queue {name}"))
+    }
+
+    /// Whether the bench started the broker (and so can kill it or read its
+    /// memory).
+    pub fn started(&self) -> bool {
+        self.child.is_some()
+    }
 }

@@ -15,6 +15,8 @@ use tokio::sync::Semaphore;
 use crate::{Sync, broker::Target, load};
 
 #[derive(Debug, Clone, clap::Args)]
+// No argument group: isolation flattens these into its own arguments.
+#[group(skip)]
 pub struct Args {
     /// Offered rate, messages per second.
     #[arg(long, default_value_t = 10_000)]
@@ -53,7 +55,41 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         "achieved_rate": m.achieved_rate,
         "publish_to_durable": load::percentiles(&m.durable),
         "publish_to_delivery": load::percentiles(&m.delivered),
+        "curves": {
+            "publish_to_durable": crate::chart::percentile_curve(&m.durable),
+            "publish_to_delivery": crate::chart::percentile_curve(&m.delivered),
+        },
     }))
+}
+
+/// The latency chart: both distributions by percentile.
+pub fn chart(path: &std::path::Path, result: &serde_json::Value) -> anyhow::Result<()> {
+    let curve = |key: &str| -> Vec<(f64, f64)> {
+        result["curves"][key]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?))).collect())
+            .unwrap_or_default()
+    };
+    let title = format!(
+        "ballast-bench latency: {} msg/s offered, {} B, sync {}",
+        result["rate"],
+        result["size"],
+        result["sync"].as_str().unwrap_or("?")
+    );
+    crate::chart::write(
+        path,
+        &title,
+        crate::chart::XAxis::Nines,
+        &[],
+        &[crate::chart::Panel::new(
+            "Latency by percentile (from the intended send time)",
+            "ms",
+            vec![
+                crate::chart::Series::new("publish-to-durable", curve("publish_to_durable")),
+                crate::chart::Series::new("publish-to-delivery", curve("publish_to_delivery")),
+            ],
+        )],
+    )
 }
 
 /// What one open-loop run measured.

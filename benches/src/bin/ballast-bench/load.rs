@@ -180,3 +180,76 @@ async fn flush(tx: &mpsc::Sender<pb::ConsumeRequest>, to_ack: &mut Vec<u64>) -> 
 pub fn rate(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64()
 }
+
+/// What a paced consumer calls for each delivery.
+pub type OnDelivery = Arc<dyn Fn(&pb::Delivery) + Send + Sync>;
+
+/// A consumer with a steady capacity: it holds `credit` deliveries at most,
+/// "processes" them at `rate` per second (0: as fast as they come), and acks
+/// each one and grants its credit back once processed. `on_receive` runs
+/// when a delivery arrives on the stream, `on_process` when the consumer
+/// takes it from its prefetch buffer. Stops (acking what it processed and
+/// releasing the rest) once `stop` is set.
+pub async fn consume_paced(
+    channel: Channel,
+    queue: String,
+    rate: f64,
+    credit: u32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    on_receive: OnDelivery,
+    on_process: OnDelivery,
+) -> anyhow::Result<()> {
+    let mut client = ConsumerClient::new(channel);
+    let (tx, rx) = mpsc::channel(256);
+    let subscribe = pb::Subscribe { queue, credit };
+    tx.send(pb::ConsumeRequest { kind: Some(pb::consume_request::Kind::Subscribe(subscribe)) }).await?;
+    let mut stream = client.consume(ReceiverStream::new(rx)).await?.into_inner();
+    let mut buffer = std::collections::VecDeque::new();
+    let mut to_ack = Vec::new();
+    let chunk = (credit as usize / 4).max(1);
+    // Token bucket: a consumer that was idle may catch up by 20 ms at most.
+    let cap = (rate * 0.02).max(1.0);
+    let mut tokens = 0.0f64;
+    let mut last = Instant::now();
+    let mut last_flush = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !stop.load(Ordering::Relaxed) {
+        tokio::select! {
+            message = stream.message() => match message?.and_then(|m| m.kind) {
+                Some(pb::consume_response::Kind::Delivery(d)) => {
+                    on_receive(&d);
+                    buffer.push_back(d);
+                }
+                Some(pb::consume_response::Kind::Rejected(r)) => anyhow::bail!("ack rejected: {}", r.message),
+                Some(pb::consume_response::Kind::Subscribed(_)) => {}
+                None => anyhow::bail!("the consume stream ended"),
+            },
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let n = if rate > 0.0 {
+            tokens = (tokens + rate * now.duration_since(last).as_secs_f64()).min(cap);
+            (tokens as usize).min(buffer.len())
+        } else {
+            buffer.len()
+        };
+        last = now;
+        tokens -= n as f64;
+        for d in buffer.drain(..n) {
+            on_process(&d);
+            to_ack.push(d.delivery_id);
+        }
+        if to_ack.len() >= chunk || (!to_ack.is_empty() && last_flush.elapsed() >= Duration::from_millis(2)) {
+            flush(&tx, &mut to_ack).await?;
+            last_flush = Instant::now();
+        }
+    }
+    flush(&tx, &mut to_ack).await?;
+    Ok(())
+}
+
+/// Nanoseconds since `start` (payload time stamps).
+pub fn nanos_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}

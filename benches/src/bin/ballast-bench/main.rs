@@ -5,20 +5,40 @@
 //! the bench starts `ballastd` (found next to its own executable) on a fresh
 //! data directory and a free loopback port, and stops it at the end.
 //!
+//! Scenarios with a chart also write an SVG next to the JSON
+//! (`spike.svg`, `priority.svg`, `latency.svg`). A scenario that checks an
+//! invariant (spike, recovery: nothing lost; priority: everything
+//! delivered) lists what broke under `failures` in its JSON and exits
+//! non-zero.
+//!
+//! One command per scenario (defaults are the full-size runs):
+//!
 //! ```text
 //! cargo build --release -p ballast-broker -p ballast-benches
-//! target/release/ballast-bench throughput --size 1024 --producers 4 --batch 64
+//! target/release/ballast-bench throughput --size 100,1024,16384 --batch 1,64 --producers 4 --consumers 2
 //! target/release/ballast-bench latency --rate 10000 --size 1024
-//! target/release/ballast-bench backlog --messages 10000000 --size 100
+//! target/release/ballast-bench spike --consumer-rate 5000 --burst-factor 10 --max-messages 50000
 //! target/release/ballast-bench isolation --rate 2000 --flood full
+//! target/release/ballast-bench priority --rate 1000 --flood-rate 20000 --consumer-rate 5000 --credit 16
+//! target/release/ballast-bench recovery --cycles 3 --producers 4
+//! target/release/ballast-bench backlog --messages 10000000 --size 100
+//! target/release/ballast-bench overhead --size 1024 --messages 200000
 //! ```
+//!
+//! `--sync fsync|interval|none` (default fsync) sets the queue's sync
+//! policy for any scenario; `--addr HOST:PORT` targets a running broker
+//! instead (not for backlog and recovery, which restart it).
 
 mod backlog;
 mod broker;
+mod chart;
 mod isolation;
 mod latency;
 mod load;
 mod overhead;
+mod priority;
+mod recovery;
+mod spike;
 mod throughput;
 
 use std::path::PathBuf;
@@ -82,6 +102,12 @@ enum Scenario {
     Isolation(isolation::Args),
     /// Publish throughput through the client library versus raw stubs.
     Overhead(overhead::Args),
+    /// A burst far above the consumers' pace becomes backlog and drains.
+    Spike(spike::Args),
+    /// High-lane latency alone and during a low-lane flood.
+    Priority(priority::Args),
+    /// SIGKILL under load, restart, time to serve again, nothing lost.
+    Recovery(recovery::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +121,9 @@ fn main() -> anyhow::Result<()> {
             Scenario::Backlog(a) => ("backlog", backlog::run(&mut target, a, args.sync).await?),
             Scenario::Isolation(a) => ("isolation", isolation::run(&target, a, args.sync).await?),
             Scenario::Overhead(a) => ("overhead", overhead::run(&target, a, args.sync).await?),
+            Scenario::Spike(a) => ("spike", spike::run(&target, a, args.sync).await?),
+            Scenario::Priority(a) => ("priority", priority::run(&target, a, args.sync).await?),
+            Scenario::Recovery(a) => ("recovery", recovery::run(&mut target, a, args.sync).await?),
         };
         let path = args.json.clone().unwrap_or_else(|| PathBuf::from(format!("target/bench-results/{name}.json")));
         if let Some(dir) = path.parent() {
@@ -102,6 +131,20 @@ fn main() -> anyhow::Result<()> {
         }
         std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
         println!("results written to {}", path.display());
+        let chart: Option<fn(&std::path::Path, &serde_json::Value) -> anyhow::Result<()>> = match name {
+            "spike" => Some(spike::chart),
+            "priority" => Some(priority::chart),
+            "latency" => Some(latency::chart),
+            _ => None,
+        };
+        if let Some(chart) = chart {
+            let svg = path.with_extension("svg");
+            chart(&svg, &result)?;
+            println!("chart written to {}", svg.display());
+        }
+        let failures: Vec<&str> =
+            result["failures"].as_array().map(|a| a.iter().filter_map(|f| f.as_str()).collect()).unwrap_or_default();
+        anyhow::ensure!(failures.is_empty(), "{name} failed: {}", failures.join("; "));
         Ok(())
     })
 }
