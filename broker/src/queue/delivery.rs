@@ -94,6 +94,9 @@ struct Lease {
     attempt: u32,
     /// When it was delivered, Unix ms.
     delivered_ms: u64,
+    /// The record's stored size, taken off the lane's byte count when the
+    /// record is done.
+    size: u64,
 }
 
 struct Consumer {
@@ -266,7 +269,8 @@ impl Queue {
         };
         let mut commits = Vec::with_capacity(leases.len());
         for lease in leases {
-            commits.push(self.lanes[lease.lane as usize].ack(lease.offset, 1, AckKind::Acked)?);
+            // `None`: purged meanwhile; the purge is the ack.
+            commits.extend(self.ack_record(lease.lane, lease.offset, lease.size, AckKind::Acked)?);
             let meter = &self.meters[lease.lane as usize];
             meter.acked.fetch_add(1, Ordering::Relaxed);
             meter.metrics.acked.increment(1);
@@ -304,12 +308,17 @@ impl Queue {
         }
         let mut purged = 0;
         for (lane, log) in self.lanes.iter().enumerate() {
+            // Held across the ack: no append slips in between, so every
+            // record is done afterwards and the lane holds 0 bytes.
+            let mut backlog = self.meters[lane].backlog_bytes.lock();
             let stats = log.stats();
             purged += stats.pending;
             if stats.next_offset > stats.ack_floor {
                 // Not awaited: the purge is durable with the next sync.
                 drop(log.ack(stats.ack_floor, stats.next_offset - stats.ack_floor, AckKind::Acked)?);
             }
+            *backlog = 0;
+            drop(backlog);
             let lane = &mut state.lanes[lane];
             lane.requeue.clear();
             lane.delayed.clear();
@@ -334,6 +343,7 @@ impl Queue {
                 let deadline_ms = now + self.settings.lease_timeout_ms;
                 let attempt = prior + 1;
                 let published_ms = record.timestamp_ms;
+                let size = super::queue::stored_size_of(&record);
                 let delivery = to_delivery(delivery_id, lane, record, attempt, deadline_ms);
                 let Some(consumer) = state.consumers.get_mut(&consumer_id) else { break };
                 match consumer.sender.try_send(delivery) {
@@ -343,7 +353,7 @@ impl Queue {
                         debug_assert!(consumer.credit + consumer.in_flight <= CREDIT_MAX, "credit bound broken");
                         state.leases.insert(
                             delivery_id,
-                            Lease { lane, offset, consumer_id, deadline_ms, attempt, delivered_ms: now },
+                            Lease { lane, offset, consumer_id, deadline_ms, attempt, delivered_ms: now, size },
                         );
                         let metrics = &self.meters[lane as usize].metrics;
                         metrics.delivered.increment(1);
@@ -509,7 +519,7 @@ impl Queue {
                 } else {
                     meter.metrics.redelivered_nack.increment(1);
                 }
-                if let Err(error) = log.ack(lease.offset, 1, kind) {
+                if let Err(error) = self.ack_record(lease.lane, lease.offset, lease.size, kind) {
                     tracing::error!(queue = %self.name, %error, "acking a redelivered message");
                 }
             }

@@ -15,7 +15,7 @@ use std::{
     },
 };
 
-use ballast_storage::{Log, NewRecord};
+use ballast_storage::{AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord, Record};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -194,7 +194,12 @@ impl Queue {
         }
         let delivery = DeliveryState::new(&lanes);
         let durable = lanes.iter().map(|log| std::sync::atomic::AtomicU64::new(log.next_offset())).collect();
-        let meters = settings.lanes.iter().map(|lane| super::saturation::LaneMeter::new(name.as_str(), lane)).collect();
+        let meters = settings
+            .lanes
+            .iter()
+            .zip(&lanes)
+            .map(|(lane, log)| super::saturation::LaneMeter::new(name.as_str(), lane, backlog_bytes(&name, log)))
+            .collect();
         let queue = Arc::new(Queue {
             name,
             settings,
@@ -298,17 +303,24 @@ impl Queue {
                 }
             }
         }
+        // The records to store: one per message that is neither a duplicate
+        // nor a repeat of an earlier key in the batch.
+        let records: Vec<Option<NewRecord>> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, message)| (receipts[i].is_none() && !is_repeat(&messages, i)).then(|| to_record(message, now)))
+            .collect();
         let mut adding = vec![(0u64, 0u64); self.lanes.len()];
-        for (i, message) in messages.iter().enumerate() {
-            if receipts[i].is_none() && !is_repeat(&messages, i) {
-                let lane = &mut adding[lanes[i] as usize];
+        for (record, &lane) in records.iter().zip(&lanes) {
+            if let Some(record) = record {
+                let lane = &mut adding[lane as usize];
                 lane.0 += 1;
-                lane.1 += record_size(message);
+                lane.1 += stored_size_new(record);
             }
         }
         let started = std::time::Instant::now();
         let result = match self.admit(&adding) {
-            Ok(()) => self.append(&messages, &lanes, &mut receipts, now).await,
+            Ok(()) => self.append(&records, &lanes, &mut receipts).await,
             Err(refused) => Err(refused),
         };
         if result.is_ok() {
@@ -339,24 +351,23 @@ impl Queue {
         Ok(receipts.into_iter().map(|r| r.expect("every message has a receipt")).collect())
     }
 
-    /// Appends the messages that have no receipt yet, one append per lane.
+    /// Appends `records` (`None`: nothing to store for that message), one
+    /// append per lane.
     async fn append(
         &self,
-        messages: &[Publish],
+        records: &[Option<NewRecord>],
         lanes: &[u32],
         receipts: &mut [Option<Receipt>],
-        now: u64,
     ) -> Result<()> {
         let mut commits = Vec::new();
         for lane in 0..self.lane_count() {
-            let indexes: Vec<usize> = (0..messages.len())
-                .filter(|&i| lanes[i] == lane && receipts[i].is_none() && !is_repeat(messages, i))
-                .collect();
+            let indexes: Vec<usize> =
+                (0..records.len()).filter(|&i| lanes[i] == lane && records[i].is_some()).collect();
             if indexes.is_empty() {
                 continue;
             }
-            let records: Vec<NewRecord> = indexes.iter().map(|&i| to_record(&messages[i], now)).collect();
-            let appended = self.lanes[lane as usize].append(&records)?;
+            let batch: Vec<NewRecord> = indexes.iter().filter_map(|&i| records[i].clone()).collect();
+            let appended = self.append_to(lane, &batch)?;
             for (n, &i) in indexes.iter().enumerate() {
                 receipts[i] = Some(Receipt { lane, offset: appended.first_offset + n as u64, duplicate: false });
             }
@@ -407,10 +418,40 @@ impl Queue {
     /// Appends records to one lane as they are (redelivery, dead letters)
     /// and waits until durable.
     pub(crate) async fn append_raw(&self, lane: u32, record: NewRecord) -> Result<u64> {
-        let appended = self.lanes[lane as usize].append(&[record])?;
+        let appended = self.append_to(lane, &[record])?;
         appended.commit.await?;
         self.mark_durable(lane, appended.first_offset + 1);
         Ok(appended.first_offset)
+    }
+
+    /// Appends to one lane's log and counts the records' bytes, in one step
+    /// under the lane's byte count (see `LaneMeter::backlog_bytes`).
+    fn append_to(&self, lane: u32, records: &[NewRecord]) -> Result<Appended, AppendError> {
+        let mut backlog = self.meters[lane as usize].backlog_bytes.lock();
+        let appended = self.lanes[lane as usize].append(records)?;
+        *backlog += records.iter().map(stored_size_new).sum::<u64>();
+        Ok(appended)
+    }
+
+    /// Marks one record done and takes its `size` off the lane's byte
+    /// count, in one step. `None`: it was already done (a purge got there
+    /// first), so nothing changed.
+    pub(crate) fn ack_record(
+        &self,
+        lane: u32,
+        offset: u64,
+        size: u64,
+        kind: AckKind,
+    ) -> Result<Option<Commit>, AckError> {
+        let log = &self.lanes[lane as usize];
+        let mut backlog = self.meters[lane as usize].backlog_bytes.lock();
+        if log.is_done(offset) {
+            return Ok(None);
+        }
+        let commit = log.ack(offset, 1, kind)?;
+        debug_assert!(*backlog >= size, "lane {lane} byte count {} below a record of {size}", *backlog);
+        *backlog = backlog.saturating_sub(size);
+        Ok(Some(commit))
     }
 
     /// Notes that every offset of `lane` below `end` is durable: appends are
@@ -423,11 +464,40 @@ impl Queue {
     }
 }
 
-/// Bytes a message takes in its lane's log, near enough for admission.
-fn record_size(message: &Publish) -> u64 {
-    let headers: usize = message.headers.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
-    let key = message.key.as_ref().map_or(0, Bytes::len);
-    (ballast_storage::limits::RECORD_HEADER_SIZE as usize + message.payload.len() + headers + key) as u64
+/// Bytes a record occupies in its lane's log: the record header, key,
+/// headers (each a 2-byte name length, the name, a 4-byte value length, the
+/// value) and payload, padded to the record alignment. This is what the
+/// `bytes` figure and `max_bytes` count. It mirrors storage's encoding
+/// (`docs/storage-format.md`); a unit test checks it against a real log.
+pub(crate) fn stored_size(key_size: usize, headers: &[(String, String)], payload_size: usize) -> u64 {
+    use ballast_storage::limits::{RECORD_ALIGN, RECORD_HEADER_SIZE};
+    let headers: u64 = headers.iter().map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64).sum();
+    let len = u64::from(RECORD_HEADER_SIZE) + key_size as u64 + headers + payload_size as u64;
+    len.div_ceil(RECORD_ALIGN) * RECORD_ALIGN
+}
+
+pub(crate) fn stored_size_new(record: &NewRecord) -> u64 {
+    stored_size(record.key.as_ref().map_or(0, Bytes::len), &record.headers, record.payload.len())
+}
+
+pub(crate) fn stored_size_of(record: &Record) -> u64 {
+    stored_size(record.key.as_ref().map_or(0, Bytes::len), &record.headers, record.payload.len())
+}
+
+/// Bytes of the records of `log` not yet done: what a lane's byte count
+/// starts from when its queue opens. Reads the backlog once (through the
+/// page cache; nothing is kept); a corrupt record met here is quarantined
+/// by the cursor, as delivery would.
+fn backlog_bytes(queue: &QueueName, log: &Log) -> u64 {
+    let mut cursor = log.cursor(log.ack_floor());
+    let mut bytes = 0;
+    while let Some(next) = cursor.next() {
+        match next {
+            Ok(record) => bytes += stored_size_of(&record),
+            Err(error) => tracing::error!(%queue, %error, "skipping corrupt records"),
+        }
+    }
+    bytes
 }
 
 /// Whether message `i` repeats the key of an earlier message of the batch.
@@ -463,4 +533,40 @@ pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io:
     file.sync_all()?;
     std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `stored_size` is what a record really takes in a log: each append
+    /// grows the log's written bytes by exactly that much (so the `bytes`
+    /// figure breaks loudly if the record format changes).
+    #[test]
+    fn stored_size_matches_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), ballast_storage::LogOptions::default()).unwrap();
+        let records = [
+            NewRecord::default(),
+            NewRecord { payload: Bytes::from_static(b"x"), ..NewRecord::default() },
+            NewRecord {
+                key: Some(Bytes::from_static(b"key-1")),
+                headers: vec![("a".into(), "b".into()), ("name".into(), "välue".into())],
+                payload: Bytes::from(vec![7u8; 1001]),
+                ..NewRecord::default()
+            },
+        ];
+        for record in records {
+            let before = log.stats().data_bytes;
+            log.append(std::slice::from_ref(&record)).unwrap().commit.wait().unwrap();
+            let written = log.stats().data_bytes - before;
+            assert_eq!(stored_size_new(&record), written, "{record:?}");
+            let offset = log.next_offset() - 1;
+            assert_eq!(stored_size_of(&log.read(offset).unwrap()), written);
+        }
+        let name = QueueName::parse("q").unwrap();
+        assert_eq!(backlog_bytes(&name, &log), log.stats().data_bytes - ballast_storage::limits::SEGMENT_HEADER_SIZE);
+        log.ack(0, 2, AckKind::Acked).unwrap().wait().unwrap();
+        assert_eq!(backlog_bytes(&name, &log), stored_size_of(&log.read(2).unwrap()));
+    }
 }

@@ -1,7 +1,7 @@
 //! Saturation: how full a queue and its lanes are, how fast they move, and
 //! the admission decision that sheds the lowest lanes first.
 //!
-//! Figures are cheap to take (two locks per lane and, when the ack floor
+//! Figures are cheap to take (three locks per lane and, when the ack floor
 //! moved, one record read for the oldest age), so every publish receipt
 //! carries them. Rates are exponentially smoothed once per
 //! [`STATS_TICK_MS`] by the broker's stats task.
@@ -20,7 +20,9 @@ use crate::{
 /// Saturation figures of a queue or a lane.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Figures {
+    /// Messages not yet acked (in-flight included).
     pub depth: u64,
+    /// Stored size of those messages' records: 0 for an empty lane.
     pub bytes: u64,
     /// max(depth / max_messages, bytes / max_bytes).
     pub saturation: f64,
@@ -37,6 +39,12 @@ pub(crate) struct LaneMeter {
     pub metrics: crate::metrics::LaneMetrics,
     pub published: AtomicU64,
     pub acked: AtomicU64,
+    /// Bytes of the lane's records not yet done (acked, dead-lettered or
+    /// purged), each counted at its stored size (`queue::stored_size`).
+    /// Also the lock that makes a change to the lane's log and to this
+    /// count one step: appends, acks and purges of the lane hold it, so
+    /// the count cannot drift from the log. Rebuilt from the log on open.
+    pub backlog_bytes: Mutex<u64>,
     rates: Mutex<Rates>,
     /// `(ack floor, timestamp of the record there)`: the oldest message's
     /// age is re-read only when the floor moves.
@@ -59,11 +67,14 @@ pub(crate) struct Refused {
 }
 
 impl LaneMeter {
-    pub(crate) fn new(queue: &str, lane: &str) -> LaneMeter {
+    /// A meter for a lane whose log holds `backlog_bytes` of records not
+    /// yet done.
+    pub(crate) fn new(queue: &str, lane: &str, backlog_bytes: u64) -> LaneMeter {
         LaneMeter {
             metrics: crate::metrics::LaneMetrics::new(queue, lane),
             published: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            backlog_bytes: Mutex::new(backlog_bytes),
             rates: Mutex::new(Rates::default()),
             oldest: Mutex::new(None),
         }
@@ -135,10 +146,11 @@ impl Queue {
             };
             timestamp.map_or(0, |t| now.saturating_sub(t))
         };
+        let bytes = *meter.backlog_bytes.lock();
         Figures {
             depth: stats.pending,
-            bytes: stats.data_bytes,
-            saturation: self.saturation_of(stats.pending, stats.data_bytes),
+            bytes,
+            saturation: self.saturation_of(stats.pending, bytes),
             oldest_age_ms,
             drain_estimate_ms: drain_estimate(stats.pending, ack_rate),
             ack_rate,
@@ -197,10 +209,9 @@ impl Queue {
         }
         let mut depth = 0;
         let mut bytes = 0;
-        for log in &self.lanes {
-            let stats = log.stats();
-            depth += stats.pending;
-            bytes += stats.data_bytes;
+        for (log, meter) in self.lanes.iter().zip(&self.meters) {
+            depth += log.stats().pending;
+            bytes += *meter.backlog_bytes.lock();
         }
         let new_messages: u64 = adding.iter().map(|(n, _)| n).sum();
         let new_bytes: u64 = adding.iter().map(|(_, b)| b).sum();

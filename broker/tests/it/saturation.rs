@@ -279,3 +279,81 @@ async fn metrics_endpoint_tracks_the_backlog() {
     let _ = broker.admin().await.get_queue(pb::GetQueueRequest { name: "nope".into() }).await;
     assert_eq!(sample(&broker.scrape(), "ballast_errors_total", "code=\"not_found\""), Some(1.0));
 }
+
+/// `bytes` counts the records not yet acked, nothing else: 0 for a new
+/// lane, the records' size while they wait, 0 again once every message is
+/// acked, dead-lettered or purged, and the same figures after a restart
+/// (which must not count sealed segments or segment headers).
+// Multi-threaded: the clients' connections must answer the broker's
+// GOAWAY while this thread blocks waiting for the process to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_are_the_unacked_records_before_and_after_a_restart() {
+    // Small segments so the backlog spans sealed segments too.
+    let config = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::write(config.path(), "[storage]\nsegment_size = 65536\n").unwrap();
+    let mut broker = BrokerProcess::start_with(&["--config", config.path().to_str().unwrap()]);
+    let settings = pb::QueueSettings { max_attempts: Some(1), ..queue_settings() };
+    create(&mut broker.admin().await, "b", settings).await;
+    let empty = stats(&broker, "b").await;
+    let figures = empty.saturation.unwrap();
+    assert_eq!((figures.bytes, figures.saturation), (0, 0.0), "a new queue holds nothing");
+    assert!(empty.lanes.iter().all(|l| l.saturation.as_ref().unwrap().bytes == 0));
+
+    let mut publisher = broker.publisher().await;
+    for lane in 0..3 {
+        publish_batch(&mut publisher, "b", (0..100).map(|_| on_lane(vec![7u8; 1000], lane)).collect()).await;
+    }
+    let full = stats(&broker, "b").await.saturation.unwrap();
+    assert!(full.bytes >= 300 * 1000, "bytes {}", full.bytes);
+    assert!(full.bytes < 300 * 1100, "bytes {} are the records, not the segments", full.bytes);
+    assert!(broker.terminate().success());
+    broker.restart();
+    let after = stats(&broker, "b").await.saturation.unwrap();
+    assert_eq!(after.bytes, full.bytes, "a restart counts the same records");
+
+    // Ack some, nack one (dead-lettered: max_attempts 1), purge none yet.
+    let mut consumer = broker.consumer().await;
+    let mut session = Session::open(&mut consumer, "b", 300).await;
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        ids.push(session.delivery().await.delivery_id);
+    }
+    let nacked = ids.pop().unwrap();
+    consumer.ack(pb::AckRequest { queue: "b".into(), delivery_ids: ids }).await.unwrap();
+    consumer
+        .nack(pb::NackRequest { queue: "b".into(), delivery_id: nacked, delay_ms: 0, reason: "bad".into() })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let drained = loop {
+        let s = stats(&broker, "b").await;
+        if s.saturation.as_ref().unwrap().depth == 0 || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let figures = drained.saturation.unwrap();
+    assert_eq!((figures.depth, figures.bytes, figures.saturation), (0, 0, 0.0), "everything acked: {figures:?}");
+    for lane in &drained.lanes {
+        let l = lane.saturation.as_ref().unwrap();
+        assert_eq!((l.bytes, l.saturation), (0, 0.0), "lane {}", lane.name);
+    }
+    let dead = stats(&broker, "b.dead").await.saturation.unwrap();
+    assert_eq!(dead.depth, 1);
+    assert!(dead.bytes >= 1000, "the dead letter's bytes count in b.dead: {}", dead.bytes);
+    drop(session);
+
+    assert!(broker.terminate().success());
+    broker.restart();
+    let figures = stats(&broker, "b").await.saturation.unwrap();
+    assert_eq!((figures.depth, figures.bytes, figures.saturation), (0, 0, 0.0), "after a restart: {figures:?}");
+    assert_eq!(stats(&broker, "b.dead").await.saturation.unwrap().bytes, dead.bytes);
+
+    // Purge empties the count too.
+    let mut admin = broker.admin().await;
+    admin.purge_queue(pb::PurgeQueueRequest { name: "b.dead".into() }).await.unwrap();
+    assert_eq!(stats(&broker, "b.dead").await.saturation.unwrap().bytes, 0);
+    let scraped = broker.scrape();
+    assert_eq!(sample(&scraped, "ballast_queue_bytes", "queue=\"b\",lane=\"normal\""), Some(0.0));
+    assert_eq!(sample(&scraped, "ballast_queue_saturation_ratio", "queue=\"b\",lane=\"normal\""), Some(0.0));
+}
