@@ -1,0 +1,194 @@
+//! CI smoke set: every `ballast-bench` scenario with tiny parameters against
+//! a real `ballastd`, each in a few seconds, asserting on its JSON so the
+//! benches never rot. `ballastd` is a binary of another package: it is taken
+//! from the same target directory (built there by `cargo test --workspace`),
+//! or built with `cargo build -p ballast-broker --bin ballastd` if absent.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+use serde_json::Value;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_ballast-bench");
+
+fn ballastd() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let bench = Path::new(BENCH);
+        let path = bench.with_file_name(format!("ballastd{}", std::env::consts::EXE_SUFFIX));
+        if !path.exists() {
+            let profile_dir = bench.parent().expect("the bench binary has a directory");
+            let target_dir = profile_dir.parent().expect("the profile directory has a parent");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "-p", "ballast-broker", "--bin", "ballastd"]).env("CARGO_TARGET_DIR", target_dir);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            let status = build.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("running cargo build");
+            assert!(status.success(), "building ballastd failed");
+            assert!(path.exists(), "cargo built ballastd somewhere other than {}", path.display());
+        }
+        path
+    })
+}
+
+/// Runs one scenario; returns its JSON. Panics with its output if it fails.
+fn run(scenario: &str, args: &[&str]) -> (Value, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join(format!("{scenario}.json"));
+    let output = Command::new(BENCH)
+        .arg("--ballastd")
+        .arg(ballastd())
+        .arg("--data-root")
+        .arg(dir.path().join("data"))
+        .arg("--json")
+        .arg(&json)
+        .arg(scenario)
+        .args(args)
+        .output()
+        .expect("running ballast-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "ballast-bench {scenario} failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    let value: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON was written")).expect("valid JSON");
+    assert_eq!(value["scenario"], scenario);
+    (value, json, dir)
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not an unsigned integer: {v}"))
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn throughput() {
+    let args = ["--size", "100,16384", "--batch", "1,16", "--messages", "400", "--producers", "2", "--consumers", "2"];
+    let (v, _, _dir) = run("throughput", &args);
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 4, "every size x batch combination ran");
+    for r in runs {
+        assert_eq!(u(&r["messages"]), 400);
+        assert!(f(&r["publish"]["messages_per_s"]) > 0.0);
+        assert!(f(&r["consume"]["messages_per_s"]) > 0.0);
+        assert_eq!(u(&r["publish"]["call_latency"]["count"]), 400 / u(&r["batch"]));
+    }
+}
+
+#[test]
+fn latency() {
+    let (v, json, _dir) = run("latency", &["--rate", "500", "--seconds", "1", "--warmup", "0", "--size", "64"]);
+    assert_eq!(u(&v["publish_to_durable"]["count"]), 500);
+    assert_eq!(u(&v["publish_to_delivery"]["count"]), 500);
+    assert!(f(&v["publish_to_delivery"]["p99_ms"]) > 0.0);
+    assert!(json.with_extension("svg").exists(), "latency writes a chart");
+}
+
+#[test]
+fn spike() {
+    let args = [
+        "--size",
+        "64",
+        "--steady-rate",
+        "500",
+        "--steady-seconds",
+        "0.5",
+        "--consumer-rate",
+        "1000",
+        "--burst-factor",
+        "10",
+        "--burst-seconds",
+        "1",
+        "--max-messages",
+        "2000",
+        "--interval-ms",
+        "250",
+        "--drain-max-seconds",
+        "30",
+    ];
+    let (v, json, _dir) = run("spike", &args);
+    assert_eq!(u(&v["lost"]), 0, "every accepted message is delivered");
+    assert_eq!(u(&v["unexpected_errors"]), 0, "{}", v["error_messages"]);
+    assert_eq!(u(&v["refused_but_delivered"]), 0);
+    assert!(u(&v["accepted"]["total"]) > 0);
+    assert_eq!(u(&v["delivered"]), u(&v["accepted"]["total"]));
+    assert!(u(&v["refused"]["low"]) > 0, "the burst reached admission");
+    assert_eq!(u(&v["offered"]), u(&v["accepted"]["total"]) + u(&v["refused"]["total"]));
+    assert!(v["drained"].as_bool().expect("drained"));
+    assert!(u(&v["rss_anon_bytes"]["peak"]) > 0);
+    assert!(v["samples"].as_array().expect("samples").len() >= 4);
+    assert!(json.with_extension("svg").exists(), "spike writes a chart");
+}
+
+#[test]
+fn priority() {
+    let args = [
+        "--size",
+        "64",
+        "--rate",
+        "200",
+        "--seconds",
+        "1",
+        "--warmup",
+        "0.2",
+        "--consumer-rate",
+        "1000",
+        "--flood-rate",
+        "3000",
+        "--flood-batch",
+        "50",
+    ];
+    let (v, json, _dir) = run("priority", &args);
+    assert_eq!(u(&v["baseline"]["publish_to_delivery"]["count"]), 200);
+    assert_eq!(u(&v["flood"]["publish_to_delivery"]["count"]), 200);
+    assert!(u(&v["flood_stored"]) > 0);
+    assert!(f(&v["delivery_ratio"]["p99"]) > 0.0);
+    assert!(json.with_extension("svg").exists(), "priority writes a chart");
+}
+
+#[test]
+fn recovery() {
+    let args = ["--cycles", "1", "--load-seconds", "0.5", "--producers", "2", "--batch", "10", "--size", "64"];
+    let (v, _, _dir) = run("recovery", &args);
+    assert!(u(&v["acked_publishes"]) > 0);
+    assert_eq!(u(&v["lost"]), 0, "no acknowledged publish is lost");
+    assert_eq!(u(&v["corrupt"]), 0);
+    assert_eq!(u(&v["stored_twice"]), 0);
+    assert_eq!(u(&v["unexpected_errors"]), 0, "{}", v["client_errors"]);
+    let restarts = v["restarts"].as_array().expect("restarts");
+    assert_eq!(restarts.len(), 1);
+    assert!(f(&restarts[0]["first_delivery_s"]) > 0.0);
+}
+
+#[test]
+fn isolation() {
+    let args = ["--rate", "200", "--seconds", "1", "--warmup", "0", "--size", "64", "--flood-producers", "1"];
+    let (v, _, _dir) = run("isolation", &args);
+    assert_eq!(u(&v["alone"]["publish_to_delivery"]["count"]), 200);
+    assert_eq!(u(&v["during"]["publish_to_delivery"]["count"]), 200);
+    assert!(f(&v["p99_ratio_publish_to_delivery"]) > 0.0);
+}
+
+#[test]
+fn backlog() {
+    let (v, _, _dir) = run("backlog", &["--messages", "5000", "--size", "100", "--batch", "500", "--producers", "2"]);
+    assert_eq!(u(&v["messages"]), 5000);
+    assert!(u(&v["rss_anon_backlog_bytes"]) > 0);
+    assert!(u(&v["rss_anon_after_restart_bytes"]) > 0);
+}
+
+#[test]
+fn overhead() {
+    let args = ["--messages", "2000", "--size", "64", "--batch", "50", "--inflight", "2", "--tasks", "2"];
+    let (v, _, _dir) = run("overhead", &args);
+    assert!(f(&v["raw_messages_per_s"]) > 0.0);
+    assert!(f(&v["producer_messages_per_s"]) > 0.0);
+}
