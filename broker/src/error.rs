@@ -49,24 +49,70 @@ pub struct Refusal {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalReason {
-    QueueFull { max_messages: u64, max_bytes: u64 },
-    DiskLow { free: u64, min: u64 },
+    /// With the batch, the queue would exceed the lane's share of a limit.
+    QueueFull {
+        max_messages: u64,
+        max_bytes: u64,
+        /// The refused batch: messages to store and their stored bytes.
+        batch_messages: u64,
+        batch_bytes: u64,
+        /// The lane's share of the limits (`max_* x` its admission fraction).
+        lane_max_messages: u64,
+        lane_max_bytes: u64,
+        /// By how much the queue plus the batch would exceed each share
+        /// (0: within it). At least one is above 0.
+        excess_messages: u64,
+        excess_bytes: u64,
+    },
+    DiskLow {
+        free: u64,
+        min: u64,
+    },
 }
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.reason {
-            RefusalReason::QueueFull { max_messages, max_bytes } => write!(
-                f,
-                "queue {} is {:.0}% full ({} of {max_messages} messages, {} of {max_bytes} bytes); lane {} is admitted up to {:.0}%: retry after {} ms, or publish to a higher lane",
-                self.queue,
-                self.figures.saturation * 100.0,
-                self.figures.depth,
-                self.figures.bytes,
-                self.lane,
-                self.threshold * 100.0,
-                self.retry_after_ms
-            ),
+            RefusalReason::QueueFull {
+                max_messages,
+                max_bytes,
+                batch_messages,
+                batch_bytes,
+                lane_max_messages,
+                lane_max_bytes,
+                excess_messages,
+                excess_bytes,
+            } => {
+                let plural = if batch_messages == 1 { "" } else { "s" };
+                write!(
+                    f,
+                    "queue {} refused a batch of {batch_messages} message{plural} ({batch_bytes} bytes) on lane {}: with it the queue would exceed the lane's {:.0}% share of ",
+                    self.queue,
+                    self.lane,
+                    self.threshold * 100.0
+                )?;
+                if excess_messages > 0 {
+                    write!(f, "max_messages ({lane_max_messages} of {max_messages}) by {excess_messages} messages")?;
+                }
+                if excess_messages > 0 && excess_bytes > 0 {
+                    write!(f, " and ")?;
+                }
+                if excess_bytes > 0 {
+                    write!(f, "max_bytes ({lane_max_bytes} of {max_bytes}) by {excess_bytes} bytes")?;
+                }
+                write!(
+                    f,
+                    "; it holds {} messages, {} bytes ({:.0}% full)",
+                    self.figures.depth,
+                    self.figures.bytes,
+                    self.figures.saturation * 100.0
+                )?;
+                if batch_messages > lane_max_messages || batch_bytes > lane_max_bytes {
+                    write!(f, ". The batch alone exceeds the lane's share: split it, or publish to a higher lane")
+                } else {
+                    write!(f, ". Retry after {} ms, or publish to a higher lane", self.retry_after_ms)
+                }
+            }
             RefusalReason::DiskLow { free, min } => write!(
                 f,
                 "the broker's disk has {free} bytes free, below its floor of {min} (disk_free_min_bytes): publishes are refused until space returns; consumers and acks go on"

@@ -273,6 +273,7 @@ impl Queue {
             commits.extend(self.ack_record(lease.lane, lease.offset, lease.size, AckKind::Acked)?);
             let meter = &self.meters[lease.lane as usize];
             meter.acked.fetch_add(1, Ordering::Relaxed);
+            meter.acked_bytes.fetch_add(lease.size, Ordering::Relaxed);
             meter.metrics.acked.increment(1);
             meter.metrics.delivery_to_ack.record(now_ms().saturating_sub(lease.delivered_ms) as f64 / 1000.0);
         }
@@ -513,6 +514,7 @@ impl Queue {
                 let meter = &self.meters[lease.lane as usize];
                 if kind == AckKind::DeadLettered {
                     meter.acked.fetch_add(1, Ordering::Relaxed);
+                    meter.acked_bytes.fetch_add(lease.size, Ordering::Relaxed);
                     meter.metrics.dead_lettered.increment(1);
                 } else if reason == LEASE_EXPIRED {
                     meter.metrics.redelivered_expired.increment(1);

@@ -31,6 +31,9 @@ pub struct Figures {
     pub drain_estimate_ms: Option<u64>,
     pub ack_rate: f64,
     pub publish_rate: f64,
+    /// Stored bytes of acked (or dead-lettered) records per second,
+    /// smoothed like `ack_rate`: the drain rate of `bytes`.
+    pub ack_byte_rate: f64,
 }
 
 /// Per-lane counters, smoothed rates and exported metrics.
@@ -39,6 +42,8 @@ pub(crate) struct LaneMeter {
     pub metrics: crate::metrics::LaneMetrics,
     pub published: AtomicU64,
     pub acked: AtomicU64,
+    /// Stored bytes of the records counted in `acked`.
+    pub acked_bytes: AtomicU64,
     /// Bytes of the lane's records not yet done (acked, dead-lettered or
     /// purged), each counted at its stored size (`queue::stored_size`).
     /// Also the lock that makes a change to the lane's log and to this
@@ -55,8 +60,10 @@ pub(crate) struct LaneMeter {
 struct Rates {
     last_published: u64,
     last_acked: u64,
+    last_acked_bytes: u64,
     publish_rate: f64,
     ack_rate: f64,
+    ack_byte_rate: f64,
 }
 
 /// Counters of refused publishes.
@@ -74,6 +81,7 @@ impl LaneMeter {
             metrics: crate::metrics::LaneMetrics::new(queue, lane),
             published: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            acked_bytes: AtomicU64::new(0),
             backlog_bytes: Mutex::new(backlog_bytes),
             rates: Mutex::new(Rates::default()),
             oldest: Mutex::new(None),
@@ -84,6 +92,7 @@ impl LaneMeter {
     pub(crate) fn tick(&self, seconds: f64) {
         let published = self.published.load(Ordering::Relaxed);
         let acked = self.acked.load(Ordering::Relaxed);
+        let acked_bytes = self.acked_bytes.load(Ordering::Relaxed);
         let mut r = self.rates.lock();
         let smooth = |old: f64, delta: u64| {
             let now = delta as f64 / seconds;
@@ -91,21 +100,25 @@ impl LaneMeter {
         };
         r.publish_rate = smooth(r.publish_rate, published - r.last_published);
         r.ack_rate = smooth(r.ack_rate, acked - r.last_acked);
+        r.ack_byte_rate = smooth(r.ack_byte_rate, acked_bytes - r.last_acked_bytes);
         // Below one message per ten ticks the rate is noise: call it zero.
         let floor = 0.1 / (STATS_TICK_MS as f64 / 1000.0);
         if r.ack_rate < floor && acked == r.last_acked {
             r.ack_rate = 0.0;
+            r.ack_byte_rate = 0.0;
         }
         if r.publish_rate < floor && published == r.last_published {
             r.publish_rate = 0.0;
         }
         r.last_published = published;
         r.last_acked = acked;
+        r.last_acked_bytes = acked_bytes;
     }
 
-    fn rates(&self) -> (f64, f64) {
+    /// `(publish rate, ack rate, ack byte rate)`.
+    fn rates(&self) -> (f64, f64, f64) {
         let r = self.rates.lock();
-        (r.publish_rate, r.ack_rate)
+        (r.publish_rate, r.ack_rate, r.ack_byte_rate)
     }
 }
 
@@ -126,7 +139,7 @@ impl Queue {
         let log = &self.lanes[lane as usize];
         let meter = &self.meters[lane as usize];
         let stats = log.stats();
-        let (publish_rate, ack_rate) = meter.rates();
+        let (publish_rate, ack_rate, ack_byte_rate) = meter.rates();
         let now = now_ms();
         let oldest_age_ms = if stats.pending == 0 {
             0
@@ -155,6 +168,7 @@ impl Queue {
             drain_estimate_ms: drain_estimate(stats.pending, ack_rate),
             ack_rate,
             publish_rate,
+            ack_byte_rate,
         }
     }
 
@@ -176,6 +190,7 @@ impl Queue {
             drain_estimate_ms: drain_estimate(depth, ack_rate),
             ack_rate,
             publish_rate: lanes.iter().map(|f| f.publish_rate).sum(),
+            ack_byte_rate: lanes.iter().map(|f| f.ack_byte_rate).sum(),
         };
         (total, lanes)
     }
@@ -222,33 +237,51 @@ impl Queue {
             let threshold = self.settings.lane_admission[lane];
             let max_messages = (self.settings.max_messages as f64 * threshold).floor() as u64;
             let max_bytes = (self.settings.max_bytes as f64 * threshold).floor() as u64;
-            if depth + new_messages > max_messages || bytes + new_bytes > max_bytes {
+            let excess_messages = (depth + new_messages).saturating_sub(max_messages);
+            let excess_bytes = (bytes + new_bytes).saturating_sub(max_bytes);
+            if excess_messages > 0 || excess_bytes > 0 {
                 self.refused.queue_full.fetch_add(1, Ordering::Relaxed);
                 self.meters[lane].metrics.refused_queue_full.increment(1);
                 let (total, _) = self.figures_with(false);
-                // Time for consumers to bring the queue back under the lane's
-                // threshold at the recent ack rate.
-                let excess = (depth + new_messages).saturating_sub(max_messages).max(1);
-                let retry_after_ms = if total.ack_rate > 0.0 {
-                    ((excess as f64 / total.ack_rate * 1000.0) as u64).clamp(RETRY_AFTER_MS_MIN, RETRY_AFTER_MS_MAX)
-                } else {
-                    RETRY_AFTER_MS_UNKNOWN
-                };
                 return Err(BrokerError::Refused(Box::new(Refusal {
                     queue: self.name.to_string(),
                     lane: self.settings.lanes[lane].clone(),
                     lane_index: lane_index(lane),
                     figures: total,
                     threshold,
-                    retry_after_ms,
+                    retry_after_ms: retry_after_ms(excess_messages, excess_bytes, &total),
                     reason: RefusalReason::QueueFull {
                         max_messages: self.settings.max_messages,
                         max_bytes: self.settings.max_bytes,
+                        batch_messages: new_messages,
+                        batch_bytes: new_bytes,
+                        lane_max_messages: max_messages,
+                        lane_max_bytes: max_bytes,
+                        excess_messages,
+                        excess_bytes,
                     },
                 })));
             }
         }
         Ok(())
+    }
+}
+
+/// The retry-after hint of a refusal: how long consumers need, at the
+/// queue's smoothed drain rates, to take the queue back under the lane's
+/// share of both limits, that is
+/// `max(excess_messages / ack_rate, excess_bytes / ack_byte_rate)`, clamped
+/// to `RETRY_AFTER_MS_MIN..=RETRY_AFTER_MS_MAX`. When an excess has no
+/// drain rate to go by (nothing acked recently), `RETRY_AFTER_MS_UNKNOWN`.
+fn retry_after_ms(excess_messages: u64, excess_bytes: u64, figures: &Figures) -> u64 {
+    let wait = |excess: u64, rate: f64| match excess {
+        0 => Some(0.0),
+        _ if rate > 0.0 => Some(excess as f64 / rate * 1000.0),
+        _ => None,
+    };
+    match (wait(excess_messages, figures.ack_rate), wait(excess_bytes, figures.ack_byte_rate)) {
+        (Some(messages), Some(bytes)) => (messages.max(bytes) as u64).clamp(RETRY_AFTER_MS_MIN, RETRY_AFTER_MS_MAX),
+        _ => RETRY_AFTER_MS_UNKNOWN,
     }
 }
 
@@ -262,4 +295,34 @@ fn drain_estimate(depth: u64, ack_rate: f64) -> Option<u64> {
         return Some(0);
     }
     (ack_rate > 0.0).then(|| (depth as f64 / ack_rate * 1000.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(excess: (u64, u64), rates: (f64, f64), expected_ms: u64) {
+        let figures = Figures { ack_rate: rates.0, ack_byte_rate: rates.1, ..Figures::default() };
+        assert_eq!(retry_after_ms(excess.0, excess.1, &figures), expected_ms, "excess {excess:?}, rates {rates:?}");
+    }
+
+    /// The hint is the longer of the two drains, clamped; unknown without a
+    /// rate for an excess that needs one.
+    #[test]
+    fn retry_after_covers_both_excesses() {
+        // 50 messages at 100/s: 500 ms; no byte excess.
+        check((50, 0), (100.0, 0.0), 500);
+        // Byte excess only: 200,000 bytes at 100,000 B/s is 2 s, whatever
+        // the message rate says.
+        check((0, 200_000), (100.0, 100_000.0), 2_000);
+        // Both: the longer wins.
+        check((50, 200_000), (100.0, 100_000.0), 2_000);
+        check((500, 200_000), (100.0, 100_000.0), 5_000);
+        // Clamped at both ends.
+        check((1, 0), (1000.0, 1.0), RETRY_AFTER_MS_MIN);
+        check((1_000_000, 0), (1.0, 1.0), RETRY_AFTER_MS_MAX);
+        // Nothing draining: no estimate.
+        check((1, 0), (0.0, 0.0), RETRY_AFTER_MS_UNKNOWN);
+        check((0, 1), (5.0, 0.0), RETRY_AFTER_MS_UNKNOWN);
+    }
 }

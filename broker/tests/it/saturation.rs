@@ -32,6 +32,9 @@ async fn lowest_lanes_are_shed_first_with_retry_after_and_figures() {
     assert_eq!(stored, 70, "low is admitted up to 70%");
     assert_eq!(refusal.code(), Code::ResourceExhausted);
     assert!(refusal.message().contains("lane low"), "{}", refusal.message());
+    assert!(refusal.message().contains("a batch of 1 message (48 bytes)"), "{}", refusal.message());
+    assert!(refusal.message().contains("max_messages (70 of 100) by 1 messages"), "{}", refusal.message());
+    assert!(!refusal.message().contains("max_bytes"), "not the byte limit: {}", refusal.message());
     let meta = refusal.metadata();
     let get = |key: &str| meta.get(key).unwrap_or_else(|| panic!("metadata {key}")).to_str().unwrap().to_owned();
     assert!(get("retry-after-ms").parse::<u64>().unwrap() >= 100);
@@ -356,4 +359,65 @@ async fn bytes_are_the_unacked_records_before_and_after_a_restart() {
     let scraped = broker.scrape();
     assert_eq!(sample(&scraped, "ballast_queue_bytes", "queue=\"b\",lane=\"normal\""), Some(0.0));
     assert_eq!(sample(&scraped, "ballast_queue_saturation_ratio", "queue=\"b\",lane=\"normal\""), Some(0.0));
+}
+
+/// A refusal by the byte limit says so, with the batch's size, and its
+/// retry-after covers the byte excess at the smoothed byte drain rate (not
+/// just one message's worth of time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_limit_refusal_names_the_batch_and_waits_for_the_bytes() {
+    let broker = BrokerProcess::start();
+    // Only bytes matter here: 1 MiB, of which low gets 70% (734,003 bytes).
+    let settings = pb::QueueSettings { max_bytes: Some(1 << 20), ..queue_settings() };
+    create(&mut broker.admin().await, "bytes", settings).await;
+    let mut publisher = broker.publisher().await;
+    // 1000 records of 1040 stored bytes each, through the high lane.
+    let payload = vec![1u8; 1000];
+    for _ in 0..10 {
+        publish_batch(&mut publisher, "bytes", (0..100).map(|_| on_lane(payload.clone(), 0)).collect()).await;
+    }
+    // A consumer acks about 100 messages (104,000 bytes) per second.
+    let mut consumer = broker.consumer().await;
+    let mut session = Session::open(&mut consumer, "bytes", 10).await;
+    let acking = tokio::spawn(async move {
+        let start = Instant::now();
+        for n in 1..=600u32 {
+            let d = session.delivery().await;
+            session.ack(vec![d.delivery_id]).await;
+            session.credit(1).await;
+            tokio::time::sleep_until((start + Duration::from_millis(u64::from(n) * 10)).into()).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let before = stats(&broker, "bytes").await.saturation.unwrap();
+    assert!(before.ack_rate > 50.0, "the consumer drains: {before:?}");
+
+    // 200 more messages on low: far over its byte share, well under any
+    // message limit.
+    let refusal = publisher
+        .publish_batch(pb::PublishBatchRequest {
+            queue: "bytes".into(),
+            messages: (0..200).map(|_| on_lane(payload.clone(), 2)).collect(),
+        })
+        .await
+        .expect_err("over low's byte share");
+    let after = stats(&broker, "bytes").await.saturation.unwrap();
+    acking.abort();
+    assert_eq!(refusal.code(), Code::ResourceExhausted);
+    let message = refusal.message();
+    assert!(message.contains("a batch of 200 messages (208000 bytes) on lane low"), "{message}");
+    assert!(message.contains("max_bytes (734003 of 1048576) by "), "{message}");
+    assert!(!message.contains("max_messages"), "not the message limit: {message}");
+    let meta = refusal.metadata();
+    let bytes: u64 = meta.get("ballast-bytes").unwrap().to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = meta.get("retry-after-ms").unwrap().to_str().unwrap().parse().unwrap();
+    // The excess over low's share, drained at about ack_rate x 1040 B/s.
+    let excess = (bytes + 208_000 - 734_003) as f64;
+    let rate = (before.ack_rate.min(after.ack_rate) * 1040.0, before.ack_rate.max(after.ack_rate) * 1040.0);
+    let (low, high) = (excess / rate.1 * 1000.0, excess / rate.0 * 1000.0);
+    assert!(
+        (low * 0.7..=high * 1.3).contains(&(retry_after as f64)),
+        "retry-after {retry_after} ms; expected {low:.0}..{high:.0} ms for {excess} bytes over at {rate:?} B/s"
+    );
+    assert!(retry_after >= 1000, "well above one message's time: {retry_after} ms");
 }
