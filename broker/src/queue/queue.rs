@@ -27,7 +27,9 @@ use crate::{
     config::Config,
     dedupe::{Dedupe, Lookup, Stored},
     error::{BrokerError, Result},
-    limits::{BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, KEY_SIZE_MAX, RESERVED_HEADER_PREFIX},
+    limits::{
+        BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, RESERVED_HEADER_PREFIX,
+    },
     now_ms,
 };
 
@@ -406,6 +408,17 @@ impl Queue {
         if message.headers.len() > HEADERS_COUNT_MAX as usize {
             return Err(which(format!("{} headers; the limit is {HEADERS_COUNT_MAX}", message.headers.len())));
         }
+        // Checked here, not left to storage: a batch must be refused whole
+        // before any lane stores anything. The delay header the broker adds
+        // counts too (at its longest value).
+        let delay_header = if message.delay_ms > 0 { header_size(HEADER_NOT_BEFORE, &u64::MAX.to_string()) } else { 0 };
+        let headers_size = message.headers.iter().map(|(k, v)| header_size(k, v)).sum::<u64>() + delay_header;
+        if headers_size > u64::from(HEADERS_SIZE_MAX) {
+            return Err(which(format!(
+                "headers take {headers_size} bytes encoded{}; the limit is {HEADERS_SIZE_MAX}",
+                if delay_header > 0 { ", the delay's included" } else { "" }
+            )));
+        }
         if let Some((name, _)) = message.headers.iter().find(|(name, _)| name.starts_with(RESERVED_HEADER_PREFIX)) {
             return Err(which(format!("header {name:?} uses the reserved prefix {RESERVED_HEADER_PREFIX:?}")));
         }
@@ -471,9 +484,15 @@ impl Queue {
 /// (`docs/storage-format.md`); a unit test checks it against a real log.
 pub(crate) fn stored_size(key_size: usize, headers: &[(String, String)], payload_size: usize) -> u64 {
     use ballast_storage::limits::{RECORD_ALIGN, RECORD_HEADER_SIZE};
-    let headers: u64 = headers.iter().map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64).sum();
+    let headers: u64 = headers.iter().map(|(k, v)| header_size(k, v)).sum();
     let len = u64::from(RECORD_HEADER_SIZE) + key_size as u64 + headers + payload_size as u64;
     len.div_ceil(RECORD_ALIGN) * RECORD_ALIGN
+}
+
+/// Encoded size of one header: a 2-byte name length, the name, a 4-byte
+/// value length, the value (storage's encoding).
+fn header_size(name: &str, value: &str) -> u64 {
+    2 + name.len() as u64 + 4 + value.len() as u64
 }
 
 pub(crate) fn stored_size_new(record: &NewRecord) -> u64 {

@@ -287,3 +287,116 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(again.id, receipt.id);
     assert_eq!(&again.payload[..], b"kept");
 }
+
+/// The rest of issue 3's bad-input list, end to end: every call on an
+/// unknown queue is NOT_FOUND, a bad name anywhere is INVALID_ARGUMENT,
+/// limits are named, and a batch with one bad message on another lane
+/// stores nothing of any lane.
+#[tokio::test]
+async fn more_bad_input_is_refused_and_stores_nothing() {
+    let broker = BrokerProcess::start();
+    let mut admin = broker.admin().await;
+    let mut publisher = broker.publisher().await;
+    let mut consumer = broker.consumer().await;
+    let mut stats = pb::stats_client::StatsClient::new(broker.channel().await);
+    create(&mut admin, "q", queue_settings()).await;
+
+    // Unknown queue: every call.
+    let nope = || "nope".to_owned();
+    assert_status(admin.get_queue(pb::GetQueueRequest { name: nope() }).await, Code::NotFound, "nope");
+    assert_status(admin.delete_queue(pb::DeleteQueueRequest { name: nope() }).await, Code::NotFound, "nope");
+    assert_status(
+        publisher.publish_batch(pb::PublishBatchRequest { queue: nope(), messages: vec![message("x")] }).await,
+        Code::NotFound,
+        "nope",
+    );
+    assert_status(
+        consumer.pull(pb::PullRequest { queue: nope(), max_messages: 1, wait_ms: 0 }).await,
+        Code::NotFound,
+        "nope",
+    );
+    assert_status(consumer.ack(pb::AckRequest { queue: nope(), delivery_ids: vec![1] }).await, Code::NotFound, "nope");
+    assert_status(
+        consumer.nack(pb::NackRequest { queue: nope(), delivery_id: 1, delay_ms: 0, reason: String::new() }).await,
+        Code::NotFound,
+        "nope",
+    );
+    assert_status(
+        stats.watch(pb::WatchRequest { queue: nope(), interval_ms: 0 }).await.map(|_| ()),
+        Code::NotFound,
+        "nope",
+    );
+
+    // A bad name is INVALID_ARGUMENT wherever it appears.
+    assert_status(
+        publisher.publish(pb::PublishRequest { queue: "Bad Name".into(), message: Some(message("x")) }).await,
+        Code::InvalidArgument,
+        "Bad Name",
+    );
+    assert_status(stats.get_stats(pb::StatsRequest { queue: "../etc".into() }).await, Code::InvalidArgument, "../etc");
+
+    // Limits on acks, pulls and credit name the limit.
+    assert_status(
+        consumer.ack(pb::AckRequest { queue: "q".into(), delivery_ids: vec![] }).await,
+        Code::InvalidArgument,
+        "at least one",
+    );
+    assert_status(
+        consumer.ack(pb::AckRequest { queue: "q".into(), delivery_ids: (0..10_001).collect() }).await,
+        Code::InvalidArgument,
+        "10000",
+    );
+    assert_status(
+        consumer.pull(pb::PullRequest { queue: "q".into(), max_messages: 10_001, wait_ms: 0 }).await,
+        Code::InvalidArgument,
+        "10000",
+    );
+    assert_status(
+        consumer
+            .nack(pb::NackRequest { queue: "q".into(), delivery_id: 1, delay_ms: u64::MAX, reason: String::new() })
+            .await,
+        Code::InvalidArgument,
+        "delay",
+    );
+    let session = Session::open(&mut consumer, "q", 10_000).await;
+    session.credit(1).await;
+    let mut session = session;
+    match session.next_within(std::time::Duration::from_secs(5)).await {
+        Some(Err(status)) => {
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains("10000"), "{status:?}");
+        }
+        other => panic!("credit over the limit: expected INVALID_ARGUMENT, got {other:?}"),
+    }
+
+    // Headers over their total size (64 KiB), alone or on another lane of a
+    // batch: refused whole, naming the message and the limit, before any
+    // lane stores anything.
+    let mut heavy = on_lane("h", 2);
+    heavy.headers.insert("big".into(), "v".repeat(64 * 1024));
+    assert_status(
+        publisher.publish(pb::PublishRequest { queue: "q".into(), message: Some(heavy.clone()) }).await,
+        Code::InvalidArgument,
+        "65536",
+    );
+    assert_status(
+        publisher
+            .publish_batch(pb::PublishBatchRequest { queue: "q".into(), messages: vec![on_lane("fine", 0), heavy] })
+            .await,
+        Code::InvalidArgument,
+        "message 1",
+    );
+    assert_eq!(depth(&mut admin, "q").await, 0, "nothing of a refused batch is stored");
+    // At the limit (2 + 3 + 4 + 65,527 = 65,536 bytes encoded) it is stored;
+    // with a delay, the broker's delay header would take it past.
+    let mut at_limit = on_lane("d", 1);
+    at_limit.headers.insert("big".into(), "v".repeat(64 * 1024 - 9));
+    publish(&mut publisher, "q", at_limit.clone()).await;
+    at_limit.delay_ms = 1000;
+    assert_status(
+        publisher.publish(pb::PublishRequest { queue: "q".into(), message: Some(at_limit) }).await,
+        Code::InvalidArgument,
+        "the delay's included",
+    );
+    assert_eq!(depth(&mut admin, "q").await, 1);
+}
