@@ -59,8 +59,18 @@ impl Dedupe {
     pub fn lookup(&mut self, key: &Bytes, now_ms: u64) -> Lookup {
         self.expire(now_ms);
         match self.slots.entry(key.clone()) {
-            Entry::Occupied(slot) => match slot.get() {
+            Entry::Occupied(mut slot) => match slot.get() {
                 Slot::Stored { at, .. } => Lookup::Seen(*at),
+                // The claimer went away without `stored` or `abandon` (its
+                // call was cancelled: a client deadline or disconnect drops
+                // the publish mid-way). Waiting on it would never end (a
+                // waiter would spin on the closed channel), so this caller
+                // takes the claim over.
+                Slot::Pending(rx) if rx.has_changed().is_err() => {
+                    let (tx, rx) = watch::channel(false);
+                    slot.insert(Slot::Pending(rx));
+                    Lookup::Claimed(tx)
+                }
                 Slot::Pending(rx) => Lookup::Wait(rx.clone()),
             },
             Entry::Vacant(slot) => {
@@ -136,5 +146,21 @@ mod tests {
         d.abandon(&key, claim);
         assert!(*rx.borrow_and_update());
         assert!(matches!(d.lookup(&key, 0), Lookup::Claimed(_)));
+    }
+
+    /// A claim whose publish was cancelled (the claim dropped without an
+    /// outcome) does not block the key: the next publisher claims it
+    /// instead of waiting forever.
+    #[test]
+    fn dropped_claim_lets_the_next_publisher_in() {
+        let mut d = Dedupe::new(1000);
+        let key = Bytes::from_static(b"k");
+        let Lookup::Claimed(claim) = d.lookup(&key, 0) else { panic!("new key must be claimed") };
+        let Lookup::Wait(rx) = d.lookup(&key, 0) else { panic!("claimed keys make others wait") };
+        drop(claim);
+        assert!(rx.has_changed().is_err(), "a waiter wakes when the claim drops");
+        let Lookup::Claimed(claim) = d.lookup(&key, 0) else { panic!("a dropped claim is taken over") };
+        d.stored(key.clone(), Stored { lane: 0, offset: 3 }, 0, claim);
+        assert!(matches!(d.lookup(&key, 1), Lookup::Seen(Stored { lane: 0, offset: 3 })));
     }
 }
