@@ -12,7 +12,8 @@
 //!    `RESOURCE_EXHAUSTED` and the ASCII metadata entry [`RETRY_AFTER_METADATA`]
 //!    holding a decimal number of milliseconds to wait before retrying, and
 //!    stores nothing. An admission refusal also carries the refused lane's
-//!    name ([`LANE_METADATA`]), the queue's depth, bytes and saturation
+//!    index ([`LANE_INDEX_METADATA`]) and name ([`LANE_METADATA`] when it is
+//!    printable ASCII, always as UTF-8 in [`LANE_BIN_METADATA`]), the queue's depth, bytes and saturation
 //!    ([`DEPTH_METADATA`], [`BYTES_METADATA`], [`SATURATION_METADATA`]) and
 //!    the lane's threshold ([`THRESHOLD_METADATA`]); a refusal for a nearly
 //!    full disk adds [`DISK_FREE_BYTES_METADATA`]. Admission compares the
@@ -68,8 +69,17 @@ pub const ADDR_DEFAULT: &str = "http://127.0.0.1:7400";
 /// before retrying, in decimal milliseconds.
 pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
 
-/// ASCII metadata key on an admission refusal: the refused lane's name.
+/// ASCII metadata key on an admission refusal: the refused lane's name,
+/// sent only when the name is printable ASCII.
 pub const LANE_METADATA: &str = "ballast-lane";
+
+/// Binary metadata key on an admission refusal: the refused lane's name as
+/// UTF-8, whatever its characters.
+pub const LANE_BIN_METADATA: &str = "ballast-lane-bin";
+
+/// ASCII metadata key on an admission refusal: the refused lane's index,
+/// decimal.
+pub const LANE_INDEX_METADATA: &str = "ballast-lane-index";
 
 /// ASCII metadata key on an admission refusal: the queue's messages not yet
 /// acked, decimal.

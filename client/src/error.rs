@@ -319,8 +319,11 @@ impl From<Status> for Error {
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Refusal {
-    /// Name of the refused lane (`ballast-lane`).
+    /// Name of the refused lane (`ballast-lane`, or `ballast-lane-bin` for
+    /// a name that is not printable ASCII).
     pub lane: Option<String>,
+    /// Index of the refused lane (`ballast-lane-index`).
+    pub lane_index: Option<u32>,
     /// Messages in the queue not yet acked (`ballast-depth`).
     pub depth: Option<u64>,
     /// Bytes the queue holds on disk (`ballast-bytes`).
@@ -347,8 +350,13 @@ impl Refusal {
         let text = |key: &str| Some(metadata.get(key)?.to_str().ok()?.trim().to_owned());
         let number = |key: &str| text(key)?.parse::<u64>().ok();
         let fraction = |key: &str| text(key)?.parse::<f64>().ok().filter(|value| value.is_finite());
+        let lane_bin = || {
+            let value = metadata.get_bin(contract::LANE_BIN_METADATA)?.to_bytes().ok()?;
+            String::from_utf8(value.to_vec()).ok()
+        };
         let refusal = Refusal {
-            lane: text(contract::LANE_METADATA),
+            lane: text(contract::LANE_METADATA).or_else(lane_bin),
+            lane_index: text(contract::LANE_INDEX_METADATA).and_then(|index| index.parse().ok()),
             depth: number(contract::DEPTH_METADATA),
             bytes: number(contract::BYTES_METADATA),
             saturation: fraction(contract::SATURATION_METADATA),
@@ -475,6 +483,27 @@ mod tests {
         assert_eq!(refusal.disk_free_bytes, Some(1024));
         assert_eq!((refusal.saturation, refusal.depth), (None, None), "unreadable values are dropped");
         assert_eq!(Error::NotFound { message: String::new() }.refusal(), None);
+    }
+
+    /// A lane name that is not printable ASCII comes only as UTF-8 in the
+    /// binary entry; the index always comes as text.
+    #[test]
+    fn resource_exhausted_reads_a_non_ascii_lane() {
+        let mut status = Status::resource_exhausted("queue full");
+        let metadata = status.metadata_mut();
+        metadata.insert(contract::LANE_INDEX_METADATA, MetadataValue::from_static("2"));
+        metadata.insert_bin(contract::LANE_BIN_METADATA, MetadataValue::from_bytes("niedrig-ü".as_bytes()));
+        let error = Error::from_status(status);
+        let refusal = error.refusal().expect("figures");
+        assert_eq!(refusal.lane.as_deref(), Some("niedrig-ü"));
+        assert_eq!(refusal.lane_index, Some(2));
+
+        let mut both = Status::resource_exhausted("queue full");
+        both.metadata_mut().insert(contract::LANE_METADATA, MetadataValue::from_static("low"));
+        both.metadata_mut().insert_bin(contract::LANE_BIN_METADATA, MetadataValue::from_bytes(b"other"));
+        let refusal = Error::from_status(both).refusal().cloned().expect("figures");
+        assert_eq!(refusal.lane.as_deref(), Some("low"), "the text entry wins when both are sent");
+        assert_eq!(refusal.lane_index, None);
     }
 
     /// Broker answers map by code; the contract's non-retryable codes stay so.

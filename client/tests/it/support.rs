@@ -271,6 +271,7 @@ fn forwarded(status: &Status) -> Status {
     for key in [
         contract::RETRY_AFTER_METADATA,
         contract::LANE_METADATA,
+        contract::LANE_INDEX_METADATA,
         contract::DEPTH_METADATA,
         contract::BYTES_METADATA,
         contract::SATURATION_METADATA,
@@ -280,6 +281,9 @@ fn forwarded(status: &Status) -> Status {
         if let Some(value) = status.metadata().get(key) {
             metadata.insert(key, value.clone());
         }
+    }
+    if let Some(value) = status.metadata().get_bin(contract::LANE_BIN_METADATA) {
+        metadata.insert_bin(contract::LANE_BIN_METADATA, value.clone());
     }
     Status::with_metadata(status.code(), status.message(), metadata)
 }
