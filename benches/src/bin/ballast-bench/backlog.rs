@@ -31,7 +31,14 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
         .pid()
         .ok_or_else(|| anyhow::anyhow!("backlog measures the broker's memory: let the bench start it (no --addr)"))?;
     let queue = "bench-backlog";
-    target.fresh_queue(queue, sync.settings()).await?;
+    // Limits out of the way: the backlog is the point (admission would
+    // refuse past the default 1,000,000 messages or 1 GiB).
+    let settings = ballast_proto::v1::QueueSettings {
+        max_messages: Some(1_000_000_000_000),
+        max_bytes: Some(1 << 50),
+        ..sync.settings()
+    };
+    target.fresh_queue(queue, settings).await?;
     let empty = crate::broker::rss_anon(pid)?;
     let mut channels = Vec::new();
     for _ in 0..args.producers {

@@ -84,6 +84,10 @@ fn draw(
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
+    if matches!(x, XAxis::Time) {
+        // Room for the last mark's label.
+        x1 += (x1 - x0) * 0.04;
+    }
     for (area, panel) in areas.iter().zip(panels) {
         let top = panel.series.iter().flat_map(|s| s.points.iter()).map(|p| p.1).filter(|y| y.is_finite());
         let y1 = top.fold(0.0f64, f64::max);

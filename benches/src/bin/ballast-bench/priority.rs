@@ -77,11 +77,13 @@ struct Recorder {
     /// warm-up messages at the start of each phase.
     flood_from: AtomicU64,
     warmup_count: u64,
+    durable: [Mutex<Histogram<u64>>; 2],
     delivered: [Mutex<Histogram<u64>>; 2],
     processed: [Mutex<Histogram<u64>>; 2],
     /// (seconds since start, delivery latency in ms) of every high delivery.
     timeline: Mutex<Vec<(f64, f64)>>,
     high_delivered: AtomicU64,
+    high_processed: AtomicU64,
     low_delivered: AtomicU64,
     low_processed: AtomicU64,
 }
@@ -107,7 +109,9 @@ impl Recorder {
         let sent = u64::from_le_bytes(d.payload[8..16].try_into().expect("8 bytes"));
         let now = load::nanos_since(self.start);
         let us = (now.saturating_sub(sent) / 1000).max(1);
-        if !processed {
+        if processed {
+            self.high_processed.fetch_add(1, Ordering::Relaxed);
+        } else {
             self.high_delivered.fetch_add(1, Ordering::Relaxed);
             self.timeline.lock().expect("timeline lock").push((now as f64 / 1e9, us as f64 / 1000.0));
         }
@@ -138,10 +142,12 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         start,
         flood_from: AtomicU64::new(u64::MAX),
         warmup_count: (args.warmup * args.rate as f64) as u64,
+        durable: [Mutex::new(load::histogram()), Mutex::new(load::histogram())],
         delivered: [Mutex::new(load::histogram()), Mutex::new(load::histogram())],
         processed: [Mutex::new(load::histogram()), Mutex::new(load::histogram())],
         timeline: Mutex::new(Vec::new()),
         high_delivered: AtomicU64::new(0),
+        high_processed: AtomicU64::new(0),
         low_delivered: AtomicU64::new(0),
         low_processed: AtomicU64::new(0),
     });
@@ -172,8 +178,8 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
 
     // Phase 1: the high lane alone.
     let baseline_start = start.elapsed().as_secs_f64();
-    high_lane(&clients, queue, args.rate, 0, phase_count, start, &filler).await?;
-    wait_delivered(&recorder.high_delivered, phase_count, Duration::from_secs(30)).await?;
+    high_lane(&clients, queue, args.rate, 0, phase_count, &filler, &recorder).await?;
+    wait_delivered(&recorder.high_processed, phase_count, Duration::from_secs(30)).await?;
 
     // Phase 2: the flood, then the high lane again once the low lane has a
     // backlog (the consumers are saturated).
@@ -194,19 +200,20 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     let low_before = recorder.low_processed.load(Ordering::Relaxed);
     recorder.flood_from.store(phase_count, Ordering::Relaxed);
     let high_start = Instant::now();
-    high_lane(&clients, queue, args.rate, phase_count, phase_count, start, &filler).await?;
+    high_lane(&clients, queue, args.rate, phase_count, phase_count, &filler, &recorder).await?;
     let high_seconds = high_start.elapsed().as_secs_f64();
     let low_during = recorder.low_processed.load(Ordering::Relaxed) - low_before;
     stop_flood.store(true, Ordering::Relaxed);
     let flood_stored = flood.await??.max(flood_stored.load(Ordering::Relaxed));
     let flood_end = start.elapsed().as_secs_f64();
-    wait_delivered(&recorder.high_delivered, 2 * phase_count, Duration::from_secs(60)).await?;
+    wait_delivered(&recorder.high_processed, 2 * phase_count, Duration::from_secs(60)).await?;
     stop_consumers.store(true, Ordering::Relaxed);
     for consumer in consumers {
         consumer.await??;
     }
 
     let take = |m: &Mutex<Histogram<u64>>| m.lock().expect("histogram lock").clone();
+    let (base_w, flood_w) = (take(&recorder.durable[0]), take(&recorder.durable[1]));
     let (base_d, flood_d) = (take(&recorder.delivered[0]), take(&recorder.delivered[1]));
     let (base_p, flood_p) = (take(&recorder.processed[0]), take(&recorder.processed[1]));
     let ratio = |a: &Histogram<u64>, b: &Histogram<u64>, q: f64| {
@@ -224,6 +231,8 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         sync
     );
     load::print_percentile_header();
+    load::print_percentiles("high durable, alone", &base_w);
+    load::print_percentiles("high durable, flood", &flood_w);
     load::print_percentiles("high delivery, alone", &base_d);
     load::print_percentiles("high delivery, flood", &flood_d);
     load::print_percentiles("high processing, alone", &base_p);
@@ -231,6 +240,10 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     let (r50, r99, r999) =
         (ratio(&base_d, &flood_d, 0.5), ratio(&base_d, &flood_d, 0.99), ratio(&base_d, &flood_d, 0.999));
     println!("high delivery during flood / alone: p50 {r50:.2}x, p99 {r99:.2}x, p999 {r999:.2}x");
+    println!(
+        "high durable p99 during flood / alone: {:.2}x (the flood's writes share the disk and its syncs)",
+        ratio(&base_w, &flood_w, 0.99)
+    );
     let p99_processing = ratio(&base_p, &flood_p, 0.99);
     println!("high processing p99 during flood / alone: {p99_processing:.2}x");
     let low_share = low_during as f64 / high_seconds;
@@ -245,9 +258,10 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         "scenario": "priority", "rate": args.rate, "size": args.size, "seconds": args.seconds, "warmup": args.warmup,
         "consumer_rate": args.consumer_rate, "consumers": args.consumers, "credit": args.credit,
         "flood_rate": args.flood_rate, "strict": args.strict, "sync": format!("{sync:?}").to_lowercase(),
-        "baseline": { "publish_to_delivery": load::percentiles(&base_d), "publish_to_processing": load::percentiles(&base_p) },
-        "flood": { "publish_to_delivery": load::percentiles(&flood_d), "publish_to_processing": load::percentiles(&flood_p) },
+        "baseline": { "publish_to_durable": load::percentiles(&base_w), "publish_to_delivery": load::percentiles(&base_d), "publish_to_processing": load::percentiles(&base_p) },
+        "flood": { "publish_to_durable": load::percentiles(&flood_w), "publish_to_delivery": load::percentiles(&flood_d), "publish_to_processing": load::percentiles(&flood_p) },
         "delivery_ratio": { "p50": r50, "p99": r99, "p999": r999 },
+        "durable_p99_ratio": ratio(&base_w, &flood_w, 0.99),
         "processing_p99_ratio": p99_processing,
         "flood_stored": flood_stored, "low_consumed_per_s_during_flood": low_share,
         "phases": { "baseline_start_s": baseline_start, "flood_start_s": flood_start, "flood_end_s": flood_end },
@@ -288,10 +302,10 @@ async fn high_lane(
     rate: u64,
     first: u64,
     count: u64,
-    start: Instant,
     filler: &Bytes,
+    recorder: &Arc<Recorder>,
 ) -> anyhow::Result<()> {
-    let phase_start = load::nanos_since(start);
+    let phase_start = load::nanos_since(recorder.start);
     let interval_ns = 1_000_000_000 / rate;
     let permits = Arc::new(Semaphore::new(4096));
     let began = Instant::now();
@@ -308,8 +322,13 @@ async fn high_lane(
             let message = pb::Message { payload: payload.freeze(), lane: Some(HIGH), ..Default::default() };
             let mut client = clients[(sent % clients.len() as u64) as usize].clone();
             let queue = queue.to_owned();
+            let (recorder, seq, intended) = (Arc::clone(recorder), first + sent, phase_start + sent * interval_ns);
             calls.push(tokio::spawn(async move {
                 let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
+                if let Some(phase) = recorder.phase(seq) {
+                    let us = (load::nanos_since(recorder.start).saturating_sub(intended) / 1000).max(1);
+                    let _ = recorder.durable[phase].lock().expect("histogram lock").record(us);
+                }
                 drop(permit);
                 result.map(|_| ()).map_err(|s| anyhow::anyhow!("high-lane publish: {s}"))
             }));

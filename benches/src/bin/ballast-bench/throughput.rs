@@ -63,9 +63,9 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         for r in &runs {
             println!(
                 "{:>7} {:>6} {:>9} {:>10.0} {:>10.1} {:>7.2}ms {:>10}",
-                r["size"],
-                r["batch"],
-                r["messages"],
+                r["size"].as_u64().unwrap_or(0),
+                r["batch"].as_u64().unwrap_or(0),
+                r["messages"].as_u64().unwrap_or(0),
                 r["publish"]["messages_per_s"].as_f64().unwrap_or(0.0),
                 r["publish"]["payload_mb_per_s"].as_f64().unwrap_or(0.0),
                 r["publish"]["call_latency"]["p99_ms"].as_f64().unwrap_or(0.0),
