@@ -85,8 +85,8 @@ pub const LANE_INDEX_METADATA: &str = "ballast-lane-index";
 /// acked, decimal.
 pub const DEPTH_METADATA: &str = "ballast-depth";
 
-/// ASCII metadata key on an admission refusal: the queue's bytes on disk,
-/// decimal.
+/// ASCII metadata key on an admission refusal: the stored bytes of the
+/// queue's records not yet acked, decimal.
 pub const BYTES_METADATA: &str = "ballast-bytes";
 
 /// ASCII metadata key on an admission refusal: the queue's saturation, a

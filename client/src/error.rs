@@ -326,7 +326,7 @@ pub struct Refusal {
     pub lane_index: Option<u32>,
     /// Messages in the queue not yet acked (`ballast-depth`).
     pub depth: Option<u64>,
-    /// Bytes the queue holds on disk (`ballast-bytes`).
+    /// Stored bytes of the queue's records not yet acked (`ballast-bytes`).
     pub bytes: Option<u64>,
     /// The queue's saturation, 0..1 (`ballast-saturation`).
     pub saturation: Option<f64>,

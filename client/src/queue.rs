@@ -110,9 +110,8 @@ pub struct QueueSettings {
     /// Admission limit: messages not yet acked (in-flight included), all
     /// lanes together. (default: 1 000 000)
     pub max_messages: Option<u64>,
-    /// Admission limit: bytes the queue holds on disk, all lanes together;
-    /// acked records count until their segment file is removed. At least
-    /// 64 KiB. (default: 1 GiB)
+    /// Admission limit: stored bytes of the records not yet acked, all
+    /// lanes together. At least 64 KiB. (default: 1 GiB)
     pub max_bytes: Option<u64>,
     /// Per lane, same order as `lanes`: the fraction of `max_messages` and
     /// `max_bytes`, in (0, 1], up to which the lane's publishes are admitted.

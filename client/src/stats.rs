@@ -45,8 +45,8 @@ use crate::Error;
 pub struct Saturation {
     /// Messages not yet acked, in-flight deliveries included.
     pub depth: u64,
-    /// Bytes held on disk. Acked records count until their segment file is
-    /// removed, so this trails `depth` when consumers catch up.
+    /// Stored bytes of the records not yet acked (record header, key,
+    /// headers and payload, padded to 8 bytes); 0 when `depth` is 0.
     pub bytes: u64,
     /// `max(depth / max_messages, bytes / max_bytes)`: 0 is empty, 1 is full.
     pub saturation: f64,
