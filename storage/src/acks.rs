@@ -73,6 +73,12 @@ impl AckState {
         self.ranges.len()
     }
 
+    /// The done ranges above the floor that start below `end`, ascending,
+    /// each cut at `end`.
+    pub(crate) fn ranges_below(&self, end: u64) -> Vec<(u64, u64)> {
+        self.ranges.range(..end).map(|(&s, &e)| (s, e.min(end))).collect()
+    }
+
     /// Offsets marked done above the floor.
     pub(crate) fn done_above_floor(&self) -> u64 {
         self.ranges.iter().map(|(s, e)| e - s).sum()

@@ -57,4 +57,4 @@ pub use file::Faults;
 pub use keys::KeyEntry;
 pub use log::{Appended, Commit, Cursor, Log, LogStats};
 pub use options::{LogOptions, SyncPolicy};
-pub use record::{NewRecord, Record};
+pub use record::{NewRecord, Record, stored_size};

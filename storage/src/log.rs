@@ -413,6 +413,42 @@ impl Log {
         }
     }
 
+    /// Stored bytes of the records not done (the backlog, in-flight
+    /// deliveries included): the sum of [`Record::stored_size`] over every
+    /// offset from the ack floor to `next_offset` that is not acked,
+    /// dead-lettered or quarantined. Segment headers, zero tails and done
+    /// records never count.
+    ///
+    /// Computed from record positions, never by reading the backlog: per
+    /// segment, each run of offsets not done between the floor, the done
+    /// ranges and the segment's end counts as the position just past its
+    /// last record minus the position of its first. A position comes from
+    /// the sparse index plus a hop over at most one index interval of
+    /// record headers (no CRC); the end of the active segment is the
+    /// writer's position; the end of a sealed segment whose index is not
+    /// built yet is found from the end of its file
+    /// (`Segment::end_from_tail`: at most `2 × record_size_max` bytes, one
+    /// CRC check). Cost: O(segments + (1 + done ranges above the floor) ×
+    /// index interval), plus one pass over the record headers of a segment
+    /// that holds the floor or a done range and whose index is not built
+    /// yet (sealed segments after a clean open are indexed on their first
+    /// read; the first delivery from there makes the same pass). Memory:
+    /// a copy of the done ranges. Not cheap enough for every publish: take
+    /// it at open and keep a running count.
+    ///
+    /// A snapshot: exact when no append or ack of this log runs meanwhile.
+    ///
+    /// Corruption: a hop that meets an impossible length (or a wrong offset)
+    /// over a done record (one quarantined earlier) resynchronises past it,
+    /// as a read does, adding an index entry and marking nothing. One over a
+    /// record not done yet, or a damaged record at the end of a run, gives
+    /// [`ReadError::Corrupt`] and marks nothing either: the caller decides
+    /// (the broker then counts with a [`Cursor`], which quarantines the
+    /// damaged records as delivery would). It never panics on bad bytes.
+    pub fn pending_bytes(&self) -> Result<u64, ReadError> {
+        self.shared.pending_bytes()
+    }
+
     pub fn stats(&self) -> LogStats {
         let (ack_floor, done_above_floor, ack_ranges) = {
             let acks = self.shared.acks.lock();
@@ -756,6 +792,108 @@ impl Shared {
             reason: invalid.describe().into(),
         };
         (error, resumed)
+    }
+
+    fn pending_bytes(&self) -> Result<u64, ReadError> {
+        // The end of the log, its active segment and that segment's end,
+        // taken together: the writer lock orders them with appends.
+        let (next, active_end, segments) = {
+            let writer = self.writer.lock();
+            let segments: Vec<Arc<Segment>> = self.segments.read().clone();
+            (self.next_offset.load(Ordering::Acquire), writer.write_pos, segments)
+        };
+        let (floor, ranges) = {
+            let acks = self.acks.lock();
+            (acks.state.floor(), acks.state.ranges_below(next))
+        };
+        let is_done = |offset: u64| {
+            offset < floor || {
+                let at = ranges.partition_point(|&(s, _)| s <= offset);
+                at.checked_sub(1).is_some_and(|i| offset < ranges[i].1)
+            }
+        };
+        let record_size_max = u64::from(self.options.record_size_max);
+        let mut total = 0;
+        let mut done = ranges.iter().copied().peekable();
+        for (i, segment) in segments.iter().enumerate() {
+            let active = i + 1 == segments.len();
+            let lo = segment.base_offset;
+            let hi = segments.get(i + 1).map_or(next, |s| s.base_offset).min(next);
+            let mut start = lo.max(floor);
+            while start < hi {
+                while done.next_if(|&(_, e)| e <= start).is_some() {}
+                let (stop, resume) = match done.peek() {
+                    Some(&(s, e)) if s < hi => (s.max(start), e),
+                    _ => (hi, hi),
+                };
+                if stop > start {
+                    // The run of records not done [start, stop).
+                    let first =
+                        if start == lo { SEGMENT_HEADER_SIZE } else { self.position(segment, start, hi, &is_done)? };
+                    let last = stop - 1;
+                    let end = if stop == hi && active {
+                        active_end
+                    } else {
+                        let from_tail = (stop == hi && !segment.is_indexed_for(last))
+                            .then(|| segment.end_from_tail(last, record_size_max))
+                            .flatten();
+                        match from_tail {
+                            Some(end) => end,
+                            None => {
+                                let pos = self.position(segment, last, hi, &is_done)?;
+                                segment.end_of_record_at(pos).ok_or_else(|| ReadError::Corrupt {
+                                    segment_base: lo,
+                                    first_offset: last,
+                                    last_offset: last,
+                                    reason: Invalid::BadLength.describe().into(),
+                                })?
+                            }
+                        }
+                    };
+                    total += end.saturating_sub(first);
+                }
+                start = resume;
+            }
+        }
+        Ok(total)
+    }
+
+    /// The position of the record `offset` (not done) in `segment`, whose
+    /// offsets end at `end`, for [`Shared::pending_bytes`]: hops from the
+    /// index and resynchronises past damaged records that are done (adding
+    /// an index entry, marking nothing). Damage anywhere else is reported.
+    fn position(
+        &self,
+        segment: &Segment,
+        offset: u64,
+        end: u64,
+        is_done: &dyn Fn(u64) -> bool,
+    ) -> Result<u64, ReadError> {
+        let corrupt = |first: u64, reason: &str| ReadError::Corrupt {
+            segment_base: segment.base_offset,
+            first_offset: first,
+            last_offset: first,
+            reason: reason.into(),
+        };
+        // Each round leaves an index entry further on; the bound guards
+        // against a bug, as in `read`.
+        for _ in 0..1024 {
+            let hop = match segment.locate(offset, end) {
+                Ok(pos) => return Ok(pos),
+                Err(hop) => hop,
+            };
+            if hop.expected_offset < offset && is_done(hop.expected_offset) {
+                let data = segment.data_from(0);
+                if let Some((pos, found)) = segment::resync(&data, hop.pos, data.len() as u64, hop.expected_offset, end)
+                    && found <= offset
+                {
+                    segment.index_resync_point(found, pos);
+                    continue;
+                }
+            }
+            return Err(corrupt(hop.expected_offset, hop.invalid.describe()));
+        }
+        Err(corrupt(offset, "record not found after resynchronising"))
     }
 
     /// One flusher cycle's I/O: sync dirty segments, write the buffered acks

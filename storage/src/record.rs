@@ -57,14 +57,49 @@ pub struct Record {
 impl NewRecord {
     /// Encoded size of the headers block, in bytes.
     pub(crate) fn headers_size(&self) -> u64 {
-        self.headers.iter().map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64).sum()
+        headers_size(&self.headers)
     }
 
     /// Encoded size without padding: what the `len` field holds.
     pub(crate) fn encoded_len(&self) -> u64 {
-        let key = self.key.as_ref().map_or(0, |k| k.len() as u64);
-        RECORD_HEADER_SIZE as u64 + key + self.headers_size() + self.payload.len() as u64
+        encoded_len(self.key.as_ref().map_or(0, Bytes::len), &self.headers, self.payload.len())
     }
+
+    /// Bytes this record takes in a segment once appended: the 40-byte
+    /// record header, key, encoded headers and payload, padded to
+    /// [`RECORD_ALIGN`]. The same figure as [`Record::stored_size`] of the
+    /// record read back, and what [`Log::pending_bytes`](crate::Log::pending_bytes)
+    /// sums.
+    pub fn stored_size(&self) -> u64 {
+        padded(self.encoded_len())
+    }
+}
+
+impl Record {
+    /// Bytes this record takes in its segment: the 40-byte record header,
+    /// key, encoded headers and payload, padded to [`RECORD_ALIGN`] (see
+    /// [`stored_size`]).
+    pub fn stored_size(&self) -> u64 {
+        stored_size(self.key.as_ref().map_or(0, Bytes::len), &self.headers, self.payload.len())
+    }
+}
+
+/// Bytes a record with a key of `key_len` bytes (0: no key), these
+/// headers and a payload of `payload_len` bytes takes in a segment: the
+/// 40-byte record header, the key, the headers block (per header a 2-byte
+/// name length, the name, a 4-byte value length, the value) and the
+/// payload, padded to [`RECORD_ALIGN`] (`docs/storage-format.md` §2.3).
+/// The single source of truth for the stored size of a record.
+pub fn stored_size(key_len: usize, headers: &[(String, String)], payload_len: usize) -> u64 {
+    padded(encoded_len(key_len, headers, payload_len))
+}
+
+fn headers_size(headers: &[(String, String)]) -> u64 {
+    headers.iter().map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64).sum()
+}
+
+fn encoded_len(key_len: usize, headers: &[(String, String)], payload_len: usize) -> u64 {
+    RECORD_HEADER_SIZE as u64 + key_len as u64 + headers_size(headers) + payload_len as u64
 }
 
 /// Size a record of `len` bytes occupies in a segment, padding included.

@@ -310,6 +310,61 @@ impl Segment {
         }
     }
 
+    /// Whether [`Segment::locate`] of `offset` is cheap now (at most one
+    /// index interval of hops): the index is built and covers `offset`.
+    pub(crate) fn is_indexed_for(&self, offset: u64) -> bool {
+        let index = self.index.lock();
+        index.complete && index.unindexed_below.is_none_or(|below| offset >= below)
+    }
+
+    /// The position just past the record `last`, which must be the last
+    /// record this (sealed) segment holds, found from the end of the file
+    /// without the index: the last non-zero byte lies inside that record
+    /// (past it there are only its zero padding and the segment's zero
+    /// tail, contract 4), so the record starts at most `record_size_max`
+    /// bytes before it. Scans up from that bound at the record alignment
+    /// for the first position holding a record that carries offset `last`,
+    /// covers the last non-zero byte and passes the full check (CRC
+    /// included; the lowest match, so a record copied inside a payload is
+    /// not mistaken for it). `None` when the tail does not look like that
+    /// (the zero tail is longer than `record_size_max`, as in a segment
+    /// that records lost at its end leave short, or the record is damaged):
+    /// the caller falls back to the index. Cost: reads at most
+    /// `2 × padded(record_size_max)` bytes at the end of the file.
+    pub(crate) fn end_from_tail(&self, last: u64, record_size_max: u64) -> Option<u64> {
+        let data: &[u8] = &self.map;
+        let window = record::padded(record_size_max);
+        let size = data.len() as u64;
+        let zeros_from = size.saturating_sub(window).max(SEGMENT_HEADER_SIZE);
+        let q = zeros_from + data[zeros_from as usize..].iter().rposition(|&b| b != 0)? as u64;
+        let lowest = (q + 1).saturating_sub(window).max(SEGMENT_HEADER_SIZE);
+        let mut pos = lowest.div_ceil(crate::limits::RECORD_ALIGN) * crate::limits::RECORD_ALIGN;
+        while pos <= q {
+            let buf = &data[pos as usize..];
+            if let Ok(header) = record::peek(buf)
+                && header.offset == last
+                && pos + u64::from(header.len) > q
+                && record::check(buf, last).is_ok()
+            {
+                let end = pos + record::padded(u64::from(header.len));
+                return (end <= size).then_some(end);
+            }
+            pos += crate::limits::RECORD_ALIGN;
+        }
+        None
+    }
+
+    /// The position just past the record at `pos` (found by
+    /// [`Segment::locate`]), or `None` if its length is implausible (below
+    /// a record header, or the record with its padding runs past the
+    /// written data). No CRC check.
+    pub(crate) fn end_of_record_at(&self, pos: u64) -> Option<u64> {
+        let data = self.data_from(pos);
+        let header = record::peek(&data).ok()?;
+        let end = pos + record::padded(u64::from(header.len));
+        (end <= pos + data.len() as u64).then_some(end)
+    }
+
     fn build_index(&self, index: &mut SparseIndex, end_offset: u64) {
         let data = self.data_from(0);
         let mut pos = SEGMENT_HEADER_SIZE;

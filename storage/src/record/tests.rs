@@ -7,7 +7,10 @@ fn roundtrip(record: &NewRecord, offset: u64) -> Record {
     let mut buf = Vec::new();
     encode(record, offset, &mut buf);
     assert_eq!(buf.len() as u64, padded(record.encoded_len()));
-    decode(&Bytes::from(buf), offset).expect("a freshly encoded record decodes")
+    assert_eq!(buf.len() as u64, record.stored_size(), "stored_size is the encoded size, padding included");
+    let decoded = decode(&Bytes::from(buf), offset).expect("a freshly encoded record decodes");
+    assert_eq!(decoded.stored_size(), record.stored_size());
+    decoded
 }
 
 proptest! {

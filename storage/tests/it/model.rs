@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use ballast_storage::{AckKind, Log, LogOptions};
+use ballast_storage::{AckKind, Log, LogOptions, NewRecord};
 use bytes::Bytes;
 use proptest::prelude::*;
 
@@ -53,8 +53,38 @@ fn options() -> LogOptions {
 }
 
 /// Checks everything the model knows against the log.
-fn check_all(log: &Log, payloads: &[Bytes], done: &BTreeSet<u64>) -> Result<(), TestCaseError> {
+/// A record of the model: varied so stored sizes differ (a key, headers,
+/// payloads that end in zero bytes, which the end-of-segment search in
+/// `pending_bytes` must see past).
+fn model_record(i: u64, size: usize) -> NewRecord {
+    let mut r = record(i, size);
+    if i % 3 == 0 {
+        r.headers = vec![("h".into(), "v".repeat((i % 7) as usize)), ("name".into(), String::new())];
+    }
+    if i % 5 == 0 {
+        r.key = Some(Bytes::from(format!("key-{i}")));
+    }
+    if i % 4 == 1 {
+        let mut payload = r.payload.to_vec();
+        payload.resize(payload.len() + (i % 13) as usize, 0);
+        r.payload = Bytes::from(payload);
+    }
+    r
+}
+
+/// `pending_bytes` against the model: the stored sizes of the records not
+/// done.
+fn check_pending_bytes(log: &Log, sizes: &[u64], done: &BTreeSet<u64>) -> Result<(), TestCaseError> {
+    let expected: u64 = (0..sizes.len()).filter(|&o| !done.contains(&(o as u64))).map(|o| sizes[o]).sum();
+    let found = log.pending_bytes().map_err(|e| TestCaseError::fail(format!("pending_bytes: {e}")))?;
+    prop_assert_eq!(found, expected);
+    Ok(())
+}
+
+fn check_all(log: &Log, payloads: &[Bytes], sizes: &[u64], done: &BTreeSet<u64>) -> Result<(), TestCaseError> {
     prop_assert_eq!(log.next_offset(), payloads.len() as u64);
+    // First, while the indexes of sealed segments are not built yet.
+    check_pending_bytes(log, sizes, done)?;
     let mut cursor = log.cursor(0);
     let mut seen = Vec::new();
     while let Some(item) = cursor.next() {
@@ -68,6 +98,7 @@ fn check_all(log: &Log, payloads: &[Bytes], done: &BTreeSet<u64>) -> Result<(), 
         prop_assert!(log.is_done(offset));
     }
     prop_assert_eq!(log.stats().quarantined, 0);
+    check_pending_bytes(log, sizes, done)?;
     Ok(())
 }
 
@@ -82,16 +113,19 @@ proptest! {
         let mut dirs = vec![tempfile::tempdir().unwrap()];
         let mut log = Log::open(dirs[0].path(), options()).unwrap();
         let mut payloads: Vec<Bytes> = Vec::new();
+        let mut sizes: Vec<u64> = Vec::new();
         let mut done = BTreeSet::new();
         for op in ops {
             match op {
                 Op::Append { count, size } => {
                     let first = payloads.len() as u64;
-                    let batch: Vec<_> = (first..first + count).map(|i| record(i, size)).collect();
+                    let batch: Vec<_> = (first..first + count).map(|i| model_record(i, size)).collect();
                     let appended = log.append(&batch).unwrap();
                     prop_assert_eq!(appended.first_offset, first);
                     appended.commit.wait().unwrap();
+                    sizes.extend(batch.iter().map(NewRecord::stored_size));
                     payloads.extend(batch.into_iter().map(|r| r.payload));
+                    check_pending_bytes(&log, &sizes, &done)?;
                 }
                 Op::Ack { at, count } => {
                     if payloads.is_empty() { continue; }
@@ -99,6 +133,7 @@ proptest! {
                     let count = count.min(payloads.len() as u64 - first);
                     log.ack(first, count, AckKind::Acked).unwrap().wait().unwrap();
                     done.extend(first..first + count);
+                    check_pending_bytes(&log, &sizes, &done)?;
                 }
                 Op::Read { at } => {
                     if payloads.is_empty() { continue; }
@@ -113,7 +148,7 @@ proptest! {
                 Op::Reopen => {
                     log.close().unwrap();
                     log = Log::open(dirs.last().unwrap().path(), options()).unwrap();
-                    check_all(&log, &payloads, &done)?;
+                    check_all(&log, &payloads, &sizes, &done)?;
                 }
                 Op::Crash => {
                     let image = tempfile::tempdir().unwrap();
@@ -121,11 +156,11 @@ proptest! {
                     let crashed = Log::open(image.path(), options()).unwrap();
                     drop(std::mem::replace(&mut log, crashed));
                     dirs.push(image);
-                    check_all(&log, &payloads, &done)?;
+                    check_all(&log, &payloads, &sizes, &done)?;
                 }
             }
         }
-        check_all(&log, &payloads, &done)?;
+        check_all(&log, &payloads, &sizes, &done)?;
     }
 }
 
