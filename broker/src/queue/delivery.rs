@@ -344,7 +344,7 @@ impl Queue {
                 let deadline_ms = now + self.settings.lease_timeout_ms;
                 let attempt = prior + 1;
                 let published_ms = record.timestamp_ms;
-                let size = super::queue::stored_size_of(&record);
+                let size = record.stored_size();
                 let delivery = to_delivery(delivery_id, lane, record, attempt, deadline_ms);
                 let Some(consumer) = state.consumers.get_mut(&consumer_id) else { break };
                 match consumer.sender.try_send(delivery) {
@@ -413,9 +413,8 @@ impl Queue {
     /// Takes the next message of one lane: released leases first, then due
     /// delayed messages, then fresh ones from the cursor.
     fn take(&self, lane: usize, state: &mut LaneState, now: u64) -> Option<(u64, u32, Record)> {
-        let log = &self.lanes[lane];
         while let Some((offset, prior)) = state.requeue.pop_front() {
-            if let Some(record) = self.reread(log, offset) {
+            if let Some(record) = self.reread(lane, offset) {
                 return Some((offset, prior, record));
             }
         }
@@ -424,7 +423,7 @@ impl Queue {
                 break;
             }
             state.delayed.pop_first();
-            if let Some(record) = self.reread(log, offset) {
+            if let Some(record) = self.reread(lane, offset) {
                 return Some((offset, prior, record));
             }
         }
@@ -439,6 +438,7 @@ impl Queue {
                 },
                 Err(error) => {
                     tracing::error!(queue = %self.name, lane, %error, "skipping corrupt records");
+                    self.recount_bytes(lane);
                 }
             }
         }
@@ -447,7 +447,8 @@ impl Queue {
 
     /// Reads a message again by offset (requeue, delayed); `None` if it was
     /// done meanwhile (purge) or cannot be read.
-    fn reread(&self, log: &Log, offset: u64) -> Option<Record> {
+    fn reread(&self, lane: usize, offset: u64) -> Option<Record> {
+        let log = &self.lanes[lane];
         if log.is_done(offset) {
             return None;
         }
@@ -455,6 +456,10 @@ impl Queue {
             Ok(record) => Some(record),
             Err(error) => {
                 tracing::error!(queue = %self.name, offset, %error, "cannot read a message for redelivery");
+                if matches!(error, ballast_storage::ReadError::Corrupt { .. }) {
+                    // Quarantined: the lane's byte count follows the log.
+                    self.recount_bytes(lane);
+                }
                 None
             }
         }
@@ -489,8 +494,7 @@ impl Queue {
     /// attempt; then ack the original. If storing fails, the message goes
     /// back to the front of its lane instead, so it is never lost.
     async fn retry(self: &Arc<Self>, lease: Lease, delay_ms: u64, reason: &str) {
-        let log = &self.lanes[lease.lane as usize];
-        let Some(record) = self.reread(log, lease.offset) else { return };
+        let Some(record) = self.reread(lease.lane as usize, lease.offset) else { return };
         let outcome = if lease.attempt >= self.settings.max_attempts {
             self.dead_letter(lease, record, reason).await
         } else {

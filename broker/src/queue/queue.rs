@@ -15,7 +15,7 @@ use std::{
     },
 };
 
-use ballast_storage::{AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord, Record};
+use ballast_storage::{AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -200,7 +200,7 @@ impl Queue {
             .lanes
             .iter()
             .zip(&lanes)
-            .map(|(lane, log)| super::saturation::LaneMeter::new(name.as_str(), lane, backlog_bytes(&name, log)))
+            .map(|(lane, log)| super::saturation::LaneMeter::new(name.as_str(), lane, initial_bytes(&name, log)))
             .collect();
         let queue = Arc::new(Queue {
             name,
@@ -317,7 +317,7 @@ impl Queue {
             if let Some(record) = record {
                 let lane = &mut adding[lane as usize];
                 lane.0 += 1;
-                lane.1 += stored_size_new(record);
+                lane.1 += record.stored_size();
             }
         }
         let started = std::time::Instant::now();
@@ -442,7 +442,7 @@ impl Queue {
     fn append_to(&self, lane: u32, records: &[NewRecord]) -> Result<Appended, AppendError> {
         let mut backlog = self.meters[lane as usize].backlog_bytes.lock();
         let appended = self.lanes[lane as usize].append(records)?;
-        *backlog += records.iter().map(stored_size_new).sum::<u64>();
+        *backlog += records.iter().map(NewRecord::stored_size).sum::<u64>();
         Ok(appended)
     }
 
@@ -467,6 +467,22 @@ impl Queue {
         Ok(Some(commit))
     }
 
+    /// Sets a lane's byte count from its log after storage quarantined
+    /// records (a read or the cursor found them corrupt and marked them
+    /// done, which the count does not see). Under the lane's lock, so it
+    /// is exact. If the log cannot count either (damage not quarantined
+    /// yet), the count keeps the quarantined records until the next
+    /// quarantine or a restart corrects it.
+    pub(crate) fn recount_bytes(&self, lane: usize) {
+        let mut backlog = self.meters[lane].backlog_bytes.lock();
+        match self.lanes[lane].pending_bytes() {
+            Ok(bytes) => *backlog = bytes,
+            Err(error) => {
+                tracing::warn!(queue = %self.name, lane, %error, "lane bytes keep quarantined records until a restart");
+            }
+        }
+    }
+
     /// Notes that every offset of `lane` below `end` is durable: appends are
     /// sequential and a sync covers everything written before it, so a
     /// resolved commit vouches for all earlier offsets too. Delivery never
@@ -477,42 +493,36 @@ impl Queue {
     }
 }
 
-/// Bytes a record occupies in its lane's log: the record header, key,
-/// headers (each a 2-byte name length, the name, a 4-byte value length, the
-/// value) and payload, padded to the record alignment. This is what the
-/// `bytes` figure and `max_bytes` count. It mirrors storage's encoding
-/// (`docs/storage-format.md`); a unit test checks it against a real log.
-pub(crate) fn stored_size(key_size: usize, headers: &[(String, String)], payload_size: usize) -> u64 {
-    use ballast_storage::limits::{RECORD_ALIGN, RECORD_HEADER_SIZE};
-    let headers: u64 = headers.iter().map(|(k, v)| header_size(k, v)).sum();
-    let len = u64::from(RECORD_HEADER_SIZE) + key_size as u64 + headers + payload_size as u64;
-    len.div_ceil(RECORD_ALIGN) * RECORD_ALIGN
-}
-
 /// Encoded size of one header: a 2-byte name length, the name, a 4-byte
 /// value length, the value (storage's encoding).
 fn header_size(name: &str, value: &str) -> u64 {
     2 + name.len() as u64 + 4 + value.len() as u64
 }
 
-pub(crate) fn stored_size_new(record: &NewRecord) -> u64 {
-    stored_size(record.key.as_ref().map_or(0, Bytes::len), &record.headers, record.payload.len())
-}
-
-pub(crate) fn stored_size_of(record: &Record) -> u64 {
-    stored_size(record.key.as_ref().map_or(0, Bytes::len), &record.headers, record.payload.len())
-}
-
 /// Bytes of the records of `log` not yet done: what a lane's byte count
-/// starts from when its queue opens. Reads the backlog once (through the
-/// page cache; nothing is kept); a corrupt record met here is quarantined
-/// by the cursor, as delivery would.
+/// starts from when its queue opens. From storage's positions
+/// (`Log::pending_bytes`: O(segments + index interval × done ranges), not
+/// O(backlog)); if that meets damaged records not yet quarantined, the
+/// unacked records are read once instead, through a cursor that
+/// quarantines the damaged ones as delivery would.
+fn initial_bytes(queue: &QueueName, log: &Log) -> u64 {
+    match log.pending_bytes() {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            tracing::warn!(%queue, dir = %log.dir().display(), %error, "counting the lane's bytes by reading its backlog");
+            backlog_bytes(queue, log)
+        }
+    }
+}
+
+/// Bytes of the records of `log` not yet done, read one by one (the
+/// fallback of [`initial_bytes`]).
 fn backlog_bytes(queue: &QueueName, log: &Log) -> u64 {
     let mut cursor = log.cursor(log.ack_floor());
     let mut bytes = 0;
     while let Some(next) = cursor.next() {
         match next {
-            Ok(record) => bytes += stored_size_of(&record),
+            Ok(record) => bytes += record.stored_size(),
             Err(error) => tracing::error!(%queue, %error, "skipping corrupt records"),
         }
     }
@@ -558,11 +568,11 @@ pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io:
 mod tests {
     use super::*;
 
-    /// `stored_size` is what a record really takes in a log: each append
-    /// grows the log's written bytes by exactly that much (so the `bytes`
-    /// figure breaks loudly if the record format changes).
+    /// The byte count a lane starts from is storage's figure, and equals
+    /// reading the unacked records one by one (also with acks above the
+    /// floor); each record's stored size is what it takes in the log.
     #[test]
-    fn stored_size_matches_the_log() {
+    fn initial_bytes_are_the_unacked_records() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(dir.path(), ballast_storage::LogOptions::default()).unwrap();
         let records = [
@@ -574,18 +584,20 @@ mod tests {
                 payload: Bytes::from(vec![7u8; 1001]),
                 ..NewRecord::default()
             },
+            NewRecord { payload: Bytes::from(vec![1u8; 13]), ..NewRecord::default() },
         ];
-        for record in records {
+        for record in &records {
             let before = log.stats().data_bytes;
-            log.append(std::slice::from_ref(&record)).unwrap().commit.wait().unwrap();
-            let written = log.stats().data_bytes - before;
-            assert_eq!(stored_size_new(&record), written, "{record:?}");
-            let offset = log.next_offset() - 1;
-            assert_eq!(stored_size_of(&log.read(offset).unwrap()), written);
+            log.append(std::slice::from_ref(record)).unwrap().commit.wait().unwrap();
+            assert_eq!(record.stored_size(), log.stats().data_bytes - before, "{record:?}");
         }
         let name = QueueName::parse("q").unwrap();
-        assert_eq!(backlog_bytes(&name, &log), log.stats().data_bytes - ballast_storage::limits::SEGMENT_HEADER_SIZE);
-        log.ack(0, 2, AckKind::Acked).unwrap().wait().unwrap();
-        assert_eq!(backlog_bytes(&name, &log), stored_size_of(&log.read(2).unwrap()));
+        let all = log.stats().data_bytes - ballast_storage::limits::SEGMENT_HEADER_SIZE;
+        assert_eq!(initial_bytes(&name, &log), all);
+        assert_eq!(backlog_bytes(&name, &log), all);
+        log.ack(2, 1, AckKind::Acked).unwrap().wait().unwrap();
+        let expected = all - records[2].stored_size();
+        assert_eq!(initial_bytes(&name, &log), expected);
+        assert_eq!(backlog_bytes(&name, &log), expected);
     }
 }

@@ -45,10 +45,12 @@ pub(crate) struct LaneMeter {
     /// Stored bytes of the records counted in `acked`.
     pub acked_bytes: AtomicU64,
     /// Bytes of the lane's records not yet done (acked, dead-lettered or
-    /// purged), each counted at its stored size (`queue::stored_size`).
+    /// purged), each counted at its stored size (`ballast_storage::stored_size`).
     /// Also the lock that makes a change to the lane's log and to this
     /// count one step: appends, acks and purges of the lane hold it, so
-    /// the count cannot drift from the log. Rebuilt from the log on open.
+    /// the count cannot drift from the log, except for records storage
+    /// quarantines, after which `Queue::recount_bytes` resets it from the
+    /// log. Taken from `Log::pending_bytes` on open.
     pub backlog_bytes: Mutex<u64>,
     rates: Mutex<Rates>,
     /// `(ack floor, timestamp of the record there)`: the oldest message's
@@ -150,7 +152,15 @@ impl Queue {
                 Some((_, timestamp)) if !read_oldest => Some(timestamp),
                 None if !read_oldest => None,
                 _ => {
-                    let read = log.read(stats.ack_floor).ok().map(|r| r.timestamp_ms);
+                    let read = match log.read(stats.ack_floor) {
+                        Ok(record) => Some(record.timestamp_ms),
+                        Err(ballast_storage::ReadError::Corrupt { .. }) => {
+                            // Quarantined: the lane's byte count follows.
+                            self.recount_bytes(lane as usize);
+                            None
+                        }
+                        Err(_) => None,
+                    };
                     if let Some(timestamp) = read {
                         *oldest = Some((stats.ack_floor, timestamp));
                     }
