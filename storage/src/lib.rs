@@ -10,7 +10,8 @@
 //! - [`limits`]: every ceiling and default, named.
 //! - `options`: [`LogOptions`] and [`SyncPolicy`].
 //! - `error`: typed errors per operation.
-//! - `record`: the record format, encode/decode and CRC.
+//! - [`record`]: the record format, encode/decode and CRC; the codec is
+//!   public ([`record::encode`], [`record::decode`]) for tools and benches.
 //! - `segment`: one segment file, its map and sparse index.
 //! - `log`: [`Log`], appends and group commit, reads, [`Cursor`], the flusher.
 //! - `acks`: ack state (floor plus ranges) and its journal.
@@ -47,7 +48,7 @@ mod file;
 mod keys;
 mod log;
 mod options;
-mod record;
+pub mod record;
 mod recovery;
 mod segment;
 

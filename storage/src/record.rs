@@ -19,6 +19,17 @@
 //! both UTF-8. The decoder treats every byte as untrusted input: it checks
 //! lengths against the buffer, the CRC, and UTF-8, and returns an error
 //! instead of panicking.
+//!
+//! # Public codec
+//!
+//! [`encode`] and [`decode`] are public so that tools and benchmarks can
+//! run the exact code the log runs, without a log: `Log::append` encodes
+//! every record with [`encode`], and `Log::read` and `Cursor::next` decode
+//! with [`decode`]. [`decode`] keeps the log's invariant: it returns a
+//! [`Record`] only after the length, the CRC, the expected offset, the inner
+//! lengths and UTF-8 validate; otherwise an [`Invalid`] says why. Neither
+//! touches a file, and neither enforces the log's limits (record, key and
+//! header sizes; see [`limits`](crate::limits)): that is `Log::append`'s job.
 
 use bytes::Bytes;
 
@@ -107,9 +118,21 @@ pub(crate) fn padded(len: u64) -> u64 {
     len.div_ceil(RECORD_ALIGN) * RECORD_ALIGN
 }
 
-/// Appends the encoding of `record` at `offset` to `buf`, padded to the
-/// record alignment. The caller has validated the sizes against the limits.
-pub(crate) fn encode(record: &NewRecord, offset: u64, buf: &mut Vec<u8>) {
+/// Appends the encoding of `record`, as the record at `offset` of its log,
+/// to `buf`: the 40-byte record header with the CRC32, the key, the headers
+/// block and the payload, zero-padded to [`RECORD_ALIGN`]. Returns the bytes
+/// appended, [`NewRecord::stored_size`]. Bytes already in `buf` are kept.
+///
+/// This is the encoder `Log::append` runs on every record, after checking
+/// the record against the log's limits.
+///
+/// # Panics
+///
+/// If a field does not fit the format: the whole record over `u32::MAX`
+/// bytes, the key over `u16::MAX`, a header name over `u16::MAX`, a header
+/// value, the headers block or the payload over `u32::MAX`. Every record
+/// `Log::append` accepts fits, as its limits are far below these.
+pub fn encode(record: &NewRecord, offset: u64, buf: &mut Vec<u8>) -> usize {
     let start = buf.len();
     let len = record.encoded_len();
     let key = record.key.as_deref().unwrap_or(&[]);
@@ -142,11 +165,13 @@ pub(crate) fn encode(record: &NewRecord, offset: u64, buf: &mut Vec<u8>) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     let pad = padded(len) - len;
     buf.extend(std::iter::repeat_n(0u8, pad as usize));
+    buf.len() - start
 }
 
-/// Why bytes at a position are not a valid record.
+/// Why bytes at a position are not a valid record ([`decode`]'s error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Invalid {
+#[non_exhaustive]
+pub enum Invalid {
     /// The length field is zero: unwritten (preallocated) space, the end of
     /// the data in a segment.
     Zero,
@@ -172,6 +197,14 @@ impl Invalid {
         }
     }
 }
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+impl std::error::Error for Invalid {}
 
 /// The fixed header of a record, parsed but not yet CRC-checked.
 #[derive(Debug, Clone, Copy)]
@@ -274,9 +307,23 @@ fn take<'a>(block: &mut &'a [u8], n: usize) -> Result<&'a [u8], Invalid> {
     Ok(head)
 }
 
-/// Decodes the record at the start of `source`, which is a zero-copy view of
-/// the segment from the record's position to the end of valid data.
-pub(crate) fn decode(source: &Bytes, expected_offset: u64) -> Result<Record, Invalid> {
+/// Decodes the record at the start of `source`, which should be the record
+/// at `expected_offset` of its log; bytes past the record (its padding, the
+/// records after it) are ignored. In the log, `source` is a zero-copy view
+/// of the segment's map from the record's position to the end of valid data.
+///
+/// The record is returned only once its length (against `source`), CRC32,
+/// offset (against `expected_offset`), inner lengths and UTF-8 headers
+/// validate; any other bytes give an [`Invalid`], never a panic. The key and
+/// the payload of the record are zero-copy slices of `source`. Its padded
+/// size, where the next record starts, is [`Record::stored_size`].
+///
+/// This is the decoder `Log::read` and `Cursor::next` run on every record.
+///
+/// # Errors
+///
+/// [`Invalid`] says which check failed.
+pub fn decode(source: &Bytes, expected_offset: u64) -> Result<Record, Invalid> {
     let header = check(source, expected_offset)?;
     let body = source.slice(..header.len as usize);
     let parts = parse_body(&body)?;

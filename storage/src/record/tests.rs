@@ -4,8 +4,11 @@ use proptest::prelude::*;
 use super::*;
 
 fn roundtrip(record: &NewRecord, offset: u64) -> Record {
-    let mut buf = Vec::new();
-    encode(record, offset, &mut buf);
+    let mut buf = vec![0xee; 3];
+    let written = encode(record, offset, &mut buf);
+    assert_eq!(&buf[..3], &[0xee; 3], "bytes already in the buffer are kept");
+    assert_eq!(written, buf.len() - 3, "encode returns the bytes it appended");
+    buf.drain(..3);
     assert_eq!(buf.len() as u64, padded(record.encoded_len()));
     assert_eq!(buf.len() as u64, record.stored_size(), "stored_size is the encoded size, padding included");
     let decoded = decode(&Bytes::from(buf), offset).expect("a freshly encoded record decodes");
@@ -77,4 +80,11 @@ fn wrong_offset_is_detected() {
     encode(&NewRecord::default(), 5, &mut buf);
     assert_eq!(check(&buf, 6).unwrap_err(), Invalid::WrongOffset);
     assert!(check(&buf, 5).is_ok());
+}
+
+#[test]
+fn invalid_displays_its_reason() {
+    assert_eq!(Invalid::Crc.to_string(), "CRC mismatch");
+    let error: Box<dyn std::error::Error> = Box::new(Invalid::WrongOffset);
+    assert_eq!(error.to_string(), Invalid::WrongOffset.describe());
 }
