@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 use super::{
     HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_NOT_BEFORE, HEADER_SOURCE_LANE, HEADER_SOURCE_OFFSET,
-    HEADER_SOURCE_QUEUE, Queue,
+    HEADER_SOURCE_QUEUE, LaneScheduler, Queue, QueueSettings,
 };
 use crate::{
     error::{BrokerError, Result},
@@ -63,6 +63,8 @@ pub struct Subscription {
 
 pub(crate) struct DeliveryState {
     lanes: Vec<LaneState>,
+    /// Which lane the next delivery comes from.
+    scheduler: LaneScheduler,
     leases: HashMap<u64, Lease>,
     /// `(deadline_ms, delivery_id)` of every lease, for expiry.
     expiries: BTreeSet<(u64, u64)>,
@@ -80,8 +82,6 @@ struct LaneState {
     /// Released leases to deliver before anything else:
     /// `(offset, prior_attempts)`.
     requeue: VecDeque<(u64, u32)>,
-    /// Smooth weighted round-robin state.
-    current: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,7 +106,7 @@ struct Consumer {
 }
 
 impl DeliveryState {
-    pub(crate) fn new(lanes: &[Arc<Log>]) -> DeliveryState {
+    pub(crate) fn new(lanes: &[Arc<Log>], settings: &QueueSettings) -> DeliveryState {
         DeliveryState {
             lanes: lanes
                 .iter()
@@ -114,9 +114,9 @@ impl DeliveryState {
                     cursor: log.cursor(log.ack_floor()),
                     delayed: BTreeSet::new(),
                     requeue: VecDeque::new(),
-                    current: 0,
                 })
                 .collect(),
+            scheduler: LaneScheduler::new(&settings.lane_weights, settings.strict_priority),
             leases: HashMap::new(),
             expiries: BTreeSet::new(),
             consumers: BTreeMap::new(),
@@ -380,34 +380,13 @@ impl Queue {
         }
     }
 
-    /// The next message to deliver: picks a lane, then takes from it.
+    /// The next message to deliver: the scheduler picks a lane with
+    /// something to take (see [`LaneScheduler`]), then it is taken.
     fn next_message(&self, state: &mut DeliveryState, now: u64) -> Option<(u32, u64, u32, Record)> {
-        let lane_count = state.lanes.len();
-        let mut candidates: Vec<usize> = (0..lane_count).collect();
-        while !candidates.is_empty() {
-            let pick = if self.settings.strict_priority {
-                candidates[0]
-            } else {
-                let total: i64 = candidates.iter().map(|&l| i64::from(self.settings.lane_weights[l])).sum();
-                for &l in &candidates {
-                    state.lanes[l].current += i64::from(self.settings.lane_weights[l]);
-                }
-                let best = *candidates
-                    .iter()
-                    .max_by_key(|&&l| (state.lanes[l].current, std::cmp::Reverse(l)))
-                    .expect("non-empty");
-                state.lanes[best].current -= total;
-                best
-            };
-            if let Some((offset, prior, record)) = self.take(pick, &mut state.lanes[pick], now) {
-                let lane = u32::try_from(pick).expect("at most LANES_MAX lanes");
-                return Some((lane, offset, prior, record));
-            }
-            // Nothing there: an empty lane accrues no weight.
-            state.lanes[pick].current = 0;
-            candidates.retain(|&l| l != pick);
-        }
-        None
+        let lanes = &mut state.lanes;
+        let (lane, (offset, prior, record)) = state.scheduler.serve(|lane| self.take(lane, &mut lanes[lane], now))?;
+        let lane = u32::try_from(lane).expect("at most LANES_MAX lanes");
+        Some((lane, offset, prior, record))
     }
 
     /// Takes the next message of one lane: released leases first, then due

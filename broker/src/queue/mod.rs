@@ -1,11 +1,12 @@
 //! Queues: a name, settings, one storage log per lane, dedupe, and the
-//! delivery state (consumers, credits, leases, lane scheduler).
+//! delivery state (consumers, credits, leases, the [`LaneScheduler`]).
 
 mod delivery;
 mod name;
 #[allow(clippy::module_inception, reason = "the file is named after the type, as everywhere else")]
 mod queue;
 mod saturation;
+mod scheduler;
 mod settings;
 
 pub use delivery::{Delivery, DeliveryFigures, Subscription};
@@ -13,6 +14,7 @@ pub use name::QueueName;
 pub(crate) use queue::QUEUE_FILE;
 pub use queue::{Publish, Queue, QueueStats, Receipt};
 pub use saturation::Figures;
+pub use scheduler::LaneScheduler;
 pub use settings::{QueueSettings, SettingsRequest, SyncPolicySetting};
 
 /// Reserved header: Unix milliseconds before which a message is not

@@ -194,7 +194,7 @@ impl Queue {
         for (timestamp_ms, key, at) in keys {
             dedupe.insert(key, at, timestamp_ms);
         }
-        let delivery = DeliveryState::new(&lanes);
+        let delivery = DeliveryState::new(&lanes, &settings);
         let durable = lanes.iter().map(|log| std::sync::atomic::AtomicU64::new(log.next_offset())).collect();
         let meters = settings
             .lanes
