@@ -1,29 +1,35 @@
 //! Criterion micro-benchmarks of the per-message hot paths.
 //!
-//! - `record/encode_append`: `Log::append` of 64-record batches under
-//!   `SyncPolicy::None`: validation, the record encoder (header, key,
-//!   headers, payload, CRC32) and one `pwrite` into the page cache per batch;
-//!   no sync. Per record.
-//! - `record/decode_read`: `Cursor::next` over a log in the page cache: the
-//!   validating decoder (length, offset, CRC32, UTF-8 headers) and a
-//!   zero-copy payload slice of the map. Per record.
-//! - `dispatch/{weighted,strict}/{all_lanes,low_only}`: the broker's
-//!   delivery loop, in process (no gRPC), per delivery: the lane scheduler's
-//!   pick (smooth weighted round-robin over the lanes with work, or strict
-//!   order), the cursor read and decode, the lease and the channel send.
-//!   `all_lanes`: every lane has a backlog; `low_only`: only the lowest lane
-//!   has, so every pick first walks the empty lanes.
+//! - `record/encode/{100,1024,16384}`: `ballast_storage::record::encode`
+//!   alone, into a reused buffer: the 40-byte header, key, headers, payload,
+//!   CRC32 and padding; the encoder `Log::append` runs. Per record.
+//! - `record/decode/{100,1024,16384}`: `ballast_storage::record::decode`
+//!   alone, from bytes in memory: length, offset and CRC32 checks, inner
+//!   lengths and UTF-8 headers, zero-copy key and payload slices; the
+//!   decoder `Log::read` and `Cursor::next` run. Per record.
+//! - `log/append/{100,1024,16384}`: `Log::append` of 64-record batches under
+//!   `SyncPolicy::None`: validation, the encoder and one `pwrite` into the
+//!   page cache per batch; no sync. Per record. Minus `record/encode`: what
+//!   the log adds around the encoder.
+//! - `log/cursor_next/{100,1024,16384}`: `Cursor::next` over a log in the
+//!   page cache: the index walk, the decoder and the done check. Per record.
+//!   Minus `record/decode`: what the cursor adds.
+//! - `scheduler/pick/{weighted,strict}/{all_ready,low_only}`: the broker's
+//!   `LaneScheduler::serve` alone over the default lanes (weights 4:2:1),
+//!   with a `take` that costs nothing: smooth weighted round-robin or strict
+//!   order. `all_ready`: every lane has something; `low_only`: only the
+//!   lowest lane (2) has, so every pick first tries the empty lanes.
+//! - `dispatch/{weighted,strict}/{all_ready,low_only}`: the broker's whole
+//!   delivery loop, in process (no gRPC), per delivery: the pick, the cursor
+//!   read and decode, the lease and the channel send, on the same lane
+//!   cases.
 //!
 //! Records carry a 32-byte idempotency key and two headers, like a typical
 //! client publish. Logs live on /dev/shm when it exists (`BALLAST_BENCH_DIR`
 //! overrides), so no disk is involved: these are CPU costs.
 //!
 //! Run: `cargo bench -p ballast-benches --bench hot_paths` (criterion's
-//! usual arguments work, e.g. `-- dispatch` to filter).
-//!
-//! The record encoder and decoder are `pub(crate)` in `ballast-storage`, and
-//! the scheduler pick is inlined in the broker's delivery loop, so they are
-//! measured through the narrowest public surface that runs them.
+//! usual arguments work, e.g. `-- scheduler` to filter).
 
 use std::{
     hint::black_box,
@@ -34,9 +40,9 @@ use std::{
 
 use ballast_broker::{
     Broker, Config,
-    queue::{Publish, Queue, SettingsRequest, SyncPolicySetting},
+    queue::{LaneScheduler, Publish, Queue, QueueSettings, SettingsRequest, SyncPolicySetting},
 };
-use ballast_storage::{Log, LogOptions, NewRecord, SyncPolicy};
+use ballast_storage::{Log, LogOptions, NewRecord, SyncPolicy, record};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tempfile::TempDir;
@@ -58,11 +64,7 @@ fn bench_root() -> PathBuf {
     root
 }
 
-fn size_name(size: usize) -> String {
-    if size >= 1024 { format!("{}KiB", size / 1024) } else { format!("{size}B") }
-}
-
-fn record(size: usize, i: u64) -> NewRecord {
+fn new_record(size: usize, i: u64) -> NewRecord {
     NewRecord {
         timestamp_ms: 1_700_000_000_000 + i,
         attempt: 0,
@@ -91,14 +93,37 @@ impl Scratch {
     }
 }
 
-fn record_paths(c: &mut Criterion) {
+fn codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("record");
     group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     for size in SIZES {
-        let batch: Vec<NewRecord> = (0..BATCH as u64).map(|i| record(size, i)).collect();
+        let new = new_record(size, 7);
+        let stored = new.stored_size();
+        group.throughput(Throughput::Bytes(stored));
+        let mut buf = Vec::with_capacity(usize::try_from(stored).expect("fits"));
+        group.bench_function(BenchmarkId::new("encode", size), |b| {
+            b.iter(|| {
+                buf.clear();
+                black_box(record::encode(black_box(&new), black_box(1_000_000), &mut buf))
+            });
+        });
+        let bytes = Bytes::from(buf.clone());
+        assert_eq!(record::decode(&bytes, 1_000_000).expect("valid").payload, new.payload);
+        group.bench_function(BenchmarkId::new("decode", size), |b| {
+            b.iter(|| black_box(record::decode(black_box(&bytes), black_box(1_000_000)).expect("valid record")));
+        });
+    }
+    group.finish();
+}
+
+fn log_paths(c: &mut Criterion) {
+    let mut group = c.benchmark_group("log");
+    group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    for size in SIZES {
+        let batch: Vec<NewRecord> = (0..BATCH as u64).map(|i| new_record(size, i)).collect();
         let batch_bytes = (size as u64 + 128) * BATCH as u64;
         group.throughput(Throughput::Elements(BATCH as u64));
-        group.bench_function(BenchmarkId::new("encode_append", size_name(size)), |b| {
+        group.bench_function(BenchmarkId::new("append", size), |b| {
             let mut scratch = Scratch::new();
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -128,7 +153,7 @@ fn record_paths(c: &mut Criterion) {
         }
         scratch.log.sync().expect("sync");
         group.throughput(Throughput::Elements(1));
-        group.bench_function(BenchmarkId::new("decode_read", size_name(size)), |b| {
+        group.bench_function(BenchmarkId::new("cursor_next", size), |b| {
             let mut cursor = scratch.log.cursor(0);
             b.iter(|| {
                 let record = match cursor.next() {
@@ -141,6 +166,24 @@ fn record_paths(c: &mut Criterion) {
                 black_box(record.expect("valid record").payload.len())
             });
         });
+    }
+    group.finish();
+}
+
+/// The lane pick alone, over the default lanes and weights.
+fn scheduler(c: &mut Criterion) {
+    let settings = QueueSettings::default();
+    let lowest = settings.lane_weights.len() - 1;
+    let mut group = c.benchmark_group("scheduler");
+    group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(1));
+    for (mode, strict) in [("weighted", false), ("strict", true)] {
+        for (case, all_ready) in [("all_ready", true), ("low_only", false)] {
+            let mut scheduler = LaneScheduler::new(&settings.lane_weights, strict);
+            group.bench_function(BenchmarkId::new(format!("pick/{mode}"), case), |b| {
+                b.iter(|| black_box(scheduler.serve(|lane| (all_ready || black_box(lane) == lowest).then_some(()))));
+            });
+        }
     }
     group.finish();
 }
@@ -216,7 +259,7 @@ fn dispatch(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     group.throughput(Throughput::Elements(1));
     for (mode, strict) in [("weighted", false), ("strict", true)] {
-        for (case, lanes) in [("all_lanes", &[0u32, 1, 2][..]), ("low_only", &[2u32][..])] {
+        for (case, lanes) in [("all_ready", &[0u32, 1, 2][..]), ("low_only", &[2u32][..])] {
             let mut d = Dispatch::new(strict);
             group.bench_function(BenchmarkId::new(mode, case), |b| {
                 b.iter_custom(|iters| {
@@ -236,5 +279,5 @@ fn dispatch(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, record_paths, dispatch);
+criterion_group!(benches, codec, log_paths, scheduler, dispatch);
 criterion_main!(benches);
