@@ -60,6 +60,14 @@ fn the_prefix_before_a_checkpoint_is_indexed_on_first_read() {
     let log = Log::open(dir.path(), options.clone()).unwrap();
     log.append(&(0..300).map(record).collect::<Vec<_>>()).unwrap();
     log.sync().unwrap();
+    // `sync` answers once the data is synced; the flusher writes the
+    // checkpoint just after, so wait for it (under load it can lag).
+    let io = Io::new(None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while crate::checkpoint::Checkpoint::open(&io, dir.path()).unwrap().1.map(|r| r.point.next_offset) != Some(300) {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint at offset 300 after the sync");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     // The image a kill leaves: a checkpoint of this boot at offset 300,
     // records past it in the page cache.
     let checkpoint = dir.path().join(crate::checkpoint::FILE_NAME);
