@@ -8,7 +8,12 @@
 //! (`u64 first, u64 count, u8 kind, 3 zero bytes, u32 crc over the first 20`).
 //! The journal is compacted (rewritten as one floor entry plus the ranges,
 //! then renamed into place) when it holds many more entries than the state
-//! needs.
+//! needs. In-order acks coalesce into one entry per flush.
+//!
+//! The journal's device flushes (its sync, and the write, sync and rename
+//! of a compaction) run without the lock that acks take, so acks are never
+//! held up by the disk; only the flusher writes the journal, so nothing
+//! writes it while it syncs.
 //!
 //! Durability rules:
 //! 1. An ack changes the in-memory state at once and buffers its entry. Only
@@ -32,6 +37,7 @@ use std::{
     io,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use crate::file::{self, Io};
@@ -164,7 +170,8 @@ impl AckState {
 #[derive(Debug)]
 pub(crate) struct AckJournal {
     dir: PathBuf,
-    file: File,
+    /// Shared with a sync running outside the lock ([`AckJournal::sync_target`]).
+    file: Arc<File>,
     len: u64,
     /// Entries not yet written to the file: `(first, count, kind)`. Every one
     /// is already in the in-memory state.
@@ -221,11 +228,24 @@ impl AckJournal {
                 dirty = false;
             }
         }
+        let file = Arc::new(file);
         Ok((AckJournal { dir: dir.to_owned(), file, len: valid, buffer: Vec::new(), entries, dirty }, state))
     }
 
+    /// Buffers an entry. One that continues the last buffered entry (same
+    /// kind, the next offsets) extends it: in-order acks of a consumer make
+    /// one entry per flush, not one per message, which keeps the journal
+    /// small and its compactions rare.
     pub(crate) fn record(&mut self, first: u64, count: u64, kind: AckKind) {
-        self.buffer.push((first, count, kind as u8));
+        let kind = kind as u8;
+        if let Some((last_first, last_count, last_kind)) = self.buffer.last_mut()
+            && *last_kind == kind
+            && last_first.checked_add(*last_count) == Some(first)
+        {
+            *last_count += count;
+            return;
+        }
+        self.buffer.push((first, count, kind));
     }
 
     pub(crate) fn has_buffered(&self) -> bool {
@@ -265,6 +285,23 @@ impl AckJournal {
         Ok(true)
     }
 
+    /// The file to sync when something was written to it since its last
+    /// sync: [`AckJournal::sync`] in two halves, so that the caller can run
+    /// the device flush without holding the lock that acks take. Sound
+    /// because only the log's flusher writes, syncs or compacts the
+    /// journal: nothing is written between this call and
+    /// [`AckJournal::synced`].
+    pub(crate) fn sync_target(&self) -> Option<Arc<File>> {
+        self.dirty.then(|| Arc::clone(&self.file))
+    }
+
+    /// Notes that `file` (from [`AckJournal::sync_target`]) was synced.
+    pub(crate) fn synced(&mut self, file: &Arc<File>) {
+        if Arc::ptr_eq(file, &self.file) {
+            self.dirty = false;
+        }
+    }
+
     pub(crate) fn needs_compaction(&self, state: &AckState) -> bool {
         self.entries > 1024 + 4 * (state.range_count() as u64 + 1)
     }
@@ -274,13 +311,67 @@ impl AckJournal {
     /// journal, sync the directory. Buffered entries below `durable_end` are
     /// in the new file and leave the buffer; the others stay buffered.
     pub(crate) fn compact(&mut self, io: &Io, state: &AckState, durable_end: u64) -> io::Result<()> {
+        let plan = self.compaction(state, durable_end);
+        let compacted = plan.write(io)?;
+        self.install(compacted);
+        Ok(())
+    }
+
+    /// [`AckJournal::compact`] in three steps, so that the slow middle one
+    /// (write, sync, rename, directory sync) runs without the lock that acks
+    /// take: plan under the lock, [`Compaction::write`] without it, then
+    /// [`AckJournal::install`] under the lock again. Sound because only the
+    /// log's flusher writes the journal; entries buffered meanwhile are not
+    /// in the plan's state and stay buffered.
+    pub(crate) fn compaction(&self, state: &AckState, durable_end: u64) -> Compaction {
         let mut state = state.clone();
         state.truncate(durable_end);
+        Compaction { dir: self.dir.clone(), state, durable_end, buffered: self.buffer.len() }
+    }
+
+    /// Puts a written compaction in place of the journal.
+    pub(crate) fn install(&mut self, compacted: Compacted) {
+        let Compacted { file, len, durable_end, buffered } = compacted;
+        self.file = Arc::new(file);
+        self.len = len;
+        self.entries = (len - HEADER_SIZE) / ENTRY_SIZE;
+        // The new file was synced before the rename.
+        self.dirty = false;
+        // The entries buffered when the plan was made are in its state if
+        // durable; later ones were not seen by it.
+        let mut index = 0;
+        self.buffer.retain(|e| {
+            index += 1;
+            index > buffered || !is_durable(e, durable_end)
+        });
+    }
+}
+
+/// A planned rewrite of the journal ([`AckJournal::compaction`]).
+pub(crate) struct Compaction {
+    dir: PathBuf,
+    state: AckState,
+    durable_end: u64,
+    buffered: usize,
+}
+
+/// A rewritten journal, renamed into place, to install.
+pub(crate) struct Compacted {
+    file: File,
+    len: u64,
+    durable_end: u64,
+    buffered: usize,
+}
+
+impl Compaction {
+    /// Writes the floor plus the ranges to a temporary file, syncs it,
+    /// renames it over the journal and syncs the directory.
+    pub(crate) fn write(self, io: &Io) -> io::Result<Compacted> {
         let tmp = self.dir.join("acks.tmp");
         let _ = std::fs::remove_file(&tmp);
         let mut bytes = header().to_vec();
-        encode_entry(&mut bytes, state.floor, 0, FLOOR_KIND);
-        for (&s, &e) in &state.ranges {
+        encode_entry(&mut bytes, self.state.floor, 0, FLOOR_KIND);
+        for (&s, &e) in &self.state.ranges {
             encode_entry(&mut bytes, s, e - s, AckKind::Acked as u8);
         }
         let file = file::open_rw(&tmp, true)?;
@@ -288,13 +379,7 @@ impl AckJournal {
         io.sync_data(&file)?;
         std::fs::rename(&tmp, self.dir.join(FILE_NAME))?;
         io.sync_dir(&self.dir)?;
-        self.file = file;
-        self.len = bytes.len() as u64;
-        self.entries = (bytes.len() as u64 - HEADER_SIZE) / ENTRY_SIZE;
-        // The new file was synced before the rename.
-        self.dirty = false;
-        self.buffer.retain(|e| !is_durable(e, durable_end));
-        Ok(())
+        Ok(Compacted { file, len: bytes.len() as u64, durable_end: self.durable_end, buffered: self.buffered })
     }
 }
 
@@ -425,6 +510,64 @@ mod tests {
         assert!(journal.has_buffered());
         journal.flush(&io, 11).unwrap();
         assert!(!journal.has_buffered());
+        let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
+        assert_eq!(replayed, state);
+    }
+
+    /// In-order acks of one kind buffer as one entry; a gap, another kind
+    /// or an earlier offset starts a new one.
+    #[test]
+    fn contiguous_entries_coalesce() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = Io::default();
+        let (mut journal, mut state) = AckJournal::open(&io, dir.path()).unwrap();
+        for o in 0..500u64 {
+            state.mark(o, 1);
+            journal.record(o, 1, AckKind::Acked);
+        }
+        assert_eq!(journal.buffer, [(0, 500, AckKind::Acked as u8)]);
+        for (first, count, kind) in
+            [(502, 1, AckKind::Acked), (503, 2, AckKind::DeadLettered), (500, 2, AckKind::Acked)]
+        {
+            state.mark(first, count);
+            journal.record(first, count, kind);
+        }
+        assert_eq!(journal.buffer.len(), 4, "{:?}", journal.buffer);
+        journal.flush(&io, u64::MAX).unwrap();
+        assert_eq!(journal.entries, 4);
+        let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
+        assert_eq!(replayed, state);
+        assert_eq!(replayed.floor(), 505);
+    }
+
+    /// Entries buffered while a compaction is written (outside the lock)
+    /// are not in its state: they stay buffered and reach the new file on
+    /// the next flush.
+    #[test]
+    fn entries_buffered_during_a_compaction_survive_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = Io::default();
+        let (mut journal, mut state) = AckJournal::open(&io, dir.path()).unwrap();
+        for o in [0u64, 2, 4] {
+            state.mark(o, 1);
+            journal.record(o, 1, AckKind::Acked);
+        }
+        let plan = journal.compaction(&state, u64::MAX);
+        // Meanwhile (the lock released): more acks.
+        for o in [6u64, 8] {
+            state.mark(o, 1);
+            journal.record(o, 1, AckKind::Acked);
+        }
+        journal.install(plan.write(&io).unwrap());
+        assert_eq!(journal.buffer.len(), 2, "{:?}", journal.buffer);
+        let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
+        assert!(replayed.is_done(4) && !replayed.is_done(6), "the compaction holds what it planned");
+        journal.flush(&io, u64::MAX).unwrap();
+        assert!(journal.sync_target().is_some(), "written since the compaction");
+        let target = journal.sync_target().unwrap();
+        io.sync_data(&target).unwrap();
+        journal.synced(&target);
+        assert!(journal.sync_target().is_none());
         let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
         assert_eq!(replayed, state);
     }

@@ -929,9 +929,12 @@ impl Shared {
         // Every entry an ack sequence up to `acks_target` needs was written
         // in this cycle or an earlier one; the journal knows whether any
         // bytes are still unsynced, and skips the device flush if none are.
-        if journal == JournalWrite::Written
-            && self.acks.lock().journal.sync(&self.io).map_err(|e| SyncError::new("syncing the ack journal", e))?
-        {
+        // The device flush runs without the acks lock, which every ack
+        // takes: acks keep flowing while the journal syncs.
+        let target = if journal == JournalWrite::Written { self.acks.lock().journal.sync_target() } else { None };
+        if let Some(file) = target {
+            self.io.sync_data(&file).map_err(|e| SyncError::new("syncing the ack journal", e))?;
+            self.acks.lock().journal.synced(&file);
             self.ack_sync_count.fetch_add(1, Ordering::Relaxed);
         }
         let waiters = {
@@ -1017,14 +1020,17 @@ impl Shared {
             self.io.sync_dir(&self.dir).map_err(|e| SyncError::new("syncing the log directory", e))?;
             tracing::debug!(dir = %self.dir.display(), count = removed.len(), "retention removed segments");
         }
-        let mut acks = self.acks.lock();
-        let acks = &mut *acks;
-        if acks.journal.needs_compaction(&acks.state) {
+        let plan = {
+            let acks = self.acks.lock();
             // Acks whose records are not durable yet stay out of the
             // rewritten journal (and buffered).
-            acks.journal
-                .compact(&self.io, &acks.state, acks.durable_end)
-                .map_err(|e| SyncError::new("compacting the ack journal", e))?;
+            acks.journal.needs_compaction(&acks.state).then(|| acks.journal.compaction(&acks.state, acks.durable_end))
+        };
+        if let Some(plan) = plan {
+            // Written and synced without the acks lock (see
+            // `AckJournal::compaction`).
+            let compacted = plan.write(&self.io).map_err(|e| SyncError::new("compacting the ack journal", e))?;
+            self.acks.lock().journal.install(compacted);
         }
         Ok(())
     }
