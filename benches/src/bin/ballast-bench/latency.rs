@@ -55,6 +55,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         "achieved_rate": m.achieved_rate,
         "publish_to_durable": load::percentiles(&m.durable),
         "publish_to_delivery": load::percentiles(&m.delivered),
+        "send_lag": load::percentiles(&m.send_lag),
         "curves": {
             "publish_to_durable": crate::chart::percentile_curve(&m.durable),
             "publish_to_delivery": crate::chart::percentile_curve(&m.delivered),
@@ -98,6 +99,9 @@ pub struct Measured {
     pub achieved_rate: f64,
     pub durable: hdrhistogram::Histogram<u64>,
     pub delivered: hdrhistogram::Histogram<u64>,
+    /// How late the generator sent each message after its intended time:
+    /// the load tool's own share of the latencies above.
+    pub send_lag: hdrhistogram::Histogram<u64>,
 }
 
 impl Measured {
@@ -106,6 +110,7 @@ impl Measured {
         load::print_percentile_header();
         load::print_percentiles("publish-to-durable", &self.durable);
         load::print_percentiles("publish-to-delivery", &self.delivered);
+        load::print_percentiles("send lag (generator)", &self.send_lag);
     }
 }
 
@@ -141,41 +146,55 @@ pub async fn measure(target: &Target, queue: &str, args: &Args) -> anyhow::Resul
         clients.push(PublisherClient::new(target.channel().await?));
     }
     let durable = Arc::new(Mutex::new(load::histogram()));
+    let send_lag = Arc::new(Mutex::new(load::histogram()));
     let permits = Arc::new(Semaphore::new(args.inflight));
     let filler = Bytes::from(vec![b'x'; args.size - 8]);
-    let mut seq = 0u64;
-    let mut calls = Vec::new();
-    while seq < total {
-        // Send everything due by now, each stamped with its intended time.
-        let due = (start.elapsed().as_nanos() / u128::from(interval_ns)).min(u128::from(total)) as u64;
-        while seq < due {
-            let permit = Arc::clone(&permits).acquire_owned().await?;
-            let mut payload = BytesMut::with_capacity(args.size);
-            payload.put_u64_le(seq);
-            payload.put_slice(&filler);
-            let message = pb::Message { payload: payload.freeze(), ..Default::default() };
-            let mut client = clients[(seq % args.producers as u64) as usize].clone();
-            let durable = Arc::clone(&durable);
-            let queue = queue.to_owned();
-            let this = seq;
-            calls.push(tokio::spawn(async move {
-                let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
-                if this >= warmup_count {
-                    let us = intended(this).elapsed().as_micros().max(1) as u64;
-                    let _ = durable.lock().expect("histogram lock").record(us);
+    // The generator paces itself on an OS thread with the kernel's
+    // high-resolution sleep: tokio's timer has a 1 ms granularity, and its
+    // lateness would count in every latency (measured from intended times).
+    let runtime = tokio::runtime::Handle::current();
+    let queue_name = queue.to_owned();
+    let generator = std::thread::Builder::new().name("latency-generator".into()).spawn({
+        let durable = Arc::clone(&durable);
+        let send_lag = Arc::clone(&send_lag);
+        let producers = args.producers as u64;
+        let size = args.size;
+        move || -> anyhow::Result<Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>>> {
+            let mut calls = Vec::with_capacity(total as usize);
+            for seq in 0..total {
+                let at = intended(seq);
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
                 }
-                drop(permit);
-                result.map(|_| ())
-            }));
-            seq += 1;
-        }
-        if calls.len() > 10_000 {
-            for call in calls.drain(..) {
-                call.await??;
+                let permit = runtime.block_on(Arc::clone(&permits).acquire_owned())?;
+                let mut payload = BytesMut::with_capacity(size);
+                payload.put_u64_le(seq);
+                payload.put_slice(&filler);
+                let message = pb::Message { payload: payload.freeze(), ..Default::default() };
+                let mut client = clients[(seq % producers) as usize].clone();
+                let durable = Arc::clone(&durable);
+                let queue = queue_name.clone();
+                if seq >= warmup_count {
+                    let us = Instant::now().saturating_duration_since(at).as_micros().max(1) as u64;
+                    let _ = send_lag.lock().expect("histogram lock").record(us);
+                }
+                calls.push(runtime.spawn(async move {
+                    let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
+                    if seq >= warmup_count {
+                        let us = intended(seq).elapsed().as_micros().max(1) as u64;
+                        let _ = durable.lock().expect("histogram lock").record(us);
+                    }
+                    drop(permit);
+                    result.map(|_| ())
+                }));
             }
+            Ok(calls)
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    })?;
+    let calls = tokio::task::spawn_blocking(move || generator.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the latency generator panicked"))??;
     for call in calls {
         call.await??;
     }
@@ -183,5 +202,6 @@ pub async fn measure(target: &Target, queue: &str, args: &Args) -> anyhow::Resul
     tokio::time::timeout(Duration::from_secs(120), consumer).await???;
     let durable = durable.lock().expect("histogram lock").clone();
     let delivered = delivered.lock().expect("histogram lock").clone();
-    Ok(Measured { achieved_rate: load::rate(total, offered_for), durable, delivered })
+    let send_lag = send_lag.lock().expect("histogram lock").clone();
+    Ok(Measured { achieved_rate: load::rate(total, offered_for), durable, delivered, send_lag })
 }
