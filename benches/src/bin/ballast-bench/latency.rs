@@ -149,52 +149,38 @@ pub async fn measure(target: &Target, queue: &str, args: &Args) -> anyhow::Resul
     let send_lag = Arc::new(Mutex::new(load::histogram()));
     let permits = Arc::new(Semaphore::new(args.inflight));
     let filler = Bytes::from(vec![b'x'; args.size - 8]);
-    // The generator paces itself on an OS thread with the kernel's
-    // high-resolution sleep: tokio's timer has a 1 ms granularity, and its
-    // lateness would count in every latency (measured from intended times).
     let runtime = tokio::runtime::Handle::current();
     let queue_name = queue.to_owned();
-    let generator = std::thread::Builder::new().name("latency-generator".into()).spawn({
+    let producers = args.producers as u64;
+    let size = args.size;
+    let generator = {
         let durable = Arc::clone(&durable);
         let send_lag = Arc::clone(&send_lag);
-        let producers = args.producers as u64;
-        let size = args.size;
-        move || -> anyhow::Result<Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>>> {
-            let mut calls = Vec::with_capacity(total as usize);
-            for seq in 0..total {
-                let at = intended(seq);
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
-                }
-                let permit = runtime.block_on(Arc::clone(&permits).acquire_owned())?;
-                let mut payload = BytesMut::with_capacity(size);
-                payload.put_u64_le(seq);
-                payload.put_slice(&filler);
-                let message = pb::Message { payload: payload.freeze(), ..Default::default() };
-                let mut client = clients[(seq % producers) as usize].clone();
-                let durable = Arc::clone(&durable);
-                let queue = queue_name.clone();
-                if seq >= warmup_count {
-                    let us = Instant::now().saturating_duration_since(at).as_micros().max(1) as u64;
-                    let _ = send_lag.lock().expect("histogram lock").record(us);
-                }
-                calls.push(runtime.spawn(async move {
-                    let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
-                    if seq >= warmup_count {
-                        let us = intended(seq).elapsed().as_micros().max(1) as u64;
-                        let _ = durable.lock().expect("histogram lock").record(us);
-                    }
-                    drop(permit);
-                    result.map(|_| ())
-                }));
+        load::open_loop(total, start, interval_ns, move |seq, at| {
+            let permit = runtime.block_on(Arc::clone(&permits).acquire_owned())?;
+            let mut payload = BytesMut::with_capacity(size);
+            payload.put_u64_le(seq);
+            payload.put_slice(&filler);
+            let message = pb::Message { payload: payload.freeze(), ..Default::default() };
+            let mut client = clients[(seq % producers) as usize].clone();
+            let durable = Arc::clone(&durable);
+            let queue = queue_name.clone();
+            if seq >= warmup_count {
+                let us = Instant::now().saturating_duration_since(at).as_micros().max(1) as u64;
+                let _ = send_lag.lock().expect("histogram lock").record(us);
             }
-            Ok(calls)
-        }
-    })?;
-    let calls = tokio::task::spawn_blocking(move || generator.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the latency generator panicked"))??;
+            Ok(runtime.spawn(async move {
+                let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
+                if seq >= warmup_count {
+                    let us = at.elapsed().as_micros().max(1) as u64;
+                    let _ = durable.lock().expect("histogram lock").record(us);
+                }
+                drop(permit);
+                result.map(|_| ())
+            }))
+        })
+    };
+    let calls = load::join_open_loop(generator).await?;
     for call in calls {
         call.await??;
     }

@@ -15,6 +15,46 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+/// Runs `send(seq, intended)` for each `seq` in `0..count` at its intended
+/// time `start + seq * interval_ns`, on an OS thread paced by the kernel's
+/// high-resolution sleep, and returns what the calls returned (typically
+/// the handles of the tasks they spawned). Open-loop generators use it
+/// rather than tokio's timer, whose 1 ms granularity would make the
+/// generator itself late by milliseconds, and that lateness would count in
+/// every latency measured from intended times. A send that blocks (no
+/// permit free) delays the ones after it; their latencies show it.
+pub fn open_loop<T: Send + 'static>(
+    count: u64,
+    start: Instant,
+    interval_ns: u64,
+    mut send: impl FnMut(u64, Instant) -> anyhow::Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<Vec<T>>> {
+    std::thread::Builder::new()
+        .name("open-loop".into())
+        .spawn(move || {
+            let mut sent = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+            for seq in 0..count {
+                let at = start + Duration::from_nanos(seq * interval_ns);
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
+                sent.push(send(seq, at)?);
+            }
+            Ok(sent)
+        })
+        .expect("spawning the generator thread")
+}
+
+/// Waits for an [`open_loop`] generator without blocking the runtime.
+pub async fn join_open_loop<T: Send + 'static>(
+    generator: std::thread::JoinHandle<anyhow::Result<Vec<T>>>,
+) -> anyhow::Result<Vec<T>> {
+    tokio::task::spawn_blocking(move || generator.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the open-loop generator panicked"))?
+}
+
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }

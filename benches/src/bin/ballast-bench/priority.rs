@@ -308,39 +308,29 @@ async fn high_lane(
     let phase_start = load::nanos_since(recorder.start);
     let interval_ns = 1_000_000_000 / rate;
     let permits = Arc::new(Semaphore::new(4096));
-    let began = Instant::now();
-    let mut sent = 0u64;
-    let mut calls = Vec::new();
-    while sent < count {
-        let due = ((began.elapsed().as_nanos() / u128::from(interval_ns)) as u64 + 1).min(count);
-        while sent < due {
-            let permit = Arc::clone(&permits).acquire_owned().await?;
-            let mut payload = BytesMut::with_capacity(filler.len() + 16);
-            payload.put_u64_le(first + sent);
-            payload.put_u64_le(phase_start + sent * interval_ns);
-            payload.put_slice(filler);
-            let message = pb::Message { payload: payload.freeze(), lane: Some(HIGH), ..Default::default() };
-            let mut client = clients[(sent % clients.len() as u64) as usize].clone();
-            let queue = queue.to_owned();
-            let (recorder, seq, intended) = (Arc::clone(recorder), first + sent, phase_start + sent * interval_ns);
-            calls.push(tokio::spawn(async move {
-                let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
-                if let Some(phase) = recorder.phase(seq) {
-                    let us = (load::nanos_since(recorder.start).saturating_sub(intended) / 1000).max(1);
-                    let _ = recorder.durable[phase].lock().expect("histogram lock").record(us);
-                }
-                drop(permit);
-                result.map(|_| ()).map_err(|s| anyhow::anyhow!("high-lane publish: {s}"))
-            }));
-            sent += 1;
-        }
-        if calls.len() > 8192 {
-            for call in calls.drain(..4096) {
-                call.await??;
+    let runtime = tokio::runtime::Handle::current();
+    let (clients, queue, filler, recorder) = (clients.to_vec(), queue.to_owned(), filler.clone(), Arc::clone(recorder));
+    let generator = load::open_loop(count, Instant::now(), interval_ns, move |sent, _| {
+        let permit = runtime.block_on(Arc::clone(&permits).acquire_owned())?;
+        let mut payload = BytesMut::with_capacity(filler.len() + 16);
+        payload.put_u64_le(first + sent);
+        payload.put_u64_le(phase_start + sent * interval_ns);
+        payload.put_slice(&filler);
+        let message = pb::Message { payload: payload.freeze(), lane: Some(HIGH), ..Default::default() };
+        let mut client = clients[(sent % clients.len() as u64) as usize].clone();
+        let queue = queue.clone();
+        let (recorder, seq, intended) = (Arc::clone(&recorder), first + sent, phase_start + sent * interval_ns);
+        Ok(runtime.spawn(async move {
+            let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
+            if let Some(phase) = recorder.phase(seq) {
+                let us = (load::nanos_since(recorder.start).saturating_sub(intended) / 1000).max(1);
+                let _ = recorder.durable[phase].lock().expect("histogram lock").record(us);
             }
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+            drop(permit);
+            result.map(|_| ()).map_err(|s| anyhow::anyhow!("high-lane publish: {s}"))
+        }))
+    });
+    let calls = load::join_open_loop(generator).await?;
     for call in calls {
         call.await??;
     }
