@@ -28,6 +28,11 @@ pub struct Args {
     /// Messages per flood call.
     #[arg(long, default_value_t = 100)]
     flood_batch: usize,
+    /// Flood rate in messages per second, all flood calls together (0: as
+    /// fast as the broker answers, which on a small machine also takes the
+    /// CPU the steady queue and the load tool need).
+    #[arg(long, default_value_t = 0)]
+    flood_rate: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -56,15 +61,33 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     let stored = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let mut flood = Vec::new();
-    for _ in 0..args.flood_producers {
+    // Each of the producers x 4 flood tasks sends one batch per period.
+    let period = (args.flood_rate > 0).then(|| {
+        let tasks = (args.flood_producers * 4) as f64;
+        std::time::Duration::from_secs_f64(args.flood_batch as f64 * tasks / args.flood_rate as f64)
+    });
+    let tasks = args.flood_producers as u32 * 4;
+    for producer in 0..args.flood_producers {
         let channel = target.channel().await?;
-        for _ in 0..4 {
+        for call in 0..4 {
+            // Staggered, so that the flood is a steady stream of calls, not
+            // every task's batch at once each period.
+            let task = (producer * 4 + call) as u32;
             let mut client = PublisherClient::new(channel.clone());
             let (stop, stored, refused) = (Arc::clone(&stop), Arc::clone(&stored), Arc::clone(&refused));
             let batch = args.flood_batch;
             let payload = Bytes::from(vec![b'f'; args.steady.size]);
             flood.push(tokio::spawn(async move {
+                let mut tick = period.map(|period| {
+                    let first = tokio::time::Instant::now() + period * task / tasks;
+                    let mut tick = tokio::time::interval_at(first, period);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tick
+                });
                 while !stop.load(Ordering::Relaxed) {
+                    if let Some(tick) = tick.as_mut() {
+                        tick.tick().await;
+                    }
                     let messages =
                         (0..batch).map(|_| pb::Message { payload: payload.clone(), ..Default::default() }).collect();
                     match client.publish_batch(pb::PublishBatchRequest { queue: flooded.into(), messages }).await {
@@ -90,8 +113,14 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     let refused = refused.load(Ordering::Relaxed);
 
     println!(
-        "isolation: steady queue at {} msg/s ({} B, sync {:?}); flood {:?}: {} producers x 4 calls of {}",
-        args.steady.rate, args.steady.size, sync, args.flood, args.flood_producers, args.flood_batch
+        "isolation: steady queue at {} msg/s ({} B, sync {:?}); flood {:?}: {} producers x 4 calls of {}, {}",
+        args.steady.rate,
+        args.steady.size,
+        sync,
+        args.flood,
+        args.flood_producers,
+        args.flood_batch,
+        if args.flood_rate > 0 { format!("{} msg/s offered", args.flood_rate) } else { "unpaced".to_owned() }
     );
     println!("-- steady queue alone");
     alone.print();
@@ -111,7 +140,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         "p99 during / alone: publish-to-durable {durable_ratio:.2}x, publish-to-delivery {delivery_ratio:.2}x (target <= 1.20x)"
     );
     Ok(serde_json::json!({
-        "scenario": "isolation", "flood": format!("{:?}", args.flood).to_lowercase(),
+        "scenario": "isolation", "flood": format!("{:?}", args.flood).to_lowercase(), "flood_rate": args.flood_rate,
         "steady_rate": args.steady.rate, "size": args.steady.size, "sync": format!("{sync:?}").to_lowercase(),
         "alone": { "publish_to_durable": load::percentiles(&alone.durable), "publish_to_delivery": load::percentiles(&alone.delivered) },
         "during": { "publish_to_durable": load::percentiles(&during.durable), "publish_to_delivery": load::percentiles(&during.delivered) },
