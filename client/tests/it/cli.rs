@@ -127,6 +127,13 @@ fn stats_after_a_refusal() {
     let refused = ballast(&url, &["--timeout-ms", "500", "publish", "emails", "--lane", "low", "one too many"], None);
     assert_eq!(code(&refused), 5, "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("lane low"), "{refused:?}");
+    // A refused batch fails each of its messages alike: one line for the
+    // error, one for the count of the others.
+    let batch = ballast(&url, &["--timeout-ms", "500", "publish", "emails", "--lane", "low", "a", "b", "c", "d"], None);
+    assert_eq!(code(&batch), 5, "{batch:?}");
+    let stderr = String::from_utf8_lossy(&batch.stderr);
+    assert_eq!(stderr.lines().count(), 2, "{stderr}");
+    assert!(stderr.contains("and 3 more messages failed with the same error"), "{stderr}");
     let urgent = ballast(&url, &["publish", "emails", "--lane", "high", "urgent"], None);
     assert_eq!(code(&urgent), 0, "the high lane is admitted up to 100%: {urgent:?}");
 

@@ -90,7 +90,15 @@ async fn publish(client: &Client, timeout: Duration, output: Output, args: Publi
     let producer =
         client.producer(ProducerConfig { deadline: timeout, in_flight_batches_max: 1, ..ProducerConfig::default() })?;
     let template = Template { lane, headers: args.headers, key: args.key, delay: Duration::from_millis(args.delay_ms) };
-    let mut publisher = Publisher { producer, queue: args.queue, output, window: VecDeque::new(), failure: None };
+    let mut publisher = Publisher {
+        producer,
+        queue: args.queue,
+        output,
+        window: VecDeque::new(),
+        failure: None,
+        last_error: None,
+        repeats: 0,
+    };
     if args.messages.is_empty() {
         let mut lines = BufReader::new(tokio::io::stdin()).lines();
         let mut index = 0;
@@ -105,7 +113,7 @@ async fn publish(client: &Client, timeout: Duration, output: Output, args: Publi
         }
     }
     match publisher.finish().await? {
-        Some(error) => Err(error.into()),
+        Some(error) => Err(CliError::Reported(error)),
         None => Ok(()),
     }
 }
@@ -157,6 +165,11 @@ struct Publisher {
     window: VecDeque<PendingReceipt>,
     /// The first failure, which decides the exit code.
     failure: Option<Error>,
+    /// The last error printed, and how many later messages failed with the
+    /// same one (a refused batch fails each of its messages alike: one
+    /// line says so, not one line per message).
+    last_error: Option<String>,
+    repeats: usize,
 }
 
 impl Publisher {
@@ -181,14 +194,30 @@ impl Publisher {
     }
 
     fn failed(&mut self, error: Error) {
-        eprintln!("error: {error}");
+        let text = error.to_string();
+        if self.last_error.as_deref() == Some(text.as_str()) {
+            self.repeats += 1;
+        } else {
+            self.report_repeats();
+            eprintln!("error: {text}");
+            self.last_error = Some(text);
+        }
         self.failure.get_or_insert(error);
+    }
+
+    fn report_repeats(&mut self) {
+        if self.repeats > 0 {
+            let s = if self.repeats == 1 { "" } else { "s" };
+            eprintln!("error: ... and {} more message{s} failed with the same error", self.repeats);
+            self.repeats = 0;
+        }
     }
 
     async fn finish(mut self) -> Result<Option<Error>, CliError> {
         while !self.window.is_empty() {
             self.settle_one().await?;
         }
+        self.report_repeats();
         self.producer.close().await;
         Ok(self.failure)
     }

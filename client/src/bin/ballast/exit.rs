@@ -22,6 +22,9 @@ pub const UNAVAILABLE: u8 = 6;
 pub enum CliError {
     /// The client library failed.
     Client(Error),
+    /// The client library failed and the command already printed why
+    /// (publish prints each distinct failure as it happens).
+    Reported(Error),
     /// The command line made no sense in a way clap cannot see.
     Usage(String),
     /// Reading stdin or writing stdout failed.
@@ -33,7 +36,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => USAGE,
             CliError::Io(_) => OTHER,
-            CliError::Client(error) => client_exit_code(error),
+            CliError::Client(error) | CliError::Reported(error) => client_exit_code(error),
         }
     }
 }
@@ -62,7 +65,7 @@ pub fn client_exit_code(error: &Error) -> u8 {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::Client(error) => write!(f, "{error}"),
+            CliError::Client(error) | CliError::Reported(error) => write!(f, "{error}"),
             CliError::Usage(message) => write!(f, "{message}"),
             CliError::Io(error) => write!(f, "{error}"),
         }

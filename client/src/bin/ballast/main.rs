@@ -32,7 +32,9 @@ fn main() -> ExitCode {
     match runtime.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error}");
+            if !matches!(error, exit::CliError::Reported(_)) {
+                eprintln!("error: {error}");
+            }
             ExitCode::from(error.exit_code())
         }
     }
