@@ -95,6 +95,20 @@ impl Dedupe {
         let _ = claim.send(true);
     }
 
+    /// Inserts keys recovered from storage, oldest first: only the newest
+    /// [`DEDUPE_KEYS_MAX`] are kept (the older ones count as evicted early),
+    /// with room reserved once rather than grown key by key.
+    pub fn recover(&mut self, keys: Vec<(u64, Bytes, Stored)>) {
+        let excess = keys.len().saturating_sub(DEDUPE_KEYS_MAX);
+        self.evicted_early += excess as u64;
+        let count = keys.len() - excess;
+        self.slots.reserve(count);
+        self.order.reserve(count);
+        for (timestamp_ms, key, at) in keys.into_iter().skip(excess) {
+            self.insert(key, at, timestamp_ms);
+        }
+    }
+
     /// Inserts a key recovered from storage or just stored.
     pub fn insert(&mut self, key: Bytes, at: Stored, timestamp_ms: u64) {
         self.slots.insert(key.clone(), Slot::Stored { at, timestamp_ms });

@@ -8,11 +8,16 @@
 //! scan of the log tail. Memory: at most `dedupe_keys_max` recovered keys,
 //! plus the keys appended since the last checkpoint.
 //!
+//! The journal is compacted when it outgrows twice what its live keys took
+//! at the last compaction (plus [`COMPACTION_SLACK`]), so its size, and the
+//! work of reading it at open, follow the keys inside the dedupe window
+//! (at most `dedupe_keys_max`), never the total history.
+//!
 //! Entry layout: `u32 crc over the rest, u16 key_len, u16 zero,
 //! u64 timestamp_ms, u64 offset, key, zero padding to 8 bytes`.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, hash_map::Entry},
     fs::File,
     io,
     os::unix::fs::FileExt,
@@ -28,6 +33,8 @@ const VERSION: u32 = 1;
 pub(crate) const HEADER_SIZE: u64 = 16;
 const ENTRY_HEADER: usize = 24;
 pub(crate) const FILE_NAME: &str = "keys";
+/// Bytes the journal may grow past twice its live size before compaction.
+pub(crate) const COMPACTION_SLACK: u64 = 1024 * 1024;
 
 /// An idempotency key seen in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +51,9 @@ pub(crate) struct KeyJournal {
     dir: PathBuf,
     file: File,
     len: u64,
+    /// Bytes of the entries inside the dedupe window at open or at the last
+    /// compaction (header included): the base of the compaction threshold.
+    live_len: u64,
 }
 
 impl KeyJournal {
@@ -68,30 +78,34 @@ impl KeyJournal {
             if created {
                 io.sync_dir(dir)?;
             }
-            return Ok((KeyJournal { dir: dir.to_owned(), file, len: HEADER_SIZE }, keys));
+            let journal = KeyJournal { dir: dir.to_owned(), file, len: HEADER_SIZE, live_len: HEADER_SIZE };
+            return Ok((journal, keys));
         }
-        let mut bytes = vec![0u8; trusted as usize];
-        file.read_exact_at(&mut bytes, 0)?;
+        let bytes = read_prefix(&file, trusted)?;
         if bytes[0..8] != MAGIC {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} has a bad magic", path.display())));
         }
-        let mut pos = HEADER_SIZE as usize;
-        while let Some((entry, next)) = decode_entry(&bytes, pos) {
+        let mut live_len = HEADER_SIZE;
+        let valid = decode_all(&bytes, |entry, size| {
             if entry.timestamp_ms >= cutoff_ms {
+                live_len += size;
                 keys.push(entry);
             }
-            pos = next;
-        }
-        let valid = pos as u64;
+        });
         if valid != size {
             file.set_len(valid)?;
             io.sync_data(&file)?;
         }
-        Ok((KeyJournal { dir: dir.to_owned(), file, len: valid }, keys))
+        Ok((KeyJournal { dir: dir.to_owned(), file, len: valid, live_len }, keys))
     }
 
-    pub(crate) fn len(&self) -> u64 {
-        self.len
+    /// Whether the journal has grown past twice its live size (at open or
+    /// at the last compaction) plus [`COMPACTION_SLACK`]. Each compaction
+    /// rewrites at most `dedupe_keys_max` keys, so the journal stays within
+    /// `COMPACTION_SLACK + 2 ×` those keys' size (plus one checkpoint's keys),
+    /// and the cost of rewriting is amortized over the keys appended since.
+    pub(crate) fn needs_compaction(&self) -> bool {
+        self.len > COMPACTION_SLACK + 2 * self.live_len
     }
 
     /// Appends and syncs entries; returns the new synced length.
@@ -113,16 +127,13 @@ impl KeyJournal {
     /// than `cutoff_ms` (temporary file, sync, rename, directory sync).
     /// Returns the new length.
     pub(crate) fn compact(&mut self, io: &Io, cutoff_ms: u64, keys_max: usize) -> io::Result<u64> {
-        let mut bytes = vec![0u8; self.len as usize];
-        self.file.read_exact_at(&mut bytes, 0)?;
+        let bytes = read_prefix(&self.file, self.len)?;
         let mut live = Vec::new();
-        let mut pos = HEADER_SIZE as usize;
-        while let Some((entry, next)) = decode_entry(&bytes, pos) {
+        decode_all(&bytes, |entry, _| {
             if entry.timestamp_ms >= cutoff_ms {
                 live.push(entry);
             }
-            pos = next;
-        }
+        });
         let live = newest_unique(live, keys_max);
         let mut out = header().to_vec();
         for entry in &live {
@@ -137,28 +148,85 @@ impl KeyJournal {
         io.sync_dir(&self.dir)?;
         self.file = file;
         self.len = out.len() as u64;
+        self.live_len = self.len;
         Ok(self.len)
     }
 }
 
-/// Keeps the newest entry per key, then at most `keys_max` keys, newest
-/// last, ordered by offset.
-pub(crate) fn newest_unique(entries: Vec<KeyEntry>, keys_max: usize) -> Vec<KeyEntry> {
-    let mut by_key: HashMap<Bytes, KeyEntry> = HashMap::with_capacity(entries.len().min(keys_max));
-    for entry in entries {
-        match by_key.get(&entry.key) {
-            Some(seen) if seen.offset >= entry.offset => {}
-            _ => {
-                by_key.insert(entry.key.clone(), entry);
+/// The first `len` bytes of `file`, as one buffer that decoded keys slice
+/// (no allocation per key).
+fn read_prefix(file: &File, len: u64) -> io::Result<Bytes> {
+    let mut bytes = vec![0u8; len as usize];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(Bytes::from(bytes))
+}
+
+/// Calls `f` with every valid entry from the header on and its encoded
+/// size; returns the position after the last one.
+fn decode_all(bytes: &Bytes, mut f: impl FnMut(KeyEntry, u64)) -> u64 {
+    let mut pos = HEADER_SIZE as usize;
+    while let Some((entry, next)) = decode_entry(bytes, pos) {
+        f(entry, (next - pos) as u64);
+        pos = next;
+    }
+    pos as u64
+}
+
+/// Copies the keys of `entries` into one shared buffer, so that they hold
+/// neither one allocation each nor the buffer they were decoded from (a
+/// whole journal, mostly keys that were dropped).
+pub(crate) fn pack(entries: &mut [KeyEntry]) {
+    let total = entries.iter().map(|e| e.key.len()).sum();
+    let mut arena = Vec::with_capacity(total);
+    for entry in entries.iter() {
+        arena.extend_from_slice(&entry.key);
+    }
+    let arena = Bytes::from(arena);
+    let mut at = 0;
+    for entry in entries.iter_mut() {
+        let len = entry.key.len();
+        entry.key = arena.slice(at..at + len);
+        at += len;
+    }
+}
+
+/// Keeps the newest entry per key (highest offset), then at most
+/// `keys_max` keys (the newest by timestamp, then offset), ordered by
+/// offset. One hash of each key, no allocation per key.
+pub(crate) fn newest_unique(mut entries: Vec<KeyEntry>, keys_max: usize) -> Vec<KeyEntry> {
+    let mut keep = vec![false; entries.len()];
+    {
+        let mut newest: HashMap<&[u8], usize> = HashMap::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            match newest.entry(&entry.key[..]) {
+                Entry::Occupied(mut seen) => {
+                    if entries[*seen.get()].offset < entry.offset {
+                        seen.insert(i);
+                    }
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(i);
+                }
             }
         }
+        for &i in newest.values() {
+            keep[i] = true;
+        }
     }
-    let mut unique: Vec<KeyEntry> = by_key.into_values().collect();
-    unique.sort_by_key(|e| (e.timestamp_ms, e.offset));
-    let excess = unique.len().saturating_sub(keys_max);
-    unique.drain(..excess);
-    unique.sort_by_key(|e| e.offset);
-    unique
+    let mut at = 0;
+    entries.retain(|_| {
+        at += 1;
+        keep[at - 1]
+    });
+    if entries.len() > keys_max {
+        entries.sort_unstable_by_key(|e| (e.timestamp_ms, e.offset));
+        let excess = entries.len() - keys_max;
+        entries.drain(..excess);
+        entries.sort_unstable_by_key(|e| e.offset);
+    } else if !entries.is_sorted_by_key(|e| e.offset) {
+        entries.sort_unstable_by_key(|e| e.offset);
+    }
+    entries
 }
 
 fn header() -> [u8; HEADER_SIZE as usize] {
@@ -185,7 +253,7 @@ fn encode_entry(buf: &mut Vec<u8>, entry: &KeyEntry) {
     buf[start..start + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn decode_entry(bytes: &[u8], pos: usize) -> Option<(KeyEntry, usize)> {
+fn decode_entry(bytes: &Bytes, pos: usize) -> Option<(KeyEntry, usize)> {
     let head = bytes.get(pos..pos + ENTRY_HEADER)?;
     let key_len = u16::from_le_bytes(head[4..6].try_into().expect("2 bytes")) as usize;
     if key_len == 0 {
@@ -198,7 +266,7 @@ fn decode_entry(bytes: &[u8], pos: usize) -> Option<(KeyEntry, usize)> {
         return None;
     }
     let entry = KeyEntry {
-        key: Bytes::copy_from_slice(&whole[ENTRY_HEADER..ENTRY_HEADER + key_len]),
+        key: bytes.slice(pos + ENTRY_HEADER..pos + ENTRY_HEADER + key_len),
         timestamp_ms: u64::from_le_bytes(whole[8..16].try_into().expect("8 bytes")),
         offset: u64::from_le_bytes(whole[16..24].try_into().expect("8 bytes")),
     };

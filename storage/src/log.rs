@@ -982,8 +982,7 @@ impl Shared {
             .write(&self.io, point, clean)
             .map_err(|e| SyncError::new("writing the checkpoint", e))?;
         checkpointer.last = point;
-        let journal_size_max = 1024 * 1024 + 64 * u64::from(self.options.dedupe_keys_max);
-        if checkpointer.keys.len() > journal_size_max {
+        if checkpointer.keys.needs_compaction() {
             let cutoff = now_ms().saturating_sub(self.options.dedupe_window_ms);
             let len = checkpointer
                 .keys

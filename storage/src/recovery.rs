@@ -252,7 +252,8 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
     let (mut key_journal, mut keys) =
         KeyJournal::open(io, dir, synced_keys_len, cutoff).map_err(io_open(dir.join("keys")))?;
     keys.extend(scanned_keys.iter().filter(|k| k.timestamp_ms >= cutoff).cloned());
-    let keys = keys::newest_unique(keys, options.dedupe_keys_max as usize);
+    let mut keys = keys::newest_unique(keys, options.dedupe_keys_max as usize);
+    keys::pack(&mut keys);
 
     // Step 9: make the recovered state the new checkpoint.
     let keys_len = key_journal.append(io, &scanned_keys).map_err(io_open(dir.join("keys")))?;

@@ -191,9 +191,7 @@ impl Queue {
             );
         }
         keys.sort_by_key(|(t, _, _)| *t);
-        for (timestamp_ms, key, at) in keys {
-            dedupe.insert(key, at, timestamp_ms);
-        }
+        dedupe.recover(keys);
         let delivery = DeliveryState::new(&lanes, &settings);
         let durable = lanes.iter().map(|log| std::sync::atomic::AtomicU64::new(log.next_offset())).collect();
         let meters = settings

@@ -84,3 +84,38 @@ fn recovered_keys_are_bounded() {
     assert_eq!(keys.len(), 100);
     assert!(keys.iter().all(|k| k.offset >= 300), "the newest keys are kept");
 }
+
+/// The key journal follows the keys inside the window, not the history:
+/// after far more keys than fit the compaction slack, most of them already
+/// outside the window, it is compacted down to the live ones, although
+/// `dedupe_keys_max` alone would let it grow to 65 MiB.
+#[test]
+fn key_journal_stays_bounded_by_live_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions { dedupe_keys_max: 1_000_000, ..options() };
+    let log = Log::open(dir.path(), options.clone()).unwrap();
+    let now = now_ms();
+    let record = |i: u64, timestamp_ms: u64| NewRecord {
+        key: Some(Bytes::from(format!("history-key-{i:08}"))),
+        timestamp_ms,
+        payload: Bytes::from_static(b"x"),
+        ..NewRecord::default()
+    };
+    // 200,000 expired keys (48 bytes each in the journal: 9.6 MB), then 100
+    // live ones.
+    for chunk in 0..200u64 {
+        let batch: Vec<NewRecord> = (chunk * 1000..chunk * 1000 + 1000).map(|i| record(i, now - 120_000)).collect();
+        log.append(&batch).unwrap().commit.wait().unwrap();
+        log.ack(chunk * 1000, 1000, AckKind::Acked).unwrap().wait().unwrap();
+    }
+    let live: Vec<NewRecord> = (200_000..200_100).map(|i| record(i, now)).collect();
+    log.append(&live).unwrap().commit.wait().unwrap();
+    log.close().unwrap();
+
+    let journal = std::fs::metadata(dir.path().join("keys")).unwrap().len();
+    assert!(journal <= 2 * 1024 * 1024, "key journal holds history: {journal} bytes");
+    let log = Log::open(dir.path(), options).unwrap();
+    let keys = log.take_recovered_keys();
+    assert_eq!(keys.len(), 100, "the live keys are recovered");
+    assert_eq!(keys[0].key, Bytes::from("history-key-00200000"));
+}
