@@ -15,12 +15,15 @@ use crate::{Broker, grpc::Service, limits::GRPC_DECODE_SIZE_MAX};
 /// Serves `broker` on `listener` until `shutdown` resolves, then drains:
 /// new calls get UNAVAILABLE, consume streams end, in-flight publishes finish
 /// (up to the configured shutdown timeout), and every log is synced.
-/// With `metrics`, Prometheus metrics are served there (if this process can
-/// install the global metrics recorder).
+/// With `metrics`, Prometheus metrics are served on that listener from the
+/// recorder [`crate::metrics::install`] returned, which must have been
+/// installed before the broker was opened: a queue's metric handles are
+/// taken when it opens, and handles taken before a recorder exists record
+/// nothing.
 pub async fn serve(
     broker: Arc<Broker>,
     listener: TcpListener,
-    metrics: Option<TcpListener>,
+    metrics: Option<(TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let service = Service::new(Arc::clone(&broker));
@@ -58,14 +61,11 @@ pub async fn serve(
     let mut server = tokio::spawn(server);
     let ticker = tokio::spawn(tick(Arc::downgrade(&broker)));
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_task = match (metrics, crate::metrics::install()) {
-        (Some(listener), Some(handle)) => {
-            Some(tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, async {
-                let _ = metrics_stopped.await;
-            })))
-        }
-        _ => None,
-    };
+    let metrics_task = metrics.map(|(listener, handle)| {
+        tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, async {
+            let _ = metrics_stopped.await;
+        }))
+    });
 
     tokio::select! {
         result = &mut server => {

@@ -95,6 +95,9 @@ fn load_config(args: &Args) -> Result<Config, String> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Installed before anything can reach the broker: a SIGTERM that comes
+    // before the handler exists kills the process without a clean close.
+    let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -103,11 +106,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} for metrics: {e}", config.metrics_listen))?;
     let metrics_address = metrics.local_addr()?;
+    // Before the queues open: they take their metric handles then.
+    let recorder = ballast_broker::metrics::install();
     tracing::info!(data_dir = %config.data_dir.display(), "opening queues");
     let broker = Broker::open(config)?;
     tracing::info!(%address, "serving gRPC");
     announce(&format!("listening on {address}\nmetrics on {metrics_address}\n"));
-    ballast_broker::server::serve(broker, listener, Some(metrics), shutdown_signal()).await
+    let metrics = recorder.map(|handle| (metrics, handle));
+    ballast_broker::server::serve(broker, listener, metrics, shutdown).await
 }
 
 /// Prints the bound addresses in one write (a reader that stops after the
@@ -120,19 +126,18 @@ fn announce(text: &str) {
     let _ = out.flush();
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the returned future
+/// resolves on the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!("cannot install the SIGTERM handler: {e}");
-            std::future::pending::<()>().await;
-            return;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| anyhow::anyhow!("cannot install the SIGTERM handler: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| anyhow::anyhow!("cannot install the SIGINT handler: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
-    }
+    })
 }

@@ -59,7 +59,7 @@ async fn create_get_list_purge_delete() {
     assert_eq!(depth(&mut admin, "orders").await, 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queues_and_settings_survive_a_restart() {
     let mut broker = BrokerProcess::start();
     let mut admin = broker.admin().await;
@@ -72,7 +72,7 @@ async fn queues_and_settings_survive_a_restart() {
     };
     let before = create(&mut admin, "billing", settings).await;
     publish(&mut broker.publisher().await, "billing", on_lane("x", 1)).await;
-    assert!(broker.terminate().success());
+    broker.terminate_cleanly();
     broker.restart();
     let mut admin = broker.admin().await;
     let after = admin.get_queue(pb::GetQueueRequest { name: "billing".into() }).await.unwrap().into_inner();

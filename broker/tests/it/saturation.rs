@@ -210,12 +210,12 @@ async fn drain_estimate_converges_on_a_steady_consumer() {
     assert!((estimate - truth).abs() / truth < 0.25, "estimate {estimate} ms vs {truth} ms: {estimates:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_watermark_refuses_publishes_and_serves_consumers() {
     let mut broker = BrokerProcess::start();
     create(&mut broker.admin().await, "disk", queue_settings()).await;
     publish_batch(&mut broker.publisher().await, "disk", (0..3).map(|i| message(format!("{i}"))).collect()).await;
-    assert!(broker.terminate().success());
+    broker.terminate_cleanly();
     // A floor above any disk this test runs on: 1 EiB.
     broker.restart_with(&["--disk-free-min-bytes", "1152921504606846976"]);
     let mut publisher = broker.publisher().await;
@@ -238,7 +238,7 @@ async fn disk_watermark_refuses_publishes_and_serves_consumers() {
     assert_eq!(depth(&mut broker.admin().await, "disk").await, 0);
     assert_eq!(stats(&broker, "disk").await.refused_disk_full, 1);
     // Space "returns": the normal floor accepts again.
-    assert!(broker.terminate().success());
+    broker.terminate_cleanly();
     broker.restart_with(&[]);
     publish(&mut broker.publisher().await, "disk", message("accepted")).await;
 }
@@ -249,9 +249,9 @@ fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse().expect("a number"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_tracks_the_backlog() {
-    let broker = BrokerProcess::start();
+    let mut broker = BrokerProcess::start();
     create(&mut broker.admin().await, "m", queue_settings()).await;
     let depth_of = |text: &str| sample(text, "ballast_queue_depth_messages", "queue=\"m\",lane=\"normal\"");
     assert_eq!(depth_of(&broker.scrape()), Some(0.0));
@@ -281,6 +281,18 @@ async fn metrics_endpoint_tracks_the_backlog() {
     // Errors by code.
     let _ = broker.admin().await.get_queue(pb::GetQueueRequest { name: "nope".into() }).await;
     assert_eq!(sample(&broker.scrape(), "ballast_errors_total", "code=\"not_found\""), Some(1.0));
+
+    // A queue that exists when the broker starts records its metrics too
+    // (its handles are taken as it opens, after the recorder is installed).
+    broker.kill();
+    broker.restart();
+    publish_batch(&mut broker.publisher().await, "m", (0..3).map(|i| message(format!("{i}"))).collect()).await;
+    let text = broker.scrape();
+    assert_eq!(sample(&text, "ballast_published_messages_total", "queue=\"m\",lane=\"normal\""), Some(3.0), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("ballast_publish_durable_seconds_count{queue=\"m\",lane=\"normal\"} 1")),
+        "{text}"
+    );
 }
 
 /// `bytes` counts the records not yet acked, nothing else: 0 for a new
@@ -309,7 +321,7 @@ async fn bytes_are_the_unacked_records_before_and_after_a_restart() {
     let full = stats(&broker, "b").await.saturation.unwrap();
     assert!(full.bytes >= 300 * 1000, "bytes {}", full.bytes);
     assert!(full.bytes < 300 * 1100, "bytes {} are the records, not the segments", full.bytes);
-    assert!(broker.terminate().success());
+    broker.terminate_cleanly();
     broker.restart();
     let after = stats(&broker, "b").await.saturation.unwrap();
     assert_eq!(after.bytes, full.bytes, "a restart counts the same records");
@@ -346,7 +358,7 @@ async fn bytes_are_the_unacked_records_before_and_after_a_restart() {
     assert!(dead.bytes >= 1000, "the dead letter's bytes count in b.dead: {}", dead.bytes);
     drop(session);
 
-    assert!(broker.terminate().success());
+    broker.terminate_cleanly();
     broker.restart();
     let figures = stats(&broker, "b").await.saturation.unwrap();
     assert_eq!((figures.depth, figures.bytes, figures.saturation), (0, 0, 0.0), "after a restart: {figures:?}");
@@ -392,7 +404,7 @@ async fn bytes_survive_a_restart_with_acks_above_the_floor() {
     assert_eq!((before.depth, before.bytes), (191, full.bytes - 9 * one), "{before:?}");
     drop(session);
 
-    assert!(broker.terminate().success());
+    broker.terminate_cleanly();
     broker.restart();
     let after = stats(&broker, "o").await.saturation.unwrap();
     assert_eq!((after.depth, after.bytes), (before.depth, before.bytes), "after a clean restart");

@@ -76,6 +76,16 @@ impl BrokerProcess {
         wait_timeout(&mut child, Duration::from_secs(30)).expect("ballastd exits within 30 s of SIGTERM")
     }
 
+    /// SIGTERM, and asserts a clean exit (status 0), with the broker's log
+    /// in the failure message.
+    pub fn terminate_cleanly(&mut self) {
+        let status = self.terminate();
+        if !status.success() {
+            let log = std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default();
+            panic!("ballastd did not exit cleanly after SIGTERM ({status}); its log:\n{log}");
+        }
+    }
+
     pub fn send_sigterm(&self) {
         signal(self.child.as_ref().expect("running"), libc::SIGTERM);
     }
