@@ -18,7 +18,7 @@
 //! target/release/ballast-bench throughput --size 100,1024,16384 --batch 1,64 --producers 4 --consumers 2
 //! target/release/ballast-bench latency --rate 10000 --size 1024
 //! target/release/ballast-bench spike --consumer-rate 5000 --burst-factor 10 --max-messages 50000
-//! target/release/ballast-bench isolation --rate 2000 --flood full
+//! target/release/ballast-bench isolation --rate 2000 --flood backlog --flood-rate 20000
 //! target/release/ballast-bench priority --rate 1000 --flood-rate 20000 --consumer-rate 5000 --credit 16
 //! target/release/ballast-bench recovery --cycles 3 --producers 4
 //! target/release/ballast-bench backlog --messages 10000000 --size 100
