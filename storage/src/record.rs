@@ -243,6 +243,13 @@ pub(crate) fn peek(buf: &[u8]) -> Result<Header, Invalid> {
 /// Validates the record at the start of `buf` fully: length, CRC, expected
 /// offset, inner lengths and UTF-8. Returns the header on success.
 pub(crate) fn check(buf: &[u8], expected_offset: u64) -> Result<Header, Invalid> {
+    let header = verify(buf, expected_offset)?;
+    parse_body(&buf[..header.len as usize]).map(|_| header)
+}
+
+/// The header, length, CRC and offset checks of [`check`], without parsing
+/// the body ([`decode`] parses it once, to build the record).
+fn verify(buf: &[u8], expected_offset: u64) -> Result<Header, Invalid> {
     let header = peek(buf)?;
     let body = &buf[..header.len as usize];
     if crc32fast::hash(&body[8..]) != header.crc {
@@ -251,7 +258,7 @@ pub(crate) fn check(buf: &[u8], expected_offset: u64) -> Result<Header, Invalid>
     if header.offset != expected_offset {
         return Err(Invalid::WrongOffset);
     }
-    parse_body(body).map(|_| header)
+    Ok(header)
 }
 
 struct Parts {
@@ -324,7 +331,7 @@ fn take<'a>(block: &mut &'a [u8], n: usize) -> Result<&'a [u8], Invalid> {
 ///
 /// [`Invalid`] says which check failed.
 pub fn decode(source: &Bytes, expected_offset: u64) -> Result<Record, Invalid> {
-    let header = check(source, expected_offset)?;
+    let header = verify(source, expected_offset)?;
     let body = source.slice(..header.len as usize);
     let parts = parse_body(&body)?;
     Ok(Record {
