@@ -152,9 +152,17 @@ fn random_bit_flips_never_return_corrupt_data() {
             .map(|(o, _, _)| o)
             .collect();
         let log = Log::open(image.path(), small_options()).unwrap();
+        // Without a checkpoint, damage in the last record is a torn tail to
+        // recovery: it is cut, never returned. Only damaged records may go.
+        let end = log.next_offset();
+        assert!(
+            (end..1500).all(|o| damaged.contains(&o)),
+            "round {round}: recovery cut the log at {end}, past intact records (flips {touched:?}, damaged {damaged:?})"
+        );
         for offset in 0..1500 {
             match log.read(offset) {
                 Ok(r) => assert_eq!(payload_index(&r.payload), offset, "round {round}: wrong data at {offset}"),
+                Err(ReadError::NotWritten { .. }) if offset >= end => {}
                 Err(ReadError::Corrupt { .. }) => {
                     assert!(
                         damaged.contains(&offset),
