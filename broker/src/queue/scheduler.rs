@@ -81,10 +81,7 @@ impl LaneScheduler {
         }
         let mut total = 0;
         let mut best = None;
-        let mut rest = candidates;
-        while rest != 0 {
-            let lane = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
+        for lane in lanes(candidates) {
             let weight = i64::from(self.weights[lane]);
             total += weight;
             self.current[lane] += weight;
@@ -104,16 +101,25 @@ impl LaneScheduler {
             return;
         }
         let mut total = 0;
-        let mut rest = candidates;
-        while rest != 0 {
-            let lane = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
+        for lane in lanes(candidates) {
             let weight = i64::from(self.weights[lane]);
             total += weight;
             self.current[lane] -= weight;
         }
         self.current[best] += total;
     }
+}
+
+/// The lanes in a bit mask, lowest first.
+fn lanes(mask: u64) -> impl Iterator<Item = usize> {
+    let mut rest = mask;
+    std::iter::from_fn(move || {
+        (rest != 0).then(|| {
+            let lane = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            lane
+        })
+    })
 }
 
 #[cfg(test)]
