@@ -303,24 +303,25 @@ impl Queue {
                 }
             }
         }
-        // The records to store: one per message that is neither a duplicate
-        // nor a repeat of an earlier key in the batch.
-        let records: Vec<Option<NewRecord>> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, message)| (receipts[i].is_none() && !is_repeat(&messages, i)).then(|| to_record(message, now)))
-            .collect();
+        // What to store: one record per message that is neither a duplicate
+        // nor a repeat of an earlier key in the batch. Admission decides on
+        // the sizes alone; the records are built only for an admitted batch,
+        // so a refusal stays cheap.
+        let stored: Vec<bool> =
+            (0..messages.len()).map(|i| receipts[i].is_none() && !is_repeat(&messages, i)).collect();
         let mut adding = vec![(0u64, 0u64); self.lanes.len()];
-        for (record, &lane) in records.iter().zip(&lanes) {
-            if let Some(record) = record {
-                let lane = &mut adding[lane as usize];
-                lane.0 += 1;
-                lane.1 += record.stored_size();
-            }
+        for ((message, &lane), _) in messages.iter().zip(&lanes).zip(&stored).filter(|(_, stored)| **stored) {
+            let lane = &mut adding[lane as usize];
+            lane.0 += 1;
+            lane.1 += stored_size(message, now);
         }
         let started = std::time::Instant::now();
         let result = match self.admit(&adding) {
-            Ok(()) => self.append(&records, &lanes, &mut receipts).await,
+            Ok(()) => {
+                let records: Vec<Option<NewRecord>> =
+                    messages.iter().zip(&stored).map(|(message, &s)| s.then(|| to_record(message, now))).collect();
+                self.append(&records, &lanes, &mut receipts).await
+            }
             Err(refused) => Err(refused),
         };
         if result.is_ok() {
@@ -532,6 +533,16 @@ fn is_repeat(messages: &[Publish], i: usize) -> bool {
     messages[i].key.as_ref().is_some_and(|key| messages[..i].iter().any(|m| m.key.as_ref() == Some(key)))
 }
 
+/// The stored size of the record [`to_record`] makes of `message`, without
+/// making it (no copy of the headers unless the message is delayed).
+fn stored_size(message: &Publish, now: u64) -> u64 {
+    let key_len = message.key.as_ref().map_or(0, Bytes::len);
+    if message.delay_ms == 0 {
+        return ballast_storage::record::stored_size(key_len, &message.headers, message.payload.len());
+    }
+    to_record(message, now).stored_size()
+}
+
 fn to_record(message: &Publish, now: u64) -> NewRecord {
     let mut headers = message.headers.clone();
     if message.delay_ms > 0 {
@@ -565,6 +576,23 @@ pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Admission's size of a message is the stored size of the record made
+    /// of it, delayed (with the broker's not-before header) or not.
+    #[test]
+    fn admission_size_is_the_record_size() {
+        let now = 1_796_000_000_000;
+        for delay_ms in [0, 1, 86_400_000] {
+            for (key, headers, payload) in [
+                (None, vec![], 0usize),
+                (Some(Bytes::from_static(b"k-1")), vec![("a".to_owned(), "b".to_owned())], 100),
+                (Some(Bytes::from(vec![b'k'; 256])), vec![("trace".to_owned(), "x".repeat(77)); 3], 1000),
+            ] {
+                let message = Publish { payload: Bytes::from(vec![0; payload]), headers, key, lane: None, delay_ms };
+                assert_eq!(stored_size(&message, now), to_record(&message, now).stored_size(), "{message:?}");
+            }
+        }
+    }
 
     /// The byte count a lane starts from is storage's figure, and equals
     /// reading the unacked records one by one (also with acks above the
