@@ -107,11 +107,7 @@ impl std::fmt::Display for Refusal {
                     self.figures.bytes,
                     self.figures.saturation * 100.0
                 )?;
-                if batch_messages > lane_max_messages || batch_bytes > lane_max_bytes {
-                    write!(f, ". The batch alone exceeds the lane's share: split it, or publish to a higher lane")
-                } else {
-                    write!(f, ". Retry after {} ms, or publish to a higher lane", self.retry_after_ms)
-                }
+                write!(f, ". Retry after {} ms, or publish to a higher lane", self.retry_after_ms)
             }
             RefusalReason::DiskLow { free, min } => write!(
                 f,

@@ -247,6 +247,17 @@ impl Queue {
             let threshold = self.settings.lane_admission[lane];
             let max_messages = (self.settings.max_messages as f64 * threshold).floor() as u64;
             let max_bytes = (self.settings.max_bytes as f64 * threshold).floor() as u64;
+            if new_messages > max_messages || new_bytes > max_bytes {
+                // Not even an empty queue would take it: retrying cannot help.
+                return Err(BrokerError::InvalidArgument(format!(
+                    "a batch of {new_messages} messages ({new_bytes} bytes) exceeds lane {}'s share of queue {} even when \
+                     the queue is empty: {:.0}% of max_messages is {max_messages} and of max_bytes {max_bytes}; split \
+                     the batch, or publish to a higher lane",
+                    self.settings.lanes[lane],
+                    self.name,
+                    threshold * 100.0
+                )));
+            }
             let excess_messages = (depth + new_messages).saturating_sub(max_messages);
             let excess_bytes = (bytes + new_bytes).saturating_sub(max_bytes);
             if excess_messages > 0 || excess_bytes > 0 {

@@ -101,6 +101,29 @@ async fn lowest_lanes_are_shed_first_with_retry_after_and_figures() {
 /// A refused lane whose name is not ASCII is still named: by index, and by
 /// its UTF-8 bytes in `ballast-lane-bin` (an ASCII `ballast-lane` value
 /// cannot carry it, so that entry is left out).
+/// A batch larger than its lane's share of an empty queue can never be
+/// admitted: INVALID_ARGUMENT (not retryable), stores nothing; a batch
+/// that fits is admitted.
+#[tokio::test]
+async fn a_batch_over_the_lanes_share_of_an_empty_queue_is_invalid() {
+    let broker = BrokerProcess::start();
+    let settings = pb::QueueSettings { max_messages: Some(10), ..queue_settings() };
+    create(&mut broker.admin().await, "small", settings).await;
+    let mut publisher = broker.publisher().await;
+    let batch = |n: usize| pb::PublishBatchRequest {
+        queue: "small".into(),
+        messages: (0..n).map(|i| on_lane(format!("{i}"), 2)).collect(),
+    };
+    let status = publisher.publish_batch(batch(8)).await.expect_err("8 > 70% of 10");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("even when the queue is empty"), "{}", status.message());
+    assert!(status.message().contains("split"), "{}", status.message());
+    assert_eq!(stats(&broker, "small").await.saturation.unwrap().depth, 0, "nothing stored");
+    publisher.publish_batch(batch(7)).await.expect("7 fits the low lane's share");
+    let status = publisher.publish_batch(batch(1)).await.expect_err("the queue is at the low lane's share");
+    assert_eq!(status.code(), Code::ResourceExhausted, "a batch that fits an emptier queue is only refused");
+}
+
 #[tokio::test]
 async fn refusal_names_a_non_ascii_lane_by_index_and_bytes() {
     let broker = BrokerProcess::start();
