@@ -67,8 +67,18 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         std::time::Duration::from_secs_f64(args.flood_batch as f64 * tasks / args.flood_rate as f64)
     });
     let tasks = args.flood_producers as u32 * 4;
+    // The flood runs on its own threads, as another client process would:
+    // on the steady side's runtime its tasks would queue ahead of the steady
+    // calls inside the load tool and count as the broker's latency.
+    let flood_runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("flood").enable_all().build()?;
     for producer in 0..args.flood_producers {
-        let channel = target.channel().await?;
+        let endpoint = target.endpoint.clone();
+        let channel = flood_runtime
+            .spawn(async move {
+                tonic::transport::Channel::from_shared(endpoint)?.connect().await.map_err(anyhow::Error::from)
+            })
+            .await??;
         for call in 0..4 {
             // Staggered, so that the flood is a steady stream of calls, not
             // every task's batch at once each period.
@@ -77,7 +87,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
             let (stop, stored, refused) = (Arc::clone(&stop), Arc::clone(&stored), Arc::clone(&refused));
             let batch = args.flood_batch;
             let payload = Bytes::from(vec![b'f'; args.steady.size]);
-            flood.push(tokio::spawn(async move {
+            flood.push(flood_runtime.spawn(async move {
                 let mut tick = period.map(|period| {
                     let first = tokio::time::Instant::now() + period * task / tasks;
                     let mut tick = tokio::time::interval_at(first, period);
@@ -109,6 +119,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     for task in flood {
         task.await??;
     }
+    flood_runtime.shutdown_background();
     let stored = stored.load(Ordering::Relaxed);
     let refused = refused.load(Ordering::Relaxed);
 
