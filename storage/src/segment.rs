@@ -366,11 +366,39 @@ impl Segment {
     }
 
     fn build_index(&self, index: &mut SparseIndex, end_offset: u64) {
+        let mut fresh = self.index_from_start(end_offset);
+        if fresh.entries.is_empty() {
+            fresh.push(self.base_offset, self.base_offset, SEGMENT_HEADER_SIZE);
+        }
+        index.entries = fresh.entries;
+        index.last_indexed_pos = fresh.last_indexed_pos;
+        index.complete = true;
+    }
+
+    /// Indexes the records below `end_offset` (the trusted prefix left by
+    /// recovery) and merges the entries with those already held.
+    fn index_prefix(&self, index: &mut SparseIndex, end_offset: u64) {
+        let prefix = self.index_from_start(end_offset);
+        if index.entries.is_empty() {
+            index.last_indexed_pos = prefix.last_indexed_pos;
+        }
+        let mut entries = prefix.entries;
+        entries.append(&mut index.entries);
+        entries.sort_unstable_by_key(|&(rel, _)| rel);
+        entries.dedup_by_key(|&mut (rel, _)| rel);
+        index.entries = entries;
+        index.unindexed_below = None;
+    }
+
+    /// The sparse index of the records from the segment's start up to
+    /// `end_offset` (or the first record that does not follow), by hopping
+    /// over their headers without CRC checks: one entry per
+    /// `INDEX_INTERVAL_BYTES`.
+    fn index_from_start(&self, end_offset: u64) -> SparseIndex {
         let data = self.data_from(0);
+        let mut index = SparseIndex::default();
         let mut pos = SEGMENT_HEADER_SIZE;
         let mut offset = self.base_offset;
-        index.entries.clear();
-        index.last_indexed_pos = 0;
         while offset < end_offset {
             let Ok(header) = record::peek(data.get(pos as usize..).unwrap_or(&[])) else {
                 break;
@@ -384,44 +412,7 @@ impl Segment {
             pos += record::padded(u64::from(header.len));
             offset += 1;
         }
-        if index.entries.is_empty() {
-            index.push(self.base_offset, self.base_offset, SEGMENT_HEADER_SIZE);
-        }
-        index.complete = true;
-    }
-
-    /// Indexes the records below `end_offset` (the trusted prefix left by
-    /// recovery) by hopping over their headers without CRC checks, as
-    /// `build_index` does, and merges the entries with those already held.
-    fn index_prefix(&self, index: &mut SparseIndex, end_offset: u64) {
-        let data = self.data_from(0);
-        let mut pos = SEGMENT_HEADER_SIZE;
-        let mut offset = self.base_offset;
-        let mut prefix: Vec<(u32, u32)> = Vec::new();
-        let mut last_pos = 0;
-        while offset < end_offset {
-            let Ok(header) = record::peek(data.get(pos as usize..).unwrap_or(&[])) else {
-                break;
-            };
-            if header.offset != offset {
-                break;
-            }
-            if prefix.is_empty() || pos >= last_pos + INDEX_INTERVAL_BYTES {
-                let rel = u32::try_from(offset - self.base_offset).expect("offsets in a segment fit u32");
-                prefix.push((rel, u32::try_from(pos).expect("segment positions fit u32")));
-                last_pos = pos;
-            }
-            pos += record::padded(u64::from(header.len));
-            offset += 1;
-        }
-        if index.entries.is_empty() {
-            index.last_indexed_pos = last_pos;
-        }
-        prefix.append(&mut index.entries);
-        prefix.sort_unstable_by_key(|&(rel, _)| rel);
-        prefix.dedup_by_key(|&mut (rel, _)| rel);
-        index.entries = prefix;
-        index.unindexed_below = None;
+        index
     }
 
     /// Adds an index entry after resynchronising past a corrupt range, so
