@@ -223,30 +223,35 @@ impl Admin {
         Ok(StatsWatch::new(stream))
     }
 
-    async fn call<T, F, Fut>(&self, retrier: &Retrier, mut rpc: F) -> Result<T, Error>
+    async fn call<T, F, Fut>(&self, retrier: &Retrier, rpc: F) -> Result<T, Error>
     where
         F: FnMut(AdminClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_on(retrier, &self.client, rpc).await
+    }
+
+    /// Like `call`, on the Stats service; always retried (reads only).
+    async fn call_stats<T, F, Fut>(&self, rpc: F) -> Result<T, Error>
+    where
+        F: FnMut(StatsClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_on(&self.retrier, &self.stats, rpc).await
+    }
+
+    /// Runs `rpc` on a clone of `client` under `retrier`, within the
+    /// configured deadline.
+    async fn call_on<C, T, F, Fut>(&self, retrier: &Retrier, client: &C, mut rpc: F) -> Result<T, Error>
+    where
+        C: Clone,
+        F: FnMut(C) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = Instant::now() + self.config.deadline;
         retrier
             .run(deadline, self.config.deadline, None, || {
-                let response = rpc(self.client.clone());
-                async move { response.await.map(tonic::Response::into_inner).map_err(Error::from_status) }
-            })
-            .await
-    }
-
-    /// Like `call`, on the Stats service; always retried (reads only).
-    async fn call_stats<T, F, Fut>(&self, mut rpc: F) -> Result<T, Error>
-    where
-        F: FnMut(StatsClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let deadline = Instant::now() + self.config.deadline;
-        self.retrier
-            .run(deadline, self.config.deadline, None, || {
-                let response = rpc(self.stats.clone());
+                let response = rpc(client.clone());
                 async move { response.await.map(tonic::Response::into_inner).map_err(Error::from_status) }
             })
             .await
