@@ -13,13 +13,16 @@
 //!    holding a decimal number of milliseconds to wait before retrying, and
 //!    stores nothing. An admission refusal also carries the refused lane's
 //!    index ([`LANE_INDEX_METADATA`]) and name ([`LANE_METADATA`] when it is
-//!    printable ASCII, always as UTF-8 in [`LANE_BIN_METADATA`]), the queue's depth, bytes and saturation
-//!    ([`DEPTH_METADATA`], [`BYTES_METADATA`], [`SATURATION_METADATA`]) and
-//!    the lane's threshold ([`THRESHOLD_METADATA`]); a refusal for a nearly
-//!    full disk adds [`DISK_FREE_BYTES_METADATA`]. Admission compares the
-//!    whole queue (every lane's messages and bytes) with the publishing
-//!    lane's fraction of `max_messages` and `max_bytes`; a batch that would
-//!    cross it is refused whole.
+//!    printable ASCII, always as UTF-8 in [`LANE_BIN_METADATA`]), the
+//!    queue's depth, bytes and saturation ([`DEPTH_METADATA`],
+//!    [`BYTES_METADATA`], [`SATURATION_METADATA`]) and the lane's threshold
+//!    ([`THRESHOLD_METADATA`]); a refusal for a nearly full disk adds
+//!    [`DISK_FREE_BYTES_METADATA`]. Admission compares the whole queue
+//!    (every lane's messages and bytes) with the publishing lane's fraction
+//!    of `max_messages` and `max_bytes`; a batch that would cross it is
+//!    refused whole. A batch larger than that fraction of an empty queue can
+//!    never be admitted and fails with `INVALID_ARGUMENT` instead, so the
+//!    producer sends its messages one by one.
 //! 3. Retryable failures: `UNAVAILABLE`, `RESOURCE_EXHAUSTED`,
 //!    `DEADLINE_EXCEEDED`, `ABORTED`, and transport or connect failures (the
 //!    request may or may not have reached the broker). Never retried:

@@ -146,7 +146,8 @@ pub struct CreateArgs {
     /// Admission limit: messages not yet acked, all lanes together [default: 1000000].
     #[arg(long, value_name = "N")]
     pub max_messages: Option<u64>,
-    /// Admission limit: bytes held on disk, all lanes together (at least 65536) [default: 1073741824].
+    /// Admission limit: stored bytes of the messages not yet acked, all lanes together (at least 65536)
+    /// [default: 1073741824].
     #[arg(long, value_name = "BYTES")]
     pub max_bytes: Option<u64>,
     /// Per lane, same order as --lanes: the fraction of the limits, in (0, 1],
