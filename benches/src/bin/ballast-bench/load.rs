@@ -206,7 +206,7 @@ pub async fn consume(
 }
 
 /// Acks what is pending and grants the same credit back.
-async fn flush(tx: &mpsc::Sender<pb::ConsumeRequest>, to_ack: &mut Vec<u64>) -> anyhow::Result<()> {
+pub async fn flush(tx: &mpsc::Sender<pb::ConsumeRequest>, to_ack: &mut Vec<u64>) -> anyhow::Result<()> {
     if to_ack.is_empty() {
         return Ok(());
     }

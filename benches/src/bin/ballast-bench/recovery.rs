@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::{Sync, broker::Target};
+use crate::{Sync, broker::Target, load};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -373,9 +373,7 @@ async fn session(
         let message = match tokio::time::timeout(Duration::from_millis(20), stream.message()).await {
             Ok(message) => message?,
             Err(_) => {
-                if !to_ack.is_empty() {
-                    flush(&tx, &mut to_ack).await?;
-                }
+                flush(&tx, &mut to_ack).await?;
                 continue;
             }
         };
@@ -418,15 +416,7 @@ async fn session(
     Ok(())
 }
 
+/// [`load::flush`], its failure as the broken stream it means.
 async fn flush(tx: &mpsc::Sender<pb::ConsumeRequest>, to_ack: &mut Vec<u64>) -> Result<(), tonic::Status> {
-    let n = u32::try_from(to_ack.len()).unwrap_or(u32::MAX);
-    let delivery_ids = std::mem::take(to_ack);
-    let closed = |_| tonic::Status::unavailable("the consume stream closed");
-    tx.send(pb::ConsumeRequest { kind: Some(pb::consume_request::Kind::Ack(pb::Ack { delivery_ids })) })
-        .await
-        .map_err(closed)?;
-    tx.send(pb::ConsumeRequest { kind: Some(pb::consume_request::Kind::Credit(pb::Credit { credit: n })) })
-        .await
-        .map_err(closed)?;
-    Ok(())
+    load::flush(tx, to_ack).await.map_err(|_| tonic::Status::unavailable("the consume stream closed"))
 }
