@@ -309,17 +309,18 @@ impl Queue {
         }
         let mut purged = 0;
         for (lane, log) in self.lanes.iter().enumerate() {
-            // Held across the ack: no append slips in between, so every
-            // record is done afterwards and the lane holds 0 bytes.
-            let mut backlog = self.meters[lane].backlog_bytes.lock();
+            // Held across the ack: no append or ack slips in between, so
+            // every record is done afterwards and the lane holds 0 bytes.
+            let meter = &self.meters[lane];
+            let exclusive = meter.backlog_sync.write();
             let stats = log.stats();
             purged += stats.pending;
             if stats.next_offset > stats.ack_floor {
                 // Not awaited: the purge is durable with the next sync.
                 drop(log.ack(stats.ack_floor, stats.next_offset - stats.ack_floor, AckKind::Acked)?);
             }
-            *backlog = 0;
-            drop(backlog);
+            meter.backlog_bytes.store(0, Ordering::Relaxed);
+            drop(exclusive);
             let lane = &mut state.lanes[lane];
             lane.requeue.clear();
             lane.delayed.clear();

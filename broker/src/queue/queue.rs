@@ -310,18 +310,14 @@ impl Queue {
         let stored: Vec<bool> =
             (0..messages.len()).map(|i| receipts[i].is_none() && !is_repeat(&messages, i)).collect();
         let mut adding = vec![(0u64, 0u64); self.lanes.len()];
-        for ((message, &lane), _) in messages.iter().zip(&lanes).zip(&stored).filter(|(_, stored)| **stored) {
-            let lane = &mut adding[lane as usize];
+        for (i, message) in messages.iter().enumerate().filter(|&(i, _)| stored[i]) {
+            let lane = &mut adding[lanes[i] as usize];
             lane.0 += 1;
             lane.1 += stored_size(message, now);
         }
         let started = std::time::Instant::now();
         let result = match self.admit(&adding) {
-            Ok(()) => {
-                let records: Vec<Option<NewRecord>> =
-                    messages.iter().zip(&stored).map(|(message, &s)| s.then(|| to_record(message, now))).collect();
-                self.append(&records, &lanes, &mut receipts).await
-            }
+            Ok(()) => self.append(&messages, &stored, &lanes, &mut receipts, now).await,
             Err(refused) => Err(refused),
         };
         if result.is_ok() {
@@ -352,22 +348,22 @@ impl Queue {
         Ok(receipts.into_iter().map(|r| r.expect("every message has a receipt")).collect())
     }
 
-    /// Appends `records` (`None`: nothing to store for that message), one
-    /// append per lane.
+    /// Appends the messages marked `stored`, one append per lane.
     async fn append(
         &self,
-        records: &[Option<NewRecord>],
+        messages: &[Publish],
+        stored: &[bool],
         lanes: &[u32],
         receipts: &mut [Option<Receipt>],
+        now: u64,
     ) -> Result<()> {
         let mut commits = Vec::new();
         for lane in 0..self.lane_count() {
-            let indexes: Vec<usize> =
-                (0..records.len()).filter(|&i| lanes[i] == lane && records[i].is_some()).collect();
+            let indexes: Vec<usize> = (0..messages.len()).filter(|&i| lanes[i] == lane && stored[i]).collect();
             if indexes.is_empty() {
                 continue;
             }
-            let batch: Vec<NewRecord> = indexes.iter().filter_map(|&i| records[i].clone()).collect();
+            let batch: Vec<NewRecord> = indexes.iter().map(|&i| to_record(&messages[i], now)).collect();
             let appended = self.append_to(lane, &batch)?;
             for (n, &i) in indexes.iter().enumerate() {
                 receipts[i] = Some(Receipt { lane, offset: appended.first_offset + n as u64, duplicate: false });
@@ -437,11 +433,14 @@ impl Queue {
     }
 
     /// Appends to one lane's log and counts the records' bytes, in one step
-    /// under the lane's byte count (see `LaneMeter::backlog_bytes`).
+    /// for purges and recounts (see `LaneMeter::backlog_sync`). The bytes
+    /// are counted before the records can be delivered, so before any ack
+    /// takes them off.
     fn append_to(&self, lane: u32, records: &[NewRecord]) -> Result<Appended, AppendError> {
-        let mut backlog = self.meters[lane as usize].backlog_bytes.lock();
+        let meter = &self.meters[lane as usize];
+        let _shared = meter.backlog_sync.read();
         let appended = self.lanes[lane as usize].append(records)?;
-        *backlog += records.iter().map(NewRecord::stored_size).sum::<u64>();
+        meter.backlog_bytes.fetch_add(records.iter().map(NewRecord::stored_size).sum::<u64>(), Ordering::Relaxed);
         Ok(appended)
     }
 
@@ -456,26 +455,31 @@ impl Queue {
         kind: AckKind,
     ) -> Result<Option<Commit>, AckError> {
         let log = &self.lanes[lane as usize];
-        let mut backlog = self.meters[lane as usize].backlog_bytes.lock();
+        let meter = &self.meters[lane as usize];
+        let _shared = meter.backlog_sync.read();
         if log.is_done(offset) {
             return Ok(None);
         }
         let commit = log.ack(offset, 1, kind)?;
-        debug_assert!(*backlog >= size, "lane {lane} byte count {} below a record of {size}", *backlog);
-        *backlog = backlog.saturating_sub(size);
+        let before = meter
+            .backlog_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bytes| Some(bytes.saturating_sub(size)))
+            .unwrap_or_else(|bytes| bytes);
+        debug_assert!(before >= size, "lane {lane} byte count {before} below a record of {size}");
         Ok(Some(commit))
     }
 
     /// Sets a lane's byte count from its log after storage quarantined
     /// records (a read or the cursor found them corrupt and marked them
-    /// done, which the count does not see). Under the lane's lock, so it
-    /// is exact. If the log cannot count either (damage not quarantined
+    /// done, which the count does not see). No append or ack of the lane
+    /// runs meanwhile (`backlog_sync`), so it is exact. If the log cannot count either (damage not quarantined
     /// yet), the count keeps the quarantined records until the next
     /// quarantine or a restart corrects it.
     pub(crate) fn recount_bytes(&self, lane: usize) {
-        let mut backlog = self.meters[lane].backlog_bytes.lock();
+        let meter = &self.meters[lane];
+        let _exclusive = meter.backlog_sync.write();
         match self.lanes[lane].pending_bytes() {
-            Ok(bytes) => *backlog = bytes,
+            Ok(bytes) => meter.backlog_bytes.store(bytes, Ordering::Relaxed),
             Err(error) => {
                 tracing::warn!(queue = %self.name, lane, %error, "lane bytes keep quarantined records until a restart");
             }

@@ -1,14 +1,14 @@
 //! Saturation: how full a queue and its lanes are, how fast they move, and
 //! the admission decision that sheds the lowest lanes first.
 //!
-//! Figures are cheap to take (three locks per lane and, when the ack floor
+//! Figures are cheap to take (two locks per lane and, when the ack floor
 //! moved, one record read for the oldest age), so every publish receipt
 //! carries them. Rates are exponentially smoothed once per
 //! [`STATS_TICK_MS`] by the broker's stats task.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::Queue;
 use crate::{
@@ -46,12 +46,17 @@ pub(crate) struct LaneMeter {
     pub acked_bytes: AtomicU64,
     /// Bytes of the lane's records not yet done (acked, dead-lettered or
     /// purged), each counted at its stored size (`ballast_storage::stored_size`).
-    /// Also the lock that makes a change to the lane's log and to this
-    /// count one step: appends, acks and purges of the lane hold it, so
-    /// the count cannot drift from the log, except for records storage
-    /// quarantines, after which `Queue::recount_bytes` resets it from the
-    /// log. Taken from `Log::pending_bytes` on open.
-    pub backlog_bytes: Mutex<u64>,
+    /// Taken from `Log::pending_bytes` on open; appends add their records,
+    /// acks take theirs off. It cannot drift from the log, except for
+    /// records storage quarantines, after which `Queue::recount_bytes`
+    /// resets it from the log.
+    pub backlog_bytes: AtomicU64,
+    /// Makes a change to the lane's log and to `backlog_bytes` one step for
+    /// the operations that set the count from the log (purge, recount):
+    /// they hold it exclusively; appends and acks hold it shared, so they
+    /// never wait for each other (an append's write is not an ack's
+    /// business: each only adds or takes off its own records' bytes).
+    pub backlog_sync: RwLock<()>,
     rates: Mutex<Rates>,
     /// `(ack floor, timestamp of the record there)`: the oldest message's
     /// age is re-read only when the floor moves.
@@ -84,7 +89,8 @@ impl LaneMeter {
             published: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             acked_bytes: AtomicU64::new(0),
-            backlog_bytes: Mutex::new(backlog_bytes),
+            backlog_bytes: AtomicU64::new(backlog_bytes),
+            backlog_sync: RwLock::new(()),
             rates: Mutex::new(Rates::default()),
             oldest: Mutex::new(None),
         }
@@ -169,7 +175,7 @@ impl Queue {
             };
             timestamp.map_or(0, |t| now.saturating_sub(t))
         };
-        let bytes = *meter.backlog_bytes.lock();
+        let bytes = meter.backlog_bytes.load(Ordering::Relaxed);
         Figures {
             depth: stats.pending,
             bytes,
@@ -236,7 +242,7 @@ impl Queue {
         let mut bytes = 0;
         for (log, meter) in self.lanes.iter().zip(&self.meters) {
             depth += log.stats().pending;
-            bytes += *meter.backlog_bytes.lock();
+            bytes += meter.backlog_bytes.load(Ordering::Relaxed);
         }
         let new_messages: u64 = adding.iter().map(|(n, _)| n).sum();
         let new_bytes: u64 = adding.iter().map(|(_, b)| b).sum();
