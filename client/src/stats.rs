@@ -76,10 +76,11 @@ impl Saturation {
     }
 
     /// Required figures: a stats answer without them breaks the protocol.
-    fn required(figures: Option<proto::Saturation>, what: &str) -> Result<Saturation, Error> {
+    /// `what` names the owner, formatted only for the error.
+    fn required(figures: Option<proto::Saturation>, what: impl FnOnce() -> String) -> Result<Saturation, Error> {
         figures
             .map(Saturation::from_proto)
-            .ok_or_else(|| Error::Protocol { message: format!("stats for {what} came without saturation figures") })
+            .ok_or_else(|| Error::Protocol { message: format!("stats for {} came without saturation figures", what()) })
     }
 }
 
@@ -164,16 +165,15 @@ impl QueueStats {
     }
 
     fn from_proto(stats: proto::QueueStats) -> Result<QueueStats, Error> {
-        let saturation = Saturation::required(stats.saturation, &format!("queue {}", stats.name))?;
+        let saturation = Saturation::required(stats.saturation, || format!("queue {}", stats.name))?;
         let lanes = stats
             .lanes
             .into_iter()
             .map(|lane| {
                 Ok(LaneStats {
-                    saturation: Saturation::required(
-                        lane.saturation,
-                        &format!("lane {} of queue {}", lane.name, stats.name),
-                    )?,
+                    saturation: Saturation::required(lane.saturation, || {
+                        format!("lane {} of queue {}", lane.name, stats.name)
+                    })?,
                     name: lane.name,
                     admission: lane.admission,
                     in_flight: lane.in_flight,
