@@ -84,7 +84,6 @@ struct Recorder {
     timeline: Mutex<Vec<(f64, f64)>>,
     high_delivered: AtomicU64,
     high_processed: AtomicU64,
-    low_delivered: AtomicU64,
     low_processed: AtomicU64,
 }
 
@@ -101,8 +100,9 @@ impl Recorder {
     fn record(&self, d: &pb::Delivery, processed: bool) {
         let lane = d.id.as_ref().map_or(u32::MAX, |id| id.lane);
         if lane != HIGH {
-            let counter = if processed { &self.low_processed } else { &self.low_delivered };
-            counter.fetch_add(1, Ordering::Relaxed);
+            if processed {
+                self.low_processed.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
         let seq = u64::from_le_bytes(d.payload[..8].try_into().expect("8 bytes"));
@@ -148,7 +148,6 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         timeline: Mutex::new(Vec::new()),
         high_delivered: AtomicU64::new(0),
         high_processed: AtomicU64::new(0),
-        low_delivered: AtomicU64::new(0),
         low_processed: AtomicU64::new(0),
     });
 
@@ -184,7 +183,6 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     // Phase 2: the flood, then the high lane again once the low lane has a
     // backlog (the consumers are saturated).
     let stop_flood = Arc::new(AtomicBool::new(false));
-    let flood_stored = Arc::new(AtomicU64::new(0));
     let flood_start = start.elapsed().as_secs_f64();
     let flood = tokio::spawn(flood_low(
         PublisherClient::new(target.channel().await?),
@@ -193,7 +191,6 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         args.flood_batch,
         Bytes::from(vec![b'l'; args.size]),
         Arc::clone(&stop_flood),
-        Arc::clone(&flood_stored),
     ));
     let lead = Duration::from_secs_f64((args.consumer_rate as f64 * 0.5 / args.flood_rate as f64).clamp(0.2, 2.0));
     tokio::time::sleep(lead).await;
@@ -204,7 +201,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     let high_seconds = high_start.elapsed().as_secs_f64();
     let low_during = recorder.low_processed.load(Ordering::Relaxed) - low_before;
     stop_flood.store(true, Ordering::Relaxed);
-    let flood_stored = flood.await??.max(flood_stored.load(Ordering::Relaxed));
+    let flood_stored = flood.await??;
     let flood_end = start.elapsed().as_secs_f64();
     wait_delivered(&recorder.high_processed, 2 * phase_count, Duration::from_secs(60)).await?;
     stop_consumers.store(true, Ordering::Relaxed);
@@ -305,21 +302,20 @@ async fn high_lane(
     filler: &Bytes,
     recorder: &Arc<Recorder>,
 ) -> anyhow::Result<()> {
-    let phase_start = load::nanos_since(recorder.start);
     let interval_ns = 1_000_000_000 / rate;
     let permits = Arc::new(Semaphore::new(4096));
     let runtime = tokio::runtime::Handle::current();
     let (clients, queue, filler, recorder) = (clients.to_vec(), queue.to_owned(), filler.clone(), Arc::clone(recorder));
-    let generator = load::open_loop(count, Instant::now(), interval_ns, move |sent, _| {
+    let generator = load::open_loop(count, Instant::now(), interval_ns, move |sent, at| {
         let permit = runtime.block_on(Arc::clone(&permits).acquire_owned())?;
+        let (seq, intended) = (first + sent, u64::try_from((at - recorder.start).as_nanos()).unwrap_or(u64::MAX));
         let mut payload = BytesMut::with_capacity(filler.len() + 16);
-        payload.put_u64_le(first + sent);
-        payload.put_u64_le(phase_start + sent * interval_ns);
+        payload.put_u64_le(seq);
+        payload.put_u64_le(intended);
         payload.put_slice(&filler);
         let message = pb::Message { payload: payload.freeze(), lane: Some(HIGH), ..Default::default() };
         let mut client = clients[(sent % clients.len() as u64) as usize].clone();
-        let queue = queue.clone();
-        let (recorder, seq, intended) = (Arc::clone(&recorder), first + sent, phase_start + sent * interval_ns);
+        let (queue, recorder) = (queue.clone(), Arc::clone(&recorder));
         Ok(runtime.spawn(async move {
             let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
             if let Some(phase) = recorder.phase(seq) {
@@ -346,8 +342,8 @@ async fn flood_low(
     batch: usize,
     payload: Bytes,
     stop: Arc<AtomicBool>,
-    stored: Arc<AtomicU64>,
 ) -> anyhow::Result<u64> {
+    let stored = Arc::new(AtomicU64::new(0));
     let began = Instant::now();
     let mut sent = 0u64;
     let permits = Arc::new(Semaphore::new(64));
