@@ -317,7 +317,7 @@ mod tests {
         let one = admin.stats(Some("emails")).await.expect("stats");
         let emails = one.queue("emails").expect("asked for");
         assert_eq!(emails.lanes.iter().map(|l| l.admission).collect::<Vec<_>>(), [1.0, 0.9, 0.7]);
-        assert_eq!(emails.max_messages, crate::fake::FAKE_LIMIT.0);
+        assert_eq!(emails.max_messages, crate::fake::FAKE_MAX_MESSAGES);
 
         let error = admin.stats(Some("nope")).await.expect_err("unknown");
         assert!(matches!(error, Error::NotFound { .. }), "{error:?}");

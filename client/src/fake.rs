@@ -209,19 +209,19 @@ impl Fake {
             .into_iter()
             .map(|name| proto::QueueStats {
                 name: name.clone(),
-                saturation: Some(FAKE_LIMIT.figures(depth)),
+                saturation: Some(figures(depth)),
                 lanes: ["high", "normal", "low"]
                     .iter()
                     .zip([1.0, 0.9, 0.7])
                     .enumerate()
                     .map(|(index, (lane, admission))| proto::LaneStats {
                         name: (*lane).to_owned(),
-                        saturation: Some(FAKE_LIMIT.figures(state.lane_depth(index as u32))),
+                        saturation: Some(figures(state.lane_depth(index as u32))),
                         admission,
                         in_flight: 0,
                     })
                     .collect(),
-                max_messages: FAKE_LIMIT.0,
+                max_messages: FAKE_MAX_MESSAGES,
                 max_bytes: 1 << 30,
                 ..proto::QueueStats::default()
             })
@@ -264,31 +264,26 @@ impl State {
         proto::Receipt {
             id: Some(id),
             duplicate,
-            queue: Some(FAKE_LIMIT.figures(self.stored.len() as u64)),
-            lane: Some(FAKE_LIMIT.figures(self.lane_depth(id.lane))),
+            queue: Some(figures(self.stored.len() as u64)),
+            lane: Some(figures(self.lane_depth(id.lane))),
         }
     }
 }
 
 /// The fake's `max_messages` for every queue.
-pub(crate) const FAKE_LIMIT: FakeLimit = FakeLimit(100);
+pub(crate) const FAKE_MAX_MESSAGES: u64 = 100;
 
-/// Figures at a depth against a message limit: 100 bytes a message, no
+/// Figures at a depth against [`FAKE_MAX_MESSAGES`]: 100 bytes a message, no
 /// consumer (so the drain estimate is unknown unless the queue is empty).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FakeLimit(pub(crate) u64);
-
-impl FakeLimit {
-    pub(crate) fn figures(self, depth: u64) -> proto::Saturation {
-        proto::Saturation {
-            depth,
-            bytes: depth * 100,
-            saturation: depth as f64 / self.0 as f64,
-            oldest_age_ms: if depth == 0 { 0 } else { 250 },
-            drain_estimate_ms: (depth == 0).then_some(0),
-            ack_rate: 0.0,
-            publish_rate: 0.0,
-        }
+fn figures(depth: u64) -> proto::Saturation {
+    proto::Saturation {
+        depth,
+        bytes: depth * 100,
+        saturation: depth as f64 / FAKE_MAX_MESSAGES as f64,
+        oldest_age_ms: if depth == 0 { 0 } else { 250 },
+        drain_estimate_ms: (depth == 0).then_some(0),
+        ack_rate: 0.0,
+        publish_rate: 0.0,
     }
 }
 

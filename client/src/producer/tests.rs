@@ -112,7 +112,7 @@ async fn receipts_carry_saturation() {
     let lane = last.lane_saturation.expect("lane figures");
     assert_eq!(queue.depth, 4);
     assert_eq!(lane.depth, 2, "lane 1 holds m1 and m3");
-    assert_eq!(queue.saturation, 4.0 / crate::fake::FAKE_LIMIT.0 as f64);
+    assert_eq!(queue.saturation, 4.0 / crate::fake::FAKE_MAX_MESSAGES as f64);
     assert_eq!(queue.oldest_age, Duration::from_millis(250));
     assert_eq!(queue.drain_estimate, None, "nothing consumes: unknown");
 }
