@@ -9,12 +9,15 @@ use std::{
 
 use crate::support::Broker;
 
+/// `ballast --addr URL ARGS`, deaf to a `BALLAST_ADDR` in the environment.
+fn command(broker_url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ballast"));
+    command.arg("--addr").arg(broker_url).args(args).env_remove("BALLAST_ADDR");
+    command
+}
+
 fn ballast(broker_url: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ballast"))
-        .arg("--addr")
-        .arg(broker_url)
-        .args(args)
-        .env_remove("BALLAST_ADDR")
+    let mut child = command(broker_url, args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -232,11 +235,7 @@ struct Top {
 
 impl Top {
     fn spawn(url: &str, args: &[&str]) -> Top {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ballast"))
-            .arg("--addr")
-            .arg(url)
-            .args(args)
-            .env_remove("BALLAST_ADDR")
+        let mut child = command(url, args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
