@@ -105,7 +105,10 @@ pub fn stored_size(key_len: usize, headers: &[(String, String)], payload_len: us
     padded(encoded_len(key_len, headers, payload_len))
 }
 
-fn headers_size(headers: &[(String, String)]) -> u64 {
+/// Encoded size of a headers block: per header a 2-byte name length, the
+/// name, a 4-byte value length, the value. What the log's
+/// [`HEADERS_SIZE_MAX`](crate::limits::HEADERS_SIZE_MAX) limits.
+pub fn headers_size(headers: &[(String, String)]) -> u64 {
     headers.iter().map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64).sum()
 }
 

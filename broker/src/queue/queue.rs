@@ -15,7 +15,7 @@ use std::{
     },
 };
 
-use ballast_storage::{AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord};
+use ballast_storage::{AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord, record::headers_size};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -406,8 +406,12 @@ impl Queue {
         // Checked here, not left to storage: a batch must be refused whole
         // before any lane stores anything. The delay header the broker adds
         // counts too (at its longest value).
-        let delay_header = if message.delay_ms > 0 { header_size(HEADER_NOT_BEFORE, &u64::MAX.to_string()) } else { 0 };
-        let headers_size = message.headers.iter().map(|(k, v)| header_size(k, v)).sum::<u64>() + delay_header;
+        let delay_header = if message.delay_ms > 0 {
+            headers_size(&[(HEADER_NOT_BEFORE.to_owned(), u64::MAX.to_string())])
+        } else {
+            0
+        };
+        let headers_size = headers_size(&message.headers) + delay_header;
         if headers_size > u64::from(HEADERS_SIZE_MAX) {
             return Err(which(format!(
                 "headers take {headers_size} bytes encoded{}; the limit is {HEADERS_SIZE_MAX}",
@@ -494,12 +498,6 @@ impl Queue {
     pub(crate) fn mark_durable(&self, lane: u32, end: u64) {
         self.durable[lane as usize].fetch_max(end, Ordering::AcqRel);
     }
-}
-
-/// Encoded size of one header: a 2-byte name length, the name, a 4-byte
-/// value length, the value (storage's encoding).
-fn header_size(name: &str, value: &str) -> u64 {
-    2 + name.len() as u64 + 4 + value.len() as u64
 }
 
 /// Bytes of the records of `log` not yet done: what a lane's byte count
