@@ -45,7 +45,7 @@ pub struct QueueSettings {
     pub sync_interval_ms: u64,
     /// Admission limit on messages not yet acked, all lanes together.
     pub max_messages: u64,
-    /// Admission limit on bytes held on disk, all lanes together.
+    /// Admission limit on the stored bytes of unacked records, all lanes together.
     pub max_bytes: u64,
     /// Per lane: the fraction of the limits up to which it is admitted.
     pub lane_admission: Vec<f64>,
