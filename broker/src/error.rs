@@ -68,6 +68,30 @@ pub enum RefusalReason {
         free: u64,
         min: u64,
     },
+    /// The call's turn under the queue's publish quota is further away than
+    /// the lane may wait.
+    PublishRate {
+        /// The quota (0: that dimension is free).
+        max_publish_rate: u64,
+        max_publish_byte_rate: u64,
+        batch_messages: u64,
+        batch_bytes: u64,
+        /// How far away the call's turn was, and how long the lane may wait
+        /// (the call was refused after waiting that long).
+        wait_ms: u64,
+        max_wait_ms: u64,
+    },
+}
+
+impl RefusalReason {
+    /// The reason's name in metrics and in the `ballast-reason` metadata.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RefusalReason::QueueFull { .. } => "queue_full",
+            RefusalReason::DiskLow { .. } => "disk_low",
+            RefusalReason::PublishRate { .. } => "publish_rate",
+        }
+    }
 }
 
 impl std::fmt::Display for Refusal {
@@ -108,6 +132,31 @@ impl std::fmt::Display for Refusal {
                     self.figures.saturation * 100.0
                 )?;
                 write!(f, ". Retry after {} ms, or publish to a higher lane", self.retry_after_ms)
+            }
+            RefusalReason::PublishRate {
+                max_publish_rate,
+                max_publish_byte_rate,
+                batch_messages,
+                batch_bytes,
+                wait_ms,
+                max_wait_ms,
+            } => {
+                let plural = if batch_messages == 1 { "" } else { "s" };
+                write!(f, "queue {}'s publish quota (", self.queue)?;
+                if max_publish_rate > 0 {
+                    write!(f, "max_publish_rate {max_publish_rate} messages/s")?;
+                }
+                if max_publish_rate > 0 && max_publish_byte_rate > 0 {
+                    write!(f, ", ")?;
+                }
+                if max_publish_byte_rate > 0 {
+                    write!(f, "max_publish_byte_rate {max_publish_byte_rate} bytes/s")?;
+                }
+                write!(
+                    f,
+                    ", shared by all its producers) is taken: this call of {batch_messages} message{plural} ({batch_bytes} bytes) on lane {} would have waited {wait_ms} ms for its turn; the lane waits at most {max_wait_ms} ms. Retry after {} ms, or slow the producers down",
+                    self.lane, self.retry_after_ms
+                )
             }
             RefusalReason::DiskLow { free, min } => write!(
                 f,

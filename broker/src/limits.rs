@@ -107,3 +107,15 @@ pub const RATE_SMOOTHING: f64 = 0.3;
 pub const WATCH_INTERVAL_MS_MIN: u64 = 100;
 pub const WATCH_INTERVAL_MS_MAX: u64 = 60_000;
 pub const WATCH_INTERVAL_MS_DEFAULT: u64 = 1_000;
+
+/// Publish quotas (`max_publish_rate`, `max_publish_byte_rate`): how far
+/// ahead of its quota a queue's producers may run before calls wait, in
+/// milliseconds of quota. Small, so that a flood is spread out rather than
+/// let through in bursts that other queues would feel.
+pub const QUOTA_BURST_MS: u64 = 100;
+/// Longest a publish waits for its turn under its queue's quota, in
+/// milliseconds, scaled by its lane's admission fraction (low waits at most
+/// 0.7 s by default). A call whose turn is further away is refused with
+/// RESOURCE_EXHAUSTED once it has waited this long, so producers that
+/// ignore retry-after are held to a few calls per second each.
+pub const PUBLISH_THROTTLE_WAIT_MS_MAX: u64 = 1_000;

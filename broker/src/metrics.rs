@@ -33,6 +33,10 @@ pub struct LaneMetrics {
     pub dead_lettered: Counter,
     pub refused_queue_full: Counter,
     pub refused_disk_low: Counter,
+    pub refused_publish_rate: Counter,
+    /// Waits of publish calls for their turn under the queue's quota,
+    /// seconds (only calls that waited), by the call's most restricted lane.
+    pub publish_throttle: Histogram,
     /// Publish call start to durable (answered), seconds.
     pub publish_durable: Histogram,
     /// Enqueue time to first delivery, seconds.
@@ -60,6 +64,8 @@ impl LaneMetrics {
             dead_lettered: counter!("ballast_dead_lettered_messages_total", labels()),
             refused_queue_full: counter!("ballast_refused_publishes_total", with("reason", "queue_full")),
             refused_disk_low: counter!("ballast_refused_publishes_total", with("reason", "disk_low")),
+            refused_publish_rate: counter!("ballast_refused_publishes_total", with("reason", "publish_rate")),
+            publish_throttle: histogram!("ballast_publish_throttle_seconds", labels()),
             publish_durable: histogram!("ballast_publish_durable_seconds", labels()),
             publish_to_delivery: histogram!("ballast_publish_to_delivery_seconds", labels()),
             delivery_to_ack: histogram!("ballast_delivery_to_ack_seconds", labels()),
@@ -137,6 +143,11 @@ fn describe() {
     describe_histogram!("ballast_publish_durable_seconds", Unit::Seconds, "Publish call to durable answer.");
     describe_histogram!("ballast_publish_to_delivery_seconds", Unit::Seconds, "Enqueue to delivery.");
     describe_histogram!("ballast_delivery_to_ack_seconds", Unit::Seconds, "Delivery to ack.");
+    describe_histogram!(
+        "ballast_publish_throttle_seconds",
+        Unit::Seconds,
+        "Waits of publish calls for their turn under the queue's publish quota."
+    );
     describe_gauge!("ballast_queue_depth_messages", Unit::Count, "Messages not yet acked (in-flight included).");
     describe_gauge!("ballast_queue_bytes", Unit::Bytes, "Bytes of the lane's log on disk from its oldest segment.");
     describe_gauge!("ballast_queue_in_flight_messages", Unit::Count, "Deliveries leased to consumers.");

@@ -104,6 +104,13 @@ pub const THRESHOLD_METADATA: &str = "ballast-threshold";
 /// decimal.
 pub const DISK_FREE_BYTES_METADATA: &str = "ballast-disk-free-bytes";
 
+/// ASCII metadata key on every refusal: why, `queue_full`, `disk_low` or
+/// `publish_rate` (the queue's publish quota).
+pub const REASON_METADATA: &str = "ballast-reason";
+
+/// [`REASON_METADATA`] of a refusal by the queue's publish quota.
+pub const REASON_PUBLISH_RATE: &str = "publish_rate";
+
 /// Shortest interval between stats snapshots the broker pushes.
 pub const WATCH_INTERVAL_MIN: Duration = Duration::from_millis(100);
 

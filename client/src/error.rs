@@ -335,9 +335,19 @@ pub struct Refusal {
     /// Free bytes on the broker's disk, sent when the disk is nearly full
     /// (`ballast-disk-free-bytes`).
     pub disk_free_bytes: Option<u64>,
+    /// Why: `queue_full`, `disk_low` or `publish_rate` (`ballast-reason`).
+    pub reason: Option<String>,
 }
 
 impl Refusal {
+    /// Whether the broker refused because the queue's publish quota
+    /// (`max_publish_rate`, `max_publish_byte_rate`) is taken: the call's
+    /// turn was too far away. Slowing down helps; a higher lane only waits
+    /// longer before the same answer.
+    pub fn is_rate_limited(&self) -> bool {
+        self.reason.as_deref() == Some(contract::REASON_PUBLISH_RATE)
+    }
+
     /// Whether the broker refused because its disk is nearly full (rather
     /// than because the queue is too full for the lane). Publishing to a
     /// higher lane does not help then.
@@ -362,6 +372,7 @@ impl Refusal {
             saturation: fraction(contract::SATURATION_METADATA),
             threshold: fraction(contract::THRESHOLD_METADATA),
             disk_free_bytes: number(contract::DISK_FREE_BYTES_METADATA),
+            reason: text(contract::REASON_METADATA),
         };
         (refusal != Refusal::default()).then_some(refusal)
     }
@@ -462,6 +473,7 @@ mod tests {
             (contract::BYTES_METADATA, "4096"),
             (contract::SATURATION_METADATA, "0.7000"),
             (contract::THRESHOLD_METADATA, "0.7000"),
+            (contract::REASON_METADATA, "queue_full"),
         ] {
             metadata.insert(key, MetadataValue::from_static(value));
         }
@@ -471,7 +483,15 @@ mod tests {
         assert_eq!((refusal.depth, refusal.bytes), (Some(35), Some(4096)));
         assert_eq!((refusal.saturation, refusal.threshold), (Some(0.7), Some(0.7)));
         assert!(!refusal.is_disk_low());
+        assert!(!refusal.is_rate_limited());
+        assert_eq!(refusal.reason.as_deref(), Some("queue_full"));
         assert_eq!(error.retry_after(), Some(Duration::from_millis(1000)));
+
+        let mut quota = Status::resource_exhausted("queue q's publish quota is taken");
+        quota.metadata_mut().insert(contract::REASON_METADATA, MetadataValue::from_static("publish_rate"));
+        let error = Error::from_status(quota);
+        let refusal = error.refusal().expect("a reason is a figure");
+        assert!(refusal.is_rate_limited() && !refusal.is_disk_low());
 
         let mut disk = Status::resource_exhausted("disk nearly full");
         disk.metadata_mut().insert(contract::DISK_FREE_BYTES_METADATA, MetadataValue::from_static("1024"));

@@ -121,6 +121,18 @@ pub struct QueueSettings {
     /// (default: 1.0, 0.9, 0.7; in general 1.0 for the first lane down to
     /// 0.7 for the last)
     pub lane_admission: Vec<f64>,
+    /// Publish quota: messages per second the queue takes from all its
+    /// producers together; 0 for none. Calls over it wait for their turn
+    /// (the broker answers later), and a call whose turn is further away
+    /// than its lane's wait (its `lane_admission` fraction of 1 s) is
+    /// refused with [`Error::ResourceExhausted`](crate::Error::ResourceExhausted)
+    /// ([`Refusal::is_rate_limited`](crate::Refusal::is_rate_limited)).
+    /// Keeps one queue's flood from taking the broker's CPU from the
+    /// others. Every call counts, stored or refused. (default: 0)
+    pub max_publish_rate: Option<u64>,
+    /// Publish quota in stored bytes per second; 0 for none. Same rules as
+    /// `max_publish_rate`. (default: 0)
+    pub max_publish_byte_rate: Option<u64>,
 }
 
 impl QueueSettings {
@@ -140,6 +152,8 @@ impl QueueSettings {
             max_messages: self.max_messages,
             max_bytes: self.max_bytes,
             lane_admission: self.lane_admission,
+            max_publish_rate: self.max_publish_rate,
+            max_publish_byte_rate: self.max_publish_byte_rate,
         }
     }
 
@@ -159,6 +173,8 @@ impl QueueSettings {
             max_messages: settings.max_messages,
             max_bytes: settings.max_bytes,
             lane_admission: settings.lane_admission,
+            max_publish_rate: settings.max_publish_rate,
+            max_publish_byte_rate: settings.max_publish_byte_rate,
         }
     }
 
@@ -241,6 +257,8 @@ mod tests {
             max_messages: Some(50),
             max_bytes: Some(1 << 20),
             lane_admission: vec![1.0, 0.5],
+            max_publish_rate: Some(2000),
+            max_publish_byte_rate: Some(0),
         };
         assert_eq!(QueueSettings::from_proto(full.clone().into_proto()), full);
         let empty = QueueSettings::default();

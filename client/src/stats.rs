@@ -156,6 +156,14 @@ pub struct QueueStats {
     /// Publishes refused because the disk was nearly full, since the broker
     /// started.
     pub refused_disk_full: u64,
+    /// Publishes refused because their turn under the queue's publish
+    /// quota was too far away, since the broker started.
+    pub refused_publish_rate: u64,
+    /// Publish calls that waited for their turn under the queue's publish
+    /// quota, and how long all those waits add up to, since the broker
+    /// started.
+    pub throttled_calls: u64,
+    pub throttled: Duration,
 }
 
 impl QueueStats {
@@ -191,6 +199,9 @@ impl QueueStats {
             max_bytes: stats.max_bytes,
             refused_queue_full: stats.refused_queue_full,
             refused_disk_full: stats.refused_disk_full,
+            refused_publish_rate: stats.refused_publish_rate,
+            throttled_calls: stats.throttled_calls,
+            throttled: Duration::from_millis(stats.throttled_ms),
         })
     }
 }
@@ -326,6 +337,9 @@ mod tests {
             max_bytes: 1 << 30,
             refused_queue_full: 3,
             refused_disk_full: 0,
+            refused_publish_rate: 4,
+            throttled_calls: 5,
+            throttled_ms: 1500,
         };
         let response = proto::StatsResponse {
             at_ms: 1_700_000_000_000,
@@ -339,6 +353,8 @@ mod tests {
         assert_eq!(emails.saturation.depth, 35);
         assert_eq!(emails.lane("low").map(|lane| lane.saturation.depth), Some(35));
         assert_eq!((emails.consumers, emails.credit, emails.refused_queue_full), (2, 30, 3));
+        assert_eq!((emails.refused_publish_rate, emails.throttled_calls), (4, 5));
+        assert_eq!(emails.throttled, Duration::from_millis(1500));
         assert!(stats.queue("other").is_none());
 
         let mut broken = response;

@@ -38,6 +38,8 @@ pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsR
         max_messages: s.max_messages,
         max_bytes: s.max_bytes,
         lane_admission: s.lane_admission,
+        max_publish_rate: s.max_publish_rate,
+        max_publish_byte_rate: s.max_publish_byte_rate,
     })
 }
 
@@ -62,6 +64,8 @@ pub fn settings(s: &QueueSettings) -> pb::QueueSettings {
         max_messages: Some(s.max_messages),
         max_bytes: Some(s.max_bytes),
         lane_admission: s.lane_admission.clone(),
+        max_publish_rate: Some(s.max_publish_rate),
+        max_publish_byte_rate: Some(s.max_publish_byte_rate),
     }
 }
 
@@ -122,6 +126,7 @@ pub fn saturation(f: &Figures) -> pb::Saturation {
 pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
     let (total, lanes) = queue.figures();
     let delivery = queue.delivery_figures();
+    let refused = queue.refused_count();
     pb::QueueStats {
         name: queue.name.to_string(),
         saturation: Some(saturation(&total)),
@@ -140,8 +145,11 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
         credit: delivery.credit,
         max_messages: queue.settings.max_messages,
         max_bytes: queue.settings.max_bytes,
-        refused_queue_full: queue.refused_count().0,
-        refused_disk_full: queue.refused_count().1,
+        refused_queue_full: refused.queue_full,
+        refused_disk_full: refused.disk_low,
+        refused_publish_rate: refused.publish_rate,
+        throttled_calls: refused.throttled,
+        throttled_ms: refused.throttled_ms,
     }
 }
 

@@ -16,6 +16,10 @@ pub const LANE: &str = "ballast-lane";
 pub const LANE_BIN: &str = "ballast-lane-bin";
 /// Metadata key of the refused lane's index (decimal): always sent.
 pub const LANE_INDEX: &str = "ballast-lane-index";
+/// Metadata key of the refusal's reason: `queue_full`, `disk_low` or
+/// `publish_rate` (the names of `ballast_refused_publishes_total`'s
+/// `reason` label): always sent.
+pub const REASON: &str = "ballast-reason";
 
 /// RESOURCE_EXHAUSTED with the hint and the figures in metadata (see
 /// `docs/metrics.md`, "Admission").
@@ -27,6 +31,7 @@ fn refused(refusal: &Refusal) -> Status {
         }
     };
     put(RETRY_AFTER_MS, refusal.retry_after_ms.to_string());
+    put(REASON, refusal.reason.name().to_owned());
     // Raw UTF-8 would pass here as opaque header bytes that clients cannot
     // read as text, so only a printable ASCII name goes in `ballast-lane`;
     // the index and the binary entry below always carry the lane.

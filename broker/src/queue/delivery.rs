@@ -165,6 +165,16 @@ impl DeliveryState {
     }
 }
 
+/// Publishes a queue refused, by reason, and throttled, since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefusedCounts {
+    pub queue_full: u64,
+    pub disk_low: u64,
+    pub publish_rate: u64,
+    pub throttled: u64,
+    pub throttled_ms: u64,
+}
+
 /// Delivery figures of a queue now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeliveryFigures {
@@ -191,9 +201,16 @@ impl Queue {
         }
     }
 
-    /// Publishes refused since start: `(queue full, disk low)`.
-    pub fn refused_count(&self) -> (u64, u64) {
-        (self.refused.queue_full.load(Ordering::Relaxed), self.refused.disk_full.load(Ordering::Relaxed))
+    /// Publishes refused and throttled since start.
+    pub fn refused_count(&self) -> RefusedCounts {
+        let r = &self.refused;
+        RefusedCounts {
+            queue_full: r.queue_full.load(Ordering::Relaxed),
+            disk_low: r.disk_full.load(Ordering::Relaxed),
+            publish_rate: r.publish_rate.load(Ordering::Relaxed),
+            throttled: r.throttled.load(Ordering::Relaxed),
+            throttled_ms: r.throttled_us.load(Ordering::Relaxed) / 1000,
+        }
     }
 
     /// Registers a consumer with `credit` initial credit.

@@ -5,11 +5,12 @@ mod delivery;
 mod name;
 #[allow(clippy::module_inception, reason = "the file is named after the type, as everywhere else")]
 mod queue;
+mod quota;
 mod saturation;
 mod scheduler;
 mod settings;
 
-pub use delivery::{Delivery, DeliveryFigures, Subscription};
+pub use delivery::{Delivery, DeliveryFigures, RefusedCounts, Subscription};
 pub use name::QueueName;
 pub(crate) use queue::QUEUE_FILE;
 pub use queue::{Publish, Queue, QueueStats, Receipt};

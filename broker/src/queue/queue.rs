@@ -13,6 +13,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use ballast_storage::{AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord, record::headers_size};
@@ -21,14 +22,15 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, delivery::DeliveryState};
+use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, delivery::DeliveryState, quota::Turn};
 use crate::{
     broker::Node,
     config::Config,
     dedupe::{Dedupe, Lookup, Stored},
-    error::{BrokerError, Result},
+    error::{BrokerError, Refusal, RefusalReason, Result},
     limits::{
-        BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, RESERVED_HEADER_PREFIX,
+        BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX,
+        RESERVED_HEADER_PREFIX, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
     },
     now_ms,
 };
@@ -87,6 +89,8 @@ pub struct Queue {
     /// Per lane: counters and smoothed rates for the saturation figures.
     pub(crate) meters: Vec<super::saturation::LaneMeter>,
     pub(crate) refused: super::saturation::Refused,
+    /// The publish quota (`max_publish_rate`, `max_publish_byte_rate`).
+    quota: super::quota::Quota,
     /// Per lane: offsets below this are durable and may be delivered.
     pub(crate) durable: Vec<std::sync::atomic::AtomicU64>,
     dedupe: Mutex<Dedupe>,
@@ -200,6 +204,11 @@ impl Queue {
             .zip(&lanes)
             .map(|(lane, log)| super::saturation::LaneMeter::new(name.as_str(), lane, initial_bytes(&name, log)))
             .collect();
+        let quota = super::quota::Quota::new(
+            settings.max_publish_rate,
+            settings.max_publish_byte_rate,
+            std::time::Instant::now(),
+        );
         let queue = Arc::new(Queue {
             name,
             settings,
@@ -211,6 +220,7 @@ impl Queue {
             durable,
             meters,
             refused: super::saturation::Refused::default(),
+            quota,
             dedupe: Mutex::new(dedupe),
             delivery: Mutex::new(delivery),
             timer_wake: Arc::new(Notify::new()),
@@ -272,6 +282,9 @@ impl Queue {
         let lanes: Vec<u32> = messages.iter().enumerate().map(|(i, m)| self.validate(i, m)).collect::<Result<_>>()?;
         if self.is_closed() {
             return Err(BrokerError::QueueNotFound(self.name.to_string()));
+        }
+        if self.quota.is_limited() {
+            self.wait_for_quota(&messages, &lanes).await?;
         }
         let now = now_ms();
         // Resolve keys: duplicates answer at once; new keys are claimed.
@@ -346,6 +359,55 @@ impl Queue {
         }
         self.dispatch();
         Ok(receipts.into_iter().map(|r| r.expect("every message has a receipt")).collect())
+    }
+
+    /// Waits for the call's turn under the publish quota (see
+    /// `queue/quota.rs`). The call's most restricted lane (lowest admission
+    /// fraction) decides how long it may wait: that fraction of
+    /// `PUBLISH_THROTTLE_WAIT_MS_MAX`. A call whose turn is further away is
+    /// refused after waiting that long, so that a producer ignoring
+    /// refusals is slowed as much as one that waits.
+    async fn wait_for_quota(&self, messages: &[Publish], lanes: &[u32]) -> Result<()> {
+        let now = now_ms();
+        let count = messages.len() as u64;
+        let bytes: u64 = messages.iter().map(|m| stored_size(m, now)).sum();
+        let fraction = |lane: u32| self.settings.lane_admission[lane as usize];
+        let lane = lanes.iter().copied().min_by(|&a, &b| fraction(a).total_cmp(&fraction(b))).unwrap_or(0);
+        let max_wait = Duration::from_millis(PUBLISH_THROTTLE_WAIT_MS_MAX).mul_f64(fraction(lane));
+        match self.quota.reserve(std::time::Instant::now(), count, bytes, max_wait) {
+            Turn::Wait(wait) if wait.is_zero() => Ok(()),
+            Turn::Wait(wait) => {
+                self.refused.throttled.fetch_add(1, Ordering::Relaxed);
+                let us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+                self.refused.throttled_us.fetch_add(us, Ordering::Relaxed);
+                self.meters[lane as usize].metrics.publish_throttle.record(wait.as_secs_f64());
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            Turn::Refused { wait } => {
+                tokio::time::sleep(max_wait).await;
+                self.refused.publish_rate.fetch_add(1, Ordering::Relaxed);
+                self.meters[lane as usize].metrics.refused_publish_rate.increment(1);
+                let (figures, _) = self.figures_with(false);
+                let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                Err(BrokerError::Refused(Box::new(Refusal {
+                    queue: self.name.to_string(),
+                    lane: self.settings.lanes[lane as usize].clone(),
+                    lane_index: lane,
+                    figures,
+                    threshold: fraction(lane),
+                    retry_after_ms: ms(wait - max_wait).clamp(RETRY_AFTER_MS_MIN, RETRY_AFTER_MS_MAX),
+                    reason: RefusalReason::PublishRate {
+                        max_publish_rate: self.settings.max_publish_rate,
+                        max_publish_byte_rate: self.settings.max_publish_byte_rate,
+                        batch_messages: count,
+                        batch_bytes: bytes,
+                        wait_ms: ms(wait),
+                        max_wait_ms: ms(max_wait),
+                    },
+                })))
+            }
+        }
     }
 
     /// Appends the messages marked `stored`, one append per lane.

@@ -78,6 +78,11 @@ struct Rates {
 pub(crate) struct Refused {
     pub queue_full: AtomicU64,
     pub disk_full: AtomicU64,
+    pub publish_rate: AtomicU64,
+    /// Not refusals: publish calls that waited for their quota turn, and
+    /// their waits in microseconds.
+    pub throttled: AtomicU64,
+    pub throttled_us: AtomicU64,
 }
 
 impl LaneMeter {
@@ -193,7 +198,7 @@ impl Queue {
         self.figures_with(true)
     }
 
-    fn figures_with(&self, read_oldest: bool) -> (Figures, Vec<Figures>) {
+    pub(super) fn figures_with(&self, read_oldest: bool) -> (Figures, Vec<Figures>) {
         let lanes: Vec<Figures> = (0..self.lane_count()).map(|l| self.lane_figures_with(l, read_oldest)).collect();
         let depth = lanes.iter().map(|f| f.depth).sum();
         let bytes = lanes.iter().map(|f| f.bytes).sum();

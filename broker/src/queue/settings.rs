@@ -49,6 +49,11 @@ pub struct QueueSettings {
     pub max_bytes: u64,
     /// Per lane: the fraction of the limits up to which it is admitted.
     pub lane_admission: Vec<f64>,
+    /// Publish quota in messages per second, all producers together; 0 is
+    /// none (see `queue/quota.rs`).
+    pub max_publish_rate: u64,
+    /// Publish quota in stored bytes per second; 0 is none.
+    pub max_publish_byte_rate: u64,
 }
 
 impl Default for QueueSettings {
@@ -70,6 +75,8 @@ impl Default for QueueSettings {
             max_messages: MAX_MESSAGES_DEFAULT,
             max_bytes: MAX_BYTES_DEFAULT,
             lane_admission: vec![1.0, 0.9, 0.7],
+            max_publish_rate: 0,
+            max_publish_byte_rate: 0,
         }
     }
 }
@@ -91,6 +98,8 @@ pub struct SettingsRequest {
     pub max_messages: Option<u64>,
     pub max_bytes: Option<u64>,
     pub lane_admission: Vec<f64>,
+    pub max_publish_rate: Option<u64>,
+    pub max_publish_byte_rate: Option<u64>,
 }
 
 /// Admission fractions for `n` lanes: 1.0 for the first, down to 0.7 for
@@ -133,6 +142,8 @@ impl QueueSettings {
             lane_admission,
             max_messages: request.max_messages.unwrap_or(defaults.max_messages),
             max_bytes: request.max_bytes.unwrap_or(defaults.max_bytes),
+            max_publish_rate: request.max_publish_rate.unwrap_or(defaults.max_publish_rate),
+            max_publish_byte_rate: request.max_publish_byte_rate.unwrap_or(defaults.max_publish_byte_rate),
             lanes,
             lane_weights,
             strict_priority: request.strict_priority.unwrap_or(defaults.strict_priority),
@@ -257,7 +268,9 @@ impl QueueSettings {
             sync_interval_ms,
             max_messages,
             max_bytes,
-            lane_admission
+            lane_admission,
+            max_publish_rate,
+            max_publish_byte_rate
         );
         None
     }

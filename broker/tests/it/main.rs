@@ -4,5 +4,6 @@
 mod admin;
 mod delivery;
 mod durability;
+mod quota;
 mod saturation;
 mod support;

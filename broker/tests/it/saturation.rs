@@ -8,12 +8,6 @@ use tonic::Code;
 
 use crate::support::*;
 
-async fn stats(broker: &BrokerProcess, queue: &str) -> pb::QueueStats {
-    let mut client = StatsClient::new(broker.channel().await);
-    let response = client.get_stats(pb::StatsRequest { queue: queue.into() }).await.unwrap().into_inner();
-    response.queues.into_iter().next().expect("the queue's stats")
-}
-
 #[tokio::test]
 async fn lowest_lanes_are_shed_first_with_retry_after_and_figures() {
     let broker = BrokerProcess::start();
@@ -264,12 +258,6 @@ async fn disk_watermark_refuses_publishes_and_serves_consumers() {
     broker.terminate_cleanly();
     broker.restart_with(&[]);
     publish(&mut broker.publisher().await, "disk", message("accepted")).await;
-}
-
-/// The value of the sample `name{labels}` in Prometheus text.
-fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-    let prefix = format!("{name}{{{labels}}} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse().expect("a number"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -322,3 +322,16 @@ pub fn assert_status<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, 
         Ok(value) => panic!("expected {code:?} ({needle}), got Ok({value:?})"),
     }
 }
+
+/// One queue's Stats.
+pub async fn stats(broker: &BrokerProcess, queue: &str) -> pb::QueueStats {
+    let mut client = ballast_proto::v1::stats_client::StatsClient::new(broker.channel().await);
+    let response = client.get_stats(pb::StatsRequest { queue: queue.into() }).await.unwrap().into_inner();
+    response.queues.into_iter().next().expect("the queue's stats")
+}
+
+/// The value of the sample `name{labels}` in Prometheus text.
+pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse().expect("a number"))
+}

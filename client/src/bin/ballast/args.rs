@@ -88,7 +88,7 @@ pub enum Command {
 pub enum QueueCommand {
     /// Create a queue (and its dead-letter queue NAME.dead). Succeeds if it
     /// exists with the same settings.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List every queue with its depth.
     List,
     /// Show one queue's settings and counts.
@@ -154,6 +154,13 @@ pub struct CreateArgs {
     /// up to which the lane's publishes are admitted [default: 1,0.9,0.7].
     #[arg(long, value_delimiter = ',', value_name = "FRACTIONS")]
     pub lane_admission: Vec<f64>,
+    /// Publish quota: messages per second from all producers together, 0 for none; calls over it
+    /// wait for their turn or are refused [default: 0].
+    #[arg(long, value_name = "N")]
+    pub max_publish_rate: Option<u64>,
+    /// Publish quota in stored bytes per second, 0 for none [default: 0].
+    #[arg(long, value_name = "BYTES")]
+    pub max_publish_byte_rate: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -293,10 +300,21 @@ mod tests {
         assert_eq!(args.sync_policy, Some(ballast_client::SyncPolicy::Interval));
         assert!(Cli::try_parse_from(["ballast", "queue", "create", "q", "--sync-policy", "often"]).is_err());
 
-        let cli = parse(&["queue", "create", "q", "--max-messages", "50", "--lane-admission", "1,0.9,0.5"]);
+        let cli = parse(&[
+            "queue",
+            "create",
+            "q",
+            "--max-messages",
+            "50",
+            "--lane-admission",
+            "1,0.9,0.5",
+            "--max-publish-rate",
+            "2000",
+        ]);
         let Command::Queue(QueueCommand::Create(args)) = cli.command else { panic!("create") };
         assert_eq!(args.max_messages, Some(50));
         assert_eq!(args.lane_admission, [1.0, 0.9, 0.5]);
+        assert_eq!((args.max_publish_rate, args.max_publish_byte_rate), (Some(2000), None));
     }
 
     /// Stats takes an optional queue; top's interval is bounded like the

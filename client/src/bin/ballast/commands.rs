@@ -45,7 +45,7 @@ async fn queue(client: &Client, timeout: Duration, output: Output, command: Queu
     match command {
         QueueCommand::Create(args) => {
             let name = args.name.clone();
-            output.queue(&admin.create_queue(&name, settings(args)).await?)?;
+            output.queue(&admin.create_queue(&name, settings(*args)).await?)?;
         }
         QueueCommand::List => output.queues(&admin.list_queues().await?)?,
         QueueCommand::Get(args) => output.queue(&admin.get_queue(&args.name).await?)?,
@@ -77,6 +77,8 @@ fn settings(args: CreateArgs) -> QueueSettings {
     settings.max_messages = args.max_messages;
     settings.max_bytes = args.max_bytes;
     settings.lane_admission = args.lane_admission;
+    settings.max_publish_rate = args.max_publish_rate;
+    settings.max_publish_byte_rate = args.max_publish_byte_rate;
     settings
 }
 

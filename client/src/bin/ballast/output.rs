@@ -49,6 +49,8 @@ impl Output {
         field("sync interval ms", optional(settings.sync_interval.map(|d| d.as_millis())));
         field("max messages", optional(settings.max_messages));
         field("max bytes", optional(settings.max_bytes));
+        field("max publish rate", optional(settings.max_publish_rate));
+        field("max publish byte rate", optional(settings.max_publish_byte_rate));
         let admission: Vec<String> = settings.lane_admission.iter().map(|f| f.to_string()).collect();
         field("lane admission", if admission.is_empty() { "-".into() } else { admission.join(", ") });
         field("created at ms", unix_ms(queue.created_at).to_string());
@@ -185,7 +187,7 @@ fn stats_table(stats: &BrokerStats) -> String {
             admission: "-".into(),
             in_flight: queue.in_flight,
             consumers: queue.consumers.to_string(),
-            refused: (queue.refused_queue_full + queue.refused_disk_full).to_string(),
+            refused: (queue.refused_queue_full + queue.refused_disk_full + queue.refused_publish_rate).to_string(),
         };
         text.push_str(&row.render(width));
         for lane in &queue.lanes {
@@ -294,6 +296,9 @@ fn stats_json(stats: &BrokerStats) -> Value {
             object["max_bytes"] = Value::from(queue.max_bytes);
             object["refused_queue_full"] = Value::from(queue.refused_queue_full);
             object["refused_disk_full"] = Value::from(queue.refused_disk_full);
+            object["refused_publish_rate"] = Value::from(queue.refused_publish_rate);
+            object["throttled_calls"] = Value::from(queue.throttled_calls);
+            object["throttled_ms"] = Value::from(queue.throttled.as_millis() as u64);
             object["lanes"] = queue
                 .lanes
                 .iter()
@@ -354,6 +359,8 @@ fn queue_json(queue: &QueueInfo) -> Value {
             "max_messages": settings.max_messages,
             "max_bytes": settings.max_bytes,
             "lane_admission": settings.lane_admission,
+            "max_publish_rate": settings.max_publish_rate,
+            "max_publish_byte_rate": settings.max_publish_byte_rate,
         },
     })
 }

@@ -1,0 +1,186 @@
+//! Publish quotas: a queue's producers together get at most
+//! `max_publish_rate` messages and `max_publish_byte_rate` stored bytes per
+//! second. This is the CPU side of the bulkheads: admission limits bound a
+//! queue's disk and memory, a quota bounds the work its publishes cause, so
+//! a flood on one queue cannot take the cores every other queue needs.
+//!
+//! The algorithm is GCRA (a token bucket kept as one instant per dimension,
+//! the theoretical arrival time `tat`): a call costing `c` units at `r` per
+//! second moves `tat` on by `c / r` seconds. It may go at once while `tat`
+//! is at most [`QUOTA_BURST_MS`] ahead of now and otherwise waits until it
+//! is, so producers are slowed, never dropped, while the wait is short. A
+//! call whose turn is further away than its `max_wait` is refused and not
+//! charged. Calls are charged when they are given their turn, whatever
+//! admission decides next: a refused publish still cost the broker its
+//! receipt and decoding, and a producer that ignores refusals must not be
+//! able to spin.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::limits::QUOTA_BURST_MS;
+
+/// A queue's publish quota.
+#[derive(Debug)]
+pub(crate) struct Quota {
+    /// Seconds per message and per byte; `None`: that dimension is free.
+    per_message: Option<f64>,
+    per_byte: Option<f64>,
+    /// Theoretical arrival times: (messages, bytes).
+    tat: Mutex<(Instant, Instant)>,
+}
+
+/// What a call gets from [`Quota::reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Charged: go after waiting this long (zero: at once).
+    Wait(Duration),
+    /// The call's turn is `wait` away, beyond its `max_wait`: not charged.
+    Refused { wait: Duration },
+}
+
+impl Quota {
+    /// A quota of `messages_per_s` and `bytes_per_s`, each 0 for none.
+    pub(crate) fn new(messages_per_s: u64, bytes_per_s: u64, now: Instant) -> Quota {
+        let per_unit = |rate: u64| (rate > 0).then(|| 1.0 / rate as f64);
+        Quota { per_message: per_unit(messages_per_s), per_byte: per_unit(bytes_per_s), tat: Mutex::new((now, now)) }
+    }
+
+    /// Whether the quota limits anything (if not, [`Quota::reserve`] always
+    /// answers `Wait(0)` and publishes need not compute their cost).
+    pub(crate) fn is_limited(&self) -> bool {
+        self.per_message.is_some() || self.per_byte.is_some()
+    }
+
+    /// Reserves the turn of a call of `messages` and `bytes` arriving at
+    /// `now`, unless it would wait longer than `max_wait`.
+    pub(crate) fn reserve(&self, now: Instant, messages: u64, bytes: u64, max_wait: Duration) -> Turn {
+        let burst = Duration::from_millis(QUOTA_BURST_MS);
+        let mut tat = self.tat.lock();
+        let wait_for = |tat: Instant| tat.saturating_duration_since(now + burst);
+        let mut wait = Duration::ZERO;
+        if self.per_message.is_some() {
+            wait = wait.max(wait_for(tat.0));
+        }
+        if self.per_byte.is_some() {
+            wait = wait.max(wait_for(tat.1));
+        }
+        if wait > max_wait {
+            return Turn::Refused { wait };
+        }
+        let advance = |tat: Instant, per_unit: Option<f64>, units: u64| match per_unit {
+            Some(per_unit) => {
+                let cost = Duration::try_from_secs_f64(units as f64 * per_unit).unwrap_or(Duration::MAX);
+                // A cost beyond what an `Instant` can hold saturates at a
+                // century ahead: every later call is refused (with the
+                // retry-after ceiling) until then. Only absurd settings get here.
+                let century = Duration::from_secs(100 * 365 * 86_400);
+                let from = tat.max(now);
+                from.checked_add(cost).or_else(|| from.checked_add(century)).unwrap_or(from)
+            }
+            None => tat,
+        };
+        tat.0 = advance(tat.0, self.per_message, messages);
+        tat.1 = advance(tat.1, self.per_byte, bytes);
+        Turn::Wait(wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+    const LONG: Duration = Duration::from_secs(3600);
+
+    fn waited(turn: Turn) -> Duration {
+        match turn {
+            Turn::Wait(wait) => wait,
+            Turn::Refused { wait } => panic!("refused, {wait:?} away"),
+        }
+    }
+
+    #[test]
+    fn unlimited_never_waits() {
+        let t0 = Instant::now();
+        let quota = Quota::new(0, 0, t0);
+        assert!(!quota.is_limited());
+        for _ in 0..1000 {
+            assert_eq!(quota.reserve(t0, 1000, 1 << 30, Duration::ZERO), Turn::Wait(Duration::ZERO));
+        }
+    }
+
+    #[test]
+    fn a_burst_goes_at_once_then_calls_are_spaced_at_the_rate() {
+        let t0 = Instant::now();
+        // 1,000 msg/s: 1 ms per message; the burst allowance is
+        // QUOTA_BURST_MS, so that many single-message calls go at once.
+        let quota = Quota::new(1000, 0, t0);
+        let burst = QUOTA_BURST_MS as u32;
+        for i in 0..=burst {
+            assert_eq!(waited(quota.reserve(t0, 1, 0, LONG)), Duration::ZERO, "call {i}");
+        }
+        for i in 1..=50u32 {
+            assert_eq!(waited(quota.reserve(t0, 1, 0, LONG)), MS * i, "call {i} past the burst");
+        }
+        // Time passing pays the debt off.
+        let later = t0 + MS * (burst + 51);
+        assert_eq!(waited(quota.reserve(later, 1, 0, LONG)), Duration::ZERO);
+    }
+
+    #[test]
+    fn an_idle_queue_takes_any_batch_at_once_and_the_next_call_pays() {
+        let t0 = Instant::now();
+        let quota = Quota::new(10, 0, t0);
+        // 1,000 messages at 10/s is 100 s of quota: it goes (an idle queue
+        // never refuses a batch for being big), and the next call waits.
+        assert_eq!(waited(quota.reserve(t0, 1000, 0, Duration::ZERO)), Duration::ZERO);
+        match quota.reserve(t0, 1, 0, Duration::from_secs(1)) {
+            Turn::Refused { wait } => assert_eq!(wait, Duration::from_secs(100) - MS * QUOTA_BURST_MS as u32),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refused_call_is_not_charged() {
+        let t0 = Instant::now();
+        let quota = Quota::new(100, 0, t0);
+        let first = waited(quota.reserve(t0, 100, 0, LONG));
+        assert_eq!(first, Duration::ZERO);
+        let Turn::Refused { wait } = quota.reserve(t0, 1, 0, Duration::from_millis(10)) else { panic!() };
+        for _ in 0..100 {
+            assert_eq!(quota.reserve(t0, 1, 0, Duration::from_millis(10)), Turn::Refused { wait });
+        }
+    }
+
+    #[test]
+    fn the_slower_dimension_decides() {
+        let t0 = Instant::now();
+        // 1,000 msg/s and 10,000 B/s: 100-byte messages are byte-bound
+        // (100/s), 1-byte messages message-bound (1,000/s).
+        let quota = Quota::new(1000, 10_000, t0);
+        let burst = Duration::from_millis(QUOTA_BURST_MS);
+        waited(quota.reserve(t0, 1, 100, LONG));
+        let mut wait = Duration::ZERO;
+        for _ in 0..20 {
+            wait = waited(quota.reserve(t0, 1, 100, LONG));
+        }
+        // 21 calls of 100 B at 10 ms each: the 21st starts 200 ms in.
+        assert_eq!(wait, Duration::from_millis(200) - burst);
+
+        let quota = Quota::new(1000, 10_000, t0);
+        for _ in 0..21 {
+            wait = waited(quota.reserve(t0, 1, 1, LONG));
+        }
+        assert_eq!(wait, Duration::ZERO, "21 ms of message quota is inside the burst");
+    }
+
+    #[test]
+    fn absurd_costs_saturate_instead_of_panicking() {
+        let t0 = Instant::now();
+        let quota = Quota::new(1, 1, t0);
+        assert_eq!(waited(quota.reserve(t0, u64::MAX, u64::MAX, LONG)), Duration::ZERO);
+        assert!(matches!(quota.reserve(t0, 1, 1, LONG), Turn::Refused { .. }));
+    }
+}
