@@ -7,11 +7,12 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use ballast_proto::v1::{self as pb, publisher_client::PublisherClient};
 use bytes::Bytes;
+use tonic::transport::Channel;
 
 use crate::{Sync, broker::Target, latency, load};
 
@@ -33,6 +34,14 @@ pub struct Args {
     /// CPU the steady queue and the load tool need).
     #[arg(long, default_value_t = 0)]
     flood_rate: u64,
+    /// The flooded queue's publish quota in messages per second
+    /// (`max_publish_rate`; 0: none). Over it, flood calls wait their turn
+    /// or are refused, so the flood cannot take more of the machine.
+    #[arg(long, default_value_t = 0)]
+    flood_quota: u64,
+    /// Rounds of (alone, during the flood), pooled.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -44,98 +53,72 @@ enum Flood {
 }
 
 pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(args.rounds > 0, "rounds > 0");
     let steady = "bench-steady";
     let flooded = "bench-flooded";
-    target.fresh_queue(steady, sync.settings()).await?;
-    let alone = latency::measure(target, steady, &args.steady).await?;
-
-    target.fresh_queue(steady, sync.settings()).await?;
     let max_messages = match args.flood {
         Flood::Full => 10_000,
         Flood::Backlog => 1_000_000_000,
     };
-    let flood_settings =
-        pb::QueueSettings { max_messages: Some(max_messages), max_bytes: Some(1 << 40), ..sync.settings() };
+    let flood_settings = pb::QueueSettings {
+        max_messages: Some(max_messages),
+        max_bytes: Some(1 << 40),
+        max_publish_rate: Some(args.flood_quota),
+        ..sync.settings()
+    };
     target.fresh_queue(flooded, flood_settings).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stored = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let mut flood = Vec::new();
-    // Each of the producers x 4 flood tasks sends one batch per period.
-    let period = (args.flood_rate > 0).then(|| {
-        let tasks = (args.flood_producers * 4) as f64;
-        std::time::Duration::from_secs_f64(args.flood_batch as f64 * tasks / args.flood_rate as f64)
-    });
-    let tasks = args.flood_producers as u32 * 4;
     // The flood runs on its own threads, as another client process would:
     // on the steady side's runtime its tasks would queue ahead of the steady
     // calls inside the load tool and count as the broker's latency.
     let flood_runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("flood").enable_all().build()?;
-    for producer in 0..args.flood_producers {
+    let mut flood_channels = Vec::new();
+    for _ in 0..args.flood_producers {
         let endpoint = target.endpoint.clone();
-        let channel = flood_runtime
-            .spawn(async move {
-                tonic::transport::Channel::from_shared(endpoint)?.connect().await.map_err(anyhow::Error::from)
-            })
-            .await??;
-        for call in 0..4 {
-            // Staggered, so that the flood is a steady stream of calls, not
-            // every task's batch at once each period.
-            let task = (producer * 4 + call) as u32;
-            let mut client = PublisherClient::new(channel.clone());
-            let (stop, stored, refused) = (Arc::clone(&stop), Arc::clone(&stored), Arc::clone(&refused));
-            let batch = args.flood_batch;
-            let payload = Bytes::from(vec![b'f'; args.steady.size]);
-            flood.push(flood_runtime.spawn(async move {
-                let mut tick = period.map(|period| {
-                    let first = tokio::time::Instant::now() + period * task / tasks;
-                    let mut tick = tokio::time::interval_at(first, period);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    tick
-                });
-                while !stop.load(Ordering::Relaxed) {
-                    if let Some(tick) = tick.as_mut() {
-                        tick.tick().await;
-                    }
-                    let messages =
-                        (0..batch).map(|_| pb::Message { payload: payload.clone(), ..Default::default() }).collect();
-                    match client.publish_batch(pb::PublishBatchRequest { queue: flooded.into(), messages }).await {
-                        Ok(_) => stored.fetch_add(batch as u64, Ordering::Relaxed),
-                        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                            refused.fetch_add(1, Ordering::Relaxed)
-                        }
-                        Err(status) => return Err(anyhow::anyhow!("flood publish failed: {status}")),
-                    };
-                }
-                Ok(())
-            }));
-        }
+        flood_channels.push(
+            flood_runtime
+                .spawn(async move {
+                    tonic::transport::Channel::from_shared(endpoint)?.connect().await.map_err(anyhow::Error::from)
+                })
+                .await??,
+        );
     }
-    let flood_start = Instant::now();
-    let during = latency::measure(target, steady, &args.steady).await?;
-    let flood_seconds = flood_start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for task in flood {
-        task.await??;
+    // Alone and during alternate, round after round, and each side's
+    // histograms are pooled: the disk's sync latency drifts over minutes,
+    // and a drift between one long "alone" and one long "during" would
+    // read as (or hide) the flood's effect.
+    let mut alone: Option<latency::Measured> = None;
+    let mut during: Option<latency::Measured> = None;
+    let (mut stored, mut refused, mut flood_seconds) = (0, 0, 0.0);
+    for round in 1..=args.rounds {
+        target.fresh_queue(steady, sync.settings()).await?;
+        pool(&mut alone, latency::measure(target, steady, &args.steady).await?)?;
+        target.fresh_queue(steady, sync.settings()).await?;
+        let flood = Flood::start(&flood_runtime, &flood_channels, flooded, args);
+        let flood_start = Instant::now();
+        pool(&mut during, latency::measure(target, steady, &args.steady).await?)?;
+        flood_seconds += flood_start.elapsed().as_secs_f64();
+        let (s, r) = flood.stop().await?;
+        stored += s;
+        refused += r;
+        eprintln!("isolation: round {round} of {} done", args.rounds);
     }
     flood_runtime.shutdown_background();
-    let stored = stored.load(Ordering::Relaxed);
-    let refused = refused.load(Ordering::Relaxed);
-
+    let (alone, during) = (alone.expect("rounds > 0"), during.expect("rounds > 0"));
     println!(
-        "isolation: steady queue at {} msg/s ({} B, sync {:?}); flood {:?}: {} producers x 4 calls of {}, {}",
+        "isolation: steady queue at {} msg/s ({} B, sync {:?}); flood {:?}: {} producers x 4 calls of {}, {}, {}",
         args.steady.rate,
         args.steady.size,
         sync,
         args.flood,
         args.flood_producers,
         args.flood_batch,
-        if args.flood_rate > 0 { format!("{} msg/s offered", args.flood_rate) } else { "unpaced".to_owned() }
+        if args.flood_rate > 0 { format!("{} msg/s offered", args.flood_rate) } else { "unpaced".to_owned() },
+        if args.flood_quota > 0 { format!("quota {} msg/s", args.flood_quota) } else { "no quota".to_owned() }
     );
-    println!("-- steady queue alone");
+    println!("-- steady queue alone ({} rounds pooled)", args.rounds);
     alone.print();
-    println!("-- steady queue during the flood");
+    println!("-- steady queue during the flood ({} rounds pooled)", args.rounds);
     during.print();
     println!(
         "flood: {:.0} msg/s stored, {:.0} calls/s refused",
@@ -152,10 +135,98 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     );
     Ok(serde_json::json!({
         "scenario": "isolation", "flood": format!("{:?}", args.flood).to_lowercase(), "flood_rate": args.flood_rate,
+        "flood_quota": args.flood_quota, "rounds": args.rounds,
         "steady_rate": args.steady.rate, "size": args.steady.size, "sync": format!("{sync:?}").to_lowercase(),
         "alone": { "publish_to_durable": load::percentiles(&alone.durable), "publish_to_delivery": load::percentiles(&alone.delivered) },
         "during": { "publish_to_durable": load::percentiles(&during.durable), "publish_to_delivery": load::percentiles(&during.delivered) },
         "flood_stored_per_s": stored as f64 / flood_seconds, "flood_refused_calls_per_s": refused as f64 / flood_seconds,
         "p99_ratio_publish_to_durable": durable_ratio, "p99_ratio_publish_to_delivery": delivery_ratio,
     }))
+}
+
+/// Adds `next` to the pooled measurement.
+fn pool(pooled: &mut Option<latency::Measured>, next: latency::Measured) -> anyhow::Result<()> {
+    match pooled {
+        None => *pooled = Some(next),
+        Some(p) => {
+            p.durable.add(&next.durable)?;
+            p.delivered.add(&next.delivered)?;
+            p.send_lag.add(&next.send_lag)?;
+            p.achieved_rate = p.achieved_rate.min(next.achieved_rate);
+        }
+    }
+    Ok(())
+}
+
+/// A running flood: its tasks and their counts.
+struct Running {
+    stop: Arc<AtomicBool>,
+    stored: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Flood {
+    /// Starts `producers x 4` flood tasks on `runtime`.
+    fn start(runtime: &tokio::runtime::Runtime, channels: &[Channel], flooded: &'static str, args: &Args) -> Running {
+        let running = Running {
+            stop: Arc::new(AtomicBool::new(false)),
+            stored: Arc::new(AtomicU64::new(0)),
+            refused: Arc::new(AtomicU64::new(0)),
+            tasks: Vec::new(),
+        };
+        let tasks = channels.len() as u32 * 4;
+        // Each task sends one batch per period.
+        let period = (args.flood_rate > 0)
+            .then(|| Duration::from_secs_f64(args.flood_batch as f64 * f64::from(tasks) / args.flood_rate as f64));
+        let mut running = running;
+        for (producer, channel) in channels.iter().enumerate() {
+            for call in 0..4 {
+                // Staggered, so that the flood is a steady stream of calls,
+                // not every task's batch at once each period.
+                let task = (producer * 4 + call) as u32;
+                let mut client = PublisherClient::new(channel.clone());
+                let (stop, stored, refused) =
+                    (Arc::clone(&running.stop), Arc::clone(&running.stored), Arc::clone(&running.refused));
+                let batch = args.flood_batch;
+                let payload = Bytes::from(vec![b'f'; args.steady.size]);
+                running.tasks.push(runtime.spawn(async move {
+                    let mut tick = period.map(|period| {
+                        let first = tokio::time::Instant::now() + period * task / tasks;
+                        let mut tick = tokio::time::interval_at(first, period);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        tick
+                    });
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(tick) = tick.as_mut() {
+                            tick.tick().await;
+                        }
+                        let messages = (0..batch)
+                            .map(|_| pb::Message { payload: payload.clone(), ..Default::default() })
+                            .collect();
+                        match client.publish_batch(pb::PublishBatchRequest { queue: flooded.into(), messages }).await {
+                            Ok(_) => stored.fetch_add(batch as u64, Ordering::Relaxed),
+                            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                                refused.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(status) => return Err(anyhow::anyhow!("flood publish failed: {status}")),
+                        };
+                    }
+                    Ok(())
+                }));
+            }
+        }
+        running
+    }
+}
+
+impl Running {
+    /// Stops the flood; returns (messages stored, calls refused).
+    async fn stop(self) -> anyhow::Result<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok((self.stored.load(Ordering::Relaxed), self.refused.load(Ordering::Relaxed)))
+    }
 }
