@@ -170,11 +170,31 @@ fn recovery() {
 
 #[test]
 fn isolation() {
-    let args = ["--rate", "200", "--seconds", "1", "--warmup", "0", "--size", "64", "--flood-producers", "1"];
+    let args = [
+        "--rate",
+        "200",
+        "--seconds",
+        "1",
+        "--warmup",
+        "0",
+        "--size",
+        "64",
+        "--flood-producers",
+        "1",
+        "--rounds",
+        "2",
+        "--flood-quota",
+        "5000",
+    ];
     let (v, _, _dir) = run("isolation", &args);
-    assert_eq!(u(&v["alone"]["publish_to_delivery"]["count"]), 200);
-    assert_eq!(u(&v["during"]["publish_to_delivery"]["count"]), 200);
+    // Two rounds pooled on each side.
+    assert_eq!(u(&v["alone"]["publish_to_delivery"]["count"]), 400);
+    assert_eq!(u(&v["during"]["publish_to_delivery"]["count"]), 400);
     assert!(f(&v["p99_ratio_publish_to_delivery"]) > 0.0);
+    // The flood ran unpaced into a 5,000 msg/s quota: it was held near
+    // it (100 ms of burst allowance on top, over about 2 s of flood).
+    let stored = f(&v["flood_stored_per_s"]);
+    assert!(stored > 0.0 && stored < 5_000.0 * 1.5, "flood stored {stored} msg/s under a 5,000 msg/s quota");
 }
 
 #[test]

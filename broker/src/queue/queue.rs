@@ -116,10 +116,29 @@ impl Drop for Queue {
         if self.removed.load(Ordering::Acquire) {
             // Close the logs first (sync and stop their flushers), then remove.
             self.lanes.clear();
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "removing a deleted queue's files");
-            }
+            remove_in_background(&self.dir);
         }
+    }
+}
+
+/// Removes a deleted queue's directory on a thread of its own: unlinking
+/// gigabytes of segments takes seconds, and the last reference to a queue
+/// may drop on a runtime worker that other queues' calls need. Each queue
+/// directory has its own generation suffix, so a queue of the same name
+/// created meanwhile is elsewhere; a crash before the removal ends leaves a
+/// directory without `queue.toml`, which the next start removes.
+fn remove_in_background(dir: &Path) {
+    let remove = |dir: &Path| {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing a deleted queue's files");
+        }
+    };
+    let spawned = std::thread::Builder::new().name("queue-remove".into()).spawn({
+        let dir = dir.to_owned();
+        move || remove(&dir)
+    });
+    if spawned.is_err() {
+        remove(dir);
     }
 }
 

@@ -57,6 +57,28 @@ async fn create_get_list_purge_delete() {
     // A re-created queue starts empty.
     create(&mut admin, "orders", queue_settings()).await;
     assert_eq!(depth(&mut admin, "orders").await, 0);
+
+    // Deleted files go in the background: the queue re-created at once is
+    // whole (in a directory of its own), and nothing of the old one stays.
+    let mut publisher = broker.publisher().await;
+    publish_batch(&mut publisher, "orders", (0..100).map(|i| message(format!("{i}"))).collect()).await;
+    admin.delete_queue(pb::DeleteQueueRequest { name: "orders".into() }).await.unwrap();
+    create(&mut admin, "orders", queue_settings()).await;
+    publish(&mut publisher, "orders", message("new")).await;
+    let queues = broker.data_dir.join("queues");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&queues).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        names.sort();
+        // Sorted: "orders.dead~<generation>", then "orders~<generation>".
+        if names.len() == 2 && names[0].starts_with("orders.dead~") && names[1].starts_with("orders~") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "deleted queue files still there: {names:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(depth(&mut admin, "orders").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
