@@ -304,6 +304,10 @@ impl Queue {
         }
         if self.quota.is_limited() {
             self.wait_for_quota(&messages, &lanes).await?;
+            // The queue may have been deleted during the wait.
+            if self.is_closed() {
+                return Err(BrokerError::QueueNotFound(self.name.to_string()));
+            }
         }
         let now = now_ms();
         // Resolve keys: duplicates answer at once; new keys are claimed.

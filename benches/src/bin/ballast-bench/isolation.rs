@@ -1,6 +1,8 @@
 //! `isolation`: bulkheads. A steady queue's open-loop latency alone, then
 //! while another queue is flooded: either held at its admission limit
-//! (every flood publish refused) or growing a backlog no one consumes.
+//! (every flood publish refused) or growing a backlog no one consumes;
+//! `none` is the control. Alone and during alternate for `--rounds`, and
+//! each side's histograms are pooled.
 
 use std::{
     sync::{
@@ -50,6 +52,9 @@ enum Flood {
     Full,
     /// The flooded queue takes everything and nobody consumes it.
     Backlog,
+    /// No flood: the control. Both sides measure the steady queue alone,
+    /// so their ratio is the noise of the measurement itself.
+    None,
 }
 
 pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde_json::Value> {
@@ -58,7 +63,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     let flooded = "bench-flooded";
     let max_messages = match args.flood {
         Flood::Full => 10_000,
-        Flood::Backlog => 1_000_000_000,
+        Flood::Backlog | Flood::None => 1_000_000_000,
     };
     let flood_settings = pb::QueueSettings {
         max_messages: Some(max_messages),
@@ -90,18 +95,33 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     let mut alone: Option<latency::Measured> = None;
     let mut during: Option<latency::Measured> = None;
     let (mut stored, mut refused, mut flood_seconds) = (0, 0, 0.0);
+    let mut rounds = Vec::new();
+    let p99_ms = |h: &hdrhistogram::Histogram<u64>| h.value_at_quantile(0.99) as f64 / 1000.0;
     for round in 1..=args.rounds {
         target.fresh_queue(steady, sync.settings()).await?;
-        pool(&mut alone, latency::measure(target, steady, &args.steady).await?)?;
+        let a = latency::measure(target, steady, &args.steady).await?;
         target.fresh_queue(steady, sync.settings()).await?;
-        let flood = Flood::start(&flood_runtime, &flood_channels, flooded, args);
+        let flood = match args.flood {
+            Flood::None => None,
+            Flood::Full | Flood::Backlog => Some(Flood::start(&flood_runtime, &flood_channels, flooded, args)),
+        };
         let flood_start = Instant::now();
-        pool(&mut during, latency::measure(target, steady, &args.steady).await?)?;
+        let d = latency::measure(target, steady, &args.steady).await?;
         flood_seconds += flood_start.elapsed().as_secs_f64();
-        let (s, r) = flood.stop().await?;
-        stored += s;
-        refused += r;
-        eprintln!("isolation: round {round} of {} done", args.rounds);
+        if let Some(flood) = flood {
+            let (s, r) = flood.stop().await?;
+            stored += s;
+            refused += r;
+        }
+        let (alone_p99, during_p99) = (p99_ms(&a.delivered), p99_ms(&d.delivered));
+        eprintln!(
+            "isolation: round {round} of {}: delivery p99 alone {alone_p99:.2} ms, during {during_p99:.2} ms ({:.2}x)",
+            args.rounds,
+            during_p99 / alone_p99
+        );
+        rounds.push(serde_json::json!({ "alone_delivery_p99_ms": alone_p99, "during_delivery_p99_ms": during_p99 }));
+        pool(&mut alone, a)?;
+        pool(&mut during, d)?;
     }
     flood_runtime.shutdown_background();
     let (alone, during) = (alone.expect("rounds > 0"), during.expect("rounds > 0"));
@@ -135,7 +155,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     );
     Ok(serde_json::json!({
         "scenario": "isolation", "flood": format!("{:?}", args.flood).to_lowercase(), "flood_rate": args.flood_rate,
-        "flood_quota": args.flood_quota, "rounds": args.rounds,
+        "flood_quota": args.flood_quota, "rounds": args.rounds, "per_round": rounds,
         "steady_rate": args.steady.rate, "size": args.steady.size, "sync": format!("{sync:?}").to_lowercase(),
         "alone": { "publish_to_durable": load::percentiles(&alone.durable), "publish_to_delivery": load::percentiles(&alone.delivered) },
         "during": { "publish_to_durable": load::percentiles(&during.durable), "publish_to_delivery": load::percentiles(&during.delivered) },
