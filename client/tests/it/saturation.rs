@@ -253,3 +253,79 @@ async fn low_disk_refusal_carries_the_free_space() {
     assert!(refusal.disk_free_bytes.is_some_and(|free| free > 0), "{refusal:?}");
     assert_eq!(stats.queue("disk").expect("the queue").refused_disk_full, 1);
 }
+
+/// A queue's publish quota slows a producer down instead of failing it:
+/// 300 messages at 200 msg/s take at least ~1.4 s, every one is stored, and
+/// the broker counts the calls that waited for their turn.
+#[tokio::test]
+async fn a_publish_quota_slows_the_producer_down() {
+    let broker = Broker::start();
+    let client = broker.client();
+    let admin = client.admin();
+    let mut settings = QueueSettings::default();
+    settings.max_publish_rate = Some(200);
+    let queue = admin.create_queue("metered", settings).await.expect("created");
+    assert_eq!((queue.settings.max_publish_rate, queue.settings.max_publish_byte_rate), (Some(200), Some(0)));
+
+    let config = ProducerConfig { batch_count_max: 10, ..ProducerConfig::default() };
+    let producer = client.producer(config).expect("producer");
+    let started = std::time::Instant::now();
+    let results = producer.publish_all("metered", (0..300).map(|i| Message::new(format!("m{i}")))).await;
+    let elapsed = started.elapsed();
+    assert!(results.iter().all(Result::is_ok), "slowed, not failed: {:?}", results.iter().find(|r| r.is_err()));
+    // 100 ms of burst (20 messages) goes at once, the rest at 200 msg/s.
+    assert!(elapsed >= Duration::from_millis(1350), "300 messages at 200 msg/s took {elapsed:?}");
+    let stats = admin.stats(Some("metered")).await.expect("stats");
+    let metered = stats.queue("metered").expect("the queue");
+    assert_eq!(metered.saturation.depth, 300);
+    assert!(metered.throttled_calls > 0 && metered.throttled > Duration::ZERO, "{metered:?}");
+}
+
+/// A call whose turn under the quota is too far away comes back as a
+/// rate-limit refusal, with a retry-after for the rest of the wait; a
+/// producer out of attempts reports it as such.
+#[tokio::test]
+async fn a_call_far_behind_the_quota_is_refused_as_rate_limited() {
+    let broker = Broker::start();
+    let client = broker.client();
+    let mut settings = QueueSettings::default();
+    settings.max_publish_byte_rate = Some(10_000);
+    client.admin().create_queue("slow", settings).await.expect("created");
+    let producer = client.producer(quick_retries(1)).expect("producer");
+    // 50 KiB on an idle queue goes at once: 5 s of byte quota.
+    producer.publish("slow", Message::new(vec![b'x'; 50 * 1024])).await.expect("an idle queue takes it");
+    let error = producer.publish("slow", Message::new("next")).await.expect_err("~5 s of quota ahead");
+    assert!(matches!(error, Error::ResourceExhausted { .. }), "{error:?}");
+    let refusal = error.refusal().expect("figures");
+    assert!(refusal.is_rate_limited() && !refusal.is_disk_low(), "{refusal:?}");
+    let hint = error.retry_after().expect("a hint");
+    assert!(hint >= Duration::from_secs(3), "the rest of the wait: {hint:?}");
+    assert!(error.to_string().contains("max_publish_byte_rate 10000 bytes/s"), "{error}");
+}
+
+/// A batch bigger than its lane's share of even an empty queue is invalid
+/// (retrying cannot help), so the producer sends its messages one by one:
+/// those that fit are stored, the one past the share is refused as a full
+/// queue.
+#[tokio::test]
+async fn a_batch_over_the_lanes_share_is_split_by_the_producer() {
+    let broker = Broker::start();
+    let client = broker.client();
+    client.admin().create_queue("small", limited(10)).await.expect("created");
+    // One batch of 8 on low, whose share of 10 is 7.
+    let relay = Relay::start(&broker).await;
+    let config = ProducerConfig { linger: Duration::from_millis(200), ..quick_retries(1) };
+    let producer = relay.client().producer(config).expect("producer");
+    let results = producer.publish_all("small", (0..8).map(|i| Message::new(format!("m{i}")).with_lane(2))).await;
+    let attempts = relay.attempts();
+    let codes: Vec<Code> = attempts.iter().map(|attempt| attempt.code).collect();
+    assert_eq!(codes.len(), 9, "the batch, then each message alone: {codes:?}");
+    assert_eq!(codes[0], Code::InvalidArgument, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&code| code == Code::Ok).count(), 7, "{codes:?}");
+    let stored = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(stored, 7, "{results:?}");
+    let refused = results.iter().find_map(|r| r.as_ref().err()).expect("one refused");
+    assert!(matches!(refused, Error::ResourceExhausted { .. }), "the eighth is a full queue, not invalid: {refused:?}");
+    let stats = client.admin().stats(Some("small")).await.expect("stats");
+    assert_eq!(stats.queue("small").expect("the queue").saturation.depth, 7);
+}
