@@ -37,6 +37,13 @@ pub const CREDIT_MAX: u32 = 10_000;
 /// RESOURCE_EXHAUSTED.
 pub const CONSUMERS_MAX: usize = 1024;
 
+/// Nacks of one consume stream being applied at once (each stores a
+/// durable copy off the stream's loop). At the limit the stream's next
+/// request waits, so a client that sends nacks faster than they apply (or
+/// never reads its rejections) is slowed instead of growing the broker's
+/// tasks without bound.
+pub const STREAM_NACKS_IN_FLIGHT_MAX: usize = 1024;
+
 /// Longest Pull wait, in milliseconds.
 pub const PULL_WAIT_MS_MAX: u64 = 60_000;
 

@@ -11,7 +11,10 @@ use super::{convert, status::to_status};
 use crate::{
     Broker,
     error::BrokerError,
-    limits::{CREDIT_MAX, PULL_WAIT_MS_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN},
+    limits::{
+        CREDIT_MAX, PULL_WAIT_MS_MAX, STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX,
+        WATCH_INTERVAL_MS_MIN,
+    },
     now_ms,
     queue::Queue,
 };
@@ -273,6 +276,7 @@ async fn session(
     out: Out,
 ) {
     let consumer_id = subscription.consumer_id;
+    let nacks = Arc::new(tokio::sync::Semaphore::new(STREAM_NACKS_IN_FLIGHT_MAX));
     loop {
         tokio::select! {
             delivery = subscription.deliveries.recv() => match delivery {
@@ -295,7 +299,7 @@ async fn session(
             },
             request = inbound.message() => match request {
                 Ok(Some(request)) => {
-                    if let Err(status) = handle(&queue, consumer_id, request, &out).await {
+                    if let Err(status) = handle(&queue, consumer_id, request, &out, &nacks).await {
                         let _ = out.send(Err(status)).await;
                         break;
                     }
@@ -308,7 +312,13 @@ async fn session(
 }
 
 /// Applies one request of a consume stream. An error ends the stream.
-async fn handle(queue: &Arc<Queue>, consumer_id: u64, request: pb::ConsumeRequest, out: &Out) -> Result<(), Status> {
+async fn handle(
+    queue: &Arc<Queue>,
+    consumer_id: u64,
+    request: pb::ConsumeRequest,
+    out: &Out,
+    nacks: &Arc<tokio::sync::Semaphore>,
+) -> Result<(), Status> {
     match request.kind {
         None => Err(Status::invalid_argument("empty consume request: set credit, ack or nack")),
         Some(pb::consume_request::Kind::Subscribe(_)) => {
@@ -336,11 +346,18 @@ async fn handle(queue: &Arc<Queue>, consumer_id: u64, request: pb::ConsumeReques
         Some(pb::consume_request::Kind::Nack(nack)) => {
             let queue = Arc::clone(queue);
             let out = out.clone();
+            // At most STREAM_NACKS_IN_FLIGHT_MAX at once: past it the
+            // stream's loop waits here (the semaphore is never closed).
+            let permit = Arc::clone(nacks)
+                .acquire_owned()
+                .await
+                .map_err(|_| Status::internal("the stream's nack limiter closed"))?;
             // Off the session loop: a nack stores a copy (durable) first.
             tokio::spawn(async move {
                 if let Err(error) = queue.nack(nack.delivery_id, nack.delay_ms, &nack.reason).await {
                     let _ = out.send(Ok(rejected(nack.delivery_id, error))).await;
                 }
+                drop(permit);
             });
             Ok(())
         }

@@ -244,3 +244,39 @@ async fn pull_long_polls_and_ack_is_unary() {
         "not leased",
     );
 }
+
+/// A client that sends nacks faster than they apply and does not read the
+/// rejections is held back (at most STREAM_NACKS_IN_FLIGHT_MAX nacks apply
+/// at once), not served with an unbounded pile of tasks; once it reads,
+/// every rejection arrives and the stream still delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_flooding_nacks_is_held_back_and_recovers() {
+    let broker = BrokerProcess::start();
+    create(&mut broker.admin().await, "n", queue_settings()).await;
+    let mut consumer = broker.consumer().await;
+    let mut session = Session::open(&mut consumer, "n", 1).await;
+    // More than the limit plus everything the response channel buffers.
+    const NACKS: u64 = 12_000;
+    let sender = session.sender();
+    let flood = tokio::spawn(async move {
+        for id in 0..NACKS {
+            let nack = pb::Nack { delivery_id: 1_000_000 + id, delay_ms: 0, reason: "flood".into() };
+            let request = pb::ConsumeRequest { kind: Some(pb::consume_request::Kind::Nack(nack)) };
+            sender.send(request).await.expect("stream open");
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut rejected = 0;
+    while rejected < NACKS {
+        match session.next_within(Duration::from_secs(10)).await {
+            Some(Ok(pb::consume_response::Kind::Rejected(r))) => {
+                assert_eq!(r.code, tonic::Code::FailedPrecondition as i32, "{r:?}");
+                rejected += 1;
+            }
+            other => panic!("expected rejection {rejected} of {NACKS}, got {other:?}"),
+        }
+    }
+    flood.await.unwrap();
+    publish(&mut broker.publisher().await, "n", message("after")).await;
+    assert_eq!(session.delivery().await.payload, "after".as_bytes());
+}

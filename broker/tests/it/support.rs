@@ -263,6 +263,11 @@ impl Session {
         }
     }
 
+    /// The stream's request side, for sending from another task.
+    pub fn sender(&self) -> mpsc::Sender<pb::ConsumeRequest> {
+        self.requests.clone()
+    }
+
     pub async fn send(&self, kind: pb::consume_request::Kind) {
         self.requests.send(pb::ConsumeRequest { kind: Some(kind) }).await.expect("stream open");
     }
