@@ -802,8 +802,7 @@ fn is_fatal(error: &Error) -> bool {
         | Error::FailedPrecondition { .. }
         | Error::AlreadyExists { .. }
         | Error::Protocol { .. }
-        | Error::InvalidAddress { .. }
-        | Error::Unsupported { .. } => true,
+        | Error::InvalidAddress { .. } => true,
         Error::Broker { code, .. } => *code == tonic::Code::Unimplemented,
         Error::ResourceExhausted { .. }
         | Error::Unavailable { .. }

@@ -162,15 +162,6 @@ pub enum Error {
     /// call was answered.
     #[error("the producer is closed")]
     Closed,
-
-    /// The feature needs broker support that does not exist yet.
-    #[error("{feature} is not available until the broker supports it ({issue})")]
-    Unsupported {
-        /// What was asked for.
-        feature: &'static str,
-        /// Where the missing support is tracked.
-        issue: &'static str,
-    },
 }
 
 impl Error {
@@ -193,8 +184,7 @@ impl Error {
             | Error::Broker { .. }
             | Error::Protocol { .. }
             | Error::InvalidAddress { .. }
-            | Error::Closed
-            | Error::Unsupported { .. } => false,
+            | Error::Closed => false,
         }
     }
 
@@ -244,11 +234,7 @@ impl Error {
             Error::FailedPrecondition { .. } => Some(Code::FailedPrecondition),
             Error::PermissionDenied { .. } => Some(Code::PermissionDenied),
             Error::Broker { code, .. } => Some(*code),
-            Error::CircuitOpen { .. }
-            | Error::Protocol { .. }
-            | Error::InvalidAddress { .. }
-            | Error::Closed
-            | Error::Unsupported { .. } => None,
+            Error::CircuitOpen { .. } | Error::Protocol { .. } | Error::InvalidAddress { .. } | Error::Closed => None,
         }
     }
 

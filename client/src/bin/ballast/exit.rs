@@ -56,8 +56,7 @@ pub fn client_exit_code(error: &Error) -> u8 {
         | Error::PermissionDenied { .. }
         | Error::Broker { .. }
         | Error::Protocol { .. }
-        | Error::Closed
-        | Error::Unsupported { .. } => OTHER,
+        | Error::Closed => OTHER,
         _ => OTHER,
     }
 }
@@ -102,7 +101,7 @@ mod tests {
             (Error::Unavailable { message: String::new() }, UNAVAILABLE),
             (Error::Transport { message: String::new() }, UNAVAILABLE),
             (Error::DeadlineExceeded { timeout: None, last_error: None }, UNAVAILABLE),
-            (Error::Unsupported { feature: "stats", issue: "issue 4" }, OTHER),
+            (Error::Closed, OTHER),
         ];
         for (error, code) in cases {
             assert_eq!(client_exit_code(&error), code, "{error:?}");
