@@ -35,7 +35,7 @@ pub struct LaneMetrics {
     pub refused_disk_low: Counter,
     pub refused_publish_rate: Counter,
     /// Waits of publish calls for their turn under the queue's quota,
-    /// seconds (only calls that waited), by the call's most restricted lane.
+    /// seconds (only calls that waited), by the call's lowest-priority lane.
     pub publish_throttle: Histogram,
     /// Publish call start to durable (answered), seconds.
     pub publish_durable: Histogram,

@@ -328,8 +328,9 @@ pub struct Refusal {
 impl Refusal {
     /// Whether the broker refused because the queue's publish quota
     /// (`max_publish_rate`, `max_publish_byte_rate`) is taken: the call's
-    /// turn was too far away. Slowing down helps; a higher lane only waits
-    /// longer before the same answer.
+    /// turn was too far away. Slowing down helps; a higher lane helps while
+    /// the lanes above the refused one leave part of the quota unused (a
+    /// call waits only behind its own and higher lanes' traffic).
     pub fn is_rate_limited(&self) -> bool {
         self.reason.as_deref() == Some(contract::REASON_PUBLISH_RATE)
     }

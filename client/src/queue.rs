@@ -127,8 +127,10 @@ pub struct QueueSettings {
     /// than its lane's wait (its `lane_admission` fraction of 1 s) is
     /// refused with [`Error::ResourceExhausted`](crate::Error::ResourceExhausted)
     /// ([`Refusal::is_rate_limited`](crate::Refusal::is_rate_limited)).
-    /// Keeps one queue's flood from taking the broker's CPU from the
-    /// others. Every call counts, stored or refused. (default: 0)
+    /// Lanes keep their priority: a call waits only behind its own and
+    /// higher lanes' traffic. Keeps one queue's flood from taking the
+    /// broker's CPU from the others. Every call counts, stored or refused.
+    /// (default: 0)
     pub max_publish_rate: Option<u64>,
     /// Publish quota in stored bytes per second; 0 for none. Same rules as
     /// `max_publish_rate`. (default: 0)

@@ -22,7 +22,11 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, delivery::DeliveryState, quota::Turn};
+use super::{
+    HEADER_NOT_BEFORE, QueueName, QueueSettings,
+    delivery::DeliveryState,
+    quota::{Lanes, Turn},
+};
 use crate::{
     broker::Node,
     config::Config,
@@ -226,6 +230,7 @@ impl Queue {
         let quota = super::quota::Quota::new(
             settings.max_publish_rate,
             settings.max_publish_byte_rate,
+            settings.lanes.len(),
             std::time::Instant::now(),
         );
         let queue = Arc::new(Queue {
@@ -385,8 +390,8 @@ impl Queue {
     }
 
     /// Waits for the call's turn under the publish quota (see
-    /// `queue/quota.rs`). The call's most restricted lane (lowest admission
-    /// fraction) decides how long it may wait: that fraction of
+    /// `queue/quota.rs`). The call waits as its lowest-priority lane: on
+    /// that lane's line, for at most that lane's admission fraction of
     /// `PUBLISH_THROTTLE_WAIT_MS_MAX`. A call whose turn is further away is
     /// refused after waiting that long, so that a producer ignoring
     /// refusals is slowed as much as one that waits.
@@ -394,10 +399,11 @@ impl Queue {
         let now = now_ms();
         let count = messages.len() as u64;
         let bytes: u64 = messages.iter().map(|m| stored_size(m, now)).sum();
+        let lane = lanes.iter().copied().max().unwrap_or(0);
+        let place = Lanes { waits_on: lane as usize, charges_from: lanes.iter().copied().min().unwrap_or(0) as usize };
         let fraction = |lane: u32| self.settings.lane_admission[lane as usize];
-        let lane = lanes.iter().copied().min_by(|&a, &b| fraction(a).total_cmp(&fraction(b))).unwrap_or(0);
         let max_wait = Duration::from_millis(PUBLISH_THROTTLE_WAIT_MS_MAX).mul_f64(fraction(lane));
-        match self.quota.reserve(std::time::Instant::now(), count, bytes, max_wait) {
+        match self.quota.reserve(std::time::Instant::now(), place, count, bytes, max_wait) {
             Turn::Wait(wait) if wait.is_zero() => Ok(()),
             Turn::Wait(wait) => {
                 self.refused.throttled.fetch_add(1, Ordering::Relaxed);

@@ -14,6 +14,15 @@
 //! admission decides next: a refused publish still cost the broker its
 //! receipt and decoding, and a producer that ignores refusals must not be
 //! able to spin.
+//!
+//! Lanes keep their priority inside the quota: each lane has its own line
+//! (its own `tat`s), and a call is charged to its lane's line and to every
+//! lower lane's line, but waits only on its own. A high-lane call so never
+//! waits behind low-lane traffic, while low-lane calls see everything above
+//! them and get what the higher lanes leave: under a high-lane flood they
+//! are refused first. The lowest lane's line carries all traffic, and each
+//! lane's calls are bounded by their own line, so all lanes together stay
+//! within the quota (plus one burst allowance per lane).
 
 use std::time::{Duration, Instant};
 
@@ -27,8 +36,9 @@ pub(crate) struct Quota {
     /// Seconds per message and per byte; `None`: that dimension is free.
     per_message: Option<f64>,
     per_byte: Option<f64>,
-    /// Theoretical arrival times: (messages, bytes).
-    tat: Mutex<(Instant, Instant)>,
+    /// Per lane, highest priority first: theoretical arrival times
+    /// (messages, bytes).
+    lines: Mutex<Vec<(Instant, Instant)>>,
 }
 
 /// What a call gets from [`Quota::reserve`].
@@ -40,11 +50,34 @@ pub(crate) enum Turn {
     Refused { wait: Duration },
 }
 
+/// A call's place in the lanes: the lane whose line it waits on (its
+/// lowest-priority lane, the largest index) and the first line it is
+/// charged to (its highest-priority lane, the smallest index; every line
+/// from there down is charged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lanes {
+    pub waits_on: usize,
+    pub charges_from: usize,
+}
+
+impl Lanes {
+    /// A call whose messages are all on `lane`.
+    #[cfg(test)]
+    pub(crate) fn one(lane: usize) -> Lanes {
+        Lanes { waits_on: lane, charges_from: lane }
+    }
+}
+
 impl Quota {
-    /// A quota of `messages_per_s` and `bytes_per_s`, each 0 for none.
-    pub(crate) fn new(messages_per_s: u64, bytes_per_s: u64, now: Instant) -> Quota {
+    /// A quota of `messages_per_s` and `bytes_per_s` (each 0 for none) over
+    /// `lanes` lanes.
+    pub(crate) fn new(messages_per_s: u64, bytes_per_s: u64, lanes: usize, now: Instant) -> Quota {
         let per_unit = |rate: u64| (rate > 0).then(|| 1.0 / rate as f64);
-        Quota { per_message: per_unit(messages_per_s), per_byte: per_unit(bytes_per_s), tat: Mutex::new((now, now)) }
+        Quota {
+            per_message: per_unit(messages_per_s),
+            per_byte: per_unit(bytes_per_s),
+            lines: Mutex::new(vec![(now, now); lanes.max(1)]),
+        }
     }
 
     /// Whether the quota limits anything (if not, [`Quota::reserve`] always
@@ -53,18 +86,21 @@ impl Quota {
         self.per_message.is_some() || self.per_byte.is_some()
     }
 
-    /// Reserves the turn of a call of `messages` and `bytes` arriving at
-    /// `now`, unless it would wait longer than `max_wait`.
-    pub(crate) fn reserve(&self, now: Instant, messages: u64, bytes: u64, max_wait: Duration) -> Turn {
+    /// Reserves the turn of a call of `messages` and `bytes` on `lanes`
+    /// arriving at `now`, unless it would wait longer than `max_wait`.
+    pub(crate) fn reserve(&self, now: Instant, lanes: Lanes, messages: u64, bytes: u64, max_wait: Duration) -> Turn {
         let burst = Duration::from_millis(QUOTA_BURST_MS);
-        let mut tat = self.tat.lock();
+        let mut lines = self.lines.lock();
+        let last = lines.len() - 1;
+        let (waits_on, charges_from) = (lanes.waits_on.min(last), lanes.charges_from.min(lanes.waits_on).min(last));
         let wait_for = |tat: Instant| tat.saturating_duration_since(now + burst);
+        let own = lines[waits_on];
         let mut wait = Duration::ZERO;
         if self.per_message.is_some() {
-            wait = wait.max(wait_for(tat.0));
+            wait = wait.max(wait_for(own.0));
         }
         if self.per_byte.is_some() {
-            wait = wait.max(wait_for(tat.1));
+            wait = wait.max(wait_for(own.1));
         }
         if wait > max_wait {
             return Turn::Refused { wait };
@@ -81,8 +117,10 @@ impl Quota {
             }
             None => tat,
         };
-        tat.0 = advance(tat.0, self.per_message, messages);
-        tat.1 = advance(tat.1, self.per_byte, bytes);
+        for line in &mut lines[charges_from..] {
+            line.0 = advance(line.0, self.per_message, messages);
+            line.1 = advance(line.1, self.per_byte, bytes);
+        }
         Turn::Wait(wait)
     }
 }
@@ -104,10 +142,10 @@ mod tests {
     #[test]
     fn unlimited_never_waits() {
         let t0 = Instant::now();
-        let quota = Quota::new(0, 0, t0);
+        let quota = Quota::new(0, 0, 1, t0);
         assert!(!quota.is_limited());
         for _ in 0..1000 {
-            assert_eq!(quota.reserve(t0, 1000, 1 << 30, Duration::ZERO), Turn::Wait(Duration::ZERO));
+            assert_eq!(quota.reserve(t0, Lanes::one(0), 1000, 1 << 30, Duration::ZERO), Turn::Wait(Duration::ZERO));
         }
     }
 
@@ -116,27 +154,27 @@ mod tests {
         let t0 = Instant::now();
         // 1,000 msg/s: 1 ms per message; the burst allowance is
         // QUOTA_BURST_MS, so that many single-message calls go at once.
-        let quota = Quota::new(1000, 0, t0);
+        let quota = Quota::new(1000, 0, 1, t0);
         let burst = QUOTA_BURST_MS as u32;
         for i in 0..=burst {
-            assert_eq!(waited(quota.reserve(t0, 1, 0, LONG)), Duration::ZERO, "call {i}");
+            assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 1, 0, LONG)), Duration::ZERO, "call {i}");
         }
         for i in 1..=50u32 {
-            assert_eq!(waited(quota.reserve(t0, 1, 0, LONG)), MS * i, "call {i} past the burst");
+            assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 1, 0, LONG)), MS * i, "call {i} past the burst");
         }
         // Time passing pays the debt off.
         let later = t0 + MS * (burst + 51);
-        assert_eq!(waited(quota.reserve(later, 1, 0, LONG)), Duration::ZERO);
+        assert_eq!(waited(quota.reserve(later, Lanes::one(0), 1, 0, LONG)), Duration::ZERO);
     }
 
     #[test]
     fn an_idle_queue_takes_any_batch_at_once_and_the_next_call_pays() {
         let t0 = Instant::now();
-        let quota = Quota::new(10, 0, t0);
+        let quota = Quota::new(10, 0, 1, t0);
         // 1,000 messages at 10/s is 100 s of quota: it goes (an idle queue
         // never refuses a batch for being big), and the next call waits.
-        assert_eq!(waited(quota.reserve(t0, 1000, 0, Duration::ZERO)), Duration::ZERO);
-        match quota.reserve(t0, 1, 0, Duration::from_secs(1)) {
+        assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 1000, 0, Duration::ZERO)), Duration::ZERO);
+        match quota.reserve(t0, Lanes::one(0), 1, 0, Duration::from_secs(1)) {
             Turn::Refused { wait } => assert_eq!(wait, Duration::from_secs(100) - MS * QUOTA_BURST_MS as u32),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -145,12 +183,14 @@ mod tests {
     #[test]
     fn a_refused_call_is_not_charged() {
         let t0 = Instant::now();
-        let quota = Quota::new(100, 0, t0);
-        let first = waited(quota.reserve(t0, 100, 0, LONG));
+        let quota = Quota::new(100, 0, 1, t0);
+        let first = waited(quota.reserve(t0, Lanes::one(0), 100, 0, LONG));
         assert_eq!(first, Duration::ZERO);
-        let Turn::Refused { wait } = quota.reserve(t0, 1, 0, Duration::from_millis(10)) else { panic!() };
+        let Turn::Refused { wait } = quota.reserve(t0, Lanes::one(0), 1, 0, Duration::from_millis(10)) else {
+            panic!()
+        };
         for _ in 0..100 {
-            assert_eq!(quota.reserve(t0, 1, 0, Duration::from_millis(10)), Turn::Refused { wait });
+            assert_eq!(quota.reserve(t0, Lanes::one(0), 1, 0, Duration::from_millis(10)), Turn::Refused { wait });
         }
     }
 
@@ -159,19 +199,19 @@ mod tests {
         let t0 = Instant::now();
         // 1,000 msg/s and 10,000 B/s: 100-byte messages are byte-bound
         // (100/s), 1-byte messages message-bound (1,000/s).
-        let quota = Quota::new(1000, 10_000, t0);
+        let quota = Quota::new(1000, 10_000, 1, t0);
         let burst = Duration::from_millis(QUOTA_BURST_MS);
-        waited(quota.reserve(t0, 1, 100, LONG));
+        waited(quota.reserve(t0, Lanes::one(0), 1, 100, LONG));
         let mut wait = Duration::ZERO;
         for _ in 0..20 {
-            wait = waited(quota.reserve(t0, 1, 100, LONG));
+            wait = waited(quota.reserve(t0, Lanes::one(0), 1, 100, LONG));
         }
         // 21 calls of 100 B at 10 ms each: the 21st starts 200 ms in.
         assert_eq!(wait, Duration::from_millis(200) - burst);
 
-        let quota = Quota::new(1000, 10_000, t0);
+        let quota = Quota::new(1000, 10_000, 1, t0);
         for _ in 0..21 {
-            wait = waited(quota.reserve(t0, 1, 1, LONG));
+            wait = waited(quota.reserve(t0, Lanes::one(0), 1, 1, LONG));
         }
         assert_eq!(wait, Duration::ZERO, "21 ms of message quota is inside the burst");
     }
@@ -179,8 +219,84 @@ mod tests {
     #[test]
     fn absurd_costs_saturate_instead_of_panicking() {
         let t0 = Instant::now();
-        let quota = Quota::new(1, 1, t0);
-        assert_eq!(waited(quota.reserve(t0, u64::MAX, u64::MAX, LONG)), Duration::ZERO);
-        assert!(matches!(quota.reserve(t0, 1, 1, LONG), Turn::Refused { .. }));
+        let quota = Quota::new(1, 1, 1, t0);
+        assert_eq!(waited(quota.reserve(t0, Lanes::one(0), u64::MAX, u64::MAX, LONG)), Duration::ZERO);
+        assert!(matches!(quota.reserve(t0, Lanes::one(0), 1, 1, LONG), Turn::Refused { .. }));
+    }
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::*;
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    fn waited(turn: Turn) -> Duration {
+        match turn {
+            Turn::Wait(wait) => wait,
+            Turn::Refused { wait } => panic!("refused, {wait:?} away"),
+        }
+    }
+
+    #[test]
+    fn a_higher_lane_does_not_wait_behind_a_lower_lanes_flood() {
+        let t0 = Instant::now();
+        // 100 msg/s, three lanes. Low takes 5 s of quota.
+        let quota = Quota::new(100, 0, 3, t0);
+        assert_eq!(waited(quota.reserve(t0, Lanes::one(2), 500, 0, LONG)), Duration::ZERO);
+        assert!(matches!(quota.reserve(t0, Lanes::one(2), 1, 0, Duration::from_secs(1)), Turn::Refused { .. }));
+        // High and normal go at once: nothing above them was charged.
+        assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 5, 0, LONG)), Duration::ZERO);
+        assert_eq!(waited(quota.reserve(t0, Lanes::one(1), 5, 0, LONG)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_lower_lane_gets_what_the_higher_lanes_leave() {
+        let t0 = Instant::now();
+        let quota = Quota::new(100, 0, 3, t0);
+        let burst = Duration::from_millis(QUOTA_BURST_MS);
+        // High takes 2 s of quota: normal and low are charged it too.
+        assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 200, 0, LONG)), Duration::ZERO);
+        assert_eq!(waited(quota.reserve(t0, Lanes::one(2), 1, 0, LONG)), Duration::from_secs(2) - burst);
+        // Normal waits behind high, not behind the low call (10 ms).
+        assert_eq!(waited(quota.reserve(t0, Lanes::one(1), 1, 0, LONG)), Duration::from_secs(2) - burst);
+    }
+
+    #[test]
+    fn all_lanes_together_stay_within_the_quota() {
+        // Every lane offers far more than the quota, one call each per
+        // millisecond for 10 s; whatever is admitted over the whole run is
+        // at most the quota plus one burst allowance per lane.
+        let t0 = Instant::now();
+        let quota = Quota::new(1000, 0, 3, t0);
+        let mut admitted = [0u64; 3];
+        for ms in 0..10_000u32 {
+            let now = t0 + Duration::from_millis(u64::from(ms));
+            for (lane, admitted) in admitted.iter_mut().enumerate() {
+                if let Turn::Wait(wait) = quota.reserve(now, Lanes::one(lane), 1, 0, Duration::ZERO) {
+                    assert_eq!(wait, Duration::ZERO);
+                    *admitted += 1;
+                }
+            }
+        }
+        let total: u64 = admitted.iter().sum();
+        let bound = 10_000 + 3 * (QUOTA_BURST_MS + 1);
+        assert!(total <= bound, "{admitted:?} admitted, bound {bound}");
+        // Strict priority: the high lane took the whole quota.
+        assert!(admitted[0] >= 10_000, "{admitted:?}");
+        assert!(admitted[2] <= QUOTA_BURST_MS + 1, "low gets only its burst: {admitted:?}");
+    }
+
+    #[test]
+    fn a_batch_spanning_lanes_waits_on_its_lowest_and_charges_from_its_highest() {
+        let t0 = Instant::now();
+        let quota = Quota::new(100, 0, 3, t0);
+        let burst = Duration::from_millis(QUOTA_BURST_MS);
+        let mixed = Lanes { waits_on: 2, charges_from: 0 };
+        assert_eq!(waited(quota.reserve(t0, mixed, 300, 0, LONG)), Duration::ZERO);
+        // Every line was charged 3 s.
+        for lane in 0..3 {
+            assert_eq!(waited(quota.reserve(t0, Lanes::one(lane), 0, 0, LONG)), Duration::from_secs(3) - burst);
+        }
     }
 }

@@ -135,3 +135,34 @@ async fn the_byte_quota_counts_stored_bytes() {
     assert!(status.message().contains("max_publish_byte_rate 10000 bytes/s"), "{}", status.message());
     assert!(!status.message().contains("max_publish_rate"), "{}", status.message());
 }
+
+/// Lanes keep their priority inside the quota: a low-lane flood that has
+/// taken ten seconds of quota does not hold up the high and normal lanes
+/// (their calls are stored), while more low-lane calls are refused. A
+/// high-lane flood, in turn, is charged to the lanes below it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_keep_their_priority_inside_the_quota() {
+    let broker = BrokerProcess::start();
+    let mut admin = broker.admin().await;
+    create(&mut admin, "prio", pb::QueueSettings { max_publish_rate: Some(10), ..queue_settings() }).await;
+    let mut publisher = broker.publisher().await;
+    publish_batch(&mut publisher, "prio", (0..100).map(|i| on_lane(format!("{i}"), 2)).collect()).await;
+    publish(&mut publisher, "prio", on_lane("urgent", 0)).await;
+    publish(&mut publisher, "prio", on_lane("normal", 1)).await;
+    let status = publisher
+        .publish(pb::PublishRequest { queue: "prio".into(), message: Some(on_lane("more low", 2)) })
+        .await
+        .expect_err("low has ~10 s of quota ahead of it");
+    assert_eq!(status.metadata().get("ballast-reason").unwrap(), "publish_rate");
+
+    // High takes 10 s of quota: normal is charged it, so normal is refused.
+    publish_batch(&mut publisher, "prio", (0..100).map(|i| on_lane(format!("h{i}"), 0)).collect()).await;
+    let status = publisher
+        .publish(pb::PublishRequest { queue: "prio".into(), message: Some(on_lane("late", 1)) })
+        .await
+        .expect_err("the high lane's flood is charged to normal");
+    assert_eq!(status.metadata().get("ballast-lane").unwrap(), "normal");
+    let s = stats(&broker, "prio").await;
+    assert_eq!(s.saturation.unwrap().depth, 202);
+    assert_eq!(s.refused_publish_rate, 2);
+}
