@@ -64,6 +64,11 @@ pub struct Args {
     /// High-lane producer connections.
     #[arg(long, default_value_t = 2)]
     producers: usize,
+    /// The queue's publish quota in messages per second (`max_publish_rate`;
+    /// 0: none). With a flood above it, the low lane is throttled and
+    /// refused while the high lane is not held up by it.
+    #[arg(long, default_value_t = 0)]
+    quota: u64,
 }
 
 const HIGH: u32 = 0;
@@ -133,6 +138,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         strict_priority: Some(args.strict),
         max_messages: Some(1_000_000_000_000),
         max_bytes: Some(1 << 50),
+        max_publish_rate: Some(args.quota),
         ..sync.settings()
     };
     target.fresh_queue(queue, settings).await?;
@@ -201,7 +207,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     let high_seconds = high_start.elapsed().as_secs_f64();
     let low_during = recorder.low_processed.load(Ordering::Relaxed) - low_before;
     stop_flood.store(true, Ordering::Relaxed);
-    let flood_stored = flood.await??;
+    let (flood_stored, flood_refused) = flood.await??;
     let flood_end = start.elapsed().as_secs_f64();
     // Not bailing here: the JSON lists it under failures.
     let undelivered = wait_delivered(&recorder.high_processed, 2 * phase_count, Duration::from_secs(60)).await.err();
@@ -246,8 +252,9 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     println!("high processing p99 during flood / alone: {p99_processing:.2}x");
     let low_share = low_during as f64 / high_seconds;
     println!(
-        "flood: {:.0} msg/s stored in the low lane; low lane consumed {:.0} msg/s while the high lane ran",
+        "flood: {:.0} msg/s stored in the low lane, {:.0} calls/s refused; low lane consumed {:.0} msg/s while the high lane ran",
         flood_stored as f64 / (flood_end - flood_start),
+        flood_refused as f64 / (flood_end - flood_start),
         low_share
     );
     let mut timeline = recorder.timeline.lock().expect("timeline lock").clone();
@@ -261,7 +268,8 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         "delivery_ratio": { "p50": r50, "p99": r99, "p999": r999 },
         "durable_p99_ratio": ratio(&base_w, &flood_w, 0.99),
         "processing_p99_ratio": p99_processing,
-        "flood_stored": flood_stored, "low_consumed_per_s_during_flood": low_share,
+        "flood_stored": flood_stored, "flood_refused_calls": flood_refused, "quota": args.quota,
+        "low_consumed_per_s_during_flood": low_share,
         "phases": { "baseline_start_s": baseline_start, "flood_start_s": flood_start, "flood_end_s": flood_end },
         "high_delivery_p99_over_time": p99_over_time(&timeline, 0.25),
         "high_delivered": recorder.high_delivered.load(Ordering::Relaxed),
@@ -339,8 +347,9 @@ async fn flood_low(
     batch: usize,
     payload: Bytes,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, u64)> {
     let stored = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
     let began = Instant::now();
     let mut sent = 0u64;
     let permits = Arc::new(Semaphore::new(64));
@@ -353,12 +362,18 @@ async fn flood_low(
                 .map(|_| pb::Message { payload: payload.clone(), lane: Some(LOW), ..Default::default() })
                 .collect();
             let mut client = client.clone();
-            let stored = Arc::clone(&stored);
+            let (stored, refused) = (Arc::clone(&stored), Arc::clone(&refused));
             calls.push(tokio::spawn(async move {
                 let result = client.publish_batch(pb::PublishBatchRequest { queue: queue.into(), messages }).await;
                 drop(permit);
-                let n = result.map_err(|s| anyhow::anyhow!("low-lane flood publish: {s}"))?.into_inner().receipts.len();
-                stored.fetch_add(n as u64, Ordering::Relaxed);
+                match result {
+                    Ok(response) => stored.fetch_add(response.into_inner().receipts.len() as u64, Ordering::Relaxed),
+                    // A quota (--quota) refuses what it cannot take.
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                        refused.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(status) => return Err(anyhow::anyhow!("low-lane flood publish: {status}")),
+                };
                 Ok::<_, anyhow::Error>(())
             }));
             sent += batch as u64;
@@ -371,7 +386,7 @@ async fn flood_low(
     for call in calls {
         call.await??;
     }
-    Ok(stored.load(Ordering::Relaxed))
+    Ok((stored.load(Ordering::Relaxed), refused.load(Ordering::Relaxed)))
 }
 
 async fn wait_delivered(counter: &AtomicU64, count: u64, bound: Duration) -> anyhow::Result<()> {
