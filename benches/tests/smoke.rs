@@ -145,10 +145,15 @@ fn priority() {
         "3000",
         "--flood-batch",
         "50",
+        "--quota",
+        "2000",
     ];
     let (v, json, _dir) = run("priority", &args);
+    // Every high-lane message of both phases, the low flood over the quota
+    // throttled (and perhaps refused) without holding the high lane up.
     assert_eq!(u(&v["baseline"]["publish_to_delivery"]["count"]), 200);
     assert_eq!(u(&v["flood"]["publish_to_delivery"]["count"]), 200);
+    assert_eq!(u(&v["quota"]), 2000);
     assert!(u(&v["flood_stored"]) > 0);
     assert!(f(&v["delivery_ratio"]["p99"]) > 0.0);
     assert!(json.with_extension("svg").exists(), "priority writes a chart");
