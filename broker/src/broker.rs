@@ -213,7 +213,14 @@ impl Broker {
             match existing {
                 Some(dead) => Some(dead),
                 None => {
-                    let dead_settings = QueueSettings { dead_letter: false, ..settings.clone() };
+                    // Dead letters are appended by the broker, outside any
+                    // quota; the dead-letter queue gets none of its own.
+                    let dead_settings = QueueSettings {
+                        dead_letter: false,
+                        max_publish_rate: 0,
+                        max_publish_byte_rate: 0,
+                        ..settings.clone()
+                    };
                     let dead = self.create_dir_and_queue(dead_name.clone(), dead_settings, None)?;
                     self.queues.write().insert(dead_name, Arc::clone(&dead));
                     Some(dead)

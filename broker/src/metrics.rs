@@ -37,7 +37,8 @@ pub struct LaneMetrics {
     /// Waits of publish calls for their turn under the queue's quota,
     /// seconds (only calls that waited), by the call's lowest-priority lane.
     pub publish_throttle: Histogram,
-    /// Publish call start to durable (answered), seconds.
+    /// Admission to durable (answered), seconds: after any quota or
+    /// idempotency-key wait.
     pub publish_durable: Histogram,
     /// Enqueue time to first delivery, seconds.
     pub publish_to_delivery: Histogram,
@@ -140,7 +141,7 @@ fn describe() {
     describe_counter!("ballast_dead_lettered_messages_total", Unit::Count, "Messages moved to the dead-letter queue.");
     describe_counter!("ballast_refused_publishes_total", Unit::Count, "Publish calls refused by admission, by reason.");
     describe_counter!("ballast_errors_total", Unit::Count, "Failed gRPC calls, by status code.");
-    describe_histogram!("ballast_publish_durable_seconds", Unit::Seconds, "Publish call to durable answer.");
+    describe_histogram!("ballast_publish_durable_seconds", Unit::Seconds, "Admission to durable answer of a publish.");
     describe_histogram!("ballast_publish_to_delivery_seconds", Unit::Seconds, "Enqueue to delivery.");
     describe_histogram!("ballast_delivery_to_ack_seconds", Unit::Seconds, "Delivery to ack.");
     describe_histogram!(

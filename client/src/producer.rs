@@ -10,10 +10,13 @@
 //!    carries the same key.
 //! 3. Hand it to the batching task over a bounded channel (a full channel
 //!    makes the caller wait, within its deadline).
-//! 4. The batching task groups messages per queue and sends a batch when it
-//!    holds `batch_count_max` messages or `batch_size_max` payload bytes, or
-//!    `linger` after its first message arrived, whichever comes first; with a
-//!    zero linger it sends whatever has queued up at once.
+//! 4. The batching task groups messages per queue and lane and sends a batch
+//!    when it holds `batch_count_max` messages or `batch_size_max` payload
+//!    bytes, or `linger` after its first message arrived, whichever comes
+//!    first; with a zero linger it sends whatever has queued up at once.
+//!    One lane per batch: the broker admits, refuses and throttles a batch
+//!    whole, as its most restricted lane, so a high-lane message sharing a
+//!    batch with low-lane ones would be shed or held with them.
 //! 5. A batch is sent by its own task (at most `in_flight_batches_max` at
 //!    once) as one `PublishBatch` (or `Publish` for one message), retried with
 //!    backoff and jitter within the latest deadline of its messages; the
@@ -23,7 +26,8 @@
 //! 7. Each caller gets its own receipt, or the error, or a deadline error
 //!    when its own deadline passes first.
 //!
-//! Invariants: a batch holds messages of one queue only, at most
+//! Invariants: a batch holds messages of one queue and one lane only (as
+//! the caller named it: an unnamed lane is its own batch key), at most
 //! `batch_count_max` of them; every message is answered exactly once (or its
 //! caller has gone).
 
@@ -421,7 +425,7 @@ impl Shared {
     }
 }
 
-/// Messages of one queue waiting to be sent together.
+/// Messages of one queue and lane waiting to be sent together.
 #[derive(Debug)]
 struct Pending {
     items: Vec<Item>,
@@ -437,7 +441,7 @@ async fn run_batcher(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>)
     let config = shared.config.clone();
     let in_flight_permits = Arc::new(Semaphore::new(config.in_flight_batches_max));
     let mut senders = JoinSet::new();
-    let mut pending: HashMap<String, Pending> = HashMap::new();
+    let mut pending: HashMap<BatchKey, Pending> = HashMap::new();
     loop {
         let next_due = pending.values().map(|batch| batch.due).min();
         tokio::select! {
@@ -454,23 +458,23 @@ async fn run_batcher(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>)
                 if config.linger.is_zero() {
                     ready.extend(pending.drain());
                 }
-                for (queue, batch) in ready {
+                for ((queue, _lane), batch) in ready {
                     dispatch(&shared, &in_flight_permits, &mut senders, queue, batch).await;
                 }
             }
             () = sleep_until(next_due), if next_due.is_some() => {
                 let now = Instant::now();
-                let due: Vec<String> =
-                    pending.iter().filter(|(_, batch)| batch.due <= now).map(|(queue, _)| queue.clone()).collect();
-                for queue in due {
-                    let batch = pending.remove(&queue).expect("a due queue has a pending batch");
-                    dispatch(&shared, &in_flight_permits, &mut senders, queue, batch).await;
+                let due: Vec<BatchKey> =
+                    pending.iter().filter(|(_, batch)| batch.due <= now).map(|(key, _)| key.clone()).collect();
+                for key in due {
+                    let batch = pending.remove(&key).expect("a due key has a pending batch");
+                    dispatch(&shared, &in_flight_permits, &mut senders, key.0, batch).await;
                 }
             }
             Some(joined) = senders.join_next(), if !senders.is_empty() => reap(joined),
         }
     }
-    for (queue, batch) in pending.drain().collect::<Vec<_>>() {
+    for ((queue, _lane), batch) in pending.drain().collect::<Vec<_>>() {
         dispatch(&shared, &in_flight_permits, &mut senders, queue, batch).await;
     }
     while let Some(joined) = senders.join_next().await {
@@ -485,22 +489,26 @@ async fn sleep_until(due: Option<Instant>) {
     }
 }
 
-/// Adds a request to its queue's batch; batches that are full move to
-/// `ready`.
+/// A batch's queue and lane (`None`: the queue's default lane).
+type BatchKey = (String, Option<u32>);
+
+/// Adds a request to its queue and lane's batch; batches that are full move
+/// to `ready`.
 fn add(
     config: &ProducerConfig,
-    pending: &mut HashMap<String, Pending>,
+    pending: &mut HashMap<BatchKey, Pending>,
     request: Request,
-    ready: &mut Vec<(String, Pending)>,
+    ready: &mut Vec<(BatchKey, Pending)>,
 ) {
     let Request { queue, item } = request;
-    if let Some(batch) = pending.get(&queue) {
+    let key = (queue, item.message.lane);
+    if let Some(batch) = pending.get(&key) {
         if batch.items.len() + 1 > config.batch_count_max || batch.size + item.size > config.batch_size_max {
-            let full = pending.remove(&queue).expect("checked above");
-            ready.push((queue.clone(), full));
+            let full = pending.remove(&key).expect("checked above");
+            ready.push((key.clone(), full));
         }
     }
-    let batch = pending.entry(queue.clone()).or_insert_with(|| Pending {
+    let batch = pending.entry(key.clone()).or_insert_with(|| Pending {
         items: Vec::new(),
         size: 0,
         due: Instant::now() + config.linger,
@@ -509,8 +517,8 @@ fn add(
     batch.items.push(item);
     assert!(batch.items.len() <= config.batch_count_max, "batch of {} > {}", batch.items.len(), config.batch_count_max);
     if batch.items.len() == config.batch_count_max || batch.size >= config.batch_size_max {
-        let full = pending.remove(&queue).expect("just inserted");
-        ready.push((queue, full));
+        let full = pending.remove(&key).expect("just inserted");
+        ready.push((key, full));
     }
 }
 

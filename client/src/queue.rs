@@ -129,7 +129,8 @@ pub struct QueueSettings {
     /// ([`Refusal::is_rate_limited`](crate::Refusal::is_rate_limited)).
     /// Lanes keep their priority: a call waits only behind its own and
     /// higher lanes' traffic. Keeps one queue's flood from taking the
-    /// broker's CPU from the others. Every call counts, stored or refused.
+    /// broker's CPU from the others. Every call given its turn counts,
+    /// whether admission then stores or refuses it.
     /// (default: 0)
     pub max_publish_rate: Option<u64>,
     /// Publish quota in stored bytes per second; 0 for none. Same rules as

@@ -22,11 +22,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{
-    HEADER_NOT_BEFORE, QueueName, QueueSettings,
-    delivery::DeliveryState,
-    quota::{Lanes, Turn},
-};
+use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, delivery::DeliveryState, quota::Turn};
 use crate::{
     broker::Node,
     config::Config,
@@ -397,13 +393,18 @@ impl Queue {
     /// refusals is slowed as much as one that waits.
     async fn wait_for_quota(&self, messages: &[Publish], lanes: &[u32]) -> Result<()> {
         let now = now_ms();
+        let mut costs = vec![(0u64, 0u64); self.lanes.len()];
+        for (message, &lane) in messages.iter().zip(lanes) {
+            let cost = &mut costs[lane as usize];
+            cost.0 += 1;
+            cost.1 += stored_size(message, now);
+        }
         let count = messages.len() as u64;
-        let bytes: u64 = messages.iter().map(|m| stored_size(m, now)).sum();
+        let bytes: u64 = costs.iter().map(|(_, b)| b).sum();
         let lane = lanes.iter().copied().max().unwrap_or(0);
-        let place = Lanes { waits_on: lane as usize, charges_from: lanes.iter().copied().min().unwrap_or(0) as usize };
         let fraction = |lane: u32| self.settings.lane_admission[lane as usize];
         let max_wait = Duration::from_millis(PUBLISH_THROTTLE_WAIT_MS_MAX).mul_f64(fraction(lane));
-        match self.quota.reserve(std::time::Instant::now(), place, count, bytes, max_wait) {
+        match self.quota.reserve(std::time::Instant::now(), lane as usize, &costs, max_wait) {
             Turn::Wait(wait) if wait.is_zero() => Ok(()),
             Turn::Wait(wait) => {
                 self.refused.throttled.fetch_add(1, Ordering::Relaxed);
@@ -415,6 +416,9 @@ impl Queue {
             }
             Turn::Refused { wait } => {
                 tokio::time::sleep(max_wait).await;
+                if self.is_closed() {
+                    return Err(BrokerError::QueueNotFound(self.name.to_string()));
+                }
                 self.refused.publish_rate.fetch_add(1, Ordering::Relaxed);
                 self.meters[lane as usize].metrics.refused_publish_rate.increment(1);
                 let (figures, _) = self.figures_with(false);

@@ -50,24 +50,6 @@ pub(crate) enum Turn {
     Refused { wait: Duration },
 }
 
-/// A call's place in the lanes: the lane whose line it waits on (its
-/// lowest-priority lane, the largest index) and the first line it is
-/// charged to (its highest-priority lane, the smallest index; every line
-/// from there down is charged).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Lanes {
-    pub waits_on: usize,
-    pub charges_from: usize,
-}
-
-impl Lanes {
-    /// A call whose messages are all on `lane`.
-    #[cfg(test)]
-    pub(crate) fn one(lane: usize) -> Lanes {
-        Lanes { waits_on: lane, charges_from: lane }
-    }
-}
-
 impl Quota {
     /// A quota of `messages_per_s` and `bytes_per_s` (each 0 for none) over
     /// `lanes` lanes.
@@ -86,13 +68,16 @@ impl Quota {
         self.per_message.is_some() || self.per_byte.is_some()
     }
 
-    /// Reserves the turn of a call of `messages` and `bytes` on `lanes`
-    /// arriving at `now`, unless it would wait longer than `max_wait`.
-    pub(crate) fn reserve(&self, now: Instant, lanes: Lanes, messages: u64, bytes: u64, max_wait: Duration) -> Turn {
+    /// Reserves the turn of a call arriving at `now` that waits on lane
+    /// `waits_on`'s line (its lowest-priority lane) and costs `costs[lane] =
+    /// (messages, bytes)` per lane, unless it would wait longer than
+    /// `max_wait`. Line `j` is charged the messages of lanes `0..=j`, so a
+    /// batch spanning lanes uses each higher lane's quota only for its own
+    /// messages on it and above.
+    pub(crate) fn reserve(&self, now: Instant, waits_on: usize, costs: &[(u64, u64)], max_wait: Duration) -> Turn {
         let burst = Duration::from_millis(QUOTA_BURST_MS);
         let mut lines = self.lines.lock();
-        let last = lines.len() - 1;
-        let (waits_on, charges_from) = (lanes.waits_on.min(last), lanes.charges_from.min(lanes.waits_on).min(last));
+        let waits_on = waits_on.min(lines.len() - 1);
         let wait_for = |tat: Instant| tat.saturating_duration_since(now + burst);
         let own = lines[waits_on];
         let mut wait = Duration::ZERO;
@@ -117,7 +102,14 @@ impl Quota {
             }
             None => tat,
         };
-        for line in &mut lines[charges_from..] {
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        for (lane, line) in lines.iter_mut().enumerate() {
+            let (m, b) = costs.get(lane).copied().unwrap_or((0, 0));
+            messages = messages.saturating_add(m);
+            bytes = bytes.saturating_add(b);
+            if messages == 0 && bytes == 0 {
+                continue;
+            }
             line.0 = advance(line.0, self.per_message, messages);
             line.1 = advance(line.1, self.per_byte, bytes);
         }
@@ -132,6 +124,13 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
     const LONG: Duration = Duration::from_secs(3600);
 
+    /// Costs of a call whose messages are all on `lane`.
+    fn one(lane: usize, messages: u64, bytes: u64) -> Vec<(u64, u64)> {
+        let mut costs = vec![(0, 0); lane + 1];
+        costs[lane] = (messages, bytes);
+        costs
+    }
+
     fn waited(turn: Turn) -> Duration {
         match turn {
             Turn::Wait(wait) => wait,
@@ -145,7 +144,7 @@ mod tests {
         let quota = Quota::new(0, 0, 1, t0);
         assert!(!quota.is_limited());
         for _ in 0..1000 {
-            assert_eq!(quota.reserve(t0, Lanes::one(0), 1000, 1 << 30, Duration::ZERO), Turn::Wait(Duration::ZERO));
+            assert_eq!(quota.reserve(t0, 0, &one(0, 1000, 1 << 30), Duration::ZERO), Turn::Wait(Duration::ZERO));
         }
     }
 
@@ -157,14 +156,14 @@ mod tests {
         let quota = Quota::new(1000, 0, 1, t0);
         let burst = QUOTA_BURST_MS as u32;
         for i in 0..=burst {
-            assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 1, 0, LONG)), Duration::ZERO, "call {i}");
+            assert_eq!(waited(quota.reserve(t0, 0, &one(0, 1, 0), LONG)), Duration::ZERO, "call {i}");
         }
         for i in 1..=50u32 {
-            assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 1, 0, LONG)), MS * i, "call {i} past the burst");
+            assert_eq!(waited(quota.reserve(t0, 0, &one(0, 1, 0), LONG)), MS * i, "call {i} past the burst");
         }
         // Time passing pays the debt off.
         let later = t0 + MS * (burst + 51);
-        assert_eq!(waited(quota.reserve(later, Lanes::one(0), 1, 0, LONG)), Duration::ZERO);
+        assert_eq!(waited(quota.reserve(later, 0, &one(0, 1, 0), LONG)), Duration::ZERO);
     }
 
     #[test]
@@ -173,8 +172,8 @@ mod tests {
         let quota = Quota::new(10, 0, 1, t0);
         // 1,000 messages at 10/s is 100 s of quota: it goes (an idle queue
         // never refuses a batch for being big), and the next call waits.
-        assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 1000, 0, Duration::ZERO)), Duration::ZERO);
-        match quota.reserve(t0, Lanes::one(0), 1, 0, Duration::from_secs(1)) {
+        assert_eq!(waited(quota.reserve(t0, 0, &one(0, 1000, 0), Duration::ZERO)), Duration::ZERO);
+        match quota.reserve(t0, 0, &one(0, 1, 0), Duration::from_secs(1)) {
             Turn::Refused { wait } => assert_eq!(wait, Duration::from_secs(100) - MS * QUOTA_BURST_MS as u32),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -184,13 +183,11 @@ mod tests {
     fn a_refused_call_is_not_charged() {
         let t0 = Instant::now();
         let quota = Quota::new(100, 0, 1, t0);
-        let first = waited(quota.reserve(t0, Lanes::one(0), 100, 0, LONG));
+        let first = waited(quota.reserve(t0, 0, &one(0, 100, 0), LONG));
         assert_eq!(first, Duration::ZERO);
-        let Turn::Refused { wait } = quota.reserve(t0, Lanes::one(0), 1, 0, Duration::from_millis(10)) else {
-            panic!()
-        };
+        let Turn::Refused { wait } = quota.reserve(t0, 0, &one(0, 1, 0), Duration::from_millis(10)) else { panic!() };
         for _ in 0..100 {
-            assert_eq!(quota.reserve(t0, Lanes::one(0), 1, 0, Duration::from_millis(10)), Turn::Refused { wait });
+            assert_eq!(quota.reserve(t0, 0, &one(0, 1, 0), Duration::from_millis(10)), Turn::Refused { wait });
         }
     }
 
@@ -201,17 +198,17 @@ mod tests {
         // (100/s), 1-byte messages message-bound (1,000/s).
         let quota = Quota::new(1000, 10_000, 1, t0);
         let burst = Duration::from_millis(QUOTA_BURST_MS);
-        waited(quota.reserve(t0, Lanes::one(0), 1, 100, LONG));
+        waited(quota.reserve(t0, 0, &one(0, 1, 100), LONG));
         let mut wait = Duration::ZERO;
         for _ in 0..20 {
-            wait = waited(quota.reserve(t0, Lanes::one(0), 1, 100, LONG));
+            wait = waited(quota.reserve(t0, 0, &one(0, 1, 100), LONG));
         }
         // 21 calls of 100 B at 10 ms each: the 21st starts 200 ms in.
         assert_eq!(wait, Duration::from_millis(200) - burst);
 
         let quota = Quota::new(1000, 10_000, 1, t0);
         for _ in 0..21 {
-            wait = waited(quota.reserve(t0, Lanes::one(0), 1, 1, LONG));
+            wait = waited(quota.reserve(t0, 0, &one(0, 1, 1), LONG));
         }
         assert_eq!(wait, Duration::ZERO, "21 ms of message quota is inside the burst");
     }
@@ -220,8 +217,8 @@ mod tests {
     fn absurd_costs_saturate_instead_of_panicking() {
         let t0 = Instant::now();
         let quota = Quota::new(1, 1, 1, t0);
-        assert_eq!(waited(quota.reserve(t0, Lanes::one(0), u64::MAX, u64::MAX, LONG)), Duration::ZERO);
-        assert!(matches!(quota.reserve(t0, Lanes::one(0), 1, 1, LONG), Turn::Refused { .. }));
+        assert_eq!(waited(quota.reserve(t0, 0, &one(0, u64::MAX, u64::MAX), LONG)), Duration::ZERO);
+        assert!(matches!(quota.reserve(t0, 0, &one(0, 1, 1), LONG), Turn::Refused { .. }));
     }
 }
 
@@ -230,6 +227,13 @@ mod lane_tests {
     use super::*;
 
     const LONG: Duration = Duration::from_secs(3600);
+
+    /// Costs of a call whose messages are all on `lane`.
+    fn one(lane: usize, messages: u64, bytes: u64) -> Vec<(u64, u64)> {
+        let mut costs = vec![(0, 0); lane + 1];
+        costs[lane] = (messages, bytes);
+        costs
+    }
 
     fn waited(turn: Turn) -> Duration {
         match turn {
@@ -243,11 +247,11 @@ mod lane_tests {
         let t0 = Instant::now();
         // 100 msg/s, three lanes. Low takes 5 s of quota.
         let quota = Quota::new(100, 0, 3, t0);
-        assert_eq!(waited(quota.reserve(t0, Lanes::one(2), 500, 0, LONG)), Duration::ZERO);
-        assert!(matches!(quota.reserve(t0, Lanes::one(2), 1, 0, Duration::from_secs(1)), Turn::Refused { .. }));
+        assert_eq!(waited(quota.reserve(t0, 2, &one(2, 500, 0), LONG)), Duration::ZERO);
+        assert!(matches!(quota.reserve(t0, 2, &one(2, 1, 0), Duration::from_secs(1)), Turn::Refused { .. }));
         // High and normal go at once: nothing above them was charged.
-        assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 5, 0, LONG)), Duration::ZERO);
-        assert_eq!(waited(quota.reserve(t0, Lanes::one(1), 5, 0, LONG)), Duration::ZERO);
+        assert_eq!(waited(quota.reserve(t0, 0, &one(0, 5, 0), LONG)), Duration::ZERO);
+        assert_eq!(waited(quota.reserve(t0, 1, &one(1, 5, 0), LONG)), Duration::ZERO);
     }
 
     #[test]
@@ -256,10 +260,10 @@ mod lane_tests {
         let quota = Quota::new(100, 0, 3, t0);
         let burst = Duration::from_millis(QUOTA_BURST_MS);
         // High takes 2 s of quota: normal and low are charged it too.
-        assert_eq!(waited(quota.reserve(t0, Lanes::one(0), 200, 0, LONG)), Duration::ZERO);
-        assert_eq!(waited(quota.reserve(t0, Lanes::one(2), 1, 0, LONG)), Duration::from_secs(2) - burst);
+        assert_eq!(waited(quota.reserve(t0, 0, &one(0, 200, 0), LONG)), Duration::ZERO);
+        assert_eq!(waited(quota.reserve(t0, 2, &one(2, 1, 0), LONG)), Duration::from_secs(2) - burst);
         // Normal waits behind high, not behind the low call (10 ms).
-        assert_eq!(waited(quota.reserve(t0, Lanes::one(1), 1, 0, LONG)), Duration::from_secs(2) - burst);
+        assert_eq!(waited(quota.reserve(t0, 1, &one(1, 1, 0), LONG)), Duration::from_secs(2) - burst);
     }
 
     #[test]
@@ -273,7 +277,7 @@ mod lane_tests {
         for ms in 0..10_000u32 {
             let now = t0 + Duration::from_millis(u64::from(ms));
             for (lane, admitted) in admitted.iter_mut().enumerate() {
-                if let Turn::Wait(wait) = quota.reserve(now, Lanes::one(lane), 1, 0, Duration::ZERO) {
+                if let Turn::Wait(wait) = quota.reserve(now, lane, &one(lane, 1, 0), Duration::ZERO) {
                     assert_eq!(wait, Duration::ZERO);
                     *admitted += 1;
                 }
@@ -288,15 +292,16 @@ mod lane_tests {
     }
 
     #[test]
-    fn a_batch_spanning_lanes_waits_on_its_lowest_and_charges_from_its_highest() {
+    fn a_batch_spanning_lanes_charges_each_line_with_the_lanes_above_it() {
         let t0 = Instant::now();
         let quota = Quota::new(100, 0, 3, t0);
         let burst = Duration::from_millis(QUOTA_BURST_MS);
-        let mixed = Lanes { waits_on: 2, charges_from: 0 };
-        assert_eq!(waited(quota.reserve(t0, mixed, 300, 0, LONG)), Duration::ZERO);
-        // Every line was charged 3 s.
+        // 100 messages on each lane: line 0 is charged high's 100 (1 s),
+        // line 1 high's and normal's (2 s), line 2 all 300 (3 s).
+        assert_eq!(waited(quota.reserve(t0, 2, &[(100, 0), (100, 0), (100, 0)], LONG)), Duration::ZERO);
         for lane in 0..3 {
-            assert_eq!(waited(quota.reserve(t0, Lanes::one(lane), 0, 0, LONG)), Duration::from_secs(3) - burst);
+            let charged = Duration::from_secs(lane as u64 + 1);
+            assert_eq!(waited(quota.reserve(t0, lane, &one(lane, 0, 0), LONG)), charged - burst, "lane {lane}");
         }
     }
 }

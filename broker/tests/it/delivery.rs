@@ -245,10 +245,12 @@ async fn pull_long_polls_and_ack_is_unary() {
     );
 }
 
-/// A client that sends nacks faster than they apply and does not read the
-/// rejections is held back (at most STREAM_NACKS_IN_FLIGHT_MAX nacks apply
-/// at once), not served with an unbounded pile of tasks; once it reads,
-/// every rejection arrives and the stream still delivers.
+/// A client that sends more nacks than STREAM_NACKS_IN_FLIGHT_MAX plus the
+/// stream's response buffer before it reads anything is held back, and once
+/// it reads, every rejection arrives and the stream still delivers: the
+/// nack limit does not deadlock a stream. (The bound itself, at most that
+/// many nack tasks at once, is not observable from outside and is not
+/// asserted here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_flooding_nacks_is_held_back_and_recovers() {
     let broker = BrokerProcess::start();

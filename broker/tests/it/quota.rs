@@ -18,7 +18,10 @@ use crate::support::*;
 async fn producers_over_the_quota_are_slowed_to_it_and_other_queues_are_not() {
     let broker = BrokerProcess::start();
     let mut admin = broker.admin().await;
-    let quota = pb::QueueSettings { max_publish_rate: Some(200), ..queue_settings() };
+    // No fsync: each call's own time stays far below its 50 ms of quota
+    // even on a slow machine, so the calls past the burst must wait.
+    let quota =
+        pb::QueueSettings { max_publish_rate: Some(200), sync_policy: pb::SyncPolicy::None as i32, ..queue_settings() };
     create(&mut admin, "metered", quota).await;
     create(&mut admin, "free", queue_settings()).await;
     let batch = || (0..10).map(|i| message(format!("m{i}"))).collect::<Vec<_>>();
@@ -124,6 +127,9 @@ async fn the_byte_quota_counts_stored_bytes() {
     let info = create(&mut admin, "bytes", settings).await;
     let settings = info.settings.unwrap();
     assert_eq!((settings.max_publish_rate, settings.max_publish_byte_rate), (Some(0), Some(10_000)));
+    // Dead letters are appended by the broker: the dead-letter queue has no quota.
+    let dead = admin.get_queue(pb::GetQueueRequest { name: "bytes.dead".into() }).await.unwrap().into_inner();
+    assert_eq!(dead.settings.unwrap().max_publish_byte_rate, Some(0));
     let mut publisher = broker.publisher().await;
     // 20 KiB of payload: two seconds of quota, taken at once by the idle queue.
     publish(&mut publisher, "bytes", message(vec![b'x'; 20 * 1024])).await;

@@ -193,6 +193,37 @@ async fn linger_gathers_concurrent_publishes() {
     assert_eq!(shapes, vec![(true, 3), (false, 1)]);
 }
 
+/// Messages of different lanes never share a batch: the broker admits,
+/// refuses and throttles a batch whole, as its most restricted lane.
+#[tokio::test]
+async fn batches_hold_one_lane() {
+    let server = FakeServer::start().await;
+    let producer =
+        server.client().producer(ProducerConfig { linger: Duration::from_millis(50), ..config() }).expect("valid");
+    let lanes = [Some(0), Some(2), Some(0), None, Some(2), Some(2)];
+    let messages = lanes.iter().enumerate().map(|(i, lane)| {
+        let message = Message::new(format!("m{i}"));
+        match lane {
+            Some(lane) => message.with_lane(*lane),
+            None => message,
+        }
+    });
+    let results = producer.publish_all("orders", messages).await;
+    assert!(results.iter().all(Result::is_ok));
+
+    let state = server.state.lock();
+    let mut shapes: Vec<(bool, usize)> = state.calls.iter().map(|call| (call.batch, call.keys.len())).collect();
+    shapes.sort();
+    // Lane 0 twice, lane 2 three times, the unnamed lane once.
+    assert_eq!(shapes, vec![(false, 1), (true, 2), (true, 3)]);
+    let lane_of: HashMap<&String, Option<u32>> =
+        state.stored.iter().map(|m| (&m.message.idempotency_key, m.message.lane)).collect();
+    for call in &state.calls {
+        let lanes: Vec<Option<u32>> = call.keys.iter().map(|key| lane_of[key]).collect();
+        assert!(lanes.windows(2).all(|pair| pair[0] == pair[1]), "a batch mixed lanes: {lanes:?}");
+    }
+}
+
 /// A batch's payload size limit splits batches; a message bigger than the
 /// limit goes alone.
 #[tokio::test]
