@@ -220,27 +220,6 @@ mod tests {
         assert_eq!(waited(quota.reserve(t0, 0, &one(0, u64::MAX, u64::MAX), LONG)), Duration::ZERO);
         assert!(matches!(quota.reserve(t0, 0, &one(0, 1, 1), LONG), Turn::Refused { .. }));
     }
-}
-
-#[cfg(test)]
-mod lane_tests {
-    use super::*;
-
-    const LONG: Duration = Duration::from_secs(3600);
-
-    /// Costs of a call whose messages are all on `lane`.
-    fn one(lane: usize, messages: u64, bytes: u64) -> Vec<(u64, u64)> {
-        let mut costs = vec![(0, 0); lane + 1];
-        costs[lane] = (messages, bytes);
-        costs
-    }
-
-    fn waited(turn: Turn) -> Duration {
-        match turn {
-            Turn::Wait(wait) => wait,
-            Turn::Refused { wait } => panic!("refused, {wait:?} away"),
-        }
-    }
 
     #[test]
     fn a_higher_lane_does_not_wait_behind_a_lower_lanes_flood() {
