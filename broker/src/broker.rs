@@ -121,8 +121,12 @@ impl Broker {
                 continue;
             }
             if !dir.join(crate::queue::QUEUE_FILE).exists() {
+                // In the background, as a deletion at run time is: a
+                // deletion cut short may have gigabytes left to unlink, and
+                // nothing will open this directory again (queue directories
+                // carry a generation suffix).
                 tracing::warn!(dir = %dir.display(), "removing an interrupted queue creation or deletion");
-                std::fs::remove_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+                crate::queue::remove_in_background(&dir);
                 continue;
             }
             let (name, settings) = Queue::read_settings(&dir)?;

@@ -12,8 +12,8 @@ mod settings;
 
 pub use delivery::{Delivery, DeliveryFigures, RefusedCounts, Subscription};
 pub use name::QueueName;
-pub(crate) use queue::QUEUE_FILE;
 pub use queue::{Publish, Queue, QueueStats, Receipt};
+pub(crate) use queue::{QUEUE_FILE, remove_in_background};
 pub use saturation::Figures;
 pub use scheduler::LaneScheduler;
 pub use settings::{QueueSettings, SettingsRequest, SyncPolicySetting};

@@ -127,7 +127,7 @@ impl Drop for Queue {
 /// directory has its own generation suffix, so a queue of the same name
 /// created meanwhile is elsewhere; a crash before the removal ends leaves a
 /// directory without `queue.toml`, which the next start removes.
-fn remove_in_background(dir: &Path) {
+pub(crate) fn remove_in_background(dir: &Path) {
     let remove = |dir: &Path| {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "removing a deleted queue's files");

@@ -422,3 +422,33 @@ async fn more_bad_input_is_refused_and_stores_nothing() {
     );
     assert_eq!(depth(&mut admin, "q").await, 1);
 }
+
+/// A queue directory without `queue.toml` (a creation or deletion cut short
+/// by a crash) is not opened as a queue, and is removed (in the background)
+/// when the broker starts; the broker serves meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_deletion_is_removed_at_start() {
+    let mut broker = BrokerProcess::start();
+    create(&mut broker.admin().await, "kept", queue_settings()).await;
+    broker.terminate_cleanly();
+    let orphan = broker.data_dir.join("queues").join("gone~42");
+    std::fs::create_dir_all(orphan.join("lanes").join("0")).unwrap();
+    std::fs::write(orphan.join("lanes").join("0").join("00000000000000000000.seg"), vec![0u8; 1 << 20]).unwrap();
+    broker.restart();
+    let mut admin = broker.admin().await;
+    let names: Vec<String> = admin
+        .list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .queues
+        .into_iter()
+        .map(|q| q.name)
+        .collect();
+    assert_eq!(names, ["kept", "kept.dead"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while orphan.exists() {
+        assert!(std::time::Instant::now() < deadline, "{} still there", orphan.display());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
