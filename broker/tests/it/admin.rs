@@ -23,16 +23,7 @@ async fn create_get_list_purge_delete() {
     let again = create(&mut admin, "orders", queue_settings()).await;
     assert_eq!(again.created_at_ms, info.created_at_ms);
 
-    let names: Vec<String> = admin
-        .list_queues(pb::ListQueuesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .queues
-        .into_iter()
-        .map(|q| q.name)
-        .collect();
-    assert_eq!(names, vec!["orders", "orders.dead"]);
+    assert_eq!(queue_names(&mut admin).await, ["orders", "orders.dead"]);
 
     let mut publisher = broker.publisher().await;
     publish_batch(&mut publisher, "orders", (0..10).map(|i| on_lane(format!("m{i}"), i % 3)).collect()).await;
@@ -51,7 +42,7 @@ async fn create_get_list_purge_delete() {
         "delete orders",
     );
     admin.delete_queue(pb::DeleteQueueRequest { name: "orders".into() }).await.unwrap();
-    assert!(admin.list_queues(pb::ListQueuesRequest {}).await.unwrap().into_inner().queues.is_empty());
+    assert!(queue_names(&mut admin).await.is_empty());
     assert_status(admin.get_queue(pb::GetQueueRequest { name: "orders".into() }).await, Code::NotFound, "orders");
 
     // A re-created queue starts empty.
@@ -66,18 +57,14 @@ async fn create_get_list_purge_delete() {
     create(&mut admin, "orders", queue_settings()).await;
     publish(&mut publisher, "orders", message("new")).await;
     let queues = broker.data_dir.join("queues");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    wait_until("the deleted queue's files to go", || {
         let mut names: Vec<String> =
             std::fs::read_dir(&queues).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
         names.sort();
         // Sorted: "orders.dead~<generation>", then "orders~<generation>".
-        if names.len() == 2 && names[0].starts_with("orders.dead~") && names[1].starts_with("orders~") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "deleted queue files still there: {names:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        names.len() == 2 && names[0].starts_with("orders.dead~") && names[1].starts_with("orders~")
+    })
+    .await;
     assert_eq!(depth(&mut admin, "orders").await, 1);
 }
 
@@ -435,20 +422,6 @@ async fn an_interrupted_deletion_is_removed_at_start() {
     std::fs::create_dir_all(orphan.join("lanes").join("0")).unwrap();
     std::fs::write(orphan.join("lanes").join("0").join("00000000000000000000.seg"), vec![0u8; 1 << 20]).unwrap();
     broker.restart();
-    let mut admin = broker.admin().await;
-    let names: Vec<String> = admin
-        .list_queues(pb::ListQueuesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .queues
-        .into_iter()
-        .map(|q| q.name)
-        .collect();
-    assert_eq!(names, ["kept", "kept.dead"]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while orphan.exists() {
-        assert!(std::time::Instant::now() < deadline, "{} still there", orphan.display());
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    assert_eq!(queue_names(&mut broker.admin().await).await, ["kept", "kept.dead"]);
+    wait_until("the orphan directory to go", || !orphan.exists()).await;
 }

@@ -92,9 +92,6 @@ async fn lowest_lanes_are_shed_first_with_retry_after_and_figures() {
     assert_eq!(depth(&mut broker.admin().await, "full").await, 90);
 }
 
-/// A refused lane whose name is not ASCII is still named: by index, and by
-/// its UTF-8 bytes in `ballast-lane-bin` (an ASCII `ballast-lane` value
-/// cannot carry it, so that entry is left out).
 /// A batch larger than its lane's share of an empty queue can never be
 /// admitted: INVALID_ARGUMENT (not retryable), stores nothing; a batch
 /// that fits is admitted.
@@ -118,6 +115,9 @@ async fn a_batch_over_the_lanes_share_of_an_empty_queue_is_invalid() {
     assert_eq!(status.code(), Code::ResourceExhausted, "a batch that fits an emptier queue is only refused");
 }
 
+/// A refused lane whose name is not ASCII is still named: by index, and by
+/// its UTF-8 bytes in `ballast-lane-bin` (an ASCII `ballast-lane` value
+/// cannot carry it, so that entry is left out).
 #[tokio::test]
 async fn refusal_names_a_non_ascii_lane_by_index_and_bytes() {
     let broker = BrokerProcess::start();

@@ -340,3 +340,18 @@ pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
     let prefix = format!("{name}{{{labels}}} ");
     text.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse().expect("a number"))
 }
+
+/// Every queue's name, as ListQueues sorts them.
+pub async fn queue_names(admin: &mut AdminClient<Channel>) -> Vec<String> {
+    let queues = admin.list_queues(pb::ListQueuesRequest {}).await.expect("list queues").into_inner().queues;
+    queues.into_iter().map(|q| q.name).collect()
+}
+
+/// Polls `done` until it holds; panics with `what` after 30 s.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "still waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
