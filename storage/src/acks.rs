@@ -182,6 +182,10 @@ pub(crate) struct AckJournal {
     /// synced: [`AckJournal::sync`] is a no-op otherwise, so a group commit
     /// without acks pays no device flush for the journal.
     dirty: bool,
+    /// The first this many buffered entries are in a planned compaction
+    /// ([`AckJournal::compaction`] .. [`AckJournal::install`]): `record`
+    /// must not extend them, because the install drops them as planned.
+    sealed: usize,
 }
 
 impl AckJournal {
@@ -229,16 +233,18 @@ impl AckJournal {
             }
         }
         let file = Arc::new(file);
-        Ok((AckJournal { dir: dir.to_owned(), file, len: valid, buffer: Vec::new(), entries, dirty }, state))
+        Ok((AckJournal { dir: dir.to_owned(), file, len: valid, buffer: Vec::new(), entries, dirty, sealed: 0 }, state))
     }
 
     /// Buffers an entry. One that continues the last buffered entry (same
     /// kind, the next offsets) extends it: in-order acks of a consumer make
     /// one entry per flush, not one per message, which keeps the journal
     /// small and its compactions rare.
+    /// Entries sealed by a planned compaction are never extended.
     pub(crate) fn record(&mut self, first: u64, count: u64, kind: AckKind) {
         let kind = kind as u8;
-        if let Some((last_first, last_count, last_kind)) = self.buffer.last_mut()
+        if self.buffer.len() > self.sealed
+            && let Some((last_first, last_count, last_kind)) = self.buffer.last_mut()
             && *last_kind == kind
             && last_first.checked_add(*last_count) == Some(first)
         {
@@ -271,6 +277,9 @@ impl AckJournal {
         self.len += bytes.len() as u64;
         self.entries += bytes.len() as u64 / ENTRY_SIZE;
         self.buffer.retain(|e| !is_durable(e, durable_end));
+        // No compaction is in progress while the flusher flushes (it runs
+        // both); one whose write failed never installed: nothing is sealed.
+        self.sealed = 0;
         Ok(())
     }
 
@@ -323,9 +332,12 @@ impl AckJournal {
     /// [`AckJournal::install`] under the lock again. Sound because only the
     /// log's flusher writes the journal; entries buffered meanwhile are not
     /// in the plan's state and stay buffered.
-    pub(crate) fn compaction(&self, state: &AckState, durable_end: u64) -> Compaction {
+    /// The buffered entries the plan covers are sealed until the install:
+    /// an ack arriving meanwhile goes into an entry of its own.
+    pub(crate) fn compaction(&mut self, state: &AckState, durable_end: u64) -> Compaction {
         let mut state = state.clone();
         state.truncate(durable_end);
+        self.sealed = self.buffer.len();
         Compaction { dir: self.dir.clone(), state, durable_end, buffered: self.buffer.len() }
     }
 
@@ -344,6 +356,7 @@ impl AckJournal {
             index += 1;
             index > buffered || !is_durable(e, durable_end)
         });
+        self.sealed = 0;
     }
 }
 
@@ -569,6 +582,27 @@ mod tests {
         journal.synced(&target);
         assert!(journal.sync_target().is_none());
         let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
+        assert_eq!(replayed, state);
+    }
+
+    /// An ack that continues an entry the compaction already planned around
+    /// (4 before the plan, 5 while it is written) is not folded into that
+    /// entry, which the install drops: it stays buffered and is journaled.
+    #[test]
+    fn an_ack_continuing_a_planned_entry_survives_the_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = Io::default();
+        let (mut journal, mut state) = AckJournal::open(&io, dir.path()).unwrap();
+        state.mark(4, 1);
+        journal.record(4, 1, AckKind::Acked);
+        let plan = journal.compaction(&state, u64::MAX);
+        state.mark(5, 1);
+        journal.record(5, 1, AckKind::Acked);
+        journal.install(plan.write(&io).unwrap());
+        journal.flush(&io, u64::MAX).unwrap();
+        journal.sync(&io).unwrap();
+        let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
+        assert!(replayed.is_done(4) && replayed.is_done(5), "ack 5 was lost: {replayed:?}");
         assert_eq!(replayed, state);
     }
 }

@@ -1020,7 +1020,8 @@ impl Shared {
             tracing::debug!(dir = %self.dir.display(), count = removed.len(), "retention removed segments");
         }
         let plan = {
-            let acks = self.acks.lock();
+            let mut acks = self.acks.lock();
+            let acks = &mut *acks;
             // Acks whose records are not durable yet stay out of the
             // rewritten journal (and buffered).
             acks.journal.needs_compaction(&acks.state).then(|| acks.journal.compaction(&acks.state, acks.durable_end))
