@@ -150,7 +150,7 @@ fn describe() {
         "Waits of publish calls for their turn under the queue's publish quota."
     );
     describe_gauge!("ballast_queue_depth_messages", Unit::Count, "Messages not yet acked (in-flight included).");
-    describe_gauge!("ballast_queue_bytes", Unit::Bytes, "Bytes of the lane's log on disk from its oldest segment.");
+    describe_gauge!("ballast_queue_bytes", Unit::Bytes, "Stored bytes of the lane's records not yet acked.");
     describe_gauge!("ballast_queue_in_flight_messages", Unit::Count, "Deliveries leased to consumers.");
     describe_gauge!("ballast_queue_saturation_ratio", Unit::Count, "max(depth/max_messages, bytes/max_bytes).");
     describe_gauge!("ballast_queue_oldest_age_seconds", Unit::Seconds, "Age of the oldest unacked message.");

@@ -344,8 +344,10 @@ impl Queue {
         // nor a repeat of an earlier key in the batch. Admission decides on
         // the sizes alone; the records are built only for an admitted batch,
         // so a refusal stays cheap.
-        let stored: Vec<bool> =
-            (0..messages.len()).map(|i| receipts[i].is_none() && !is_repeat(&messages, i)).collect();
+        let mut stored: Vec<bool> = receipts.iter().map(Option::is_none).collect();
+        for &(i, _) in &same_as {
+            stored[i] = false;
+        }
         let mut adding = vec![(0u64, 0u64); self.lanes.len()];
         for (i, message) in messages.iter().enumerate().filter(|&(i, _)| stored[i]) {
             let lane = &mut adding[lanes[i] as usize];
@@ -393,14 +395,16 @@ impl Queue {
     /// refusals is slowed as much as one that waits.
     async fn wait_for_quota(&self, messages: &[Publish], lanes: &[u32]) -> Result<()> {
         let now = now_ms();
+        let count_bytes = self.quota.limits_bytes();
         let mut costs = vec![(0u64, 0u64); self.lanes.len()];
         for (message, &lane) in messages.iter().zip(lanes) {
             let cost = &mut costs[lane as usize];
             cost.0 += 1;
-            cost.1 += stored_size(message, now);
+            if count_bytes {
+                cost.1 += stored_size(message, now);
+            }
         }
         let count = messages.len() as u64;
-        let bytes: u64 = costs.iter().map(|(_, b)| b).sum();
         let lane = lanes.iter().copied().max().unwrap_or(0);
         let fraction = |lane: u32| self.settings.lane_admission[lane as usize];
         let max_wait = Duration::from_millis(PUBLISH_THROTTLE_WAIT_MS_MAX).mul_f64(fraction(lane));
@@ -423,6 +427,12 @@ impl Queue {
                 self.meters[lane as usize].metrics.refused_publish_rate.increment(1);
                 let (figures, _) = self.figures_with(false);
                 let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                // Counted above only under a byte rate; the message names them.
+                let bytes = if count_bytes {
+                    costs.iter().map(|(_, b)| b).sum()
+                } else {
+                    messages.iter().map(|m| stored_size(m, now)).sum()
+                };
                 Err(BrokerError::Refused(Box::new(Refusal {
                     queue: self.name.to_string(),
                     lane: self.settings.lanes[lane as usize].clone(),
@@ -623,11 +633,6 @@ fn backlog_bytes(queue: &QueueName, log: &Log) -> u64 {
         }
     }
     bytes
-}
-
-/// Whether message `i` repeats the key of an earlier message of the batch.
-fn is_repeat(messages: &[Publish], i: usize) -> bool {
-    messages[i].key.as_ref().is_some_and(|key| messages[..i].iter().any(|m| m.key.as_ref() == Some(key)))
 }
 
 /// The stored size of the record [`to_record`] makes of `message`, without

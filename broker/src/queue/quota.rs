@@ -68,6 +68,11 @@ impl Quota {
         self.per_message.is_some() || self.per_byte.is_some()
     }
 
+    /// Whether calls must say their bytes (a byte rate is set).
+    pub(crate) fn limits_bytes(&self) -> bool {
+        self.per_byte.is_some()
+    }
+
     /// Reserves the turn of a call arriving at `now` that waits on lane
     /// `waits_on`'s line (its lowest-priority lane) and costs `costs[lane] =
     /// (messages, bytes)` per lane, unless it would wait longer than
