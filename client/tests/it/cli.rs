@@ -298,3 +298,36 @@ fn unreachable_broker() {
     let output = ballast(&url, &["--timeout-ms", "1000", "queue", "list"], None);
     assert_eq!(code(&output), 6, "{output:?}");
 }
+
+/// Text from the broker cannot drive the terminal: a payload and a lane
+/// name holding escape sequences print with their control characters
+/// escaped in `consume`, `queue get` and `stats` (see: #13, item 12), while
+/// `--json` keeps the exact text.
+#[test]
+fn control_characters_are_escaped() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let lane = "evil\u{1b}]0;owned\u{7}";
+    let created = ballast(&url, &["queue", "create", "esc", "--lanes", lane, "--lane-weights", "1"], None);
+    assert_eq!(code(&created), 0, "{created:?}");
+    let published = ballast(&url, &["publish", "esc", "clear\u{1b}[2Jscreen\u{9b}"], None);
+    assert_eq!(code(&published), 0, "{published:?}");
+
+    let shown = [
+        stdout(&ballast(&url, &["queue", "get", "esc"], None)),
+        stdout(&ballast(&url, &["stats", "esc"], None)),
+        stdout(&ballast(&url, &["consume", "esc", "--count", "1"], None)),
+    ];
+    for text in &shown {
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "a control character reached stdout: {text:?}");
+    }
+    assert!(shown[0].contains("evil\\u{1b}]0;owned\\u{7}"), "{}", shown[0]);
+    assert!(shown[1].contains("evil\\u{1b}]0;owned\\u{7}"), "{}", shown[1]);
+    assert!(shown[2].contains("clear\\u{1b}[2Jscreen\\u{9b}"), "{}", shown[2]);
+
+    let published = ballast(&url, &["publish", "esc", "again\u{1b}[31m"], None);
+    assert_eq!(code(&published), 0, "{published:?}");
+    let json = ballast(&url, &["consume", "esc", "--count", "1", "--json"], None);
+    let delivery: serde_json::Value = serde_json::from_str(stdout(&json).trim()).expect("a JSON line");
+    assert_eq!(delivery["payload"], "again\u{1b}[31m", "JSON carries the exact payload");
+}

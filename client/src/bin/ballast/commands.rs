@@ -201,7 +201,7 @@ impl Publisher {
             self.repeats += 1;
         } else {
             self.report_repeats();
-            eprintln!("error: {text}");
+            eprintln!("error: {}", crate::output::printable(&text));
             self.last_error = Some(text);
         }
         self.failure.get_or_insert(error);

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             if !matches!(error, exit::CliError::Reported(_)) {
-                eprintln!("error: {error}");
+                eprintln!("error: {}", output::printable(&error.to_string()));
             }
             ExitCode::from(error.exit_code())
         }

@@ -2,6 +2,7 @@
 //! object per line).
 
 use std::{
+    borrow::Cow,
     io::Write,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -23,7 +24,7 @@ impl Output {
         let settings = &queue.settings;
         let mut text = String::new();
         let mut field = |name: &str, value: String| text.push_str(&format!("{name:<18} {value}\n"));
-        field("name", queue.name.clone());
+        field("name", printable(&queue.name).into_owned());
         field("depth", queue.depth.to_string());
         field("in flight", queue.in_flight.to_string());
         field("consumers", queue.consumers.to_string());
@@ -34,7 +35,7 @@ impl Output {
             .map(|(index, lane)| {
                 let weight = settings.lane_weights.get(index).map_or(String::new(), |w| format!(" w{w}"));
                 let depth = queue.lane_depths.get(index).copied().unwrap_or(0);
-                format!("{index}:{lane}{weight} ({depth})")
+                format!("{index}:{}{weight} ({depth})", printable(lane))
             })
             .collect();
         field("lanes", lanes.join(", "));
@@ -42,7 +43,10 @@ impl Output {
         field("strict priority", optional(settings.strict_priority));
         field("lease timeout ms", optional(settings.lease_timeout.map(|d| d.as_millis())));
         field("max attempts", optional(settings.max_attempts));
-        field("dead letter queue", queue.dead_letter_queue.clone().unwrap_or_else(|| "-".into()));
+        field(
+            "dead letter queue",
+            queue.dead_letter_queue.as_deref().map_or_else(|| "-".into(), |n| printable(n).into_owned()),
+        );
         field("dedupe window ms", optional(settings.dedupe_window.map(|d| d.as_millis())));
         field("message size max", optional(settings.message_size_max));
         field("sync policy", settings.sync_policy.map_or("-".into(), |p| p.as_str().to_owned()));
@@ -64,30 +68,30 @@ impl Output {
             }
             return Ok(());
         }
-        let width = queues.iter().map(|q| q.name.len()).max().unwrap_or(0).max("NAME".len());
+        let width = queues.iter().map(|q| printable(&q.name).chars().count()).max().unwrap_or(0).max("NAME".len());
         let mut text = format!("{:<width$}  {:>10}  {:>9}  {:>9}  LANES\n", "NAME", "DEPTH", "IN FLIGHT", "CONSUMERS");
         for queue in queues {
             text.push_str(&format!(
                 "{:<width$}  {:>10}  {:>9}  {:>9}  {}\n",
-                queue.name,
+                printable(&queue.name),
                 queue.depth,
                 queue.in_flight,
                 queue.consumers,
-                queue.settings.lanes.join(",")
+                printable(&queue.settings.lanes.join(","))
             ));
         }
         write(&text)
     }
 
     pub fn deleted(&self, name: &str) -> std::io::Result<()> {
-        if self.json { line(&json!({ "deleted": name })) } else { write(&format!("deleted {name}\n")) }
+        if self.json { line(&json!({ "deleted": name })) } else { write(&format!("deleted {}\n", printable(name))) }
     }
 
     pub fn purged(&self, name: &str, purged: u64) -> std::io::Result<()> {
         if self.json {
             line(&json!({ "queue": name, "purged": purged }))
         } else {
-            write(&format!("purged {purged} messages from {name}\n"))
+            write(&format!("purged {purged} messages from {}\n", printable(name)))
         }
     }
 
@@ -108,7 +112,7 @@ impl Output {
 
     pub fn delivery(&self, delivery: &Delivery) -> std::io::Result<()> {
         if !self.json {
-            return write(&format!("{} {}\n", delivery.id, String::from_utf8_lossy(&delivery.payload)));
+            return write(&format!("{} {}\n", delivery.id, printable(&String::from_utf8_lossy(&delivery.payload))));
         }
         let mut object = json!({
             "id": { "lane": delivery.id.lane, "offset": delivery.id.offset },
@@ -172,7 +176,10 @@ fn stats_table(stats: &BrokerStats) -> String {
     let width = stats
         .queues
         .iter()
-        .flat_map(|queue| std::iter::once(queue.name.len()).chain(queue.lanes.iter().map(|lane| lane.name.len() + 2)))
+        .flat_map(|queue| {
+            std::iter::once(printable(&queue.name).chars().count())
+                .chain(queue.lanes.iter().map(|lane| printable(&lane.name).chars().count() + 2))
+        })
         .max()
         .unwrap_or(0)
         .max(Row::HEADER[0].len());
@@ -182,7 +189,7 @@ fn stats_table(stats: &BrokerStats) -> String {
     }
     for queue in &stats.queues {
         let row = Row {
-            name: queue.name.clone(),
+            name: printable(&queue.name).into_owned(),
             figures: &queue.saturation,
             admission: "-".into(),
             in_flight: queue.in_flight,
@@ -192,7 +199,7 @@ fn stats_table(stats: &BrokerStats) -> String {
         text.push_str(&row.render(width));
         for lane in &queue.lanes {
             let row = Row {
-                name: format!("  {}", lane.name),
+                name: format!("  {}", printable(&lane.name)),
                 figures: &lane.saturation,
                 admission: percent(lane.admission, 0),
                 in_flight: lane.in_flight,
@@ -414,6 +421,33 @@ fn unix_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Text from the broker made safe to print on a terminal: control
+/// characters (C0, DEL, C1) and the invisible formatting characters that
+/// reorder or hide text (bidirectional overrides, zero-width marks) are
+/// escaped as `\u{..}`. A payload or a lane name can then neither move the cursor,
+/// recolour, retitle or clear the screen (`ballast consume`, `ballast top`)
+/// nor pass itself off as other text. `--json` output needs none of this:
+/// JSON escapes control characters itself.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            escaped.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            escaped.push(c);
+        }
+    }
+    Cow::Owned(escaped)
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -449,5 +483,15 @@ mod tests {
         assert_eq!(percent(0.7, 1), "70.0%");
         assert_eq!(percent(0.9, 0), "90%");
         assert_eq!(utc_time(UNIX_EPOCH + Duration::from_secs(86_400 + 3723)), "01:02:03 UTC");
+    }
+
+    /// Terminal control sequences, C1 controls and bidirectional overrides
+    /// are escaped; ordinary text (tabs and newlines aside) passes unchanged.
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on() {
+        assert!(matches!(printable("payment 42 ok, naïve €"), Cow::Borrowed(_)));
+        assert_eq!(printable("\x1b[2J\x1b]0;owned\x07"), "\\u{1b}[2J\\u{1b}]0;owned\\u{7}");
+        assert_eq!(printable("a\rb\nc\td\x7f\u{9b}"), "a\\u{d}b\\u{a}c\\u{9}d\\u{7f}\\u{9b}");
+        assert_eq!(printable("abc\u{202e}fed"), "abc\\u{202e}fed");
     }
 }
