@@ -20,6 +20,8 @@ pub struct Target {
     data_dir: Option<PathBuf>,
     keep: bool,
     ballastd: PathBuf,
+    /// `--config` for the started broker.
+    config: Option<PathBuf>,
 }
 
 impl Target {
@@ -28,6 +30,7 @@ impl Target {
     pub fn new(
         addr: Option<String>,
         ballastd: Option<PathBuf>,
+        config: Option<PathBuf>,
         data_root: &Path,
         keep: bool,
     ) -> anyhow::Result<Target> {
@@ -37,7 +40,7 @@ impl Target {
         };
         if let Some(addr) = addr {
             let endpoint = if addr.starts_with("http") { addr } else { format!("http://{addr}") };
-            return Ok(Target { endpoint, child: None, data_dir: None, keep, ballastd });
+            return Ok(Target { endpoint, child: None, data_dir: None, keep, ballastd, config });
         }
         if !ballastd.exists() {
             bail!(
@@ -48,7 +51,8 @@ impl Target {
         let data_dir = data_root.join(format!("run-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir)?;
-        let mut target = Target { endpoint: String::new(), child: None, data_dir: Some(data_dir), keep, ballastd };
+        let mut target =
+            Target { endpoint: String::new(), child: None, data_dir: Some(data_dir), keep, ballastd, config };
         target.start("127.0.0.1:0")?;
         Ok(target)
     }
@@ -56,7 +60,11 @@ impl Target {
     fn start(&mut self, listen: &str) -> anyhow::Result<()> {
         let data_dir = self.data_dir.clone().context("the bench did not start this broker")?;
         let log = std::fs::File::create(data_dir.with_extension("log"))?;
-        let mut child = Command::new(&self.ballastd)
+        let mut command = Command::new(&self.ballastd);
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir.join("data"))
             .arg("--listen")
@@ -78,6 +86,12 @@ impl Target {
         self.endpoint = format!("http://{addr}");
         self.child = Some(child);
         Ok(())
+    }
+
+    /// The directory holding the started broker's data directory (and
+    /// nothing of other runs), if the bench started it.
+    pub fn data_root(&self) -> Option<&Path> {
+        self.data_dir.as_deref()
     }
 
     /// The broker's process id, if the bench started it.

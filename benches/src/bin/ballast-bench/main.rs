@@ -21,6 +21,7 @@
 //! target/release/ballast-bench isolation --rate 2000 --flood backlog --flood-rate 20000
 //! target/release/ballast-bench priority --rate 1000 --flood-rate 20000 --consumer-rate 5000 --credit 16
 //! target/release/ballast-bench recovery --cycles 3 --producers 4
+//! target/release/ballast-bench chaos --seconds 60
 //! target/release/ballast-bench backlog --messages 10000000 --size 100
 //! target/release/ballast-bench overhead --size 1024 --messages 200000
 //! ```
@@ -31,6 +32,7 @@
 
 mod backlog;
 mod broker;
+mod chaos;
 mod chart;
 mod isolation;
 mod latency;
@@ -59,6 +61,9 @@ struct Args {
     /// Where a started broker keeps its data.
     #[arg(long, global = true, default_value = "target/bench-data")]
     data_root: PathBuf,
+    /// A config file for the started broker (`ballastd --config`).
+    #[arg(long, global = true)]
+    broker_config: Option<PathBuf>,
     /// Keep the started broker's data directory afterwards.
     #[arg(long, global = true)]
     keep: bool,
@@ -108,13 +113,23 @@ enum Scenario {
     Priority(priority::Args),
     /// SIGKILL under load, restart, time to serve again, nothing lost.
     Recovery(recovery::Args),
+    /// A bounded soak of kill -9, SIGSTOP, dropped consumers, cancelled
+    /// calls and a full disk; nothing acknowledged lost, nothing corrupt,
+    /// no key stored twice.
+    Chaos(chaos::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let mut target = broker::Target::new(args.addr.clone(), args.ballastd.clone(), &args.data_root, args.keep)?;
+        let mut target = broker::Target::new(
+            args.addr.clone(),
+            args.ballastd.clone(),
+            args.broker_config.clone(),
+            &args.data_root,
+            args.keep,
+        )?;
         let (name, result) = match &args.scenario {
             Scenario::Throughput(a) => ("throughput", throughput::run(&target, a, args.sync).await?),
             Scenario::Latency(a) => ("latency", latency::run(&target, a, args.sync).await?),
@@ -124,6 +139,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Spike(a) => ("spike", spike::run(&target, a, args.sync).await?),
             Scenario::Priority(a) => ("priority", priority::run(&target, a, args.sync).await?),
             Scenario::Recovery(a) => ("recovery", recovery::run(&mut target, a, args.sync).await?),
+            Scenario::Chaos(a) => ("chaos", chaos::run(&mut target, a, args.sync).await?),
         };
         let path = args.json.clone().unwrap_or_else(|| PathBuf::from(format!("target/bench-results/{name}.json")));
         if let Some(dir) = path.parent() {

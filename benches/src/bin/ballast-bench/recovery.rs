@@ -57,7 +57,7 @@ pub struct Args {
 /// Payload layout: producer u32, seq u64, crc32 u32 over the rest, filler.
 const HEADER: usize = 16;
 
-fn payload(producer: u32, seq: u64, size: usize) -> Bytes {
+pub(crate) fn payload(producer: u32, seq: u64, size: usize) -> Bytes {
     let mut body = BytesMut::with_capacity(size);
     body.put_u32_le(producer);
     body.put_u64_le(seq);
@@ -75,7 +75,7 @@ fn payload(producer: u32, seq: u64, size: usize) -> Bytes {
 }
 
 /// (producer, seq) of an intact payload, or None if it is corrupt.
-fn check(payload: &[u8]) -> Option<(u32, u64)> {
+pub(crate) fn check(payload: &[u8]) -> Option<(u32, u64)> {
     if payload.len() < HEADER {
         return None;
     }
@@ -123,7 +123,7 @@ impl Shared {
 }
 
 /// Errors a client sees while the broker is down or restarting.
-fn outage_code(code: tonic::Code) -> bool {
+pub(crate) fn outage_code(code: tonic::Code) -> bool {
     matches!(
         code,
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
@@ -417,6 +417,6 @@ async fn session(
 }
 
 /// [`load::flush`], its failure as the broken stream it means.
-async fn flush(tx: &mpsc::Sender<pb::ConsumeRequest>, to_ack: &mut Vec<u64>) -> Result<(), tonic::Status> {
+pub(crate) async fn flush(tx: &mpsc::Sender<pb::ConsumeRequest>, to_ack: &mut Vec<u64>) -> Result<(), tonic::Status> {
     load::flush(tx, to_ack).await.map_err(|_| tonic::Status::unavailable("the consume stream closed"))
 }
