@@ -27,3 +27,8 @@ pub const HEADER_SOURCE_QUEUE: &str = "ballast-source-queue";
 pub const HEADER_SOURCE_LANE: &str = "ballast-source-lane";
 pub const HEADER_SOURCE_OFFSET: &str = "ballast-source-offset";
 pub const HEADER_ATTEMPTS: &str = "ballast-attempts";
+/// Reserved header set on the first redelivered copy of a message and kept
+/// on every later copy and on its dead letter: the offset of the message's
+/// publish receipt (its lane is the copy's lane, or `ballast-source-lane`
+/// for a dead letter), which each redelivery otherwise replaces.
+pub const HEADER_ORIGINAL_OFFSET: &str = "ballast-original-offset";
