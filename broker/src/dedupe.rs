@@ -263,7 +263,7 @@ mod tests {
     #[test]
     fn keys_past_the_bound_forget_the_oldest() {
         let mut d = Dedupe::new(u64::MAX);
-        let key = |n: usize| Bytes::from(n.to_le_bytes().to_vec());
+        let key = |n: usize| Bytes::from((n as u64).to_le_bytes().to_vec());
         for n in 0..DEDUPE_KEYS_MAX {
             d.insert(key(n), Stored { lane: 0, offset: n as u64 }, 0);
         }

@@ -2,6 +2,7 @@
 //! delivery state (consumers, credits, leases, the [`LaneScheduler`]).
 
 mod delivery;
+mod headers;
 mod name;
 #[allow(clippy::module_inception, reason = "the file is named after the type, as everywhere else")]
 mod queue;

@@ -16,7 +16,9 @@ use std::{
     time::Duration,
 };
 
-use ballast_storage::{AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord, record::headers_size};
+use ballast_storage::{
+    AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord, limits::RECORD_HEADER_SIZE, record::headers_size,
+};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -29,8 +31,9 @@ use crate::{
     dedupe::{Claims, Dedupe, Stored},
     error::{BrokerError, Refusal, RefusalReason, Result},
     limits::{
-        BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX,
-        RESERVED_HEADER_PREFIX, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
+        BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, PUBLISH_HEADERS_COUNT_MAX,
+        PUBLISH_HEADERS_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX, RESERVED_HEADER_PREFIX, RESERVED_HEADERS_COUNT,
+        RESERVED_HEADERS_SIZE, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
     },
     now_ms,
 };
@@ -566,22 +569,35 @@ impl Queue {
         {
             return Err(which(format!("idempotency key is {} bytes; the limit is {KEY_SIZE_MAX}", key.len())));
         }
-        if message.headers.len() > HEADERS_COUNT_MAX as usize {
-            return Err(which(format!("{} headers; the limit is {HEADERS_COUNT_MAX}", message.headers.len())));
-        }
         // Checked here, not left to storage: a batch must be refused whole
-        // before any lane stores anything. The delay header the broker adds
-        // counts too (at its longest value).
-        let delay_header = if message.delay_ms > 0 {
-            headers_size(&[(HEADER_NOT_BEFORE.to_owned(), u64::MAX.to_string())])
-        } else {
-            0
-        };
-        let headers_size = headers_size(&message.headers) + delay_header;
-        if headers_size > u64::from(HEADERS_SIZE_MAX) {
+        // before any lane stores anything. The room the broker keeps for its
+        // own headers (the delay's, a redelivery's, a dead letter's) is not
+        // the publisher's, so that every message published can always be
+        // stored again with them.
+        if message.headers.len() > PUBLISH_HEADERS_COUNT_MAX as usize {
             return Err(which(format!(
-                "headers take {headers_size} bytes encoded{}; the limit is {HEADERS_SIZE_MAX}",
-                if delay_header > 0 { ", the delay's included" } else { "" }
+                "{} headers; the limit is {PUBLISH_HEADERS_COUNT_MAX} ({HEADERS_COUNT_MAX} less \
+                 {RESERVED_HEADERS_COUNT} kept for the broker's headers)",
+                message.headers.len()
+            )));
+        }
+        let headers_size = headers_size(&message.headers);
+        if headers_size > u64::from(PUBLISH_HEADERS_SIZE_MAX) {
+            return Err(which(format!(
+                "headers take {headers_size} bytes encoded (name and value plus 6 bytes each); the limit is \
+                 {PUBLISH_HEADERS_SIZE_MAX} ({HEADERS_SIZE_MAX} less {RESERVED_HEADERS_SIZE} kept for the broker's headers)"
+            )));
+        }
+        // Only a small `storage.segment_size` makes this bind: records
+        // then cannot outgrow a segment, and neither can their copies.
+        let key_size = message.key.as_ref().map_or(0, Bytes::len) as u64;
+        let record_size = u64::from(RECORD_HEADER_SIZE) + key_size + headers_size + size as u64;
+        let record_size_max = u64::from(self.lanes[lane as usize].options().record_size_max);
+        if record_size + u64::from(RESERVED_HEADERS_SIZE) > record_size_max {
+            return Err(which(format!(
+                "the record takes {record_size} bytes (payload, key and headers plus a {RECORD_HEADER_SIZE}-byte header) \
+                 and its copies {RESERVED_HEADERS_SIZE} more for the broker's headers; this broker's segments hold \
+                 records of at most {record_size_max} bytes (storage.segment_size)"
             )));
         }
         if let Some((name, _)) = message.headers.iter().find(|(name, _)| name.starts_with(RESERVED_HEADER_PREFIX)) {
