@@ -418,8 +418,8 @@ impl Queue {
         // The records are in their logs' counts now (or were not stored).
         drop(admitted);
 
+        // A stored message gets its receipt once durable.
         let mut receipts = seen;
-        let mut durable = vec![false; messages.len()];
         for lane in appended {
             if let Err(error) = lane.commit.await {
                 failure.get_or_insert(error.into());
@@ -429,17 +429,14 @@ impl Queue {
             self.mark_durable(lane.lane, lane.first_offset + count);
             for (n, &i) in lane.indexes.iter().enumerate() {
                 receipts[i] = Some(Receipt { lane: lane.lane, offset: lane.first_offset + n as u64, duplicate: false });
-                durable[i] = true;
             }
             let meter = &self.meters[lane.lane as usize];
             meter.published.fetch_add(count, Ordering::Relaxed);
             meter.metrics.published.increment(count);
             meter.metrics.publish_durable.record(started.elapsed().as_secs_f64());
         }
-        claims.stored(
-            |i| durable[i].then(|| receipts[i].map(|r| Stored { lane: r.lane, offset: r.offset })).flatten(),
-            now,
-        );
+        // A claimed key's message has a receipt exactly when it is durable.
+        claims.stored(|i| receipts[i].map(|r| Stored { lane: r.lane, offset: r.offset }), now);
         // Whatever became durable is delivered, whether or not the call
         // succeeds as a whole.
         self.dispatch();

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use ballast_broker::{
     Broker, Config,
     limits::{
-        BATCH_COUNT_MAX, NACK_REASON_SIZE_MAX, PUBLISH_HEADERS_COUNT_MAX, PUBLISH_HEADERS_SIZE_MAX,
+        BATCH_COUNT_MAX, KEY_SIZE_MAX, NACK_REASON_SIZE_MAX, PUBLISH_HEADERS_COUNT_MAX, PUBLISH_HEADERS_SIZE_MAX,
         RESERVED_HEADERS_SIZE,
     },
     queue::{Publish, Queue, SettingsRequest},
@@ -323,4 +323,59 @@ async fn a_batch_is_at_most_batch_count_max_messages() {
     let receipts = publisher.publish_batch(batch(BATCH_COUNT_MAX)).await.expect("at the limit").into_inner().receipts;
     assert_eq!(receipts.len(), BATCH_COUNT_MAX);
     assert_eq!(depth(&mut broker.admin().await, "batch").await, BATCH_COUNT_MAX as u64);
+}
+
+/// An idempotency key is at most `KEY_SIZE_MAX` (256) bytes: at the limit
+/// it is stored and deduplicates; one past is INVALID_ARGUMENT naming the
+/// limit, and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_is_at_most_key_size_max_bytes() {
+    let broker = BrokerProcess::start();
+    create(&mut broker.admin().await, "keys", queue_settings()).await;
+    let mut publisher = broker.publisher().await;
+    let keyed = |key: String| pb::Message { idempotency_key: key, ..message("k") };
+    let max = KEY_SIZE_MAX as usize;
+    assert_status(
+        publisher.publish(pb::PublishRequest { queue: "keys".into(), message: Some(keyed("k".repeat(max + 1))) }).await,
+        Code::InvalidArgument,
+        "idempotency key is 257 bytes; the limit is 256",
+    );
+    let first = publish(&mut publisher, "keys", keyed("k".repeat(max))).await;
+    let again = publish(&mut publisher, "keys", keyed("k".repeat(max))).await;
+    assert!(!first.duplicate && again.duplicate, "{first:?} then {again:?}");
+    assert_eq!(again.id, first.id);
+    assert_eq!(depth(&mut broker.admin().await, "keys").await, 1);
+}
+
+/// With small segments a record must fit one with the room its copies
+/// need for the broker's headers: the largest payload a 64 KiB segment
+/// takes is stored (and dead-lettered), one byte more is INVALID_ARGUMENT
+/// naming `storage.segment_size`, instead of a message that could be
+/// published but never dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_leaves_room_for_its_copies_in_a_small_segment() {
+    let config = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::write(config.path(), "[storage]\nsegment_size = 65536\n").unwrap();
+    let broker = BrokerProcess::start_with(&["--config", config.path().to_str().unwrap()]);
+    let settings = pb::QueueSettings { max_attempts: Some(1), ..queue_settings() };
+    create(&mut broker.admin().await, "small", settings).await;
+    let mut publisher = broker.publisher().await;
+    // A segment holds records of up to 65,536 - 64 bytes (its header); a
+    // record is 40 bytes plus its payload.
+    let largest = 65_536 - 64 - 40 - RESERVED_HEADERS_SIZE as usize;
+    assert_status(
+        publisher
+            .publish(pb::PublishRequest { queue: "small".into(), message: Some(message(vec![1u8; largest + 1])) })
+            .await,
+        Code::InvalidArgument,
+        "storage.segment_size",
+    );
+    publish(&mut publisher, "small", message(vec![1u8; largest])).await;
+    let mut consumer = broker.consumer().await;
+    let mut session = Session::open(&mut consumer, "small", 1).await;
+    let d = session.delivery().await;
+    session.nack(d.delivery_id, 0, &"r".repeat(NACK_REASON_SIZE_MAX)).await;
+    let letter = Session::open(&mut consumer, "small.dead", 1).await.delivery().await;
+    assert_eq!(letter.payload.len(), largest);
+    assert_eq!(letter.headers.len(), 6, "every dead-letter header: {:?}", letter.headers.keys());
 }
