@@ -134,11 +134,11 @@ impl Dedupe {
         match self.slots.entry(key.clone()) {
             Entry::Occupied(mut slot) => match slot.get() {
                 Slot::Stored { at, .. } => Lookup::Seen(*at),
-                // The claimer went away without `stored` or `abandon` (its
-                // call was cancelled: a client deadline or disconnect drops
-                // the publish mid-way). Waiting on it would never end (a
-                // waiter would spin on the closed channel), so this caller
-                // takes the claim over.
+                // The claim was dropped without `stored` or `abandon`.
+                // `Claims` never does that (it abandons what it drops), but
+                // a lost claim must not block its key: waiting on it would
+                // never end (a waiter would spin on the closed channel), so
+                // this caller takes the claim over.
                 Slot::Pending(rx) if rx.has_changed().is_err() => {
                     let (tx, rx) = watch::channel(false);
                     slot.insert(Slot::Pending(rx));
