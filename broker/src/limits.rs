@@ -1,6 +1,11 @@
 //! Hard ceilings of the broker. Operator-tunable defaults live in
 //! `config.rs` and are validated against these at startup.
 
+use crate::queue::{
+    HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_NOT_BEFORE, HEADER_ORIGINAL_OFFSET, HEADER_SOURCE_LANE,
+    HEADER_SOURCE_OFFSET, HEADER_SOURCE_QUEUE,
+};
+
 /// Queues (dead-letter queues included) one broker holds. Each queue costs a
 /// few file descriptors and a flusher thread per lane; creating one more is
 /// refused with RESOURCE_EXHAUSTED.
@@ -71,9 +76,58 @@ pub const DEDUPE_KEYS_MAX: usize = 1_000_000;
 /// lane stops reading further until some come due, so memory stays bounded.
 pub const DELAYED_MAX: usize = 100_000;
 
-/// Headers per message and their encoded size (storage ceilings).
+/// Headers per stored record and their encoded size (storage ceilings).
+/// A publish gets less: [`PUBLISH_HEADERS_COUNT_MAX`] and
+/// [`PUBLISH_HEADERS_SIZE_MAX`].
 pub const HEADERS_COUNT_MAX: u32 = ballast_storage::limits::HEADERS_COUNT_MAX;
 pub const HEADERS_SIZE_MAX: u32 = ballast_storage::limits::HEADERS_SIZE_MAX;
+
+/// Longest nack reason, in bytes. The reason travels with the message as
+/// its `ballast-dead-letter-reason` header, so it must fit the room a
+/// publish leaves for the broker's headers ([`RESERVED_HEADERS_SIZE`]); a
+/// longer one is refused with INVALID_ARGUMENT and the nack does nothing.
+/// 1 KiB holds an error message; stack traces belong in the consumer's log.
+pub const NACK_REASON_SIZE_MAX: usize = 1024;
+
+/// Headers the broker may add to a stored copy of a message: the delay's
+/// `ballast-not-before` and `ballast-original-offset` on a redelivery, and
+/// on a dead letter the reason, source queue, lane and offset, attempts and
+/// original offset. Counted once each, so the figure covers every copy.
+pub const RESERVED_HEADERS_COUNT: u32 = 7;
+
+/// Encoded size, in bytes, of the headers of [`RESERVED_HEADERS_COUNT`] at
+/// their longest values (a `u64` in decimal is at most 20 digits, a `u32`
+/// 10; names and reasons at their limits). A publish may use only the rest
+/// of [`HEADERS_SIZE_MAX`], so that any message that was published can
+/// always be redelivered and dead-lettered with all its headers.
+pub const RESERVED_HEADERS_SIZE: u32 = reserved_header_size(HEADER_NOT_BEFORE, U64_DIGITS)
+    + reserved_header_size(HEADER_ORIGINAL_OFFSET, U64_DIGITS)
+    + reserved_header_size(HEADER_DEAD_LETTER_REASON, NACK_REASON_SIZE_MAX)
+    + reserved_header_size(HEADER_SOURCE_QUEUE, QUEUE_NAME_SIZE_MAX)
+    + reserved_header_size(HEADER_SOURCE_LANE, LANE_NAME_SIZE_MAX)
+    + reserved_header_size(HEADER_SOURCE_OFFSET, U64_DIGITS)
+    + reserved_header_size(HEADER_ATTEMPTS, U32_DIGITS);
+
+/// Headers one published message may carry (64 less the
+/// [`RESERVED_HEADERS_COUNT`] the broker keeps for itself). More is
+/// INVALID_ARGUMENT.
+pub const PUBLISH_HEADERS_COUNT_MAX: u32 = HEADERS_COUNT_MAX - RESERVED_HEADERS_COUNT;
+
+/// Encoded size, in bytes, of one published message's headers (64 KiB less
+/// [`RESERVED_HEADERS_SIZE`]); each header is its name and value plus 6
+/// bytes. More is INVALID_ARGUMENT.
+pub const PUBLISH_HEADERS_SIZE_MAX: u32 = HEADERS_SIZE_MAX - RESERVED_HEADERS_SIZE;
+
+/// Longest decimal `u64` and `u32`.
+const U64_DIGITS: usize = 20;
+const U32_DIGITS: usize = 10;
+
+/// Encoded size of one header (a 2-byte name length, the name, a 4-byte
+/// value length, the value), as `ballast_storage::record::headers_size`
+/// counts it.
+const fn reserved_header_size(name: &str, value_size_max: usize) -> u32 {
+    (2 + name.len() + 4 + value_size_max) as u32
+}
 
 /// Longest idempotency key, in bytes.
 pub const KEY_SIZE_MAX: u32 = ballast_storage::limits::KEY_SIZE_MAX;
@@ -88,6 +142,8 @@ pub const GRPC_DECODE_SIZE_MAX: usize = MESSAGE_SIZE_MAX as usize + 1024 * 1024;
 pub const RESERVED_HEADER_PREFIX: &str = "ballast-";
 
 const _: () = assert!(LANES_MAX <= u8::MAX as usize);
+const _: () = assert!(RESERVED_HEADERS_SIZE < HEADERS_SIZE_MAX / 16);
+const _: () = assert!(RESERVED_HEADERS_COUNT < HEADERS_COUNT_MAX / 4);
 const _: () = assert!(QUEUE_NAME_SIZE_MAX > DEAD_LETTER_SUFFIX.len());
 
 /// Default admission limit on a queue's unacked messages.

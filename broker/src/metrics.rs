@@ -31,6 +31,12 @@ pub struct LaneMetrics {
     pub redelivered_expired: Counter,
     pub released: Counter,
     pub dead_lettered: Counter,
+    /// Redelivered or dead-lettered copies stored without the broker's
+    /// headers, because storage refused the full copy for good.
+    pub stripped_copies: Counter,
+    /// Dead letters dropped because the dead-letter queue refused them for
+    /// good, even without the broker's headers.
+    pub dropped_dead_letters: Counter,
     pub refused_queue_full: Counter,
     pub refused_disk_low: Counter,
     pub refused_publish_rate: Counter,
@@ -63,6 +69,8 @@ impl LaneMetrics {
             redelivered_expired: counter!("ballast_redelivered_messages_total", with("reason", "lease_expired")),
             released: counter!("ballast_released_messages_total", labels()),
             dead_lettered: counter!("ballast_dead_lettered_messages_total", labels()),
+            stripped_copies: counter!("ballast_stripped_copies_total", labels()),
+            dropped_dead_letters: counter!("ballast_dropped_dead_letters_total", labels()),
             refused_queue_full: counter!("ballast_refused_publishes_total", with("reason", "queue_full")),
             refused_disk_low: counter!("ballast_refused_publishes_total", with("reason", "disk_low")),
             refused_publish_rate: counter!("ballast_refused_publishes_total", with("reason", "publish_rate")),
@@ -139,6 +147,16 @@ fn describe() {
     );
     describe_counter!("ballast_released_messages_total", Unit::Count, "Leases released by a consumer that left.");
     describe_counter!("ballast_dead_lettered_messages_total", Unit::Count, "Messages moved to the dead-letter queue.");
+    describe_counter!(
+        "ballast_stripped_copies_total",
+        Unit::Count,
+        "Redelivered or dead-lettered copies stored without the broker's headers (storage refused the full copy)."
+    );
+    describe_counter!(
+        "ballast_dropped_dead_letters_total",
+        Unit::Count,
+        "Dead letters dropped: the dead-letter queue refused them even without the broker's headers."
+    );
     describe_counter!("ballast_refused_publishes_total", Unit::Count, "Publish calls refused by admission, by reason.");
     describe_counter!("ballast_errors_total", Unit::Count, "Failed gRPC calls, by status code.");
     describe_histogram!("ballast_publish_durable_seconds", Unit::Seconds, "Admission to durable answer of a publish.");

@@ -29,13 +29,10 @@ use ballast_storage::{AckKind, Cursor, Log, NewRecord, Record};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{
-    HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_NOT_BEFORE, HEADER_SOURCE_LANE, HEADER_SOURCE_OFFSET,
-    HEADER_SOURCE_QUEUE, LaneScheduler, Queue, QueueSettings,
-};
+use super::{HEADER_NOT_BEFORE, LaneScheduler, Queue, QueueSettings, headers};
 use crate::{
     error::{BrokerError, Result},
-    limits::{CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX},
+    limits::{CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, NACK_REASON_SIZE_MAX},
     now_ms,
 };
 
@@ -310,6 +307,12 @@ impl Queue {
                 "nack delay is {delay_ms} ms; the limit is {DELAY_MS_MAX}"
             )));
         }
+        if reason.len() > NACK_REASON_SIZE_MAX {
+            return Err(BrokerError::InvalidArgument(format!(
+                "nack reason is {} bytes; the limit is {NACK_REASON_SIZE_MAX} (NACK_REASON_SIZE_MAX)",
+                reason.len()
+            )));
+        }
         let lease =
             self.delivery.lock().remove_lease(delivery_id).ok_or(BrokerError::UnknownDelivery { delivery_id })?;
         self.retry(lease, delay_ms, reason).await;
@@ -488,27 +491,27 @@ impl Queue {
 
     /// Redelivers a message whose lease ended without ack: re-append it with
     /// its attempt count (and delay), or dead-letter it after its last
-    /// attempt; then ack the original. If storing fails, the message goes
-    /// back to the front of its lane instead, so it is never lost.
+    /// attempt; then ack the original. Every copy carries the offset of the
+    /// message's publish receipt (`ballast-original-offset`). If storing
+    /// fails for now (disk full, I/O), the message goes back to the front
+    /// of its lane instead, so it is never lost. If storage refuses a copy
+    /// for good, it is not requeued (that would loop forever): see
+    /// [`Queue::append_copy`]; a redelivery refused even so is dead-lettered.
     async fn retry(self: &Arc<Self>, lease: Lease, delay_ms: u64, reason: &str) {
         let Some(record) = self.reread(lease.lane as usize, lease.offset) else { return };
+        let original_offset = headers::original_offset(&record.headers, lease.offset);
         let outcome = if lease.attempt >= self.settings.max_attempts {
-            self.dead_letter(lease, record, reason).await
+            self.dead_letter(lease, record, reason, original_offset).await
         } else {
-            let mut headers: Vec<(String, String)> =
-                record.headers.into_iter().filter(|(k, _)| k != HEADER_NOT_BEFORE).collect();
-            if delay_ms > 0 {
-                headers.push((HEADER_NOT_BEFORE.to_owned(), (now_ms() + delay_ms).to_string()));
+            let own = headers::own_headers(record.headers.clone());
+            let not_before = (delay_ms > 0).then(|| now_ms() + delay_ms);
+            let full =
+                copy_of(&record, lease.attempt, headers::redelivery_headers(own.clone(), not_before, original_offset));
+            match self.append_copy(self, lease.lane, lease.lane, full, || copy_of(&record, lease.attempt, own)).await {
+                Ok(true) => Ok(AckKind::Acked),
+                Ok(false) => self.dead_letter(lease, record, reason, original_offset).await,
+                Err(error) => Err(error),
             }
-            let copy = NewRecord {
-                timestamp_ms: record.timestamp_ms,
-                attempt: lease.attempt,
-                flags: record.flags,
-                key: None,
-                headers,
-                payload: record.payload,
-            };
-            self.append_raw(lease.lane, copy).await.map(|_| AckKind::Acked)
         };
         match outcome {
             Ok(kind) => {
@@ -534,32 +537,77 @@ impl Queue {
         self.dispatch();
     }
 
-    async fn dead_letter(&self, lease: Lease, record: Record, reason: &str) -> Result<AckKind> {
+    /// Stores a dead letter of the message in the dead-letter queue (on
+    /// the same lane index, or its last lane), or drops it when the queue
+    /// has none. A dead letter the dead-letter queue refuses even without
+    /// the broker's headers is dropped too, loudly: requeueing it would
+    /// loop forever.
+    async fn dead_letter(&self, lease: Lease, record: Record, reason: &str, original_offset: u64) -> Result<AckKind> {
         let Some(dead) = self.dead_letter.as_ref().filter(|q| !q.is_closed()) else {
             tracing::warn!(queue = %self.name, lane = lease.lane, offset = lease.offset, attempts = lease.attempt,
                 "message used its last attempt and the queue has no dead-letter queue: dropped");
             return Ok(AckKind::DeadLettered);
         };
-        let mut headers: Vec<(String, String)> =
-            record.headers.into_iter().filter(|(k, _)| k != HEADER_NOT_BEFORE).collect();
-        let reason = if reason.is_empty() { "no reason given" } else { reason };
-        headers.push((HEADER_DEAD_LETTER_REASON.to_owned(), reason.to_owned()));
-        headers.push((HEADER_SOURCE_QUEUE.to_owned(), self.name.to_string()));
-        headers.push((HEADER_SOURCE_LANE.to_owned(), self.settings.lanes[lease.lane as usize].clone()));
-        headers.push((HEADER_SOURCE_OFFSET.to_owned(), lease.offset.to_string()));
-        headers.push((HEADER_ATTEMPTS.to_owned(), lease.attempt.to_string()));
-        let lane = lease.lane.min(dead.lane_count() - 1);
-        let copy = NewRecord {
-            timestamp_ms: record.timestamp_ms,
-            attempt: 0,
-            flags: record.flags,
-            key: None,
-            headers,
-            payload: record.payload,
+        let own = headers::own_headers(record.headers.clone());
+        let source = headers::DeadLetterSource {
+            reason,
+            queue: self.name.as_str(),
+            lane: &self.settings.lanes[lease.lane as usize],
+            offset: lease.offset,
+            attempts: lease.attempt,
+            original_offset,
         };
-        dead.append_raw(lane, copy).await?;
-        dead.dispatch();
+        let full = copy_of(&record, 0, headers::dead_letter_headers(own.clone(), &source));
+        let lane = lease.lane.min(dead.lane_count() - 1);
+        if self.append_copy(dead, lane, lease.lane, full, || copy_of(&record, 0, own)).await? {
+            dead.dispatch();
+        } else {
+            self.meters[lease.lane as usize].metrics.dropped_dead_letters.increment(1);
+            tracing::error!(queue = %self.name, dead_letter_queue = %dead.name, lane = lease.lane, offset = lease.offset,
+                original_offset, attempts = lease.attempt,
+                "message used its last attempt and its dead-letter queue refuses it for good: dropped");
+        }
         Ok(AckKind::DeadLettered)
+    }
+
+    /// Stores a copy of one of this queue's messages (from `source_lane`)
+    /// in `lane` of `target` (this queue for a redelivery, its dead-letter
+    /// queue for a dead letter) and waits until durable: `Ok(true)`.
+    ///
+    /// If storage refuses the copy for good (its headers or size: possible
+    /// only for a record stored before publishes left room for the broker's
+    /// headers, or for a dead-letter queue with smaller limits), `plain` is
+    /// stored instead, the message without the broker's headers, which is
+    /// never bigger than the record it copies; counted and logged.
+    /// `Ok(false)`: that was refused for good too. A passing failure (disk
+    /// full, I/O) is an error: the caller keeps the message for later.
+    async fn append_copy(
+        &self,
+        target: &Queue,
+        lane: u32,
+        source_lane: u32,
+        full: NewRecord,
+        plain: impl FnOnce() -> NewRecord,
+    ) -> Result<bool> {
+        let error = match target.append_raw(lane, full).await {
+            Ok(_) => return Ok(true),
+            Err(error) if refused_for_good(&error) => error,
+            Err(error) => return Err(error),
+        };
+        tracing::error!(queue = %self.name, target = %target.name, %error,
+            "storage refuses a copy with the broker's headers; storing the message without them");
+        match target.append_raw(lane, plain()).await {
+            Ok(_) => {
+                self.meters[source_lane as usize].metrics.stripped_copies.increment(1);
+                Ok(true)
+            }
+            Err(error) if refused_for_good(&error) => {
+                tracing::error!(queue = %self.name, target = %target.name, %error,
+                    "storage refuses the message even without the broker's headers");
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Ends every consumer (shutdown or delete): their streams finish.
@@ -567,6 +615,26 @@ impl Queue {
         self.closed.store(true, Ordering::Release);
         self.delivery.lock().consumers.clear();
         self.timer_wake.notify_one();
+    }
+}
+
+/// Whether storing a copy failed for good: an append's only
+/// INVALID_ARGUMENT is storage refusing the record itself (its size, headers
+/// or key), which storing the same record again cannot change.
+fn refused_for_good(error: &BrokerError) -> bool {
+    matches!(error, BrokerError::InvalidArgument(_))
+}
+
+/// A copy of `record` to store again, with its `attempt` count and
+/// `headers`. Copies carry no key: the original holds it.
+fn copy_of(record: &Record, attempt: u32, headers: Vec<(String, String)>) -> NewRecord {
+    NewRecord {
+        timestamp_ms: record.timestamp_ms,
+        attempt,
+        flags: record.flags,
+        key: None,
+        headers,
+        payload: record.payload.clone(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! delivery state (consumers, credits, leases, the [`LaneScheduler`]).
 
 mod delivery;
+mod headers;
 mod name;
 #[allow(clippy::module_inception, reason = "the file is named after the type, as everywhere else")]
 mod queue;
@@ -27,3 +28,8 @@ pub const HEADER_SOURCE_QUEUE: &str = "ballast-source-queue";
 pub const HEADER_SOURCE_LANE: &str = "ballast-source-lane";
 pub const HEADER_SOURCE_OFFSET: &str = "ballast-source-offset";
 pub const HEADER_ATTEMPTS: &str = "ballast-attempts";
+/// Reserved header set on the first redelivered copy of a message and kept
+/// on every later copy and on its dead letter: the offset of the message's
+/// publish receipt (its lane is the copy's lane, or `ballast-source-lane`
+/// for a dead letter), which each redelivery otherwise replaces.
+pub const HEADER_ORIGINAL_OFFSET: &str = "ballast-original-offset";

@@ -16,7 +16,9 @@ use std::{
     time::Duration,
 };
 
-use ballast_storage::{AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord, record::headers_size};
+use ballast_storage::{
+    AckError, AckKind, AppendError, Appended, Commit, Log, NewRecord, limits::RECORD_HEADER_SIZE, record::headers_size,
+};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -26,11 +28,12 @@ use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, delivery::DeliveryState
 use crate::{
     broker::Node,
     config::Config,
-    dedupe::{Dedupe, Lookup, Stored},
+    dedupe::{Claims, Dedupe, Stored},
     error::{BrokerError, Refusal, RefusalReason, Result},
     limits::{
-        BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX,
-        RESERVED_HEADER_PREFIX, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
+        BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, PUBLISH_HEADERS_COUNT_MAX,
+        PUBLISH_HEADERS_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX, RESERVED_HEADER_PREFIX, RESERVED_HEADERS_COUNT,
+        RESERVED_HEADERS_SIZE, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
     },
     now_ms,
 };
@@ -53,6 +56,37 @@ pub struct Receipt {
     pub offset: u64,
     /// The key was seen before: nothing was stored; this is the original.
     pub duplicate: bool,
+}
+
+/// A publish call's messages on their way to storage ([`Queue::store`]).
+struct Batch {
+    messages: Vec<Publish>,
+    /// Per message: its lane.
+    lanes: Vec<u32>,
+    keys: Keys,
+    /// The publish time of every message.
+    now: u64,
+}
+
+/// How a call's idempotency keys resolved ([`Queue::claim_keys`]).
+struct Keys {
+    /// Per message: the original receipt of a key stored before (nothing
+    /// to store for it).
+    seen: Vec<Option<Receipt>>,
+    /// `(message, earlier message with the same key)`: stored once, for
+    /// the earlier one; both get its receipt.
+    repeats: Vec<(usize, usize)>,
+    /// The keys the call claimed, resolved however the call ends.
+    claims: Claims,
+}
+
+/// One lane's append of a publish call, not yet committed.
+struct LaneAppend {
+    lane: u32,
+    first_offset: u64,
+    /// The messages of the call appended, in order from `first_offset`.
+    indexes: Vec<usize>,
+    commit: Commit,
 }
 
 /// Counts describing a queue now.
@@ -93,7 +127,10 @@ pub struct Queue {
     quota: super::quota::Quota,
     /// Per lane: offsets below this are durable and may be delivered.
     pub(crate) durable: Vec<std::sync::atomic::AtomicU64>,
-    dedupe: Mutex<Dedupe>,
+    /// Idempotency keys; shared with the [`Claims`] of calls in progress.
+    dedupe: Arc<Mutex<Dedupe>>,
+    /// Admitted counts not yet in the logs (see `Queue::admit`).
+    pub(crate) admitting: super::saturation::Admitting,
     pub(crate) delivery: Mutex<DeliveryState>,
     /// Wakes the queue's timer task (leases, delays) when deadlines change.
     pub(crate) timer_wake: Arc<Notify>,
@@ -241,7 +278,8 @@ impl Queue {
             meters,
             refused: super::saturation::Refused::default(),
             quota,
-            dedupe: Mutex::new(dedupe),
+            dedupe: Arc::new(Mutex::new(dedupe)),
+            admitting: super::saturation::Admitting::default(),
             delivery: Mutex::new(delivery),
             timer_wake: Arc::new(Notify::new()),
             closed: AtomicBool::new(false),
@@ -289,6 +327,14 @@ impl Queue {
     /// Publishes messages: validated together, deduplicated by key, appended
     /// per lane (one append, so all or none, per lane), answered once durable
     /// under the queue's sync policy.
+    ///
+    /// Once the call's keys are claimed, the rest (admission, appends,
+    /// commits, recording the keys) runs in a task of its own that the call
+    /// awaits ([`Queue::store`]). A call dropped halfway (a client deadline
+    /// or disconnect drops the handler) therefore never leaves records
+    /// appended but their keys unrecorded: the task completes, and a retry
+    /// with the same key is answered as a duplicate instead of storing the
+    /// message twice.
     pub async fn publish(self: &Arc<Self>, messages: Vec<Publish>) -> Result<Vec<Receipt>> {
         if messages.is_empty() {
             return Err(BrokerError::InvalidArgument("a publish needs at least one message".into()));
@@ -311,79 +357,96 @@ impl Queue {
             }
         }
         let now = now_ms();
-        // Resolve keys: duplicates answer at once; new keys are claimed.
-        let mut receipts: Vec<Option<Receipt>> = vec![None; messages.len()];
-        let mut claims = Vec::new();
-        let mut first_of_key: HashMap<Bytes, usize> = HashMap::new();
-        let mut same_as: Vec<(usize, usize)> = Vec::new();
+        let keys = self.claim_keys(&messages, now).await;
+        let queue = Arc::clone(self);
+        let stored = tokio::spawn(async move { queue.store(Batch { messages, lanes, keys, now }).await });
+        match stored.await {
+            Ok(receipts) => receipts,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Err(BrokerError::ShuttingDown),
+        }
+    }
+
+    /// Resolves the call's idempotency keys: a key stored before answers
+    /// with its original receipt; a key repeated within the batch is
+    /// stored once (for its first message); every other key is claimed.
+    async fn claim_keys(&self, messages: &[Publish], now: u64) -> Keys {
+        let mut keys =
+            Keys { seen: vec![None; messages.len()], repeats: Vec::new(), claims: Claims::new(&self.dedupe) };
+        let mut first_of_key: HashMap<&Bytes, usize> = HashMap::new();
         for (i, message) in messages.iter().enumerate() {
             let Some(key) = &message.key else { continue };
             if let Some(&first) = first_of_key.get(key) {
-                same_as.push((i, first));
+                keys.repeats.push((i, first));
                 continue;
             }
-            first_of_key.insert(key.clone(), i);
-            loop {
-                let lookup = self.dedupe.lock().lookup(key, now);
-                match lookup {
-                    Lookup::Seen(at) => {
-                        receipts[i] = Some(Receipt { lane: at.lane, offset: at.offset, duplicate: true });
-                        break;
-                    }
-                    Lookup::Claimed(claim) => {
-                        claims.push((i, key.clone(), claim));
-                        break;
-                    }
-                    Lookup::Wait(mut rx) => {
-                        let _ = rx.wait_for(|done| *done).await;
-                    }
-                }
+            first_of_key.insert(key, i);
+            if let Some(at) = keys.claims.claim(i, key, now).await {
+                keys.seen[i] = Some(Receipt { lane: at.lane, offset: at.offset, duplicate: true });
             }
         }
+        keys
+    }
+
+    /// The part of a publish that runs to its end once begun, whatever
+    /// happens to the call (see [`Queue::publish`]): admission, one append
+    /// per lane, the commits, and the keys recorded for every lane whose
+    /// commit resolved. If a lane fails, the lanes appended before it are
+    /// still committed and their keys recorded (so a retry of the batch
+    /// stores only what is missing); the call then fails.
+    async fn store(self: Arc<Self>, batch: Batch) -> Result<Vec<Receipt>> {
+        let Batch { messages, lanes, keys, now } = batch;
+        let Keys { seen, repeats, mut claims } = keys;
         // What to store: one record per message that is neither a duplicate
         // nor a repeat of an earlier key in the batch. Admission decides on
         // the sizes alone; the records are built only for an admitted batch,
         // so a refusal stays cheap.
-        let mut stored: Vec<bool> = receipts.iter().map(Option::is_none).collect();
-        for &(i, _) in &same_as {
-            stored[i] = false;
+        let mut to_store: Vec<bool> = seen.iter().map(Option::is_none).collect();
+        for &(i, _) in &repeats {
+            to_store[i] = false;
         }
         let mut adding = vec![(0u64, 0u64); self.lanes.len()];
-        for (i, message) in messages.iter().enumerate().filter(|&(i, _)| stored[i]) {
+        for (i, message) in messages.iter().enumerate().filter(|&(i, _)| to_store[i]) {
             let lane = &mut adding[lanes[i] as usize];
             lane.0 += 1;
             lane.1 += stored_size(message, now);
         }
         let started = std::time::Instant::now();
-        let result = match self.admit(&adding) {
-            Ok(()) => self.append(&messages, &stored, &lanes, &mut receipts, now).await,
-            Err(refused) => Err(refused),
-        };
-        if result.is_ok() {
-            let seconds = started.elapsed().as_secs_f64();
-            for (lane, (n, _)) in adding.iter().enumerate() {
-                if *n > 0 {
-                    let meter = &self.meters[lane];
-                    meter.published.fetch_add(*n, Ordering::Relaxed);
-                    meter.metrics.published.increment(*n);
-                    meter.metrics.publish_durable.record(seconds);
-                }
+        let admitted = self.admit(&adding)?;
+        let (appended, mut failure) = self.append(&messages, &to_store, &lanes, now);
+        // The records are in their logs' counts now (or were not stored).
+        drop(admitted);
+
+        // A stored message gets its receipt once durable.
+        let mut receipts = seen;
+        for lane in appended {
+            if let Err(error) = lane.commit.await {
+                failure.get_or_insert(error.into());
+                continue;
             }
-        }
-        {
-            let mut dedupe = self.dedupe.lock();
-            for (i, key, claim) in claims {
-                match (&result, receipts[i]) {
-                    (Ok(()), Some(r)) => dedupe.stored(key, Stored { lane: r.lane, offset: r.offset }, now, claim),
-                    _ => dedupe.abandon(&key, claim),
-                }
+            let count = lane.indexes.len() as u64;
+            self.mark_durable(lane.lane, lane.first_offset + count);
+            for (n, &i) in lane.indexes.iter().enumerate() {
+                receipts[i] = Some(Receipt { lane: lane.lane, offset: lane.first_offset + n as u64, duplicate: false });
             }
+            let meter = &self.meters[lane.lane as usize];
+            meter.published.fetch_add(count, Ordering::Relaxed);
+            meter.metrics.published.increment(count);
+            meter.metrics.publish_durable.record(started.elapsed().as_secs_f64());
         }
-        result?;
-        for (i, first) in same_as {
+        // A claimed key's message has a receipt exactly when it is durable.
+        claims.stored(|i| receipts[i].map(|r| Stored { lane: r.lane, offset: r.offset }), now);
+        // Whatever became durable is delivered, whether or not the call
+        // succeeds as a whole.
+        self.dispatch();
+        if let Some(error) = failure {
+            // `claims` drops here: the claims not recorded are abandoned.
+            return Err(error);
+        }
+        for (i, first) in repeats {
             receipts[i] = receipts[first].map(|r| Receipt { duplicate: true, ..r });
         }
-        self.dispatch();
         Ok(receipts.into_iter().map(|r| r.expect("every message has a receipt")).collect())
     }
 
@@ -453,33 +516,31 @@ impl Queue {
         }
     }
 
-    /// Appends the messages marked `stored`, one append per lane.
-    async fn append(
+    /// Appends the messages marked `to_store`, one append per lane. Stops
+    /// at the first lane whose append fails and returns its error with the
+    /// lanes appended before it, which are stored and must be committed.
+    fn append(
         &self,
         messages: &[Publish],
-        stored: &[bool],
+        to_store: &[bool],
         lanes: &[u32],
-        receipts: &mut [Option<Receipt>],
         now: u64,
-    ) -> Result<()> {
-        let mut commits = Vec::new();
+    ) -> (Vec<LaneAppend>, Option<BrokerError>) {
+        let mut appended = Vec::new();
         for lane in 0..self.lane_count() {
-            let indexes: Vec<usize> = (0..messages.len()).filter(|&i| lanes[i] == lane && stored[i]).collect();
+            let indexes: Vec<usize> = (0..messages.len()).filter(|&i| lanes[i] == lane && to_store[i]).collect();
             if indexes.is_empty() {
                 continue;
             }
             let batch: Vec<NewRecord> = indexes.iter().map(|&i| to_record(&messages[i], now)).collect();
-            let appended = self.append_to(lane, &batch)?;
-            for (n, &i) in indexes.iter().enumerate() {
-                receipts[i] = Some(Receipt { lane, offset: appended.first_offset + n as u64, duplicate: false });
+            match self.append_to(lane, &batch) {
+                Ok(done) => {
+                    appended.push(LaneAppend { lane, first_offset: done.first_offset, indexes, commit: done.commit })
+                }
+                Err(error) => return (appended, Some(error.into())),
             }
-            commits.push((lane, appended.first_offset + indexes.len() as u64, appended.commit));
         }
-        for (lane, end, commit) in commits {
-            commit.await?;
-            self.mark_durable(lane, end);
-        }
-        Ok(())
+        (appended, None)
     }
 
     /// Checks one message against the queue's limits; returns its lane.
@@ -505,22 +566,35 @@ impl Queue {
         {
             return Err(which(format!("idempotency key is {} bytes; the limit is {KEY_SIZE_MAX}", key.len())));
         }
-        if message.headers.len() > HEADERS_COUNT_MAX as usize {
-            return Err(which(format!("{} headers; the limit is {HEADERS_COUNT_MAX}", message.headers.len())));
-        }
         // Checked here, not left to storage: a batch must be refused whole
-        // before any lane stores anything. The delay header the broker adds
-        // counts too (at its longest value).
-        let delay_header = if message.delay_ms > 0 {
-            headers_size(&[(HEADER_NOT_BEFORE.to_owned(), u64::MAX.to_string())])
-        } else {
-            0
-        };
-        let headers_size = headers_size(&message.headers) + delay_header;
-        if headers_size > u64::from(HEADERS_SIZE_MAX) {
+        // before any lane stores anything. The room the broker keeps for its
+        // own headers (the delay's, a redelivery's, a dead letter's) is not
+        // the publisher's, so that every message published can always be
+        // stored again with them.
+        if message.headers.len() > PUBLISH_HEADERS_COUNT_MAX as usize {
             return Err(which(format!(
-                "headers take {headers_size} bytes encoded{}; the limit is {HEADERS_SIZE_MAX}",
-                if delay_header > 0 { ", the delay's included" } else { "" }
+                "{} headers; the limit is {PUBLISH_HEADERS_COUNT_MAX} ({HEADERS_COUNT_MAX} less \
+                 {RESERVED_HEADERS_COUNT} kept for the broker's headers)",
+                message.headers.len()
+            )));
+        }
+        let headers_size = headers_size(&message.headers);
+        if headers_size > u64::from(PUBLISH_HEADERS_SIZE_MAX) {
+            return Err(which(format!(
+                "headers take {headers_size} bytes encoded (name and value plus 6 bytes each); the limit is \
+                 {PUBLISH_HEADERS_SIZE_MAX} ({HEADERS_SIZE_MAX} less {RESERVED_HEADERS_SIZE} kept for the broker's headers)"
+            )));
+        }
+        // Only a small `storage.segment_size` makes this bind: records
+        // then cannot outgrow a segment, and neither can their copies.
+        let key_size = message.key.as_ref().map_or(0, Bytes::len) as u64;
+        let record_size = u64::from(RECORD_HEADER_SIZE) + key_size + headers_size + size as u64;
+        let record_size_max = u64::from(self.lanes[lane as usize].options().record_size_max);
+        if record_size + u64::from(RESERVED_HEADERS_SIZE) > record_size_max {
+            return Err(which(format!(
+                "the record takes {record_size} bytes (payload, key and headers plus a {RECORD_HEADER_SIZE}-byte header) \
+                 and its copies {RESERVED_HEADERS_SIZE} more for the broker's headers; this broker's segments hold \
+                 records of at most {record_size_max} bytes (storage.segment_size)"
             )));
         }
         if let Some((name, _)) = message.headers.iter().find(|(name, _)| name.starts_with(RESERVED_HEADER_PREFIX)) {

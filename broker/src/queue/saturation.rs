@@ -73,6 +73,35 @@ struct Rates {
     ack_byte_rate: f64,
 }
 
+/// Messages and bytes admitted whose records may not be in their logs yet.
+/// Admission adds them to the logs' counts, and checks and reserves under
+/// one lock, so batches admitted at the same time cannot all take the
+/// queue's last room.
+#[derive(Debug, Default)]
+pub(crate) struct Admitting {
+    /// `(messages, bytes)` of the batches between admission and append.
+    counts: Mutex<(u64, u64)>,
+}
+
+/// A batch's admitted counts, reserved until the batch is in its logs (or
+/// failed to get there): dropping it releases them, however the append
+/// ended. Between the append and the drop the batch counts twice, which
+/// errs towards refusing, never towards overshooting.
+#[must_use = "the reservation ends when this drops"]
+pub(crate) struct Admitted<'a> {
+    admitting: &'a Admitting,
+    messages: u64,
+    bytes: u64,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.admitting.counts.lock();
+        counts.0 -= self.messages;
+        counts.1 -= self.bytes;
+    }
+}
+
 /// Counters of refused publishes.
 #[derive(Debug, Default)]
 pub(crate) struct Refused {
@@ -224,10 +253,12 @@ impl Queue {
     }
 
     /// Admission: may `adding[lane] = (messages, bytes)` be stored? A lane is
-    /// admitted while the queue stays within the lane's fraction of
-    /// `max_messages` and `max_bytes`. Takes no disk I/O beyond what the
-    /// figures need, and stores nothing.
-    pub(crate) fn admit(&self, adding: &[(u64, u64)]) -> Result<()> {
+    /// admitted while the queue, with the batches admitted but not yet
+    /// appended, stays within the lane's fraction of `max_messages` and
+    /// `max_bytes`. An admitted batch is reserved in the same step; the
+    /// caller holds the reservation until its append ended. Takes no disk
+    /// I/O beyond what the figures need, and stores nothing.
+    pub(crate) fn admit(&self, adding: &[(u64, u64)]) -> Result<Admitted<'_>> {
         if let Some(free) = self.node.disk_low() {
             self.refused.disk_full.fetch_add(1, Ordering::Relaxed);
             let (total, _) = self.figures_with(false);
@@ -243,8 +274,8 @@ impl Queue {
                 reason: RefusalReason::DiskLow { free, min: self.node.disk_free_min() },
             })));
         }
-        let mut depth = 0;
-        let mut bytes = 0;
+        let mut admitting = self.admitting.counts.lock();
+        let (mut depth, mut bytes) = *admitting;
         for (log, meter) in self.lanes.iter().zip(&self.meters) {
             depth += log.stats().pending;
             bytes += meter.backlog_bytes.load(Ordering::Relaxed);
@@ -259,6 +290,7 @@ impl Queue {
             let max_messages = (self.settings.max_messages as f64 * threshold).floor() as u64;
             let max_bytes = (self.settings.max_bytes as f64 * threshold).floor() as u64;
             if new_messages > max_messages || new_bytes > max_bytes {
+                drop(admitting);
                 // Not even an empty queue would take it: retrying cannot help.
                 return Err(BrokerError::InvalidArgument(format!(
                     "a batch of {new_messages} messages ({new_bytes} bytes) exceeds lane {}'s share of queue {} even when \
@@ -272,6 +304,7 @@ impl Queue {
             let excess_messages = (depth + new_messages).saturating_sub(max_messages);
             let excess_bytes = (bytes + new_bytes).saturating_sub(max_bytes);
             if excess_messages > 0 || excess_bytes > 0 {
+                drop(admitting);
                 self.refused.queue_full.fetch_add(1, Ordering::Relaxed);
                 self.meters[lane].metrics.refused_queue_full.increment(1);
                 let (total, _) = self.figures_with(false);
@@ -295,7 +328,9 @@ impl Queue {
                 })));
             }
         }
-        Ok(())
+        admitting.0 += new_messages;
+        admitting.1 += new_bytes;
+        Ok(Admitted { admitting: &self.admitting, messages: new_messages, bytes: new_bytes })
     }
 }
 

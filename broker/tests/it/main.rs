@@ -4,6 +4,7 @@
 mod admin;
 mod delivery;
 mod durability;
+mod publish;
 mod quota;
 mod saturation;
 mod support;

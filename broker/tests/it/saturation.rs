@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use ballast_broker::limits::{RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN};
 use ballast_proto::v1::{self as pb, stats_client::StatsClient};
 use tonic::Code;
 
@@ -193,6 +194,11 @@ async fn receipts_carry_the_figures_that_stats_report() {
     assert_status(client.get_stats(pb::StatsRequest { queue: "nope".into() }).await, Code::NotFound, "nope");
 }
 
+/// The smoothed ack rate follows a steady consumer, and the drain estimate
+/// is the depth at that rate. Judged against the rate the consumer really
+/// achieved (counted here over the last 3 s), not the 100/s it aims for:
+/// a loaded machine may not keep up, and the figures must follow what
+/// happened.
 #[tokio::test]
 async fn drain_estimate_converges_on_a_steady_consumer() {
     let broker = BrokerProcess::start();
@@ -201,30 +207,50 @@ async fn drain_estimate_converges_on_a_steady_consumer() {
     for _ in 0..3 {
         publish_batch(&mut publisher, "drain", (0..1000).map(|_| message("m")).collect()).await;
     }
-    // A consumer acking 200 messages per second, steadily.
+    // A consumer acking up to 100 messages per second, steadily.
     let mut consumer = broker.consumer().await;
     let mut session = Session::open(&mut consumer, "drain", 20).await;
-    let rate = 200.0;
+    let target = 100.0;
     let start = Instant::now();
     let mut acked = 0u64;
-    let mut estimates = Vec::new();
-    while start.elapsed() < Duration::from_secs(6) {
+    // `(when, acked by then)`, once per 10 acks.
+    let mut progress = vec![(start, 0u64)];
+    while start.elapsed() < Duration::from_secs(7) {
         let d = session.delivery().await;
         session.ack(vec![d.delivery_id]).await;
         session.credit(1).await;
         acked += 1;
-        let due = start + Duration::from_secs_f64(acked as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
-        if acked % 200 == 0 {
-            let s = stats(&broker, "drain").await.saturation.unwrap();
-            estimates.push((s.depth, s.ack_rate, s.drain_estimate_ms));
+        if acked % 10 == 0 {
+            progress.push((Instant::now(), acked));
         }
+        let due = start + Duration::from_secs_f64(acked as f64 / target);
+        tokio::time::sleep_until(due.into()).await;
     }
-    let (depth, ack_rate, estimate) = *estimates.last().unwrap();
-    let estimate = estimate.expect("an estimate once acks flow") as f64;
-    let truth = depth as f64 / rate * 1000.0;
-    assert!((ack_rate - rate).abs() / rate < 0.25, "smoothed ack rate {ack_rate} vs {rate}: {estimates:?}");
-    assert!((estimate - truth).abs() / truth < 0.25, "estimate {estimate} ms vs {truth} ms: {estimates:?}");
+    // The acks are applied when the stream's requests are read: ask for the
+    // figures once the last one counts (the depth says so).
+    let expected_depth = 3000 - acked;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let figures = loop {
+        let s = stats(&broker, "drain").await.saturation.unwrap();
+        if s.depth <= expected_depth {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the acks never counted: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let end = Instant::now();
+    let window = Duration::from_secs(3);
+    let &(from, acked_then) = progress.iter().rev().find(|(at, _)| end.duration_since(*at) >= window).unwrap();
+    let achieved = (acked - acked_then) as f64 / end.duration_since(from).as_secs_f64();
+    assert!(achieved > 10.0, "the consumer acked steadily: {achieved:.1}/s");
+    let ack_rate = figures.ack_rate;
+    assert!(
+        (ack_rate - achieved).abs() / achieved < 0.3,
+        "smoothed ack rate {ack_rate:.1} vs achieved {achieved:.1}/s"
+    );
+    let estimate = figures.drain_estimate_ms.expect("an estimate once acks flow") as f64;
+    let truth = figures.depth as f64 / achieved * 1000.0;
+    assert!((estimate - truth).abs() / truth < 0.3, "estimate {estimate} ms vs {truth:.0} ms at {achieved:.1}/s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,7 +376,7 @@ async fn bytes_are_the_unacked_records_before_and_after_a_restart() {
         .nack(pb::NackRequest { queue: "b".into(), delivery_id: nacked, delay_ms: 0, reason: "bad".into() })
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let drained = loop {
         let s = stats(&broker, "b").await;
         if s.saturation.as_ref().unwrap().depth == 0 || Instant::now() > deadline {
@@ -453,9 +479,12 @@ async fn byte_limit_refusal_names_the_batch_and_waits_for_the_bytes() {
             tokio::time::sleep_until((start + Duration::from_millis(u64::from(n) * 10)).into()).await;
         }
     });
+    // Let the smoothed rates take in a few ticks of acks. How fast this
+    // machine really acks does not matter: the hint is checked against the
+    // rates the broker measured.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let before = stats(&broker, "bytes").await.saturation.unwrap();
-    assert!(before.ack_rate > 50.0, "the consumer drains: {before:?}");
+    assert!(before.ack_rate > 0.0, "the consumer drains: {before:?}");
 
     // 200 more messages on low: far over its byte share, well under any
     // message limit.
@@ -479,7 +508,10 @@ async fn byte_limit_refusal_names_the_batch_and_waits_for_the_bytes() {
     // The excess over low's share, drained at about ack_rate x 1040 B/s.
     let excess = (bytes + 208_000 - 734_003) as f64;
     let rate = (before.ack_rate.min(after.ack_rate) * 1040.0, before.ack_rate.max(after.ack_rate) * 1040.0);
-    let (low, high) = (excess / rate.1 * 1000.0, excess / rate.0 * 1000.0);
+    // The hint is clamped to RETRY_AFTER_MS_MIN..=MAX (a slow machine's
+    // low drain rate can take it to the top).
+    let clamp = |ms: f64| ms.clamp(RETRY_AFTER_MS_MIN as f64, RETRY_AFTER_MS_MAX as f64);
+    let (low, high) = (clamp(excess / rate.1 * 1000.0), clamp(excess / rate.0 * 1000.0));
     assert!(
         (low * 0.7..=high * 1.3).contains(&(retry_after as f64)),
         "retry-after {retry_after} ms; expected {low:.0}..{high:.0} ms for {excess} bytes over at {rate:?} B/s"
