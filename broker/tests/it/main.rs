@@ -7,3 +7,4 @@ mod durability;
 mod quota;
 mod saturation;
 mod support;
+mod wire;
