@@ -4,6 +4,7 @@
 mod admin;
 mod delivery;
 mod durability;
+mod pull;
 mod quota;
 mod saturation;
 mod support;

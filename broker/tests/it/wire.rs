@@ -353,3 +353,93 @@ async fn watch_streams_at_the_limit_and_past() {
     assert!(third.message().await.unwrap().is_some());
     assert!(second.message().await.unwrap().is_some(), "the second is still served");
 }
+
+/// A TCP relay on loopback in front of the broker that can be told to
+/// stop forwarding without closing anything: the broker's peer seems to
+/// have vanished (host gone, cable cut), as no FIN or RST ever arrives.
+struct Blackhole {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Blackhole {
+    async fn start(target: std::net::SocketAddr) -> Blackhole {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&cut);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                    let flag = std::sync::Arc::clone(&flag);
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if flag.load(Ordering::SeqCst) {
+                                // Hold both sockets open and forward nothing.
+                                let _held = (from, to);
+                                std::future::pending::<()>().await;
+                                return;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Blackhole { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A consumer whose peer vanishes without closing its connection is found
+/// by HTTP/2 keepalive (short here: 200 ms pings, 500 ms to answer): its
+/// connection closes and its leases go back to the queue without counting
+/// an attempt, so another consumer gets the messages with attempt 1 long
+/// before their 60 s leases would expire. Without keepalive they waited for
+/// the lease expiry, each counting an attempt. See: #13 item 5.
+#[tokio::test]
+async fn a_blackholed_consumers_leases_are_released_by_keepalive() {
+    let config = config_file("[grpc]\nkeepalive_interval_ms = 200\nkeepalive_timeout_ms = 500\n");
+    let broker = start_with_config(&config);
+    let settings = pb::QueueSettings { lease_timeout_ms: Some(60_000), ..queue_settings() };
+    create(&mut broker.admin().await, "dead", settings).await;
+    publish_batch(&mut broker.publisher().await, "dead", (0..3).map(|i| message(format!("{i}"))).collect()).await;
+    let relay = Blackhole::start(broker.addr).await;
+    let through_relay = Channel::from_shared(format!("http://{}", relay.addr)).unwrap().connect().await.unwrap();
+    let mut doomed =
+        Session::open(&mut ballast_proto::v1::consumer_client::ConsumerClient::new(through_relay), "dead", 3).await;
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(doomed.delivery().await.payload);
+    }
+    relay.cut();
+    let started = std::time::Instant::now();
+    let mut survivor = Session::open(&mut broker.consumer().await, "dead", 3).await;
+    let mut again = Vec::new();
+    for _ in 0..3 {
+        let delivery = survivor.delivery().await;
+        assert_eq!(delivery.attempt, 1, "a vanished peer's lease does not count an attempt: {delivery:?}");
+        again.push(delivery.payload);
+    }
+    again.sort();
+    first.sort();
+    assert_eq!(again, first);
+    assert!(started.elapsed() < Duration::from_secs(10), "released after {:?}", started.elapsed());
+    let info = broker.admin().await.get_queue(pb::GetQueueRequest { name: "dead".into() }).await.unwrap().into_inner();
+    assert_eq!(info.consumers, 1, "the vanished consumer is gone");
+}
