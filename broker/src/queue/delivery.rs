@@ -311,6 +311,7 @@ impl Queue {
     /// RESOURCE_EXHAUSTED. End it with `unsubscribe(_, false)`: its leases
     /// stay until acked, nacked, released or expired.
     pub fn subscribe_pull(&self, max_messages: u32) -> Result<Subscription> {
+        check_credit(max_messages, 0)?;
         self.register(
             |state| {
                 let room = PULL_LEASES_MAX.saturating_sub(state.pull_holdings());

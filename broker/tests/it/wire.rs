@@ -443,3 +443,77 @@ async fn a_blackholed_consumers_leases_are_released_by_keepalive() {
     let info = broker.admin().await.get_queue(pb::GetQueueRequest { name: "dead".into() }).await.unwrap().into_inner();
     assert_eq!(info.consumers, 1, "the vanished consumer is gone");
 }
+
+/// CONSUMERS_MAX (1,024) consumers per queue are served; one more (a
+/// stream or a Pull) is RESOURCE_EXHAUSTED naming the limit; once one
+/// leaves, a new one is served.
+#[tokio::test]
+async fn consumers_per_queue_at_the_limit_and_past() {
+    const LIMIT: usize = 1024;
+    let broker = BrokerProcess::start();
+    create(&mut broker.admin().await, "crowd", queue_settings()).await;
+    // Two connections: each holds half (the default stream limit per
+    // connection is 1,024, which the extra calls below would pass).
+    let mut consumers = [broker.consumer().await, broker.consumer().await];
+    let mut sessions = Vec::with_capacity(LIMIT);
+    for i in 0..LIMIT {
+        sessions.push(Session::open(&mut consumers[i % 2], "crowd", 1).await);
+    }
+    assert_eq!(info_consumers(&broker, "crowd").await, LIMIT as u32, "at the limit");
+    let mut extra = broker.consumer().await;
+    assert_status(
+        Session::try_open(&mut extra, "crowd", 1).await.map(|_| ()),
+        Code::ResourceExhausted,
+        "consumers per queue",
+    );
+    assert_status(
+        extra.pull(pb::PullRequest { queue: "crowd".into(), max_messages: 1, wait_ms: 0 }).await,
+        Code::ResourceExhausted,
+        "consumers per queue",
+    );
+    drop(sessions.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while info_consumers(&broker, "crowd").await != LIMIT as u32 - 1 {
+        assert!(std::time::Instant::now() < deadline, "the closed stream's consumer is still registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Session::open(&mut extra, "crowd", 1).await;
+}
+
+async fn info_consumers(broker: &BrokerProcess, queue: &str) -> u32 {
+    broker.admin().await.get_queue(pb::GetQueueRequest { name: queue.into() }).await.unwrap().into_inner().consumers
+}
+
+/// A lane reads ahead at most DELAYED_MAX (100,000) messages whose delay
+/// has not come: with 99,999 of them ahead, an undelayed message behind
+/// them is delivered; with 100,000 the lane stops reading until some come
+/// due, so the one behind them waits (memory stays bounded).
+#[tokio::test]
+async fn delayed_messages_in_memory_at_the_limit_and_past() {
+    const LIMIT: usize = 100_000;
+    let broker = BrokerProcess::start();
+    let settings = pb::QueueSettings {
+        lanes: vec!["at".into(), "past".into()],
+        lane_weights: vec![1, 1],
+        sync_policy: pb::SyncPolicy::None.into(),
+        max_messages: Some(1_000_000),
+        ..queue_settings()
+    };
+    create(&mut broker.admin().await, "later", settings).await;
+    let mut publisher = broker.publisher().await;
+    let hour = 3_600_000;
+    for (lane, delayed) in [(0u32, LIMIT - 1), (1, LIMIT)] {
+        let mut left = delayed;
+        while left > 0 {
+            let n = left.min(1000);
+            let batch = (0..n).map(|_| pb::Message { delay_ms: hour, ..on_lane("later", lane) }).collect();
+            publish_batch(&mut publisher, "later", batch).await;
+            left -= n;
+        }
+        publish(&mut publisher, "later", on_lane(format!("now-{lane}"), lane)).await;
+    }
+    let mut session = Session::open(&mut broker.consumer().await, "later", 10).await;
+    let delivery = session.delivery().await;
+    assert_eq!(delivery.payload, "now-0".as_bytes(), "behind 99,999 delayed messages: delivered");
+    session.expect_silence(Duration::from_millis(1000)).await;
+}
