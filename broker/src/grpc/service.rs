@@ -434,3 +434,46 @@ async fn handle(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A stream applies at most STREAM_NACKS_IN_FLIGHT_MAX nacks at once:
+    /// with one permit left a nack is taken at once; with none left the
+    /// stream's next nack waits until an earlier one finishes.
+    #[tokio::test]
+    async fn nacks_in_flight_at_the_limit_and_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config { data_dir: dir.path().to_owned(), ..crate::Config::default() };
+        let broker = Broker::open(config).unwrap();
+        let queue = broker.create("n", &Default::default()).await.unwrap();
+        let (out, mut responses) = mpsc::channel(16);
+        let nacks = Arc::new(tokio::sync::Semaphore::new(STREAM_NACKS_IN_FLIGHT_MAX));
+        let nack = || pb::ConsumeRequest {
+            kind: Some(pb::consume_request::Kind::Nack(pb::Nack {
+                delivery_id: 7,
+                delay_ms: 0,
+                reason: String::new(),
+            })),
+        };
+        // Up to the limit: all but one permit held by earlier nacks.
+        let held = Arc::clone(&nacks).acquire_many_owned(STREAM_NACKS_IN_FLIGHT_MAX as u32 - 1).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), handle(&queue, 1, nack(), &out, &nacks))
+            .await
+            .expect("the last permit is taken at once")
+            .unwrap();
+        // The unknown delivery is rejected, and its permit comes back.
+        assert!(matches!(responses.recv().await, Some(Ok(_))));
+        // Past it: every permit held, so the next nack waits.
+        let last = Arc::clone(&nacks).acquire_owned().await.unwrap();
+        let waiting = handle(&queue, 1, nack(), &out, &nacks);
+        tokio::pin!(waiting);
+        assert!(tokio::time::timeout(Duration::from_millis(300), &mut waiting).await.is_err(), "past the limit");
+        drop(last);
+        tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("runs once one finishes").unwrap();
+        drop(held);
+    }
+}
