@@ -251,7 +251,8 @@ impl Dispatch {
             ids.push(delivery.delivery_id);
         }
         assert_eq!(ids.len(), n as usize, "dispatch delivered fewer than the credit");
-        self.runtime.block_on(self.queue.ack(&ids, false)).expect("ack");
+        let holder = ballast_broker::queue::Holder::Consumer(subscription.consumer_id);
+        self.runtime.block_on(self.queue.ack(&ids, false, holder)).expect("ack");
         self.queue.unsubscribe(subscription.consumer_id, false);
         elapsed
     }

@@ -9,6 +9,14 @@
 //! [storage]
 //! segment_size = 67108864
 //!
+//! [grpc]             # connections, keepalive and stream limits
+//! keepalive_interval_ms = 30000
+//! keepalive_timeout_ms = 10000
+//! tcp_keepalive_ms = 60000
+//! connections_max = 1024
+//! streams_per_connection_max = 1024
+//! watch_streams_max = 256
+//!
 //! [queue_defaults]   # the defaults of every new queue
 //! lanes = ["high", "normal", "low"]
 //! lane_weights = [4, 2, 1]
@@ -32,6 +40,18 @@ pub const METRICS_LISTEN_DEFAULT: &str = "127.0.0.1:7401";
 pub const DISK_FREE_MIN_BYTES_DEFAULT: u64 = 512 * 1024 * 1024;
 /// How long a graceful shutdown waits for in-flight requests, in ms.
 pub const SHUTDOWN_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default HTTP/2 ping interval on an idle connection, in ms.
+pub const KEEPALIVE_INTERVAL_MS_DEFAULT: u64 = 30_000;
+/// Default wait for a ping's answer before the connection is closed, in ms.
+pub const KEEPALIVE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default idle time before the kernel's TCP keepalive probes start, in ms.
+pub const TCP_KEEPALIVE_MS_DEFAULT: u64 = 60_000;
+/// Default limit on connections held at once.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+/// Default limit on concurrent calls (HTTP/2 streams) per connection.
+pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 1024;
+/// Default limit on Stats Watch streams open at once.
+pub const WATCH_STREAMS_MAX_DEFAULT: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -48,6 +68,11 @@ pub struct Config {
     /// free space than this, in bytes (consumers, acks and admin go on).
     pub disk_free_min_bytes: u64,
     pub storage: StorageConfig,
+    pub grpc: GrpcConfig,
+    /// Failures to inject into every log's I/O (tests of a running broker;
+    /// never read from a file).
+    #[serde(skip)]
+    pub faults: FaultInjection,
     /// Settings a new queue gets for every field its creator leaves unset.
     pub queue_defaults: QueueSettings,
 }
@@ -62,6 +87,93 @@ pub struct StorageConfig {
     pub checkpoint_interval_bytes: u64,
 }
 
+/// The storage fault seam ([`ballast_storage::Faults`]) shared by every
+/// log the broker opens; `None` in production.
+#[derive(Debug, Clone, Default)]
+pub struct FaultInjection(pub Option<std::sync::Arc<ballast_storage::Faults>>);
+
+impl PartialEq for FaultInjection {
+    fn eq(&self, other: &FaultInjection) -> bool {
+        match (&self.0, &other.0) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+/// Connection settings of the gRPC server: how dead peers are found and
+/// how many connections and calls it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// HTTP/2 ping interval, in ms: a connection is pinged when it has been
+    /// quiet this long.
+    pub keepalive_interval_ms: u64,
+    /// How long a ping may go unanswered, in ms, before the connection is
+    /// closed: its consume streams end and their leases go back to their
+    /// lanes without counting an attempt.
+    pub keepalive_timeout_ms: u64,
+    /// Idle time before TCP keepalive probes start, in ms (the kernel's
+    /// probe interval and count then apply).
+    pub tcp_keepalive_ms: u64,
+    /// Connections held at once; a new one past it is closed at once (and
+    /// logged).
+    pub connections_max: usize,
+    /// Concurrent calls (HTTP/2 streams) per connection, announced to the
+    /// client: its HTTP/2 layer waits before starting more.
+    pub streams_per_connection_max: u32,
+    /// Stats Watch streams open at once; one more is RESOURCE_EXHAUSTED.
+    pub watch_streams_max: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> GrpcConfig {
+        GrpcConfig {
+            keepalive_interval_ms: KEEPALIVE_INTERVAL_MS_DEFAULT,
+            keepalive_timeout_ms: KEEPALIVE_TIMEOUT_MS_DEFAULT,
+            tcp_keepalive_ms: TCP_KEEPALIVE_MS_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            streams_per_connection_max: STREAMS_PER_CONNECTION_MAX_DEFAULT,
+            watch_streams_max: WATCH_STREAMS_MAX_DEFAULT,
+        }
+    }
+}
+
+impl GrpcConfig {
+    /// Checks each setting against its range; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::limits::{
+            CONNECTIONS_MAX, KEEPALIVE_MS_MAX, KEEPALIVE_MS_MIN, STREAMS_PER_CONNECTION_MAX, WATCH_STREAMS_MAX,
+        };
+        let ms = [
+            ("keepalive_interval_ms", self.keepalive_interval_ms),
+            ("keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("tcp_keepalive_ms", self.tcp_keepalive_ms),
+        ];
+        for (key, value) in ms {
+            if !(KEEPALIVE_MS_MIN..=KEEPALIVE_MS_MAX).contains(&value) {
+                return Err(format!("{key} must be in {KEEPALIVE_MS_MIN}..={KEEPALIVE_MS_MAX}; got {value}"));
+            }
+        }
+        let counts = [
+            ("connections_max", self.connections_max, CONNECTIONS_MAX),
+            (
+                "streams_per_connection_max",
+                self.streams_per_connection_max as usize,
+                STREAMS_PER_CONNECTION_MAX as usize,
+            ),
+            ("watch_streams_max", self.watch_streams_max, WATCH_STREAMS_MAX),
+        ];
+        for (key, value, max) in counts {
+            if !(1..=max).contains(&value) {
+                return Err(format!("{key} must be in 1..={max}; got {value}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -71,6 +183,8 @@ impl Default for Config {
             metrics_listen: METRICS_LISTEN_DEFAULT.parse().expect("the default metrics address parses"),
             disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
             storage: StorageConfig::default(),
+            grpc: GrpcConfig::default(),
+            faults: FaultInjection::default(),
             queue_defaults: QueueSettings::default(),
         }
     }
@@ -98,6 +212,7 @@ impl Config {
         self.queue_defaults.validate().map_err(|e| format!("queue_defaults: {e}"))?;
         let log = self.log_options(&self.queue_defaults);
         log.validate().map_err(|e| format!("storage: {e}"))?;
+        self.grpc.validate().map_err(|e| format!("grpc.{e}"))?;
         Ok(())
     }
 
@@ -115,7 +230,7 @@ impl Config {
             checkpoint_interval_bytes: self.storage.checkpoint_interval_bytes,
             dedupe_window_ms: settings.dedupe_window_ms,
             dedupe_keys_max: u32::try_from(crate::limits::DEDUPE_KEYS_MAX).unwrap_or(u32::MAX),
-            faults: None,
+            faults: self.faults.0.clone(),
         }
     }
 }
@@ -136,5 +251,29 @@ mod tests {
         assert_eq!(c.queue_defaults.lanes, vec!["a"]);
         assert!(Config::from_toml("lisen = \"x\"").unwrap_err().contains("lisen"));
         assert!(Config::from_toml("[queue_defaults]\nmax_attempts = 0").unwrap_err().contains("max_attempts"));
+    }
+
+    /// The `[grpc]` settings take values at their bounds and refuse one
+    /// past them, naming the key.
+    #[test]
+    fn grpc_settings_are_checked_at_their_bounds() {
+        use crate::limits::{CONNECTIONS_MAX, KEEPALIVE_MS_MAX, KEEPALIVE_MS_MIN, WATCH_STREAMS_MAX};
+        let ok = format!(
+            "[grpc]\nkeepalive_interval_ms = {KEEPALIVE_MS_MIN}\nkeepalive_timeout_ms = {KEEPALIVE_MS_MAX}\n\
+             connections_max = {CONNECTIONS_MAX}\nwatch_streams_max = 1\nstreams_per_connection_max = 1\n"
+        );
+        let c = Config::from_toml(&ok).unwrap();
+        assert_eq!(c.grpc.connections_max, CONNECTIONS_MAX);
+        for (text, key) in [
+            (format!("[grpc]\nkeepalive_interval_ms = {}", KEEPALIVE_MS_MIN - 1), "grpc.keepalive_interval_ms"),
+            (format!("[grpc]\nkeepalive_timeout_ms = {}", KEEPALIVE_MS_MAX + 1), "grpc.keepalive_timeout_ms"),
+            (format!("[grpc]\nconnections_max = {}", CONNECTIONS_MAX + 1), "grpc.connections_max"),
+            ("[grpc]\nconnections_max = 0".to_owned(), "grpc.connections_max"),
+            (format!("[grpc]\nwatch_streams_max = {}", WATCH_STREAMS_MAX + 1), "grpc.watch_streams_max"),
+            ("[grpc]\nstreams_per_connection_max = 0".to_owned(), "grpc.streams_per_connection_max"),
+        ] {
+            let error = Config::from_toml(&text).unwrap_err();
+            assert!(error.contains(key), "{text}: {error}");
+        }
     }
 }

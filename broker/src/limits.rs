@@ -52,6 +52,23 @@ pub const STREAM_NACKS_IN_FLIGHT_MAX: usize = 1024;
 /// Longest Pull wait, in milliseconds.
 pub const PULL_WAIT_MS_MAX: u64 = 60_000;
 
+/// Messages pulled and not yet acked, nacked or expired, per queue (plus
+/// the `max_messages` of Pulls in progress): as many as one stream consumer
+/// may hold. A Pull asking for more gets fewer; at the limit it is refused
+/// with RESOURCE_EXHAUSTED until pulled messages are acked or nacked.
+pub const PULL_LEASES_MAX: usize = CREDIT_MAX as usize;
+
+/// Largest Pull response, in encoded bytes. Deliveries past it are not
+/// returned and go back to the front of their lanes unleased (no attempt
+/// counted); the next Pull gets them. The first delivery is always
+/// returned, so one message of the largest size fits, and the response
+/// stays under the client's decode limit and the server's encode limit.
+pub const PULL_RESPONSE_SIZE_MAX: usize = MESSAGE_SIZE_MAX as usize + 512 * 1024;
+
+/// A message that cannot be read for delivery (an I/O error, not a CRC
+/// failure) is kept and tried again after this long, in milliseconds.
+pub const REREAD_RETRY_MS: u64 = 1_000;
+
 /// Longest publish or nack delay, in milliseconds (7 days).
 pub const DELAY_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 
@@ -138,12 +155,53 @@ pub const KEY_SIZE_MAX: u32 = ballast_storage::limits::KEY_SIZE_MAX;
 /// small ones.
 pub const GRPC_DECODE_SIZE_MAX: usize = MESSAGE_SIZE_MAX as usize + 1024 * 1024;
 
+/// gRPC encode limit: the largest response the broker sends (the client
+/// library decodes up to the same 17 MiB). A response over it fails the
+/// call with RESOURCE_EXHAUSTED instead of reaching a client that would
+/// refuse it; Pull keeps under it by [`PULL_RESPONSE_SIZE_MAX`].
+pub const GRPC_ENCODE_SIZE_MAX: usize = GRPC_DECODE_SIZE_MAX;
+
+/// Request metadata (gRPC headers) a call may carry, in bytes counted as
+/// HTTP/2 does (name + value + 32 per entry). More is refused with
+/// RESOURCE_EXHAUSTED naming the size and this limit, before the call runs.
+pub const METADATA_SIZE_MAX: usize = 64 * 1024;
+
+/// HTTP/2 header list the server accepts, in bytes: above
+/// [`METADATA_SIZE_MAX`] so that oversized metadata reaches the broker's
+/// own check (a gRPC status) instead of HTTP/2's (an HTTP 431, which
+/// clients report as UNKNOWN). Only a header list above this gets 431.
+pub const HTTP2_HEADER_LIST_SIZE_MAX: u32 = 1024 * 1024;
+
+/// Ceilings of the `[grpc]` settings in `config.rs` (whose defaults live
+/// there). Connections the server holds at once: past `grpc.connections_max`
+/// a new connection is closed at once and logged.
+pub const CONNECTIONS_MAX: usize = 65_536;
+/// Concurrent HTTP/2 streams (calls) per connection: past
+/// `grpc.streams_per_connection_max` the client's HTTP/2 layer waits for a
+/// stream to end before it starts another call.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 65_536;
+/// Stats Watch streams open at once: past `grpc.watch_streams_max` a Watch
+/// is refused with RESOURCE_EXHAUSTED.
+pub const WATCH_STREAMS_MAX: usize = 65_536;
+/// Shortest HTTP/2 and TCP keepalive settings, in milliseconds: pings more
+/// often than this would be load, not liveness checks.
+pub const KEEPALIVE_MS_MIN: u64 = 100;
+/// Longest HTTP/2 and TCP keepalive settings, in milliseconds (1 day).
+pub const KEEPALIVE_MS_MAX: u64 = 24 * 3600 * 1000;
+
 /// Header names starting with this are reserved for the broker.
 pub const RESERVED_HEADER_PREFIX: &str = "ballast-";
 
 const _: () = assert!(LANES_MAX <= u8::MAX as usize);
 const _: () = assert!(RESERVED_HEADERS_SIZE < HEADERS_SIZE_MAX / 16);
 const _: () = assert!(RESERVED_HEADERS_COUNT < HEADERS_COUNT_MAX / 4);
+// One delivery of the largest message (payload, headers, key and a few
+// fixed fields) fits in a Pull response, and a full response in a frame.
+const _: () = assert!(
+    MESSAGE_SIZE_MAX as usize + 2 * HEADERS_SIZE_MAX as usize + KEY_SIZE_MAX as usize + 1024 <= PULL_RESPONSE_SIZE_MAX
+);
+const _: () = assert!(PULL_RESPONSE_SIZE_MAX + 1024 <= GRPC_ENCODE_SIZE_MAX);
+const _: () = assert!(METADATA_SIZE_MAX < HTTP2_HEADER_LIST_SIZE_MAX as usize);
 const _: () = assert!(QUEUE_NAME_SIZE_MAX > DEAD_LETTER_SUFFIX.len());
 
 /// Default admission limit on a queue's unacked messages.

@@ -159,6 +159,8 @@ fn describe() {
     );
     describe_counter!("ballast_refused_publishes_total", Unit::Count, "Publish calls refused by admission, by reason.");
     describe_counter!("ballast_errors_total", Unit::Count, "Failed gRPC calls, by status code.");
+    describe_gauge!("ballast_connections", Unit::Count, "gRPC connections held.");
+    describe_counter!("ballast_connections_refused_total", Unit::Count, "Connections closed past connections_max.");
     describe_histogram!("ballast_publish_durable_seconds", Unit::Seconds, "Admission to durable answer of a publish.");
     describe_histogram!("ballast_publish_to_delivery_seconds", Unit::Seconds, "Enqueue to delivery.");
     describe_histogram!("ballast_delivery_to_ack_seconds", Unit::Seconds, "Delivery to ack.");

@@ -8,9 +8,17 @@ use ballast_proto::v1::{
     stats_server::StatsServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tokio_stream::StreamExt;
+use tonic::transport::server::TcpIncoming;
 
-use crate::{Broker, grpc::Service, limits::GRPC_DECODE_SIZE_MAX};
+use crate::{
+    Broker,
+    grpc::{
+        Service,
+        transport::{Connections, StatusLayer},
+    },
+    limits::{GRPC_DECODE_SIZE_MAX, GRPC_ENCODE_SIZE_MAX, HTTP2_HEADER_LIST_SIZE_MAX},
+};
 
 /// Serves `broker` on `listener` until `shutdown` resolves, then drains:
 /// new calls get UNAVAILABLE, consume streams end, in-flight publishes finish
@@ -38,23 +46,51 @@ pub async fn serve(
         .build_v1()?;
 
     // Small responses must not wait for Nagle's algorithm (40 ms with
-    // delayed ACKs): every accepted connection gets TCP_NODELAY.
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        if let Ok(stream) = &stream
-            && let Err(e) = stream.set_nodelay(true)
-        {
-            tracing::warn!("cannot set TCP_NODELAY: {e}");
-        }
-        stream
-    });
+    // delayed ACKs): every accepted connection gets TCP_NODELAY. TCP
+    // keepalive finds peers whose host vanished even on a quiet connection
+    // the HTTP/2 pings below would also catch; the connection count bounds
+    // what clients can hold open.
+    let grpc = broker.config().grpc.clone();
+    let connections = Connections::new(grpc.connections_max);
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_millis(grpc.tcp_keepalive_ms)))
+        .filter_map(move |accepted| match accepted {
+            Ok(stream) => connections.admit(stream).map(Ok),
+            Err(e) => Some(Err(e)),
+        });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // HTTP/2 pings find a consumer whose peer stopped answering: the
+    // connection closes, its streams end and their leases go back to their
+    // lanes without counting an attempt.
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_millis(grpc.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(grpc.keepalive_timeout_ms)))
+        .max_concurrent_streams(grpc.streams_per_connection_max)
+        .http2_max_header_list_size(HTTP2_HEADER_LIST_SIZE_MAX)
+        .layer(StatusLayer)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AdminServer::new(service.clone()).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
-        .add_service(PublisherServer::new(service.clone()).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
-        .add_service(ConsumerServer::new(service.clone()).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
-        .add_service(StatsServer::new(service).max_decoding_message_size(GRPC_DECODE_SIZE_MAX))
+        .add_service(
+            AdminServer::new(service.clone())
+                .max_decoding_message_size(GRPC_DECODE_SIZE_MAX)
+                .max_encoding_message_size(GRPC_ENCODE_SIZE_MAX),
+        )
+        .add_service(
+            PublisherServer::new(service.clone())
+                .max_decoding_message_size(GRPC_DECODE_SIZE_MAX)
+                .max_encoding_message_size(GRPC_ENCODE_SIZE_MAX),
+        )
+        .add_service(
+            ConsumerServer::new(service.clone())
+                .max_decoding_message_size(GRPC_DECODE_SIZE_MAX)
+                .max_encoding_message_size(GRPC_ENCODE_SIZE_MAX),
+        )
+        .add_service(
+            StatsServer::new(service)
+                .max_decoding_message_size(GRPC_DECODE_SIZE_MAX)
+                .max_encoding_message_size(GRPC_ENCODE_SIZE_MAX),
+        )
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });

@@ -8,6 +8,7 @@
 mod convert;
 mod service;
 mod status;
+pub mod transport;
 
 pub use service::Service;
 pub use status::to_status;

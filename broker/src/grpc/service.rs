@@ -5,29 +5,32 @@ use std::{sync::Arc, time::Duration};
 use ballast_proto::v1::{self as pb, admin_server, consumer_server, publisher_server, stats_server};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::{convert, status::to_status};
+use super::{convert, status::to_status, transport::inbound_error};
 use crate::{
     Broker,
     error::BrokerError,
     limits::{
-        CREDIT_MAX, PULL_WAIT_MS_MAX, STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX,
-        WATCH_INTERVAL_MS_MIN,
+        CREDIT_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT,
+        WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
     },
     now_ms,
-    queue::Queue,
+    queue::{Holder, Queue},
 };
 
 /// Implements every `ballast.v1` service on one [`Broker`].
 #[derive(Debug, Clone)]
 pub struct Service {
     broker: Arc<Broker>,
+    /// A permit per open Stats Watch stream (`grpc.watch_streams_max`).
+    watches: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
     pub fn new(broker: Arc<Broker>) -> Service {
-        Service { broker }
+        let watches = Arc::new(tokio::sync::Semaphore::new(broker.config().grpc.watch_streams_max));
+        Service { broker, watches }
     }
 
     fn queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
@@ -141,6 +144,14 @@ impl stats_server::Stats for Service {
                 "interval_ms must be in {WATCH_INTERVAL_MS_MIN}..={WATCH_INTERVAL_MS_MAX}; got {interval_ms}"
             )));
         }
+        // Held by the stream's task: released when the stream ends.
+        let permit = Arc::clone(&self.watches).try_acquire_owned().map_err(|_| {
+            to_status(BrokerError::LimitReached {
+                what: "Stats Watch streams",
+                max: self.broker.config().grpc.watch_streams_max,
+                hint: "close other Watch streams, poll GetStats, or raise grpc.watch_streams_max",
+            })
+        })?;
         let first = self.stats(&request.queue)?;
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
@@ -149,6 +160,7 @@ impl stats_server::Stats for Service {
         // away (or the client may have stopped reading).
         let stopping = self.broker.stopping();
         tokio::spawn(async move {
+            let _permit = permit;
             tokio::pin!(stopping);
             let mut next = Ok(first);
             let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
@@ -190,8 +202,11 @@ impl consumer_server::Consumer for Service {
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
         let mut inbound = request.into_inner();
-        let first =
-            inbound.message().await?.ok_or_else(|| Status::invalid_argument("the stream ended before subscribe"))?;
+        let first = inbound
+            .message()
+            .await
+            .map_err(inbound_error)?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before subscribe"))?;
         let Some(pb::consume_request::Kind::Subscribe(subscribe)) = first.kind else {
             return Err(Status::invalid_argument("the first request of a consume stream must be subscribe"));
         };
@@ -200,7 +215,7 @@ impl consumer_server::Consumer for Service {
         let (out, rx) = mpsc::channel(CREDIT_MAX as usize + SESSION_CHANNEL_EXTRA);
         let subscribed = pb::Subscribed { queue: queue.name.to_string(), consumer_id: subscription.consumer_id };
         let _ = out.try_send(Ok(response(pb::consume_response::Kind::Subscribed(subscribed))));
-        tokio::spawn(session(queue, subscription, inbound, out));
+        tokio::spawn(session(Arc::clone(&self.broker), queue, subscription, inbound, out));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -213,18 +228,34 @@ impl consumer_server::Consumer for Service {
                 request.wait_ms
             )));
         }
-        let mut subscription = queue.subscribe(request.max_messages).map_err(to_status)?;
+        let mut subscription = queue.subscribe_pull(request.max_messages).map_err(to_status)?;
+        // If the call is dropped while it waits (the client cancelled or
+        // went away), what was leased to it goes back to its lanes.
+        let mut pending = PendingPull { queue: &queue, consumer_id: Some(subscription.consumer_id) };
         let first = tokio::time::timeout(Duration::from_millis(request.wait_ms), subscription.deliveries.recv())
             .await
             .ok()
             .flatten();
-        // Without release: what was leased stays leased until Ack, Nack or
+        // Without release: what is returned stays leased until Ack, Nack or
         // expiry. The channel still yields what was sent before.
-        queue.unsubscribe(subscription.consumer_id, false);
-        let mut deliveries: Vec<pb::Delivery> = first.into_iter().map(convert::delivery).collect();
-        while let Ok(delivery) = subscription.deliveries.try_recv() {
-            deliveries.push(convert::delivery(delivery));
+        pending.finish();
+        let mut deliveries: Vec<pb::Delivery> = Vec::new();
+        let mut size = 0;
+        let mut left_out = Vec::new();
+        for delivery in first.into_iter().chain(std::iter::from_fn(|| subscription.deliveries.try_recv().ok())) {
+            let delivery = convert::delivery(delivery);
+            // The field's tag, length prefix and body.
+            let len = prost::Message::encoded_len(&delivery);
+            let len = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+            if deliveries.is_empty() || size + len <= PULL_RESPONSE_SIZE_MAX {
+                size += len;
+                deliveries.push(delivery);
+            } else {
+                left_out.push(delivery.delivery_id);
+            }
         }
+        // Past the size limit: not returned, so not leased either.
+        queue.release(&left_out);
         Ok(Response::new(pb::PullResponse { deliveries }))
     }
 
@@ -240,15 +271,42 @@ impl consumer_server::Consumer for Service {
                 request.delivery_ids.len()
             )));
         }
-        queue.ack(&request.delivery_ids, true).await.map_err(to_status)?;
+        queue.ack(&request.delivery_ids, true, Holder::AnyCaller).await.map_err(to_status)?;
         Ok(Response::new(pb::AckResponse {}))
     }
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Result<Response<pb::NackResponse>, Status> {
         let request = request.into_inner();
         let queue = self.queue(&request.queue)?;
-        queue.nack(request.delivery_id, request.delay_ms, &request.reason).await.map_err(to_status)?;
+        queue
+            .nack(request.delivery_id, request.delay_ms, &request.reason, Holder::AnyCaller)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::NackResponse {}))
+    }
+}
+
+/// A Pull between subscribing and returning: dropped before `finish`, it
+/// ends the Pull's consumer and releases what was leased to it.
+struct PendingPull<'a> {
+    queue: &'a Queue,
+    consumer_id: Option<u64>,
+}
+
+impl PendingPull<'_> {
+    /// Ends the Pull's consumer; its leases stay.
+    fn finish(&mut self) {
+        if let Some(consumer_id) = self.consumer_id.take() {
+            self.queue.unsubscribe(consumer_id, false);
+        }
+    }
+}
+
+impl Drop for PendingPull<'_> {
+    fn drop(&mut self) {
+        if let Some(consumer_id) = self.consumer_id.take() {
+            self.queue.unsubscribe(consumer_id, true);
+        }
     }
 }
 
@@ -270,6 +328,7 @@ type Out = mpsc::Sender<Result<pb::ConsumeResponse, Status>>;
 /// One consume stream: forwards deliveries and applies credit, acks and
 /// nacks until either side ends; then releases the consumer's leases.
 async fn session(
+    broker: Arc<Broker>,
     queue: Arc<Queue>,
     mut subscription: crate::queue::Subscription,
     mut inbound: Streaming<pb::ConsumeRequest>,
@@ -287,9 +346,13 @@ async fn session(
                     }
                 }
                 None => {
-                    // The queue ended the consumer: deleted or shutting down.
-                    let status = if queue.is_closed() {
-                        Status::unavailable(format!("queue {} closed (deleted or broker shutting down)", queue.name))
+                    // The queue ended the consumer: shutting down (come back
+                    // after the restart) or deleted (it will not come back).
+                    let status = if broker.is_shutting_down() {
+                        to_status(BrokerError::ShuttingDown)
+                    } else if queue.is_closed() {
+                        crate::metrics::count_error(Code::NotFound);
+                        Status::not_found(format!("queue {} was deleted", queue.name))
                     } else {
                         Status::aborted("the broker ended this consumer; subscribe again")
                     };
@@ -304,7 +367,13 @@ async fn session(
                         break;
                     }
                 }
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(status) => {
+                    // A request the broker cannot decode gets its status;
+                    // otherwise the client is gone and nobody reads it.
+                    let _ = out.send(Err(inbound_error(status))).await;
+                    break;
+                }
             },
         }
     }
@@ -337,7 +406,7 @@ async fn handle(
             // Each id on its own: a stale one is rejected, the others apply.
             // Not awaited: stream acks become durable with the next sync.
             for delivery_id in ack.delivery_ids {
-                if let Err(error) = queue.ack(&[delivery_id], false).await {
+                if let Err(error) = queue.ack(&[delivery_id], false, Holder::Consumer(consumer_id)).await {
                     let _ = out.send(Ok(rejected(delivery_id, error))).await;
                 }
             }
@@ -354,12 +423,57 @@ async fn handle(
                 .map_err(|_| Status::internal("the stream's nack limiter closed"))?;
             // Off the session loop: a nack stores a copy (durable) first.
             tokio::spawn(async move {
-                if let Err(error) = queue.nack(nack.delivery_id, nack.delay_ms, &nack.reason).await {
+                if let Err(error) =
+                    queue.nack(nack.delivery_id, nack.delay_ms, &nack.reason, Holder::Consumer(consumer_id)).await
+                {
                     let _ = out.send(Ok(rejected(nack.delivery_id, error))).await;
                 }
                 drop(permit);
             });
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A stream applies at most STREAM_NACKS_IN_FLIGHT_MAX nacks at once:
+    /// with one permit left a nack is taken at once; with none left the
+    /// stream's next nack waits until an earlier one finishes.
+    #[tokio::test]
+    async fn nacks_in_flight_at_the_limit_and_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config { data_dir: dir.path().to_owned(), ..crate::Config::default() };
+        let broker = Broker::open(config).unwrap();
+        let queue = broker.create("n", &Default::default()).await.unwrap();
+        let (out, mut responses) = mpsc::channel(16);
+        let nacks = Arc::new(tokio::sync::Semaphore::new(STREAM_NACKS_IN_FLIGHT_MAX));
+        let nack = || pb::ConsumeRequest {
+            kind: Some(pb::consume_request::Kind::Nack(pb::Nack {
+                delivery_id: 7,
+                delay_ms: 0,
+                reason: String::new(),
+            })),
+        };
+        // Up to the limit: all but one permit held by earlier nacks.
+        let held = Arc::clone(&nacks).acquire_many_owned(STREAM_NACKS_IN_FLIGHT_MAX as u32 - 1).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), handle(&queue, 1, nack(), &out, &nacks))
+            .await
+            .expect("the last permit is taken at once")
+            .unwrap();
+        // The unknown delivery is rejected, and its permit comes back.
+        assert!(matches!(responses.recv().await, Some(Ok(_))));
+        // Past it: every permit held, so the next nack waits.
+        let last = Arc::clone(&nacks).acquire_owned().await.unwrap();
+        let waiting = handle(&queue, 1, nack(), &out, &nacks);
+        tokio::pin!(waiting);
+        assert!(tokio::time::timeout(Duration::from_millis(300), &mut waiting).await.is_err(), "past the limit");
+        drop(last);
+        tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("runs once one finishes").unwrap();
+        drop(held);
     }
 }

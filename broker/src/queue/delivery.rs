@@ -32,7 +32,9 @@ use tokio::sync::mpsc;
 use super::{HEADER_NOT_BEFORE, LaneScheduler, Queue, QueueSettings, headers};
 use crate::{
     error::{BrokerError, Result},
-    limits::{CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, NACK_REASON_SIZE_MAX},
+    limits::{
+        CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, NACK_REASON_SIZE_MAX, PULL_LEASES_MAX, REREAD_RETRY_MS,
+    },
     now_ms,
 };
 
@@ -66,6 +68,8 @@ pub(crate) struct DeliveryState {
     /// `(deadline_ms, delivery_id)` of every lease, for expiry.
     expiries: BTreeSet<(u64, u64)>,
     consumers: BTreeMap<u64, Consumer>,
+    /// Leases delivered by Pulls (bounded by [`PULL_LEASES_MAX`]).
+    pull_leases: usize,
     /// Round-robin position among consumers.
     next_consumer: u64,
     /// When the timer task plans to wake (`u64::MAX`: not planned).
@@ -85,7 +89,11 @@ struct LaneState {
 struct Lease {
     lane: u32,
     offset: u64,
+    /// The consumer that received it. A consume stream may ack or nack only
+    /// its own deliveries (see [`Holder`]).
     consumer_id: u64,
+    /// Delivered by a Pull: counted in [`DeliveryState::pull_leases`].
+    pull: bool,
     deadline_ms: u64,
     /// The delivery's attempt number (1-based).
     attempt: u32,
@@ -100,6 +108,30 @@ struct Consumer {
     credit: u32,
     in_flight: u32,
     sender: mpsc::Sender<Delivery>,
+    /// A Pull in progress (its leases outlive it) rather than a stream.
+    pull: bool,
+}
+
+/// Who may settle (ack or nack) a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// The consume stream that received it, by consumer id: a stream's
+    /// acks and nacks of another consumer's deliveries are refused as
+    /// unknown deliveries.
+    Consumer(u64),
+    /// Any caller that names the delivery id (unary Ack and Nack, used with
+    /// Pull): the ids are random 64-bit numbers, so only a caller that was
+    /// given one can name it.
+    AnyCaller,
+}
+
+impl Holder {
+    fn holds(self, lease: &Lease) -> bool {
+        match self {
+            Holder::Consumer(id) => !lease.pull && lease.consumer_id == id,
+            Holder::AnyCaller => true,
+        }
+    }
 }
 
 impl DeliveryState {
@@ -117,6 +149,7 @@ impl DeliveryState {
             leases: HashMap::new(),
             expiries: BTreeSet::new(),
             consumers: BTreeMap::new(),
+            pull_leases: 0,
             next_consumer: 0,
             timer_deadline: 0,
         }
@@ -158,8 +191,64 @@ impl DeliveryState {
         if let Some(consumer) = self.consumers.get_mut(&lease.consumer_id) {
             consumer.in_flight -= 1;
         }
+        if lease.pull {
+            self.pull_leases -= 1;
+        }
         Some(lease)
     }
+
+    /// A fresh delivery id: random (so a caller cannot guess another's),
+    /// never 0 and never the id of a live lease of this queue.
+    fn new_delivery_id(&self) -> u64 {
+        loop {
+            let id = random_u64();
+            if id != 0 && !self.leases.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Pull leases plus the credit of Pulls in progress: what Pulls hold or
+    /// may soon hold.
+    fn pull_holdings(&self) -> usize {
+        let pending: usize = self.consumers.values().filter(|c| c.pull).map(|c| c.credit as usize).sum();
+        self.pull_leases + pending
+    }
+}
+
+/// Random delivery ids come from the OS in batches of this many, so an id
+/// costs a copy, not a system call.
+const RANDOM_BATCH: usize = 64;
+
+/// A random `u64` from the OS's random source (`getrandom`), taken from a
+/// per-thread batch.
+fn random_u64() -> u64 {
+    use std::cell::RefCell;
+    thread_local! {
+        static BATCH: RefCell<(usize, [u64; RANDOM_BATCH])> = const { RefCell::new((RANDOM_BATCH, [0; RANDOM_BATCH])) };
+    }
+    BATCH.with_borrow_mut(|(next, values)| {
+        if *next == RANDOM_BATCH {
+            let mut bytes = [0u8; RANDOM_BATCH * 8];
+            if let Err(error) = getrandom::fill(&mut bytes) {
+                // Linux's getrandom(2) does not fail once the pool is
+                // initialised; if it ever does, ids stay unique but become
+                // guessable, which the log says.
+                tracing::error!(%error, "the OS random source failed; delivery ids fall back to the clock");
+                let seed = crate::now_ms().wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                for (i, chunk) in bytes.chunks_exact_mut(8).enumerate() {
+                    chunk.copy_from_slice(&(seed ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)).to_le_bytes());
+                }
+            }
+            for (value, chunk) in values.iter_mut().zip(bytes.chunks_exact(8)) {
+                *value = u64::from_le_bytes(chunk.try_into().expect("chunks of 8 bytes"));
+            }
+            *next = 0;
+        }
+        let value = values[*next];
+        *next += 1;
+        value
+    })
 }
 
 /// Publishes a queue refused, by reason, and throttled, since start.
@@ -212,7 +301,33 @@ impl Queue {
 
     /// Registers a consumer with `credit` initial credit.
     pub fn subscribe(&self, credit: u32) -> Result<Subscription> {
-        check_credit(credit, 0)?;
+        self.register(|_| Ok(credit), false)
+    }
+
+    /// Registers a Pull of up to `max_messages`. Its credit is cut so that
+    /// the queue's Pull leases (and the credit of Pulls in progress) stay
+    /// within [`PULL_LEASES_MAX`]; at the limit it is refused with
+    /// RESOURCE_EXHAUSTED. End it with `unsubscribe(_, false)`: its leases
+    /// stay until acked, nacked, released or expired.
+    pub fn subscribe_pull(&self, max_messages: u32) -> Result<Subscription> {
+        check_credit(max_messages, 0)?;
+        self.register(
+            |state| {
+                let room = PULL_LEASES_MAX.saturating_sub(state.pull_holdings());
+                if room == 0 {
+                    return Err(BrokerError::LimitReached {
+                        what: "pulled messages not yet acked per queue",
+                        max: PULL_LEASES_MAX,
+                        hint: "ack or nack pulled messages (or let their leases expire) before pulling more",
+                    });
+                }
+                Ok(max_messages.min(u32::try_from(room).unwrap_or(u32::MAX)))
+            },
+            true,
+        )
+    }
+
+    fn register(&self, credit: impl FnOnce(&DeliveryState) -> Result<u32>, pull: bool) -> Result<Subscription> {
         if self.is_closed() {
             return Err(BrokerError::QueueNotFound(self.name.to_string()));
         }
@@ -220,6 +335,8 @@ impl Queue {
         let (sender, deliveries) = mpsc::channel(CREDIT_MAX as usize);
         {
             let mut state = self.delivery.lock();
+            let credit = credit(&state)?;
+            check_credit(credit, 0)?;
             if state.consumers.len() >= CONSUMERS_MAX {
                 return Err(BrokerError::LimitReached {
                     what: "consumers per queue",
@@ -227,7 +344,7 @@ impl Queue {
                     hint: "close idle consumers or use more queues",
                 });
             }
-            state.consumers.insert(consumer_id, Consumer { credit, in_flight: 0, sender });
+            state.consumers.insert(consumer_id, Consumer { credit, in_flight: 0, sender, pull });
         }
         self.dispatch();
         Ok(Subscription { consumer_id, deliveries })
@@ -261,35 +378,82 @@ impl Queue {
             }
             let mine: Vec<u64> =
                 state.leases.iter().filter(|(_, l)| l.consumer_id == consumer_id).map(|(&id, _)| id).collect();
-            let mut released: Vec<Lease> = mine.into_iter().filter_map(|id| state.remove_lease(id)).collect();
-            released.sort_by_key(|l| std::cmp::Reverse(l.offset));
-            for lease in released {
-                self.meters[lease.lane as usize].metrics.released.increment(1);
-                state.lanes[lease.lane as usize].requeue.push_front((lease.offset, lease.attempt - 1));
-            }
+            self.requeue_released(&mut state, mine);
         }
         self.dispatch();
     }
 
-    /// Acks deliveries. All must be leased, or nothing changes. With `wait`,
-    /// returns once the acks are durable under the sync policy.
-    pub async fn ack(&self, delivery_ids: &[u64], wait: bool) -> Result<()> {
+    /// Takes back deliveries nobody will see (a Pull's response was full):
+    /// they go back to the front of their lanes without counting an
+    /// attempt. Ids not leased are skipped.
+    pub fn release(&self, delivery_ids: &[u64]) {
+        if delivery_ids.is_empty() {
+            return;
+        }
+        self.requeue_released(&mut self.delivery.lock(), delivery_ids.to_vec());
+        self.dispatch();
+    }
+
+    /// Puts released leases back at the front of their lanes, in offset
+    /// order, with the attempt they had (it did not count).
+    fn requeue_released(&self, state: &mut DeliveryState, delivery_ids: Vec<u64>) {
+        let mut released: Vec<Lease> = delivery_ids.into_iter().filter_map(|id| state.remove_lease(id)).collect();
+        released.sort_by_key(|l| std::cmp::Reverse(l.offset));
+        for lease in released {
+            self.meters[lease.lane as usize].metrics.released.increment(1);
+            state.lanes[lease.lane as usize].requeue.push_front((lease.offset, lease.attempt - 1));
+        }
+    }
+
+    /// Acks deliveries. All must be leased and held by `holder`, or nothing
+    /// changes. With `wait`, returns once the acks are durable under the
+    /// sync policy. If storage refuses an ack, that message goes back to
+    /// the front of its lane (redelivered without counting an attempt), the
+    /// others are still acked, and the first error is returned: every
+    /// message taken from a lane ends acked, requeued or dead-lettered.
+    pub async fn ack(&self, delivery_ids: &[u64], wait: bool, holder: Holder) -> Result<()> {
         let leases: Vec<Lease> = {
             let mut state = self.delivery.lock();
-            if let Some(&delivery_id) = delivery_ids.iter().find(|id| !state.leases.contains_key(id)) {
+            if let Some(&delivery_id) =
+                delivery_ids.iter().find(|id| !state.leases.get(id).is_some_and(|l| holder.holds(l)))
+            {
                 return Err(BrokerError::UnknownDelivery { delivery_id });
             }
             delivery_ids.iter().filter_map(|&id| state.remove_lease(id)).collect()
         };
         let mut commits = Vec::with_capacity(leases.len());
+        let mut failed: Vec<Lease> = Vec::new();
+        let mut first_error = None;
         for lease in leases {
             // `None`: purged meanwhile; the purge is the ack.
-            commits.extend(self.ack_record(lease.lane, lease.offset, lease.size, AckKind::Acked)?);
+            match self.ack_record(lease.lane, lease.offset, lease.size, AckKind::Acked) {
+                Ok(commit) => commits.extend(commit),
+                Err(error) => {
+                    tracing::error!(queue = %self.name, lane = lease.lane, offset = lease.offset, %error,
+                        "ack not stored; the message goes back to its lane");
+                    failed.push(lease);
+                    first_error.get_or_insert(error);
+                    continue;
+                }
+            }
             let meter = &self.meters[lease.lane as usize];
             meter.acked.fetch_add(1, Ordering::Relaxed);
             meter.acked_bytes.fetch_add(lease.size, Ordering::Relaxed);
             meter.metrics.acked.increment(1);
             meter.metrics.delivery_to_ack.record(now_ms().saturating_sub(lease.delivered_ms) as f64 / 1000.0);
+        }
+        if !failed.is_empty() {
+            {
+                let mut state = self.delivery.lock();
+                failed.sort_by_key(|l| std::cmp::Reverse(l.offset));
+                for lease in failed {
+                    state.lanes[lease.lane as usize].requeue.push_front((lease.offset, lease.attempt - 1));
+                }
+            }
+            self.dispatch();
+        }
+        if let Some(error) = first_error {
+            return Err(error.into());
         }
         if wait {
             for commit in commits {
@@ -299,9 +463,10 @@ impl Queue {
         Ok(())
     }
 
-    /// Nacks a delivery: redelivered after `delay_ms` (re-appended with its
-    /// attempt count), or dead-lettered after its last attempt.
-    pub async fn nack(self: &Arc<Self>, delivery_id: u64, delay_ms: u64, reason: &str) -> Result<()> {
+    /// Nacks a delivery held by `holder`: redelivered after `delay_ms`
+    /// (re-appended with its attempt count), or dead-lettered after its
+    /// last attempt.
+    pub async fn nack(self: &Arc<Self>, delivery_id: u64, delay_ms: u64, reason: &str, holder: Holder) -> Result<()> {
         if delay_ms > DELAY_MS_MAX {
             return Err(BrokerError::InvalidArgument(format!(
                 "nack delay is {delay_ms} ms; the limit is {DELAY_MS_MAX}"
@@ -313,8 +478,13 @@ impl Queue {
                 reason.len()
             )));
         }
-        let lease =
-            self.delivery.lock().remove_lease(delivery_id).ok_or(BrokerError::UnknownDelivery { delivery_id })?;
+        let lease = {
+            let mut state = self.delivery.lock();
+            if !state.leases.get(&delivery_id).is_some_and(|l| holder.holds(l)) {
+                return Err(BrokerError::UnknownDelivery { delivery_id });
+            }
+            state.remove_lease(delivery_id).expect("checked above under the same lock")
+        };
         self.retry(lease, delay_ms, reason).await;
         Ok(())
     }
@@ -324,6 +494,7 @@ impl Queue {
         let mut state = self.delivery.lock();
         state.leases.clear();
         state.expiries.clear();
+        state.pull_leases = 0;
         for consumer in state.consumers.values_mut() {
             consumer.in_flight = 0;
         }
@@ -361,7 +532,7 @@ impl Queue {
             let state = &mut *guard;
             while let Some(consumer_id) = state.consumer_with_credit() {
                 let Some((lane, offset, prior, record)) = self.next_message(state, now) else { break };
-                let delivery_id = self.node.next_delivery();
+                let delivery_id = state.new_delivery_id();
                 let deadline_ms = now + self.settings.lease_timeout_ms;
                 let attempt = prior + 1;
                 let published_ms = record.timestamp_ms;
@@ -373,9 +544,13 @@ impl Queue {
                         consumer.credit -= 1;
                         consumer.in_flight += 1;
                         debug_assert!(consumer.credit + consumer.in_flight <= CREDIT_MAX, "credit bound broken");
+                        let pull = consumer.pull;
+                        if pull {
+                            state.pull_leases += 1;
+                        }
                         state.leases.insert(
                             delivery_id,
-                            Lease { lane, offset, consumer_id, deadline_ms, attempt, delivered_ms: now, size },
+                            Lease { lane, offset, consumer_id, pull, deadline_ms, attempt, delivered_ms: now, size },
                         );
                         let metrics = &self.meters[lane as usize].metrics;
                         metrics.delivered.increment(1);
@@ -413,9 +588,16 @@ impl Queue {
     /// Takes the next message of one lane: released leases first, then due
     /// delayed messages, then fresh ones from the cursor.
     fn take(&self, lane: usize, state: &mut LaneState, now: u64) -> Option<(u64, u32, Record)> {
+        // A message that cannot be read now goes to the delayed set, to be
+        // tried again later (kept, never dropped).
+        let retry_at = now + REREAD_RETRY_MS;
         while let Some((offset, prior)) = state.requeue.pop_front() {
-            if let Some(record) = self.reread(lane, offset) {
-                return Some((offset, prior, record));
+            match self.reread(lane, offset) {
+                Reread::Record(record) => return Some((offset, prior, record)),
+                Reread::Done => {}
+                Reread::Failed => {
+                    state.delayed.insert((retry_at, offset, prior));
+                }
             }
         }
         while let Some(&(due, offset, prior)) = state.delayed.first() {
@@ -423,8 +605,12 @@ impl Queue {
                 break;
             }
             state.delayed.pop_first();
-            if let Some(record) = self.reread(lane, offset) {
-                return Some((offset, prior, record));
+            match self.reread(lane, offset) {
+                Reread::Record(record) => return Some((offset, prior, record)),
+                Reread::Done => {}
+                Reread::Failed => {
+                    state.delayed.insert((retry_at, offset, prior));
+                }
             }
         }
         let durable = self.durable[lane].load(Ordering::Acquire);
@@ -445,21 +631,44 @@ impl Queue {
         None
     }
 
-    /// Reads a message again by offset (requeue, delayed); `None` if it was
-    /// done meanwhile (purge) or cannot be read.
-    fn reread(&self, lane: usize, offset: u64) -> Option<Record> {
+    /// Reads a message again by offset (requeue, delayed, redelivery).
+    fn reread(&self, lane: usize, offset: u64) -> Reread {
         let log = &self.lanes[lane];
         if log.is_done(offset) {
-            return None;
+            return Reread::Done;
+        }
+        #[cfg(test)]
+        if tests::reread_fails(&self.name) {
+            tracing::error!(queue = %self.name, offset, "injected read failure");
+            return Reread::Failed;
         }
         match log.read(offset) {
-            Ok(record) => Some(record),
+            Ok(record) => Reread::Record(record),
             Err(error) => {
-                tracing::error!(queue = %self.name, offset, %error, "cannot read a message for redelivery");
                 if matches!(error, ballast_storage::ReadError::Corrupt { .. }) {
+                    tracing::error!(queue = %self.name, lane, offset, %error, "corrupt message quarantined, not delivered");
                     // Quarantined: the lane's byte count follows the log.
                     self.recount_bytes(lane);
+                    return Reread::Done;
                 }
+                tracing::error!(queue = %self.name, lane, offset, %error,
+                    retry_ms = REREAD_RETRY_MS, "cannot read a message for redelivery; trying again later");
+                Reread::Failed
+            }
+        }
+    }
+
+    /// Reads the message of a lease ended without ack, for [`Self::retry`].
+    /// If it cannot be read now, it is kept: it goes to the delayed set to
+    /// be delivered later without counting this attempt.
+    fn reread_for_retry(&self, lease: &Lease) -> Option<Record> {
+        match self.reread(lease.lane as usize, lease.offset) {
+            Reread::Record(record) => Some(record),
+            Reread::Done => None,
+            Reread::Failed => {
+                let due = now_ms() + REREAD_RETRY_MS;
+                self.delivery.lock().lanes[lease.lane as usize].delayed.insert((due, lease.offset, lease.attempt - 1));
+                self.dispatch();
                 None
             }
         }
@@ -498,7 +707,7 @@ impl Queue {
     /// for good, it is not requeued (that would loop forever): see
     /// [`Queue::append_copy`]; a redelivery refused even so is dead-lettered.
     async fn retry(self: &Arc<Self>, lease: Lease, delay_ms: u64, reason: &str) {
-        let Some(record) = self.reread(lease.lane as usize, lease.offset) else { return };
+        let Some(record) = self.reread_for_retry(&lease) else { return };
         let original_offset = headers::original_offset(&record.headers, lease.offset);
         let outcome = if lease.attempt >= self.settings.max_attempts {
             self.dead_letter(lease, record, reason, original_offset).await
@@ -638,6 +847,15 @@ fn copy_of(record: &Record, attempt: u32, headers: Vec<(String, String)>) -> New
     }
 }
 
+/// What reading a message again found.
+enum Reread {
+    Record(Record),
+    /// Done meanwhile (acked, purged, quarantined): nothing to deliver.
+    Done,
+    /// Not readable now (not a CRC failure): try again later.
+    Failed,
+}
+
 /// The retry reason of an expired lease (also the dead-letter reason).
 const LEASE_EXPIRED: &str = "lease expired";
 
@@ -702,4 +920,147 @@ pub(crate) fn spawn_timer(queue: &Arc<Queue>) {
             queue.dispatch();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Mutex, time::Duration};
+
+    use ballast_storage::Faults;
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{Broker, Config, config::FaultInjection, queue::Publish};
+
+    /// Queues whose next rereads fail, and how many.
+    static REREAD_FAILURES: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+
+    /// Whether a reread of `queue` should fail now (taking one failure).
+    pub(super) fn reread_fails(queue: &crate::queue::QueueName) -> bool {
+        let mut failures = REREAD_FAILURES.lock().expect("no test panics holding it");
+        match failures.get_mut(queue.as_str()) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn open(dir: &std::path::Path, faults: Option<Arc<Faults>>) -> Arc<Broker> {
+        let config = Config { data_dir: dir.to_owned(), faults: FaultInjection(faults), ..Config::default() };
+        Broker::open(config).unwrap()
+    }
+
+    fn messages(count: usize) -> Vec<Publish> {
+        (0..count)
+            .map(|i| Publish {
+                payload: Bytes::from(format!("m{i}")),
+                headers: vec![],
+                key: None,
+                lane: Some(0),
+                delay_ms: 0,
+            })
+            .collect()
+    }
+
+    async fn next(subscription: &mut Subscription) -> Delivery {
+        tokio::time::timeout(Duration::from_secs(10), subscription.deliveries.recv())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("the consumer is subscribed")
+    }
+
+    /// An ack of several deliveries that storage refuses (the log is
+    /// poisoned by a failed sync) leaves none of them stranded: each goes
+    /// back to its lane and is delivered again, with its attempt uncounted.
+    /// Before, the first failure returned and the other leases were gone:
+    /// neither acked nor redelivered until a restart.
+    #[tokio::test]
+    async fn an_ack_storage_refuses_requeues_every_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::new();
+        let broker = open(dir.path(), Some(Arc::clone(&faults))).await;
+        let queue = broker.create("acks", &Default::default()).await.unwrap();
+        queue.publish(messages(3)).await.unwrap();
+        let mut subscription = queue.subscribe(3).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(next(&mut subscription).await.delivery_id);
+        }
+        // Poison the lane's log: the next sync fails.
+        faults.fail_sync_after(0);
+        assert!(queue.publish(messages(1)).await.is_err(), "the sync fails");
+        let holder = Holder::Consumer(subscription.consumer_id);
+        assert!(queue.ack(&ids, false, holder).await.is_err(), "storage refuses the acks");
+        assert_eq!(queue.delivery_figures().in_flight, 0);
+        queue.add_credit(subscription.consumer_id, 3).unwrap();
+        let mut again = Vec::new();
+        for _ in 0..3 {
+            let delivery = next(&mut subscription).await;
+            assert_eq!(delivery.attempt, 1, "{delivery:?}");
+            again.push(delivery.offset);
+        }
+        again.sort_unstable();
+        assert_eq!(again, vec![0, 1, 2], "every message of the failed ack is delivered again");
+    }
+
+    /// A nacked message whose record cannot be read for the redelivery
+    /// (an I/O error, not a CRC failure) is kept and delivered again once
+    /// it can be read; before, `retry` returned and the message stayed
+    /// unacked but undeliverable until a restart.
+    #[tokio::test]
+    async fn a_retry_that_cannot_read_the_message_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = open(dir.path(), None).await;
+        let queue = broker.create("unreadable", &Default::default()).await.unwrap();
+        queue.publish(messages(1)).await.unwrap();
+        let mut subscription = queue.subscribe(1).unwrap();
+        let first = next(&mut subscription).await;
+        REREAD_FAILURES.lock().unwrap().insert("unreadable".into(), 1);
+        let holder = Holder::Consumer(subscription.consumer_id);
+        queue.nack(first.delivery_id, 0, "try again", holder).await.unwrap();
+        assert_eq!(REREAD_FAILURES.lock().unwrap()["unreadable"], 0, "the retry's read failed");
+        queue.add_credit(subscription.consumer_id, 1).unwrap();
+        let again = next(&mut subscription).await;
+        assert_eq!(again.offset, first.offset);
+        assert_eq!(again.payload, first.payload);
+    }
+
+    /// A consumer may settle only its own deliveries: another consumer's
+    /// ack or nack of them is refused as an unknown delivery and changes
+    /// nothing; a unary caller (Pull) may settle any delivery it can name.
+    #[tokio::test]
+    async fn a_consumer_cannot_settle_another_consumers_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = open(dir.path(), None).await;
+        let queue = broker.create("bound", &Default::default()).await.unwrap();
+        queue.publish(messages(2)).await.unwrap();
+        let mut a = queue.subscribe(2).unwrap();
+        let b = queue.subscribe(1).unwrap();
+        let (one, two) = (next(&mut a).await, next(&mut a).await);
+        let other = Holder::Consumer(b.consumer_id);
+        let refused = queue.ack(&[one.delivery_id], false, other).await;
+        assert!(matches!(refused, Err(BrokerError::UnknownDelivery { .. })), "{refused:?}");
+        let refused = queue.nack(one.delivery_id, 0, "", other).await;
+        assert!(matches!(refused, Err(BrokerError::UnknownDelivery { .. })), "{refused:?}");
+        assert_eq!(queue.delivery_figures().in_flight, 2, "nothing changed");
+        queue.ack(&[one.delivery_id], false, Holder::Consumer(a.consumer_id)).await.unwrap();
+        queue.ack(&[two.delivery_id], false, Holder::AnyCaller).await.unwrap();
+        assert_eq!(queue.delivery_figures().in_flight, 0);
+    }
+
+    /// Delivery ids are random 64-bit numbers, not a counter: consecutive
+    /// ids are not adjacent and their high bits vary.
+    #[test]
+    fn delivery_ids_are_random() {
+        let ids: Vec<u64> = (0..200).map(|_| random_u64()).collect();
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len());
+        assert!(ids.windows(2).all(|w| w[0].abs_diff(w[1]) > 1 << 20), "adjacent ids: {ids:?}");
+        let high = ids.iter().filter(|&&id| id >> 63 == 1).count();
+        assert!((40..=160).contains(&high), "{high} of 200 ids have the top bit set");
+    }
 }

@@ -11,7 +11,7 @@ mod saturation;
 mod scheduler;
 mod settings;
 
-pub use delivery::{Delivery, DeliveryFigures, RefusedCounts, Subscription};
+pub use delivery::{Delivery, DeliveryFigures, Holder, RefusedCounts, Subscription};
 pub use name::QueueName;
 pub use queue::{Publish, Queue, QueueStats, Receipt};
 pub(crate) use queue::{QUEUE_FILE, remove_in_background};

@@ -5,6 +5,8 @@ mod admin;
 mod delivery;
 mod durability;
 mod publish;
+mod pull;
 mod quota;
 mod saturation;
 mod support;
+mod wire;

@@ -1,0 +1,223 @@
+//! What happens to a call before and around the services: accepted
+//! connections are counted against `grpc.connections_max`, request
+//! metadata is checked against [`METADATA_SIZE_MAX`], and the statuses
+//! tonic itself answers for a request it cannot decode are made ones a
+//! client can act on (and counted in `ballast_errors_total`):
+//!
+//! | tonic answers | the client gets |
+//! | --- | --- |
+//! | INTERNAL "failed to decode Protobuf message" (body not protobuf) | INVALID_ARGUMENT |
+//! | INTERNAL "invalid compression flag" (body not gRPC framing) | INVALID_ARGUMENT |
+//! | OUT_OF_RANGE "decoded message length too large" | RESOURCE_EXHAUSTED |
+//!
+//! Unary and server-streaming calls decode their request before the
+//! service runs, so tonic's answer comes back as a trailers-only response
+//! that [`StatusLayer`] rewrites; a consume stream's requests are decoded
+//! in the session, which uses [`request_error`].
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tonic::{
+    Code, Status,
+    body::Body,
+    codegen::{Service, http},
+    transport::server::{Connected, TcpConnectInfo},
+};
+
+use crate::limits::METADATA_SIZE_MAX;
+
+/// The status for a request tonic could not decode, as the client should
+/// see it; `None` if `status` is not about the request's bytes.
+pub fn request_error(status: &Status) -> Option<Status> {
+    let message = status.message();
+    let code = match status.code() {
+        Code::Internal
+            if message.starts_with("failed to decode Protobuf message")
+                || message.starts_with("protocol error: received message with invalid compression flag") =>
+        {
+            Code::InvalidArgument
+        }
+        Code::OutOfRange if message.starts_with("Error, decoded message length too large") => Code::ResourceExhausted,
+        _ => return None,
+    };
+    let message = match code {
+        Code::InvalidArgument => format!("the request is not a valid ballast.v1 message: {message}"),
+        _ => format!("the request is larger than the broker accepts: {message}"),
+    };
+    Some(Status::new(code, message))
+}
+
+/// Maps a failure reading a consume stream's next request: a request the
+/// broker could not decode gets its client-facing status (counted);
+/// anything else (the client went away) is returned as it is.
+pub fn inbound_error(status: Status) -> Status {
+    match request_error(&status) {
+        Some(mapped) => {
+            crate::metrics::count_error(mapped.code());
+            mapped
+        }
+        None => status,
+    }
+}
+
+/// The size of request metadata as HTTP/2 counts it (RFC 7540 6.5.2).
+fn metadata_size(headers: &http::HeaderMap) -> usize {
+    headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 32).sum()
+}
+
+/// Adds [`StatusService`] around the services.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StatusLayer;
+
+impl<S> tower_layer::Layer<S> for StatusLayer {
+    type Service = StatusService<S>;
+
+    fn layer(&self, inner: S) -> StatusService<S> {
+        StatusService { inner }
+    }
+}
+
+/// Refuses oversized metadata before the call runs and rewrites tonic's
+/// own statuses for undecodable requests (see the module docs).
+#[derive(Debug, Clone)]
+pub struct StatusService<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for StatusService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<http::Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let size = metadata_size(request.headers());
+        if size > METADATA_SIZE_MAX {
+            let status = Status::resource_exhausted(format!(
+                "the request's metadata is {size} bytes in {} entries (counted as HTTP/2 does: name + value + 32 \
+                 each); the limit is {METADATA_SIZE_MAX}: send fewer or smaller metadata entries",
+                request.headers().len()
+            ));
+            crate::metrics::count_error(status.code());
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            // A trailers-only response carries its status in the headers.
+            if let Some(status) = Status::from_header_map(response.headers())
+                && let Some(mapped) = request_error(&status)
+            {
+                crate::metrics::count_error(mapped.code());
+                if mapped.add_header(response.headers_mut()).is_err() {
+                    tracing::warn!(%status, "cannot rewrite a decode failure's status");
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// The server's connection count: a permit per connection held.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Connections {
+    pub fn new(max: usize) -> Connections {
+        Connections { permits: Arc::new(Semaphore::new(max)), max }
+    }
+
+    /// Counts an accepted connection, or closes it (and says so in the log
+    /// and `ballast_connections_refused_total`) when `max` are held.
+    pub fn admit(&self, stream: TcpStream) -> Option<Counted> {
+        match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => {
+                metrics::gauge!("ballast_connections").increment(1.0);
+                Some(Counted { stream, _permit: permit })
+            }
+            Err(_) => {
+                let peer = stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+                tracing::warn!(%peer, connections_max = self.max,
+                    "connection refused: the broker holds grpc.connections_max connections; raise it or close idle clients");
+                metrics::counter!("ballast_connections_refused_total").increment(1);
+                None
+            }
+        }
+    }
+}
+
+/// An accepted connection that holds one of the server's connection
+/// permits until it is dropped (closed).
+#[derive(Debug)]
+pub struct Counted {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        metrics::gauge!("ballast_connections").decrement(1.0);
+    }
+}
+
+impl Connected for Counted {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
