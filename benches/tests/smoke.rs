@@ -173,6 +173,37 @@ fn recovery() {
     assert!(f(&restarts[0]["first_delivery_s"]) > 0.0);
 }
 
+/// The chaos soak, a few faults of each kind but the disk (which needs a
+/// filesystem of its own): nothing lost, corrupt or stored twice.
+#[test]
+fn chaos() {
+    let args = [
+        "--seconds",
+        "4",
+        "--interval-ms",
+        "250",
+        "--weights",
+        "2,1,2,0",
+        "--producers",
+        "2",
+        "--batch",
+        "10",
+        "--size",
+        "64",
+        "--cancel-percent",
+        "30",
+        "--seed",
+        "7",
+    ];
+    let (v, _, _dir) = run("chaos", &args);
+    assert!(u(&v["acked_publishes"]) > 0);
+    assert!(u(&v["faults"]["kill"]) + u(&v["faults"]["stop"]) + u(&v["faults"]["consumer"]) > 0);
+    assert_eq!(u(&v["lost"]), 0, "no acknowledged publish is lost");
+    assert_eq!(u(&v["corrupt"]), 0);
+    assert_eq!(u(&v["stored_twice"]), 0, "no idempotency key is stored twice");
+    assert_eq!(u(&v["unexpected_errors"]), 0, "{}", v["client_errors"]);
+}
+
 #[test]
 fn isolation() {
     let args = [

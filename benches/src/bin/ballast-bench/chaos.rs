@@ -98,6 +98,10 @@ pub struct Args {
 /// read as stored twice).
 const LEASE_TIMEOUT_MS: u64 = 120_000;
 
+/// How long a producer keeps retrying its last batch once the fault phase
+/// is over.
+const STOP_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// What each message went through, keyed by (producer, seq).
 #[derive(Debug, Default)]
 struct Ledger {
@@ -114,6 +118,8 @@ struct Shared {
     acked_publishes: AtomicU64,
     deduped_retries: AtomicU64,
     cancelled_attempts: AtomicU64,
+    /// Batches given up after the fault phase (never acknowledged).
+    abandoned_batches: AtomicU64,
     deliveries: AtomicU64,
     /// Bumped by a `consumer` fault; the consumer whose index it names
     /// drops its stream at once.
@@ -222,7 +228,7 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
             Fault::Disk => {
                 let root = disk_root.as_deref().expect("disk faults are picked only with a root");
                 shared.disk_full.store(true, Ordering::Relaxed);
-                let filled = fill(root);
+                let filled = tokio::task::block_in_place(|| fill(root));
                 tokio::time::sleep(Duration::from_millis(rng.u64(200..1500))).await;
                 let _ = std::fs::remove_file(root.join(FILLER));
                 filled?;
@@ -303,10 +309,11 @@ fn report(
     );
     println!("  SIGKILL -> listening again: mean {restart_mean:.3} s, max {restart_max:.3} s");
     println!(
-        "  acknowledged publishes {acked}; lost {lost}; corrupt {}; keys stored twice {stored_twice}; redeliveries {redeliveries}; retries answered as duplicates {}; attempts cancelled by deadline {}",
+        "  acknowledged publishes {acked}; lost {lost}; corrupt {}; keys stored twice {stored_twice}; redeliveries {redeliveries}; retries answered as duplicates {}; attempts cancelled by deadline {}; batches given up at the end {}",
         ledger.corrupt,
         shared.deduped_retries.load(Ordering::Relaxed),
-        shared.cancelled_attempts.load(Ordering::Relaxed)
+        shared.cancelled_attempts.load(Ordering::Relaxed),
+        shared.abandoned_batches.load(Ordering::Relaxed)
     );
     let mut kinds: Vec<_> = errors.iter().collect();
     kinds.sort();
@@ -343,6 +350,7 @@ fn report(
         "deliveries": shared.deliveries.load(Ordering::Relaxed),
         "retries_answered_duplicate": shared.deduped_retries.load(Ordering::Relaxed),
         "cancelled_attempts": shared.cancelled_attempts.load(Ordering::Relaxed),
+        "abandoned_batches": shared.abandoned_batches.load(Ordering::Relaxed),
         "client_errors": errors, "unexpected_errors": unexpected,
         "drained": drained,
         "failures": failures,
@@ -420,7 +428,18 @@ impl Producer {
                     ..Default::default()
                 })
                 .collect();
+            let mut stopping_since: Option<Instant> = None;
             loop {
+                if stop.load(Ordering::Relaxed) {
+                    // After the fault phase a batch still failing (a queue
+                    // that cannot write) is given up: never acknowledged,
+                    // so nothing is owed for it.
+                    let since = *stopping_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > STOP_RETRY_MAX {
+                        shared.abandoned_batches.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
                 let cancel = rng.u32(0..100) < self.cancel_percent;
                 let timeout = if cancel { Duration::from_millis(rng.u64(1..20)) } else { Duration::from_secs(10) };
                 let mut request = tonic::Request::new(pb::PublishBatchRequest {
@@ -440,7 +459,12 @@ impl Producer {
                         shared.acked_publishes.fetch_add(self.batch as u64, Ordering::Relaxed);
                         break;
                     }
-                    Err(status) if cancel && status.code() == tonic::Code::DeadlineExceeded => {
+                    // The client's timer (CANCELLED) or the broker's
+                    // (DEADLINE_EXCEEDED) ended the attempt.
+                    Err(status)
+                        if cancel
+                            && matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) =>
+                    {
                         shared.cancelled_attempts.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(status) => {
