@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use crate::{
     error::OpenError,
     file::{self, Io},
-    limits::{INDEX_INTERVAL_BYTES, SEGMENT_HEADER_SIZE},
+    limits::{INDEX_INTERVAL_BYTES, SEGMENT_HEADER_SIZE, SEGMENT_SIZE_MAX, SEGMENT_SIZE_MIN},
     record::{self, Invalid},
 };
 
@@ -152,6 +152,14 @@ impl Segment {
         let size = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
         if base != base_offset {
             return Err(not_a_log(format!("header says base offset {base}, file name says {base_offset}")));
+        }
+        // Bytes from disk are input: positions in the sparse index are
+        // `u32`, so a segment above the ceiling (which no writer makes) is
+        // refused here rather than reaching an `expect` on the first read.
+        if !(SEGMENT_SIZE_MIN..=SEGMENT_SIZE_MAX).contains(&size) {
+            return Err(not_a_log(format!(
+                "header says {size} bytes; segments are {SEGMENT_SIZE_MIN}..={SEGMENT_SIZE_MAX} bytes"
+            )));
         }
         if size != len {
             return Err(not_a_log(format!("header says {size} bytes, file has {len}")));

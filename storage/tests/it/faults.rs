@@ -1,6 +1,6 @@
 //! Full disks and failing syncs.
 
-use std::{path::Path, process::Command};
+use std::{path::PathBuf, process::Command};
 
 use ballast_storage::{AppendError, Faults, Log, LogOptions};
 
@@ -55,32 +55,20 @@ fn check_full_then_recovered(log: &Log, free_space: impl FnOnce()) {
 
 /// ENOSPC on a real, tiny filesystem: a 4 MiB tmpfs mounted for the test
 /// (this needs root, which the CI machine has). Space "returns" when the test
-/// deletes a filler file. If mounting is not permitted the test says so and
-/// exercises the same path through the fault-injection seam instead, so it
-/// never passes without checking something.
+/// deletes a filler file. If mounting is impossible the test fails, saying
+/// so, unless `BALLAST_SKIP_TMPFS=1` asks to skip it (then it says so on
+/// stderr and checks the seam instead): it never passes silently without
+/// the real filesystem.
 #[test]
 fn enospc_on_a_real_small_filesystem() {
-    let mount_point = tempfile::tempdir().unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(mount_point.path())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        println!("mounting a tmpfs is not permitted here; using the fault-injection seam");
+    let Some(mount) = TmpfsMount::new("4m") else {
         enospc_through_fault_injection();
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount_point.path());
-    let filler = mount_point.path().join("filler");
+    };
+    let mount_point = &mount.path;
+    let filler = mount_point.join("filler");
     std::fs::write(&filler, vec![1u8; 1024 * 1024]).unwrap();
-    let dir = mount_point.path().join("log");
+    let dir = mount_point.join("log");
     let log = Log::open(&dir, options_256k()).unwrap();
     check_full_then_recovered(&log, || std::fs::remove_file(&filler).unwrap());
     log.close().unwrap();
@@ -162,4 +150,45 @@ fn failed_write_poisons() {
 
 fn libc_eio() -> i32 {
     5
+}
+
+/// A tmpfs of a given size mounted on a fresh directory, unmounted when
+/// dropped (also when the test panics).
+struct TmpfsMount {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TmpfsMount {
+    /// Mounts one, or reports loudly why not: `None` only when
+    /// `BALLAST_SKIP_TMPFS=1` allows skipping; otherwise a failed mount
+    /// fails the test.
+    fn new(size: &str) -> Option<TmpfsMount> {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        let why = match output {
+            Ok(out) if out.status.success() => {
+                return Some(TmpfsMount { path: dir.path().to_owned(), _dir: dir });
+            }
+            Ok(out) => format!("mount exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+            Err(e) => format!("cannot run mount: {e}"),
+        };
+        let skip = std::env::var("BALLAST_SKIP_TMPFS").is_ok_and(|v| v == "1");
+        eprintln!("\n*** cannot mount a {size} tmpfs for a real ENOSPC test ({why}); the test needs root ***");
+        assert!(skip, "mounting a tmpfs failed ({why}); run as root, or set BALLAST_SKIP_TMPFS=1 to skip this check");
+        eprintln!("*** BALLAST_SKIP_TMPFS=1: skipping the real filesystem, checking the fault seam only ***\n");
+        None
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        match Command::new("umount").arg(&self.path).status() {
+            Ok(status) if status.success() => {}
+            other => eprintln!("umount {} failed: {other:?}", self.path.display()),
+        }
+    }
 }
