@@ -91,6 +91,8 @@ impl Node {
 /// The queues of one node.
 #[derive(Debug)]
 pub struct Broker {
+    /// Held for the broker's life: no other broker opens the directory.
+    _lock: DataDirLock,
     config: Config,
     queues_dir: PathBuf,
     queues: RwLock<BTreeMap<QueueName, Arc<Queue>>>,
@@ -109,6 +111,9 @@ impl Broker {
     /// Opens every queue under `config.data_dir` (creating the directory if
     /// needed). Must run inside a tokio runtime: queues start timer tasks.
     pub fn open(config: Config) -> Result<Arc<Broker>> {
+        // First of all: a second process on the same directory would treat
+        // the live tail as torn and overwrite acknowledged records.
+        let lock = DataDirLock::acquire(&config.data_dir)?;
         let queues_dir = config.data_dir.join(QUEUES_DIR);
         std::fs::create_dir_all(&queues_dir).map_err(|e| io_error(&queues_dir, e))?;
         let node = Arc::new(Node::new(config.disk_free_min_bytes));
@@ -152,6 +157,7 @@ impl Broker {
         }
         sync_dir(&queues_dir)?;
         Ok(Arc::new(Broker {
+            _lock: lock,
             config,
             queues_dir,
             queues: RwLock::new(queues),
@@ -328,6 +334,51 @@ impl Broker {
             }
         }
         Ok(())
+    }
+}
+
+/// An exclusive lock (`flock`) on `<data>/lock`, held while the broker
+/// lives: a second broker on the same directory, in this process or
+/// another, is refused before it touches anything. The file holds the
+/// holder's pid, for the refusal's message; the lock, not the file, is
+/// what counts (a lock dies with its process, so a stale file after a
+/// kill -9 never blocks a restart).
+#[derive(Debug)]
+pub(crate) struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// The lock file's name in the data directory.
+pub const LOCK_FILE: &str = "lock";
+
+impl DataDirLock {
+    fn acquire(data_dir: &Path) -> Result<DataDirLock> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(data_dir).map_err(|e| io_error(data_dir, e))?;
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(BrokerError::DataDirInUse {
+                    dir: data_dir.to_owned(),
+                    holder: if holder.is_empty() { "another process".into() } else { format!("pid {holder}") },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_error(&path, e)),
+        }
+        // Best effort: the pid only makes the refusal's message better.
+        let _ = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| writeln!(file, "{}", std::process::id()));
+        Ok(DataDirLock { _file: file })
     }
 }
 

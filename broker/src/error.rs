@@ -29,6 +29,12 @@ pub enum BrokerError {
     Refused(Box<Refusal>),
     #[error("storage failure: {0}")]
     Storage(String),
+    /// Another broker holds the data directory's lock (only at open).
+    #[error(
+        "data directory {} is in use by another broker ({holder}); stop it, or give this one another --data-dir. Nothing was changed",
+        dir.display()
+    )]
+    DataDirInUse { dir: std::path::PathBuf, holder: String },
 }
 
 /// A publish refused by admission: why, and the figures behind it.

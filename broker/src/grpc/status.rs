@@ -69,6 +69,8 @@ fn status_of(error: BrokerError) -> Status {
         BrokerError::LimitReached { .. } | BrokerError::DiskFull(_) => Code::ResourceExhausted,
         BrokerError::Refused(refusal) => return refused(refusal),
         BrokerError::ShuttingDown => Code::Unavailable,
+        // Only `Broker::open` returns it; no call can see it.
+        BrokerError::DataDirInUse { .. } => Code::FailedPrecondition,
         BrokerError::Storage(_) => {
             tracing::error!(%error, "storage failure answered as INTERNAL");
             Code::Internal
