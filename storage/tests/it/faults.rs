@@ -192,3 +192,80 @@ impl Drop for TmpfsMount {
         }
     }
 }
+
+/// A log poisoned by a failed fsync recovers in place with `reopen`:
+/// every acknowledged record stays, the record whose commit failed is cut
+/// (post-fsyncgate: its pages may be marked clean without being on disk,
+/// so they are never trusted), its commit and any commit pending from
+/// before stay failed, appends and acks work again on the same `Log`, a
+/// cursor taken before goes on, and a later open agrees.
+#[test]
+fn failed_sync_then_reopen_keeps_every_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let options = LogOptions { faults: Some(faults.clone()), ..small_options() };
+    let log = Log::open(dir.path(), options).unwrap();
+    assert!(!log.reopen().unwrap(), "a healthy log has nothing to reopen");
+    // Enough to span segments, so the cut is not only in the first one.
+    for i in 0..10 {
+        append_all(&log, i * 20, 20, 500);
+    }
+    let mut cursor = log.cursor(0);
+    for offset in 0..150 {
+        assert_eq!(payload_index(&cursor.next().unwrap().unwrap().payload), offset);
+    }
+    faults.fail_sync_after(0);
+    let lost = log.append(&[record(9_000, 500)]).unwrap();
+    assert_eq!(lost.first_offset, 200);
+    let error = lost.commit.wait().expect_err("the sync failed");
+    assert_eq!(error.source.raw_os_error(), Some(libc_eio()));
+    assert!(log.poisoned().is_some());
+    assert!(matches!(log.append(&[record(9_001, 500)]), Err(AppendError::Poisoned(_))));
+
+    assert!(log.reopen().expect("the disk works again"));
+    assert!(log.poisoned().is_none());
+    assert_eq!(log.next_offset(), 200, "the record whose sync failed is cut, its offset reused");
+    for offset in 150..200 {
+        assert_eq!(payload_index(&cursor.next().unwrap().unwrap().payload), offset, "the old cursor goes on");
+    }
+    assert!(cursor.next().is_none(), "nothing past the trusted end");
+    append_all(&log, 200, 30, 500);
+    assert_eq!(payload_index(&cursor.next().unwrap().unwrap().payload), 200);
+    log.ack(0, 100, ballast_storage::AckKind::Acked).unwrap().wait().unwrap();
+    log.close().unwrap();
+
+    let log = Log::open(dir.path(), small_options()).unwrap();
+    assert_eq!(log.next_offset(), 230);
+    assert_eq!(log.ack_floor(), 100);
+    for offset in 100..230 {
+        assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
+    }
+    assert_eq!(log.stats().quarantined, 0);
+}
+
+/// A failed write poisons too; a reopen that meets the failing disk again
+/// fails and leaves the log poisoned (and may be retried), and the next one
+/// recovers with the acknowledged records intact.
+#[test]
+fn failed_write_then_reopen_retries_until_the_disk_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..small_options() }).unwrap();
+    append_all(&log, 0, 10, 100);
+    faults.fail_writes(1);
+    assert!(matches!(log.append(&[record(10, 100)]), Err(AppendError::Poisoned(_))));
+    // The reopen's own syncs fail: still poisoned.
+    faults.fail_sync_after(0);
+    assert!(log.reopen().is_err());
+    assert!(log.poisoned().is_some());
+    assert!(matches!(log.append(&[record(10, 100)]), Err(AppendError::Poisoned(_))));
+    assert!(log.reopen().unwrap());
+    assert_eq!(log.next_offset(), 10);
+    append_all(&log, 10, 5, 100);
+    for offset in 0..15 {
+        assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
+    }
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_options()).unwrap();
+    assert_eq!(log.next_offset(), 15);
+}
