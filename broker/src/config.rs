@@ -50,6 +50,24 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Settings a new queue gets for every field its creator leaves unset.
     pub queue_defaults: QueueSettings,
+    /// Test seam, never read from a file: failures to inject into every
+    /// log's I/O (see `ballast_storage::Faults`).
+    #[serde(skip)]
+    pub faults: FaultSeam,
+}
+
+/// [`Config::faults`]: equal when both are the same `Faults` (or none).
+#[derive(Debug, Clone, Default)]
+pub struct FaultSeam(pub Option<std::sync::Arc<ballast_storage::Faults>>);
+
+impl PartialEq for FaultSeam {
+    fn eq(&self, other: &FaultSeam) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Storage settings shared by every lane's log.
@@ -72,6 +90,7 @@ impl Default for Config {
             disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
             storage: StorageConfig::default(),
             queue_defaults: QueueSettings::default(),
+            faults: FaultSeam::default(),
         }
     }
 }
@@ -115,7 +134,7 @@ impl Config {
             checkpoint_interval_bytes: self.storage.checkpoint_interval_bytes,
             dedupe_window_ms: settings.dedupe_window_ms,
             dedupe_keys_max: u32::try_from(crate::limits::DEDUPE_KEYS_MAX).unwrap_or(u32::MAX),
-            faults: None,
+            faults: self.faults.0.clone(),
         }
     }
 }

@@ -90,3 +90,212 @@ fn broker_pid(broker: &BrokerProcess) -> u32 {
     let text = std::fs::read_to_string(broker.data_dir.join("lock")).expect("the lock file");
     text.trim().parse().expect("a pid")
 }
+
+/// An in-process broker (through the library) whose logs' I/O goes through
+/// one fault seam, on a fresh data directory with 64 KiB segments.
+struct InProcess {
+    addr: std::net::SocketAddr,
+    data_dir: PathBuf,
+    faults: std::sync::Arc<ballast_storage::Faults>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    async fn start() -> InProcess {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let data_dir = dir.path().join("data");
+        let faults = ballast_storage::Faults::new();
+        let mut config = ballast_broker::Config {
+            data_dir: data_dir.clone(),
+            disk_free_min_bytes: 0,
+            faults: ballast_broker::config::FaultSeam(Some(faults.clone())),
+            ..ballast_broker::Config::default()
+        };
+        config.storage.segment_size = 64 * 1024;
+        let broker = ballast_broker::Broker::open(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(ballast_broker::server::serve(broker, listener, None, async {
+            let _ = stopped.await;
+        }));
+        InProcess { addr, data_dir, faults, stop: Some(stop), server: Some(server), _dir: dir }
+    }
+
+    async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+    }
+
+    /// The queue's status in the gRPC health service.
+    async fn health(&self, queue: &str) -> i32 {
+        let mut client = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        let request = tonic_health::pb::HealthCheckRequest { service: format!("ballast.v1.Queue/{queue}") };
+        match client.check(request).await {
+            Ok(response) => response.into_inner().status,
+            // Not reported yet: statuses follow the broker's stats tick.
+            Err(status) if status.code() == Code::NotFound => -1,
+            Err(status) => panic!("health check of {queue}: {status}"),
+        }
+    }
+
+    /// Waits (30 s at most) until the queue's health is `status`.
+    async fn wait_health(&self, queue: &str, status: tonic_health::ServingStatus) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.health(queue).await != status as i32 {
+            assert!(std::time::Instant::now() < deadline, "{queue} never became {status:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn lane_failed(&self, queue: &str) -> bool {
+        let mut client = pb::stats_client::StatsClient::new(self.channel().await);
+        let stats = client.get_stats(pb::StatsRequest { queue: queue.into() }).await.unwrap().into_inner();
+        stats.queues[0].lanes.iter().any(|lane| lane.storage_failed)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.server.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+use ballast_proto::v1 as pb;
+use tonic::Code;
+
+/// One publish of `payload`, its status on failure.
+async fn try_publish(
+    publisher: &mut pb::publisher_client::PublisherClient<tonic::transport::Channel>,
+    queue: &str,
+    payload: String,
+) -> Result<pb::Receipt, tonic::Status> {
+    publisher
+        .publish(pb::PublishRequest { queue: queue.into(), message: Some(message(payload)) })
+        .await
+        .map(|r| r.into_inner().receipt.expect("a receipt"))
+}
+
+/// Every payload left in `queue`, read through a consume stream.
+async fn drain(channel: tonic::transport::Channel, queue: &str, count: u64) -> Vec<String> {
+    let mut consumer = pb::consumer_client::ConsumerClient::new(channel);
+    let mut session = Session::open(&mut consumer, queue, 10_000).await;
+    let mut payloads = Vec::new();
+    for _ in 0..count {
+        payloads.push(String::from_utf8(session.delivery().await.payload.to_vec()).unwrap());
+    }
+    session.expect_silence(Duration::from_millis(200)).await;
+    payloads
+}
+
+/// EIO from fsync and from write, through the storage fault seam, on a
+/// running broker: the publish whose sync failed is refused UNAVAILABLE
+/// with retry-after-ms and an error id (no path); the queue reports it
+/// (health NOT_SERVING, the lane's `storage_failed`) while the disk keeps
+/// failing, refuses publishes meanwhile, and recovers by itself once the
+/// disk works (the lane's log reopened); nothing acknowledged is lost, and
+/// nothing is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_fsync_and_write_are_refused_reported_and_recovered() {
+    use tonic_health::ServingStatus;
+    let broker = InProcess::start().await;
+    let mut admin = pb::admin_client::AdminClient::new(broker.channel().await);
+    create(&mut admin, "f", queue_settings()).await;
+    let mut publisher = pb::publisher_client::PublisherClient::new(broker.channel().await);
+    let mut acknowledged = Vec::new();
+    for i in 0..20 {
+        try_publish(&mut publisher, "f", format!("m{i}")).await.unwrap();
+        acknowledged.push(format!("m{i}"));
+    }
+    broker.wait_health("f", ServingStatus::Serving).await;
+
+    broker.faults.fail_syncs(u64::MAX);
+    let status = try_publish(&mut publisher, "f", "lost-1".into()).await.expect_err("the sync failed");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.metadata().get("retry-after-ms").is_some(), "{status:?}");
+    assert!(status.message().contains("error id"), "{status:?}");
+    assert!(!status.message().contains(&*broker.data_dir.to_string_lossy()), "no path to clients: {status:?}");
+    broker.wait_health("f", ServingStatus::NotServing).await;
+    assert!(broker.lane_failed("f").await);
+    let status = try_publish(&mut publisher, "f", "lost-2".into()).await.expect_err("still failing");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    broker.faults.fail_syncs(0);
+    broker.wait_health("f", ServingStatus::Serving).await;
+    assert!(!broker.lane_failed("f").await);
+    try_publish(&mut publisher, "f", "after-sync".into()).await.unwrap();
+    acknowledged.push("after-sync".into());
+
+    broker.faults.fail_writes(1);
+    let status = try_publish(&mut publisher, "f", "lost-3".into()).await.expect_err("the write failed");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Retried as a client would, after retry-after-ms, until it lands
+    // (the lane may be reopened before any tick reports it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let receipt = loop {
+        match try_publish(&mut publisher, "f", "after-write".into()).await {
+            Ok(receipt) => break receipt,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(std::time::Instant::now() < deadline, "the lane never recovered");
+                let retry: u64 = status.metadata().get("retry-after-ms").unwrap().to_str().unwrap().parse().unwrap();
+                tokio::time::sleep(Duration::from_millis(retry)).await;
+            }
+        }
+    };
+    acknowledged.push("after-write".into());
+    assert_eq!(receipt.id.unwrap().offset, 21, "the failed appends' offsets are reused");
+
+    let mut delivered = drain(broker.channel().await, "f", acknowledged.len() as u64).await;
+    delivered.sort();
+    acknowledged.sort();
+    assert_eq!(delivered, acknowledged, "every acknowledged message, once; none of the refused ones");
+    broker.stop().await;
+}
+
+/// ENOSPC through the fault seam when a publish needs a new segment: the
+/// publish is refused RESOURCE_EXHAUSTED with `retry-after-ms` and
+/// `ballast-reason: disk_full` (like the watermark's refusal), stores
+/// nothing, and does not poison the queue; CreateQueue is refused the same
+/// way with nothing half-created; both work once space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_through_the_seam_is_resource_exhausted_with_a_reason() {
+    use tonic_health::ServingStatus;
+    let broker = InProcess::start().await;
+    let mut admin = pb::admin_client::AdminClient::new(broker.channel().await);
+    create(&mut admin, "e", queue_settings()).await;
+    let mut publisher = pb::publisher_client::PublisherClient::new(broker.channel().await);
+    broker.faults.set_disk_full(true);
+    let mut acknowledged = 0u64;
+    let status = loop {
+        match try_publish(&mut publisher, "e", format!("{acknowledged:04}{}", "x".repeat(1000))).await {
+            Ok(_) => acknowledged += 1,
+            Err(status) => break status,
+        }
+        assert!(acknowledged < 1000, "the current segment never filled");
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.metadata().get("ballast-reason").unwrap(), "disk_full");
+    assert!(status.metadata().get("retry-after-ms").unwrap().to_str().unwrap().parse::<u64>().unwrap() > 0);
+    assert!(status.message().contains("disk is full"), "{status:?}");
+    assert!(!status.message().contains(&*broker.data_dir.to_string_lossy()), "no path to clients: {status:?}");
+    assert!(!broker.lane_failed("e").await, "ENOSPC refuses, it does not poison");
+
+    let refused = admin
+        .create_queue(pb::CreateQueueRequest { name: "g".into(), settings: Some(queue_settings()) })
+        .await
+        .expect_err("no space for its segments");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("disk is full"), "{refused:?}");
+    assert_eq!(queue_names(&mut admin).await, ["e", "e.dead"]);
+    let queues_dir = broker.data_dir.join("queues");
+    wait_until("the failed creation's directories to go", || std::fs::read_dir(&queues_dir).unwrap().count() == 2)
+        .await;
+
+    broker.faults.set_disk_full(false);
+    try_publish(&mut publisher, "e", "after".into()).await.unwrap();
+    create(&mut admin, "g", queue_settings()).await;
+    assert_eq!(depth(&mut admin, "e").await, acknowledged + 1);
+    broker.wait_health("e", ServingStatus::Serving).await;
+    broker.stop().await;
+}
