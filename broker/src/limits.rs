@@ -10,6 +10,9 @@ pub const QUEUES_MAX: usize = 1024;
 pub const LANES_MAX: usize = 8;
 
 /// Longest queue name, in bytes (the name regex is `[a-z0-9][a-z0-9._-]{0,127}`).
+/// A dead-letter queue's name is its queue's plus `.dead`, so it may be 5
+/// bytes longer: every name a user may create can have its dead-letter
+/// queue.
 pub const QUEUE_NAME_SIZE_MAX: usize = 128;
 
 /// Suffix of a queue's dead-letter queue.

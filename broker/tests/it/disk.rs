@@ -299,3 +299,84 @@ async fn enospc_through_the_seam_is_resource_exhausted_with_a_reason() {
     broker.wait_health("e", ServingStatus::Serving).await;
     broker.stop().await;
 }
+
+/// Queue names at the documented limit and one past it: a 128-byte name
+/// is created with its dead-letter queue (whose name is 133 bytes; before,
+/// a 124..=128-byte name was refused for `<name>.dead`, a name the user
+/// never typed); 129 bytes is INVALID_ARGUMENT about the name typed.
+#[tokio::test]
+async fn queue_names_at_the_limit_and_one_past() {
+    let broker = BrokerProcess::start();
+    let mut admin = broker.admin().await;
+    let at_limit = "n".repeat(128);
+    let info = create(&mut admin, &at_limit, queue_settings()).await;
+    assert_eq!(info.name, at_limit);
+    let dead = format!("{at_limit}.dead");
+    assert_eq!(queue_names(&mut admin).await, [at_limit.clone(), dead.clone()]);
+    assert_eq!(depth(&mut admin, &dead).await, 0, "the dead-letter queue answers under its name");
+    publish(&mut broker.publisher().await, &at_limit, message("x")).await;
+
+    let past = "n".repeat(129);
+    let refused =
+        admin.create_queue(pb::CreateQueueRequest { name: past.clone(), settings: Some(queue_settings()) }).await;
+    assert_status(refused, Code::InvalidArgument, "longer than 128 bytes");
+    let refused =
+        admin.create_queue(pb::CreateQueueRequest { name: past.clone(), settings: Some(queue_settings()) }).await;
+    let message = refused.unwrap_err().message().to_owned();
+    assert!(message.contains(&format!("{past:?}")), "the message is about the name typed: {message}");
+    assert!(!message.contains(".dead"), "not about a name the user never typed: {message}");
+}
+
+/// The queue ceiling (`QUEUES_MAX`, dead-letter queues included) at the
+/// limit and one past: 1024 queues are created, the 1025th is
+/// RESOURCE_EXHAUSTED, and deleting one makes room. One-lane queues
+/// without dead-letter queues and small segments keep it cheap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_at_the_limit_and_one_past() {
+    let broker = InProcess::start().await;
+    let mut admin = pb::admin_client::AdminClient::new(broker.channel().await);
+    let settings = || pb::QueueSettings {
+        lanes: vec!["only".into()],
+        lane_weights: vec![1],
+        lane_admission: vec![1.0],
+        dead_letter: Some(false),
+        ..queue_settings()
+    };
+    let max = ballast_broker::limits::QUEUES_MAX;
+    for i in 0..max {
+        create(&mut admin, &format!("q{i:04}"), settings()).await;
+    }
+    assert_eq!(queue_names(&mut admin).await.len(), max);
+    let refused =
+        admin.create_queue(pb::CreateQueueRequest { name: "one-more".into(), settings: Some(settings()) }).await;
+    assert_status(refused, Code::ResourceExhausted, "queues limit reached (1024)");
+    admin.delete_queue(pb::DeleteQueueRequest { name: "q0000".into() }).await.unwrap();
+    create(&mut admin, "one-more", settings()).await;
+    broker.stop().await;
+}
+
+/// A storage failure reaches the client as INTERNAL with an error id and
+/// no path; the broker's log has the id with the detail (the path). Here
+/// the queues directory is replaced by a file under the running broker, so
+/// CreateQueue cannot make the queue's directory.
+#[tokio::test]
+async fn storage_errors_carry_an_error_id_not_a_path() {
+    let broker = BrokerProcess::start();
+    let mut admin = broker.admin().await;
+    let queues = broker.data_dir.join("queues");
+    std::fs::rename(&queues, broker.data_dir.join("queues.moved")).unwrap();
+    std::fs::write(&queues, b"not a directory").unwrap();
+    let status = admin
+        .create_queue(pb::CreateQueueRequest { name: "p".into(), settings: Some(queue_settings()) })
+        .await
+        .expect_err("the queue's directory cannot be made");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    let message = status.message();
+    assert!(message.starts_with("storage failure, error id "), "{message}");
+    assert!(message.ends_with("; see the broker log"), "{message}");
+    assert!(!message.contains('/'), "no path reaches the client: {message}");
+    let id = message.trim_start_matches("storage failure, error id ").trim_end_matches("; see the broker log");
+    let log = std::fs::read_to_string(broker.data_dir.with_extension("log")).unwrap();
+    let line = log.lines().find(|line| line.contains(id)).unwrap_or_else(|| panic!("error id {id} not logged:\n{log}"));
+    assert!(line.contains(&*queues.to_string_lossy()), "the log line has the detail: {line}");
+}
