@@ -380,3 +380,163 @@ async fn storage_errors_carry_an_error_id_not_a_path() {
     let line = log.lines().find(|line| line.contains(id)).unwrap_or_else(|| panic!("error id {id} not logged:\n{log}"));
     assert!(line.contains(&*queues.to_string_lossy()), "the log line has the detail: {line}");
 }
+
+/// A tmpfs of a given size mounted on a fresh directory, unmounted when
+/// dropped (also when the test panics).
+struct TmpfsMount {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TmpfsMount {
+    /// Mounts one, or says loudly why not: `None` only when
+    /// `BALLAST_SKIP_TMPFS=1` allows skipping; otherwise a failed mount
+    /// fails the test (CI runs as root).
+    fn new(size: &str) -> Option<TmpfsMount> {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        let why = match output {
+            Ok(out) if out.status.success() => return Some(TmpfsMount { path: dir.path().to_owned(), _dir: dir }),
+            Ok(out) => format!("mount exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+            Err(e) => format!("cannot run mount: {e}"),
+        };
+        eprintln!("\n*** cannot mount a {size} tmpfs for a real ENOSPC test ({why}); the test needs root ***");
+        let skip = std::env::var("BALLAST_SKIP_TMPFS").is_ok_and(|v| v == "1");
+        assert!(skip, "mounting a tmpfs failed ({why}); run as root, or set BALLAST_SKIP_TMPFS=1 to skip");
+        eprintln!("*** BALLAST_SKIP_TMPFS=1: skipped ***\n");
+        None
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        match Command::new("umount").arg(&self.path).status() {
+            Ok(status) if status.success() => {}
+            other => eprintln!("umount {} failed: {other:?}", self.path.display()),
+        }
+    }
+}
+
+/// A `ballastd` child on a given data directory, SIGKILLed when dropped
+/// (before the filesystem under it is unmounted).
+struct Ballastd {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Ballastd {
+    fn start(data_dir: &Path, log: &Path, args: &[&str]) -> Ballastd {
+        use std::io::BufRead;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ballastd"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("ballastd did not start: {line:?}"));
+        Ballastd { addr: addr.parse().unwrap(), child }
+    }
+
+    async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+    }
+}
+
+impl Drop for Ballastd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real ENOSPC: `ballastd` (64 KiB segments, no watermark) on a 4 MiB
+/// tmpfs, partly taken by a filler file. Publishes fill it until one is
+/// refused RESOURCE_EXHAUSTED with `retry-after-ms` and `ballast-reason:
+/// disk_full`; CreateQueue is refused the same way, leaving nothing; once
+/// the filler is deleted publishes and creation work again; after a
+/// SIGKILL and restart every acknowledged message is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_on_a_real_small_filesystem() {
+    let Some(mount) = TmpfsMount::new("4m") else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let config = scratch.path().join("ballastd.toml");
+    std::fs::write(&config, "[storage]\nsegment_size = 65536\n").unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let args = ["--config", &config, "--disk-free-min-bytes", "0"];
+    let filler = mount.path.join("filler");
+    std::fs::write(&filler, vec![1u8; 1 << 20]).unwrap();
+    let data_dir = mount.path.join("data");
+    let log = scratch.path().join("ballastd.log");
+    let broker = Ballastd::start(&data_dir, &log, &args);
+    let mut admin = pb::admin_client::AdminClient::new(broker.channel().await);
+    create(&mut admin, "full", queue_settings()).await;
+    let mut publisher = pb::publisher_client::PublisherClient::new(broker.channel().await);
+
+    let mut acknowledged: Vec<String> = Vec::new();
+    let refusal = loop {
+        let payloads: Vec<String> =
+            (0..8).map(|i| format!("{:06}-{}", acknowledged.len() + i, "x".repeat(1000))).collect();
+        let messages = payloads.iter().map(|p| message(p.clone())).collect();
+        match publisher.publish_batch(pb::PublishBatchRequest { queue: "full".into(), messages }).await {
+            Ok(_) => acknowledged.extend(payloads),
+            Err(status) => break status,
+        }
+        assert!(acknowledged.len() < 10_000, "4 MiB never filled");
+    };
+    assert!(acknowledged.len() > 100, "only {} messages fit", acknowledged.len());
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    assert_eq!(refusal.metadata().get("ballast-reason").unwrap(), "disk_full", "{refusal:?}");
+    let retry: u64 = refusal.metadata().get("retry-after-ms").unwrap().to_str().unwrap().parse().unwrap();
+    assert!(retry > 0);
+    assert!(refusal.message().contains("disk is full"), "{refusal:?}");
+    assert!(!refusal.message().contains(&*mount.path.to_string_lossy()), "no path to clients: {refusal:?}");
+
+    let status = admin
+        .create_queue(pb::CreateQueueRequest { name: "later".into(), settings: Some(queue_settings()) })
+        .await
+        .expect_err("no room for a new queue");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("disk is full"), "{status:?}");
+    assert_eq!(queue_names(&mut admin).await, ["full", "full.dead"], "nothing half-created");
+
+    std::fs::remove_file(&filler).unwrap();
+    let payload = "after-space-returned".to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match try_publish(&mut publisher, "full", payload.clone()).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(std::time::Instant::now() < deadline, "publishes never resumed: {status:?}");
+                tokio::time::sleep(Duration::from_millis(retry)).await;
+            }
+        }
+    }
+    acknowledged.push(payload);
+    create(&mut admin, "later", queue_settings()).await;
+
+    drop(publisher);
+    drop(admin);
+    drop(broker);
+    let broker = Ballastd::start(&data_dir, &log, &args);
+    let mut admin = pb::admin_client::AdminClient::new(broker.channel().await);
+    let total = depth(&mut admin, "full").await;
+    assert_eq!(total, acknowledged.len() as u64, "depth after the restart");
+    let delivered = drain(broker.channel().await, "full", total).await;
+    let delivered: std::collections::BTreeSet<String> = delivered.into_iter().collect();
+    let lost: Vec<&String> = acknowledged.iter().filter(|p| !delivered.contains(*p)).collect();
+    assert!(lost.is_empty(), "{} acknowledged messages lost, e.g. {:?}", lost.len(), lost.first());
+    drop(broker);
+    drop(mount);
+}
