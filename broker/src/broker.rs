@@ -510,9 +510,9 @@ impl DataDirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| io_error(&path, e))?;
-        match file.try_lock() {
+        match try_lock_exclusive(&file) {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
@@ -521,12 +521,23 @@ impl DataDirLock {
                     holder: if holder.is_empty() { "another process".into() } else { format!("pid {holder}") },
                 });
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_error(&path, e)),
+            Err(e) => return Err(io_error(&path, e)),
         }
         // Best effort: the pid only makes the refusal's message better.
         let _ = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| writeln!(file, "{}", std::process::id()));
         Ok(DataDirLock { _file: file })
     }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: the lock belongs to the open file and goes
+/// when it closes (or the process dies). `std`'s `File::try_lock` is newer
+/// than the workspace's MSRV.
+fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only reads its integer arguments; the fd is valid for
+    // the lifetime of `file`.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// Free bytes for unprivileged users on the filesystem holding `dir`.

@@ -396,8 +396,24 @@ impl Log {
             tracing::error!(dir = %shared.dir.display(), "the flusher thread panicked");
         }
         // With the flusher gone nothing raises it any more.
-        let trusted_end = shared.acks.lock().durable_end;
+        let durable_end = shared.acks.lock().durable_end;
         let mut writer = shared.writer.lock();
+        let trusted_end = match shared.options.sync_policy {
+            SyncPolicy::Fsync => durable_end,
+            SyncPolicy::Interval { .. } | SyncPolicy::None => {
+                // Commits resolved once written: every record was
+                // acknowledged, so none may be cut. Their bytes are written
+                // again from the map (the page cache holds what was
+                // written), so that recovery's syncs put them on disk
+                // rather than trusting pages a failed sync left clean.
+                let segments = shared.segments.read().clone();
+                let from = segments.partition_point(|s| s.base_offset <= durable_end).saturating_sub(1);
+                for segment in &segments[from..] {
+                    segment.rewrite(&shared.io).map_err(crate::error::io_open(&segment.path))?;
+                }
+                shared.next_offset.load(Ordering::Acquire)
+            }
+        };
         let recovered = recovery::recover(&shared.dir, &shared.options, &shared.io, Some(trusted_end))?;
         let point = recovered.point;
         // Lowered first: a reader that sees the new end reads old or new
@@ -664,6 +680,11 @@ impl Shared {
 
     fn append(self: &Arc<Self>, records: &[NewRecord]) -> Result<Appended, AppendError> {
         self.validate(records)?;
+        // Refused before the writer lock, which a reopen holds while it
+        // recovers: callers are not held up behind it.
+        if let Some(e) = self.poisoned() {
+            return Err(AppendError::Poisoned(e));
+        }
         let mut guard = self.writer.lock();
         if let Some(e) = self.poisoned() {
             return Err(AppendError::Poisoned(e));

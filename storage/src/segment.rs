@@ -245,6 +245,23 @@ impl Segment {
         self.written.store(pos, Ordering::Release);
     }
 
+    /// Writes the segment's valid bytes (header to `written`) again, from
+    /// the map, in chunks copied out first: after a failed sync, so that
+    /// the next sync writes pages the kernel may have marked clean without
+    /// writing them. Bytes are unchanged, so readers are unaffected.
+    pub(crate) fn rewrite(&self, io: &Io) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let end = self.written().min(self.size());
+        let mut pos = 0;
+        while pos < end {
+            let to = (pos + CHUNK).min(end);
+            let chunk = self.map[pos as usize..to as usize].to_vec();
+            io.write_at(&self.file, &chunk, pos)?;
+            pos = to;
+        }
+        Ok(())
+    }
+
     pub(crate) fn sync(&self, io: &Io) -> io::Result<()> {
         io.sync_data(&self.file)
     }

@@ -269,3 +269,34 @@ fn failed_write_then_reopen_retries_until_the_disk_works() {
     let log = Log::open(dir.path(), small_options()).unwrap();
     assert_eq!(log.next_offset(), 15);
 }
+
+/// Under the interval policy commits resolve once written, so every
+/// record was acknowledged: a reopen after a failed sync cuts none of them
+/// (it writes their bytes again for recovery's syncs), and a later open
+/// agrees.
+#[test]
+fn reopen_under_the_interval_policy_keeps_every_written_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let options = LogOptions {
+        faults: Some(faults.clone()),
+        sync_policy: ballast_storage::SyncPolicy::Interval { interval_ms: 60_000 },
+        ..small_options()
+    };
+    let log = Log::open(dir.path(), options).unwrap();
+    append_all(&log, 0, 100, 500);
+    log.sync().unwrap();
+    append_all(&log, 100, 100, 500);
+    faults.fail_sync_after(0);
+    assert!(log.sync().is_err());
+    assert!(log.poisoned().is_some());
+    assert!(log.reopen().unwrap());
+    assert_eq!(log.next_offset(), 200, "nothing acknowledged is cut");
+    append_all(&log, 200, 10, 500);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_options()).unwrap();
+    assert_eq!(log.next_offset(), 210);
+    for offset in 0..210 {
+        assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
+    }
+}
