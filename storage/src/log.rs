@@ -599,12 +599,18 @@ impl Log {
     }
 
     fn stop(&mut self) -> Result<(), SyncError> {
-        let Some(flusher) = self.flusher.get_mut().take() else {
-            return Ok(());
-        };
-        self.shared.commit.lock().shutdown = true;
+        {
+            let mut commit = self.shared.commit.lock();
+            if commit.shutdown {
+                return Ok(());
+            }
+            commit.shutdown = true;
+        }
         self.shared.flusher_wake.notify_one();
-        if flusher.join().is_err() {
+        // None after a failed reopen: the log is poisoned, reported below.
+        if let Some(flusher) = self.flusher.get_mut().take()
+            && flusher.join().is_err()
+        {
             tracing::error!(dir = %self.shared.dir.display(), "the flusher thread panicked");
         }
         match self.shared.commit.lock().error.clone() {

@@ -300,3 +300,20 @@ fn reopen_under_the_interval_policy_keeps_every_written_record() {
         assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
     }
 }
+
+/// A log whose reopen failed still reports its poisoning when closed.
+#[test]
+fn close_after_a_failed_reopen_reports_the_poisoning() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..small_options() }).unwrap();
+    append_all(&log, 0, 3, 100);
+    faults.fail_writes(1);
+    assert!(log.append(&[record(3, 100)]).is_err());
+    faults.fail_syncs(u64::MAX);
+    assert!(log.reopen().is_err());
+    assert!(log.close().is_err(), "close reports the poisoning");
+    faults.fail_syncs(0);
+    let log = Log::open(dir.path(), small_options()).unwrap();
+    assert_eq!(log.next_offset(), 3);
+}
