@@ -95,6 +95,8 @@ fn broker_pid(broker: &BrokerProcess) -> u32 {
 /// one fault seam, on a fresh data directory with 64 KiB segments.
 struct InProcess {
     addr: std::net::SocketAddr,
+    /// `None` when another recorder was installed first.
+    metrics_addr: Option<std::net::SocketAddr>,
     data_dir: PathBuf,
     faults: std::sync::Arc<ballast_storage::Faults>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -114,14 +116,24 @@ impl InProcess {
             ..ballast_broker::Config::default()
         };
         config.storage.segment_size = 64 * 1024;
+        // One recorder for the test process, installed before any broker
+        // opens (queues take their metric handles then).
+        // `None` if some other test of this process installed one first;
+        // the metric checks then say they are skipped.
+        static RECORDER: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+            std::sync::OnceLock::new();
+        let handle = RECORDER.get_or_init(ballast_broker::metrics::install).clone();
         let broker = ballast_broker::Broker::open(config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = handle.is_some().then(|| metrics.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(ballast_broker::server::serve(broker, listener, None, async {
-            let _ = stopped.await;
-        }));
-        InProcess { addr, data_dir, faults, stop: Some(stop), server: Some(server), _dir: dir }
+        let server =
+            tokio::spawn(ballast_broker::server::serve(broker, listener, handle.map(|h| (metrics, h)), async {
+                let _ = stopped.await;
+            }));
+        InProcess { addr, metrics_addr, data_dir, faults, stop: Some(stop), server: Some(server), _dir: dir }
     }
 
     async fn channel(&self) -> tonic::transport::Channel {
@@ -147,6 +159,22 @@ impl InProcess {
             assert!(std::time::Instant::now() < deadline, "{queue} never became {status:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Asserts `ballast_queue_storage_failed` of one lane, from
+    /// `GET /metrics`.
+    async fn assert_storage_failed_gauge(&self, queue: &str, lane: &str, expected: f64) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Some(addr) = self.metrics_addr else {
+            eprintln!("another metrics recorder is installed in this process: gauge check skipped");
+            return;
+        };
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let value = sample(&response, "ballast_queue_storage_failed", &format!("queue=\"{queue}\",lane=\"{lane}\""));
+        assert_eq!(value, Some(expected), "ballast_queue_storage_failed of {queue}/{lane}");
     }
 
     async fn lane_failed(&self, queue: &str) -> bool {
@@ -217,12 +245,15 @@ async fn failing_fsync_and_write_are_refused_reported_and_recovered() {
     assert!(!status.message().contains(&*broker.data_dir.to_string_lossy()), "no path to clients: {status:?}");
     broker.wait_health("f", ServingStatus::NotServing).await;
     assert!(broker.lane_failed("f").await);
+    broker.assert_storage_failed_gauge("f", "normal", 1.0).await;
+    broker.assert_storage_failed_gauge("f", "high", 0.0).await;
     let status = try_publish(&mut publisher, "f", "lost-2".into()).await.expect_err("still failing");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
     broker.faults.fail_syncs(0);
     broker.wait_health("f", ServingStatus::Serving).await;
     assert!(!broker.lane_failed("f").await);
+    broker.assert_storage_failed_gauge("f", "normal", 0.0).await;
     try_publish(&mut publisher, "f", "after-sync".into()).await.unwrap();
     acknowledged.push("after-sync".into());
 
