@@ -8,7 +8,7 @@
 //! and is removed on start.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -91,6 +91,8 @@ impl Node {
 /// The queues of one node.
 #[derive(Debug)]
 pub struct Broker {
+    /// Held for the broker's life: no other broker opens the directory.
+    _lock: DataDirLock,
     config: Config,
     queues_dir: PathBuf,
     queues: RwLock<BTreeMap<QueueName, Arc<Queue>>>,
@@ -101,6 +103,28 @@ pub struct Broker {
     /// Turns `true` once, at `begin_shutdown`: long-lived tasks (Stats
     /// Watch streams) wait on it so they never hold up a graceful shutdown.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Lanes whose log a failed write or sync poisoned, being reopened
+    /// (`recover_lanes`); an entry goes once its lane is writable again.
+    recovering: Arc<parking_lot::Mutex<HashMap<(QueueName, usize), LaneRecovery>>>,
+    /// Per-queue health statuses last reported (`report_health`).
+    reported_health: parking_lot::Mutex<HashMap<String, bool>>,
+}
+
+/// A poisoned lane waiting to be reopened.
+#[derive(Debug)]
+struct LaneRecovery {
+    /// When the next reopen may start.
+    next_attempt: std::time::Instant,
+    /// The pause after the next failed attempt, in ms (doubling).
+    backoff_ms: u64,
+    /// A reopen runs now (on a blocking thread).
+    running: bool,
+}
+
+/// The gRPC health service name of one queue: NOT_SERVING while some lane
+/// of it cannot write (its log is being reopened).
+pub fn queue_health_service(queue: &str) -> String {
+    format!("ballast.v1.Queue/{queue}")
 }
 
 const QUEUES_DIR: &str = "queues";
@@ -109,6 +133,9 @@ impl Broker {
     /// Opens every queue under `config.data_dir` (creating the directory if
     /// needed). Must run inside a tokio runtime: queues start timer tasks.
     pub fn open(config: Config) -> Result<Arc<Broker>> {
+        // First of all: a second process on the same directory would treat
+        // the live tail as torn and overwrite acknowledged records.
+        let lock = DataDirLock::acquire(&config.data_dir)?;
         let queues_dir = config.data_dir.join(QUEUES_DIR);
         std::fs::create_dir_all(&queues_dir).map_err(|e| io_error(&queues_dir, e))?;
         let node = Arc::new(Node::new(config.disk_free_min_bytes));
@@ -152,6 +179,7 @@ impl Broker {
         }
         sync_dir(&queues_dir)?;
         Ok(Arc::new(Broker {
+            _lock: lock,
             config,
             queues_dir,
             queues: RwLock::new(queues),
@@ -159,6 +187,8 @@ impl Broker {
             node,
             shutting_down: AtomicBool::new(false),
             stopping: tokio::sync::watch::Sender::new(false),
+            recovering: Arc::default(),
+            reported_health: parking_lot::Mutex::default(),
         }))
     }
 
@@ -211,6 +241,8 @@ impl Broker {
                 hint: "delete unused queues (a dead-letter queue counts as one)",
             });
         }
+        // The dead-letter queue this call creates, if any.
+        let mut created_dead = None;
         let dead_letter = if settings.dead_letter {
             let dead_name = dead_letter_name(&name)?;
             let existing = self.queues.read().get(&dead_name).cloned();
@@ -226,14 +258,30 @@ impl Broker {
                         ..settings.clone()
                     };
                     let dead = self.create_dir_and_queue(dead_name.clone(), dead_settings, None)?;
-                    self.queues.write().insert(dead_name, Arc::clone(&dead));
+                    self.queues.write().insert(dead_name.clone(), Arc::clone(&dead));
+                    created_dead = Some(dead_name);
                     Some(dead)
                 }
             }
         } else {
             None
         };
-        let queue = self.create_dir_and_queue(name.clone(), settings, dead_letter)?;
+        let queue = match self.create_dir_and_queue(name.clone(), settings, dead_letter) {
+            Ok(queue) => queue,
+            Err(e) => {
+                // Leave nothing half-created: a dead-letter queue made for
+                // this queue goes again.
+                if let Some(dead_name) = created_dead
+                    && let Some(dead) = self.queues.write().remove(&dead_name)
+                {
+                    dead.close_consumers();
+                    if let Err(removal) = dead.mark_removed() {
+                        tracing::warn!(queue = %dead_name, "removing the dead-letter queue of a failed creation: {removal}");
+                    }
+                }
+                return Err(e);
+            }
+        };
         self.queues.write().insert(name.clone(), Arc::clone(&queue));
         tracing::info!(queue = %name, "queue created");
         Ok(queue)
@@ -246,9 +294,19 @@ impl Broker {
         dead_letter: Option<Arc<Queue>>,
     ) -> Result<Arc<Queue>> {
         let dir = self.queues_dir.join(format!("{name}~{}", self.node.next_generation()));
-        let queue = Queue::create(&dir, name, settings, &self.config, Arc::clone(&self.node), dead_letter)?;
-        sync_dir(&self.queues_dir)?;
-        Ok(queue)
+        let created = Queue::create(&dir, name, settings, &self.config, Arc::clone(&self.node), dead_letter)
+            .and_then(|queue| sync_dir(&self.queues_dir).map(|()| queue));
+        if created.is_err() {
+            // Nothing half-created stays behind: without `queue.toml` the
+            // directory is a failed creation (a restart would remove it
+            // too). Logs opened in it have closed (the queue dropped).
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %dir.display(), "removing a failed queue creation: {e}");
+            }
+        }
+        created
     }
 
     /// Deletes a queue and its dead-letter queue, with every message in
@@ -312,11 +370,106 @@ impl Broker {
         &self.node
     }
 
-    /// One stats tick: smoothed rates and the disk's free space.
+    /// One stats tick: smoothed rates, the disk's free space, and the
+    /// reopening of lanes a failed write or sync poisoned.
     pub fn tick(&self, seconds: f64) {
         self.node.refresh_disk(&self.queues_dir);
         for queue in self.queues() {
             queue.tick(seconds);
+        }
+        self.recover_lanes();
+    }
+
+    /// Whether every lane of `queue` can write (no log of it is poisoned).
+    pub fn is_writable(queue: &Queue) -> bool {
+        queue.lanes.iter().all(|log| log.poisoned().is_none())
+    }
+
+    /// Reopens poisoned lanes, each on a backoff (from
+    /// `LANE_REOPEN_BACKOFF_MS_MIN`, doubling to `..._MAX`) and on a blocking
+    /// thread, since a reopen re-runs recovery: it keeps what the last
+    /// successful sync covered and cuts the rest (`Log::reopen`), so
+    /// nothing acknowledged is lost and a failed fsync is never trusted.
+    /// Meanwhile publishes to the lane are refused with UNAVAILABLE and the
+    /// queue's health is NOT_SERVING. Must run inside a tokio runtime.
+    fn recover_lanes(&self) {
+        use crate::limits::{LANE_REOPEN_BACKOFF_MS_MAX, LANE_REOPEN_BACKOFF_MS_MIN};
+        let now = std::time::Instant::now();
+        let queues = self.queues();
+        let mut recovering = self.recovering.lock();
+        recovering.retain(|(name, _), _| queues.iter().any(|q| q.name == *name));
+        for queue in &queues {
+            for (lane, log) in queue.lanes.iter().enumerate() {
+                let Some(error) = log.poisoned() else { continue };
+                let entry = recovering.entry((queue.name.clone(), lane)).or_insert_with(|| {
+                    tracing::error!(queue = %queue.name, lane, %error, "the lane cannot write; reopening its log");
+                    LaneRecovery { next_attempt: now, backoff_ms: LANE_REOPEN_BACKOFF_MS_MIN, running: false }
+                });
+                if entry.running || now < entry.next_attempt {
+                    continue;
+                }
+                entry.running = true;
+                let queue = Arc::clone(queue);
+                let recovering = Arc::clone(&self.recovering);
+                tokio::task::spawn_blocking(move || {
+                    let result = queue.lanes[lane].reopen();
+                    let mut map = recovering.lock();
+                    let key = (queue.name.clone(), lane);
+                    match result {
+                        Ok(_) => {
+                            map.remove(&key);
+                            drop(map);
+                            // The failed appends' bytes were counted.
+                            queue.recount_bytes(lane);
+                            tracing::info!(queue = %queue.name, lane, "the lane writes again");
+                            queue.dispatch();
+                        }
+                        Err(error) => {
+                            if let Some(entry) = map.get_mut(&key) {
+                                tracing::error!(
+                                    queue = %queue.name,
+                                    lane,
+                                    %error,
+                                    retry_ms = entry.backoff_ms,
+                                    "reopening the lane's log failed"
+                                );
+                                entry.running = false;
+                                entry.next_attempt =
+                                    std::time::Instant::now() + std::time::Duration::from_millis(entry.backoff_ms);
+                                entry.backoff_ms = (entry.backoff_ms * 2).min(LANE_REOPEN_BACKOFF_MS_MAX);
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Sets each queue's status in the gRPC health service
+    /// ([`queue_health_service`]): SERVING while every lane can write,
+    /// NOT_SERVING while one is being reopened; a deleted queue's entry is
+    /// cleared. Only changes are sent.
+    pub async fn report_health(&self, health: &mut tonic_health::server::HealthReporter) {
+        use tonic_health::ServingStatus;
+        let current: HashMap<String, bool> =
+            self.queues().iter().map(|q| (q.name.to_string(), Broker::is_writable(q))).collect();
+        let (changed, gone) = {
+            let mut reported = self.reported_health.lock();
+            let changed: Vec<(String, bool)> = current
+                .iter()
+                .filter(|(name, ok)| reported.get(*name) != Some(*ok))
+                .map(|(n, ok)| (n.clone(), *ok))
+                .collect();
+            let gone: Vec<String> = reported.keys().filter(|name| !current.contains_key(*name)).cloned().collect();
+            *reported = current;
+            (changed, gone)
+        };
+        for (name, ok) in changed {
+            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status(queue_health_service(&name), status).await;
+        }
+        for name in gone {
+            health.clear_service_status(&queue_health_service(&name)).await;
         }
     }
 
@@ -329,6 +482,62 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// An exclusive lock (`flock`) on `<data>/lock`, held while the broker
+/// lives: a second broker on the same directory, in this process or
+/// another, is refused before it touches anything. The file holds the
+/// holder's pid, for the refusal's message; the lock, not the file, is
+/// what counts (a lock dies with its process, so a stale file after a
+/// kill -9 never blocks a restart).
+#[derive(Debug)]
+pub(crate) struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// The lock file's name in the data directory.
+pub const LOCK_FILE: &str = "lock";
+
+impl DataDirLock {
+    fn acquire(data_dir: &Path) -> Result<DataDirLock> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(data_dir).map_err(|e| io_error(data_dir, e))?;
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
+        match try_lock_exclusive(&file) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(BrokerError::DataDirInUse {
+                    dir: data_dir.to_owned(),
+                    holder: if holder.is_empty() { "another process".into() } else { format!("pid {holder}") },
+                });
+            }
+            Err(e) => return Err(io_error(&path, e)),
+        }
+        // Best effort: the pid only makes the refusal's message better.
+        let _ = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| writeln!(file, "{}", std::process::id()));
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: the lock belongs to the open file and goes
+/// when it closes (or the process dies). `std`'s `File::try_lock` is newer
+/// than the workspace's MSRV.
+fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only reads its integer arguments; the fd is valid for
+    // the lifetime of `file`.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// Free bytes for unprivileged users on the filesystem holding `dir`.
@@ -353,7 +562,7 @@ fn dead_letter_name(name: &QueueName) -> Result<QueueName> {
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> BrokerError {
-    BrokerError::Storage(format!("{}: {e}", path.display()))
+    BrokerError::io("writing the data directory", path, &e)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

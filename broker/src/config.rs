@@ -69,12 +69,26 @@ pub struct Config {
     pub disk_free_min_bytes: u64,
     pub storage: StorageConfig,
     pub grpc: GrpcConfig,
-    /// Failures to inject into every log's I/O (tests of a running broker;
-    /// never read from a file).
-    #[serde(skip)]
-    pub faults: FaultInjection,
     /// Settings a new queue gets for every field its creator leaves unset.
     pub queue_defaults: QueueSettings,
+    /// Test seam, never read from a file: failures to inject into every
+    /// log's I/O (see `ballast_storage::Faults`).
+    #[serde(skip)]
+    pub faults: FaultSeam,
+}
+
+/// [`Config::faults`]: equal when both are the same `Faults` (or none).
+#[derive(Debug, Clone, Default)]
+pub struct FaultSeam(pub Option<std::sync::Arc<ballast_storage::Faults>>);
+
+impl PartialEq for FaultSeam {
+    fn eq(&self, other: &FaultSeam) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Storage settings shared by every lane's log.
@@ -85,21 +99,6 @@ pub struct StorageConfig {
     pub segment_size: u64,
     /// Synced bytes between checkpoints (bounds crash recovery), in bytes.
     pub checkpoint_interval_bytes: u64,
-}
-
-/// The storage fault seam ([`ballast_storage::Faults`]) shared by every
-/// log the broker opens; `None` in production.
-#[derive(Debug, Clone, Default)]
-pub struct FaultInjection(pub Option<std::sync::Arc<ballast_storage::Faults>>);
-
-impl PartialEq for FaultInjection {
-    fn eq(&self, other: &FaultInjection) -> bool {
-        match (&self.0, &other.0) {
-            (None, None) => true,
-            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
-            _ => false,
-        }
-    }
 }
 
 /// Connection settings of the gRPC server: how dead peers are found and
@@ -184,8 +183,8 @@ impl Default for Config {
             disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
             storage: StorageConfig::default(),
             grpc: GrpcConfig::default(),
-            faults: FaultInjection::default(),
             queue_defaults: QueueSettings::default(),
+            faults: FaultSeam::default(),
         }
     }
 }

@@ -23,12 +23,34 @@ pub enum BrokerError {
     UnknownDelivery { delivery_id: u64 },
     #[error("the broker is shutting down; retry against the restarted broker")]
     ShuttingDown,
-    #[error("disk full: {0}")]
-    DiskFull(String),
+    /// A real ENOSPC from the disk (not the watermark, which is a
+    /// `Refused`): nothing of the call was stored. The path is in the
+    /// broker's log, not here: clients never see paths.
+    #[error(
+        "the broker's disk is full (ENOSPC) while {during}; nothing was stored. Free space on the broker's data volume, then retry (after {} ms at the earliest)",
+        crate::limits::DISK_FULL_RETRY_AFTER_MS
+    )]
+    DiskFull { during: &'static str },
+    /// A queue's log failed a write or sync (it is poisoned) and is being
+    /// reopened; `detail` (with paths) goes to the broker's log only.
+    #[error(
+        "the queue's storage failed a write or sync and is being recovered: this call was not acknowledged, retry it (after {} ms at the earliest; with idempotency keys a retry never stores twice)",
+        crate::limits::STORAGE_RECOVERY_RETRY_AFTER_MS
+    )]
+    StorageRecovering { detail: String },
     #[error("{0}")]
     Refused(Box<Refusal>),
+    /// An I/O or format failure with its detail (paths included), which
+    /// goes to the broker's log under an error id; the client gets only
+    /// the id (`grpc/status.rs`).
     #[error("storage failure: {0}")]
     Storage(String),
+    /// Another broker holds the data directory's lock (only at open).
+    #[error(
+        "data directory {} is in use by another broker ({holder}); stop it, or give this one another --data-dir. Nothing was changed",
+        dir.display()
+    )]
+    DataDirInUse { dir: std::path::PathBuf, holder: String },
 }
 
 /// A publish refused by admission: why, and the figures behind it.
@@ -168,6 +190,18 @@ impl std::fmt::Display for Refusal {
 
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 
+impl BrokerError {
+    /// An I/O error on `path`: `DiskFull` for ENOSPC (the path logged
+    /// here), `Storage` with the path otherwise.
+    pub fn io(during: &'static str, path: &std::path::Path, e: &std::io::Error) -> BrokerError {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            tracing::warn!(path = %path.display(), "disk full while {during}");
+            return BrokerError::DiskFull { during };
+        }
+        BrokerError::Storage(format!("{during}: {}: {e}", path.display()))
+    }
+}
+
 impl From<AppendError> for BrokerError {
     fn from(e: AppendError) -> BrokerError {
         match e {
@@ -178,26 +212,40 @@ impl From<AppendError> for BrokerError {
             | AppendError::KeyTooLarge { .. }
             | AppendError::TooManyHeaders { .. }
             | AppendError::HeadersTooLarge { .. } => BrokerError::InvalidArgument(e.to_string()),
-            AppendError::DiskFull { .. } => BrokerError::DiskFull(e.to_string()),
-            AppendError::Io { .. } | AppendError::Poisoned(_) => BrokerError::Storage(e.to_string()),
+            AppendError::DiskFull { path } => {
+                tracing::warn!(path = %path.display(), "disk full creating a segment; the append was refused whole");
+                BrokerError::DiskFull { during: "appending" }
+            }
+            AppendError::Io { .. } => BrokerError::Storage(e.to_string()),
+            AppendError::Poisoned(_) => BrokerError::StorageRecovering { detail: e.to_string() },
         }
     }
 }
 
+/// A commit that failed: the log is poisoned (a failed sync or write).
 impl From<SyncError> for BrokerError {
     fn from(e: SyncError) -> BrokerError {
-        BrokerError::Storage(e.to_string())
+        BrokerError::StorageRecovering { detail: e.to_string() }
     }
 }
 
 impl From<AckError> for BrokerError {
     fn from(e: AckError) -> BrokerError {
-        BrokerError::Storage(e.to_string())
+        match e {
+            AckError::Poisoned(_) => BrokerError::StorageRecovering { detail: e.to_string() },
+            AckError::OutOfRange { .. } => BrokerError::Storage(e.to_string()),
+        }
     }
 }
 
 impl From<OpenError> for BrokerError {
     fn from(e: OpenError) -> BrokerError {
-        BrokerError::Storage(e.to_string())
+        match &e {
+            OpenError::Io { path, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                tracing::warn!(path = %path.display(), "disk full opening a log");
+                BrokerError::DiskFull { during: "creating the queue's files" }
+            }
+            _ => BrokerError::Storage(e.to_string()),
+        }
     }
 }

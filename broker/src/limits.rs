@@ -15,6 +15,9 @@ pub const QUEUES_MAX: usize = 1024;
 pub const LANES_MAX: usize = 8;
 
 /// Longest queue name, in bytes (the name regex is `[a-z0-9][a-z0-9._-]{0,127}`).
+/// A dead-letter queue's name is its queue's plus `.dead`, so it may be 5
+/// bytes longer: every name a user may create can have its dead-letter
+/// queue.
 pub const QUEUE_NAME_SIZE_MAX: usize = 128;
 
 /// Suffix of a queue's dead-letter queue.
@@ -240,3 +243,23 @@ pub const QUOTA_BURST_MS: u64 = 100;
 /// RESOURCE_EXHAUSTED once it has waited this long, so producers that
 /// ignore retry-after are held to a few calls per second each.
 pub const PUBLISH_THROTTLE_WAIT_MS_MAX: u64 = 1_000;
+
+/// Retry-after hint, in milliseconds, of a publish refused by a real
+/// ENOSPC from the disk (`ballast-reason: disk_full`): space rarely
+/// returns sooner, and the disk watermark (`disk_free_min_bytes`) usually
+/// refuses first.
+pub const DISK_FULL_RETRY_AFTER_MS: u64 = 1_000;
+
+/// Retry-after hint, in milliseconds, of a call refused with UNAVAILABLE
+/// because its queue's log failed a write or sync and is being reopened.
+pub const STORAGE_RECOVERY_RETRY_AFTER_MS: u64 = 1_000;
+
+/// First pause, in milliseconds, before the broker reopens a lane's log
+/// that a failed write or sync poisoned; it doubles after each failed
+/// reopen up to [`LANE_REOPEN_BACKOFF_MS_MAX`], so a dead disk costs one
+/// recovery attempt per that long, not a busy loop.
+pub const LANE_REOPEN_BACKOFF_MS_MIN: u64 = 1_000;
+
+/// Longest pause, in milliseconds, between two reopen attempts of a
+/// poisoned lane.
+pub const LANE_REOPEN_BACKOFF_MS_MAX: u64 = 30_000;

@@ -182,6 +182,11 @@ fn describe() {
     describe_gauge!("ballast_queue_consumers", Unit::Count, "Consumers subscribed.");
     describe_gauge!("ballast_queue_credit", Unit::Count, "Credit held by the queue's consumers.");
     describe_gauge!("ballast_queue_segments", Unit::Count, "Segment files of the lane's log.");
+    describe_gauge!(
+        "ballast_queue_storage_failed",
+        Unit::Count,
+        "1 while the lane's log cannot write (a failed write or sync; being reopened), else 0."
+    );
     describe_gauge!("ballast_disk_free_bytes", Unit::Bytes, "Free space on the data directory's filesystem.");
     describe_gauge!("ballast_disk_free_min_bytes", Unit::Bytes, "Publishes are refused below this free space.");
     describe_gauge!("ballast_open_files", Unit::Count, "File descriptors the process holds.");
@@ -215,6 +220,11 @@ fn refresh_queue(queue: &Arc<Queue>) {
         gauge!("ballast_queue_saturation_ratio", &labels).set(figures.saturation);
         gauge!("ballast_queue_oldest_age_seconds", &labels).set(figures.oldest_age_ms as f64 / 1000.0);
         gauge!("ballast_queue_segments", &labels).set(queue.lanes[i].stats().segment_count as f64);
+        gauge!("ballast_queue_storage_failed", &labels).set(if queue.lanes[i].poisoned().is_some() {
+            1.0
+        } else {
+            0.0
+        });
     }
     let labels = [("queue", name)];
     gauge!("ballast_queue_drain_estimate_seconds", &labels)

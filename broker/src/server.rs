@@ -95,7 +95,7 @@ pub async fn serve(
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);
-    let ticker = tokio::spawn(tick(Arc::downgrade(&broker)));
+    let ticker = tokio::spawn(tick(Arc::downgrade(&broker), health.clone()));
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = metrics.map(|(listener, handle)| {
         tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, async {
@@ -137,7 +137,7 @@ pub async fn serve(
 }
 
 /// The stats task: smoothed rates and the disk watermark, every tick.
-async fn tick(broker: std::sync::Weak<Broker>) {
+async fn tick(broker: std::sync::Weak<Broker>, mut health: tonic_health::server::HealthReporter) {
     let period = Duration::from_millis(crate::limits::STATS_TICK_MS);
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -148,6 +148,7 @@ async fn tick(broker: std::sync::Weak<Broker>) {
         let Some(broker) = broker.upgrade() else { return };
         let now = tokio::time::Instant::now();
         broker.tick((now - last).as_secs_f64());
+        broker.report_health(&mut health).await;
         last = now;
     }
 }

@@ -182,7 +182,9 @@ pub fn check_queue_name(name: &str) -> Result<(), crate::Error> {
     let valid = match bytes.split_first() {
         None => false,
         Some((first, rest)) => {
-            bytes.len() <= QUEUE_NAME_SIZE_MAX && valid_first(*first) && rest.iter().all(|b| valid_rest(*b))
+            // A dead-letter queue's name is its queue's plus ".dead".
+            let max = if name.ends_with(".dead") { QUEUE_NAME_SIZE_MAX + ".dead".len() } else { QUEUE_NAME_SIZE_MAX };
+            bytes.len() <= max && valid_first(*first) && rest.iter().all(|b| valid_rest(*b))
         }
     };
     if valid {

@@ -219,6 +219,7 @@ impl Fake {
                         saturation: Some(figures(state.lane_depth(index as u32))),
                         admission,
                         in_flight: 0,
+                        storage_failed: false,
                     })
                     .collect(),
                 max_messages: FAKE_MAX_MESSAGES,

@@ -325,6 +325,7 @@ mod tests {
             saturation: Some(figures(depth)),
             admission: 0.7,
             in_flight: 1,
+            storage_failed: false,
         };
         let queue = proto::QueueStats {
             name: "emails".into(),

@@ -22,6 +22,8 @@ pub struct Faults {
     disk_full: AtomicBool,
     /// The number of successful syncs left before one fails (`u64::MAX`: never).
     syncs_before_failure: AtomicU64,
+    /// The number of syncs left to fail, whatever `syncs_before_failure`.
+    sync_failures: AtomicU64,
     write_failures: AtomicU64,
     /// Unit tests only: the next this many segment maps fail with `ENOMEM`.
     #[cfg(test)]
@@ -49,6 +51,12 @@ impl Faults {
     /// After `n` more successful syncs, the next sync fails with `EIO`.
     pub fn fail_sync_after(&self, n: u64) {
         self.syncs_before_failure.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` syncs fail with `EIO` (`u64::MAX`: every sync until
+    /// this is called again; 0: none), as on a disk that keeps failing.
+    pub fn fail_syncs(&self, n: u64) {
+        self.sync_failures.store(n, Ordering::SeqCst);
     }
 
     /// The next `n` writes fail with `EIO`.
@@ -137,6 +145,9 @@ impl Io {
     /// on stable storage when this returns.
     pub(crate) fn sync_data(&self, file: &File) -> io::Result<()> {
         if let Some(f) = &self.faults {
+            if f.sync_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             let left = f.syncs_before_failure.load(Ordering::SeqCst);
             if left == 0 {
                 f.syncs_before_failure.store(u64::MAX, Ordering::SeqCst);

@@ -16,7 +16,8 @@
 //!    `next_offset` store, so a flusher cycle whose snapshot includes the
 //!    ack also includes the point past its records, and syncs them first.
 //! 5. After a failed write or sync the log is poisoned: appends, acks and
-//!    pending commits fail until it is reopened.
+//!    pending commits fail until it is reopened (`Log::reopen` recovers it
+//!    in place, keeping only what the last successful sync covered).
 
 use std::{
     fmt,
@@ -53,7 +54,8 @@ use crate::{
 /// One durable, append-only log.
 pub struct Log {
     shared: Arc<Shared>,
-    flusher: Option<JoinHandle<()>>,
+    /// The flusher thread; replaced by [`Log::reopen`].
+    flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The result of an append.
@@ -119,6 +121,9 @@ pub(crate) struct Shared {
     waiter_wake: Condvar,
     checkpointer: Mutex<Checkpointer>,
     quarantined: AtomicU64,
+    /// Bumped by each [`Log::reopen`]: cursors drop the segment they hold
+    /// (recovery made new ones).
+    epoch: AtomicU64,
     sync_count: AtomicU64,
     ack_sync_count: AtomicU64,
     recovered_keys: Mutex<Vec<KeyEntry>>,
@@ -161,10 +166,29 @@ struct CommitState {
     /// Wakers of pending commits.
     waiters: Vec<(Track, u64, Waker)>,
     error: Option<SyncError>,
+    /// Which reopen this state belongs to (0: since open). Sequences
+    /// restart at each reopen; a commit of an earlier epoch resolves from
+    /// `ended`.
+    epoch: u64,
+    /// The last epochs that ended poisoned (at most `ENDED_EPOCHS_KEPT`).
+    ended: Vec<EndedEpoch>,
     shutdown: bool,
     /// `Log::sync` asked for a cycle now, whatever the policy's timing.
     sync_requested: bool,
 }
+
+/// How an epoch of a log ended: what was synced before its poisoning.
+#[derive(Debug, Clone)]
+struct EndedEpoch {
+    epoch: u64,
+    data_synced: u64,
+    acks_synced: u64,
+    error: SyncError,
+}
+
+/// Ended epochs remembered for commits still pending across a reopen; a
+/// commit older than these fails (its log was poisoned twice since).
+const ENDED_EPOCHS_KEPT: usize = 8;
 
 /// What one flusher cycle works on, taken under the `commit` lock.
 struct Cycle {
@@ -210,14 +234,14 @@ pub struct Commit {
 
 enum CommitInner {
     Ready,
-    Pending { shared: Arc<Shared>, track: Track, seq: u64 },
+    Pending { shared: Arc<Shared>, track: Track, seq: u64, epoch: u64 },
 }
 
 impl fmt::Debug for Commit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.state {
             CommitInner::Ready => f.write_str("Commit(ready)"),
-            CommitInner::Pending { track, seq, .. } => write!(f, "Commit({track:?} #{seq})"),
+            CommitInner::Pending { track, seq, epoch, .. } => write!(f, "Commit({track:?} #{seq}, epoch {epoch})"),
         }
     }
 }
@@ -235,12 +259,12 @@ impl Commit {
 
     /// Blocks until durable, or until the log is poisoned.
     pub fn wait(self) -> Result<(), SyncError> {
-        let CommitInner::Pending { shared, track, seq } = self.state else {
+        let CommitInner::Pending { shared, track, seq, epoch } = self.state else {
             return Ok(());
         };
         let mut commit = shared.commit.lock();
         loop {
-            if let Some(done) = commit.resolved(track, seq) {
+            if let Some(done) = commit.resolved(track, seq, epoch) {
                 return done;
             }
             shared.waiter_wake.wait(&mut commit);
@@ -251,7 +275,9 @@ impl Commit {
     pub fn is_resolved(&self) -> bool {
         match &self.state {
             CommitInner::Ready => true,
-            CommitInner::Pending { shared, track, seq } => shared.commit.lock().resolved(*track, *seq).is_some(),
+            CommitInner::Pending { shared, track, seq, epoch } => {
+                shared.commit.lock().resolved(*track, *seq, *epoch).is_some()
+            }
         }
     }
 }
@@ -260,11 +286,11 @@ impl Future for Commit {
     type Output = Result<(), SyncError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let CommitInner::Pending { shared, track, seq } = &self.state else {
+        let CommitInner::Pending { shared, track, seq, epoch } = &self.state else {
             return Poll::Ready(Ok(()));
         };
         let mut commit = shared.commit.lock();
-        if let Some(done) = commit.resolved(*track, *seq) {
+        if let Some(done) = commit.resolved(*track, *seq, *epoch) {
             return Poll::Ready(done);
         }
         commit.waiters.push((*track, *seq, cx.waker().clone()));
@@ -273,7 +299,17 @@ impl Future for Commit {
 }
 
 impl CommitState {
-    fn resolved(&self, track: Track, seq: u64) -> Option<Result<(), SyncError>> {
+    fn resolved(&self, track: Track, seq: u64, epoch: u64) -> Option<Result<(), SyncError>> {
+        if epoch != self.epoch {
+            // Its epoch ended poisoned: durable only if synced before that.
+            let ended = self.ended.iter().find(|e| e.epoch == epoch).or(self.ended.first());
+            let ended = ended.expect("an earlier epoch ended poisoned");
+            let synced = match track {
+                Track::Data => ended.data_synced,
+                Track::Acks => ended.acks_synced,
+            };
+            return Some(if ended.epoch == epoch && synced >= seq { Ok(()) } else { Err(ended.error.clone()) });
+        }
         let synced = match track {
             Track::Data => self.data_synced,
             Track::Acks => self.acks_synced,
@@ -293,7 +329,7 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<Log, OpenError> {
         options.validate().map_err(OpenError::InvalidOptions)?;
         let io = Io::new(options.faults.clone());
-        let recovered = recovery::recover(dir.as_ref(), &options, &io)?;
+        let recovered = recovery::recover(dir.as_ref(), &options, &io, None)?;
         let write_pos = recovered.segments.last().expect("recovery leaves an active segment").written();
         let shared = Arc::new(Shared {
             dir: dir.as_ref().to_owned(),
@@ -315,20 +351,101 @@ impl Log {
                 last: recovered.point,
             }),
             quarantined: AtomicU64::new(recovered.quarantined),
+            epoch: AtomicU64::new(0),
             sync_count: AtomicU64::new(0),
             ack_sync_count: AtomicU64::new(0),
             recovered_keys: Mutex::new(recovered.keys),
             options,
         });
-        let flusher = {
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("ballast-flusher".into())
-                .stack_size(256 * 1024)
-                .spawn(move || flusher(&shared))
-                .map_err(crate::error::io_open(dir.as_ref()))?
+        let flusher = spawn_flusher(&shared).map_err(crate::error::io_open(dir.as_ref()))?;
+        Ok(Log { shared, flusher: Mutex::new(Some(flusher)) })
+    }
+
+    /// The error that poisoned the log (a failed write or sync), if any:
+    /// appends, acks and pending commits fail until [`Log::reopen`].
+    pub fn poisoned(&self) -> Option<SyncError> {
+        self.shared.poisoned()
+    }
+
+    /// Recovers a poisoned log in place, as a close and [`Log::open`] would,
+    /// without invalidating the `Log` or its cursors. `Ok(false)`: it was
+    /// not poisoned; nothing was done.
+    ///
+    /// Post-fsyncgate rule: a failed fsync is never retried as if the data
+    /// were safe. After it the kernel may have marked the unsynced pages
+    /// clean without writing them, so only the records below the last
+    /// successful sync are kept; the rest (whose appends failed and were
+    /// never acknowledged) are cut as a torn tail, zeroed and synced, and
+    /// their offsets reused. Everything a resolved commit vouched for
+    /// stays. Commits still pending from before resolve with the old error
+    /// unless synced before it; acks never journaled are lost (their
+    /// records are delivered again: at least once).
+    ///
+    /// On error (the disk still fails) the log stays poisoned and the call
+    /// may be repeated.
+    pub fn reopen(&self) -> Result<bool, OpenError> {
+        let shared = &self.shared;
+        if shared.poisoned().is_none() {
+            return Ok(false);
+        }
+        // The flusher ends by itself once the log is poisoned; joined
+        // without the writer lock, which its checkpoints take.
+        if let Some(flusher) = self.flusher.lock().take()
+            && flusher.join().is_err()
+        {
+            tracing::error!(dir = %shared.dir.display(), "the flusher thread panicked");
+        }
+        // With the flusher gone nothing raises it any more.
+        let durable_end = shared.acks.lock().durable_end;
+        let mut writer = shared.writer.lock();
+        let trusted_end = match shared.options.sync_policy {
+            SyncPolicy::Fsync => durable_end,
+            SyncPolicy::Interval { .. } | SyncPolicy::None => {
+                // Commits resolved once written: every record was
+                // acknowledged, so none may be cut. Their bytes are written
+                // again from the map (the page cache holds what was
+                // written), so that recovery's syncs put them on disk
+                // rather than trusting pages a failed sync left clean.
+                let segments = shared.segments.read().clone();
+                let from = segments.partition_point(|s| s.base_offset <= durable_end).saturating_sub(1);
+                for segment in &segments[from..] {
+                    segment.rewrite(&shared.io).map_err(crate::error::io_open(&segment.path))?;
+                }
+                shared.next_offset.load(Ordering::Acquire)
+            }
         };
-        Ok(Log { shared, flusher: Some(flusher) })
+        let recovered = recovery::recover(&shared.dir, &shared.options, &shared.io, Some(trusted_end))?;
+        let point = recovered.point;
+        // Lowered first: a reader that sees the new end reads old or new
+        // segments, which hold the same bytes below it.
+        shared.next_offset.store(point.next_offset, Ordering::Release);
+        writer.write_pos = point.position;
+        writer.pending_keys.clear();
+        *shared.segments.write() = recovered.segments;
+        *shared.acks.lock() =
+            Acks { state: recovered.ack_state, journal: recovered.ack_journal, durable_end: point.next_offset };
+        *shared.checkpointer.lock() =
+            Checkpointer { checkpoint: recovered.checkpoint, keys: recovered.key_journal, last: point };
+        shared.quarantined.fetch_add(recovered.quarantined, Ordering::Relaxed);
+        {
+            let mut commit = shared.commit.lock();
+            let old = std::mem::take(&mut *commit);
+            let mut ended = old.ended;
+            if let Some(error) = old.error {
+                ended.insert(
+                    0,
+                    EndedEpoch { epoch: old.epoch, data_synced: old.data_synced, acks_synced: old.acks_synced, error },
+                );
+                ended.truncate(ENDED_EPOCHS_KEPT);
+            }
+            *commit = CommitState { point: Some(point), epoch: old.epoch + 1, ended, ..CommitState::default() };
+            shared.epoch.store(old.epoch + 1, Ordering::Release);
+        }
+        drop(writer);
+        let flusher = spawn_flusher(shared).map_err(crate::error::io_open(&shared.dir))?;
+        *self.flusher.lock() = Some(flusher);
+        tracing::info!(dir = %shared.dir.display(), next_offset = point.next_offset, "poisoned log reopened");
+        Ok(true)
     }
 
     /// The directory holding this log.
@@ -365,7 +482,8 @@ impl Log {
 
     /// A cursor over the records not done, starting at `offset`.
     pub fn cursor(&self, offset: u64) -> Cursor {
-        Cursor { shared: Arc::clone(&self.shared), segment: None, pos: 0, offset }
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        Cursor { shared: Arc::clone(&self.shared), segment: None, pos: 0, offset, epoch }
     }
 
     /// Marks `[first, first + count)` done (acked, dead-lettered or
@@ -397,15 +515,16 @@ impl Log {
     /// flusher runs a cycle at once, also under `Interval` and `None`.
     pub fn sync(&self) -> Result<(), SyncError> {
         let mut commit = self.shared.commit.lock();
+        let epoch = commit.epoch;
         let (data, acks) = (commit.data_written + 1, commit.acks_written + 1);
         commit.data_written = data;
         commit.acks_written = acks;
         commit.sync_requested = true;
         self.shared.flusher_wake.notify_one();
         loop {
-            if let Some(done) = commit.resolved(Track::Data, data) {
+            if let Some(done) = commit.resolved(Track::Data, data, epoch) {
                 done?;
-                if let Some(done) = commit.resolved(Track::Acks, acks) {
+                if let Some(done) = commit.resolved(Track::Acks, acks, epoch) {
                     return done;
                 }
             }
@@ -480,12 +599,18 @@ impl Log {
     }
 
     fn stop(&mut self) -> Result<(), SyncError> {
-        let Some(flusher) = self.flusher.take() else {
-            return Ok(());
-        };
-        self.shared.commit.lock().shutdown = true;
+        {
+            let mut commit = self.shared.commit.lock();
+            if commit.shutdown {
+                return Ok(());
+            }
+            commit.shutdown = true;
+        }
         self.shared.flusher_wake.notify_one();
-        if flusher.join().is_err() {
+        // None after a failed reopen: the log is poisoned, reported below.
+        if let Some(flusher) = self.flusher.get_mut().take()
+            && flusher.join().is_err()
+        {
             tracing::error!(dir = %self.shared.dir.display(), "the flusher thread panicked");
         }
         match self.shared.commit.lock().error.clone() {
@@ -515,6 +640,8 @@ impl Shared {
                 tracing::error!(dir = %self.dir.display(), %error, "log poisoned; reopen to recover");
                 commit.error = Some(error);
             }
+            // The flusher stops too (it may be waiting for work).
+            self.flusher_wake.notify_all();
             std::mem::take(&mut commit.waiters)
         };
         self.waiter_wake.notify_all();
@@ -559,6 +686,11 @@ impl Shared {
 
     fn append(self: &Arc<Self>, records: &[NewRecord]) -> Result<Appended, AppendError> {
         self.validate(records)?;
+        // Refused before the writer lock, which a reopen holds while it
+        // recovers: callers are not held up behind it.
+        if let Some(e) = self.poisoned() {
+            return Err(AppendError::Poisoned(e));
+        }
         let mut guard = self.writer.lock();
         if let Some(e) = self.poisoned() {
             return Err(AppendError::Poisoned(e));
@@ -661,7 +793,7 @@ impl Shared {
             }
             commit.point = Some(point);
             commit.bytes_since_checkpoint += bytes_written;
-            commit.data_written
+            (commit.data_written, commit.epoch)
         };
         // Publish only now that the flusher's next snapshot holds the point
         // past these records: see rule 4 of the module docs.
@@ -670,7 +802,14 @@ impl Shared {
         let commit = match self.options.sync_policy {
             SyncPolicy::Fsync => {
                 self.flusher_wake.notify_one();
-                Commit { state: CommitInner::Pending { shared: Arc::clone(self), track: Track::Data, seq } }
+                Commit {
+                    state: CommitInner::Pending {
+                        shared: Arc::clone(self),
+                        track: Track::Data,
+                        seq: seq.0,
+                        epoch: seq.1,
+                    },
+                }
             }
             SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
         };
@@ -692,12 +831,19 @@ impl Shared {
         let seq = {
             let mut commit = self.commit.lock();
             commit.acks_written += 1;
-            commit.acks_written
+            (commit.acks_written, commit.epoch)
         };
         Ok(match self.options.sync_policy {
             SyncPolicy::Fsync => {
                 self.flusher_wake.notify_one();
-                Commit { state: CommitInner::Pending { shared: Arc::clone(self), track: Track::Acks, seq } }
+                Commit {
+                    state: CommitInner::Pending {
+                        shared: Arc::clone(self),
+                        track: Track::Acks,
+                        seq: seq.0,
+                        epoch: seq.1,
+                    },
+                }
             }
             SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
         })
@@ -945,7 +1091,7 @@ impl Shared {
             }
             let (ready, pending) = std::mem::take(&mut commit.waiters)
                 .into_iter()
-                .partition::<Vec<_>, _>(|(track, seq, _)| commit.resolved(*track, *seq).is_some());
+                .partition::<Vec<_>, _>(|(track, seq, _)| commit.resolved(*track, *seq, commit.epoch).is_some());
             commit.waiters = pending;
             ready
         };
@@ -1034,6 +1180,11 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+fn spawn_flusher(shared: &Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
+    let shared = Arc::clone(shared);
+    std::thread::Builder::new().name("ballast-flusher".into()).stack_size(256 * 1024).spawn(move || flusher(&shared))
 }
 
 /// The flusher thread: the only place that syncs, checkpoints and removes.
@@ -1168,6 +1319,8 @@ pub struct Cursor {
     /// Position of the record `offset` in `segment`.
     pos: u64,
     offset: u64,
+    /// The log's epoch when `segment` was taken (see [`Log::reopen`]).
+    epoch: u64,
 }
 
 impl fmt::Debug for Cursor {
@@ -1192,6 +1345,12 @@ impl Cursor {
     /// corrupt range it met (which is quarantined; the cursor moves past it).
     #[allow(clippy::should_implement_trait, reason = "a cursor resumes after returning None")]
     pub fn next(&mut self) -> Option<Result<Record, ReadError>> {
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        if epoch != self.epoch {
+            // A reopen replaced the segments: locate afresh.
+            self.epoch = epoch;
+            self.segment = None;
+        }
         loop {
             let next_offset = self.shared.next_offset.load(Ordering::Acquire);
             let first = self.shared.first_offset();

@@ -76,7 +76,19 @@ enum Tail {
     Unknown,
 }
 
-pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recovered, OpenError> {
+/// `trusted_end`: `None` at open. `Some(end)` when a poisoned log is
+/// reopened (`Log::reopen`): only the records below `end` were synced
+/// successfully. A failed fsync may have left later pages marked clean in
+/// the page cache without reaching the disk, so the bytes of those records
+/// prove nothing (post-fsyncgate): they are cut as a torn tail, zeroed and
+/// synced, and segments past `end` are removed. Their appends were never
+/// acknowledged, so their offsets are reused.
+pub(crate) fn recover(
+    dir: &Path,
+    options: &LogOptions,
+    io: &Io,
+    trusted_end: Option<u64>,
+) -> Result<Recovered, OpenError> {
     if !dir.exists() {
         fs::create_dir_all(dir).map_err(io_open(dir))?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -95,6 +107,19 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
         }
     }
     bases.sort_unstable();
+    if let Some(end) = trusted_end {
+        let untrusted: Vec<u64> = bases.iter().copied().filter(|&base| base > end).collect();
+        for base in &untrusted {
+            let path = dir.join(segment::file_name(*base));
+            tracing::warn!(path = %path.display(), "removing a segment written after the last successful sync");
+            fs::remove_file(&path).map_err(io_open(&path))?;
+        }
+        if !untrusted.is_empty() {
+            io.sync_dir(dir).map_err(io_open(dir))?;
+        }
+        bases.retain(|&base| base <= end);
+    }
+    let stop_at = trusted_end.unwrap_or(u64::MAX);
 
     let (mut checkpoint, recorded) = Checkpoint::open(io, dir).map_err(io_open(dir.join("checkpoint")))?;
     let checkpoint_point = recorded.map(|r| r.point);
@@ -151,7 +176,8 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
         valid.then_some((at, p.position, p.next_offset))
     });
     let same_boot = recorded.is_some_and(|r| r.boot_tag != 0 && r.boot_tag == checkpoint.boot_tag());
-    let clean = recorded.is_some_and(|r| r.clean)
+    let clean = trusted_end.is_none()
+        && recorded.is_some_and(|r| r.clean)
         && lost_tail_base.is_none()
         && start.is_some_and(|(at, _, _)| at + 1 == segments.len());
     let mut scanned_keys = Vec::new();
@@ -165,14 +191,16 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
             (None, offset)
         }
         (Some((at, pos, offset)), _) => {
-            let tail = if same_boot { Tail::Intact } else { Tail::Unknown };
-            let end = scan(io, &segments[at..], pos, offset, tail, &mut gaps, &mut scanned_keys)?;
+            // After a failed sync the page cache proves nothing: search
+            // and zero the whole tail.
+            let tail = if same_boot && trusted_end.is_none() { Tail::Intact } else { Tail::Unknown };
+            let end = scan(io, &segments[at..], (pos, offset), stop_at, tail, &mut gaps, &mut scanned_keys)?;
             (Some(at), end)
         }
         (None, Some(first)) => {
             let first_offset = first.base_offset;
-            let end =
-                scan(io, &segments, SEGMENT_HEADER_SIZE, first_offset, Tail::Unknown, &mut gaps, &mut scanned_keys)?;
+            let start = (SEGMENT_HEADER_SIZE, first_offset);
+            let end = scan(io, &segments, start, stop_at, Tail::Unknown, &mut gaps, &mut scanned_keys)?;
             (Some(0), end)
         }
         (None, None) => {
@@ -266,13 +294,14 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, io: &Io) -> Result<Recov
 /// Step 4: validates the records of `segments` from `start_pos` in the first
 /// one (where `start_offset` is expected) to the end of the last, indexes
 /// them, collects their keys, records corrupt ranges in `gaps`, and zeroes
-/// the torn tail of the last segment. Returns the offset after the last valid
-/// record.
+/// the torn tail of the last segment. Records from `stop_at` on are a torn
+/// tail whatever their bytes (see `trusted_end` in [`recover`]). Returns
+/// the offset after the last valid record.
 fn scan(
     io: &Io,
     segments: &[Arc<Segment>],
-    start_pos: u64,
-    start_offset: u64,
+    (start_pos, start_offset): (u64, u64),
+    stop_at: u64,
     tail: Tail,
     gaps: &mut Vec<(u64, u64)>,
     scanned_keys: &mut Vec<KeyEntry>,
@@ -294,7 +323,7 @@ fn scan(
             expected = segment.base_offset;
         }
         let raw = segment.raw_from(0);
-        while expected < limit {
+        while expected < limit && expected < stop_at {
             let buf = &raw[pos as usize..];
             match record::check(buf, expected) {
                 Ok(header) => {
@@ -315,7 +344,7 @@ fn scan(
                         Tail::Intact => intact_end(raw, pos, invalid),
                         Tail::Unknown => segment.size(),
                     };
-                    match segment::resync(raw, pos, written_end, expected, limit) {
+                    match segment::resync(raw, pos, written_end, expected, limit.min(stop_at)) {
                         Some((found_pos, found_offset)) => {
                             report(segment, pos, expected, found_offset, invalid);
                             gaps.push((expected, found_offset));
@@ -338,6 +367,19 @@ fn scan(
                         }
                     }
                 }
+            }
+        }
+        if expected == stop_at && next_base.is_none() {
+            // Cut at the trusted end: every byte past it goes, so that
+            // nothing unsynced can pass for a record later (contract 4).
+            let zeroed = segment.zero_range(io, pos, segment.size()).map_err(io_open(&segment.path))?;
+            if zeroed {
+                tracing::warn!(
+                    segment = %segment.path.display(),
+                    position = pos,
+                    next_offset = expected,
+                    "cut the records written after the last successful sync"
+                );
             }
         }
         segment.set_written(pos);

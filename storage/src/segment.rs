@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use crate::{
     error::OpenError,
     file::{self, Io},
-    limits::{INDEX_INTERVAL_BYTES, SEGMENT_HEADER_SIZE},
+    limits::{INDEX_INTERVAL_BYTES, SEGMENT_HEADER_SIZE, SEGMENT_SIZE_MAX, SEGMENT_SIZE_MIN},
     record::{self, Invalid},
 };
 
@@ -153,6 +153,14 @@ impl Segment {
         if base != base_offset {
             return Err(not_a_log(format!("header says base offset {base}, file name says {base_offset}")));
         }
+        // Bytes from disk are input: positions in the sparse index are
+        // `u32`, so a segment above the ceiling (which no writer makes) is
+        // refused here rather than reaching an `expect` on the first read.
+        if !(SEGMENT_SIZE_MIN..=SEGMENT_SIZE_MAX).contains(&size) {
+            return Err(not_a_log(format!(
+                "header says {size} bytes; segments are {SEGMENT_SIZE_MIN}..={SEGMENT_SIZE_MAX} bytes"
+            )));
+        }
         if size != len {
             return Err(not_a_log(format!("header says {size} bytes, file has {len}")));
         }
@@ -235,6 +243,23 @@ impl Segment {
     /// Lowers the end of valid data after a recovery scan.
     pub(crate) fn set_written(&self, pos: u64) {
         self.written.store(pos, Ordering::Release);
+    }
+
+    /// Writes the segment's valid bytes (header to `written`) again, from
+    /// the map, in chunks copied out first: after a failed sync, so that
+    /// the next sync writes pages the kernel may have marked clean without
+    /// writing them. Bytes are unchanged, so readers are unaffected.
+    pub(crate) fn rewrite(&self, io: &Io) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let end = self.written().min(self.size());
+        let mut pos = 0;
+        while pos < end {
+            let to = (pos + CHUNK).min(end);
+            let chunk = self.map[pos as usize..to as usize].to_vec();
+            io.write_at(&self.file, &chunk, pos)?;
+            pos = to;
+        }
+        Ok(())
     }
 
     pub(crate) fn sync(&self, io: &Io) -> io::Result<()> {

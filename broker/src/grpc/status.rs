@@ -50,8 +50,33 @@ fn refused(refusal: &Refusal) -> Status {
     Status::with_metadata(Code::ResourceExhausted, refusal.to_string(), metadata)
 }
 
+/// Value of [`REASON`] on a publish refused by a real ENOSPC (not the
+/// watermark, which is `disk_low`).
+pub const REASON_DISK_FULL: &str = "disk_full";
+
+/// A fresh id for one storage failure, quoted to the client and logged with
+/// the detail: the client sees no path, the operator finds the line.
+/// Unique within the process and unlikely to repeat across restarts.
+pub fn error_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:x}-{n}", crate::now_ms())
+}
+
+/// A status whose message and metadata carry a retry-after hint (and a
+/// reason, when there is one).
+fn with_retry_after(code: Code, message: String, retry_after_ms: u64, reason: Option<&'static str>) -> Status {
+    let mut metadata = MetadataMap::new();
+    metadata.insert(RETRY_AFTER_MS, MetadataValue::from(retry_after_ms));
+    if let Some(reason) = reason {
+        metadata.insert(REASON, MetadataValue::from_static(reason));
+    }
+    Status::with_metadata(code, message, metadata)
+}
+
 /// The status a client sees for `error`. Storage failures are logged here
-/// with their detail; the client gets INTERNAL with the same text.
+/// with their detail under an error id; the client gets the id, never the
+/// detail (which holds paths).
 pub fn to_status(error: BrokerError) -> Status {
     let status = status_of(error);
     crate::metrics::count_error(status.code());
@@ -66,12 +91,25 @@ fn status_of(error: BrokerError) -> Status {
         }
         BrokerError::QueueExists { .. } => Code::AlreadyExists,
         BrokerError::FailedPrecondition(_) | BrokerError::UnknownDelivery { .. } => Code::FailedPrecondition,
-        BrokerError::LimitReached { .. } | BrokerError::DiskFull(_) => Code::ResourceExhausted,
+        BrokerError::LimitReached { .. } => Code::ResourceExhausted,
+        BrokerError::DiskFull { .. } => {
+            let retry = crate::limits::DISK_FULL_RETRY_AFTER_MS;
+            return with_retry_after(Code::ResourceExhausted, error.to_string(), retry, Some(REASON_DISK_FULL));
+        }
+        BrokerError::StorageRecovering { detail } => {
+            let id = error_id();
+            tracing::error!(error_id = %id, %detail, "a call failed on a poisoned log (being reopened)");
+            let retry = crate::limits::STORAGE_RECOVERY_RETRY_AFTER_MS;
+            return with_retry_after(Code::Unavailable, format!("{error} (error id {id})"), retry, None);
+        }
         BrokerError::Refused(refusal) => return refused(refusal),
         BrokerError::ShuttingDown => Code::Unavailable,
-        BrokerError::Storage(_) => {
-            tracing::error!(%error, "storage failure answered as INTERNAL");
-            Code::Internal
+        // Only `Broker::open` returns it; no call can see it.
+        BrokerError::DataDirInUse { .. } => Code::FailedPrecondition,
+        BrokerError::Storage(detail) => {
+            let id = error_id();
+            tracing::error!(error_id = %id, %detail, "storage failure answered as INTERNAL");
+            return Status::internal(format!("storage failure, error id {id}; see the broker log"));
         }
     };
     Status::new(code, error.to_string())

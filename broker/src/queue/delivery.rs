@@ -930,7 +930,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::{Broker, Config, config::FaultInjection, queue::Publish};
+    use crate::{Broker, Config, config::FaultSeam, queue::Publish};
 
     /// Queues whose next rereads fail, and how many.
     static REREAD_FAILURES: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
@@ -948,7 +948,7 @@ mod tests {
     }
 
     async fn open(dir: &std::path::Path, faults: Option<Arc<Faults>>) -> Arc<Broker> {
-        let config = Config { data_dir: dir.to_owned(), faults: FaultInjection(faults), ..Config::default() };
+        let config = Config { data_dir: dir.to_owned(), faults: FaultSeam(faults), ..Config::default() };
         Broker::open(config).unwrap()
     }
 

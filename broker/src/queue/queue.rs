@@ -735,7 +735,7 @@ fn to_record(message: &Publish, now: u64) -> NewRecord {
 }
 
 fn storage_error(path: &Path, e: std::io::Error) -> BrokerError {
-    BrokerError::Storage(format!("{}: {e}", path.display()))
+    BrokerError::io("writing the queue's files", path, &e)
 }
 
 /// Writes `name` in `dir` durably: temporary file, fsync, rename, dir fsync.

@@ -3,6 +3,7 @@
 
 mod admin;
 mod delivery;
+mod disk;
 mod durability;
 mod publish;
 mod pull;

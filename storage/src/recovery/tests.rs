@@ -36,7 +36,7 @@ fn every_scanned_segment_is_synced() {
     fs::remove_file(dir.path().join(crate::checkpoint::FILE_NAME)).unwrap();
 
     let faults = Faults::new();
-    let recovered = recover(dir.path(), &options(), &Io::new(Some(faults.clone()))).unwrap();
+    let recovered = recover(dir.path(), &options(), &Io::new(Some(faults.clone())), None).unwrap();
     assert_eq!(recovered.point.next_offset, 200);
     let synced = faults.synced_inodes.lock().clone();
     for (index, inode) in inodes.iter().enumerate() {

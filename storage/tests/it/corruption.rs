@@ -473,3 +473,58 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+/// A segment header (magic, version, header size, base offset, size, CRC)
+/// as the engine writes it, for crafting segment files.
+fn segment_header(base_offset: u64, size: u64) -> [u8; 64] {
+    let mut h = [0u8; 64];
+    h[0..8].copy_from_slice(b"BLSTSEG\0");
+    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    h[12..16].copy_from_slice(&64u32.to_le_bytes());
+    h[16..24].copy_from_slice(&base_offset.to_le_bytes());
+    h[24..32].copy_from_slice(&size.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// A sealed segment whose (CRC-valid) header claims a size above
+/// `SEGMENT_SIZE_MAX`, backed by a sparse file of that size with records
+/// placed past 4 GiB, is input, not an invariant: the open sets it aside
+/// (`.corrupt`) and quarantines its offsets instead of reaching the sparse
+/// index's `u32` position `expect` on the first read.
+#[test]
+fn segment_claiming_a_size_above_the_ceiling_is_set_aside() {
+    let dir = build_log(400, 1000);
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 3, "the log spans several segments: {files:?}");
+    let second_base: u64 = files[1].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let size = 5u64 << 30;
+    assert!(size > ballast_storage::limits::SEGMENT_SIZE_MAX);
+    let file = std::fs::OpenOptions::new().write(true).truncate(true).open(&files[0]).unwrap();
+    file.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&segment_header(0, size), 0).unwrap();
+    // Record 0 at 64 claims almost 4 GiB, so record 1 starts past u32::MAX.
+    let first_len: u32 = 0xffff_fff0;
+    let mut first = [0u8; 40];
+    first[0..4].copy_from_slice(&first_len.to_le_bytes());
+    file.write_all_at(&first, 64).unwrap();
+    let second_pos = 64 + u64::from(first_len).div_ceil(8) * 8;
+    assert!(second_pos > u64::from(u32::MAX));
+    let mut second = [0u8; 40];
+    second[0..4].copy_from_slice(&40u32.to_le_bytes());
+    second[8..16].copy_from_slice(&1u64.to_le_bytes());
+    file.write_all_at(&second, second_pos).unwrap();
+    drop(file);
+
+    let log = Log::open(dir.path(), small_options()).expect("the log opens, the bad segment set aside");
+    // Before the check on open, this read panicked in the sparse index.
+    assert!(matches!(log.read(1), Err(ReadError::Removed { .. })), "{:?}", log.read(1));
+    assert!(files[0].with_extension("corrupt").exists(), "the segment is kept aside for inspection");
+    assert!(!files[0].exists());
+    assert_eq!(log.stats().quarantined, second_base, "the set-aside segment's offsets are quarantined");
+    for offset in [second_base, 399] {
+        assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
+    }
+}
