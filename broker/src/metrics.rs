@@ -39,6 +39,8 @@ pub struct LaneMetrics {
     pub dropped_dead_letters: Counter,
     pub refused_queue_full: Counter,
     pub refused_disk_low: Counter,
+    /// Publish calls a real ENOSPC refused (nothing stored).
+    pub refused_disk_full: Counter,
     pub refused_publish_rate: Counter,
     /// Waits of publish calls for their turn under the queue's quota,
     /// seconds (only calls that waited), by the call's lowest-priority lane.
@@ -73,6 +75,7 @@ impl LaneMetrics {
             dropped_dead_letters: counter!("ballast_dropped_dead_letters_total", labels()),
             refused_queue_full: counter!("ballast_refused_publishes_total", with("reason", "queue_full")),
             refused_disk_low: counter!("ballast_refused_publishes_total", with("reason", "disk_low")),
+            refused_disk_full: counter!("ballast_refused_publishes_total", with("reason", "disk_full")),
             refused_publish_rate: counter!("ballast_refused_publishes_total", with("reason", "publish_rate")),
             publish_throttle: histogram!("ballast_publish_throttle_seconds", labels()),
             publish_durable: histogram!("ballast_publish_durable_seconds", labels()),

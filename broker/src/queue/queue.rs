@@ -441,6 +441,13 @@ impl Queue {
         // succeeds as a whole.
         self.dispatch();
         if let Some(error) = failure {
+            if matches!(error, BrokerError::DiskFull { .. }) {
+                // Counted with the watermark's refusals: the producer sees
+                // RESOURCE_EXHAUSTED, `ballast-reason: disk_full`.
+                self.refused.disk_full.fetch_add(1, Ordering::Relaxed);
+                let lane = adding.iter().position(|(n, _)| *n > 0).unwrap_or(0);
+                self.meters[lane].metrics.refused_disk_full.increment(1);
+            }
             // `claims` drops here: the claims not recorded are abandoned.
             return Err(error);
         }

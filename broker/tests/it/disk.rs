@@ -311,6 +311,9 @@ async fn enospc_through_the_seam_is_resource_exhausted_with_a_reason() {
     assert!(status.message().contains("disk is full"), "{status:?}");
     assert!(!status.message().contains(&*broker.data_dir.to_string_lossy()), "no path to clients: {status:?}");
     assert!(!broker.lane_failed("e").await, "ENOSPC refuses, it does not poison");
+    let mut stats = pb::stats_client::StatsClient::new(broker.channel().await);
+    let figures = stats.get_stats(pb::StatsRequest { queue: "e".into() }).await.unwrap().into_inner();
+    assert_eq!(figures.queues[0].refused_disk_full, 1, "a real ENOSPC counts as a disk-full refusal");
 
     let refused = admin
         .create_queue(pb::CreateQueueRequest { name: "g".into(), settings: Some(queue_settings()) })
