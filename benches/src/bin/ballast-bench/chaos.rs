@@ -43,7 +43,7 @@ use tonic::transport::Channel;
 use crate::{
     Sync,
     broker::Target,
-    recovery::{check, flush, outage_code, payload},
+    recovery::{Delivered, broken_promises, flush, outage_code, payload},
 };
 
 #[derive(Debug, clap::Args)]
@@ -106,10 +106,7 @@ const STOP_RETRY_MAX: Duration = Duration::from_secs(30);
 #[derive(Debug, Default)]
 struct Ledger {
     acked: HashSet<(u32, u64)>,
-    /// First (lane, offset) seen, deliveries, and whether a second
-    /// (lane, offset) was seen.
-    delivered: HashMap<(u32, u64), (u32, u64, u32, bool)>,
-    corrupt: u64,
+    delivered: Delivered,
 }
 
 #[derive(Debug, Default)]
@@ -268,7 +265,7 @@ async fn drain(target: &Target, queue: &str, shared: &Shared, max_seconds: f64) 
     while start.elapsed().as_secs_f64() < max_seconds {
         let missing = {
             let ledger = shared.ledger.lock().expect("ledger lock");
-            ledger.acked.iter().filter(|k| !ledger.delivered.contains_key(k)).count()
+            ledger.acked.iter().filter(|k| !ledger.delivered.by_key.contains_key(k)).count()
         };
         if missing == 0 && Target::stats_on(&channel, queue).await?.saturation.unwrap_or_default().depth == 0 {
             return Ok(true);
@@ -292,9 +289,9 @@ fn report(
 ) -> anyhow::Result<serde_json::Value> {
     let ledger = shared.ledger.lock().expect("ledger lock");
     let acked = ledger.acked.len() as u64;
-    let lost = ledger.acked.iter().filter(|k| !ledger.delivered.contains_key(k)).count() as u64;
-    let stored_twice = ledger.delivered.values().filter(|v| v.3).count() as u64;
-    let redeliveries: u64 = ledger.delivered.values().map(|v| u64::from(v.2 - 1)).sum();
+    let lost = ledger.acked.iter().filter(|k| !ledger.delivered.by_key.contains_key(k)).count() as u64;
+    let stored_twice = ledger.delivered.by_key.values().filter(|v| v.3).count() as u64;
+    let redeliveries: u64 = ledger.delivered.by_key.values().map(|v| u64::from(v.2 - 1)).sum();
     let errors = shared.errors.lock().expect("errors lock").clone();
     let unexpected: u64 = errors.iter().filter(|(k, _)| k.starts_with("unexpected")).map(|(_, v)| v).sum();
     let count = |fault| counts.get(&fault).copied().unwrap_or(0);
@@ -310,7 +307,7 @@ fn report(
     println!("  SIGKILL -> listening again: mean {restart_mean:.3} s, max {restart_max:.3} s");
     println!(
         "  acknowledged publishes {acked}; lost {lost}; corrupt {}; keys stored twice {stored_twice}; redeliveries {redeliveries}; retries answered as duplicates {}; attempts cancelled by deadline {}; batches given up at the end {}",
-        ledger.corrupt,
+        ledger.delivered.corrupt,
         shared.deduped_retries.load(Ordering::Relaxed),
         shared.cancelled_attempts.load(Ordering::Relaxed),
         shared.abandoned_batches.load(Ordering::Relaxed)
@@ -320,22 +317,8 @@ fn report(
     for (kind, n) in &kinds {
         println!("  client errors: {n:>7} {kind}");
     }
-    let mut failures = Vec::new();
-    if lost > 0 {
-        failures.push(format!("{lost} acknowledged publishes were not delivered"));
-    }
-    if ledger.corrupt > 0 {
-        failures.push(format!("{} corrupt payloads delivered", ledger.corrupt));
-    }
-    if stored_twice > 0 {
-        failures.push(format!("{stored_twice} idempotency keys stored twice"));
-    }
-    if unexpected > 0 {
-        failures.push(format!("{unexpected} unexpected errors"));
-    }
-    if !drained {
-        failures.push(format!("the queue did not drain within {} s", args.drain_max_seconds));
-    }
+    let failures =
+        broken_promises(lost, ledger.delivered.corrupt, stored_twice, unexpected, drained, args.drain_max_seconds);
     Ok(serde_json::json!({
         "scenario": "chaos", "seconds": fault_seconds, "interval_ms": args.interval_ms,
         "weights": args.weights, "disk_full": args.disk_full,
@@ -345,7 +328,7 @@ fn report(
         "faults": { "kill": count(Fault::Kill), "stop": count(Fault::Stop),
             "consumer": count(Fault::Consumer), "disk": count(Fault::Disk) },
         "seed": seed, "kill_cycles": kills, "restart_mean_s": restart_mean, "restart_max_s": restart_max,
-        "acked_publishes": acked, "lost": lost, "corrupt": ledger.corrupt,
+        "acked_publishes": acked, "lost": lost, "corrupt": ledger.delivered.corrupt,
         "stored_twice": stored_twice, "redeliveries": redeliveries,
         "deliveries": shared.deliveries.load(Ordering::Relaxed),
         "retries_answered_duplicate": shared.deduped_retries.load(Ordering::Relaxed),
@@ -535,20 +518,7 @@ async fn session(
         match message.and_then(|m| m.kind) {
             Some(pb::consume_response::Kind::Delivery(d)) => {
                 shared.deliveries.fetch_add(1, Ordering::Relaxed);
-                let at = d.id.as_ref().map_or((u32::MAX, u64::MAX), |id| (id.lane, id.offset));
-                {
-                    let mut ledger = shared.ledger.lock().expect("ledger lock");
-                    match check(&d.payload) {
-                        None => ledger.corrupt += 1,
-                        Some(key) => {
-                            let entry = ledger.delivered.entry(key).or_insert((at.0, at.1, 0, false));
-                            entry.2 += 1;
-                            if (entry.0, entry.1) != at {
-                                entry.3 = true;
-                            }
-                        }
-                    }
-                }
+                shared.ledger.lock().expect("ledger lock").delivered.record(&d);
                 to_ack.push(d.delivery_id);
                 if to_ack.len() >= chunk {
                     flush(&tx, &mut to_ack).await?;

@@ -90,11 +90,35 @@ pub(crate) fn check(payload: &[u8]) -> Option<(u32, u64)> {
 #[derive(Debug, Default)]
 struct Ledger {
     acked: HashSet<(u32, u64)>,
-    /// Deliveries: where it was first stored, how many times delivered,
-    /// and whether it was seen at a second (lane, offset).
-    delivered: HashMap<(u32, u64), (u32, u64, u32, bool)>,
-    corrupt: u64,
+    delivered: Delivered,
     rejected_acks: u64,
+}
+
+/// Where each checked payload was delivered from, keyed by its
+/// (producer, seq).
+#[derive(Debug, Default)]
+pub(crate) struct Delivered {
+    /// First (lane, offset) seen, deliveries, and whether a second
+    /// (lane, offset) was seen (the key stored twice).
+    pub(crate) by_key: HashMap<(u32, u64), (u32, u64, u32, bool)>,
+    /// Deliveries whose payload failed its CRC.
+    pub(crate) corrupt: u64,
+}
+
+impl Delivered {
+    pub(crate) fn record(&mut self, delivery: &pb::Delivery) {
+        let at = delivery.id.as_ref().map_or((u32::MAX, u64::MAX), |id| (id.lane, id.offset));
+        match check(&delivery.payload) {
+            None => self.corrupt += 1,
+            Some(key) => {
+                let entry = self.by_key.entry(key).or_insert((at.0, at.1, 0, false));
+                entry.2 += 1;
+                if (entry.0, entry.1) != at {
+                    entry.3 = true;
+                }
+            }
+        }
+    }
 }
 
 /// The outage being measured: when the kill happened, and the first
@@ -202,7 +226,7 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
     while drain_start.elapsed().as_secs_f64() < args.drain_max_seconds {
         let missing = {
             let ledger = shared.ledger.lock().expect("ledger lock");
-            ledger.acked.iter().filter(|k| !ledger.delivered.contains_key(k)).count()
+            ledger.acked.iter().filter(|k| !ledger.delivered.by_key.contains_key(k)).count()
         };
         if missing == 0 && Target::stats_on(&stats_channel, queue).await?.saturation.unwrap_or_default().depth == 0 {
             drained = true;
@@ -215,11 +239,11 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
 
     let ledger = shared.ledger.lock().expect("ledger lock");
     let acked = ledger.acked.len() as u64;
-    let lost = ledger.acked.iter().filter(|k| !ledger.delivered.contains_key(k)).count() as u64;
-    let delivered = ledger.delivered.len() as u64;
-    let duplicates: u64 = ledger.delivered.values().map(|v| u64::from(v.2 - 1)).sum();
-    let stored_twice = ledger.delivered.values().filter(|v| v.3).count() as u64;
-    let unacked_delivered = ledger.delivered.keys().filter(|k| !ledger.acked.contains(k)).count() as u64;
+    let lost = ledger.acked.iter().filter(|k| !ledger.delivered.by_key.contains_key(k)).count() as u64;
+    let delivered = ledger.delivered.by_key.len() as u64;
+    let duplicates: u64 = ledger.delivered.by_key.values().map(|v| u64::from(v.2 - 1)).sum();
+    let stored_twice = ledger.delivered.by_key.values().filter(|v| v.3).count() as u64;
+    let unacked_delivered = ledger.delivered.by_key.keys().filter(|k| !ledger.acked.contains(k)).count() as u64;
     let errors = shared.errors.lock().expect("errors lock").clone();
     let unexpected: u64 = errors.iter().filter(|(k, _)| k.starts_with("unexpected")).map(|(_, v)| v).sum();
     println!(
@@ -229,7 +253,7 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
     println!(
         "acknowledged publishes {acked}; delivered {delivered} distinct ({} deliveries); lost {lost}; duplicates {duplicates} (stored twice {stored_twice}); delivered without an acknowledged publish {unacked_delivered}; corrupt payloads {}; retries answered as duplicates {}",
         shared.deliveries.load(Ordering::Relaxed),
-        ledger.corrupt,
+        ledger.delivered.corrupt,
         shared.deduped_retries.load(Ordering::Relaxed)
     );
     let mut kinds: Vec<_> = errors.iter().collect();
@@ -247,22 +271,8 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
             println!("  SIGKILL -> {:<16} mean {:.3} s, max {:.3} s", key.trim_end_matches("_s"), mean, max);
         }
     }
-    let mut failures = Vec::new();
-    if lost > 0 {
-        failures.push(format!("{lost} acknowledged publishes were not delivered"));
-    }
-    if ledger.corrupt > 0 {
-        failures.push(format!("{} corrupt payloads delivered", ledger.corrupt));
-    }
-    if stored_twice > 0 {
-        failures.push(format!("{stored_twice} messages stored twice despite idempotency keys"));
-    }
-    if unexpected > 0 {
-        failures.push(format!("{unexpected} unexpected errors"));
-    }
-    if !drained {
-        failures.push(format!("the queue did not drain within {} s", args.drain_max_seconds));
-    }
+    let failures =
+        broken_promises(lost, ledger.delivered.corrupt, stored_twice, unexpected, drained, args.drain_max_seconds);
     Ok(serde_json::json!({
         "scenario": "recovery", "cycles": args.cycles, "load_seconds": args.load_seconds,
         "producers": args.producers, "batch": args.batch, "size": args.size,
@@ -271,13 +281,43 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
         "acked_publishes": acked, "delivered_distinct": delivered,
         "deliveries": shared.deliveries.load(Ordering::Relaxed),
         "lost": lost, "duplicates": duplicates, "stored_twice": stored_twice,
-        "delivered_unacked_publish": unacked_delivered, "corrupt": ledger.corrupt,
+        "delivered_unacked_publish": unacked_delivered, "corrupt": ledger.delivered.corrupt,
         "retries_answered_duplicate": shared.deduped_retries.load(Ordering::Relaxed),
         "rejected_acks": ledger.rejected_acks,
         "client_errors": errors, "unexpected_errors": unexpected,
         "drained": drained,
         "failures": failures,
     }))
+}
+
+/// What a kill test found broken: acknowledged publishes not delivered,
+/// corrupt payloads, idempotency keys stored twice, unexpected client
+/// errors, a queue that did not drain.
+pub(crate) fn broken_promises(
+    lost: u64,
+    corrupt: u64,
+    stored_twice: u64,
+    unexpected: u64,
+    drained: bool,
+    drain_max_seconds: f64,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    if lost > 0 {
+        failures.push(format!("{lost} acknowledged publishes were not delivered"));
+    }
+    if corrupt > 0 {
+        failures.push(format!("{corrupt} corrupt payloads delivered"));
+    }
+    if stored_twice > 0 {
+        failures.push(format!("{stored_twice} idempotency keys stored twice"));
+    }
+    if unexpected > 0 {
+        failures.push(format!("{unexpected} unexpected errors"));
+    }
+    if !drained {
+        failures.push(format!("the queue did not drain within {drain_max_seconds} s"));
+    }
+    failures
 }
 
 /// One producer: batches of `batch` messages with idempotency keys, one
@@ -380,20 +420,7 @@ async fn session(
         match message.and_then(|m| m.kind) {
             Some(pb::consume_response::Kind::Delivery(d)) => {
                 shared.deliveries.fetch_add(1, Ordering::Relaxed);
-                let at = d.id.as_ref().map_or((u32::MAX, u64::MAX), |id| (id.lane, id.offset));
-                {
-                    let mut ledger = shared.ledger.lock().expect("ledger lock");
-                    match check(&d.payload) {
-                        None => ledger.corrupt += 1,
-                        Some(key) => {
-                            let entry = ledger.delivered.entry(key).or_insert((at.0, at.1, 0, false));
-                            entry.2 += 1;
-                            if (entry.0, entry.1) != at {
-                                entry.3 = true;
-                            }
-                        }
-                    }
-                }
+                shared.ledger.lock().expect("ledger lock").delivered.record(&d);
                 {
                     let mut outage = shared.outage.lock().expect("outage lock");
                     if outage.first_delivery.is_none() && outage.killed_at.is_some_and(|k| subscribed_at > k) {
