@@ -52,6 +52,10 @@ pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
 pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 1024;
 /// Default limit on Stats Watch streams open at once.
 pub const WATCH_STREAMS_MAX_DEFAULT: usize = 256;
+/// Default longest time a call may take until its response starts, in ms:
+/// above the longest Pull wait (`PULL_WAIT_MS_MAX`, 60 s), so a client
+/// without a deadline never holds a call, its task and its memory forever.
+pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 120_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -124,6 +128,11 @@ pub struct GrpcConfig {
     pub streams_per_connection_max: u32,
     /// Stats Watch streams open at once; one more is RESOURCE_EXHAUSTED.
     pub watch_streams_max: usize,
+    /// Longest time, in ms, from a call's arrival to its response's start
+    /// (a unary call's whole answer; a stream's subscription, not the
+    /// stream): past it the call ends CANCELLED ("Timeout expired"). A
+    /// client's shorter `grpc-timeout` wins. A Pull must wait less.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for GrpcConfig {
@@ -135,6 +144,7 @@ impl Default for GrpcConfig {
             connections_max: CONNECTIONS_MAX_DEFAULT,
             streams_per_connection_max: STREAMS_PER_CONNECTION_MAX_DEFAULT,
             watch_streams_max: WATCH_STREAMS_MAX_DEFAULT,
+            request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
         }
     }
 }
@@ -143,8 +153,15 @@ impl GrpcConfig {
     /// Checks each setting against its range; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
         use crate::limits::{
-            CONNECTIONS_MAX, KEEPALIVE_MS_MAX, KEEPALIVE_MS_MIN, STREAMS_PER_CONNECTION_MAX, WATCH_STREAMS_MAX,
+            CONNECTIONS_MAX, KEEPALIVE_MS_MAX, KEEPALIVE_MS_MIN, REQUEST_TIMEOUT_MS_MAX, REQUEST_TIMEOUT_MS_MIN,
+            STREAMS_PER_CONNECTION_MAX, WATCH_STREAMS_MAX,
         };
+        if !(REQUEST_TIMEOUT_MS_MIN..=REQUEST_TIMEOUT_MS_MAX).contains(&self.request_timeout_ms) {
+            return Err(format!(
+                "request_timeout_ms must be in {REQUEST_TIMEOUT_MS_MIN}..={REQUEST_TIMEOUT_MS_MAX}; got {}",
+                self.request_timeout_ms
+            ));
+        }
         let ms = [
             ("keepalive_interval_ms", self.keepalive_interval_ms),
             ("keepalive_timeout_ms", self.keepalive_timeout_ms),
@@ -256,13 +273,19 @@ mod tests {
     /// past them, naming the key.
     #[test]
     fn grpc_settings_are_checked_at_their_bounds() {
-        use crate::limits::{CONNECTIONS_MAX, KEEPALIVE_MS_MAX, KEEPALIVE_MS_MIN, WATCH_STREAMS_MAX};
+        use crate::limits::{
+            CONNECTIONS_MAX, KEEPALIVE_MS_MAX, KEEPALIVE_MS_MIN, REQUEST_TIMEOUT_MS_MAX, REQUEST_TIMEOUT_MS_MIN,
+            WATCH_STREAMS_MAX,
+        };
         let ok = format!(
             "[grpc]\nkeepalive_interval_ms = {KEEPALIVE_MS_MIN}\nkeepalive_timeout_ms = {KEEPALIVE_MS_MAX}\n\
-             connections_max = {CONNECTIONS_MAX}\nwatch_streams_max = 1\nstreams_per_connection_max = 1\n"
+             connections_max = {CONNECTIONS_MAX}\nwatch_streams_max = 1\nstreams_per_connection_max = 1\n\
+             request_timeout_ms = {REQUEST_TIMEOUT_MS_MIN}\n"
         );
         let c = Config::from_toml(&ok).unwrap();
         assert_eq!(c.grpc.connections_max, CONNECTIONS_MAX);
+        let longest = format!("[grpc]\nrequest_timeout_ms = {REQUEST_TIMEOUT_MS_MAX}");
+        assert_eq!(Config::from_toml(&longest).unwrap().grpc.request_timeout_ms, REQUEST_TIMEOUT_MS_MAX);
         for (text, key) in [
             (format!("[grpc]\nkeepalive_interval_ms = {}", KEEPALIVE_MS_MIN - 1), "grpc.keepalive_interval_ms"),
             (format!("[grpc]\nkeepalive_timeout_ms = {}", KEEPALIVE_MS_MAX + 1), "grpc.keepalive_timeout_ms"),
@@ -270,6 +293,8 @@ mod tests {
             ("[grpc]\nconnections_max = 0".to_owned(), "grpc.connections_max"),
             (format!("[grpc]\nwatch_streams_max = {}", WATCH_STREAMS_MAX + 1), "grpc.watch_streams_max"),
             ("[grpc]\nstreams_per_connection_max = 0".to_owned(), "grpc.streams_per_connection_max"),
+            (format!("[grpc]\nrequest_timeout_ms = {}", REQUEST_TIMEOUT_MS_MIN - 1), "grpc.request_timeout_ms"),
+            (format!("[grpc]\nrequest_timeout_ms = {}", REQUEST_TIMEOUT_MS_MAX + 1), "grpc.request_timeout_ms"),
         ] {
             let error = Config::from_toml(&text).unwrap_err();
             assert!(error.contains(key), "{text}: {error}");

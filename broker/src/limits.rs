@@ -192,6 +192,12 @@ pub const KEEPALIVE_MS_MIN: u64 = 100;
 /// Longest HTTP/2 and TCP keepalive settings, in milliseconds (1 day).
 pub const KEEPALIVE_MS_MAX: u64 = 24 * 3600 * 1000;
 
+/// Shortest `grpc.request_timeout_ms`, in milliseconds: a publish must
+/// have time for a sync on a slow disk.
+pub const REQUEST_TIMEOUT_MS_MIN: u64 = 1000;
+/// Longest `grpc.request_timeout_ms`, in milliseconds (1 hour).
+pub const REQUEST_TIMEOUT_MS_MAX: u64 = 3600 * 1000;
+
 /// Header names starting with this are reserved for the broker.
 pub const RESERVED_HEADER_PREFIX: &str = "ballast-";
 

@@ -68,6 +68,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_millis(grpc.keepalive_timeout_ms)))
         .max_concurrent_streams(grpc.streams_per_connection_max)
         .http2_max_header_list_size(HTTP2_HEADER_LIST_SIZE_MAX)
+        .timeout(Duration::from_millis(grpc.request_timeout_ms))
         .layer(StatusLayer)
         .add_service(health_service)
         .add_service(reflection)

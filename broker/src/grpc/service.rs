@@ -228,6 +228,15 @@ impl consumer_server::Consumer for Service {
                 request.wait_ms
             )));
         }
+        // The call must answer before the server's request timeout cuts it
+        // (which would lose what it leased until the leases expire).
+        let request_timeout_ms = self.broker.config().grpc.request_timeout_ms;
+        if request.wait_ms >= request_timeout_ms {
+            return Err(Status::invalid_argument(format!(
+                "wait_ms is {}; it must be below this broker's grpc.request_timeout_ms ({request_timeout_ms})",
+                request.wait_ms
+            )));
+        }
         let mut subscription = queue.subscribe_pull(request.max_messages).map_err(to_status)?;
         // If the call is dropped while it waits (the client cancelled or
         // went away), what was leased to it goes back to its lanes.

@@ -520,3 +520,42 @@ async fn delayed_messages_in_memory_at_the_limit_and_past() {
     assert_eq!(delivery.payload, "now-0".as_bytes(), "behind 99,999 delayed messages: delivered");
     session.expect_silence(Duration::from_millis(1000)).await;
 }
+
+/// `grpc.request_timeout_ms` bounds a call until its response starts: a
+/// consume stream that never subscribes is ended CANCELLED at the timeout
+/// (before, it held its task forever), while a subscribed stream lives on
+/// past it and still delivers; a Pull that would wait as long as the
+/// timeout is refused INVALID_ARGUMENT naming the setting, one that waits
+/// less is served.
+#[tokio::test]
+async fn the_request_timeout_bounds_a_call_not_a_stream() {
+    let config = config_file("[grpc]\nrequest_timeout_ms = 1000\n");
+    let broker = start_with_config(&config);
+    create(&mut broker.admin().await, "t", queue_settings()).await;
+    let channel = connect(&broker).await;
+    let mut consumer = pb::consumer_client::ConsumerClient::new(channel.clone());
+
+    let mut subscribed = Session::open(&mut consumer, "t", 1).await;
+    let (_silent, rx) = tokio::sync::mpsc::channel::<pb::ConsumeRequest>(1);
+    let started = std::time::Instant::now();
+    let unsubscribed = consumer.consume(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let status = tokio::time::timeout(Duration::from_secs(30), unsubscribed)
+        .await
+        .expect("a stream that never subscribes is cut by the request timeout")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "cut at the timeout, not before: {status:?}");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(&mut broker.publisher().await, "t", message("after the timeout")).await;
+    assert_eq!(subscribed.delivery().await.payload, "after the timeout".as_bytes(), "the stream outlives the timeout");
+
+    let pull = |wait_ms| {
+        let mut consumer = consumer.clone();
+        async move { consumer.pull(pb::PullRequest { queue: "t".into(), max_messages: 1, wait_ms }).await }
+    };
+    let refused = pull(1000).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("grpc.request_timeout_ms"), "{refused:?}");
+    pull(999).await.expect("a Pull that waits less than the timeout is served");
+}
