@@ -22,6 +22,8 @@ pub struct Target {
     ballastd: PathBuf,
     /// `--config` for the started broker.
     config: Option<PathBuf>,
+    /// Where the started broker's log goes (default: next to its data).
+    log: Option<PathBuf>,
 }
 
 impl Target {
@@ -31,6 +33,7 @@ impl Target {
         addr: Option<String>,
         ballastd: Option<PathBuf>,
         config: Option<PathBuf>,
+        log: Option<PathBuf>,
         data_root: &Path,
         keep: bool,
     ) -> anyhow::Result<Target> {
@@ -40,7 +43,7 @@ impl Target {
         };
         if let Some(addr) = addr {
             let endpoint = if addr.starts_with("http") { addr } else { format!("http://{addr}") };
-            return Ok(Target { endpoint, child: None, data_dir: None, keep, ballastd, config });
+            return Ok(Target { endpoint, child: None, data_dir: None, keep, ballastd, config, log });
         }
         if !ballastd.exists() {
             bail!(
@@ -52,14 +55,16 @@ impl Target {
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir)?;
         let mut target =
-            Target { endpoint: String::new(), child: None, data_dir: Some(data_dir), keep, ballastd, config };
+            Target { endpoint: String::new(), child: None, data_dir: Some(data_dir), keep, ballastd, config, log };
         target.start("127.0.0.1:0")?;
         Ok(target)
     }
 
     fn start(&mut self, listen: &str) -> anyhow::Result<()> {
         let data_dir = self.data_dir.clone().context("the bench did not start this broker")?;
-        let log = std::fs::File::create(data_dir.with_extension("log"))?;
+        let log_path = self.log.clone().unwrap_or_else(|| data_dir.with_extension("log"));
+        // Appended to: a restarted broker's lines follow the last run's.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let mut command = Command::new(&self.ballastd);
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
@@ -81,7 +86,7 @@ impl Target {
         BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
         let Some(addr) = line.trim().strip_prefix("listening on ") else {
             let _ = child.kill();
-            bail!("ballastd did not start; see {}", data_dir.with_extension("log").display());
+            bail!("ballastd did not start; see {}", log_path.display());
         };
         self.endpoint = format!("http://{addr}");
         self.child = Some(child);

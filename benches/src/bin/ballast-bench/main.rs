@@ -64,6 +64,11 @@ struct Args {
     /// A config file for the started broker (`ballastd --config`).
     #[arg(long, global = true)]
     broker_config: Option<PathBuf>,
+    /// Where the started broker's log goes [default: beside its data
+    /// directory] (elsewhere when the data's filesystem is filled on
+    /// purpose, as `chaos --disk-full` does).
+    #[arg(long, global = true)]
+    broker_log: Option<PathBuf>,
     /// Keep the started broker's data directory afterwards.
     #[arg(long, global = true)]
     keep: bool,
@@ -127,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             args.addr.clone(),
             args.ballastd.clone(),
             args.broker_config.clone(),
+            args.broker_log.clone(),
             &args.data_root,
             args.keep,
         )?;
