@@ -422,7 +422,9 @@ impl Broker {
                             // The failed appends' bytes were counted.
                             queue.recount_bytes(lane);
                             tracing::info!(queue = %queue.name, lane, "the lane writes again");
-                            queue.dispatch();
+                            // Acks not journaled before the failure are
+                            // undone: deliver those messages again.
+                            queue.rewind_lane(lane);
                         }
                         Err(error) => {
                             if let Some(entry) = map.get_mut(&key) {

@@ -83,6 +83,10 @@ struct LaneState {
     /// Released leases to deliver before anything else:
     /// `(offset, prior_attempts)`.
     requeue: VecDeque<(u64, u32)>,
+    /// Offsets the cursor passes over once: after a rewind (see
+    /// [`Queue::rewind_lane`]), those leased, requeued or delayed at the
+    /// time, which are owned elsewhere. Emptied as the cursor passes them.
+    skip: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -143,6 +147,7 @@ impl DeliveryState {
                     cursor: log.cursor(log.ack_floor()),
                     delayed: BTreeSet::new(),
                     requeue: VecDeque::new(),
+                    skip: BTreeSet::new(),
                 })
                 .collect(),
             scheduler: LaneScheduler::new(&settings.lane_weights, settings.strict_priority),
@@ -616,12 +621,24 @@ impl Queue {
         let durable = self.durable[lane].load(Ordering::Acquire);
         while state.delayed.len() < DELAYED_MAX && state.cursor.offset() < durable {
             match state.cursor.next()? {
-                Ok(record) => match not_before(&record) {
-                    Some(due) if due > now => {
-                        state.delayed.insert((due, record.offset, record.attempt));
+                Ok(record) => {
+                    // Since a rewind, offsets owned elsewhere are passed
+                    // over once (and skipped entries the cursor stepped
+                    // past, done meanwhile, are dropped).
+                    while state.skip.first().is_some_and(|&first| first < record.offset) {
+                        state.skip.pop_first();
                     }
-                    _ => return Some((record.offset, record.attempt, record)),
-                },
+                    if state.skip.first() == Some(&record.offset) {
+                        state.skip.pop_first();
+                        continue;
+                    }
+                    match not_before(&record) {
+                        Some(due) if due > now => {
+                            state.delayed.insert((due, record.offset, record.attempt));
+                        }
+                        _ => return Some((record.offset, record.attempt, record)),
+                    }
+                }
                 Err(error) => {
                     tracing::error!(queue = %self.name, lane, %error, "skipping corrupt records");
                     self.recount_bytes(lane);
@@ -629,6 +646,35 @@ impl Queue {
             }
         }
         None
+    }
+
+    /// Reads a lane again from its ack floor, after its poisoned log was
+    /// reopened: the reopen keeps only the acks journaled before the
+    /// failure, so a message acked in memory whose ack never reached the
+    /// journal is pending again in storage while this lane's cursor is past
+    /// it. Without the rewind it would be stranded (counted in the depth,
+    /// never delivered) until a restart; with it, it is delivered again (at
+    /// least once). Offsets leased, requeued or delayed now are owned
+    /// elsewhere and passed over once.
+    pub(crate) fn rewind_lane(&self, lane: usize) {
+        {
+            let mut guard = self.delivery.lock();
+            let state = &mut *guard;
+            let lane_index = u32::try_from(lane).expect("at most LANES_MAX lanes");
+            let leased = state.leases.values().filter(|l| l.lane == lane_index).map(|l| l.offset);
+            let mut skip: BTreeSet<u64> = leased.collect();
+            let lane_state = &mut state.lanes[lane];
+            skip.extend(lane_state.requeue.iter().map(|&(offset, _)| offset));
+            skip.extend(lane_state.delayed.iter().map(|&(_, offset, _)| offset));
+            let floor = self.lanes[lane].ack_floor();
+            if floor < lane_state.cursor.offset() {
+                tracing::info!(queue = %self.name, lane, from = floor, to = lane_state.cursor.offset(),
+                    "reading the lane again from its ack floor after a reopen");
+            }
+            lane_state.cursor.seek(floor);
+            lane_state.skip = skip;
+        }
+        self.dispatch();
     }
 
     /// Reads a message again by offset (requeue, delayed, redelivery).

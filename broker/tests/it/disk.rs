@@ -574,3 +574,45 @@ async fn enospc_on_a_real_small_filesystem() {
     drop(broker);
     drop(mount);
 }
+
+/// An ack the broker took but whose journal write failed is undone by the
+/// reopen that recovers the lane (only journaled acks are kept), so the
+/// message is pending again: it must be delivered again, not stranded in
+/// the depth until a restart (found by `ballast-bench chaos --disk-full`:
+/// the queue never drained). A message leased at the time is not
+/// delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_lost_with_a_failed_journal_write_is_delivered_again() {
+    use tonic_health::ServingStatus;
+    let broker = InProcess::start().await;
+    let mut admin = pb::admin_client::AdminClient::new(broker.channel().await);
+    create(&mut admin, "r", queue_settings()).await;
+    let mut publisher = pb::publisher_client::PublisherClient::new(broker.channel().await);
+    try_publish(&mut publisher, "r", "acked".into()).await.unwrap();
+    try_publish(&mut publisher, "r", "leased".into()).await.unwrap();
+    broker.wait_health("r", ServingStatus::Serving).await;
+    let mut consumer = pb::consumer_client::ConsumerClient::new(broker.channel().await);
+    let mut session = Session::open(&mut consumer, "r", 2).await;
+    let first = session.delivery().await;
+    let second = session.delivery().await;
+    let (acked, leased) = if first.payload == "acked".as_bytes() { (first, second) } else { (second, first) };
+
+    // The next write is the ack's journal entry: it fails, the lane is
+    // poisoned, then reopened from what was journaled.
+    broker.faults.fail_writes(1);
+    session.ack(vec![acked.delivery_id]).await;
+    broker.wait_health("r", ServingStatus::NotServing).await;
+    broker.wait_health("r", ServingStatus::Serving).await;
+
+    session.credit(2).await;
+    let again = session.delivery().await;
+    assert_eq!(again.payload, "acked".as_bytes(), "the message whose ack was lost is delivered again");
+    assert!(session.next_within(Duration::from_millis(500)).await.is_none(), "the leased one is not delivered twice");
+    session.ack(vec![again.delivery_id, leased.delivery_id]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while depth(&mut admin, "r").await != 0 {
+        assert!(std::time::Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.stop().await;
+}
