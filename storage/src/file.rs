@@ -106,21 +106,25 @@ impl Io {
         Ok(())
     }
 
-    /// Reserves `len` bytes of real blocks for `file` (no sparse file), so a
-    /// full disk is an error here rather than a SIGBUS when the map is read.
-    pub(crate) fn preallocate(&self, file: &File, len: u64) -> io::Result<()> {
+    /// Reserves real blocks for `[from, to)` of `file` (no sparse file),
+    /// growing it to `to` if it is shorter, so a full disk is an error here
+    /// rather than a SIGBUS when the map is read.
+    pub(crate) fn preallocate(&self, file: &File, from: u64, to: u64) -> io::Result<()> {
+        debug_assert!(from <= to);
         self.disk_full()?;
-        let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let invalid = |_| io::Error::from(io::ErrorKind::InvalidInput);
+        let offset = libc::off_t::try_from(from).map_err(invalid)?;
+        let len = libc::off_t::try_from(to - from).map_err(invalid)?;
         // SAFETY: `fallocate` only reads its integer arguments; the fd is
         // valid for the lifetime of `file`.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
         if rc == 0 {
             return Ok(());
         }
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
             // Filesystems without fallocate: write real zeros instead.
-            return write_zeros(file, 0, len as u64);
+            return write_zeros(file, from, to);
         }
         Err(err)
     }
@@ -181,10 +185,10 @@ pub(crate) fn boot_tag() -> u32 {
     }
 }
 
-fn write_zeros(file: &File, mut pos: u64, len: u64) -> io::Result<()> {
+fn write_zeros(file: &File, mut pos: u64, end: u64) -> io::Result<()> {
     let zeros = vec![0u8; 1 << 20];
-    while pos < len {
-        let n = (len - pos).min(zeros.len() as u64) as usize;
+    while pos < end {
+        let n = (end - pos).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], pos)?;
         pos += n as u64;
     }

@@ -17,8 +17,9 @@ pub const RECORD_HEADER_SIZE: u32 = 40;
 /// headers from straddling cache lines more often than needed.
 pub const RECORD_ALIGN: u64 = 8;
 
-/// Default maximum size, in bytes, of one segment file (64 MiB). Each segment
-/// is preallocated to this size when created.
+/// Default maximum size, in bytes, of one segment file (64 MiB). A segment
+/// file grows to it in steps (`SEGMENT_GROWTH_STEP_MIN`, doubling) as its
+/// records need the space.
 pub const SEGMENT_SIZE_DEFAULT: u64 = 64 * 1024 * 1024;
 
 /// Smallest allowed segment size (64 KiB): small segments are for tests; a
@@ -28,6 +29,15 @@ pub const SEGMENT_SIZE_MIN: u64 = 64 * 1024;
 /// Largest allowed segment size (1 GiB). Positions inside a segment are kept
 /// as `u32` in the sparse index, so this must stay below 4 GiB.
 pub const SEGMENT_SIZE_MAX: u64 = 1024 * 1024 * 1024;
+
+/// First preallocation step of a segment file, in bytes (64 KiB): a new
+/// segment is created with this much (or the first step that holds its first
+/// records), and grows by doubling, up to the segment size, before the writer
+/// needs the space. So an empty log holds 64 KiB of segment, and a segment
+/// grows at most log2(segment size / 64 KiB) times (10 for 64 MiB). When
+/// growth fails (a full disk) the append is refused with `DiskFull`, nothing
+/// written.
+pub const SEGMENT_GROWTH_STEP_MIN: u64 = 64 * 1024;
 
 /// Ceiling, in bytes, for one record's payload (16 MiB). The broker's
 /// per-queue `message_size_max` (default 1 MiB) must not exceed it.
@@ -93,6 +103,8 @@ pub const SYNC_INTERVAL_MS_MAX: u64 = 60_000;
 const _: () = assert!(usize::BITS == 64, "ballast-storage needs a 64-bit target");
 const _: () = assert!(SEGMENT_SIZE_MIN > SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE as u64);
 const _: () = assert!(SEGMENT_SIZE_MAX <= u32::MAX as u64);
+const _: () = assert!(SEGMENT_GROWTH_STEP_MIN <= SEGMENT_SIZE_MIN, "an empty segment never exceeds its step");
+const _: () = assert!(SEGMENT_GROWTH_STEP_MIN % RECORD_ALIGN == 0);
 const _: () = assert!(SEGMENT_HEADER_SIZE % RECORD_ALIGN == 0);
 const _: () = assert!(RECORD_HEADER_SIZE as u64 % RECORD_ALIGN == 0);
 const _: () = assert!(KEY_SIZE_MAX <= u16::MAX as u32);

@@ -83,7 +83,8 @@ pub struct LogStats {
     /// Offsets not done: the backlog, in-flight deliveries included.
     pub pending: u64,
     pub segment_count: u64,
-    /// Bytes of segment files on disk (preallocated sizes).
+    /// Bytes of segment files on disk (their preallocated lengths, which
+    /// grow in steps with the records: see `SEGMENT_GROWTH_STEP_MIN`).
     pub disk_bytes: u64,
     /// Bytes written to the retained segments (headers and records): what
     /// the backlog occupies, acked records included until their segment
@@ -582,7 +583,7 @@ impl Log {
             done_above_floor,
             pending: next_offset.saturating_sub(ack_floor).saturating_sub(done_above_floor),
             segment_count: segments.len() as u64,
-            disk_bytes: segments.iter().map(|s| s.size()).sum(),
+            disk_bytes: segments.iter().map(|s| s.allocated()).sum(),
             data_bytes: segments.iter().map(|s| s.written()).sum(),
             index_entries: segments.iter().map(|s| s.index_len() as u64).sum(),
             ack_ranges,
@@ -698,24 +699,38 @@ impl Shared {
         let first_offset = self.next_offset.load(Ordering::Acquire);
         let segment_size = self.options.segment_size;
 
-        // Plan: which records start a new segment. Records never span segments.
+        // Plan: which records start a new segment, and where each run of
+        // records ends (the first run in the active segment, then one per
+        // new segment). Records never span segments.
         let mut starts = Vec::new();
+        let mut run_ends = Vec::new();
         let mut pos = guard.write_pos;
         for (i, r) in records.iter().enumerate() {
             let size = record::padded(r.encoded_len());
             if pos + size > segment_size {
                 starts.push(i);
+                run_ends.push(pos);
                 pos = SEGMENT_HEADER_SIZE;
             }
             pos += size;
         }
+        run_ends.push(pos);
 
-        // Create every new segment before writing anything, so a full disk
-        // fails the batch cleanly.
+        // Allocate every byte the batch needs before writing anything, so a
+        // full disk fails the batch cleanly: the active segment grows first,
+        // then every new segment is created with room for its run.
+        let active = Arc::clone(self.segments.read().last().expect("a log has an active segment"));
+        if let Err(source) = active.grow(&self.io, run_ends[0]) {
+            let path = active.path.clone();
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(AppendError::DiskFull { path });
+            }
+            return Err(AppendError::Io { path, source });
+        }
         let mut created = Vec::with_capacity(starts.len());
-        for &i in &starts {
+        for (&i, &end) in starts.iter().zip(&run_ends[1..]) {
             let base = first_offset + i as u64;
-            match Segment::create(&self.io, &self.dir, base, segment_size) {
+            match Segment::create(&self.io, &self.dir, base, segment_size, end) {
                 Ok(segment) => created.push(Arc::new(segment)),
                 Err(source) => {
                     let path = self.dir.join(segment::file_name(base));

@@ -171,8 +171,9 @@ pub(crate) fn recover(
     // Steps 3 and 4: scan from the checkpoint.
     let start = checkpoint_point.and_then(|p| {
         let at = segments.iter().position(|s| s.base_offset == p.segment_base)?;
-        let valid =
-            p.position >= SEGMENT_HEADER_SIZE && p.position <= segments[at].size() && p.position % RECORD_ALIGN == 0;
+        let valid = p.position >= SEGMENT_HEADER_SIZE
+            && p.position <= segments[at].allocated()
+            && p.position % RECORD_ALIGN == 0;
         valid.then_some((at, p.position, p.next_offset))
     });
     let same_boot = recorded.is_some_and(|r| r.boot_tag != 0 && r.boot_tag == checkpoint.boot_tag());
@@ -209,7 +210,7 @@ pub(crate) fn recover(
             if let Some(lost) = lost_tail_base.filter(|&lost| lost < base) {
                 gaps.push((lost, base));
             }
-            let s = Segment::create(io, dir, base, options.segment_size)
+            let s = Segment::create(io, dir, base, options.segment_size, SEGMENT_HEADER_SIZE)
                 .map_err(io_open(dir.join(segment::file_name(base))))?;
             io.sync_dir(dir).map_err(io_open(dir))?;
             segments.push(Arc::new(s));
@@ -229,7 +230,7 @@ pub(crate) fn recover(
             "records lost at the end of the log (a set-aside or missing segment); quarantined, offsets not reused"
         );
         gaps.push((next_offset, durable_end));
-        let s = Segment::create(io, dir, durable_end, options.segment_size)
+        let s = Segment::create(io, dir, durable_end, options.segment_size, SEGMENT_HEADER_SIZE)
             .map_err(io_open(dir.join(segment::file_name(durable_end))))?;
         io.sync_dir(dir).map_err(io_open(dir))?;
         segments.push(Arc::new(s));
@@ -342,7 +343,7 @@ fn scan(
                     // Past `written_end` the segment holds only zeros.
                     let written_end = match tail {
                         Tail::Intact => intact_end(raw, pos, invalid),
-                        Tail::Unknown => segment.size(),
+                        Tail::Unknown => segment.allocated(),
                     };
                     match segment::resync(raw, pos, written_end, expected, limit.min(stop_at)) {
                         Some((found_pos, found_offset)) => {
@@ -372,7 +373,7 @@ fn scan(
         if expected == stop_at && next_base.is_none() {
             // Cut at the trusted end: every byte past it goes, so that
             // nothing unsynced can pass for a record later (contract 4).
-            let zeroed = segment.zero_range(io, pos, segment.size()).map_err(io_open(&segment.path))?;
+            let zeroed = segment.zero_range(io, pos, segment.allocated()).map_err(io_open(&segment.path))?;
             if zeroed {
                 tracing::warn!(
                     segment = %segment.path.display(),

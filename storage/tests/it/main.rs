@@ -4,6 +4,7 @@ mod basics;
 mod corruption;
 mod dedupe;
 mod faults;
+mod growth;
 mod limits;
 mod model;
 mod support;
