@@ -25,6 +25,11 @@ pub struct Faults {
     /// The number of syncs left to fail, whatever `syncs_before_failure`.
     sync_failures: AtomicU64,
     write_failures: AtomicU64,
+    /// While set, syncs block (a stalled device) until it is cleared.
+    syncs_held: parking_lot::Mutex<bool>,
+    syncs_released: parking_lot::Condvar,
+    /// Syncs blocked by `hold_syncs` right now.
+    syncs_waiting: AtomicU64,
     /// Unit tests only: the next this many segment maps fail with `ENOMEM`.
     #[cfg(test)]
     map_failures: AtomicU64,
@@ -62,6 +67,20 @@ impl Faults {
     /// The next `n` writes fail with `EIO`.
     pub fn fail_writes(&self, n: u64) {
         self.write_failures.store(n, Ordering::SeqCst);
+    }
+
+    /// While `held`, every sync of a log using these faults blocks, as on a
+    /// device whose flush stalls, until called again with `false`.
+    pub fn hold_syncs(&self, held: bool) {
+        *self.syncs_held.lock() = held;
+        if !held {
+            self.syncs_released.notify_all();
+        }
+    }
+
+    /// How many syncs are blocked by [`Faults::hold_syncs`] right now.
+    pub fn syncs_waiting(&self) -> u64 {
+        self.syncs_waiting.load(Ordering::SeqCst)
     }
 
     /// Unit tests only: the next `n` segment maps fail with `ENOMEM`.
@@ -149,6 +168,15 @@ impl Io {
     /// on stable storage when this returns.
     pub(crate) fn sync_data(&self, file: &File) -> io::Result<()> {
         if let Some(f) = &self.faults {
+            let mut held = f.syncs_held.lock();
+            if *held {
+                f.syncs_waiting.fetch_add(1, Ordering::SeqCst);
+                while *held {
+                    f.syncs_released.wait(&mut held);
+                }
+                f.syncs_waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+            drop(held);
             if f.sync_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }

@@ -14,6 +14,7 @@
 //!   public ([`record::encode`], [`record::decode`]) for tools and benches.
 //! - `segment`: one segment file, its map and sparse index.
 //! - `log`: [`Log`], appends and group commit, reads, [`Cursor`], the flusher.
+//! - `pool`: [`FlushPool`], the bounded threads that run every log's flusher.
 //! - `acks`: ack state (floor plus ranges) and its journal.
 //! - `checkpoint`: the durable point recovery starts from.
 //! - `keys`: the idempotency-key journal for the broker's dedupe.
@@ -48,6 +49,7 @@ mod file;
 mod keys;
 mod log;
 mod options;
+mod pool;
 pub mod record;
 mod recovery;
 mod segment;
@@ -58,4 +60,5 @@ pub use file::Faults;
 pub use keys::KeyEntry;
 pub use log::{Appended, Commit, Cursor, Log, LogStats};
 pub use options::{LogOptions, SyncPolicy};
+pub use pool::FlushPool;
 pub use record::{NewRecord, Record, stored_size};

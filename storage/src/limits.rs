@@ -95,6 +95,21 @@ pub const BACKGROUND_FLUSH_MS: u64 = 1000;
 /// turn the flusher into a busy loop.
 pub const ACK_JOURNAL_RETRY_MS: u64 = 100;
 
+/// Fewest threads in a [`FlushPool`](crate::FlushPool) (2): with one, a log
+/// whose fsync stalls would hold up every other log's commits. A smaller
+/// request is raised to this.
+pub const FLUSH_THREADS_MIN: usize = 2;
+
+/// Most threads in a [`FlushPool`](crate::FlushPool) (64). Each thread runs
+/// one log's cycle at a time, so more threads only help while that many
+/// devices or fsyncs can make progress at once; a larger request is lowered
+/// to this.
+pub const FLUSH_THREADS_MAX: usize = 64;
+
+/// Ceiling of the default pool size, which is the machine's cores (at least
+/// `FLUSH_THREADS_MIN`): 16.
+pub const FLUSH_THREADS_DEFAULT_MAX: usize = 16;
+
 /// Ceiling for the `interval` sync policy, in milliseconds (1 minute).
 pub const SYNC_INTERVAL_MS_MAX: u64 = 60_000;
 

@@ -29,7 +29,6 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll, Waker},
-    thread::JoinHandle,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -46,6 +45,7 @@ use crate::{
         SEGMENT_HEADER_SIZE,
     },
     options::{LogOptions, SyncPolicy},
+    pool::{FlushPool, Job, Scheduled, Slot, Step},
     record::{self, Invalid, NewRecord, Record},
     recovery,
     segment::{self, Segment},
@@ -54,8 +54,6 @@ use crate::{
 /// One durable, append-only log.
 pub struct Log {
     shared: Arc<Shared>,
-    /// The flusher thread; replaced by [`Log::reopen`].
-    flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The result of an append.
@@ -116,8 +114,15 @@ pub(crate) struct Shared {
     next_offset: AtomicU64,
     acks: Mutex<Acks>,
     commit: Mutex<CommitState>,
-    /// Wakes the flusher.
-    flusher_wake: Condvar,
+    /// The pool that runs this log's flusher (`pool.rs`).
+    pool: FlushPool,
+    /// This log's place in the pool's queue.
+    slot: Slot,
+    /// The flusher's own state between its cycles; only the flusher (one
+    /// pool thread at a time) locks it.
+    flusher: Mutex<FlusherState>,
+    /// This log, for handing to the pool from `&self`.
+    me: std::sync::Weak<Shared>,
     /// Wakes blocking `Commit::wait` callers.
     waiter_wake: Condvar,
     checkpointer: Mutex<Checkpointer>,
@@ -128,6 +133,35 @@ pub(crate) struct Shared {
     sync_count: AtomicU64,
     ack_sync_count: AtomicU64,
     recovered_keys: Mutex<Vec<KeyEntry>>,
+}
+
+/// What the flusher remembers from one cycle to the next.
+struct FlusherState {
+    /// The cycle period under `Interval` and `None`.
+    interval: Option<Duration>,
+    /// Under `Interval` and `None` cycles run at fixed deadlines, one
+    /// interval apart: wake-ups in between neither run a cycle nor move
+    /// the deadline.
+    deadline: Option<Instant>,
+    /// Set while the ack journal is full: no write of it before then.
+    acks_retry_at: Option<Instant>,
+    last_retention_floor: u64,
+}
+
+impl FlusherState {
+    fn new(policy: SyncPolicy) -> FlusherState {
+        let interval = match policy {
+            SyncPolicy::Fsync => None,
+            SyncPolicy::Interval { interval_ms } => Some(Duration::from_millis(interval_ms)),
+            SyncPolicy::None => Some(Duration::from_millis(BACKGROUND_FLUSH_MS)),
+        };
+        FlusherState {
+            interval,
+            deadline: interval.map(|i| Instant::now() + i),
+            acks_retry_at: None,
+            last_retention_floor: u64::MAX,
+        }
+    }
 }
 
 struct Writer {
@@ -330,9 +364,13 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<Log, OpenError> {
         options.validate().map_err(OpenError::InvalidOptions)?;
         let io = Io::new(options.faults.clone());
+        let pool = match &options.pool {
+            Some(pool) => pool.clone(),
+            None => FlushPool::shared().map_err(crate::error::io_open(dir.as_ref()))?,
+        };
         let recovered = recovery::recover(dir.as_ref(), &options, &io, None)?;
         let write_pos = recovered.segments.last().expect("recovery leaves an active segment").written();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me| Shared {
             dir: dir.as_ref().to_owned(),
             io,
             writer: Mutex::new(Writer { write_pos, buf: Vec::new(), pending_keys: Vec::new() }),
@@ -344,7 +382,10 @@ impl Log {
                 durable_end: recovered.point.next_offset,
             }),
             commit: Mutex::new(CommitState { point: Some(recovered.point), ..CommitState::default() }),
-            flusher_wake: Condvar::new(),
+            pool,
+            slot: Slot::default(),
+            flusher: Mutex::new(FlusherState::new(options.sync_policy)),
+            me: me.clone(),
             waiter_wake: Condvar::new(),
             checkpointer: Mutex::new(Checkpointer {
                 checkpoint: recovered.checkpoint,
@@ -358,8 +399,7 @@ impl Log {
             recovered_keys: Mutex::new(recovered.keys),
             options,
         });
-        let flusher = spawn_flusher(&shared).map_err(crate::error::io_open(dir.as_ref()))?;
-        Ok(Log { shared, flusher: Mutex::new(Some(flusher)) })
+        Ok(Log { shared })
     }
 
     /// The error that poisoned the log (a failed write or sync), if any:
@@ -389,13 +429,11 @@ impl Log {
         if shared.poisoned().is_none() {
             return Ok(false);
         }
-        // The flusher ends by itself once the log is poisoned; joined
-        // without the writer lock, which its checkpoints take.
-        if let Some(flusher) = self.flusher.lock().take()
-            && flusher.join().is_err()
-        {
-            tracing::error!(dir = %shared.dir.display(), "the flusher thread panicked");
-        }
+        // The flusher finishes by itself once the log is poisoned (the
+        // poisoning woke it); waited for without the writer lock, which its
+        // checkpoints take.
+        shared.wake();
+        shared.pool.wait_finished(&**shared);
         // With the flusher gone nothing raises it any more.
         let durable_end = shared.acks.lock().durable_end;
         let mut writer = shared.writer.lock();
@@ -443,8 +481,9 @@ impl Log {
             shared.epoch.store(old.epoch + 1, Ordering::Release);
         }
         drop(writer);
-        let flusher = spawn_flusher(shared).map_err(crate::error::io_open(&shared.dir))?;
-        *self.flusher.lock() = Some(flusher);
+        *shared.flusher.lock() = FlusherState::new(shared.options.sync_policy);
+        let job: Arc<dyn Scheduled> = Arc::clone(shared) as Arc<dyn Scheduled>;
+        shared.pool.restart(&job);
         tracing::info!(dir = %shared.dir.display(), next_offset = point.next_offset, "poisoned log reopened");
         Ok(true)
     }
@@ -521,7 +560,7 @@ impl Log {
         commit.data_written = data;
         commit.acks_written = acks;
         commit.sync_requested = true;
-        self.shared.flusher_wake.notify_one();
+        self.shared.wake();
         loop {
             if let Some(done) = commit.resolved(Track::Data, data, epoch) {
                 done?;
@@ -607,13 +646,10 @@ impl Log {
             }
             commit.shutdown = true;
         }
-        self.shared.flusher_wake.notify_one();
-        // None after a failed reopen: the log is poisoned, reported below.
-        if let Some(flusher) = self.flusher.get_mut().take()
-            && flusher.join().is_err()
-        {
-            tracing::error!(dir = %self.shared.dir.display(), "the flusher thread panicked");
-        }
+        // After a failed reopen the flusher has finished already: the log
+        // is poisoned, reported below.
+        self.shared.wake();
+        self.shared.pool.wait_finished(&*self.shared);
         match self.shared.commit.lock().error.clone() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -641,10 +677,10 @@ impl Shared {
                 tracing::error!(dir = %self.dir.display(), %error, "log poisoned; reopen to recover");
                 commit.error = Some(error);
             }
-            // The flusher stops too (it may be waiting for work).
-            self.flusher_wake.notify_all();
             std::mem::take(&mut commit.waiters)
         };
+        // The flusher finishes too (it may be idle).
+        self.wake();
         self.waiter_wake.notify_all();
         waiters.into_iter().for_each(|(_, _, w)| w.wake());
     }
@@ -814,18 +850,13 @@ impl Shared {
         // past these records: see rule 4 of the module docs.
         self.next_offset.store(next_offset, Ordering::Release);
         drop(guard);
+        // Under `Interval` and `None` too: an idle flusher holds no timer
+        // (`pool.rs`, rule 4), so the first write after a quiet spell arms it.
+        self.wake();
         let commit = match self.options.sync_policy {
-            SyncPolicy::Fsync => {
-                self.flusher_wake.notify_one();
-                Commit {
-                    state: CommitInner::Pending {
-                        shared: Arc::clone(self),
-                        track: Track::Data,
-                        seq: seq.0,
-                        epoch: seq.1,
-                    },
-                }
-            }
+            SyncPolicy::Fsync => Commit {
+                state: CommitInner::Pending { shared: Arc::clone(self), track: Track::Data, seq: seq.0, epoch: seq.1 },
+            },
             SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
         };
         Ok(Appended { first_offset, count, commit })
@@ -848,18 +879,11 @@ impl Shared {
             commit.acks_written += 1;
             (commit.acks_written, commit.epoch)
         };
+        self.wake();
         Ok(match self.options.sync_policy {
-            SyncPolicy::Fsync => {
-                self.flusher_wake.notify_one();
-                Commit {
-                    state: CommitInner::Pending {
-                        shared: Arc::clone(self),
-                        track: Track::Acks,
-                        seq: seq.0,
-                        epoch: seq.1,
-                    },
-                }
-            }
+            SyncPolicy::Fsync => Commit {
+                state: CommitInner::Pending { shared: Arc::clone(self), track: Track::Acks, seq: seq.0, epoch: seq.1 },
+            },
             SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
         })
     }
@@ -936,7 +960,7 @@ impl Shared {
         if self.mark_done(expected, count, AckKind::Quarantined) {
             self.quarantined.fetch_add(count, Ordering::Relaxed);
             self.commit.lock().acks_written += 1;
-            self.flusher_wake.notify_one();
+            self.wake();
             tracing::error!(
                 segment = %segment.path.display(),
                 position = pos,
@@ -1197,128 +1221,156 @@ impl Shared {
     }
 }
 
-fn spawn_flusher(shared: &Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
-    let shared = Arc::clone(shared);
-    std::thread::Builder::new().name("ballast-flusher".into()).stack_size(256 * 1024).spawn(move || flusher(&shared))
+impl Scheduled for Shared {
+    fn slot(&self) -> &Slot {
+        &self.slot
+    }
 }
 
-/// The flusher thread: the only place that syncs, checkpoints and removes.
-fn flusher(shared: &Arc<Shared>) {
-    // Under `Interval` and `None` cycles run at fixed deadlines, one interval
-    // apart: wake-ups in between neither run a cycle nor move the deadline.
-    let interval = match shared.options.sync_policy {
-        SyncPolicy::Fsync => None,
-        SyncPolicy::Interval { interval_ms } => Some(Duration::from_millis(interval_ms)),
-        SyncPolicy::None => Some(Duration::from_millis(BACKGROUND_FLUSH_MS)),
-    };
-    let mut deadline = interval.map(|i| Instant::now() + i);
-    // Set while the ack journal is full: no write of it before then.
-    let mut acks_retry_at: Option<Instant> = None;
-    let mut last_retention_floor = u64::MAX;
-    loop {
-        let cycle = {
-            let mut commit = shared.commit.lock();
-            loop {
-                if commit.shutdown || commit.error.is_some() || commit.sync_requested {
-                    break;
-                }
-                let now = Instant::now();
-                let acks_paused = acks_retry_at.is_some_and(|at| now < at);
-                let ack_work = !acks_paused
-                    && (commit.acks_written > commit.acks_synced
-                        || shared.acks.try_lock().is_some_and(|a| a.journal.has_buffered()));
-                let data_work = commit.data_written > commit.data_synced;
-                match (deadline, interval) {
-                    (Some(at), Some(interval)) if now >= at => {
-                        // The next deadline follows this one, unless the
-                        // flusher fell a whole interval behind.
-                        let next = at + interval;
-                        deadline = Some(if next > now { next } else { now + interval });
-                        if data_work || ack_work || commit.bytes_since_checkpoint > 0 {
-                            break;
-                        }
-                    }
-                    (Some(at), _) => {
-                        shared.flusher_wake.wait_until(&mut commit, at);
-                    }
-                    _ if data_work || ack_work => break,
-                    // Only ack work is left, and it waits for the retry.
-                    _ => match acks_retry_at.filter(|_| acks_paused) {
-                        Some(at) => {
-                            shared.flusher_wake.wait_until(&mut commit, at);
-                        }
-                        None => shared.flusher_wake.wait(&mut commit),
-                    },
-                }
-            }
-            if commit.error.is_some() {
-                return;
-            }
-            let point = commit.point;
-            let last_checkpoint = shared.checkpointer.lock().last;
-            let moved = point.is_some_and(|p| p.segment_base != last_checkpoint.segment_base);
-            let checkpoint_due = commit.shutdown
-                || commit.bytes_since_checkpoint >= shared.options.checkpoint_interval_bytes
-                || (moved && commit.bytes_since_checkpoint > 0)
-                || (interval.is_some() && commit.bytes_since_checkpoint > 0);
-            if checkpoint_due {
-                commit.bytes_since_checkpoint = 0;
-            }
-            // A close or an explicit sync tries the ack journal even while
-            // backing off.
-            let forced = commit.shutdown || commit.sync_requested;
-            commit.sync_requested = false;
-            Cycle {
-                data_target: commit.data_written,
-                acks_target: commit.acks_written,
-                dirty: std::mem::take(&mut commit.dirty),
-                point,
-                checkpoint_due,
-                shutdown: commit.shutdown,
-                acks_paused: !forced && acks_retry_at.is_some_and(|at| Instant::now() < at),
-            }
+impl Job for Shared {
+    /// One step of the log's flusher, run by a pool thread: the only place
+    /// that syncs, checkpoints and removes.
+    fn step(&self) -> Step {
+        let mut state = self.flusher.lock();
+        let cycle = match self.next_cycle(&mut state) {
+            Ok(cycle) => cycle,
+            Err(step) => return step,
         };
-        let result = shared.flush_once(&cycle).and_then(|journal| {
+        let result = self.flush_once(&cycle).and_then(|journal| {
             match journal {
                 JournalWrite::Written => {
-                    if acks_retry_at.take().is_some() {
-                        tracing::info!(dir = %shared.dir.display(), "the ack journal is writable again");
+                    if state.acks_retry_at.take().is_some() {
+                        tracing::info!(dir = %self.dir.display(), "the ack journal is writable again");
                     }
                 }
                 JournalWrite::DiskFull => {
-                    if acks_retry_at.is_none() {
+                    if state.acks_retry_at.is_none() {
                         tracing::warn!(
-                            dir = %shared.dir.display(),
+                            dir = %self.dir.display(),
                             retry_ms = ACK_JOURNAL_RETRY_MS,
                             "disk full writing the ack journal; acks stay buffered and are retried"
                         );
                     }
-                    acks_retry_at = Some(Instant::now() + Duration::from_millis(ACK_JOURNAL_RETRY_MS));
+                    state.acks_retry_at = Some(Instant::now() + Duration::from_millis(ACK_JOURNAL_RETRY_MS));
                 }
                 JournalWrite::Paused => {}
             }
             match cycle.point {
                 // The last cycle of a close: the point is the exact end and
                 // nothing will be written past it (`Shared::checkpoint`).
-                Some(point) if cycle.checkpoint_due => shared.checkpoint(point, cycle.shutdown),
+                Some(point) if cycle.checkpoint_due => self.checkpoint(point, cycle.shutdown),
                 _ => Ok(()),
             }
         });
         let result = result.and_then(|()| {
-            let floor = shared.acks.lock().state.floor();
-            if floor != last_retention_floor || cycle.checkpoint_due {
-                last_retention_floor = floor;
-                shared.retain()
+            let floor = self.acks.lock().state.floor();
+            if floor != state.last_retention_floor || cycle.checkpoint_due {
+                state.last_retention_floor = floor;
+                self.retain()
             } else {
                 Ok(())
             }
         });
         if let Err(e) = result {
-            shared.poison(e);
-            return;
+            self.poison(e);
+            return Step::Finished;
         }
         if cycle.shutdown {
-            return;
+            return Step::Finished;
+        }
+        self.prepare_growth();
+        Step::Ran
+    }
+}
+
+impl Shared {
+    /// Asks the pool to run this log's flusher (a no-op while it is queued).
+    fn wake(&self) {
+        if let Some(me) = self.me.upgrade() {
+            let job: Arc<dyn Scheduled> = me;
+            self.pool.schedule(&job);
+        }
+    }
+
+    /// What the flusher does next: a cycle to run now (`Ok`), or the step
+    /// to answer the pool with (nothing to do yet, or finished).
+    fn next_cycle(&self, state: &mut FlusherState) -> Result<Cycle, Step> {
+        let mut commit = self.commit.lock();
+        if commit.error.is_some() {
+            return Err(Step::Finished);
+        }
+        if !(commit.shutdown || commit.sync_requested) {
+            let now = Instant::now();
+            let acks_paused = state.acks_retry_at.is_some_and(|at| now < at);
+            // Contended: someone is acking, so assume entries are buffered.
+            let buffered = self.acks.try_lock().is_none_or(|a| a.journal.has_buffered());
+            let ack_work = !acks_paused && (commit.acks_written > commit.acks_synced || buffered);
+            let data_work = commit.data_written > commit.data_synced;
+            let work = data_work || ack_work;
+            match (state.deadline, state.interval) {
+                (Some(at), Some(interval)) => {
+                    let due = now >= at;
+                    if due {
+                        // The next deadline follows this one, unless the
+                        // flusher fell a whole interval behind (or was idle).
+                        let next = at + interval;
+                        state.deadline = Some(if next > now { next } else { now + interval });
+                    }
+                    let unsynced = work || commit.bytes_since_checkpoint > 0;
+                    if !(due && unsynced) {
+                        // Idle with nothing written: no timer until the next
+                        // append or ack wakes the flusher.
+                        let waiting = unsynced || (acks_paused && buffered);
+                        return Err(if waiting { Step::WaitUntil(state.deadline.expect("set")) } else { Step::Idle });
+                    }
+                }
+                _ if work => {}
+                // Only ack work is left, and it waits for the retry.
+                _ => {
+                    return Err(match state.acks_retry_at.filter(|_| acks_paused && buffered) {
+                        Some(at) => Step::WaitUntil(at),
+                        None => Step::Idle,
+                    });
+                }
+            }
+        }
+        let point = commit.point;
+        let last_checkpoint = self.checkpointer.lock().last;
+        let moved = point.is_some_and(|p| p.segment_base != last_checkpoint.segment_base);
+        let checkpoint_due = commit.shutdown
+            || commit.bytes_since_checkpoint >= self.options.checkpoint_interval_bytes
+            || (moved && commit.bytes_since_checkpoint > 0)
+            || (state.interval.is_some() && commit.bytes_since_checkpoint > 0);
+        if checkpoint_due {
+            commit.bytes_since_checkpoint = 0;
+        }
+        // A close or an explicit sync tries the ack journal even while
+        // backing off.
+        let forced = commit.shutdown || commit.sync_requested;
+        commit.sync_requested = false;
+        Ok(Cycle {
+            data_target: commit.data_written,
+            acks_target: commit.acks_written,
+            dirty: std::mem::take(&mut commit.dirty),
+            point,
+            checkpoint_due,
+            shutdown: commit.shutdown,
+            acks_paused: !forced && state.acks_retry_at.is_some_and(|at| Instant::now() < at),
+        })
+    }
+
+    /// Grows the active segment to its next step once the writer has used
+    /// half of its allocation, so appends rarely wait for a `fallocate`
+    /// (`Segment::grow`). A failure is left to the writer, which meets it
+    /// again, before writing, and refuses its batch.
+    fn prepare_growth(&self) {
+        let Some(active) = self.segments.read().last().cloned() else { return };
+        let allocated = active.allocated();
+        if allocated < active.size()
+            && active.written() > allocated / 2
+            && let Err(error) = active.grow(&self.io, allocated + 1)
+        {
+            tracing::debug!(segment = %active.path.display(), %error, "growing the segment ahead of the writer failed");
         }
     }
 }

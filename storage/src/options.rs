@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{file::Faults, limits::*};
+use crate::{file::Faults, limits::*, pool::FlushPool};
 
 /// When an append counts as durable, and so when its [`Commit`](crate::Commit)
 /// resolves.
@@ -45,6 +45,11 @@ pub struct LogOptions {
     pub dedupe_keys_max: u32,
     /// Test seam: failures to inject into this log's I/O.
     pub faults: Option<Arc<Faults>>,
+    /// The threads that run this log's group commit, checkpoints,
+    /// retention, journal compaction and segment growth, shared with other
+    /// logs. `None`: the process-wide pool of the default size
+    /// ([`FlushPool::shared`]).
+    pub pool: Option<FlushPool>,
 }
 
 impl Default for LogOptions {
@@ -57,6 +62,7 @@ impl Default for LogOptions {
             dedupe_window_ms: DEDUPE_WINDOW_MS_DEFAULT,
             dedupe_keys_max: DEDUPE_KEYS_MAX_DEFAULT,
             faults: None,
+            pool: None,
         }
     }
 }

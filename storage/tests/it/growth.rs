@@ -64,9 +64,9 @@ fn six_empty_logs_use_at_most_1_mib() {
 }
 
 /// The active segment file grows in doubling steps from 64 KiB as records
-/// are appended, always at least as long as the data in it, never longer
-/// than the next step needs, and the records stay readable across a
-/// reopen.
+/// are appended (the flush pool may take a step ahead of the writer), always
+/// at least as long as the data in it and at most two steps ahead of it,
+/// and the records stay readable across a reopen.
 #[test]
 fn segment_grows_in_doubling_steps() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,15 +80,18 @@ fn segment_grows_in_doubling_steps() {
         next += 16;
         let len = file_len(&segment);
         let stats = log.stats();
-        assert_eq!(stats.disk_bytes, len, "stats report the allocated length");
+        assert!(stats.disk_bytes <= len, "stats report an allocated length");
         assert!(len >= stats.data_bytes, "the file ({len}) covers the data ({})", stats.data_bytes);
-        assert!(len < 2 * stats.data_bytes.max(SEGMENT_GROWTH_STEP_MIN), "no more than one step ahead: {len}");
+        assert!(len <= 4 * stats.data_bytes.max(SEGMENT_GROWTH_STEP_MIN), "{len} is more than two steps ahead");
         if lengths.last() != Some(&len) {
             lengths.push(len);
         }
     }
-    let expected: Vec<u64> = (0..6).map(|step| SEGMENT_GROWTH_STEP_MIN << step).collect();
-    assert_eq!(lengths, expected, "64 KiB doubling to 2 MiB");
+    assert_eq!(lengths[0], SEGMENT_GROWTH_STEP_MIN, "a new segment holds one step");
+    for pair in lengths.windows(2) {
+        assert_eq!(pair[1], 2 * pair[0], "each step doubles: {lengths:?}");
+    }
+    assert!(lengths.len() >= 6, "64 KiB to at least 2 MiB: {lengths:?}");
     log.close().unwrap();
     let log = Log::open(dir.path(), LogOptions::default()).unwrap();
     assert_eq!(log.next_offset(), next);
@@ -97,7 +100,8 @@ fn segment_grows_in_doubling_steps() {
     }
     // And it keeps growing from where it stopped.
     append_all(&log, next, 1200, 1000);
-    assert_eq!(file_len(&segment), 4 << 20);
+    let data = log.stats().data_bytes;
+    assert!((data..=4 * data).contains(&file_len(&segment)), "{} for {data} bytes of data", file_len(&segment));
     assert!(file_len(&segment) < SEGMENT_SIZE_DEFAULT);
 }
 
@@ -113,7 +117,8 @@ fn growth_stops_at_the_segment_size() {
     let files = segment_files(dir.path());
     assert_eq!(files.len(), 2, "{files:?}");
     assert_eq!(file_len(&files[0]), 300 * 1024, "a full segment is exactly its size");
-    assert!(file_len(&files[1]) <= 2 * SEGMENT_GROWTH_STEP_MIN, "a new segment starts small");
+    // 105 records (109,264 bytes): 128 KiB, or 256 KiB grown ahead.
+    assert!(file_len(&files[1]) <= 4 * SEGMENT_GROWTH_STEP_MIN, "a new segment starts small");
     log.close().unwrap();
     let log = Log::open(dir.path(), options).unwrap();
     assert_eq!(payload_index(&log.read(399).unwrap().payload), 399);
@@ -167,7 +172,12 @@ fn disk_full_on_growth_is_an_append_error() {
     let log = Log::open(dir.path(), options).unwrap();
     append_all(&log, 0, 50, 1000);
     faults.set_disk_full(true);
-    let batch: Vec<_> = (50..80).map(|i| record(i, 1000)).collect();
+    // The flush pool may be growing the segment one step ahead right now;
+    // a batch past twice the allocation needs a step more whatever it did.
+    let stats = log.stats();
+    let allocated = stats.disk_bytes;
+    let count = (2 * allocated - stats.data_bytes) / 1040 + 2;
+    let batch: Vec<_> = (50..50 + count).map(|i| record(i, 1000)).collect();
     match log.append(&batch) {
         Err(AppendError::DiskFull { path }) => {
             assert!(path.extension().is_some_and(|e| e == "seg"), "names the segment: {path:?}")
@@ -177,13 +187,13 @@ fn disk_full_on_growth_is_an_append_error() {
     assert_eq!(log.next_offset(), 50, "nothing of the refused batch was written");
     assert!(log.poisoned().is_none());
     append_all(&log, 50, 5, 1000);
-    assert_eq!(log.stats().disk_bytes, SEGMENT_GROWTH_STEP_MIN, "the records fit without growing");
+    assert!(log.stats().disk_bytes <= 2 * allocated, "the records fit without growing");
     faults.set_disk_full(false);
-    let batch: Vec<_> = (55..85).map(|i| record(i, 1000)).collect();
+    let batch: Vec<_> = (55..55 + count).map(|i| record(i, 1000)).collect();
     log.append(&batch).unwrap().commit.wait().unwrap();
-    assert_eq!(log.stats().disk_bytes, 2 * SEGMENT_GROWTH_STEP_MIN);
+    assert!(log.stats().disk_bytes > 2 * allocated);
     log.close().unwrap();
     let log = Log::open(dir.path(), LogOptions::default()).unwrap();
-    assert_eq!(log.next_offset(), 85);
-    assert_eq!(payload_index(&log.read(84).unwrap().payload), 84);
+    assert_eq!(log.next_offset(), 55 + count);
+    assert_eq!(payload_index(&log.read(54 + count).unwrap().payload), 54 + count);
 }

@@ -7,4 +7,5 @@ mod faults;
 mod growth;
 mod limits;
 mod model;
+mod pool;
 mod support;
