@@ -9,7 +9,8 @@
 //!    `commit`; `acks` is never held with `writer`.
 //! 2. Readers never take the writer lock: they load `next_offset` (acquire),
 //!    clone the `Arc<Segment>` they need, and read below its `written`.
-//! 3. The flusher thread alone syncs, checkpoints, compacts journals and
+//! 3. The flusher (a job of the `FlushPool`, run by one pool thread at a time)
+//!    alone syncs, checkpoints, compacts journals and
 //!    removes segments. It never holds `commit` while doing I/O.
 //! 4. An ack entry is journaled only once its records are synced (`acks`
 //!    rule 2). Rule 1 makes this cheap: an ack is possible only after the
