@@ -9,6 +9,7 @@
 //! [storage]
 //! segment_size = 67108864
 //! flush_threads = 0  # threads shared by every lane's log; 0: one per core
+//! open_files_max = 512  # descriptors of log files held open at once
 //!
 //! [grpc]             # connections, keepalive and stream limits
 //! keepalive_interval_ms = 30000
@@ -25,7 +26,7 @@
 //! max_attempts = 5
 //! ```
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -76,19 +77,19 @@ pub struct Config {
     /// log's I/O (see `ballast_storage::Faults`).
     #[serde(skip)]
     pub faults: FaultSeam,
-    /// Never read from a file: the flush pool every lane's log shares,
-    /// created on first use with `storage.flush_threads` threads.
+    /// Never read from a file: the flush pool and descriptor cache every
+    /// lane's log shares, created on first use from `[storage]`.
     #[serde(skip)]
-    pub flush_pool: FlushPoolSeam,
+    pub storage_shared: StorageShared,
 }
 
-/// [`Config::flush_pool`]: a runtime handle, not a setting, so it never
-/// makes two configs differ; clones of a config share one pool.
+/// [`Config::storage_shared`]: runtime handles, not settings, so they never
+/// make two configs differ; clones of a config share them.
 #[derive(Debug, Clone, Default)]
-pub struct FlushPoolSeam(std::sync::Arc<std::sync::OnceLock<ballast_storage::FlushPool>>);
+pub struct StorageShared(std::sync::Arc<(OnceLock<ballast_storage::FlushPool>, OnceLock<ballast_storage::FileCache>)>);
 
-impl PartialEq for FlushPoolSeam {
-    fn eq(&self, _: &FlushPoolSeam) -> bool {
+impl PartialEq for StorageShared {
+    fn eq(&self, _: &StorageShared) -> bool {
         true
     }
 }
@@ -120,6 +121,11 @@ pub struct StorageConfig {
     /// core (at least 2, at most 16); otherwise 2..=64
     /// (`ballast_storage::limits::FLUSH_THREADS_MIN..=FLUSH_THREADS_MAX`).
     pub flush_threads: usize,
+    /// Descriptors of log files (segments, journals, checkpoints) held open
+    /// at once, by every lane together; past it the least recently used is
+    /// closed and opened again when needed. In
+    /// `ballast_storage::limits::OPEN_FILES_MIN..=OPEN_FILES_MAX` (16..=1,048,576).
+    pub open_files_max: usize,
 }
 
 /// Connection settings of the gRPC server: how dead peers are found and
@@ -206,7 +212,7 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             queue_defaults: QueueSettings::default(),
             faults: FaultSeam::default(),
-            flush_pool: FlushPoolSeam::default(),
+            storage_shared: StorageShared::default(),
         }
     }
 }
@@ -217,6 +223,7 @@ impl Default for StorageConfig {
             segment_size: ballast_storage::limits::SEGMENT_SIZE_DEFAULT,
             checkpoint_interval_bytes: ballast_storage::limits::CHECKPOINT_INTERVAL_BYTES_DEFAULT,
             flush_threads: 0,
+            open_files_max: ballast_storage::limits::OPEN_FILES_DEFAULT,
         }
     }
 }
@@ -239,6 +246,11 @@ impl Config {
         if threads != 0 && !(min..=max).contains(&threads) {
             return Err(format!("storage.flush_threads must be 0 (one per core) or in {min}..={max}; got {threads}"));
         }
+        let (min, max) = (ballast_storage::limits::OPEN_FILES_MIN, ballast_storage::limits::OPEN_FILES_MAX);
+        let files = self.storage.open_files_max;
+        if !(min..=max).contains(&files) {
+            return Err(format!("storage.open_files_max must be in {min}..={max}; got {files}"));
+        }
         self.grpc.validate().map_err(|e| format!("grpc.{e}"))?;
         Ok(())
     }
@@ -246,10 +258,12 @@ impl Config {
     /// Storage options of one lane of a queue with `settings`, on the
     /// broker's flush pool (created on the first call).
     pub fn log_options(&self, settings: &QueueSettings) -> ballast_storage::LogOptions {
-        let pool = match self.flush_pool.0.get() {
+        let (pools, caches) = &*self.storage_shared.0;
+        let files = caches.get_or_init(|| ballast_storage::FileCache::new(self.storage.open_files_max)).clone();
+        let pool = match pools.get() {
             Some(pool) => Some(pool.clone()),
             None => match ballast_storage::FlushPool::new(self.storage.flush_threads) {
-                Ok(pool) => Some(self.flush_pool.0.get_or_init(|| pool).clone()),
+                Ok(pool) => Some(pools.get_or_init(|| pool).clone()),
                 // The logs fall back to the process-wide pool.
                 Err(error) => {
                     tracing::warn!(%error, "starting the flush pool failed; using the default pool");
@@ -257,7 +271,7 @@ impl Config {
                 }
             },
         };
-        ballast_storage::LogOptions { pool, ..self.log_options_without_pool(settings) }
+        ballast_storage::LogOptions { pool, files: Some(files), ..self.log_options_without_pool(settings) }
     }
 
     fn log_options_without_pool(&self, settings: &QueueSettings) -> ballast_storage::LogOptions {
@@ -275,6 +289,7 @@ impl Config {
             dedupe_keys_max: u32::try_from(crate::limits::DEDUPE_KEYS_MAX).unwrap_or(u32::MAX),
             faults: self.faults.0.clone(),
             pool: None,
+            files: None,
         }
     }
 }
@@ -317,6 +332,28 @@ mod tests {
         assert_eq!(pool.threads(), 3);
         let again = copy.log_options(&copy.queue_defaults).pool.unwrap();
         assert!(pool.ptr_eq(&again), "one pool for every lane");
+    }
+
+    /// `storage.open_files_max` takes 16 and 1,048,576 and refuses 15 and
+    /// 1,048,577, naming the key; the lanes' cache has that capacity.
+    #[test]
+    fn open_files_max_at_its_bounds() {
+        use ballast_storage::limits::{OPEN_FILES_MAX, OPEN_FILES_MIN};
+        for (files, valid) in
+            [(OPEN_FILES_MIN, true), (OPEN_FILES_MIN - 1, false), (OPEN_FILES_MAX, true), (OPEN_FILES_MAX + 1, false)]
+        {
+            match Config::from_toml(&format!("[storage]\nopen_files_max = {files}\n")) {
+                Ok(config) => {
+                    assert!(valid, "{files} must be refused");
+                    let cache = config.log_options(&config.queue_defaults).files.expect("the broker's cache");
+                    assert_eq!(cache.capacity(), files);
+                }
+                Err(e) => {
+                    assert!(!valid, "{files} must be accepted: {e}");
+                    assert!(e.contains("storage.open_files_max"), "{e}");
+                }
+            }
+        }
     }
 
     /// The `[grpc]` settings take values at their bounds and refuse one

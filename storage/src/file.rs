@@ -94,11 +94,18 @@ impl Faults {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Io {
     faults: Option<Arc<Faults>>,
+    /// The descriptor cache every file of the log is reached through.
+    files: crate::file_cache::FileCache,
 }
 
 impl Io {
-    pub(crate) fn new(faults: Option<Arc<Faults>>) -> Io {
-        Io { faults }
+    pub(crate) fn new(faults: Option<Arc<Faults>>, files: crate::file_cache::FileCache) -> Io {
+        Io { faults, files }
+    }
+
+    /// The descriptor cache.
+    pub(crate) fn files(&self) -> &crate::file_cache::FileCache {
+        &self.files
     }
 
     fn disk_full(&self) -> io::Result<()> {

@@ -20,6 +20,8 @@
 //! - `keys`: the idempotency-key journal for the broker's dedupe.
 //! - `recovery`: what `Log::open` does to a directory.
 //! - `file`: the I/O seam, with fault injection ([`Faults`]).
+//! - `file_cache`: [`FileCache`], the bounded set of open descriptors that
+//!   every file of a log is reached through.
 //!
 //! Invariants:
 //! 1. A record is returned only after its length, offset and CRC validate.
@@ -46,6 +48,7 @@ mod acks;
 mod checkpoint;
 mod error;
 mod file;
+mod file_cache;
 mod keys;
 mod log;
 mod options;
@@ -57,6 +60,7 @@ mod segment;
 pub use acks::AckKind;
 pub use error::{AckError, AppendError, OpenError, ReadError, SyncError};
 pub use file::Faults;
+pub use file_cache::FileCache;
 pub use keys::KeyEntry;
 pub use log::{Appended, Commit, Cursor, Log, LogStats};
 pub use options::{LogOptions, SyncPolicy};

@@ -110,6 +110,23 @@ pub const FLUSH_THREADS_MAX: usize = 64;
 /// `FLUSH_THREADS_MIN`): 16.
 pub const FLUSH_THREADS_DEFAULT_MAX: usize = 16;
 
+/// Default capacity of a [`FileCache`](crate::FileCache): at most this many
+/// descriptors of log files open at once (512), like RocksDB's
+/// `max_open_files`. Half of the common soft limit of 1,024, leaving the
+/// rest to sockets and the broker's own files. Past it the least recently
+/// used descriptor is closed; its file is opened again on its next write or
+/// sync (reads go through maps and need none).
+pub const OPEN_FILES_DEFAULT: usize = 512;
+
+/// Smallest cache capacity (16): a log's active segment, its journals and
+/// checkpoint, and the few files an operation has open at once. A smaller
+/// request is raised to this.
+pub const OPEN_FILES_MIN: usize = 16;
+
+/// Largest cache capacity (1,048,576, the usual hard `RLIMIT_NOFILE` ceiling
+/// of Linux); a larger request is lowered to this.
+pub const OPEN_FILES_MAX: usize = 1 << 20;
+
 /// Ceiling for the `interval` sync policy, in milliseconds (1 minute).
 pub const SYNC_INTERVAL_MS_MAX: u64 = 60_000;
 

@@ -40,6 +40,7 @@ use crate::{
     checkpoint::{Checkpoint, Point},
     error::{AckError, AppendError, OpenError, ReadError, SyncError},
     file::Io,
+    file_cache::FileCache,
     keys::{KeyEntry, KeyJournal},
     limits::{
         ACK_JOURNAL_RETRY_MS, BACKGROUND_FLUSH_MS, BATCH_COUNT_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX,
@@ -364,7 +365,8 @@ impl Log {
     /// quarantines corrupt records, and replays the ack and key journals.
     pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<Log, OpenError> {
         options.validate().map_err(OpenError::InvalidOptions)?;
-        let io = Io::new(options.faults.clone());
+        let files = options.files.clone().unwrap_or_else(FileCache::shared);
+        let io = Io::new(options.faults.clone(), files);
         let pool = match &options.pool {
             Some(pool) => pool.clone(),
             None => FlushPool::shared().map_err(crate::error::io_open(dir.as_ref()))?,
@@ -1089,6 +1091,13 @@ impl Shared {
         for segment in &cycle.dirty {
             segment.sync(&self.io).map_err(|e| SyncError::new(format!("syncing {}", segment.path.display()), e))?;
         }
+        // A segment sealed and now synced is never written again: its map
+        // serves reads without a descriptor.
+        if cycle.dirty.len() > 1 || cycle.dirty.first().is_some_and(|s| !self.is_active(s)) {
+            for segment in cycle.dirty.iter().filter(|s| !self.is_active(s)) {
+                segment.release_descriptor();
+            }
+        }
         if !cycle.dirty.is_empty() {
             self.sync_count.fetch_add(1, Ordering::Relaxed);
         }
@@ -1117,10 +1126,14 @@ impl Shared {
         // bytes are still unsynced, and skips the device flush if none are.
         // The device flush runs without the acks lock, which every ack
         // takes: acks keep flowing while the journal syncs.
-        let target = if journal == JournalWrite::Written { self.acks.lock().journal.sync_target() } else { None };
-        if let Some(file) = target {
-            self.io.sync_data(&file).map_err(|e| SyncError::new("syncing the ack journal", e))?;
-            self.acks.lock().journal.synced(&file);
+        let target = if journal == JournalWrite::Written {
+            self.acks.lock().journal.sync_target().map_err(|e| SyncError::new("opening the ack journal", e))?
+        } else {
+            None
+        };
+        if let Some(target) = target {
+            self.io.sync_data(&target.file).map_err(|e| SyncError::new("syncing the ack journal", e))?;
+            self.acks.lock().journal.synced(&target);
             self.ack_sync_count.fetch_add(1, Ordering::Relaxed);
         }
         let waiters = {
@@ -1285,6 +1298,10 @@ impl Job for Shared {
 }
 
 impl Shared {
+    fn is_active(&self, segment: &Arc<Segment>) -> bool {
+        self.segments.read().last().is_some_and(|last| Arc::ptr_eq(last, segment))
+    }
+
     /// Asks the pool to run this log's flusher (a no-op while it is queued).
     fn wake(&self) {
         if let Some(me) = self.me.upgrade() {

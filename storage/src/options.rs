@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{file::Faults, limits::*, pool::FlushPool};
+use crate::{file::Faults, file_cache::FileCache, limits::*, pool::FlushPool};
 
 /// When an append counts as durable, and so when its [`Commit`](crate::Commit)
 /// resolves.
@@ -50,6 +50,10 @@ pub struct LogOptions {
     /// logs. `None`: the process-wide pool of the default size
     /// ([`FlushPool::shared`]).
     pub pool: Option<FlushPool>,
+    /// The cache of open descriptors this log's files go through, shared
+    /// with other logs. `None`: the process-wide cache of
+    /// `OPEN_FILES_DEFAULT` descriptors ([`FileCache::shared`]).
+    pub files: Option<FileCache>,
 }
 
 impl Default for LogOptions {
@@ -63,6 +67,7 @@ impl Default for LogOptions {
             dedupe_keys_max: DEDUPE_KEYS_MAX_DEFAULT,
             faults: None,
             pool: None,
+            files: None,
         }
     }
 }

@@ -131,7 +131,7 @@ pub(crate) fn recover(
     let mut lost_tail_base = None;
     for (i, &base) in bases.iter().enumerate() {
         let path = dir.join(segment::file_name(base));
-        match Segment::open(&path, base) {
+        match Segment::open(io, &path, base) {
             Ok(s) => segments.push(Arc::new(s)),
             Err(OpenError::NotALog { reason, .. }) => {
                 let aside = path.with_extension("corrupt");
@@ -245,6 +245,12 @@ pub(crate) fn recover(
         for segment in &segments[from..] {
             segment.sync(io).map_err(io_open(&segment.path))?;
         }
+    }
+
+    // Sealed segments are never written again (a reopen's rewrite opens
+    // them anew): their maps serve reads without a descriptor.
+    for segment in &segments[..segments.len() - 1] {
+        segment.release_descriptor();
     }
 
     // Step 7: ack state. Gaps first, so that those below the first segment

@@ -37,6 +37,7 @@ use parking_lot::Mutex;
 use crate::{
     error::OpenError,
     file::{self, Io},
+    file_cache::CachedFile,
     limits::{INDEX_INTERVAL_BYTES, SEGMENT_GROWTH_STEP_MIN, SEGMENT_HEADER_SIZE, SEGMENT_SIZE_MAX, SEGMENT_SIZE_MIN},
     record::{self, Invalid},
 };
@@ -57,7 +58,9 @@ pub(crate) struct Segment {
     /// Offset of the first record in this segment; also its file name.
     pub base_offset: u64,
     pub path: PathBuf,
-    file: File,
+    /// Through the descriptor cache: a sealed, synced segment holds no
+    /// descriptor (`Segment::release_descriptor`); its map needs none.
+    file: CachedFile,
     /// The whole segment size, mapped read-only; slices of it are handed
     /// out as zero-copy payloads and keep the map alive. Only the first
     /// `allocated` bytes are backed by the file.
@@ -142,7 +145,7 @@ impl Segment {
         io.write_at(&file, &encode_header(base_offset, size), 0)?;
         io.sync_data(&file)?;
         io.before_map()?;
-        let segment = Segment::map(path, file, base_offset, size, allocated)?;
+        let segment = Segment::map(io, path, file, base_offset, size, allocated)?;
         segment.written.store(SEGMENT_HEADER_SIZE, Ordering::Release);
         segment.index.lock().complete = true;
         Ok(segment)
@@ -150,7 +153,7 @@ impl Segment {
 
     /// Opens an existing segment and validates its header. `written` starts
     /// at the file size (sealed, trusted); recovery lowers it when it scans.
-    pub(crate) fn open(path: &Path, base_offset: u64) -> Result<Segment, OpenError> {
+    pub(crate) fn open(io: &Io, path: &Path, base_offset: u64) -> Result<Segment, OpenError> {
         let not_a_log = |reason: String| OpenError::NotALog { path: path.to_owned(), reason };
         let file = file::open_rw(path, false).map_err(crate::error::io_open(path))?;
         let len = file.metadata().map_err(crate::error::io_open(path))?.len();
@@ -193,12 +196,12 @@ impl Segment {
             return Err(not_a_log(format!("header says {size} bytes, file has {len}")));
         }
         let segment =
-            Segment::map(path.to_owned(), file, base_offset, size, len).map_err(crate::error::io_open(path))?;
+            Segment::map(io, path.to_owned(), file, base_offset, size, len).map_err(crate::error::io_open(path))?;
         segment.written.store(len, Ordering::Release);
         Ok(segment)
     }
 
-    fn map(path: PathBuf, file: File, base_offset: u64, size: u64, allocated: u64) -> io::Result<Segment> {
+    fn map(io: &Io, path: PathBuf, file: File, base_offset: u64, size: u64, allocated: u64) -> io::Result<Segment> {
         debug_assert!(allocated <= size);
         // SAFETY: see the module contract: the map may extend past the end
         // of the file, but nothing reads it at or past `allocated`, which
@@ -206,6 +209,7 @@ impl Segment {
         // by `open`); the file is never truncated while mapped, and mapped
         // bytes below `written` are never modified.
         let map = unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file)? };
+        let file = io.files().insert(&path, file);
         Ok(Segment {
             base_offset,
             path,
@@ -247,7 +251,7 @@ impl Segment {
             return Ok(());
         }
         let target = next_allocation(allocated, end, self.size());
-        io.preallocate(&self.file, allocated, target)?;
+        io.preallocate(&*self.file.get()?, allocated, target)?;
         self.allocated.store(target, Ordering::Release);
         Ok(())
     }
@@ -274,7 +278,7 @@ impl Segment {
     pub(crate) fn write(&self, io: &Io, buf: &[u8], pos: u64) -> io::Result<()> {
         assert_eq!(pos, self.written(), "segment write not at the end of valid data");
         assert!(pos + buf.len() as u64 <= self.allocated(), "segment write past the preallocated size");
-        io.write_at(&self.file, buf, pos)?;
+        io.write_at(&*self.file.get()?, buf, pos)?;
         self.written.store(pos + buf.len() as u64, Ordering::Release);
         Ok(())
     }
@@ -316,18 +320,26 @@ impl Segment {
     pub(crate) fn rewrite(&self, io: &Io) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
         let end = self.written().min(self.size());
+        let file = self.file.get()?;
         let mut pos = 0;
         while pos < end {
             let to = (pos + CHUNK).min(end);
             let chunk = self.map[pos as usize..to as usize].to_vec();
-            io.write_at(&self.file, &chunk, pos)?;
+            io.write_at(&file, &chunk, pos)?;
             pos = to;
         }
         Ok(())
     }
 
     pub(crate) fn sync(&self, io: &Io) -> io::Result<()> {
-        io.sync_data(&self.file)
+        io.sync_data(&*self.file.get()?)
+    }
+
+    /// Closes the segment's descriptor: call once it is sealed and synced.
+    /// Its map stays; a later write or sync (recovery, a reopen) opens the
+    /// file again.
+    pub(crate) fn release_descriptor(&self) {
+        self.file.close();
     }
 
     /// Overwrites `[from, to)` with zeros where it is not zero already, then
@@ -345,7 +357,7 @@ impl Segment {
             let start = (end - 1) / CHUNK * CHUNK;
             let start = start.max(from);
             if self.map[start as usize..end as usize].iter().any(|&b| b != 0) {
-                io.write_at(&self.file, &zeros[..(end - start) as usize], start)?;
+                io.write_at(&*self.file.get()?, &zeros[..(end - start) as usize], start)?;
                 dirty = true;
             }
             end = start;

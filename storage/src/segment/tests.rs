@@ -7,7 +7,7 @@ use crate::{file::Faults, limits::SEGMENT_SIZE_MIN};
 fn failed_map_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
-    let io = Io::new(Some(faults.clone()));
+    let io = Io::new(Some(faults.clone()), Default::default());
     faults.fail_maps(1);
     let error = Segment::create(&io, dir.path(), 100, SEGMENT_SIZE_MIN, SEGMENT_HEADER_SIZE)
         .expect_err("the map was made to fail");
@@ -38,7 +38,7 @@ fn header_size_at_the_limits_and_one_past() {
         file.set_len(size).unwrap(); // sparse
         std::os::unix::fs::FileExt::write_all_at(&file, &encode_header(0, size), 0).unwrap();
         drop(file);
-        match Segment::open(&path, 0) {
+        match Segment::open(&Io::default(), &path, 0) {
             Ok(_) => assert!(valid, "a {size}-byte segment must be refused"),
             Err(OpenError::NotALog { reason, .. }) => {
                 assert!(!valid, "a {size}-byte segment must open: {reason}");
@@ -75,7 +75,7 @@ fn file_length_against_the_header_size() {
         header[60..64].copy_from_slice(&crc.to_le_bytes());
         std::os::unix::fs::FileExt::write_all_at(&file, &header, 0).unwrap();
         drop(file);
-        match Segment::open(&path, 0) {
+        match Segment::open(&Io::default(), &path, 0) {
             Ok(segment) => {
                 assert!(valid, "version {version}, {len} bytes must be refused");
                 assert_eq!(segment.allocated(), len);
