@@ -2,7 +2,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::*;
+use super::{
+    flusher::{Cycle, JournalWrite},
+    *,
+};
 use crate::{file::Faults, limits::SEGMENT_SIZE_MIN};
 
 fn options(sync_policy: SyncPolicy) -> LogOptions {
