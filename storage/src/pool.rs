@@ -158,6 +158,9 @@ impl FlushPool {
             threads.clamp(FLUSH_THREADS_MIN, FLUSH_THREADS_MAX)
         };
         let pool = Arc::new(Pool { state: Mutex::new(PoolState::default()), wake: Condvar::new() });
+        // Made first, so that the threads already started end if a later
+        // one cannot start.
+        let handle = Arc::new(Handle { pool: Arc::clone(&pool), threads });
         for index in 0..threads {
             let pool = Arc::clone(&pool);
             thread::Builder::new()
@@ -165,7 +168,7 @@ impl FlushPool {
                 .stack_size(256 * 1024)
                 .spawn(move || pool.work())?;
         }
-        Ok(FlushPool { handle: Arc::new(Handle { pool, threads }) })
+        Ok(FlushPool { handle })
     }
 
     /// The default size: the machine's cores, at least `FLUSH_THREADS_MIN`
