@@ -95,6 +95,13 @@ enum Run {
     Finished,
 }
 
+impl Slot {
+    /// Whether a timer will schedule the job.
+    pub(crate) fn timer_armed(&self) -> bool {
+        self.state.lock().timer_at.is_some()
+    }
+}
+
 /// Something a job holds to reach its slot and the pool.
 pub(crate) trait Scheduled: Job {
     fn slot(&self) -> &Slot;

@@ -21,7 +21,7 @@ impl Shared {
             commit.acks_written += 1;
             (commit.acks_written, commit.epoch)
         };
-        self.wake();
+        self.wake_after_write();
         Ok(match self.options.sync_policy {
             SyncPolicy::Fsync => Commit {
                 state: CommitInner::Pending { shared: Arc::clone(self), track: Track::Acks, seq: seq.0, epoch: seq.1 },

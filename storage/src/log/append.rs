@@ -165,9 +165,7 @@ impl Shared {
         // past these records: see rule 4 of the module docs.
         self.next_offset.store(next_offset, Ordering::Release);
         drop(guard);
-        // Under `Interval` and `None` too: an idle flusher holds no timer
-        // (`pool.rs`, rule 4), so the first write after a quiet spell arms it.
-        self.wake();
+        self.wake_after_write();
         let commit = match self.options.sync_policy {
             SyncPolicy::Fsync => Commit {
                 state: CommitInner::Pending { shared: Arc::clone(self), track: Track::Data, seq: seq.0, epoch: seq.1 },

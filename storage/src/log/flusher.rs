@@ -199,6 +199,18 @@ impl Shared {
         self.segments.read().last().is_some_and(|last| Arc::ptr_eq(last, segment))
     }
 
+    /// After an append or ack: under `Fsync` the flusher runs now; under
+    /// `Interval` and `None` only when no deadline is armed (the armed one
+    /// finds the work when it fires; an idle flusher holds none, `pool.rs`
+    /// rule 4, so the first write after a quiet spell arms it). Saves a
+    /// pool round trip per append under the timed policies.
+    pub(super) fn wake_after_write(&self) {
+        if self.options.sync_policy != SyncPolicy::Fsync && self.slot.timer_armed() {
+            return;
+        }
+        self.wake();
+    }
+
     /// Asks the pool to run this log's flusher (a no-op while it is queued).
     pub(super) fn wake(&self) {
         if let Some(me) = self.me.upgrade() {
