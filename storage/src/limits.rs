@@ -144,3 +144,6 @@ const _: () = assert!(
     (RECORD_SIZE_DEFAULT as u64) + SEGMENT_HEADER_SIZE <= SEGMENT_SIZE_DEFAULT,
     "a default-size record must fit in a default-size segment"
 );
+const _: () = assert!(FLUSH_THREADS_MIN >= 2, "one stalled fsync must not hold up every log");
+const _: () = assert!(FLUSH_THREADS_MIN <= FLUSH_THREADS_DEFAULT_MAX && FLUSH_THREADS_DEFAULT_MAX <= FLUSH_THREADS_MAX);
+const _: () = assert!(OPEN_FILES_MIN <= OPEN_FILES_DEFAULT && OPEN_FILES_DEFAULT <= OPEN_FILES_MAX);

@@ -356,3 +356,24 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool size at the floor and the ceiling is kept; one past either
+    /// is clamped to it; 0 is the default, which lies between them.
+    #[test]
+    fn threads_at_their_limits_and_one_past() {
+        for (asked, got) in [
+            (FLUSH_THREADS_MIN, FLUSH_THREADS_MIN),
+            (FLUSH_THREADS_MIN - 1, FLUSH_THREADS_MIN),
+            (FLUSH_THREADS_MAX, FLUSH_THREADS_MAX),
+            (FLUSH_THREADS_MAX + 1, FLUSH_THREADS_MAX),
+            (0, FlushPool::default_threads()),
+        ] {
+            assert_eq!(FlushPool::new(asked).unwrap().threads(), got, "asked for {asked}");
+        }
+        assert!((FLUSH_THREADS_MIN..=FLUSH_THREADS_DEFAULT_MAX).contains(&FlushPool::default_threads()));
+    }
+}
