@@ -1,7 +1,7 @@
 //! `ballast-storage`: the durable log under every Ballast queue lane.
 //!
 //! One [`Log`] per (queue, lane): an append-only sequence of CRC-checked
-//! records in preallocated, memory-mapped segment files, with group-committed
+//! records in memory-mapped segment files preallocated as they grow, with group-committed
 //! syncs, durable ack state, retention that follows the backlog, and crash
 //! recovery. The API is synchronous and runtime-free; a [`Commit`] is a plain
 //! `std::future::Future` (and can also be waited on).

@@ -32,7 +32,8 @@ pub enum SyncPolicy {
 /// [`limits`](crate::limits).
 #[derive(Debug, Clone)]
 pub struct LogOptions {
-    /// Size of each segment file, preallocated on creation.
+    /// Most bytes of each segment file: it is created with one growth step
+    /// and preallocated further as its records need the space.
     pub segment_size: u64,
     /// Largest encoded record (header, key, headers, payload) accepted.
     pub record_size_max: u32,
