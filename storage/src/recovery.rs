@@ -189,6 +189,9 @@ pub(crate) fn recover(
             // A clean close left nothing past the checkpoint. The segment's
             // index is built on its first read by offset.
             segments[at].set_written(pos);
+            if pos > SEGMENT_HEADER_SIZE {
+                segments[at].ensure_mapped(io).map_err(io_open(&segments[at].path))?;
+            }
             (None, offset)
         }
         (Some((at, pos, offset)), _) => {
@@ -248,8 +251,11 @@ pub(crate) fn recover(
     }
 
     // Sealed segments are never written again (a reopen's rewrite opens
-    // them anew): their maps serve reads without a descriptor.
+    // them anew): they are mapped now (reads of them cannot fail later),
+    // and their maps serve reads without a descriptor. The active segment
+    // is mapped if it holds records; an empty one when first written.
     for segment in &segments[..segments.len() - 1] {
+        segment.ensure_mapped(io).map_err(io_open(&segment.path))?;
         segment.release_descriptor();
     }
 
@@ -329,6 +335,7 @@ fn scan(
             }
             expected = segment.base_offset;
         }
+        segment.ensure_mapped(io).map_err(io_open(&segment.path))?;
         let raw = segment.raw_from(0);
         while expected < limit && expected < stop_at {
             let buf = &raw[pos as usize..];

@@ -28,7 +28,10 @@ use std::{
     fs::File,
     io,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -63,8 +66,13 @@ pub(crate) struct Segment {
     file: CachedFile,
     /// The whole segment size, mapped read-only; slices of it are handed
     /// out as zero-copy payloads and keep the map alive. Only the first
-    /// `allocated` bytes are backed by the file.
-    map: Bytes,
+    /// `allocated` bytes are backed by the file. Made on first need
+    /// ([`Segment::ensure_mapped`]): a segment that holds records, or is
+    /// sealed, is always mapped; an empty active segment (an idle lane)
+    /// holds no map, so it costs no kernel mapping (`vm.max_map_count`).
+    map: OnceLock<Bytes>,
+    /// The segment size from the header: the length of the map.
+    size: u64,
     /// Bytes of the file preallocated (and so readable through the map).
     /// Raised by [`Segment::grow`] after the space is allocated; never
     /// lowered while the segment is open.
@@ -119,7 +127,7 @@ fn encode_header(base_offset: u64, size: u64) -> [u8; SEGMENT_HEADER_SIZE as usi
 }
 
 impl Segment {
-    /// Creates, preallocates, syncs and maps a new segment file, with room
+    /// Creates, preallocates and syncs a new segment file (not mapped yet), with room
     /// for at least its first `end` bytes (header included), rounded up to
     /// a growth step. The caller syncs the directory. On error the file is
     /// removed again (and the directory synced, best effort), so the
@@ -144,8 +152,9 @@ impl Segment {
         io.preallocate(&file, 0, allocated)?;
         io.write_at(&file, &encode_header(base_offset, size), 0)?;
         io.sync_data(&file)?;
-        io.before_map()?;
-        let segment = Segment::map(io, path, file, base_offset, size, allocated)?;
+        // Mapped when first written (`ensure_mapped`): an empty segment
+        // costs no mapping.
+        let segment = Segment::new(io, path, file, base_offset, size, allocated);
         segment.written.store(SEGMENT_HEADER_SIZE, Ordering::Release);
         segment.index.lock().complete = true;
         Ok(segment)
@@ -195,36 +204,66 @@ impl Segment {
         if len > size || (version == 1 && len != size) {
             return Err(not_a_log(format!("header says {size} bytes, file has {len}")));
         }
-        let segment =
-            Segment::map(io, path.to_owned(), file, base_offset, size, len).map_err(crate::error::io_open(path))?;
+        // Not mapped yet: recovery maps what it reads and every sealed
+        // segment; an empty active segment stays unmapped until written.
+        let segment = Segment::new(io, path.to_owned(), file, base_offset, size, len);
         segment.written.store(len, Ordering::Release);
         Ok(segment)
     }
 
-    fn map(io: &Io, path: PathBuf, file: File, base_offset: u64, size: u64, allocated: u64) -> io::Result<Segment> {
+    fn new(io: &Io, path: PathBuf, file: File, base_offset: u64, size: u64, allocated: u64) -> Segment {
         debug_assert!(allocated <= size);
+        let file = io.files().insert(&path, file);
+        Segment {
+            base_offset,
+            path,
+            file,
+            map: OnceLock::new(),
+            size,
+            allocated: AtomicU64::new(allocated),
+            growth: Mutex::new(()),
+            written: AtomicU64::new(0),
+            index: Mutex::new(SparseIndex::default()),
+        }
+    }
+
+    /// Maps the segment if it is not mapped yet. Called before the first
+    /// write into it (so a failure refuses the append, nothing written),
+    /// and by recovery for every segment it reads and every sealed one.
+    pub(crate) fn ensure_mapped(&self, io: &Io) -> io::Result<()> {
+        if self.map.get().is_some() {
+            return Ok(());
+        }
+        let _growth = self.growth.lock();
+        if self.map.get().is_some() {
+            return Ok(());
+        }
+        io.before_map()?;
+        let file = self.file.get()?;
         // SAFETY: see the module contract: the map may extend past the end
         // of the file, but nothing reads it at or past `allocated`, which
         // is at most the file's length (preallocated by `create`, measured
         // by `open`); the file is never truncated while mapped, and mapped
         // bytes below `written` are never modified.
-        let map = unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file)? };
-        let file = io.files().insert(&path, file);
-        Ok(Segment {
-            base_offset,
-            path,
-            file,
-            map: Bytes::from_owner(map),
-            allocated: AtomicU64::new(allocated),
-            growth: Mutex::new(()),
-            written: AtomicU64::new(0),
-            index: Mutex::new(SparseIndex::default()),
-        })
+        let map = unsafe { memmap2::MmapOptions::new().len(self.size as usize).map(&*file)? };
+        let _ = self.map.set(Bytes::from_owner(map));
+        Ok(())
+    }
+
+    /// Whether the segment is mapped (tests and stats).
+    pub(crate) fn is_mapped(&self) -> bool {
+        self.map.get().is_some()
+    }
+
+    /// The map of a segment that must have one: it holds records (they
+    /// were written after `ensure_mapped`), or recovery mapped it.
+    fn mapped(&self) -> &Bytes {
+        self.map.get().expect("a segment that holds records or is being recovered is mapped")
     }
 
     /// The segment size (from its header): the most the file grows to.
     pub(crate) fn size(&self) -> u64 {
-        self.map.len() as u64
+        self.size
     }
 
     /// Bytes of the file preallocated so far: what the segment uses on
@@ -263,13 +302,20 @@ impl Segment {
     /// Bytes from `pos` to the end of valid data (zero-copy).
     pub(crate) fn data_from(&self, pos: u64) -> Bytes {
         let end = self.written().max(pos);
-        self.map.slice(pos as usize..end as usize)
+        match self.map.get() {
+            Some(map) => map.slice(pos as usize..end as usize),
+            None => {
+                // Unmapped: never written, so nothing past the header.
+                debug_assert!(end <= SEGMENT_HEADER_SIZE, "an unmapped segment holds no records");
+                Bytes::new()
+            }
+        }
     }
 
     /// Bytes from `pos` to the end of the file (its allocated part),
     /// whether written or not (recovery and resynchronisation only).
     pub(crate) fn raw_from(&self, pos: u64) -> &[u8] {
-        &self.map[pos as usize..self.allocated() as usize]
+        &self.mapped()[pos as usize..self.allocated() as usize]
     }
 
     /// Writes encoded records at `pos` (which must be the current end) and
@@ -277,6 +323,7 @@ impl Segment {
     /// their positions through `index_hint`.
     pub(crate) fn write(&self, io: &Io, buf: &[u8], pos: u64) -> io::Result<()> {
         assert_eq!(pos, self.written(), "segment write not at the end of valid data");
+        assert!(self.is_mapped(), "a segment is mapped before it is written");
         assert!(pos + buf.len() as u64 <= self.allocated(), "segment write past the preallocated size");
         io.write_at(&*self.file.get()?, buf, pos)?;
         self.written.store(pos + buf.len() as u64, Ordering::Release);
@@ -319,12 +366,17 @@ impl Segment {
     /// writing them. Bytes are unchanged, so readers are unaffected.
     pub(crate) fn rewrite(&self, io: &Io) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
+        let Some(map) = self.map.get() else {
+            // Never written since open or creation: its header was synced
+            // when it was created, and nothing else is in it.
+            return Ok(());
+        };
         let end = self.written().min(self.size());
         let file = self.file.get()?;
         let mut pos = 0;
         while pos < end {
             let to = (pos + CHUNK).min(end);
-            let chunk = self.map[pos as usize..to as usize].to_vec();
+            let chunk = map[pos as usize..to as usize].to_vec();
             io.write_at(&file, &chunk, pos)?;
             pos = to;
         }
@@ -356,7 +408,7 @@ impl Segment {
         while end > from {
             let start = (end - 1) / CHUNK * CHUNK;
             let start = start.max(from);
-            if self.map[start as usize..end as usize].iter().any(|&b| b != 0) {
+            if self.mapped()[start as usize..end as usize].iter().any(|&b| b != 0) {
                 io.write_at(&*self.file.get()?, &zeros[..(end - start) as usize], start)?;
                 dirty = true;
             }

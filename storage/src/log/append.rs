@@ -71,7 +71,11 @@ impl Shared {
         // full disk fails the batch cleanly: the active segment grows first,
         // then every new segment is created with room for its run.
         let active = Arc::clone(self.segments.read().last().expect("a log has an active segment"));
-        if let Err(source) = active.grow(&self.io, run_ends[0]) {
+        // An empty active segment is mapped on its first write.
+        let prepared = active
+            .grow(&self.io, run_ends[0])
+            .and_then(|()| if starts.first() == Some(&0) { Ok(()) } else { active.ensure_mapped(&self.io) });
+        if let Err(source) = prepared {
             let path = active.path.clone();
             if source.raw_os_error() == Some(libc::ENOSPC) {
                 return Err(AppendError::DiskFull { path });
@@ -81,7 +85,17 @@ impl Shared {
         let mut created = Vec::with_capacity(starts.len());
         for (&i, &end) in starts.iter().zip(&run_ends[1..]) {
             let base = first_offset + i as u64;
-            match Segment::create(&self.io, &self.dir, base, segment_size, end) {
+            let segment = Segment::create(&self.io, &self.dir, base, segment_size, end).and_then(|segment| {
+                match segment.ensure_mapped(&self.io) {
+                    Ok(()) => Ok(segment),
+                    Err(e) => {
+                        // Its file goes, as a failed creation's does.
+                        let _ = std::fs::remove_file(&segment.path);
+                        Err(e)
+                    }
+                }
+            });
+            match segment {
                 Ok(segment) => created.push(Arc::new(segment)),
                 Err(source) => {
                     let path = self.dir.join(segment::file_name(base));

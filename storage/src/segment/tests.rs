@@ -1,21 +1,21 @@
 use super::*;
 use crate::{file::Faults, limits::SEGMENT_SIZE_MIN};
 
-/// A segment whose map fails is not left behind: the creation can be
-/// retried under the same name.
+/// A new segment is not mapped until it is needed; a map that fails can be
+/// tried again.
 #[test]
-fn failed_map_leaves_no_file() {
+fn failed_map_can_be_retried() {
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
     let io = Io::new(Some(faults.clone()), Default::default());
-    faults.fail_maps(1);
-    let error = Segment::create(&io, dir.path(), 100, SEGMENT_SIZE_MIN, SEGMENT_HEADER_SIZE)
-        .expect_err("the map was made to fail");
-    assert_eq!(error.raw_os_error(), Some(libc::ENOMEM));
-    assert!(!dir.path().join(file_name(100)).exists(), "the file of a failed creation is removed");
-    let segment = Segment::create(&io, dir.path(), 100, SEGMENT_SIZE_MIN, SEGMENT_HEADER_SIZE)
-        .expect("a retry creates the segment");
+    let segment = Segment::create(&io, dir.path(), 100, SEGMENT_SIZE_MIN, SEGMENT_HEADER_SIZE).unwrap();
+    assert!(!segment.is_mapped());
     assert_eq!(segment.written(), SEGMENT_HEADER_SIZE);
+    faults.fail_maps(1);
+    let error = segment.ensure_mapped(&io).expect_err("the map was made to fail");
+    assert_eq!(error.raw_os_error(), Some(libc::ENOMEM));
+    segment.ensure_mapped(&io).expect("a retry maps the segment");
+    assert!(segment.is_mapped());
 }
 
 /// The segment size a header may claim, at the limits and one step (the
@@ -79,6 +79,8 @@ fn file_length_against_the_header_size() {
             Ok(segment) => {
                 assert!(valid, "version {version}, {len} bytes must be refused");
                 assert_eq!(segment.allocated(), len);
+                assert!(!segment.is_mapped(), "mapped on first need");
+                segment.ensure_mapped(&Io::default()).unwrap();
                 assert_eq!(segment.raw_from(0).len() as u64, len, "the map is read only up to the file length");
             }
             Err(OpenError::NotALog { reason, .. }) => assert!(!valid, "version {version}, {len} bytes: {reason}"),

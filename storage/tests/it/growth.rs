@@ -78,8 +78,10 @@ fn segment_grows_in_doubling_steps() {
     while next < 1100 {
         append_all(&log, next, 16, 1000);
         next += 16;
-        let len = file_len(&segment);
+        // Stats first: the flush pool may grow the file meanwhile, and the
+        // file grows before the allocated length is raised.
         let stats = log.stats();
+        let len = file_len(&segment);
         assert!(stats.disk_bytes <= len, "stats report an allocated length");
         assert!(len >= stats.data_bytes, "the file ({len}) covers the data ({})", stats.data_bytes);
         assert!(len <= 4 * stats.data_bytes.max(SEGMENT_GROWTH_STEP_MIN), "{len} is more than two steps ahead");
@@ -196,4 +198,33 @@ fn disk_full_on_growth_is_an_append_error() {
     let log = Log::open(dir.path(), LogOptions::default()).unwrap();
     assert_eq!(log.next_offset(), 55 + count);
     assert_eq!(payload_index(&log.read(54 + count).unwrap().payload), 54 + count);
+}
+
+/// Kernel mappings (one line of `/proc/self/maps` each) of files under
+/// `dir`.
+fn mappings_under(dir: &Path) -> usize {
+    let dir = dir.to_str().unwrap();
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|line| line.contains(dir)).count()
+}
+
+/// An empty log holds no mapping of its segment, open or reopened after a
+/// clean close (an idle lane costs no `vm.max_map_count` slot); its first
+/// append maps the segment, and a log with records is mapped at open.
+#[test]
+fn an_empty_log_maps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), LogOptions::default()).unwrap();
+    assert_eq!(mappings_under(dir.path()), 0, "a new, empty log");
+    assert!(log.read(0).is_err());
+    assert!(log.cursor(0).next().is_none());
+    log.close().unwrap();
+    let log = Log::open(dir.path(), LogOptions::default()).unwrap();
+    assert_eq!(mappings_under(dir.path()), 0, "an empty log after a clean close");
+    append_all(&log, 0, 3, 100);
+    assert_eq!(mappings_under(dir.path()), 1, "the first append maps the segment");
+    assert_eq!(payload_index(&log.read(2).unwrap().payload), 2);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), LogOptions::default()).unwrap();
+    assert_eq!(mappings_under(dir.path()), 1, "a log with records is mapped at open");
+    assert_eq!(payload_index(&log.read(2).unwrap().payload), 2);
 }
