@@ -8,6 +8,8 @@
 //!
 //! [storage]
 //! segment_size = 67108864
+//! flush_threads = 0  # threads shared by every lane's log; 0: one per core
+//! open_files_max = 512  # descriptors of log files held open at once
 //!
 //! [grpc]             # connections, keepalive and stream limits
 //! keepalive_interval_ms = 30000
@@ -24,7 +26,7 @@
 //! max_attempts = 5
 //! ```
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +81,21 @@ pub struct Config {
     /// log's I/O (see `ballast_storage::Faults`).
     #[serde(skip)]
     pub faults: FaultSeam,
+    /// Never read from a file: the flush pool and descriptor cache every
+    /// lane's log shares, created on first use from `[storage]`.
+    #[serde(skip)]
+    pub storage_shared: StorageShared,
+}
+
+/// [`Config::storage_shared`]: runtime handles, not settings, so they never
+/// make two configs differ; clones of a config share them.
+#[derive(Debug, Clone, Default)]
+pub struct StorageShared(std::sync::Arc<(OnceLock<ballast_storage::FlushPool>, OnceLock<ballast_storage::FileCache>)>);
+
+impl PartialEq for StorageShared {
+    fn eq(&self, _: &StorageShared) -> bool {
+        true
+    }
 }
 
 /// [`Config::faults`]: equal when both are the same `Faults` (or none).
@@ -103,6 +120,16 @@ pub struct StorageConfig {
     pub segment_size: u64,
     /// Synced bytes between checkpoints (bounds crash recovery), in bytes.
     pub checkpoint_interval_bytes: u64,
+    /// Threads of the flush pool that every lane's log shares (group
+    /// commit, checkpoints, retention, segment growth): 0 means one per
+    /// core (at least 2, at most 16); otherwise 2..=64
+    /// (`ballast_storage::limits::FLUSH_THREADS_MIN..=FLUSH_THREADS_MAX`).
+    pub flush_threads: usize,
+    /// Descriptors of log files (segments, journals, checkpoints) held open
+    /// at once, by every lane together; past it the least recently used is
+    /// closed and opened again when needed. In
+    /// `ballast_storage::limits::OPEN_FILES_MIN..=OPEN_FILES_MAX` (16..=1,048,576).
+    pub open_files_max: usize,
 }
 
 /// Connection settings of the gRPC server: how dead peers are found and
@@ -202,6 +229,7 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             queue_defaults: QueueSettings::default(),
             faults: FaultSeam::default(),
+            storage_shared: StorageShared::default(),
         }
     }
 }
@@ -211,6 +239,8 @@ impl Default for StorageConfig {
         StorageConfig {
             segment_size: ballast_storage::limits::SEGMENT_SIZE_DEFAULT,
             checkpoint_interval_bytes: ballast_storage::limits::CHECKPOINT_INTERVAL_BYTES_DEFAULT,
+            flush_threads: 0,
+            open_files_max: ballast_storage::limits::OPEN_FILES_DEFAULT,
         }
     }
 }
@@ -226,14 +256,42 @@ impl Config {
     /// Checks every setting; the message names the key and the range.
     pub fn validate(&self) -> Result<(), String> {
         self.queue_defaults.validate().map_err(|e| format!("queue_defaults: {e}"))?;
-        let log = self.log_options(&self.queue_defaults);
+        let log = self.log_options_without_pool(&self.queue_defaults);
         log.validate().map_err(|e| format!("storage: {e}"))?;
+        let (min, max) = (ballast_storage::limits::FLUSH_THREADS_MIN, ballast_storage::limits::FLUSH_THREADS_MAX);
+        let threads = self.storage.flush_threads;
+        if threads != 0 && !(min..=max).contains(&threads) {
+            return Err(format!("storage.flush_threads must be 0 (one per core) or in {min}..={max}; got {threads}"));
+        }
+        let (min, max) = (ballast_storage::limits::OPEN_FILES_MIN, ballast_storage::limits::OPEN_FILES_MAX);
+        let files = self.storage.open_files_max;
+        if !(min..=max).contains(&files) {
+            return Err(format!("storage.open_files_max must be in {min}..={max}; got {files}"));
+        }
         self.grpc.validate().map_err(|e| format!("grpc.{e}"))?;
         Ok(())
     }
 
-    /// Storage options of one lane of a queue with `settings`.
+    /// Storage options of one lane of a queue with `settings`, on the
+    /// broker's flush pool (created on the first call).
     pub fn log_options(&self, settings: &QueueSettings) -> ballast_storage::LogOptions {
+        let (pools, caches) = &*self.storage_shared.0;
+        let files = caches.get_or_init(|| ballast_storage::FileCache::new(self.storage.open_files_max)).clone();
+        let pool = match pools.get() {
+            Some(pool) => Some(pool.clone()),
+            None => match ballast_storage::FlushPool::new(self.storage.flush_threads) {
+                Ok(pool) => Some(pools.get_or_init(|| pool).clone()),
+                // The logs fall back to the process-wide pool.
+                Err(error) => {
+                    tracing::warn!(%error, "starting the flush pool failed; using the default pool");
+                    None
+                }
+            },
+        };
+        ballast_storage::LogOptions { pool, files: Some(files), ..self.log_options_without_pool(settings) }
+    }
+
+    fn log_options_without_pool(&self, settings: &QueueSettings) -> ballast_storage::LogOptions {
         let headroom = ballast_storage::limits::RECORD_HEADER_SIZE
             + ballast_storage::limits::KEY_SIZE_MAX
             + ballast_storage::limits::HEADERS_SIZE_MAX;
@@ -247,6 +305,8 @@ impl Config {
             dedupe_window_ms: settings.dedupe_window_ms,
             dedupe_keys_max: u32::try_from(crate::limits::DEDUPE_KEYS_MAX).unwrap_or(u32::MAX),
             faults: self.faults.0.clone(),
+            pool: None,
+            files: None,
         }
     }
 }
@@ -267,6 +327,50 @@ mod tests {
         assert_eq!(c.queue_defaults.lanes, vec!["a"]);
         assert!(Config::from_toml("lisen = \"x\"").unwrap_err().contains("lisen"));
         assert!(Config::from_toml("[queue_defaults]\nmax_attempts = 0").unwrap_err().contains("max_attempts"));
+    }
+
+    /// `storage.flush_threads` takes 0 (one per core) and 2..=64, and
+    /// refuses 1 and 65, naming the key; clones of a config share one pool.
+    #[test]
+    fn flush_threads_at_their_bounds() {
+        for (threads, valid) in [(0, true), (1, false), (2, true), (64, true), (65, false)] {
+            let result = Config::from_toml(&format!("[storage]\nflush_threads = {threads}\n"));
+            match result {
+                Ok(_) => assert!(valid, "{threads} must be refused"),
+                Err(e) => {
+                    assert!(!valid, "{threads} must be accepted: {e}");
+                    assert!(e.contains("storage.flush_threads"), "{e}");
+                }
+            }
+        }
+        let config = Config::from_toml("[storage]\nflush_threads = 3\n").unwrap();
+        let copy = config.clone();
+        let pool = config.log_options(&config.queue_defaults).pool.expect("the broker's pool");
+        assert_eq!(pool.threads(), 3);
+        let again = copy.log_options(&copy.queue_defaults).pool.unwrap();
+        assert!(pool.ptr_eq(&again), "one pool for every lane");
+    }
+
+    /// `storage.open_files_max` takes 16 and 1,048,576 and refuses 15 and
+    /// 1,048,577, naming the key; the lanes' cache has that capacity.
+    #[test]
+    fn open_files_max_at_its_bounds() {
+        use ballast_storage::limits::{OPEN_FILES_MAX, OPEN_FILES_MIN};
+        for (files, valid) in
+            [(OPEN_FILES_MIN, true), (OPEN_FILES_MIN - 1, false), (OPEN_FILES_MAX, true), (OPEN_FILES_MAX + 1, false)]
+        {
+            match Config::from_toml(&format!("[storage]\nopen_files_max = {files}\n")) {
+                Ok(config) => {
+                    assert!(valid, "{files} must be refused");
+                    let cache = config.log_options(&config.queue_defaults).files.expect("the broker's cache");
+                    assert_eq!(cache.capacity(), files);
+                }
+                Err(e) => {
+                    assert!(!valid, "{files} must be accepted: {e}");
+                    assert!(e.contains("storage.open_files_max"), "{e}");
+                }
+            }
+        }
     }
 
     /// The `[grpc]` settings take values at their bounds and refuse one

@@ -40,7 +40,10 @@ use std::{
     sync::Arc,
 };
 
-use crate::file::{self, Io};
+use crate::{
+    file::{self, Io},
+    file_cache::CachedFile,
+};
 
 /// Why an offset no longer needs delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -171,7 +174,10 @@ impl AckState {
 pub(crate) struct AckJournal {
     dir: PathBuf,
     /// Shared with a sync running outside the lock ([`AckJournal::sync_target`]).
-    file: Arc<File>,
+    file: CachedFile,
+    /// Bumped when a compaction replaces the file, so that a sync of the
+    /// old one does not count for the new one.
+    generation: u64,
     len: u64,
     /// Entries not yet written to the file: `(first, count, kind)`. Every one
     /// is already in the in-memory state.
@@ -232,8 +238,18 @@ impl AckJournal {
                 dirty = false;
             }
         }
-        let file = Arc::new(file);
-        Ok((AckJournal { dir: dir.to_owned(), file, len: valid, buffer: Vec::new(), entries, dirty, sealed: 0 }, state))
+        let file = io.files().insert(&path, file);
+        let journal = AckJournal {
+            dir: dir.to_owned(),
+            file,
+            generation: 0,
+            len: valid,
+            buffer: Vec::new(),
+            entries,
+            dirty,
+            sealed: 0,
+        };
+        Ok((journal, state))
     }
 
     /// Buffers an entry. One that continues the last buffered entry (same
@@ -273,7 +289,7 @@ impl AckJournal {
         // Before the write: a failed (or short) write may still have left
         // bytes in the file.
         self.dirty = true;
-        io.append(&self.file, &bytes, self.len)?;
+        io.append(&*self.file.get()?, &bytes, self.len)?;
         self.len += bytes.len() as u64;
         self.entries += bytes.len() as u64 / ENTRY_SIZE;
         self.buffer.retain(|e| !is_durable(e, durable_end));
@@ -289,7 +305,7 @@ impl AckJournal {
         if !self.dirty {
             return Ok(false);
         }
-        io.sync_data(&self.file)?;
+        io.sync_data(&*self.file.get()?)?;
         self.dirty = false;
         Ok(true)
     }
@@ -300,13 +316,16 @@ impl AckJournal {
     /// because only the log's flusher writes, syncs or compacts the
     /// journal: nothing is written between this call and
     /// [`AckJournal::synced`].
-    pub(crate) fn sync_target(&self) -> Option<Arc<File>> {
-        self.dirty.then(|| Arc::clone(&self.file))
+    pub(crate) fn sync_target(&self) -> io::Result<Option<SyncTarget>> {
+        if !self.dirty {
+            return Ok(None);
+        }
+        Ok(Some(SyncTarget { file: self.file.get()?, generation: self.generation }))
     }
 
-    /// Notes that `file` (from [`AckJournal::sync_target`]) was synced.
-    pub(crate) fn synced(&mut self, file: &Arc<File>) {
-        if Arc::ptr_eq(file, &self.file) {
+    /// Notes that `target` (from [`AckJournal::sync_target`]) was synced.
+    pub(crate) fn synced(&mut self, target: &SyncTarget) {
+        if target.generation == self.generation {
             self.dirty = false;
         }
     }
@@ -344,7 +363,8 @@ impl AckJournal {
     /// Puts a written compaction in place of the journal.
     pub(crate) fn install(&mut self, compacted: Compacted) {
         let Compacted { file, len, durable_end, buffered } = compacted;
-        self.file = Arc::new(file);
+        self.file.replace(file);
+        self.generation += 1;
         self.len = len;
         self.entries = (len - HEADER_SIZE) / ENTRY_SIZE;
         // The new file was synced before the rename.
@@ -358,6 +378,12 @@ impl AckJournal {
         });
         self.sealed = 0;
     }
+}
+
+/// The journal's descriptor to sync outside the lock, and which file it is.
+pub(crate) struct SyncTarget {
+    pub(crate) file: Arc<File>,
+    generation: u64,
 }
 
 /// A planned rewrite of the journal ([`AckJournal::compaction`]).
@@ -576,11 +602,11 @@ mod tests {
         let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
         assert!(replayed.is_done(4) && !replayed.is_done(6), "the compaction holds what it planned");
         journal.flush(&io, u64::MAX).unwrap();
-        assert!(journal.sync_target().is_some(), "written since the compaction");
-        let target = journal.sync_target().unwrap();
-        io.sync_data(&target).unwrap();
+        assert!(journal.sync_target().unwrap().is_some(), "written since the compaction");
+        let target = journal.sync_target().unwrap().unwrap();
+        io.sync_data(&target.file).unwrap();
         journal.synced(&target);
-        assert!(journal.sync_target().is_none());
+        assert!(journal.sync_target().unwrap().is_none());
         let (_, replayed) = AckJournal::open(&io, dir.path()).unwrap();
         assert_eq!(replayed, state);
     }

@@ -15,9 +15,12 @@
 //! search of the tail, as those builds always did); and those builds never
 //! read bytes 52..64.
 
-use std::{fs::File, io, os::unix::fs::FileExt, path::Path};
+use std::{io, os::unix::fs::FileExt, path::Path};
 
-use crate::file::{self, Io};
+use crate::{
+    file::{self, Io},
+    file_cache::CachedFile,
+};
 
 const MAGIC: [u8; 8] = *b"BLSTCKP\0";
 const SLOT_SIZE: u64 = 64;
@@ -52,7 +55,7 @@ pub(crate) struct Recorded {
 
 #[derive(Debug)]
 pub(crate) struct Checkpoint {
-    file: File,
+    file: CachedFile,
     sequence: u64,
     /// The running kernel's boot tag, written into every slot.
     boot_tag: u32,
@@ -82,6 +85,7 @@ impl Checkpoint {
         }
         let sequence = best.map_or(0, |(s, _)| s);
         let len = file.metadata()?.len();
+        let file = io.files().insert(&path, file);
         Ok((Checkpoint { file, sequence, boot_tag: file::boot_tag(), len }, best.map(|(_, r)| r)))
     }
 
@@ -110,12 +114,13 @@ impl Checkpoint {
         let extension_crc = crc32fast::hash(&slot[0..60]);
         slot[60..64].copy_from_slice(&extension_crc.to_le_bytes());
         let pos = (sequence % 2) * SLOT_SIZE;
+        let file = self.file.get()?;
         if pos + SLOT_SIZE <= self.len {
-            io.write_at(&self.file, &slot, pos)?;
+            io.write_at(&file, &slot, pos)?;
         } else {
-            io.append(&self.file, &slot, pos)?;
+            io.append(&file, &slot, pos)?;
         }
-        io.sync_data(&self.file)?;
+        io.sync_data(&file)?;
         self.sequence = sequence;
         self.len = self.len.max(pos + SLOT_SIZE);
         Ok(())

@@ -25,6 +25,11 @@ pub struct Faults {
     /// The number of syncs left to fail, whatever `syncs_before_failure`.
     sync_failures: AtomicU64,
     write_failures: AtomicU64,
+    /// While set, syncs block (a stalled device) until it is cleared.
+    syncs_held: parking_lot::Mutex<bool>,
+    syncs_released: parking_lot::Condvar,
+    /// Syncs blocked by `hold_syncs` right now.
+    syncs_waiting: AtomicU64,
     /// Unit tests only: the next this many segment maps fail with `ENOMEM`.
     #[cfg(test)]
     map_failures: AtomicU64,
@@ -64,6 +69,20 @@ impl Faults {
         self.write_failures.store(n, Ordering::SeqCst);
     }
 
+    /// While `held`, every sync of a log using these faults blocks, as on a
+    /// device whose flush stalls, until called again with `false`.
+    pub fn hold_syncs(&self, held: bool) {
+        *self.syncs_held.lock() = held;
+        if !held {
+            self.syncs_released.notify_all();
+        }
+    }
+
+    /// How many syncs are blocked by [`Faults::hold_syncs`] right now.
+    pub fn syncs_waiting(&self) -> u64 {
+        self.syncs_waiting.load(Ordering::SeqCst)
+    }
+
     /// Unit tests only: the next `n` segment maps fail with `ENOMEM`.
     #[cfg(test)]
     pub(crate) fn fail_maps(&self, n: u64) {
@@ -75,11 +94,18 @@ impl Faults {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Io {
     faults: Option<Arc<Faults>>,
+    /// The descriptor cache every file of the log is reached through.
+    files: crate::file_cache::FileCache,
 }
 
 impl Io {
-    pub(crate) fn new(faults: Option<Arc<Faults>>) -> Io {
-        Io { faults }
+    pub(crate) fn new(faults: Option<Arc<Faults>>, files: crate::file_cache::FileCache) -> Io {
+        Io { faults, files }
+    }
+
+    /// The descriptor cache.
+    pub(crate) fn files(&self) -> &crate::file_cache::FileCache {
+        &self.files
     }
 
     fn disk_full(&self) -> io::Result<()> {
@@ -106,21 +132,25 @@ impl Io {
         Ok(())
     }
 
-    /// Reserves `len` bytes of real blocks for `file` (no sparse file), so a
-    /// full disk is an error here rather than a SIGBUS when the map is read.
-    pub(crate) fn preallocate(&self, file: &File, len: u64) -> io::Result<()> {
+    /// Reserves real blocks for `[from, to)` of `file` (no sparse file),
+    /// growing it to `to` if it is shorter, so a full disk is an error here
+    /// rather than a SIGBUS when the map is read.
+    pub(crate) fn preallocate(&self, file: &File, from: u64, to: u64) -> io::Result<()> {
+        debug_assert!(from <= to);
         self.disk_full()?;
-        let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let invalid = |_| io::Error::from(io::ErrorKind::InvalidInput);
+        let offset = libc::off_t::try_from(from).map_err(invalid)?;
+        let len = libc::off_t::try_from(to - from).map_err(invalid)?;
         // SAFETY: `fallocate` only reads its integer arguments; the fd is
         // valid for the lifetime of `file`.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
         if rc == 0 {
             return Ok(());
         }
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
             // Filesystems without fallocate: write real zeros instead.
-            return write_zeros(file, 0, len as u64);
+            return write_zeros(file, from, to);
         }
         Err(err)
     }
@@ -145,6 +175,15 @@ impl Io {
     /// on stable storage when this returns.
     pub(crate) fn sync_data(&self, file: &File) -> io::Result<()> {
         if let Some(f) = &self.faults {
+            let mut held = f.syncs_held.lock();
+            if *held {
+                f.syncs_waiting.fetch_add(1, Ordering::SeqCst);
+                while *held {
+                    f.syncs_released.wait(&mut held);
+                }
+                f.syncs_waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+            drop(held);
             if f.sync_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
@@ -181,10 +220,10 @@ pub(crate) fn boot_tag() -> u32 {
     }
 }
 
-fn write_zeros(file: &File, mut pos: u64, len: u64) -> io::Result<()> {
+fn write_zeros(file: &File, mut pos: u64, end: u64) -> io::Result<()> {
     let zeros = vec![0u8; 1 << 20];
-    while pos < len {
-        let n = (len - pos).min(zeros.len() as u64) as usize;
+    while pos < end {
+        let n = (end - pos).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], pos)?;
         pos += n as u64;
     }

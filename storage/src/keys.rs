@@ -26,7 +26,10 @@ use std::{
 
 use bytes::Bytes;
 
-use crate::file::{self, Io};
+use crate::{
+    file::{self, Io},
+    file_cache::CachedFile,
+};
 
 const MAGIC: [u8; 8] = *b"BLSTKEY\0";
 const VERSION: u32 = 1;
@@ -49,7 +52,7 @@ pub struct KeyEntry {
 #[derive(Debug)]
 pub(crate) struct KeyJournal {
     dir: PathBuf,
-    file: File,
+    file: CachedFile,
     len: u64,
     /// Bytes of the entries inside the dedupe window at open or at the last
     /// compaction (header included): the base of the compaction threshold.
@@ -78,6 +81,7 @@ impl KeyJournal {
             if created {
                 io.sync_dir(dir)?;
             }
+            let file = io.files().insert(&path, file);
             let journal = KeyJournal { dir: dir.to_owned(), file, len: HEADER_SIZE, live_len: HEADER_SIZE };
             return Ok((journal, keys));
         }
@@ -96,6 +100,7 @@ impl KeyJournal {
             file.set_len(valid)?;
             io.sync_data(&file)?;
         }
+        let file = io.files().insert(&path, file);
         Ok((KeyJournal { dir: dir.to_owned(), file, len: valid, live_len }, keys))
     }
 
@@ -117,8 +122,9 @@ impl KeyJournal {
         for entry in entries {
             encode_entry(&mut buf, entry);
         }
-        io.append(&self.file, &buf, self.len)?;
-        io.sync_data(&self.file)?;
+        let file = self.file.get()?;
+        io.append(&file, &buf, self.len)?;
+        io.sync_data(&file)?;
         self.len += buf.len() as u64;
         Ok(self.len)
     }
@@ -127,7 +133,7 @@ impl KeyJournal {
     /// than `cutoff_ms` (temporary file, sync, rename, directory sync).
     /// Returns the new length.
     pub(crate) fn compact(&mut self, io: &Io, cutoff_ms: u64, keys_max: usize) -> io::Result<u64> {
-        let bytes = read_prefix(&self.file, self.len)?;
+        let bytes = read_prefix(&*self.file.get()?, self.len)?;
         let mut live = Vec::new();
         decode_all(&bytes, |entry, _| {
             if entry.timestamp_ms >= cutoff_ms {
@@ -146,7 +152,7 @@ impl KeyJournal {
         io.sync_data(&file)?;
         std::fs::rename(&tmp, self.dir.join(FILE_NAME))?;
         io.sync_dir(&self.dir)?;
-        self.file = file;
+        self.file.replace(file);
         self.len = out.len() as u64;
         self.live_len = self.len;
         Ok(self.len)

@@ -1,7 +1,7 @@
 //! `ballast-storage`: the durable log under every Ballast queue lane.
 //!
 //! One [`Log`] per (queue, lane): an append-only sequence of CRC-checked
-//! records in preallocated, memory-mapped segment files, with group-committed
+//! records in memory-mapped segment files preallocated as they grow, with group-committed
 //! syncs, durable ack state, retention that follows the backlog, and crash
 //! recovery. The API is synchronous and runtime-free; a [`Commit`] is a plain
 //! `std::future::Future` (and can also be waited on).
@@ -14,11 +14,14 @@
 //!   public ([`record::encode`], [`record::decode`]) for tools and benches.
 //! - `segment`: one segment file, its map and sparse index.
 //! - `log`: [`Log`], appends and group commit, reads, [`Cursor`], the flusher.
+//! - `pool`: [`FlushPool`], the bounded threads that run every log's flusher.
 //! - `acks`: ack state (floor plus ranges) and its journal.
 //! - `checkpoint`: the durable point recovery starts from.
 //! - `keys`: the idempotency-key journal for the broker's dedupe.
 //! - `recovery`: what `Log::open` does to a directory.
 //! - `file`: the I/O seam, with fault injection ([`Faults`]).
+//! - `file_cache`: [`FileCache`], the bounded set of open descriptors that
+//!   every file of a log is reached through.
 //!
 //! Invariants:
 //! 1. A record is returned only after its length, offset and CRC validate.
@@ -45,9 +48,11 @@ mod acks;
 mod checkpoint;
 mod error;
 mod file;
+mod file_cache;
 mod keys;
 mod log;
 mod options;
+mod pool;
 pub mod record;
 mod recovery;
 mod segment;
@@ -55,7 +60,9 @@ mod segment;
 pub use acks::AckKind;
 pub use error::{AckError, AppendError, OpenError, ReadError, SyncError};
 pub use file::Faults;
+pub use file_cache::FileCache;
 pub use keys::KeyEntry;
 pub use log::{Appended, Commit, Cursor, Log, LogStats};
 pub use options::{LogOptions, SyncPolicy};
+pub use pool::FlushPool;
 pub use record::{NewRecord, Record, stored_size};

@@ -17,8 +17,9 @@ pub const RECORD_HEADER_SIZE: u32 = 40;
 /// headers from straddling cache lines more often than needed.
 pub const RECORD_ALIGN: u64 = 8;
 
-/// Default maximum size, in bytes, of one segment file (64 MiB). Each segment
-/// is preallocated to this size when created.
+/// Default maximum size, in bytes, of one segment file (64 MiB). A segment
+/// file grows to it in steps (`SEGMENT_GROWTH_STEP_MIN`, doubling) as its
+/// records need the space.
 pub const SEGMENT_SIZE_DEFAULT: u64 = 64 * 1024 * 1024;
 
 /// Smallest allowed segment size (64 KiB): small segments are for tests; a
@@ -28,6 +29,15 @@ pub const SEGMENT_SIZE_MIN: u64 = 64 * 1024;
 /// Largest allowed segment size (1 GiB). Positions inside a segment are kept
 /// as `u32` in the sparse index, so this must stay below 4 GiB.
 pub const SEGMENT_SIZE_MAX: u64 = 1024 * 1024 * 1024;
+
+/// First preallocation step of a segment file, in bytes (64 KiB): a new
+/// segment is created with this much (or the first step that holds its first
+/// records), and grows by doubling, up to the segment size, before the writer
+/// needs the space. So an empty log holds 64 KiB of segment, and a segment
+/// grows at most log2(segment size / 64 KiB) times (10 for 64 MiB). When
+/// growth fails (a full disk) the append is refused with `DiskFull`, nothing
+/// written.
+pub const SEGMENT_GROWTH_STEP_MIN: u64 = 64 * 1024;
 
 /// Ceiling, in bytes, for one record's payload (16 MiB). The broker's
 /// per-queue `message_size_max` (default 1 MiB) must not exceed it.
@@ -85,6 +95,38 @@ pub const BACKGROUND_FLUSH_MS: u64 = 1000;
 /// turn the flusher into a busy loop.
 pub const ACK_JOURNAL_RETRY_MS: u64 = 100;
 
+/// Fewest threads in a [`FlushPool`](crate::FlushPool) (2): with one, a log
+/// whose fsync stalls would hold up every other log's commits. A smaller
+/// request is raised to this.
+pub const FLUSH_THREADS_MIN: usize = 2;
+
+/// Most threads in a [`FlushPool`](crate::FlushPool) (64). Each thread runs
+/// one log's cycle at a time, so more threads only help while that many
+/// devices or fsyncs can make progress at once; a larger request is lowered
+/// to this.
+pub const FLUSH_THREADS_MAX: usize = 64;
+
+/// Ceiling of the default pool size, which is the machine's cores (at least
+/// `FLUSH_THREADS_MIN`): 16.
+pub const FLUSH_THREADS_DEFAULT_MAX: usize = 16;
+
+/// Default capacity of a [`FileCache`](crate::FileCache): at most this many
+/// descriptors of log files open at once (512), like RocksDB's
+/// `max_open_files`. Half of the common soft limit of 1,024, leaving the
+/// rest to sockets and the broker's own files. Past it the least recently
+/// used descriptor is closed; its file is opened again on its next write or
+/// sync (reads go through maps and need none).
+pub const OPEN_FILES_DEFAULT: usize = 512;
+
+/// Smallest cache capacity (16): a log's active segment, its journals and
+/// checkpoint, and the few files an operation has open at once. A smaller
+/// request is raised to this.
+pub const OPEN_FILES_MIN: usize = 16;
+
+/// Largest cache capacity (1,048,576, the usual hard `RLIMIT_NOFILE` ceiling
+/// of Linux); a larger request is lowered to this.
+pub const OPEN_FILES_MAX: usize = 1 << 20;
+
 /// Ceiling for the `interval` sync policy, in milliseconds (1 minute).
 pub const SYNC_INTERVAL_MS_MAX: u64 = 60_000;
 
@@ -93,6 +135,8 @@ pub const SYNC_INTERVAL_MS_MAX: u64 = 60_000;
 const _: () = assert!(usize::BITS == 64, "ballast-storage needs a 64-bit target");
 const _: () = assert!(SEGMENT_SIZE_MIN > SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE as u64);
 const _: () = assert!(SEGMENT_SIZE_MAX <= u32::MAX as u64);
+const _: () = assert!(SEGMENT_GROWTH_STEP_MIN <= SEGMENT_SIZE_MIN, "an empty segment never exceeds its step");
+const _: () = assert!(SEGMENT_GROWTH_STEP_MIN % RECORD_ALIGN == 0);
 const _: () = assert!(SEGMENT_HEADER_SIZE % RECORD_ALIGN == 0);
 const _: () = assert!(RECORD_HEADER_SIZE as u64 % RECORD_ALIGN == 0);
 const _: () = assert!(KEY_SIZE_MAX <= u16::MAX as u32);
@@ -100,3 +144,6 @@ const _: () = assert!(
     (RECORD_SIZE_DEFAULT as u64) + SEGMENT_HEADER_SIZE <= SEGMENT_SIZE_DEFAULT,
     "a default-size record must fit in a default-size segment"
 );
+const _: () = assert!(FLUSH_THREADS_MIN >= 2, "one stalled fsync must not hold up every log");
+const _: () = assert!(FLUSH_THREADS_MIN <= FLUSH_THREADS_DEFAULT_MAX && FLUSH_THREADS_DEFAULT_MAX <= FLUSH_THREADS_MAX);
+const _: () = assert!(OPEN_FILES_MIN <= OPEN_FILES_DEFAULT && OPEN_FILES_DEFAULT <= OPEN_FILES_MAX);

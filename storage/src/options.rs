@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{file::Faults, limits::*};
+use crate::{file::Faults, file_cache::FileCache, limits::*, pool::FlushPool};
 
 /// When an append counts as durable, and so when its [`Commit`](crate::Commit)
 /// resolves.
@@ -32,7 +32,8 @@ pub enum SyncPolicy {
 /// [`limits`](crate::limits).
 #[derive(Debug, Clone)]
 pub struct LogOptions {
-    /// Size of each segment file, preallocated on creation.
+    /// Most bytes of each segment file: it is created with one growth step
+    /// and preallocated further as its records need the space.
     pub segment_size: u64,
     /// Largest encoded record (header, key, headers, payload) accepted.
     pub record_size_max: u32,
@@ -45,6 +46,15 @@ pub struct LogOptions {
     pub dedupe_keys_max: u32,
     /// Test seam: failures to inject into this log's I/O.
     pub faults: Option<Arc<Faults>>,
+    /// The threads that run this log's group commit, checkpoints,
+    /// retention, journal compaction and segment growth, shared with other
+    /// logs. `None`: the process-wide pool of the default size
+    /// ([`FlushPool::shared`]).
+    pub pool: Option<FlushPool>,
+    /// The cache of open descriptors this log's files go through, shared
+    /// with other logs. `None`: the process-wide cache of
+    /// `OPEN_FILES_DEFAULT` descriptors ([`FileCache::shared`]).
+    pub files: Option<FileCache>,
 }
 
 impl Default for LogOptions {
@@ -57,6 +67,8 @@ impl Default for LogOptions {
             dedupe_window_ms: DEDUPE_WINDOW_MS_DEFAULT,
             dedupe_keys_max: DEDUPE_KEYS_MAX_DEFAULT,
             faults: None,
+            pool: None,
+            files: None,
         }
     }
 }

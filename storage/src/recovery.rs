@@ -131,7 +131,7 @@ pub(crate) fn recover(
     let mut lost_tail_base = None;
     for (i, &base) in bases.iter().enumerate() {
         let path = dir.join(segment::file_name(base));
-        match Segment::open(&path, base) {
+        match Segment::open(io, &path, base) {
             Ok(s) => segments.push(Arc::new(s)),
             Err(OpenError::NotALog { reason, .. }) => {
                 let aside = path.with_extension("corrupt");
@@ -171,8 +171,9 @@ pub(crate) fn recover(
     // Steps 3 and 4: scan from the checkpoint.
     let start = checkpoint_point.and_then(|p| {
         let at = segments.iter().position(|s| s.base_offset == p.segment_base)?;
-        let valid =
-            p.position >= SEGMENT_HEADER_SIZE && p.position <= segments[at].size() && p.position % RECORD_ALIGN == 0;
+        let valid = p.position >= SEGMENT_HEADER_SIZE
+            && p.position <= segments[at].allocated()
+            && p.position % RECORD_ALIGN == 0;
         valid.then_some((at, p.position, p.next_offset))
     });
     let same_boot = recorded.is_some_and(|r| r.boot_tag != 0 && r.boot_tag == checkpoint.boot_tag());
@@ -188,6 +189,9 @@ pub(crate) fn recover(
             // A clean close left nothing past the checkpoint. The segment's
             // index is built on its first read by offset.
             segments[at].set_written(pos);
+            if pos > SEGMENT_HEADER_SIZE {
+                segments[at].ensure_mapped(io).map_err(io_open(&segments[at].path))?;
+            }
             (None, offset)
         }
         (Some((at, pos, offset)), _) => {
@@ -209,7 +213,7 @@ pub(crate) fn recover(
             if let Some(lost) = lost_tail_base.filter(|&lost| lost < base) {
                 gaps.push((lost, base));
             }
-            let s = Segment::create(io, dir, base, options.segment_size)
+            let s = Segment::create(io, dir, base, options.segment_size, SEGMENT_HEADER_SIZE)
                 .map_err(io_open(dir.join(segment::file_name(base))))?;
             io.sync_dir(dir).map_err(io_open(dir))?;
             segments.push(Arc::new(s));
@@ -229,7 +233,7 @@ pub(crate) fn recover(
             "records lost at the end of the log (a set-aside or missing segment); quarantined, offsets not reused"
         );
         gaps.push((next_offset, durable_end));
-        let s = Segment::create(io, dir, durable_end, options.segment_size)
+        let s = Segment::create(io, dir, durable_end, options.segment_size, SEGMENT_HEADER_SIZE)
             .map_err(io_open(dir.join(segment::file_name(durable_end))))?;
         io.sync_dir(dir).map_err(io_open(dir))?;
         segments.push(Arc::new(s));
@@ -244,6 +248,15 @@ pub(crate) fn recover(
         for segment in &segments[from..] {
             segment.sync(io).map_err(io_open(&segment.path))?;
         }
+    }
+
+    // Sealed segments are never written again (a reopen's rewrite opens
+    // them anew): they are mapped now (reads of them cannot fail later),
+    // and their maps serve reads without a descriptor. The active segment
+    // is mapped if it holds records; an empty one when first written.
+    for segment in &segments[..segments.len() - 1] {
+        segment.ensure_mapped(io).map_err(io_open(&segment.path))?;
+        segment.release_descriptor();
     }
 
     // Step 7: ack state. Gaps first, so that those below the first segment
@@ -322,6 +335,7 @@ fn scan(
             }
             expected = segment.base_offset;
         }
+        segment.ensure_mapped(io).map_err(io_open(&segment.path))?;
         let raw = segment.raw_from(0);
         while expected < limit && expected < stop_at {
             let buf = &raw[pos as usize..];
@@ -342,7 +356,7 @@ fn scan(
                     // Past `written_end` the segment holds only zeros.
                     let written_end = match tail {
                         Tail::Intact => intact_end(raw, pos, invalid),
-                        Tail::Unknown => segment.size(),
+                        Tail::Unknown => segment.allocated(),
                     };
                     match segment::resync(raw, pos, written_end, expected, limit.min(stop_at)) {
                         Some((found_pos, found_offset)) => {
@@ -372,7 +386,7 @@ fn scan(
         if expected == stop_at && next_base.is_none() {
             // Cut at the trusted end: every byte past it goes, so that
             // nothing unsynced can pass for a record later (contract 4).
-            let zeroed = segment.zero_range(io, pos, segment.size()).map_err(io_open(&segment.path))?;
+            let zeroed = segment.zero_range(io, pos, segment.allocated()).map_err(io_open(&segment.path))?;
             if zeroed {
                 tracing::warn!(
                     segment = %segment.path.display(),

@@ -1,9 +1,19 @@
-//! One segment file: a preallocated, fixed-size file holding a header and a
-//! run of records, read through a memory map.
+//! One segment file: a file of at most the segment size holding a header and
+//! a run of records, read through a memory map of the full segment size.
+//!
+//! The file grows with the records it holds: it is created with the first
+//! growth step (`SEGMENT_GROWTH_STEP_MIN`) and preallocated further, in
+//! doubling steps up to the segment size, before the writer needs the space
+//! (`Segment::grow`). The map covers the full segment size from the start,
+//! so growth never remaps; only the first `allocated` bytes of it are backed
+//! by the file.
 //!
 //! Contract of the map (the reason the `unsafe` below is sound):
-//! 1. The file is preallocated to its full size before it is mapped and is
-//!    never truncated while mapped, so no read of the map can fault (SIGBUS).
+//! 1. Nothing reads the map at or past `allocated`, which is never more
+//!    than the file's length: the file is preallocated (real blocks, zeros)
+//!    up to `allocated` before it is raised, and never truncated while
+//!    mapped, so no read of the map can fault (SIGBUS). `written` never
+//!    exceeds `allocated`.
 //! 2. Bytes below `written` are never modified again while the segment is
 //!    open; writers only write at or above `written` and publish the new end
 //!    with a release store. Readers only read below `written`.
@@ -18,7 +28,10 @@ use std::{
     fs::File,
     io,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -27,12 +40,19 @@ use parking_lot::Mutex;
 use crate::{
     error::OpenError,
     file::{self, Io},
-    limits::{INDEX_INTERVAL_BYTES, SEGMENT_HEADER_SIZE, SEGMENT_SIZE_MAX, SEGMENT_SIZE_MIN},
+    file_cache::CachedFile,
+    limits::{INDEX_INTERVAL_BYTES, SEGMENT_GROWTH_STEP_MIN, SEGMENT_HEADER_SIZE, SEGMENT_SIZE_MAX, SEGMENT_SIZE_MIN},
     record::{self, Invalid},
 };
 
 pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"BLSTSEG\0";
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Version 2: the file may be shorter than the size in its header (it grows
+/// with its records). Version 1 files (always the full size) are read too;
+/// a build that knows only version 1 refuses version 2 files rather than
+/// setting them aside as damaged.
+pub(crate) const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub(crate) const FORMAT_VERSION_MIN: u32 = 1;
 pub(crate) const SEGMENT_SUFFIX: &str = "seg";
 
 /// One segment of a log.
@@ -41,10 +61,24 @@ pub(crate) struct Segment {
     /// Offset of the first record in this segment; also its file name.
     pub base_offset: u64,
     pub path: PathBuf,
-    file: File,
-    /// The whole file, mapped read-only; slices of it are handed out as
-    /// zero-copy payloads and keep the map alive.
-    map: Bytes,
+    /// Through the descriptor cache: a sealed, synced segment holds no
+    /// descriptor (`Segment::release_descriptor`); its map needs none.
+    file: CachedFile,
+    /// The whole segment size, mapped read-only; slices of it are handed
+    /// out as zero-copy payloads and keep the map alive. Only the first
+    /// `allocated` bytes are backed by the file. Made on first need
+    /// ([`Segment::ensure_mapped`]): a segment that holds records, or is
+    /// sealed, is always mapped; an empty active segment (an idle lane)
+    /// holds no map, so it costs no kernel mapping (`vm.max_map_count`).
+    map: OnceLock<Bytes>,
+    /// The segment size from the header: the length of the map.
+    size: u64,
+    /// Bytes of the file preallocated (and so readable through the map).
+    /// Raised by [`Segment::grow`] after the space is allocated; never
+    /// lowered while the segment is open.
+    allocated: AtomicU64,
+    /// Serialises growth (the writer, or segment preparation ahead of it).
+    growth: Mutex<()>,
     /// End of valid data, in bytes from the start of the file. Release-stored
     /// by the single writer after the bytes are written, acquire-loaded by
     /// readers. For a sealed segment recovered without a scan, it is the file
@@ -93,14 +127,16 @@ fn encode_header(base_offset: u64, size: u64) -> [u8; SEGMENT_HEADER_SIZE as usi
 }
 
 impl Segment {
-    /// Creates, preallocates, syncs and maps a new segment file. The caller
-    /// syncs the directory. On error the file is removed again (and the
-    /// directory synced, best effort), so the creation can be retried under
-    /// the same name.
-    pub(crate) fn create(io: &Io, dir: &Path, base_offset: u64, size: u64) -> io::Result<Segment> {
+    /// Creates, preallocates and syncs a new segment file (not mapped yet), with room
+    /// for at least its first `end` bytes (header included), rounded up to
+    /// a growth step. The caller syncs the directory. On error the file is
+    /// removed again (and the directory synced, best effort), so the
+    /// creation can be retried under the same name.
+    pub(crate) fn create(io: &Io, dir: &Path, base_offset: u64, size: u64, end: u64) -> io::Result<Segment> {
         let path = dir.join(file_name(base_offset));
         let file = file::open_rw(&path, true)?;
-        match Segment::prepare(io, file, path.clone(), base_offset, size) {
+        let allocated = next_allocation(0, end.max(SEGMENT_HEADER_SIZE), size);
+        match Segment::prepare(io, file, path.clone(), base_offset, size, allocated) {
             Ok(segment) => Ok(segment),
             Err(e) => {
                 // The file was closed by `prepare`; nothing else refers to it.
@@ -112,12 +148,13 @@ impl Segment {
     }
 
     /// The part of [`Segment::create`] after the file exists.
-    fn prepare(io: &Io, file: File, path: PathBuf, base_offset: u64, size: u64) -> io::Result<Segment> {
-        io.preallocate(&file, size)?;
+    fn prepare(io: &Io, file: File, path: PathBuf, base_offset: u64, size: u64, allocated: u64) -> io::Result<Segment> {
+        io.preallocate(&file, 0, allocated)?;
         io.write_at(&file, &encode_header(base_offset, size), 0)?;
         io.sync_data(&file)?;
-        io.before_map()?;
-        let segment = Segment::map(path, file, base_offset, size)?;
+        // Mapped when first written (`ensure_mapped`): an empty segment
+        // costs no mapping.
+        let segment = Segment::new(io, path, file, base_offset, size, allocated);
         segment.written.store(SEGMENT_HEADER_SIZE, Ordering::Release);
         segment.index.lock().complete = true;
         Ok(segment)
@@ -125,7 +162,7 @@ impl Segment {
 
     /// Opens an existing segment and validates its header. `written` starts
     /// at the file size (sealed, trusted); recovery lowers it when it scans.
-    pub(crate) fn open(path: &Path, base_offset: u64) -> Result<Segment, OpenError> {
+    pub(crate) fn open(io: &Io, path: &Path, base_offset: u64) -> Result<Segment, OpenError> {
         let not_a_log = |reason: String| OpenError::NotALog { path: path.to_owned(), reason };
         let file = file::open_rw(path, false).map_err(crate::error::io_open(path))?;
         let len = file.metadata().map_err(crate::error::io_open(path))?.len();
@@ -141,7 +178,7 @@ impl Segment {
             return Err(not_a_log("segment header fails its CRC".into()));
         }
         let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(OpenError::UnsupportedVersion {
                 path: path.to_owned(),
                 found: version,
@@ -161,31 +198,101 @@ impl Segment {
                 "header says {size} bytes; segments are {SEGMENT_SIZE_MIN}..={SEGMENT_SIZE_MAX} bytes"
             )));
         }
-        if size != len {
+        // A version 2 file grows with its records, so it may be shorter
+        // than its size (a crash can also leave it at any length between
+        // two growth steps); never longer.
+        if len > size || (version == 1 && len != size) {
             return Err(not_a_log(format!("header says {size} bytes, file has {len}")));
         }
-        let segment = Segment::map(path.to_owned(), file, base_offset, size).map_err(crate::error::io_open(path))?;
-        segment.written.store(size, Ordering::Release);
+        // Not mapped yet: recovery maps what it reads and every sealed
+        // segment; an empty active segment stays unmapped until written.
+        let segment = Segment::new(io, path.to_owned(), file, base_offset, size, len);
+        segment.written.store(len, Ordering::Release);
         Ok(segment)
     }
 
-    fn map(path: PathBuf, file: File, base_offset: u64, size: u64) -> io::Result<Segment> {
-        // SAFETY: see the module contract: the file is preallocated to `size`
-        // (checked against its length on open), never truncated while mapped,
-        // and mapped bytes below `written` are never modified.
-        let map = unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file)? };
-        Ok(Segment {
+    fn new(io: &Io, path: PathBuf, file: File, base_offset: u64, size: u64, allocated: u64) -> Segment {
+        debug_assert!(allocated <= size);
+        let file = io.files().insert(&path, file);
+        Segment {
             base_offset,
             path,
             file,
-            map: Bytes::from_owner(map),
+            map: OnceLock::new(),
+            size,
+            allocated: AtomicU64::new(allocated),
+            growth: Mutex::new(()),
             written: AtomicU64::new(0),
             index: Mutex::new(SparseIndex::default()),
-        })
+        }
     }
 
+    /// Maps the segment if it is not mapped yet. Called before the first
+    /// write into it (so a failure refuses the append, nothing written),
+    /// and by recovery for every segment it reads and every sealed one.
+    pub(crate) fn ensure_mapped(&self, io: &Io) -> io::Result<()> {
+        if self.map.get().is_some() {
+            return Ok(());
+        }
+        let _growth = self.growth.lock();
+        if self.map.get().is_some() {
+            return Ok(());
+        }
+        io.before_map()?;
+        let file = self.file.get()?;
+        // SAFETY: see the module contract: the map may extend past the end
+        // of the file, but nothing reads it at or past `allocated`, which
+        // is at most the file's length (preallocated by `create`, measured
+        // by `open`); the file is never truncated while mapped, and mapped
+        // bytes below `written` are never modified.
+        let map = unsafe { memmap2::MmapOptions::new().len(self.size as usize).map(&*file)? };
+        let _ = self.map.set(Bytes::from_owner(map));
+        Ok(())
+    }
+
+    /// Whether the segment is mapped (tests and stats).
+    pub(crate) fn is_mapped(&self) -> bool {
+        self.map.get().is_some()
+    }
+
+    /// The map of a segment that must have one: it holds records (they
+    /// were written after `ensure_mapped`), or recovery mapped it.
+    fn mapped(&self) -> &Bytes {
+        self.map.get().expect("a segment that holds records or is being recovered is mapped")
+    }
+
+    /// The segment size (from its header): the most the file grows to.
     pub(crate) fn size(&self) -> u64 {
-        self.map.len() as u64
+        self.size
+    }
+
+    /// Bytes of the file preallocated so far: what the segment uses on
+    /// disk, and how far the map may be read.
+    pub(crate) fn allocated(&self) -> u64 {
+        self.allocated.load(Ordering::Acquire)
+    }
+
+    /// Makes sure the file is preallocated up to at least `end` (at most
+    /// the segment size), growing it to the next step when it is not:
+    /// doubling from `SEGMENT_GROWTH_STEP_MIN`. A full disk is an error
+    /// here, before anything is written, never a SIGBUS on a read of the
+    /// map. No sync: the size change reaches the disk with the first
+    /// `fdatasync` of the records written into the new space (see
+    /// `docs/storage-format.md`, §3.1).
+    pub(crate) fn grow(&self, io: &Io, end: u64) -> io::Result<()> {
+        assert!(end <= self.size(), "growth past the segment size: {end} > {}", self.size());
+        if end <= self.allocated() {
+            return Ok(());
+        }
+        let _growth = self.growth.lock();
+        let allocated = self.allocated();
+        if end <= allocated {
+            return Ok(());
+        }
+        let target = next_allocation(allocated, end, self.size());
+        io.preallocate(&*self.file.get()?, allocated, target)?;
+        self.allocated.store(target, Ordering::Release);
+        Ok(())
     }
 
     pub(crate) fn written(&self) -> u64 {
@@ -195,13 +302,20 @@ impl Segment {
     /// Bytes from `pos` to the end of valid data (zero-copy).
     pub(crate) fn data_from(&self, pos: u64) -> Bytes {
         let end = self.written().max(pos);
-        self.map.slice(pos as usize..end as usize)
+        match self.map.get() {
+            Some(map) => map.slice(pos as usize..end as usize),
+            None => {
+                // Unmapped: never written, so nothing past the header.
+                debug_assert!(end <= SEGMENT_HEADER_SIZE, "an unmapped segment holds no records");
+                Bytes::new()
+            }
+        }
     }
 
-    /// Bytes from `pos` to the end of the file, whether written or not
-    /// (recovery and resynchronisation only).
+    /// Bytes from `pos` to the end of the file (its allocated part),
+    /// whether written or not (recovery and resynchronisation only).
     pub(crate) fn raw_from(&self, pos: u64) -> &[u8] {
-        &self.map[pos as usize..]
+        &self.mapped()[pos as usize..self.allocated() as usize]
     }
 
     /// Writes encoded records at `pos` (which must be the current end) and
@@ -209,8 +323,9 @@ impl Segment {
     /// their positions through `index_hint`.
     pub(crate) fn write(&self, io: &Io, buf: &[u8], pos: u64) -> io::Result<()> {
         assert_eq!(pos, self.written(), "segment write not at the end of valid data");
-        assert!(pos + buf.len() as u64 <= self.size(), "segment write past the preallocated size");
-        io.write_at(&self.file, buf, pos)?;
+        assert!(self.is_mapped(), "a segment is mapped before it is written");
+        assert!(pos + buf.len() as u64 <= self.allocated(), "segment write past the preallocated size");
+        io.write_at(&*self.file.get()?, buf, pos)?;
         self.written.store(pos + buf.len() as u64, Ordering::Release);
         Ok(())
     }
@@ -251,19 +366,32 @@ impl Segment {
     /// writing them. Bytes are unchanged, so readers are unaffected.
     pub(crate) fn rewrite(&self, io: &Io) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
+        let Some(map) = self.map.get() else {
+            // Never written since open or creation: its header was synced
+            // when it was created, and nothing else is in it.
+            return Ok(());
+        };
         let end = self.written().min(self.size());
+        let file = self.file.get()?;
         let mut pos = 0;
         while pos < end {
             let to = (pos + CHUNK).min(end);
-            let chunk = self.map[pos as usize..to as usize].to_vec();
-            io.write_at(&self.file, &chunk, pos)?;
+            let chunk = map[pos as usize..to as usize].to_vec();
+            io.write_at(&file, &chunk, pos)?;
             pos = to;
         }
         Ok(())
     }
 
     pub(crate) fn sync(&self, io: &Io) -> io::Result<()> {
-        io.sync_data(&self.file)
+        io.sync_data(&*self.file.get()?)
+    }
+
+    /// Closes the segment's descriptor: call once it is sealed and synced.
+    /// Its map stays; a later write or sync (recovery, a reopen) opens the
+    /// file again.
+    pub(crate) fn release_descriptor(&self) {
+        self.file.close();
     }
 
     /// Overwrites `[from, to)` with zeros where it is not zero already, then
@@ -273,14 +401,15 @@ impl Segment {
     /// left at `from` still describe the whole range to the next recovery.
     pub(crate) fn zero_range(&self, io: &Io, from: u64, to: u64) -> io::Result<bool> {
         const CHUNK: u64 = 64 * 1024;
+        assert!(to <= self.allocated(), "zeroing past the allocated end: {to} > {}", self.allocated());
         let zeros = vec![0u8; CHUNK as usize];
         let mut end = to;
         let mut dirty = false;
         while end > from {
             let start = (end - 1) / CHUNK * CHUNK;
             let start = start.max(from);
-            if self.map[start as usize..end as usize].iter().any(|&b| b != 0) {
-                io.write_at(&self.file, &zeros[..(end - start) as usize], start)?;
+            if self.mapped()[start as usize..end as usize].iter().any(|&b| b != 0) {
+                io.write_at(&*self.file.get()?, &zeros[..(end - start) as usize], start)?;
                 dirty = true;
             }
             end = start;
@@ -357,7 +486,7 @@ impl Segment {
     /// the caller falls back to the index. Cost: reads at most
     /// `2 × padded(record_size_max)` bytes at the end of the file.
     pub(crate) fn end_from_tail(&self, last: u64, record_size_max: u64) -> Option<u64> {
-        let data: &[u8] = &self.map;
+        let data: &[u8] = self.raw_from(0);
         let window = record::padded(record_size_max);
         let size = data.len() as u64;
         let zeros_from = size.saturating_sub(window).max(SEGMENT_HEADER_SIZE);
@@ -458,6 +587,18 @@ impl Segment {
     pub(crate) fn index_len(&self) -> usize {
         self.index.lock().entries.len()
     }
+}
+
+/// The allocation after growing from `allocated` to hold `end` bytes: the
+/// first step (`SEGMENT_GROWTH_STEP_MIN`) doubled until it covers both,
+/// capped at the segment `size`. Lengths stay on that grid even when a crash
+/// left the file at a length between two steps.
+pub(crate) fn next_allocation(allocated: u64, end: u64, size: u64) -> u64 {
+    let mut target = SEGMENT_GROWTH_STEP_MIN;
+    while target < end.max(allocated) {
+        target = target.saturating_mul(2);
+    }
+    target.min(size)
 }
 
 /// Where and why hopping from record to record stopped before the target.

@@ -2,8 +2,8 @@
 //! still there, intact, after the child is SIGKILLed and the log reopened.
 //!
 //! The test binary runs itself again as a child (`BALLAST_CRASH_CHILD=<dir>`).
-//! The child opens the log in `<dir>` under [`SyncPolicy::Fsync`] with the
-//! smallest segments allowed, appends from several threads in batches of
+//! The child opens the log in `<dir>` under [`SyncPolicy::Fsync`] with
+//! small segments that grow in two steps, appends from several threads in batches of
 //! varied sizes (payloads, keys and headers of varied sizes), sometimes acks
 //! a range of its own records, and prints one line per record once its commit
 //! has resolved. The parent kills it at a random moment (sometimes during its
@@ -86,12 +86,14 @@ fn main() -> ExitCode {
     parent()
 }
 
-/// The options of every open, in the child and the parent: the smallest
-/// segments so batches roll over often, and frequent checkpoints so kills
-/// land around checkpoint and journal writes too.
+/// The options of every open, in the child and the parent: small segments
+/// so batches roll over often, two growth steps each (`SEGMENT_SIZE_MIN`
+/// is one) so kills land around segment growth too, by the writer or by
+/// the flusher ahead of it, and frequent checkpoints so they land around
+/// checkpoint and journal writes.
 fn options() -> LogOptions {
     LogOptions {
-        segment_size: SEGMENT_SIZE_MIN,
+        segment_size: 2 * SEGMENT_SIZE_MIN,
         record_size_max: RECORD_SIZE_MAX,
         sync_policy: SyncPolicy::Fsync,
         checkpoint_interval_bytes: 16 * 1024,

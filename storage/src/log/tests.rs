@@ -2,7 +2,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::*;
+use super::{
+    flusher::{Cycle, JournalWrite},
+    *,
+};
 use crate::{file::Faults, limits::SEGMENT_SIZE_MIN};
 
 fn options(sync_policy: SyncPolicy) -> LogOptions {
@@ -64,7 +67,7 @@ fn wakeups_do_not_postpone_the_interval_sync() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while log.stats().sync_count == 0 {
         assert!(Instant::now() < deadline, "no sync within 10 s of a 200 ms interval");
-        log.shared.flusher_wake.notify_one();
+        log.shared.wake();
         std::thread::sleep(Duration::from_millis(1));
     }
 }

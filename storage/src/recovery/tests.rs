@@ -36,7 +36,7 @@ fn every_scanned_segment_is_synced() {
     fs::remove_file(dir.path().join(crate::checkpoint::FILE_NAME)).unwrap();
 
     let faults = Faults::new();
-    let recovered = recover(dir.path(), &options(), &Io::new(Some(faults.clone())), None).unwrap();
+    let recovered = recover(dir.path(), &options(), &Io::new(Some(faults.clone()), Default::default()), None).unwrap();
     assert_eq!(recovered.point.next_offset, 200);
     let synced = faults.synced_inodes.lock().clone();
     for (index, inode) in inodes.iter().enumerate() {
@@ -62,7 +62,7 @@ fn the_prefix_before_a_checkpoint_is_indexed_on_first_read() {
     log.sync().unwrap();
     // `sync` answers once the data is synced; the flusher writes the
     // checkpoint just after, so wait for it (under load it can lag).
-    let io = Io::new(None);
+    let io = Io::new(None, Default::default());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while crate::checkpoint::Checkpoint::open(&io, dir.path()).unwrap().1.map(|r| r.point.next_offset) != Some(300) {
         assert!(std::time::Instant::now() < deadline, "no checkpoint at offset 300 after the sync");

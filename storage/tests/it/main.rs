@@ -4,6 +4,8 @@ mod basics;
 mod corruption;
 mod dedupe;
 mod faults;
+mod growth;
 mod limits;
 mod model;
+mod pool;
 mod support;

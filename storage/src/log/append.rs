@@ -1,0 +1,191 @@
+//! Append planning and writing: validate the whole batch, plan the
+//! segment runs, allocate every byte (growth, new segments), write one
+//! `pwrite` per run, tell the flusher, publish `next_offset`.
+
+use super::*;
+
+impl Shared {
+    pub(super) fn validate(&self, records: &[NewRecord]) -> Result<(), AppendError> {
+        if records.is_empty() {
+            return Err(AppendError::BatchEmpty);
+        }
+        if records.len() > BATCH_COUNT_MAX {
+            return Err(AppendError::BatchTooLarge { count: records.len(), max: BATCH_COUNT_MAX });
+        }
+        for (index, r) in records.iter().enumerate() {
+            let key_size = r.key.as_ref().map_or(0, |k| k.len());
+            if r.key.is_some() && key_size == 0 {
+                return Err(AppendError::KeyEmpty { index });
+            }
+            if key_size > KEY_SIZE_MAX as usize {
+                return Err(AppendError::KeyTooLarge { index, size: key_size, max: KEY_SIZE_MAX });
+            }
+            if r.headers.len() > HEADERS_COUNT_MAX as usize {
+                return Err(AppendError::TooManyHeaders { index, count: r.headers.len(), max: HEADERS_COUNT_MAX });
+            }
+            let headers_size = r.headers_size();
+            let name_too_long = r.headers.iter().any(|(k, _)| k.len() > usize::from(u16::MAX));
+            if headers_size > u64::from(HEADERS_SIZE_MAX) || name_too_long {
+                return Err(AppendError::HeadersTooLarge { index, size: headers_size, max: HEADERS_SIZE_MAX });
+            }
+            let size = r.encoded_len();
+            if size > u64::from(self.options.record_size_max) {
+                return Err(AppendError::RecordTooLarge { index, size, max: self.options.record_size_max });
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn append(self: &Arc<Self>, records: &[NewRecord]) -> Result<Appended, AppendError> {
+        self.validate(records)?;
+        // Refused before the writer lock, which a reopen holds while it
+        // recovers: callers are not held up behind it.
+        if let Some(e) = self.poisoned() {
+            return Err(AppendError::Poisoned(e));
+        }
+        let mut guard = self.writer.lock();
+        if let Some(e) = self.poisoned() {
+            return Err(AppendError::Poisoned(e));
+        }
+        let first_offset = self.next_offset.load(Ordering::Acquire);
+        let segment_size = self.options.segment_size;
+
+        // Plan: which records start a new segment, and where each run of
+        // records ends (the first run in the active segment, then one per
+        // new segment). Records never span segments.
+        let mut starts = Vec::new();
+        let mut run_ends = Vec::new();
+        let mut pos = guard.write_pos;
+        for (i, r) in records.iter().enumerate() {
+            let size = record::padded(r.encoded_len());
+            if pos + size > segment_size {
+                starts.push(i);
+                run_ends.push(pos);
+                pos = SEGMENT_HEADER_SIZE;
+            }
+            pos += size;
+        }
+        run_ends.push(pos);
+
+        // Allocate every byte the batch needs before writing anything, so a
+        // full disk fails the batch cleanly: the active segment grows first,
+        // then every new segment is created with room for its run.
+        let active = Arc::clone(self.segments.read().last().expect("a log has an active segment"));
+        // An empty active segment is mapped on its first write.
+        let prepared = active
+            .grow(&self.io, run_ends[0])
+            .and_then(|()| if starts.first() == Some(&0) { Ok(()) } else { active.ensure_mapped(&self.io) });
+        if let Err(source) = prepared {
+            let path = active.path.clone();
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(AppendError::DiskFull { path });
+            }
+            return Err(AppendError::Io { path, source });
+        }
+        let mut created = Vec::with_capacity(starts.len());
+        for (&i, &end) in starts.iter().zip(&run_ends[1..]) {
+            let base = first_offset + i as u64;
+            let segment = Segment::create(&self.io, &self.dir, base, segment_size, end).and_then(|segment| {
+                match segment.ensure_mapped(&self.io) {
+                    Ok(()) => Ok(segment),
+                    Err(e) => {
+                        // Its file goes, as a failed creation's does.
+                        let _ = std::fs::remove_file(&segment.path);
+                        Err(e)
+                    }
+                }
+            });
+            match segment {
+                Ok(segment) => created.push(Arc::new(segment)),
+                Err(source) => {
+                    let path = self.dir.join(segment::file_name(base));
+                    for segment in created {
+                        let _ = std::fs::remove_file(&segment.path);
+                    }
+                    if source.raw_os_error() == Some(libc::ENOSPC) {
+                        return Err(AppendError::DiskFull { path });
+                    }
+                    return Err(AppendError::Io { path, source });
+                }
+            }
+        }
+        if !created.is_empty() {
+            if let Err(source) = self.io.sync_dir(&self.dir) {
+                for segment in &created {
+                    let _ = std::fs::remove_file(&segment.path);
+                }
+                return Err(AppendError::Io { path: self.dir.clone(), source });
+            }
+            self.segments.write().extend(created.iter().cloned());
+        }
+
+        // Write each run of records into its segment.
+        let mut touched: Vec<Arc<Segment>> = Vec::with_capacity(1 + created.len());
+        let mut run_segment = if starts.first() == Some(&0) {
+            None
+        } else {
+            Some(Arc::clone(self.segments.read().iter().rev().nth(created.len()).expect("active segment")))
+        };
+        let mut next_created = created.into_iter();
+        let mut run_start = 0;
+        let writer = &mut *guard;
+        let mut bytes_written = 0;
+        for boundary in starts.iter().copied().chain(std::iter::once(records.len())) {
+            if boundary > run_start {
+                let segment = run_segment.take().expect("a run has a segment");
+                let pos = writer.write_pos;
+                writer.buf.clear();
+                for (i, r) in records[run_start..boundary].iter().enumerate() {
+                    let offset = first_offset + (run_start + i) as u64;
+                    segment.note_record(offset, pos + writer.buf.len() as u64);
+                    record::encode(r, offset, &mut writer.buf);
+                    if let Some(key) = &r.key {
+                        writer.pending_keys.push(KeyEntry { key: key.clone(), offset, timestamp_ms: r.timestamp_ms });
+                    }
+                }
+                if let Err(source) = segment.write(&self.io, &writer.buf, pos) {
+                    let error = SyncError::new(format!("writing {}", segment.path.display()), source);
+                    self.poison(error.clone());
+                    return Err(AppendError::Poisoned(error));
+                }
+                writer.write_pos = pos + writer.buf.len() as u64;
+                bytes_written += writer.buf.len() as u64;
+                touched.push(segment);
+            }
+            if boundary < records.len() {
+                run_segment = next_created.next();
+                writer.write_pos = SEGMENT_HEADER_SIZE;
+            }
+            run_start = boundary;
+        }
+        let count = u32::try_from(records.len()).expect("batch size is below BATCH_COUNT_MAX");
+        let next_offset = first_offset + u64::from(count);
+
+        let active = touched.last().expect("a non-empty batch touches a segment");
+        let point = Point { segment_base: active.base_offset, position: writer.write_pos, next_offset, keys_len: 0 };
+        let seq = {
+            let mut commit = self.commit.lock();
+            commit.data_written += 1;
+            for segment in touched {
+                if !commit.dirty.iter().any(|d| Arc::ptr_eq(d, &segment)) {
+                    commit.dirty.push(segment);
+                }
+            }
+            commit.point = Some(point);
+            commit.bytes_since_checkpoint += bytes_written;
+            (commit.data_written, commit.epoch)
+        };
+        // Publish only now that the flusher's next snapshot holds the point
+        // past these records: see rule 4 of the module docs.
+        self.next_offset.store(next_offset, Ordering::Release);
+        drop(guard);
+        self.wake_after_write();
+        let commit = match self.options.sync_policy {
+            SyncPolicy::Fsync => Commit {
+                state: CommitInner::Pending { shared: Arc::clone(self), track: Track::Data, seq: seq.0, epoch: seq.1 },
+            },
+            SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
+        };
+        Ok(Appended { first_offset, count, commit })
+    }
+}
