@@ -38,6 +38,12 @@ pub enum BrokerError {
         crate::limits::STORAGE_RECOVERY_RETRY_AFTER_MS
     )]
     StorageRecovering { detail: String },
+    /// The queue's files could not be opened at start, so the broker set
+    /// it aside (the detail, with paths, is in its log under the id).
+    #[error(
+        "queue {name:?} is damaged: its files could not be opened when the broker started (error id {error_id}; the broker log has the detail), so it is set aside and serves nothing. Delete it with DeleteQueue (its messages are lost), or stop the broker, repair or restore its files and restart"
+    )]
+    QueueDamaged { name: String, error_id: String },
     #[error("{0}")]
     Refused(Box<Refusal>),
     /// An I/O or format failure with its detail (paths included), which

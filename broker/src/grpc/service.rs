@@ -10,10 +10,11 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::{convert, status::to_status, transport::inbound_error};
 use crate::{
     Broker,
+    broker::DamagedQueue,
     error::BrokerError,
     limits::{
-        CREDIT_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT,
-        WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
+        CREDIT_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX, STREAM_NACKS_IN_FLIGHT_MAX,
+        WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
     },
     now_ms,
     queue::{Holder, Queue},
@@ -59,7 +60,7 @@ impl admin_server::Admin for Service {
         if self.broker.is_shutting_down() {
             return Err(to_status(BrokerError::ShuttingDown));
         }
-        let queues = self.broker.queues().iter().map(|q| convert::queue_info(q)).collect();
+        let queues = every_queue(&self.broker, convert::queue_info, convert::damaged_info, "ListQueues");
         Ok(Response::new(pb::ListQueuesResponse { queues }))
     }
 
@@ -115,13 +116,13 @@ impl Service {
             if self.broker.is_shutting_down() {
                 return Err(to_status(BrokerError::ShuttingDown));
             }
-            self.broker.queues()
+            every_queue(&self.broker, convert::queue_stats, convert::damaged_stats, "Stats")
         } else {
-            vec![self.queue(queue)?]
+            vec![convert::queue_stats(&*self.queue(queue)?)]
         };
         Ok(pb::StatsResponse {
             at_ms: now_ms(),
-            queues: queues.iter().map(|q| convert::queue_stats(q)).collect(),
+            queues,
             disk_free_bytes: self.broker.node().disk_free(),
             disk_free_min_bytes: self.broker.node().disk_free_min(),
         })
@@ -187,6 +188,53 @@ impl stats_server::Stats for Service {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Every queue, served and damaged, by name, as `open` and `damaged`
+/// describe them, up to [`QUEUES_RESPONSE_SIZE_MAX`] encoded bytes: the
+/// queues past it (the last by name) are left out and logged, so the answer
+/// always fits the encode limit; they can be asked for by name.
+fn every_queue<T: prost::Message>(
+    broker: &Broker,
+    open: impl Fn(&Queue) -> T,
+    damaged: impl Fn(&DamagedQueue) -> T,
+    call: &'static str,
+) -> Vec<T> {
+    let queues = broker.queues();
+    let set_aside = broker.damaged_queues();
+    let mut named: Vec<(&str, Either<'_>)> = queues
+        .iter()
+        .map(|q| (q.name.as_str(), Either::Open(q)))
+        .chain(set_aside.iter().map(|d| (d.name.as_str(), Either::Damaged(d))))
+        .collect();
+    named.sort_unstable_by_key(|(name, _)| *name);
+    let mut size = 0;
+    let mut described = Vec::with_capacity(named.len());
+    for (index, (_, queue)) in named.iter().enumerate() {
+        let item = match queue {
+            Either::Open(queue) => open(queue),
+            Either::Damaged(queue) => damaged(queue),
+        };
+        // A repeated message field: its encoding, a tag byte and a length.
+        size += prost::Message::encoded_len(&item) + 1 + prost::length_delimiter_len(item.encoded_len());
+        if size > QUEUES_RESPONSE_SIZE_MAX {
+            tracing::warn!(
+                call,
+                left_out = named.len() - index,
+                limit = QUEUES_RESPONSE_SIZE_MAX,
+                "an all-queue answer reached its size limit; the queues past it were left out"
+            );
+            break;
+        }
+        described.push(item);
+    }
+    described
+}
+
+/// A served queue or a damaged one ([`every_queue`]).
+enum Either<'a> {
+    Open(&'a Arc<Queue>),
+    Damaged(&'a DamagedQueue),
 }
 
 /// Responses a consume session may have queued towards the client beyond

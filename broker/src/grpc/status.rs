@@ -90,7 +90,9 @@ fn status_of(error: BrokerError) -> Status {
             Code::InvalidArgument
         }
         BrokerError::QueueExists { .. } => Code::AlreadyExists,
-        BrokerError::FailedPrecondition(_) | BrokerError::UnknownDelivery { .. } => Code::FailedPrecondition,
+        BrokerError::FailedPrecondition(_) | BrokerError::UnknownDelivery { .. } | BrokerError::QueueDamaged { .. } => {
+            Code::FailedPrecondition
+        }
         BrokerError::LimitReached { .. } => Code::ResourceExhausted,
         BrokerError::DiskFull { .. } => {
             let retry = crate::limits::DISK_FULL_RETRY_AFTER_MS;
