@@ -5,7 +5,7 @@
 //! data_dir = "./data"
 //! listen = "127.0.0.1:7400"
 //! shutdown_timeout_ms = 10000
-//! queues_max = 10000
+//! queues_max = 20000
 //!
 //! [storage]
 //! segment_size = 67108864
@@ -51,10 +51,11 @@ pub const TCP_KEEPALIVE_MS_DEFAULT: u64 = 60_000;
 pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
 /// Default limit on concurrent calls (HTTP/2 streams) per connection.
 pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 1024;
-/// Default limit on queues (dead-letter and damaged queues included). An
-/// idle queue costs little (see the README's limits), so the default is the
-/// figure the broker is tested and benchmarked at.
-pub const QUEUES_MAX_DEFAULT: usize = 10_000;
+/// Default limit on queues (dead-letter and damaged queues included):
+/// 10,000 queues, each with its dead-letter queue, the figure the broker is
+/// benchmarked at (`ballast-bench queues`). An idle queue costs little (see
+/// the README's limits).
+pub const QUEUES_MAX_DEFAULT: usize = 20_000;
 /// Default limit on Stats Watch streams open at once.
 pub const WATCH_STREAMS_MAX_DEFAULT: usize = 256;
 
