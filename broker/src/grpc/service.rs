@@ -208,27 +208,38 @@ fn every_queue<T: prost::Message>(
         .chain(set_aside.iter().map(|d| (d.name.as_str(), Either::Damaged(d))))
         .collect();
     named.sort_unstable_by_key(|(name, _)| *name);
-    let mut size = 0;
-    let mut described = Vec::with_capacity(named.len());
-    for (index, (_, queue)) in named.iter().enumerate() {
-        let item = match queue {
-            Either::Open(queue) => open(queue),
-            Either::Damaged(queue) => damaged(queue),
-        };
-        // A repeated message field: its encoding, a tag byte and a length.
-        size += prost::Message::encoded_len(&item) + 1 + prost::length_delimiter_len(item.encoded_len());
-        if size > QUEUES_RESPONSE_SIZE_MAX {
-            tracing::warn!(
-                call,
-                left_out = named.len() - index,
-                limit = QUEUES_RESPONSE_SIZE_MAX,
-                "an all-queue answer reached its size limit; the queues past it were left out"
-            );
-            break;
-        }
-        described.push(item);
+    let items = named.iter().map(|(_, queue)| match queue {
+        Either::Open(queue) => open(queue),
+        Either::Damaged(queue) => damaged(queue),
+    });
+    let (described, left_out) = up_to_size(items, QUEUES_RESPONSE_SIZE_MAX);
+    if left_out > 0 {
+        tracing::warn!(
+            call,
+            left_out,
+            limit = QUEUES_RESPONSE_SIZE_MAX,
+            "an all-queue answer reached its size limit; the queues past it were left out"
+        );
     }
     described
+}
+
+/// The first `items` whose encoding as a repeated field (each with its tag
+/// byte and length) fits in `size_max` bytes, and how many were left out.
+fn up_to_size<T: prost::Message>(items: impl ExactSizeIterator<Item = T>, size_max: usize) -> (Vec<T>, usize) {
+    let count = items.len();
+    let mut size = 0;
+    let mut kept = Vec::with_capacity(count);
+    for item in items {
+        let len = item.encoded_len();
+        size += 1 + prost::length_delimiter_len(len) + len;
+        if size > size_max {
+            break;
+        }
+        kept.push(item);
+    }
+    let left_out = count - kept.len();
+    (kept, left_out)
 }
 
 /// A served queue or a damaged one ([`every_queue`]).
@@ -488,6 +499,66 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// An all-queue answer keeps the queues that fit its size limit: at
+    /// the limit all of them, one byte under it the last is left out.
+    #[test]
+    fn all_queue_answers_stop_at_their_size_limit() {
+        let item = |i: usize| pb::QueueInfo { name: format!("q{i:04}"), ..pb::QueueInfo::default() };
+        let each = {
+            let len = prost::Message::encoded_len(&item(0));
+            1 + prost::length_delimiter_len(len) + len
+        };
+        let (kept, left_out) = up_to_size((0..10).map(item), 10 * each);
+        assert_eq!((kept.len(), left_out), (10, 0));
+        let (kept, left_out) = up_to_size((0..10).map(item), 10 * each - 1);
+        assert_eq!((kept.len(), left_out), (9, 1));
+        assert_eq!(kept.last().map(|q| q.name.as_str()), Some("q0008"), "the last by name go");
+        // The answer built from kept items is within the limit.
+        let response = pb::ListQueuesResponse { queues: kept };
+        assert!(prost::Message::encoded_len(&response) <= 10 * each - 1);
+    }
+
+    /// With the default `queues_max`, every queue of the default settings
+    /// (three lanes, a name of 20 bytes, busy figures) fits one Stats and
+    /// one ListQueues answer: the size limit only cuts answers about
+    /// queues far larger than the default (eight long-named lanes).
+    #[test]
+    fn the_default_queues_max_fits_an_all_queue_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let config = crate::Config { data_dir: dir.path().to_owned(), ..crate::Config::default() };
+            let broker = Broker::open(config).unwrap();
+            let queue = broker.create("a-queue-name-20-byte", &Default::default()).await.unwrap();
+            let mut stats = convert::queue_stats(&queue);
+            // Figures at their widest varints.
+            stats.in_flight = u64::MAX;
+            stats.credit = u64::MAX;
+            stats.refused_queue_full = u64::MAX;
+            stats.throttled_ms = u64::MAX;
+            for lane in &mut stats.lanes {
+                lane.in_flight = u64::MAX;
+                if let Some(s) = lane.saturation.as_mut() {
+                    s.depth = u64::MAX;
+                    s.bytes = u64::MAX;
+                    s.oldest_age_ms = u64::MAX;
+                    s.drain_estimate_ms = Some(u64::MAX);
+                }
+            }
+            let info = convert::queue_info(&queue);
+            let queues_max = crate::config::QUEUES_MAX_DEFAULT;
+            for (what, len) in
+                [("Stats", prost::Message::encoded_len(&stats)), ("ListQueues", prost::Message::encoded_len(&info))]
+            {
+                let each = 1 + prost::length_delimiter_len(len) + len;
+                assert!(
+                    each * queues_max <= QUEUES_RESPONSE_SIZE_MAX,
+                    "{what}: {queues_max} queues of {each} bytes exceed {QUEUES_RESPONSE_SIZE_MAX}"
+                );
+            }
+        });
+    }
 
     /// A stream applies at most STREAM_NACKS_IN_FLIGHT_MAX nacks at once:
     /// with one permit left a nack is taken at once; with none left the
