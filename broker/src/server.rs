@@ -182,5 +182,5 @@ pub fn raise_open_files_limit() -> std::io::Result<OpenFilesLimit> {
         }
         limit = raised;
     }
-    Ok(OpenFilesLimit { before: before as u64, after: limit.rlim_cur as u64, hard: limit.rlim_max as u64 })
+    Ok(OpenFilesLimit { before, after: limit.rlim_cur, hard: limit.rlim_max })
 }
