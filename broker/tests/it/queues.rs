@@ -197,6 +197,10 @@ async fn a_restart_with_many_queues_serves_them_all() {
         "the start logs what it opened"
     );
     assert!(log.contains("open files limit"), "the start logs the open files limit");
+    // The figure, for whoever runs the test with --nocapture.
+    if let Some(line) = log.lines().rfind(|l| l.contains("queues opened")) {
+        println!("restart with {QUEUES} queues: {line}");
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while health(&broker, "q00999").await != tonic_health::ServingStatus::Serving as i32 {
         assert!(std::time::Instant::now() < deadline, "q00999 reported SERVING");
