@@ -222,6 +222,10 @@ impl Broker {
                         tracing::debug!(queue = %found.name, "queue opened");
                         queues.insert(found.name, queue);
                     }
+                    // Out of descriptors says nothing about the queue's
+                    // files: setting healthy queues aside would invite
+                    // their deletion. The operator raises the limit.
+                    Err(error @ BrokerError::FileDescriptorsExhausted { .. }) => return Err(error),
                     Err(error) => set_aside(&mut damaged, found.name, found.dir, &error),
                 }
             }
