@@ -207,3 +207,66 @@ async fn a_restart_with_many_queues_serves_them_all() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Bytes allocated on disk under `dir` (blocks, as `du` counts them).
+fn disk_use(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let metadata = entry.as_ref().unwrap().metadata().unwrap();
+            total += metadata.blocks() * 512;
+            if metadata.is_dir() {
+                pending.push(entry.unwrap().path());
+            }
+        }
+    }
+    total
+}
+
+/// Queues are not bounded by the process's descriptor limit: under an
+/// RLIMIT_NOFILE of 256 (soft and hard, so the broker cannot raise it),
+/// 300 queues are created (more files than descriptors: each lane's log
+/// has a segment, a checkpoint and journals), every one takes a publish,
+/// and after a restart under the same limit all of them serve. Needs the
+/// storage's bounded open-file cache (s-storage).
+#[tokio::test]
+async fn queues_past_the_open_files_limit() {
+    const QUEUES: usize = 300;
+    let mut broker = BrokerProcess::start_with_open_files_max(256, &[]);
+    let mut admin = broker.admin().await;
+    let mut publisher = broker.publisher().await;
+    for i in 0..QUEUES {
+        let name = format!("q{i:03}");
+        create(&mut admin, &name, one_lane()).await;
+        publish(&mut publisher, &name, message("one")).await;
+    }
+    broker.terminate_cleanly();
+    broker.restart();
+    let mut admin = broker.admin().await;
+    assert_eq!(queue_names(&mut admin).await.len(), QUEUES);
+    let mut publisher = broker.publisher().await;
+    for i in 0..QUEUES {
+        let name = format!("q{i:03}");
+        publish(&mut publisher, &name, message("two")).await;
+        assert_eq!(depth(&mut admin, &name).await, 2, "{name}");
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", broker.pid())).unwrap().count();
+    assert!(fds <= 256, "{fds} descriptors open under a limit of 256");
+}
+
+/// An empty queue with its dead-letter queue, at the default settings
+/// (three lanes each, 64 MiB segments), uses at most 1 MiB of disk: space
+/// follows the backlog, not the queue's existence. Needs the storage's
+/// lazy segment allocation (s-storage).
+#[tokio::test]
+async fn an_empty_queue_uses_at_most_one_mebibyte() {
+    let broker = BrokerProcess::start();
+    let mut admin = broker.admin().await;
+    create(&mut admin, "empty", queue_settings()).await;
+    let queues = broker.data_dir.join("queues");
+    let used: u64 = std::fs::read_dir(&queues).unwrap().map(|e| disk_use(&e.unwrap().path())).sum();
+    assert_eq!(queue_names(&mut admin).await, ["empty", "empty.dead"]);
+    assert!(used <= 1 << 20, "an empty queue and its dead-letter queue use {used} bytes on disk");
+}
