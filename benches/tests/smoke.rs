@@ -248,3 +248,53 @@ fn overhead() {
     assert!(f(&v["raw_messages_per_s"]) > 0.0);
     assert!(f(&v["producer_messages_per_s"]) > 0.0);
 }
+
+/// Many queues, tiny: every figure is reported, the restart reaches
+/// SERVING, and the steady load over the sampled queues is delivered alone
+/// and during the flood.
+#[test]
+fn queues() {
+    let config_dir = tempfile::tempdir().expect("temp dir");
+    let config = config_dir.path().join("ballastd.toml");
+    std::fs::write(&config, "[storage]\nsegment_size = 65536\n").expect("writing the broker config");
+    let config = config.to_string_lossy().into_owned();
+    let args = [
+        "--broker-config",
+        &config,
+        "--queues",
+        "6",
+        "--sample",
+        "3",
+        "--rate",
+        "100",
+        "--seconds",
+        "0.5",
+        "--size",
+        "64",
+        "--flood-producers",
+        "1",
+        "--flood-batch",
+        "10",
+    ];
+    let (v, _, _dir) = run("queues", &args);
+    assert_eq!(u(&v["queues"]), 6);
+    assert!(f(&v["create_per_s"]) > 0.0);
+    for when in ["after_create", "after_restart", "after_flood"] {
+        let figures = &v[when];
+        assert!(u(&figures["disk_bytes"]) > 0, "{when}: {figures}");
+        assert!(u(&figures["rss_bytes"]) > 0, "{when}: {figures}");
+        assert!(u(&figures["threads"]) > 0, "{when}: {figures}");
+        assert!(u(&figures["open_files"]) > 0, "{when}: {figures}");
+    }
+    assert!(f(&v["restart_to_serving_seconds"]) > 0.0);
+    assert_eq!(u(&v["sampled_queues"]), 3);
+    for phase in ["alone", "during"] {
+        let measured = &v[phase];
+        assert_eq!(u(&measured["errors"]), 0, "{phase}: {measured}");
+        assert_eq!(u(&measured["sent"]), 50, "{phase}: {measured}");
+        assert!(u(&measured["received"]) >= u(&measured["sent"]), "{phase}: every message is delivered: {measured}");
+        assert!(f(&measured["publish_to_delivery"]["p99_ms"]) > 0.0);
+    }
+    assert!(u(&v["flood_stored"]) > 0, "the flood stored messages");
+    assert!(f(&v["p99_ratio_publish_to_delivery"]) > 0.0);
+}

@@ -6,6 +6,14 @@
 //! queue a new directory even while the deleted one is still being removed.
 //! A directory without `queue.toml` is an interrupted creation or deletion
 //! and is removed on start.
+//!
+//! Start: queues open in parallel on a bounded set of blocking threads
+//! (`QUEUE_OPEN_THREADS_MAX`), dead-letter queues first. A queue whose
+//! files cannot be opened (an unreadable `queue.toml`, a damaged segment,
+//! an unreadable lane directory) is set aside as a [`DamagedQueue`]: the
+//! broker starts and serves the others, every call to it is refused with
+//! FAILED_PRECONDITION (`BrokerError::QueueDamaged`), ListQueues and Stats
+//! mark it, and DeleteQueue removes its files.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,7 +29,7 @@ use parking_lot::RwLock;
 use crate::{
     config::Config,
     error::{BrokerError, Result},
-    limits::{DEAD_LETTER_SUFFIX, QUEUES_MAX},
+    limits::{DEAD_LETTER_SUFFIX, QUEUE_OPEN_THREADS_MAX},
     now_ms,
     queue::{Queue, QueueName, QueueSettings, SettingsRequest},
 };
@@ -96,6 +104,9 @@ pub struct Broker {
     config: Config,
     queues_dir: PathBuf,
     queues: RwLock<BTreeMap<QueueName, Arc<Queue>>>,
+    /// Queues whose files could not be opened at start, set aside until
+    /// deleted (or repaired and the broker restarted).
+    damaged: RwLock<BTreeMap<QueueName, DamagedQueue>>,
     /// Serializes create and delete (they touch several directories).
     admin: tokio::sync::Mutex<()>,
     node: Arc<Node>,
@@ -121,6 +132,24 @@ struct LaneRecovery {
     running: bool,
 }
 
+/// A queue whose files could not be opened at start, set aside.
+#[derive(Debug, Clone)]
+pub struct DamagedQueue {
+    pub name: QueueName,
+    /// Its directory (removed by DeleteQueue).
+    dir: PathBuf,
+    /// The id under which the broker logged why (the detail has paths;
+    /// clients get the id).
+    pub error_id: String,
+}
+
+impl DamagedQueue {
+    /// The error every call to the queue gets.
+    pub fn error(&self) -> BrokerError {
+        BrokerError::QueueDamaged { name: self.name.to_string(), error_id: self.error_id.clone() }
+    }
+}
+
 /// The gRPC health service name of one queue: NOT_SERVING while some lane
 /// of it cannot write (its log is being reopened).
 pub fn queue_health_service(queue: &str) -> String {
@@ -131,8 +160,12 @@ const QUEUES_DIR: &str = "queues";
 
 impl Broker {
     /// Opens every queue under `config.data_dir` (creating the directory if
-    /// needed). Must run inside a tokio runtime: queues start timer tasks.
+    /// needed), in parallel on up to `QUEUE_OPEN_THREADS_MAX` threads, and
+    /// sets aside the queues that cannot be opened. Blocks: call it on a
+    /// blocking thread. Must run inside a tokio runtime: queues start timer
+    /// tasks.
     pub fn open(config: Config) -> Result<Arc<Broker>> {
+        let started = std::time::Instant::now();
         // First of all: a second process on the same directory would treat
         // the live tail as torn and overwrite acknowledged records.
         let lock = DataDirLock::acquire(&config.data_dir)?;
@@ -140,7 +173,8 @@ impl Broker {
         std::fs::create_dir_all(&queues_dir).map_err(|e| io_error(&queues_dir, e))?;
         let node = Arc::new(Node::new(config.disk_free_min_bytes));
         node.refresh_disk(&queues_dir);
-        let mut found: Vec<(PathBuf, QueueName, QueueSettings)> = Vec::new();
+        let mut found: Vec<Found> = Vec::new();
+        let mut damaged: BTreeMap<QueueName, DamagedQueue> = BTreeMap::new();
         for entry in std::fs::read_dir(&queues_dir).map_err(|e| io_error(&queues_dir, e))? {
             let entry = entry.map_err(|e| io_error(&queues_dir, e))?;
             let dir = entry.path();
@@ -156,33 +190,66 @@ impl Broker {
                 crate::queue::remove_in_background(&dir);
                 continue;
             }
-            let (name, settings) = Queue::read_settings(&dir)?;
-            found.push((dir, name, settings));
+            match Queue::read_settings(&dir) {
+                Ok((name, settings)) => found.push(Found { dir, name, settings }),
+                Err(error) => match name_of_dir(&dir) {
+                    Some(name) => set_aside(&mut damaged, name, dir, &error),
+                    None => tracing::error!(
+                        dir = %dir.display(),
+                        %error,
+                        "cannot read this queue directory, nor tell its queue from its name; left alone"
+                    ),
+                },
+            }
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(pair) = found.windows(2).find(|pair| pair[0].name == pair[1].name) {
+            return Err(BrokerError::Storage(format!(
+                "two directories hold queue {}: {} and {}; move one away",
+                pair[0].name,
+                pair[0].dir.display(),
+                pair[1].dir.display()
+            )));
         }
         // Dead-letter queues first: their source queues hold them.
-        found.sort_by_key(|(_, name, _)| !name.as_str().ends_with(DEAD_LETTER_SUFFIX));
+        let (dead, sources): (Vec<Found>, Vec<Found>) =
+            found.into_iter().partition(|f| f.name.as_str().ends_with(DEAD_LETTER_SUFFIX));
         let mut queues: BTreeMap<QueueName, Arc<Queue>> = BTreeMap::new();
-        for (dir, name, settings) in found {
-            if queues.contains_key(&name) {
-                return Err(BrokerError::Storage(format!(
-                    "two directories hold queue {name}; the second is {}: move one away",
-                    dir.display()
-                )));
+        for batch in [dead, sources] {
+            for (found, opened) in open_queues(batch, &config, &node, &queues) {
+                match opened {
+                    Ok(queue) => {
+                        tracing::debug!(queue = %found.name, "queue opened");
+                        queues.insert(found.name, queue);
+                    }
+                    // Out of descriptors says nothing about the queue's
+                    // files: setting healthy queues aside would invite
+                    // their deletion. The operator raises the limit.
+                    Err(error @ BrokerError::FileDescriptorsExhausted { .. }) => return Err(error),
+                    Err(error) => set_aside(&mut damaged, found.name, found.dir, &error),
+                }
             }
-            let dead_letter = if settings.dead_letter { queues.get(&dead_letter_name(&name)?).cloned() } else { None };
-            if settings.dead_letter && dead_letter.is_none() {
-                tracing::warn!(queue = %name, "its dead-letter queue is missing; dead letters will be dropped");
-            }
-            let queue = Queue::open(&dir, &config, Arc::clone(&node), dead_letter)?;
-            tracing::info!(queue = %name, depth = queue.stats().lane_depths.iter().sum::<u64>(), "queue opened");
-            queues.insert(name, queue);
         }
         sync_dir(&queues_dir)?;
+        tracing::info!(
+            queues = queues.len(),
+            damaged = damaged.len(),
+            elapsed_ms = started.elapsed().as_millis(),
+            "queues opened"
+        );
+        if queues.len() + damaged.len() > config.queues_max {
+            tracing::warn!(
+                queues = queues.len() + damaged.len(),
+                queues_max = config.queues_max,
+                "more queues than queues_max: every queue is served, but none can be created until some are deleted"
+            );
+        }
         Ok(Arc::new(Broker {
             _lock: lock,
             config,
             queues_dir,
             queues: RwLock::new(queues),
+            damaged: RwLock::new(damaged),
             admin: tokio::sync::Mutex::new(()),
             node,
             shutting_down: AtomicBool::new(false),
@@ -204,12 +271,24 @@ impl Broker {
     pub fn queue(&self, name: &str) -> Result<Arc<Queue>> {
         self.check_running()?;
         let name = QueueName::parse(name)?;
-        self.queues.read().get(&name).cloned().ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
+        if let Some(queue) = self.queues.read().get(&name) {
+            return Ok(Arc::clone(queue));
+        }
+        match self.damaged.read().get(&name) {
+            Some(damaged) => Err(damaged.error()),
+            None => Err(BrokerError::QueueNotFound(name.to_string())),
+        }
     }
 
     /// Every queue, by name.
     pub fn queues(&self) -> Vec<Arc<Queue>> {
         self.queues.read().values().cloned().collect()
+    }
+
+    /// Every queue set aside at start because its files could not be
+    /// opened, by name.
+    pub fn damaged_queues(&self) -> Vec<DamagedQueue> {
+        self.damaged.read().values().cloned().collect()
     }
 
     /// Creates a queue (and its dead-letter queue). Creating an existing
@@ -227,6 +306,12 @@ impl Broker {
         let settings = QueueSettings::resolve(request, &self.config.queue_defaults)?;
         let _admin = self.admin.lock().await;
         self.check_running()?;
+        let dead_name = dead_letter_name(&name)?;
+        for name in [&name, &dead_name] {
+            if let Some(damaged) = self.damaged.read().get(name) {
+                return Err(damaged.error());
+            }
+        }
         if let Some(existing) = self.queues.read().get(&name) {
             return match existing.settings.difference(&settings) {
                 None => Ok(Arc::clone(existing)),
@@ -234,17 +319,17 @@ impl Broker {
             };
         }
         let needed = if settings.dead_letter { 2 } else { 1 };
-        if self.queues.read().len() + needed > QUEUES_MAX {
+        let held = self.queues.read().len() + self.damaged.read().len();
+        if held + needed > self.config.queues_max {
             return Err(BrokerError::LimitReached {
                 what: "queues",
-                max: QUEUES_MAX,
-                hint: "delete unused queues (a dead-letter queue counts as one)",
+                max: self.config.queues_max,
+                hint: "delete unused queues (a dead-letter queue counts as one), or raise queues_max",
             });
         }
         // The dead-letter queue this call creates, if any.
         let mut created_dead = None;
         let dead_letter = if settings.dead_letter {
-            let dead_name = dead_letter_name(&name)?;
             let existing = self.queues.read().get(&dead_name).cloned();
             match existing {
                 Some(dead) => Some(dead),
@@ -257,7 +342,7 @@ impl Broker {
                         max_publish_byte_rate: 0,
                         ..settings.clone()
                     };
-                    let dead = self.create_dir_and_queue(dead_name.clone(), dead_settings, None)?;
+                    let dead = self.create_dir_and_queue(dead_name.clone(), dead_settings, None).await?;
                     self.queues.write().insert(dead_name.clone(), Arc::clone(&dead));
                     created_dead = Some(dead_name);
                     Some(dead)
@@ -266,16 +351,16 @@ impl Broker {
         } else {
             None
         };
-        let queue = match self.create_dir_and_queue(name.clone(), settings, dead_letter) {
+        let queue = match self.create_dir_and_queue(name.clone(), settings, dead_letter).await {
             Ok(queue) => queue,
             Err(e) => {
                 // Leave nothing half-created: a dead-letter queue made for
                 // this queue goes again.
-                if let Some(dead_name) = created_dead
-                    && let Some(dead) = self.queues.write().remove(&dead_name)
-                {
+                let dead = created_dead.as_ref().and_then(|dead_name| self.queues.write().remove(dead_name));
+                if let Some(dead) = dead {
+                    let dead_name = dead.name.clone();
                     dead.close_consumers();
-                    if let Err(removal) = dead.mark_removed() {
+                    if let Err(removal) = mark_removed(dead).await {
                         tracing::warn!(queue = %dead_name, "removing the dead-letter queue of a failed creation: {removal}");
                     }
                 }
@@ -287,26 +372,35 @@ impl Broker {
         Ok(queue)
     }
 
-    fn create_dir_and_queue(
+    /// Creates a queue's directory and files on a blocking thread: creating
+    /// and syncing files and directories must not hold up a runtime worker
+    /// that other queues' calls need.
+    async fn create_dir_and_queue(
         &self,
         name: QueueName,
         settings: QueueSettings,
         dead_letter: Option<Arc<Queue>>,
     ) -> Result<Arc<Queue>> {
         let dir = self.queues_dir.join(format!("{name}~{}", self.node.next_generation()));
-        let created = Queue::create(&dir, name, settings, &self.config, Arc::clone(&self.node), dead_letter)
-            .and_then(|queue| sync_dir(&self.queues_dir).map(|()| queue));
-        if created.is_err() {
-            // Nothing half-created stays behind: without `queue.toml` the
-            // directory is a failed creation (a restart would remove it
-            // too). Logs opened in it have closed (the queue dropped).
-            if let Err(e) = std::fs::remove_dir_all(&dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %dir.display(), "removing a failed queue creation: {e}");
+        let queues_dir = self.queues_dir.clone();
+        let config = self.config.clone();
+        let node = Arc::clone(&self.node);
+        blocking(move || {
+            let created = Queue::create(&dir, name, settings, &config, node, dead_letter)
+                .and_then(|queue| sync_dir(&queues_dir).map(|()| queue));
+            if created.is_err() {
+                // Nothing half-created stays behind: without `queue.toml` the
+                // directory is a failed creation (a restart would remove it
+                // too). Logs opened in it have closed (the queue dropped).
+                if let Err(e) = std::fs::remove_dir_all(&dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(dir = %dir.display(), "removing a failed queue creation: {e}");
+                }
             }
-        }
-        created
+            created
+        })
+        .await
     }
 
     /// Deletes a queue and its dead-letter queue, with every message in
@@ -317,6 +411,10 @@ impl Broker {
         self.check_running()?;
         let name = QueueName::parse(name)?;
         let _admin = self.admin.lock().await;
+        let dead_name = dead_letter_name(&name)?;
+        if self.damaged.read().contains_key(&name) {
+            return self.delete_damaged(&name, &dead_name).await;
+        }
         let queue =
             self.queues.read().get(&name).cloned().ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))?;
         if let Some(source) = name.as_str().strip_suffix(DEAD_LETTER_SUFFIX)
@@ -334,9 +432,55 @@ impl Broker {
         for queue in doomed {
             queue.close_consumers();
             self.queues.write().remove(&queue.name);
-            queue.mark_removed()?;
-            tracing::info!(queue = %queue.name, "queue deleted");
+            let name = queue.name.clone();
+            mark_removed(queue).await?;
+            tracing::info!(queue = %name, "queue deleted");
         }
+        // A damaged dead-letter queue (its source opened without it) goes
+        // with its source queue.
+        if self.damaged.read().contains_key(&dead_name) {
+            self.remove_damaged(&dead_name).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a damaged queue's files, and its dead-letter queue whether
+    /// that opened or not (a source queue's settings are unknown when its
+    /// `queue.toml` is what is damaged, but only a source queue has a
+    /// `<name>.dead`). Called under the admin lock.
+    async fn delete_damaged(&self, name: &QueueName, dead_name: &QueueName) -> Result<()> {
+        self.remove_damaged(name).await?;
+        let dead = self.queues.write().remove(dead_name);
+        if let Some(dead) = dead {
+            dead.close_consumers();
+            mark_removed(dead).await?;
+            tracing::info!(queue = %dead_name, "queue deleted");
+        } else if self.damaged.read().contains_key(dead_name) {
+            self.remove_damaged(dead_name).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes one damaged queue: its `queue.toml` first, durably (a crash
+    /// from here on leaves a directory the next start removes), then the
+    /// rest in the background.
+    async fn remove_damaged(&self, name: &QueueName) -> Result<()> {
+        let Some(damaged) = self.damaged.read().get(name).cloned() else { return Ok(()) };
+        let dir = damaged.dir.clone();
+        blocking(move || {
+            let path = dir.join(crate::queue::QUEUE_FILE);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path, e)),
+            }
+            sync_dir(&dir)?;
+            crate::queue::remove_in_background(&dir);
+            Ok(())
+        })
+        .await?;
+        self.damaged.write().remove(name);
+        tracing::info!(queue = %name, "damaged queue deleted");
         Ok(())
     }
 
@@ -453,8 +597,9 @@ impl Broker {
     /// cleared. Only changes are sent.
     pub async fn report_health(&self, health: &mut tonic_health::server::HealthReporter) {
         use tonic_health::ServingStatus;
-        let current: HashMap<String, bool> =
+        let mut current: HashMap<String, bool> =
             self.queues().iter().map(|q| (q.name.to_string(), Broker::is_writable(q))).collect();
+        current.extend(self.damaged_queues().into_iter().map(|d| (d.name.to_string(), false)));
         let (changed, gone) = {
             let mut reported = self.reported_health.lock();
             let changed: Vec<(String, bool)> = current
@@ -556,6 +701,119 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     // SAFETY: statvfs returned 0, so it initialized `stat`.
     let stat = unsafe { stat.assume_init() };
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// A queue directory found at start, its `queue.toml` read.
+struct Found {
+    dir: PathBuf,
+    name: QueueName,
+    settings: QueueSettings,
+}
+
+/// Opens `batch` on up to [`QUEUE_OPEN_THREADS_MAX`] scoped threads (each
+/// inside the runtime, for the queues' timer tasks); `opened` holds the
+/// dead-letter queues the batch's queues may need. A panic while opening
+/// one queue sets that queue aside instead of aborting the start.
+fn open_queues(
+    batch: Vec<Found>,
+    config: &Config,
+    node: &Arc<Node>,
+    opened: &BTreeMap<QueueName, Arc<Queue>>,
+) -> Vec<(Found, Result<Arc<Queue>>)> {
+    use std::sync::atomic::AtomicUsize;
+    if batch.is_empty() {
+        return Vec::new();
+    }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let threads = (cores * 4).min(QUEUE_OPEN_THREADS_MAX).min(batch.len());
+    let runtime = tokio::runtime::Handle::current();
+    let next = AtomicUsize::new(0);
+    let results: Vec<parking_lot::Mutex<Option<Result<Arc<Queue>>>>> =
+        batch.iter().map(|_| parking_lot::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let _runtime = runtime.enter();
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(found) = batch.get(index) else { break };
+                    let opened = open_one(found, config, node, opened);
+                    *results[index].lock() = Some(opened);
+                }
+            });
+        }
+    });
+    batch
+        .into_iter()
+        .zip(results)
+        .map(|(found, result)| {
+            let result = result.into_inner().expect("every index below the batch's length was taken by a thread");
+            (found, result)
+        })
+        .collect()
+}
+
+fn open_one(
+    found: &Found,
+    config: &Config,
+    node: &Arc<Node>,
+    opened: &BTreeMap<QueueName, Arc<Queue>>,
+) -> Result<Arc<Queue>> {
+    let dead_letter = if found.settings.dead_letter {
+        let dead = opened.get(&dead_letter_name(&found.name)?).cloned();
+        if dead.is_none() {
+            tracing::warn!(queue = %found.name, "its dead-letter queue is missing; dead letters will be dropped");
+        }
+        dead
+    } else {
+        None
+    };
+    let open = || Queue::open(&found.dir, config, Arc::clone(node), dead_letter);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(BrokerError::Storage(format!("opening {} panicked: {what}", found.dir.display())))
+    })
+}
+
+/// Records a queue that cannot be opened and logs why under an error id.
+fn set_aside(damaged: &mut BTreeMap<QueueName, DamagedQueue>, name: QueueName, dir: PathBuf, error: &BrokerError) {
+    let error_id = crate::grpc::status::error_id();
+    tracing::error!(
+        queue = %name,
+        dir = %dir.display(),
+        %error_id,
+        %error,
+        "the queue's files are damaged or unreadable: it is set aside (calls to it fail with FAILED_PRECONDITION) \
+         and the broker serves the others; delete it with DeleteQueue, or repair its files and restart"
+    );
+    damaged.insert(name.clone(), DamagedQueue { name, dir, error_id });
+}
+
+/// The queue a directory `<name>~<generation>` holds, when its
+/// `queue.toml` cannot say.
+fn name_of_dir(dir: &Path) -> Option<QueueName> {
+    let file_name = dir.file_name()?.to_str()?;
+    let (name, generation) = file_name.rsplit_once('~')?;
+    generation.parse::<u64>().ok()?;
+    QueueName::parse(name).ok()
+}
+
+/// Deletes a queue's `queue.toml` durably, on a blocking thread.
+async fn mark_removed(queue: Arc<Queue>) -> Result<()> {
+    blocking(move || queue.mark_removed()).await
+}
+
+/// Runs file work on a blocking thread.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(BrokerError::ShuttingDown),
+    }
 }
 
 /// `<name>.dead`.

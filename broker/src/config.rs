@@ -5,6 +5,7 @@
 //! data_dir = "./data"
 //! listen = "127.0.0.1:7400"
 //! shutdown_timeout_ms = 10000
+//! queues_max = 20000
 //!
 //! [storage]
 //! segment_size = 67108864
@@ -52,6 +53,11 @@ pub const TCP_KEEPALIVE_MS_DEFAULT: u64 = 60_000;
 pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
 /// Default limit on concurrent calls (HTTP/2 streams) per connection.
 pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 1024;
+/// Default limit on queues (dead-letter and damaged queues included):
+/// 10,000 queues, each with its dead-letter queue, the figure the broker is
+/// benchmarked at (`ballast-bench queues`). An idle queue costs little (see
+/// the README's limits).
+pub const QUEUES_MAX_DEFAULT: usize = 20_000;
 /// Default limit on Stats Watch streams open at once.
 pub const WATCH_STREAMS_MAX_DEFAULT: usize = 256;
 /// Default longest time a call may take until its response starts, in ms:
@@ -73,6 +79,9 @@ pub struct Config {
     /// Publishes are refused while the data directory's filesystem has less
     /// free space than this, in bytes (consumers, acks and admin go on).
     pub disk_free_min_bytes: u64,
+    /// Queues this broker holds at most, dead-letter and damaged queues
+    /// included (1..=`limits::QUEUES_MAX`); one more is RESOURCE_EXHAUSTED.
+    pub queues_max: usize,
     pub storage: StorageConfig,
     pub grpc: GrpcConfig,
     /// Settings a new queue gets for every field its creator leaves unset.
@@ -225,6 +234,7 @@ impl Default for Config {
             shutdown_timeout_ms: SHUTDOWN_TIMEOUT_MS_DEFAULT,
             metrics_listen: METRICS_LISTEN_DEFAULT.parse().expect("the default metrics address parses"),
             disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
+            queues_max: QUEUES_MAX_DEFAULT,
             storage: StorageConfig::default(),
             grpc: GrpcConfig::default(),
             queue_defaults: QueueSettings::default(),
@@ -269,6 +279,10 @@ impl Config {
             return Err(format!("storage.open_files_max must be in {min}..={max}; got {files}"));
         }
         self.grpc.validate().map_err(|e| format!("grpc.{e}"))?;
+        let max = crate::limits::QUEUES_MAX;
+        if !(1..=max).contains(&self.queues_max) {
+            return Err(format!("queues_max must be in 1..={max}; got {}", self.queues_max));
+        }
         Ok(())
     }
 
@@ -370,6 +384,19 @@ mod tests {
                     assert!(e.contains("storage.open_files_max"), "{e}");
                 }
             }
+        }
+    }
+
+    /// `queues_max` takes 1 and its ceiling and refuses 0 and one past it.
+    #[test]
+    fn queues_max_is_checked_at_its_bounds() {
+        use crate::limits::QUEUES_MAX;
+        assert_eq!(Config::default().queues_max, QUEUES_MAX_DEFAULT);
+        assert_eq!(Config::from_toml(&format!("queues_max = {QUEUES_MAX}")).unwrap().queues_max, QUEUES_MAX);
+        assert_eq!(Config::from_toml("queues_max = 1").unwrap().queues_max, 1);
+        for value in [0, QUEUES_MAX + 1] {
+            let error = Config::from_toml(&format!("queues_max = {value}")).unwrap_err();
+            assert!(error.contains("queues_max must be in 1..="), "{value}: {error}");
         }
     }
 

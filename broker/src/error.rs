@@ -38,6 +38,18 @@ pub enum BrokerError {
         crate::limits::STORAGE_RECOVERY_RETRY_AFTER_MS
     )]
     StorageRecovering { detail: String },
+    /// The process ran out of file descriptors (EMFILE or ENFILE); the
+    /// path is in the broker's log.
+    #[error(
+        "the broker has no file descriptors left (too many open files) while {during}. Raise the broker's open-files limit (RLIMIT_NOFILE: systemd LimitNOFILE, ulimit -n) or delete unused queues, then retry"
+    )]
+    FileDescriptorsExhausted { during: &'static str },
+    /// The queue's files could not be opened at start, so the broker set
+    /// it aside (the detail, with paths, is in its log under the id).
+    #[error(
+        "queue {name:?} is damaged: its files could not be opened when the broker started (error id {error_id}; the broker log has the detail), so it is set aside and serves nothing. Delete it with DeleteQueue (its messages are lost), or stop the broker, repair or restore its files and restart"
+    )]
+    QueueDamaged { name: String, error_id: String },
     #[error("{0}")]
     Refused(Box<Refusal>),
     /// An I/O or format failure with its detail (paths included), which
@@ -244,6 +256,12 @@ impl From<OpenError> for BrokerError {
             OpenError::Io { path, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 tracing::warn!(path = %path.display(), "disk full opening a log");
                 BrokerError::DiskFull { during: "creating the queue's files" }
+            }
+            OpenError::Io { path, source }
+                if matches!(source.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) =>
+            {
+                tracing::warn!(path = %path.display(), "out of file descriptors opening a log");
+                BrokerError::FileDescriptorsExhausted { during: "opening the queue's files" }
             }
             _ => BrokerError::Storage(e.to_string()),
         }

@@ -6,10 +6,27 @@ use crate::queue::{
     HEADER_SOURCE_OFFSET, HEADER_SOURCE_QUEUE,
 };
 
-/// Queues (dead-letter queues included) one broker holds. Each queue costs a
-/// few file descriptors and a flusher thread per lane; creating one more is
-/// refused with RESOURCE_EXHAUSTED.
-pub const QUEUES_MAX: usize = 1024;
+/// Ceiling of the `queues_max` setting (whose default, 10,000, lives in
+/// `config.rs`): queues, dead-letter queues and damaged queues included,
+/// that one broker holds. Past `queues_max` a creation is refused with
+/// RESOURCE_EXHAUSTED. The ceiling keeps the all-queue answers (ListQueues,
+/// GetStats and Watch without a queue) under the gRPC encode limit at their
+/// usual size (a few hundred bytes per queue); an answer that would still
+/// exceed it is cut at [`QUEUES_RESPONSE_SIZE_MAX`] (see there).
+pub const QUEUES_MAX: usize = 50_000;
+
+/// Encoded size, in bytes, past which an all-queue answer (ListQueues,
+/// GetStats and Watch without a queue) stops adding queues: the queues
+/// left out (the last ones by name) are counted in the log and can still be
+/// asked for one by one. Below the gRPC encode limit by a margin for the
+/// fixed fields, so such an answer never fails the call.
+pub const QUEUES_RESPONSE_SIZE_MAX: usize = GRPC_ENCODE_SIZE_MAX - 64 * 1024;
+
+/// Queues opened at once at start, each on a blocking thread of its own:
+/// opening runs recovery (reads, and the first page faults of the maps), so
+/// more threads than the disk can serve buy nothing; fewer leave the start
+/// of 10,000 queues waiting on one queue at a time.
+pub const QUEUE_OPEN_THREADS_MAX: usize = 16;
 
 /// Lanes per queue. Lane indexes travel as `u32` but must stay below this.
 pub const LANES_MAX: usize = 8;
@@ -212,6 +229,7 @@ const _: () = assert!(
 const _: () = assert!(PULL_RESPONSE_SIZE_MAX + 1024 <= GRPC_ENCODE_SIZE_MAX);
 const _: () = assert!(METADATA_SIZE_MAX < HTTP2_HEADER_LIST_SIZE_MAX as usize);
 const _: () = assert!(QUEUE_NAME_SIZE_MAX > DEAD_LETTER_SUFFIX.len());
+const _: () = assert!(QUEUES_RESPONSE_SIZE_MAX > 1024 * 1024);
 
 /// Default admission limit on a queue's unacked messages.
 pub const MAX_MESSAGES_DEFAULT: u64 = 1_000_000;

@@ -194,12 +194,18 @@ fn describe() {
     describe_gauge!("ballast_disk_free_min_bytes", Unit::Bytes, "Publishes are refused below this free space.");
     describe_gauge!("ballast_open_files", Unit::Count, "File descriptors the process holds.");
     describe_gauge!("ballast_queues", Unit::Count, "Queues, dead-letter queues included.");
+    describe_gauge!(
+        "ballast_queues_damaged",
+        Unit::Count,
+        "Queues set aside at start because their files could not be opened (refused until deleted)."
+    );
 }
 
 /// Sets every gauge from the queues now.
 fn refresh(broker: &Broker) {
     let queues = broker.queues();
     gauge!("ballast_queues").set(queues.len() as f64);
+    gauge!("ballast_queues_damaged").set(broker.damaged_queues().len() as f64);
     gauge!("ballast_disk_free_bytes").set(broker.node().disk_free() as f64);
     gauge!("ballast_disk_free_min_bytes").set(broker.node().disk_free_min() as f64);
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
@@ -254,7 +260,13 @@ pub async fn serve(
         "/metrics",
         axum::routing::get(move || {
             let render = render.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render()) }
+            async move {
+                // With thousands of queues a scrape renders hundreds of
+                // thousands of series: seconds of CPU that must not hold
+                // a runtime worker other queues' calls need.
+                let text = tokio::task::spawn_blocking(render).await.unwrap_or_default();
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+            }
         }),
     );
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {

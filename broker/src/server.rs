@@ -153,3 +153,35 @@ async fn tick(broker: std::sync::Weak<Broker>, mut health: tonic_health::server:
         last = now;
     }
 }
+
+/// The soft limit on open files (`RLIMIT_NOFILE`) before and after
+/// [`raise_open_files_limit`], and the hard limit it may not pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFilesLimit {
+    pub before: u64,
+    pub after: u64,
+    pub hard: u64,
+}
+
+/// Raises this process's soft limit on open files to its hard limit: a
+/// shell's or systemd's default soft limit (often 1,024) is far below what
+/// the hard limit allows, and a broker with thousands of queues needs more
+/// than that whatever its file cache. Never lowers it. Call it once, early,
+/// and log the result.
+pub fn raise_open_files_limit() -> std::io::Result<OpenFilesLimit> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one `rlimit` to the pointer, which is valid.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit only reads the `rlimit` behind the pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok(OpenFilesLimit { before, after: limit.rlim_cur, hard: limit.rlim_max })
+}

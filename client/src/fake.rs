@@ -651,5 +651,6 @@ fn info(name: &str) -> proto::QueueInfo {
         in_flight: 0,
         consumers: 0,
         created_at_ms: 1_700_000_000_000,
+        ..proto::QueueInfo::default()
     }
 }

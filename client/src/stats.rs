@@ -341,6 +341,7 @@ mod tests {
             refused_publish_rate: 4,
             throttled_calls: 5,
             throttled_ms: 1500,
+            ..proto::QueueStats::default()
         };
         let response = proto::StatsResponse {
             at_ms: 1_700_000_000_000,

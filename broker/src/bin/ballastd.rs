@@ -43,6 +43,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Before anything opens a file: thousands of queues need more than the
+    // usual default soft limit of 1,024 descriptors.
+    match ballast_broker::server::raise_open_files_limit() {
+        Ok(limit) if limit.after > limit.before => {
+            tracing::info!(from = limit.before, to = limit.after, hard = limit.hard, "raised the open files limit")
+        }
+        Ok(limit) => tracing::info!(soft = limit.after, hard = limit.hard, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
     let config = match load_config(&args) {
         Ok(config) => config,
         Err(e) => {
@@ -109,7 +118,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Before the queues open: they take their metric handles then.
     let recorder = ballast_broker::metrics::install();
     tracing::info!(data_dir = %config.data_dir.display(), "opening queues");
-    let broker = Broker::open(config)?;
+    // Opening runs recovery on every queue: file work, off the runtime's
+    // workers (which serve nothing yet, but the queues' timer tasks start).
+    let broker = tokio::task::spawn_blocking(move || Broker::open(config))
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the queues: {e}"))??;
     tracing::info!(%address, "serving gRPC");
     announce(&format!("listening on {address}\nmetrics on {metrics_address}\n"));
     let metrics = recorder.map(|handle| (metrics, handle));

@@ -5,6 +5,7 @@ use ballast_proto::v1 as pb;
 use bytes::Bytes;
 
 use crate::{
+    broker::DamagedQueue,
     error::{BrokerError, Result},
     queue::{Delivery, Figures, Publish, Queue, QueueSettings, Receipt, SettingsRequest, SyncPolicySetting},
 };
@@ -80,7 +81,18 @@ pub fn queue_info(queue: &Queue) -> pb::QueueInfo {
         in_flight: stats.in_flight,
         consumers: stats.consumers,
         created_at_ms: queue.created_at_ms,
+        damaged: String::new(),
     }
+}
+
+/// A damaged queue as ListQueues and GetQueue show it: its name and why.
+pub fn damaged_info(queue: &DamagedQueue) -> pb::QueueInfo {
+    pb::QueueInfo { name: queue.name.to_string(), damaged: queue.error().to_string(), ..pb::QueueInfo::default() }
+}
+
+/// A damaged queue as Stats shows it: its name and why.
+pub fn damaged_stats(queue: &DamagedQueue) -> pb::QueueStats {
+    pb::QueueStats { name: queue.name.to_string(), damaged: queue.error().to_string(), ..pb::QueueStats::default() }
 }
 
 pub fn publish(message: Option<pb::Message>) -> Result<Publish> {
@@ -151,6 +163,7 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
         refused_publish_rate: refused.publish_rate,
         throttled_calls: refused.throttled,
         throttled_ms: refused.throttled_ms,
+        damaged: String::new(),
     }
 }
 

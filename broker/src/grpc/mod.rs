@@ -7,7 +7,7 @@
 
 mod convert;
 mod service;
-mod status;
+pub(crate) mod status;
 pub mod transport;
 
 pub use service::Service;

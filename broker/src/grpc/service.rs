@@ -10,10 +10,11 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::{convert, status::to_status, transport::inbound_error};
 use crate::{
     Broker,
+    broker::DamagedQueue,
     error::BrokerError,
     limits::{
-        CREDIT_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT,
-        WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
+        CREDIT_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX, STREAM_NACKS_IN_FLIGHT_MAX,
+        WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
     },
     now_ms,
     queue::{Holder, Queue},
@@ -59,7 +60,7 @@ impl admin_server::Admin for Service {
         if self.broker.is_shutting_down() {
             return Err(to_status(BrokerError::ShuttingDown));
         }
-        let queues = self.broker.queues().iter().map(|q| convert::queue_info(q)).collect();
+        let queues = every_queue(&self.broker, convert::queue_info, convert::damaged_info, "ListQueues");
         Ok(Response::new(pb::ListQueuesResponse { queues }))
     }
 
@@ -115,13 +116,13 @@ impl Service {
             if self.broker.is_shutting_down() {
                 return Err(to_status(BrokerError::ShuttingDown));
             }
-            self.broker.queues()
+            every_queue(&self.broker, convert::queue_stats, convert::damaged_stats, "Stats")
         } else {
-            vec![self.queue(queue)?]
+            vec![convert::queue_stats(&*self.queue(queue)?)]
         };
         Ok(pb::StatsResponse {
             at_ms: now_ms(),
-            queues: queues.iter().map(|q| convert::queue_stats(q)).collect(),
+            queues,
             disk_free_bytes: self.broker.node().disk_free(),
             disk_free_min_bytes: self.broker.node().disk_free_min(),
         })
@@ -187,6 +188,64 @@ impl stats_server::Stats for Service {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Every queue, served and damaged, by name, as `open` and `damaged`
+/// describe them, up to [`QUEUES_RESPONSE_SIZE_MAX`] encoded bytes: the
+/// queues past it (the last by name) are left out and logged, so the answer
+/// always fits the encode limit; they can be asked for by name.
+fn every_queue<T: prost::Message>(
+    broker: &Broker,
+    open: impl Fn(&Queue) -> T,
+    damaged: impl Fn(&DamagedQueue) -> T,
+    call: &'static str,
+) -> Vec<T> {
+    let queues = broker.queues();
+    let set_aside = broker.damaged_queues();
+    let mut named: Vec<(&str, Either<'_>)> = queues
+        .iter()
+        .map(|q| (q.name.as_str(), Either::Open(q)))
+        .chain(set_aside.iter().map(|d| (d.name.as_str(), Either::Damaged(d))))
+        .collect();
+    named.sort_unstable_by_key(|(name, _)| *name);
+    let items = named.iter().map(|(_, queue)| match queue {
+        Either::Open(queue) => open(queue),
+        Either::Damaged(queue) => damaged(queue),
+    });
+    let (described, left_out) = up_to_size(items, QUEUES_RESPONSE_SIZE_MAX);
+    if left_out > 0 {
+        tracing::warn!(
+            call,
+            left_out,
+            limit = QUEUES_RESPONSE_SIZE_MAX,
+            "an all-queue answer reached its size limit; the queues past it were left out"
+        );
+    }
+    described
+}
+
+/// The first `items` whose encoding as a repeated field (each with its tag
+/// byte and length) fits in `size_max` bytes, and how many were left out.
+fn up_to_size<T: prost::Message>(items: impl ExactSizeIterator<Item = T>, size_max: usize) -> (Vec<T>, usize) {
+    let count = items.len();
+    let mut size = 0;
+    let mut kept = Vec::with_capacity(count);
+    for item in items {
+        let len = item.encoded_len();
+        size += 1 + prost::length_delimiter_len(len) + len;
+        if size > size_max {
+            break;
+        }
+        kept.push(item);
+    }
+    let left_out = count - kept.len();
+    (kept, left_out)
+}
+
+/// A served queue or a damaged one ([`every_queue`]).
+enum Either<'a> {
+    Open(&'a Arc<Queue>),
+    Damaged(&'a DamagedQueue),
 }
 
 /// Responses a consume session may have queued towards the client beyond
@@ -449,6 +508,66 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// An all-queue answer keeps the queues that fit its size limit: at
+    /// the limit all of them, one byte under it the last is left out.
+    #[test]
+    fn all_queue_answers_stop_at_their_size_limit() {
+        let item = |i: usize| pb::QueueInfo { name: format!("q{i:04}"), ..pb::QueueInfo::default() };
+        let each = {
+            let len = prost::Message::encoded_len(&item(0));
+            1 + prost::length_delimiter_len(len) + len
+        };
+        let (kept, left_out) = up_to_size((0..10).map(item), 10 * each);
+        assert_eq!((kept.len(), left_out), (10, 0));
+        let (kept, left_out) = up_to_size((0..10).map(item), 10 * each - 1);
+        assert_eq!((kept.len(), left_out), (9, 1));
+        assert_eq!(kept.last().map(|q| q.name.as_str()), Some("q0008"), "the last by name go");
+        // The answer built from kept items is within the limit.
+        let response = pb::ListQueuesResponse { queues: kept };
+        assert!(prost::Message::encoded_len(&response) < 10 * each);
+    }
+
+    /// With the default `queues_max`, every queue of the default settings
+    /// (three lanes, a name of 20 bytes, busy figures) fits one Stats and
+    /// one ListQueues answer: the size limit only cuts answers about
+    /// queues far larger than the default (eight long-named lanes).
+    #[test]
+    fn the_default_queues_max_fits_an_all_queue_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let config = crate::Config { data_dir: dir.path().to_owned(), ..crate::Config::default() };
+            let broker = Broker::open(config).unwrap();
+            let queue = broker.create("a-queue-name-20-byte", &Default::default()).await.unwrap();
+            let mut stats = convert::queue_stats(&queue);
+            // Figures at their widest varints.
+            stats.in_flight = u64::MAX;
+            stats.credit = u64::MAX;
+            stats.refused_queue_full = u64::MAX;
+            stats.throttled_ms = u64::MAX;
+            for lane in &mut stats.lanes {
+                lane.in_flight = u64::MAX;
+                if let Some(s) = lane.saturation.as_mut() {
+                    s.depth = u64::MAX;
+                    s.bytes = u64::MAX;
+                    s.oldest_age_ms = u64::MAX;
+                    s.drain_estimate_ms = Some(u64::MAX);
+                }
+            }
+            let info = convert::queue_info(&queue);
+            let queues_max = crate::config::QUEUES_MAX_DEFAULT;
+            for (what, len) in
+                [("Stats", prost::Message::encoded_len(&stats)), ("ListQueues", prost::Message::encoded_len(&info))]
+            {
+                let each = 1 + prost::length_delimiter_len(len) + len;
+                assert!(
+                    each * queues_max <= QUEUES_RESPONSE_SIZE_MAX,
+                    "{what}: {queues_max} queues of {each} bytes exceed {QUEUES_RESPONSE_SIZE_MAX}"
+                );
+            }
+        });
+    }
 
     /// A stream applies at most STREAM_NACKS_IN_FLIGHT_MAX nacks at once:
     /// with one permit left a nack is taken at once; with none left the

@@ -90,8 +90,10 @@ fn status_of(error: BrokerError) -> Status {
             Code::InvalidArgument
         }
         BrokerError::QueueExists { .. } => Code::AlreadyExists,
-        BrokerError::FailedPrecondition(_) | BrokerError::UnknownDelivery { .. } => Code::FailedPrecondition,
-        BrokerError::LimitReached { .. } => Code::ResourceExhausted,
+        BrokerError::FailedPrecondition(_) | BrokerError::UnknownDelivery { .. } | BrokerError::QueueDamaged { .. } => {
+            Code::FailedPrecondition
+        }
+        BrokerError::LimitReached { .. } | BrokerError::FileDescriptorsExhausted { .. } => Code::ResourceExhausted,
         BrokerError::DiskFull { .. } => {
             let retry = crate::limits::DISK_FULL_RETRY_AFTER_MS;
             return with_retry_after(Code::ResourceExhausted, error.to_string(), retry, Some(REASON_DISK_FULL));
@@ -113,4 +115,32 @@ fn status_of(error: BrokerError) -> Status {
         }
     };
     Status::new(code, error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log that cannot open for want of descriptors is RESOURCE_EXHAUSTED
+    /// telling the operator to raise RLIMIT_NOFILE, not INTERNAL; and a
+    /// damaged queue's calls are FAILED_PRECONDITION saying it can be
+    /// deleted.
+    #[test]
+    fn descriptors_exhausted_and_damaged_queues_have_their_own_statuses() {
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let open = ballast_storage::OpenError::Io {
+                path: "/data/queues/q~1/lanes/0".into(),
+                source: std::io::Error::from_raw_os_error(errno),
+            };
+            let status = status_of(BrokerError::from(open));
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(status.message().contains("RLIMIT_NOFILE"), "{status:?}");
+            assert!(!status.message().contains('/'), "no path reaches the client: {status:?}");
+        }
+        let status = status_of(BrokerError::QueueDamaged { name: "q".into(), error_id: "abc-1".into() });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(status.message().contains("is damaged"), "{status:?}");
+        assert!(status.message().contains("DeleteQueue"), "{status:?}");
+        assert!(status.message().contains("abc-1"), "{status:?}");
+    }
 }

@@ -361,34 +361,6 @@ async fn queue_names_at_the_limit_and_one_past() {
     assert!(!message.contains(".dead"), "not about a name the user never typed: {message}");
 }
 
-/// The queue ceiling (`QUEUES_MAX`, dead-letter queues included) at the
-/// limit and one past: 1024 queues are created, the 1025th is
-/// RESOURCE_EXHAUSTED, and deleting one makes room. One-lane queues
-/// without dead-letter queues and small segments keep it cheap.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queues_at_the_limit_and_one_past() {
-    let broker = InProcess::start().await;
-    let mut admin = pb::admin_client::AdminClient::new(broker.channel().await);
-    let settings = || pb::QueueSettings {
-        lanes: vec!["only".into()],
-        lane_weights: vec![1],
-        lane_admission: vec![1.0],
-        dead_letter: Some(false),
-        ..queue_settings()
-    };
-    let max = ballast_broker::limits::QUEUES_MAX;
-    for i in 0..max {
-        create(&mut admin, &format!("q{i:04}"), settings()).await;
-    }
-    assert_eq!(queue_names(&mut admin).await.len(), max);
-    let refused =
-        admin.create_queue(pb::CreateQueueRequest { name: "one-more".into(), settings: Some(settings()) }).await;
-    assert_status(refused, Code::ResourceExhausted, "queues limit reached (1024)");
-    admin.delete_queue(pb::DeleteQueueRequest { name: "q0000".into() }).await.unwrap();
-    create(&mut admin, "one-more", settings()).await;
-    broker.stop().await;
-}
-
 /// A storage failure reaches the client as INTERNAL with an error id and
 /// no path; the broker's log has the id with the detail (the path). Here
 /// the queues directory is replaced by a file under the running broker, so

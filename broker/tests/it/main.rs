@@ -7,6 +7,7 @@ mod disk;
 mod durability;
 mod publish;
 mod pull;
+mod queues;
 mod quota;
 mod saturation;
 mod support;

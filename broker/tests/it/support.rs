@@ -23,6 +23,8 @@ pub struct BrokerProcess {
     pub data_dir: PathBuf,
     _dir: tempfile::TempDir,
     extra_args: Vec<String>,
+    /// The child's RLIMIT_NOFILE (soft and hard), if the test sets one.
+    open_files_max: Option<u64>,
 }
 
 impl BrokerProcess {
@@ -35,8 +37,25 @@ impl BrokerProcess {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
         let data_dir = dir.path().join("data");
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
-        let (child, addr, metrics_addr) = spawn(&data_dir, "127.0.0.1:0".parse().unwrap(), &extra_args);
-        BrokerProcess { child: Some(child), addr, metrics_addr, data_dir, _dir: dir, extra_args }
+        let (child, addr, metrics_addr) = spawn(&data_dir, "127.0.0.1:0".parse().unwrap(), &extra_args, None);
+        BrokerProcess { child: Some(child), addr, metrics_addr, data_dir, _dir: dir, extra_args, open_files_max: None }
+    }
+
+    /// Starts `ballastd` with its soft and hard RLIMIT_NOFILE set to
+    /// `open_files_max` (so it cannot raise it), on a fresh data directory.
+    pub fn start_with_open_files_max(open_files_max: u64, extra_args: &[&str]) -> BrokerProcess {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let (child, addr, metrics_addr) = spawn(&data_dir, listen, &extra_args, Some(open_files_max));
+        let open_files_max = Some(open_files_max);
+        BrokerProcess { child: Some(child), addr, metrics_addr, data_dir, _dir: dir, extra_args, open_files_max }
+    }
+
+    /// The child's pid, while it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("ballastd is running").id()
     }
 
     pub fn endpoint(&self) -> String {
@@ -116,7 +135,7 @@ impl BrokerProcess {
     /// Starts the broker again on the same data directory and port.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the broker before restarting it");
-        let (child, addr, metrics_addr) = spawn(&self.data_dir, self.addr, &self.extra_args);
+        let (child, addr, metrics_addr) = spawn(&self.data_dir, self.addr, &self.extra_args, self.open_files_max);
         self.child = Some(child);
         self.addr = addr;
         self.metrics_addr = metrics_addr;
@@ -150,7 +169,12 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn spawn(data_dir: &Path, listen: SocketAddr, extra_args: &[String]) -> (Child, SocketAddr, SocketAddr) {
+fn spawn(
+    data_dir: &Path,
+    listen: SocketAddr,
+    extra_args: &[String],
+    open_files_max: Option<u64>,
+) -> (Child, SocketAddr, SocketAddr) {
     // Binding a port just released by the previous process can race with
     // TIME_WAIT or another test; retry a few times.
     for attempt in 0..50 {
@@ -159,7 +183,23 @@ fn spawn(data_dir: &Path, listen: SocketAddr, extra_args: &[String]) -> (Child, 
             .append(true)
             .open(data_dir.with_extension("log"))
             .expect("broker log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ballastd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ballastd"));
+        if let Some(max) = open_files_max {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit { rlim_cur: max as libc::rlim_t, rlim_max: max as libc::rlim_t };
+            // SAFETY: between fork and exec only setrlimit runs, which is
+            // async-signal-safe and reads `limit`, a copy owned by the closure.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--listen")

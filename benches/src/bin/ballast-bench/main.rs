@@ -24,11 +24,12 @@
 //! target/release/ballast-bench chaos --seconds 60
 //! target/release/ballast-bench backlog --messages 10000000 --size 100
 //! target/release/ballast-bench overhead --size 1024 --messages 200000
+//! target/release/ballast-bench queues --queues 10000 --sample 100 --rate 1000
 //! ```
 //!
 //! `--sync fsync|interval|none` (default fsync) sets the queue's sync
 //! policy for any scenario; `--addr HOST:PORT` targets a running broker
-//! instead (not for backlog and recovery, which restart it).
+//! instead (not for backlog, recovery and queues, which restart it).
 
 mod backlog;
 mod broker;
@@ -39,6 +40,7 @@ mod latency;
 mod load;
 mod overhead;
 mod priority;
+mod queues;
 mod recovery;
 mod spike;
 mod throughput;
@@ -122,6 +124,10 @@ enum Scenario {
     /// calls and a full disk; nothing acknowledged lost, nothing corrupt,
     /// no key stored twice.
     Chaos(chaos::Args),
+    /// Many queues on one node: create rate, disk, RSS, threads and open
+    /// files, restart to SERVING, and latency over queues sampled across
+    /// all of them, alone and while one is flooded.
+    Queues(queues::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -146,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Priority(a) => ("priority", priority::run(&target, a, args.sync).await?),
             Scenario::Recovery(a) => ("recovery", recovery::run(&mut target, a, args.sync).await?),
             Scenario::Chaos(a) => ("chaos", chaos::run(&mut target, a, args.sync).await?),
+            Scenario::Queues(a) => ("queues", queues::run(&mut target, a, args.sync).await?),
         };
         let path = args.json.clone().unwrap_or_else(|| PathBuf::from(format!("target/bench-results/{name}.json")));
         if let Some(dir) = path.parent() {

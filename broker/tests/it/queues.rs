@@ -1,0 +1,272 @@
+//! Many queues on one node (issue #12): the `queues_max` limit, a restart
+//! with many queues, a queue whose files are damaged set aside while the
+//! others serve, and what an idle queue costs in descriptors and disk.
+
+use std::{path::Path, time::Duration};
+
+use ballast_proto::v1 as pb;
+use tonic::Code;
+
+use crate::support::*;
+
+/// A config file in the test's data directory's parent, for `--config`.
+fn config_file(broker_dir: &Path, name: &str, text: &str) -> String {
+    let path = broker_dir.with_file_name(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// One lane, no dead-letter queue: the cheapest queue.
+fn one_lane() -> pb::QueueSettings {
+    pb::QueueSettings {
+        lanes: vec!["only".into()],
+        lane_weights: vec![1],
+        lane_admission: vec![1.0],
+        dead_letter: Some(false),
+        ..queue_settings()
+    }
+}
+
+/// The broker's log without ANSI colour sequences (`ESC [ ... m`).
+fn without_colors(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// The queue's health status (-1 when not reported yet).
+async fn health(broker: &BrokerProcess, queue: &str) -> i32 {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(broker.channel().await);
+    let request = tonic_health::pb::HealthCheckRequest { service: format!("ballast.v1.Queue/{queue}") };
+    match client.check(request).await {
+        Ok(response) => response.into_inner().status,
+        Err(status) if status.code() == Code::NotFound => -1,
+        Err(status) => panic!("health check of {queue}: {status}"),
+    }
+}
+
+/// `queues_max` (dead-letter queues included) at the limit and one past:
+/// with `queues_max = 8`, four queues with their dead-letter queues fill
+/// it, a fifth is RESOURCE_EXHAUSTED naming the limit and the key, and
+/// deleting one makes room.
+#[tokio::test]
+async fn queues_max_at_the_limit_and_one_past() {
+    let probe = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let config = config_file(&probe.path().join("x"), "queues.toml", "queues_max = 8\n");
+    let broker = BrokerProcess::start_with(&["--config", &config]);
+    let mut admin = broker.admin().await;
+    for i in 0..4 {
+        create(&mut admin, &format!("q{i}"), queue_settings()).await;
+    }
+    assert_eq!(queue_names(&mut admin).await.len(), 8);
+    let refused = admin.create_queue(pb::CreateQueueRequest { name: "q4".into(), settings: Some(one_lane()) }).await;
+    assert_status(refused, Code::ResourceExhausted, "queues limit reached (8)");
+    let refused = admin.create_queue(pb::CreateQueueRequest { name: "q4".into(), settings: Some(one_lane()) }).await;
+    assert_status(refused, Code::ResourceExhausted, "raise queues_max");
+    admin.delete_queue(pb::DeleteQueueRequest { name: "q0".into() }).await.unwrap();
+    create(&mut admin, "q4", queue_settings()).await;
+    assert_eq!(queue_names(&mut admin).await.len(), 8);
+}
+
+/// A queue whose files are damaged is set aside at start: the broker
+/// starts and serves the other queues; the damaged ones (one with a
+/// `queue.toml` that is not TOML, one whose lane directory is a file)
+/// are marked in ListQueues and Stats, counted by
+/// `ballast_queues_damaged`, NOT_SERVING in the health service, refused
+/// with FAILED_PRECONDITION on every call (a message saying it is damaged
+/// and can be deleted), cannot be created over, and DeleteQueue removes
+/// them (with their dead-letter queues) so that the name can be used again.
+#[tokio::test]
+async fn a_damaged_queue_is_set_aside_and_can_be_deleted() {
+    let mut broker = BrokerProcess::start();
+    let mut admin = broker.admin().await;
+    let mut publisher = broker.publisher().await;
+    for name in ["good", "bad-toml", "bad-lane"] {
+        create(&mut admin, name, queue_settings()).await;
+        publish(&mut publisher, name, message(format!("to {name}"))).await;
+    }
+    broker.terminate_cleanly();
+    let queues = broker.data_dir.join("queues");
+    let dir_of = |name: &str| {
+        std::fs::read_dir(&queues)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&format!("{name}~")))
+            .unwrap_or_else(|| panic!("{name}'s directory"))
+    };
+    std::fs::write(dir_of("bad-toml").join("queue.toml"), b"this is [not toml").unwrap();
+    // A lane's directory that is not a directory: its log cannot open. (A
+    // garbage segment header would not do: storage renames such a segment
+    // to `.corrupt` and opens the rest; and the tests run as root, to whom
+    // an unreadable directory is readable.)
+    let lane = dir_of("bad-lane").join("lanes").join("1");
+    std::fs::remove_dir_all(&lane).unwrap();
+    std::fs::write(&lane, b"not a directory").unwrap();
+    broker.restart();
+
+    let mut admin = broker.admin().await;
+    let mut publisher = broker.publisher().await;
+    publish(&mut publisher, "good", message("after the restart")).await;
+    assert_eq!(depth(&mut admin, "good").await, 2, "the good queue serves");
+    for name in ["bad-toml", "bad-lane"] {
+        let refused = publisher.publish(pb::PublishRequest { queue: name.into(), message: Some(message("x")) }).await;
+        assert_status(refused, Code::FailedPrecondition, "is damaged");
+        let refused = admin.get_queue(pb::GetQueueRequest { name: name.into() }).await;
+        assert_status(refused, Code::FailedPrecondition, "Delete it with DeleteQueue");
+        let refused =
+            admin.create_queue(pb::CreateQueueRequest { name: name.into(), settings: Some(queue_settings()) }).await;
+        assert_status(refused, Code::FailedPrecondition, "is damaged");
+        let mut consumer = broker.consumer().await;
+        let refused = Session::try_open(&mut consumer, name, 1).await.map(|_| ());
+        assert_status(refused, Code::FailedPrecondition, "is damaged");
+    }
+    let list = admin.list_queues(pb::ListQueuesRequest {}).await.unwrap().into_inner().queues;
+    let marked: Vec<&str> = list.iter().filter(|q| !q.damaged.is_empty()).map(|q| q.name.as_str()).collect();
+    assert_eq!(marked, ["bad-lane", "bad-toml"], "{list:#?}");
+    assert!(list.iter().any(|q| q.name == "good" && q.damaged.is_empty()));
+    let mut stats = pb::stats_client::StatsClient::new(broker.channel().await);
+    let all = stats.get_stats(pb::StatsRequest { queue: String::new() }).await.unwrap().into_inner().queues;
+    let marked: Vec<&str> = all.iter().filter(|q| !q.damaged.is_empty()).map(|q| q.name.as_str()).collect();
+    assert_eq!(marked, ["bad-lane", "bad-toml"]);
+    let text = broker.scrape();
+    assert!(text.lines().any(|l| l == "ballast_queues_damaged 2"), "{}", &text[..text.len().min(400)]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while health(&broker, "bad-toml").await != tonic_health::ServingStatus::NotServing as i32 {
+        assert!(std::time::Instant::now() < deadline, "bad-toml reported NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for name in ["bad-toml", "bad-lane"] {
+        admin.delete_queue(pb::DeleteQueueRequest { name: name.into() }).await.unwrap();
+    }
+    let names = queue_names(&mut admin).await;
+    assert_eq!(names, ["good", "good.dead"], "the damaged queues and their dead-letter queues are gone");
+    create(&mut admin, "bad-toml", queue_settings()).await;
+    publish(&mut publisher, "bad-toml", message("again")).await;
+    let text = broker.scrape();
+    assert!(text.lines().any(|l| l == "ballast_queues_damaged 0"));
+    // Nothing of the deleted queues comes back after a restart.
+    broker.terminate_cleanly();
+    broker.restart();
+    let mut admin = broker.admin().await;
+    assert_eq!(queue_names(&mut admin).await, ["bad-toml", "bad-toml.dead", "good", "good.dead"]);
+    assert_eq!(depth(&mut admin, "bad-toml").await, 1);
+}
+
+/// Queues the broker holds come back after a restart: 1,000 one-lane
+/// queues are created, the broker is restarted, and every queue is listed
+/// and served, each queue's health SERVING. The log says how many queues
+/// opened, and how long the start took (the figure the bench reports).
+#[tokio::test]
+async fn a_restart_with_many_queues_serves_them_all() {
+    const QUEUES: usize = 1_000;
+    let probe = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let config = config_file(&probe.path().join("x"), "small.toml", "[storage]\nsegment_size = 65536\n");
+    let mut broker = BrokerProcess::start_with(&["--config", &config]);
+    let mut admin = broker.admin().await;
+    for i in 0..QUEUES {
+        create(&mut admin, &format!("q{i:05}"), one_lane()).await;
+    }
+    let mut publisher = broker.publisher().await;
+    publish(&mut publisher, "q00007", message("kept")).await;
+    broker.terminate_cleanly();
+    broker.restart();
+    let mut admin = broker.admin().await;
+    let names = queue_names(&mut admin).await;
+    assert_eq!(names.len(), QUEUES);
+    assert_eq!(depth(&mut admin, "q00007").await, 1);
+    let mut publisher = broker.publisher().await;
+    for i in (0..QUEUES).step_by(97) {
+        publish(&mut publisher, &format!("q{i:05}"), message("after")).await;
+    }
+    let log = without_colors(&std::fs::read_to_string(broker.data_dir.with_extension("log")).unwrap());
+    assert!(
+        log.lines()
+            .any(|l| l.contains("queues opened") && l.contains(&format!("queues={QUEUES}")) && l.contains("damaged=0")),
+        "the start logs what it opened"
+    );
+    assert!(log.contains("open files limit"), "the start logs the open files limit");
+    // The figure, for whoever runs the test with --nocapture.
+    if let Some(line) = log.lines().rfind(|l| l.contains("queues opened")) {
+        println!("restart with {QUEUES} queues: {line}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while health(&broker, "q00999").await != tonic_health::ServingStatus::Serving as i32 {
+        assert!(std::time::Instant::now() < deadline, "q00999 reported SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Bytes allocated on disk under `dir` (blocks, as `du` counts them).
+fn disk_use(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let metadata = entry.as_ref().unwrap().metadata().unwrap();
+            total += metadata.blocks() * 512;
+            if metadata.is_dir() {
+                pending.push(entry.unwrap().path());
+            }
+        }
+    }
+    total
+}
+
+/// Queues are not bounded by the process's descriptor limit: under an
+/// RLIMIT_NOFILE of 256 (soft and hard, so the broker cannot raise it),
+/// 300 queues are created (more files than descriptors: each lane's log
+/// has a segment, a checkpoint and journals), every one takes a publish,
+/// and after a restart under the same limit all of them serve. Needs the
+/// storage's bounded open-file cache (s-storage).
+#[tokio::test]
+async fn queues_past_the_open_files_limit() {
+    const QUEUES: usize = 300;
+    let mut broker = BrokerProcess::start_with_open_files_max(256, &[]);
+    let mut admin = broker.admin().await;
+    let mut publisher = broker.publisher().await;
+    for i in 0..QUEUES {
+        let name = format!("q{i:03}");
+        create(&mut admin, &name, one_lane()).await;
+        publish(&mut publisher, &name, message("one")).await;
+    }
+    broker.terminate_cleanly();
+    broker.restart();
+    let mut admin = broker.admin().await;
+    assert_eq!(queue_names(&mut admin).await.len(), QUEUES);
+    let mut publisher = broker.publisher().await;
+    for i in 0..QUEUES {
+        let name = format!("q{i:03}");
+        publish(&mut publisher, &name, message("two")).await;
+        assert_eq!(depth(&mut admin, &name).await, 2, "{name}");
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", broker.pid())).unwrap().count();
+    assert!(fds <= 256, "{fds} descriptors open under a limit of 256");
+}
+
+/// An empty queue with its dead-letter queue, at the default settings
+/// (three lanes each, 64 MiB segments), uses at most 1 MiB of disk: space
+/// follows the backlog, not the queue's existence. Needs the storage's
+/// lazy segment allocation (s-storage).
+#[tokio::test]
+async fn an_empty_queue_uses_at_most_one_mebibyte() {
+    let broker = BrokerProcess::start();
+    let mut admin = broker.admin().await;
+    create(&mut admin, "empty", queue_settings()).await;
+    let queues = broker.data_dir.join("queues");
+    let used: u64 = std::fs::read_dir(&queues).unwrap().map(|e| disk_use(&e.unwrap().path())).sum();
+    assert_eq!(queue_names(&mut admin).await, ["empty", "empty.dead"]);
+    assert!(used <= 1 << 20, "an empty queue and its dead-letter queue use {used} bytes on disk");
+}
