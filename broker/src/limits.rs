@@ -215,6 +215,12 @@ pub const REQUEST_TIMEOUT_MS_MIN: u64 = 1000;
 /// Longest `grpc.request_timeout_ms`, in milliseconds (1 hour).
 pub const REQUEST_TIMEOUT_MS_MAX: u64 = 3600 * 1000;
 
+/// Descriptors left, at the least, for what is not a log file
+/// (connections, directories, the metrics endpoint) when the storage's
+/// open-file cache is fitted under the process's limit
+/// (`server::fit_open_files`): a quarter of the limit, and never fewer.
+pub const OPEN_FILES_RESERVE_MIN: u64 = 64;
+
 /// Header names starting with this are reserved for the broker.
 pub const RESERVED_HEADER_PREFIX: &str = "ballast-";
 

@@ -154,6 +154,23 @@ async fn tick(broker: std::sync::Weak<Broker>, mut health: tonic_health::server:
     }
 }
 
+/// The log files the storage keeps open (`storage.open_files_max`) fitted
+/// under the process's soft limit on open files, with a quarter of it (at
+/// least `OPEN_FILES_RESERVE_MIN`) left for connections, directories and
+/// the metrics endpoint: a cache sized past the limit would fail opens
+/// with EMFILE instead of closing its least recently used files. Returns
+/// the value it had if it was lowered.
+pub fn fit_open_files(config: &mut crate::Config, soft_limit: u64) -> Option<usize> {
+    let reserve = (soft_limit / 4).max(crate::limits::OPEN_FILES_RESERVE_MIN);
+    let room = usize::try_from(soft_limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
+    let fitted = room.max(ballast_storage::limits::OPEN_FILES_MIN);
+    let configured = config.storage.open_files_max;
+    (fitted < configured).then(|| {
+        config.storage.open_files_max = fitted;
+        configured
+    })
+}
+
 /// The soft limit on open files (`RLIMIT_NOFILE`) before and after
 /// [`raise_open_files_limit`], and the hard limit it may not pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,4 +201,31 @@ pub fn raise_open_files_limit() -> std::io::Result<OpenFilesLimit> {
         limit = raised;
     }
     Ok(OpenFilesLimit { before, after: limit.rlim_cur, hard: limit.rlim_max })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The open-file cache is fitted under the limit with a quarter (at
+    /// least `OPEN_FILES_RESERVE_MIN`) to spare, never below the storage's
+    /// minimum, and left alone when it already fits.
+    #[test]
+    fn open_files_fit_under_the_limit() {
+        use ballast_storage::limits::OPEN_FILES_MIN;
+        let check = |configured: usize, soft: u64, expected: usize| {
+            let mut config = crate::Config::default();
+            config.storage.open_files_max = configured;
+            let lowered = fit_open_files(&mut config, soft);
+            assert_eq!(config.storage.open_files_max, expected, "{configured} under {soft}");
+            assert_eq!(lowered, (expected < configured).then_some(configured));
+        };
+        check(512, 256, 192);
+        check(512, 1024, 512);
+        check(512, 682, 512);
+        check(512, 681, 511);
+        check(512, 100, OPEN_FILES_MIN.max(36));
+        check(512, 10, OPEN_FILES_MIN);
+        check(512, 1 << 20, 512);
+    }
 }

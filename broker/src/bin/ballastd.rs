@@ -45,20 +45,37 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // Before anything opens a file: thousands of queues need more than the
     // usual default soft limit of 1,024 descriptors.
-    match ballast_broker::server::raise_open_files_limit() {
-        Ok(limit) if limit.after > limit.before => {
-            tracing::info!(from = limit.before, to = limit.after, hard = limit.hard, "raised the open files limit")
+    let open_files = match ballast_broker::server::raise_open_files_limit() {
+        Ok(limit) => {
+            if limit.after > limit.before {
+                tracing::info!(from = limit.before, to = limit.after, hard = limit.hard, "raised the open files limit");
+            } else {
+                tracing::info!(soft = limit.after, hard = limit.hard, "open files limit");
+            }
+            Some(limit.after)
         }
-        Ok(limit) => tracing::info!(soft = limit.after, hard = limit.hard, "open files limit"),
-        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
-    }
-    let config = match load_config(&args) {
+        Err(e) => {
+            tracing::warn!("cannot raise the open files limit: {e}");
+            None
+        }
+    };
+    let mut config = match load_config(&args) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("ballastd: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Some(soft) = open_files
+        && let Some(configured) = ballast_broker::server::fit_open_files(&mut config, soft)
+    {
+        tracing::warn!(
+            configured,
+            using = config.storage.open_files_max,
+            open_files_limit = soft,
+            "storage.open_files_max lowered to fit the open files limit"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
