@@ -41,7 +41,7 @@ use std::{
 };
 
 use crate::{
-    file::{self, Io},
+    file::{self, Io, ReplaceError},
     file_cache::CachedFile,
 };
 
@@ -192,6 +192,8 @@ pub(crate) struct AckJournal {
     /// ([`AckJournal::compaction`] .. [`AckJournal::install`]): `record`
     /// must not extend them, because the install drops them as planned.
     sealed: usize,
+    /// A compaction a full disk stopped is not tried again before this.
+    compaction_deferred_until: Option<std::time::Instant>,
 }
 
 impl AckJournal {
@@ -248,6 +250,7 @@ impl AckJournal {
             entries,
             dirty,
             sealed: 0,
+            compaction_deferred_until: None,
         };
         Ok((journal, state))
     }
@@ -331,7 +334,18 @@ impl AckJournal {
     }
 
     pub(crate) fn needs_compaction(&self, state: &AckState) -> bool {
-        self.entries > 1024 + 4 * (state.range_count() as u64 + 1)
+        self.compaction_deferred_until.is_none_or(|at| std::time::Instant::now() >= at)
+            && self.entries > 1024 + 4 * (state.range_count() as u64 + 1)
+    }
+
+    /// Gives up a planned compaction that a full disk stopped before it
+    /// touched the journal (see [`ReplaceError::is_deferrable`]): the
+    /// entries it sealed are open again, and no compaction is tried for
+    /// `COMPACTION_RETRY_MS`. The journal stays valid, only longer.
+    pub(crate) fn defer_compaction(&mut self) {
+        self.sealed = 0;
+        self.compaction_deferred_until =
+            Some(std::time::Instant::now() + std::time::Duration::from_millis(crate::limits::COMPACTION_RETRY_MS));
     }
 
     /// Rewrites the journal as the floor plus the ranges of `state` below
@@ -340,7 +354,7 @@ impl AckJournal {
     /// in the new file and leave the buffer; the others stay buffered.
     pub(crate) fn compact(&mut self, io: &Io, state: &AckState, durable_end: u64) -> io::Result<()> {
         let plan = self.compaction(state, durable_end);
-        let compacted = plan.write(io)?;
+        let compacted = plan.write(io).map_err(ReplaceError::into_io)?;
         self.install(compacted);
         Ok(())
     }
@@ -405,19 +419,13 @@ pub(crate) struct Compacted {
 impl Compaction {
     /// Writes the floor plus the ranges to a temporary file, syncs it,
     /// renames it over the journal and syncs the directory.
-    pub(crate) fn write(self, io: &Io) -> io::Result<Compacted> {
-        let tmp = self.dir.join("acks.tmp");
-        let _ = std::fs::remove_file(&tmp);
+    pub(crate) fn write(self, io: &Io) -> Result<Compacted, ReplaceError> {
         let mut bytes = header().to_vec();
         encode_entry(&mut bytes, self.state.floor, 0, FLOOR_KIND);
         for (&s, &e) in &self.state.ranges {
             encode_entry(&mut bytes, s, e - s, AckKind::Acked as u8);
         }
-        let file = file::open_rw(&tmp, true)?;
-        io.append(&file, &bytes, 0)?;
-        io.sync_data(&file)?;
-        std::fs::rename(&tmp, self.dir.join(FILE_NAME))?;
-        io.sync_dir(&self.dir)?;
+        let file = file::replace(io, &self.dir, "acks.tmp", FILE_NAME, &bytes)?;
         Ok(Compacted { file, len: bytes.len() as u64, durable_end: self.durable_end, buffered: self.buffered })
     }
 }

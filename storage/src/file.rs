@@ -230,6 +230,54 @@ fn write_zeros(file: &File, mut pos: u64, end: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// How replacing a journal by a rewritten copy ([`replace`]) failed.
+#[derive(Debug)]
+pub(crate) enum ReplaceError {
+    /// Before the rename: the journal is as it was and the temporary copy
+    /// is removed, so the rewrite can simply be tried again later (a full
+    /// disk is the case that matters).
+    Untouched(io::Error),
+    /// At or after the rename: what the directory holds is not known until
+    /// recovery reads it again.
+    Unknown(io::Error),
+}
+
+impl ReplaceError {
+    /// A full disk stopped the rewrite before it touched the journal.
+    pub(crate) fn is_deferrable(&self) -> bool {
+        matches!(self, ReplaceError::Untouched(e) if e.raw_os_error() == Some(libc::ENOSPC))
+    }
+
+    pub(crate) fn into_io(self) -> io::Error {
+        match self {
+            ReplaceError::Untouched(e) | ReplaceError::Unknown(e) => e,
+        }
+    }
+}
+
+/// Replaces `dir/name` by a file holding `bytes`: writes `dir/tmp_name`,
+/// syncs it, renames it over `name` and syncs the directory. Returns the
+/// new file.
+pub(crate) fn replace(io: &Io, dir: &Path, tmp_name: &str, name: &str, bytes: &[u8]) -> Result<File, ReplaceError> {
+    let tmp = dir.join(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let written = open_rw(&tmp, true).and_then(|file| {
+        io.append(&file, bytes, 0)?;
+        io.sync_data(&file)?;
+        Ok(file)
+    });
+    let file = match written {
+        Ok(file) => file,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ReplaceError::Untouched(e));
+        }
+    };
+    std::fs::rename(&tmp, dir.join(name)).map_err(ReplaceError::Unknown)?;
+    io.sync_dir(dir).map_err(ReplaceError::Unknown)?;
+    Ok(file)
+}
+
 pub(crate) fn open_rw(path: &Path, create_new: bool) -> io::Result<File> {
     let mut options = OpenOptions::new();
     options.read(true).write(true);

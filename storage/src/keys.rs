@@ -27,7 +27,7 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
-    file::{self, Io},
+    file::{self, Io, ReplaceError},
     file_cache::CachedFile,
 };
 
@@ -57,6 +57,8 @@ pub(crate) struct KeyJournal {
     /// Bytes of the entries inside the dedupe window at open or at the last
     /// compaction (header included): the base of the compaction threshold.
     live_len: u64,
+    /// A compaction a full disk stopped is not tried again before this.
+    compaction_deferred_until: Option<std::time::Instant>,
 }
 
 impl KeyJournal {
@@ -82,7 +84,13 @@ impl KeyJournal {
                 io.sync_dir(dir)?;
             }
             let file = io.files().insert(&path, file);
-            let journal = KeyJournal { dir: dir.to_owned(), file, len: HEADER_SIZE, live_len: HEADER_SIZE };
+            let journal = KeyJournal {
+                dir: dir.to_owned(),
+                file,
+                len: HEADER_SIZE,
+                live_len: HEADER_SIZE,
+                compaction_deferred_until: None,
+            };
             return Ok((journal, keys));
         }
         let bytes = read_prefix(&file, trusted)?;
@@ -101,7 +109,7 @@ impl KeyJournal {
             io.sync_data(&file)?;
         }
         let file = io.files().insert(&path, file);
-        Ok((KeyJournal { dir: dir.to_owned(), file, len: valid, live_len }, keys))
+        Ok((KeyJournal { dir: dir.to_owned(), file, len: valid, live_len, compaction_deferred_until: None }, keys))
     }
 
     /// Whether the journal has grown past twice its live size (at open or
@@ -110,7 +118,15 @@ impl KeyJournal {
     /// `COMPACTION_SLACK + 2 ×` those keys' size (plus one checkpoint's keys),
     /// and the cost of rewriting is amortized over the keys appended since.
     pub(crate) fn needs_compaction(&self) -> bool {
-        self.len > COMPACTION_SLACK + 2 * self.live_len
+        self.compaction_deferred_until.is_none_or(|at| std::time::Instant::now() >= at)
+            && self.len > COMPACTION_SLACK + 2 * self.live_len
+    }
+
+    /// No compaction for `COMPACTION_RETRY_MS`: a full disk stopped the
+    /// last one before it touched the journal, which stays valid.
+    pub(crate) fn defer_compaction(&mut self) {
+        self.compaction_deferred_until =
+            Some(std::time::Instant::now() + std::time::Duration::from_millis(crate::limits::COMPACTION_RETRY_MS));
     }
 
     /// Appends and syncs entries; returns the new synced length.
@@ -132,8 +148,9 @@ impl KeyJournal {
     /// Rewrites the journal with only the `keys_max` newest keys not older
     /// than `cutoff_ms` (temporary file, sync, rename, directory sync).
     /// Returns the new length.
-    pub(crate) fn compact(&mut self, io: &Io, cutoff_ms: u64, keys_max: usize) -> io::Result<u64> {
-        let bytes = read_prefix(&*self.file.get()?, self.len)?;
+    pub(crate) fn compact(&mut self, io: &Io, cutoff_ms: u64, keys_max: usize) -> Result<u64, ReplaceError> {
+        let file = self.file.get().map_err(ReplaceError::Untouched)?;
+        let bytes = read_prefix(&file, self.len).map_err(ReplaceError::Untouched)?;
         let mut live = Vec::new();
         decode_all(&bytes, |entry, _| {
             if entry.timestamp_ms >= cutoff_ms {
@@ -145,13 +162,7 @@ impl KeyJournal {
         for entry in &live {
             encode_entry(&mut out, entry);
         }
-        let tmp = self.dir.join("keys.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let file = file::open_rw(&tmp, true)?;
-        io.append(&file, &out, 0)?;
-        io.sync_data(&file)?;
-        std::fs::rename(&tmp, self.dir.join(FILE_NAME))?;
-        io.sync_dir(&self.dir)?;
+        let file = file::replace(io, &self.dir, "keys.tmp", FILE_NAME, &out)?;
         self.file.replace(file);
         self.len = out.len() as u64;
         self.live_len = self.len;

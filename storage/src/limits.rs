@@ -95,6 +95,12 @@ pub const BACKGROUND_FLUSH_MS: u64 = 1000;
 /// turn the flusher into a busy loop.
 pub const ACK_JOURNAL_RETRY_MS: u64 = 100;
 
+/// After a full disk stopped a journal compaction (ack or key journal)
+/// before it touched the journal, in ms before the next try: the journal
+/// stays valid, only longer, so nothing is poisoned; a compaction rewrites
+/// the whole journal, so it is not retried on every flush.
+pub const COMPACTION_RETRY_MS: u64 = 1000;
+
 /// Fewest threads in a [`FlushPool`](crate::FlushPool) (2): with one, a log
 /// whose fsync stalls would hold up every other log's commits. A smaller
 /// request is raised to this.

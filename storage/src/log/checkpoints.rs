@@ -34,10 +34,16 @@ impl Shared {
         checkpointer.last = point;
         if checkpointer.keys.needs_compaction() {
             let cutoff = now_ms().saturating_sub(self.options.dedupe_window_ms);
-            let len = checkpointer
-                .keys
-                .compact(&self.io, cutoff, self.options.dedupe_keys_max as usize)
-                .map_err(|e| SyncError::new("compacting the key journal", e))?;
+            let len = match checkpointer.keys.compact(&self.io, cutoff, self.options.dedupe_keys_max as usize) {
+                Ok(len) => len,
+                Err(e) if e.is_deferrable() => {
+                    tracing::warn!(dir = %self.dir.display(), retry_ms = crate::limits::COMPACTION_RETRY_MS,
+                        "disk full compacting the key journal; the journal is kept as it is and compacted later");
+                    checkpointer.keys.defer_compaction();
+                    return Ok(());
+                }
+                Err(e) => return Err(SyncError::new("compacting the key journal", e.into_io())),
+            };
             checkpointer
                 .checkpoint
                 .write(&self.io, Point { keys_len: len, ..point }, clean)

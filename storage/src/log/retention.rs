@@ -37,8 +37,15 @@ impl Shared {
         if let Some(plan) = plan {
             // Written and synced without the acks lock (see
             // `AckJournal::compaction`).
-            let compacted = plan.write(&self.io).map_err(|e| SyncError::new("compacting the ack journal", e))?;
-            self.acks.lock().journal.install(compacted);
+            match plan.write(&self.io) {
+                Ok(compacted) => self.acks.lock().journal.install(compacted),
+                Err(e) if e.is_deferrable() => {
+                    tracing::warn!(dir = %self.dir.display(), retry_ms = crate::limits::COMPACTION_RETRY_MS,
+                        "disk full compacting the ack journal; the journal is kept as it is and compacted later");
+                    self.acks.lock().journal.defer_compaction();
+                }
+                Err(e) => return Err(SyncError::new("compacting the ack journal", e.into_io())),
+            }
         }
         Ok(())
     }

@@ -317,3 +317,39 @@ fn close_after_a_failed_reopen_reports_the_poisoning() {
     let log = Log::open(dir.path(), small_options()).unwrap();
     assert_eq!(log.next_offset(), 3);
 }
+
+/// A full disk during an ack-journal compaction does not poison the log:
+/// the compaction writes a temporary copy first, so the journal is intact
+/// and the compaction is simply tried later (found by `ballast-bench chaos
+/// --disk-full`, where it poisoned the lane and failed its publishes).
+/// The ack taken meanwhile stays buffered, is journaled once space returns
+/// and survives a reopen.
+#[test]
+fn a_full_disk_during_a_journal_compaction_defers_it() {
+    use ballast_storage::AckKind;
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let options = LogOptions { faults: Some(faults.clone()), ..options_256k() };
+    let log = Log::open(dir.path(), options).unwrap();
+    const ACKED: u64 = 1100;
+    append_all(&log, 0, ACKED + 10, 64);
+    // Offset 0 stays unacked, so the floor does not move and nothing
+    // compacts while the journal grows to one entry per ack (1..=1100,
+    // each synced on its own): past the compaction threshold.
+    for offset in 1..=ACKED {
+        log.ack(offset, 1, AckKind::Acked).unwrap().wait().unwrap();
+    }
+    faults.set_disk_full(true);
+    // Acking 0 moves the floor: the next flush tries to journal it (the
+    // disk is full: it stays buffered) and then to compact the journal.
+    let pending = log.ack(0, 1, AckKind::Acked).unwrap();
+    // The fault window covers that flush and its retries (every 100 ms).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(log.poisoned().is_none(), "a deferred compaction must not poison: {:?}", log.poisoned());
+    faults.set_disk_full(false);
+    pending.wait().expect("the buffered ack is journaled once space returns");
+    assert!(log.poisoned().is_none());
+    log.close().unwrap();
+    let log = Log::open(dir.path(), options_256k()).unwrap();
+    assert_eq!(log.ack_floor(), ACKED + 1, "every ack survives the reopen");
+}
