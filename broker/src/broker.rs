@@ -38,7 +38,6 @@ use crate::{
 /// watermark.
 #[derive(Debug)]
 pub struct Node {
-    delivery: AtomicU64,
     consumer: AtomicU64,
     generation: AtomicU64,
     /// Free bytes on the data directory's filesystem, refreshed every tick.
@@ -48,12 +47,10 @@ pub struct Node {
 
 impl Node {
     fn new(disk_free_min: u64) -> Node {
-        // Delivery ids start from the clock so that an id from before a
-        // restart is not reused by the next run: an ack of a stale delivery
-        // is refused instead of acking some other message.
+        // Queue directory generations start from the clock so that a queue
+        // re-created after a restart never reuses a directory name.
         let start = now_ms() << 20;
         Node {
-            delivery: AtomicU64::new(start),
             consumer: AtomicU64::new(1),
             generation: AtomicU64::new(start),
             disk_free: AtomicU64::new(u64::MAX),
@@ -81,10 +78,6 @@ impl Node {
             Ok(free) => self.disk_free.store(free, Ordering::Relaxed),
             Err(e) => tracing::warn!(dir = %dir.display(), "cannot measure free disk space: {e}"),
         }
-    }
-
-    pub fn next_delivery(&self) -> u64 {
-        self.delivery.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn next_consumer(&self) -> u64 {
@@ -226,6 +219,10 @@ impl Broker {
                     // files: setting healthy queues aside would invite
                     // their deletion. The operator raises the limit.
                     Err(error @ BrokerError::FileDescriptorsExhausted { .. }) => return Err(error),
+                    // Nor does a full disk (recovery may need to write a
+                    // journal header or cut a torn tail): the start fails,
+                    // saying so, and succeeds once space is freed.
+                    Err(error @ BrokerError::DiskFull { .. }) => return Err(error),
                     Err(error) => set_aside(&mut damaged, found.name, found.dir, &error),
                 }
             }

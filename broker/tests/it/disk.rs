@@ -588,3 +588,47 @@ async fn an_ack_lost_with_a_failed_journal_write_is_delivered_again() {
     }
     broker.stop().await;
 }
+
+/// A start on a full disk, when opening a queue needs to write (here: its
+/// key journal must be created again), fails with the disk-full error
+/// instead of setting the healthy queue aside as damaged (which would
+/// invite its deletion; found by `ballast-bench chaos --disk-full`); once
+/// space returns the broker starts and the queue serves its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_full_disk_fails_instead_of_setting_queues_aside() {
+    let broker = InProcess::start().await;
+    let mut admin = pb::admin_client::AdminClient::new(broker.channel().await);
+    create(&mut admin, "full", queue_settings()).await;
+    let mut publisher = pb::publisher_client::PublisherClient::new(broker.channel().await);
+    try_publish(&mut publisher, "full", "kept".into()).await.unwrap();
+    let data_dir = broker.data_dir.clone();
+    let faults = broker.faults.clone();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let kept = dir.path().join("data");
+    // The broker's temporary directory goes when it stops: keep a copy (as
+    // a crash would leave it: the publish was synced).
+    let copy = Command::new("cp").arg("-a").arg(&data_dir).arg(&kept).status().unwrap();
+    assert!(copy.success());
+    broker.stop().await;
+    let queue_dir = std::fs::read_dir(kept.join("queues"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("full~"))
+        .expect("the queue's directory");
+    std::fs::remove_file(queue_dir.join("lanes/1/keys")).unwrap();
+
+    let config = |faults: Option<std::sync::Arc<ballast_storage::Faults>>| ballast_broker::Config {
+        data_dir: kept.clone(),
+        disk_free_min_bytes: 0,
+        faults: ballast_broker::config::FaultSeam(faults),
+        ..ballast_broker::Config::default()
+    };
+    faults.set_disk_full(true);
+    let error = ballast_broker::Broker::open(config(Some(faults.clone()))).expect_err("no space to open the queue");
+    assert!(error.to_string().contains("disk is full"), "{error}");
+    faults.set_disk_full(false);
+    let broker = ballast_broker::Broker::open(config(None)).expect("starts once space returns");
+    assert!(broker.damaged_queues().is_empty(), "no queue was set aside");
+    let queue = broker.queue("full").expect("the queue serves");
+    assert_eq!(queue.stats().lane_depths.iter().sum::<u64>(), 1, "its message is kept");
+}
