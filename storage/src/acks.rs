@@ -192,8 +192,8 @@ pub(crate) struct AckJournal {
     /// ([`AckJournal::compaction`] .. [`AckJournal::install`]): `record`
     /// must not extend them, because the install drops them as planned.
     sealed: usize,
-    /// A compaction a full disk stopped is not tried again before this.
-    compaction_deferred_until: Option<std::time::Instant>,
+    /// A compaction a full disk stopped waits for this.
+    compaction_backoff: file::CompactionBackoff,
 }
 
 impl AckJournal {
@@ -250,7 +250,7 @@ impl AckJournal {
             entries,
             dirty,
             sealed: 0,
-            compaction_deferred_until: None,
+            compaction_backoff: file::CompactionBackoff::default(),
         };
         Ok((journal, state))
     }
@@ -334,8 +334,7 @@ impl AckJournal {
     }
 
     pub(crate) fn needs_compaction(&self, state: &AckState) -> bool {
-        self.compaction_deferred_until.is_none_or(|at| std::time::Instant::now() >= at)
-            && self.entries > 1024 + 4 * (state.range_count() as u64 + 1)
+        self.compaction_backoff.ready() && self.entries > 1024 + 4 * (state.range_count() as u64 + 1)
     }
 
     /// Gives up a planned compaction that a full disk stopped before it
@@ -344,8 +343,7 @@ impl AckJournal {
     /// `COMPACTION_RETRY_MS`. The journal stays valid, only longer.
     pub(crate) fn defer_compaction(&mut self) {
         self.sealed = 0;
-        self.compaction_deferred_until =
-            Some(std::time::Instant::now() + std::time::Duration::from_millis(crate::limits::COMPACTION_RETRY_MS));
+        self.compaction_backoff.defer();
     }
 
     /// Rewrites the journal as the floor plus the ranges of `state` below

@@ -230,6 +230,27 @@ fn write_zeros(file: &File, mut pos: u64, end: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// When a journal rewrite (compaction) that a full disk stopped may be
+/// tried again: not before `COMPACTION_RETRY_MS` (a compaction rewrites the
+/// whole journal, so it is not retried on every flush).
+#[derive(Debug, Default)]
+pub(crate) struct CompactionBackoff {
+    until: Option<std::time::Instant>,
+}
+
+impl CompactionBackoff {
+    /// Whether a compaction may run now.
+    pub(crate) fn ready(&self) -> bool {
+        self.until.is_none_or(|at| std::time::Instant::now() >= at)
+    }
+
+    /// No compaction for `COMPACTION_RETRY_MS`.
+    pub(crate) fn defer(&mut self) {
+        let retry = std::time::Duration::from_millis(crate::limits::COMPACTION_RETRY_MS);
+        self.until = Some(std::time::Instant::now() + retry);
+    }
+}
+
 /// How replacing a journal by a rewritten copy ([`replace`]) failed.
 #[derive(Debug)]
 pub(crate) enum ReplaceError {

@@ -57,8 +57,8 @@ pub(crate) struct KeyJournal {
     /// Bytes of the entries inside the dedupe window at open or at the last
     /// compaction (header included): the base of the compaction threshold.
     live_len: u64,
-    /// A compaction a full disk stopped is not tried again before this.
-    compaction_deferred_until: Option<std::time::Instant>,
+    /// A compaction a full disk stopped waits for this.
+    compaction_backoff: file::CompactionBackoff,
 }
 
 impl KeyJournal {
@@ -89,7 +89,7 @@ impl KeyJournal {
                 file,
                 len: HEADER_SIZE,
                 live_len: HEADER_SIZE,
-                compaction_deferred_until: None,
+                compaction_backoff: file::CompactionBackoff::default(),
             };
             return Ok((journal, keys));
         }
@@ -109,7 +109,16 @@ impl KeyJournal {
             io.sync_data(&file)?;
         }
         let file = io.files().insert(&path, file);
-        Ok((KeyJournal { dir: dir.to_owned(), file, len: valid, live_len, compaction_deferred_until: None }, keys))
+        Ok((
+            KeyJournal {
+                dir: dir.to_owned(),
+                file,
+                len: valid,
+                live_len,
+                compaction_backoff: file::CompactionBackoff::default(),
+            },
+            keys,
+        ))
     }
 
     /// Whether the journal has grown past twice its live size (at open or
@@ -118,15 +127,13 @@ impl KeyJournal {
     /// `COMPACTION_SLACK + 2 ×` those keys' size (plus one checkpoint's keys),
     /// and the cost of rewriting is amortized over the keys appended since.
     pub(crate) fn needs_compaction(&self) -> bool {
-        self.compaction_deferred_until.is_none_or(|at| std::time::Instant::now() >= at)
-            && self.len > COMPACTION_SLACK + 2 * self.live_len
+        self.compaction_backoff.ready() && self.len > COMPACTION_SLACK + 2 * self.live_len
     }
 
     /// No compaction for `COMPACTION_RETRY_MS`: a full disk stopped the
     /// last one before it touched the journal, which stays valid.
     pub(crate) fn defer_compaction(&mut self) {
-        self.compaction_deferred_until =
-            Some(std::time::Instant::now() + std::time::Duration::from_millis(crate::limits::COMPACTION_RETRY_MS));
+        self.compaction_backoff.defer();
     }
 
     /// Appends and syncs entries; returns the new synced length.

@@ -16,7 +16,7 @@
 //! 4. Time-driven work (the `interval` and `none` policies' deadlines, the
 //!    ack-journal retry after ENOSPC) is a timer that schedules the log when
 //!    it is due. A log with no work holds no timer and costs nothing.
-//! 5. Lock order: a log's `flush` (scheduling) lock, then the pool's `state`
+//! 5. Lock order: a job's `Slot` (scheduling) lock, then the pool's `state`
 //!    lock; a pool thread never holds `state` while it runs a log.
 
 use std::{

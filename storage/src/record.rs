@@ -112,7 +112,10 @@ pub fn headers_size(headers: &[(String, String)]) -> u64 {
     headers.iter().map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64).sum()
 }
 
-fn encoded_len(key_len: usize, headers: &[(String, String)], payload_len: usize) -> u64 {
+/// Encoded bytes of a record with a key of `key_len` bytes, these headers
+/// and a payload of `payload_len` bytes, before padding: what the log's
+/// `record_size_max` limits.
+pub fn encoded_len(key_len: usize, headers: &[(String, String)], payload_len: usize) -> u64 {
     RECORD_HEADER_SIZE as u64 + key_len as u64 + headers_size(headers) + payload_len as u64
 }
 

@@ -127,16 +127,24 @@ fn encode_header(base_offset: u64, size: u64) -> [u8; SEGMENT_HEADER_SIZE as usi
 }
 
 impl Segment {
-    /// Creates, preallocates and syncs a new segment file (not mapped yet), with room
-    /// for at least its first `end` bytes (header included), rounded up to
-    /// a growth step. The caller syncs the directory. On error the file is
-    /// removed again (and the directory synced, best effort), so the
-    /// creation can be retried under the same name.
+    /// Creates, preallocates and syncs a new segment file, with room for
+    /// at least its first `end` bytes (header included), rounded up to a
+    /// growth step; mapped if records are to be written (`end` past the
+    /// header), so that an append finds it ready. The caller syncs the
+    /// directory. On error the file is removed again (and the directory
+    /// synced, best effort), so the creation can be retried under the same
+    /// name.
     pub(crate) fn create(io: &Io, dir: &Path, base_offset: u64, size: u64, end: u64) -> io::Result<Segment> {
         let path = dir.join(file_name(base_offset));
         let file = file::open_rw(&path, true)?;
         let allocated = next_allocation(0, end.max(SEGMENT_HEADER_SIZE), size);
-        match Segment::prepare(io, file, path.clone(), base_offset, size, allocated) {
+        let prepared = Segment::prepare(io, file, path.clone(), base_offset, size, allocated).and_then(|segment| {
+            if end > SEGMENT_HEADER_SIZE {
+                segment.ensure_mapped(io)?;
+            }
+            Ok(segment)
+        });
+        match prepared {
             Ok(segment) => Ok(segment),
             Err(e) => {
                 // The file was closed by `prepare`; nothing else refers to it.

@@ -85,17 +85,7 @@ impl Shared {
         let mut created = Vec::with_capacity(starts.len());
         for (&i, &end) in starts.iter().zip(&run_ends[1..]) {
             let base = first_offset + i as u64;
-            let segment = Segment::create(&self.io, &self.dir, base, segment_size, end).and_then(|segment| {
-                match segment.ensure_mapped(&self.io) {
-                    Ok(()) => Ok(segment),
-                    Err(e) => {
-                        // Its file goes, as a failed creation's does.
-                        let _ = std::fs::remove_file(&segment.path);
-                        Err(e)
-                    }
-                }
-            });
-            match segment {
+            match Segment::create(&self.io, &self.dir, base, segment_size, end) {
                 Ok(segment) => created.push(Arc::new(segment)),
                 Err(source) => {
                     let path = self.dir.join(segment::file_name(base));
