@@ -521,11 +521,6 @@ impl Broker {
         self.recover_lanes();
     }
 
-    /// Whether every lane of `queue` can write (no log of it is poisoned).
-    pub fn is_writable(queue: &Queue) -> bool {
-        queue.lanes.iter().all(|log| log.poisoned().is_none())
-    }
-
     /// Reopens poisoned lanes, each on a backoff (from
     /// `LANE_REOPEN_BACKOFF_MS_MIN`, doubling to `..._MAX`) and on a blocking
     /// thread, since a reopen re-runs recovery: it keeps what the last
@@ -538,7 +533,11 @@ impl Broker {
         let now = std::time::Instant::now();
         let queues = self.queues();
         let mut recovering = self.recovering.lock();
-        recovering.retain(|(name, _), _| queues.iter().any(|q| q.name == *name));
+        {
+            // Lanes of queues deleted meanwhile are forgotten.
+            let registry = self.queues.read();
+            recovering.retain(|(name, _), _| registry.contains_key(name));
+        }
         for queue in &queues {
             for (lane, log) in queue.lanes.iter().enumerate() {
                 let Some(error) = log.poisoned() else { continue };
@@ -595,7 +594,7 @@ impl Broker {
     pub async fn report_health(&self, health: &mut tonic_health::server::HealthReporter) {
         use tonic_health::ServingStatus;
         let mut current: HashMap<String, bool> =
-            self.queues().iter().map(|q| (q.name.to_string(), Broker::is_writable(q))).collect();
+            self.queues().iter().map(|q| (q.name.to_string(), q.is_writable())).collect();
         current.extend(self.damaged_queues().into_iter().map(|d| (d.name.to_string(), false)));
         let (changed, gone) = {
             let mut reported = self.reported_health.lock();

@@ -99,7 +99,9 @@ pub struct Config {
 /// [`Config::storage_shared`]: runtime handles, not settings, so they never
 /// make two configs differ; clones of a config share them.
 #[derive(Debug, Clone, Default)]
-pub struct StorageShared(std::sync::Arc<(OnceLock<ballast_storage::FlushPool>, OnceLock<ballast_storage::FileCache>)>);
+pub struct StorageShared(
+    std::sync::Arc<(OnceLock<Option<ballast_storage::FlushPool>>, OnceLock<ballast_storage::FileCache>)>,
+);
 
 impl PartialEq for StorageShared {
     fn eq(&self, _: &StorageShared) -> bool {
@@ -291,17 +293,17 @@ impl Config {
     pub fn log_options(&self, settings: &QueueSettings) -> ballast_storage::LogOptions {
         let (pools, caches) = &*self.storage_shared.0;
         let files = caches.get_or_init(|| ballast_storage::FileCache::new(self.storage.open_files_max)).clone();
-        let pool = match pools.get() {
-            Some(pool) => Some(pool.clone()),
-            None => match ballast_storage::FlushPool::new(self.storage.flush_threads) {
-                Ok(pool) => Some(pools.get_or_init(|| pool).clone()),
-                // The logs fall back to the process-wide pool.
-                Err(error) => {
-                    tracing::warn!(%error, "starting the flush pool failed; using the default pool");
-                    None
-                }
-            },
-        };
+        // Tried once, whichever lane opens first (queues open in parallel):
+        // on failure every lane falls back to the process-wide pool.
+        let pool = pools
+            .get_or_init(|| {
+                ballast_storage::FlushPool::new(self.storage.flush_threads)
+                    .inspect_err(
+                        |error| tracing::warn!(%error, "starting the flush pool failed; using the default pool"),
+                    )
+                    .ok()
+            })
+            .clone();
         ballast_storage::LogOptions { pool, files: Some(files), ..self.log_options_without_pool(settings) }
     }
 

@@ -203,14 +203,21 @@ impl std::fmt::Display for Refusal {
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 
 impl BrokerError {
-    /// An I/O error on `path`: `DiskFull` for ENOSPC (the path logged
-    /// here), `Storage` with the path otherwise.
+    /// An I/O error on `path`: `DiskFull` for ENOSPC and
+    /// `FileDescriptorsExhausted` for EMFILE/ENFILE (the path logged here),
+    /// `Storage` with the path otherwise.
     pub fn io(during: &'static str, path: &std::path::Path, e: &std::io::Error) -> BrokerError {
-        if e.raw_os_error() == Some(libc::ENOSPC) {
-            tracing::warn!(path = %path.display(), "disk full while {during}");
-            return BrokerError::DiskFull { during };
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) => {
+                tracing::warn!(path = %path.display(), "disk full while {during}");
+                BrokerError::DiskFull { during }
+            }
+            Some(libc::EMFILE | libc::ENFILE) => {
+                tracing::warn!(path = %path.display(), "out of file descriptors while {during}");
+                BrokerError::FileDescriptorsExhausted { during }
+            }
+            _ => BrokerError::Storage(format!("{during}: {}: {e}", path.display())),
         }
-        BrokerError::Storage(format!("{during}: {}: {e}", path.display()))
     }
 }
 
@@ -253,16 +260,7 @@ impl From<AckError> for BrokerError {
 impl From<OpenError> for BrokerError {
     fn from(e: OpenError) -> BrokerError {
         match &e {
-            OpenError::Io { path, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                tracing::warn!(path = %path.display(), "disk full opening a log");
-                BrokerError::DiskFull { during: "creating the queue's files" }
-            }
-            OpenError::Io { path, source }
-                if matches!(source.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) =>
-            {
-                tracing::warn!(path = %path.display(), "out of file descriptors opening a log");
-                BrokerError::FileDescriptorsExhausted { during: "opening the queue's files" }
-            }
+            OpenError::Io { path, source } => BrokerError::io("opening the queue's files", path, source),
             _ => BrokerError::Storage(e.to_string()),
         }
     }

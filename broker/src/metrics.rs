@@ -229,11 +229,7 @@ fn refresh_queue(queue: &Arc<Queue>) {
         gauge!("ballast_queue_saturation_ratio", &labels).set(figures.saturation);
         gauge!("ballast_queue_oldest_age_seconds", &labels).set(figures.oldest_age_ms as f64 / 1000.0);
         gauge!("ballast_queue_segments", &labels).set(queue.lanes[i].stats().segment_count as f64);
-        gauge!("ballast_queue_storage_failed", &labels).set(if queue.lanes[i].poisoned().is_some() {
-            1.0
-        } else {
-            0.0
-        });
+        gauge!("ballast_queue_storage_failed", &labels).set(if queue.lane_writable(i) { 0.0 } else { 1.0 });
     }
     let labels = [("queue", name)];
     gauge!("ballast_queue_drain_estimate_seconds", &labels)

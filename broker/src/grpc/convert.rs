@@ -150,7 +150,7 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
                 saturation: Some(saturation(f)),
                 admission: queue.settings.lane_admission[i],
                 in_flight: delivery.lane_in_flight.get(i).copied().unwrap_or(0),
-                storage_failed: queue.lanes[i].poisoned().is_some(),
+                storage_failed: !queue.lane_writable(i),
             })
             .collect(),
         in_flight: delivery.in_flight,

@@ -202,17 +202,13 @@ fn every_queue<T: prost::Message>(
 ) -> Vec<T> {
     let queues = broker.queues();
     let set_aside = broker.damaged_queues();
-    let mut named: Vec<(&str, Either<'_>)> = queues
+    let mut named: Vec<(&str, T)> = queues
         .iter()
-        .map(|q| (q.name.as_str(), Either::Open(q)))
-        .chain(set_aside.iter().map(|d| (d.name.as_str(), Either::Damaged(d))))
+        .map(|q| (q.name.as_str(), open(q)))
+        .chain(set_aside.iter().map(|d| (d.name.as_str(), damaged(d))))
         .collect();
-    named.sort_unstable_by_key(|(name, _)| *name);
-    let items = named.iter().map(|(_, queue)| match queue {
-        Either::Open(queue) => open(queue),
-        Either::Damaged(queue) => damaged(queue),
-    });
-    let (described, left_out) = up_to_size(items, QUEUES_RESPONSE_SIZE_MAX);
+    named.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let (described, left_out) = up_to_size(named.into_iter().map(|(_, item)| item), QUEUES_RESPONSE_SIZE_MAX);
     if left_out > 0 {
         tracing::warn!(
             call,
@@ -231,8 +227,7 @@ fn up_to_size<T: prost::Message>(items: impl ExactSizeIterator<Item = T>, size_m
     let mut size = 0;
     let mut kept = Vec::with_capacity(count);
     for item in items {
-        let len = item.encoded_len();
-        size += 1 + prost::length_delimiter_len(len) + len;
+        size += field_len(&item);
         if size > size_max {
             break;
         }
@@ -242,10 +237,11 @@ fn up_to_size<T: prost::Message>(items: impl ExactSizeIterator<Item = T>, size_m
     (kept, left_out)
 }
 
-/// A served queue or a damaged one ([`every_queue`]).
-enum Either<'a> {
-    Open(&'a Arc<Queue>),
-    Damaged(&'a DamagedQueue),
+/// Bytes `item` takes as an element of a repeated message field: its
+/// tag byte, length prefix and body.
+fn field_len(item: &impl prost::Message) -> usize {
+    let len = item.encoded_len();
+    1 + prost::length_delimiter_len(len) + len
 }
 
 /// Responses a consume session may have queued towards the client beyond
@@ -312,9 +308,7 @@ impl consumer_server::Consumer for Service {
         let mut left_out = Vec::new();
         for delivery in first.into_iter().chain(std::iter::from_fn(|| subscription.deliveries.try_recv().ok())) {
             let delivery = convert::delivery(delivery);
-            // The field's tag, length prefix and body.
-            let len = prost::Message::encoded_len(&delivery);
-            let len = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+            let len = field_len(&delivery);
             if deliveries.is_empty() || size + len <= PULL_RESPONSE_SIZE_MAX {
                 size += len;
                 deliveries.push(delivery);

@@ -399,10 +399,16 @@ impl Queue {
         self.dispatch();
     }
 
-    /// Puts released leases back at the front of their lanes, in offset
-    /// order, with the attempt they had (it did not count).
+    /// Takes back the leases of `delivery_ids` (those still leased) and
+    /// requeues them ([`Queue::requeue_leases`]).
     fn requeue_released(&self, state: &mut DeliveryState, delivery_ids: Vec<u64>) {
-        let mut released: Vec<Lease> = delivery_ids.into_iter().filter_map(|id| state.remove_lease(id)).collect();
+        let released: Vec<Lease> = delivery_ids.into_iter().filter_map(|id| state.remove_lease(id)).collect();
+        self.requeue_leases(state, released);
+    }
+
+    /// Puts ended leases back at the front of their lanes, in offset
+    /// order, with the attempt they had (it did not count).
+    fn requeue_leases(&self, state: &mut DeliveryState, mut released: Vec<Lease>) {
         released.sort_by_key(|l| std::cmp::Reverse(l.offset));
         for lease in released {
             self.meters[lease.lane as usize].metrics.released.increment(1);
@@ -448,13 +454,7 @@ impl Queue {
             meter.metrics.delivery_to_ack.record(now_ms().saturating_sub(lease.delivered_ms) as f64 / 1000.0);
         }
         if !failed.is_empty() {
-            {
-                let mut state = self.delivery.lock();
-                failed.sort_by_key(|l| std::cmp::Reverse(l.offset));
-                for lease in failed {
-                    state.lanes[lease.lane as usize].requeue.push_front((lease.offset, lease.attempt - 1));
-                }
-            }
+            self.requeue_leases(&mut self.delivery.lock(), failed);
             self.dispatch();
         }
         if let Some(error) = first_error {

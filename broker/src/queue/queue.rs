@@ -310,6 +310,16 @@ impl Queue {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Whether lane `lane`'s log can write (it is not poisoned).
+    pub fn lane_writable(&self, lane: usize) -> bool {
+        self.lanes[lane].poisoned().is_none()
+    }
+
+    /// Whether every lane can write (no log of the queue is poisoned).
+    pub fn is_writable(&self) -> bool {
+        (0..self.lanes.len()).all(|lane| self.lane_writable(lane))
+    }
+
     pub fn lane_count(&self) -> u32 {
         self.settings.lane_count()
     }
@@ -594,8 +604,8 @@ impl Queue {
         }
         // Only a small `storage.segment_size` makes this bind: records
         // then cannot outgrow a segment, and neither can their copies.
-        let key_size = message.key.as_ref().map_or(0, Bytes::len) as u64;
-        let record_size = u64::from(RECORD_HEADER_SIZE) + key_size + headers_size + size as u64;
+        let key_len = message.key.as_ref().map_or(0, Bytes::len);
+        let record_size = ballast_storage::record::encoded_len(key_len, &message.headers, size);
         let record_size_max = u64::from(self.lanes[lane as usize].options().record_size_max);
         if record_size + u64::from(RESERVED_HEADERS_SIZE) > record_size_max {
             return Err(which(format!(
