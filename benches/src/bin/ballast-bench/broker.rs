@@ -160,9 +160,16 @@ impl Drop for Target {
 
 /// A process's anonymous resident memory (`RssAnon` in /proc), in bytes.
 pub fn rss_anon(pid: u32) -> anyhow::Result<u64> {
+    proc_status_bytes(pid, "RssAnon")
+}
+
+/// A kB figure of `/proc/PID/status` (`VmRSS`, `RssAnon`, ...), in bytes.
+pub fn proc_status_bytes(pid: u32, key: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("RssAnon:")).context("no RssAnon in /proc/PID/status")?;
-    let kib: u64 = line.split_whitespace().nth(1).context("RssAnon value")?.parse()?;
+    let prefix = format!("{key}:");
+    let line =
+        status.lines().find(|l| l.starts_with(&prefix)).with_context(|| format!("no {key} in /proc/PID/status"))?;
+    let kib: u64 = line.split_whitespace().nth(1).with_context(|| format!("{key} value"))?.parse()?;
     Ok(kib * 1024)
 }
 

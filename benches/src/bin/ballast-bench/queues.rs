@@ -169,19 +169,10 @@ struct Figures {
 impl Figures {
     fn take(target: &Target, data: &Path) -> anyhow::Result<Figures> {
         let pid = target.pid().expect("the bench started the broker");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib = |key: &str| -> u64 {
-            status
-                .lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
         Ok(Figures {
             disk_bytes: disk_use(data)?,
-            rss_bytes: kib("VmRSS:") * 1024,
-            rss_anon_bytes: kib("RssAnon:") * 1024,
+            rss_bytes: crate::broker::proc_status_bytes(pid, "VmRSS")?,
+            rss_anon_bytes: crate::broker::rss_anon(pid)?,
             threads: std::fs::read_dir(format!("/proc/{pid}/task"))?.count() as u64,
             open_files: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64,
         })
