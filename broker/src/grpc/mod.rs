@@ -6,6 +6,7 @@
 //! [`BrokerError`]: crate::BrokerError
 
 mod convert;
+pub mod peer;
 mod service;
 pub(crate) mod status;
 pub mod transport;
