@@ -54,6 +54,16 @@ pub(crate) const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build reads.
 pub(crate) const FORMAT_VERSION_MIN: u32 = 1;
 pub(crate) const SEGMENT_SUFFIX: &str = "seg";
+/// The name of a log's spare segment: a file the flusher creates,
+/// preallocates and syncs ahead of need, which the append that rolls the
+/// log renames to its segment name (`Segment::from_spare`). Not a segment
+/// name, so recovery never reads it as one: it removes it.
+pub(crate) const SPARE_FILE_NAME: &str = "spare";
+/// The base offset in a spare's header: no segment has it (an offset is
+/// below `u64::MAX`). A `<base>.seg` whose header carries it is a spare
+/// renamed by a roll whose own header never reached the disk: nothing in
+/// it was ever acknowledged (`recovery`).
+pub(crate) const SPARE_BASE: u64 = u64::MAX;
 
 /// One segment of a log.
 #[derive(Debug)]
@@ -127,23 +137,33 @@ fn encode_header(base_offset: u64, size: u64) -> [u8; SEGMENT_HEADER_SIZE as usi
 }
 
 impl Segment {
-    /// Creates, preallocates and syncs a new segment file, with room for
-    /// at least its first `end` bytes (header included), rounded up to a
-    /// growth step; mapped if records are to be written (`end` past the
-    /// header), so that an append finds it ready. The caller syncs the
-    /// directory. On error the file is removed again (and the directory
-    /// synced, best effort), so the creation can be retried under the same
-    /// name.
-    pub(crate) fn create(io: &Io, dir: &Path, base_offset: u64, size: u64, end: u64) -> io::Result<Segment> {
+    /// Creates and preallocates a new segment file, with room for at least
+    /// its first `end` bytes (header included), rounded up to a growth
+    /// step, and writes its header; syncs it if `durable` (recovery),
+    /// otherwise the caller's group commit syncs the header with the first
+    /// records (an append that rolls without a spare). Mapped if records
+    /// are to be written (`end` past the header), so that an append finds
+    /// it ready. The caller syncs the directory. On error the file is
+    /// removed again (and the directory synced, best effort), so the
+    /// creation can be retried under the same name.
+    pub(crate) fn create(
+        io: &Io,
+        dir: &Path,
+        base_offset: u64,
+        size: u64,
+        end: u64,
+        durable: bool,
+    ) -> io::Result<Segment> {
         let path = dir.join(file_name(base_offset));
         let file = file::open_rw(&path, true)?;
         let allocated = next_allocation(0, end.max(SEGMENT_HEADER_SIZE), size);
-        let prepared = Segment::prepare(io, file, path.clone(), base_offset, size, allocated).and_then(|segment| {
-            if end > SEGMENT_HEADER_SIZE {
-                segment.ensure_mapped(io)?;
-            }
-            Ok(segment)
-        });
+        let prepared =
+            Segment::prepare(io, file, path.clone(), base_offset, size, allocated, durable).and_then(|segment| {
+                if end > SEGMENT_HEADER_SIZE {
+                    segment.ensure_mapped(io)?;
+                }
+                Ok(segment)
+            });
         match prepared {
             Ok(segment) => Ok(segment),
             Err(e) => {
@@ -156,16 +176,99 @@ impl Segment {
     }
 
     /// The part of [`Segment::create`] after the file exists.
-    fn prepare(io: &Io, file: File, path: PathBuf, base_offset: u64, size: u64, allocated: u64) -> io::Result<Segment> {
+    fn prepare(
+        io: &Io,
+        file: File,
+        path: PathBuf,
+        base_offset: u64,
+        size: u64,
+        allocated: u64,
+        durable: bool,
+    ) -> io::Result<Segment> {
         io.preallocate(&file, 0, allocated)?;
         io.write_at(&file, &encode_header(base_offset, size), 0)?;
-        io.sync_data(&file)?;
+        if durable {
+            io.sync_data(&file)?;
+        }
         // Mapped when first written (`ensure_mapped`): an empty segment
         // costs no mapping.
         let segment = Segment::new(io, path, file, base_offset, size, allocated);
         segment.written.store(SEGMENT_HEADER_SIZE, Ordering::Release);
         segment.index.lock().complete = true;
         Ok(segment)
+    }
+
+    /// Creates the log's spare in `dir` (`SPARE_FILE_NAME`, replacing a
+    /// leftover one): the first growth step preallocated, a header with
+    /// base `SPARE_BASE`, synced, so that a roll that takes it later pays
+    /// no `fallocate` and no device flush. The flusher calls it ahead of
+    /// need; the directory is not synced (a spare lost in a crash is only
+    /// missing). Returns its allocated length. On error the file is removed.
+    pub(crate) fn create_spare(io: &Io, dir: &Path, size: u64) -> io::Result<u64> {
+        let path = dir.join(SPARE_FILE_NAME);
+        let allocated = next_allocation(0, SEGMENT_HEADER_SIZE, size);
+        let made = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).and_then(
+            |file| {
+                io.preallocate(&file, 0, allocated)?;
+                io.write_at(&file, &encode_header(SPARE_BASE, size), 0)?;
+                io.sync_data(&file)
+            },
+        );
+        match made {
+            Ok(()) => Ok(allocated),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Turns the spare in `dir` (`allocated` bytes, from
+    /// [`Segment::create_spare`]) into the segment `base_offset`, with room
+    /// for its first `end` bytes: renames it to its segment name and writes
+    /// its header. No device flush: the caller's group commit syncs the
+    /// header with the first records and the directory with the rename,
+    /// before any of those records is acknowledged. A crash before that
+    /// leaves either `spare` (removed at open) or `<base>.seg` with a
+    /// header that says `SPARE_BASE` or its base (`recovery`). Grows the
+    /// file if `end` is past the spare's allocation (`grown` says so). On
+    /// error after the rename the file is removed again, so the roll can
+    /// be retried (inline) under the same name.
+    pub(crate) fn from_spare(
+        io: &Io,
+        dir: &Path,
+        base_offset: u64,
+        size: u64,
+        allocated: u64,
+        end: u64,
+    ) -> io::Result<(Segment, bool)> {
+        let path = dir.join(file_name(base_offset));
+        std::fs::rename(dir.join(SPARE_FILE_NAME), &path)?;
+        let made = file::open_rw(&path, false).and_then(|file| {
+            io.write_at(&file, &encode_header(base_offset, size), 0)?;
+            let segment = Segment::new(io, path.clone(), file, base_offset, size, allocated);
+            segment.written.store(SEGMENT_HEADER_SIZE, Ordering::Release);
+            segment.index.lock().complete = true;
+            let grown = segment.grow(io, end)?;
+            segment.ensure_mapped(io)?;
+            Ok((segment, grown))
+        });
+        if made.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        made
+    }
+
+    /// Whether the file at `path` starts with a valid spare header (base
+    /// `SPARE_BASE`): under a segment name, a spare renamed by a roll whose
+    /// header rewrite never reached the disk.
+    pub(crate) fn has_spare_header(path: &Path) -> bool {
+        let mut h = [0u8; SEGMENT_HEADER_SIZE as usize];
+        let read = File::open(path).and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut h, 0));
+        read.is_ok()
+            && h[0..8] == SEGMENT_MAGIC
+            && crc32fast::hash(&h[0..60]) == u32::from_le_bytes(h[60..64].try_into().expect("4 bytes"))
+            && u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) == SPARE_BASE
     }
 
     /// Opens an existing segment and validates its header. `written` starts
@@ -287,20 +390,21 @@ impl Segment {
     /// map. No sync: the size change reaches the disk with the first
     /// `fdatasync` of the records written into the new space (see
     /// `docs/storage-format.md`, §3.1).
-    pub(crate) fn grow(&self, io: &Io, end: u64) -> io::Result<()> {
+    /// Returns whether it had to grow the file (an `fallocate` ran).
+    pub(crate) fn grow(&self, io: &Io, end: u64) -> io::Result<bool> {
         assert!(end <= self.size(), "growth past the segment size: {end} > {}", self.size());
         if end <= self.allocated() {
-            return Ok(());
+            return Ok(false);
         }
         let _growth = self.growth.lock();
         let allocated = self.allocated();
         if end <= allocated {
-            return Ok(());
+            return Ok(false);
         }
         let target = next_allocation(allocated, end, self.size());
         io.preallocate(&*self.file.get()?, allocated, target)?;
         self.allocated.store(target, Ordering::Release);
-        Ok(())
+        Ok(true)
     }
 
     pub(crate) fn written(&self) -> u64 {

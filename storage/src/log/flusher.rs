@@ -47,6 +47,9 @@ pub(super) struct Cycle {
     pub(super) shutdown: bool,
     /// Leave the ack journal alone this cycle (backing off after ENOSPC).
     pub(super) acks_paused: bool,
+    /// A roll renamed or created a segment file before the snapshot: sync
+    /// the directory after the dirty segments, before resolving anything.
+    pub(super) sync_dir: bool,
 }
 
 /// What a flusher cycle did with the buffered ack entries.
@@ -78,6 +81,12 @@ impl Shared {
         }
         if !cycle.dirty.is_empty() {
             self.sync_count.fetch_add(1, Ordering::Relaxed);
+        }
+        // The names of the segments rolled since the last cycle: durable
+        // before any record in them is (acks, checkpoints and commits all
+        // follow). Their headers were synced with their records above.
+        if cycle.sync_dir {
+            self.io.sync_dir(&self.dir).map_err(|e| SyncError::new("syncing the log directory after a roll", e))?;
         }
         let journal = {
             let mut acks = self.acks.lock();
@@ -190,6 +199,7 @@ impl Job for Shared {
             return Step::Finished;
         }
         self.prepare_growth();
+        self.prepare_spare();
         Step::Ran
     }
 }
@@ -283,6 +293,7 @@ impl Shared {
             checkpoint_due,
             shutdown: commit.shutdown,
             acks_paused: !forced && state.acks_retry_at.is_some_and(|at| Instant::now() < at),
+            sync_dir: std::mem::take(&mut commit.dir_dirty),
         })
     }
 
@@ -298,6 +309,32 @@ impl Shared {
             && let Err(error) = active.grow(&self.io, allocated + 1)
         {
             tracing::debug!(segment = %active.path.display(), %error, "growing the segment ahead of the writer failed");
+        }
+    }
+
+    /// Prepares the spare segment once the active segment's records pass
+    /// `SPARE_PREPARE_FILL_PERCENT` of the segment size and none is ready
+    /// (`Segment::create_spare`: create, `fallocate`, header, `fdatasync`,
+    /// here on the pool instead of on the appending thread). A failure
+    /// (a full disk) is left to the writer, which then rolls inline and
+    /// meets it again before writing.
+    pub(super) fn prepare_spare(&self) {
+        if self.spare.lock().is_some() {
+            return;
+        }
+        let Some(active) = self.segments.read().last().cloned() else { return };
+        let size = active.size();
+        if u128::from(active.written()) * 100 <= u128::from(size) * u128::from(SPARE_PREPARE_FILL_PERCENT) {
+            return;
+        }
+        // Not under the `spare` lock: a roll meanwhile finds none and goes
+        // inline; the file name is free (a roll renames it away under the
+        // lock, before the slot reads empty).
+        match Segment::create_spare(&self.io, &self.dir, self.options.segment_size) {
+            Ok(allocated) => *self.spare.lock() = Some(allocated),
+            Err(error) => {
+                tracing::debug!(dir = %self.dir.display(), %error, "preparing the spare segment failed");
+            }
         }
     }
 }

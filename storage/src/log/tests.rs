@@ -37,6 +37,7 @@ fn acks_are_journaled_only_after_their_records_are_synced() {
         checkpoint_due: false,
         shutdown: false,
         acks_paused: false,
+        sync_dir: false,
     };
     let before = shared.commit.lock().point;
     let _ = log.append(&[record(100), record(100)]).unwrap();
