@@ -147,3 +147,55 @@ fn ack_journal_is_synced_only_when_written() {
     assert_eq!(log.stats().ack_sync_count, 1, "the journal is clean again after its sync");
     assert_eq!(acks_syncs(), at_open + 1);
 }
+
+/// Appends `batch` on another thread while every sync is held, and returns
+/// its result: an append that made a device flush would still be blocked
+/// when the bound (generous, for a loaded machine) runs out.
+fn append_with_syncs_held(log: &Arc<Log>, faults: &Faults, batch: Vec<NewRecord>) -> Appended {
+    faults.hold_syncs(true);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let appender = Arc::clone(log);
+    std::thread::spawn(move || tx.send(appender.append(&batch)));
+    let appended = rx.recv_timeout(std::time::Duration::from_secs(30));
+    faults.hold_syncs(false);
+    appended.expect("the append made a device flush (it blocked on a held sync)").unwrap()
+}
+
+/// A roll makes no device flush on the appending thread, whether it takes
+/// the spare or (no spare ready) creates the file inline: with every sync
+/// held the append still returns. Its commit resolves only after the group
+/// commit synced the new segment (its header with the records) and then the
+/// directory (its name).
+#[test]
+fn a_roll_syncs_nothing_on_the_append_path_and_its_commit_waits_for_the_directory() {
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Arc::new(
+        Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..options(SyncPolicy::Fsync) }).unwrap(),
+    );
+    let dir_inode = std::fs::metadata(dir.path()).unwrap().ino();
+    for (round, spare) in [(0u64, false), (1, true)] {
+        if spare {
+            // Past the fill threshold; the second cycle runs only after the
+            // first one's turn, which prepared the spare.
+            log.sync().unwrap();
+            log.sync().unwrap();
+            assert_eq!(log.stats().spare_bytes, crate::limits::SEGMENT_GROWTH_STEP_MIN);
+        }
+        faults.synced_inodes.lock().clear();
+        // More than the rest of the 64 KiB segment, less than another one.
+        let count = if spare { 50 } else { 100 };
+        let appended = append_with_syncs_held(&log, &faults, (0..count).map(|_| record(1000)).collect());
+        appended.commit.wait().unwrap();
+        let stats = log.stats();
+        assert_eq!((stats.rolls_inline, stats.rolls_from_spare), (1, round), "round {round}: {stats:?}");
+        let segments = log.shared.segments.read().clone();
+        let new_inode = std::fs::metadata(&segments.last().unwrap().path).unwrap().ino();
+        let synced = faults.synced_inodes.lock().clone();
+        let segment_at = synced.iter().position(|&i| i == new_inode).expect("the new segment was synced");
+        let dir_at = synced.iter().position(|&i| i == dir_inode).expect("the directory was synced");
+        assert!(segment_at < dir_at, "round {round}: the directory is synced after the segment: {synced:?}");
+    }
+}
