@@ -234,7 +234,7 @@ pub(crate) fn recover(
             if let Some(lost) = lost_tail_base.filter(|&lost| lost < base) {
                 gaps.push((lost, base));
             }
-            let s = Segment::create(io, dir, base, options.segment_size, SEGMENT_HEADER_SIZE, true)
+            let s = Segment::create(io, dir, base, options.segment_size, SEGMENT_HEADER_SIZE)
                 .map_err(io_open(dir.join(segment::file_name(base))))?;
             io.sync_dir(dir).map_err(io_open(dir))?;
             segments.push(Arc::new(s));
@@ -254,7 +254,7 @@ pub(crate) fn recover(
             "records lost at the end of the log (a set-aside or missing segment); quarantined, offsets not reused"
         );
         gaps.push((next_offset, durable_end));
-        let s = Segment::create(io, dir, durable_end, options.segment_size, SEGMENT_HEADER_SIZE, true)
+        let s = Segment::create(io, dir, durable_end, options.segment_size, SEGMENT_HEADER_SIZE)
             .map_err(io_open(dir.join(segment::file_name(durable_end))))?;
         io.sync_dir(dir).map_err(io_open(dir))?;
         segments.push(Arc::new(s));

@@ -64,6 +64,9 @@ pub(crate) const SPARE_FILE_NAME: &str = "spare";
 /// renamed by a roll whose own header never reached the disk: nothing in
 /// it was ever acknowledged (`recovery`).
 pub(crate) const SPARE_BASE: u64 = u64::MAX;
+/// The spare a roll makes for itself when the flusher's is not ready: a
+/// `.tmp` name, so an open removes one a crash left.
+pub(crate) const ROLL_FILE_NAME: &str = "roll.tmp";
 
 /// One segment of a log.
 #[derive(Debug)]
@@ -137,33 +140,24 @@ fn encode_header(base_offset: u64, size: u64) -> [u8; SEGMENT_HEADER_SIZE as usi
 }
 
 impl Segment {
-    /// Creates and preallocates a new segment file, with room for at least
-    /// its first `end` bytes (header included), rounded up to a growth
-    /// step, and writes its header; syncs it if `durable` (recovery),
-    /// otherwise the caller's group commit syncs the header with the first
-    /// records (an append that rolls without a spare). Mapped if records
-    /// are to be written (`end` past the header), so that an append finds
-    /// it ready. The caller syncs the directory. On error the file is
-    /// removed again (and the directory synced, best effort), so the
-    /// creation can be retried under the same name.
-    pub(crate) fn create(
-        io: &Io,
-        dir: &Path,
-        base_offset: u64,
-        size: u64,
-        end: u64,
-        durable: bool,
-    ) -> io::Result<Segment> {
+    /// Creates, preallocates and syncs a new segment file, with room for
+    /// at least its first `end` bytes (header included), rounded up to a
+    /// growth step; mapped if records are to be written (`end` past the
+    /// header). Recovery's way to start a segment (an append rolls onto a
+    /// spare instead, `Segment::from_spare`). The caller syncs the
+    /// directory. On error the file is removed again (and the directory
+    /// synced, best effort), so the creation can be retried under the same
+    /// name.
+    pub(crate) fn create(io: &Io, dir: &Path, base_offset: u64, size: u64, end: u64) -> io::Result<Segment> {
         let path = dir.join(file_name(base_offset));
         let file = file::open_rw(&path, true)?;
         let allocated = next_allocation(0, end.max(SEGMENT_HEADER_SIZE), size);
-        let prepared =
-            Segment::prepare(io, file, path.clone(), base_offset, size, allocated, durable).and_then(|segment| {
-                if end > SEGMENT_HEADER_SIZE {
-                    segment.ensure_mapped(io)?;
-                }
-                Ok(segment)
-            });
+        let prepared = Segment::prepare(io, file, path.clone(), base_offset, size, allocated).and_then(|segment| {
+            if end > SEGMENT_HEADER_SIZE {
+                segment.ensure_mapped(io)?;
+            }
+            Ok(segment)
+        });
         match prepared {
             Ok(segment) => Ok(segment),
             Err(e) => {
@@ -176,20 +170,10 @@ impl Segment {
     }
 
     /// The part of [`Segment::create`] after the file exists.
-    fn prepare(
-        io: &Io,
-        file: File,
-        path: PathBuf,
-        base_offset: u64,
-        size: u64,
-        allocated: u64,
-        durable: bool,
-    ) -> io::Result<Segment> {
+    fn prepare(io: &Io, file: File, path: PathBuf, base_offset: u64, size: u64, allocated: u64) -> io::Result<Segment> {
         io.preallocate(&file, 0, allocated)?;
         io.write_at(&file, &encode_header(base_offset, size), 0)?;
-        if durable {
-            io.sync_data(&file)?;
-        }
+        io.sync_data(&file)?;
         // Mapped when first written (`ensure_mapped`): an empty segment
         // costs no mapping.
         let segment = Segment::new(io, path, file, base_offset, size, allocated);
@@ -198,20 +182,24 @@ impl Segment {
         Ok(segment)
     }
 
-    /// Creates the log's spare in `dir` (`SPARE_FILE_NAME`, replacing a
-    /// leftover one): the first growth step preallocated, a header with
-    /// base `SPARE_BASE`, synced, so that a roll that takes it later pays
-    /// no `fallocate` and no device flush. The flusher calls it ahead of
-    /// need; the directory is not synced (a spare lost in a crash is only
-    /// missing). Returns its allocated length. On error the file is removed.
-    pub(crate) fn create_spare(io: &Io, dir: &Path, size: u64) -> io::Result<u64> {
-        let path = dir.join(SPARE_FILE_NAME);
-        let allocated = next_allocation(0, SEGMENT_HEADER_SIZE, size);
+    /// Creates a spare segment file `dir/name` (replacing a leftover one):
+    /// the first growth step that holds `end` bytes preallocated and a header with base
+    /// `SPARE_BASE`, synced if `durable`. The flusher prepares the log's
+    /// spare (`SPARE_FILE_NAME`, durable) ahead of need, so that a roll
+    /// that takes it pays no `fallocate` and no device flush; a roll that
+    /// finds none makes one inline (`ROLL_FILE_NAME`, not synced) and takes
+    /// it at once, so that a process killed at any point of a roll leaves a
+    /// file that recovery recognises. The directory is not synced (a spare
+    /// lost in a crash is only missing). Returns its allocated length. On
+    /// error the file is removed.
+    pub(crate) fn create_spare(io: &Io, dir: &Path, name: &str, size: u64, end: u64, durable: bool) -> io::Result<u64> {
+        let path = dir.join(name);
+        let allocated = next_allocation(0, end.max(SEGMENT_HEADER_SIZE), size);
         let made = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).and_then(
             |file| {
                 io.preallocate(&file, 0, allocated)?;
                 io.write_at(&file, &encode_header(SPARE_BASE, size), 0)?;
-                io.sync_data(&file)
+                if durable { io.sync_data(&file) } else { Ok(()) }
             },
         );
         match made {
@@ -223,7 +211,7 @@ impl Segment {
         }
     }
 
-    /// Turns the spare in `dir` (`allocated` bytes, from
+    /// Turns the spare `dir/name` (`allocated` bytes, from
     /// [`Segment::create_spare`]) into the segment `base_offset`, with room
     /// for its first `end` bytes: renames it to its segment name and writes
     /// its header. No device flush: the caller's group commit syncs the
@@ -237,13 +225,14 @@ impl Segment {
     pub(crate) fn from_spare(
         io: &Io,
         dir: &Path,
+        name: &str,
         base_offset: u64,
         size: u64,
         allocated: u64,
         end: u64,
     ) -> io::Result<(Segment, bool)> {
         let path = dir.join(file_name(base_offset));
-        std::fs::rename(dir.join(SPARE_FILE_NAME), &path)?;
+        std::fs::rename(dir.join(name), &path)?;
         let made = file::open_rw(&path, false).and_then(|file| {
             io.write_at(&file, &encode_header(base_offset, size), 0)?;
             let segment = Segment::new(io, path.clone(), file, base_offset, size, allocated);

@@ -200,7 +200,7 @@ impl Shared {
             // the spare under the name the rename is moving.
             let mut spare = self.spare.lock();
             if let Some(allocated) = spare.take() {
-                match Segment::from_spare(&self.io, &self.dir, base, size, allocated, end) {
+                match Segment::from_spare(&self.io, &self.dir, segment::SPARE_FILE_NAME, base, size, allocated, end) {
                     Ok((segment, grown)) => {
                         self.rolls_from_spare.fetch_add(1, Ordering::Relaxed);
                         if grown {
@@ -214,7 +214,16 @@ impl Shared {
                 }
             }
         }
-        let segment = Segment::create(&self.io, &self.dir, base, size, end, false)?;
+        // The same steps with a spare of its own, not synced: a kill at
+        // any point leaves `roll.tmp` or a spare-headed segment, both
+        // removed at open, never a segment without a header.
+        let allocated = Segment::create_spare(&self.io, &self.dir, segment::ROLL_FILE_NAME, size, end, false)?;
+        let (segment, _) =
+            Segment::from_spare(&self.io, &self.dir, segment::ROLL_FILE_NAME, base, size, allocated, end).inspect_err(
+                |_| {
+                    let _ = std::fs::remove_file(self.dir.join(segment::ROLL_FILE_NAME));
+                },
+            )?;
         self.rolls_inline.fetch_add(1, Ordering::Relaxed);
         Ok(segment)
     }

@@ -330,7 +330,14 @@ impl Shared {
         // Not under the `spare` lock: a roll meanwhile finds none and goes
         // inline; the file name is free (a roll renames it away under the
         // lock, before the slot reads empty).
-        match Segment::create_spare(&self.io, &self.dir, self.options.segment_size) {
+        match Segment::create_spare(
+            &self.io,
+            &self.dir,
+            segment::SPARE_FILE_NAME,
+            self.options.segment_size,
+            SEGMENT_HEADER_SIZE,
+            true,
+        ) {
             Ok(allocated) => *self.spare.lock() = Some(allocated),
             Err(error) => {
                 tracing::debug!(dir = %self.dir.display(), %error, "preparing the spare segment failed");

@@ -8,7 +8,7 @@ fn failed_map_can_be_retried() {
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
     let io = Io::new(Some(faults.clone()), Default::default());
-    let segment = Segment::create(&io, dir.path(), 100, SEGMENT_SIZE_MIN, SEGMENT_HEADER_SIZE, true).unwrap();
+    let segment = Segment::create(&io, dir.path(), 100, SEGMENT_SIZE_MIN, SEGMENT_HEADER_SIZE).unwrap();
     assert!(!segment.is_mapped());
     assert_eq!(segment.written(), SEGMENT_HEADER_SIZE);
     faults.fail_maps(1);
