@@ -12,14 +12,15 @@
 //! - `ack`: acks into the in-memory state and the journal buffer.
 //! - `pending`: byte accounting of the backlog, from positions.
 //! - `flusher`: the flusher, one job of the `FlushPool` (group commit,
-//!   growth ahead of the writer), and its cycle.
+//!   growth and the spare segment ahead of the writer), and its cycle.
 //! - `checkpoints`: the checkpoint and key-journal compaction.
 //! - `retention`: segment removal and ack-journal compaction.
 //!
 //! Lock order (acquire left to right; a lock never waits for one to its
 //! left): `flusher` (the flusher's own state: its pool thread, and a
 //! reopen), `writer`, `segments`, `commit`, `checkpointer`, `acks` (the
-//! flusher only `try_lock`s it under `commit`), then the leaf locks: a
+//! flusher only `try_lock`s it under `commit`), then the leaf locks: the
+//! `spare` slot (the writer holds it across the spare's rename), a
 //! segment's `growth` and `index`, the pool slot then the pool's queue (a
 //! wake-up), the descriptor cache, the fault seam. Most paths hold one of
 //! these at a time. One exception, safe because the two sides never run at
