@@ -25,6 +25,7 @@
 //! target/release/ballast-bench backlog --messages 10000000 --size 100
 //! target/release/ballast-bench overhead --size 1024 --messages 200000
 //! target/release/ballast-bench queues --queues 10000 --sample 100 --rate 1000
+//! target/release/ballast-bench cold --rate 2000 --backlog-mb 2048   # as root: drops the page cache
 //! ```
 //!
 //! `--sync fsync|interval|none` (default fsync) sets the queue's sync
@@ -35,6 +36,7 @@ mod backlog;
 mod broker;
 mod chaos;
 mod chart;
+mod cold;
 mod isolation;
 mod latency;
 mod load;
@@ -128,6 +130,10 @@ enum Scenario {
     /// files, restart to SERVING, and latency over queues sampled across
     /// all of them, alone and while one is flooded.
     Queues(queues::Args),
+    /// A steady queue's latency alone and while another queue drains a
+    /// backlog that is not in the page cache (reads that fault on the
+    /// broker's runtime workers).
+    Cold(cold::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -153,6 +159,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Recovery(a) => ("recovery", recovery::run(&mut target, a, args.sync).await?),
             Scenario::Chaos(a) => ("chaos", chaos::run(&mut target, a, args.sync).await?),
             Scenario::Queues(a) => ("queues", queues::run(&mut target, a, args.sync).await?),
+            Scenario::Cold(a) => ("cold", cold::run(&target, a, args.sync).await?),
         };
         let path = args.json.clone().unwrap_or_else(|| PathBuf::from(format!("target/bench-results/{name}.json")));
         if let Some(dir) = path.parent() {
