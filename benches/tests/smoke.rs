@@ -204,24 +204,12 @@ fn chaos() {
     assert_eq!(u(&v["unexpected_errors"]), 0, "{}", v["client_errors"]);
 }
 
+/// The steady queue of isolation and cold: 200 msg/s of 64 B for 1 s.
+const STEADY_TINY: [&str; 8] = ["--rate", "200", "--seconds", "1", "--warmup", "0", "--size", "64"];
+
 #[test]
 fn isolation() {
-    let args = [
-        "--rate",
-        "200",
-        "--seconds",
-        "1",
-        "--warmup",
-        "0",
-        "--size",
-        "64",
-        "--flood-producers",
-        "1",
-        "--rounds",
-        "2",
-        "--flood-quota",
-        "5000",
-    ];
+    let args = [STEADY_TINY.as_slice(), &["--flood-producers", "1", "--rounds", "2", "--flood-quota", "5000"]].concat();
     let (v, _, _dir) = run("isolation", &args);
     // Two rounds pooled on each side.
     assert_eq!(u(&v["alone"]["publish_to_delivery"]["count"]), 400);
@@ -238,22 +226,8 @@ fn isolation() {
 /// queue is measured, and both sides are reported.
 #[test]
 fn cold() {
-    let args = [
-        "--rate",
-        "200",
-        "--seconds",
-        "1",
-        "--warmup",
-        "0",
-        "--size",
-        "64",
-        "--backlog-mb",
-        "4",
-        "--backlog-size",
-        "1024",
-        "--drop-caches",
-        "false",
-    ];
+    let tail = ["--backlog-mb", "4", "--backlog-size", "1024", "--drop-caches", "false"];
+    let args = [STEADY_TINY.as_slice(), &tail].concat();
     let (v, _, _dir) = run("cold", &args);
     assert_eq!(u(&v["backlog_messages"]), 4096);
     assert_eq!(u(&v["alone"]["publish_to_delivery"]["count"]), 200);

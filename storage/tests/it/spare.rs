@@ -44,17 +44,67 @@ fn record_of(i: u64, stored: u64) -> NewRecord {
     NewRecord { timestamp_ms: 1_000 + i, payload: Bytes::from(payload), ..NewRecord::default() }
 }
 
+/// Appends records 0..10 one call each (40,000 bytes, past the fill
+/// threshold of the 64 KiB segment), each waiting for its commit.
+fn fill_past_the_threshold(log: &Log) {
+    for i in 0..10 {
+        log.append(&[record_of(i, 4000)]).unwrap().commit.wait().unwrap();
+    }
+}
+
 /// A log whose first segment holds records 0..10 (40,000 bytes, past the
 /// fill threshold) with the spare prepared; returns the offset the next
 /// segment will have.
 fn log_with_a_spare(dir: &Path) -> Log {
     let log = Log::open(dir, options()).unwrap();
-    for i in 0..10 {
-        log.append(&[record_of(i, 4000)]).unwrap().commit.wait().unwrap();
-    }
+    fill_past_the_threshold(&log);
     settle(&log);
     assert_eq!(log.stats().spare_bytes, SEGMENT_GROWTH_STEP_MIN, "the spare is ready");
     log
+}
+
+/// Appends the records `offsets` (4,000 bytes each on disk) in one batch
+/// and waits for its commit.
+fn append_range(log: &Log, offsets: std::ops::Range<u64>) {
+    let batch: Vec<NewRecord> = offsets.map(|i| record_of(i, 4000)).collect();
+    log.append(&batch).unwrap().commit.wait().unwrap();
+}
+
+/// Overwrites `bytes` at `pos` of the file at `path`, as a crash image.
+fn overwrite(path: &Path, bytes: &[u8], pos: u64) {
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, bytes, pos).unwrap();
+}
+
+/// A log with its spare ready (`log_with_a_spare`) and a copy of its
+/// directory taken then: the crash image a test edits into the state it
+/// means.
+fn spare_and_image() -> (tempfile::TempDir, Log, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_with_a_spare(dir.path());
+    let image = tempfile::tempdir().unwrap();
+    crate::corruption::copy_dir(dir.path(), image.path());
+    (dir, log, image)
+}
+
+/// Opens the log in `dir` and checks where it ends and what it quarantined.
+fn open_expecting(dir: &Path, next_offset: u64, quarantined: u64) -> Log {
+    let log = Log::open(dir, options()).unwrap();
+    assert_eq!((log.next_offset(), log.stats().quarantined), (next_offset, quarantined));
+    log
+}
+
+/// Closes `log`, opens `dir` again and checks that it holds exactly the
+/// records `0..count`, nothing quarantined.
+fn close_and_reopen_holding(log: Log, dir: &Path, count: u64) {
+    log.close().unwrap();
+    let log = open_expecting(dir, count, 0);
+    check_records(&log, 0..count);
+}
+
+/// Whether recovery set any segment aside.
+fn set_aside(dir: &Path) -> bool {
+    names(dir).iter().any(|n| n.ends_with(".corrupt"))
 }
 
 /// The records of `offsets` all read back with their own payloads.
@@ -95,17 +145,13 @@ fn a_roll_takes_the_prepared_spare() {
     let log = log_with_a_spare(dir.path());
     let spare_inode = std::fs::metadata(spare_path(dir.path())).unwrap().ino();
     // 10 × 4,000 bytes left room for 6 more: the batch of 10 rolls once.
-    let batch: Vec<NewRecord> = (10..20).map(|i| record_of(i, 4000)).collect();
-    log.append(&batch).unwrap().commit.wait().unwrap();
+    append_range(&log, 10..20);
     let stats = log.stats();
     assert_eq!((stats.rolls_from_spare, stats.rolls_inline, stats.segment_count), (1, 0, 2), "{stats:?}");
     assert!(!spare_path(dir.path()).exists(), "the spare was renamed");
     assert_eq!(std::fs::metadata(segment_path(dir.path(), 16)).unwrap().ino(), spare_inode);
     check_records(&log, 0..20);
-    log.close().unwrap();
-    let log = Log::open(dir.path(), options()).unwrap();
-    assert_eq!((log.next_offset(), log.stats().quarantined), (20, 0));
-    check_records(&log, 0..20);
+    close_and_reopen_holding(log, dir.path(), 20);
 }
 
 /// A batch that crosses a segment before the flusher prepared a spare (a
@@ -114,13 +160,11 @@ fn a_roll_takes_the_prepared_spare() {
 fn a_roll_without_a_spare_is_made_inline_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), options()).unwrap();
-    let batch: Vec<NewRecord> = (0..40).map(|i| record_of(i, 4000)).collect();
-    log.append(&batch).unwrap().commit.wait().unwrap();
+    append_range(&log, 0..40);
     let stats = log.stats();
     assert_eq!((stats.rolls_from_spare, stats.rolls_inline, stats.segment_count), (0, 2, 3), "{stats:?}");
     drop(log);
-    let log = Log::open(dir.path(), options()).unwrap();
-    assert_eq!((log.next_offset(), log.stats().quarantined), (40, 0));
+    let log = open_expecting(dir.path(), 40, 0);
     check_records(&log, 0..40);
 }
 
@@ -138,8 +182,7 @@ fn a_spare_left_by_an_earlier_run_is_removed_at_open() {
         let log = Log::open(dir.path(), options()).unwrap();
         assert!(!spare_path(dir.path()).exists(), "garbage {garbage}: the spare is removed");
         assert_eq!((log.next_offset(), log.stats().spare_bytes), (10, 0));
-        let batch: Vec<NewRecord> = (10..20).map(|i| record_of(i, 4000)).collect();
-        log.append(&batch).unwrap().commit.wait().unwrap();
+        append_range(&log, 10..20);
         check_records(&log, 0..20);
     }
 }
@@ -153,10 +196,7 @@ fn a_spare_left_by_an_earlier_run_is_removed_at_open() {
 /// again at the same base.
 #[test]
 fn a_rolled_spare_whose_header_never_reached_the_disk_is_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = log_with_a_spare(dir.path());
-    let image = tempfile::tempdir().unwrap();
-    crate::corruption::copy_dir(dir.path(), image.path());
+    let (_dir, log, image) = spare_and_image();
     drop(log);
     let rolled = segment_path(image.path(), 10);
     std::fs::rename(spare_path(image.path()), &rolled).unwrap();
@@ -167,24 +207,15 @@ fn a_rolled_spare_whose_header_never_reached_the_disk_is_removed() {
         drop(log);
         std::fs::read(segment_path(scratch.path(), 0)).unwrap()[64..4064].to_vec()
     };
-    std::os::unix::fs::FileExt::write_all_at(
-        &std::fs::File::options().write(true).open(&rolled).unwrap(),
-        &encoded,
-        64,
-    )
-    .unwrap();
+    overwrite(&rolled, &encoded, 64);
 
     let log = Log::open(image.path(), options()).unwrap();
     assert!(!rolled.exists(), "the spare-headed segment is removed");
-    assert!(!names(image.path()).iter().any(|n| n.ends_with(".corrupt")), "nothing set aside");
+    assert!(!set_aside(image.path()), "nothing set aside");
     assert_eq!((log.next_offset(), log.stats().quarantined), (10, 0));
     check_records(&log, 0..10);
-    let batch: Vec<NewRecord> = (10..20).map(|i| record_of(i, 4000)).collect();
-    log.append(&batch).unwrap().commit.wait().unwrap();
-    log.close().unwrap();
-    let log = Log::open(image.path(), options()).unwrap();
-    assert_eq!((log.next_offset(), log.stats().quarantined), (20, 0));
-    check_records(&log, 0..20);
+    append_range(&log, 10..20);
+    close_and_reopen_holding(log, image.path(), 20);
 }
 
 /// Crash point: the roll wrote the new header and records into the spare,
@@ -194,12 +225,8 @@ fn a_rolled_spare_whose_header_never_reached_the_disk_is_removed() {
 /// where its named segments end.
 #[test]
 fn a_roll_whose_rename_never_reached_the_disk_leaves_the_log_before_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = log_with_a_spare(dir.path());
-    let image = tempfile::tempdir().unwrap();
-    crate::corruption::copy_dir(dir.path(), image.path());
-    let batch: Vec<NewRecord> = (10..20).map(|i| record_of(i, 4000)).collect();
-    log.append(&batch).unwrap().commit.wait().unwrap();
+    let (dir, log, image) = spare_and_image();
+    append_range(&log, 10..20);
     drop(log);
     std::fs::copy(segment_path(dir.path(), 16), spare_path(image.path())).unwrap();
 
@@ -219,22 +246,16 @@ fn a_spare_headed_segment_before_a_later_one_becomes_a_quarantined_gap() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_with_a_spare(dir.path());
     let spare_header = std::fs::read(spare_path(dir.path())).unwrap()[..64].to_vec();
-    let batch: Vec<NewRecord> = (10..40).map(|i| record_of(i, 4000)).collect();
-    log.append(&batch).unwrap().commit.wait().unwrap();
+    append_range(&log, 10..40);
     drop(log);
     // Segments 0, 16 and 32: 16's header becomes the spare's again, and no
     // checkpoint vouches for anything (it would have needed 16 synced).
-    std::os::unix::fs::FileExt::write_all_at(
-        &std::fs::File::options().write(true).open(segment_path(dir.path(), 16)).unwrap(),
-        &spare_header,
-        0,
-    )
-    .unwrap();
+    overwrite(&segment_path(dir.path(), 16), &spare_header, 0);
     std::fs::remove_file(dir.path().join("checkpoint")).unwrap();
 
     let log = Log::open(dir.path(), options()).unwrap();
     assert!(!segment_path(dir.path(), 16).exists());
-    assert!(!names(dir.path()).iter().any(|n| n.ends_with(".corrupt")), "nothing set aside");
+    assert!(!set_aside(dir.path()), "nothing set aside");
     assert_eq!(log.stats().quarantined, 16, "offsets 16..32 are quarantined");
     assert_eq!(log.next_offset(), 40);
     check_records(&log, 0..16);
@@ -253,9 +274,7 @@ fn a_full_disk_while_preparing_the_spare_leaves_the_roll_to_the_writer() {
     // Full before the threshold is passed: the records fit in the space
     // the segment already has.
     faults.set_disk_full(true);
-    for i in 0..10 {
-        log.append(&[record_of(i, 4000)]).unwrap().commit.wait().unwrap();
-    }
+    fill_past_the_threshold(&log);
     settle(&log);
     assert_eq!(log.stats().spare_bytes, 0);
     assert!(!spare_path(dir.path()).exists(), "a failed spare leaves no file");
@@ -276,9 +295,7 @@ fn a_failed_directory_sync_after_a_roll_fails_its_commit_and_reopen_keeps_the_re
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
     let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..options() }).unwrap();
-    for i in 0..10 {
-        log.append(&[record_of(i, 4000)]).unwrap().commit.wait().unwrap();
-    }
+    fill_past_the_threshold(&log);
     settle(&log);
     faults.fail_dir_syncs(1);
     let batch: Vec<NewRecord> = (10..20).map(|i| record_of(i, 4000)).collect();
@@ -288,8 +305,5 @@ fn a_failed_directory_sync_after_a_roll_fails_its_commit_and_reopen_keeps_the_re
     assert!(log.reopen().unwrap());
     assert_eq!((log.next_offset(), log.stats().quarantined), (10, 0));
     log.append(&batch).unwrap().commit.wait().unwrap();
-    log.close().unwrap();
-    let log = Log::open(dir.path(), options()).unwrap();
-    assert_eq!((log.next_offset(), log.stats().quarantined), (20, 0));
-    check_records(&log, 0..20);
+    close_and_reopen_holding(log, dir.path(), 20);
 }
