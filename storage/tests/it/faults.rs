@@ -1,10 +1,11 @@
-//! Full disks and failing syncs.
+//! Full disks and failing syncs (of data, journals, and the directory after
+//! a segment roll).
 
 use std::{path::PathBuf, process::Command};
 
-use ballast_storage::{AppendError, Faults, Log, LogOptions};
+use ballast_storage::{AppendError, Faults, Log, LogOptions, NewRecord};
 
-use crate::support::*;
+use crate::{spare, support::*};
 
 fn options_256k() -> LogOptions {
     LogOptions { segment_size: 256 * 1024, record_size_max: 16 * 1024, ..LogOptions::default() }
@@ -357,4 +358,49 @@ fn a_full_disk_during_a_journal_compaction_defers_it() {
     log.close().unwrap();
     let log = Log::open(dir.path(), options_256k()).unwrap();
     assert_eq!(log.ack_floor(), ACKED + 1, "every ack survives the reopen");
+}
+
+/// A full disk while the flusher prepares the spare leaves none (and
+/// poisons nothing); the roll then goes inline, meets the full disk too
+/// and refuses its batch cleanly; once space returns it goes through.
+#[test]
+fn a_full_disk_while_preparing_the_spare_leaves_the_roll_to_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..spare::options() }).unwrap();
+    // Full before the threshold is passed: the records fit in the space
+    // the segment already has.
+    faults.set_disk_full(true);
+    spare::fill_past_the_threshold(&log);
+    settle(&log);
+    assert_eq!(log.stats().spare_bytes, 0);
+    assert!(!spare::spare_path(dir.path()).exists(), "a failed spare leaves no file");
+    let batch: Vec<NewRecord> = (10..20).map(|i| spare::record_of(i, 4000)).collect();
+    assert!(matches!(log.append(&batch), Err(ballast_storage::AppendError::DiskFull { .. })));
+    assert!(log.poisoned().is_none());
+    faults.set_disk_full(false);
+    log.append(&batch).unwrap().commit.wait().unwrap();
+    assert_eq!(log.stats().rolls_inline, 1);
+    spare::check_records(&log, 0..20);
+}
+
+/// A failed directory sync after a roll poisons the log (the roll's name
+/// may not be durable) and fails the batch's commit; the reopen keeps
+/// every record acknowledged before it, and the log rolls again.
+#[test]
+fn a_failed_directory_sync_after_a_roll_fails_its_commit_and_reopen_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..spare::options() }).unwrap();
+    spare::fill_past_the_threshold(&log);
+    settle(&log);
+    faults.fail_dir_syncs(1);
+    let batch: Vec<NewRecord> = (10..20).map(|i| spare::record_of(i, 4000)).collect();
+    let appended = log.append(&batch).unwrap();
+    assert!(appended.commit.wait().is_err(), "the commit waits for the directory sync");
+    assert!(log.poisoned().is_some());
+    assert!(log.reopen().unwrap());
+    assert_eq!((log.next_offset(), log.stats().quarantined), (10, 0));
+    log.append(&batch).unwrap().commit.wait().unwrap();
+    spare::close_and_reopen_holding(log, dir.path(), 20);
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use ballast_storage::{
-    Faults, Log, LogOptions, NewRecord,
+    Log, LogOptions, NewRecord,
     limits::{SEGMENT_GROWTH_STEP_MIN, SPARE_PREPARE_FILL_PERCENT},
 };
 use bytes::Bytes;
@@ -17,11 +17,11 @@ use crate::support::*;
 
 const SEGMENT: u64 = 64 * 1024;
 
-fn options() -> LogOptions {
+pub fn options() -> LogOptions {
     LogOptions { segment_size: SEGMENT, record_size_max: 48 * 1024, ..LogOptions::default() }
 }
 
-fn spare_path(dir: &Path) -> PathBuf {
+pub fn spare_path(dir: &Path) -> PathBuf {
     dir.join("spare")
 }
 
@@ -38,7 +38,7 @@ fn names(dir: &Path) -> Vec<String> {
 
 /// A record whose padded size on disk is exactly `stored` bytes (a multiple
 /// of 8, at least 48): a 40-byte header and the rest payload.
-fn record_of(i: u64, stored: u64) -> NewRecord {
+pub fn record_of(i: u64, stored: u64) -> NewRecord {
     let mut payload = format!("record-{i}-").into_bytes();
     payload.resize(stored as usize - 40, b'x');
     NewRecord { timestamp_ms: 1_000 + i, payload: Bytes::from(payload), ..NewRecord::default() }
@@ -46,7 +46,7 @@ fn record_of(i: u64, stored: u64) -> NewRecord {
 
 /// Appends records 0..10 one call each (40,000 bytes, past the fill
 /// threshold of the 64 KiB segment), each waiting for its commit.
-fn fill_past_the_threshold(log: &Log) {
+pub fn fill_past_the_threshold(log: &Log) {
     for i in 0..10 {
         log.append(&[record_of(i, 4000)]).unwrap().commit.wait().unwrap();
     }
@@ -65,7 +65,7 @@ fn log_with_a_spare(dir: &Path) -> Log {
 
 /// Appends the records `offsets` (4,000 bytes each on disk) in one batch
 /// and waits for its commit.
-fn append_range(log: &Log, offsets: std::ops::Range<u64>) {
+pub fn append_range(log: &Log, offsets: std::ops::Range<u64>) {
     let batch: Vec<NewRecord> = offsets.map(|i| record_of(i, 4000)).collect();
     log.append(&batch).unwrap().commit.wait().unwrap();
 }
@@ -88,7 +88,7 @@ fn spare_and_image() -> (tempfile::TempDir, Log, tempfile::TempDir) {
 }
 
 /// Opens the log in `dir` and checks where it ends and what it quarantined.
-fn open_expecting(dir: &Path, next_offset: u64, quarantined: u64) -> Log {
+pub fn open_expecting(dir: &Path, next_offset: u64, quarantined: u64) -> Log {
     let log = Log::open(dir, options()).unwrap();
     assert_eq!((log.next_offset(), log.stats().quarantined), (next_offset, quarantined));
     log
@@ -96,7 +96,7 @@ fn open_expecting(dir: &Path, next_offset: u64, quarantined: u64) -> Log {
 
 /// Closes `log`, opens `dir` again and checks that it holds exactly the
 /// records `0..count`, nothing quarantined.
-fn close_and_reopen_holding(log: Log, dir: &Path, count: u64) {
+pub fn close_and_reopen_holding(log: Log, dir: &Path, count: u64) {
     log.close().unwrap();
     let log = open_expecting(dir, count, 0);
     check_records(&log, 0..count);
@@ -108,7 +108,7 @@ fn set_aside(dir: &Path) -> bool {
 }
 
 /// The records of `offsets` all read back with their own payloads.
-fn check_records(log: &Log, offsets: std::ops::Range<u64>) {
+pub fn check_records(log: &Log, offsets: std::ops::Range<u64>) {
     for offset in offsets {
         assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
     }
@@ -261,49 +261,4 @@ fn a_spare_headed_segment_before_a_later_one_becomes_a_quarantined_gap() {
     check_records(&log, 0..16);
     check_records(&log, 32..40);
     assert!((16..32).all(|offset| log.is_done(offset)));
-}
-
-/// A full disk while the flusher prepares the spare leaves none (and
-/// poisons nothing); the roll then goes inline, meets the full disk too
-/// and refuses its batch cleanly; once space returns it goes through.
-#[test]
-fn a_full_disk_while_preparing_the_spare_leaves_the_roll_to_the_writer() {
-    let dir = tempfile::tempdir().unwrap();
-    let faults = Faults::new();
-    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..options() }).unwrap();
-    // Full before the threshold is passed: the records fit in the space
-    // the segment already has.
-    faults.set_disk_full(true);
-    fill_past_the_threshold(&log);
-    settle(&log);
-    assert_eq!(log.stats().spare_bytes, 0);
-    assert!(!spare_path(dir.path()).exists(), "a failed spare leaves no file");
-    let batch: Vec<NewRecord> = (10..20).map(|i| record_of(i, 4000)).collect();
-    assert!(matches!(log.append(&batch), Err(ballast_storage::AppendError::DiskFull { .. })));
-    assert!(log.poisoned().is_none());
-    faults.set_disk_full(false);
-    log.append(&batch).unwrap().commit.wait().unwrap();
-    assert_eq!(log.stats().rolls_inline, 1);
-    check_records(&log, 0..20);
-}
-
-/// A failed directory sync after a roll poisons the log (the roll's name
-/// may not be durable) and fails the batch's commit; the reopen keeps
-/// every record acknowledged before it, and the log rolls again.
-#[test]
-fn a_failed_directory_sync_after_a_roll_fails_its_commit_and_reopen_keeps_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let faults = Faults::new();
-    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..options() }).unwrap();
-    fill_past_the_threshold(&log);
-    settle(&log);
-    faults.fail_dir_syncs(1);
-    let batch: Vec<NewRecord> = (10..20).map(|i| record_of(i, 4000)).collect();
-    let appended = log.append(&batch).unwrap();
-    assert!(appended.commit.wait().is_err(), "the commit waits for the directory sync");
-    assert!(log.poisoned().is_some());
-    assert!(log.reopen().unwrap());
-    assert_eq!((log.next_offset(), log.stats().quarantined), (10, 0));
-    log.append(&batch).unwrap().commit.wait().unwrap();
-    close_and_reopen_holding(log, dir.path(), 20);
 }
