@@ -16,6 +16,10 @@ pub(super) struct FlusherState {
     /// Set while the ack journal is full: no write of it before then.
     acks_retry_at: Option<Instant>,
     last_retention_floor: u64,
+    /// The active segment (its base) for which preparing the spare failed:
+    /// not tried again until the log rolls past it, so a full disk costs
+    /// one failed attempt per segment, not one per cycle.
+    spare_failed_in: Option<u64>,
 }
 
 impl FlusherState {
@@ -30,6 +34,7 @@ impl FlusherState {
             deadline: interval.map(|i| Instant::now() + i),
             acks_retry_at: None,
             last_retention_floor: u64::MAX,
+            spare_failed_in: None,
         }
     }
 }
@@ -199,7 +204,7 @@ impl Job for Shared {
             return Step::Finished;
         }
         self.prepare_growth();
-        self.prepare_spare();
+        self.prepare_spare(&mut state);
         Step::Ran
     }
 }
@@ -317,12 +322,16 @@ impl Shared {
     /// (`Segment::create_spare`: create, `fallocate`, header, `fdatasync`,
     /// here on the pool instead of on the appending thread). A failure
     /// (a full disk) is left to the writer, which then rolls inline and
-    /// meets it again before writing.
-    pub(super) fn prepare_spare(&self) {
+    /// meets it again before writing; it is not tried again for the same
+    /// active segment.
+    pub(super) fn prepare_spare(&self, state: &mut FlusherState) {
         if self.spare.lock().is_some() {
             return;
         }
         let Some(active) = self.segments.read().last().cloned() else { return };
+        if state.spare_failed_in == Some(active.base_offset) {
+            return;
+        }
         let size = active.size();
         if u128::from(active.written()) * 100 <= u128::from(size) * u128::from(SPARE_PREPARE_FILL_PERCENT) {
             return;
@@ -340,6 +349,7 @@ impl Shared {
         ) {
             Ok(allocated) => *self.spare.lock() = Some(allocated),
             Err(error) => {
+                state.spare_failed_in = Some(active.base_offset);
                 tracing::debug!(dir = %self.dir.display(), %error, "preparing the spare segment failed");
             }
         }

@@ -362,7 +362,9 @@ fn a_full_disk_during_a_journal_compaction_defers_it() {
 
 /// A full disk while the flusher prepares the spare leaves none (and
 /// poisons nothing); the roll then goes inline, meets the full disk too
-/// and refuses its batch cleanly; once space returns it goes through.
+/// and refuses its batch cleanly; once space returns it goes through. The
+/// failed spare is not tried again every cycle, only once the log has
+/// rolled to a new segment.
 #[test]
 fn a_full_disk_while_preparing_the_spare_leaves_the_roll_to_the_writer() {
     let dir = tempfile::tempdir().unwrap();
@@ -379,9 +381,15 @@ fn a_full_disk_while_preparing_the_spare_leaves_the_roll_to_the_writer() {
     assert!(matches!(log.append(&batch), Err(ballast_storage::AppendError::DiskFull { .. })));
     assert!(log.poisoned().is_none());
     faults.set_disk_full(false);
+    settle(&log);
+    assert_eq!(log.stats().spare_bytes, 0, "not tried again while the same segment is active");
     log.append(&batch).unwrap().commit.wait().unwrap();
     assert_eq!(log.stats().rolls_inline, 1);
-    spare::check_records(&log, 0..20);
+    // The new segment past the threshold: a spare again.
+    spare::append_range(&log, 20..30);
+    settle(&log);
+    assert_eq!(log.stats().spare_bytes, ballast_storage::limits::SEGMENT_GROWTH_STEP_MIN);
+    spare::check_records(&log, 0..30);
 }
 
 /// A failed directory sync after a roll poisons the log (the roll's name
