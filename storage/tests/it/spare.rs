@@ -168,8 +168,9 @@ fn a_roll_without_a_spare_is_made_inline_and_counted() {
     check_records(&log, 0..40);
 }
 
-/// Crash point: a spare left by an earlier run (unused, or garbage) is
-/// removed at open, and the log rolls normally afterwards.
+/// Crash point: a spare left by an earlier run (unused, or garbage), and
+/// an inline roll's `roll.tmp` cut before its rename, are removed at open,
+/// and the log rolls normally afterwards.
 #[test]
 fn a_spare_left_by_an_earlier_run_is_removed_at_open() {
     for garbage in [false, true] {
@@ -179,8 +180,11 @@ fn a_spare_left_by_an_earlier_run_is_removed_at_open() {
         if garbage {
             std::fs::write(spare_path(dir.path()), vec![0xA5; 5000]).unwrap();
         }
+        // An inline roll's own spare, cut before its rename.
+        std::fs::copy(spare_path(dir.path()), dir.path().join("roll.tmp")).unwrap();
         let log = Log::open(dir.path(), options()).unwrap();
         assert!(!spare_path(dir.path()).exists(), "garbage {garbage}: the spare is removed");
+        assert!(!dir.path().join("roll.tmp").exists(), "an inline roll's spare is removed");
         assert_eq!((log.next_offset(), log.stats().spare_bytes), (10, 0));
         append_range(&log, 10..20);
         check_records(&log, 0..20);
