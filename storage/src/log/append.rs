@@ -48,6 +48,8 @@ impl Shared {
             return Err(AppendError::Poisoned(e));
         }
         let first_offset = self.next_offset.load(Ordering::Acquire);
+        // Where the batch starts in the active segment.
+        let batch_start = guard.write_pos;
         let segment_size = self.options.segment_size;
 
         // Plan: which records start a new segment, and where each run of
@@ -158,6 +160,8 @@ impl Shared {
         let next_offset = first_offset + u64::from(count);
 
         let active = touched.last().expect("a non-empty batch touches a segment");
+        let ahead_from = if rolled { SEGMENT_HEADER_SIZE } else { batch_start };
+        let ahead_due = Shared::ahead_due(active, ahead_from, writer.write_pos);
         let point = Point { segment_base: active.base_offset, position: writer.write_pos, next_offset, keys_len: 0 };
         let seq = {
             let mut commit = self.commit.lock();
@@ -176,6 +180,11 @@ impl Shared {
         // past these records: see rule 4 of the module docs.
         self.next_offset.store(next_offset, Ordering::Release);
         drop(guard);
+        if ahead_due && self.options.sync_policy != SyncPolicy::Fsync {
+            // Under `Fsync` the wake below runs a cycle, and the work ahead
+            // after it.
+            self.wake();
+        }
         self.wake_after_write();
         let commit = match self.options.sync_policy {
             SyncPolicy::Fsync => Commit {

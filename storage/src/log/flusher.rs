@@ -159,7 +159,14 @@ impl Job for Shared {
         let mut state = self.flusher.lock();
         let cycle = match self.next_cycle(&mut state) {
             Ok(cycle) => cycle,
-            Err(step) => return step,
+            Err(Step::Finished) => return Step::Finished,
+            Err(step) => {
+                // No cycle due (the timed policies between deadlines): the
+                // writer may have woken the flusher for the work ahead of
+                // it (`Shared::ahead_due`).
+                self.prepare_ahead(&mut state);
+                return step;
+            }
         };
         let result = self.flush_once(&cycle).and_then(|journal| {
             match journal {
@@ -203,8 +210,7 @@ impl Job for Shared {
         if cycle.shutdown {
             return Step::Finished;
         }
-        self.prepare_growth();
-        self.prepare_spare(&mut state);
+        self.prepare_ahead(&mut state);
         Step::Ran
     }
 }
@@ -300,6 +306,25 @@ impl Shared {
             acks_paused: !forced && state.acks_retry_at.is_some_and(|at| Instant::now() < at),
             sync_dir: std::mem::take(&mut commit.dir_dirty),
         })
+    }
+
+    /// The work ahead of the writer: growth, then the spare.
+    pub(super) fn prepare_ahead(&self, state: &mut FlusherState) {
+        self.prepare_growth();
+        self.prepare_spare(state);
+    }
+
+    /// Whether an append that moved the active segment `segment`'s end
+    /// from `from` to `to` crossed a point where the flusher has work ahead
+    /// of the writer: half of the allocation (growth) or the spare's fill
+    /// threshold. The timed policies' flusher runs only at its deadlines,
+    /// so the writer wakes it then (cheap: positions only, no lock).
+    pub(super) fn ahead_due(segment: &Segment, from: u64, to: u64) -> bool {
+        let size = u128::from(segment.size());
+        let crossed = |point: u128| u128::from(from) <= point && u128::from(to) > point;
+        let allocated = segment.allocated();
+        (allocated < segment.size() && crossed(u128::from(allocated / 2)))
+            || crossed(size * u128::from(SPARE_PREPARE_FILL_PERCENT) / 100)
     }
 
     /// Grows the active segment to its next step once the writer has used
