@@ -15,6 +15,7 @@ use crate::{
     Broker,
     grpc::{
         Service,
+        auth::AuthLayer,
         transport::{Connections, StatusLayer},
     },
     limits::{GRPC_DECODE_SIZE_MAX, GRPC_ENCODE_SIZE_MAX, HTTP2_HEADER_LIST_SIZE_MAX},
@@ -35,6 +36,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let service = Service::new(Arc::clone(&broker));
+    // The auth file, reloaded on SIGHUP and when it changes; the watcher
+    // ends when the server (the last holder of `auth`) does.
+    let auth = match &broker.config().auth.file {
+        Some(path) => {
+            let auth = crate::auth::Auth::load(path).map_err(|e| anyhow::anyhow!(e))?;
+            auth.watch().map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
+            Some(auth)
+        }
+        None => None,
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<Service>>().await;
     health.set_serving::<PublisherServer<Service>>().await;
@@ -70,6 +81,7 @@ pub async fn serve(
         .http2_max_header_list_size(HTTP2_HEADER_LIST_SIZE_MAX)
         .timeout(Duration::from_millis(grpc.request_timeout_ms))
         .layer(StatusLayer)
+        .layer(AuthLayer::new(auth))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

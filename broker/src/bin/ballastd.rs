@@ -32,6 +32,10 @@ struct Args {
     /// Longest wait for in-flight calls on SIGTERM/SIGINT, in ms [default: 10000].
     #[arg(long, value_name = "MS")]
     shutdown_timeout_ms: Option<u64>,
+    /// TOML file of principals (tokens, certificate identities, per-queue
+    /// permissions); without it every call is open [config: auth.file].
+    #[arg(long, value_name = "FILE")]
+    auth_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -116,7 +120,14 @@ fn load_config(args: &Args) -> Result<Config, String> {
     if let Some(ms) = args.shutdown_timeout_ms {
         config.shutdown_timeout_ms = ms;
     }
+    if let Some(path) = &args.auth_file {
+        config.auth.file = Some(path.clone());
+    }
     config.validate()?;
+    // Checked now, so a broken file stops the start with its line named.
+    if let Some(path) = &config.auth.file {
+        ballast_broker::auth::load_file(path)?;
+    }
     Ok(config)
 }
 

@@ -1,0 +1,201 @@
+//! Authentication in front of the services: [`AuthLayer`] names the
+//! principal of every call from its `authorization: Bearer <token>`
+//! metadata or its client certificate's identities, before any request
+//! body is decoded, and puts it in the request's extensions as a
+//! [`Caller`]. A call without valid credentials is answered UNAUTHENTICATED
+//! (saying what was wrong) and never reaches a service; health checks stay
+//! open. A peer address past [`AUTH_FAILURES_MAX`] failures in a window is
+//! answered RESOURCE_EXHAUSTED with a retry-after hint until the window
+//! ends. Without an auth file the layer lets everything through.
+//!
+//! [`AUTH_FAILURES_MAX`]: crate::limits::AUTH_FAILURES_MAX
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use tonic::{
+    Status,
+    body::Body,
+    codegen::{Service, http},
+    metadata::{MetadataMap, MetadataValue},
+};
+
+use super::{peer::Peer, status::RETRY_AFTER_MS, transport::BoxFuture};
+use crate::auth::{AUDIT_TARGET, Auth, Principal};
+
+/// Path prefix of the health service, open without credentials (probes).
+const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+
+/// Value of `ballast-reason` on a call refused because its peer failed to
+/// authenticate too often.
+pub const REASON_AUTH_FAILURES: &str = "auth_failures";
+
+/// The principal a call authenticated as, in its request's extensions.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Arc<Principal>);
+
+/// Adds [`AuthService`] around the services.
+#[derive(Debug, Clone, Default)]
+pub struct AuthLayer {
+    auth: Option<Arc<Auth>>,
+}
+
+impl AuthLayer {
+    /// Checks credentials against `auth`; `None` lets every call through.
+    pub fn new(auth: Option<Arc<Auth>>) -> AuthLayer {
+        AuthLayer { auth }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> AuthService<S> {
+        AuthService { inner, auth: self.auth.clone() }
+    }
+}
+
+/// Authenticates each call (see the module docs).
+#[derive(Debug, Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: Option<Arc<Auth>>,
+}
+
+impl<S, B> Service<http::Request<B>> for AuthService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<http::Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if let Some(auth) = &self.auth
+            && !request.uri().path().starts_with(HEALTH_PATH)
+        {
+            let peer = Peer::of(&request).cloned().unwrap_or_default();
+            match authenticate(auth, request.headers(), &peer, request.uri().path()) {
+                Ok(principal) => {
+                    request.extensions_mut().insert(Caller(principal));
+                }
+                Err(status) => {
+                    crate::metrics::count_error(status.code());
+                    return Box::pin(std::future::ready(Ok(status.into_http())));
+                }
+            }
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+/// Why a call's credentials were not accepted, as the client and the audit
+/// log see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Missing,
+    Malformed,
+    UnknownToken,
+    CertificateNotMapped,
+}
+
+impl Failure {
+    fn name(self) -> &'static str {
+        match self {
+            Failure::Missing => "missing",
+            Failure::Malformed => "malformed",
+            Failure::UnknownToken => "unknown_token",
+            Failure::CertificateNotMapped => "certificate_not_mapped",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Failure::Missing => {
+                "no credentials: send `authorization: Bearer <token>` metadata or a client certificate that the \
+                 auth file maps to a principal"
+            }
+            Failure::Malformed => "the authorization metadata is malformed: it must be `Bearer <token>`",
+            Failure::UnknownToken => "unknown token: no principal of the auth file has it",
+            Failure::CertificateNotMapped => "the client certificate is not mapped to a principal in the auth file",
+        }
+    }
+}
+
+/// The principal of a call, or the status that refuses it.
+fn authenticate(auth: &Auth, headers: &http::HeaderMap, peer: &Peer, path: &str) -> Result<Arc<Principal>, Status> {
+    let ip = peer.addr.map(|a| a.ip());
+    let now = Instant::now();
+    if let Err(retry_after_ms) = auth.failures.check(ip, now) {
+        tracing::warn!(target: AUDIT_TARGET, principal = "-", peer = %peer.addr_display(), action = "authenticate",
+            call = path, outcome = "held_off", retry_after_ms, "authentication refused: too many failures");
+        let mut metadata = MetadataMap::new();
+        metadata.insert(RETRY_AFTER_MS, MetadataValue::from(retry_after_ms));
+        metadata.insert(super::status::REASON, MetadataValue::from_static(REASON_AUTH_FAILURES));
+        return Err(Status::with_metadata(
+            tonic::Code::ResourceExhausted,
+            format!(
+                "too many failed authentications from this address; retry in {retry_after_ms} ms with valid \
+                 credentials"
+            ),
+            metadata,
+        ));
+    }
+    let principals = auth.principals();
+    let found = match headers.get(http::header::AUTHORIZATION) {
+        Some(value) => match bearer(value) {
+            Some(token) => principals.by_token(token).ok_or(Failure::UnknownToken),
+            None => Err(Failure::Malformed),
+        },
+        None if peer.cert_identities.is_empty() => Err(Failure::Missing),
+        None => principals.by_cert(&peer.cert_identities).ok_or(Failure::CertificateNotMapped),
+    };
+    found.map_err(|failure| {
+        auth.failures.record(ip, now);
+        tracing::warn!(target: AUDIT_TARGET, principal = "-", peer = %peer.addr_display(), action = "authenticate",
+            call = path, outcome = "unauthenticated", reason = failure.name(),
+            cert_identities = ?peer.cert_identities, "authentication failed");
+        Status::unauthenticated(failure.message())
+    })
+}
+
+/// The token of `Bearer <token>` (the scheme in any case), if that is
+/// what the value holds.
+fn bearer(value: &http::HeaderValue) -> Option<&str> {
+    let text = value.to_str().ok()?;
+    let (scheme, token) = text.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' ')).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only `Bearer <token>` (scheme in any case) yields a token.
+    #[test]
+    fn bearer_values() {
+        for (value, expected) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("Bearer  abc ", Some("abc")),
+            ("Basic abc", None),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Bearer a b", None),
+            ("abc", None),
+        ] {
+            let value = http::HeaderValue::from_str(value).unwrap();
+            assert_eq!(bearer(&value), expected, "{value:?}");
+        }
+    }
+}
