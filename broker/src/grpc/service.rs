@@ -59,8 +59,9 @@ impl Access {
         self.audit(action.name(), queue, "denied");
         crate::metrics::count_error(Code::PermissionDenied);
         Err(Status::permission_denied(format!(
-            "principal {:?} may not {action} on queue {queue:?}",
-            self.principal_name()
+            "principal {:?} lacks the {:?} permission on queue {queue:?}",
+            self.principal_name(),
+            action.name()
         )))
     }
 
