@@ -411,6 +411,17 @@ mod tests {
         }
     }
 
+    /// `[auth] file` is read from the file, and only then does the broker
+    /// say that calls need credentials.
+    #[test]
+    fn auth_file_setting() {
+        assert!(!Config::default().auth_configured());
+        let config = Config::from_toml("[auth]\nfile = \"/etc/ballast/auth.toml\"\n").unwrap();
+        assert_eq!(config.auth.file.as_deref(), Some(std::path::Path::new("/etc/ballast/auth.toml")));
+        assert!(config.auth_configured());
+        assert!(Config::from_toml("[auth]\nfiles = \"x\"\n").unwrap_err().contains("files"));
+    }
+
     /// `queues_max` takes 1 and its ceiling and refuses 0 and one past it.
     #[test]
     fn queues_max_is_checked_at_its_bounds() {

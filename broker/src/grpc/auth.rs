@@ -181,6 +181,55 @@ fn bearer(value: &http::HeaderValue) -> Option<&str> {
 mod tests {
     use super::*;
 
+    /// An auth file with a token principal and a certificate principal.
+    fn auth() -> (tempfile::TempDir, Arc<Auth>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.toml");
+        let text = format!(
+            "[[principals]]\nname = \"svc\"\ntoken_sha256 = \"{}\"\n\
+             [[principals]]\nname = \"ops\"\ncert_identity = \"ops.example.internal\"\n",
+            crate::auth::token_sha256_hex("tok")
+        );
+        std::fs::write(&path, text).unwrap();
+        let auth = Auth::load(&path).unwrap();
+        (dir, auth)
+    }
+
+    fn peer(identities: &[&str]) -> Peer {
+        Peer {
+            addr: Some("10.1.2.3:5000".parse().unwrap()),
+            cert_identities: identities.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn headers(authorization: Option<&str>) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        if let Some(value) = authorization {
+            headers.insert(http::header::AUTHORIZATION, http::HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    /// A certificate identity the file maps names its principal (any of
+    /// the certificate's identities will do); an unmapped certificate is
+    /// UNAUTHENTICATED saying so; a token, when sent, is what counts.
+    #[test]
+    fn certificates_and_tokens_name_principals() {
+        let (_dir, auth) = auth();
+        let name = |r: Result<Arc<Principal>, Status>| r.map(|p| p.name.clone()).map_err(|s| s.message().to_owned());
+        let path = "/ballast.v1.Admin/ListQueues";
+        let mapped = peer(&["client.example", "ops.example.internal"]);
+        assert_eq!(name(authenticate(&auth, &headers(None), &mapped, path)), Ok("ops".into()));
+        let unmapped = authenticate(&auth, &headers(None), &peer(&["stranger"]), path).unwrap_err();
+        assert_eq!(unmapped.code(), tonic::Code::Unauthenticated);
+        assert!(unmapped.message().contains("certificate is not mapped"), "{unmapped:?}");
+        assert_eq!(name(authenticate(&auth, &headers(Some("Bearer tok")), &mapped, path)), Ok("svc".into()));
+        let wrong = authenticate(&auth, &headers(Some("Bearer nope")), &mapped, path).unwrap_err();
+        assert!(wrong.message().contains("unknown token"), "a bad token is not rescued by the certificate");
+        let missing = authenticate(&auth, &headers(None), &peer(&[]), path).unwrap_err();
+        assert!(missing.message().contains("no credentials"), "{missing:?}");
+    }
+
     /// Only `Bearer <token>` (scheme in any case) yields a token.
     #[test]
     fn bearer_values() {

@@ -199,6 +199,16 @@ async fn a_publish_only_principal_cannot_consume() {
     let deliveries = pull(&mut ops, "jobs").await.unwrap();
     assert_eq!(deliveries.len(), 1);
     assert_eq!(deliveries[0].attempt, 1, "never delivered before");
+    // The admin action and the refusals are audit lines naming the
+    // principal, the peer, the queue, the action and the outcome.
+    let log = std::fs::read_to_string(broker.data_dir.with_extension("log")).unwrap();
+    let audited = |needles: &[&str]| {
+        log.lines()
+            .any(|l| l.contains("ballast::audit") && l.contains("127.0.0.1:") && needles.iter().all(|n| l.contains(n)))
+    };
+    assert!(audited(&["\"ops\"", "\"jobs\"", "\"create\"", "\"ok\""]), "{log}");
+    assert!(audited(&["\"publisher\"", "\"jobs\"", "\"consume\"", "\"denied\""]), "{log}");
+    assert!(audited(&["\"publisher\"", "\"other\"", "\"admin\"", "\"denied\""]), "{log}");
 }
 
 /// ListQueues, GetStats and Watch without a queue show only the queues the
