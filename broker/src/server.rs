@@ -15,7 +15,6 @@ use crate::{
     Broker,
     grpc::{
         Service,
-        auth::AuthLayer,
         transport::{Connections, StatusLayer},
     },
     limits::{GRPC_DECODE_SIZE_MAX, GRPC_ENCODE_SIZE_MAX, HTTP2_HEADER_LIST_SIZE_MAX},
@@ -80,8 +79,7 @@ pub async fn serve(
         .max_concurrent_streams(grpc.streams_per_connection_max)
         .http2_max_header_list_size(HTTP2_HEADER_LIST_SIZE_MAX)
         .timeout(Duration::from_millis(grpc.request_timeout_ms))
-        .layer(StatusLayer)
-        .layer(AuthLayer::new(auth))
+        .layer(StatusLayer::new(auth))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -135,6 +135,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Installed before anything can reach the broker: a SIGTERM that comes
     // before the handler exists kills the process without a clean close.
     let shutdown = shutdown_signal()?;
+    // With an auth file, SIGHUP reloads it (`server::serve` listens for
+    // it); from now on it must not kill the process, its default action,
+    // even while the queues open.
+    let _hangup = if config.auth_configured() {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?)
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

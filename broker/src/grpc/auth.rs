@@ -1,4 +1,4 @@
-//! Authentication in front of the services: [`AuthLayer`] names the
+//! Authentication in front of the services: [`admit`] names the
 //! principal of every call from its `authorization: Bearer <token>`
 //! metadata or its client certificate's identities, before any request
 //! body is decoded, and puts it in the request's extensions as a
@@ -6,24 +6,19 @@
 //! (saying what was wrong) and never reaches a service; health checks stay
 //! open. A peer address past [`AUTH_FAILURES_MAX`] failures in a window is
 //! answered RESOURCE_EXHAUSTED with a retry-after hint until the window
-//! ends. Without an auth file the layer lets everything through.
+//! ends. Without an auth file every call is let through.
 //!
 //! [`AUTH_FAILURES_MAX`]: crate::limits::AUTH_FAILURES_MAX
 
-use std::{
-    sync::Arc,
-    task::{Context, Poll},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use tonic::{
     Status,
-    body::Body,
-    codegen::{Service, http},
+    codegen::http,
     metadata::{MetadataMap, MetadataValue},
 };
 
-use super::{peer::Peer, status::RETRY_AFTER_MS, transport::BoxFuture};
+use super::{peer::Peer, status::RETRY_AFTER_MS};
 use crate::auth::{AUDIT_TARGET, Auth, Principal};
 
 /// Path prefix of the health service, open without credentials (probes).
@@ -37,65 +32,21 @@ pub const REASON_AUTH_FAILURES: &str = "auth_failures";
 #[derive(Debug, Clone)]
 pub struct Caller(pub Arc<Principal>);
 
-/// Adds [`AuthService`] around the services.
-#[derive(Debug, Clone, Default)]
-pub struct AuthLayer {
-    auth: Option<Arc<Auth>>,
-}
-
-impl AuthLayer {
-    /// Checks credentials against `auth`; `None` lets every call through.
-    pub fn new(auth: Option<Arc<Auth>>) -> AuthLayer {
-        AuthLayer { auth }
+/// Authenticates `request` against `auth` (nothing to do without an auth
+/// file, or for a health check): puts its [`Caller`] in its extensions, or
+/// returns the status that answers it. Run by [`StatusService`] once the
+/// metadata limit passed, before the call reaches a service.
+///
+/// [`StatusService`]: super::transport::StatusService
+pub fn admit<B>(auth: Option<&Auth>, request: &mut http::Request<B>) -> Result<(), Status> {
+    let Some(auth) = auth else { return Ok(()) };
+    if request.uri().path().starts_with(HEALTH_PATH) {
+        return Ok(());
     }
-}
-
-impl<S> tower_layer::Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> AuthService<S> {
-        AuthService { inner, auth: self.auth.clone() }
-    }
-}
-
-/// Authenticates each call (see the module docs).
-#[derive(Debug, Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    auth: Option<Arc<Auth>>,
-}
-
-impl<S, B> Service<http::Request<B>> for AuthService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<http::Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        if let Some(auth) = &self.auth
-            && !request.uri().path().starts_with(HEALTH_PATH)
-        {
-            let peer = Peer::of(&request).cloned().unwrap_or_default();
-            match authenticate(auth, request.headers(), &peer, request.uri().path()) {
-                Ok(principal) => {
-                    request.extensions_mut().insert(Caller(principal));
-                }
-                Err(status) => {
-                    crate::metrics::count_error(status.code());
-                    return Box::pin(std::future::ready(Ok(status.into_http())));
-                }
-            }
-        }
-        Box::pin(self.inner.call(request))
-    }
+    let peer = Peer::of(request).cloned().unwrap_or_default();
+    let principal = authenticate(auth, request.headers(), &peer, request.uri().path())?;
+    request.extensions_mut().insert(Caller(principal));
+    Ok(())
 }
 
 /// Why a call's credentials were not accepted, as the client and the audit
