@@ -45,7 +45,11 @@ pub async fn serve(
         }
         None => None,
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
+    let health_service = tonic_health::pb::health_server::HealthServer::new(crate::grpc::auth::QueueHealth::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        broker.config().auth_configured(),
+    ));
     health.set_serving::<AdminServer<Service>>().await;
     health.set_serving::<PublisherServer<Service>>().await;
     health.set_serving::<ConsumerServer<Service>>().await;

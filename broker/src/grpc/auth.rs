@@ -4,7 +4,8 @@
 //! body is decoded, and puts it in the request's extensions as a
 //! [`Caller`]. A call without valid credentials is answered UNAUTHENTICATED
 //! (saying what was wrong) and never reaches a service; health checks stay
-//! open. A peer address past [`AUTH_FAILURES_MAX`] failures in a window is
+//! open, but a queue's entry only answers a caller allowed its stats
+//! ([`QueueHealth`]). A peer address past [`AUTH_FAILURES_MAX`] failures in a window is
 //! answered RESOURCE_EXHAUSTED with a retry-after hint until the window
 //! ends. Without an auth file every call is let through.
 //!
@@ -18,11 +19,16 @@ use tonic::{
     metadata::{MetadataMap, MetadataValue},
 };
 
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_server::Health};
+
 use super::{peer::Peer, status::RETRY_AFTER_MS};
-use crate::auth::{AUDIT_TARGET, Auth, Principal};
+use crate::auth::{AUDIT_TARGET, Action, Auth, Principal};
 
 /// Path prefix of the health service, open without credentials (probes).
 const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+
+/// Prefix of a queue's entry in the health service.
+const QUEUE_HEALTH_PREFIX: &str = "ballast.v1.Queue/";
 
 /// Value of `ballast-reason` on a call refused because its peer failed to
 /// authenticate too often.
@@ -40,13 +46,72 @@ pub struct Caller(pub Arc<Principal>);
 /// [`StatusService`]: super::transport::StatusService
 pub fn admit<B>(auth: Option<&Auth>, request: &mut http::Request<B>) -> Result<(), Status> {
     let Some(auth) = auth else { return Ok(()) };
-    if request.uri().path().starts_with(HEALTH_PATH) {
-        return Ok(());
-    }
     let peer = Peer::of(request).cloned().unwrap_or_default();
-    let principal = authenticate(auth, request.headers(), &peer, request.uri().path())?;
+    let principal = if request.uri().path().starts_with(HEALTH_PATH)
+        && !request.headers().contains_key(http::header::AUTHORIZATION)
+    {
+        // Open for probes. A mapped certificate still names the caller,
+        // for the per-queue entries ([`QueueHealth`]); a token, when sent,
+        // is checked like any other (a health check is no token oracle).
+        match auth.principals().by_cert(&peer.cert_identities) {
+            Some(principal) => principal,
+            None => return Ok(()),
+        }
+    } else {
+        authenticate(auth, request.headers(), &peer, request.uri().path())?
+    };
     request.extensions_mut().insert(Caller(principal));
     Ok(())
+}
+
+/// The health service, with the per-queue entries
+/// (`ballast.v1.Queue/<name>`) answered only to a caller with `stats` on
+/// the queue when an auth file is set: to anyone else a queue's entry is
+/// NOT_FOUND, as for a queue that does not exist, so the open health
+/// service does not reveal which queues exist. The other entries stay open.
+#[derive(Debug)]
+pub struct QueueHealth {
+    inner: tonic_health::server::HealthService,
+    auth_on: bool,
+}
+
+impl QueueHealth {
+    pub fn new(inner: tonic_health::server::HealthService, auth_on: bool) -> QueueHealth {
+        QueueHealth { inner, auth_on }
+    }
+
+    fn check_entry(&self, request: &tonic::Request<HealthCheckRequest>) -> Result<(), Status> {
+        let service = request.get_ref().service.as_str();
+        let Some(queue) = service.strip_prefix(QUEUE_HEALTH_PREFIX) else { return Ok(()) };
+        let caller = request.extensions().get::<Caller>();
+        if !self.auth_on || caller.is_some_and(|c| c.0.allows(Action::Stats, queue)) {
+            Ok(())
+        } else {
+            // tonic-health's own answer for an unknown entry, word for word.
+            Err(Status::not_found("service not registered"))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Health for QueueHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, Status> {
+        self.check_entry(&request)?;
+        self.inner.check(request).await
+    }
+
+    type WatchStream = tonic_health::server::WatchStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, Status> {
+        self.check_entry(&request)?;
+        self.inner.watch(request).await
+    }
 }
 
 /// Why a call's credentials were not accepted, as the client and the audit

@@ -302,6 +302,40 @@ async fn dead_letters_follow_their_source_queue() {
     assert_eq!(other_one.len(), 1, "the other dead letter");
 }
 
+/// The health service stays open, but a queue's entry answers only a
+/// caller allowed its stats: to anyone else (no credentials, or a principal
+/// without stats on it) it is NOT_FOUND word for word as for a queue that
+/// does not exist. A bad token on a health check is UNAUTHENTICATED.
+#[tokio::test]
+async fn queue_health_entries_are_not_an_existence_oracle() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let (broker, _dir, _path) = start(&principals());
+    let mut ops = as_token(&broker, Some(OPS)).await;
+    create(&mut ops, "billing", pb::QueueSettings::default()).await;
+    let channel = broker.channel().await;
+    let check = |token: Option<&str>, service: &str| {
+        let mut health = HealthClient::with_interceptor(channel.clone(), Bearer(token.map(str::to_owned)));
+        let request = HealthCheckRequest { service: service.to_owned() };
+        async move { health.check(request).await.map(|r| r.into_inner().status) }
+    };
+    // The queue's entry appears at the next stats tick.
+    eventually("billing's health entry", || {
+        let answer = check(Some(OPS), "ballast.v1.Queue/billing");
+        async move { answer.await.is_ok() }
+    })
+    .await;
+    let missing = check(None, "ballast.v1.Queue/nope").await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    for token in [None, Some(ORDERS)] {
+        let hidden = check(token, "ballast.v1.Queue/billing").await.unwrap_err();
+        assert_eq!((hidden.code(), hidden.message()), (missing.code(), missing.message()), "{token:?}");
+    }
+    assert!(check(None, "").await.is_ok(), "the overall entry stays open");
+    assert!(check(None, "ballast.v1.Publisher").await.is_ok());
+    let bad = check(Some("guess"), "").await.unwrap_err();
+    assert_eq!(bad.code(), Code::Unauthenticated);
+}
+
 /// Calls `probe` until it holds, at most 30 s.
 async fn eventually<F: Future<Output = bool>>(what: &str, mut probe: impl FnMut() -> F) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
