@@ -81,7 +81,7 @@ impl std::fmt::Display for Action {
 }
 
 /// One `allow` entry: a queue glob and the actions it allows.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Rule {
     queues: String,
     actions: u8,
@@ -92,9 +92,44 @@ struct Rule {
 pub struct Principal {
     pub name: String,
     rules: Vec<Rule>,
+    /// Set when a reload removed or changed this principal: the streams it
+    /// opened end (see [`Principal::revoked`]).
+    revoked: tokio::sync::watch::Sender<Option<Revocation>>,
+}
+
+/// Why a principal's open streams end after a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// Its token or certificate identity is no longer in the file.
+    Removed,
+    /// It is still there, with other rules (or another name).
+    Changed,
 }
 
 impl Principal {
+    fn new(name: String, rules: Vec<Rule>) -> Principal {
+        Principal { name, rules, revoked: tokio::sync::watch::Sender::new(None) }
+    }
+
+    /// Resolves once a reload revoked this principal, with why. Streams
+    /// (Consume, Watch) await it so that a removed token or a narrowed
+    /// rule takes effect on them too, not only on new calls.
+    pub async fn revoked(&self) -> Revocation {
+        let mut revoked = self.revoked.subscribe();
+        loop {
+            if let Some(why) = *revoked.borrow_and_update() {
+                return why;
+            }
+            if revoked.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    fn revoke(&self, why: Revocation) {
+        self.revoked.send_replace(Some(why));
+    }
+
     /// Whether this principal may do `action` on `queue`: a rule's glob
     /// matches the queue and names the action; a dead-letter queue
     /// (`<q>.dead`) also follows its source queue `<q>`.
@@ -217,7 +252,7 @@ impl Principals {
                 }
                 rules.push(Rule { queues: rule.queues.clone(), actions });
             }
-            let principal = Arc::new(Principal { name: raw.name.clone(), rules });
+            let principal = Arc::new(Principal::new(raw.name.clone(), rules));
             match (&raw.token_sha256, &raw.cert_identity) {
                 (Some(hex), None) => {
                     let digest = parse_digest(&hex.to_ascii_lowercase())
@@ -250,6 +285,23 @@ impl Principals {
     /// The principal mapped to one of a certificate's identities.
     pub fn by_cert(&self, identities: &[String]) -> Option<Arc<Principal>> {
         identities.iter().find_map(|id| self.by_cert.get(id).cloned())
+    }
+
+    /// Takes over what `old` already had: a principal with the same
+    /// credential, name and rules stays the same principal (its open
+    /// streams go on); every other principal of `old` is revoked.
+    fn carry_over(&mut self, old: &Principals) {
+        fn merge<K: std::hash::Hash + Eq>(new: &mut HashMap<K, Arc<Principal>>, old: &HashMap<K, Arc<Principal>>) {
+            for (key, before) in old {
+                match new.get_mut(key) {
+                    Some(now) if now.name == before.name && now.rules == before.rules => *now = Arc::clone(before),
+                    Some(_) => before.revoke(Revocation::Changed),
+                    None => before.revoke(Revocation::Removed),
+                }
+            }
+        }
+        merge(&mut self.by_token, &old.by_token);
+        merge(&mut self.by_cert, &old.by_cert);
     }
 
     /// How many principals the file names.
@@ -310,10 +362,12 @@ impl Auth {
     pub fn reload(&self, why: &str) -> bool {
         *self.stamp.lock() = stamp(&self.path);
         match load_file(&self.path) {
-            Ok(principals) => {
+            Ok(mut principals) => {
                 tracing::info!(target: AUDIT_TARGET, why, principals = principals.len(), action = "reload_auth",
                     outcome = "ok", "auth file reloaded");
-                *self.current.write() = Arc::new(principals);
+                let mut current = self.current.write();
+                principals.carry_over(&current);
+                *current = Arc::new(principals);
                 true
             }
             Err(error) => {
@@ -529,6 +583,41 @@ mod tests {
         // Upper-case hex is the same digest.
         let upper = format!("[[principals]]\nname = \"u\"\ntoken_sha256 = \"{}\"\n", hash.to_uppercase());
         assert!(Principals::from_toml(&upper).unwrap().by_token("x").is_some());
+    }
+
+    /// A reload keeps an unchanged principal (the same one: its streams go
+    /// on) and revokes a changed or removed one, saying which.
+    #[tokio::test]
+    async fn a_reload_revokes_changed_and_removed_principals() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.toml");
+        let entry = |name: &str, token: &str, glob: &str| {
+            format!(
+                "[[principals]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\n\
+                 allow = [ {{ queues = \"{glob}\", actions = [\"consume\"] }} ]\n",
+                token_sha256_hex(token)
+            )
+        };
+        std::fs::write(&path, entry("same", "a", "*") + &entry("narrowed", "b", "*") + &entry("gone", "c", "*"))
+            .unwrap();
+        let auth = Auth::load(&path).unwrap();
+        let before = auth.principals();
+        let (same, narrowed, gone) =
+            (before.by_token("a").unwrap(), before.by_token("b").unwrap(), before.by_token("c").unwrap());
+        std::fs::write(&path, entry("same", "a", "*") + &entry("narrowed", "b", "jobs")).unwrap();
+        assert!(auth.reload("test"));
+        let after = auth.principals();
+        assert!(Arc::ptr_eq(&after.by_token("a").unwrap(), &same), "unchanged: the same principal");
+        assert!(!Arc::ptr_eq(&after.by_token("b").unwrap(), &narrowed));
+        assert!(after.by_token("c").is_none());
+        let now = |p: &Arc<Principal>| *p.revoked.borrow();
+        assert_eq!(
+            (now(&same), now(&narrowed), now(&gone)),
+            (None, Some(Revocation::Changed), Some(Revocation::Removed))
+        );
+        assert_eq!(gone.revoked().await, Revocation::Removed);
+        let waiting = tokio::time::timeout(Duration::from_millis(50), same.revoked()).await;
+        assert!(waiting.is_err(), "an unchanged principal is not revoked");
     }
 
     /// A peer is held off once it reaches `AUTH_FAILURES_MAX` failures in a

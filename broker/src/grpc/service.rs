@@ -10,7 +10,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::{auth::Caller, convert, peer::Peer, status::to_status, transport::inbound_error};
 use crate::{
     Broker,
-    auth::{AUDIT_TARGET, Action, Principal},
+    auth::{AUDIT_TARGET, Action, Principal, Revocation},
     broker::DamagedQueue,
     error::BrokerError,
     limits::{
@@ -69,6 +69,23 @@ impl Access {
     fn audit(&self, action: &str, queue: &str, outcome: &str) {
         let peer = self.peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         tracing::info!(target: AUDIT_TARGET, principal = self.principal_name(), %peer, queue, action, outcome, "audit");
+    }
+
+    /// Resolves once a reload of the auth file revoked this call's
+    /// principal, with the status that ends its stream: UNAUTHENTICATED when
+    /// its credentials are gone, ABORTED (open the stream again, which is
+    /// checked anew) when its rules changed. Never without an auth file.
+    async fn revoked(&self) -> Status {
+        let Some(principal) = &self.principal else { return std::future::pending().await };
+        let status = match principal.revoked().await {
+            Revocation::Removed => Status::unauthenticated("the auth file no longer holds this stream's credentials"),
+            Revocation::Changed => {
+                Status::aborted("the auth file changed this stream's principal; open the stream again")
+            }
+        };
+        self.audit("stream", "-", "revoked");
+        crate::metrics::count_error(status.code());
+        status
     }
 
     /// Audits an admin action's result and passes it on.
@@ -254,6 +271,8 @@ impl stats_server::Stats for Service {
         tokio::spawn(async move {
             let _permit = permit;
             tokio::pin!(stopping);
+            let revoked = access.revoked();
+            tokio::pin!(revoked);
             let mut next = Ok(first);
             let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,6 +287,10 @@ impl stats_server::Stats for Service {
                 tokio::select! {
                     biased;
                     () = &mut stopping => break,
+                    status = &mut revoked => {
+                        let _ = tx.try_send(Err(status));
+                        return;
+                    }
                     () = tx.closed() => return,
                     _ = ticker.tick() => {}
                 }
@@ -365,7 +388,7 @@ impl consumer_server::Consumer for Service {
         let (out, rx) = mpsc::channel(CREDIT_MAX as usize + SESSION_CHANNEL_EXTRA);
         let subscribed = pb::Subscribed { queue: queue.name.to_string(), consumer_id: subscription.consumer_id };
         let _ = out.try_send(Ok(response(pb::consume_response::Kind::Subscribed(subscribed))));
-        tokio::spawn(session(Arc::clone(&self.broker), queue, subscription, inbound, out));
+        tokio::spawn(session(Arc::clone(&self.broker), access, queue, subscription, inbound, out));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -492,6 +515,7 @@ type Out = mpsc::Sender<Result<pb::ConsumeResponse, Status>>;
 /// nacks until either side ends; then releases the consumer's leases.
 async fn session(
     broker: Arc<Broker>,
+    access: Access,
     queue: Arc<Queue>,
     mut subscription: crate::queue::Subscription,
     mut inbound: Streaming<pb::ConsumeRequest>,
@@ -499,8 +523,14 @@ async fn session(
 ) {
     let consumer_id = subscription.consumer_id;
     let nacks = Arc::new(tokio::sync::Semaphore::new(STREAM_NACKS_IN_FLIGHT_MAX));
+    let revoked = access.revoked();
+    tokio::pin!(revoked);
     loop {
         tokio::select! {
+            status = &mut revoked => {
+                let _ = out.send(Err(status)).await;
+                break;
+            }
             delivery = subscription.deliveries.recv() => match delivery {
                 Some(delivery) => {
                     let message = response(pb::consume_response::Kind::Delivery(convert::delivery(delivery)));

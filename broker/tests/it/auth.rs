@@ -353,7 +353,14 @@ async fn the_auth_file_reloads_without_restart() {
     let (broker, _dir, path) = start(&principals());
     let fresh = "fresh-token-0123456789";
     let mut ops = as_token(&broker, Some(OPS)).await;
-    assert!(list(&mut ops).await.is_ok());
+    create(&mut ops, "jobs", pb::QueueSettings::default()).await;
+    // Streams ops holds open across the reload.
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    requests.send(subscribe("jobs", 10)).await.unwrap();
+    let mut consuming = ops.consumer.consume(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(consuming.message().await.unwrap().is_some(), "subscribed");
+    let watch = pb::WatchRequest { queue: String::new(), interval_ms: 100 };
+    let mut watching = ops.stats.watch(watch).await.unwrap().into_inner();
     let mut newcomer = as_token(&broker, Some(fresh)).await;
     assert_code(list(&mut newcomer).await, Code::Unauthenticated, &["unknown token"]);
     // The file changes: the new principal is in, ops is out.
@@ -364,6 +371,18 @@ async fn the_auth_file_reloads_without_restart() {
     })
     .await;
     assert_code(list(&mut ops).await, Code::Unauthenticated, &["unknown token"]);
+    // The streams ops had open end too.
+    let ended = tokio::time::timeout(Duration::from_secs(10), consuming.message()).await.expect("the stream ends");
+    assert_code(ended, Code::Unauthenticated, &["no longer holds"]);
+    let watch_end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watching.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    });
+    assert_code(watch_end.await.expect("the watch ends"), Code::Unauthenticated, &["no longer holds"]);
     // A broken file: logged, and the principals in force stay.
     replace(&path, "[[principals]]\nname = \"broken\"\ntoken_sha256 = \"xyz\"\n");
     broker_signal(&broker, libc::SIGHUP);
