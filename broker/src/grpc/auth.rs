@@ -18,7 +18,6 @@ use tonic::{
     codegen::http,
     metadata::{MetadataMap, MetadataValue},
 };
-
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_server::Health};
 
 use super::{peer::Peer, status::RETRY_AFTER_MS};
@@ -39,8 +38,8 @@ pub const REASON_AUTH_FAILURES: &str = "auth_failures";
 pub struct Caller(pub Arc<Principal>);
 
 /// Authenticates `request` against `auth` (nothing to do without an auth
-/// file, or for a health check): puts its [`Caller`] in its extensions, or
-/// returns the status that answers it. Run by [`StatusService`] once the
+/// file; a health check without a token passes): puts its [`Caller`] in its
+/// extensions, or returns the status that answers it. Run by [`StatusService`] once the
 /// metadata limit passed, before the call reaches a service.
 ///
 /// [`StatusService`]: super::transport::StatusService
