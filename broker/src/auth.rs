@@ -413,7 +413,20 @@ impl Auth {
     }
 }
 
-/// Failed authentications per peer address, in windows of
+/// The key a peer's failures count under: its IPv4 address, or its IPv6
+/// /64 (one host usually holds a whole /64, so counting single IPv6
+/// addresses would let it guess without limit).
+fn peer_key(peer: Option<IpAddr>) -> Option<IpAddr> {
+    peer.map(|ip| match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+        v4 => v4,
+    })
+}
+
+/// Failed authentications per peer address (IPv6: per /64), in windows of
 /// [`AUTH_FAILURE_WINDOW_MS`]: past [`AUTH_FAILURES_MAX`] in one window the
 /// peer's calls are refused before their credentials are checked, until the
 /// window ends. At most [`AUTH_FAILURE_PEERS_MAX`] addresses are tracked;
@@ -435,7 +448,7 @@ impl Failures {
     /// `Err(retry_after_ms)` while `peer` is held off.
     pub fn check(&self, peer: Option<IpAddr>, now: Instant) -> Result<(), u64> {
         let table = self.table.lock();
-        match table.get(&peer) {
+        match table.get(&peer_key(peer)) {
             Some(w) if w.failures >= AUTH_FAILURES_MAX && now.duration_since(w.start) < Self::WINDOW => {
                 let left = Self::WINDOW - now.duration_since(w.start);
                 Err(u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1))
@@ -446,6 +459,7 @@ impl Failures {
 
     /// Counts one failed authentication of `peer`.
     pub fn record(&self, peer: Option<IpAddr>, now: Instant) {
+        let peer = peer_key(peer);
         let mut table = self.table.lock();
         if !table.contains_key(&peer) && table.len() >= AUTH_FAILURE_PEERS_MAX {
             let oldest = table.iter().min_by_key(|(_, w)| w.start).map(|(k, _)| *k);
@@ -641,6 +655,23 @@ mod tests {
         assert_eq!(failures.check(peer, later), Ok(()), "the window ended");
         failures.record(peer, later);
         assert_eq!(failures.check(peer, later), Ok(()), "a new window counts from one");
+    }
+
+    /// IPv6 peers of one /64 share a window; IPv4-mapped addresses count
+    /// as their IPv4 address.
+    #[test]
+    fn ipv6_peers_count_per_64() {
+        let failures = Failures::default();
+        let now = Instant::now();
+        for i in 0..AUTH_FAILURES_MAX {
+            let ip: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            failures.record(Some(ip), now);
+        }
+        let same_64: IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(failures.check(Some(same_64), now).is_err());
+        assert_eq!(failures.check(Some(other_64), now), Ok(()));
+        assert_eq!(peer_key("::ffff:10.0.0.1".parse().ok()), "10.0.0.1".parse().ok());
     }
 
     /// The table holds at most `AUTH_FAILURE_PEERS_MAX` addresses: at the
