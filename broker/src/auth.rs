@@ -405,10 +405,16 @@ impl Auth {
                     _ = poll.tick() => false,
                 };
                 let Some(auth) = auth.upgrade() else { return };
-                if hup {
-                    auth.reload("SIGHUP");
-                } else {
-                    auth.reload_if_changed();
+                // File I/O, off the runtime's workers.
+                let checked = tokio::task::spawn_blocking(move || {
+                    if hup {
+                        auth.reload("SIGHUP");
+                    } else {
+                        auth.reload_if_changed();
+                    }
+                });
+                if let Err(error) = checked.await {
+                    tracing::error!(%error, "checking the auth file failed");
                 }
             }
         }))
