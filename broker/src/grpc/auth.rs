@@ -151,6 +151,7 @@ fn authenticate(auth: &Auth, headers: &http::HeaderMap, peer: &Peer, path: &str)
     let ip = peer.addr.map(|a| a.ip());
     let now = Instant::now();
     if let Err(retry_after_ms) = auth.failures.check(ip, now) {
+        metrics::counter!("ballast_auth_failures_total", "reason" => "held_off").increment(1);
         tracing::warn!(target: AUDIT_TARGET, principal = "-", peer = %peer.addr_display(), action = "authenticate",
             call = path, outcome = "held_off", retry_after_ms, "authentication refused: too many failures");
         let mut metadata = MetadataMap::new();
@@ -176,6 +177,7 @@ fn authenticate(auth: &Auth, headers: &http::HeaderMap, peer: &Peer, path: &str)
     };
     found.map_err(|failure| {
         auth.failures.record(ip, now);
+        metrics::counter!("ballast_auth_failures_total", "reason" => failure.name()).increment(1);
         tracing::warn!(target: AUDIT_TARGET, principal = "-", peer = %peer.addr_display(), action = "authenticate",
             call = path, outcome = "unauthenticated", reason = failure.name(),
             cert_identities = ?peer.cert_identities, "authentication failed");

@@ -174,6 +174,11 @@ async fn missing_malformed_or_unknown_credentials_are_unauthenticated() {
         assert!(audit.iter().any(|l| l.contains(&format!("\"{reason}\""))), "{reason} audited:\n{log}");
     }
     assert!(audit.iter().all(|l| !l.contains("not-a-token")), "tokens never reach the log");
+    let metrics = broker.scrape();
+    for reason in ["missing", "malformed", "unknown_token"] {
+        let count = crate::support::sample(&metrics, "ballast_auth_failures_total", &format!("reason=\"{reason}\""));
+        assert!(count >= Some(1.0), "{reason}: {count:?}");
+    }
 }
 
 /// A principal allowed to publish but not consume gets PERMISSION_DENIED
