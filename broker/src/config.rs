@@ -20,6 +20,9 @@
 //! streams_per_connection_max = 1024
 //! watch_streams_max = 256
 //!
+//! [auth]             # principals and permissions; none: every call is open
+//! file = "/etc/ballast/auth.toml"
+//!
 //! [queue_defaults]   # the defaults of every new queue
 //! lanes = ["high", "normal", "low"]
 //! lane_weights = [4, 2, 1]
@@ -84,6 +87,7 @@ pub struct Config {
     pub queues_max: usize,
     pub storage: StorageConfig,
     pub grpc: GrpcConfig,
+    pub auth: AuthConfig,
     /// Settings a new queue gets for every field its creator leaves unset.
     pub queue_defaults: QueueSettings,
     /// Test seam, never read from a file: failures to inject into every
@@ -141,6 +145,23 @@ pub struct StorageConfig {
     /// closed and opened again when needed. In
     /// `ballast_storage::limits::OPEN_FILES_MIN..=OPEN_FILES_MAX` (16..=1,048,576).
     pub open_files_max: usize,
+}
+
+/// Authentication and authorization (`docs/security.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The TOML file of principals (`--auth-file`). Without it every call
+    /// is open, as on a broker without authentication; with it every call
+    /// but health checks needs a principal's token or certificate.
+    pub file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Whether calls need credentials (an auth file is set).
+    pub fn auth_configured(&self) -> bool {
+        self.auth.file.is_some()
+    }
 }
 
 /// Connection settings of the gRPC server: how dead peers are found and
@@ -239,6 +260,7 @@ impl Default for Config {
             queues_max: QUEUES_MAX_DEFAULT,
             storage: StorageConfig::default(),
             grpc: GrpcConfig::default(),
+            auth: AuthConfig::default(),
             queue_defaults: QueueSettings::default(),
             faults: FaultSeam::default(),
             storage_shared: StorageShared::default(),
@@ -387,6 +409,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `[auth] file` is read from the file, and only then does the broker
+    /// say that calls need credentials.
+    #[test]
+    fn auth_file_setting() {
+        assert!(!Config::default().auth_configured());
+        let config = Config::from_toml("[auth]\nfile = \"/etc/ballast/auth.toml\"\n").unwrap();
+        assert_eq!(config.auth.file.as_deref(), Some(std::path::Path::new("/etc/ballast/auth.toml")));
+        assert!(config.auth_configured());
+        assert!(Config::from_toml("[auth]\nfiles = \"x\"\n").unwrap_err().contains("files"));
     }
 
     /// `queues_max` takes 1 and its ceiling and refuses 0 and one past it.

@@ -293,3 +293,22 @@ pub const LANE_REOPEN_BACKOFF_MS_MIN: u64 = 1_000;
 /// Longest pause, in milliseconds, between two reopen attempts of a
 /// poisoned lane.
 pub const LANE_REOPEN_BACKOFF_MS_MAX: u64 = 30_000;
+
+/// Failed authentications one peer address may make in one window of
+/// [`AUTH_FAILURE_WINDOW_MS`]; past it the address's calls (health checks
+/// aside) are refused with RESOURCE_EXHAUSTED and a retry-after hint until
+/// the window ends, before their credentials are checked, so guessing
+/// tokens runs at most this many guesses per window and address.
+pub const AUTH_FAILURES_MAX: u32 = 10;
+
+/// The window, in ms, over which [`AUTH_FAILURES_MAX`] counts.
+pub const AUTH_FAILURE_WINDOW_MS: u64 = 10_000;
+
+/// Peer addresses the failed-authentication table tracks at once; a new one
+/// past it replaces the address whose window started first, so the table
+/// stays a few hundred KiB whatever the number of peers.
+pub const AUTH_FAILURE_PEERS_MAX: usize = 4096;
+
+/// How often the auth file's modification time and size are checked for a
+/// change, in ms (SIGHUP reloads at once).
+pub const AUTH_RELOAD_POLL_MS: u64 = 1_000;

@@ -164,6 +164,11 @@ fn describe() {
     describe_counter!("ballast_errors_total", Unit::Count, "Failed gRPC calls, by status code.");
     describe_gauge!("ballast_connections", Unit::Count, "gRPC connections held.");
     describe_counter!("ballast_connections_refused_total", Unit::Count, "Connections closed past connections_max.");
+    describe_counter!(
+        "ballast_auth_failures_total",
+        Unit::Count,
+        "Calls refused for their credentials (reason: missing, malformed, unknown_token, certificate_not_mapped, held_off)."
+    );
     describe_histogram!("ballast_publish_durable_seconds", Unit::Seconds, "Admission to durable answer of a publish.");
     describe_histogram!("ballast_publish_to_delivery_seconds", Unit::Seconds, "Enqueue to delivery.");
     describe_histogram!("ballast_delivery_to_ack_seconds", Unit::Seconds, "Delivery to ack.");

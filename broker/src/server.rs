@@ -35,7 +35,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let service = Service::new(Arc::clone(&broker));
-    let (health, health_service) = tonic_health::server::health_reporter();
+    // The auth file, reloaded on SIGHUP and when it changes; the watcher
+    // ends when the server (the last holder of `auth`) does.
+    let auth = match &broker.config().auth.file {
+        Some(path) => {
+            let auth = crate::auth::Auth::load(path).map_err(|e| anyhow::anyhow!(e))?;
+            auth.watch().map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
+            Some(auth)
+        }
+        None => None,
+    };
+    let health = tonic_health::server::HealthReporter::new();
+    let health_service = tonic_health::pb::health_server::HealthServer::new(crate::grpc::auth::QueueHealth::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        broker.config().auth_configured(),
+    ));
     health.set_serving::<AdminServer<Service>>().await;
     health.set_serving::<PublisherServer<Service>>().await;
     health.set_serving::<ConsumerServer<Service>>().await;
@@ -69,7 +83,7 @@ pub async fn serve(
         .max_concurrent_streams(grpc.streams_per_connection_max)
         .http2_max_header_list_size(HTTP2_HEADER_LIST_SIZE_MAX)
         .timeout(Duration::from_millis(grpc.request_timeout_ms))
-        .layer(StatusLayer)
+        .layer(StatusLayer::new(auth))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

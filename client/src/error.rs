@@ -115,10 +115,21 @@ pub enum Error {
         message: String,
     },
 
-    /// The caller may not do this (`PERMISSION_DENIED` or `UNAUTHENTICATED`).
+    /// The caller's principal may not do this action on this queue
+    /// (`PERMISSION_DENIED`); the message names both. Never retried.
     #[error("permission denied: {message}")]
     PermissionDenied {
         /// The broker's explanation.
+        message: String,
+    },
+
+    /// The broker did not accept the call's credentials
+    /// (`UNAUTHENTICATED`): none were sent, the token is malformed or
+    /// unknown, or the client certificate is not mapped to a principal.
+    /// Fix [`ClientConfig::token`](crate::ClientConfig::token); never retried.
+    #[error("unauthenticated (check the token or client certificate): {message}")]
+    Unauthenticated {
+        /// The broker's explanation (which of the above).
         message: String,
     },
 
@@ -181,6 +192,7 @@ impl Error {
             | Error::AlreadyExists { .. }
             | Error::FailedPrecondition { .. }
             | Error::PermissionDenied { .. }
+            | Error::Unauthenticated { .. }
             | Error::Broker { .. }
             | Error::Protocol { .. }
             | Error::InvalidAddress { .. }
@@ -233,6 +245,7 @@ impl Error {
             Error::Aborted { .. } => Some(Code::Aborted),
             Error::FailedPrecondition { .. } => Some(Code::FailedPrecondition),
             Error::PermissionDenied { .. } => Some(Code::PermissionDenied),
+            Error::Unauthenticated { .. } => Some(Code::Unauthenticated),
             Error::Broker { code, .. } => Some(*code),
             Error::CircuitOpen { .. } | Error::Protocol { .. } | Error::InvalidAddress { .. } | Error::Closed => None,
         }
@@ -266,7 +279,8 @@ impl Error {
             },
             Code::Aborted => Error::Aborted { message },
             Code::FailedPrecondition => Error::FailedPrecondition { message },
-            Code::PermissionDenied | Code::Unauthenticated => Error::PermissionDenied { message },
+            Code::PermissionDenied => Error::PermissionDenied { message },
+            Code::Unauthenticated => Error::Unauthenticated { message },
             code @ (Code::Ok
             | Code::Cancelled
             | Code::Unknown

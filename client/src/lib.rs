@@ -19,6 +19,11 @@
 //!
 //! Every failure is an [`Error`], which says whether a retry can help.
 //!
+//! A broker with an auth file wants a token on every call:
+//! [`ClientConfig::token`] (or [`ClientConfig::token_file`]) sends it as
+//! `authorization: Bearer <token>`; a refused token is
+//! [`Error::Unauthenticated`], a refused action [`Error::PermissionDenied`].
+//!
 //! Saturation is a first-class signal: every [`Receipt`] carries how full
 //! the queue and the message's lane were right after the publish
 //! ([`Saturation`]: depth, bytes, fraction of the limits, oldest age, drain

@@ -32,6 +32,10 @@ struct Args {
     /// Longest wait for in-flight calls on SIGTERM/SIGINT, in ms [default: 10000].
     #[arg(long, value_name = "MS")]
     shutdown_timeout_ms: Option<u64>,
+    /// TOML file of principals (tokens, certificate identities, per-queue
+    /// permissions); without it every call is open [config: auth.file].
+    #[arg(long, value_name = "FILE")]
+    auth_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -116,7 +120,14 @@ fn load_config(args: &Args) -> Result<Config, String> {
     if let Some(ms) = args.shutdown_timeout_ms {
         config.shutdown_timeout_ms = ms;
     }
+    if let Some(path) = &args.auth_file {
+        config.auth.file = Some(path.clone());
+    }
     config.validate()?;
+    // Checked now, so a broken file stops the start with its line named.
+    if let Some(path) = &config.auth.file {
+        ballast_broker::auth::load_file(path)?;
+    }
     Ok(config)
 }
 
@@ -124,6 +135,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Installed before anything can reach the broker: a SIGTERM that comes
     // before the handler exists kills the process without a clean close.
     let shutdown = shutdown_signal()?;
+    // With an auth file, SIGHUP reloads it (`server::serve` listens for
+    // it); from now on it must not kill the process, its default action,
+    // even while the queues open.
+    let _hangup = if config.auth_configured() {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?)
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

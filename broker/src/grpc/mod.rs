@@ -5,6 +5,7 @@
 //! [`Broker`]: crate::Broker
 //! [`BrokerError`]: crate::BrokerError
 
+pub mod auth;
 mod convert;
 pub mod peer;
 mod service;

@@ -1,6 +1,7 @@
 //! What happens to a call before and around the services: accepted
 //! connections are counted against `grpc.connections_max`, request
-//! metadata is checked against [`METADATA_SIZE_MAX`], and the statuses
+//! metadata is checked against [`METADATA_SIZE_MAX`], then the call is
+//! authenticated (`grpc/auth.rs`), and the statuses
 //! tonic itself answers for a request it cannot decode are made ones a
 //! client can act on (and counted in `ballast_errors_total`):
 //!
@@ -34,6 +35,7 @@ use tonic::{
 };
 
 use super::peer::Peer;
+use crate::auth::Auth;
 use crate::limits::METADATA_SIZE_MAX;
 
 /// The status for a request tonic could not decode, as the client should
@@ -76,22 +78,33 @@ fn metadata_size(headers: &http::HeaderMap) -> usize {
 }
 
 /// Adds [`StatusService`] around the services.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StatusLayer;
+#[derive(Debug, Clone, Default)]
+pub struct StatusLayer {
+    auth: Option<Arc<Auth>>,
+}
+
+impl StatusLayer {
+    /// Authenticates calls against `auth` (none: every call is let through).
+    pub fn new(auth: Option<Arc<Auth>>) -> StatusLayer {
+        StatusLayer { auth }
+    }
+}
 
 impl<S> tower_layer::Layer<S> for StatusLayer {
     type Service = StatusService<S>;
 
     fn layer(&self, inner: S) -> StatusService<S> {
-        StatusService { inner }
+        StatusService { inner, auth: self.auth.clone() }
     }
 }
 
-/// Refuses oversized metadata before the call runs and rewrites tonic's
-/// own statuses for undecodable requests (see the module docs).
+/// Refuses oversized metadata before the call runs, then authenticates it
+/// ([`super::auth::admit`]), and rewrites tonic's own statuses for
+/// undecodable requests (see the module docs).
 #[derive(Debug, Clone)]
 pub struct StatusService<S> {
     inner: S,
+    auth: Option<Arc<Auth>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -110,7 +123,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let size = metadata_size(request.headers());
         if size > METADATA_SIZE_MAX {
             let status = Status::resource_exhausted(format!(
@@ -118,6 +131,12 @@ where
                  each); the limit is {METADATA_SIZE_MAX}: send fewer or smaller metadata entries",
                 request.headers().len()
             ));
+            crate::metrics::count_error(status.code());
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        // Credentials are checked only once the metadata is known to be
+        // within its limit, and before any body is decoded.
+        if let Err(status) = super::auth::admit(self.auth.as_deref(), &mut request) {
             crate::metrics::count_error(status.code());
             return Box::pin(std::future::ready(Ok(status.into_http())));
         }

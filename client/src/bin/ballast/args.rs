@@ -14,9 +14,11 @@ Exit codes:
   4  already exists (queue exists with other settings)
   5  refused (resource exhausted: queue full, disk nearly full; or circuit open)
   6  unavailable (broker unreachable, shutting down, or deadline exceeded)
+  7  denied (unauthenticated: missing or unknown token; or permission denied)
 
 Environment:
   BALLAST_ADDR  broker address (overridden by --addr)
+  BALLAST_TOKEN bearer token sent to a broker with an auth file (--token-file wins)
   BALLAST_LOG   log filter for diagnostics on stderr (default: warn)";
 
 /// Command-line client of the Ballast message broker.
@@ -34,6 +36,11 @@ pub struct Cli {
     /// Time allowed for each call, retries included, in milliseconds.
     #[arg(long, global = true, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
+
+    /// File whose first line is the bearer token to send (for a broker
+    /// with an auth file); without it, BALLAST_TOKEN is used if set.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -82,6 +89,25 @@ pub enum Command {
     /// only when stdout is a terminal; otherwise updates follow each other.
     /// With --json: one object per update, as `stats --json` prints.
     Top(TopArgs),
+
+    /// Bearer tokens for a broker's auth file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a fresh random token (256 bits, hex) once, and the auth-file
+    /// entry with its SHA-256 to paste; the broker never sees the token
+    /// itself until a client sends it. Store it where the client reads it
+    /// (--token-file, BALLAST_TOKEN).
+    New(TokenNewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenNewArgs {
+    /// The principal's name in the auth file (printable ASCII, no quotes or backslashes).
+    pub name: String,
 }
 
 #[derive(Debug, Subcommand)]
