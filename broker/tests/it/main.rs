@@ -11,4 +11,5 @@ mod queues;
 mod quota;
 mod saturation;
 mod support;
+mod tls;
 mod wire;
