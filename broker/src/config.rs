@@ -341,10 +341,6 @@ impl Config {
             return Err(format!("storage.open_files_max must be in {min}..={max}; got {files}"));
         }
         self.grpc.validate().map_err(|e| format!("grpc.{e}"))?;
-        self.tls.validate()?;
-        if self.metrics.tls && !self.tls.enabled() {
-            return Err("metrics.tls needs tls.cert and tls.key".to_owned());
-        }
         let max = crate::limits::QUEUES_MAX;
         if !(1..=max).contains(&self.queues_max) {
             return Err(format!("queues_max must be in 1..={max}; got {}", self.queues_max));
@@ -388,6 +384,17 @@ impl Config {
             pool: None,
             files: None,
         }
+    }
+
+    /// Checks that the TLS settings come together. Separate from
+    /// [`Config::validate`] (which a file's text gets) because flags may
+    /// complete what the file starts: call it once flags are applied.
+    pub fn validate_tls(&self) -> Result<(), String> {
+        self.tls.validate()?;
+        if self.metrics.tls && !self.tls.enabled() {
+            return Err("metrics.tls needs tls.cert and tls.key".to_owned());
+        }
+        Ok(())
     }
 
     // replaced by the auth file's presence
@@ -566,7 +573,7 @@ mod tests {
             ("[metrics]\ntls = true", "metrics.tls needs"),
             ("[tls]\ncrt = \"a.pem\"", "crt"),
         ] {
-            let error = Config::from_toml(text).unwrap_err();
+            let error = Config::from_toml(text).and_then(|c| c.validate_tls()).unwrap_err();
             assert!(error.contains(needle), "{text}: {error}");
         }
     }

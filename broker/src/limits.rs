@@ -319,3 +319,8 @@ pub const TLS_FILE_SIZE_MAX: u64 = 1024 * 1024;
 /// finished handshakes wait (holding their connection permits), which
 /// bounds the queue while the connection limit bounds the handshakes.
 pub const TLS_HANDSHAKES_PENDING_MAX: usize = 64;
+
+/// TLS handshakes the metrics listener (with `[metrics] tls`) runs at once;
+/// a connection past it is closed at once (and logged). Scrapers are few;
+/// this bounds what strangers can make the endpoint hold.
+pub const METRICS_TLS_HANDSHAKES_MAX: usize = 64;

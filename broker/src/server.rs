@@ -15,7 +15,7 @@ use crate::{
     Broker,
     grpc::{
         Service,
-        tls::{Incoming, Tls, TlsFiles},
+        tls::{Incoming, MetricsTlsListener, Tls, TlsFiles},
         transport::{Connections, StatusLayer},
     },
     limits::{GRPC_DECODE_SIZE_MAX, GRPC_ENCODE_SIZE_MAX, HTTP2_HEADER_LIST_SIZE_MAX},
@@ -106,11 +106,19 @@ pub async fn serve(
     let mut server = tokio::spawn(server);
     let ticker = tokio::spawn(tick(Arc::downgrade(&broker), health.clone()));
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_task = metrics.map(|(listener, handle)| {
-        tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, async {
-            let _ = metrics_stopped.await;
-        }))
-    });
+    let metrics_stopped = async {
+        let _ = metrics_stopped.await;
+    };
+    let metrics_task = match (metrics, &tls) {
+        (Some((listener, handle)), Some(tls)) if broker.config().metrics.tls => {
+            let listener = MetricsTlsListener::new(listener, Arc::clone(tls))?;
+            Some(tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, metrics_stopped)))
+        }
+        (Some((listener, handle)), _) => {
+            Some(tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, metrics_stopped)))
+        }
+        (None, _) => None,
+    };
 
     tokio::select! {
         result = &mut server => {

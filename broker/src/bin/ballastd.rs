@@ -130,6 +130,7 @@ fn load_config(args: &Args) -> Result<Config, String> {
     }
     apply_tls_args(args, &mut config);
     config.validate()?;
+    config.validate_tls()?;
     // The files are read now, so a bad one stops the start with its reason
     // before anything listens.
     if let Some(files) = ballast_broker::grpc::tls::TlsFiles::of(&config.tls) {

@@ -43,7 +43,10 @@ use tokio_stream::{Stream, StreamExt};
 use super::transport::{Connections, Counted};
 use crate::{
     config::TlsConfig,
-    limits::{TLS_FILE_SIZE_MAX, TLS_HANDSHAKE_TIMEOUT_MS, TLS_HANDSHAKES_PENDING_MAX, TLS_RELOAD_POLL_MS},
+    limits::{
+        METRICS_TLS_HANDSHAKES_MAX, TLS_FILE_SIZE_MAX, TLS_HANDSHAKE_TIMEOUT_MS, TLS_HANDSHAKES_PENDING_MAX,
+        TLS_RELOAD_POLL_MS,
+    },
 };
 
 /// Why a TLS configuration could not be built from its files.
@@ -228,16 +231,25 @@ impl Tls {
         *self.stamps.lock() != stamps(&self.files)
     }
 
-    /// Reloads on SIGHUP and when a file changes; runs until aborted.
-    pub async fn watch(self: Arc<Tls>) {
+    /// Reloads on SIGHUP and when a file changes; runs until aborted. The
+    /// SIGHUP handler is installed before this returns: a SIGHUP sent
+    /// once the server logs that TLS is on is never missed.
+    pub fn watch(self: Arc<Tls>) -> impl Future<Output = ()> + Send + 'static {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut hangup = match signal(SignalKind::hangup()) {
-            Ok(hangup) => Some(hangup),
-            Err(error) => {
+        let hangup = signal(SignalKind::hangup())
+            .inspect_err(|error| {
                 tracing::warn!(%error, "cannot install the SIGHUP handler; TLS files reload when they change");
-                None
-            }
-        };
+            })
+            .ok();
+        tracing::info!(
+            cert = %self.files.cert.display(),
+            client_certificates = if self.files.client_ca.is_some() { "required" } else { "not asked for" },
+            "TLS on; SIGHUP or a changed file reloads the certificate"
+        );
+        self.reload_on(hangup)
+    }
+
+    async fn reload_on(self: Arc<Tls>, mut hangup: Option<tokio::signal::unix::Signal>) {
         let mut poll = tokio::time::interval(Duration::from_millis(TLS_RELOAD_POLL_MS));
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -370,6 +382,77 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(handshaken)
+}
+
+/// The metrics listener over TLS, for `axum::serve`: a task accepts and
+/// runs each handshake in a task of its own (at most
+/// [`METRICS_TLS_HANDSHAKES_MAX`] at once; more are closed at once), so a
+/// silent client cannot stall the scrapes of others.
+#[derive(Debug)]
+pub struct MetricsTlsListener {
+    handshaken: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, std::net::SocketAddr)>,
+    local: std::net::SocketAddr,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsTlsListener {
+    pub fn new(listener: tokio::net::TcpListener, tls: Arc<Tls>) -> io::Result<MetricsTlsListener> {
+        let local = listener.local_addr()?;
+        let (ready, handshaken) = tokio::sync::mpsc::channel(METRICS_TLS_HANDSHAKES_MAX);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(METRICS_TLS_HANDSHAKES_MAX));
+        let acceptor = tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of descriptors, most likely: give the
+                        // process a moment instead of spinning.
+                        tracing::warn!(%error, "metrics listener: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                    tracing::warn!(%peer, "metrics listener: too many TLS handshakes at once; connection closed");
+                    continue;
+                };
+                let (config, ready) = (tls.metrics(), ready.clone());
+                tokio::spawn(async move {
+                    match handshake(config, stream).await {
+                        Ok((stream, _)) => {
+                            drop(permit);
+                            let _ = ready.send((stream, peer)).await;
+                        }
+                        Err(error) => tracing::info!(%peer, %error, "metrics connection closed: no TLS session"),
+                    }
+                });
+            }
+        });
+        Ok(MetricsTlsListener { handshaken, local, acceptor })
+    }
+}
+
+impl Drop for MetricsTlsListener {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl axum::serve::Listener for MetricsTlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(accepted) => accepted,
+            // The accept task only ends when this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 /// A boxed stream of accepted connections, plaintext or TLS.

@@ -252,6 +252,7 @@ async fn sighup_reloads_and_a_silent_client_stalls_no_one() {
     let files = ServerFiles::new(&old_ca, None);
     let broker = files.start();
     let _silent = std::net::TcpStream::connect(broker.addr).expect("a silent connection");
+    wait_until("the SIGHUP handler", || log_of(&broker).contains("SIGHUP or a changed file reloads")).await;
     files.write(&new_ca.server());
     let pid = libc::pid_t::try_from(broker.pid()).unwrap();
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
@@ -383,6 +384,10 @@ async fn handshake_as(server: &Tls, ca: &Ca, client: Option<&Leaf>) -> Result<Ar
 }
 
 fn client_config(ca: &Ca, client: Option<&Leaf>) -> rustls::ClientConfig {
+    client_config_for(ca, client, b"h2")
+}
+
+fn client_config_for(ca: &Ca, client: Option<&Leaf>, protocol: &[u8]) -> rustls::ClientConfig {
     #[allow(deprecated, reason = "the broker builds with ring")]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -400,7 +405,7 @@ fn client_config(ca: &Ca, client: Option<&Leaf>) -> rustls::ClientConfig {
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![protocol.to_vec()];
     config
 }
 
@@ -437,4 +442,35 @@ fn tls_files_are_read_up_to_their_size_limit() {
     let error = tls::build(&files.tls_files()).expect_err("one byte more is refused");
     assert!(matches!(error, TlsError::TooLarge { role: "certificate", .. }), "{error}");
     assert!(error.to_string().contains("server.pem"), "{error}");
+}
+
+/// With `[metrics] tls = true` the metrics endpoint answers over TLS with
+/// the listener's certificate (no client certificate asked, even with a
+/// client CA) and gives a plaintext scrape nothing.
+#[tokio::test]
+async fn metrics_are_served_over_tls_when_asked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = ServerFiles::new(&ca, Some(&clients));
+    std::fs::write(files.path("ballast.toml"), "[metrics]\ntls = true\n").unwrap();
+    let mut args = files.args();
+    args.extend(["--config".to_owned(), path_arg(&files.path("ballast.toml"))]);
+    let broker = BrokerProcess::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config_for(&ca, None, b"http/1.1")));
+    let tcp = tokio::net::TcpStream::connect(broker.metrics_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.expect("TLS to the metrics listener");
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("# TYPE ballast_"), "{response}");
+
+    let mut plain = tokio::net::TcpStream::connect(broker.metrics_addr).await.unwrap();
+    plain.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer).await;
+    assert!(!answer.starts_with(b"HTTP/"), "a plaintext scrape gets no HTTP answer");
 }
