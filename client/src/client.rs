@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, ProducerConfig};
+use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, ProducerConfig, TlsConfig};
 
 /// Connection settings shared by everything made from a [`Client`].
 ///
@@ -16,7 +16,7 @@ use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, Produ
 /// let config = ClientConfig { connect_timeout: Duration::from_secs(1), ..ClientConfig::default() };
 /// assert_eq!(config.keep_alive_interval, Duration::from_secs(10));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     /// Longest wait for a TCP connection to the broker.
     pub connect_timeout: Duration,
@@ -26,6 +26,9 @@ pub struct ClientConfig {
     /// How long a keep-alive ping may go unanswered before the connection is
     /// considered dead.
     pub keep_alive_timeout: Duration,
+    /// Speak TLS, trusting this CA (and showing a client certificate, if
+    /// set); `None` for plaintext.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ClientConfig {
@@ -35,6 +38,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             keep_alive_interval: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -95,8 +99,12 @@ impl Client {
     /// Like [`Client::connect`], with explicit connection settings.
     pub async fn connect_with_config(addr: &str, config: ClientConfig) -> Result<Client, Error> {
         let (endpoint, addr) = endpoint(addr, config)?;
-        let channel = endpoint.connect().await.map_err(|error| Error::Transport {
-            message: format!("cannot connect to {addr}: {}", error_chain(&error)),
+        let channel = endpoint.connect().await.map_err(|error| {
+            let chain = error_chain(&error);
+            match crate::tls::advice(&chain) {
+                Some(message) => Error::Tls { message },
+                None => Error::Transport { message: format!("cannot connect to {addr}: {chain}") },
+            }
         })?;
         Ok(Client { channel, addr })
     }
@@ -131,14 +139,23 @@ impl Client {
 }
 
 fn endpoint(addr: &str, config: ClientConfig) -> Result<(Endpoint, String), Error> {
-    let addr = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let endpoint = Endpoint::from_shared(addr.clone())
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let addr = if addr.contains("://") { addr.to_owned() } else { format!("{scheme}://{addr}") };
+    let mut endpoint = Endpoint::from_shared(addr.clone())
         .map_err(|error| Error::InvalidAddress { addr: addr.clone(), message: error_chain(&error) })?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(config.keep_alive_interval)
         .keep_alive_timeout(config.keep_alive_timeout)
         .keep_alive_while_idle(true);
+    if let Some(tls) = &config.tls {
+        if addr.starts_with("http://") {
+            return Err(Error::Tls {
+                message: format!("{addr} is a plaintext address but TLS is configured: use https://"),
+            });
+        }
+        endpoint = endpoint.tls_config(tls.tonic()?).map_err(|error| Error::Tls { message: error_chain(&error) })?;
+    }
     Ok((endpoint, addr))
 }
 

@@ -56,6 +56,8 @@
 //!   place.
 //! - `error`: [`Error`], [`Refusal`].
 //! - `client`: [`Client`], [`ClientConfig`].
+//! - `tls`: [`TlsConfig`], [`Pem`]: the CA and client certificate of a TLS
+//!   connection, and TLS failures told apart from others ([`Error::Tls`]).
 //! - `message`: [`Message`], [`Receipt`], [`MessageId`], idempotency keys.
 //! - `stats`: [`Saturation`], [`BrokerStats`], [`QueueStats`], [`LaneStats`],
 //!   [`StatsWatch`].
@@ -91,6 +93,7 @@ mod producer;
 mod queue;
 mod retry;
 mod stats;
+mod tls;
 
 #[cfg(test)]
 mod fake;
@@ -111,3 +114,4 @@ pub use message::{Message, MessageId, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};
 pub use queue::{QueueInfo, QueueSettings, SyncPolicy};
 pub use stats::{BrokerStats, LaneStats, QueueStats, Saturation, StatsWatch};
+pub use tls::{Pem, TlsConfig};

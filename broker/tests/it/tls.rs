@@ -474,3 +474,64 @@ async fn metrics_are_served_over_tls_when_asked() {
     let _ = plain.read_to_end(&mut answer).await;
     assert!(!answer.starts_with(b"HTTP/"), "a plaintext scrape gets no HTTP answer");
 }
+
+fn library_config(ca: &Ca, client: Option<&Leaf>) -> ballast_client::ClientConfig {
+    let mut tls = ballast_client::TlsConfig::new(ca.pem().into_bytes().into());
+    tls.client_cert = client.map(|leaf| leaf.cert.clone().into_bytes().into());
+    tls.client_key = client.map(|leaf| leaf.key.clone().into_bytes().into());
+    ballast_client::ClientConfig { tls: Some(tls), ..ballast_client::ClientConfig::default() }
+}
+
+/// The error a library client gets connecting to `broker` and listing its
+/// queues with `config`.
+async fn library_error(broker: &BrokerProcess, config: ballast_client::ClientConfig) -> ballast_client::Error {
+    let addr = broker.addr.to_string();
+    let client = match ballast_client::Client::connect_with_config(&addr, config).await {
+        Ok(client) => client,
+        Err(error) => return error,
+    };
+    let admin = client.admin_with_config(ballast_client::AdminConfig {
+        deadline: Duration::from_secs(5),
+        ..ballast_client::AdminConfig::default()
+    });
+    admin.list_queues().await.expect_err("the call must fail")
+}
+
+/// The client library says that TLS failed, and what to change, for each
+/// way it can: a plaintext client on a TLS listener, a CA that did not sign
+/// the broker's certificate, no client certificate or one from another CA
+/// under mutual TLS, and a TLS client on a plaintext listener. With the
+/// right settings the same client publishes.
+#[tokio::test]
+async fn the_client_library_says_how_tls_failed() {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = ServerFiles::new(&ca, Some(&clients));
+    let broker = files.start();
+    let plain_broker = BrokerProcess::start();
+    let stranger = Ca::new("stranger CA").client("intruder", vec![]);
+    let cases = [
+        (&broker, ballast_client::ClientConfig::default(), "the broker speaks TLS and this client does not"),
+        (&broker, library_config(&clients, None), "not signed by the given CA"),
+        (&broker, library_config(&ca, None), "the broker requires a client certificate"),
+        (&broker, library_config(&ca, Some(&stranger)), "the broker refused the client certificate"),
+        (&plain_broker, library_config(&ca, None), "the broker does not speak TLS on this port"),
+    ];
+    for (target, config, needle) in cases {
+        let error = library_error(target, config).await;
+        assert!(matches!(error, ballast_client::Error::Tls { .. }), "{needle}: {error:?}");
+        assert!(!error.is_retryable());
+        let text = error.to_string();
+        assert!(text.starts_with("TLS failed: ") && text.contains(needle), "{needle}: {text}");
+    }
+    let leaf = clients.client("orders-service", vec![]);
+    let client =
+        ballast_client::Client::connect_with_config(&broker.addr.to_string(), library_config(&ca, Some(&leaf)))
+            .await
+            .expect("mutual TLS");
+    assert!(client.addr().starts_with("https://"), "{}", client.addr());
+    client.admin().create_queue("library", ballast_client::QueueSettings::default()).await.expect("create");
+    let producer = client.producer(ballast_client::ProducerConfig::default()).expect("producer");
+    producer.publish("library", ballast_client::Message::new("over mutual tls")).await.expect("publish");
+    assert_eq!(client.admin().get_queue("library").await.expect("get").depth, 1);
+}

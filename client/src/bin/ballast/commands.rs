@@ -19,7 +19,7 @@ use crate::{
 const PUBLISH_WINDOW: usize = 1024;
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let client = Client::new(&cli.addr)?;
+    let client = Client::with_config(&cli.broker_addr(), cli.client_config())?;
     let output = Output { json: cli.json };
     let timeout = cli.timeout();
     match cli.command {

@@ -56,6 +56,7 @@ pub fn client_exit_code(error: &Error) -> u8 {
         | Error::PermissionDenied { .. }
         | Error::Broker { .. }
         | Error::Protocol { .. }
+        | Error::Tls { .. }
         | Error::Closed => OTHER,
         _ => OTHER,
     }
