@@ -324,3 +324,11 @@ pub const TLS_HANDSHAKES_PENDING_MAX: usize = 64;
 /// a connection past it is closed at once (and logged). Scrapers are few;
 /// this bounds what strangers can make the endpoint hold.
 pub const METRICS_TLS_HANDSHAKES_MAX: usize = 64;
+
+/// Longest time, in ms, a connection whose TLS handshake failed is kept to
+/// close it gracefully: the broker's side is shut down (after the TLS
+/// alert) and what the client still sends is read and dropped, so that the
+/// client reads the alert (a plaintext client then reports a TLS listener)
+/// instead of a reset. The connection keeps its permit meanwhile; a quarter
+/// second covers a loopback or LAN round trip.
+pub const TLS_FAILED_LINGER_MS: u64 = 250;

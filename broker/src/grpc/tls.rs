@@ -44,8 +44,8 @@ use super::transport::{Connections, Counted};
 use crate::{
     config::TlsConfig,
     limits::{
-        METRICS_TLS_HANDSHAKES_MAX, TLS_FILE_SIZE_MAX, TLS_HANDSHAKE_TIMEOUT_MS, TLS_HANDSHAKES_PENDING_MAX,
-        TLS_RELOAD_POLL_MS,
+        METRICS_TLS_HANDSHAKES_MAX, TLS_FAILED_LINGER_MS, TLS_FILE_SIZE_MAX, TLS_HANDSHAKE_TIMEOUT_MS,
+        TLS_HANDSHAKES_PENDING_MAX, TLS_RELOAD_POLL_MS,
     },
 };
 
@@ -324,18 +324,42 @@ pub enum HandshakeError {
 
 /// The server side of a handshake on `io` with `config`, bounded by
 /// [`TLS_HANDSHAKE_TIMEOUT_MS`]; returns the stream and the client
-/// certificate's identities (none without one).
+/// certificate's identities (none without one). After a failed handshake
+/// the connection is closed gracefully (see [`linger`]) so the client reads
+/// the TLS alert that says why.
 pub async fn handshake<IO>(config: Arc<ServerConfig>, io: IO) -> Result<(TlsStream<IO>, Arc<[String]>), HandshakeError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let accept = TlsAcceptor::from(config).accept(io);
-    let stream = tokio::time::timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS), accept)
-        .await
-        .map_err(|_| HandshakeError::Timeout)?
-        .map_err(HandshakeError::Failed)?;
+    let accept = TlsAcceptor::from(config).accept(io).into_fallible();
+    let stream = match tokio::time::timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS), accept).await {
+        Err(_) => return Err(HandshakeError::Timeout),
+        Ok(Err((error, io))) => {
+            linger(io).await;
+            return Err(HandshakeError::Failed(error));
+        }
+        Ok(Ok(stream)) => stream,
+    };
     let names = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first()).map(|leaf| identities(leaf));
     Ok((stream, Arc::from(names.unwrap_or_default())))
+}
+
+/// Closes a connection whose handshake failed the gentle way: our side is
+/// shut down and what the client still sends is read and dropped, for at
+/// most [`TLS_FAILED_LINGER_MS`]. Dropped at once with unread bytes, the
+/// socket would send a reset that can overtake the alert, and a plaintext
+/// client would see "broken pipe" instead of an answer it can explain.
+async fn linger<IO>(mut io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let drain = async {
+        let _ = io.shutdown().await;
+        let mut buffer = [0u8; 1024];
+        while let Ok(1..) = io.read(&mut buffer).await {}
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(TLS_FAILED_LINGER_MS), drain).await;
 }
 
 /// The connections the gRPC server serves over TLS: a task accepts from

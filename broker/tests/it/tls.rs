@@ -427,6 +427,31 @@ async fn a_silent_handshake_ends_at_the_timeout() {
     assert!(matches!(result, Err(HandshakeError::Timeout)), "{:?}", result.map(|_| ()));
 }
 
+/// A client that sends something other than TLS and then stays open is
+/// read from (so it can read the alert) for `TLS_FAILED_LINGER_MS`, not
+/// longer: still held 1 ms before, let go 1 ms after.
+#[tokio::test(start_paused = true)]
+async fn a_failed_handshake_lingers_for_its_limit() {
+    use ballast_broker::limits::TLS_FAILED_LINGER_MS;
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new("test CA");
+    let files = ServerFiles::new(&ca, None);
+    let server = Tls::load(files.tls_files()).expect("server TLS");
+    let (mut client_io, server_io) = tokio::io::duplex(64 * 1024);
+    client_io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    let handshake = tokio::spawn(tls::handshake(server.grpc(), server_io));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::advance(Duration::from_millis(TLS_FAILED_LINGER_MS - 1)).await;
+    tokio::task::yield_now().await;
+    assert!(!handshake.is_finished(), "the connection lingers up to the limit");
+    tokio::time::advance(Duration::from_millis(2)).await;
+    let result = handshake.await.expect("the handshake task");
+    assert!(matches!(result, Err(HandshakeError::Failed(_))), "{:?}", result.map(|_| ()));
+    drop(client_io);
+}
+
 /// The certificate, key and CA files are read up to `TLS_FILE_SIZE_MAX`
 /// bytes: a file at the limit loads, one byte more is refused by name.
 #[test]
