@@ -348,6 +348,17 @@ impl Config {
         Ok(())
     }
 
+    /// Checks that the TLS settings come together. Separate from
+    /// [`Config::validate`] (which a file's text gets) because flags may
+    /// complete what the file starts: call it once flags are applied.
+    pub fn validate_tls(&self) -> Result<(), String> {
+        self.tls.validate()?;
+        if self.metrics.tls && !self.tls.enabled() {
+            return Err("metrics.tls needs tls.cert and tls.key".to_owned());
+        }
+        Ok(())
+    }
+
     /// Storage options of one lane of a queue with `settings`, on the
     /// broker's flush pool (created on the first call).
     pub fn log_options(&self, settings: &QueueSettings) -> ballast_storage::LogOptions {
@@ -384,17 +395,6 @@ impl Config {
             pool: None,
             files: None,
         }
-    }
-
-    /// Checks that the TLS settings come together. Separate from
-    /// [`Config::validate`] (which a file's text gets) because flags may
-    /// complete what the file starts: call it once flags are applied.
-    pub fn validate_tls(&self) -> Result<(), String> {
-        self.tls.validate()?;
-        if self.metrics.tls && !self.tls.enabled() {
-            return Err("metrics.tls needs tls.cert and tls.key".to_owned());
-        }
-        Ok(())
     }
 
     // replaced by the auth file's presence

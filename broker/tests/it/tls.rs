@@ -217,15 +217,20 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
     round_trip(connect(&broker, &ca, Some(&leaf)).await.expect("mutual TLS"), "mtls").await;
 }
 
+/// A broker serving a certificate of an old CA, and the new CA to rotate to.
+fn rotation() -> (Ca, Ca, ServerFiles, BrokerProcess) {
+    let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
+    let files = ServerFiles::new(&old_ca, None);
+    let broker = files.start();
+    (old_ca, new_ca, files, broker)
+}
+
 /// A rotation on disk reaches new connections without a restart while a
 /// connection made before it keeps working; a broken file afterwards is
 /// logged and the rotated certificate stays in use.
 #[tokio::test]
 async fn certificates_reload_without_closing_connections() {
-    let old_ca = Ca::new("old CA");
-    let new_ca = Ca::new("new CA");
-    let files = ServerFiles::new(&old_ca, None);
-    let broker = files.start();
+    let (old_ca, new_ca, files, broker) = rotation();
     let before = connect(&broker, &old_ca, None).await.expect("TLS with the old certificate");
     let mut admin = AdminClient::new(before.clone());
     create(&mut admin, "rotation", queue_settings()).await;
@@ -247,10 +252,7 @@ async fn certificates_reload_without_closing_connections() {
 /// that connects but never starts a handshake holds up no one.
 #[tokio::test]
 async fn sighup_reloads_and_a_silent_client_stalls_no_one() {
-    let old_ca = Ca::new("old CA");
-    let new_ca = Ca::new("new CA");
-    let files = ServerFiles::new(&old_ca, None);
-    let broker = files.start();
+    let (_, new_ca, files, broker) = rotation();
     let _silent = std::net::TcpStream::connect(broker.addr).expect("a silent connection");
     wait_until("the SIGHUP handler", || log_of(&broker).contains("SIGHUP or a changed file reloads")).await;
     files.write(&new_ca.server());
