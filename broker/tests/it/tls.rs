@@ -471,6 +471,53 @@ fn tls_files_are_read_up_to_their_size_limit() {
     assert!(error.to_string().contains("server.pem"), "{error}");
 }
 
+/// Starts a broker serving `/metrics` over TLS with a certificate of `ca`
+/// (and a client CA, which the metrics listener ignores).
+fn metrics_tls_broker(ca: &Ca) -> (ServerFiles, BrokerProcess) {
+    let files = ServerFiles::new(ca, Some(&Ca::new("client CA")));
+    std::fs::write(files.path("ballast.toml"), "[metrics]\ntls = true\n").unwrap();
+    let mut args = files.args();
+    args.extend(["--config".to_owned(), path_arg(&files.path("ballast.toml"))]);
+    let broker = BrokerProcess::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    (files, broker)
+}
+
+/// `GET /metrics` over TLS trusting `ca`: the response's text.
+async fn scrape_tls(broker: &BrokerProcess, ca: &Ca) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config_for(ca, None, b"http/1.1")));
+    let tcp = tokio::net::TcpStream::connect(broker.metrics_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.expect("TLS to the metrics listener");
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    response
+}
+
+/// The metrics listener runs `METRICS_TLS_HANDSHAKES_MAX` handshakes at
+/// once: with one fewer silent clients a scrape still gets through; past
+/// it a new connection is closed at once, and said so in the log.
+#[tokio::test]
+async fn metrics_tls_handshakes_at_the_limit_and_past() {
+    use ballast_broker::limits::METRICS_TLS_HANDSHAKES_MAX;
+    use tokio::io::AsyncReadExt;
+    let ca = Ca::new("server CA");
+    let (_files, broker) = metrics_tls_broker(&ca);
+    let mut silent = Vec::new();
+    for _ in 0..METRICS_TLS_HANDSHAKES_MAX - 1 {
+        silent.push(tokio::net::TcpStream::connect(broker.metrics_addr).await.unwrap());
+    }
+    let response = scrape_tls(&broker, &ca).await;
+    assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
+    silent.push(tokio::net::TcpStream::connect(broker.metrics_addr).await.unwrap());
+    let mut past = tokio::net::TcpStream::connect(broker.metrics_addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), past.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "closed at once: {read:?}");
+    wait_until("the refusal in the log", || log_of(&broker).contains("too many TLS handshakes at once")).await;
+}
+
 /// With `[metrics] tls = true` the metrics endpoint answers over TLS with
 /// the listener's certificate (no client certificate asked, even with a
 /// client CA) and gives a plaintext scrape nothing.
@@ -478,20 +525,8 @@ fn tls_files_are_read_up_to_their_size_limit() {
 async fn metrics_are_served_over_tls_when_asked() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = Ca::new("server CA");
-    let clients = Ca::new("client CA");
-    let files = ServerFiles::new(&ca, Some(&clients));
-    std::fs::write(files.path("ballast.toml"), "[metrics]\ntls = true\n").unwrap();
-    let mut args = files.args();
-    args.extend(["--config".to_owned(), path_arg(&files.path("ballast.toml"))]);
-    let broker = BrokerProcess::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
-
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config_for(&ca, None, b"http/1.1")));
-    let tcp = tokio::net::TcpStream::connect(broker.metrics_addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = connector.connect(name, tcp).await.expect("TLS to the metrics listener");
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
+    let (_files, broker) = metrics_tls_broker(&ca);
+    let response = scrape_tls(&broker, &ca).await;
     assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("# TYPE ballast_"), "{response}");
 
