@@ -73,7 +73,9 @@ pub enum TlsError {
 /// The files a TLS configuration is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// The server's certificate chain (PEM), leaf first.
     pub cert: PathBuf,
+    /// The certificate's private key (PEM).
     pub key: PathBuf,
     /// With it, clients must present a certificate signed by one of its CAs.
     pub client_ca: Option<PathBuf>,
@@ -95,7 +97,9 @@ impl TlsFiles {
 /// listener's (HTTP/1.1, no client certificates, so scrapers need none).
 #[derive(Debug, Clone)]
 pub struct TlsConfigs {
+    /// ALPN `h2`; client certificates required with a client CA.
     pub grpc: Arc<ServerConfig>,
+    /// ALPN `http/1.1`; never asks for a client certificate.
     pub metrics: Arc<ServerConfig>,
 }
 
