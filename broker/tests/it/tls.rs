@@ -194,14 +194,20 @@ async fn a_plaintext_client_is_refused_by_a_tls_listener() {
     round_trip(connect(&broker, &ca, None).await.expect("TLS still serves"), "after-plaintext").await;
 }
 
+/// A broker with a certificate of a server CA that requires client
+/// certificates of a client CA.
+fn mutual_tls() -> (Ca, Ca, ServerFiles, BrokerProcess) {
+    let (ca, clients) = (Ca::new("server CA"), Ca::new("client CA"));
+    let files = ServerFiles::new(&ca, Some(&clients));
+    let broker = files.start();
+    (ca, clients, files, broker)
+}
+
 /// With a client CA, a client without a certificate (or with one from
 /// another CA) is refused; one with a certificate from the CA is served.
 #[tokio::test]
 async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
-    let ca = Ca::new("server CA");
-    let clients = Ca::new("client CA");
-    let files = ServerFiles::new(&ca, Some(&clients));
-    let broker = files.start();
+    let (ca, clients, _files, broker) = mutual_tls();
     for client in [None, Some(Ca::new("stranger CA").client("intruder", vec![]))] {
         match connect(&broker, &ca, client.as_ref()).await {
             // TLS 1.3 finishes the client's side of the handshake before
@@ -566,10 +572,7 @@ async fn library_error(broker: &BrokerProcess, config: ballast_client::ClientCon
 /// right settings the same client publishes.
 #[tokio::test]
 async fn the_client_library_says_how_tls_failed() {
-    let ca = Ca::new("server CA");
-    let clients = Ca::new("client CA");
-    let files = ServerFiles::new(&ca, Some(&clients));
-    let broker = files.start();
+    let (ca, clients, _files, broker) = mutual_tls();
     let plain_broker = BrokerProcess::start();
     let stranger = Ca::new("stranger CA").client("intruder", vec![]);
     let cases = [
