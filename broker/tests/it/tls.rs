@@ -369,6 +369,44 @@ async fn the_client_certificate_identities_come_out_of_the_handshake() {
     assert!(tls::identities(b"not a certificate").is_empty());
 }
 
+/// The contract with authentication: a connection that finished mutual
+/// TLS carries its client's address and certificate identities in its
+/// `Peer` (the ConnectInfo tonic copies into every request), and holds its
+/// connection permit from the accept on, through the handshake.
+#[tokio::test]
+async fn a_secured_connection_carries_its_identities_in_its_peer() {
+    use tonic::transport::server::Connected;
+    let (ca, clients) = (Ca::new("server CA"), Ca::new("client CA"));
+    let files = ServerFiles::new(&ca, Some(&clients));
+    let server = Tls::load(files.tls_files()).expect("server TLS");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let leaf = clients.client("billing", vec![SanType::URI("spiffe://example.internal/billing".try_into().unwrap())]);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(&ca, Some(&leaf))));
+    let client = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let local = tcp.local_addr()?;
+        let mut stream = connector.connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp).await?;
+        let mut byte = [0u8; 1];
+        let _ = stream.read(&mut byte).await;
+        Ok::<_, std::io::Error>(local)
+    });
+    let connections = ballast_broker::grpc::transport::Connections::new(1);
+    let (stream, _) = listener.accept().await.unwrap();
+    let counted = connections.admit(stream).expect("the first connection is admitted");
+    let extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    drop(extra);
+    let (second, _) = listener.accept().await.unwrap();
+    assert!(connections.admit(second).is_none(), "the permit is held during the handshake");
+    let secured = counted.secure(server.grpc()).await.expect("mutual TLS handshake");
+    let peer = secured.connect_info();
+    assert_eq!(&*peer.cert_identities, ["billing", "spiffe://example.internal/billing"]);
+    drop(secured);
+    let local = client.await.unwrap().expect("the client's side");
+    assert_eq!(peer.addr, Some(local));
+}
+
 use rustls::pki_types::pem::PemObject;
 
 /// Runs a handshake between `server` and a rustls client over an in-memory
