@@ -83,6 +83,27 @@ fn throughput() {
     }
 }
 
+/// `--tls both` runs the scenario in plaintext, then over TLS, and puts
+/// the change in one result.
+#[test]
+fn throughput_plaintext_and_tls() {
+    let args = ["--tls", "both", "--size", "100", "--batch", "16", "--messages", "160", "--producers", "1"];
+    let (v, _, _dir) = run("throughput", &args);
+    assert_eq!(v["plaintext"]["tls"], false);
+    assert_eq!(v["tls_run"]["tls"], true);
+    assert_eq!(u(&v["tls_run"]["runs"][0]["messages"]), 160);
+    let change = &v["change"]["/runs/0/publish/messages_per_s"];
+    assert!(f(&change["plaintext"]) > 0.0 && f(&change["tls"]) > 0.0, "{change}");
+}
+
+/// `--tls on` runs latency over TLS.
+#[test]
+fn latency_over_tls() {
+    let (v, _, _dir) = run("latency", &["--tls", "on", "--rate", "200", "--seconds", "1", "--warmup", "0"]);
+    assert_eq!(v["tls"], true);
+    assert_eq!(u(&v["publish_to_delivery"]["count"]), 200);
+}
+
 #[test]
 fn latency() {
     let (v, json, _dir) = run("latency", &["--rate", "500", "--seconds", "1", "--warmup", "0", "--size", "64"]);

@@ -12,7 +12,6 @@ use std::{future::Future, sync::Arc};
 
 use metrics::{Counter, Histogram, Label, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
 
 use crate::{Broker, queue::Queue};
 
@@ -243,13 +242,18 @@ fn refresh_queue(queue: &Arc<Queue>) {
     gauge!("ballast_queue_credit", &labels).set(delivery.credit as f64);
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
+/// Serves `GET /metrics` on `listener` (a `TcpListener`, or a
+/// [`crate::grpc::tls::MetricsTlsListener`] with `[metrics] tls`) until
+/// `shutdown`.
+pub async fn serve<L>(
+    listener: L,
     broker: std::sync::Weak<Broker>,
     handle: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) {
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let render = move || {
         if let Some(broker) = broker.upgrade() {
             refresh(&broker);

@@ -10,7 +10,7 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, ProducerConfig};
+use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, ProducerConfig, TlsConfig};
 
 /// Connection settings shared by everything made from a [`Client`].
 ///
@@ -35,6 +35,10 @@ pub struct ClientConfig {
     /// call, for a broker with an auth file (see [`ClientConfig::token_file`]).
     /// `None` sends no credentials.
     pub token: Option<String>,
+
+    /// Speak TLS, trusting this CA (and showing a client certificate, if
+    /// set); `None` for plaintext.
+    pub tls: Option<TlsConfig>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -45,6 +49,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("keep_alive_interval", &self.keep_alive_interval)
             .field("keep_alive_timeout", &self.keep_alive_timeout)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -115,6 +120,7 @@ impl Default for ClientConfig {
             keep_alive_interval: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
             token: None,
+            tls: None,
         }
     }
 }
@@ -177,8 +183,12 @@ impl Client {
     pub async fn connect_with_config(addr: &str, config: ClientConfig) -> Result<Client, Error> {
         let credentials = Credentials::new(config.token.as_deref())?;
         let (endpoint, addr) = endpoint(addr, &config)?;
-        let channel = endpoint.connect().await.map_err(|error| Error::Transport {
-            message: format!("cannot connect to {addr}: {}", error_chain(&error)),
+        let channel = endpoint.connect().await.map_err(|error| {
+            let chain = error_chain(&error);
+            match crate::tls::advice(&chain) {
+                Some(message) => Error::Tls { message },
+                None => Error::Transport { message: format!("cannot connect to {addr}: {chain}") },
+            }
         })?;
         Ok(Client { channel: Transport::new(channel, credentials), addr })
     }
@@ -213,14 +223,23 @@ impl Client {
 }
 
 fn endpoint(addr: &str, config: &ClientConfig) -> Result<(Endpoint, String), Error> {
-    let addr = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let endpoint = Endpoint::from_shared(addr.clone())
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let addr = if addr.contains("://") { addr.to_owned() } else { format!("{scheme}://{addr}") };
+    let mut endpoint = Endpoint::from_shared(addr.clone())
         .map_err(|error| Error::InvalidAddress { addr: addr.clone(), message: error_chain(&error) })?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(config.keep_alive_interval)
         .keep_alive_timeout(config.keep_alive_timeout)
         .keep_alive_while_idle(true);
+    if let Some(tls) = &config.tls {
+        if addr.starts_with("http://") {
+            return Err(Error::Tls {
+                message: format!("{addr} is a plaintext address but TLS is configured: use https://"),
+            });
+        }
+        endpoint = endpoint.tls_config(tls.tonic()?).map_err(|error| Error::Tls { message: error_chain(&error) })?;
+    }
     Ok((endpoint, addr))
 }
 

@@ -805,7 +805,8 @@ fn is_fatal(error: &Error) -> bool {
         | Error::FailedPrecondition { .. }
         | Error::AlreadyExists { .. }
         | Error::Protocol { .. }
-        | Error::InvalidAddress { .. } => true,
+        | Error::InvalidAddress { .. }
+        | Error::Tls { .. } => true,
         Error::Broker { code, .. } => *code == tonic::Code::Unimplemented,
         Error::ResourceExhausted { .. }
         | Error::Unavailable { .. }

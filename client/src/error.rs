@@ -169,6 +169,16 @@ pub enum Error {
         message: String,
     },
 
+    /// TLS failed: the broker's certificate is not signed by the given CA,
+    /// the broker wants a client certificate, one side speaks TLS and the
+    /// other does not, or a TLS file cannot be read. The message says which
+    /// and what to change; retrying cannot help.
+    #[error("TLS failed: {message}")]
+    Tls {
+        /// What failed and what to change.
+        message: String,
+    },
+
     /// The producer was closed (or its background task ended) before the
     /// call was answered.
     #[error("the producer is closed")]
@@ -196,6 +206,7 @@ impl Error {
             | Error::Broker { .. }
             | Error::Protocol { .. }
             | Error::InvalidAddress { .. }
+            | Error::Tls { .. }
             | Error::Closed => false,
         }
     }
@@ -247,7 +258,21 @@ impl Error {
             Error::PermissionDenied { .. } => Some(Code::PermissionDenied),
             Error::Unauthenticated { .. } => Some(Code::Unauthenticated),
             Error::Broker { code, .. } => Some(*code),
-            Error::CircuitOpen { .. } | Error::Protocol { .. } | Error::InvalidAddress { .. } | Error::Closed => None,
+            Error::CircuitOpen { .. }
+            | Error::Protocol { .. }
+            | Error::InvalidAddress { .. }
+            | Error::Tls { .. }
+            | Error::Closed => None,
+        }
+    }
+
+    /// A failure of the local transport: [`Error::Tls`] when its causes
+    /// say TLS failed, [`Error::Transport`] otherwise.
+    pub(crate) fn transport(message: &str, source: &(dyn std::error::Error + 'static)) -> Error {
+        let message = transport_message(message, source);
+        match crate::tls::advice(&crate::client::error_chain(source)) {
+            Some(advice) => Error::Tls { message: advice },
+            None => Error::Transport { message },
         }
     }
 
@@ -261,7 +286,7 @@ impl Error {
     pub fn from_status(status: Status) -> Error {
         let message = status.message().to_owned();
         if let Some(source) = status.source() {
-            return Error::Transport { message: transport_message(&message, source) };
+            return Error::transport(&message, source);
         }
         match status.code() {
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument { message },

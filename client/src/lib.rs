@@ -61,6 +61,8 @@
 //!   place.
 //! - `error`: [`Error`], [`Refusal`].
 //! - `client`: [`Client`], [`ClientConfig`].
+//! - `tls`: [`TlsConfig`], [`Pem`]: the CA and client certificate of a TLS
+//!   connection, and TLS failures told apart from others ([`Error::Tls`]).
 //! - `message`: [`Message`], [`Receipt`], [`MessageId`], idempotency keys.
 //! - `stats`: [`Saturation`], [`BrokerStats`], [`QueueStats`], [`LaneStats`],
 //!   [`StatsWatch`].
@@ -96,6 +98,7 @@ mod producer;
 mod queue;
 mod retry;
 mod stats;
+mod tls;
 
 #[cfg(test)]
 mod fake;
@@ -116,3 +119,4 @@ pub use message::{Message, MessageId, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};
 pub use queue::{QueueInfo, QueueSettings, SyncPolicy};
 pub use stats::{BrokerStats, LaneStats, QueueStats, Saturation, StatsWatch};
+pub use tls::{Pem, TlsConfig};

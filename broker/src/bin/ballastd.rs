@@ -36,6 +36,18 @@ struct Args {
     /// permissions); without it every call is open [config: auth.file].
     #[arg(long, value_name = "FILE")]
     auth_file: Option<PathBuf>,
+    /// TLS: the server's certificate chain (PEM); needs --tls-key [config: tls.cert].
+    #[arg(long, value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the certificate's private key (PEM) [config: tls.key].
+    #[arg(long, value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: require client certificates signed by these CAs (PEM) [config: tls.client_ca].
+    #[arg(long, value_name = "PATH")]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow a non-loopback listen address without TLS and authentication [config: insecure].
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn main() -> ExitCode {
@@ -123,27 +135,44 @@ fn load_config(args: &Args) -> Result<Config, String> {
     if let Some(path) = &args.auth_file {
         config.auth.file = Some(path.clone());
     }
+    apply_tls_args(args, &mut config);
     config.validate()?;
-    // Checked now, so a broken file stops the start with its line named.
+    config.validate_tls()?;
+    // The files are read now, so a bad one stops the start with its reason
+    // (a principal's line, a certificate's file) before anything listens.
     if let Some(path) = &config.auth.file {
         ballast_broker::auth::load_file(path)?;
     }
+    if let Some(files) = ballast_broker::grpc::tls::TlsFiles::of(&config.tls) {
+        ballast_broker::grpc::tls::build(&files).map_err(|e| e.to_string())?;
+    }
+    ballast_broker::config::check_exposure(
+        config.listen,
+        config.tls.enabled(),
+        config.auth_configured(),
+        config.insecure,
+    )
+    .map_err(|e| e.to_string())?;
     Ok(config)
+}
+
+fn apply_tls_args(args: &Args, config: &mut Config) {
+    if let Some(path) = &args.tls_cert {
+        config.tls.cert = Some(path.clone());
+    }
+    if let Some(path) = &args.tls_key {
+        config.tls.key = Some(path.clone());
+    }
+    if let Some(path) = &args.tls_client_ca {
+        config.tls.client_ca = Some(path.clone());
+    }
+    config.insecure |= args.insecure;
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
     // Installed before anything can reach the broker: a SIGTERM that comes
     // before the handler exists kills the process without a clean close.
     let shutdown = shutdown_signal()?;
-    // With an auth file, SIGHUP reloads it (`server::serve` listens for
-    // it); from now on it must not kill the process, its default action,
-    // even while the queues open.
-    let _hangup = if config.auth_configured() {
-        use tokio::signal::unix::{SignalKind, signal};
-        Some(signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?)
-    } else {
-        None
-    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -176,15 +205,21 @@ fn announce(text: &str) {
     let _ = out.flush();
 }
 
-/// Installs the SIGTERM and SIGINT handlers now; the returned future
-/// resolves on the first of them.
+/// Installs the SIGTERM, SIGINT and SIGHUP handlers now; the returned
+/// future resolves on the first SIGTERM or SIGINT.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| anyhow::anyhow!("cannot install the SIGTERM handler: {e}"))?;
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| anyhow::anyhow!("cannot install the SIGINT handler: {e}"))?;
+    // SIGHUP reloads the TLS files and the auth file (the server listens
+    // for it); taken over
+    // now, so one that comes before the server starts does not end the
+    // process, its default action.
+    let hangup = signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
     Ok(async move {
+        let _hangup = hangup;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
             _ = int.recv() => tracing::info!("SIGINT"),

@@ -10,6 +10,7 @@ mod convert;
 pub mod peer;
 mod service;
 pub(crate) mod status;
+pub mod tls;
 pub mod transport;
 
 pub use service::Service;

@@ -12,4 +12,5 @@ mod queues;
 mod quota;
 mod saturation;
 mod support;
+mod tls;
 mod wire;

@@ -23,12 +23,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Token(TokenCommand::New(args)) = &cli.command {
         return token_new(output, &args.name);
     }
+    let config = cli.client_config();
     let config = match (&cli.token_file, std::env::var("BALLAST_TOKEN")) {
-        (Some(path), _) => ClientConfig::default().token_file(path)?,
-        (None, Ok(token)) if !token.is_empty() => ClientConfig { token: Some(token), ..ClientConfig::default() },
-        _ => ClientConfig::default(),
+        (Some(path), _) => config.token_file(path)?,
+        (None, Ok(token)) if !token.is_empty() => ClientConfig { token: Some(token), ..config },
+        _ => config,
     };
-    let client = Client::with_config(&cli.addr, config)?;
+    let client = Client::with_config(&cli.broker_addr(), config)?;
     let timeout = cli.timeout();
     match cli.command {
         Command::Queue(command) => queue(&client, timeout, output, command).await,

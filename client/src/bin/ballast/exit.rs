@@ -59,6 +59,7 @@ pub fn client_exit_code(error: &Error) -> u8 {
         | Error::FailedPrecondition { .. }
         | Error::Broker { .. }
         | Error::Protocol { .. }
+        | Error::Tls { .. }
         | Error::Closed => OTHER,
         _ => OTHER,
     }
