@@ -638,3 +638,43 @@ async fn the_client_library_says_how_tls_failed() {
     producer.publish("library", ballast_client::Message::new("over mutual tls")).await.expect("publish");
     assert_eq!(client.admin().get_queue("library").await.expect("get").depth, 1);
 }
+
+/// With mutual TLS and an auth file, a client certificate's identity (here
+/// a DNS SAN) names its principal end to end: the principal's rules apply,
+/// and a certificate the file does not map is UNAUTHENTICATED.
+#[tokio::test]
+async fn a_client_certificate_names_its_principal() {
+    let (ca, clients) = (Ca::new("server CA"), Ca::new("client CA"));
+    let files = ServerFiles::new(&ca, Some(&clients));
+    let auth = files.path("auth.toml");
+    std::fs::write(
+        &auth,
+        "[[principals]]\nname = \"ops\"\ncert_identity = \"ops.example.internal\"\n\
+         allow = [ { queues = \"ops*\", actions = [\"admin\", \"publish\"] } ]\n",
+    )
+    .unwrap();
+    let mut args = files.args();
+    args.extend(["--auth-file".to_owned(), path_arg(&auth)]);
+    let broker = BrokerProcess::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let ops = clients.client("ops client", vec![SanType::DnsName("ops.example.internal".try_into().unwrap())]);
+    let mut admin = AdminClient::new(connect(&broker, &ca, Some(&ops)).await.expect("mutual TLS"));
+    create(&mut admin, "ops-jobs", queue_settings()).await;
+    let denied = admin
+        .create_queue(ballast_proto::v1::CreateQueueRequest {
+            name: "payments".into(),
+            settings: Some(queue_settings()),
+        })
+        .await
+        .expect_err("ops may not create payments");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("payments"), "{denied:?}");
+
+    let stranger = clients.client("someone else", vec![]);
+    let mut admin = AdminClient::new(connect(&broker, &ca, Some(&stranger)).await.expect("mutual TLS"));
+    let refused = admin
+        .list_queues(ballast_proto::v1::ListQueuesRequest {})
+        .await
+        .expect_err("an unmapped certificate names no principal");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+}
