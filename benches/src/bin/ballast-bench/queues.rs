@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::broker::Channel;
 use ballast_proto::v1::{
     self as pb, admin_client::AdminClient, consumer_client::ConsumerClient, publisher_client::PublisherClient,
 };
@@ -29,7 +30,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::{Sync, broker::Target, load};
 
