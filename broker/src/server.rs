@@ -95,6 +95,10 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
+    // Every queue's status (NOT_SERVING while it opens) before the first
+    // call can ask; then only changes, every tick.
+    let mut health_reporter = health.clone();
+    broker.report_health(&mut health_reporter).await;
     let mut server = tokio::spawn(server);
     let ticker = tokio::spawn(tick(Arc::downgrade(&broker), health.clone()));
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();

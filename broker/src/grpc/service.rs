@@ -10,7 +10,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::{convert, status::to_status, transport::inbound_error};
 use crate::{
     Broker,
-    broker::DamagedQueue,
+    broker::{DamagedQueue, OpeningQueue},
     error::BrokerError,
     limits::{
         CREDIT_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX, STREAM_NACKS_IN_FLIGHT_MAX,
@@ -34,8 +34,10 @@ impl Service {
         Service { broker, watches }
     }
 
-    fn queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
-        self.broker.queue(name).map_err(to_status)
+    /// The queue named `name`, opened first if the broker has not opened
+    /// it yet.
+    async fn queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
+        self.broker.queue(name).await.map_err(to_status)
     }
 }
 
@@ -49,7 +51,7 @@ impl admin_server::Admin for Service {
     }
 
     async fn get_queue(&self, request: Request<pb::GetQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
-        let queue = self.queue(&request.into_inner().name)?;
+        let queue = self.queue(&request.into_inner().name).await?;
         Ok(Response::new(convert::queue_info(&queue)))
     }
 
@@ -60,7 +62,8 @@ impl admin_server::Admin for Service {
         if self.broker.is_shutting_down() {
             return Err(to_status(BrokerError::ShuttingDown));
         }
-        let queues = every_queue(&self.broker, convert::queue_info, convert::damaged_info, "ListQueues");
+        let queues =
+            every_queue(&self.broker, convert::queue_info, convert::opening_info, convert::damaged_info, "ListQueues");
         Ok(Response::new(pb::ListQueuesResponse { queues }))
     }
 
@@ -76,7 +79,7 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<pb::PurgeQueueRequest>,
     ) -> Result<Response<pb::PurgeQueueResponse>, Status> {
-        let queue = self.queue(&request.into_inner().name)?;
+        let queue = self.queue(&request.into_inner().name).await?;
         let purged = queue.purge().map_err(to_status)?;
         Ok(Response::new(pb::PurgeQueueResponse { purged }))
     }
@@ -86,7 +89,7 @@ impl admin_server::Admin for Service {
 impl publisher_server::Publisher for Service {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let request = request.into_inner();
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         let message = convert::publish(request.message).map_err(to_status)?;
         let receipts = queue.publish(vec![message]).await.map_err(to_status)?;
         let receipt = convert::receipts(&queue, receipts).into_iter().next();
@@ -98,7 +101,7 @@ impl publisher_server::Publisher for Service {
         request: Request<pb::PublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
         let request = request.into_inner();
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         let messages = request
             .messages
             .into_iter()
@@ -111,14 +114,14 @@ impl publisher_server::Publisher for Service {
 }
 
 impl Service {
-    fn stats(&self, queue: &str) -> Result<pb::StatsResponse, Status> {
+    async fn stats(&self, queue: &str) -> Result<pb::StatsResponse, Status> {
         let queues = if queue.is_empty() {
             if self.broker.is_shutting_down() {
                 return Err(to_status(BrokerError::ShuttingDown));
             }
-            every_queue(&self.broker, convert::queue_stats, convert::damaged_stats, "Stats")
+            every_queue(&self.broker, convert::queue_stats, convert::opening_stats, convert::damaged_stats, "Stats")
         } else {
-            vec![convert::queue_stats(&*self.queue(queue)?)]
+            vec![convert::queue_stats(&*self.queue(queue).await?)]
         };
         Ok(pb::StatsResponse {
             at_ms: now_ms(),
@@ -132,7 +135,7 @@ impl Service {
 #[tonic::async_trait]
 impl stats_server::Stats for Service {
     async fn get_stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
-        Ok(Response::new(self.stats(&request.into_inner().queue)?))
+        Ok(Response::new(self.stats(&request.into_inner().queue).await?))
     }
 
     type WatchStream = ReceiverStream<Result<pb::StatsResponse, Status>>;
@@ -153,7 +156,7 @@ impl stats_server::Stats for Service {
                 hint: "close other Watch streams, poll GetStats, or raise grpc.watch_streams_max",
             })
         })?;
-        let first = self.stats(&request.queue)?;
+        let first = self.stats(&request.queue).await?;
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
         // The task must end when the broker shuts down: a graceful shutdown
@@ -180,7 +183,7 @@ impl stats_server::Stats for Service {
                     () = tx.closed() => return,
                     _ = ticker.tick() => {}
                 }
-                next = service.stats(&request.queue);
+                next = service.stats(&request.queue).await;
             }
             // Shutting down: say so if the client has room for it; either
             // way the stream ends when `tx` drops.
@@ -190,21 +193,24 @@ impl stats_server::Stats for Service {
     }
 }
 
-/// Every queue, served and damaged, by name, as `open` and `damaged`
-/// describe them, up to [`QUEUES_RESPONSE_SIZE_MAX`] encoded bytes: the
+/// Every queue, served, opening and damaged, by name, as `open`, `opening`
+/// and `damaged` describe them, up to [`QUEUES_RESPONSE_SIZE_MAX`] encoded bytes: the
 /// queues past it (the last by name) are left out and logged, so the answer
 /// always fits the encode limit; they can be asked for by name.
 fn every_queue<T: prost::Message>(
     broker: &Broker,
     open: impl Fn(&Queue) -> T,
+    opening: impl Fn(&OpeningQueue) -> T,
     damaged: impl Fn(&DamagedQueue) -> T,
     call: &'static str,
 ) -> Vec<T> {
     let queues = broker.queues();
+    let not_open = broker.opening_queues();
     let set_aside = broker.damaged_queues();
     let mut named: Vec<(&str, T)> = queues
         .iter()
         .map(|q| (q.name.as_str(), open(q)))
+        .chain(not_open.iter().map(|o| (o.name.as_str(), opening(o))))
         .chain(set_aside.iter().map(|d| (d.name.as_str(), damaged(d))))
         .collect();
     named.sort_unstable_by(|a, b| a.0.cmp(b.0));
@@ -265,7 +271,7 @@ impl consumer_server::Consumer for Service {
         let Some(pb::consume_request::Kind::Subscribe(subscribe)) = first.kind else {
             return Err(Status::invalid_argument("the first request of a consume stream must be subscribe"));
         };
-        let queue = self.queue(&subscribe.queue)?;
+        let queue = self.queue(&subscribe.queue).await?;
         let subscription = queue.subscribe(subscribe.credit).map_err(to_status)?;
         let (out, rx) = mpsc::channel(CREDIT_MAX as usize + SESSION_CHANNEL_EXTRA);
         let subscribed = pb::Subscribed { queue: queue.name.to_string(), consumer_id: subscription.consumer_id };
@@ -276,7 +282,7 @@ impl consumer_server::Consumer for Service {
 
     async fn pull(&self, request: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {
         let request = request.into_inner();
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         if request.wait_ms > PULL_WAIT_MS_MAX {
             return Err(Status::invalid_argument(format!(
                 "wait_ms is {}; the limit is {PULL_WAIT_MS_MAX}",
@@ -323,7 +329,7 @@ impl consumer_server::Consumer for Service {
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
         let request = request.into_inner();
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         if request.delivery_ids.is_empty() {
             return Err(Status::invalid_argument("ack needs at least one delivery id"));
         }
@@ -339,7 +345,7 @@ impl consumer_server::Consumer for Service {
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Result<Response<pb::NackResponse>, Status> {
         let request = request.into_inner();
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         queue
             .nack(request.delivery_id, request.delay_ms, &request.reason, Holder::AnyCaller)
             .await
