@@ -22,6 +22,12 @@ pub const QUEUES_MAX: usize = 50_000;
 /// fixed fields, so such an answer never fails the call.
 pub const QUEUES_RESPONSE_SIZE_MAX: usize = GRPC_ENCODE_SIZE_MAX - 64 * 1024;
 
+/// glibc malloc arenas at most (`ballastd` sets it at start unless the
+/// `MALLOC_ARENA_MAX` environment variable is set): one per core of the
+/// 2-core machine the figures are from. Fewer arenas than threads keeps
+/// thousands of queues' state on fewer, fuller pages.
+pub const MALLOC_ARENAS_MAX: i32 = 2;
+
 /// Ceiling of `queue_open_threads`: queues opened at once by the
 /// background opener after a start, each on a blocking thread of its own.
 /// Opening runs recovery (reads, and the first page faults of the maps), so

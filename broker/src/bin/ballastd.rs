@@ -35,6 +35,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First: before any thread allocates (see the function).
+    let arenas = ballast_broker::server::limit_malloc_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -43,6 +45,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(arenas) = arenas {
+        tracing::info!(arenas, "malloc arenas capped (MALLOC_ARENA_MAX overrides)");
+    }
     // Before anything opens a file: thousands of queues need more than the
     // usual default soft limit of 1,024 descriptors.
     let open_files = match ballast_broker::server::raise_open_files_limit() {

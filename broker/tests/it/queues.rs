@@ -45,6 +45,15 @@ fn without_colors(log: &str) -> String {
     plain
 }
 
+/// The directory (`<data>/queues/<name>~<generation>`) of queue `name`.
+fn queue_dir(data_dir: &Path, name: &str) -> std::path::PathBuf {
+    std::fs::read_dir(data_dir.join("queues"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&format!("{name}~")))
+        .unwrap_or_else(|| panic!("{name}'s directory"))
+}
+
 /// The queue's health status (-1 when not reported yet).
 async fn health(broker: &BrokerProcess, queue: &str) -> i32 {
     let mut client = tonic_health::pb::health_client::HealthClient::new(broker.channel().await);
@@ -97,14 +106,7 @@ async fn a_damaged_queue_is_set_aside_and_can_be_deleted() {
         publish(&mut publisher, name, message(format!("to {name}"))).await;
     }
     broker.terminate_cleanly();
-    let queues = broker.data_dir.join("queues");
-    let dir_of = |name: &str| {
-        std::fs::read_dir(&queues)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&format!("{name}~")))
-            .unwrap_or_else(|| panic!("{name}'s directory"))
-    };
+    let dir_of = |name: &str| queue_dir(&broker.data_dir, name);
     std::fs::write(dir_of("bad-toml").join("queue.toml"), b"this is [not toml").unwrap();
     // A lane's directory that is not a directory: its log cannot open. (A
     // garbage segment header would not do: storage renames such a segment
@@ -199,14 +201,9 @@ async fn a_restart_with_many_queues_serves_them_all() {
     // Creating thousands of queues through the API takes minutes in a
     // debug build (each creation syncs files and directories): the rest
     // are copies of the first queue's directory, renamed.
-    let queues_dir = broker.data_dir.join("queues");
-    let dir_of = |name: &str| {
-        std::fs::read_dir(&queues_dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&format!("{name}~")))
-            .unwrap_or_else(|| panic!("{name}'s directory"))
-    };
+    let data_dir = broker.data_dir.clone();
+    let queues_dir = data_dir.join("queues");
+    let dir_of = |name: &str| queue_dir(&data_dir, name);
     let template = dir_of("q00000");
     let toml = std::fs::read_to_string(template.join("queue.toml")).unwrap();
     assert!(toml.contains("name = \"q00000\""), "{toml}");

@@ -7,6 +7,22 @@ fn options() -> LogOptions {
     LogOptions { segment_size: SEGMENT_SIZE_MIN, record_size_max: 16 * 1024, ..LogOptions::default() }
 }
 
+/// Writes `count` records of 1,000 bytes to a log in `dir` and closes it,
+/// then (after `before`, which sees the closed log) removes its
+/// checkpoint: the next open's scan covers every segment, as after a crash
+/// before the first checkpoint.
+fn log_without_checkpoint<T>(dir: &Path, count: usize, before: impl FnOnce(&Path) -> T) -> T {
+    let log = Log::open(dir, options()).unwrap();
+    let batch: Vec<NewRecord> = (0..count)
+        .map(|_| NewRecord { payload: bytes::Bytes::from(vec![7u8; 1000]), ..NewRecord::default() })
+        .collect();
+    log.append(&batch).unwrap().commit.wait().unwrap();
+    log.close().unwrap();
+    let seen = before(dir);
+    fs::remove_file(dir.join(crate::checkpoint::FILE_NAME)).unwrap();
+    seen
+}
+
 fn segment_inodes(dir: &Path) -> Vec<u64> {
     let mut inodes: Vec<(String, u64)> = fs::read_dir(dir)
         .unwrap()
@@ -24,16 +40,8 @@ fn segment_inodes(dir: &Path) -> Vec<u64> {
 #[test]
 fn every_scanned_segment_is_synced() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path(), options()).unwrap();
-    let batch: Vec<NewRecord> =
-        (0..200).map(|_| NewRecord { payload: bytes::Bytes::from(vec![7u8; 1000]), ..NewRecord::default() }).collect();
-    log.append(&batch).unwrap().commit.wait().unwrap();
-    log.close().unwrap();
-    let inodes = segment_inodes(dir.path());
+    let inodes = log_without_checkpoint(dir.path(), 200, segment_inodes);
     assert!(inodes.len() >= 3, "200 KB of records fill several 64 KiB segments");
-    // Without a checkpoint the scan covers every segment, as after a crash
-    // before the first checkpoint.
-    fs::remove_file(dir.path().join(crate::checkpoint::FILE_NAME)).unwrap();
 
     let faults = Faults::new();
     let recovered = recover(dir.path(), &options(), &Io::new(Some(faults.clone()), Default::default()), None).unwrap();
@@ -119,13 +127,7 @@ fn resident_bytes_of(path: &Path) -> u64 {
 #[test]
 fn recovery_leaves_no_scanned_page_resident() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path(), options()).unwrap();
-    let batch: Vec<NewRecord> =
-        (0..100).map(|_| NewRecord { payload: bytes::Bytes::from(vec![7u8; 1000]), ..NewRecord::default() }).collect();
-    log.append(&batch).unwrap().commit.wait().unwrap();
-    log.close().unwrap();
-    // Without a checkpoint the scan reads every record.
-    fs::remove_file(dir.path().join(crate::checkpoint::FILE_NAME)).unwrap();
+    log_without_checkpoint(dir.path(), 100, |_| ());
     let recovered = recover(dir.path(), &options(), &Io::new(None, Default::default()), None).unwrap();
     assert_eq!(recovered.point.next_offset, 100);
     for segment in &recovered.segments {
