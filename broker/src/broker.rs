@@ -361,18 +361,24 @@ impl Broker {
 
     /// Every queue found at start whose logs are not open yet, by name.
     pub fn opening_queues(&self) -> Vec<OpeningQueue> {
-        self.queues
-            .read()
-            .values()
-            .filter_map(|slot| match slot {
-                Slot::Open(_) => None,
-                Slot::Opening(pending) => Some(OpeningQueue {
+        self.open_and_opening().1
+    }
+
+    /// Every open queue and every queue still opening, taken together (a
+    /// queue that opens meanwhile is in exactly one of the two).
+    pub fn open_and_opening(&self) -> (Vec<Arc<Queue>>, Vec<OpeningQueue>) {
+        let (mut open, mut opening) = (Vec::new(), Vec::new());
+        for slot in self.queues.read().values() {
+            match slot {
+                Slot::Open(queue) => open.push(Arc::clone(queue)),
+                Slot::Opening(pending) => opening.push(OpeningQueue {
                     name: pending.found.name.clone(),
                     settings: pending.found.settings.clone(),
                     created_at_ms: pending.found.created_at_ms,
                 }),
-            })
-            .collect()
+            }
+        }
+        (open, opening)
     }
 
     /// Queues, open or opening (dead-letter queues included; damaged ones
@@ -489,8 +495,11 @@ impl Broker {
             Err(error) => match RetryReason::of(&error) {
                 Some(reason) => self.open_failed(pending, reason, &error),
                 None => {
-                    self.queues.write().remove(&name);
+                    // Set aside before it leaves the registry: a listing
+                    // in between sees it twice (and shows it once), never
+                    // not at all.
                     set_aside(&mut self.damaged.write(), name.clone(), pending.found.dir.clone(), &error);
+                    self.queues.write().remove(&name);
                     self.health_changed.lock().push(name);
                     Opened::SetAside
                 }

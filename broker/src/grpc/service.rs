@@ -204,8 +204,7 @@ fn every_queue<T: prost::Message>(
     damaged: impl Fn(&DamagedQueue) -> T,
     call: &'static str,
 ) -> Vec<T> {
-    let queues = broker.queues();
-    let not_open = broker.opening_queues();
+    let (queues, not_open) = broker.open_and_opening();
     let set_aside = broker.damaged_queues();
     let mut named: Vec<(&str, T)> = queues
         .iter()
@@ -213,7 +212,10 @@ fn every_queue<T: prost::Message>(
         .chain(not_open.iter().map(|o| (o.name.as_str(), opening(o))))
         .chain(set_aside.iter().map(|d| (d.name.as_str(), damaged(d))))
         .collect();
-    named.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    // Stable: a queue being set aside meanwhile (listed both ways) is
+    // shown once, as it was before.
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    named.dedup_by(|later, earlier| later.0 == earlier.0);
     let (described, left_out) = up_to_size(named.into_iter().map(|(_, item)| item), QUEUES_RESPONSE_SIZE_MAX);
     if left_out > 0 {
         tracing::warn!(
