@@ -138,3 +138,30 @@ fn recovery_leaves_no_scanned_page_resident() {
     let log = Log::open(dir.path(), options()).unwrap();
     assert_eq!(log.read(0).unwrap().payload.len(), 1000);
 }
+
+/// Opening a log whose ack journal holds only its header (an idle lane)
+/// does not sync the journal: nothing in it can be unsynced. A journal
+/// with entries replayed as found is synced, since a killed process may
+/// have left them in the page cache only.
+#[test]
+fn an_empty_ack_journal_is_not_synced_at_open() {
+    let synced_acks = |dir: &Path| {
+        let acks = fs::metadata(dir.join("acks")).unwrap().ino();
+        let faults = Faults::new();
+        recover(dir, &options(), &Io::new(Some(faults.clone()), Default::default()), None).unwrap();
+        faults.synced_inodes.lock().contains(&acks)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), options()).unwrap();
+    log.append(&[NewRecord { payload: bytes::Bytes::from_static(b"x"), ..NewRecord::default() }])
+        .unwrap()
+        .commit
+        .wait()
+        .unwrap();
+    log.close().unwrap();
+    assert!(!synced_acks(dir.path()), "an ack journal with no entry is not synced");
+    let log = Log::open(dir.path(), options()).unwrap();
+    log.ack(0, 1, crate::AckKind::Acked).unwrap().wait().unwrap();
+    log.close().unwrap();
+    assert!(synced_acks(dir.path()), "a journal with entries is synced");
+}
