@@ -25,9 +25,9 @@ use crate::{
 /// (up to the configured shutdown timeout), and every log is synced.
 /// With `metrics`, Prometheus metrics are served on that listener from the
 /// recorder [`crate::metrics::install`] returned, which must have been
-/// installed before the broker was opened: a queue's metric handles are
-/// taken when it opens, and handles taken before a recorder exists record
-/// nothing.
+/// installed before the broker was opened: a lane's metric handles are
+/// taken on its first use, and handles taken before a recorder exists
+/// record nothing.
 pub async fn serve(
     broker: Arc<Broker>,
     listener: TcpListener,

@@ -137,7 +137,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} for metrics: {e}", config.metrics_listen))?;
     let metrics_address = metrics.local_addr()?;
-    // Before the queues open: they take their metric handles then.
+    // Before any queue is used: a lane takes its metric handles then.
     let recorder = ballast_broker::metrics::install();
     tracing::info!(data_dir = %config.data_dir.display(), "opening queues");
     // Opening runs recovery on every queue: file work, off the runtime's
