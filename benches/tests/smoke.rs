@@ -83,6 +83,27 @@ fn throughput() {
     }
 }
 
+/// `--tls both` runs the scenario in plaintext, then over TLS, and puts
+/// the change in one result.
+#[test]
+fn throughput_plaintext_and_tls() {
+    let args = ["--tls", "both", "--size", "100", "--batch", "16", "--messages", "160", "--producers", "1"];
+    let (v, _, _dir) = run("throughput", &args);
+    assert_eq!(v["plaintext"]["tls"], false);
+    assert_eq!(v["tls_run"]["tls"], true);
+    assert_eq!(u(&v["tls_run"]["runs"][0]["messages"]), 160);
+    let change = &v["change"]["/runs/0/publish/messages_per_s"];
+    assert!(f(&change["plaintext"]) > 0.0 && f(&change["tls"]) > 0.0, "{change}");
+}
+
+/// `--tls on` runs latency over TLS.
+#[test]
+fn latency_over_tls() {
+    let (v, _, _dir) = run("latency", &["--tls", "on", "--rate", "200", "--seconds", "1", "--warmup", "0"]);
+    assert_eq!(v["tls"], true);
+    assert_eq!(u(&v["publish_to_delivery"]["count"]), 200);
+}
+
 #[test]
 fn latency() {
     let (v, json, _dir) = run("latency", &["--rate", "500", "--seconds", "1", "--warmup", "0", "--size", "64"]);
@@ -204,24 +225,12 @@ fn chaos() {
     assert_eq!(u(&v["unexpected_errors"]), 0, "{}", v["client_errors"]);
 }
 
+/// The steady queue of isolation and cold: 200 msg/s of 64 B for 1 s.
+const STEADY_TINY: [&str; 8] = ["--rate", "200", "--seconds", "1", "--warmup", "0", "--size", "64"];
+
 #[test]
 fn isolation() {
-    let args = [
-        "--rate",
-        "200",
-        "--seconds",
-        "1",
-        "--warmup",
-        "0",
-        "--size",
-        "64",
-        "--flood-producers",
-        "1",
-        "--rounds",
-        "2",
-        "--flood-quota",
-        "5000",
-    ];
+    let args = [STEADY_TINY.as_slice(), &["--flood-producers", "1", "--rounds", "2", "--flood-quota", "5000"]].concat();
     let (v, _, _dir) = run("isolation", &args);
     // Two rounds pooled on each side.
     assert_eq!(u(&v["alone"]["publish_to_delivery"]["count"]), 400);
@@ -231,6 +240,21 @@ fn isolation() {
     // it (100 ms of burst allowance on top, over about 2 s of flood).
     let stored = f(&v["flood_stored_per_s"]);
     assert!(stored > 0.0 && stored < 5_000.0 * 1.5, "flood stored {stored} msg/s under a 5,000 msg/s quota");
+}
+
+/// The cold-backlog scenario in its warm control (dropping the page cache
+/// would disturb the rest of CI): the backlog drains while the steady
+/// queue is measured, and both sides are reported.
+#[test]
+fn cold() {
+    let tail = ["--backlog-mb", "4", "--backlog-size", "1024", "--drop-caches", "false"];
+    let args = [STEADY_TINY.as_slice(), &tail].concat();
+    let (v, _, _dir) = run("cold", &args);
+    assert_eq!(u(&v["backlog_messages"]), 4096);
+    assert_eq!(u(&v["alone"]["publish_to_delivery"]["count"]), 200);
+    assert_eq!(u(&v["during"]["publish_to_delivery"]["count"]), 200);
+    assert!(u(&v["drained"]) > 0, "the cold queue was drained during the measurement");
+    assert!(f(&v["p99_ratio_publish_to_delivery"]) > 0.0);
 }
 
 #[test]

@@ -21,6 +21,17 @@
 //! streams_per_connection_max = 1024
 //! watch_streams_max = 256
 //!
+//! [auth]             # principals and permissions; none: every call is open
+//! file = "/etc/ballast/auth.toml"
+//!
+//! [tls]              # TLS on the gRPC listener (off without cert)
+//! cert = "/etc/ballast/server.pem"
+//! key = "/etc/ballast/server.key"
+//! client_ca = "/etc/ballast/clients-ca.pem"  # mutual TLS: client certificates required
+//!
+//! [metrics]
+//! tls = false        # serve /metrics over TLS with [tls]'s cert and key
+//!
 //! [queue_defaults]   # the defaults of every new queue
 //! lanes = ["high", "normal", "low"]
 //! lane_weights = [4, 2, 1]
@@ -94,8 +105,15 @@ pub struct Config {
     pub queue_open_threads: usize,
     pub storage: StorageConfig,
     pub grpc: GrpcConfig,
+    pub auth: AuthConfig,
     /// Settings a new queue gets for every field its creator leaves unset.
     pub queue_defaults: QueueSettings,
+    /// TLS on the gRPC listener (and, with `metrics.tls`, the metrics one).
+    pub tls: TlsConfig,
+    pub metrics: MetricsConfig,
+    /// Start on a non-loopback address without TLS and authentication
+    /// (see [`check_exposure`]).
+    pub insecure: bool,
     /// Test seam, never read from a file: failures to inject into every
     /// log's I/O (see `ballast_storage::Faults`).
     #[serde(skip)]
@@ -151,6 +169,23 @@ pub struct StorageConfig {
     /// closed and opened again when needed. In
     /// `ballast_storage::limits::OPEN_FILES_MIN..=OPEN_FILES_MAX` (16..=1,048,576).
     pub open_files_max: usize,
+}
+
+/// Authentication and authorization (`docs/security.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The TOML file of principals (`--auth-file`). Without it every call
+    /// is open, as on a broker without authentication; with it every call
+    /// but health checks needs a principal's token or certificate.
+    pub file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Whether calls need credentials (an auth file is set).
+    pub fn auth_configured(&self) -> bool {
+        self.auth.file.is_some()
+    }
 }
 
 /// Connection settings of the gRPC server: how dead peers are found and
@@ -238,6 +273,49 @@ impl GrpcConfig {
     }
 }
 
+/// `[tls]`: the gRPC listener's certificate, its key and, for mutual TLS,
+/// the CAs that sign client certificates (PEM files). Without `cert` the
+/// listener speaks plaintext. The files reload on SIGHUP and when they
+/// change, for new connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// CA certificates; with it every client must present a certificate
+    /// one of them signed.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the gRPC listener speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+
+    /// Checks that the keys come together; the files are checked when the
+    /// configuration is built (`grpc::tls::build`).
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.cert, &self.key, &self.client_ca) {
+            (Some(_), None, _) => Err("tls.cert needs tls.key (the certificate's private key)".to_owned()),
+            (None, Some(_), _) => Err("tls.key needs tls.cert (the certificate it belongs to)".to_owned()),
+            (None, None, Some(_)) => Err("tls.client_ca needs tls.cert and tls.key (mutual TLS is TLS)".to_owned()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint's transport.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` over TLS with `[tls]`'s certificate and key
+    /// (client certificates are not asked for).
+    pub tls: bool,
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -250,7 +328,11 @@ impl Default for Config {
             queue_open_threads: QUEUE_OPEN_THREADS_DEFAULT,
             storage: StorageConfig::default(),
             grpc: GrpcConfig::default(),
+            auth: AuthConfig::default(),
             queue_defaults: QueueSettings::default(),
+            tls: TlsConfig::default(),
+            metrics: MetricsConfig::default(),
+            insecure: false,
             faults: FaultSeam::default(),
             storage_shared: StorageShared::default(),
         }
@@ -306,6 +388,17 @@ impl Config {
         Ok(())
     }
 
+    /// Checks that the TLS settings come together. Separate from
+    /// [`Config::validate`] (which a file's text gets) because flags may
+    /// complete what the file starts: call it once flags are applied.
+    pub fn validate_tls(&self) -> Result<(), String> {
+        self.tls.validate()?;
+        if self.metrics.tls && !self.tls.enabled() {
+            return Err("metrics.tls needs tls.cert and tls.key".to_owned());
+        }
+        Ok(())
+    }
+
     /// Storage options of one lane of a queue with `settings`, on the
     /// broker's flush pool (created on the first call).
     pub fn log_options(&self, settings: &QueueSettings) -> ballast_storage::LogOptions {
@@ -343,6 +436,32 @@ impl Config {
             files: None,
         }
     }
+}
+
+/// A configuration the broker refuses to start with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "refusing to listen on {listen} without {missing}: anyone who can reach it could read and change every \
+         queue; listen on a loopback address, configure {missing}, or pass --insecure (insecure = true) to accept that"
+    )]
+    Exposed { listen: SocketAddr, missing: &'static str },
+}
+
+/// Refuses a non-loopback `listen` unless both TLS and authentication are
+/// configured or the operator said `insecure`: on loopback only local
+/// processes can connect, anywhere else the network can.
+pub fn check_exposure(listen: SocketAddr, tls: bool, auth: bool, insecure: bool) -> Result<(), ConfigError> {
+    let missing = match (tls, auth) {
+        (true, true) => return Ok(()),
+        (false, false) => "TLS and authentication",
+        (false, true) => "TLS",
+        (true, false) => "authentication",
+    };
+    if listen.ip().is_loopback() || insecure {
+        return Ok(());
+    }
+    Err(ConfigError::Exposed { listen, missing })
 }
 
 #[cfg(test)]
@@ -407,6 +526,17 @@ mod tests {
         }
     }
 
+    /// `[auth] file` is read from the file, and only then does the broker
+    /// say that calls need credentials.
+    #[test]
+    fn auth_file_setting() {
+        assert!(!Config::default().auth_configured());
+        let config = Config::from_toml("[auth]\nfile = \"/etc/ballast/auth.toml\"\n").unwrap();
+        assert_eq!(config.auth.file.as_deref(), Some(std::path::Path::new("/etc/ballast/auth.toml")));
+        assert!(config.auth_configured());
+        assert!(Config::from_toml("[auth]\nfiles = \"x\"\n").unwrap_err().contains("files"));
+    }
+
     /// `queues_max` takes 1 and its ceiling and refuses 0 and one past it.
     #[test]
     fn queues_max_is_checked_at_its_bounds() {
@@ -462,6 +592,48 @@ mod tests {
         ] {
             let error = Config::from_toml(&text).unwrap_err();
             assert!(error.contains(key), "{text}: {error}");
+        }
+    }
+
+    /// Loopback always starts; any other address needs TLS and auth, or
+    /// `insecure`, and the refusal names what is missing.
+    #[test]
+    fn exposure_needs_tls_and_auth_or_insecure() {
+        let loopback: SocketAddr = "127.0.0.1:7400".parse().unwrap();
+        let loopback6: SocketAddr = "[::1]:7400".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:7400".parse().unwrap();
+        let lan: SocketAddr = "10.1.2.3:7400".parse().unwrap();
+        assert_eq!(check_exposure(loopback, false, false, false), Ok(()));
+        assert_eq!(check_exposure(loopback6, false, false, false), Ok(()));
+        assert_eq!(check_exposure(any, true, true, false), Ok(()));
+        assert_eq!(check_exposure(lan, false, false, true), Ok(()));
+        for (tls, auth, missing) in
+            [(false, false, "TLS and authentication"), (true, false, "authentication"), (false, true, "TLS")]
+        {
+            let error = check_exposure(any, tls, auth, false).unwrap_err();
+            assert_eq!(error, ConfigError::Exposed { listen: any, missing });
+            let text = error.to_string();
+            assert!(text.contains("--insecure") && text.contains(missing) && text.contains("0.0.0.0:7400"), "{text}");
+        }
+    }
+
+    /// `[tls]` keys come together, `metrics.tls` needs `[tls]`, and the
+    /// file form parses.
+    #[test]
+    fn tls_keys_come_together() {
+        let c = Config::from_toml("insecure = true\n[tls]\ncert = \"a.pem\"\nkey = \"a.key\"\nclient_ca = \"ca.pem\"\n[metrics]\ntls = true\n").unwrap();
+        assert!(c.tls.enabled() && c.metrics.tls && c.insecure);
+        assert_eq!(c.tls.client_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert!(!Config::default().tls.enabled());
+        for (text, needle) in [
+            ("[tls]\ncert = \"a.pem\"", "tls.cert needs tls.key"),
+            ("[tls]\nkey = \"a.key\"", "tls.key needs tls.cert"),
+            ("[tls]\nclient_ca = \"ca.pem\"", "tls.client_ca needs"),
+            ("[metrics]\ntls = true", "metrics.tls needs"),
+            ("[tls]\ncrt = \"a.pem\"", "crt"),
+        ] {
+            let error = Config::from_toml(text).and_then(|c| c.validate_tls()).unwrap_err();
+            assert!(error.contains(needle), "{text}: {error}");
         }
     }
 }

@@ -6,12 +6,14 @@
 //! Map, in reading order:
 //! - [`limits`]: every ceiling, named, with its value.
 //! - [`config`]: the node's settings and their defaults.
+//! - [`auth`]: principals, credentials, permissions (`--auth-file`).
 //! - [`broker`]: the registry of queues and their lifecycle.
 //! - [`queue`]: one queue: settings, publish, dedupe, delivery.
 //! - [`grpc`]: the tonic services and the error-to-status mapping.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //! - [`server`]: wiring it all to a listener, with graceful shutdown.
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 mod dedupe;

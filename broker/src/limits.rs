@@ -300,3 +300,61 @@ pub const LANE_REOPEN_BACKOFF_MS_MIN: u64 = 1_000;
 /// Longest pause, in milliseconds, between two reopen attempts of a
 /// poisoned lane.
 pub const LANE_REOPEN_BACKOFF_MS_MAX: u64 = 30_000;
+
+/// Failed authentications one peer address may make in one window of
+/// [`AUTH_FAILURE_WINDOW_MS`]; past it the address's calls (health checks
+/// aside) are refused with RESOURCE_EXHAUSTED and a retry-after hint until
+/// the window ends, before their credentials are checked, so guessing
+/// tokens runs at most this many guesses per window and address.
+pub const AUTH_FAILURES_MAX: u32 = 10;
+
+/// The window, in ms, over which [`AUTH_FAILURES_MAX`] counts.
+pub const AUTH_FAILURE_WINDOW_MS: u64 = 10_000;
+
+/// Peer addresses the failed-authentication table tracks at once; a new one
+/// past it replaces the address whose window started first, so the table
+/// stays a few hundred KiB whatever the number of peers.
+pub const AUTH_FAILURE_PEERS_MAX: usize = 4096;
+
+/// How often the auth file's modification time and size are checked for a
+/// change, in ms (SIGHUP reloads at once).
+pub const AUTH_RELOAD_POLL_MS: u64 = 1_000;
+
+/// Longest time, in ms, from accepting a connection on a TLS listener to
+/// the end of its TLS handshake. Past it the connection is closed (logged,
+/// counted in `ballast_tls_handshake_failures_total`) and its connection
+/// permit freed. Handshakes run in tasks of their own, so a slow or silent
+/// client never holds up the accept loop; this bounds how long it holds a
+/// permit (and its few KiB of TLS state) without having said anything.
+/// Ten seconds leave room for a slow network's round trips.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// Interval, in ms, at which the TLS certificate, key and client CA files'
+/// modification times and sizes are checked; a change reloads them (as
+/// SIGHUP does). A few seconds keep a rotation prompt at the cost of three
+/// `stat` calls per poll.
+pub const TLS_RELOAD_POLL_MS: u64 = 2_000;
+
+/// Largest TLS certificate, key or client CA file, in bytes, the broker
+/// reads. A bigger one is refused at start (and on reload) as probably the
+/// wrong file; 1 MiB holds thousands of PEM certificates.
+pub const TLS_FILE_SIZE_MAX: u64 = 1024 * 1024;
+
+/// Connections whose TLS handshake finished but that the HTTP/2 server has
+/// not taken yet. The server takes them as fast as it can; past this,
+/// finished handshakes wait (holding their connection permits), which
+/// bounds the queue while the connection limit bounds the handshakes.
+pub const TLS_HANDSHAKES_PENDING_MAX: usize = 64;
+
+/// TLS handshakes the metrics listener (with `[metrics] tls`) runs at once;
+/// a connection past it is closed at once (and logged). Scrapers are few;
+/// this bounds what strangers can make the endpoint hold.
+pub const METRICS_TLS_HANDSHAKES_MAX: usize = 64;
+
+/// Longest time, in ms, a connection whose TLS handshake failed is kept to
+/// close it gracefully: the broker's side is shut down (after the TLS
+/// alert) and what the client still sends is read and dropped, so that the
+/// client reads the alert (a plaintext client then reports a TLS listener)
+/// instead of a reset. The connection keeps its permit meanwhile; a quarter
+/// second covers a loopback or LAN round trip.
+pub const TLS_FAILED_LINGER_MS: u64 = 250;

@@ -17,7 +17,6 @@ use std::{fmt::Write as _, future::Future, sync::Arc};
 
 use metrics::{Counter, Histogram, Label, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
 
 use crate::{Broker, queue::Queue};
 
@@ -190,6 +189,11 @@ fn describe() {
     describe_counter!("ballast_errors_total", Unit::Count, "Failed gRPC calls, by status code.");
     describe_gauge!("ballast_connections", Unit::Count, "gRPC connections held.");
     describe_counter!("ballast_connections_refused_total", Unit::Count, "Connections closed past connections_max.");
+    describe_counter!(
+        "ballast_auth_failures_total",
+        Unit::Count,
+        "Calls refused for their credentials (reason: missing, malformed, unknown_token, certificate_not_mapped, held_off)."
+    );
     describe_histogram!("ballast_publish_durable_seconds", Unit::Seconds, "Admission to durable answer of a publish.");
     describe_histogram!("ballast_publish_to_delivery_seconds", Unit::Seconds, "Enqueue to delivery.");
     describe_histogram!("ballast_delivery_to_ack_seconds", Unit::Seconds, "Delivery to ack.");
@@ -328,13 +332,18 @@ pub fn write_queue_gauges(out: &mut String, queues: &[Arc<Queue>]) {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
+/// Serves `GET /metrics` on `listener` (a `TcpListener`, or a
+/// [`crate::grpc::tls::MetricsTlsListener`] with `[metrics] tls`) until
+/// `shutdown`.
+pub async fn serve<L>(
+    listener: L,
     broker: std::sync::Weak<Broker>,
     handle: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) {
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let render = move || {
         let queues = broker.upgrade().map(|broker| {
             refresh(&broker);

@@ -15,6 +15,7 @@ use crate::{
     Broker,
     grpc::{
         Service,
+        tls::{Incoming, MetricsTlsListener, Tls, TlsFiles},
         transport::{Connections, StatusLayer},
     },
     limits::{GRPC_DECODE_SIZE_MAX, GRPC_ENCODE_SIZE_MAX, HTTP2_HEADER_LIST_SIZE_MAX},
@@ -23,6 +24,8 @@ use crate::{
 /// Serves `broker` on `listener` until `shutdown` resolves, then drains:
 /// new calls get UNAVAILABLE, consume streams end, in-flight publishes finish
 /// (up to the configured shutdown timeout), and every log is synced.
+/// With `[tls]` configured, connections speak TLS (see [`crate::grpc::tls`]);
+/// its files are read here, so a bad one fails the start.
 /// With `metrics`, Prometheus metrics are served on that listener from the
 /// recorder [`crate::metrics::install`] returned, which must have been
 /// installed before the broker was opened: a lane's metric handles are
@@ -35,7 +38,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let service = Service::new(Arc::clone(&broker));
-    let (health, health_service) = tonic_health::server::health_reporter();
+    // The auth file, reloaded on SIGHUP and when it changes; the watcher
+    // ends when the server (the last holder of `auth`) does.
+    let auth = match &broker.config().auth.file {
+        Some(path) => {
+            let auth = crate::auth::Auth::load(path).map_err(|e| anyhow::anyhow!(e))?;
+            auth.watch().map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
+            Some(auth)
+        }
+        None => None,
+    };
+    let health = tonic_health::server::HealthReporter::new();
+    let health_service = tonic_health::pb::health_server::HealthServer::new(crate::grpc::auth::QueueHealth::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        broker.config().auth_configured(),
+    ));
     health.set_serving::<AdminServer<Service>>().await;
     health.set_serving::<PublisherServer<Service>>().await;
     health.set_serving::<ConsumerServer<Service>>().await;
@@ -52,13 +69,18 @@ pub async fn serve(
     // what clients can hold open.
     let grpc = broker.config().grpc.clone();
     let connections = Connections::new(grpc.connections_max);
-    let incoming = TcpIncoming::from(listener)
+    let accepted = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_millis(grpc.tcp_keepalive_ms)))
-        .filter_map(move |accepted| match accepted {
+        .with_keepalive(Some(Duration::from_millis(grpc.tcp_keepalive_ms)));
+    let tls = TlsFiles::of(&broker.config().tls).map(Tls::load).transpose()?;
+    let incoming: Incoming = match &tls {
+        Some(tls) => Box::pin(crate::grpc::tls::incoming(accepted, connections, Arc::clone(tls))),
+        None => Box::pin(accepted.filter_map(move |accepted| match accepted {
             Ok(stream) => connections.admit(stream).map(Ok),
             Err(e) => Some(Err(e)),
-        });
+        })),
+    };
+    let reloader = tls.as_ref().map(|tls| tokio::spawn(Arc::clone(tls).watch()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // HTTP/2 pings find a consumer whose peer stopped answering: the
     // connection closes, its streams end and their leases go back to their
@@ -69,7 +91,7 @@ pub async fn serve(
         .max_concurrent_streams(grpc.streams_per_connection_max)
         .http2_max_header_list_size(HTTP2_HEADER_LIST_SIZE_MAX)
         .timeout(Duration::from_millis(grpc.request_timeout_ms))
-        .layer(StatusLayer)
+        .layer(StatusLayer::new(auth))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -102,11 +124,19 @@ pub async fn serve(
     let mut server = tokio::spawn(server);
     let ticker = tokio::spawn(tick(Arc::downgrade(&broker), health.clone()));
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_task = metrics.map(|(listener, handle)| {
-        tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, async {
-            let _ = metrics_stopped.await;
-        }))
-    });
+    let metrics_stopped = async {
+        let _ = metrics_stopped.await;
+    };
+    let metrics_task = match (metrics, &tls) {
+        (Some((listener, handle)), Some(tls)) if broker.config().metrics.tls => {
+            let listener = MetricsTlsListener::new(listener, Arc::clone(tls))?;
+            Some(tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, metrics_stopped)))
+        }
+        (Some((listener, handle)), _) => {
+            Some(tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, metrics_stopped)))
+        }
+        (None, _) => None,
+    };
 
     tokio::select! {
         result = &mut server => {
@@ -132,6 +162,9 @@ pub async fn serve(
         }
     }
     ticker.abort();
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     let _ = metrics_stop.send(());
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;

@@ -11,9 +11,9 @@
 
 use std::{sync::Arc, time::Duration};
 
+use crate::client::Transport;
 use ballast_proto::v1::{self as proto, admin_client::AdminClient, stats_client::StatsClient};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::{BrokerStats, Error, QueueInfo, QueueSettings, RetryPolicy, StatsWatch, contract, retry::Retrier};
 
@@ -62,8 +62,8 @@ impl Default for AdminConfig {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Admin {
-    client: AdminClient<Channel>,
-    stats: StatsClient<Channel>,
+    client: AdminClient<Transport>,
+    stats: StatsClient<Transport>,
     config: AdminConfig,
     /// Retries for repeatable calls.
     retrier: Arc<Retrier>,
@@ -72,7 +72,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub(crate) fn new(channel: Channel, config: AdminConfig) -> Admin {
+    pub(crate) fn new(channel: Transport, config: AdminConfig) -> Admin {
         Admin {
             // A snapshot of every queue (up to the broker's queue limit) can
             // outgrow tonic's 4 MiB default.
@@ -225,7 +225,7 @@ impl Admin {
 
     async fn call<T, F, Fut>(&self, retrier: &Retrier, rpc: F) -> Result<T, Error>
     where
-        F: FnMut(AdminClient<Channel>) -> Fut,
+        F: FnMut(AdminClient<Transport>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.call_on(retrier, &self.client, rpc).await
@@ -234,7 +234,7 @@ impl Admin {
     /// Like `call`, on the Stats service; always retried (reads only).
     async fn call_stats<T, F, Fut>(&self, rpc: F) -> Result<T, Error>
     where
-        F: FnMut(StatsClient<Channel>) -> Fut,
+        F: FnMut(StatsClient<Transport>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.call_on(&self.retrier, &self.stats, rpc).await

@@ -1,11 +1,16 @@
 //! [`Client`]: one connection to a broker, from which producers, consumers
 //! and admin handles are made.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
 
-use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, ProducerConfig};
+use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, ProducerConfig, TlsConfig};
 
 /// Connection settings shared by everything made from a [`Client`].
 ///
@@ -16,7 +21,7 @@ use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, Produ
 /// let config = ClientConfig { connect_timeout: Duration::from_secs(1), ..ClientConfig::default() };
 /// assert_eq!(config.keep_alive_interval, Duration::from_secs(10));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     /// Longest wait for a TCP connection to the broker.
     pub connect_timeout: Duration,
@@ -26,7 +31,86 @@ pub struct ClientConfig {
     /// How long a keep-alive ping may go unanswered before the connection is
     /// considered dead.
     pub keep_alive_timeout: Duration,
+    /// The bearer token sent as `authorization: Bearer <token>` on every
+    /// call, for a broker with an auth file (see [`ClientConfig::token_file`]).
+    /// `None` sends no credentials.
+    pub token: Option<String>,
+
+    /// Speak TLS, trusting this CA (and showing a client certificate, if
+    /// set); `None` for plaintext.
+    pub tls: Option<TlsConfig>,
 }
+
+impl std::fmt::Debug for ClientConfig {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("keep_alive_interval", &self.keep_alive_interval)
+            .field("keep_alive_timeout", &self.keep_alive_timeout)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl ClientConfig {
+    /// These settings with the token read from `path` (its first line,
+    /// trimmed), as `ballast token new` prints it.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("token");
+    /// std::fs::write(&path, "s3cret\n").unwrap();
+    /// let config = ballast_client::ClientConfig::default().token_file(&path).unwrap();
+    /// assert_eq!(config.token.as_deref(), Some("s3cret"));
+    /// ```
+    pub fn token_file(self, path: &Path) -> Result<ClientConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(|error| Error::InvalidArgument {
+            message: format!("cannot read the token file {}: {error}", path.display()),
+        })?;
+        let token = text.lines().next().unwrap_or_default().trim().to_owned();
+        if token.is_empty() {
+            return Err(Error::InvalidArgument { message: format!("the token file {} is empty", path.display()) });
+        }
+        Ok(ClientConfig { token: Some(token), ..self })
+    }
+}
+
+/// The credentials a client sends on every call.
+#[derive(Clone, Default)]
+pub(crate) struct Credentials(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Credentials(<bearer token>)" } else { "Credentials(none)" })
+    }
+}
+
+impl Credentials {
+    fn new(token: Option<&str>) -> Result<Credentials, Error> {
+        let Some(token) = token else { return Ok(Credentials(None)) };
+        let valid = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
+        let mut value = MetadataValue::try_from(format!("Bearer {token}")).ok().filter(|_| valid).ok_or_else(|| {
+            Error::InvalidArgument { message: "the token must be printable ASCII without spaces".to_owned() }
+        })?;
+        value.set_sensitive(true);
+        Ok(Credentials(Some(value)))
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The channel every stub of a [`Client`] calls through: the connection,
+/// with the credentials added to each call.
+pub(crate) type Transport = InterceptedService<Channel, Credentials>;
 
 impl Default for ClientConfig {
     /// Connect within 5 s; ping every 10 s, give up after 5 s without answer.
@@ -35,6 +119,8 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             keep_alive_interval: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
+            token: None,
+            tls: None,
         }
     }
 }
@@ -57,7 +143,7 @@ impl Default for ClientConfig {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Client {
-    channel: Channel,
+    channel: Transport,
     addr: String,
 }
 
@@ -81,8 +167,9 @@ impl Client {
 
     /// Like [`Client::new`], with explicit connection settings.
     pub fn with_config(addr: &str, config: ClientConfig) -> Result<Client, Error> {
-        let (endpoint, addr) = endpoint(addr, config)?;
-        Ok(Client { channel: endpoint.connect_lazy(), addr })
+        let credentials = Credentials::new(config.token.as_deref())?;
+        let (endpoint, addr) = endpoint(addr, &config)?;
+        Ok(Client { channel: Transport::new(endpoint.connect_lazy(), credentials), addr })
     }
 
     /// A client connected to the broker at `addr` now, so an unreachable
@@ -94,11 +181,16 @@ impl Client {
 
     /// Like [`Client::connect`], with explicit connection settings.
     pub async fn connect_with_config(addr: &str, config: ClientConfig) -> Result<Client, Error> {
-        let (endpoint, addr) = endpoint(addr, config)?;
-        let channel = endpoint.connect().await.map_err(|error| Error::Transport {
-            message: format!("cannot connect to {addr}: {}", error_chain(&error)),
+        let credentials = Credentials::new(config.token.as_deref())?;
+        let (endpoint, addr) = endpoint(addr, &config)?;
+        let channel = endpoint.connect().await.map_err(|error| {
+            let chain = error_chain(&error);
+            match crate::tls::advice(&chain) {
+                Some(message) => Error::Tls { message },
+                None => Error::Transport { message: format!("cannot connect to {addr}: {chain}") },
+            }
         })?;
-        Ok(Client { channel, addr })
+        Ok(Client { channel: Transport::new(channel, credentials), addr })
     }
 
     /// The broker's address, normalized (`http://host:port`).
@@ -130,15 +222,24 @@ impl Client {
     }
 }
 
-fn endpoint(addr: &str, config: ClientConfig) -> Result<(Endpoint, String), Error> {
-    let addr = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let endpoint = Endpoint::from_shared(addr.clone())
+fn endpoint(addr: &str, config: &ClientConfig) -> Result<(Endpoint, String), Error> {
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let addr = if addr.contains("://") { addr.to_owned() } else { format!("{scheme}://{addr}") };
+    let mut endpoint = Endpoint::from_shared(addr.clone())
         .map_err(|error| Error::InvalidAddress { addr: addr.clone(), message: error_chain(&error) })?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(config.keep_alive_interval)
         .keep_alive_timeout(config.keep_alive_timeout)
         .keep_alive_while_idle(true);
+    if let Some(tls) = &config.tls {
+        if addr.starts_with("http://") {
+            return Err(Error::Tls {
+                message: format!("{addr} is a plaintext address but TLS is configured: use https://"),
+            });
+        }
+        endpoint = endpoint.tls_config(tls.tonic()?).map_err(|error| Error::Tls { message: error_chain(&error) })?;
+    }
     Ok((endpoint, addr))
 }
 

@@ -51,7 +51,9 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Streaming, transport::Channel};
+use tonic::Streaming;
+
+use crate::client::Transport;
 
 use crate::{Backoff, Error, MessageId, contract};
 
@@ -267,7 +269,7 @@ pub struct ConsumerStats {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Consumer {
-    client: ConsumerClient<Channel>,
+    client: ConsumerClient<Transport>,
     queue: String,
     config: ConsumerConfig,
 }
@@ -312,7 +314,7 @@ impl Stopper {
 }
 
 impl Consumer {
-    pub(crate) fn new(channel: Channel, queue: &str, config: ConsumerConfig) -> Result<Consumer, Error> {
+    pub(crate) fn new(channel: Transport, queue: &str, config: ConsumerConfig) -> Result<Consumer, Error> {
         contract::check_queue_name(queue)?;
         config.validate()?;
         let client = ConsumerClient::new(channel).max_decoding_message_size(contract::GRPC_DECODE_SIZE_MAX);
@@ -799,10 +801,12 @@ fn is_fatal(error: &Error) -> bool {
         Error::NotFound { .. }
         | Error::InvalidArgument { .. }
         | Error::PermissionDenied { .. }
+        | Error::Unauthenticated { .. }
         | Error::FailedPrecondition { .. }
         | Error::AlreadyExists { .. }
         | Error::Protocol { .. }
-        | Error::InvalidAddress { .. } => true,
+        | Error::InvalidAddress { .. }
+        | Error::Tls { .. } => true,
         Error::Broker { code, .. } => *code == tonic::Code::Unimplemented,
         Error::ResourceExhausted { .. }
         | Error::Unavailable { .. }

@@ -115,10 +115,21 @@ pub enum Error {
         message: String,
     },
 
-    /// The caller may not do this (`PERMISSION_DENIED` or `UNAUTHENTICATED`).
+    /// The caller's principal may not do this action on this queue
+    /// (`PERMISSION_DENIED`); the message names both. Never retried.
     #[error("permission denied: {message}")]
     PermissionDenied {
         /// The broker's explanation.
+        message: String,
+    },
+
+    /// The broker did not accept the call's credentials
+    /// (`UNAUTHENTICATED`): none were sent, the token is malformed or
+    /// unknown, or the client certificate is not mapped to a principal.
+    /// Fix [`ClientConfig::token`](crate::ClientConfig::token); never retried.
+    #[error("unauthenticated (check the token or client certificate): {message}")]
+    Unauthenticated {
+        /// The broker's explanation (which of the above).
         message: String,
     },
 
@@ -158,6 +169,16 @@ pub enum Error {
         message: String,
     },
 
+    /// TLS failed: the broker's certificate is not signed by the given CA,
+    /// the broker wants a client certificate, one side speaks TLS and the
+    /// other does not, or a TLS file cannot be read. The message says which
+    /// and what to change; retrying cannot help.
+    #[error("TLS failed: {message}")]
+    Tls {
+        /// What failed and what to change.
+        message: String,
+    },
+
     /// The producer was closed (or its background task ended) before the
     /// call was answered.
     #[error("the producer is closed")]
@@ -181,9 +202,11 @@ impl Error {
             | Error::AlreadyExists { .. }
             | Error::FailedPrecondition { .. }
             | Error::PermissionDenied { .. }
+            | Error::Unauthenticated { .. }
             | Error::Broker { .. }
             | Error::Protocol { .. }
             | Error::InvalidAddress { .. }
+            | Error::Tls { .. }
             | Error::Closed => false,
         }
     }
@@ -233,8 +256,23 @@ impl Error {
             Error::Aborted { .. } => Some(Code::Aborted),
             Error::FailedPrecondition { .. } => Some(Code::FailedPrecondition),
             Error::PermissionDenied { .. } => Some(Code::PermissionDenied),
+            Error::Unauthenticated { .. } => Some(Code::Unauthenticated),
             Error::Broker { code, .. } => Some(*code),
-            Error::CircuitOpen { .. } | Error::Protocol { .. } | Error::InvalidAddress { .. } | Error::Closed => None,
+            Error::CircuitOpen { .. }
+            | Error::Protocol { .. }
+            | Error::InvalidAddress { .. }
+            | Error::Tls { .. }
+            | Error::Closed => None,
+        }
+    }
+
+    /// A failure of the local transport: [`Error::Tls`] when its causes
+    /// say TLS failed, [`Error::Transport`] otherwise.
+    pub(crate) fn transport(message: &str, source: &(dyn std::error::Error + 'static)) -> Error {
+        let message = transport_message(message, source);
+        match crate::tls::advice(&crate::client::error_chain(source)) {
+            Some(advice) => Error::Tls { message: advice },
+            None => Error::Transport { message },
         }
     }
 
@@ -248,7 +286,7 @@ impl Error {
     pub fn from_status(status: Status) -> Error {
         let message = status.message().to_owned();
         if let Some(source) = status.source() {
-            return Error::Transport { message: transport_message(&message, source) };
+            return Error::transport(&message, source);
         }
         match status.code() {
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument { message },
@@ -266,7 +304,8 @@ impl Error {
             },
             Code::Aborted => Error::Aborted { message },
             Code::FailedPrecondition => Error::FailedPrecondition { message },
-            Code::PermissionDenied | Code::Unauthenticated => Error::PermissionDenied { message },
+            Code::PermissionDenied => Error::PermissionDenied { message },
+            Code::Unauthenticated => Error::Unauthenticated { message },
             code @ (Code::Ok
             | Code::Cancelled
             | Code::Unknown

@@ -64,8 +64,11 @@ impl FakeServer {
 
     /// A lazily connecting channel to the fake, for constructors that take
     /// one directly.
-    pub(crate) fn client_channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).expect("valid address").connect_lazy()
+    pub(crate) fn client_channel(&self) -> crate::client::Transport {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("valid address")
+            .connect_lazy();
+        crate::client::Transport::new(channel, crate::client::Credentials::default())
     }
 }
 

@@ -19,6 +19,11 @@
 //!
 //! Every failure is an [`Error`], which says whether a retry can help.
 //!
+//! A broker with an auth file wants a token on every call:
+//! [`ClientConfig::token`] (or [`ClientConfig::token_file`]) sends it as
+//! `authorization: Bearer <token>`; a refused token is
+//! [`Error::Unauthenticated`], a refused action [`Error::PermissionDenied`].
+//!
 //! Saturation is a first-class signal: every [`Receipt`] carries how full
 //! the queue and the message's lane were right after the publish
 //! ([`Saturation`]: depth, bytes, fraction of the limits, oldest age, drain
@@ -56,6 +61,8 @@
 //!   place.
 //! - `error`: [`Error`], [`Refusal`].
 //! - `client`: [`Client`], [`ClientConfig`].
+//! - `tls`: [`TlsConfig`], [`Pem`]: the CA and client certificate of a TLS
+//!   connection, and TLS failures told apart from others ([`Error::Tls`]).
 //! - `message`: [`Message`], [`Receipt`], [`MessageId`], idempotency keys.
 //! - `stats`: [`Saturation`], [`BrokerStats`], [`QueueStats`], [`LaneStats`],
 //!   [`StatsWatch`].
@@ -91,6 +98,7 @@ mod producer;
 mod queue;
 mod retry;
 mod stats;
+mod tls;
 
 #[cfg(test)]
 mod fake;
@@ -111,3 +119,4 @@ pub use message::{Message, MessageId, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};
 pub use queue::{QueueInfo, QueueSettings, SyncPolicy};
 pub use stats::{BrokerStats, LaneStats, QueueStats, Saturation, StatsWatch};
+pub use tls::{Pem, TlsConfig};

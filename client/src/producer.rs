@@ -37,13 +37,13 @@ use std::{
     time::Duration,
 };
 
+use crate::client::Transport;
 use ballast_proto::v1::{self as proto, publisher_client::PublisherClient};
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
     task::{JoinHandle, JoinSet},
     time::Instant,
 };
-use tonic::transport::Channel;
 
 use crate::{
     BreakerConfig, BreakerState, CircuitBreaker, Error, Message, Receipt, RetryPolicy,
@@ -181,7 +181,7 @@ pub struct Producer {
 /// What the batching task and the batch senders share.
 #[derive(Debug)]
 struct Shared {
-    client: PublisherClient<Channel>,
+    client: PublisherClient<Transport>,
     config: ProducerConfig,
     retrier: Retrier,
     clock: Arc<dyn Clock>,
@@ -209,12 +209,12 @@ struct Item {
 }
 
 impl Producer {
-    pub(crate) fn new(channel: Channel, config: ProducerConfig) -> Result<Producer, Error> {
+    pub(crate) fn new(channel: Transport, config: ProducerConfig) -> Result<Producer, Error> {
         Producer::with_clock(channel, config, Arc::new(SystemClock))
     }
 
     pub(crate) fn with_clock(
-        channel: Channel,
+        channel: Transport,
         config: ProducerConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Producer, Error> {

@@ -25,6 +25,8 @@ pub struct Faults {
     /// The number of syncs left to fail, whatever `syncs_before_failure`.
     sync_failures: AtomicU64,
     write_failures: AtomicU64,
+    /// The number of directory syncs left to fail.
+    dir_sync_failures: AtomicU64,
     /// While set, syncs block (a stalled device) until it is cleared.
     syncs_held: parking_lot::Mutex<bool>,
     syncs_released: parking_lot::Condvar,
@@ -62,6 +64,12 @@ impl Faults {
     /// this is called again; 0: none), as on a disk that keeps failing.
     pub fn fail_syncs(&self, n: u64) {
         self.sync_failures.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` directory syncs (`fsync` of a log's directory: after a
+    /// roll, retention, a journal rewrite) fail with `EIO`.
+    pub fn fail_dir_syncs(&self, n: u64) {
+        self.dir_sync_failures.store(n, Ordering::SeqCst);
     }
 
     /// The next `n` writes fail with `EIO`.
@@ -204,7 +212,15 @@ impl Io {
     /// Syncs a directory so that file creations, renames and removals in it
     /// are durable.
     pub(crate) fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        File::open(dir)?.sync_all()
+        let file = File::open(dir)?;
+        if let Some(f) = &self.faults {
+            if f.dir_sync_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            #[cfg(test)]
+            f.synced_inodes.lock().push(std::os::unix::fs::MetadataExt::ino(&file.metadata()?));
+        }
+        file.sync_all()
     }
 }
 

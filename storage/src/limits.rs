@@ -67,6 +67,15 @@ pub const RECORD_SIZE_DEFAULT: u32 = 1024 * 1024 + 128 * 1024;
 /// offset scans at most this many bytes of record headers.
 pub const INDEX_INTERVAL_BYTES: u64 = 32 * 1024;
 
+/// Fill of the active segment, in percent of the segment size, past which
+/// the flusher prepares the log's spare segment (50): created,
+/// preallocated (`SEGMENT_GROWTH_STEP_MIN`) and synced on the flush pool, so
+/// that the append that rolls the log renames it instead of creating a file
+/// (see `docs/storage-format.md`, §3.1). Early enough that a steady writer
+/// never finds it missing (half a segment of appends to make one file);
+/// late enough that a lane that never fills a segment holds no spare.
+pub const SPARE_PREPARE_FILL_PERCENT: u64 = 50;
+
 /// Default amount of synced data, in bytes, between two checkpoints (8 MiB).
 /// Recovery after a crash scans at most this much plus the unsynced tail.
 pub const CHECKPOINT_INTERVAL_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
@@ -150,6 +159,7 @@ const _: () = assert!(
     (RECORD_SIZE_DEFAULT as u64) + SEGMENT_HEADER_SIZE <= SEGMENT_SIZE_DEFAULT,
     "a default-size record must fit in a default-size segment"
 );
+const _: () = assert!(SPARE_PREPARE_FILL_PERCENT < 100, "a spare is prepared before the segment is full");
 const _: () = assert!(FLUSH_THREADS_MIN >= 2, "one stalled fsync must not hold up every log");
 const _: () = assert!(FLUSH_THREADS_MIN <= FLUSH_THREADS_DEFAULT_MAX && FLUSH_THREADS_DEFAULT_MAX <= FLUSH_THREADS_MAX);
 const _: () = assert!(OPEN_FILES_MIN <= OPEN_FILES_DEFAULT && OPEN_FILES_DEFAULT <= OPEN_FILES_MAX);

@@ -12,14 +12,15 @@
 //! - `ack`: acks into the in-memory state and the journal buffer.
 //! - `pending`: byte accounting of the backlog, from positions.
 //! - `flusher`: the flusher, one job of the `FlushPool` (group commit,
-//!   growth ahead of the writer), and its cycle.
+//!   growth and the spare segment ahead of the writer), and its cycle.
 //! - `checkpoints`: the checkpoint and key-journal compaction.
 //! - `retention`: segment removal and ack-journal compaction.
 //!
 //! Lock order (acquire left to right; a lock never waits for one to its
 //! left): `flusher` (the flusher's own state: its pool thread, and a
 //! reopen), `writer`, `segments`, `commit`, `checkpointer`, `acks` (the
-//! flusher only `try_lock`s it under `commit`), then the leaf locks: a
+//! flusher only `try_lock`s it under `commit`), then the leaf locks: the
+//! `spare` slot (the writer holds it across the spare's rename), a
 //! segment's `growth` and `index`, the pool slot then the pool's queue (a
 //! wake-up), the descriptor cache, the fault seam. Most paths hold one of
 //! these at a time. One exception, safe because the two sides never run at
@@ -86,7 +87,7 @@ use crate::{
     keys::{KeyEntry, KeyJournal},
     limits::{
         ACK_JOURNAL_RETRY_MS, BACKGROUND_FLUSH_MS, BATCH_COUNT_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX,
-        SEGMENT_HEADER_SIZE,
+        SEGMENT_HEADER_SIZE, SPARE_PREPARE_FILL_PERCENT,
     },
     options::{LogOptions, SyncPolicy},
     pool::{FlushPool, Job, Scheduled, Slot, Step},
@@ -145,6 +146,22 @@ pub struct LogStats {
     /// the journal only when it wrote ack entries to it, so a publish-only
     /// workload leaves this at 0.
     pub ack_sync_count: u64,
+    /// Bytes of the spare segment file the flusher prepared ahead of the
+    /// next roll (0: none ready). Counted in `disk_bytes` too.
+    pub spare_bytes: u64,
+    /// Rolls since open that took the prepared spare: a rename and a header
+    /// write on the append path, no `fallocate`, no device flush.
+    pub rolls_from_spare: u64,
+    /// Rolls since open that found no spare ready (a burst outran the
+    /// flusher, or preparing it failed) and created the segment file on the
+    /// append path: `open` and `fallocate` on the caller's thread, still no
+    /// device flush. Should stay near 0; a steady rise means appends outrun
+    /// the flusher by a segment.
+    pub rolls_inline: u64,
+    /// Growth steps since open that the append path made itself
+    /// (`fallocate` on the caller's thread) because the flusher had not
+    /// grown the segment ahead of it.
+    pub growths_inline: u64,
 }
 
 pub(crate) struct Shared {
@@ -177,6 +194,13 @@ pub(crate) struct Shared {
     sync_count: AtomicU64,
     ack_sync_count: AtomicU64,
     recovered_keys: Mutex<Vec<KeyEntry>>,
+    /// The allocated length of the spare segment file the flusher prepared
+    /// (`segment::SPARE_FILE_NAME`), taken by the next roll. A leaf lock;
+    /// the writer holds it across the spare's rename.
+    spare: Mutex<Option<u64>>,
+    rolls_from_spare: AtomicU64,
+    rolls_inline: AtomicU64,
+    growths_inline: AtomicU64,
 }
 
 struct Writer {
@@ -253,6 +277,10 @@ impl Log {
             sync_count: AtomicU64::new(0),
             ack_sync_count: AtomicU64::new(0),
             recovered_keys: Mutex::new(recovered.keys),
+            spare: Mutex::new(None),
+            rolls_from_spare: AtomicU64::new(0),
+            rolls_inline: AtomicU64::new(0),
+            growths_inline: AtomicU64::new(0),
             options,
         });
         Ok(Log { shared })
@@ -322,6 +350,8 @@ impl Log {
         *shared.checkpointer.lock() =
             Checkpointer { checkpoint: recovered.checkpoint, keys: recovered.key_journal, last: point };
         shared.quarantined.fetch_add(recovered.quarantined, Ordering::Relaxed);
+        // Recovery removed the spare file.
+        *shared.spare.lock() = None;
         {
             let mut commit = shared.commit.lock();
             let old = std::mem::take(&mut *commit);
@@ -469,6 +499,7 @@ impl Log {
             let acks = self.shared.acks.lock();
             (acks.state.floor(), acks.state.done_above_floor(), acks.state.range_count() as u64)
         };
+        let spare_bytes = self.shared.spare.lock().unwrap_or(0);
         let segments = self.shared.segments.read();
         let next_offset = self.next_offset();
         LogStats {
@@ -478,13 +509,17 @@ impl Log {
             done_above_floor,
             pending: next_offset.saturating_sub(ack_floor).saturating_sub(done_above_floor),
             segment_count: segments.len() as u64,
-            disk_bytes: segments.iter().map(|s| s.allocated()).sum(),
+            disk_bytes: segments.iter().map(|s| s.allocated()).sum::<u64>() + spare_bytes,
             data_bytes: segments.iter().map(|s| s.written()).sum(),
             index_entries: segments.iter().map(|s| s.index_len() as u64).sum(),
             ack_ranges,
             quarantined: self.shared.quarantined.load(Ordering::Relaxed),
             sync_count: self.shared.sync_count.load(Ordering::Relaxed),
             ack_sync_count: self.shared.ack_sync_count.load(Ordering::Relaxed),
+            spare_bytes,
+            rolls_from_spare: self.shared.rolls_from_spare.load(Ordering::Relaxed),
+            rolls_inline: self.shared.rolls_inline.load(Ordering::Relaxed),
+            growths_inline: self.shared.growths_inline.load(Ordering::Relaxed),
         }
     }
 

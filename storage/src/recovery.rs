@@ -1,8 +1,10 @@
 //! What [`Log::open`](crate::Log::open) does to a directory.
 //!
 //! 1. Create the directory if needed (and sync its parent); remove leftover
-//!    `*.tmp` files of interrupted compactions.
-//! 2. Open every segment and validate its header. A segment with a bad header
+//!    `*.tmp` files of interrupted compactions and the spare segment file.
+//! 2. Open every segment and validate its header. One whose header is still
+//!    the spare's (a roll whose header never reached the disk) is removed.
+//!    A segment with a bad header
 //!    is renamed `*.corrupt` and its offsets are quarantined (a newer format
 //!    version is refused instead, so nothing is destroyed). Where the offsets
 //!    of a set-aside *last* segment end is unknown: step 5 bounds them.
@@ -19,7 +21,9 @@
 //! 5. Keep offsets unique: the log never ends below an offset known to have
 //!    been durable. A shortfall is quarantined, and a new segment starts past
 //!    it.
-//! 6. Sync every scanned segment, so the new checkpoint can vouch for them.
+//! 6. Sync every scanned segment, and the directory when the scan covered a
+//!    segment rolled after the checkpoint, so the new checkpoint can vouch
+//!    for them.
 //! 7. Ack state: the journal replayed, the floor raised to the first segment,
 //!    the gaps quarantined, and acks at or above the recovered end dropped
 //!    (their records were lost) with the journal rewritten without them.
@@ -102,7 +106,11 @@ pub(crate) fn recover(
         let Some(name) = name.to_str() else { continue };
         if let Some(base) = segment::parse_file_name(name) {
             bases.push(base);
-        } else if name.ends_with(".tmp") {
+        } else if name.ends_with(".tmp") || name == segment::SPARE_FILE_NAME {
+            // A spare is never trusted across an open: it may be unused, or
+            // hold a roll whose rename never reached the disk (records
+            // never acknowledged, since their commit waits for the
+            // directory sync). The flusher prepares a fresh one when needed.
             fs::remove_file(entry.path()).map_err(io_open(entry.path()))?;
         }
     }
@@ -133,6 +141,19 @@ pub(crate) fn recover(
         let path = dir.join(segment::file_name(base));
         match Segment::open(io, &path, base) {
             Ok(s) => segments.push(Arc::new(s)),
+            Err(OpenError::NotALog { .. }) if Segment::has_spare_header(&path) => {
+                // A roll renamed the spare, but its own header never reached
+                // the disk: the group commit that syncs it comes before any
+                // record in it is acknowledged, checkpointed or acked, so it
+                // holds nothing anyone was told is durable. Removed; a later
+                // segment (never acknowledged either) keeps its records past
+                // a quarantined gap, as after a set-aside one.
+                tracing::warn!(path = %path.display(), "removing a segment rolled from the spare whose header never reached the disk");
+                fs::remove_file(&path).map_err(io_open(&path))?;
+                if let Some(&next) = bases.get(i + 1) {
+                    gaps.push((base, next));
+                }
+            }
             Err(OpenError::NotALog { reason, .. }) => {
                 let aside = path.with_extension("corrupt");
                 tracing::error!(path = %path.display(), %reason, "segment header invalid; renamed to .corrupt");
@@ -247,6 +268,14 @@ pub(crate) fn recover(
     if let Some(from) = scanned_from {
         for segment in &segments[from..] {
             segment.sync(io).map_err(io_open(&segment.path))?;
+        }
+        // A segment after the checkpoint's may have been rolled by an
+        // append whose directory sync never ran (it folds into the group
+        // commit): its name must be durable before the checkpoint below
+        // points into it. Before the checkpoint's segment the cycle that
+        // wrote the checkpoint synced the directory already.
+        if segments.len() > from + 1 || start.is_none() {
+            io.sync_dir(dir).map_err(io_open(dir))?;
         }
     }
 

@@ -54,6 +54,19 @@ pub(crate) const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build reads.
 pub(crate) const FORMAT_VERSION_MIN: u32 = 1;
 pub(crate) const SEGMENT_SUFFIX: &str = "seg";
+/// The name of a log's spare segment: a file the flusher creates,
+/// preallocates and syncs ahead of need, which the append that rolls the
+/// log renames to its segment name (`Segment::from_spare`). Not a segment
+/// name, so recovery never reads it as one: it removes it.
+pub(crate) const SPARE_FILE_NAME: &str = "spare";
+/// The base offset in a spare's header: no segment has it (an offset is
+/// below `u64::MAX`). A `<base>.seg` whose header carries it is a spare
+/// renamed by a roll whose own header never reached the disk: nothing in
+/// it was ever acknowledged (`recovery`).
+pub(crate) const SPARE_BASE: u64 = u64::MAX;
+/// The spare a roll makes for itself when the flusher's is not ready: a
+/// `.tmp` name, so an open removes one a crash left.
+pub(crate) const ROLL_FILE_NAME: &str = "roll.tmp";
 
 /// One segment of a log.
 #[derive(Debug)]
@@ -130,7 +143,8 @@ impl Segment {
     /// Creates, preallocates and syncs a new segment file, with room for
     /// at least its first `end` bytes (header included), rounded up to a
     /// growth step; mapped if records are to be written (`end` past the
-    /// header), so that an append finds it ready. The caller syncs the
+    /// header). Recovery's way to start a segment (an append rolls onto a
+    /// spare instead, `Segment::from_spare`). The caller syncs the
     /// directory. On error the file is removed again (and the directory
     /// synced, best effort), so the creation can be retried under the same
     /// name.
@@ -166,6 +180,84 @@ impl Segment {
         segment.written.store(SEGMENT_HEADER_SIZE, Ordering::Release);
         segment.index.lock().complete = true;
         Ok(segment)
+    }
+
+    /// Creates a spare segment file `dir/name` (replacing a leftover one):
+    /// the first growth step that holds `end` bytes preallocated and a header with base
+    /// `SPARE_BASE`, synced if `durable`. The flusher prepares the log's
+    /// spare (`SPARE_FILE_NAME`, durable) ahead of need, so that a roll
+    /// that takes it pays no `fallocate` and no device flush; a roll that
+    /// finds none makes one inline (`ROLL_FILE_NAME`, not synced) and takes
+    /// it at once, so that a process killed at any point of a roll leaves a
+    /// file that recovery recognises. The directory is not synced (a spare
+    /// lost in a crash is only missing). Returns its allocated length. On
+    /// error the file is removed.
+    pub(crate) fn create_spare(io: &Io, dir: &Path, name: &str, size: u64, end: u64, durable: bool) -> io::Result<u64> {
+        let path = dir.join(name);
+        let allocated = next_allocation(0, end.max(SEGMENT_HEADER_SIZE), size);
+        let made = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).and_then(
+            |file| {
+                io.preallocate(&file, 0, allocated)?;
+                io.write_at(&file, &encode_header(SPARE_BASE, size), 0)?;
+                if durable { io.sync_data(&file) } else { Ok(()) }
+            },
+        );
+        match made {
+            Ok(()) => Ok(allocated),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Turns the spare `dir/name` (`allocated` bytes, from
+    /// [`Segment::create_spare`]) into the segment `base_offset`, with room
+    /// for its first `end` bytes: renames it to its segment name and writes
+    /// its header. No device flush: the caller's group commit syncs the
+    /// header with the first records and the directory with the rename,
+    /// before any of those records is acknowledged. A crash before that
+    /// leaves either `spare` (removed at open) or `<base>.seg` with a
+    /// header that says `SPARE_BASE` or its base (`recovery`). Grows the
+    /// file if `end` is past the spare's allocation (`grown` says so). On
+    /// error after the rename the file is removed again, so the roll can
+    /// be retried (inline) under the same name.
+    pub(crate) fn from_spare(
+        io: &Io,
+        dir: &Path,
+        name: &str,
+        base_offset: u64,
+        size: u64,
+        allocated: u64,
+        end: u64,
+    ) -> io::Result<(Segment, bool)> {
+        let path = dir.join(file_name(base_offset));
+        std::fs::rename(dir.join(name), &path)?;
+        let made = file::open_rw(&path, false).and_then(|file| {
+            io.write_at(&file, &encode_header(base_offset, size), 0)?;
+            let segment = Segment::new(io, path.clone(), file, base_offset, size, allocated);
+            segment.written.store(SEGMENT_HEADER_SIZE, Ordering::Release);
+            segment.index.lock().complete = true;
+            let grown = segment.grow(io, end)?;
+            segment.ensure_mapped(io)?;
+            Ok((segment, grown))
+        });
+        if made.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        made
+    }
+
+    /// Whether the file at `path` starts with a valid spare header (base
+    /// `SPARE_BASE`): under a segment name, a spare renamed by a roll whose
+    /// header rewrite never reached the disk.
+    pub(crate) fn has_spare_header(path: &Path) -> bool {
+        let mut h = [0u8; SEGMENT_HEADER_SIZE as usize];
+        let read = File::open(path).and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut h, 0));
+        read.is_ok()
+            && h[0..8] == SEGMENT_MAGIC
+            && crc32fast::hash(&h[0..60]) == u32::from_le_bytes(h[60..64].try_into().expect("4 bytes"))
+            && u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) == SPARE_BASE
     }
 
     /// Opens an existing segment and validates its header. `written` starts
@@ -307,20 +399,21 @@ impl Segment {
     /// map. No sync: the size change reaches the disk with the first
     /// `fdatasync` of the records written into the new space (see
     /// `docs/storage-format.md`, §3.1).
-    pub(crate) fn grow(&self, io: &Io, end: u64) -> io::Result<()> {
+    /// Returns whether it had to grow the file (an `fallocate` ran).
+    pub(crate) fn grow(&self, io: &Io, end: u64) -> io::Result<bool> {
         assert!(end <= self.size(), "growth past the segment size: {end} > {}", self.size());
         if end <= self.allocated() {
-            return Ok(());
+            return Ok(false);
         }
         let _growth = self.growth.lock();
         let allocated = self.allocated();
         if end <= allocated {
-            return Ok(());
+            return Ok(false);
         }
         let target = next_allocation(allocated, end, self.size());
         io.preallocate(&*self.file.get()?, allocated, target)?;
         self.allocated.store(target, Ordering::Release);
-        Ok(())
+        Ok(true)
     }
 
     pub(crate) fn written(&self) -> u64 {

@@ -17,7 +17,11 @@
 //!    reported durable twice (an offset is never reused after recovery);
 //! 4. acks whose commit resolved are still done; records never acked are not
 //!    done (not quarantined); only acked records may be removed by retention;
-//! 5. the idempotency keys of reported-durable records are recovered.
+//! 5. the idempotency keys of reported-durable records are recovered;
+//! 6. a roll cut by the kill (the spare, the inline roll's `roll.tmp`, a
+//!    segment renamed from a spare before its header was written) leaves
+//!    nothing behind after recovery, and nothing is set aside as `.corrupt`.
+//!    The summary counts the kills that left each of those states.
 //!
 //! Then the parent sometimes acks a prefix (so retention removes segments and
 //! the ack journal and checkpoint are rewritten), closes the log, and runs
@@ -135,6 +139,49 @@ struct Model {
     keyed_count: u64,
     /// Reads of reported-durable records checked, over all cycles.
     checked_count: u64,
+    /// Kills that left the roll states of [`RollStates`], over all cycles.
+    roll_states: RollStates,
+}
+
+/// What a kill left of the spare-segment protocol, seen before recovery.
+#[derive(Debug, Default, Clone, Copy)]
+struct RollStates {
+    /// A prepared spare (`spare`).
+    spare: u64,
+    /// An inline roll's own spare (`roll.tmp`), not renamed yet.
+    roll_file: u64,
+    /// A `<base>.seg` still holding a spare's header: renamed, header not
+    /// written yet.
+    spare_headed: u64,
+}
+
+impl RollStates {
+    /// Looks at `dir` as the kill left it (or, after recovery, as recovery
+    /// left it).
+    fn of(dir: &Path) -> RollStates {
+        let mut states = RollStates::default();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == "spare" {
+                states.spare += 1;
+            } else if name == "roll.tmp" {
+                states.roll_file += 1;
+            } else if name.ends_with(".seg") {
+                let header = std::fs::read(entry.path()).unwrap_or_default();
+                // A spare's header: the segment magic, base offset u64::MAX.
+                if header.len() >= 24 && header[..8] == *b"BLSTSEG\0" && header[16..24] == [0xFF; 8] {
+                    states.spare_headed += 1;
+                }
+            }
+        }
+        states
+    }
+
+    fn add(&mut self, other: RollStates) {
+        self.spare += other.spare;
+        self.roll_file += other.roll_file;
+        self.spare_headed += other.spare_headed;
+    }
 }
 
 /// One line of the child's report.
@@ -276,10 +323,14 @@ fn parent() -> ExitCode {
     }
     println!(
         "crash: {cycles_run} cycles ({opening_kills} killed while opening), {} durable records checked \
-         ({} reported, {} with keys), {} failures (seed {}, {:.1} s)",
+         ({} reported, {} with keys), kills leaving a spare {}, a roll.tmp {}, a spare-headed segment {}, \
+         {} failures (seed {}, {:.1} s)",
         model.checked_count,
         model.reported_count,
         model.keyed_count,
+        model.roll_states.spare,
+        model.roll_states.roll_file,
+        model.roll_states.spare_headed,
         failures.len(),
         settings.seed,
         elapsed.as_secs_f64()
@@ -499,6 +550,7 @@ fn verify_and_ack(
     cycle: u64,
     failures: &mut Vec<String>,
 ) {
+    model.roll_states.add(RollStates::of(dir));
     let log = match Log::open(dir, options()) {
         Ok(log) => log,
         Err(e) => {
@@ -507,6 +559,20 @@ fn verify_and_ack(
         }
     };
     let mut fail = |message: String| failures.push(format!("cycle {cycle}: {message}"));
+    let left = RollStates::of(dir);
+    if left.roll_file + left.spare_headed > 0 {
+        fail(format!("recovery left a cut roll behind: {left:?}"));
+    }
+    let set_aside: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".corrupt"))
+        .collect();
+    if !set_aside.is_empty() {
+        fail(format!("a kill made recovery set segments aside: {set_aside:?}"));
+    }
     let next_offset = log.next_offset();
     if let Some(max) = model.offset_max
         && next_offset <= max

@@ -32,6 +32,22 @@ struct Args {
     /// Longest wait for in-flight calls on SIGTERM/SIGINT, in ms [default: 10000].
     #[arg(long, value_name = "MS")]
     shutdown_timeout_ms: Option<u64>,
+    /// TOML file of principals (tokens, certificate identities, per-queue
+    /// permissions); without it every call is open [config: auth.file].
+    #[arg(long, value_name = "FILE")]
+    auth_file: Option<PathBuf>,
+    /// TLS: the server's certificate chain (PEM); needs --tls-key [config: tls.cert].
+    #[arg(long, value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the certificate's private key (PEM) [config: tls.key].
+    #[arg(long, value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: require client certificates signed by these CAs (PEM) [config: tls.client_ca].
+    #[arg(long, value_name = "PATH")]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow a non-loopback listen address without TLS and authentication [config: insecure].
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn main() -> ExitCode {
@@ -121,8 +137,41 @@ fn load_config(args: &Args) -> Result<Config, String> {
     if let Some(ms) = args.shutdown_timeout_ms {
         config.shutdown_timeout_ms = ms;
     }
+    if let Some(path) = &args.auth_file {
+        config.auth.file = Some(path.clone());
+    }
+    apply_tls_args(args, &mut config);
     config.validate()?;
+    config.validate_tls()?;
+    // The files are read now, so a bad one stops the start with its reason
+    // (a principal's line, a certificate's file) before anything listens.
+    if let Some(path) = &config.auth.file {
+        ballast_broker::auth::load_file(path)?;
+    }
+    if let Some(files) = ballast_broker::grpc::tls::TlsFiles::of(&config.tls) {
+        ballast_broker::grpc::tls::build(&files).map_err(|e| e.to_string())?;
+    }
+    ballast_broker::config::check_exposure(
+        config.listen,
+        config.tls.enabled(),
+        config.auth_configured(),
+        config.insecure,
+    )
+    .map_err(|e| e.to_string())?;
     Ok(config)
+}
+
+fn apply_tls_args(args: &Args, config: &mut Config) {
+    if let Some(path) = &args.tls_cert {
+        config.tls.cert = Some(path.clone());
+    }
+    if let Some(path) = &args.tls_key {
+        config.tls.key = Some(path.clone());
+    }
+    if let Some(path) = &args.tls_client_ca {
+        config.tls.client_ca = Some(path.clone());
+    }
+    config.insecure |= args.insecure;
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -161,15 +210,21 @@ fn announce(text: &str) {
     let _ = out.flush();
 }
 
-/// Installs the SIGTERM and SIGINT handlers now; the returned future
-/// resolves on the first of them.
+/// Installs the SIGTERM, SIGINT and SIGHUP handlers now; the returned
+/// future resolves on the first SIGTERM or SIGINT.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| anyhow::anyhow!("cannot install the SIGTERM handler: {e}"))?;
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| anyhow::anyhow!("cannot install the SIGINT handler: {e}"))?;
+    // SIGHUP reloads the TLS files and the auth file (the server listens
+    // for it); taken over
+    // now, so one that comes before the server starts does not end the
+    // process, its default action.
+    let hangup = signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
     Ok(async move {
+        let _hangup = hangup;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
             _ = int.recv() => tracing::info!("SIGINT"),

@@ -5,10 +5,12 @@
 //! [`Broker`]: crate::Broker
 //! [`BrokerError`]: crate::BrokerError
 
+pub mod auth;
 mod convert;
 pub mod peer;
 mod service;
 pub(crate) mod status;
+pub mod tls;
 pub mod transport;
 
 pub use service::Service;

@@ -7,9 +7,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::{convert, status::to_status, transport::inbound_error};
+use super::{auth::Caller, convert, peer::Peer, status::to_status, transport::inbound_error};
 use crate::{
     Broker,
+    auth::{AUDIT_TARGET, Action, Principal, Revocation},
     broker::{DamagedQueue, OpeningQueue},
     error::BrokerError,
     limits::{
@@ -26,12 +27,95 @@ pub struct Service {
     broker: Arc<Broker>,
     /// A permit per open Stats Watch stream (`grpc.watch_streams_max`).
     watches: Arc<tokio::sync::Semaphore>,
+    /// Whether an auth file is set: then every call must carry the
+    /// [`Caller`] that the auth layer found.
+    auth_on: bool,
+}
+
+/// What one call may do: everything (no auth file) or what its principal
+/// may; and where it came from, for the audit log.
+#[derive(Debug, Clone)]
+struct Access {
+    principal: Option<Arc<Principal>>,
+    peer: Option<std::net::SocketAddr>,
+}
+
+impl Access {
+    fn allows(&self, action: Action, queue: &str) -> bool {
+        self.principal.as_ref().is_none_or(|p| p.allows(action, queue))
+    }
+
+    fn principal_name(&self) -> &str {
+        self.principal.as_ref().map_or("-", |p| p.name.as_str())
+    }
+
+    /// PERMISSION_DENIED naming the action and the queue unless allowed.
+    /// Called before the queue is looked up, so the answer is the same
+    /// whether the queue exists or not.
+    fn check(&self, action: Action, queue: &str) -> Result<(), Status> {
+        if self.allows(action, queue) {
+            return Ok(());
+        }
+        self.audit(action.name(), queue, "denied");
+        crate::metrics::count_error(Code::PermissionDenied);
+        Err(Status::permission_denied(format!(
+            "principal {:?} lacks the {:?} permission on queue {queue:?}",
+            self.principal_name(),
+            action.name()
+        )))
+    }
+
+    /// One audit line: who did what to which queue, and how it ended.
+    fn audit(&self, action: &str, queue: &str, outcome: &str) {
+        let peer = self.peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        tracing::info!(target: AUDIT_TARGET, principal = self.principal_name(), %peer, queue, action, outcome, "audit");
+    }
+
+    /// Resolves once a reload of the auth file revoked this call's
+    /// principal, with the status that ends its stream: UNAUTHENTICATED when
+    /// its credentials are gone, ABORTED (open the stream again, which is
+    /// checked anew) when its rules changed. Never without an auth file.
+    async fn revoked(&self) -> Status {
+        let Some(principal) = &self.principal else { return std::future::pending().await };
+        let status = match principal.revoked().await {
+            Revocation::Removed => Status::unauthenticated("the auth file no longer holds this stream's credentials"),
+            Revocation::Changed => {
+                Status::aborted("the auth file changed this stream's principal; open the stream again")
+            }
+        };
+        self.audit("stream", "-", "revoked");
+        crate::metrics::count_error(status.code());
+        status
+    }
+
+    /// Audits an admin action's result and passes it on.
+    fn audited<T>(&self, action: &str, queue: &str, result: Result<T, Status>) -> Result<T, Status> {
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(status) => format!("{:?}", status.code()),
+        };
+        self.audit(action, queue, &outcome);
+        result
+    }
 }
 
 impl Service {
     pub fn new(broker: Arc<Broker>) -> Service {
         let watches = Arc::new(tokio::sync::Semaphore::new(broker.config().grpc.watch_streams_max));
-        Service { broker, watches }
+        let auth_on = broker.config().auth_configured();
+        Service { broker, watches, auth_on }
+    }
+
+    /// What the call of `request` may do. With an auth file, a request
+    /// without a [`Caller`] (never the case behind the auth layer) is
+    /// UNAUTHENTICATED rather than open.
+    fn access<T>(&self, request: &Request<T>) -> Result<Access, Status> {
+        let peer = request.extensions().get::<Peer>().and_then(|p| p.addr);
+        let principal = request.extensions().get::<Caller>().map(|c| Arc::clone(&c.0));
+        if self.auth_on && principal.is_none() {
+            return Err(Status::unauthenticated("no credentials were checked for this call"));
+        }
+        Ok(Access { principal: principal.filter(|_| self.auth_on), peer })
     }
 
     /// The queue named `name`, opened first if the broker has not opened
@@ -44,26 +128,42 @@ impl Service {
 #[tonic::async_trait]
 impl admin_server::Admin for Service {
     async fn create_queue(&self, request: Request<pb::CreateQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
+        let access = self.access(&request)?;
         let request = request.into_inner();
-        let settings = convert::settings_request(request.settings).map_err(to_status)?;
-        let queue = self.broker.create(&request.name, &settings).await.map_err(to_status)?;
+        access.check(Action::Admin, &request.name)?;
+        let created = async {
+            let settings = convert::settings_request(request.settings).map_err(to_status)?;
+            self.broker.create(&request.name, &settings).await.map_err(to_status)
+        };
+        let queue = access.audited("create", &request.name, created.await)?;
         Ok(Response::new(convert::queue_info(&queue)))
     }
 
     async fn get_queue(&self, request: Request<pb::GetQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
-        let queue = self.queue(&request.into_inner().name).await?;
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, &name)?;
+        let queue = self.queue(&name).await?;
         Ok(Response::new(convert::queue_info(&queue)))
     }
 
     async fn list_queues(
         &self,
-        _request: Request<pb::ListQueuesRequest>,
+        request: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let access = self.access(&request)?;
         if self.broker.is_shutting_down() {
             return Err(to_status(BrokerError::ShuttingDown));
         }
-        let queues =
-            every_queue(&self.broker, convert::queue_info, convert::opening_info, convert::damaged_info, "ListQueues");
+        let permitted = |name: &str| access.allows(Action::Admin, name);
+        let queues = every_queue(
+            &self.broker,
+            permitted,
+            convert::queue_info,
+            convert::opening_info,
+            convert::damaged_info,
+            "ListQueues",
+        );
         Ok(Response::new(pb::ListQueuesResponse { queues }))
     }
 
@@ -71,7 +171,10 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<pb::DeleteQueueRequest>,
     ) -> Result<Response<pb::DeleteQueueResponse>, Status> {
-        self.broker.delete(&request.into_inner().name).await.map_err(to_status)?;
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, &name)?;
+        access.audited("delete", &name, self.broker.delete(&name).await.map_err(to_status))?;
         Ok(Response::new(pb::DeleteQueueResponse {}))
     }
 
@@ -79,8 +182,11 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<pb::PurgeQueueRequest>,
     ) -> Result<Response<pb::PurgeQueueResponse>, Status> {
-        let queue = self.queue(&request.into_inner().name).await?;
-        let purged = queue.purge().map_err(to_status)?;
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, &name)?;
+        let purged =
+            access.audited("purge", &name, self.queue(&name).await.and_then(|q| q.purge().map_err(to_status)))?;
         Ok(Response::new(pb::PurgeQueueResponse { purged }))
     }
 }
@@ -88,7 +194,9 @@ impl admin_server::Admin for Service {
 #[tonic::async_trait]
 impl publisher_server::Publisher for Service {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let access = self.access(&request)?;
         let request = request.into_inner();
+        access.check(Action::Publish, &request.queue)?;
         let queue = self.queue(&request.queue).await?;
         let message = convert::publish(request.message).map_err(to_status)?;
         let receipts = queue.publish(vec![message]).await.map_err(to_status)?;
@@ -100,7 +208,9 @@ impl publisher_server::Publisher for Service {
         &self,
         request: Request<pb::PublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let access = self.access(&request)?;
         let request = request.into_inner();
+        access.check(Action::Publish, &request.queue)?;
         let queue = self.queue(&request.queue).await?;
         let messages = request
             .messages
@@ -114,13 +224,23 @@ impl publisher_server::Publisher for Service {
 }
 
 impl Service {
-    async fn stats(&self, queue: &str) -> Result<pb::StatsResponse, Status> {
+    /// One queue's figures, or every permitted queue's (`queue` empty).
+    async fn stats(&self, access: &Access, queue: &str) -> Result<pb::StatsResponse, Status> {
         let queues = if queue.is_empty() {
             if self.broker.is_shutting_down() {
                 return Err(to_status(BrokerError::ShuttingDown));
             }
-            every_queue(&self.broker, convert::queue_stats, convert::opening_stats, convert::damaged_stats, "Stats")
+            let permitted = |name: &str| access.allows(Action::Stats, name);
+            every_queue(
+                &self.broker,
+                permitted,
+                convert::queue_stats,
+                convert::opening_stats,
+                convert::damaged_stats,
+                "Stats",
+            )
         } else {
+            access.check(Action::Stats, queue)?;
             vec![convert::queue_stats(&*self.queue(queue).await?)]
         };
         Ok(pb::StatsResponse {
@@ -135,12 +255,14 @@ impl Service {
 #[tonic::async_trait]
 impl stats_server::Stats for Service {
     async fn get_stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
-        Ok(Response::new(self.stats(&request.into_inner().queue).await?))
+        let access = self.access(&request)?;
+        Ok(Response::new(self.stats(&access, &request.into_inner().queue).await?))
     }
 
     type WatchStream = ReceiverStream<Result<pb::StatsResponse, Status>>;
 
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let access = self.access(&request)?;
         let request = request.into_inner();
         let interval_ms = if request.interval_ms == 0 { WATCH_INTERVAL_MS_DEFAULT } else { request.interval_ms };
         if !(WATCH_INTERVAL_MS_MIN..=WATCH_INTERVAL_MS_MAX).contains(&interval_ms) {
@@ -156,7 +278,7 @@ impl stats_server::Stats for Service {
                 hint: "close other Watch streams, poll GetStats, or raise grpc.watch_streams_max",
             })
         })?;
-        let first = self.stats(&request.queue).await?;
+        let first = self.stats(&access, &request.queue).await?;
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
         // The task must end when the broker shuts down: a graceful shutdown
@@ -166,6 +288,8 @@ impl stats_server::Stats for Service {
         tokio::spawn(async move {
             let _permit = permit;
             tokio::pin!(stopping);
+            let revoked = access.revoked();
+            tokio::pin!(revoked);
             let mut next = Ok(first);
             let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -180,10 +304,14 @@ impl stats_server::Stats for Service {
                 tokio::select! {
                     biased;
                     () = &mut stopping => break,
+                    status = &mut revoked => {
+                        let _ = tx.try_send(Err(status));
+                        return;
+                    }
                     () = tx.closed() => return,
                     _ = ticker.tick() => {}
                 }
-                next = service.stats(&request.queue).await;
+                next = service.stats(&access, &request.queue).await;
             }
             // Shutting down: say so if the client has room for it; either
             // way the stream ends when `tx` drops.
@@ -199,6 +327,7 @@ impl stats_server::Stats for Service {
 /// always fits the encode limit; they can be asked for by name.
 fn every_queue<T: prost::Message>(
     broker: &Broker,
+    permitted: impl Fn(&str) -> bool,
     open: impl Fn(&Queue) -> T,
     opening: impl Fn(&OpeningQueue) -> T,
     damaged: impl Fn(&DamagedQueue) -> T,
@@ -208,9 +337,10 @@ fn every_queue<T: prost::Message>(
     let set_aside = broker.damaged_queues();
     let mut named: Vec<(&str, T)> = queues
         .iter()
+        .filter(|q| permitted(q.name.as_str()))
         .map(|q| (q.name.as_str(), open(q)))
-        .chain(not_open.iter().map(|o| (o.name.as_str(), opening(o))))
-        .chain(set_aside.iter().map(|d| (d.name.as_str(), damaged(d))))
+        .chain(not_open.iter().filter(|o| permitted(o.name.as_str())).map(|o| (o.name.as_str(), opening(o))))
+        .chain(set_aside.iter().filter(|d| permitted(d.name.as_str())).map(|d| (d.name.as_str(), damaged(d))))
         .collect();
     // Stable: a queue being set aside meanwhile (listed both ways) is
     // shown once, as it was before.
@@ -264,6 +394,7 @@ impl consumer_server::Consumer for Service {
         &self,
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let access = self.access(&request)?;
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -273,17 +404,20 @@ impl consumer_server::Consumer for Service {
         let Some(pb::consume_request::Kind::Subscribe(subscribe)) = first.kind else {
             return Err(Status::invalid_argument("the first request of a consume stream must be subscribe"));
         };
+        access.check(Action::Consume, &subscribe.queue)?;
         let queue = self.queue(&subscribe.queue).await?;
         let subscription = queue.subscribe(subscribe.credit).map_err(to_status)?;
         let (out, rx) = mpsc::channel(CREDIT_MAX as usize + SESSION_CHANNEL_EXTRA);
         let subscribed = pb::Subscribed { queue: queue.name.to_string(), consumer_id: subscription.consumer_id };
         let _ = out.try_send(Ok(response(pb::consume_response::Kind::Subscribed(subscribed))));
-        tokio::spawn(session(Arc::clone(&self.broker), queue, subscription, inbound, out));
+        tokio::spawn(session(Arc::clone(&self.broker), access, queue, subscription, inbound, out));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn pull(&self, request: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {
+        let access = self.access(&request)?;
         let request = request.into_inner();
+        access.check(Action::Consume, &request.queue)?;
         let queue = self.queue(&request.queue).await?;
         if request.wait_ms > PULL_WAIT_MS_MAX {
             return Err(Status::invalid_argument(format!(
@@ -330,7 +464,9 @@ impl consumer_server::Consumer for Service {
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let access = self.access(&request)?;
         let request = request.into_inner();
+        access.check(Action::Consume, &request.queue)?;
         let queue = self.queue(&request.queue).await?;
         if request.delivery_ids.is_empty() {
             return Err(Status::invalid_argument("ack needs at least one delivery id"));
@@ -346,7 +482,9 @@ impl consumer_server::Consumer for Service {
     }
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Result<Response<pb::NackResponse>, Status> {
+        let access = self.access(&request)?;
         let request = request.into_inner();
+        access.check(Action::Consume, &request.queue)?;
         let queue = self.queue(&request.queue).await?;
         queue
             .nack(request.delivery_id, request.delay_ms, &request.reason, Holder::AnyCaller)
@@ -399,6 +537,7 @@ type Out = mpsc::Sender<Result<pb::ConsumeResponse, Status>>;
 /// nacks until either side ends; then releases the consumer's leases.
 async fn session(
     broker: Arc<Broker>,
+    access: Access,
     queue: Arc<Queue>,
     mut subscription: crate::queue::Subscription,
     mut inbound: Streaming<pb::ConsumeRequest>,
@@ -406,8 +545,14 @@ async fn session(
 ) {
     let consumer_id = subscription.consumer_id;
     let nacks = Arc::new(tokio::sync::Semaphore::new(STREAM_NACKS_IN_FLIGHT_MAX));
+    let revoked = access.revoked();
+    tokio::pin!(revoked);
     loop {
         tokio::select! {
+            status = &mut revoked => {
+                let _ = out.send(Err(status)).await;
+                break;
+            }
             delivery = subscription.deliveries.recv() => match delivery {
                 Some(delivery) => {
                     let message = response(pb::consume_response::Kind::Delivery(convert::delivery(delivery)));

@@ -1,6 +1,7 @@
 //! What happens to a call before and around the services: accepted
 //! connections are counted against `grpc.connections_max`, request
-//! metadata is checked against [`METADATA_SIZE_MAX`], and the statuses
+//! metadata is checked against [`METADATA_SIZE_MAX`], then the call is
+//! authenticated (`grpc/auth.rs`), and the statuses
 //! tonic itself answers for a request it cannot decode are made ones a
 //! client can act on (and counted in `ballast_errors_total`):
 //!
@@ -34,6 +35,7 @@ use tonic::{
 };
 
 use super::peer::Peer;
+use crate::auth::Auth;
 use crate::limits::METADATA_SIZE_MAX;
 
 /// The status for a request tonic could not decode, as the client should
@@ -76,22 +78,33 @@ fn metadata_size(headers: &http::HeaderMap) -> usize {
 }
 
 /// Adds [`StatusService`] around the services.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StatusLayer;
+#[derive(Debug, Clone, Default)]
+pub struct StatusLayer {
+    auth: Option<Arc<Auth>>,
+}
+
+impl StatusLayer {
+    /// Authenticates calls against `auth` (none: every call is let through).
+    pub fn new(auth: Option<Arc<Auth>>) -> StatusLayer {
+        StatusLayer { auth }
+    }
+}
 
 impl<S> tower_layer::Layer<S> for StatusLayer {
     type Service = StatusService<S>;
 
     fn layer(&self, inner: S) -> StatusService<S> {
-        StatusService { inner }
+        StatusService { inner, auth: self.auth.clone() }
     }
 }
 
-/// Refuses oversized metadata before the call runs and rewrites tonic's
-/// own statuses for undecodable requests (see the module docs).
+/// Refuses oversized metadata before the call runs, then authenticates it
+/// ([`super::auth::admit`]), and rewrites tonic's own statuses for
+/// undecodable requests (see the module docs).
 #[derive(Debug, Clone)]
 pub struct StatusService<S> {
     inner: S,
+    auth: Option<Arc<Auth>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -110,7 +123,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let size = metadata_size(request.headers());
         if size > METADATA_SIZE_MAX {
             let status = Status::resource_exhausted(format!(
@@ -118,6 +131,12 @@ where
                  each); the limit is {METADATA_SIZE_MAX}: send fewer or smaller metadata entries",
                 request.headers().len()
             ));
+            crate::metrics::count_error(status.code());
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        // Credentials are checked only once the metadata is known to be
+        // within its limit, and before any body is decoded.
+        if let Err(status) = super::auth::admit(self.auth.as_deref(), &mut request) {
             crate::metrics::count_error(status.code());
             return Box::pin(std::future::ready(Ok(status.into_http())));
         }
@@ -156,7 +175,8 @@ impl Connections {
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
                 metrics::gauge!("ballast_connections").increment(1.0);
-                Some(Counted { stream, _permit: permit })
+                let peer = Peer { addr: stream.peer_addr().ok(), cert_identities: Arc::from([]) };
+                Some(Counted { stream: Stream::Plain(stream), peer, _permit: Permit { _permit: permit } })
             }
             Err(_) => {
                 let peer = stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
@@ -173,13 +193,48 @@ impl Connections {
 /// permits until it is dropped (closed).
 #[derive(Debug)]
 pub struct Counted {
-    stream: TcpStream,
+    stream: Stream,
+    /// Fixed when the connection is admitted (and its TLS handshake done):
+    /// every request on it gets a clone.
+    peer: Peer,
+    _permit: Permit,
+}
+
+/// A connection permit, counted in `ballast_connections` while held.
+#[derive(Debug)]
+struct Permit {
     _permit: OwnedSemaphorePermit,
 }
 
-impl Drop for Counted {
+impl Drop for Permit {
     fn drop(&mut self) {
         metrics::gauge!("ballast_connections").decrement(1.0);
+    }
+}
+
+/// The bytes of a connection: as they come, or through TLS.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Counted {
+    /// The client's address as the logs print it.
+    pub fn addr_display(&self) -> String {
+        self.peer.addr_display()
+    }
+
+    /// Runs the server side of a TLS handshake with `config` (bounded by
+    /// `TLS_HANDSHAKE_TIMEOUT_MS`) and records the client certificate's
+    /// identities; the connection keeps its permit throughout.
+    pub async fn secure(self, config: Arc<rustls::ServerConfig>) -> Result<Counted, super::tls::HandshakeError> {
+        let Counted { stream, peer, _permit } = self;
+        let Stream::Plain(tcp) = stream else {
+            return Ok(Counted { stream, peer, _permit });
+        };
+        let (tls, cert_identities) = super::tls::handshake(config, tcp).await?;
+        Ok(Counted { stream: Stream::Tls(Box::new(tls)), peer: Peer { cert_identities, ..peer }, _permit })
     }
 }
 
@@ -187,27 +242,43 @@ impl Connected for Counted {
     type ConnectInfo = Peer;
 
     fn connect_info(&self) -> Peer {
-        Peer { addr: self.stream.peer_addr().ok(), cert_identities: Arc::from([]) }
+        self.peer.clone()
     }
+}
+
+/// Forwards a call to whichever stream the connection has.
+macro_rules! forward {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match &mut $self.get_mut().stream {
+            Stream::Plain($stream) => {
+                let $stream = Pin::new($stream);
+                $call
+            }
+            Stream::Tls($stream) => {
+                let $stream = Pin::new($stream.as_mut());
+                $call
+            }
+        }
+    };
 }
 
 impl AsyncRead for Counted {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        forward!(self, stream => stream.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Counted {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        forward!(self, stream => stream.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        forward!(self, stream => stream.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        forward!(self, stream => stream.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -215,10 +286,13 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        forward!(self, stream => stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Stream::Plain(stream) => stream.is_write_vectored(),
+            Stream::Tls(stream) => stream.is_write_vectored(),
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! port, spoken to through the generated gRPC stubs.
 
 mod admin;
+mod auth;
 mod delivery;
 mod disk;
 mod durability;
@@ -11,4 +12,5 @@ mod queues;
 mod quota;
 mod saturation;
 mod support;
+mod tls;
 mod wire;

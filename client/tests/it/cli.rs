@@ -9,10 +9,14 @@ use std::{
 
 use crate::support::Broker;
 
-/// `ballast --addr URL ARGS`, deaf to a `BALLAST_ADDR` in the environment.
+/// `ballast --addr URL ARGS`, deaf to a `BALLAST_ADDR` (and TLS settings)
+/// in the environment.
 fn command(broker_url: &str, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ballast"));
     command.arg("--addr").arg(broker_url).args(args).env_remove("BALLAST_ADDR");
+    for tls in ["BALLAST_TLS_CA", "BALLAST_TLS_CERT", "BALLAST_TLS_KEY"] {
+        command.env_remove(tls);
+    }
     command
 }
 
@@ -330,4 +334,25 @@ fn control_characters_are_escaped() {
     let json = ballast(&url, &["consume", "esc", "--count", "1", "--json"], None);
     let delivery: serde_json::Value = serde_json::from_str(stdout(&json).trim()).expect("a JSON line");
     assert_eq!(delivery["payload"], "again\u{1b}[31m", "JSON carries the exact payload");
+}
+
+/// With --tls-ca the CLI speaks TLS to a TLS broker (a bare address
+/// becomes https://); without it the CLI says the broker speaks TLS.
+#[test]
+fn tls_flags_reach_a_tls_broker() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let broker = Broker::start_with(&["--tls-cert", cert, "--tls-key", key]);
+    let addr = format!("localhost:{}", broker.addr.port());
+
+    let created = ballast(&addr, &["--tls-ca", cert, "queue", "create", "secure"], None);
+    assert_eq!(code(&created), 0, "{created:?}");
+    let plain = ballast(&addr, &["queue", "list", "--timeout-ms", "3000"], None);
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert_ne!(code(&plain), 0, "{plain:?}");
+    assert!(stderr.contains("TLS failed: the broker speaks TLS and this client does not"), "{stderr}");
 }

@@ -2,6 +2,7 @@
 //! `ballastd` (built by `cargo build -p ballast-broker`; `cargo test
 //! --workspace` builds it too).
 
+mod auth;
 mod cli;
 mod library;
 mod saturation;

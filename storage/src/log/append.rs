@@ -48,6 +48,8 @@ impl Shared {
             return Err(AppendError::Poisoned(e));
         }
         let first_offset = self.next_offset.load(Ordering::Acquire);
+        // Where the batch starts in the active segment.
+        let batch_start = guard.write_pos;
         let segment_size = self.options.segment_size;
 
         // Plan: which records start a new segment, and where each run of
@@ -69,23 +71,34 @@ impl Shared {
 
         // Allocate every byte the batch needs before writing anything, so a
         // full disk fails the batch cleanly: the active segment grows first,
-        // then every new segment is created with room for its run.
+        // then every new segment is made with room for its run, the first
+        // from the spare the flusher prepared if there is one. Neither
+        // syncs: the group commit that covers these records syncs the new
+        // segments' headers with them, and the directory (`dir_dirty`),
+        // before any of them is acknowledged.
         let active = Arc::clone(self.segments.read().last().expect("a log has an active segment"));
         // An empty active segment is mapped on its first write.
-        let prepared = active
-            .grow(&self.io, run_ends[0])
-            .and_then(|()| if starts.first() == Some(&0) { Ok(()) } else { active.ensure_mapped(&self.io) });
-        if let Err(source) = prepared {
-            let path = active.path.clone();
-            if source.raw_os_error() == Some(libc::ENOSPC) {
-                return Err(AppendError::DiskFull { path });
+        let prepared = active.grow(&self.io, run_ends[0]).and_then(|grown| {
+            if starts.first() == Some(&0) { Ok(grown) } else { active.ensure_mapped(&self.io).map(|()| grown) }
+        });
+        match prepared {
+            Ok(grown) => {
+                if grown {
+                    self.growths_inline.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            return Err(AppendError::Io { path, source });
+            Err(source) => {
+                let path = active.path.clone();
+                if source.raw_os_error() == Some(libc::ENOSPC) {
+                    return Err(AppendError::DiskFull { path });
+                }
+                return Err(AppendError::Io { path, source });
+            }
         }
         let mut created = Vec::with_capacity(starts.len());
         for (&i, &end) in starts.iter().zip(&run_ends[1..]) {
             let base = first_offset + i as u64;
-            match Segment::create(&self.io, &self.dir, base, segment_size, end) {
+            match self.roll(base, end) {
                 Ok(segment) => created.push(Arc::new(segment)),
                 Err(source) => {
                     let path = self.dir.join(segment::file_name(base));
@@ -100,12 +113,6 @@ impl Shared {
             }
         }
         if !created.is_empty() {
-            if let Err(source) = self.io.sync_dir(&self.dir) {
-                for segment in &created {
-                    let _ = std::fs::remove_file(&segment.path);
-                }
-                return Err(AppendError::Io { path: self.dir.clone(), source });
-            }
             self.segments.write().extend(created.iter().cloned());
         }
 
@@ -116,6 +123,7 @@ impl Shared {
         } else {
             Some(Arc::clone(self.segments.read().iter().rev().nth(created.len()).expect("active segment")))
         };
+        let rolled = !created.is_empty();
         let mut next_created = created.into_iter();
         let mut run_start = 0;
         let writer = &mut *guard;
@@ -152,6 +160,8 @@ impl Shared {
         let next_offset = first_offset + u64::from(count);
 
         let active = touched.last().expect("a non-empty batch touches a segment");
+        let ahead_from = if rolled { SEGMENT_HEADER_SIZE } else { batch_start };
+        let ahead_due = Shared::ahead_due(active, ahead_from, writer.write_pos);
         let point = Point { segment_base: active.base_offset, position: writer.write_pos, next_offset, keys_len: 0 };
         let seq = {
             let mut commit = self.commit.lock();
@@ -163,12 +173,18 @@ impl Shared {
             }
             commit.point = Some(point);
             commit.bytes_since_checkpoint += bytes_written;
+            commit.dir_dirty |= rolled;
             (commit.data_written, commit.epoch)
         };
         // Publish only now that the flusher's next snapshot holds the point
         // past these records: see rule 4 of the module docs.
         self.next_offset.store(next_offset, Ordering::Release);
         drop(guard);
+        if ahead_due && self.options.sync_policy != SyncPolicy::Fsync {
+            // Under `Fsync` the wake below runs a cycle, and the work ahead
+            // after it.
+            self.wake();
+        }
         self.wake_after_write();
         let commit = match self.options.sync_policy {
             SyncPolicy::Fsync => Commit {
@@ -177,5 +193,47 @@ impl Shared {
             SyncPolicy::Interval { .. } | SyncPolicy::None => Commit::ready(),
         };
         Ok(Appended { first_offset, count, commit })
+    }
+}
+
+impl Shared {
+    /// Makes the segment `base` for a roll, with room for its first `end`
+    /// bytes: from the spare if the flusher has one ready (a rename and a
+    /// header write), otherwise created here (a burst outran the flusher, or
+    /// the spare could not be made): counted in `LogStats::rolls_inline`.
+    /// Neither path syncs anything (see `append`). Under the writer lock.
+    fn roll(&self, base: u64, end: u64) -> std::io::Result<Segment> {
+        let size = self.options.segment_size;
+        {
+            // Held across the rename, so that the flusher never recreates
+            // the spare under the name the rename is moving.
+            let mut spare = self.spare.lock();
+            if let Some(allocated) = spare.take() {
+                match Segment::from_spare(&self.io, &self.dir, segment::SPARE_FILE_NAME, base, size, allocated, end) {
+                    Ok((segment, grown)) => {
+                        self.rolls_from_spare.fetch_add(1, Ordering::Relaxed);
+                        if grown {
+                            self.growths_inline.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return Ok(segment);
+                    }
+                    Err(error) => {
+                        tracing::warn!(dir = %self.dir.display(), %error, "rolling onto the spare failed; creating the segment inline");
+                    }
+                }
+            }
+        }
+        // The same steps with a spare of its own, not synced: a kill at
+        // any point leaves `roll.tmp` or a spare-headed segment, both
+        // removed at open, never a segment without a header.
+        let allocated = Segment::create_spare(&self.io, &self.dir, segment::ROLL_FILE_NAME, size, end, false)?;
+        let (segment, _) =
+            Segment::from_spare(&self.io, &self.dir, segment::ROLL_FILE_NAME, base, size, allocated, end).inspect_err(
+                |_| {
+                    let _ = std::fs::remove_file(self.dir.join(segment::ROLL_FILE_NAME));
+                },
+            )?;
+        self.rolls_inline.fetch_add(1, Ordering::Relaxed);
+        Ok(segment)
     }
 }

@@ -14,6 +14,9 @@ pub(super) struct CommitState {
     /// The end of the data written so far (what a checkpoint would record).
     pub(super) point: Option<Point>,
     pub(super) bytes_since_checkpoint: u64,
+    /// A roll renamed or created a segment file since the last sync: the
+    /// next cycle syncs the directory before it resolves any commit.
+    pub(super) dir_dirty: bool,
     /// Wakers of pending commits.
     pub(super) waiters: Vec<(Track, u64, Waker)>,
     pub(super) error: Option<SyncError>,

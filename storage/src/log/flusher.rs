@@ -16,6 +16,10 @@ pub(super) struct FlusherState {
     /// Set while the ack journal is full: no write of it before then.
     acks_retry_at: Option<Instant>,
     last_retention_floor: u64,
+    /// The active segment (its base) for which preparing the spare failed:
+    /// not tried again until the log rolls past it, so a full disk costs
+    /// one failed attempt per segment, not one per cycle.
+    spare_failed_in: Option<u64>,
 }
 
 impl FlusherState {
@@ -30,6 +34,7 @@ impl FlusherState {
             deadline: interval.map(|i| Instant::now() + i),
             acks_retry_at: None,
             last_retention_floor: u64::MAX,
+            spare_failed_in: None,
         }
     }
 }
@@ -47,6 +52,9 @@ pub(super) struct Cycle {
     pub(super) shutdown: bool,
     /// Leave the ack journal alone this cycle (backing off after ENOSPC).
     pub(super) acks_paused: bool,
+    /// A roll renamed or created a segment file before the snapshot: sync
+    /// the directory after the dirty segments, before resolving anything.
+    pub(super) sync_dir: bool,
 }
 
 /// What a flusher cycle did with the buffered ack entries.
@@ -78,6 +86,12 @@ impl Shared {
         }
         if !cycle.dirty.is_empty() {
             self.sync_count.fetch_add(1, Ordering::Relaxed);
+        }
+        // The names of the segments rolled since the last cycle: durable
+        // before any record in them is (acks, checkpoints and commits all
+        // follow). Their headers were synced with their records above.
+        if cycle.sync_dir {
+            self.io.sync_dir(&self.dir).map_err(|e| SyncError::new("syncing the log directory after a roll", e))?;
         }
         let journal = {
             let mut acks = self.acks.lock();
@@ -145,7 +159,14 @@ impl Job for Shared {
         let mut state = self.flusher.lock();
         let cycle = match self.next_cycle(&mut state) {
             Ok(cycle) => cycle,
-            Err(step) => return step,
+            Err(Step::Finished) => return Step::Finished,
+            Err(step) => {
+                // No cycle due (the timed policies between deadlines): the
+                // writer may have woken the flusher for the work ahead of
+                // it (`Shared::ahead_due`).
+                self.prepare_ahead(&mut state);
+                return step;
+            }
         };
         let result = self.flush_once(&cycle).and_then(|journal| {
             match journal {
@@ -189,7 +210,7 @@ impl Job for Shared {
         if cycle.shutdown {
             return Step::Finished;
         }
-        self.prepare_growth();
+        self.prepare_ahead(&mut state);
         Step::Ran
     }
 }
@@ -283,7 +304,27 @@ impl Shared {
             checkpoint_due,
             shutdown: commit.shutdown,
             acks_paused: !forced && state.acks_retry_at.is_some_and(|at| Instant::now() < at),
+            sync_dir: std::mem::take(&mut commit.dir_dirty),
         })
+    }
+
+    /// The work ahead of the writer: growth, then the spare.
+    pub(super) fn prepare_ahead(&self, state: &mut FlusherState) {
+        self.prepare_growth();
+        self.prepare_spare(state);
+    }
+
+    /// Whether an append that moved the active segment `segment`'s end
+    /// from `from` to `to` crossed a point where the flusher has work ahead
+    /// of the writer: half of the allocation (growth) or the spare's fill
+    /// threshold. The timed policies' flusher runs only at its deadlines,
+    /// so the writer wakes it then (cheap: positions only, no lock).
+    pub(super) fn ahead_due(segment: &Segment, from: u64, to: u64) -> bool {
+        let size = u128::from(segment.size());
+        let crossed = |point: u128| u128::from(from) <= point && u128::from(to) > point;
+        let allocated = segment.allocated();
+        (allocated < segment.size() && crossed(u128::from(allocated / 2)))
+            || crossed(size * u128::from(SPARE_PREPARE_FILL_PERCENT) / 100)
     }
 
     /// Grows the active segment to its next step once the writer has used
@@ -298,6 +339,44 @@ impl Shared {
             && let Err(error) = active.grow(&self.io, allocated + 1)
         {
             tracing::debug!(segment = %active.path.display(), %error, "growing the segment ahead of the writer failed");
+        }
+    }
+
+    /// Prepares the spare segment once the active segment's records pass
+    /// `SPARE_PREPARE_FILL_PERCENT` of the segment size and none is ready
+    /// (`Segment::create_spare`: create, `fallocate`, header, `fdatasync`,
+    /// here on the pool instead of on the appending thread). A failure
+    /// (a full disk) is left to the writer, which then rolls inline and
+    /// meets it again before writing; it is not tried again for the same
+    /// active segment.
+    pub(super) fn prepare_spare(&self, state: &mut FlusherState) {
+        if self.spare.lock().is_some() {
+            return;
+        }
+        let Some(active) = self.segments.read().last().cloned() else { return };
+        if state.spare_failed_in == Some(active.base_offset) {
+            return;
+        }
+        let size = active.size();
+        if u128::from(active.written()) * 100 <= u128::from(size) * u128::from(SPARE_PREPARE_FILL_PERCENT) {
+            return;
+        }
+        // Not under the `spare` lock: a roll meanwhile finds none and goes
+        // inline; the file name is free (a roll renames it away under the
+        // lock, before the slot reads empty).
+        match Segment::create_spare(
+            &self.io,
+            &self.dir,
+            segment::SPARE_FILE_NAME,
+            self.options.segment_size,
+            SEGMENT_HEADER_SIZE,
+            true,
+        ) {
+            Ok(allocated) => *self.spare.lock() = Some(allocated),
+            Err(error) => {
+                state.spare_failed_in = Some(active.base_offset);
+                tracing::debug!(dir = %self.dir.display(), %error, "preparing the spare segment failed");
+            }
         }
     }
 }

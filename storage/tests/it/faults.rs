@@ -1,10 +1,11 @@
-//! Full disks and failing syncs.
+//! Full disks and failing syncs (of data, journals, and the directory after
+//! a segment roll).
 
 use std::{path::PathBuf, process::Command};
 
-use ballast_storage::{AppendError, Faults, Log, LogOptions};
+use ballast_storage::{AppendError, Faults, Log, LogOptions, NewRecord};
 
-use crate::support::*;
+use crate::{spare, support::*};
 
 fn options_256k() -> LogOptions {
     LogOptions { segment_size: 256 * 1024, record_size_max: 16 * 1024, ..LogOptions::default() }
@@ -214,6 +215,7 @@ fn failed_sync_then_reopen_keeps_every_acknowledged_record() {
     for offset in 0..150 {
         assert_eq!(payload_index(&cursor.next().unwrap().unwrap().payload), offset);
     }
+    settle(&log);
     faults.fail_sync_after(0);
     let lost = log.append(&[record(9_000, 500)]).unwrap();
     assert_eq!(lost.first_offset, 200);
@@ -285,18 +287,22 @@ fn reopen_under_the_interval_policy_keeps_every_written_record() {
     };
     let log = Log::open(dir.path(), options).unwrap();
     append_all(&log, 0, 100, 500);
-    log.sync().unwrap();
-    append_all(&log, 100, 100, 500);
+    // The spare prepared after this (the segment is past half full) has
+    // synced, so the failure below hits the data sync. The next batch rolls
+    // onto the spare but leaves the new segment below the fill threshold,
+    // so no other spare is prepared.
+    settle(&log);
+    append_all(&log, 100, 30, 500);
     faults.fail_sync_after(0);
     assert!(log.sync().is_err());
     assert!(log.poisoned().is_some());
     assert!(log.reopen().unwrap());
-    assert_eq!(log.next_offset(), 200, "nothing acknowledged is cut");
-    append_all(&log, 200, 10, 500);
+    assert_eq!(log.next_offset(), 130, "nothing acknowledged is cut");
+    append_all(&log, 130, 10, 500);
     log.close().unwrap();
     let log = Log::open(dir.path(), small_options()).unwrap();
-    assert_eq!(log.next_offset(), 210);
-    for offset in 0..210 {
+    assert_eq!(log.next_offset(), 140);
+    for offset in 0..140 {
         assert_eq!(payload_index(&log.read(offset).unwrap().payload), offset);
     }
 }
@@ -352,4 +358,57 @@ fn a_full_disk_during_a_journal_compaction_defers_it() {
     log.close().unwrap();
     let log = Log::open(dir.path(), options_256k()).unwrap();
     assert_eq!(log.ack_floor(), ACKED + 1, "every ack survives the reopen");
+}
+
+/// A full disk while the flusher prepares the spare leaves none (and
+/// poisons nothing); the roll then goes inline, meets the full disk too
+/// and refuses its batch cleanly; once space returns it goes through. The
+/// failed spare is not tried again every cycle, only once the log has
+/// rolled to a new segment.
+#[test]
+fn a_full_disk_while_preparing_the_spare_leaves_the_roll_to_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..spare::options() }).unwrap();
+    // Full before the threshold is passed: the records fit in the space
+    // the segment already has.
+    faults.set_disk_full(true);
+    spare::fill_past_the_threshold(&log);
+    settle(&log);
+    assert_eq!(log.stats().spare_bytes, 0);
+    assert!(!spare::spare_path(dir.path()).exists(), "a failed spare leaves no file");
+    let batch: Vec<NewRecord> = (10..20).map(|i| spare::record_of(i, 4000)).collect();
+    assert!(matches!(log.append(&batch), Err(ballast_storage::AppendError::DiskFull { .. })));
+    assert!(log.poisoned().is_none());
+    faults.set_disk_full(false);
+    settle(&log);
+    assert_eq!(log.stats().spare_bytes, 0, "not tried again while the same segment is active");
+    log.append(&batch).unwrap().commit.wait().unwrap();
+    assert_eq!(log.stats().rolls_inline, 1);
+    // The new segment past the threshold: a spare again.
+    spare::append_range(&log, 20..30);
+    settle(&log);
+    assert_eq!(log.stats().spare_bytes, ballast_storage::limits::SEGMENT_GROWTH_STEP_MIN);
+    spare::check_records(&log, 0..30);
+}
+
+/// A failed directory sync after a roll poisons the log (the roll's name
+/// may not be durable) and fails the batch's commit; the reopen keeps
+/// every record acknowledged before it, and the log rolls again.
+#[test]
+fn a_failed_directory_sync_after_a_roll_fails_its_commit_and_reopen_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let log = Log::open(dir.path(), LogOptions { faults: Some(faults.clone()), ..spare::options() }).unwrap();
+    spare::fill_past_the_threshold(&log);
+    settle(&log);
+    faults.fail_dir_syncs(1);
+    let batch: Vec<NewRecord> = (10..20).map(|i| spare::record_of(i, 4000)).collect();
+    let appended = log.append(&batch).unwrap();
+    assert!(appended.commit.wait().is_err(), "the commit waits for the directory sync");
+    assert!(log.poisoned().is_some());
+    assert!(log.reopen().unwrap());
+    assert_eq!((log.next_offset(), log.stats().quarantined), (10, 0));
+    log.append(&batch).unwrap().commit.wait().unwrap();
+    spare::close_and_reopen_holding(log, dir.path(), 20);
 }

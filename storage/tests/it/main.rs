@@ -8,4 +8,5 @@ mod growth;
 mod limits;
 mod model;
 mod pool;
+mod spare;
 mod support;

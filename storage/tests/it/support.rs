@@ -56,3 +56,12 @@ pub fn evict_from_cache(path: &std::path::Path) {
     let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(rc, 0);
 }
+
+/// Runs a flusher cycle, then another: the second starts only after the
+/// first one's turn ended, including the work it does after resolving its
+/// commits (growth and the spare segment ahead of the writer, whose syncs
+/// would otherwise race a fault a test injects next).
+pub fn settle(log: &Log) {
+    log.sync().expect("sync");
+    log.sync().expect("sync");
+}

@@ -24,6 +24,9 @@ pub struct Target {
     config: Option<PathBuf>,
     /// Where the started broker's log goes (default: next to its data).
     log: Option<PathBuf>,
+    /// With `--tls`: the started broker's self-signed certificate (PEM),
+    /// the one CA the bench's connections trust.
+    tls_cert: Option<String>,
 }
 
 impl Target {
@@ -36,14 +39,16 @@ impl Target {
         log: Option<PathBuf>,
         data_root: &Path,
         keep: bool,
+        tls: bool,
     ) -> anyhow::Result<Target> {
         let ballastd = match ballastd {
             Some(path) => path,
             None => std::env::current_exe()?.with_file_name("ballastd"),
         };
         if let Some(addr) = addr {
+            anyhow::ensure!(!tls, "--tls starts a broker with a certificate of its own: it cannot be used with --addr");
             let endpoint = if addr.starts_with("http") { addr } else { format!("http://{addr}") };
-            return Ok(Target { endpoint, child: None, data_dir: None, keep, ballastd, config, log });
+            return Ok(Target { endpoint, child: None, data_dir: None, keep, ballastd, config, log, tls_cert: None });
         }
         if !ballastd.exists() {
             bail!(
@@ -54,8 +59,10 @@ impl Target {
         let data_dir = data_root.join(format!("run-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir)?;
+        let tls_cert = tls.then(|| write_certificate(&data_dir)).transpose()?;
+        let data_dir = Some(data_dir);
         let mut target =
-            Target { endpoint: String::new(), child: None, data_dir: Some(data_dir), keep, ballastd, config, log };
+            Target { endpoint: String::new(), child: None, data_dir, keep, ballastd, config, log, tls_cert };
         target.start("127.0.0.1:0")?;
         Ok(target)
     }
@@ -68,6 +75,9 @@ impl Target {
         let mut command = Command::new(&self.ballastd);
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
+        }
+        if self.tls_cert.is_some() {
+            command.arg("--tls-cert").arg(data_dir.join(CERT_FILE)).arg("--tls-key").arg(data_dir.join(KEY_FILE));
         }
         let mut child = command
             .arg("--data-dir")
@@ -88,7 +98,8 @@ impl Target {
             let _ = child.kill();
             bail!("ballastd did not start; see {}", log_path.display());
         };
-        self.endpoint = format!("http://{addr}");
+        let scheme = if self.tls_cert.is_some() { "https" } else { "http" };
+        self.endpoint = format!("{scheme}://{addr}");
         self.child = Some(child);
         Ok(())
     }
@@ -117,7 +128,19 @@ impl Target {
     }
 
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.endpoint.clone())?.connect().await?)
+        let mut endpoint = Channel::from_shared(self.endpoint.clone())?;
+        if let Some(cert) = &self.tls_cert {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(cert))
+                .domain_name("localhost");
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Ok(endpoint.connect().await?)
+    }
+
+    /// Whether the bench's connections speak TLS.
+    pub fn tls(&self) -> bool {
+        self.tls_cert.is_some()
     }
 
     /// Creates (or re-creates, emptied) a queue for a scenario.
@@ -156,6 +179,20 @@ impl Drop for Target {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// The started broker's certificate and key files, in its run directory.
+const CERT_FILE: &str = "tls-cert.pem";
+const KEY_FILE: &str = "tls-key.pem";
+
+/// Writes a self-signed certificate for `localhost` and its key into
+/// `dir`; returns the certificate (PEM).
+fn write_certificate(dir: &Path) -> anyhow::Result<String> {
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&key)?.pem();
+    std::fs::write(dir.join(CERT_FILE), &cert)?;
+    std::fs::write(dir.join(KEY_FILE), key.serialize_pem())?;
+    Ok(cert)
 }
 
 /// A process's anonymous resident memory (`RssAnon` in /proc), in bytes.

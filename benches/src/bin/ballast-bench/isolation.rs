@@ -145,11 +145,8 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         stored as f64 / flood_seconds,
         refused as f64 / flood_seconds
     );
-    let ratio = |a: &hdrhistogram::Histogram<u64>, b: &hdrhistogram::Histogram<u64>| {
-        b.value_at_quantile(0.99) as f64 / a.value_at_quantile(0.99).max(1) as f64
-    };
-    let durable_ratio = ratio(&alone.durable, &during.durable);
-    let delivery_ratio = ratio(&alone.delivered, &during.delivered);
+    let durable_ratio = load::p99_ratio(&alone.durable, &during.durable);
+    let delivery_ratio = load::p99_ratio(&alone.delivered, &during.delivered);
     println!(
         "p99 during / alone: publish-to-durable {durable_ratio:.2}x, publish-to-delivery {delivery_ratio:.2}x (target <= 1.20x)"
     );

@@ -50,7 +50,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     );
     m.print();
     Ok(serde_json::json!({
-        "scenario": "latency", "rate": args.rate, "size": args.size, "seconds": args.seconds,
+        "scenario": "latency", "tls": target.tls(), "rate": args.rate, "size": args.size, "seconds": args.seconds,
         "warmup": args.warmup, "producers": args.producers, "sync": format!("{sync:?}").to_lowercase(),
         "achieved_rate": m.achieved_rate,
         "publish_to_durable": load::percentiles(&m.durable),

@@ -217,6 +217,11 @@ pub async fn flush(tx: &mpsc::Sender<pb::ConsumeRequest>, to_ack: &mut Vec<u64>)
     Ok(())
 }
 
+/// `during`'s p99 over `alone`'s: how much worse the tail got.
+pub fn p99_ratio(alone: &Histogram<u64>, during: &Histogram<u64>) -> f64 {
+    during.value_at_quantile(0.99) as f64 / alone.value_at_quantile(0.99).max(1) as f64
+}
+
 pub fn rate(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64()
 }

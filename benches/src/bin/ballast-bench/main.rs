@@ -25,16 +25,25 @@
 //! target/release/ballast-bench backlog --messages 10000000 --size 100
 //! target/release/ballast-bench overhead --size 1024 --messages 200000
 //! target/release/ballast-bench queues --queues 10000 --sample 100 --rate 1000
+//! target/release/ballast-bench cold --rate 2000 --backlog-mb 2048   # as root: drops the page cache
 //! ```
 //!
 //! `--sync fsync|interval|none` (default fsync) sets the queue's sync
 //! policy for any scenario; `--addr HOST:PORT` targets a running broker
 //! instead (not for backlog, recovery and queues, which restart it).
+//! `--tls on` runs `throughput` or `latency` against a started broker
+//! serving TLS (a self-signed certificate made for the run); `--tls both`
+//! runs the scenario in plaintext, then over TLS, and prints the change:
+//!
+//! ```text
+//! target/release/ballast-bench throughput --tls both --size 1024 --batch 1,64
+//! ```
 
 mod backlog;
 mod broker;
 mod chaos;
 mod chart;
+mod cold;
 mod isolation;
 mod latency;
 mod load;
@@ -80,8 +89,19 @@ struct Args {
     /// Sync policy of the scenario's queue.
     #[arg(long, global = true, value_enum, default_value_t = Sync::Fsync)]
     sync: Sync,
+    /// TLS between the bench and the broker it starts (throughput and
+    /// latency): off, on, or both (plaintext, then TLS, side by side).
+    #[arg(long, global = true, value_enum, default_value_t = Tls::Off)]
+    tls: Tls,
     #[command(subcommand)]
     scenario: Scenario,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Tls {
+    Off,
+    On,
+    Both,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -128,31 +148,25 @@ enum Scenario {
     /// files, restart to SERVING, and latency over queues sampled across
     /// all of them, alone and while one is flooded.
     Queues(queues::Args),
+    /// A steady queue's latency alone and while another queue drains a
+    /// backlog that is not in the page cache (reads that fault on the
+    /// broker's runtime workers).
+    Cold(cold::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let mut target = broker::Target::new(
-            args.addr.clone(),
-            args.ballastd.clone(),
-            args.broker_config.clone(),
-            args.broker_log.clone(),
-            &args.data_root,
-            args.keep,
-        )?;
-        let (name, result) = match &args.scenario {
-            Scenario::Throughput(a) => ("throughput", throughput::run(&target, a, args.sync).await?),
-            Scenario::Latency(a) => ("latency", latency::run(&target, a, args.sync).await?),
-            Scenario::Backlog(a) => ("backlog", backlog::run(&mut target, a, args.sync).await?),
-            Scenario::Isolation(a) => ("isolation", isolation::run(&target, a, args.sync).await?),
-            Scenario::Overhead(a) => ("overhead", overhead::run(&target, a, args.sync).await?),
-            Scenario::Spike(a) => ("spike", spike::run(&target, a, args.sync).await?),
-            Scenario::Priority(a) => ("priority", priority::run(&target, a, args.sync).await?),
-            Scenario::Recovery(a) => ("recovery", recovery::run(&mut target, a, args.sync).await?),
-            Scenario::Chaos(a) => ("chaos", chaos::run(&mut target, a, args.sync).await?),
-            Scenario::Queues(a) => ("queues", queues::run(&mut target, a, args.sync).await?),
+        let tls_scenario = matches!(args.scenario, Scenario::Throughput(_) | Scenario::Latency(_));
+        anyhow::ensure!(args.tls == Tls::Off || tls_scenario, "--tls is for the throughput and latency scenarios");
+        let (name, result) = match args.tls {
+            Tls::Off | Tls::On => scenario(&args, args.tls == Tls::On).await?,
+            Tls::Both => {
+                let (name, plaintext) = scenario(&args, false).await?;
+                let (_, tls) = scenario(&args, true).await?;
+                (name, side_by_side(name, plaintext, tls))
+            }
         };
         let path = args.json.clone().unwrap_or_else(|| PathBuf::from(format!("target/bench-results/{name}.json")));
         if let Some(dir) = path.parent() {
@@ -163,7 +177,7 @@ fn main() -> anyhow::Result<()> {
         let chart: Option<fn(&std::path::Path, &serde_json::Value) -> anyhow::Result<()>> = match name {
             "spike" => Some(spike::chart),
             "priority" => Some(priority::chart),
-            "latency" => Some(latency::chart),
+            "latency" if args.tls != Tls::Both => Some(latency::chart),
             _ => None,
         };
         if let Some(chart) = chart {
@@ -175,5 +189,72 @@ fn main() -> anyhow::Result<()> {
             result["failures"].as_array().map(|a| a.iter().filter_map(|f| f.as_str()).collect()).unwrap_or_default();
         anyhow::ensure!(failures.is_empty(), "{name} failed: {}", failures.join("; "));
         Ok(())
+    })
+}
+
+/// Runs the chosen scenario against a broker of its own (or `--addr`).
+async fn scenario(args: &Args, tls: bool) -> anyhow::Result<(&'static str, serde_json::Value)> {
+    let mut target = broker::Target::new(
+        args.addr.clone(),
+        args.ballastd.clone(),
+        args.broker_config.clone(),
+        args.broker_log.clone(),
+        &args.data_root,
+        args.keep,
+        tls,
+    )?;
+    if tls {
+        println!("over TLS");
+    }
+    Ok(match &args.scenario {
+        Scenario::Throughput(a) => ("throughput", throughput::run(&target, a, args.sync).await?),
+        Scenario::Latency(a) => ("latency", latency::run(&target, a, args.sync).await?),
+        Scenario::Backlog(a) => ("backlog", backlog::run(&mut target, a, args.sync).await?),
+        Scenario::Isolation(a) => ("isolation", isolation::run(&target, a, args.sync).await?),
+        Scenario::Overhead(a) => ("overhead", overhead::run(&target, a, args.sync).await?),
+        Scenario::Spike(a) => ("spike", spike::run(&target, a, args.sync).await?),
+        Scenario::Priority(a) => ("priority", priority::run(&target, a, args.sync).await?),
+        Scenario::Recovery(a) => ("recovery", recovery::run(&mut target, a, args.sync).await?),
+        Scenario::Chaos(a) => ("chaos", chaos::run(&mut target, a, args.sync).await?),
+        Scenario::Queues(a) => ("queues", queues::run(&mut target, a, args.sync).await?),
+        Scenario::Cold(a) => ("cold", cold::run(&target, a, args.sync).await?),
+    })
+}
+
+/// One result holding a plaintext and a TLS run of `name`, with the change
+/// TLS makes to the headline figures (printed too): publish and consume
+/// rates per throughput run, latency percentiles.
+fn side_by_side(name: &str, plaintext: serde_json::Value, tls: serde_json::Value) -> serde_json::Value {
+    let figures: Vec<(String, &str)> = match name {
+        "throughput" => (0..plaintext["runs"].as_array().map_or(0, Vec::len))
+            .flat_map(|i| {
+                [
+                    (format!("/runs/{i}/publish/messages_per_s"), "msg/s"),
+                    (format!("/runs/{i}/consume/messages_per_s"), "msg/s"),
+                ]
+            })
+            .collect(),
+        _ => ["publish_to_durable", "publish_to_delivery"]
+            .iter()
+            .flat_map(|f| [(format!("/{f}/p50_ms"), "ms"), (format!("/{f}/p99_ms"), "ms")])
+            .collect(),
+    };
+    println!("\n{:<40} {:>12} {:>12} {:>8}", "figure", "plaintext", "tls", "change");
+    let mut changes = serde_json::Map::new();
+    for (pointer, unit) in figures {
+        let (Some(a), Some(b)) =
+            (plaintext.pointer(&pointer).and_then(|v| v.as_f64()), tls.pointer(&pointer).and_then(|v| v.as_f64()))
+        else {
+            continue;
+        };
+        let change = if a == 0.0 { 0.0 } else { (b - a) / a * 100.0 };
+        println!("{pointer:<40} {a:>10.2}{unit:<2} {b:>10.2}{unit:<2} {change:>+7.1}%");
+        changes.insert(pointer, serde_json::json!({ "plaintext": a, "tls": b, "change_percent": change }));
+    }
+    let failures: Vec<serde_json::Value> =
+        [&plaintext, &tls].iter().flat_map(|r| r["failures"].as_array().cloned().unwrap_or_default()).collect();
+    serde_json::json!({
+        "scenario": name, "tls": "both", "plaintext": plaintext, "tls_run": tls,
+        "change": changes, "failures": failures,
     })
 }

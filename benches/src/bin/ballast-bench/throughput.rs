@@ -74,7 +74,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         }
     }
     Ok(serde_json::json!({
-        "scenario": "throughput", "sync": format!("{sync:?}").to_lowercase(),
+        "scenario": "throughput", "sync": format!("{sync:?}").to_lowercase(), "tls": target.tls(),
         "producers": args.producers, "inflight": args.inflight, "consumers": args.consumers, "credit": args.credit,
         "runs": runs,
     }))

@@ -1,6 +1,6 @@
 //! The command line: every flag, its default and its help text.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -14,9 +14,12 @@ Exit codes:
   4  already exists (queue exists with other settings)
   5  refused (resource exhausted: queue full, disk nearly full; or circuit open)
   6  unavailable (broker unreachable, shutting down, or deadline exceeded)
+  7  denied (unauthenticated: missing or unknown token; or permission denied)
 
 Environment:
   BALLAST_ADDR  broker address (overridden by --addr)
+  BALLAST_TOKEN bearer token sent to a broker with an auth file (--token-file wins)
+  BALLAST_TLS_CA, BALLAST_TLS_CERT, BALLAST_TLS_KEY  as --tls-ca, --tls-cert, --tls-key
   BALLAST_LOG   log filter for diagnostics on stderr (default: warn)";
 
 /// Command-line client of the Ballast message broker.
@@ -35,11 +38,49 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
 
+    /// File whose first line is the bearer token to send (for a broker
+    /// with an auth file); without it, BALLAST_TOKEN is used if set.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// TLS: the CA certificate (PEM) that signed the broker's; turns TLS on
+    /// (a bare host:port gets https://).
+    #[arg(long, global = true, env = "BALLAST_TLS_CA", value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Mutual TLS: this client's certificate (PEM), for a broker that
+    /// requires one; needs --tls-key and --tls-ca.
+    #[arg(long, global = true, env = "BALLAST_TLS_CERT", value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Mutual TLS: the client certificate's private key (PEM).
+    #[arg(long, global = true, env = "BALLAST_TLS_KEY", value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
 
 impl Cli {
+    /// The broker's address: with TLS, an `http://` one (the default)
+    /// becomes `https://`.
+    pub fn broker_addr(&self) -> String {
+        match (&self.tls_ca, self.addr.strip_prefix("http://")) {
+            (Some(_), Some(rest)) => format!("https://{rest}"),
+            _ => self.addr.clone(),
+        }
+    }
+
+    /// The client's connection settings, TLS included when asked for.
+    pub fn client_config(&self) -> ballast_client::ClientConfig {
+        let tls = self.tls_ca.as_ref().map(|ca| {
+            let mut tls = ballast_client::TlsConfig::new(ca.clone().into());
+            tls.client_cert = self.tls_cert.clone().map(Into::into);
+            tls.client_key = self.tls_key.clone().map(Into::into);
+            tls
+        });
+        ballast_client::ClientConfig { tls, ..ballast_client::ClientConfig::default() }
+    }
+
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
@@ -82,6 +123,25 @@ pub enum Command {
     /// only when stdout is a terminal; otherwise updates follow each other.
     /// With --json: one object per update, as `stats --json` prints.
     Top(TopArgs),
+
+    /// Bearer tokens for a broker's auth file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a fresh random token (256 bits, hex) once, and the auth-file
+    /// entry with its SHA-256 to paste; the broker never sees the token
+    /// itself until a client sends it. Store it where the client reads it
+    /// (--token-file, BALLAST_TOKEN).
+    New(TokenNewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenNewArgs {
+    /// The principal's name in the auth file (printable ASCII, no quotes or backslashes).
+    pub name: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,6 +321,31 @@ mod tests {
         }
         assert!(matches!(cli.command, Command::Queue(QueueCommand::List)));
         assert_eq!(parse(&["--addr", "h:1", "queue", "get", "q"]).addr, "h:1");
+    }
+
+    /// --tls-ca turns TLS on (and the address to https://); --tls-cert and
+    /// --tls-key come together and need --tls-ca.
+    #[test]
+    fn tls_flags() {
+        let cli = parse(&["queue", "list", "--addr", "http://h:1"]);
+        assert!(cli.client_config().tls.is_none());
+        assert_eq!(cli.broker_addr(), "http://h:1");
+        let cli = parse(&["--tls-ca", "ca.pem", "--addr", "http://h:1", "queue", "list"]);
+        assert_eq!(cli.broker_addr(), "https://h:1");
+        let tls = cli.client_config().tls.expect("TLS on");
+        assert_eq!(tls.ca, ballast_client::Pem::File("ca.pem".into()));
+        assert!(tls.client_cert.is_none() && tls.client_key.is_none());
+        let cli = parse(&["queue", "list", "--tls-ca", "ca.pem", "--tls-cert", "c.pem", "--tls-key", "c.key"]);
+        let tls = cli.client_config().tls.expect("TLS on");
+        assert_eq!(tls.client_cert, Some(ballast_client::Pem::File("c.pem".into())));
+        assert_eq!(tls.client_key, Some(ballast_client::Pem::File("c.key".into())));
+        for args in [
+            &["queue", "list", "--tls-ca", "ca.pem", "--tls-cert", "c.pem"][..],
+            &["queue", "list", "--tls-key", "c.key"],
+        ] {
+            let parsed = Cli::try_parse_from(std::iter::once("ballast").chain(args.iter().copied()));
+            assert!(parsed.is_err(), "{args:?} must be refused");
+        }
     }
 
     /// Publish takes a lane, repeated headers, a key and a delay.

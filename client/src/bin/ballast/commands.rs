@@ -3,13 +3,13 @@
 use std::{collections::VecDeque, io::IsTerminal, time::Duration};
 
 use ballast_client::{
-    Admin, AdminConfig, Client, ConsumerConfig, Delivery, Error, Message, PendingReceipt, Producer, ProducerConfig,
-    QueueSettings,
+    Admin, AdminConfig, Client, ClientConfig, ConsumerConfig, Delivery, Error, Message, PendingReceipt, Producer,
+    ProducerConfig, QueueSettings,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{
-    args::{Cli, Command, ConsumeArgs, CreateArgs, PublishArgs, QueueCommand, StatsArgs, TopArgs},
+    args::{Cli, Command, ConsumeArgs, CreateArgs, PublishArgs, QueueCommand, StatsArgs, TokenCommand, TopArgs},
     exit::CliError,
     output::{Output, Screen},
 };
@@ -19,8 +19,17 @@ use crate::{
 const PUBLISH_WINDOW: usize = 1024;
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let client = Client::new(&cli.addr)?;
     let output = Output { json: cli.json };
+    if let Command::Token(TokenCommand::New(args)) = &cli.command {
+        return token_new(output, &args.name);
+    }
+    let config = cli.client_config();
+    let config = match (&cli.token_file, std::env::var("BALLAST_TOKEN")) {
+        (Some(path), _) => config.token_file(path)?,
+        (None, Ok(token)) if !token.is_empty() => ClientConfig { token: Some(token), ..config },
+        _ => config,
+    };
+    let client = Client::with_config(&cli.broker_addr(), config)?;
     let timeout = cli.timeout();
     match cli.command {
         Command::Queue(command) => queue(&client, timeout, output, command).await,
@@ -28,7 +37,26 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Consume(args) => consume(&client, timeout, output, args).await,
         Command::Stats(args) => stats(&client, timeout, output, args).await,
         Command::Top(args) => top(&client, timeout, output, args).await,
+        Command::Token(_) => Ok(()),
     }
+}
+
+/// `ballast token new NAME`: a fresh token of 256 random bits, printed
+/// once with the auth-file entry that holds its SHA-256.
+fn token_new(output: Output, name: &str) -> Result<(), CliError> {
+    use sha2::Digest;
+    let printable = |c: char| c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ';
+    if name.is_empty() || !name.chars().all(printable) {
+        return Err(CliError::Usage(format!(
+            "the principal name {name:?} must be non-empty printable ASCII without quotes or backslashes"
+        )));
+    }
+    let mut bits = [0u8; 32];
+    getrandom::fill(&mut bits).map_err(|e| CliError::Io(std::io::Error::other(e.to_string())))?;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let token = hex(&bits);
+    let digest = hex(&sha2::Sha256::digest(token.as_bytes()));
+    Ok(output.token(name, &token, &digest)?)
 }
 
 /// An admin handle whose calls (retries included) end within `timeout`.

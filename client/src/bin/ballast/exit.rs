@@ -16,6 +16,9 @@ pub const ALREADY_EXISTS: u8 = 4;
 pub const REFUSED: u8 = 5;
 /// Broker unreachable, shutting down, or the deadline passed.
 pub const UNAVAILABLE: u8 = 6;
+/// The broker did not accept the credentials, or the principal may not do
+/// this.
+pub const DENIED: u8 = 7;
 
 /// A failed command.
 #[derive(Debug)]
@@ -51,11 +54,12 @@ pub fn client_exit_code(error: &Error) -> u8 {
         Error::AlreadyExists { .. } => ALREADY_EXISTS,
         Error::ResourceExhausted { .. } | Error::CircuitOpen { .. } => REFUSED,
         Error::Unavailable { .. } | Error::Transport { .. } | Error::DeadlineExceeded { .. } => UNAVAILABLE,
+        Error::Unauthenticated { .. } | Error::PermissionDenied { .. } => DENIED,
         Error::Aborted { .. }
         | Error::FailedPrecondition { .. }
-        | Error::PermissionDenied { .. }
         | Error::Broker { .. }
         | Error::Protocol { .. }
+        | Error::Tls { .. }
         | Error::Closed => OTHER,
         _ => OTHER,
     }

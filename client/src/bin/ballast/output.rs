@@ -17,6 +17,22 @@ pub struct Output {
 }
 
 impl Output {
+    /// A new token, shown once, and the auth-file entry holding its hash.
+    pub fn token(&self, name: &str, token: &str, token_sha256: &str) -> std::io::Result<()> {
+        if self.json {
+            return line(&json!({ "name": name, "token": token, "token_sha256": token_sha256 }));
+        }
+        write(&format!(
+            "token: {token}\n\
+             (shown once: store it where the client reads it, e.g. a file for --token-file, or BALLAST_TOKEN)\n\n\
+             # add to the broker's auth file (--auth-file), with the rules this principal needs:\n\
+             [[principals]]\n\
+             name = \"{name}\"\n\
+             token_sha256 = \"{token_sha256}\"\n\
+             allow = []  # rules, e.g. {{ queues = \"orders*\", actions = [\"publish\", \"consume\"] }}\n"
+        ))
+    }
+
     pub fn queue(&self, queue: &QueueInfo) -> std::io::Result<()> {
         if self.json {
             return line(&queue_json(queue));
