@@ -181,7 +181,8 @@ async fn is_opening(admin: &mut pb::admin_client::AdminClient<tonic::transport::
 /// and NOT_SERVING; calls to queues not open yet succeed (each opens its
 /// queue first, a source queue its dead-letter queue before itself); the
 /// damaged queue is set aside on its first call; metrics show a used
-/// queue's counters and gauges but no series for an unused one. Restarted
+/// queue's counters and gauges, only gauges for a queue open but unused
+/// since the restart, and no series for a queue never opened. Restarted
 /// with the default background opener, every queue opens (the log says how
 /// many and how long) and serves, each SERVING.
 // Multi-threaded: the clients' connections must answer the broker's
@@ -248,6 +249,10 @@ async fn a_restart_with_many_queues_serves_them_all() {
     let depth_of_last = series("ballast_queue_depth_messages", &last);
     assert!(text.lines().any(|l| l == format!("{depth_of_last} 1")), "the used queue's depth");
     assert!(!text.contains("queue=\"q00500\""), "no series for a queue never used (nor opened)");
+    // q00007 is open (GetQueue opened it) but took no message since the
+    // restart: its gauges are written, its counters do not exist yet.
+    assert!(text.lines().any(|l| l == format!("{} 1", series("ballast_queue_depth_messages", "q00007"))));
+    assert!(!text.contains(&series("ballast_published_messages_total", "q00007")), "counters on first use only");
     assert!(text.lines().any(|l| l == format!("ballast_queues {}", QUEUES + 1)), "opening queues count");
     wait_until_serving(&broker, &last).await;
 
