@@ -1,0 +1,272 @@
+"""End to end against a real ``ballastd`` (started per test by conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Broker
+
+from ballast import (
+    Admin,
+    Backoff,
+    ClientConfig,
+    Connection,
+    Consumer,
+    ConsumerConfig,
+    Delivery,
+    Message,
+    NackPolicy,
+    Producer,
+    ProducerConfig,
+    Refused,
+    RetryPolicy,
+    Stats,
+    TlsConfig,
+    Unauthenticated,
+    queue_settings,
+)
+from ballast.backoff import NO_RETRY
+
+StartBroker = Callable[..., Broker]
+
+
+async def consume(
+    connection: Connection, queue: str, count: int, **config: object
+) -> list[Delivery]:
+    """The first ``count`` deliveries of ``queue``, acked."""
+    seen: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery)
+
+    settings = ConsumerConfig(max_messages=count, **config)  # type: ignore[arg-type]
+    await asyncio.wait_for(Consumer(connection, queue, handler, settings).run(), 20)
+    return seen
+
+
+async def test_round_trip_with_receipts_and_saturation(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("jobs")
+        async with Producer(connection) as producer:
+            receipts = await producer.publish_all(
+                "jobs", [Message(f"job {i}".encode(), {"n": str(i)}) for i in range(20)]
+            )
+        assert [r.id.offset for r in receipts] == list(range(20))
+        assert not any(r.duplicate for r in receipts)
+        assert len({r.idempotency_key for r in receipts}) == 20
+        assert receipts[-1].queue.depth == 20 and receipts[-1].queue.saturation > 0
+        deliveries = await consume(connection, "jobs", 20)
+        assert sorted(d.payload for d in deliveries) == sorted(
+            f"job {i}".encode() for i in range(20)
+        )
+        assert all(d.headers["n"] == d.payload.decode().split()[1] for d in deliveries)
+        info = await Admin(connection).get_queue("jobs")
+        assert info.depth == 0, "every delivery was acked"
+
+
+async def test_priority_lanes_serve_high_before_low(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("prio", queue_settings(strict_priority=True))
+        async with Producer(connection) as producer:
+            await producer.publish_all("prio", [Message(b"low", lane=2) for _ in range(5)])
+            await producer.publish_all("prio", [Message(b"high", lane=0) for _ in range(5)])
+        deliveries = await consume(connection, "prio", 10, prefetch=1, concurrency=1)
+        assert [d.payload for d in deliveries] == [b"high"] * 5 + [b"low"] * 5
+        assert {d.id.lane for d in deliveries[:5]} == {0}
+
+
+async def test_refusal_carries_figures_and_retries_wait_for_retry_after(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("tiny", queue_settings(max_messages=1))
+        async with Producer(connection, ProducerConfig(retry=NO_RETRY)) as once:
+            await once.publish("tiny", Message(b"fills it", lane=0))
+            with pytest.raises(Refused) as refused:
+                await once.publish("tiny", Message(b"over", lane=0))
+        error = refused.value
+        assert error.reason == "queue_full" and error.refusal is not None
+        assert error.refusal.lane == "high" and error.refusal.depth == 1
+        retry_after = error.retry_after
+        assert retry_after is not None and retry_after > 0
+
+        config = ProducerConfig(retry=RetryPolicy(3, Backoff(0.001, 0.001)), deadline=30)
+        async with Producer(connection, config) as producer:
+            started = time.monotonic()
+            with pytest.raises(Refused):
+                await producer.publish("tiny", Message(b"over", lane=0))
+            assert time.monotonic() - started >= 2 * retry_after, "two waits of retry-after"
+
+            # Once a consumer makes room, the same retrying publish goes through.
+            publish = asyncio.ensure_future(producer.publish("tiny", Message(b"later", lane=0)))
+            await consume(connection, "tiny", 1)
+            receipt = await publish
+            assert not receipt.duplicate
+
+
+async def test_idempotent_retry_across_a_kill_and_restart_stores_no_duplicate(
+    broker: Broker,
+) -> None:
+    total = 60
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("orders")
+        config = ProducerConfig(
+            linger=0.0,
+            batch_count_max=1,
+            retry=RetryPolicy(1000, Backoff(0.02, 0.2)),
+            breaker=None,  # the retries under test would otherwise fail fast
+        )
+        async with Producer(connection, config) as producer:
+            receipts = []
+            answered = asyncio.Event()
+
+            async def publisher(worker: int) -> None:
+                for i in range(worker, total, 10):
+                    receipts.append(await producer.publish("orders", f"order {i}".encode()))
+                    if len(receipts) == 20:
+                        answered.set()
+
+            # Ten publishers at once, so publishes are in flight at the kill.
+            publishers = asyncio.gather(*(publisher(worker) for worker in range(10)))
+            await answered.wait()
+            broker.kill()
+            await asyncio.sleep(0.3)  # the broker stays down for a while
+            broker.restart()
+            await asyncio.wait_for(publishers, 30)
+        assert len({r.idempotency_key for r in receipts}) == total
+        info = await Admin(connection).get_queue("orders")
+        assert info.depth == total, f"{info.depth} stored for {total} publishes"
+        deliveries = await consume(connection, "orders", total)
+        assert sorted(d.payload for d in deliveries) == sorted(
+            f"order {i}".encode() for i in range(total)
+        )
+
+
+async def test_producer_resends_the_same_key_and_gets_duplicate(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("keys")
+        async with Producer(connection) as producer:
+            first = await producer.publish("keys", Message(b"x", key="order-17"))
+            again = await producer.publish("keys", Message(b"x", key="order-17"))
+        assert not first.duplicate and again.duplicate and again.id == first.id
+
+
+async def test_consumer_reconnects_after_a_broker_restart(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("work")
+        seen: list[bytes] = []
+        got_first = asyncio.Event()
+
+        async def handler(delivery: Delivery) -> None:
+            seen.append(delivery.payload)
+            got_first.set()
+            if delivery.payload == b"after":
+                consumer.stop()
+
+        config = ConsumerConfig(reconnect=Backoff(0.05, 0.2))
+        consumer = Consumer(connection, "work", handler, config)
+        running = asyncio.ensure_future(consumer.run())
+        async with Producer(connection) as producer:
+            await producer.publish("work", b"before")
+            await asyncio.wait_for(got_first.wait(), 10)
+            broker.kill()
+            broker.restart()
+            await producer.publish("work", b"after")
+        await asyncio.wait_for(running, 20)
+        assert consumer.sessions >= 2
+        assert seen[-1] == b"after" and b"before" in seen
+
+
+async def test_nack_delay_then_dead_letter(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("flaky", queue_settings(max_attempts=2))
+        attempts: list[tuple[int, float]] = []
+
+        async def handler(delivery: Delivery) -> None:
+            attempts.append((delivery.attempt, time.monotonic()))
+            raise RuntimeError(f"cannot process attempt {delivery.attempt}")
+
+        async with Producer(connection) as producer:
+            await producer.publish("flaky", b"poison")
+        config = ConsumerConfig(max_messages=2, nack_delay=NackPolicy(0.4, 1.0))
+        await asyncio.wait_for(Consumer(connection, "flaky", handler, config).run(), 20)
+        assert [attempt for attempt, _ in attempts] == [1, 2]
+        assert attempts[1][1] - attempts[0][1] >= 0.4, "redelivered after the nack delay"
+        dead = await consume(connection, "flaky.dead", 1)
+        assert dead[0].payload == b"poison"
+        assert dead[0].headers["ballast-dead-letter-reason"] == (
+            "RuntimeError: cannot process attempt 2"
+        )
+        assert dead[0].headers["ballast-attempts"] == "2"
+
+
+async def test_stats_get_and_watch(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("metrics")
+        async with Producer(connection) as producer:
+            await producer.publish_all("metrics", [b"a", b"b", b"c"])
+        stats = Stats(connection)
+        figures = await stats.queue("metrics")
+        assert figures.name == "metrics" and figures.saturation.depth == 3
+        assert [lane.name for lane in figures.lanes] == ["high", "normal", "low"]
+        pushed = []
+        async for response in stats.watch("metrics", interval_ms=100):
+            pushed.append(response)
+            if len(pushed) == 2:
+                break
+        assert all(r.queues[0].saturation.depth == 3 for r in pushed)
+        assert pushed[1].at_ms >= pushed[0].at_ms
+
+
+async def test_token_is_sent_and_a_missing_one_is_unauthenticated(
+    broker_factory: StartBroker, tmp_path: Path
+) -> None:
+    token = "s3cret-token"
+    auth = tmp_path / "auth.toml"
+    auth.write_text(
+        "[[principals]]\n"
+        'name = "app"\n'
+        f'token_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+        'allow = [ { queues = "*", actions = ["publish", "consume", "admin", "stats"] } ]\n'
+    )
+    broker = broker_factory("--auth-file", str(auth))
+    async with Connection(ClientConfig(broker.address, token=token)) as connection:
+        await Admin(connection).create_queue("secure")
+        async with Producer(connection) as producer:
+            await producer.publish("secure", b"signed")
+        assert (await consume(connection, "secure", 1))[0].payload == b"signed"
+    async with Connection(broker.address) as anonymous:
+        with pytest.raises(Unauthenticated):
+            await Admin(anonymous).get_queue("secure")
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a broker certificate for localhost / 127.0.0.1, by openssl."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.pem", "-days", "2", "-subj", "/CN=ballast test CA")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+            "-out", "server.csr", "-subj", "/CN=localhost")  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    signing = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
+    openssl("x509", "-req", "-in", "server.csr", *signing, "-out", "server.pem", "-days", "2")
+    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
+async def test_tls_round_trip(broker_factory: StartBroker, tmp_path: Path) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    broker = broker_factory("--tls-cert", str(cert), "--tls-key", str(key))
+    config = ClientConfig(broker.address, tls=TlsConfig(ca=ca, server_name="localhost"))
+    async with Connection(config) as connection:
+        await Admin(connection).create_queue("private")
+        async with Producer(connection) as producer:
+            receipt = await producer.publish("private", b"over tls")
+        assert receipt.id.offset == 0
+        assert (await consume(connection, "private", 1))[0].payload == b"over tls"
