@@ -15,6 +15,9 @@ from conftest import Broker
 from ballast import (
     Admin,
     Backoff,
+    BreakerConfig,
+    BreakerState,
+    CircuitOpen,
     ClientConfig,
     Connection,
     Consumer,
@@ -270,3 +273,35 @@ async def test_tls_round_trip(broker_factory: StartBroker, tmp_path: Path) -> No
             receipt = await producer.publish("private", b"over tls")
         assert receipt.id.offset == 0
         assert (await consume(connection, "private", 1))[0].payload == b"over tls"
+
+
+async def test_breaker_opens_on_a_dead_broker_and_fails_fast(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("down")
+        broker.kill()
+        config = ProducerConfig(
+            retry=RetryPolicy(5, Backoff(0.01, 0.02)),
+            breaker=BreakerConfig(failure_threshold=2, failure_window=10, open_duration=60),
+        )
+        async with Producer(connection, config) as producer:
+            with pytest.raises(CircuitOpen):
+                await producer.publish("down", b"nobody home")
+            assert producer.breaker_state("down") is BreakerState.OPEN
+            started = time.monotonic()
+            with pytest.raises(CircuitOpen):
+                await producer.publish("down", b"again")
+            assert time.monotonic() - started < 0.5, "an open breaker fails at once"
+            assert producer.breaker_state("other") is BreakerState.CLOSED, "one per queue"
+
+
+def test_sync_client_round_trip(broker: Broker) -> None:
+    from ballast.sync import Client
+
+    seen: list[bytes] = []
+    with Client(broker.address) as client:
+        client.create_queue("scripts")
+        receipt = client.publish("scripts", b"from a script")
+        assert receipt.id.offset == 0 and receipt.queue.depth == 1
+        client.consume("scripts", lambda delivery: seen.append(delivery.payload), max_messages=1)
+        assert client.get_stats("scripts").queues[0].saturation.depth == 0
+    assert seen == [b"from a script"]
