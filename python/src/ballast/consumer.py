@@ -243,10 +243,31 @@ class Consumer:
         await self._stopping.wait()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=self.config.stop_timeout)
-        session.credit = 0
-        session.flush()
+        # The last settlements go by the unary Ack and Nack, which answer once
+        # applied: on the stream, the half-close below can release a lease
+        # before the broker has applied a nack sent just before it.
+        acks, nacks = session.acks, session.nacks
+        session.acks, session.nacks, session.credit = [], [], 0
         session.open = False
+        await self._settle(acks, nacks)
         session.requests.put_nowait(None)
+
+    async def _settle(self, acks: list[int], nacks: list[pb.Nack]) -> None:
+        calls: list[Awaitable[object]] = []
+        if acks:
+            request = pb.AckRequest(queue=self.queue, delivery_ids=acks)
+            calls.append(self._connection.unary("Consumer/Ack", request, pb.AckResponse))
+        for nack in nacks:
+            unary = pb.NackRequest(
+                queue=self.queue,
+                delivery_id=nack.delivery_id,
+                delay_ms=nack.delay_ms,
+                reason=nack.reason,
+            )
+            calls.append(self._connection.unary("Consumer/Nack", unary, pb.NackResponse))
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                log.warning("settling on stop failed (redelivered later): %s", outcome)
 
     async def _start(self, session: _Session, delivery: Delivery) -> None:
         await self._slots.acquire()
@@ -275,8 +296,9 @@ class Consumer:
             else:
                 session.acks.append(delivery.delivery_id)
                 self.acked += 1
-            if not self._stopping.is_set():
-                session.credit += 1
+            if self._stopping.is_set():
+                return  # settled by _close_when_stopped
+            session.credit += 1
             if not session.flush_scheduled:
                 session.flush_scheduled = True
                 asyncio.get_running_loop().call_later(self.config.ack_flush_interval, session.flush)
