@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from .client import EOF, ClientConfig, Connection
+from .client import EOF, ClientConfig, Connection, connect
 from .errors import from_rpc_error
 from .v1 import ballast_pb2 as pb
 
@@ -78,10 +78,7 @@ def queue_settings(
 
 class _Service:
     def __init__(self, connection: Connection | ClientConfig | str | None = None) -> None:
-        if isinstance(connection, Connection):
-            self._connection, self._owned = connection, False
-        else:
-            self._connection, self._owned = Connection(connection), True
+        self._connection, self._owned = connect(connection)
         self.timeout = 30.0
 
     async def close(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -105,6 +105,16 @@ class Connection:
     async def __aexit__(self, *_: object) -> None:
         await self.close()
 
+    def _callable(self, kind: str, method: str, response_type: type[Resp]) -> Any:
+        """The channel's multi-callable of ``kind`` for ``/ballast.v1.<method>``."""
+        make = getattr(self.channel, kind)
+        deserialize = response_type.FromString  # type: ignore[attr-defined]
+        return make(
+            f"/ballast.v1.{method}",
+            request_serializer=_serialize,
+            response_deserializer=deserialize,
+        )
+
     async def unary(
         self,
         method: str,
@@ -113,11 +123,7 @@ class Connection:
         timeout: float | None = None,
     ) -> Resp:
         """Calls ``/ballast.v1.<method>``; failures raise :class:`BallastError`."""
-        call = self.channel.unary_unary(
-            f"/ballast.v1.{method}",
-            request_serializer=_serialize,
-            response_deserializer=cast(Callable[[bytes], Any], response_type.FromString),  # type: ignore[attr-defined]
-        )
+        call = self._callable("unary_unary", method, response_type)
         try:
             response = await call(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as error:
@@ -132,21 +138,21 @@ class Connection:
         timeout: float | None = None,
     ) -> Any:
         """A bidirectional stream call (``grpc.aio.StreamStreamCall``)."""
-        call = self.channel.stream_stream(
-            f"/ballast.v1.{method}",
-            request_serializer=_serialize,
-            response_deserializer=cast(Callable[[bytes], Any], response_type.FromString),  # type: ignore[attr-defined]
-        )
+        call = self._callable("stream_stream", method, response_type)
         return call(requests, timeout=timeout, metadata=self.metadata)
 
     def server_stream(self, method: str, request: Any, response_type: type[Resp]) -> Any:
         """A server stream call (``grpc.aio.UnaryStreamCall``)."""
-        call = self.channel.unary_stream(
-            f"/ballast.v1.{method}",
-            request_serializer=_serialize,
-            response_deserializer=cast(Callable[[bytes], Any], response_type.FromString),  # type: ignore[attr-defined]
-        )
+        call = self._callable("unary_stream", method, response_type)
         return call(request, metadata=self.metadata)
+
+
+def connect(connection: Connection | ClientConfig | str | None) -> tuple[Connection, bool]:
+    """``connection`` itself, or a new one made from a config or address;
+    the flag says whether the caller made it (and so closes it)."""
+    if isinstance(connection, Connection):
+        return connection, False
+    return Connection(connection), True
 
 
 def _serialize(message: Any) -> bytes:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from .backoff import Backoff
-from .client import EOF, ClientConfig, Connection
+from .client import EOF, ClientConfig, Connection, connect
 from .errors import BallastError, ProtocolError, Unavailable, from_rpc_error
 from .types import Delivery
 from .v1 import ballast_pb2 as pb
@@ -123,10 +123,7 @@ class Consumer:
         *,
         jitter_seed: int | None = None,
     ) -> None:
-        if isinstance(connection, Connection):
-            self._connection, self._owned = connection, False
-        else:
-            self._connection, self._owned = Connection(connection), True
+        self._connection, self._owned = connect(connection)
         self.queue = queue
         self.handler = handler
         self.config = config or ConsumerConfig()

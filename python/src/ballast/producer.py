@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .backoff import RetryPolicy
 from .breaker import BreakerConfig, BreakerState, CircuitBreaker
-from .client import ClientConfig, Connection
+from .client import ClientConfig, Connection, connect
 from .errors import BallastError, Closed, InvalidArgument, ProtocolError
 from .retry import Retrier
 from .types import Message, Receipt
@@ -85,10 +85,7 @@ class Producer:
         connection: Connection | ClientConfig | str | None = None,
         config: ProducerConfig | None = None,
     ) -> None:
-        if isinstance(connection, Connection):
-            self._connection, self._owned = connection, False
-        else:
-            self._connection, self._owned = Connection(connection), True
+        self._connection, self._owned = connect(connection)
         self.config = config or ProducerConfig()
         self._retrier = Retrier(
             self.config.retry, self.config.attempt_timeout, random.Random(self.config.jitter_seed)
