@@ -32,6 +32,7 @@ from ballast import (
     Stats,
     TlsConfig,
     Unauthenticated,
+    Unavailable,
     queue_settings,
 )
 from ballast.backoff import NO_RETRY
@@ -260,6 +261,16 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     signing = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
     openssl("x509", "-req", "-in", "server.csr", *signing, "-out", "server.pem", "-days", "2")
+    # A client certificate from the same CA, for mutual TLS.
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key",
+            "-out", "client.csr", "-subj", "/CN=worker.test")  # fmt: skip
+    # v3 with extensions: webpki refuses version 1 certificates.
+    (directory / "client.ext").write_text(
+        "subjectAltName=DNS:worker.test\nextendedKeyUsage=clientAuth\n"
+    )
+    ca_signs = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
+    openssl("x509", "-req", "-in", "client.csr", *ca_signs, "-extfile", "client.ext",
+            "-out", "client.pem")  # fmt: skip
     return directory / "ca.pem", directory / "server.pem", directory / "server.key"
 
 
@@ -305,3 +316,22 @@ def test_sync_client_round_trip(broker: Broker) -> None:
         client.consume("scripts", lambda delivery: seen.append(delivery.payload), max_messages=1)
         assert client.get_stats("scripts").queues[0].saturation.depth == 0
     assert seen == [b"from a script"]
+
+
+async def test_mutual_tls_sends_the_client_certificate(
+    broker_factory: StartBroker, tmp_path: Path
+) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca)]
+    broker = broker_factory(*tls)
+    client = TlsConfig(
+        ca=ca, cert=tmp_path / "client.pem", key=tmp_path / "client.key", server_name="localhost"
+    )
+    async with Connection(ClientConfig(broker.address, tls=client)) as connection:
+        await Admin(connection).create_queue("mutual")
+        async with Producer(connection) as producer:
+            assert (await producer.publish("mutual", b"both sides")).id.offset == 0
+    without = ClientConfig(broker.address, tls=TlsConfig(ca=ca, server_name="localhost"))
+    async with Connection(without) as connection:
+        with pytest.raises(Unavailable):  # the handshake fails: no client certificate
+            await Admin(connection).get_queue("mutual")
