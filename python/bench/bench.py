@@ -5,8 +5,8 @@
 Against a running broker (start one with
 ``cargo run --release -p ballast-broker --bin ballastd``). For each payload
 size it creates a fresh queue (sync policy ``fsync``, the default), publishes
-``count`` messages through one Producer (batches of ``--batch`` with a
-linger), then consumes and acks them with one Consumer, and prints msg/s and
+``count`` messages through one Producer (``publish_all``, batches of
+``--batch``), then consumes and acks them with one Consumer, and prints msg/s and
 MiB/s for both phases, as text and (``--json``) as JSON.
 """
 
@@ -24,14 +24,20 @@ import ballast
 async def publish_phase(
     connection: ballast.Connection, queue: str, count: int, size: int, batch: int
 ) -> float:
-    config = ballast.ProducerConfig(batch_count_max=batch, linger=0.002, in_flight_batches_max=8)
+    """``Producer.publish_all`` over windows of 16 batches, two windows at once."""
+    config = ballast.ProducerConfig(batch_count_max=batch, in_flight_batches_max=8)
     payload = b"x" * size
+    window = 16 * batch
+    windows = asyncio.Semaphore(2)
     started = time.perf_counter()
     async with ballast.Producer(connection, config) as producer:
-        window = 8 * batch  # messages awaited at once
-        for first in range(0, count, window):
-            futures = [producer.submit(queue, payload) for _ in range(min(window, count - first))]
-            await asyncio.gather(*futures)
+
+        async def publish_window(first: int) -> None:
+            async with windows:
+                messages = [payload] * min(window, count - first)
+                await producer.publish_all(queue, messages)
+
+        await asyncio.gather(*(publish_window(first) for first in range(0, count, window)))
     return time.perf_counter() - started
 
 

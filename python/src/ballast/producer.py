@@ -14,9 +14,10 @@ breaker, within the earliest deadline of the batch's messages.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import random
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from .breaker import BreakerConfig, BreakerState, CircuitBreaker
 from .client import ClientConfig, Connection, connect
 from .errors import BallastError, Closed, InvalidArgument, ProtocolError
 from .retry import Retrier
-from .types import Message, Receipt
+from .types import Message, MessageId, Receipt, Saturation
 from .v1 import ballast_pb2 as pb
 
 #: The broker's batch limit (``BATCH_COUNT_MAX``).
@@ -95,6 +96,10 @@ class Producer:
         self._in_flight = asyncio.Semaphore(self.config.in_flight_batches_max)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # Keys are this producer's random prefix and a counter: unique like
+        # a UUID per message, far cheaper to make.
+        self._key_prefix = os.urandom(12).hex()
+        self._key_counter = itertools.count()
 
     async def __aenter__(self) -> Producer:
         return self
@@ -119,23 +124,17 @@ class Producer:
         """Queues a message for its batch; the future resolves to its receipt."""
         if self._closed:
             raise Closed("the producer is closed")
-        if isinstance(message, bytes):
-            message = Message(message)
-        key = message.key or uuid.uuid4().hex
-        if len(key.encode()) > KEY_SIZE_MAX:
-            raise InvalidArgument(f"idempotency key is over {KEY_SIZE_MAX} bytes")
-        encoded = message.to_pb()
-        encoded.idempotency_key = key
+        encoded, key, lane = self._encode(message)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + (self.config.deadline if timeout is None else timeout)
         pending = _Pending(encoded, key, deadline, loop.create_future())
-        slot = (queue, message.lane)
+        slot = (queue, lane)
         batch = self._batches.get(slot)
         if batch is None:
             batch = self._batches[slot] = _Batch()
             batch.timer = loop.call_later(self.config.linger, self._flush, slot)
         batch.items.append(pending)
-        batch.size += len(message.payload)
+        batch.size += len(encoded.payload)
         if (
             len(batch.items) >= self.config.batch_count_max
             or batch.size >= self.config.batch_size_max
@@ -143,12 +142,54 @@ class Producer:
             self._flush(slot)
         return pending.future
 
+    def _encode(self, message: Message | bytes) -> tuple[pb.Message, str, int | None]:
+        """The wire message with its idempotency key (fixed here, for every
+        attempt), the key, and its lane."""
+        if isinstance(message, bytes):
+            key = f"{self._key_prefix}-{next(self._key_counter)}"
+            return pb.Message(payload=message, idempotency_key=key), key, None
+        key = message.key or f"{self._key_prefix}-{next(self._key_counter)}"
+        if len(key) > KEY_SIZE_MAX // 4 and len(key.encode()) > KEY_SIZE_MAX:
+            raise InvalidArgument(f"idempotency key is over {KEY_SIZE_MAX} bytes")
+        encoded = message.to_pb()
+        encoded.idempotency_key = key
+        return encoded, key, message.lane
+
     async def publish_all(
         self, queue: str, messages: Iterable[Message | bytes], *, timeout: float | None = None
     ) -> list[Receipt]:
-        """Publishes many messages (batched as usual); receipts in order."""
-        futures = [self.submit(queue, message, timeout=timeout) for message in messages]
-        return list(await asyncio.gather(*futures))
+        """Publishes many messages at once, in batches per lane of up to
+        ``batch_count_max`` (no linger); receipts in order. The first
+        failed batch's error is raised once every batch has finished."""
+        if self._closed:
+            raise Closed("the producer is closed")
+        deadline = time.monotonic() + (self.config.deadline if timeout is None else timeout)
+        by_lane: dict[int | None, list[tuple[int, pb.Message, str]]] = {}
+        count = 0
+        for index, message in enumerate(messages):
+            encoded, key, lane = self._encode(message)
+            by_lane.setdefault(lane, []).append((index, encoded, key))
+            count = index + 1
+        size = self.config.batch_count_max
+        chunks = [
+            entries[first : first + size]
+            for entries in by_lane.values()
+            for first in range(0, len(entries), size)
+        ]
+        answers = await asyncio.gather(
+            *(
+                self._publish_batch(queue, [e[1] for e in chunk], [e[2] for e in chunk], deadline)
+                for chunk in chunks
+            ),
+            return_exceptions=True,
+        )
+        receipts: list[Receipt | None] = [None] * count
+        for chunk, answer in zip(chunks, answers, strict=True):
+            if isinstance(answer, BaseException):
+                raise answer
+            for (index, _, _), receipt in zip(chunk, answer, strict=True):
+                receipts[index] = receipt
+        return [receipt for receipt in receipts if receipt is not None]
 
     async def flush(self) -> None:
         """Sends every open batch and waits for all batches in flight."""
@@ -183,23 +224,34 @@ class Producer:
             breaker = self._breakers[queue] = CircuitBreaker(self.config.breaker)
         return breaker
 
-    async def _send(self, queue: str, items: list[_Pending]) -> None:
-        request = pb.PublishBatchRequest(queue=queue, messages=[item.message for item in items])
-        timeout = min(item.deadline for item in items) - time.monotonic()
+    async def _publish_batch(
+        self, queue: str, messages: list[pb.Message], keys: list[str], deadline: float
+    ) -> list[Receipt]:
+        """One PublishBatch, retried within ``deadline`` with the same keys."""
+        request = pb.PublishBatchRequest(queue=queue, messages=messages)
 
         async def attempt(budget: float) -> pb.PublishBatchResponse:
             response = await self._connection.unary(
                 "Publisher/PublishBatch", request, pb.PublishBatchResponse, timeout=budget
             )
-            if len(response.receipts) != len(items):
+            if len(response.receipts) != len(messages):
                 raise ProtocolError(
-                    f"{len(response.receipts)} receipts for a batch of {len(items)} messages"
+                    f"{len(response.receipts)} receipts for a batch of {len(messages)} messages"
                 )
             return response
 
+        async with self._in_flight:
+            response = await self._retrier.run(
+                deadline - time.monotonic(), attempt, self._breaker(queue)
+            )
+        return receipts_of(response, keys)
+
+    async def _send(self, queue: str, items: list[_Pending]) -> None:
+        deadline = min(item.deadline for item in items)
         try:
-            async with self._in_flight:
-                response = await self._retrier.run(timeout, attempt, self._breaker(queue))
+            receipts = await self._publish_batch(
+                queue, [item.message for item in items], [item.key for item in items], deadline
+            )
         except BallastError as error:
             for item in items:
                 if not item.future.done():
@@ -210,6 +262,30 @@ class Producer:
                 if not item.future.done():
                     item.future.set_exception(Closed(f"the publish was cancelled: {error!r}"))
             raise
-        for item, receipt in zip(items, response.receipts, strict=True):
+        for item, receipt in zip(items, receipts, strict=True):
             if not item.future.done():
-                item.future.set_result(Receipt.from_pb(receipt, item.key))
+                item.future.set_result(receipt)
+
+
+def receipts_of(response: pb.PublishBatchResponse, keys: list[str]) -> list[Receipt]:
+    """The receipts of a batch. Its receipts share the figures taken after
+    the whole batch, so each distinct figure is converted once."""
+    saturations: dict[bytes, Saturation] = {}
+
+    def saturation(value: pb.Saturation) -> Saturation:
+        wire = value.SerializeToString()
+        known = saturations.get(wire)
+        if known is None:
+            known = saturations[wire] = Saturation.from_pb(value)
+        return known
+
+    return [
+        Receipt(
+            MessageId(receipt.id.lane, receipt.id.offset),
+            receipt.duplicate,
+            saturation(receipt.queue),
+            saturation(receipt.lane),
+            key,
+        )
+        for receipt, key in zip(response.receipts, keys, strict=True)
+    ]
