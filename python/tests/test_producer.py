@@ -77,3 +77,16 @@ async def test_retries_resend_the_same_idempotency_keys() -> None:
     assert keys[0] == keys[1] == keys[2]
     assert keys[0][1] == "mine" and len(set(keys[0])) == 3 and all(keys[0])
     assert [r.idempotency_key for r in receipts] == keys[0]
+
+
+async def test_publish_all_splits_by_lane_and_batch_size_and_keeps_order() -> None:
+    fake = FakeConnection()
+    producer = Producer(fake, ProducerConfig(batch_count_max=2))
+    messages = [Message(str(i).encode(), lane=i % 2) for i in range(7)]
+    receipts = await producer.publish_all("q", messages)
+    sizes = sorted(len(r.messages) for r in fake.requests)
+    assert sizes == [1, 2, 2, 2], "lane 0: 4 messages in 2 batches; lane 1: 3 in 2"
+    assert all(len({m.lane for m in r.messages}) == 1 for r in fake.requests)
+    assert [r.id.lane for r in receipts] == [i % 2 for i in range(7)], "receipts in input order"
+    sent = {m.payload: m.idempotency_key for r in fake.requests for m in r.messages}
+    assert [r.idempotency_key for r in receipts] == [sent[str(i).encode()] for i in range(7)]
