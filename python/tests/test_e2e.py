@@ -25,6 +25,7 @@ from ballast import (
     Delivery,
     Message,
     NackPolicy,
+    NotFound,
     Producer,
     ProducerConfig,
     Refused,
@@ -335,3 +336,13 @@ async def test_mutual_tls_sends_the_client_certificate(
     async with Connection(without) as connection:
         with pytest.raises(Unavailable):  # the handshake fails: no client certificate
             await Admin(connection).get_queue("mutual")
+
+
+async def test_consumer_of_a_missing_queue_ends_with_not_found(broker: Broker) -> None:
+    async def handler(_: Delivery) -> None:
+        raise AssertionError("no delivery from a missing queue")
+
+    async with Connection(broker.address) as connection:
+        consumer = Consumer(connection, "missing", handler)
+        with pytest.raises(NotFound):
+            await asyncio.wait_for(consumer.run(), 10)

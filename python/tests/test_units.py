@@ -225,3 +225,26 @@ async def test_retrier_gives_up_at_the_deadline() -> None:
     with pytest.raises(DeadlineExceeded):
         await retrier.run(0.3, slow)
     assert time.monotonic() - started < 1.0
+
+
+def test_consumer_reconnects_unless_retrying_cannot_help() -> None:
+    from ballast.consumer import is_fatal
+
+    fatal = [
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNIMPLEMENTED,
+    ]
+    reconnect = [
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    ]
+    assert all(is_fatal(errors.from_status(code, "x")) for code in fatal)
+    assert not any(is_fatal(errors.from_status(code, "x")) for code in reconnect)

@@ -12,7 +12,8 @@ When the stream breaks (broker restart, network), the broker releases the
 session's leases and the consumer reconnects with backoff and full jitter;
 handlers still running for the old session finish, but their acks cannot
 be applied (the messages are redelivered: at-least-once). Errors retrying
-cannot fix (unknown queue, bad argument, permission) end :meth:`run`.
+cannot fix (:func:`is_fatal`: unknown queue, bad argument, credentials) end
+:meth:`run`.
 ``stop()`` stops taking deliveries, lets running handlers finish, sends
 their acks and closes the stream.
 
@@ -33,7 +34,19 @@ import grpc
 
 from .backoff import Backoff
 from .client import EOF, ClientConfig, Connection, connect
-from .errors import BallastError, ProtocolError, Unavailable, from_rpc_error
+from .errors import (
+    AlreadyExists,
+    BallastError,
+    BrokerError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    Unauthenticated,
+    Unavailable,
+    from_rpc_error,
+)
 from .types import Delivery
 from .v1 import ballast_pb2 as pb
 
@@ -45,6 +58,26 @@ CREDIT_MAX = 10_000
 NACK_REASON_SIZE_MAX = 1024
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+_FATAL = (
+    NotFound,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    FailedPrecondition,
+    AlreadyExists,
+    ProtocolError,
+)
+
+
+def is_fatal(error: BallastError) -> bool:
+    """Errors that end the consumer instead of a reconnect (as in the Rust
+    client): the request or the credentials are wrong, the queue is gone, or
+    the broker has no such call. Everything else (UNAVAILABLE, a refusal,
+    INTERNAL, CANCELLED, ...) reconnects."""
+    if isinstance(error, BrokerError):
+        return error.code == grpc.StatusCode.UNIMPLEMENTED
+    return isinstance(error, _FATAL)
 
 
 @dataclass(frozen=True)
@@ -152,7 +185,7 @@ class Consumer:
 
     async def run(self) -> None:
         """Consumes until ``stop()`` (or ``max_messages``); reconnects after
-        retryable failures; raises errors retrying cannot fix."""
+        failures; raises the errors :func:`is_fatal` names."""
         failures = 0
         try:
             while not self._stopping.is_set():
@@ -160,7 +193,7 @@ class Consumer:
                     await self._session()
                     failures = 0
                 except BallastError as error:
-                    if not error.retryable:
+                    if is_fatal(error):
                         raise
                     if self._stopping.is_set():
                         break
@@ -200,7 +233,9 @@ class Consumer:
         closer: asyncio.Task[None] | None = None
         try:
             first = await asyncio.wait_for(call.read(), self.config.subscribe_timeout)
-            if first is EOF or first.WhichOneof("kind") != "subscribed":
+            if first is EOF:
+                raise Unavailable("the broker ended the consume stream before subscribing")
+            if first.WhichOneof("kind") != "subscribed":
                 raise ProtocolError("the broker did not answer subscribe with subscribed")
             self.sessions += 1
             closer = asyncio.get_running_loop().create_task(self._close_when_stopped(session))
