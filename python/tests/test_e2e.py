@@ -346,3 +346,28 @@ async def test_consumer_of_a_missing_queue_ends_with_not_found(broker: Broker) -
         consumer = Consumer(connection, "missing", handler)
         with pytest.raises(NotFound):
             await asyncio.wait_for(consumer.run(), 10)
+
+
+async def test_consumer_keeps_its_credit_window_and_concurrency_limit(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("window")
+        async with Producer(connection) as producer:
+            await producer.publish_all("window", [str(i).encode() for i in range(30)])
+        stats = Stats(connection)
+        running = 0
+        most_running = 0
+        most_in_flight = 0
+
+        async def handler(_: Delivery) -> None:
+            nonlocal running, most_running, most_in_flight
+            running += 1
+            most_running = max(most_running, running)
+            figures = await stats.queue("window")  # work that yields, and a look
+            most_in_flight = max(most_in_flight, figures.in_flight)
+            running -= 1
+
+        config = ConsumerConfig(prefetch=5, concurrency=2, max_messages=30)
+        await asyncio.wait_for(Consumer(connection, "window", handler, config).run(), 20)
+        assert most_running == 2, "two handlers at once, never more"
+        assert 2 <= most_in_flight <= 5, f"{most_in_flight} leased with a window of 5"
+        assert (await Admin(connection).get_queue("window")).depth == 0
