@@ -175,9 +175,13 @@ class Consumer:
         """Graceful stop: no new deliveries; running handlers finish and are acked."""
         self._stopping.set()
 
-    async def extend_lease(self, delivery: Delivery, extra_ms: int) -> None:
-        """Hook for lease extension while a handler runs. The broker has no
-        lease extension RPC yet, so this raises; it will send one then."""
+    async def extend_lease(self, delivery: Delivery, lease_ms: int) -> None:
+        """Hook for lease extension while a handler runs: give ``delivery``'s
+        lease a new deadline ``lease_ms`` from now. The broker has no lease
+        extension yet (issue #15 adds ``extend{delivery_ids, lease_ms}`` on
+        the consume stream and a unary ``Extend``), so this raises
+        :class:`NotImplementedError`; once the broker has it, this sends it
+        and the consumer calls it while a handler runs."""
         raise NotImplementedError(
             "the broker does not support lease extension yet; finish handlers within "
             "the queue's lease_timeout_ms"
