@@ -32,8 +32,8 @@ from ballast import (
     RetryPolicy,
     Stats,
     TlsConfig,
+    TlsError,
     Unauthenticated,
-    Unavailable,
     queue_settings,
 )
 from ballast.backoff import NO_RETRY
@@ -334,7 +334,11 @@ async def test_mutual_tls_sends_the_client_certificate(
             assert (await producer.publish("mutual", b"both sides")).id.offset == 0
     without = ClientConfig(broker.address, tls=TlsConfig(ca=ca, server_name="localhost"))
     async with Connection(without) as connection:
-        with pytest.raises(Unavailable):  # the handshake fails: no client certificate
+        with pytest.raises(TlsError, match="refused the client's certificate"):
+            await Admin(connection).get_queue("mutual")
+    wrong_ca = TlsConfig(ca=tmp_path / "client.pem", server_name="localhost")
+    async with Connection(ClientConfig(broker.address, tls=wrong_ca)) as connection:
+        with pytest.raises(TlsError, match="not signed by the CA"):
             await Admin(connection).get_queue("mutual")
 
 

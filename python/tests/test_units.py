@@ -248,3 +248,25 @@ def test_consumer_reconnects_unless_retrying_cannot_help() -> None:
     ]
     assert all(is_fatal(errors.from_status(code, "x")) for code in fatal)
     assert not any(is_fatal(errors.from_status(code, "x")) for code in reconnect)
+
+
+@pytest.mark.parametrize(
+    ("details", "advice"),
+    [
+        (
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls "
+            "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:"
+            "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate",
+            "not signed by the CA",
+        ),
+        ("... OPENSSL_internal:WRONG_VERSION_NUMBER: ...", "does not speak TLS"),
+        ("... Custom verification check failed: Hostname Verification Check failed.", "name"),
+        ("... Unwrap failed (TSI_DATA_CORRUPTED)", "refused the client's certificate"),
+    ],
+)
+def test_tls_failures_are_told_apart_from_an_unavailable_broker(details: str, advice: str) -> None:
+    error = errors.from_status(grpc.StatusCode.UNAVAILABLE, details)
+    assert isinstance(error, errors.TlsError) and not error.retryable
+    assert advice in str(error)
+    refused = "failed to connect to all addresses; last error: Connection refused"
+    assert isinstance(errors.from_status(grpc.StatusCode.UNAVAILABLE, refused), Unavailable)

@@ -21,6 +21,7 @@ from .errors import (
     ProtocolError,
     Refusal,
     Refused,
+    TlsError,
     Unauthenticated,
     Unavailable,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "Saturation",
     "Stats",
     "TlsConfig",
+    "TlsError",
     "Unauthenticated",
     "Unavailable",
     "queue_settings",

@@ -43,6 +43,7 @@ from .errors import (
     NotFound,
     PermissionDenied,
     ProtocolError,
+    TlsError,
     Unauthenticated,
     Unavailable,
     from_rpc_error,
@@ -67,6 +68,7 @@ _FATAL = (
     FailedPrecondition,
     AlreadyExists,
     ProtocolError,
+    TlsError,
 )
 
 

@@ -21,6 +21,8 @@ ABORTED                   Aborted                yes
 FAILED_PRECONDITION       FailedPrecondition     no
 PERMISSION_DENIED         PermissionDenied       no
 UNAUTHENTICATED           Unauthenticated        no
+UNAVAILABLE from a        TlsError               no
+failed TLS handshake
 anything else             BrokerError            no
 ========================  =====================  =========
 """
@@ -212,6 +214,45 @@ class CircuitOpen(BallastError):
         return self.retry_in
 
 
+class TlsError(BallastError):
+    """TLS failed: the broker's certificate is not signed by the given CA or
+    does not name the host, one side speaks TLS and the other does not, or
+    the broker refused the client certificate. The message says which and
+    what to change; retrying cannot help. (gRPC reports these as
+    UNAVAILABLE; the client recognises them by the transport's message.)"""
+
+
+#: Markers of a TLS failure in a local UNAVAILABLE, and the advice for each.
+_TLS_FAILURES = (
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the broker's certificate is not signed by the CA the client trusts (TlsConfig.ca)",
+    ),
+    (
+        "WRONG_VERSION_NUMBER",
+        "the broker does not speak TLS: drop TlsConfig, or start the broker with --tls-cert",
+    ),
+    (
+        "Hostname Verification",
+        "the broker's certificate does not name the host dialled: "
+        "set TlsConfig.server_name to a name it has",
+    ),
+    (
+        "TSI_DATA_CORRUPTED",
+        "the broker refused the client's certificate: mutual TLS needs TlsConfig.cert and "
+        "key, signed by a CA the broker's --tls-client-ca holds",
+    ),
+    ("Tls handshake failed", "the TLS handshake failed"),
+)
+
+
+def _tls_advice(message: str) -> str | None:
+    for marker, advice in _TLS_FAILURES:
+        if marker in message:
+            return f"{advice} ({message})"
+    return None
+
+
 class BrokerError(BallastError):
     """A failure retrying will not fix: INTERNAL (quote its error id to an
     operator), UNIMPLEMENTED, UNKNOWN, CANCELLED, DATA_LOSS."""
@@ -306,6 +347,9 @@ def from_status(code: grpc.StatusCode, message: str, metadata: Metadata = ()) ->
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return Refused(message, parse_retry_after(metadata), parse_refusal(metadata))
     if code == grpc.StatusCode.UNAVAILABLE:
+        advice = _tls_advice(message)
+        if advice is not None:
+            return TlsError(advice)
         return Unavailable(message, parse_retry_after(metadata))
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"deadline exceeded: {message}")
