@@ -7,13 +7,22 @@
 //! A directory without `queue.toml` is an interrupted creation or deletion
 //! and is removed on start.
 //!
-//! Start: queues open in parallel on a bounded set of blocking threads
-//! (`QUEUE_OPEN_THREADS_MAX`), dead-letter queues first. A queue whose
-//! files cannot be opened (an unreadable `queue.toml`, a damaged segment,
-//! an unreadable lane directory) is set aside as a [`DamagedQueue`]: the
-//! broker starts and serves the others, every call to it is refused with
-//! FAILED_PRECONDITION (`BrokerError::QueueDamaged`), ListQueues and Stats
-//! mark it, and DeleteQueue removes its files.
+//! Start: [`Broker::open`] reads every queue's `queue.toml` and returns;
+//! the queues' logs (recovery) open afterwards, in the background, at most
+//! `QUEUE_OPEN_THREADS_MAX` at once on blocking threads, dead-letter queues
+//! first. So the broker listens within a second or two whatever the number
+//! of queues. A call to a queue not open yet opens it at once, ahead of the
+//! background order, and waits for it (its dead-letter queue first);
+//! ListQueues and Stats list such a queue with `opening` set, and its
+//! health service is NOT_SERVING until it is open. A queue whose files
+//! cannot be opened (an unreadable `queue.toml`, a damaged segment, an
+//! unreadable lane directory) is set aside as a [`DamagedQueue`]: the broker
+//! serves the others, every call to it is refused with FAILED_PRECONDITION
+//! (`BrokerError::QueueDamaged`), ListQueues and Stats mark it, and
+//! DeleteQueue removes its files. A queue that fails to open for want of
+//! descriptors or disk space is not set aside (its files are fine): the call
+//! that asked gets that error, and the next call, or the background opener's
+//! retry, opens it again.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,7 +38,7 @@ use parking_lot::RwLock;
 use crate::{
     config::Config,
     error::{BrokerError, Result},
-    limits::{DEAD_LETTER_SUFFIX, QUEUE_OPEN_THREADS_MAX},
+    limits::DEAD_LETTER_SUFFIX,
     now_ms,
     queue::{Queue, QueueName, QueueSettings, SettingsRequest},
 };
@@ -96,7 +105,7 @@ pub struct Broker {
     _lock: DataDirLock,
     config: Config,
     queues_dir: PathBuf,
-    queues: RwLock<BTreeMap<QueueName, Arc<Queue>>>,
+    queues: RwLock<BTreeMap<QueueName, Slot>>,
     /// Queues whose files could not be opened at start, set aside until
     /// deleted (or repaired and the broker restarted).
     damaged: RwLock<BTreeMap<QueueName, DamagedQueue>>,
@@ -110,8 +119,75 @@ pub struct Broker {
     /// Lanes whose log a failed write or sync poisoned, being reopened
     /// (`recover_lanes`); an entry goes once its lane is writable again.
     recovering: Arc<parking_lot::Mutex<HashMap<(QueueName, usize), LaneRecovery>>>,
-    /// Per-queue health statuses last reported (`report_health`).
-    reported_health: parking_lot::Mutex<HashMap<String, bool>>,
+    /// Queues whose health status may have changed since the last
+    /// `report_health` (opened, created, deleted, set aside, a lane
+    /// poisoned or writable again): the report is proportional to what
+    /// changed, not to the number of queues.
+    health_changed: Arc<parking_lot::Mutex<Vec<QueueName>>>,
+}
+
+/// A queue in the registry: open, or found at start and not open yet.
+#[derive(Debug, Clone)]
+enum Slot {
+    Open(Arc<Queue>),
+    Opening(Arc<Pending>),
+}
+
+/// A queue found at start whose logs are not open yet: opened by the
+/// background opener or by the first call to it, whichever comes first.
+#[derive(Debug)]
+struct Pending {
+    found: Found,
+    /// Set once an open has begun: where its outcome will be. Reset after
+    /// an open that failed for want of descriptors or disk space, so that
+    /// the next call tries again.
+    outcome: parking_lot::Mutex<Option<tokio::sync::watch::Receiver<Option<Opened>>>>,
+}
+
+/// How opening a pending queue ended.
+#[derive(Debug, Clone)]
+enum Opened {
+    Queue(Arc<Queue>),
+    /// Its files are damaged: it is in `Broker::damaged` now.
+    SetAside,
+    /// It could not be opened now, through no fault of its files.
+    Retry(RetryReason),
+}
+
+/// Why opening a queue may succeed later.
+#[derive(Debug, Clone, Copy)]
+enum RetryReason {
+    FileDescriptors,
+    DiskFull,
+    ShuttingDown,
+}
+
+impl RetryReason {
+    fn of(error: &BrokerError) -> Option<RetryReason> {
+        match error {
+            BrokerError::FileDescriptorsExhausted { .. } => Some(RetryReason::FileDescriptors),
+            BrokerError::DiskFull { .. } => Some(RetryReason::DiskFull),
+            BrokerError::ShuttingDown => Some(RetryReason::ShuttingDown),
+            _ => None,
+        }
+    }
+
+    fn error(self) -> BrokerError {
+        const DURING: &str = "opening the queue's files after the broker started";
+        match self {
+            RetryReason::FileDescriptors => BrokerError::FileDescriptorsExhausted { during: DURING },
+            RetryReason::DiskFull => BrokerError::DiskFull { during: DURING },
+            RetryReason::ShuttingDown => BrokerError::ShuttingDown,
+        }
+    }
+}
+
+/// A queue found at start, not open yet, as ListQueues and Stats show it.
+#[derive(Debug, Clone)]
+pub struct OpeningQueue {
+    pub name: QueueName,
+    pub settings: QueueSettings,
+    pub created_at_ms: u64,
 }
 
 /// A poisoned lane waiting to be reopened.
@@ -152,11 +228,12 @@ pub fn queue_health_service(queue: &str) -> String {
 const QUEUES_DIR: &str = "queues";
 
 impl Broker {
-    /// Opens every queue under `config.data_dir` (creating the directory if
-    /// needed), in parallel on up to `QUEUE_OPEN_THREADS_MAX` threads, and
-    /// sets aside the queues that cannot be opened. Blocks: call it on a
-    /// blocking thread. Must run inside a tokio runtime: queues start timer
-    /// tasks.
+    /// Reads every queue's `queue.toml` under `config.data_dir` (creating
+    /// the directory if needed), sets aside the queues whose `queue.toml`
+    /// cannot be read, and returns; the queues' logs open in the background
+    /// (at most `QUEUE_OPEN_THREADS_MAX` at once), or on their first call.
+    /// Blocks: call it on a blocking thread. Must run inside a tokio
+    /// runtime: the opener is a task, and queues start timer tasks.
     pub fn open(config: Config) -> Result<Arc<Broker>> {
         let started = std::time::Instant::now();
         // First of all: a second process on the same directory would treat
@@ -171,20 +248,19 @@ impl Broker {
         for entry in std::fs::read_dir(&queues_dir).map_err(|e| io_error(&queues_dir, e))? {
             let entry = entry.map_err(|e| io_error(&queues_dir, e))?;
             let dir = entry.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            if !dir.join(crate::queue::QUEUE_FILE).exists() {
-                // In the background, as a deletion at run time is: a
-                // deletion cut short may have gigabytes left to unlink, and
-                // nothing will open this directory again (queue directories
-                // carry a generation suffix).
-                tracing::warn!(dir = %dir.display(), "removing an interrupted queue creation or deletion");
-                crate::queue::remove_in_background(&dir);
+            if !entry.file_type().map_err(|e| io_error(&dir, e))?.is_dir() {
                 continue;
             }
             match Queue::read_settings(&dir) {
-                Ok((name, settings)) => found.push(Found { dir, name, settings }),
+                Ok((name, settings, created_at_ms)) => found.push(Found { dir, name, settings, created_at_ms }),
+                Err(_) if !dir.join(crate::queue::QUEUE_FILE).exists() => {
+                    // In the background, as a deletion at run time is: a
+                    // deletion cut short may have gigabytes left to
+                    // unlink, and nothing will open this directory again
+                    // (queue directories carry a generation suffix).
+                    tracing::warn!(dir = %dir.display(), "removing an interrupted queue creation or deletion");
+                    crate::queue::remove_in_background(&dir);
+                }
                 Err(error) => match name_of_dir(&dir) {
                     Some(name) => set_aside(&mut damaged, name, dir, &error),
                     None => tracing::error!(
@@ -204,35 +280,24 @@ impl Broker {
                 pair[1].dir.display()
             )));
         }
+        sync_dir(&queues_dir)?;
         // Dead-letter queues first: their source queues hold them.
         let (dead, sources): (Vec<Found>, Vec<Found>) =
             found.into_iter().partition(|f| f.name.as_str().ends_with(DEAD_LETTER_SUFFIX));
-        let mut queues: BTreeMap<QueueName, Arc<Queue>> = BTreeMap::new();
-        for batch in [dead, sources] {
-            for (found, opened) in open_queues(batch, &config, &node, &queues) {
-                match opened {
-                    Ok(queue) => {
-                        tracing::debug!(queue = %found.name, "queue opened");
-                        queues.insert(found.name, queue);
-                    }
-                    // Out of descriptors says nothing about the queue's
-                    // files: setting healthy queues aside would invite
-                    // their deletion. The operator raises the limit.
-                    Err(error @ BrokerError::FileDescriptorsExhausted { .. }) => return Err(error),
-                    // Nor does a full disk (recovery may need to write a
-                    // journal header or cut a torn tail): the start fails,
-                    // saying so, and succeeds once space is freed.
-                    Err(error @ BrokerError::DiskFull { .. }) => return Err(error),
-                    Err(error) => set_aside(&mut damaged, found.name, found.dir, &error),
-                }
-            }
-        }
-        sync_dir(&queues_dir)?;
+        let order: Vec<Arc<Pending>> = dead
+            .into_iter()
+            .chain(sources)
+            .map(|found| Arc::new(Pending { found, outcome: parking_lot::Mutex::new(None) }))
+            .collect();
+        let queues: BTreeMap<QueueName, Slot> =
+            order.iter().map(|pending| (pending.found.name.clone(), Slot::Opening(Arc::clone(pending)))).collect();
+        // Every queue starts NOT_SERVING (opening or damaged).
+        let health_changed: Vec<QueueName> = queues.keys().chain(damaged.keys()).cloned().collect();
         tracing::info!(
             queues = queues.len(),
             damaged = damaged.len(),
             elapsed_ms = started.elapsed().as_millis(),
-            "queues opened"
+            "queues found; opening them in the background"
         );
         if queues.len() + damaged.len() > config.queues_max {
             tracing::warn!(
@@ -241,7 +306,7 @@ impl Broker {
                 "more queues than queues_max: every queue is served, but none can be created until some are deleted"
             );
         }
-        Ok(Arc::new(Broker {
+        let broker = Arc::new(Broker {
             _lock: lock,
             config,
             queues_dir,
@@ -252,8 +317,10 @@ impl Broker {
             shutting_down: AtomicBool::new(false),
             stopping: tokio::sync::watch::Sender::new(false),
             recovering: Arc::default(),
-            reported_health: parking_lot::Mutex::default(),
-        }))
+            health_changed: Arc::new(parking_lot::Mutex::new(health_changed)),
+        });
+        tokio::spawn(open_in_background(Arc::downgrade(&broker), order));
+        Ok(broker)
     }
 
     pub fn config(&self) -> &Config {
@@ -264,22 +331,192 @@ impl Broker {
         if self.shutting_down.load(Ordering::Acquire) { Err(BrokerError::ShuttingDown) } else { Ok(()) }
     }
 
-    /// The queue named `name`.
-    pub fn queue(&self, name: &str) -> Result<Arc<Queue>> {
+    /// The queue named `name`; a queue not open yet is opened first (ahead
+    /// of the background opener), and the call waits for it.
+    pub async fn queue(self: &Arc<Self>, name: &str) -> Result<Arc<Queue>> {
         self.check_running()?;
         let name = QueueName::parse(name)?;
-        if let Some(queue) = self.queues.read().get(&name) {
-            return Ok(Arc::clone(queue));
-        }
-        match self.damaged.read().get(&name) {
-            Some(damaged) => Err(damaged.error()),
-            None => Err(BrokerError::QueueNotFound(name.to_string())),
+        let slot = self.queues.read().get(&name).cloned();
+        match slot {
+            Some(Slot::Open(queue)) => Ok(queue),
+            Some(Slot::Opening(pending)) => self.open_pending(&pending).await,
+            None => match self.damaged.read().get(&name) {
+                Some(damaged) => Err(damaged.error()),
+                None => Err(BrokerError::QueueNotFound(name.to_string())),
+            },
         }
     }
 
-    /// Every queue, by name.
+    /// Every open queue, by name (not the queues still opening).
     pub fn queues(&self) -> Vec<Arc<Queue>> {
-        self.queues.read().values().cloned().collect()
+        self.queues
+            .read()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Open(queue) => Some(Arc::clone(queue)),
+                Slot::Opening(_) => None,
+            })
+            .collect()
+    }
+
+    /// Every queue found at start whose logs are not open yet, by name.
+    pub fn opening_queues(&self) -> Vec<OpeningQueue> {
+        self.open_and_opening().1
+    }
+
+    /// Every open queue and every queue still opening, taken together (a
+    /// queue that opens meanwhile is in exactly one of the two).
+    pub fn open_and_opening(&self) -> (Vec<Arc<Queue>>, Vec<OpeningQueue>) {
+        let (mut open, mut opening) = (Vec::new(), Vec::new());
+        for slot in self.queues.read().values() {
+            match slot {
+                Slot::Open(queue) => open.push(Arc::clone(queue)),
+                Slot::Opening(pending) => opening.push(OpeningQueue {
+                    name: pending.found.name.clone(),
+                    settings: pending.found.settings.clone(),
+                    created_at_ms: pending.found.created_at_ms,
+                }),
+            }
+        }
+        (open, opening)
+    }
+
+    /// Queues, open or opening (dead-letter queues included; damaged ones
+    /// not).
+    pub fn queue_count(&self) -> usize {
+        self.queues.read().len()
+    }
+
+    /// The open queue named `name`, if it is open.
+    fn open_queue(&self, name: &QueueName) -> Option<Arc<Queue>> {
+        match self.queues.read().get(name) {
+            Some(Slot::Open(queue)) => Some(Arc::clone(queue)),
+            Some(Slot::Opening(_)) | None => None,
+        }
+    }
+
+    /// Opens the queue named `name` now if it is still opening (a damaged
+    /// outcome is left for the caller to find in `damaged`).
+    async fn settle(self: &Arc<Self>, name: &QueueName) -> Result<()> {
+        let slot = self.queues.read().get(name).cloned();
+        if let Some(Slot::Opening(pending)) = slot {
+            match self.open_pending(&pending).await {
+                Err(error) if RetryReason::of(&error).is_some() => return Err(error),
+                Ok(_) | Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a pending queue, or joins the open already under way, and
+    /// waits for its outcome. The open itself runs in a task of its own, so
+    /// a caller that gives up (a deadline) neither stops it nor lets a
+    /// second open of the same files begin.
+    fn open_pending<'a>(
+        self: &'a Arc<Self>,
+        pending: &'a Arc<Pending>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Arc<Queue>>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut outcome = {
+                let mut begun = pending.outcome.lock();
+                match &*begun {
+                    Some(outcome) => outcome.clone(),
+                    None => {
+                        let (tx, rx) = tokio::sync::watch::channel(None);
+                        *begun = Some(rx.clone());
+                        let (broker, pending) = (Arc::clone(self), Arc::clone(pending));
+                        tokio::spawn(async move {
+                            let opened = broker.open_now(&pending).await;
+                            tx.send_replace(Some(opened));
+                        });
+                        rx
+                    }
+                }
+            };
+            let opened = match outcome.wait_for(Option::is_some).await {
+                Ok(opened) => opened.clone(),
+                Err(_) => None,
+            };
+            match opened {
+                Some(Opened::Queue(queue)) => Ok(queue),
+                Some(Opened::SetAside) => Err(self
+                    .damaged
+                    .read()
+                    .get(&pending.found.name)
+                    .map_or_else(|| BrokerError::QueueNotFound(pending.found.name.to_string()), DamagedQueue::error)),
+                Some(Opened::Retry(reason)) => Err(reason.error()),
+                None => Err(BrokerError::ShuttingDown),
+            }
+        })
+    }
+
+    /// Opens a pending queue's logs (its dead-letter queue first) on a
+    /// blocking thread and puts the outcome in the registry.
+    async fn open_now(self: &Arc<Self>, pending: &Arc<Pending>) -> Opened {
+        let name = pending.found.name.clone();
+        let dead_letter = if pending.found.settings.dead_letter {
+            let dead = match dead_letter_name(&name) {
+                Ok(dead_name) => {
+                    let slot = self.queues.read().get(&dead_name).cloned();
+                    match slot {
+                        Some(Slot::Open(dead)) => Some(dead),
+                        Some(Slot::Opening(dead)) => match self.open_pending(&dead).await {
+                            Ok(dead) => Some(dead),
+                            Err(error) => match RetryReason::of(&error) {
+                                Some(reason) => return self.open_failed(pending, reason, &error),
+                                None => None,
+                            },
+                        },
+                        None => None,
+                    }
+                }
+                Err(_) => None,
+            };
+            if dead.is_none() {
+                tracing::warn!(queue = %name, "its dead-letter queue is missing; dead letters will be dropped");
+            }
+            dead
+        } else {
+            None
+        };
+        let opened = {
+            let (broker, pending) = (Arc::clone(self), Arc::clone(pending));
+            tokio::task::spawn_blocking(move || open_one(&pending.found, &broker.config, &broker.node, dead_letter))
+                .await
+                .unwrap_or(Err(BrokerError::ShuttingDown))
+        };
+        match opened {
+            Ok(queue) => {
+                tracing::debug!(queue = %name, "queue opened");
+                self.queues.write().insert(name.clone(), Slot::Open(Arc::clone(&queue)));
+                self.health_changed.lock().push(name);
+                Opened::Queue(queue)
+            }
+            Err(error) => match RetryReason::of(&error) {
+                Some(reason) => self.open_failed(pending, reason, &error),
+                None => {
+                    // Set aside before it leaves the registry: a listing
+                    // in between sees it twice (and shows it once), never
+                    // not at all.
+                    set_aside(&mut self.damaged.write(), name.clone(), pending.found.dir.clone(), &error);
+                    self.queues.write().remove(&name);
+                    self.health_changed.lock().push(name);
+                    Opened::SetAside
+                }
+            },
+        }
+    }
+
+    /// A pending queue that could not be opened through no fault of its
+    /// files (out of descriptors, a full disk): it stays pending, and the
+    /// next call (or the background opener's retry) tries again. Setting
+    /// a healthy queue aside would invite its deletion.
+    fn open_failed(&self, pending: &Pending, reason: RetryReason, error: &BrokerError) -> Opened {
+        if !matches!(reason, RetryReason::ShuttingDown) {
+            tracing::error!(queue = %pending.found.name, %error, "cannot open the queue now; will retry");
+        }
+        *pending.outcome.lock() = None;
+        Opened::Retry(reason)
     }
 
     /// Every queue set aside at start because its files could not be
@@ -291,7 +528,7 @@ impl Broker {
     /// Creates a queue (and its dead-letter queue). Creating an existing
     /// queue with the same settings returns it; with other settings it is
     /// `QueueExists`.
-    pub async fn create(&self, name: &str, request: &SettingsRequest) -> Result<Arc<Queue>> {
+    pub async fn create(self: &Arc<Self>, name: &str, request: &SettingsRequest) -> Result<Arc<Queue>> {
         self.check_running()?;
         let name = QueueName::parse(name)?;
         if name.as_str().ends_with(DEAD_LETTER_SUFFIX) {
@@ -305,18 +542,19 @@ impl Broker {
         self.check_running()?;
         let dead_name = dead_letter_name(&name)?;
         for name in [&name, &dead_name] {
+            self.settle(name).await?;
             if let Some(damaged) = self.damaged.read().get(name) {
                 return Err(damaged.error());
             }
         }
-        if let Some(existing) = self.queues.read().get(&name) {
+        if let Some(existing) = self.open_queue(&name) {
             return match existing.settings.difference(&settings) {
-                None => Ok(Arc::clone(existing)),
+                None => Ok(existing),
                 Some(difference) => Err(BrokerError::QueueExists { name: name.to_string(), difference }),
             };
         }
         let needed = if settings.dead_letter { 2 } else { 1 };
-        let held = self.queues.read().len() + self.damaged.read().len();
+        let held = self.queue_count() + self.damaged.read().len();
         if held + needed > self.config.queues_max {
             return Err(BrokerError::LimitReached {
                 what: "queues",
@@ -327,8 +565,7 @@ impl Broker {
         // The dead-letter queue this call creates, if any.
         let mut created_dead = None;
         let dead_letter = if settings.dead_letter {
-            let existing = self.queues.read().get(&dead_name).cloned();
-            match existing {
+            match self.open_queue(&dead_name) {
                 Some(dead) => Some(dead),
                 None => {
                     // Dead letters are appended by the broker, outside any
@@ -340,7 +577,8 @@ impl Broker {
                         ..settings.clone()
                     };
                     let dead = self.create_dir_and_queue(dead_name.clone(), dead_settings, None).await?;
-                    self.queues.write().insert(dead_name.clone(), Arc::clone(&dead));
+                    self.queues.write().insert(dead_name.clone(), Slot::Open(Arc::clone(&dead)));
+                    self.health_changed.lock().push(dead_name.clone());
                     created_dead = Some(dead_name);
                     Some(dead)
                 }
@@ -354,7 +592,10 @@ impl Broker {
                 // Leave nothing half-created: a dead-letter queue made for
                 // this queue goes again.
                 let dead = created_dead.as_ref().and_then(|dead_name| self.queues.write().remove(dead_name));
-                if let Some(dead) = dead {
+                if let Some(dead_name) = &created_dead {
+                    self.health_changed.lock().push(dead_name.clone());
+                }
+                if let Some(Slot::Open(dead)) = dead {
                     let dead_name = dead.name.clone();
                     dead.close_consumers();
                     if let Err(removal) = mark_removed(dead).await {
@@ -364,7 +605,8 @@ impl Broker {
                 return Err(e);
             }
         };
-        self.queues.write().insert(name.clone(), Arc::clone(&queue));
+        self.queues.write().insert(name.clone(), Slot::Open(Arc::clone(&queue)));
+        self.health_changed.lock().push(name.clone());
         tracing::info!(queue = %name, "queue created");
         Ok(queue)
     }
@@ -404,19 +646,23 @@ impl Broker {
     /// them. Consumers' streams end; the files go once the last request
     /// using the queue is done. A dead-letter queue whose source queue
     /// exists cannot be deleted on its own.
-    pub async fn delete(&self, name: &str) -> Result<()> {
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<()> {
         self.check_running()?;
         let name = QueueName::parse(name)?;
         let _admin = self.admin.lock().await;
         let dead_name = dead_letter_name(&name)?;
+        // A queue still opening is opened first: deleting means closing
+        // its logs, and its source or dead-letter queue may hold it.
+        let source = name.as_str().strip_suffix(DEAD_LETTER_SUFFIX).and_then(|source| QueueName::parse(source).ok());
+        for name in [Some(&name), Some(&dead_name), source.as_ref()].into_iter().flatten() {
+            self.settle(name).await?;
+        }
         if self.damaged.read().contains_key(&name) {
             return self.delete_damaged(&name, &dead_name).await;
         }
-        let queue =
-            self.queues.read().get(&name).cloned().ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))?;
-        if let Some(source) = name.as_str().strip_suffix(DEAD_LETTER_SUFFIX)
-            && let Ok(source) = QueueName::parse(source)
-            && self.queues.read().get(&source).is_some_and(|q| q.dead_letter.is_some())
+        let queue = self.open_queue(&name).ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))?;
+        if let Some(source) = source
+            && self.open_queue(&source).is_some_and(|q| q.dead_letter.is_some())
         {
             return Err(BrokerError::FailedPrecondition(format!(
                 "{name} is the dead-letter queue of {source}; delete {source} (which deletes both) or purge {name}"
@@ -429,6 +675,7 @@ impl Broker {
         for queue in doomed {
             queue.close_consumers();
             self.queues.write().remove(&queue.name);
+            self.health_changed.lock().push(queue.name.clone());
             let name = queue.name.clone();
             mark_removed(queue).await?;
             tracing::info!(queue = %name, "queue deleted");
@@ -448,7 +695,8 @@ impl Broker {
     async fn delete_damaged(&self, name: &QueueName, dead_name: &QueueName) -> Result<()> {
         self.remove_damaged(name).await?;
         let dead = self.queues.write().remove(dead_name);
-        if let Some(dead) = dead {
+        if let Some(Slot::Open(dead)) = dead {
+            self.health_changed.lock().push(dead_name.clone());
             dead.close_consumers();
             mark_removed(dead).await?;
             tracing::info!(queue = %dead_name, "queue deleted");
@@ -477,6 +725,7 @@ impl Broker {
         })
         .await?;
         self.damaged.write().remove(name);
+        self.health_changed.lock().push(name.clone());
         tracing::info!(queue = %name, "damaged queue deleted");
         Ok(())
     }
@@ -536,13 +785,14 @@ impl Broker {
         {
             // Lanes of queues deleted meanwhile are forgotten.
             let registry = self.queues.read();
-            recovering.retain(|(name, _), _| registry.contains_key(name));
+            recovering.retain(|(name, _), _| matches!(registry.get(name), Some(Slot::Open(_))));
         }
         for queue in &queues {
             for (lane, log) in queue.lanes.iter().enumerate() {
                 let Some(error) = log.poisoned() else { continue };
                 let entry = recovering.entry((queue.name.clone(), lane)).or_insert_with(|| {
                     tracing::error!(queue = %queue.name, lane, %error, "the lane cannot write; reopening its log");
+                    self.health_changed.lock().push(queue.name.clone());
                     LaneRecovery { next_attempt: now, backoff_ms: LANE_REOPEN_BACKOFF_MS_MIN, running: false }
                 });
                 if entry.running || now < entry.next_attempt {
@@ -551,6 +801,7 @@ impl Broker {
                 entry.running = true;
                 let queue = Arc::clone(queue);
                 let recovering = Arc::clone(&self.recovering);
+                let health_changed = Arc::clone(&self.health_changed);
                 tokio::task::spawn_blocking(move || {
                     let result = queue.lanes[lane].reopen();
                     let mut map = recovering.lock();
@@ -559,6 +810,7 @@ impl Broker {
                         Ok(_) => {
                             map.remove(&key);
                             drop(map);
+                            health_changed.lock().push(queue.name.clone());
                             // The failed appends' bytes were counted.
                             queue.recount_bytes(lane);
                             tracing::info!(queue = %queue.name, lane, "the lane writes again");
@@ -587,32 +839,28 @@ impl Broker {
         }
     }
 
-    /// Sets each queue's status in the gRPC health service
-    /// ([`queue_health_service`]): SERVING while every lane can write,
-    /// NOT_SERVING while one is being reopened; a deleted queue's entry is
-    /// cleared. Only changes are sent.
+    /// Sets the status in the gRPC health service ([`queue_health_service`])
+    /// of each queue whose status may have changed since the last report:
+    /// SERVING while open with every lane able to write, NOT_SERVING while
+    /// opening, damaged, or with a lane being reopened; a deleted queue's
+    /// entry is cleared. Proportional to what changed, not to the queues.
     pub async fn report_health(&self, health: &mut tonic_health::server::HealthReporter) {
         use tonic_health::ServingStatus;
-        let mut current: HashMap<String, bool> =
-            self.queues().iter().map(|q| (q.name.to_string(), q.is_writable())).collect();
-        current.extend(self.damaged_queues().into_iter().map(|d| (d.name.to_string(), false)));
-        let (changed, gone) = {
-            let mut reported = self.reported_health.lock();
-            let changed: Vec<(String, bool)> = current
-                .iter()
-                .filter(|(name, ok)| reported.get(*name) != Some(*ok))
-                .map(|(n, ok)| (n.clone(), *ok))
-                .collect();
-            let gone: Vec<String> = reported.keys().filter(|name| !current.contains_key(*name)).cloned().collect();
-            *reported = current;
-            (changed, gone)
-        };
-        for (name, ok) in changed {
-            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
-            health.set_service_status(queue_health_service(&name), status).await;
-        }
-        for name in gone {
-            health.clear_service_status(&queue_health_service(&name)).await;
+        let mut changed = std::mem::take(&mut *self.health_changed.lock());
+        changed.sort_unstable();
+        changed.dedup();
+        for name in changed {
+            let serving = match self.queues.read().get(&name) {
+                Some(Slot::Open(queue)) => Some(queue.is_writable()),
+                Some(Slot::Opening(_)) => Some(false),
+                None => self.damaged.read().contains_key(&name).then_some(false),
+            };
+            let service = queue_health_service(name.as_str());
+            match serving {
+                Some(true) => health.set_service_status(service, ServingStatus::Serving).await,
+                Some(false) => health.set_service_status(service, ServingStatus::NotServing).await,
+                None => health.clear_service_status(&service).await,
+            }
         }
     }
 
@@ -700,71 +948,101 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// A queue directory found at start, its `queue.toml` read.
+#[derive(Debug)]
 struct Found {
     dir: PathBuf,
     name: QueueName,
     settings: QueueSettings,
+    created_at_ms: u64,
 }
 
-/// Opens `batch` on up to [`QUEUE_OPEN_THREADS_MAX`] scoped threads (each
-/// inside the runtime, for the queues' timer tasks); `opened` holds the
-/// dead-letter queues the batch's queues may need. A panic while opening
-/// one queue sets that queue aside instead of aborting the start.
-fn open_queues(
-    batch: Vec<Found>,
-    config: &Config,
-    node: &Arc<Node>,
-    opened: &BTreeMap<QueueName, Arc<Queue>>,
-) -> Vec<(Found, Result<Arc<Queue>>)> {
-    use std::sync::atomic::AtomicUsize;
-    if batch.is_empty() {
-        return Vec::new();
+/// Opens every pending queue of `order` (dead-letter queues first), at most
+/// `queue_open_threads` at once (none with 0), each through
+/// [`Broker::open_pending`], so that a call that opened a queue first is
+/// joined, not repeated. Queues that could not be opened for want of
+/// descriptors or disk space are tried again, on a doubling backoff.
+async fn open_in_background(broker: std::sync::Weak<Broker>, order: Vec<Arc<Pending>>) {
+    use crate::limits::{LANE_REOPEN_BACKOFF_MS_MAX, LANE_REOPEN_BACKOFF_MS_MIN};
+    let started = std::time::Instant::now();
+    let threads = match broker.upgrade() {
+        Some(broker) => broker.config.queue_open_threads,
+        None => return,
+    };
+    if threads == 0 || order.is_empty() {
+        return;
     }
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let threads = (cores * 4).min(QUEUE_OPEN_THREADS_MAX).min(batch.len());
-    let runtime = tokio::runtime::Handle::current();
-    let next = AtomicUsize::new(0);
-    let results: Vec<parking_lot::Mutex<Option<Result<Arc<Queue>>>>> =
-        batch.iter().map(|_| parking_lot::Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                let _runtime = runtime.enter();
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(found) = batch.get(index) else { break };
-                    let opened = open_one(found, config, node, opened);
-                    *results[index].lock() = Some(opened);
+    let parallel = Arc::new(tokio::sync::Semaphore::new(threads));
+    let mut order = order;
+    let mut backoff_ms = LANE_REOPEN_BACKOFF_MS_MIN;
+    loop {
+        let mut opens = tokio::task::JoinSet::new();
+        // Queues to try again (their open failed for want of descriptors
+        // or disk space).
+        let mut again = Vec::new();
+        let mut collect = |joined: std::result::Result<Option<Arc<Pending>>, tokio::task::JoinError>| {
+            if let Ok(Some(pending)) = joined {
+                again.push(pending);
+            }
+        };
+        for pending in order {
+            let Ok(permit) = Arc::clone(&parallel).acquire_owned().await else { return };
+            let Some(broker) = broker.upgrade() else { return };
+            if broker.is_shutting_down() {
+                return;
+            }
+            opens.spawn(async move {
+                let _permit = permit;
+                match broker.open_pending(&pending).await {
+                    Err(error) if RetryReason::of(&error).is_some() => Some(pending),
+                    Ok(_) | Err(_) => None,
                 }
             });
+            while let Some(joined) = opens.try_join_next() {
+                collect(joined);
+            }
         }
-    });
-    batch
-        .into_iter()
-        .zip(results)
-        .map(|(found, result)| {
-            let result = result.into_inner().expect("every index below the batch's length was taken by a thread");
-            (found, result)
-        })
-        .collect()
+        while let Some(joined) = opens.join_next().await {
+            collect(joined);
+        }
+        let Some(broker) = broker.upgrade() else { return };
+        if again.is_empty() || broker.is_shutting_down() {
+            release_free_memory();
+            tracing::info!(
+                queues = broker.queue_count(),
+                damaged = broker.damaged.read().len(),
+                elapsed_ms = started.elapsed().as_millis(),
+                "queues opened"
+            );
+            return;
+        }
+        drop(broker);
+        tracing::warn!(queues = again.len(), retry_ms = backoff_ms, "some queues could not be opened; retrying");
+        tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+        backoff_ms = (backoff_ms * 2).min(LANE_REOPEN_BACKOFF_MS_MAX);
+        order = again;
+    }
 }
 
-fn open_one(
-    found: &Found,
-    config: &Config,
-    node: &Arc<Node>,
-    opened: &BTreeMap<QueueName, Arc<Queue>>,
-) -> Result<Arc<Queue>> {
-    let dead_letter = if found.settings.dead_letter {
-        let dead = opened.get(&dead_letter_name(&found.name)?).cloned();
-        if dead.is_none() {
-            tracing::warn!(queue = %found.name, "its dead-letter queue is missing; dead letters will be dropped");
-        }
-        dead
-    } else {
-        None
+/// Hands the allocator's free pages back to the system. Opening thousands
+/// of queues on a dozen threads leaves each thread's malloc arena with
+/// freed holes (queue.toml texts, recovery's scratch buffers) that glibc
+/// keeps resident; `malloc_trim` releases them (about a fifth of the
+/// broker's anonymous memory after a start with 2,000 queues).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Opens one queue's logs, holding `dead_letter`. A panic while opening
+/// sets the queue aside instead of taking the broker down.
+fn open_one(found: &Found, config: &Config, node: &Arc<Node>, dead_letter: Option<Arc<Queue>>) -> Result<Arc<Queue>> {
+    let open = || {
+        let (name, settings) = (found.name.clone(), found.settings.clone());
+        Queue::open_logs(&found.dir, name, settings, found.created_at_ms, config, Arc::clone(node), dead_letter)
     };
-    let open = || Queue::open(&found.dir, config, Arc::clone(node), dead_letter);
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)).unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()

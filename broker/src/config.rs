@@ -6,6 +6,7 @@
 //! listen = "127.0.0.1:7400"
 //! shutdown_timeout_ms = 10000
 //! queues_max = 20000
+//! queue_open_threads = 8  # queues opened at once after a start; 0: on first call
 //!
 //! [storage]
 //! segment_size = 67108864
@@ -69,6 +70,9 @@ pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 1024;
 /// benchmarked at (`ballast-bench queues`). An idle queue costs little (see
 /// the README's limits).
 pub const QUEUES_MAX_DEFAULT: usize = 20_000;
+/// Default number of queues opened at once in the background after a
+/// start (four per core of the 2-core machine the figures are from).
+pub const QUEUE_OPEN_THREADS_DEFAULT: usize = 8;
 /// Default limit on Stats Watch streams open at once.
 pub const WATCH_STREAMS_MAX_DEFAULT: usize = 256;
 /// Default longest time a call may take until its response starts, in ms:
@@ -93,6 +97,12 @@ pub struct Config {
     /// Queues this broker holds at most, dead-letter and damaged queues
     /// included (1..=`limits::QUEUES_MAX`); one more is RESOURCE_EXHAUSTED.
     pub queues_max: usize,
+    /// Queues opened at once, each on a blocking thread, by the background
+    /// opener after a start (0..=`limits::QUEUE_OPEN_THREADS_MAX`). 0 opens
+    /// none in the background: a queue opens on its first call, so queues
+    /// nobody uses cost no memory for their logs, but ListQueues, Stats and
+    /// the metrics show them as opening until then.
+    pub queue_open_threads: usize,
     pub storage: StorageConfig,
     pub grpc: GrpcConfig,
     pub auth: AuthConfig,
@@ -315,6 +325,7 @@ impl Default for Config {
             metrics_listen: METRICS_LISTEN_DEFAULT.parse().expect("the default metrics address parses"),
             disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
             queues_max: QUEUES_MAX_DEFAULT,
+            queue_open_threads: QUEUE_OPEN_THREADS_DEFAULT,
             storage: StorageConfig::default(),
             grpc: GrpcConfig::default(),
             auth: AuthConfig::default(),
@@ -366,6 +377,13 @@ impl Config {
         let max = crate::limits::QUEUES_MAX;
         if !(1..=max).contains(&self.queues_max) {
             return Err(format!("queues_max must be in 1..={max}; got {}", self.queues_max));
+        }
+        let max = crate::limits::QUEUE_OPEN_THREADS_MAX;
+        if self.queue_open_threads > max {
+            return Err(format!(
+                "queue_open_threads must be in 0..={max} (0: open each queue on its first call); got {}",
+                self.queue_open_threads
+            ));
         }
         Ok(())
     }
@@ -530,6 +548,19 @@ mod tests {
             let error = Config::from_toml(&format!("queues_max = {value}")).unwrap_err();
             assert!(error.contains("queues_max must be in 1..="), "{value}: {error}");
         }
+    }
+
+    /// `queue_open_threads` takes 0 and its ceiling and refuses one past it.
+    #[test]
+    fn queue_open_threads_is_checked_at_its_bounds() {
+        use crate::limits::QUEUE_OPEN_THREADS_MAX;
+        assert_eq!(Config::default().queue_open_threads, QUEUE_OPEN_THREADS_DEFAULT);
+        for value in [0, QUEUE_OPEN_THREADS_MAX] {
+            let config = Config::from_toml(&format!("queue_open_threads = {value}")).unwrap();
+            assert_eq!(config.queue_open_threads, value);
+        }
+        let error = Config::from_toml(&format!("queue_open_threads = {}", QUEUE_OPEN_THREADS_MAX + 1)).unwrap_err();
+        assert!(error.contains("queue_open_threads must be in 0..="), "{error}");
     }
 
     /// The `[grpc]` settings take values at their bounds and refuse one

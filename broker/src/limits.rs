@@ -22,10 +22,17 @@ pub const QUEUES_MAX: usize = 50_000;
 /// fixed fields, so such an answer never fails the call.
 pub const QUEUES_RESPONSE_SIZE_MAX: usize = GRPC_ENCODE_SIZE_MAX - 64 * 1024;
 
-/// Queues opened at once at start, each on a blocking thread of its own:
-/// opening runs recovery (reads, and the first page faults of the maps), so
-/// more threads than the disk can serve buy nothing; fewer leave the start
-/// of 10,000 queues waiting on one queue at a time.
+/// glibc malloc arenas at most (`ballastd` sets it at start unless the
+/// `MALLOC_ARENA_MAX` environment variable is set): one per core of the
+/// 2-core machine the figures are from. Fewer arenas than threads keeps
+/// thousands of queues' state on fewer, fuller pages.
+pub const MALLOC_ARENAS_MAX: i32 = 2;
+
+/// Ceiling of `queue_open_threads`: queues opened at once by the
+/// background opener after a start, each on a blocking thread of its own.
+/// Opening runs recovery (reads, and the first page faults of the maps), so
+/// more threads than the disk can serve buy nothing. (A call to a queue not
+/// open yet opens it at once, outside this count.)
 pub const QUEUE_OPEN_THREADS_MAX: usize = 16;
 
 /// Lanes per queue. Lane indexes travel as `u32` but must stay below this.

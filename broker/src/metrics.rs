@@ -3,12 +3,17 @@
 //! on `GET /metrics` (default `127.0.0.1:7401`). The metric table, with
 //! every name, type and label, is in `docs/metrics.md`.
 //!
-//! Counters and histograms are pre-registered handles per queue and lane
-//! ([`LaneMetrics`]), so the hot path pays an atomic add, not a registry
-//! lookup. Gauges (depth, bytes, saturation, ...) are refreshed from the
-//! queues at every scrape, so they are exact when read.
+//! Counters and histograms are handles per queue and lane ([`LaneMetrics`]),
+//! registered on a lane's first use ([`LazyLaneMetrics`]): after that the
+//! hot path pays an atomic add, not a registry lookup, and an idle lane
+//! (never published to, consumed from or refused) holds no series at all.
+//! The per-queue and per-lane gauges (depth, bytes, saturation, ...) are not
+//! stored in the registry: they are written at every scrape straight from
+//! the queues' own state ([`write_queue_gauges`]), so they are exact when
+//! read and cost no memory between scrapes. With 10,000 queues this is what
+//! keeps an idle queue's cost in metrics at one empty cell per lane.
 
-use std::{future::Future, sync::Arc};
+use std::{fmt::Write as _, future::Future, sync::Arc};
 
 use metrics::{Counter, Histogram, Label, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -53,8 +58,29 @@ pub struct LaneMetrics {
     pub delivery_to_ack: Histogram,
 }
 
+/// A lane's [`LaneMetrics`], registered on first use: an idle lane costs
+/// one empty cell, not its hundred or so series (14 counters, 4 histograms
+/// of 18 buckets) in the registry.
+#[derive(Debug, Default)]
+pub struct LazyLaneMetrics {
+    handles: std::sync::OnceLock<Box<LaneMetrics>>,
+}
+
+impl LazyLaneMetrics {
+    /// The lane's handles, registering its series with the recorder on the
+    /// first call. `queue` and `lane` are the labels.
+    pub fn get(&self, queue: &str, lane: &str) -> &LaneMetrics {
+        self.handles.get_or_init(|| Box::new(LaneMetrics::new(queue, lane)))
+    }
+
+    /// Whether the lane's series exist (it has been used).
+    pub fn is_registered(&self) -> bool {
+        self.handles.get().is_some()
+    }
+}
+
 impl LaneMetrics {
-    pub fn new(queue: &str, lane: &str) -> LaneMetrics {
+    fn new(queue: &str, lane: &str) -> LaneMetrics {
         let labels = || vec![Label::new("queue", queue.to_owned()), Label::new("lane", lane.to_owned())];
         let with = |key: &'static str, value: &'static str| {
             let mut l = labels();
@@ -176,24 +202,6 @@ fn describe() {
         Unit::Seconds,
         "Waits of publish calls for their turn under the queue's publish quota."
     );
-    describe_gauge!("ballast_queue_depth_messages", Unit::Count, "Messages not yet acked (in-flight included).");
-    describe_gauge!("ballast_queue_bytes", Unit::Bytes, "Stored bytes of the lane's records not yet acked.");
-    describe_gauge!("ballast_queue_in_flight_messages", Unit::Count, "Deliveries leased to consumers.");
-    describe_gauge!("ballast_queue_saturation_ratio", Unit::Count, "max(depth/max_messages, bytes/max_bytes).");
-    describe_gauge!("ballast_queue_oldest_age_seconds", Unit::Seconds, "Age of the oldest unacked message.");
-    describe_gauge!(
-        "ballast_queue_drain_estimate_seconds",
-        Unit::Seconds,
-        "Depth over the smoothed ack rate; NaN when unknown."
-    );
-    describe_gauge!("ballast_queue_consumers", Unit::Count, "Consumers subscribed.");
-    describe_gauge!("ballast_queue_credit", Unit::Count, "Credit held by the queue's consumers.");
-    describe_gauge!("ballast_queue_segments", Unit::Count, "Segment files of the lane's log.");
-    describe_gauge!(
-        "ballast_queue_storage_failed",
-        Unit::Count,
-        "1 while the lane's log cannot write (a failed write or sync; being reopened), else 0."
-    );
     describe_gauge!("ballast_disk_free_bytes", Unit::Bytes, "Free space on the data directory's filesystem.");
     describe_gauge!("ballast_disk_free_min_bytes", Unit::Bytes, "Publishes are refused below this free space.");
     describe_gauge!("ballast_open_files", Unit::Count, "File descriptors the process holds.");
@@ -205,41 +213,123 @@ fn describe() {
     );
 }
 
-/// Sets every gauge from the queues now.
+/// Sets the process gauges from the broker now.
 fn refresh(broker: &Broker) {
-    let queues = broker.queues();
-    gauge!("ballast_queues").set(queues.len() as f64);
+    gauge!("ballast_queues").set(broker.queue_count() as f64);
     gauge!("ballast_queues_damaged").set(broker.damaged_queues().len() as f64);
     gauge!("ballast_disk_free_bytes").set(broker.node().disk_free() as f64);
     gauge!("ballast_disk_free_min_bytes").set(broker.node().disk_free_min() as f64);
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         gauge!("ballast_open_files").set(fds.count() as f64);
     }
-    for queue in &queues {
-        refresh_queue(queue);
+}
+
+/// A per-lane gauge family written at scrape time: name, help, value.
+type LaneGauge = (&'static str, &'static str, fn(&LaneRow) -> f64);
+
+/// The per-lane gauges, in the order they are written.
+const LANE_GAUGES: &[LaneGauge] = &[
+    ("ballast_queue_depth_messages", "Messages not yet acked (in-flight included).", |r| r.depth as f64),
+    ("ballast_queue_bytes", "Stored bytes of the lane's records not yet acked.", |r| r.bytes as f64),
+    ("ballast_queue_in_flight_messages", "Deliveries leased to consumers.", |r| r.in_flight as f64),
+    ("ballast_queue_saturation_ratio", "max(depth/max_messages, bytes/max_bytes).", |r| r.saturation),
+    ("ballast_queue_oldest_age_seconds", "Age of the oldest unacked message.", |r| r.oldest_age_ms as f64 / 1000.0),
+    ("ballast_queue_segments", "Segment files of the lane's log.", |r| r.segments as f64),
+    (
+        "ballast_queue_storage_failed",
+        "1 while the lane's log cannot write (a failed write or sync; being reopened), else 0.",
+        |r| if r.writable { 0.0 } else { 1.0 },
+    ),
+];
+
+/// A per-queue gauge family written at scrape time: name, help, value.
+type QueueGauge = (&'static str, &'static str, fn(&QueueRow) -> f64);
+
+/// The per-queue gauges, in the order they are written.
+const QUEUE_GAUGES: &[QueueGauge] = &[
+    ("ballast_queue_drain_estimate_seconds", "Depth over the smoothed ack rate; NaN when unknown.", |r| {
+        r.drain_estimate_ms.map_or(f64::NAN, |ms| ms as f64 / 1000.0)
+    }),
+    ("ballast_queue_consumers", "Consumers subscribed.", |r| f64::from(r.consumers)),
+    ("ballast_queue_credit", "Credit held by the queue's consumers.", |r| r.credit as f64),
+];
+
+/// One lane's gauges, taken once per scrape.
+struct LaneRow {
+    depth: u64,
+    bytes: u64,
+    in_flight: u64,
+    saturation: f64,
+    oldest_age_ms: u64,
+    segments: u64,
+    writable: bool,
+}
+
+/// One queue's gauges and its lanes', with its labels escaped.
+struct QueueRow {
+    queue: String,
+    lanes: Vec<(String, LaneRow)>,
+    drain_estimate_ms: Option<u64>,
+    consumers: u32,
+    credit: u64,
+}
+
+impl QueueRow {
+    fn take(queue: &Queue) -> QueueRow {
+        use metrics_exporter_prometheus::formatting::sanitize_label_value;
+        let (total, lanes) = queue.figures();
+        let delivery = queue.delivery_figures();
+        let lanes = lanes
+            .iter()
+            .enumerate()
+            .map(|(i, figures)| {
+                let row = LaneRow {
+                    depth: figures.depth,
+                    bytes: figures.bytes,
+                    in_flight: delivery.lane_in_flight.get(i).copied().unwrap_or(0),
+                    saturation: figures.saturation,
+                    oldest_age_ms: figures.oldest_age_ms,
+                    segments: queue.lanes[i].stats().segment_count,
+                    writable: queue.lane_writable(i),
+                };
+                (sanitize_label_value(&queue.settings.lanes[i]), row)
+            })
+            .collect();
+        QueueRow {
+            queue: sanitize_label_value(queue.name.as_str()),
+            lanes,
+            drain_estimate_ms: total.drain_estimate_ms,
+            consumers: delivery.consumers,
+            credit: delivery.credit,
+        }
     }
 }
 
-fn refresh_queue(queue: &Arc<Queue>) {
-    let name = queue.name.to_string();
-    let (total, lanes) = queue.figures();
-    let delivery = queue.delivery_figures();
-    for (i, figures) in lanes.iter().enumerate() {
-        let labels = [("queue", name.clone()), ("lane", queue.settings.lanes[i].clone())];
-        gauge!("ballast_queue_depth_messages", &labels).set(figures.depth as f64);
-        gauge!("ballast_queue_bytes", &labels).set(figures.bytes as f64);
-        gauge!("ballast_queue_in_flight_messages", &labels)
-            .set(delivery.lane_in_flight.get(i).copied().unwrap_or(0) as f64);
-        gauge!("ballast_queue_saturation_ratio", &labels).set(figures.saturation);
-        gauge!("ballast_queue_oldest_age_seconds", &labels).set(figures.oldest_age_ms as f64 / 1000.0);
-        gauge!("ballast_queue_segments", &labels).set(queue.lanes[i].stats().segment_count as f64);
-        gauge!("ballast_queue_storage_failed", &labels).set(if queue.lane_writable(i) { 0.0 } else { 1.0 });
+/// Writes the per-queue and per-lane gauges of `queues` in the Prometheus
+/// text format, one family after another (each with its `# HELP` and
+/// `# TYPE` lines), from the queues' state now. Queues still opening have
+/// no figures yet and are left out until they are open.
+pub fn write_queue_gauges(out: &mut String, queues: &[Arc<Queue>]) {
+    use metrics_exporter_prometheus::formatting::{write_help_line, write_type_line};
+    let rows: Vec<QueueRow> = queues.iter().map(|queue| QueueRow::take(queue)).collect();
+    for &(name, help, value) in LANE_GAUGES {
+        write_help_line(out, name, None, None, help);
+        write_type_line(out, name, None, None, "gauge");
+        for row in &rows {
+            for (lane, figures) in &row.lanes {
+                let _ = writeln!(out, "{name}{{queue=\"{}\",lane=\"{lane}\"}} {}", row.queue, value(figures));
+            }
+        }
+        out.push('\n');
     }
-    let labels = [("queue", name)];
-    gauge!("ballast_queue_drain_estimate_seconds", &labels)
-        .set(total.drain_estimate_ms.map_or(f64::NAN, |ms| ms as f64 / 1000.0));
-    gauge!("ballast_queue_consumers", &labels).set(f64::from(delivery.consumers));
-    gauge!("ballast_queue_credit", &labels).set(delivery.credit as f64);
+    for &(name, help, value) in QUEUE_GAUGES {
+        write_help_line(out, name, None, None, help);
+        write_type_line(out, name, None, None, "gauge");
+        for row in &rows {
+            let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", row.queue, value(row));
+        }
+        out.push('\n');
+    }
 }
 
 /// Serves `GET /metrics` on `listener` (a `TcpListener`, or a
@@ -255,11 +345,16 @@ pub async fn serve<L>(
     L::Addr: std::fmt::Debug,
 {
     let render = move || {
-        if let Some(broker) = broker.upgrade() {
+        let queues = broker.upgrade().map(|broker| {
             refresh(&broker);
-        }
+            broker.queues()
+        });
         handle.run_upkeep();
-        handle.render()
+        let mut text = handle.render();
+        if let Some(queues) = queues {
+            write_queue_gauges(&mut text, &queues);
+        }
+        text
     };
     let app = axum::Router::new().route(
         "/metrics",

@@ -329,6 +329,10 @@ pub(crate) fn recover(
     let keys_len = key_journal.append(io, &scanned_keys).map_err(io_open(dir.join("keys")))?;
     let point = Point { segment_base: active.base_offset, position: active.written(), next_offset, keys_len };
     checkpoint.write(io, point, false).map_err(io_open(dir.join("checkpoint")))?;
+    // The scan's pages leave the resident set (the page cache keeps them).
+    for segment in &segments {
+        segment.release_pages();
+    }
 
     Ok(Recovered { segments, point, ack_state, ack_journal, checkpoint, key_journal, keys, quarantined })
 }

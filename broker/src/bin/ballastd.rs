@@ -51,6 +51,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First: before any thread allocates (see the function).
+    let arenas = ballast_broker::server::limit_malloc_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -59,6 +61,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(arenas) = arenas {
+        tracing::info!(arenas, "malloc arenas capped (MALLOC_ARENA_MAX overrides)");
+    }
     // Before anything opens a file: thousands of queues need more than the
     // usual default soft limit of 1,024 descriptors.
     let open_files = match ballast_broker::server::raise_open_files_limit() {
@@ -181,7 +186,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} for metrics: {e}", config.metrics_listen))?;
     let metrics_address = metrics.local_addr()?;
-    // Before the queues open: they take their metric handles then.
+    // Before any queue is used: a lane takes its metric handles then.
     let recorder = ballast_broker::metrics::install();
     tracing::info!(data_dir = %config.data_dir.display(), "opening queues");
     // Opening runs recovery on every queue: file work, off the runtime's

@@ -5,7 +5,7 @@ use ballast_proto::v1 as pb;
 use bytes::Bytes;
 
 use crate::{
-    broker::DamagedQueue,
+    broker::{DamagedQueue, OpeningQueue},
     error::{BrokerError, Result},
     queue::{Delivery, Figures, Publish, Queue, QueueSettings, Receipt, SettingsRequest, SyncPolicySetting},
 };
@@ -82,6 +82,35 @@ pub fn queue_info(queue: &Queue) -> pb::QueueInfo {
         consumers: stats.consumers,
         created_at_ms: queue.created_at_ms,
         damaged: String::new(),
+        opening: false,
+    }
+}
+
+/// A queue not open yet as ListQueues shows it: what its `queue.toml`
+/// says.
+pub fn opening_info(queue: &OpeningQueue) -> pb::QueueInfo {
+    pb::QueueInfo {
+        name: queue.name.to_string(),
+        settings: Some(settings(&queue.settings)),
+        dead_letter_queue: if queue.settings.dead_letter {
+            format!("{}{}", queue.name, crate::limits::DEAD_LETTER_SUFFIX)
+        } else {
+            String::new()
+        },
+        created_at_ms: queue.created_at_ms,
+        opening: true,
+        ..pb::QueueInfo::default()
+    }
+}
+
+/// A queue not open yet as Stats shows it: its name and limits.
+pub fn opening_stats(queue: &OpeningQueue) -> pb::QueueStats {
+    pb::QueueStats {
+        name: queue.name.to_string(),
+        max_messages: queue.settings.max_messages,
+        max_bytes: queue.settings.max_bytes,
+        opening: true,
+        ..pb::QueueStats::default()
     }
 }
 
@@ -164,6 +193,7 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
         throttled_calls: refused.throttled,
         throttled_ms: refused.throttled_ms,
         damaged: String::new(),
+        opening: false,
     }
 }
 

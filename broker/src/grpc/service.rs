@@ -11,7 +11,7 @@ use super::{auth::Caller, convert, peer::Peer, status::to_status, transport::inb
 use crate::{
     Broker,
     auth::{AUDIT_TARGET, Action, Principal, Revocation},
-    broker::DamagedQueue,
+    broker::{DamagedQueue, OpeningQueue},
     error::BrokerError,
     limits::{
         CREDIT_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX, STREAM_NACKS_IN_FLIGHT_MAX,
@@ -118,8 +118,10 @@ impl Service {
         Ok(Access { principal: principal.filter(|_| self.auth_on), peer })
     }
 
-    fn queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
-        self.broker.queue(name).map_err(to_status)
+    /// The queue named `name`, opened first if the broker has not opened
+    /// it yet.
+    async fn queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
+        self.broker.queue(name).await.map_err(to_status)
     }
 }
 
@@ -141,7 +143,7 @@ impl admin_server::Admin for Service {
         let access = self.access(&request)?;
         let name = request.into_inner().name;
         access.check(Action::Admin, &name)?;
-        let queue = self.queue(&name)?;
+        let queue = self.queue(&name).await?;
         Ok(Response::new(convert::queue_info(&queue)))
     }
 
@@ -154,7 +156,14 @@ impl admin_server::Admin for Service {
             return Err(to_status(BrokerError::ShuttingDown));
         }
         let permitted = |name: &str| access.allows(Action::Admin, name);
-        let queues = every_queue(&self.broker, permitted, convert::queue_info, convert::damaged_info, "ListQueues");
+        let queues = every_queue(
+            &self.broker,
+            permitted,
+            convert::queue_info,
+            convert::opening_info,
+            convert::damaged_info,
+            "ListQueues",
+        );
         Ok(Response::new(pb::ListQueuesResponse { queues }))
     }
 
@@ -176,7 +185,8 @@ impl admin_server::Admin for Service {
         let access = self.access(&request)?;
         let name = request.into_inner().name;
         access.check(Action::Admin, &name)?;
-        let purged = access.audited("purge", &name, self.queue(&name).and_then(|q| q.purge().map_err(to_status)))?;
+        let purged =
+            access.audited("purge", &name, self.queue(&name).await.and_then(|q| q.purge().map_err(to_status)))?;
         Ok(Response::new(pb::PurgeQueueResponse { purged }))
     }
 }
@@ -187,7 +197,7 @@ impl publisher_server::Publisher for Service {
         let access = self.access(&request)?;
         let request = request.into_inner();
         access.check(Action::Publish, &request.queue)?;
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         let message = convert::publish(request.message).map_err(to_status)?;
         let receipts = queue.publish(vec![message]).await.map_err(to_status)?;
         let receipt = convert::receipts(&queue, receipts).into_iter().next();
@@ -201,7 +211,7 @@ impl publisher_server::Publisher for Service {
         let access = self.access(&request)?;
         let request = request.into_inner();
         access.check(Action::Publish, &request.queue)?;
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         let messages = request
             .messages
             .into_iter()
@@ -215,16 +225,23 @@ impl publisher_server::Publisher for Service {
 
 impl Service {
     /// One queue's figures, or every permitted queue's (`queue` empty).
-    fn stats(&self, access: &Access, queue: &str) -> Result<pb::StatsResponse, Status> {
+    async fn stats(&self, access: &Access, queue: &str) -> Result<pb::StatsResponse, Status> {
         let queues = if queue.is_empty() {
             if self.broker.is_shutting_down() {
                 return Err(to_status(BrokerError::ShuttingDown));
             }
             let permitted = |name: &str| access.allows(Action::Stats, name);
-            every_queue(&self.broker, permitted, convert::queue_stats, convert::damaged_stats, "Stats")
+            every_queue(
+                &self.broker,
+                permitted,
+                convert::queue_stats,
+                convert::opening_stats,
+                convert::damaged_stats,
+                "Stats",
+            )
         } else {
             access.check(Action::Stats, queue)?;
-            vec![convert::queue_stats(&*self.queue(queue)?)]
+            vec![convert::queue_stats(&*self.queue(queue).await?)]
         };
         Ok(pb::StatsResponse {
             at_ms: now_ms(),
@@ -239,7 +256,7 @@ impl Service {
 impl stats_server::Stats for Service {
     async fn get_stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let access = self.access(&request)?;
-        Ok(Response::new(self.stats(&access, &request.into_inner().queue)?))
+        Ok(Response::new(self.stats(&access, &request.into_inner().queue).await?))
     }
 
     type WatchStream = ReceiverStream<Result<pb::StatsResponse, Status>>;
@@ -261,7 +278,7 @@ impl stats_server::Stats for Service {
                 hint: "close other Watch streams, poll GetStats, or raise grpc.watch_streams_max",
             })
         })?;
-        let first = self.stats(&access, &request.queue)?;
+        let first = self.stats(&access, &request.queue).await?;
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
         // The task must end when the broker shuts down: a graceful shutdown
@@ -294,7 +311,7 @@ impl stats_server::Stats for Service {
                     () = tx.closed() => return,
                     _ = ticker.tick() => {}
                 }
-                next = service.stats(&access, &request.queue);
+                next = service.stats(&access, &request.queue).await;
             }
             // Shutting down: say so if the client has room for it; either
             // way the stream ends when `tx` drops.
@@ -304,26 +321,31 @@ impl stats_server::Stats for Service {
     }
 }
 
-/// Every queue, served and damaged, by name, as `open` and `damaged`
-/// describe them, up to [`QUEUES_RESPONSE_SIZE_MAX`] encoded bytes: the
+/// Every queue, served, opening and damaged, by name, as `open`, `opening`
+/// and `damaged` describe them, up to [`QUEUES_RESPONSE_SIZE_MAX`] encoded bytes: the
 /// queues past it (the last by name) are left out and logged, so the answer
 /// always fits the encode limit; they can be asked for by name.
 fn every_queue<T: prost::Message>(
     broker: &Broker,
     permitted: impl Fn(&str) -> bool,
     open: impl Fn(&Queue) -> T,
+    opening: impl Fn(&OpeningQueue) -> T,
     damaged: impl Fn(&DamagedQueue) -> T,
     call: &'static str,
 ) -> Vec<T> {
-    let queues = broker.queues();
+    let (queues, not_open) = broker.open_and_opening();
     let set_aside = broker.damaged_queues();
     let mut named: Vec<(&str, T)> = queues
         .iter()
         .filter(|q| permitted(q.name.as_str()))
         .map(|q| (q.name.as_str(), open(q)))
+        .chain(not_open.iter().filter(|o| permitted(o.name.as_str())).map(|o| (o.name.as_str(), opening(o))))
         .chain(set_aside.iter().filter(|d| permitted(d.name.as_str())).map(|d| (d.name.as_str(), damaged(d))))
         .collect();
-    named.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    // Stable: a queue being set aside meanwhile (listed both ways) is
+    // shown once, as it was before.
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    named.dedup_by(|later, earlier| later.0 == earlier.0);
     let (described, left_out) = up_to_size(named.into_iter().map(|(_, item)| item), QUEUES_RESPONSE_SIZE_MAX);
     if left_out > 0 {
         tracing::warn!(
@@ -383,7 +405,7 @@ impl consumer_server::Consumer for Service {
             return Err(Status::invalid_argument("the first request of a consume stream must be subscribe"));
         };
         access.check(Action::Consume, &subscribe.queue)?;
-        let queue = self.queue(&subscribe.queue)?;
+        let queue = self.queue(&subscribe.queue).await?;
         let subscription = queue.subscribe(subscribe.credit).map_err(to_status)?;
         let (out, rx) = mpsc::channel(CREDIT_MAX as usize + SESSION_CHANNEL_EXTRA);
         let subscribed = pb::Subscribed { queue: queue.name.to_string(), consumer_id: subscription.consumer_id };
@@ -396,7 +418,7 @@ impl consumer_server::Consumer for Service {
         let access = self.access(&request)?;
         let request = request.into_inner();
         access.check(Action::Consume, &request.queue)?;
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         if request.wait_ms > PULL_WAIT_MS_MAX {
             return Err(Status::invalid_argument(format!(
                 "wait_ms is {}; the limit is {PULL_WAIT_MS_MAX}",
@@ -445,7 +467,7 @@ impl consumer_server::Consumer for Service {
         let access = self.access(&request)?;
         let request = request.into_inner();
         access.check(Action::Consume, &request.queue)?;
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         if request.delivery_ids.is_empty() {
             return Err(Status::invalid_argument("ack needs at least one delivery id"));
         }
@@ -463,7 +485,7 @@ impl consumer_server::Consumer for Service {
         let access = self.access(&request)?;
         let request = request.into_inner();
         access.check(Action::Consume, &request.queue)?;
-        let queue = self.queue(&request.queue)?;
+        let queue = self.queue(&request.queue).await?;
         queue
             .nack(request.delivery_id, request.delay_ms, &request.reason, Holder::AnyCaller)
             .await

@@ -411,7 +411,7 @@ impl Queue {
     fn requeue_leases(&self, state: &mut DeliveryState, mut released: Vec<Lease>) {
         released.sort_by_key(|l| std::cmp::Reverse(l.offset));
         for lease in released {
-            self.meters[lease.lane as usize].metrics.released.increment(1);
+            self.lane_metrics(lease.lane as usize).released.increment(1);
             state.lanes[lease.lane as usize].requeue.push_front((lease.offset, lease.attempt - 1));
         }
     }
@@ -450,8 +450,9 @@ impl Queue {
             let meter = &self.meters[lease.lane as usize];
             meter.acked.fetch_add(1, Ordering::Relaxed);
             meter.acked_bytes.fetch_add(lease.size, Ordering::Relaxed);
-            meter.metrics.acked.increment(1);
-            meter.metrics.delivery_to_ack.record(now_ms().saturating_sub(lease.delivered_ms) as f64 / 1000.0);
+            let metrics = self.lane_metrics(lease.lane as usize);
+            metrics.acked.increment(1);
+            metrics.delivery_to_ack.record(now_ms().saturating_sub(lease.delivered_ms) as f64 / 1000.0);
         }
         if !failed.is_empty() {
             self.requeue_leases(&mut self.delivery.lock(), failed);
@@ -557,7 +558,7 @@ impl Queue {
                             delivery_id,
                             Lease { lane, offset, consumer_id, pull, deadline_ms, attempt, delivered_ms: now, size },
                         );
-                        let metrics = &self.meters[lane as usize].metrics;
+                        let metrics = self.lane_metrics(lane as usize);
                         metrics.delivered.increment(1);
                         if attempt == 1 {
                             metrics.publish_to_delivery.record(now.saturating_sub(published_ms) as f64 / 1000.0);
@@ -774,11 +775,11 @@ impl Queue {
                 if kind == AckKind::DeadLettered {
                     meter.acked.fetch_add(1, Ordering::Relaxed);
                     meter.acked_bytes.fetch_add(lease.size, Ordering::Relaxed);
-                    meter.metrics.dead_lettered.increment(1);
+                    self.lane_metrics(lease.lane as usize).dead_lettered.increment(1);
                 } else if reason == LEASE_EXPIRED {
-                    meter.metrics.redelivered_expired.increment(1);
+                    self.lane_metrics(lease.lane as usize).redelivered_expired.increment(1);
                 } else {
-                    meter.metrics.redelivered_nack.increment(1);
+                    self.lane_metrics(lease.lane as usize).redelivered_nack.increment(1);
                 }
                 if let Err(error) = self.ack_record(lease.lane, lease.offset, lease.size, kind) {
                     tracing::error!(queue = %self.name, %error, "acking a redelivered message");
@@ -817,7 +818,7 @@ impl Queue {
         if self.append_copy(dead, lane, lease.lane, full, || copy_of(&record, 0, own)).await? {
             dead.dispatch();
         } else {
-            self.meters[lease.lane as usize].metrics.dropped_dead_letters.increment(1);
+            self.lane_metrics(lease.lane as usize).dropped_dead_letters.increment(1);
             tracing::error!(queue = %self.name, dead_letter_queue = %dead.name, lane = lease.lane, offset = lease.offset,
                 original_offset, attempts = lease.attempt,
                 "message used its last attempt and its dead-letter queue refuses it for good: dropped");
@@ -853,7 +854,7 @@ impl Queue {
             "storage refuses a copy with the broker's headers; storing the message without them");
         match target.append_raw(lane, plain()).await {
             Ok(_) => {
-                self.meters[source_lane as usize].metrics.stripped_copies.increment(1);
+                self.lane_metrics(source_lane as usize).stripped_copies.increment(1);
                 Ok(true)
             }
             Err(error) if refused_for_good(&error) => {

@@ -198,22 +198,11 @@ impl Queue {
         Ok(queue)
     }
 
-    /// Opens an existing queue from its directory.
-    pub(crate) fn open(
-        dir: &Path,
-        config: &Config,
-        node: Arc<Node>,
-        dead_letter: Option<Arc<Queue>>,
-    ) -> Result<Arc<Queue>> {
+    /// Reads a queue directory's `queue.toml`: the queue's name, settings
+    /// and creation time.
+    pub(crate) fn read_settings(dir: &Path) -> Result<(QueueName, QueueSettings, u64)> {
         let file = Queue::read_file(dir)?;
-        let name = QueueName::parse(&file.name)?;
-        Queue::open_logs(dir, name, file.settings, file.created_at_ms, config, node, dead_letter)
-    }
-
-    /// Reads a queue directory's `queue.toml`.
-    pub(crate) fn read_settings(dir: &Path) -> Result<(QueueName, QueueSettings)> {
-        let file = Queue::read_file(dir)?;
-        Ok((QueueName::parse(&file.name)?, file.settings))
+        Ok((QueueName::parse(&file.name)?, file.settings, file.created_at_ms))
     }
 
     fn read_file(dir: &Path) -> Result<QueueFile> {
@@ -225,7 +214,9 @@ impl Queue {
         Ok(file)
     }
 
-    fn open_logs(
+    /// Opens a queue's lane logs (recovery) and builds its state, from
+    /// the settings of its `queue.toml`.
+    pub(crate) fn open_logs(
         dir: &Path,
         name: QueueName,
         settings: QueueSettings,
@@ -254,12 +245,7 @@ impl Queue {
         dedupe.recover(keys);
         let delivery = DeliveryState::new(&lanes, &settings);
         let durable = lanes.iter().map(|log| std::sync::atomic::AtomicU64::new(log.next_offset())).collect();
-        let meters = settings
-            .lanes
-            .iter()
-            .zip(&lanes)
-            .map(|(lane, log)| super::saturation::LaneMeter::new(name.as_str(), lane, initial_bytes(&name, log)))
-            .collect();
+        let meters = lanes.iter().map(|log| super::saturation::LaneMeter::new(initial_bytes(&name, log))).collect();
         let quota = super::quota::Quota::new(
             settings.max_publish_rate,
             settings.max_publish_byte_rate,
@@ -308,6 +294,12 @@ impl Queue {
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Lane `lane`'s counters and histograms, registered on first use (an
+    /// idle lane holds no series).
+    pub(crate) fn lane_metrics(&self, lane: usize) -> &crate::metrics::LaneMetrics {
+        self.meters[lane].metrics.get(self.name.as_str(), &self.settings.lanes[lane])
     }
 
     /// Whether lane `lane`'s log can write (it is not poisoned).
@@ -442,8 +434,9 @@ impl Queue {
             }
             let meter = &self.meters[lane.lane as usize];
             meter.published.fetch_add(count, Ordering::Relaxed);
-            meter.metrics.published.increment(count);
-            meter.metrics.publish_durable.record(started.elapsed().as_secs_f64());
+            let metrics = self.lane_metrics(lane.lane as usize);
+            metrics.published.increment(count);
+            metrics.publish_durable.record(started.elapsed().as_secs_f64());
         }
         // A claimed key's message has a receipt exactly when it is durable.
         claims.stored(|i| receipts[i].map(|r| Stored { lane: r.lane, offset: r.offset }), now);
@@ -456,7 +449,7 @@ impl Queue {
                 // RESOURCE_EXHAUSTED, `ballast-reason: disk_full`.
                 self.refused.disk_full.fetch_add(1, Ordering::Relaxed);
                 let lane = adding.iter().position(|(n, _)| *n > 0).unwrap_or(0);
-                self.meters[lane].metrics.refused_disk_full.increment(1);
+                self.lane_metrics(lane).refused_disk_full.increment(1);
             }
             // `claims` drops here: the claims not recorded are abandoned.
             return Err(error);
@@ -494,7 +487,7 @@ impl Queue {
                 self.refused.throttled.fetch_add(1, Ordering::Relaxed);
                 let us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
                 self.refused.throttled_us.fetch_add(us, Ordering::Relaxed);
-                self.meters[lane as usize].metrics.publish_throttle.record(wait.as_secs_f64());
+                self.lane_metrics(lane as usize).publish_throttle.record(wait.as_secs_f64());
                 tokio::time::sleep(wait).await;
                 Ok(())
             }
@@ -504,7 +497,7 @@ impl Queue {
                     return Err(BrokerError::QueueNotFound(self.name.to_string()));
                 }
                 self.refused.publish_rate.fetch_add(1, Ordering::Relaxed);
-                self.meters[lane as usize].metrics.refused_publish_rate.increment(1);
+                self.lane_metrics(lane as usize).refused_publish_rate.increment(1);
                 let (figures, _) = self.figures_with(false);
                 let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
                 // Counted above only under a byte rate; the message names them.

@@ -39,7 +39,7 @@ pub struct Figures {
 /// Per-lane counters, smoothed rates and exported metrics.
 #[derive(Debug)]
 pub(crate) struct LaneMeter {
-    pub metrics: crate::metrics::LaneMetrics,
+    pub metrics: crate::metrics::LazyLaneMetrics,
     pub published: AtomicU64,
     pub acked: AtomicU64,
     /// Stored bytes of the records counted in `acked`.
@@ -117,9 +117,9 @@ pub(crate) struct Refused {
 impl LaneMeter {
     /// A meter for a lane whose log holds `backlog_bytes` of records not
     /// yet done.
-    pub(crate) fn new(queue: &str, lane: &str, backlog_bytes: u64) -> LaneMeter {
+    pub(crate) fn new(backlog_bytes: u64) -> LaneMeter {
         LaneMeter {
-            metrics: crate::metrics::LaneMetrics::new(queue, lane),
+            metrics: crate::metrics::LazyLaneMetrics::default(),
             published: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             acked_bytes: AtomicU64::new(0),
@@ -263,7 +263,7 @@ impl Queue {
             self.refused.disk_full.fetch_add(1, Ordering::Relaxed);
             let (total, _) = self.figures_with(false);
             let lane = adding.iter().position(|(n, _)| *n > 0).unwrap_or(0);
-            self.meters[lane].metrics.refused_disk_low.increment(1);
+            self.lane_metrics(lane).refused_disk_low.increment(1);
             return Err(BrokerError::Refused(Box::new(Refusal {
                 queue: self.name.to_string(),
                 lane: self.settings.lanes[lane].clone(),
@@ -306,7 +306,7 @@ impl Queue {
             if excess_messages > 0 || excess_bytes > 0 {
                 drop(admitting);
                 self.refused.queue_full.fetch_add(1, Ordering::Relaxed);
-                self.meters[lane].metrics.refused_queue_full.increment(1);
+                self.lane_metrics(lane).refused_queue_full.increment(1);
                 let (total, _) = self.figures_with(false);
                 return Err(BrokerError::Refused(Box::new(Refusal {
                     queue: self.name.to_string(),

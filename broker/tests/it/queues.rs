@@ -45,6 +45,15 @@ fn without_colors(log: &str) -> String {
     plain
 }
 
+/// The directory (`<data>/queues/<name>~<generation>`) of queue `name`.
+fn queue_dir(data_dir: &Path, name: &str) -> std::path::PathBuf {
+    std::fs::read_dir(data_dir.join("queues"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&format!("{name}~")))
+        .unwrap_or_else(|| panic!("{name}'s directory"))
+}
+
 /// The queue's health status (-1 when not reported yet).
 async fn health(broker: &BrokerProcess, queue: &str) -> i32 {
     let mut client = tonic_health::pb::health_client::HealthClient::new(broker.channel().await);
@@ -97,14 +106,7 @@ async fn a_damaged_queue_is_set_aside_and_can_be_deleted() {
         publish(&mut publisher, name, message(format!("to {name}"))).await;
     }
     broker.terminate_cleanly();
-    let queues = broker.data_dir.join("queues");
-    let dir_of = |name: &str| {
-        std::fs::read_dir(&queues)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&format!("{name}~")))
-            .unwrap_or_else(|| panic!("{name}'s directory"))
-    };
+    let dir_of = |name: &str| queue_dir(&broker.data_dir, name);
     std::fs::write(dir_of("bad-toml").join("queue.toml"), b"this is [not toml").unwrap();
     // A lane's directory that is not a directory: its log cannot open. (A
     // garbage segment header would not do: storage renames such a segment
@@ -164,46 +166,144 @@ async fn a_damaged_queue_is_set_aside_and_can_be_deleted() {
     assert_eq!(depth(&mut admin, "bad-toml").await, 1);
 }
 
-/// Queues the broker holds come back after a restart: 1,000 one-lane
-/// queues are created, the broker is restarted, and every queue is listed
-/// and served, each queue's health SERVING. The log says how many queues
-/// opened, and how long the start took (the figure the bench reports).
-#[tokio::test]
+/// Whether ListQueues shows `queue` as still opening (its logs not open).
+async fn is_opening(admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>, queue: &str) -> bool {
+    let list = admin.list_queues(pb::ListQueuesRequest {}).await.unwrap().into_inner().queues;
+    list.iter().find(|q| q.name == queue).unwrap_or_else(|| panic!("{queue} is listed")).opening
+}
+
+/// Queues the broker holds come back after a restart, and the broker
+/// listens before their logs are open. 2,000 one-lane queues (one made
+/// through the API, the rest copies of its directory) and one queue with
+/// a dead-letter queue are made; one is then damaged (its
+/// lane directory made a file). Restarted with `queue_open_threads = 0`
+/// (nothing opens in the background), every queue is listed as opening
+/// and NOT_SERVING; calls to queues not open yet succeed (each opens its
+/// queue first, a source queue its dead-letter queue before itself); the
+/// damaged queue is set aside on its first call; metrics show a used
+/// queue's counters and gauges, only gauges for a queue open but unused
+/// since the restart, and no series for a queue never opened. Restarted
+/// with the default background opener, every queue opens (the log says how
+/// many and how long) and serves, each SERVING.
+// Multi-threaded: the clients' connections must answer the broker's
+// GOAWAY while this thread blocks waiting for the process to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_many_queues_serves_them_all() {
-    const QUEUES: usize = 1_000;
+    const QUEUES: usize = 2_000;
     let probe = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let config = config_file(&probe.path().join("x"), "small.toml", "[storage]\nsegment_size = 65536\n");
+    let lazy =
+        config_file(&probe.path().join("x"), "lazy.toml", "queue_open_threads = 0\n[storage]\nsegment_size = 65536\n");
     let mut broker = BrokerProcess::start_with(&["--config", &config]);
     let mut admin = broker.admin().await;
-    for i in 0..QUEUES {
-        create(&mut admin, &format!("q{i:05}"), one_lane()).await;
+    create(&mut admin, "q00000", one_lane()).await;
+    create(&mut admin, "with-dead", queue_settings()).await;
+    broker.terminate_cleanly();
+    // Creating thousands of queues through the API takes minutes in a
+    // debug build (each creation syncs files and directories): the rest
+    // are copies of the first queue's directory, renamed.
+    let data_dir = broker.data_dir.clone();
+    let queues_dir = data_dir.join("queues");
+    let dir_of = |name: &str| queue_dir(&data_dir, name);
+    let template = dir_of("q00000");
+    let toml = std::fs::read_to_string(template.join("queue.toml")).unwrap();
+    assert!(toml.contains("name = \"q00000\""), "{toml}");
+    for i in 1..QUEUES {
+        let name = format!("q{i:05}");
+        let copy = queues_dir.join(format!("{name}~{i}"));
+        copy_dir(&template, &copy);
+        std::fs::write(copy.join("queue.toml"), toml.replace("\"q00000\"", &format!("\"{name}\""))).unwrap();
     }
+    broker.restart();
     let mut publisher = broker.publisher().await;
     publish(&mut publisher, "q00007", message("kept")).await;
     broker.terminate_cleanly();
-    broker.restart();
+    let damaged = dir_of("q01000").join("lanes").join("0");
+    std::fs::remove_dir_all(&damaged).unwrap();
+    std::fs::write(&damaged, b"not a directory").unwrap();
+
+    broker.restart_with(&["--config", &lazy]);
     let mut admin = broker.admin().await;
-    let names = queue_names(&mut admin).await;
-    assert_eq!(names.len(), QUEUES);
-    assert_eq!(depth(&mut admin, "q00007").await, 1);
+    let list = admin.list_queues(pb::ListQueuesRequest {}).await.unwrap().into_inner().queues;
+    assert_eq!(list.len(), QUEUES + 2);
+    assert!(list.iter().all(|q| q.opening && q.damaged.is_empty()), "nothing is open yet");
+    let last = format!("q{:05}", QUEUES - 1);
+    assert_eq!(health(&broker, &last).await, tonic_health::ServingStatus::NotServing as i32);
     let mut publisher = broker.publisher().await;
-    for i in (0..QUEUES).step_by(97) {
+    publish(&mut publisher, &last, message("to a queue not open yet")).await;
+    assert_eq!(depth(&mut admin, "q00007").await, 1, "a message stored before the restart is kept");
+    publish(&mut publisher, "with-dead", message("opens its dead-letter queue first")).await;
+    for queue in [last.as_str(), "q00007", "with-dead", "with-dead.dead"] {
+        assert!(!is_opening(&mut admin, queue).await, "{queue} is open");
+    }
+    assert!(is_opening(&mut admin, "q00500").await, "a queue nobody called is not opened");
+    let refused = publisher.publish(pb::PublishRequest { queue: "q01000".into(), message: Some(message("x")) }).await;
+    assert_status(refused, Code::FailedPrecondition, "is damaged");
+    let list = admin.list_queues(pb::ListQueuesRequest {}).await.unwrap().into_inner().queues;
+    let marked: Vec<&str> = list.iter().filter(|q| !q.damaged.is_empty()).map(|q| q.name.as_str()).collect();
+    assert_eq!(marked, ["q01000"]);
+    let text = broker.scrape();
+    let series = |name: &str, queue: &str| format!("{name}{{queue=\"{queue}\",lane=\"only\"}}");
+    let used = series("ballast_published_messages_total", &last);
+    assert!(text.lines().any(|l| l == format!("{used} 1")), "the used queue's counter: {used}");
+    let depth_of_last = series("ballast_queue_depth_messages", &last);
+    assert!(text.lines().any(|l| l == format!("{depth_of_last} 1")), "the used queue's depth");
+    assert!(!text.contains("queue=\"q00500\""), "no series for a queue never used (nor opened)");
+    // q00007 is open (GetQueue opened it) but took no message since the
+    // restart: its gauges are written, its counters do not exist yet.
+    assert!(text.lines().any(|l| l == format!("{} 1", series("ballast_queue_depth_messages", "q00007"))));
+    assert!(!text.contains(&series("ballast_published_messages_total", "q00007")), "counters on first use only");
+    assert!(text.lines().any(|l| l == format!("ballast_queues {}", QUEUES + 1)), "opening queues count");
+    wait_until_serving(&broker, &last).await;
+
+    // The default: every queue opens in the background.
+    broker.terminate_cleanly();
+    broker.restart_with(&["--config", &config]);
+    let mut publisher = broker.publisher().await;
+    for i in (0..QUEUES).step_by(97).filter(|&i| i != 1000) {
         publish(&mut publisher, &format!("q{i:05}"), message("after")).await;
     }
-    let log = without_colors(&std::fs::read_to_string(broker.data_dir.with_extension("log")).unwrap());
-    assert!(
-        log.lines()
-            .any(|l| l.contains("queues opened") && l.contains(&format!("queues={QUEUES}")) && l.contains("damaged=0")),
-        "the start logs what it opened"
-    );
+    let log_path = broker.data_dir.with_extension("log");
+    let opened = |line: &str| line.contains("queues opened") && line.contains(&format!("queues={}", QUEUES + 1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        let log = without_colors(&std::fs::read_to_string(&log_path).unwrap());
+        if let Some(line) = log.lines().rfind(|l| opened(l)) {
+            break line.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "the background opener logs what it opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(line.contains("damaged=1"), "{line}");
+    let log = without_colors(&std::fs::read_to_string(&log_path).unwrap());
     assert!(log.contains("open files limit"), "the start logs the open files limit");
     // The figure, for whoever runs the test with --nocapture.
-    if let Some(line) = log.lines().rfind(|l| l.contains("queues opened")) {
-        println!("restart with {QUEUES} queues: {line}");
+    println!("restart with {} queues: {line}", QUEUES + 2);
+    let mut admin = broker.admin().await;
+    let list = admin.list_queues(pb::ListQueuesRequest {}).await.unwrap().into_inner().queues;
+    assert!(list.iter().all(|q| !q.opening), "every queue is open");
+    wait_until_serving(&broker, "q00500").await;
+}
+
+/// Copies directory `from` (files and directories only) to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
     }
+}
+
+/// Polls the health service until `queue` is SERVING (30 s at most).
+async fn wait_until_serving(broker: &BrokerProcess, queue: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while health(&broker, "q00999").await != tonic_health::ServingStatus::Serving as i32 {
-        assert!(std::time::Instant::now() < deadline, "q00999 reported SERVING");
+    while health(broker, queue).await != tonic_health::ServingStatus::Serving as i32 {
+        assert!(std::time::Instant::now() < deadline, "{queue} reported SERVING");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -320,7 +320,7 @@ async fn metrics_endpoint_tracks_the_backlog() {
     assert_eq!(sample(&broker.scrape(), "ballast_errors_total", "code=\"not_found\""), Some(1.0));
 
     // A queue that exists when the broker starts records its metrics too
-    // (its handles are taken as it opens, after the recorder is installed).
+    // (its handles are taken on first use, after the recorder is installed).
     broker.kill();
     broker.restart();
     publish_batch(&mut broker.publisher().await, "m", (0..3).map(|i| message(format!("{i}"))).collect()).await;

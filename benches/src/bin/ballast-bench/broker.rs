@@ -10,7 +10,29 @@ use std::{
 
 use anyhow::{Context, bail};
 use ballast_proto::v1::{self as pb, admin_client::AdminClient};
-use tonic::transport::Channel;
+use sha2::Digest;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+};
+
+/// A connection to the broker under test; with `--auth` every call carries
+/// the run's bearer token.
+pub type Channel = InterceptedService<tonic::transport::Channel, Token>;
+
+/// Adds `authorization: Bearer <token>` to every call when the run has a
+/// token; passes calls through untouched otherwise.
+#[derive(Debug, Clone, Default)]
+pub struct Token(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Token {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// A broker to run scenarios against.
 #[derive(Debug)]
@@ -27,6 +49,9 @@ pub struct Target {
     /// With `--tls`: the started broker's self-signed certificate (PEM),
     /// the one CA the bench's connections trust.
     tls_cert: Option<String>,
+    /// With `--auth`: the token of the one principal of the started
+    /// broker's auth file (allowed everything), sent on every call.
+    token: Token,
 }
 
 impl Target {
@@ -40,6 +65,7 @@ impl Target {
         data_root: &Path,
         keep: bool,
         tls: bool,
+        auth: bool,
     ) -> anyhow::Result<Target> {
         let ballastd = match ballastd {
             Some(path) => path,
@@ -47,8 +73,22 @@ impl Target {
         };
         if let Some(addr) = addr {
             anyhow::ensure!(!tls, "--tls starts a broker with a certificate of its own: it cannot be used with --addr");
+            anyhow::ensure!(
+                !auth,
+                "--auth starts a broker with an auth file of its own: it cannot be used with --addr"
+            );
             let endpoint = if addr.starts_with("http") { addr } else { format!("http://{addr}") };
-            return Ok(Target { endpoint, child: None, data_dir: None, keep, ballastd, config, log, tls_cert: None });
+            return Ok(Target {
+                endpoint,
+                child: None,
+                data_dir: None,
+                keep,
+                ballastd,
+                config,
+                log,
+                tls_cert: None,
+                token: Token::default(),
+            });
         }
         if !ballastd.exists() {
             bail!(
@@ -60,9 +100,10 @@ impl Target {
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir)?;
         let tls_cert = tls.then(|| write_certificate(&data_dir)).transpose()?;
+        let token = if auth { Token(Some(write_auth_file(&data_dir)?)) } else { Token::default() };
         let data_dir = Some(data_dir);
         let mut target =
-            Target { endpoint: String::new(), child: None, data_dir, keep, ballastd, config, log, tls_cert };
+            Target { endpoint: String::new(), child: None, data_dir, keep, ballastd, config, log, tls_cert, token };
         target.start("127.0.0.1:0")?;
         Ok(target)
     }
@@ -78,6 +119,9 @@ impl Target {
         }
         if self.tls_cert.is_some() {
             command.arg("--tls-cert").arg(data_dir.join(CERT_FILE)).arg("--tls-key").arg(data_dir.join(KEY_FILE));
+        }
+        if self.token.0.is_some() {
+            command.arg("--auth-file").arg(data_dir.join(AUTH_FILE));
         }
         let mut child = command
             .arg("--data-dir")
@@ -128,14 +172,19 @@ impl Target {
     }
 
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        let mut endpoint = Channel::from_shared(self.endpoint.clone())?;
+        let mut endpoint = tonic::transport::Channel::from_shared(self.endpoint.clone())?;
         if let Some(cert) = &self.tls_cert {
             let tls = tonic::transport::ClientTlsConfig::new()
                 .ca_certificate(tonic::transport::Certificate::from_pem(cert))
                 .domain_name("localhost");
             endpoint = endpoint.tls_config(tls)?;
         }
-        Ok(endpoint.connect().await?)
+        Ok(self.with_token(endpoint.connect().await?))
+    }
+
+    /// `channel` with the run's token on every call (if it has one).
+    pub fn with_token(&self, channel: tonic::transport::Channel) -> Channel {
+        InterceptedService::new(channel, self.token.clone())
     }
 
     /// Whether the bench's connections speak TLS.
@@ -184,6 +233,24 @@ impl Drop for Target {
 /// The started broker's certificate and key files, in its run directory.
 const CERT_FILE: &str = "tls-cert.pem";
 const KEY_FILE: &str = "tls-key.pem";
+
+/// The started broker's auth file (`--auth`), in its run directory.
+const AUTH_FILE: &str = "auth.toml";
+
+/// Writes an auth file of one principal allowed every action on every
+/// queue, with a fresh random token; returns the `Bearer` header value.
+fn write_auth_file(dir: &Path) -> anyhow::Result<MetadataValue<Ascii>> {
+    let token: String = (0..32).map(|_| format!("{:02x}", fastrand::u8(..))).collect();
+    let digest: String = sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(
+        dir.join(AUTH_FILE),
+        format!(
+            "[[principals]]\nname = \"bench\"\ntoken_sha256 = \"{digest}\"\n\
+             allow = [ {{ queues = \"*\", actions = [\"publish\", \"consume\", \"admin\", \"stats\"] }} ]\n"
+        ),
+    )?;
+    Ok(format!("Bearer {token}").parse()?)
+}
 
 /// Writes a self-signed certificate for `localhost` and its key into
 /// `dir`; returns the certificate (PEM).

@@ -34,11 +34,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::broker::Channel;
 use anyhow::Context;
 use ballast_proto::v1::{self as pb, consumer_client::ConsumerClient, publisher_client::PublisherClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::{
     Sync,

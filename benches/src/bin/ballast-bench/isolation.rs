@@ -12,9 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::broker::Channel;
 use ballast_proto::v1::{self as pb, publisher_client::PublisherClient};
 use bytes::Bytes;
-use tonic::transport::Channel;
 
 use crate::{Sync, broker::Target, latency, load};
 
@@ -80,13 +80,12 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     let mut flood_channels = Vec::new();
     for _ in 0..args.flood_producers {
         let endpoint = target.endpoint.clone();
-        flood_channels.push(
-            flood_runtime
-                .spawn(async move {
-                    tonic::transport::Channel::from_shared(endpoint)?.connect().await.map_err(anyhow::Error::from)
-                })
-                .await??,
-        );
+        let channel = flood_runtime
+            .spawn(async move {
+                tonic::transport::Channel::from_shared(endpoint)?.connect().await.map_err(anyhow::Error::from)
+            })
+            .await??;
+        flood_channels.push(target.with_token(channel));
     }
     // Alone and during alternate, round after round, and each side's
     // histograms are pooled: the disk's sync latency drifts over minutes,

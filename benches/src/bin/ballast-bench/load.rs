@@ -8,12 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::broker::Channel;
 use ballast_proto::v1::{self as pb, consumer_client::ConsumerClient, publisher_client::PublisherClient};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 /// Runs `send(seq, intended)` for each `seq` in `0..count` at its intended
 /// time `start + seq * interval_ns`, on an OS thread paced by the kernel's

@@ -93,6 +93,12 @@ struct Args {
     /// latency): off, on, or both (plaintext, then TLS, side by side).
     #[arg(long, global = true, value_enum, default_value_t = Tls::Off)]
     tls: Tls,
+    /// The started broker requires a bearer token (an auth file made for
+    /// the run, one principal allowed everything) and the bench sends it on
+    /// every call (throughput and latency); with `--tls both`, the TLS run
+    /// only, so the pair compares plaintext with TLS and tokens.
+    #[arg(long, global = true)]
+    auth: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -160,6 +166,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let tls_scenario = matches!(args.scenario, Scenario::Throughput(_) | Scenario::Latency(_));
         anyhow::ensure!(args.tls == Tls::Off || tls_scenario, "--tls is for the throughput and latency scenarios");
+        anyhow::ensure!(!args.auth || tls_scenario, "--auth is for the throughput and latency scenarios");
         let (name, result) = match args.tls {
             Tls::Off | Tls::On => scenario(&args, args.tls == Tls::On).await?,
             Tls::Both => {
@@ -194,6 +201,8 @@ fn main() -> anyhow::Result<()> {
 
 /// Runs the chosen scenario against a broker of its own (or `--addr`).
 async fn scenario(args: &Args, tls: bool) -> anyhow::Result<(&'static str, serde_json::Value)> {
+    // With --tls both: plaintext without the token, TLS with it.
+    let auth = args.auth && (tls || args.tls != Tls::Both);
     let mut target = broker::Target::new(
         args.addr.clone(),
         args.ballastd.clone(),
@@ -202,9 +211,13 @@ async fn scenario(args: &Args, tls: bool) -> anyhow::Result<(&'static str, serde
         &args.data_root,
         args.keep,
         tls,
+        auth,
     )?;
     if tls {
         println!("over TLS");
+    }
+    if auth {
+        println!("with a bearer token on every call");
     }
     Ok(match &args.scenario {
         Scenario::Throughput(a) => ("throughput", throughput::run(&target, a, args.sync).await?),

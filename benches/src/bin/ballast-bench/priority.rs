@@ -299,7 +299,7 @@ fn p99_over_time(timeline: &[(f64, f64)], step: f64) -> Vec<(f64, f64)> {
 /// Publishes `count` high-lane messages (sequence numbers from `first`) at
 /// `rate`, open loop, each stamped with its intended send time.
 async fn high_lane(
-    clients: &[PublisherClient<tonic::transport::Channel>],
+    clients: &[PublisherClient<crate::broker::Channel>],
     queue: &str,
     rate: u64,
     first: u64,
@@ -341,7 +341,7 @@ async fn high_lane(
 /// Floods the low lane at `rate` in batches until `stop`; returns how many
 /// messages it stored.
 async fn flood_low(
-    client: PublisherClient<tonic::transport::Channel>,
+    client: PublisherClient<crate::broker::Channel>,
     queue: &'static str,
     rate: u64,
     batch: usize,

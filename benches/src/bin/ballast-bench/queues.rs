@@ -2,8 +2,9 @@
 //! `--queues` queues (default 10,000, each with its dead-letter queue) and
 //! reports the create rate, the data directory's disk use, the broker's
 //! RSS, OS threads and open files; SIGKILLs and restarts the broker and
-//! measures the time from spawn to gRPC health SERVING (and the same
-//! figures again, idle after the restart); then runs a steady open-loop
+//! measures the time from spawn to gRPC health SERVING and to every queue
+//! open (queues open in the background), and the same figures again, idle
+//! once every queue is open; then runs a steady open-loop
 //! publish/consume load spread over `--sample` queues taken evenly across
 //! all of them, alone and while one other queue is flooded (nobody consumes
 //! it), and reports publish-to-durable and publish-to-delivery p50/p99 and
@@ -22,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::broker::Channel;
 use ballast_proto::v1::{
     self as pb, admin_client::AdminClient, consumer_client::ConsumerClient, publisher_client::PublisherClient,
 };
@@ -29,7 +31,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::{Sync, broker::Target, load};
 
@@ -114,6 +115,12 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
     let serving = wait_serving(target, Duration::from_secs_f64(args.serve_max_seconds)).await?;
     let restart_seconds = (listening + serving).as_secs_f64();
     println!("queues: restart (SIGKILL, spawn to health SERVING) {restart_seconds:.2} s");
+    // The broker serves before every queue is open (they open in the
+    // background): the idle figures are taken once ListQueues shows none
+    // still opening.
+    let all_open = wait_all_open(target, Duration::from_secs_f64(args.serve_max_seconds)).await?;
+    let all_open_seconds = restart_seconds + all_open.as_secs_f64();
+    println!("queues: restart, spawn to every queue open {all_open_seconds:.2} s");
     let restarted = Figures::take(target, &data)?;
     restarted.print("idle after restart");
 
@@ -148,7 +155,8 @@ pub async fn run(target: &mut Target, args: &Args, sync: Sync) -> anyhow::Result
         "sync": format!("{sync:?}").to_lowercase(), "size": args.size,
         "create_seconds": create_seconds, "create_per_s": create_rate,
         "after_create": created.json(), "restart_to_serving_seconds": restart_seconds,
-        "restart_to_listening_seconds": listening.as_secs_f64(), "after_restart": restarted.json(),
+        "restart_to_listening_seconds": listening.as_secs_f64(), "restart_to_all_open_seconds": all_open_seconds,
+        "after_restart": restarted.json(),
         "after_flood": flooded_figures.json(),
         "sampled_queues": sampled.len(), "steady_rate": args.rate, "seconds": args.seconds,
         "alone": alone.json(), "during": during.json(), "flood_stored": flood_stored,
@@ -238,6 +246,20 @@ async fn wait_serving(target: &Target, max: Duration) -> anyhow::Result<Duration
         }
         anyhow::ensure!(started.elapsed() < max, "the broker did not report SERVING within {max:?}");
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls ListQueues until no queue is still opening; returns how long.
+async fn wait_all_open(target: &Target, max: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut admin = AdminClient::new(target.channel().await?);
+    loop {
+        let queues = admin.list_queues(pb::ListQueuesRequest {}).await?.into_inner().queues;
+        if queues.iter().all(|q| !q.opening) {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(started.elapsed() < max, "queues were still opening after {max:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

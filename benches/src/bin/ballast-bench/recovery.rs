@@ -18,11 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::broker::Channel;
 use ballast_proto::v1::{self as pb, consumer_client::ConsumerClient, publisher_client::PublisherClient};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::{Sync, broker::Target, load};
 
