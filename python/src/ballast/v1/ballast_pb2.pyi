@@ -69,7 +69,7 @@ class GetQueueRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class QueueInfo(_message.Message):
-    __slots__ = ("name", "settings", "dead_letter_queue", "lane_depths", "depth", "in_flight", "consumers", "created_at_ms", "damaged")
+    __slots__ = ("name", "settings", "dead_letter_queue", "lane_depths", "depth", "in_flight", "consumers", "created_at_ms", "damaged", "opening")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTER_QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class QueueInfo(_message.Message):
     CONSUMERS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
+    OPENING_FIELD_NUMBER: _ClassVar[int]
     name: str
     settings: QueueSettings
     dead_letter_queue: str
@@ -88,7 +89,8 @@ class QueueInfo(_message.Message):
     consumers: int
     created_at_ms: int
     damaged: str
-    def __init__(self, name: _Optional[str] = ..., settings: _Optional[_Union[QueueSettings, _Mapping]] = ..., dead_letter_queue: _Optional[str] = ..., lane_depths: _Optional[_Iterable[int]] = ..., depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., consumers: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., damaged: _Optional[str] = ...) -> None: ...
+    opening: bool
+    def __init__(self, name: _Optional[str] = ..., settings: _Optional[_Union[QueueSettings, _Mapping]] = ..., dead_letter_queue: _Optional[str] = ..., lane_depths: _Optional[_Iterable[int]] = ..., depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., consumers: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., damaged: _Optional[str] = ..., opening: _Optional[bool] = ...) -> None: ...
 
 class ListQueuesRequest(_message.Message):
     __slots__ = ()
@@ -238,7 +240,7 @@ class LaneStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., admission: _Optional[float] = ..., in_flight: _Optional[int] = ..., storage_failed: _Optional[bool] = ...) -> None: ...
 
 class QueueStats(_message.Message):
-    __slots__ = ("name", "saturation", "lanes", "in_flight", "consumers", "credit", "max_messages", "max_bytes", "refused_queue_full", "refused_disk_full", "refused_publish_rate", "throttled_calls", "throttled_ms", "damaged")
+    __slots__ = ("name", "saturation", "lanes", "in_flight", "consumers", "credit", "max_messages", "max_bytes", "refused_queue_full", "refused_disk_full", "refused_publish_rate", "throttled_calls", "throttled_ms", "damaged", "opening")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SATURATION_FIELD_NUMBER: _ClassVar[int]
     LANES_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +255,7 @@ class QueueStats(_message.Message):
     THROTTLED_CALLS_FIELD_NUMBER: _ClassVar[int]
     THROTTLED_MS_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
+    OPENING_FIELD_NUMBER: _ClassVar[int]
     name: str
     saturation: Saturation
     lanes: _containers.RepeatedCompositeFieldContainer[LaneStats]
@@ -267,7 +270,8 @@ class QueueStats(_message.Message):
     throttled_calls: int
     throttled_ms: int
     damaged: str
-    def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., lanes: _Optional[_Iterable[_Union[LaneStats, _Mapping]]] = ..., in_flight: _Optional[int] = ..., consumers: _Optional[int] = ..., credit: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., refused_queue_full: _Optional[int] = ..., refused_disk_full: _Optional[int] = ..., refused_publish_rate: _Optional[int] = ..., throttled_calls: _Optional[int] = ..., throttled_ms: _Optional[int] = ..., damaged: _Optional[str] = ...) -> None: ...
+    opening: bool
+    def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., lanes: _Optional[_Iterable[_Union[LaneStats, _Mapping]]] = ..., in_flight: _Optional[int] = ..., consumers: _Optional[int] = ..., credit: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., refused_queue_full: _Optional[int] = ..., refused_disk_full: _Optional[int] = ..., refused_publish_rate: _Optional[int] = ..., throttled_calls: _Optional[int] = ..., throttled_ms: _Optional[int] = ..., damaged: _Optional[str] = ..., opening: _Optional[bool] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("at_ms", "queues", "disk_free_bytes", "disk_free_min_bytes")
