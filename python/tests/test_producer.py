@@ -90,3 +90,14 @@ async def test_publish_all_splits_by_lane_and_batch_size_and_keeps_order() -> No
     assert [r.id.lane for r in receipts] == [i % 2 for i in range(7)], "receipts in input order"
     sent = {m.payload: m.idempotency_key for r in fake.requests for m in r.messages}
     assert [r.idempotency_key for r in receipts] == [sent[str(i).encode()] for i in range(7)]
+
+
+async def test_batches_stay_within_their_size_in_bytes() -> None:
+    fake = FakeConnection()
+    producer = Producer(fake, ProducerConfig(linger=0.0, batch_size_max=10))
+    await asyncio.gather(*(producer.submit("q", b"x" * 4) for _ in range(5)))
+    await producer.publish_all("q", [b"y" * 4] * 5 + [b"z" * 30])
+    sizes = [[len(m.payload) for m in r.messages] for r in fake.requests]
+    assert all(sum(batch) <= 10 for batch in sizes if len(batch) > 1), sizes
+    assert [30] in sizes, "an oversize message goes alone"
+    assert sum(len(batch) for batch in sizes) == 11

@@ -130,6 +130,9 @@ class Producer:
         pending = _Pending(encoded, key, deadline, loop.create_future())
         slot = (queue, lane)
         batch = self._batches.get(slot)
+        if batch is not None and batch.size + len(encoded.payload) > self.config.batch_size_max:
+            self._flush(slot)  # this message would take the batch past its size
+            batch = None
         if batch is None:
             batch = self._batches[slot] = _Batch()
             batch.timer = loop.call_later(self.config.linger, self._flush, slot)
@@ -170,12 +173,7 @@ class Producer:
             encoded, key, lane = self._encode(message)
             by_lane.setdefault(lane, []).append((index, encoded, key))
             count = index + 1
-        size = self.config.batch_count_max
-        chunks = [
-            entries[first : first + size]
-            for entries in by_lane.values()
-            for first in range(0, len(entries), size)
-        ]
+        chunks = [chunk for entries in by_lane.values() for chunk in self._chunks(entries)]
         answers = await asyncio.gather(
             *(
                 self._publish_batch(queue, [e[1] for e in chunk], [e[2] for e in chunk], deadline)
@@ -190,6 +188,26 @@ class Producer:
             for (index, _, _), receipt in zip(chunk, answer, strict=True):
                 receipts[index] = receipt
         return [receipt for receipt in receipts if receipt is not None]
+
+    def _chunks(
+        self, entries: list[tuple[int, pb.Message, str]]
+    ) -> list[list[tuple[int, pb.Message, str]]]:
+        """``entries`` cut into batches within ``batch_count_max`` messages
+        and ``batch_size_max`` payload bytes (a larger message goes alone)."""
+        chunks: list[list[tuple[int, pb.Message, str]]] = [[]]
+        size = 0
+        for entry in entries:
+            length = len(entry[1].payload)
+            current = chunks[-1]
+            if current and (
+                len(current) >= self.config.batch_count_max
+                or size + length > self.config.batch_size_max
+            ):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(entry)
+            size += length
+        return [chunk for chunk in chunks if chunk]
 
     async def flush(self) -> None:
         """Sends every open batch and waits for all batches in flight."""
