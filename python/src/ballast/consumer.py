@@ -195,6 +195,7 @@ class Consumer:
         failures = 0
         try:
             while not self._stopping.is_set():
+                sessions = self.sessions
                 try:
                     await self._session()
                     failures = 0
@@ -203,6 +204,8 @@ class Consumer:
                         raise
                     if self._stopping.is_set():
                         break
+                    if self.sessions > sessions:
+                        failures = 0  # the backoff restarts once a session was established
                     delay = self.config.reconnect.delay_after(
                         failures, error.retry_after, self._rng
                     )
