@@ -6,7 +6,8 @@ Against a running broker (start one with
 ``cargo run --release -p ballast-broker --bin ballastd``). For each payload
 size it creates a fresh queue (sync policy ``fsync``, the default), publishes
 ``count`` messages through one Producer (``publish_all``, batches of
-``--batch``), then consumes and acks them with one Consumer, and prints msg/s and
+``--batch``), then consumes and acks them with one Consumer (once per
+``--modes``: the consume stream, and Pull), and prints msg/s and
 MiB/s for both phases, as text and (``--json``) as JSON.
 """
 
@@ -41,11 +42,11 @@ async def publish_phase(
     return time.perf_counter() - started
 
 
-async def consume_phase(connection: ballast.Connection, queue: str, count: int) -> float:
+async def consume_phase(connection: ballast.Connection, queue: str, count: int, mode: str) -> float:
     async def handler(_: ballast.Delivery) -> None:
         return None
 
-    config = ballast.ConsumerConfig(prefetch=1000, concurrency=256, max_messages=count)
+    config = ballast.ConsumerConfig(prefetch=1000, concurrency=256, max_messages=count, mode=mode)
     started = time.perf_counter()
     await ballast.Consumer(connection, queue, handler, config).run()
     return time.perf_counter() - started
@@ -57,25 +58,29 @@ async def main() -> None:
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--sizes", default="100,1024")
+    parser.add_argument(
+        "--modes", default="stream,pull", help="consumer modes, each after its own publish run"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = []
+    results: list[dict[str, object]] = []
     async with ballast.Connection(args.address) as connection:
         admin = ballast.Admin(connection)
         for size in (int(s) for s in args.sizes.split(",")):
             queue = f"pybench-{size}-{uuid.uuid4().hex[:8]}"
             await admin.create_queue(queue, ballast.queue_settings(dead_letter=False))
-            publish = await publish_phase(connection, queue, args.count, size, args.batch)
-            consume = await consume_phase(connection, queue, args.count)
+            for mode in args.modes.split(","):
+                publish = await publish_phase(connection, queue, args.count, size, args.batch)
+                consume = await consume_phase(connection, queue, args.count, mode)
+                phases = [("publish", publish), (f"consume+ack ({mode})", consume)]
+                for phase, seconds in phases:
+                    rate = args.count / seconds
+                    row = {"phase": phase, "size": size, "count": args.count}
+                    results.append({**row, "msg_per_s": round(rate)})
+                    if not args.json:
+                        mib = rate * size / (1 << 20)
+                        print(f"{phase:<21} {size:>5} B {rate:>10,.0f} msg/s {mib:>7.1f} MiB/s")
             await admin.delete_queue(queue)
-            for phase, seconds in (("publish", publish), ("consume+ack", consume)):
-                rate = args.count / seconds
-                results.append(
-                    {"phase": phase, "size": size, "count": args.count, "msg_per_s": round(rate)}
-                )
-                if not args.json:
-                    mib = rate * size / (1 << 20)
-                    print(f"{phase:<12} {size:>5} B  {rate:>10,.0f} msg/s  {mib:>7.1f} MiB/s")
     if args.json:
         print(json.dumps(results, indent=2))
 

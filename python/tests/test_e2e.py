@@ -375,3 +375,37 @@ async def test_consumer_keeps_its_credit_window_and_concurrency_limit(broker: Br
         assert most_running == 2, "two handlers at once, never more"
         assert 2 <= most_in_flight <= 5, f"{most_in_flight} leased with a window of 5"
         assert (await Admin(connection).get_queue("window")).depth == 0
+
+
+async def test_pull_mode_round_trip_window_and_dead_letters(broker: Broker) -> None:
+    async with Connection(broker.address) as connection:
+        admin = Admin(connection)
+        await admin.create_queue("pulled", queue_settings(max_attempts=2))
+        async with Producer(connection) as producer:
+            await producer.publish_all("pulled", [str(i).encode() for i in range(40)])
+            await producer.publish("pulled", Message(b"poison", lane=2))
+        stats = Stats(connection)
+        seen: list[bytes] = []
+        most_in_flight = 0
+
+        async def handler(delivery: Delivery) -> None:
+            nonlocal most_in_flight
+            figures = await stats.queue("pulled")
+            most_in_flight = max(most_in_flight, figures.in_flight)
+            seen.append(delivery.payload)
+            if delivery.payload == b"poison":
+                raise ValueError("bad input")
+
+        config = ConsumerConfig(
+            mode="pull", prefetch=8, concurrency=4, max_messages=42, nack_delay=NackPolicy(0, 0)
+        )
+        consumer = Consumer(connection, "pulled", handler, config)
+        await asyncio.wait_for(consumer.run(), 20)
+        assert sorted(p for p in seen if p != b"poison") == sorted(
+            str(i).encode() for i in range(40)
+        )
+        assert seen.count(b"poison") == 2 and consumer.nacked == 2 and consumer.acked == 40
+        assert most_in_flight <= 8, f"{most_in_flight} leased with a window of 8"
+        assert (await admin.get_queue("pulled")).depth == 0, "acked and dead-lettered"
+        dead = await consume(connection, "pulled.dead", 1, mode="pull")
+        assert dead[0].headers["ballast-dead-letter-reason"] == "ValueError: bad input"
