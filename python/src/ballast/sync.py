@@ -10,6 +10,7 @@ event loop in a background thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -89,17 +90,7 @@ class Client:
     ) -> None:
         """Runs ``handler`` (a plain function, run in a worker thread) on
         deliveries until ``max_messages`` were handled (forever if ``None``)."""
-        base = config or ConsumerConfig()
-        config = ConsumerConfig(
-            prefetch=base.prefetch,
-            concurrency=base.concurrency,
-            nack_delay=base.nack_delay,
-            ack_flush_interval=base.ack_flush_interval,
-            reconnect=base.reconnect,
-            subscribe_timeout=base.subscribe_timeout,
-            stop_timeout=base.stop_timeout,
-            max_messages=max_messages,
-        )
+        config = dataclasses.replace(config or ConsumerConfig(), max_messages=max_messages)
 
         async def handle(delivery: Delivery) -> None:
             await asyncio.to_thread(handler, delivery)
