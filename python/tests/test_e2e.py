@@ -160,7 +160,8 @@ async def test_producer_resends_the_same_key_and_gets_duplicate(broker: Broker) 
         assert not first.duplicate and again.duplicate and again.id == first.id
 
 
-async def test_consumer_reconnects_after_a_broker_restart(broker: Broker) -> None:
+@pytest.mark.parametrize("mode", ["stream", "pull"])
+async def test_consumer_reconnects_after_a_broker_restart(broker: Broker, mode: str) -> None:
     async with Connection(broker.address) as connection:
         await Admin(connection).create_queue("work")
         seen: list[bytes] = []
@@ -172,7 +173,7 @@ async def test_consumer_reconnects_after_a_broker_restart(broker: Broker) -> Non
             if delivery.payload == b"after":
                 consumer.stop()
 
-        config = ConsumerConfig(reconnect=Backoff(0.05, 0.2))
+        config = ConsumerConfig(reconnect=Backoff(0.05, 0.2), mode=mode, pull_wait_ms=200)
         consumer = Consumer(connection, "work", handler, config)
         running = asyncio.ensure_future(consumer.run())
         async with Producer(connection) as producer:
