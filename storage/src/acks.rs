@@ -31,14 +31,8 @@
 //! 3. Recovery drops acks at or above the recovered end of the log (written
 //!    by builds without rule 2) and rewrites the journal without them.
 
-use std::{
-    collections::BTreeMap,
-    fs::File,
-    io,
-    os::unix::fs::FileExt,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use crate::file_cache::FilePath;
+use std::{collections::BTreeMap, fs::File, io, os::unix::fs::FileExt, path::Path, sync::Arc};
 
 use crate::{
     file::{self, Io, ReplaceError},
@@ -172,7 +166,7 @@ impl AckState {
 /// The `acks` journal file.
 #[derive(Debug)]
 pub(crate) struct AckJournal {
-    dir: PathBuf,
+    dir: Arc<Path>,
     /// Shared with a sync running outside the lock ([`AckJournal::sync_target`]).
     file: CachedFile,
     /// Bumped when a compaction replaces the file, so that a sync of the
@@ -199,7 +193,8 @@ pub(crate) struct AckJournal {
 impl AckJournal {
     /// Opens (or creates) the journal and replays it. A torn or corrupt tail
     /// is cut off: losing an unsynced ack only means a redelivery.
-    pub(crate) fn open(io: &Io, dir: &Path) -> io::Result<(AckJournal, AckState)> {
+    pub(crate) fn open(io: &Io, dir: impl Into<Arc<Path>>) -> io::Result<(AckJournal, AckState)> {
+        let dir: Arc<Path> = dir.into();
         let path = dir.join(FILE_NAME);
         let (file, created) = file::open_or_create(&path)?;
         let mut state = AckState::default();
@@ -213,7 +208,7 @@ impl AckJournal {
             io.append(&file, &header(), 0)?;
             file.set_len(HEADER_SIZE)?;
             io.sync_data(&file)?;
-            io.sync_dir(dir)?;
+            io.sync_dir(&dir)?;
             dirty = false;
         } else {
             let mut bytes = vec![0u8; size as usize];
@@ -246,9 +241,9 @@ impl AckJournal {
                 dirty = false;
             }
         }
-        let file = io.files().insert(&path, file);
+        let file = io.files().insert(FilePath::InDir(Arc::clone(&dir), FILE_NAME), file);
         let journal = AckJournal {
-            dir: dir.to_owned(),
+            dir,
             file,
             generation: 0,
             len: valid,
@@ -406,7 +401,7 @@ pub(crate) struct SyncTarget {
 
 /// A planned rewrite of the journal ([`AckJournal::compaction`]).
 pub(crate) struct Compaction {
-    dir: PathBuf,
+    dir: Arc<Path>,
     state: AckState,
     durable_end: u64,
     buffered: usize,

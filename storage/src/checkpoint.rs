@@ -15,6 +15,8 @@
 //! search of the tail, as those builds always did); and those builds never
 //! read bytes 52..64.
 
+use crate::file_cache::FilePath;
+use std::sync::Arc;
 use std::{io, os::unix::fs::FileExt, path::Path};
 
 use crate::{
@@ -65,11 +67,12 @@ pub(crate) struct Checkpoint {
 }
 
 impl Checkpoint {
-    pub(crate) fn open(io: &Io, dir: &Path) -> io::Result<(Checkpoint, Option<Recorded>)> {
+    pub(crate) fn open(io: &Io, dir: impl Into<Arc<Path>>) -> io::Result<(Checkpoint, Option<Recorded>)> {
+        let dir: Arc<Path> = dir.into();
         let path = dir.join(FILE_NAME);
         let (file, created) = file::open_or_create(&path)?;
         if created {
-            io.sync_dir(dir)?;
+            io.sync_dir(&dir)?;
         }
         let mut best: Option<(u64, Recorded)> = None;
         let mut slot = [0u8; SLOT_SIZE as usize];
@@ -85,7 +88,7 @@ impl Checkpoint {
         }
         let sequence = best.map_or(0, |(s, _)| s);
         let len = file.metadata()?.len();
-        let file = io.files().insert(&path, file);
+        let file = io.files().insert(FilePath::InDir(dir, FILE_NAME), file);
         Ok((Checkpoint { file, sequence, boot_tag: file::boot_tag(), len }, best.map(|(_, r)| r)))
     }
 

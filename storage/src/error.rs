@@ -92,7 +92,7 @@ impl SyncError {
     }
 }
 
-pub(crate) fn io_open(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> OpenError {
-    let path = path.into();
+pub(crate) fn io_open(path: impl AsRef<std::path::Path>) -> impl FnOnce(io::Error) -> OpenError {
+    let path = path.as_ref().to_path_buf();
     move |source| OpenError::Io { path, source }
 }

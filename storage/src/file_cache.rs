@@ -22,11 +22,12 @@
 //!    poisoned as it would be with one descriptor kept open.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     fmt,
     fs::File,
     io,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, OnceLock},
 };
 
@@ -58,10 +59,29 @@ struct State {
     reopened: u64,
 }
 
+/// Where a cached file lives, kept to reopen it after an eviction: its own
+/// path, or a fixed name in a directory whose path the log's files share
+/// (a lane holds one copy of its directory's path, not one per file; at
+/// tens of thousands of lanes the copies are megabytes).
+#[derive(Debug, Clone)]
+pub(crate) enum FilePath {
+    Own(Arc<Path>),
+    InDir(Arc<Path>, &'static str),
+}
+
+impl FilePath {
+    fn path(&self) -> Cow<'_, Path> {
+        match self {
+            FilePath::Own(path) => Cow::Borrowed(path),
+            FilePath::InDir(dir, name) => Cow::Owned(dir.join(name)),
+        }
+    }
+}
+
 /// One file reached through the cache.
 pub(crate) struct CachedFile {
     id: u64,
-    path: PathBuf,
+    path: FilePath,
     cache: FileCache,
 }
 
@@ -115,12 +135,12 @@ impl FileCache {
     }
 
     /// Takes `file`, open on `path`, into the cache.
-    pub(crate) fn insert(&self, path: &Path, file: File) -> CachedFile {
+    pub(crate) fn insert(&self, path: FilePath, file: File) -> CachedFile {
         let mut state = self.inner.state.lock();
         state.next_id += 1;
         let id = state.next_id;
         self.put(&mut state, id, Arc::new(file));
-        CachedFile { id, path: path.to_owned(), cache: self.clone() }
+        CachedFile { id, path, cache: self.clone() }
     }
 
     /// Puts a descriptor in, evicting the least recently used ones past
@@ -158,7 +178,7 @@ impl CachedFile {
             }
         }
         // Opened without the lock: another log's files stay reachable.
-        let file = Arc::new(file::open_rw(&self.path, false)?);
+        let file = Arc::new(file::open_rw(&self.path.path(), false)?);
         let mut state = cache.inner.state.lock();
         if let Some((existing, _)) = state.open.get(&self.id) {
             return Ok(Arc::clone(existing));
@@ -203,7 +223,7 @@ mod tests {
             .map(|i| {
                 let path = dir.path().join(i.to_string());
                 std::fs::write(&path, i.to_string()).unwrap();
-                cache.insert(&path, file::open_rw(&path, false).unwrap())
+                cache.insert(FilePath::Own(Arc::from(path.as_path())), file::open_rw(&path, false).unwrap())
             })
             .collect();
         assert_eq!(cache.open_count(), OPEN_FILES_MIN, "at the capacity, one past it evicted");

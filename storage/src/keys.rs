@@ -16,12 +16,14 @@
 //! Entry layout: `u32 crc over the rest, u16 key_len, u16 zero,
 //! u64 timestamp_ms, u64 offset, key, zero padding to 8 bytes`.
 
+use crate::file_cache::FilePath;
+use std::sync::Arc;
 use std::{
     collections::{HashMap, hash_map::Entry},
     fs::File,
     io,
     os::unix::fs::FileExt,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use bytes::Bytes;
@@ -51,7 +53,7 @@ pub struct KeyEntry {
 
 #[derive(Debug)]
 pub(crate) struct KeyJournal {
-    dir: PathBuf,
+    dir: Arc<Path>,
     file: CachedFile,
     len: u64,
     /// Bytes of the entries inside the dedupe window at open or at the last
@@ -67,10 +69,11 @@ impl KeyJournal {
     /// trusted). Returns the keys not older than `cutoff_ms`.
     pub(crate) fn open(
         io: &Io,
-        dir: &Path,
+        dir: impl Into<Arc<Path>>,
         synced_len: Option<u64>,
         cutoff_ms: u64,
     ) -> io::Result<(KeyJournal, Vec<KeyEntry>)> {
+        let dir: Arc<Path> = dir.into();
         let path = dir.join(FILE_NAME);
         let (file, created) = file::open_or_create(&path)?;
         let size = file.metadata()?.len();
@@ -81,11 +84,11 @@ impl KeyJournal {
             file.set_len(HEADER_SIZE)?;
             io.sync_data(&file)?;
             if created {
-                io.sync_dir(dir)?;
+                io.sync_dir(&dir)?;
             }
-            let file = io.files().insert(&path, file);
+            let file = io.files().insert(FilePath::InDir(Arc::clone(&dir), FILE_NAME), file);
             let journal = KeyJournal {
-                dir: dir.to_owned(),
+                dir,
                 file,
                 len: HEADER_SIZE,
                 live_len: HEADER_SIZE,
@@ -108,15 +111,9 @@ impl KeyJournal {
             file.set_len(valid)?;
             io.sync_data(&file)?;
         }
-        let file = io.files().insert(&path, file);
+        let file = io.files().insert(FilePath::InDir(Arc::clone(&dir), FILE_NAME), file);
         Ok((
-            KeyJournal {
-                dir: dir.to_owned(),
-                file,
-                len: valid,
-                live_len,
-                compaction_backoff: file::CompactionBackoff::default(),
-            },
+            KeyJournal { dir, file, len: valid, live_len, compaction_backoff: file::CompactionBackoff::default() },
             keys,
         ))
     }

@@ -51,7 +51,7 @@
 use std::{
     fmt,
     future::Future,
-    path::{Path, PathBuf},
+    path::Path,
     pin::Pin,
     sync::{
         Arc,
@@ -165,7 +165,7 @@ pub struct LogStats {
 }
 
 pub(crate) struct Shared {
-    pub(crate) dir: PathBuf,
+    pub(crate) dir: Arc<Path>,
     pub(crate) options: LogOptions,
     pub(crate) io: Io,
     writer: Mutex<Writer>,
@@ -248,10 +248,12 @@ impl Log {
             Some(pool) => pool.clone(),
             None => FlushPool::shared().map_err(crate::error::io_open(dir.as_ref()))?,
         };
-        let recovered = recovery::recover(dir.as_ref(), &options, &io, None)?;
+        // One copy of the directory's path, shared by the log's files.
+        let dir: Arc<Path> = Arc::from(dir.as_ref());
+        let recovered = recovery::recover(&dir, &options, &io, None)?;
         let write_pos = recovered.segments.last().expect("recovery leaves an active segment").written();
         let shared = Arc::new_cyclic(|me| Shared {
-            dir: dir.as_ref().to_owned(),
+            dir,
             io,
             writer: Mutex::new(Writer { write_pos, buf: Vec::new(), pending_keys: Vec::new() }),
             next_offset: AtomicU64::new(recovered.point.next_offset),
@@ -332,7 +334,7 @@ impl Log {
                 let segments = shared.segments.read().clone();
                 let from = segments.partition_point(|s| s.base_offset <= durable_end).saturating_sub(1);
                 for segment in &segments[from..] {
-                    segment.rewrite(&shared.io).map_err(crate::error::io_open(&segment.path))?;
+                    segment.rewrite(&shared.io).map_err(crate::error::io_open(&*segment.path))?;
                 }
                 shared.next_offset.load(Ordering::Acquire)
             }

@@ -88,11 +88,12 @@ enum Tail {
 /// synced, and segments past `end` are removed. Their appends were never
 /// acknowledged, so their offsets are reused.
 pub(crate) fn recover(
-    dir: &Path,
+    shared_dir: &Arc<Path>,
     options: &LogOptions,
     io: &Io,
     trusted_end: Option<u64>,
 ) -> Result<Recovered, OpenError> {
+    let dir: &Path = shared_dir;
     if !dir.exists() {
         fs::create_dir_all(dir).map_err(io_open(dir))?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -129,9 +130,11 @@ pub(crate) fn recover(
     }
     let stop_at = trusted_end.unwrap_or(u64::MAX);
 
-    let (mut checkpoint, recorded) = Checkpoint::open(io, dir).map_err(io_open(dir.join("checkpoint")))?;
+    let (mut checkpoint, recorded) =
+        Checkpoint::open(io, Arc::clone(shared_dir)).map_err(io_open(dir.join("checkpoint")))?;
     let checkpoint_point = recorded.map(|r| r.point);
-    let (mut ack_journal, mut ack_state) = AckJournal::open(io, dir).map_err(io_open(dir.join("acks")))?;
+    let (mut ack_journal, mut ack_state) =
+        AckJournal::open(io, Arc::clone(shared_dir)).map_err(io_open(dir.join("acks")))?;
     let mut gaps: Vec<(u64, u64)> = Vec::new();
 
     // Step 2: open segments; set aside those whose header is unreadable.
@@ -320,7 +323,7 @@ pub(crate) fn recover(
     let cutoff = now_ms().saturating_sub(options.dedupe_window_ms);
     let synced_keys_len = checkpoint_point.map(|p| p.keys_len);
     let (mut key_journal, mut keys) =
-        KeyJournal::open(io, dir, synced_keys_len, cutoff).map_err(io_open(dir.join("keys")))?;
+        KeyJournal::open(io, Arc::clone(shared_dir), synced_keys_len, cutoff).map_err(io_open(dir.join("keys")))?;
     keys.extend(scanned_keys.iter().filter(|k| k.timestamp_ms >= cutoff).cloned());
     let mut keys = keys::newest_unique(keys, options.dedupe_keys_max as usize);
     keys::pack(&mut keys);

@@ -24,6 +24,8 @@
 //!    and syncs every byte a crash may have left past the end. A clean close
 //!    and recovery rely on this to skip the unused rest of the segment.
 
+use crate::file_cache::FilePath;
+use std::sync::Arc;
 use std::{
     fs::File,
     io,
@@ -73,7 +75,7 @@ pub(crate) const ROLL_FILE_NAME: &str = "roll.tmp";
 pub(crate) struct Segment {
     /// Offset of the first record in this segment; also its file name.
     pub base_offset: u64,
-    pub path: PathBuf,
+    pub path: Arc<Path>,
     /// Through the descriptor cache: a sealed, synced segment holds no
     /// descriptor (`Segment::release_descriptor`); its map needs none.
     file: CachedFile,
@@ -313,7 +315,8 @@ impl Segment {
 
     fn new(io: &Io, path: PathBuf, file: File, base_offset: u64, size: u64, allocated: u64) -> Segment {
         debug_assert!(allocated <= size);
-        let file = io.files().insert(&path, file);
+        let path: Arc<Path> = Arc::from(path);
+        let file = io.files().insert(FilePath::Own(Arc::clone(&path)), file);
         Segment {
             base_offset,
             path,

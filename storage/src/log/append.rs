@@ -88,7 +88,7 @@ impl Shared {
                 }
             }
             Err(source) => {
-                let path = active.path.clone();
+                let path = active.path.to_path_buf();
                 if source.raw_os_error() == Some(libc::ENOSPC) {
                     return Err(AppendError::DiskFull { path });
                 }

@@ -44,7 +44,13 @@ fn every_scanned_segment_is_synced() {
     assert!(inodes.len() >= 3, "200 KB of records fill several 64 KiB segments");
 
     let faults = Faults::new();
-    let recovered = recover(dir.path(), &options(), &Io::new(Some(faults.clone()), Default::default()), None).unwrap();
+    let recovered = recover(
+        &std::sync::Arc::from(dir.path()),
+        &options(),
+        &Io::new(Some(faults.clone()), Default::default()),
+        None,
+    )
+    .unwrap();
     assert_eq!(recovered.point.next_offset, 200);
     let synced = faults.synced_inodes.lock().clone();
     for (index, inode) in inodes.iter().enumerate() {
@@ -128,7 +134,8 @@ fn resident_bytes_of(path: &Path) -> u64 {
 fn recovery_leaves_no_scanned_page_resident() {
     let dir = tempfile::tempdir().unwrap();
     log_without_checkpoint(dir.path(), 100, |_| ());
-    let recovered = recover(dir.path(), &options(), &Io::new(None, Default::default()), None).unwrap();
+    let recovered =
+        recover(&std::sync::Arc::from(dir.path()), &options(), &Io::new(None, Default::default()), None).unwrap();
     assert_eq!(recovered.point.next_offset, 100);
     for segment in &recovered.segments {
         assert!(segment.is_mapped(), "the scanned segments are mapped");
@@ -148,7 +155,8 @@ fn an_empty_ack_journal_is_not_synced_at_open() {
     let synced_acks = |dir: &Path| {
         let acks = fs::metadata(dir.join("acks")).unwrap().ino();
         let faults = Faults::new();
-        recover(dir, &options(), &Io::new(Some(faults.clone()), Default::default()), None).unwrap();
+        recover(&std::sync::Arc::from(dir), &options(), &Io::new(Some(faults.clone()), Default::default()), None)
+            .unwrap();
         faults.synced_inodes.lock().contains(&acks)
     };
     let dir = tempfile::tempdir().unwrap();
