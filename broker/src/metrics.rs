@@ -29,6 +29,8 @@ pub struct LaneMetrics {
     pub redelivered_nack: Counter,
     pub redelivered_expired: Counter,
     pub released: Counter,
+    /// Leases given a new deadline by an extend.
+    pub lease_extended: Counter,
     pub dead_lettered: Counter,
     /// Redelivered or dead-lettered copies stored without the broker's
     /// headers, because storage refused the full copy for good.
@@ -69,6 +71,7 @@ impl LaneMetrics {
             redelivered_nack: counter!("ballast_redelivered_messages_total", with("reason", "nack")),
             redelivered_expired: counter!("ballast_redelivered_messages_total", with("reason", "lease_expired")),
             released: counter!("ballast_released_messages_total", labels()),
+            lease_extended: counter!("ballast_lease_extensions_total", labels()),
             dead_lettered: counter!("ballast_dead_lettered_messages_total", labels()),
             stripped_copies: counter!("ballast_stripped_copies_total", labels()),
             dropped_dead_letters: counter!("ballast_dropped_dead_letters_total", labels()),
@@ -148,6 +151,7 @@ fn describe() {
         "Messages stored again for redelivery, by reason."
     );
     describe_counter!("ballast_released_messages_total", Unit::Count, "Leases released by a consumer that left.");
+    describe_counter!("ballast_lease_extensions_total", Unit::Count, "Leases given a new deadline by an extend.");
     describe_counter!("ballast_dead_lettered_messages_total", Unit::Count, "Messages moved to the dead-letter queue.");
     describe_counter!(
         "ballast_stripped_copies_total",

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use crate::{
     broker::DamagedQueue,
     error::{BrokerError, Result},
-    queue::{Delivery, Figures, Publish, Queue, QueueSettings, Receipt, SettingsRequest, SyncPolicySetting},
+    queue::{Delivery, Extension, Figures, Publish, Queue, QueueSettings, Receipt, SettingsRequest, SyncPolicySetting},
 };
 
 pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsRequest> {
@@ -177,5 +177,22 @@ pub fn delivery(d: Delivery) -> pb::Delivery {
         attempt: d.attempt,
         published_at_ms: d.published_at_ms,
         lease_deadline_ms: d.lease_deadline_ms,
+        lease_ms: d.lease_ms,
     }
+}
+
+/// One result per extended id, in request order.
+pub fn extensions(delivery_ids: &[u64], extensions: Vec<Extension>) -> Vec<pb::ExtendResult> {
+    delivery_ids
+        .iter()
+        .zip(extensions)
+        .map(|(&delivery_id, extension)| {
+            let (outcome, lease_deadline_ms) = match extension {
+                Extension::Extended { lease_deadline_ms } => (pb::ExtendOutcome::Extended, lease_deadline_ms),
+                Extension::Expired => (pb::ExtendOutcome::Expired, 0),
+                Extension::NotLeased => (pb::ExtendOutcome::NotLeased, 0),
+            };
+            pb::ExtendResult { delivery_id, outcome: outcome.into(), lease_deadline_ms }
+        })
+        .collect()
 }

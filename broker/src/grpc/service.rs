@@ -18,7 +18,7 @@ use crate::{
         WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
     },
     now_ms,
-    queue::{Holder, Queue},
+    queue::{Holder, Queue, check_ids},
 };
 
 /// Implements every `ballast.v1` service on one [`Broker`].
@@ -446,15 +446,7 @@ impl consumer_server::Consumer for Service {
         let request = request.into_inner();
         access.check(Action::Consume, &request.queue)?;
         let queue = self.queue(&request.queue)?;
-        if request.delivery_ids.is_empty() {
-            return Err(Status::invalid_argument("ack needs at least one delivery id"));
-        }
-        if request.delivery_ids.len() > CREDIT_MAX as usize {
-            return Err(Status::invalid_argument(format!(
-                "at most {CREDIT_MAX} delivery ids per ack (the credit limit); got {}",
-                request.delivery_ids.len()
-            )));
-        }
+        check_ids("ack", &request.delivery_ids).map_err(to_status)?;
         queue.ack(&request.delivery_ids, true, Holder::AnyCaller).await.map_err(to_status)?;
         Ok(Response::new(pb::AckResponse {}))
     }
@@ -469,6 +461,15 @@ impl consumer_server::Consumer for Service {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::NackResponse {}))
+    }
+
+    async fn extend(&self, request: Request<pb::ExtendRequest>) -> Result<Response<pb::ExtendResponse>, Status> {
+        let access = self.access(&request)?;
+        let request = request.into_inner();
+        access.check(Action::Consume, &request.queue)?;
+        let queue = self.queue(&request.queue)?;
+        let extensions = queue.extend(&request.delivery_ids, request.lease_ms, Holder::AnyCaller).map_err(to_status)?;
+        Ok(Response::new(pb::ExtendResponse { results: convert::extensions(&request.delivery_ids, extensions) }))
     }
 }
 
@@ -582,7 +583,7 @@ async fn handle(
     nacks: &Arc<tokio::sync::Semaphore>,
 ) -> Result<(), Status> {
     match request.kind {
-        None => Err(Status::invalid_argument("empty consume request: set credit, ack or nack")),
+        None => Err(Status::invalid_argument("empty consume request: set credit, ack, nack or extend")),
         Some(pb::consume_request::Kind::Subscribe(_)) => {
             Err(Status::invalid_argument("already subscribed: open another stream for another queue"))
         }
@@ -603,6 +604,16 @@ async fn handle(
                     let _ = out.send(Ok(rejected(delivery_id, error))).await;
                 }
             }
+            Ok(())
+        }
+        Some(pb::consume_request::Kind::Extend(extend)) => {
+            // A bad request (no ids, too many, lease out of bounds) ends the
+            // stream like a bad ack; a lease not held is answered per id.
+            let extensions = queue
+                .extend(&extend.delivery_ids, extend.lease_ms, Holder::Consumer(consumer_id))
+                .map_err(to_status)?;
+            let results = convert::extensions(&extend.delivery_ids, extensions);
+            let _ = out.send(Ok(response(pb::consume_response::Kind::Extended(pb::Extended { results })))).await;
             Ok(())
         }
         Some(pb::consume_request::Kind::Nack(nack)) => {

@@ -11,7 +11,8 @@ mod saturation;
 mod scheduler;
 mod settings;
 
-pub use delivery::{Delivery, DeliveryFigures, Holder, RefusedCounts, Subscription};
+pub(crate) use delivery::check_ids;
+pub use delivery::{Delivery, DeliveryFigures, Extension, Holder, RefusedCounts, Subscription};
 pub use name::QueueName;
 pub use queue::{Publish, Queue, QueueStats, Receipt};
 pub(crate) use queue::{QUEUE_FILE, remove_in_background};

@@ -6,6 +6,7 @@ mod auth;
 mod delivery;
 mod disk;
 mod durability;
+mod lease;
 mod publish;
 mod pull;
 mod queues;
