@@ -113,7 +113,9 @@ pub use backoff::{Backoff, RetryPolicy};
 pub use breaker::{BreakerConfig, BreakerRefusal, BreakerState, CircuitBreaker, Permit};
 pub use client::{Client, ClientConfig};
 pub use clock::{Clock, SystemClock};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerHandle, ConsumerStats, Delivery, NackPolicy, Stopper};
+pub use consumer::{
+    Consumer, ConsumerConfig, ConsumerHandle, ConsumerStats, Delivery, LeaseExtension, NackPolicy, Stopper,
+};
 pub use error::{Error, Refusal};
 pub use message::{Message, MessageId, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};

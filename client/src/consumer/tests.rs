@@ -59,6 +59,13 @@ fn assert_session_discipline(sessions: &[SessionLog]) {
                     );
                     continue;
                 }
+                RequestKind::Extend(extend) => {
+                    for id in &extend.delivery_ids {
+                        assert!(session.delivered.contains_key(id), "session {index} extended {id}, never delivered");
+                        assert!(!settled.contains(id), "session {index} extended {id} after settling it");
+                    }
+                    continue;
+                }
                 RequestKind::Subscribe(_) => continue,
             };
             for id in ids {

@@ -356,3 +356,38 @@ fn tls_flags_reach_a_tls_broker() {
     assert_ne!(code(&plain), 0, "{plain:?}");
     assert!(stderr.contains("TLS failed: the broker speaks TLS and this client does not"), "{stderr}");
 }
+
+/// `ballast extend` extends a pulled lease (exit 0), and answers per id
+/// with exit 1 when one of them is not leased; --json prints one object
+/// per id.
+#[test]
+fn extend_leases_by_id() {
+    use ballast_proto::v1 as pb;
+
+    let broker = Broker::start();
+    let url = broker.url();
+    let created = ballast(&url, &["queue", "create", "jobs", "--lease-timeout-ms", "2000"], None);
+    assert_eq!(code(&created), 0, "{created:?}");
+    assert_eq!(code(&ballast(&url, &["publish", "jobs", "one"], None)), 0);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let delivery_id = runtime.block_on(async {
+        let mut consumer = pb::consumer_client::ConsumerClient::connect(url.clone()).await.expect("connect");
+        let pull = pb::PullRequest { queue: "jobs".into(), max_messages: 1, wait_ms: 2000 };
+        let deliveries = consumer.pull(pull).await.expect("pull").into_inner().deliveries;
+        deliveries[0].delivery_id
+    });
+    let id = delivery_id.to_string();
+    let extended = ballast(&url, &["extend", "jobs", &id, "--lease-ms", "60000"], None);
+    assert_eq!(code(&extended), 0, "{extended:?}");
+    assert!(stdout(&extended).starts_with(&format!("{id} extended until ")), "{}", stdout(&extended));
+    let mixed = ballast(&url, &["--json", "extend", "jobs", &id, "7"], None);
+    assert_eq!(code(&mixed), 1, "{mixed:?}");
+    let lines: Vec<serde_json::Value> =
+        stdout(&mixed).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 2, "{}", stdout(&mixed));
+    assert_eq!(lines[0]["outcome"], "extended");
+    assert!(lines[0]["lease_deadline_ms"].as_u64().is_some());
+    assert_eq!((lines[1]["delivery_id"].as_u64(), lines[1]["outcome"].as_str()), (Some(7), Some("not leased")));
+    let bad = ballast(&url, &["extend", "jobs", &id, "--lease-ms", "9"], None);
+    assert_eq!(code(&bad), 2, "{bad:?}");
+}

@@ -105,6 +105,15 @@ pub enum Command {
     /// --count, until COUNT messages were printed and acked.
     Consume(ConsumeArgs),
 
+    /// Extend leases by delivery id so their messages are not redelivered yet.
+    ///
+    /// For deliveries taken by Pull or by a consumer that cannot extend them
+    /// itself: each lease held gets a new deadline LEASE_MS from now. Prints
+    /// one line per id: "extended" with the new deadline, "expired" (being
+    /// redelivered) or "not leased" (settled, redelivered, or never issued).
+    /// Exits 1 unless every lease was extended.
+    Extend(ExtendArgs),
+
     /// Show depth, saturation, rates, oldest age and drain estimate per queue
     /// and lane, once.
     ///
@@ -243,6 +252,18 @@ pub struct PublishArgs {
     /// Deliver no earlier than this many milliseconds from now.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub delay_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ExtendArgs {
+    /// Queue the deliveries came from.
+    pub queue: String,
+    /// Delivery ids (at most 10000).
+    #[arg(required = true, value_name = "DELIVERY_ID")]
+    pub delivery_ids: Vec<u64>,
+    /// New lease length from now, in milliseconds (10..=43200000); 0 for the queue's lease timeout.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub lease_ms: u64,
 }
 
 #[derive(Debug, Args)]

@@ -3,13 +3,15 @@
 use std::{collections::VecDeque, io::IsTerminal, time::Duration};
 
 use ballast_client::{
-    Admin, AdminConfig, Client, ClientConfig, ConsumerConfig, Delivery, Error, Message, PendingReceipt, Producer,
-    ProducerConfig, QueueSettings,
+    Admin, AdminConfig, Client, ClientConfig, ConsumerConfig, Delivery, Error, LeaseExtension, Message, PendingReceipt,
+    Producer, ProducerConfig, QueueSettings,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{
-    args::{Cli, Command, ConsumeArgs, CreateArgs, PublishArgs, QueueCommand, StatsArgs, TokenCommand, TopArgs},
+    args::{
+        Cli, Command, ConsumeArgs, CreateArgs, ExtendArgs, PublishArgs, QueueCommand, StatsArgs, TokenCommand, TopArgs,
+    },
     exit::CliError,
     output::{Output, Screen},
 };
@@ -35,6 +37,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Queue(command) => queue(&client, timeout, output, command).await,
         Command::Publish(args) => publish(&client, timeout, output, args).await,
         Command::Consume(args) => consume(&client, timeout, output, args).await,
+        Command::Extend(args) => extend(&client, timeout, output, args).await,
         Command::Stats(args) => stats(&client, timeout, output, args).await,
         Command::Top(args) => top(&client, timeout, output, args).await,
         Command::Token(_) => Ok(()),
@@ -57,6 +60,26 @@ fn token_new(output: Output, name: &str) -> Result<(), CliError> {
     let token = hex(&bits);
     let digest = hex(&sha2::Sha256::digest(token.as_bytes()));
     Ok(output.token(name, &token, &digest)?)
+}
+
+/// `ballast extend QUEUE ID...`: one Extend call; every outcome printed,
+/// and a failure exit unless each lease was extended.
+async fn extend(client: &Client, timeout: Duration, output: Output, args: ExtendArgs) -> Result<(), CliError> {
+    let lease = Duration::from_millis(args.lease_ms);
+    let extend = client.extend_leases(&args.queue, &args.delivery_ids, lease);
+    let results = tokio::time::timeout(timeout, extend)
+        .await
+        .map_err(|_| Error::DeadlineExceeded { timeout: Some(timeout), last_error: None })??;
+    for (delivery_id, extension) in &results {
+        output.extension(*delivery_id, extension)?;
+    }
+    let refused = results.iter().filter(|(_, e)| !matches!(e, LeaseExtension::Extended { .. })).count();
+    if refused > 0 {
+        return Err(CliError::Client(Error::FailedPrecondition {
+            message: format!("{refused} of {} leases were not extended", results.len()),
+        }));
+    }
+    Ok(())
 }
 
 /// An admin handle whose calls (retries included) end within `timeout`.

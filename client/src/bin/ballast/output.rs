@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ballast_client::{BrokerStats, Delivery, QueueInfo, Receipt, Saturation};
+use ballast_client::{BrokerStats, Delivery, LeaseExtension, QueueInfo, Receipt, Saturation};
 use serde_json::{Value, json};
 
 /// Where command output goes, in the chosen format.
@@ -108,6 +108,28 @@ impl Output {
             line(&json!({ "queue": name, "purged": purged }))
         } else {
             write(&format!("purged {purged} messages from {}\n", printable(name)))
+        }
+    }
+
+    pub fn extension(&self, delivery_id: u64, extension: &LeaseExtension) -> std::io::Result<()> {
+        let deadline_ms = match extension {
+            LeaseExtension::Extended { lease_deadline } => {
+                lease_deadline.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+            }
+            LeaseExtension::Expired | LeaseExtension::NotLeased => 0,
+        };
+        let outcome = match extension {
+            LeaseExtension::Extended { .. } => "extended",
+            LeaseExtension::Expired => "expired",
+            LeaseExtension::NotLeased => "not leased",
+        };
+        if self.json {
+            let deadline = (deadline_ms > 0).then_some(deadline_ms as u64);
+            line(&json!({ "delivery_id": delivery_id, "outcome": outcome, "lease_deadline_ms": deadline }))
+        } else if deadline_ms > 0 {
+            write(&format!("{delivery_id} {outcome} until {deadline_ms} (Unix ms)\n"))
+        } else {
+            write(&format!("{delivery_id} {outcome}\n"))
         }
     }
 
