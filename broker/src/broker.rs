@@ -310,7 +310,7 @@ impl Broker {
             }
         }
         if let Some(existing) = self.queues.read().get(&name) {
-            return match existing.settings.difference(&settings) {
+            return match existing.settings().difference(&settings) {
                 None => Ok(Arc::clone(existing)),
                 Some(difference) => Err(BrokerError::QueueExists { name: name.to_string(), difference }),
             };

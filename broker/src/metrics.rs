@@ -229,7 +229,7 @@ fn refresh_queue(queue: &Arc<Queue>) {
     let (total, lanes) = queue.figures();
     let delivery = queue.delivery_figures();
     for (i, figures) in lanes.iter().enumerate() {
-        let labels = [("queue", name.clone()), ("lane", queue.settings.lanes[i].clone())];
+        let labels = [("queue", name.clone()), ("lane", queue.settings().lanes[i].clone())];
         gauge!("ballast_queue_depth_messages", &labels).set(figures.depth as f64);
         gauge!("ballast_queue_bytes", &labels).set(figures.bytes as f64);
         gauge!("ballast_queue_in_flight_messages", &labels)

@@ -100,6 +100,26 @@ impl Admin {
         Ok(QueueInfo::from_proto(info))
     }
 
+    /// Changes settings of the live queue `name` without a restart and
+    /// returns it with the settings now in force. Only the fields set in
+    /// `settings` change (limits, lane admission, quotas, lease timeout, max
+    /// attempts, default lane); lanes, weights, strict priority, dead
+    /// letter, message size, dedupe window and sync policy cannot change on
+    /// a live queue: asked for with another value, the update is refused
+    /// whole with [`Error::InvalidArgument`] naming the setting. Durable
+    /// when it returns. Idempotent, so retried like a read.
+    pub async fn update_queue(&self, name: &str, settings: QueueSettings) -> Result<QueueInfo, Error> {
+        contract::check_queue_name(name)?;
+        let request = proto::UpdateQueueRequest { name: name.to_owned(), settings: Some(settings.into_proto()) };
+        let info = self
+            .call(&self.retrier, |mut client| {
+                let request = request.clone();
+                async move { client.update_queue(request).await }
+            })
+            .await?;
+        Ok(QueueInfo::from_proto(info))
+    }
+
     /// Queue `name`'s settings and counts; [`Error::NotFound`] if unknown.
     pub async fn get_queue(&self, name: &str) -> Result<QueueInfo, Error> {
         contract::check_queue_name(name)?;

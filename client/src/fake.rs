@@ -566,6 +566,13 @@ impl proto::admin_server::Admin for Fake {
         Ok(Response::new(info(&request.name)))
     }
 
+    async fn update_queue(
+        &self,
+        _request: Request<proto::UpdateQueueRequest>,
+    ) -> Result<Response<proto::QueueInfo>, Status> {
+        Err(Status::unimplemented("the fake has no update"))
+    }
+
     async fn get_queue(&self, request: Request<proto::GetQueueRequest>) -> Result<Response<proto::QueueInfo>, Status> {
         let name = request.into_inner().name;
         if self.lock().queues.contains(&name) {

@@ -74,7 +74,7 @@ pub fn queue_info(queue: &Queue) -> pb::QueueInfo {
     let stats = queue.stats();
     pb::QueueInfo {
         name: queue.name.to_string(),
-        settings: Some(settings(&queue.settings)),
+        settings: Some(settings(&queue.settings())),
         dead_letter_queue: queue.dead_letter_name().unwrap_or_default(),
         depth: stats.lane_depths.iter().sum(),
         lane_depths: stats.lane_depths,
@@ -146,9 +146,9 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
             .iter()
             .enumerate()
             .map(|(i, f)| pb::LaneStats {
-                name: queue.settings.lanes[i].clone(),
+                name: queue.settings().lanes[i].clone(),
                 saturation: Some(saturation(f)),
-                admission: queue.settings.lane_admission[i],
+                admission: queue.settings().lane_admission[i],
                 in_flight: delivery.lane_in_flight.get(i).copied().unwrap_or(0),
                 storage_failed: !queue.lane_writable(i),
             })
@@ -156,8 +156,8 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
         in_flight: delivery.in_flight,
         consumers: delivery.consumers,
         credit: delivery.credit,
-        max_messages: queue.settings.max_messages,
-        max_bytes: queue.settings.max_bytes,
+        max_messages: queue.settings().max_messages,
+        max_bytes: queue.settings().max_bytes,
         refused_queue_full: refused.queue_full,
         refused_disk_full: refused.disk_low,
         refused_publish_rate: refused.publish_rate,

@@ -137,6 +137,29 @@ impl admin_server::Admin for Service {
         Ok(Response::new(convert::queue_info(&queue)))
     }
 
+    async fn update_queue(&self, request: Request<pb::UpdateQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
+        let access = self.access(&request)?;
+        let request = request.into_inner();
+        access.check(Action::Admin, &request.name)?;
+        let updated = async {
+            let queue = self.queue(&request.name)?;
+            let changes = convert::settings_request(request.settings).map_err(to_status)?;
+            // Off the runtime: the update syncs `queue.toml` and its directory.
+            let updating = Arc::clone(&queue);
+            let changed = tokio::task::spawn_blocking(move || updating.update_settings(&changes))
+                .await
+                .map_err(|e| Status::internal(format!("the settings update did not finish: {e}")))?
+                .map_err(to_status)?;
+            Ok((queue, changed))
+        };
+        let (queue, changed) = access.audited("update", &request.name, updated.await)?;
+        if !changed.is_empty() {
+            let changed = changed.join(",");
+            tracing::info!(target: AUDIT_TARGET, principal = access.principal_name(), queue = %queue.name, %changed, "settings updated");
+        }
+        Ok(Response::new(convert::queue_info(&queue)))
+    }
+
     async fn get_queue(&self, request: Request<pb::GetQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
         let access = self.access(&request)?;
         let name = request.into_inner().name;

@@ -518,7 +518,7 @@ impl Queue {
     /// revived and another stream's is never touched. Nothing is written to
     /// storage: leases live in memory and end with the broker anyway.
     pub fn extend(&self, delivery_ids: &[u64], lease_ms: u64, holder: Holder) -> Result<Vec<Extension>> {
-        let lease_ms = if lease_ms == 0 { self.settings.lease_timeout_ms } else { lease_ms };
+        let lease_ms = if lease_ms == 0 { self.settings().lease_timeout_ms } else { lease_ms };
         if !(LEASE_TIMEOUT_MS_MIN..=LEASE_TIMEOUT_MS_MAX).contains(&lease_ms) {
             return Err(BrokerError::InvalidArgument(format!(
                 "lease_ms is {lease_ms}; it must be in {LEASE_TIMEOUT_MS_MIN}..={LEASE_TIMEOUT_MS_MAX} \
@@ -594,18 +594,19 @@ impl Queue {
             return;
         }
         let now = now_ms();
+        let lease_timeout_ms = self.settings().lease_timeout_ms;
         let wake_timer = {
             let mut guard = self.delivery.lock();
             let state = &mut *guard;
             while let Some(consumer_id) = state.consumer_with_credit() {
                 let Some((lane, offset, prior, record)) = self.next_message(state, now) else { break };
                 let delivery_id = state.new_delivery_id();
-                let deadline_ms = now + self.settings.lease_timeout_ms;
+                let deadline_ms = now + lease_timeout_ms;
                 let attempt = prior + 1;
                 let published_ms = record.timestamp_ms;
                 let size = record.stored_size();
                 let mut delivery = to_delivery(delivery_id, lane, record, attempt, deadline_ms);
-                delivery.lease_ms = self.settings.lease_timeout_ms;
+                delivery.lease_ms = lease_timeout_ms;
                 let Some(consumer) = state.consumers.get_mut(&consumer_id) else { break };
                 match consumer.sender.try_send(delivery) {
                     Ok(()) => {
@@ -818,7 +819,7 @@ impl Queue {
     async fn retry(self: &Arc<Self>, lease: Lease, delay_ms: u64, reason: &str) {
         let Some(record) = self.reread_for_retry(&lease) else { return };
         let original_offset = headers::original_offset(&record.headers, lease.offset);
-        let outcome = if lease.attempt >= self.settings.max_attempts {
+        let outcome = if lease.attempt >= self.settings().max_attempts {
             self.dead_letter(lease, record, reason, original_offset).await
         } else {
             let own = headers::own_headers(record.headers.clone());
@@ -870,7 +871,7 @@ impl Queue {
         let source = headers::DeadLetterSource {
             reason,
             queue: self.name.as_str(),
-            lane: &self.settings.lanes[lease.lane as usize],
+            lane: &self.settings().lanes[lease.lane as usize],
             offset: lease.offset,
             attempts: lease.attempt,
             original_offset,

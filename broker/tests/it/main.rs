@@ -14,4 +14,5 @@ mod quota;
 mod saturation;
 mod support;
 mod tls;
+mod update;
 mod wire;

@@ -158,6 +158,16 @@ pub enum QueueCommand {
     /// Create a queue (and its dead-letter queue NAME.dead). Succeeds if it
     /// exists with the same settings.
     Create(Box<CreateArgs>),
+    /// Change settings of a live queue, without a restart; prints the queue.
+    ///
+    /// Only the flags given change (the defaults shown do not apply). May
+    /// change: --max-messages, --max-bytes, --lane-admission,
+    /// --max-publish-rate, --max-publish-byte-rate, --lease-timeout-ms,
+    /// --max-attempts, --default-lane. Lanes, their order and weights,
+    /// strict priority, dead letter, message size, dedupe window and sync
+    /// policy cannot change on a live queue: the broker refuses the update
+    /// (exit 2) naming the setting.
+    Update(Box<CreateArgs>),
     /// List every queue with its depth.
     List,
     /// Show one queue's settings and counts.

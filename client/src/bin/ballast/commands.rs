@@ -98,6 +98,10 @@ async fn queue(client: &Client, timeout: Duration, output: Output, command: Queu
             let name = args.name.clone();
             output.queue(&admin.create_queue(&name, settings(*args)).await?)?;
         }
+        QueueCommand::Update(args) => {
+            let name = args.name.clone();
+            output.queue(&admin.update_queue(&name, settings(*args)).await?)?;
+        }
         QueueCommand::List => output.queues(&admin.list_queues().await?)?,
         QueueCommand::Get(args) => output.queue(&admin.get_queue(&args.name).await?)?,
         QueueCommand::Delete(args) => {
