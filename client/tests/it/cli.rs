@@ -391,3 +391,22 @@ fn extend_leases_by_id() {
     let bad = ballast(&url, &["extend", "jobs", &id, "--lease-ms", "9"], None);
     assert_eq!(code(&bad), 2, "{bad:?}");
 }
+
+/// `ballast queue update` changes only the flags given and prints the
+/// queue; a setting that cannot change on a live queue exits 2 naming it.
+#[test]
+fn queue_update() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let created = ballast(&url, &["queue", "create", "tuned"], None);
+    assert_eq!(code(&created), 0, "{created:?}");
+    let updated = ballast(&url, &["--json", "queue", "update", "tuned", "--max-attempts", "9"], None);
+    assert_eq!(code(&updated), 0, "{updated:?}");
+    let queue: serde_json::Value = serde_json::from_str(stdout(&updated).trim()).expect("one JSON object");
+    assert_eq!(queue["settings"]["max_attempts"], 9, "{queue}");
+    assert_eq!(queue["settings"]["lease_timeout_ms"], 30_000, "{queue}");
+    let refused = ballast(&url, &["queue", "update", "tuned", "--lanes", "a,b"], None);
+    assert_eq!(code(&refused), 2, "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("lanes cannot change on a live queue"), "{stderr}");
+}
