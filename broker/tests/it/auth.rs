@@ -201,6 +201,8 @@ async fn a_publish_only_principal_cannot_consume() {
     assert_code(publisher.consumer.nack(nack).await, Code::PermissionDenied, &needles);
     let extend = pb::ExtendRequest { queue: "jobs".into(), delivery_ids: vec![1], lease_ms: 0 };
     assert_code(publisher.consumer.extend(extend).await, Code::PermissionDenied, &needles);
+    let update = pb::UpdateQueueRequest { name: "jobs".into(), settings: None };
+    assert_code(publisher.admin.update_queue(update).await, Code::PermissionDenied, &["admin", "\"jobs\""]);
     let create_request = pb::CreateQueueRequest { name: "other".into(), settings: None };
     assert_code(publisher.admin.create_queue(create_request).await, Code::PermissionDenied, &["admin", "\"other\""]);
     let deliveries = pull(&mut ops, "jobs").await.unwrap();
