@@ -103,8 +103,8 @@ impl Admin {
     /// Changes settings of the live queue `name` without a restart and
     /// returns it with the settings now in force. Only the fields set in
     /// `settings` change (limits, lane admission, quotas, lease timeout, max
-    /// attempts, default lane); lanes, weights, strict priority, dead
-    /// letter, message size, dedupe window and sync policy cannot change on
+    /// attempts, default lane, dedupe window); lanes, weights, strict
+    /// priority, dead letter, message size and sync policy cannot change on
     /// a live queue: asked for with another value, the update is refused
     /// whole with [`Error::InvalidArgument`] naming the setting. Durable
     /// when it returns. Idempotent, so retried like a read.

@@ -230,6 +230,10 @@ impl Queue {
         }
         self.write_file(&updated)?;
         self.quota.set_rates(updated.max_publish_rate, updated.max_publish_byte_rate);
+        self.dedupe.lock().set_window(updated.dedupe_window_ms);
+        for log in &self.lanes {
+            log.set_dedupe_window_ms(updated.dedupe_window_ms);
+        }
         *self.settings.write() = Arc::new(updated);
         // A lower limit or threshold may refuse what is queued for
         // admission; a longer lease applies to the next delivery.

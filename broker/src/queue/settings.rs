@@ -277,8 +277,6 @@ impl QueueSettings {
         fixed("dead_letter", asked(changes.dead_letter, self.dead_letter), "the dead-letter queue exists or not")?;
         let size = changes.message_size_max.is_some_and(|v| v != self.message_size_max);
         fixed("message_size_max", size, storage_why)?;
-        let window = changes.dedupe_window_ms.is_some_and(|v| v != self.dedupe_window_ms);
-        fixed("dedupe_window_ms", window, storage_why)?;
         fixed("sync_policy", changes.sync_policy.is_some_and(|v| v != self.sync_policy), storage_why)?;
         let interval = changes.sync_interval_ms.is_some_and(|v| v != self.sync_interval_ms);
         fixed("sync_interval_ms", interval, storage_why)?;
@@ -295,6 +293,7 @@ impl QueueSettings {
             },
             max_publish_rate: changes.max_publish_rate.unwrap_or(self.max_publish_rate),
             max_publish_byte_rate: changes.max_publish_byte_rate.unwrap_or(self.max_publish_byte_rate),
+            dedupe_window_ms: changes.dedupe_window_ms.unwrap_or(self.dedupe_window_ms),
             ..self.clone()
         };
         updated.validate()?;

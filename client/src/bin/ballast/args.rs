@@ -163,9 +163,9 @@ pub enum QueueCommand {
     /// Only the flags given change (the defaults shown do not apply). May
     /// change: --max-messages, --max-bytes, --lane-admission,
     /// --max-publish-rate, --max-publish-byte-rate, --lease-timeout-ms,
-    /// --max-attempts, --default-lane. Lanes, their order and weights,
-    /// strict priority, dead letter, message size, dedupe window and sync
-    /// policy cannot change on a live queue: the broker refuses the update
+    /// --max-attempts, --default-lane, --dedupe-window-ms. Lanes, their
+    /// order and weights, strict priority, dead letter, message size and
+    /// sync policy cannot change on a live queue: the broker refuses the update
     /// (exit 2) naming the setting.
     Update(Box<CreateArgs>),
     /// List every queue with its depth.
