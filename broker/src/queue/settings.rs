@@ -302,41 +302,23 @@ impl QueueSettings {
 
     /// The keys whose values differ between two settings, in field order.
     pub fn changed_keys(&self, other: &QueueSettings) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        macro_rules! compare {
-            ($($field:ident),*) => {$(
-                if self.$field != other.$field {
-                    changed.push(stringify!($field));
-                }
-            )*};
-        }
-        compare!(
-            lanes,
-            lane_weights,
-            strict_priority,
-            default_lane,
-            lease_timeout_ms,
-            max_attempts,
-            dead_letter,
-            dedupe_window_ms,
-            message_size_max,
-            sync_policy,
-            sync_interval_ms,
-            max_messages,
-            max_bytes,
-            lane_admission,
-            max_publish_rate,
-            max_publish_byte_rate
-        );
-        changed
+        self.differences(other).into_iter().map(|(key, _)| key).collect()
     }
 
     /// The first difference between two settings, for ALREADY_EXISTS.
     pub fn difference(&self, other: &QueueSettings) -> Option<String> {
+        self.differences(other).into_iter().next().map(|(_, text)| text)
+    }
+
+    /// Every field that differs, in field order: its key and "key is X,
+    /// asked Y".
+    fn differences(&self, other: &QueueSettings) -> Vec<(&'static str, String)> {
+        let mut differences = Vec::new();
         macro_rules! compare {
             ($($field:ident),*) => {$(
                 if self.$field != other.$field {
-                    return Some(format!("{} is {:?}, asked {:?}", stringify!($field), self.$field, other.$field));
+                    let key = stringify!($field);
+                    differences.push((key, format!("{key} is {:?}, asked {:?}", self.$field, other.$field)));
                 }
             )*};
         }
@@ -358,7 +340,7 @@ impl QueueSettings {
             max_publish_rate,
             max_publish_byte_rate
         );
-        None
+        differences
     }
 
     pub fn lane_count(&self) -> u32 {
