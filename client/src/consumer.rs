@@ -101,7 +101,7 @@ pub struct ConsumerConfig {
     /// Stop after this many handlers have been started (and have finished);
     /// `None` runs until stopped.
     pub max_messages: Option<u64>,
-    /// Ceiling of lease extension (rule 7): a running handler's lease is
+    /// Ceiling of lease extension (rule 6): a running handler's lease is
     /// extended every third of the lease until the handler has run this
     /// long since its delivery arrived; then the lease is left to expire
     /// and the message is redelivered. `None` never extends (a handler
