@@ -78,6 +78,11 @@ pub const PULL_WAIT_MS_MAX: u64 = 60_000;
 /// with RESOURCE_EXHAUSTED until pulled messages are acked or nacked.
 pub const PULL_LEASES_MAX: usize = CREDIT_MAX as usize;
 
+/// Most messages one Peek returns; more is INVALID_ARGUMENT. A page of
+/// browsing, not a dump: page on with the answer's `next`. Its size is
+/// bounded like a Pull's too ([`PULL_RESPONSE_SIZE_MAX`]).
+pub const PEEK_MESSAGES_MAX: u32 = 1000;
+
 /// Largest Pull response, in encoded bytes. Deliveries past it are not
 /// returned and go back to the front of their lanes unleased (no attempt
 /// counted); the next Pull gets them. The first delivery is always

@@ -13,7 +13,8 @@ use tonic::{
 use ballast_proto::v1::{self as proto, consumer_client::ConsumerClient};
 
 use crate::{
-    Admin, AdminConfig, Consumer, ConsumerConfig, Error, LeaseExtension, Producer, ProducerConfig, TlsConfig, contract,
+    Admin, AdminConfig, Consumer, ConsumerConfig, Error, LeaseExtension, MessageId, PeekPage, Producer, ProducerConfig,
+    TlsConfig, contract,
 };
 
 /// Connection settings shared by everything made from a [`Client`].
@@ -223,6 +224,24 @@ impl Client {
     /// `config` is invalid.
     pub fn consumer(&self, queue: &str, config: ConsumerConfig) -> Result<Consumer, Error> {
         Consumer::new(self.channel.clone(), queue, config)
+    }
+
+    /// Reads up to `max_messages` (1..=1000) messages of `queue` not yet
+    /// done, without leasing them, from `start` (`None`: the first lane's
+    /// oldest; else the previous page's `next`), lanes in priority order.
+    /// For looking at dead letters (`<queue>.dead`) or any backlog. One
+    /// call, no retry.
+    pub async fn peek(&self, queue: &str, start: Option<MessageId>, max_messages: u32) -> Result<PeekPage, Error> {
+        contract::check_queue_name(queue)?;
+        let request = proto::PeekRequest {
+            queue: queue.to_owned(),
+            start: start.map(|id| proto::MessageId { lane: id.lane, offset: id.offset }),
+            max_messages,
+        };
+        let mut client =
+            ConsumerClient::new(self.channel.clone()).max_decoding_message_size(contract::GRPC_DECODE_SIZE_MAX);
+        let response = client.peek(request).await.map_err(Error::from_status)?;
+        Ok(PeekPage::from_proto(response.into_inner()))
     }
 
     /// Extends leases of `queue` by delivery id (from any consumer or Pull:

@@ -383,6 +383,10 @@ impl proto::consumer_server::Consumer for ConsumerService {
         Err(Status::unimplemented("the fake has no unary nack"))
     }
 
+    async fn peek(&self, _request: Request<proto::PeekRequest>) -> Result<Response<proto::PeekResponse>, Status> {
+        Err(Status::unimplemented("the fake has no peek"))
+    }
+
     async fn extend(&self, _request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
         Err(Status::unimplemented("the fake has no unary extend"))
     }

@@ -117,7 +117,7 @@ pub use consumer::{
     Consumer, ConsumerConfig, ConsumerHandle, ConsumerStats, Delivery, LeaseExtension, NackPolicy, Stopper,
 };
 pub use error::{Error, Refusal};
-pub use message::{Message, MessageId, Receipt, generate_idempotency_key};
+pub use message::{Message, MessageId, PeekPage, PeekedMessage, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};
 pub use queue::{QueueInfo, QueueSettings, SyncPolicy};
 pub use stats::{BrokerStats, LaneStats, QueueStats, Saturation, StatsWatch};

@@ -7,7 +7,10 @@ use bytes::Bytes;
 use crate::{
     broker::DamagedQueue,
     error::{BrokerError, Result},
-    queue::{Delivery, Extension, Figures, Publish, Queue, QueueSettings, Receipt, SettingsRequest, SyncPolicySetting},
+    queue::{
+        Delivery, Extension, Figures, Peeked, Publish, Queue, QueueSettings, Receipt, SettingsRequest,
+        SyncPolicySetting,
+    },
 };
 
 pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsRequest> {
@@ -178,6 +181,20 @@ pub fn delivery(d: Delivery) -> pb::Delivery {
         published_at_ms: d.published_at_ms,
         lease_deadline_ms: d.lease_deadline_ms,
         lease_ms: d.lease_ms,
+    }
+}
+
+/// A peeked message, its age taken at `now_ms`.
+pub fn peeked(p: Peeked, now_ms: u64) -> pb::PeekedMessage {
+    pb::PeekedMessage {
+        id: Some(pb::MessageId { lane: p.lane, offset: p.offset }),
+        payload: p.payload,
+        headers: p.headers.into_iter().collect(),
+        idempotency_key: p.key.map(|k| String::from_utf8_lossy(&k).into_owned()).unwrap_or_default(),
+        attempts: p.attempts,
+        reason: p.reason.unwrap_or_default(),
+        published_at_ms: p.published_at_ms,
+        age_ms: now_ms.saturating_sub(p.published_at_ms),
     }
 }
 

@@ -14,8 +14,8 @@ use crate::{
     broker::DamagedQueue,
     error::BrokerError,
     limits::{
-        CREDIT_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX, STREAM_NACKS_IN_FLIGHT_MAX,
-        WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
+        CREDIT_MAX, PEEK_MESSAGES_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX,
+        STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
     },
     now_ms,
     queue::{Holder, Queue, check_ids},
@@ -484,6 +484,48 @@ impl consumer_server::Consumer for Service {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::NackResponse {}))
+    }
+
+    async fn peek(&self, request: Request<pb::PeekRequest>) -> Result<Response<pb::PeekResponse>, Status> {
+        let access = self.access(&request)?;
+        let request = request.into_inner();
+        access.check(Action::Consume, &request.queue)?;
+        let queue = self.queue(&request.queue)?;
+        if !(1..=PEEK_MESSAGES_MAX).contains(&request.max_messages) {
+            return Err(Status::invalid_argument(format!(
+                "max_messages is {}; it must be in 1..={PEEK_MESSAGES_MAX}",
+                request.max_messages
+            )));
+        }
+        let start = request.start.map(|id| (id.lane, id.offset));
+        if let Some((lane, _)) = start.filter(|&(lane, _)| lane >= queue.lane_count()) {
+            return Err(Status::invalid_argument(format!(
+                "start lane {lane} does not exist; queue {} has lanes 0..{}",
+                queue.name,
+                queue.lane_count()
+            )));
+        }
+        // Reads segments: off the runtime's workers.
+        let reading = Arc::clone(&queue);
+        let (page, mut next) = tokio::task::spawn_blocking(move || reading.peek(start, request.max_messages as usize))
+            .await
+            .map_err(|e| Status::internal(format!("the peek did not finish: {e}")))?;
+        let now = now_ms();
+        let mut messages = Vec::with_capacity(page.len());
+        let mut size = 0;
+        for peeked in page {
+            let id = (peeked.lane, peeked.offset);
+            let message = convert::peeked(peeked, now);
+            size += field_len(&message);
+            if !messages.is_empty() && size > PULL_RESPONSE_SIZE_MAX {
+                // Past the size limit: the next page starts here.
+                next = Some(id);
+                break;
+            }
+            messages.push(message);
+        }
+        let next = next.map(|(lane, offset)| pb::MessageId { lane, offset });
+        Ok(Response::new(pb::PeekResponse { messages, next }))
     }
 
     async fn extend(&self, request: Request<pb::ExtendRequest>) -> Result<Response<pb::ExtendResponse>, Status> {

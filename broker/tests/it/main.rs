@@ -7,6 +7,7 @@ mod delivery;
 mod disk;
 mod durability;
 mod lease;
+mod peek;
 mod publish;
 mod pull;
 mod queues;

@@ -410,3 +410,26 @@ fn queue_update() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("lanes cannot change on a live queue"), "{stderr}");
 }
+
+/// `ballast peek` shows messages without taking them: one page of
+/// --count, or every page with --all; the queue keeps them all.
+#[test]
+fn peek_pages_without_taking() {
+    let broker = Broker::start();
+    let url = broker.url();
+    assert_eq!(code(&ballast(&url, &["queue", "create", "seen"], None)), 0);
+    assert_eq!(code(&ballast(&url, &["publish", "seen", "a", "b", "c"], None)), 0);
+    let one = ballast(&url, &["peek", "seen", "--count", "1"], None);
+    assert_eq!(code(&one), 0, "{one:?}");
+    assert_eq!(stdout(&one).lines().count(), 1, "{}", stdout(&one));
+    assert!(stdout(&one).contains("attempts=0") && stdout(&one).ends_with(" a\n"), "{}", stdout(&one));
+    let all = ballast(&url, &["--json", "peek", "seen", "--count", "2", "--all"], None);
+    assert_eq!(code(&all), 0, "{all:?}");
+    let payloads: Vec<String> = stdout(&all)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON")["payload"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(payloads, ["a", "b", "c"]);
+    let consumed = ballast(&url, &["consume", "seen", "--count", "3"], None);
+    assert_eq!(code(&consumed), 0, "every message is still there: {consumed:?}");
+}

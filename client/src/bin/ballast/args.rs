@@ -105,6 +105,13 @@ pub enum Command {
     /// --count, until COUNT messages were printed and acked.
     Consume(ConsumeArgs),
 
+    /// Show messages of a queue without taking them (nothing is leased or
+    /// redelivered): payload, attempts, dead-letter reason and age.
+    ///
+    /// Lanes in priority order, oldest first; --count messages (all of them
+    /// with --all, a page at a time). For dead letters, peek NAME.dead.
+    Peek(PeekArgs),
+
     /// Extend leases by delivery id so their messages are not redelivered yet.
     ///
     /// For deliveries taken by Pull or by a consumer that cannot extend them
@@ -262,6 +269,18 @@ pub struct PublishArgs {
     /// Deliver no earlier than this many milliseconds from now.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub delay_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct PeekArgs {
+    /// Queue to read.
+    pub queue: String,
+    /// Messages to show (1..=1000).
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub count: u32,
+    /// Show every message, a page of --count at a time.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]

@@ -10,7 +10,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{
     args::{
-        Cli, Command, ConsumeArgs, CreateArgs, ExtendArgs, PublishArgs, QueueCommand, StatsArgs, TokenCommand, TopArgs,
+        Cli, Command, ConsumeArgs, CreateArgs, ExtendArgs, PeekArgs, PublishArgs, QueueCommand, StatsArgs,
+        TokenCommand, TopArgs,
     },
     exit::CliError,
     output::{Output, Screen},
@@ -38,6 +39,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Publish(args) => publish(&client, timeout, output, args).await,
         Command::Consume(args) => consume(&client, timeout, output, args).await,
         Command::Extend(args) => extend(&client, timeout, output, args).await,
+        Command::Peek(args) => peek(&client, timeout, output, args).await,
         Command::Stats(args) => stats(&client, timeout, output, args).await,
         Command::Top(args) => top(&client, timeout, output, args).await,
         Command::Token(_) => Ok(()),
@@ -60,6 +62,24 @@ fn token_new(output: Output, name: &str) -> Result<(), CliError> {
     let token = hex(&bits);
     let digest = hex(&sha2::Sha256::digest(token.as_bytes()));
     Ok(output.token(name, &token, &digest)?)
+}
+
+/// `ballast peek QUEUE`: one page, or every page with --all (each call
+/// within the timeout).
+async fn peek(client: &Client, timeout: Duration, output: Output, args: PeekArgs) -> Result<(), CliError> {
+    let mut start = None;
+    loop {
+        let page = tokio::time::timeout(timeout, client.peek(&args.queue, start, args.count))
+            .await
+            .map_err(|_| Error::DeadlineExceeded { timeout: Some(timeout), last_error: None })??;
+        for message in &page.messages {
+            output.peeked(message)?;
+        }
+        match page.next {
+            Some(next) if args.all => start = Some(next),
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// `ballast extend QUEUE ID...`: one Extend call; every outcome printed,

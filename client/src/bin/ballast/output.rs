@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ballast_client::{BrokerStats, Delivery, LeaseExtension, QueueInfo, Receipt, Saturation};
+use ballast_client::{BrokerStats, Delivery, LeaseExtension, PeekedMessage, QueueInfo, Receipt, Saturation};
 use serde_json::{Value, json};
 
 /// Where command output goes, in the chosen format.
@@ -162,6 +162,32 @@ impl Output {
         match std::str::from_utf8(&delivery.payload) {
             Ok(text) => object["payload"] = Value::from(text),
             Err(_) => object["payload_hex"] = Value::from(hex(&delivery.payload)),
+        }
+        line(&object)
+    }
+
+    /// A peeked message: `lane:offset attempts=N age=MS [reason=R] PAYLOAD`,
+    /// or one JSON object.
+    pub fn peeked(&self, message: &PeekedMessage) -> std::io::Result<()> {
+        let age_ms = message.age.as_millis();
+        if !self.json {
+            let reason = message.reason.as_deref().map(|r| format!(" reason={}", printable(r))).unwrap_or_default();
+            let text = String::from_utf8_lossy(&message.payload);
+            let payload = printable(&text);
+            return write(&format!("{} attempts={} age={age_ms}ms{reason} {payload}\n", message.id, message.attempts));
+        }
+        let mut object = json!({
+            "id": { "lane": message.id.lane, "offset": message.id.offset },
+            "attempts": message.attempts,
+            "reason": message.reason,
+            "age_ms": age_ms as u64,
+            "headers": message.headers,
+            "idempotency_key": message.idempotency_key,
+            "published_at_ms": unix_ms(message.published_at),
+        });
+        match std::str::from_utf8(&message.payload) {
+            Ok(text) => object["payload"] = Value::from(text),
+            Err(_) => object["payload_hex"] = Value::from(hex(&message.payload)),
         }
         line(&object)
     }
