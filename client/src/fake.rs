@@ -577,6 +577,13 @@ impl proto::admin_server::Admin for Fake {
         Err(Status::unimplemented("the fake has no update"))
     }
 
+    async fn redrive(
+        &self,
+        _request: Request<proto::RedriveRequest>,
+    ) -> Result<Response<proto::RedriveResponse>, Status> {
+        Err(Status::unimplemented("the fake has no redrive"))
+    }
+
     async fn get_queue(&self, request: Request<proto::GetQueueRequest>) -> Result<Response<proto::QueueInfo>, Status> {
         let name = request.into_inner().name;
         if self.lock().queues.contains(&name) {

@@ -160,6 +160,26 @@ impl admin_server::Admin for Service {
         Ok(Response::new(convert::queue_info(&queue)))
     }
 
+    async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Result<Response<pb::RedriveResponse>, Status> {
+        let access = self.access(&request)?;
+        let request = request.into_inner();
+        access.check(Action::Admin, &request.name)?;
+        let redriven = async {
+            let queue = self.queue(&request.name)?;
+            let max_messages = Some(request.max_messages).filter(|&max| max > 0);
+            let reason = Some(request.reason.as_str()).filter(|r| !r.is_empty());
+            queue.redrive(max_messages, reason).await.map_err(to_status)
+        };
+        let done = access.audited("redrive", &request.name, redriven.await)?;
+        tracing::info!(target: AUDIT_TARGET, principal = access.principal_name(), queue = %request.name,
+            moved = done.moved, already_moved = done.already_moved, skipped_leased = done.skipped_leased, "redriven");
+        Ok(Response::new(pb::RedriveResponse {
+            moved: done.moved,
+            already_moved: done.already_moved,
+            skipped_leased: done.skipped_leased,
+        }))
+    }
+
     async fn get_queue(&self, request: Request<pb::GetQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
         let access = self.access(&request)?;
         let name = request.into_inner().name;

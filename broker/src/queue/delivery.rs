@@ -207,6 +207,12 @@ impl DeliveryState {
         lease.into_iter().chain(delayed).min()
     }
 
+    /// Whether a lease holds the message at `lane`, `offset` (a scan of
+    /// the leases: for redrive, not the delivery path).
+    pub(crate) fn holds_offset(&self, lane: u32, offset: u64) -> bool {
+        self.leases.values().any(|l| l.lane == lane && l.offset == offset)
+    }
+
     fn remove_lease(&mut self, delivery_id: u64) -> Option<Lease> {
         let lease = self.leases.remove(&delivery_id)?;
         self.expiries.remove(&(lease.deadline_ms, delivery_id));
@@ -509,6 +515,11 @@ impl Queue {
         };
         self.retry(lease, delay_ms, reason).await;
         Ok(())
+    }
+
+    /// Whether the message at `lane`, `offset` is leased now.
+    pub(crate) fn is_leased(&self, lane: u32, offset: u64) -> bool {
+        self.delivery.lock().holds_offset(lane, offset)
     }
 
     /// Extends the leases of `delivery_ids` held by `holder`: each gets the

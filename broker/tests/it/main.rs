@@ -12,6 +12,7 @@ mod publish;
 mod pull;
 mod queues;
 mod quota;
+mod redrive;
 mod saturation;
 mod support;
 mod tls;
