@@ -108,7 +108,7 @@ mod fake;
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
 
-pub use admin::{Admin, AdminConfig};
+pub use admin::{Admin, AdminConfig, Redriven};
 pub use backoff::{Backoff, RetryPolicy};
 pub use breaker::{BreakerConfig, BreakerRefusal, BreakerState, CircuitBreaker, Permit};
 pub use client::{Client, ClientConfig};

@@ -203,6 +203,8 @@ async fn a_publish_only_principal_cannot_consume() {
     assert_code(publisher.consumer.extend(extend).await, Code::PermissionDenied, &needles);
     let peek = pb::PeekRequest { queue: "jobs".into(), start: None, max_messages: 1 };
     assert_code(publisher.consumer.peek(peek).await, Code::PermissionDenied, &needles);
+    let redrive = pb::RedriveRequest { name: "jobs".into(), max_messages: 0, reason: String::new() };
+    assert_code(publisher.admin.redrive(redrive).await, Code::PermissionDenied, &["admin", "\"jobs\""]);
     let update = pb::UpdateQueueRequest { name: "jobs".into(), settings: None };
     assert_code(publisher.admin.update_queue(update).await, Code::PermissionDenied, &["admin", "\"jobs\""]);
     let create_request = pb::CreateQueueRequest { name: "other".into(), settings: None };

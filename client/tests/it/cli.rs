@@ -433,3 +433,35 @@ fn peek_pages_without_taking() {
     let consumed = ballast(&url, &["consume", "seen", "--count", "3"], None);
     assert_eq!(code(&consumed), 0, "every message is still there: {consumed:?}");
 }
+
+/// A dead letter seen with `ballast peek NAME.dead` (its reason shown)
+/// goes back with `ballast redrive NAME`; a second redrive moves nothing.
+#[test]
+fn peek_and_redrive_dead_letters() {
+    use ballast_proto::v1 as pb;
+
+    let broker = Broker::start();
+    let url = broker.url();
+    assert_eq!(code(&ballast(&url, &["queue", "create", "mail", "--max-attempts", "1"], None)), 0);
+    assert_eq!(code(&ballast(&url, &["publish", "mail", "hello"], None)), 0);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let mut consumer = pb::consumer_client::ConsumerClient::connect(url.clone()).await.expect("connect");
+        let pull = pb::PullRequest { queue: "mail".into(), max_messages: 1, wait_ms: 2000 };
+        let id = consumer.pull(pull).await.expect("pull").into_inner().deliveries[0].delivery_id;
+        let nack = pb::NackRequest { queue: "mail".into(), delivery_id: id, delay_ms: 0, reason: "smtp down".into() };
+        consumer.nack(nack).await.expect("nack");
+    });
+    let dead = ballast(&url, &["peek", "mail.dead"], None);
+    assert_eq!(code(&dead), 0, "{dead:?}");
+    assert!(stdout(&dead).contains("attempts=1") && stdout(&dead).contains("reason=smtp down"), "{}", stdout(&dead));
+    let moved = ballast(&url, &["--json", "redrive", "mail"], None);
+    assert_eq!(code(&moved), 0, "{moved:?}");
+    let done: serde_json::Value = serde_json::from_str(stdout(&moved).trim()).expect("JSON");
+    assert_eq!((done["moved"].as_u64(), done["already_moved"].as_u64()), (Some(1), Some(0)), "{done}");
+    assert_eq!(stdout(&ballast(&url, &["peek", "mail.dead"], None)), "", "the dead-letter queue is empty");
+    let again = ballast(&url, &["redrive", "mail"], None);
+    assert!(stdout(&again).starts_with("moved 0 dead letters back to mail"), "{}", stdout(&again));
+    let consumed = ballast(&url, &["consume", "mail", "--count", "1"], None);
+    assert!(stdout(&consumed).contains("hello"), "{consumed:?}");
+}

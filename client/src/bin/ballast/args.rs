@@ -112,6 +112,14 @@ pub enum Command {
     /// with --all, a page at a time). For dead letters, peek NAME.dead.
     Peek(PeekArgs),
 
+    /// Move dead letters of NAME.dead back into NAME, each exactly once.
+    ///
+    /// Each comes back with its application headers and lane, at attempt 1,
+    /// through the queue's admission. Safe to repeat after an interruption
+    /// (within the queue's dedupe window): what was moved is not moved
+    /// again. Prints how many moved.
+    Redrive(RedriveArgs),
+
     /// Extend leases by delivery id so their messages are not redelivered yet.
     ///
     /// For deliveries taken by Pull or by a consumer that cannot extend them
@@ -281,6 +289,18 @@ pub struct PeekArgs {
     /// Show every message, a page of --count at a time.
     #[arg(long)]
     pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RedriveArgs {
+    /// The source queue (its dead letters are in NAME.dead).
+    pub name: String,
+    /// Move at most N [default: all].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Move only dead letters with exactly this reason.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Args)]

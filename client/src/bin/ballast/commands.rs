@@ -40,6 +40,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Consume(args) => consume(&client, timeout, output, args).await,
         Command::Extend(args) => extend(&client, timeout, output, args).await,
         Command::Peek(args) => peek(&client, timeout, output, args).await,
+        Command::Redrive(args) => {
+            let done = admin(&client, timeout).redrive(&args.name, args.count, args.reason.as_deref()).await?;
+            Ok(output.redriven(&args.name, &done)?)
+        }
         Command::Stats(args) => stats(&client, timeout, output, args).await,
         Command::Top(args) => top(&client, timeout, output, args).await,
         Command::Token(_) => Ok(()),

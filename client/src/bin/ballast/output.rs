@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ballast_client::{BrokerStats, Delivery, LeaseExtension, PeekedMessage, QueueInfo, Receipt, Saturation};
+use ballast_client::{BrokerStats, Delivery, LeaseExtension, PeekedMessage, QueueInfo, Receipt, Redriven, Saturation};
 use serde_json::{Value, json};
 
 /// Where command output goes, in the chosen format.
@@ -130,6 +130,25 @@ impl Output {
             write(&format!("{delivery_id} {outcome} until {deadline_ms} (Unix ms)\n"))
         } else {
             write(&format!("{delivery_id} {outcome}\n"))
+        }
+    }
+
+    pub fn redriven(&self, name: &str, done: &Redriven) -> std::io::Result<()> {
+        if self.json {
+            line(&json!({
+                "queue": name,
+                "moved": done.moved,
+                "already_moved": done.already_moved,
+                "skipped_leased": done.skipped_leased,
+            }))
+        } else {
+            write(&format!(
+                "moved {} dead letters back to {} ({} already moved before, {} leased and left)\n",
+                done.moved,
+                printable(name),
+                done.already_moved,
+                done.skipped_leased
+            ))
         }
     }
 
