@@ -178,10 +178,7 @@ impl Output {
             "idempotency_key": delivery.idempotency_key,
             "published_at_ms": unix_ms(delivery.published_at),
         });
-        match std::str::from_utf8(&delivery.payload) {
-            Ok(text) => object["payload"] = Value::from(text),
-            Err(_) => object["payload_hex"] = Value::from(hex(&delivery.payload)),
-        }
+        with_payload(&mut object, &delivery.payload);
         line(&object)
     }
 
@@ -204,10 +201,7 @@ impl Output {
             "idempotency_key": message.idempotency_key,
             "published_at_ms": unix_ms(message.published_at),
         });
-        match std::str::from_utf8(&message.payload) {
-            Ok(text) => object["payload"] = Value::from(text),
-            Err(_) => object["payload_hex"] = Value::from(hex(&message.payload)),
-        }
+        with_payload(&mut object, &message.payload);
         line(&object)
     }
 
@@ -529,6 +523,15 @@ pub fn printable(text: &str) -> Cow<'_, str> {
 fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// Adds a payload to a JSON object: `payload` when it is UTF-8 text, else
+/// `payload_hex`.
+fn with_payload(object: &mut Value, payload: &[u8]) {
+    match std::str::from_utf8(payload) {
+        Ok(text) => object["payload"] = Value::from(text),
+        Err(_) => object["payload_hex"] = Value::from(hex(payload)),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
