@@ -149,6 +149,7 @@ impl Queue {
                 done.already_moved += 1;
             } else {
                 done.moved += 1;
+                self.meters[receipt.lane as usize].metrics.redriven.increment(1);
             }
         }
         for commit in commits {

@@ -96,6 +96,14 @@ async fn redrive_moves_each_dead_letter_back_once() {
         assert!(seen.insert(payload));
     }
     session.expect_silence(Duration::from_millis(200)).await;
+    let text = broker.scrape();
+    let redriven: f64 = ["high", "normal", "low"]
+        .iter()
+        .map(|lane| {
+            sample(&text, "ballast_redriven_messages_total", &format!("queue=\"jobs\",lane=\"{lane}\"")).unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(redriven, 5.0, "counted in ballast_redriven_messages_total");
     assert_status(admin.redrive(redrive("jobs.dead", 0, "")).await, Code::FailedPrecondition, "no dead-letter queue");
     assert_status(admin.redrive(redrive("nope", 0, "")).await, Code::NotFound, "nope");
 }
