@@ -548,7 +548,7 @@ impl Broker {
             }
         }
         if let Some(existing) = self.open_queue(&name) {
-            return match existing.settings.difference(&settings) {
+            return match existing.settings().difference(&settings) {
                 None => Ok(existing),
                 Some(difference) => Err(BrokerError::QueueExists { name: name.to_string(), difference }),
             };

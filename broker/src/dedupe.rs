@@ -129,6 +129,12 @@ impl Dedupe {
         Dedupe { window_ms, slots: HashMap::new(), order: VecDeque::new(), evicted_early: 0 }
     }
 
+    /// Changes the window from now on: a key is a duplicate while younger
+    /// than `window_ms` (keys already forgotten stay forgotten).
+    pub fn set_window(&mut self, window_ms: u64) {
+        self.window_ms = window_ms;
+    }
+
     pub fn lookup(&mut self, key: &Bytes, now_ms: u64) -> Lookup {
         self.expire(now_ms);
         match self.slots.entry(key.clone()) {

@@ -85,6 +85,18 @@ pub const PULL_WAIT_MS_MAX: u64 = 60_000;
 /// with RESOURCE_EXHAUSTED until pulled messages are acked or nacked.
 pub const PULL_LEASES_MAX: usize = CREDIT_MAX as usize;
 
+/// Most messages one Peek returns; more is INVALID_ARGUMENT. A page of
+/// browsing, not a dump: page on with the answer's `next`. Its size is
+/// bounded like a Pull's too ([`PULL_RESPONSE_SIZE_MAX`]).
+pub const PEEK_MESSAGES_MAX: u32 = 1000;
+
+/// Most dead letters a redrive stores as one publish batch (then acks):
+/// enough to amortize the sync, few enough that a kill mid-batch is cheap
+/// to repeat. A batch is also kept within the source queue's smallest
+/// lane share of `max_messages` and `max_bytes`, which admission would
+/// refuse even on an empty queue.
+pub const REDRIVE_BATCH_COUNT: usize = 100;
+
 /// Largest Pull response, in encoded bytes. Deliveries past it are not
 /// returned and go back to the front of their lanes unleased (no attempt
 /// counted); the next Pull gets them. The first delivery is always

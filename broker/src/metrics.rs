@@ -34,6 +34,10 @@ pub struct LaneMetrics {
     pub redelivered_nack: Counter,
     pub redelivered_expired: Counter,
     pub released: Counter,
+    /// Leases given a new deadline by an extend.
+    pub lease_extended: Counter,
+    /// Dead letters stored back into this lane by a redrive.
+    pub redriven: Counter,
     pub dead_lettered: Counter,
     /// Redelivered or dead-lettered copies stored without the broker's
     /// headers, because storage refused the full copy for good.
@@ -95,6 +99,8 @@ impl LaneMetrics {
             redelivered_nack: counter!("ballast_redelivered_messages_total", with("reason", "nack")),
             redelivered_expired: counter!("ballast_redelivered_messages_total", with("reason", "lease_expired")),
             released: counter!("ballast_released_messages_total", labels()),
+            lease_extended: counter!("ballast_lease_extensions_total", labels()),
+            redriven: counter!("ballast_redriven_messages_total", labels()),
             dead_lettered: counter!("ballast_dead_lettered_messages_total", labels()),
             stripped_copies: counter!("ballast_stripped_copies_total", labels()),
             dropped_dead_letters: counter!("ballast_dropped_dead_letters_total", labels()),
@@ -174,6 +180,12 @@ fn describe() {
         "Messages stored again for redelivery, by reason."
     );
     describe_counter!("ballast_released_messages_total", Unit::Count, "Leases released by a consumer that left.");
+    describe_counter!("ballast_lease_extensions_total", Unit::Count, "Leases given a new deadline by an extend.");
+    describe_counter!(
+        "ballast_redriven_messages_total",
+        Unit::Count,
+        "Dead letters stored back into the lane by a redrive."
+    );
     describe_counter!("ballast_dead_lettered_messages_total", Unit::Count, "Messages moved to the dead-letter queue.");
     describe_counter!(
         "ballast_stripped_copies_total",
@@ -292,7 +304,7 @@ impl QueueRow {
                     segments: queue.lanes[i].stats().segment_count,
                     writable: queue.lane_writable(i),
                 };
-                (sanitize_label_value(&queue.settings.lanes[i]), row)
+                (sanitize_label_value(&queue.settings().lanes[i]), row)
             })
             .collect();
         QueueRow {

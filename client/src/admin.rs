@@ -39,6 +39,20 @@ impl Default for AdminConfig {
     }
 }
 
+/// What [`Admin::redrive`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Redriven {
+    /// Dead letters stored again in the source queue.
+    pub moved: u64,
+    /// Dead letters an interrupted earlier redrive had already stored
+    /// (acked now; nothing stored twice).
+    pub already_moved: u64,
+    /// Dead letters left because a consumer of the dead-letter queue holds
+    /// them.
+    pub skipped_leased: u64,
+}
+
 /// Creates, inspects and removes queues, and reads their saturation figures.
 /// Cheap to clone.
 ///
@@ -98,6 +112,53 @@ impl Admin {
             })
             .await?;
         Ok(QueueInfo::from_proto(info))
+    }
+
+    /// Changes settings of the live queue `name` without a restart and
+    /// returns it with the settings now in force. Only the fields set in
+    /// `settings` change (limits, lane admission, quotas, lease timeout, max
+    /// attempts, default lane, dedupe window); lanes, weights, strict
+    /// priority, dead letter, message size and sync policy cannot change on
+    /// a live queue: asked for with another value, the update is refused
+    /// whole with [`Error::InvalidArgument`] naming the setting. Durable
+    /// when it returns. Idempotent, so retried like a read.
+    pub async fn update_queue(&self, name: &str, settings: QueueSettings) -> Result<QueueInfo, Error> {
+        contract::check_queue_name(name)?;
+        let request = proto::UpdateQueueRequest { name: name.to_owned(), settings: Some(settings.into_proto()) };
+        let info = self
+            .call(&self.retrier, |mut client| {
+                let request = request.clone();
+                async move { client.update_queue(request).await }
+            })
+            .await?;
+        Ok(QueueInfo::from_proto(info))
+    }
+
+    /// Moves dead letters of `<name>.dead` back into `name`: at most
+    /// `max_messages` (`None`: all), only those with exactly `reason` when
+    /// given. Each moves exactly once even if a redrive is interrupted and
+    /// repeated within the queue's dedupe window, so it is retried like a
+    /// read. A refusal of the queue's admission ends the call with that
+    /// error; what moved before it stays moved.
+    pub async fn redrive(
+        &self,
+        name: &str,
+        max_messages: Option<u64>,
+        reason: Option<&str>,
+    ) -> Result<Redriven, Error> {
+        contract::check_queue_name(name)?;
+        let request = proto::RedriveRequest {
+            name: name.to_owned(),
+            max_messages: max_messages.unwrap_or(0),
+            reason: reason.unwrap_or_default().to_owned(),
+        };
+        let done = self
+            .call(&self.retrier, |mut client| {
+                let request = request.clone();
+                async move { client.redrive(request).await }
+            })
+            .await?;
+        Ok(Redriven { moved: done.moved, already_moved: done.already_moved, skipped_leased: done.skipped_leased })
     }
 
     /// Queue `name`'s settings and counts; [`Error::NotFound`] if unknown.

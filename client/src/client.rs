@@ -10,7 +10,12 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use crate::{Admin, AdminConfig, Consumer, ConsumerConfig, Error, Producer, ProducerConfig, TlsConfig};
+use ballast_proto::v1::{self as proto, consumer_client::ConsumerClient};
+
+use crate::{
+    Admin, AdminConfig, Consumer, ConsumerConfig, Error, LeaseExtension, MessageId, PeekPage, Producer, ProducerConfig,
+    TlsConfig, contract,
+};
 
 /// Connection settings shared by everything made from a [`Client`].
 ///
@@ -219,6 +224,46 @@ impl Client {
     /// `config` is invalid.
     pub fn consumer(&self, queue: &str, config: ConsumerConfig) -> Result<Consumer, Error> {
         Consumer::new(self.channel.clone(), queue, config)
+    }
+
+    /// Reads up to `max_messages` (1..=1000) messages of `queue` not yet
+    /// done, without leasing them, from `start` (`None`: the first lane's
+    /// oldest; else the previous page's `next`), lanes in priority order.
+    /// For looking at dead letters (`<queue>.dead`) or any backlog. One
+    /// call, no retry.
+    pub async fn peek(&self, queue: &str, start: Option<MessageId>, max_messages: u32) -> Result<PeekPage, Error> {
+        contract::check_queue_name(queue)?;
+        let request = proto::PeekRequest {
+            queue: queue.to_owned(),
+            start: start.map(|id| proto::MessageId { lane: id.lane, offset: id.offset }),
+            max_messages,
+        };
+        let mut client =
+            ConsumerClient::new(self.channel.clone()).max_decoding_message_size(contract::GRPC_DECODE_SIZE_MAX);
+        let response = client.peek(request).await.map_err(Error::from_status)?;
+        Ok(PeekPage::from_proto(response.into_inner()))
+    }
+
+    /// Extends leases of `queue` by delivery id (from any consumer or Pull:
+    /// naming the id is the right to extend it) to `lease` from now, one
+    /// call, no retry. Answered per id, in order; a lease not held is left
+    /// alone and said so. A [`Consumer`] extends its own leases by itself.
+    /// `lease` must be within the queue lease bounds (10 ms ..= 12 h), or
+    /// zero for the queue's lease timeout.
+    pub async fn extend_leases(
+        &self,
+        queue: &str,
+        delivery_ids: &[u64],
+        lease: Duration,
+    ) -> Result<Vec<(u64, LeaseExtension)>, Error> {
+        contract::check_queue_name(queue)?;
+        let request = proto::ExtendRequest {
+            queue: queue.to_owned(),
+            delivery_ids: delivery_ids.to_vec(),
+            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+        };
+        let response = ConsumerClient::new(self.channel.clone()).extend(request).await.map_err(Error::from_status)?;
+        Ok(response.into_inner().results.iter().map(|r| (r.delivery_id, LeaseExtension::from_proto(r))).collect())
     }
 }
 

@@ -26,14 +26,21 @@
 //! 5. Fatal errors end the loop after in-flight handlers finish: the queue
 //!    does not exist or was deleted (`NOT_FOUND`), the request is invalid,
 //!    permission is denied, or the broker breaks the protocol.
-//! 6. Graceful stop: no new handler starts; running handlers finish; their
+//! 6. Lease extension: while a handler runs, its delivery's lease is
+//!    extended every third of the lease's length (by that length), so work
+//!    longer than the lease is not redelivered meanwhile. Extension stops
+//!    when the handler ends, when the broker answers that the lease is not
+//!    held (expired, or the session is gone), and once the handler has run
+//!    `extend_max` since the delivery arrived: then the lease runs out and
+//!    the message is redelivered.
+//! 7. Graceful stop: no new handler starts; running handlers finish; their
 //!    acks and nacks are sent; the request stream is closed and the loop waits
 //!    (up to `stop_timeout`) for the broker to end the response stream, which
 //!    it does after applying those acks. Deliveries not started are released
 //!    by the close and redelivered.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     fmt,
     future::Future,
     sync::Arc,
@@ -94,12 +101,19 @@ pub struct ConsumerConfig {
     /// Stop after this many handlers have been started (and have finished);
     /// `None` runs until stopped.
     pub max_messages: Option<u64>,
+    /// Ceiling of lease extension (rule 6): a running handler's lease is
+    /// extended every third of the lease until the handler has run this
+    /// long since its delivery arrived; then the lease is left to expire
+    /// and the message is redelivered. `None` never extends (a handler
+    /// slower than the lease sees its message redelivered meanwhile).
+    pub extend_max: Option<Duration>,
 }
 
 impl Default for ConsumerConfig {
     /// Prefetch 64, 8 handlers, nack delay 1 s doubling to 60 s, acks sent
     /// within 5 ms, reconnects from 100 ms doubling to 10 s, 10 s to
-    /// subscribe, 5 s to stop, no message limit.
+    /// subscribe, 5 s to stop, no message limit, leases extended for up to
+    /// 30 minutes of handler time.
     fn default() -> ConsumerConfig {
         ConsumerConfig {
             prefetch: 64,
@@ -110,6 +124,7 @@ impl Default for ConsumerConfig {
             subscribe_timeout: Duration::from_secs(10),
             stop_timeout: Duration::from_secs(5),
             max_messages: None,
+            extend_max: Some(Duration::from_secs(30 * 60)),
         }
     }
 }
@@ -127,6 +142,11 @@ impl ConsumerConfig {
         }
         if self.max_messages == Some(0) {
             return Err(Error::InvalidArgument { message: "consumer.max_messages must be at least 1; got 0".into() });
+        }
+        if self.extend_max == Some(Duration::ZERO) {
+            return Err(Error::InvalidArgument {
+                message: "consumer.extend_max must be positive; use None to never extend leases".into(),
+            });
         }
         if self.nack_delay.cap > contract::DELAY_MAX {
             return Err(Error::InvalidArgument {
@@ -207,6 +227,10 @@ pub struct Delivery {
     /// When the lease ends unless the delivery is acked or nacked; the
     /// broker then redelivers the message.
     pub lease_deadline: SystemTime,
+    /// The lease's length (the queue's lease timeout): the consumer extends
+    /// the lease every third of it while the handler runs. Zero when the
+    /// broker does not say (then the lease is not extended).
+    pub lease: Duration,
     /// The lease's id within its session (for logs; the loop acks by it).
     pub delivery_id: u64,
 }
@@ -222,8 +246,35 @@ impl Delivery {
             attempt: delivery.attempt,
             published_at: UNIX_EPOCH + Duration::from_millis(delivery.published_at_ms),
             lease_deadline: UNIX_EPOCH + Duration::from_millis(delivery.lease_deadline_ms),
+            lease: Duration::from_millis(delivery.lease_ms),
             delivery_id: delivery.delivery_id,
         })
+    }
+}
+
+/// What an extend did to one lease ([`Client::extend_leases`](crate::Client::extend_leases)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseExtension {
+    /// Held until `lease_deadline`.
+    Extended { lease_deadline: SystemTime },
+    /// Its deadline had passed: the broker is taking it back to redeliver
+    /// the message; it was not extended.
+    Expired,
+    /// Not a lease held: acked, nacked, taken back after expiry (then
+    /// redelivered under another id), released, never issued, or another
+    /// stream's. Nothing changed.
+    NotLeased,
+}
+
+impl LeaseExtension {
+    pub(crate) fn from_proto(result: &proto::ExtendResult) -> LeaseExtension {
+        match result.outcome() {
+            proto::ExtendOutcome::Extended => LeaseExtension::Extended {
+                lease_deadline: UNIX_EPOCH + Duration::from_millis(result.lease_deadline_ms),
+            },
+            proto::ExtendOutcome::Expired => LeaseExtension::Expired,
+            proto::ExtendOutcome::NotLeased | proto::ExtendOutcome::Unspecified => LeaseExtension::NotLeased,
+        }
     }
 }
 
@@ -246,6 +297,14 @@ pub struct ConsumerStats {
     /// Handler results dropped because their session had ended (those
     /// messages are redelivered).
     pub abandoned: u64,
+    /// Lease extensions the broker applied (one per lease per extension).
+    pub extended: u64,
+    /// Lease extensions the broker refused: the lease had expired or was
+    /// no longer held; that lease is not extended again.
+    pub extend_refused: u64,
+    /// Handlers that ran past `extend_max`, whose leases were then left to
+    /// expire.
+    pub extend_gave_up: u64,
 }
 
 /// A consumer of one queue. [`Consumer::spawn`] starts it with a handler.
@@ -307,7 +366,7 @@ pub struct Stopper {
 }
 
 impl Stopper {
-    /// Starts a graceful stop (see the module docs, rule 6); returns at once.
+    /// Starts a graceful stop (see the module docs, rule 7); returns at once.
     pub fn stop(&self) {
         self.stop.send_replace(true);
     }
@@ -346,7 +405,7 @@ impl Consumer {
 }
 
 impl ConsumerHandle {
-    /// Stops gracefully (see the module docs, rule 6) and returns what the
+    /// Stops gracefully (see the module docs, rule 7) and returns what the
     /// consumer did, or the fatal error that had already ended it.
     pub async fn stop(self) -> Result<ConsumerStats, Error> {
         self.stop.send_replace(true);
@@ -392,6 +451,12 @@ struct Running {
     epoch: u64,
     delivery_id: u64,
     attempt: u32,
+    /// The lease's length, requested again at each extension.
+    lease: Duration,
+    /// When to extend the lease next; `None`: not any more (rule 7).
+    extend_at: Option<Instant>,
+    /// The extension ceiling: the delivery's arrival plus `extend_max`.
+    extend_until: Instant,
 }
 
 /// The consumer's task state, across sessions.
@@ -424,8 +489,8 @@ struct Session {
     incoming: Streaming<proto::ConsumeResponse>,
     /// Requests not yet moved into `outgoing`.
     outbox: VecDeque<proto::ConsumeRequest>,
-    /// Deliveries received, not yet started.
-    waiting: VecDeque<Delivery>,
+    /// Deliveries received, not yet started, with their arrival time.
+    waiting: VecDeque<(Instant, Delivery)>,
     /// Credit the broker holds for us.
     credit: u32,
     /// Deliveries received whose ack or nack is not yet sent.
@@ -571,6 +636,7 @@ impl Loop {
                 self.stopping = true;
                 continue;
             }
+            let next_extension = self.next_extension(session.epoch);
             tokio::select! {
                 message = session.incoming.message() => match message {
                     Ok(Some(response)) => self.received(&mut session, response)?,
@@ -597,6 +663,7 @@ impl Loop {
                     }
                 },
                 () = sleep_until(session.flush_at), if session.flush_at.is_some() => self.flush(&mut session),
+                () = sleep_until(next_extension), if next_extension.is_some() => self.extend(&mut session),
                 changed = self.stop.changed(), if !self.stopping => {
                     if changed.is_err() || *self.stop.borrow() {
                         self.stopping = true;
@@ -618,7 +685,30 @@ impl Loop {
                 self.check_window(session);
                 self.stats.delivered += 1;
                 let delivery = Delivery::from_proto(delivery)?;
-                session.waiting.push_back(delivery);
+                session.waiting.push_back((Instant::now(), delivery));
+                Ok(())
+            }
+            Some(ResponseKind::Extended(extended)) => {
+                for result in extended.results {
+                    if result.outcome() == proto::ExtendOutcome::Extended {
+                        self.stats.extended += 1;
+                        continue;
+                    }
+                    self.stats.extend_refused += 1;
+                    let running = self
+                        .running
+                        .values_mut()
+                        .find(|running| running.epoch == session.epoch && running.delivery_id == result.delivery_id);
+                    if let Some(running) = running {
+                        running.extend_at = None;
+                    }
+                    tracing::warn!(
+                        queue = %self.consumer.queue,
+                        delivery_id = result.delivery_id,
+                        outcome = ?result.outcome(),
+                        "lease extension refused; the message may be redelivered while its handler runs"
+                    );
+                }
                 Ok(())
             }
             Some(ResponseKind::Rejected(rejected)) => {
@@ -646,9 +736,17 @@ impl Loop {
             return;
         }
         while self.handlers.len() < self.consumer.config.concurrency && !self.limit_reached() {
-            let Some(delivery) = session.waiting.pop_front() else { break };
-            let running =
-                Running { epoch: session.epoch, delivery_id: delivery.delivery_id, attempt: delivery.attempt };
+            let Some((arrived, delivery)) = session.waiting.pop_front() else { break };
+            let lease = delivery.lease;
+            let extend_max = self.consumer.config.extend_max.filter(|_| !lease.is_zero());
+            let running = Running {
+                epoch: session.epoch,
+                delivery_id: delivery.delivery_id,
+                attempt: delivery.attempt,
+                lease,
+                extend_at: extend_max.map(|_| arrived + lease / 3),
+                extend_until: arrived + extend_max.unwrap_or_default(),
+            };
             let task = self.handlers.spawn((self.handler)(delivery));
             self.running.insert(task.id(), running);
             self.stats.handled += 1;
@@ -682,6 +780,44 @@ impl Loop {
         }
         if session.flush_at.is_none() {
             session.flush_at = Some(Instant::now() + self.consumer.config.ack_flush_interval);
+        }
+    }
+
+    /// When the next lease of this session's running handlers is due for
+    /// extension.
+    fn next_extension(&self, epoch: u64) -> Option<Instant> {
+        self.running.values().filter(|running| running.epoch == epoch).filter_map(|running| running.extend_at).min()
+    }
+
+    /// Queues an extend of every lease due (rule 7): each by its own
+    /// length, the next one a third of it later; a handler past
+    /// `extend_max` is given up on.
+    fn extend(&mut self, session: &mut Session) {
+        let now = Instant::now();
+        let mut due: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for running in self.running.values_mut().filter(|running| running.epoch == session.epoch) {
+            if running.extend_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            if now >= running.extend_until {
+                running.extend_at = None;
+                self.stats.extend_gave_up += 1;
+                tracing::warn!(
+                    queue = %self.consumer.queue,
+                    delivery_id = running.delivery_id,
+                    "handler ran past extend_max; its lease is left to expire and the message will be redelivered"
+                );
+                continue;
+            }
+            running.extend_at = Some(now + running.lease / 3);
+            let lease_ms = u64::try_from(running.lease.as_millis()).unwrap_or(u64::MAX);
+            due.entry(lease_ms).or_default().push(running.delivery_id);
+        }
+        for (lease_ms, delivery_ids) in due {
+            for chunk in delivery_ids.chunks(contract::CREDIT_MAX as usize) {
+                let extend = proto::Extend { delivery_ids: chunk.to_vec(), lease_ms };
+                session.outbox.push_back(proto::ConsumeRequest { kind: Some(RequestKind::Extend(extend)) });
+            }
         }
     }
 

@@ -382,6 +382,14 @@ impl proto::consumer_server::Consumer for ConsumerService {
     async fn nack(&self, _request: Request<proto::NackRequest>) -> Result<Response<proto::NackResponse>, Status> {
         Err(Status::unimplemented("the fake has no unary nack"))
     }
+
+    async fn peek(&self, _request: Request<proto::PeekRequest>) -> Result<Response<proto::PeekResponse>, Status> {
+        Err(Status::unimplemented("the fake has no peek"))
+    }
+
+    async fn extend(&self, _request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
+        Err(Status::unimplemented("the fake has no unary extend"))
+    }
 }
 
 /// One consume session of the fake broker.
@@ -455,6 +463,8 @@ impl FakeSession {
                 attempt,
                 published_at_ms: 1,
                 lease_deadline_ms: 2,
+                // No lease length: the consumer does not extend.
+                lease_ms: 0,
             };
             self.leased.insert(delivery_id, (id, message, attempt));
             self.fake.lock().sessions[self.index].delivered.insert(delivery_id, id);
@@ -496,6 +506,23 @@ impl FakeSession {
                 }
                 None => self.reject(nack.delivery_id, outgoing).await,
             },
+            RequestKind::Extend(extend) => {
+                let results = extend
+                    .delivery_ids
+                    .into_iter()
+                    .map(|delivery_id| {
+                        let outcome = if self.leased.contains_key(&delivery_id) {
+                            proto::ExtendOutcome::Extended
+                        } else {
+                            proto::ExtendOutcome::NotLeased
+                        };
+                        proto::ExtendResult { delivery_id, outcome: outcome.into(), lease_deadline_ms: 3 }
+                    })
+                    .collect();
+                let extended = proto::Extended { results };
+                let _ =
+                    outgoing.send(Ok(proto::ConsumeResponse { kind: Some(ResponseKind::Extended(extended)) })).await;
+            }
         }
     }
 
@@ -541,6 +568,20 @@ impl proto::admin_server::Admin for Fake {
         }
         state.queues.push(request.name.clone());
         Ok(Response::new(info(&request.name)))
+    }
+
+    async fn update_queue(
+        &self,
+        _request: Request<proto::UpdateQueueRequest>,
+    ) -> Result<Response<proto::QueueInfo>, Status> {
+        Err(Status::unimplemented("the fake has no update"))
+    }
+
+    async fn redrive(
+        &self,
+        _request: Request<proto::RedriveRequest>,
+    ) -> Result<Response<proto::RedriveResponse>, Status> {
+        Err(Status::unimplemented("the fake has no redrive"))
     }
 
     async fn get_queue(&self, request: Request<proto::GetQueueRequest>) -> Result<Response<proto::QueueInfo>, Status> {

@@ -108,14 +108,16 @@ mod fake;
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
 
-pub use admin::{Admin, AdminConfig};
+pub use admin::{Admin, AdminConfig, Redriven};
 pub use backoff::{Backoff, RetryPolicy};
 pub use breaker::{BreakerConfig, BreakerRefusal, BreakerState, CircuitBreaker, Permit};
 pub use client::{Client, ClientConfig};
 pub use clock::{Clock, SystemClock};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerHandle, ConsumerStats, Delivery, NackPolicy, Stopper};
+pub use consumer::{
+    Consumer, ConsumerConfig, ConsumerHandle, ConsumerStats, Delivery, LeaseExtension, NackPolicy, Stopper,
+};
 pub use error::{Error, Refusal};
-pub use message::{Message, MessageId, Receipt, generate_idempotency_key};
+pub use message::{Message, MessageId, PeekPage, PeekedMessage, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};
 pub use queue::{QueueInfo, QueueSettings, SyncPolicy};
 pub use stats::{BrokerStats, LaneStats, QueueStats, Saturation, StatsWatch};

@@ -194,6 +194,53 @@ impl fmt::Display for MessageId {
     }
 }
 
+/// A message read by [`Client::peek`](crate::Client::peek), not leased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeekedMessage {
+    pub id: MessageId,
+    pub payload: Bytes,
+    /// As a delivery would carry them (a dead letter's broker headers too).
+    pub headers: std::collections::HashMap<String, String>,
+    pub idempotency_key: Option<String>,
+    /// Deliveries made so far (for a dead letter: in its source queue).
+    pub attempts: u32,
+    /// A dead letter's reason.
+    pub reason: Option<String>,
+    pub published_at: std::time::SystemTime,
+    /// Its age when the broker read it.
+    pub age: std::time::Duration,
+}
+
+/// One page of [`Client::peek`](crate::Client::peek).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeekPage {
+    pub messages: Vec<PeekedMessage>,
+    /// Where the next page starts; `None` when nothing follows.
+    pub next: Option<MessageId>,
+}
+
+impl PeekPage {
+    pub(crate) fn from_proto(page: proto::PeekResponse) -> PeekPage {
+        let messages = page
+            .messages
+            .into_iter()
+            .map(|m| PeekedMessage {
+                id: m.id.unwrap_or_default().into(),
+                payload: m.payload,
+                headers: m.headers,
+                idempotency_key: Some(m.idempotency_key).filter(|k| !k.is_empty()),
+                attempts: m.attempts,
+                reason: Some(m.reason).filter(|r| !r.is_empty()),
+                published_at: std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.published_at_ms),
+                age: std::time::Duration::from_millis(m.age_ms),
+            })
+            .collect();
+        PeekPage { messages, next: page.next.map(Into::into) }
+    }
+}
+
 impl From<proto::MessageId> for MessageId {
     fn from(id: proto::MessageId) -> MessageId {
         MessageId { lane: id.lane, offset: id.offset }

@@ -194,6 +194,9 @@ pub(crate) struct Shared {
     sync_count: AtomicU64,
     ack_sync_count: AtomicU64,
     recovered_keys: Mutex<Vec<KeyEntry>>,
+    /// The dedupe window the key journal's compaction keeps, in ms: starts
+    /// as `options.dedupe_window_ms`, changed by [`Log::set_dedupe_window_ms`].
+    pub(crate) dedupe_window_ms: AtomicU64,
     /// The allocated length of the spare segment file the flusher prepared
     /// (`segment::SPARE_FILE_NAME`), taken by the next roll. A leaf lock;
     /// the writer holds it across the spare's rename.
@@ -279,6 +282,7 @@ impl Log {
             sync_count: AtomicU64::new(0),
             ack_sync_count: AtomicU64::new(0),
             recovered_keys: Mutex::new(recovered.keys),
+            dedupe_window_ms: AtomicU64::new(options.dedupe_window_ms),
             spare: Mutex::new(None),
             rolls_from_spare: AtomicU64::new(0),
             rolls_inline: AtomicU64::new(0),
@@ -390,6 +394,14 @@ impl Log {
     /// of it is written. Offsets are contiguous from `first_offset`.
     pub fn append(&self, records: &[NewRecord]) -> Result<Appended, AppendError> {
         self.shared.append(records)
+    }
+
+    /// Changes the dedupe window from the next key-journal compaction on:
+    /// keys younger than `window_ms` are kept (those already compacted
+    /// away stay gone). A reopen's recovery still uses the window the log
+    /// was opened with.
+    pub fn set_dedupe_window_ms(&self, window_ms: u64) {
+        self.shared.dedupe_window_ms.store(window_ms, Ordering::Relaxed);
     }
 
     /// The offset the next appended record will get.

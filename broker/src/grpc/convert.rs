@@ -7,7 +7,10 @@ use bytes::Bytes;
 use crate::{
     broker::{DamagedQueue, OpeningQueue},
     error::{BrokerError, Result},
-    queue::{Delivery, Figures, Publish, Queue, QueueSettings, Receipt, SettingsRequest, SyncPolicySetting},
+    queue::{
+        Delivery, Extension, Figures, Peeked, Publish, Queue, QueueSettings, Receipt, SettingsRequest,
+        SyncPolicySetting,
+    },
 };
 
 pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsRequest> {
@@ -74,7 +77,7 @@ pub fn queue_info(queue: &Queue) -> pb::QueueInfo {
     let stats = queue.stats();
     pb::QueueInfo {
         name: queue.name.to_string(),
-        settings: Some(settings(&queue.settings)),
+        settings: Some(settings(&queue.settings())),
         dead_letter_queue: queue.dead_letter_name().unwrap_or_default(),
         depth: stats.lane_depths.iter().sum(),
         lane_depths: stats.lane_depths,
@@ -175,9 +178,9 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
             .iter()
             .enumerate()
             .map(|(i, f)| pb::LaneStats {
-                name: queue.settings.lanes[i].clone(),
+                name: queue.settings().lanes[i].clone(),
                 saturation: Some(saturation(f)),
-                admission: queue.settings.lane_admission[i],
+                admission: queue.settings().lane_admission[i],
                 in_flight: delivery.lane_in_flight.get(i).copied().unwrap_or(0),
                 storage_failed: !queue.lane_writable(i),
             })
@@ -185,8 +188,8 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
         in_flight: delivery.in_flight,
         consumers: delivery.consumers,
         credit: delivery.credit,
-        max_messages: queue.settings.max_messages,
-        max_bytes: queue.settings.max_bytes,
+        max_messages: queue.settings().max_messages,
+        max_bytes: queue.settings().max_bytes,
         refused_queue_full: refused.queue_full,
         refused_disk_full: refused.disk_low,
         refused_publish_rate: refused.publish_rate,
@@ -207,5 +210,36 @@ pub fn delivery(d: Delivery) -> pb::Delivery {
         attempt: d.attempt,
         published_at_ms: d.published_at_ms,
         lease_deadline_ms: d.lease_deadline_ms,
+        lease_ms: d.lease_ms,
     }
+}
+
+/// A peeked message, its age taken at `now_ms`.
+pub fn peeked(p: Peeked, now_ms: u64) -> pb::PeekedMessage {
+    pb::PeekedMessage {
+        id: Some(pb::MessageId { lane: p.lane, offset: p.offset }),
+        payload: p.payload,
+        headers: p.headers.into_iter().collect(),
+        idempotency_key: p.key.map(|k| String::from_utf8_lossy(&k).into_owned()).unwrap_or_default(),
+        attempts: p.attempts,
+        reason: p.reason.unwrap_or_default(),
+        published_at_ms: p.published_at_ms,
+        age_ms: now_ms.saturating_sub(p.published_at_ms),
+    }
+}
+
+/// One result per extended id, in request order.
+pub fn extensions(delivery_ids: &[u64], extensions: Vec<Extension>) -> Vec<pb::ExtendResult> {
+    delivery_ids
+        .iter()
+        .zip(extensions)
+        .map(|(&delivery_id, extension)| {
+            let (outcome, lease_deadline_ms) = match extension {
+                Extension::Extended { lease_deadline_ms } => (pb::ExtendOutcome::Extended, lease_deadline_ms),
+                Extension::Expired => (pb::ExtendOutcome::Expired, 0),
+                Extension::NotLeased => (pb::ExtendOutcome::NotLeased, 0),
+            };
+            pb::ExtendResult { delivery_id, outcome: outcome.into(), lease_deadline_ms }
+        })
+        .collect()
 }

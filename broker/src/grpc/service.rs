@@ -14,11 +14,11 @@ use crate::{
     broker::{DamagedQueue, OpeningQueue},
     error::BrokerError,
     limits::{
-        CREDIT_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX, STREAM_NACKS_IN_FLIGHT_MAX,
-        WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
+        CREDIT_MAX, PEEK_MESSAGES_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX,
+        STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
     },
     now_ms,
-    queue::{Holder, Queue},
+    queue::{Holder, Queue, check_ids},
 };
 
 /// Implements every `ballast.v1` service on one [`Broker`].
@@ -137,6 +137,49 @@ impl admin_server::Admin for Service {
         };
         let queue = access.audited("create", &request.name, created.await)?;
         Ok(Response::new(convert::queue_info(&queue)))
+    }
+
+    async fn update_queue(&self, request: Request<pb::UpdateQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
+        let access = self.access(&request)?;
+        let request = request.into_inner();
+        access.check(Action::Admin, &request.name)?;
+        let updated = async {
+            let queue = self.queue(&request.name).await?;
+            let changes = convert::settings_request(request.settings).map_err(to_status)?;
+            // Off the runtime: the update syncs `queue.toml` and its directory.
+            let updating = Arc::clone(&queue);
+            let changed = tokio::task::spawn_blocking(move || updating.update_settings(&changes))
+                .await
+                .map_err(|e| Status::internal(format!("the settings update did not finish: {e}")))?
+                .map_err(to_status)?;
+            Ok((queue, changed))
+        };
+        let (queue, changed) = access.audited("update", &request.name, updated.await)?;
+        if !changed.is_empty() {
+            let changed = changed.join(",");
+            tracing::info!(target: AUDIT_TARGET, principal = access.principal_name(), queue = %queue.name, %changed, "settings updated");
+        }
+        Ok(Response::new(convert::queue_info(&queue)))
+    }
+
+    async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Result<Response<pb::RedriveResponse>, Status> {
+        let access = self.access(&request)?;
+        let request = request.into_inner();
+        access.check(Action::Admin, &request.name)?;
+        let redriven = async {
+            let queue = self.queue(&request.name).await?;
+            let max_messages = Some(request.max_messages).filter(|&max| max > 0);
+            let reason = Some(request.reason.as_str()).filter(|r| !r.is_empty());
+            queue.redrive(max_messages, reason).await.map_err(to_status)
+        };
+        let done = access.audited("redrive", &request.name, redriven.await)?;
+        tracing::info!(target: AUDIT_TARGET, principal = access.principal_name(), queue = %request.name,
+            moved = done.moved, already_moved = done.already_moved, skipped_leased = done.skipped_leased, "redriven");
+        Ok(Response::new(pb::RedriveResponse {
+            moved: done.moved,
+            already_moved: done.already_moved,
+            skipped_leased: done.skipped_leased,
+        }))
     }
 
     async fn get_queue(&self, request: Request<pb::GetQueueRequest>) -> Result<Response<pb::QueueInfo>, Status> {
@@ -468,15 +511,7 @@ impl consumer_server::Consumer for Service {
         let request = request.into_inner();
         access.check(Action::Consume, &request.queue)?;
         let queue = self.queue(&request.queue).await?;
-        if request.delivery_ids.is_empty() {
-            return Err(Status::invalid_argument("ack needs at least one delivery id"));
-        }
-        if request.delivery_ids.len() > CREDIT_MAX as usize {
-            return Err(Status::invalid_argument(format!(
-                "at most {CREDIT_MAX} delivery ids per ack (the credit limit); got {}",
-                request.delivery_ids.len()
-            )));
-        }
+        check_ids("ack", &request.delivery_ids).map_err(to_status)?;
         queue.ack(&request.delivery_ids, true, Holder::AnyCaller).await.map_err(to_status)?;
         Ok(Response::new(pb::AckResponse {}))
     }
@@ -491,6 +526,57 @@ impl consumer_server::Consumer for Service {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::NackResponse {}))
+    }
+
+    async fn peek(&self, request: Request<pb::PeekRequest>) -> Result<Response<pb::PeekResponse>, Status> {
+        let access = self.access(&request)?;
+        let request = request.into_inner();
+        access.check(Action::Consume, &request.queue)?;
+        let queue = self.queue(&request.queue).await?;
+        if !(1..=PEEK_MESSAGES_MAX).contains(&request.max_messages) {
+            return Err(Status::invalid_argument(format!(
+                "max_messages is {}; it must be in 1..={PEEK_MESSAGES_MAX}",
+                request.max_messages
+            )));
+        }
+        let start = request.start.map(|id| (id.lane, id.offset));
+        if let Some((lane, _)) = start.filter(|&(lane, _)| lane >= queue.lane_count()) {
+            return Err(Status::invalid_argument(format!(
+                "start lane {lane} does not exist; queue {} has lanes 0..{}",
+                queue.name,
+                queue.lane_count()
+            )));
+        }
+        // Reads segments: off the runtime's workers.
+        let reading = Arc::clone(&queue);
+        let (page, mut next) = tokio::task::spawn_blocking(move || reading.peek(start, request.max_messages as usize))
+            .await
+            .map_err(|e| Status::internal(format!("the peek did not finish: {e}")))?;
+        let now = now_ms();
+        let mut messages = Vec::with_capacity(page.len());
+        let mut size = 0;
+        for peeked in page {
+            let id = (peeked.lane, peeked.offset);
+            let message = convert::peeked(peeked, now);
+            size += field_len(&message);
+            if !messages.is_empty() && size > PULL_RESPONSE_SIZE_MAX {
+                // Past the size limit: the next page starts here.
+                next = Some(id);
+                break;
+            }
+            messages.push(message);
+        }
+        let next = next.map(|(lane, offset)| pb::MessageId { lane, offset });
+        Ok(Response::new(pb::PeekResponse { messages, next }))
+    }
+
+    async fn extend(&self, request: Request<pb::ExtendRequest>) -> Result<Response<pb::ExtendResponse>, Status> {
+        let access = self.access(&request)?;
+        let request = request.into_inner();
+        access.check(Action::Consume, &request.queue)?;
+        let queue = self.queue(&request.queue).await?;
+        let extensions = queue.extend(&request.delivery_ids, request.lease_ms, Holder::AnyCaller).map_err(to_status)?;
+        Ok(Response::new(pb::ExtendResponse { results: convert::extensions(&request.delivery_ids, extensions) }))
     }
 }
 
@@ -592,6 +678,11 @@ async fn session(
             },
         }
     }
+    // Nacks the client sent before the stream ended run in tasks of their
+    // own; they settle before the consumer's leases are released, or a nack
+    // sent just before closing would find its lease released ("not
+    // leased") and the message would come back without its attempt counted.
+    let _ = nacks.acquire_many(STREAM_NACKS_IN_FLIGHT_MAX as u32).await;
     queue.unsubscribe(consumer_id, true);
 }
 
@@ -604,7 +695,7 @@ async fn handle(
     nacks: &Arc<tokio::sync::Semaphore>,
 ) -> Result<(), Status> {
     match request.kind {
-        None => Err(Status::invalid_argument("empty consume request: set credit, ack or nack")),
+        None => Err(Status::invalid_argument("empty consume request: set credit, ack, nack or extend")),
         Some(pb::consume_request::Kind::Subscribe(_)) => {
             Err(Status::invalid_argument("already subscribed: open another stream for another queue"))
         }
@@ -625,6 +716,16 @@ async fn handle(
                     let _ = out.send(Ok(rejected(delivery_id, error))).await;
                 }
             }
+            Ok(())
+        }
+        Some(pb::consume_request::Kind::Extend(extend)) => {
+            // A bad request (no ids, too many, lease out of bounds) ends the
+            // stream like a bad ack; a lease not held is answered per id.
+            let extensions = queue
+                .extend(&extend.delivery_ids, extend.lease_ms, Holder::Consumer(consumer_id))
+                .map_err(to_status)?;
+            let results = convert::extensions(&extend.delivery_ids, extensions);
+            let _ = out.send(Ok(response(pb::consume_response::Kind::Extended(pb::Extended { results })))).await;
             Ok(())
         }
         Some(pb::consume_request::Kind::Nack(nack)) => {

@@ -33,7 +33,8 @@ use super::{HEADER_NOT_BEFORE, LaneScheduler, Queue, QueueSettings, headers};
 use crate::{
     error::{BrokerError, Result},
     limits::{
-        CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, NACK_REASON_SIZE_MAX, PULL_LEASES_MAX, REREAD_RETRY_MS,
+        CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, LEASE_TIMEOUT_MS_MAX, LEASE_TIMEOUT_MS_MIN,
+        NACK_REASON_SIZE_MAX, PULL_LEASES_MAX, REREAD_RETRY_MS,
     },
     now_ms,
 };
@@ -51,6 +52,22 @@ pub struct Delivery {
     pub attempt: u32,
     pub published_at_ms: u64,
     pub lease_deadline_ms: u64,
+    /// The lease's length (the queue's `lease_timeout_ms`), for consumers
+    /// that extend it.
+    pub lease_ms: u64,
+}
+
+/// What an extend did to one lease (see [`Queue::extend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extension {
+    /// Held until this deadline, Unix ms.
+    Extended { lease_deadline_ms: u64 },
+    /// Its deadline had passed: it is being taken back for redelivery and
+    /// was left alone.
+    Expired,
+    /// Not a lease the caller holds (settled, taken back, never issued, or
+    /// another stream's): left alone.
+    NotLeased,
 }
 
 /// A consumer's registration: deliveries arrive on `deliveries`.
@@ -188,6 +205,12 @@ impl DeliveryState {
         let delayed =
             self.lanes.iter().filter_map(|l| l.delayed.first().map(|&(d, _, _)| d)).filter(|_| can_deliver).min();
         lease.into_iter().chain(delayed).min()
+    }
+
+    /// Whether a lease holds the message at `lane`, `offset` (a scan of
+    /// the leases: for redrive, not the delivery path).
+    pub(crate) fn holds_offset(&self, lane: u32, offset: u64) -> bool {
+        self.leases.values().any(|l| l.lane == lane && l.offset == offset)
     }
 
     fn remove_lease(&mut self, delivery_id: u64) -> Option<Lease> {
@@ -495,6 +518,56 @@ impl Queue {
         Ok(())
     }
 
+    /// Whether the message at `lane`, `offset` is leased now.
+    pub(crate) fn is_leased(&self, lane: u32, offset: u64) -> bool {
+        self.delivery.lock().holds_offset(lane, offset)
+    }
+
+    /// Extends the leases of `delivery_ids` held by `holder`: each gets the
+    /// deadline now + `lease_ms` (0: the queue's `lease_timeout_ms`), which
+    /// may also shorten it. Answered per id, in order; only a lease held and
+    /// not yet past its deadline changes, so an expired lease is never
+    /// revived and another stream's is never touched. Nothing is written to
+    /// storage: leases live in memory and end with the broker anyway.
+    pub fn extend(&self, delivery_ids: &[u64], lease_ms: u64, holder: Holder) -> Result<Vec<Extension>> {
+        let lease_ms = if lease_ms == 0 { self.settings().lease_timeout_ms } else { lease_ms };
+        if !(LEASE_TIMEOUT_MS_MIN..=LEASE_TIMEOUT_MS_MAX).contains(&lease_ms) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "lease_ms is {lease_ms}; it must be in {LEASE_TIMEOUT_MS_MIN}..={LEASE_TIMEOUT_MS_MAX} \
+                 (the bounds of a queue's lease_timeout_ms), or 0 for the queue's lease"
+            )));
+        }
+        check_ids("extend", delivery_ids)?;
+        let now = now_ms();
+        let lease_deadline_ms = now + lease_ms;
+        let (extensions, wake_timer) = {
+            let mut guard = self.delivery.lock();
+            let state = &mut *guard;
+            let extensions: Vec<Extension> = delivery_ids
+                .iter()
+                .map(|&delivery_id| {
+                    let Some(lease) = state.leases.get_mut(&delivery_id).filter(|l| holder.holds(l)) else {
+                        return Extension::NotLeased;
+                    };
+                    if lease.deadline_ms <= now {
+                        return Extension::Expired;
+                    }
+                    state.expiries.remove(&(lease.deadline_ms, delivery_id));
+                    lease.deadline_ms = lease_deadline_ms;
+                    state.expiries.insert((lease_deadline_ms, delivery_id));
+                    self.lane_metrics(lease.lane as usize).lease_extended.increment(1);
+                    Extension::Extended { lease_deadline_ms }
+                })
+                .collect();
+            // A shortened lease may now be the first due.
+            (extensions, state.next_deadline().is_some_and(|d| d < state.timer_deadline))
+        };
+        if wake_timer {
+            self.timer_wake.notify_one();
+        }
+        Ok(extensions)
+    }
+
     /// Marks every message done; leases are dropped. Returns how many.
     pub fn purge(&self) -> Result<u64> {
         let mut state = self.delivery.lock();
@@ -533,17 +606,19 @@ impl Queue {
             return;
         }
         let now = now_ms();
+        let lease_timeout_ms = self.settings().lease_timeout_ms;
         let wake_timer = {
             let mut guard = self.delivery.lock();
             let state = &mut *guard;
             while let Some(consumer_id) = state.consumer_with_credit() {
                 let Some((lane, offset, prior, record)) = self.next_message(state, now) else { break };
                 let delivery_id = state.new_delivery_id();
-                let deadline_ms = now + self.settings.lease_timeout_ms;
+                let deadline_ms = now + lease_timeout_ms;
                 let attempt = prior + 1;
                 let published_ms = record.timestamp_ms;
                 let size = record.stored_size();
-                let delivery = to_delivery(delivery_id, lane, record, attempt, deadline_ms);
+                let mut delivery = to_delivery(delivery_id, lane, record, attempt, deadline_ms);
+                delivery.lease_ms = lease_timeout_ms;
                 let Some(consumer) = state.consumers.get_mut(&consumer_id) else { break };
                 match consumer.sender.try_send(delivery) {
                     Ok(()) => {
@@ -756,7 +831,7 @@ impl Queue {
     async fn retry(self: &Arc<Self>, lease: Lease, delay_ms: u64, reason: &str) {
         let Some(record) = self.reread_for_retry(&lease) else { return };
         let original_offset = headers::original_offset(&record.headers, lease.offset);
-        let outcome = if lease.attempt >= self.settings.max_attempts {
+        let outcome = if lease.attempt >= self.settings().max_attempts {
             self.dead_letter(lease, record, reason, original_offset).await
         } else {
             let own = headers::own_headers(record.headers.clone());
@@ -808,7 +883,7 @@ impl Queue {
         let source = headers::DeadLetterSource {
             reason,
             queue: self.name.as_str(),
-            lane: &self.settings.lanes[lease.lane as usize],
+            lane: &self.settings().lanes[lease.lane as usize],
             offset: lease.offset,
             attempts: lease.attempt,
             original_offset,
@@ -933,7 +1008,23 @@ fn to_delivery(delivery_id: u64, lane: u32, record: Record, attempt: u32, lease_
         attempt,
         published_at_ms: record.timestamp_ms,
         lease_deadline_ms,
+        lease_ms: 0,
     }
+}
+
+/// Checks the ids of an ack or extend: at least one, at most [`CREDIT_MAX`]
+/// (no caller can hold more leases of one stream).
+pub(crate) fn check_ids(call: &str, delivery_ids: &[u64]) -> Result<()> {
+    if delivery_ids.is_empty() {
+        return Err(BrokerError::InvalidArgument(format!("{call} needs at least one delivery id")));
+    }
+    if delivery_ids.len() > CREDIT_MAX as usize {
+        return Err(BrokerError::InvalidArgument(format!(
+            "at most {CREDIT_MAX} delivery ids per {call} (the credit limit); got {}",
+            delivery_ids.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Starts the queue's timer task: expires leases and releases delayed
@@ -1016,6 +1107,37 @@ mod tests {
             .await
             .expect("a delivery within 10 s")
             .expect("the consumer is subscribed")
+    }
+
+    /// A lease past its deadline that the timer has not yet taken back is
+    /// EXPIRED to an extend and stays as it is (it is redelivered, never
+    /// revived); the same call extends a live lease of the caller's and
+    /// leaves another consumer's alone.
+    #[tokio::test]
+    async fn an_expired_lease_is_not_extended() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = open(dir.path(), None).await;
+        let queue = broker.create("extend", &Default::default()).await.unwrap();
+        queue.publish(messages(3)).await.unwrap();
+        let mut mine = queue.subscribe(2).unwrap();
+        let mut theirs = queue.subscribe(1).unwrap();
+        let (expired, live) = (next(&mut mine).await.delivery_id, next(&mut mine).await.delivery_id);
+        let foreign = next(&mut theirs).await.delivery_id;
+        // Past its deadline in the lease table only: the timer still sleeps
+        // until the old deadline, so it cannot take the lease back first.
+        let past = now_ms() - 1;
+        queue.delivery.lock().leases.get_mut(&expired).unwrap().deadline_ms = past;
+        let extensions = queue.extend(&[expired, live, foreign], 60_000, Holder::Consumer(mine.consumer_id)).unwrap();
+        assert_eq!(extensions[0], Extension::Expired);
+        assert!(
+            matches!(extensions[1], Extension::Extended { lease_deadline_ms } if lease_deadline_ms > past + 59_000)
+        );
+        assert_eq!(extensions[2], Extension::NotLeased, "another consumer's lease");
+        let state = queue.delivery.lock();
+        assert_eq!(state.leases[&expired].deadline_ms, past, "the expired lease is left alone");
+        let foreign_deadline = state.leases[&foreign].deadline_ms;
+        assert!(state.expiries.contains(&(foreign_deadline, foreign)));
+        assert_eq!(state.expiries.len(), 3, "one expiry entry per lease, the extended one moved");
     }
 
     /// An ack of several deliveries that storage refuses (the log is

@@ -4,17 +4,22 @@
 mod delivery;
 mod headers;
 mod name;
+mod peek;
 #[allow(clippy::module_inception, reason = "the file is named after the type, as everywhere else")]
 mod queue;
 mod quota;
+mod redrive;
 mod saturation;
 mod scheduler;
 mod settings;
 
-pub use delivery::{Delivery, DeliveryFigures, Holder, RefusedCounts, Subscription};
+pub(crate) use delivery::check_ids;
+pub use delivery::{Delivery, DeliveryFigures, Extension, Holder, RefusedCounts, Subscription};
 pub use name::QueueName;
+pub use peek::Peeked;
 pub use queue::{Publish, Queue, QueueStats, Receipt};
 pub(crate) use queue::{QUEUE_FILE, remove_in_background};
+pub use redrive::Redriven;
 pub use saturation::Figures;
 pub use scheduler::LaneScheduler;
 pub use settings::{QueueSettings, SettingsRequest, SyncPolicySetting};

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, delivery::DeliveryState, quota::Turn};
+use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, SettingsRequest, delivery::DeliveryState, quota::Turn};
 use crate::{
     broker::Node,
     config::Config,
@@ -111,7 +111,11 @@ pub(crate) const QUEUE_FILE: &str = "queue.toml";
 /// One queue.
 pub struct Queue {
     pub name: QueueName,
-    pub settings: QueueSettings,
+    /// The settings in force: replaced whole by [`Queue::update_settings`]
+    /// (after they are durable), read as a snapshot by each use.
+    settings: parking_lot::RwLock<Arc<QueueSettings>>,
+    /// Serializes settings updates: one writes `queue.toml` at a time.
+    settings_update: Mutex<()>,
     pub created_at_ms: u64,
     /// Where the queue's files are.
     pub(crate) dir: PathBuf,
@@ -192,10 +196,48 @@ impl Queue {
         let created_at_ms = now_ms();
         std::fs::create_dir_all(dir.join("lanes")).map_err(|e| storage_error(dir, e))?;
         let queue = Queue::open_logs(dir, name, settings, created_at_ms, config, node, dead_letter)?;
-        let file = QueueFile { name: queue.name.to_string(), created_at_ms, settings: queue.settings.clone() };
-        let text = toml::to_string(&file).map_err(|e| BrokerError::Storage(e.to_string()))?;
-        write_atomically(dir, QUEUE_FILE, text.as_bytes()).map_err(|e| storage_error(dir, e))?;
+        queue.write_file(&queue.settings())?;
         Ok(queue)
+    }
+
+    /// Writes `queue.toml` with `settings`: a temporary file, synced, renamed
+    /// over the old one, and the directory synced, so a crash leaves the old
+    /// file or the new one.
+    fn write_file(&self, settings: &QueueSettings) -> Result<()> {
+        let file =
+            QueueFile { name: self.name.to_string(), created_at_ms: self.created_at_ms, settings: settings.clone() };
+        let text = toml::to_string(&file).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        write_atomically(&self.dir, QUEUE_FILE, text.as_bytes()).map_err(|e| storage_error(&self.dir, e))
+    }
+
+    /// The settings in force now (a snapshot: an update replaces them).
+    pub fn settings(&self) -> Arc<QueueSettings> {
+        Arc::clone(&self.settings.read())
+    }
+
+    /// Applies `changes` (unset fields keep their value) to the live queue:
+    /// validated like a creation, refused whole if it would change a
+    /// setting that cannot change on a live queue, written to `queue.toml`
+    /// durably, and only then put in force. Returns the keys that changed
+    /// (empty: nothing to do, nothing written).
+    pub fn update_settings(&self, changes: &SettingsRequest) -> Result<Vec<&'static str>> {
+        let _one_at_a_time = self.settings_update.lock();
+        let current = self.settings();
+        let updated = current.updated(changes)?;
+        let changed = current.changed_keys(&updated);
+        if changed.is_empty() {
+            return Ok(changed);
+        }
+        self.write_file(&updated)?;
+        self.quota.set_rates(updated.max_publish_rate, updated.max_publish_byte_rate);
+        self.dedupe.lock().set_window(updated.dedupe_window_ms);
+        for log in &self.lanes {
+            log.set_dedupe_window_ms(updated.dedupe_window_ms);
+        }
+        *self.settings.write() = Arc::new(updated);
+        // A lower limit or threshold may refuse what is queued for
+        // admission; a longer lease applies to the next delivery.
+        Ok(changed)
     }
 
     /// Reads a queue directory's `queue.toml`: the queue's name, settings
@@ -254,7 +296,8 @@ impl Queue {
         );
         let queue = Arc::new(Queue {
             name,
-            settings,
+            settings: parking_lot::RwLock::new(Arc::new(settings)),
+            settings_update: Mutex::new(()),
             created_at_ms,
             dir: dir.to_owned(),
             lanes,
@@ -299,7 +342,7 @@ impl Queue {
     /// Lane `lane`'s counters and histograms, registered on first use (an
     /// idle lane holds no series).
     pub(crate) fn lane_metrics(&self, lane: usize) -> &crate::metrics::LaneMetrics {
-        self.meters[lane].metrics.get(self.name.as_str(), &self.settings.lanes[lane])
+        self.meters[lane].metrics.get(self.name.as_str(), &self.settings().lanes[lane])
     }
 
     /// Whether lane `lane`'s log can write (it is not poisoned).
@@ -313,7 +356,7 @@ impl Queue {
     }
 
     pub fn lane_count(&self) -> u32 {
-        self.settings.lane_count()
+        self.settings().lane_count()
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -479,7 +522,8 @@ impl Queue {
         }
         let count = messages.len() as u64;
         let lane = lanes.iter().copied().max().unwrap_or(0);
-        let fraction = |lane: u32| self.settings.lane_admission[lane as usize];
+        let settings = self.settings();
+        let fraction = |lane: u32| settings.lane_admission[lane as usize];
         let max_wait = Duration::from_millis(PUBLISH_THROTTLE_WAIT_MS_MAX).mul_f64(fraction(lane));
         match self.quota.reserve(std::time::Instant::now(), lane as usize, &costs, max_wait) {
             Turn::Wait(wait) if wait.is_zero() => Ok(()),
@@ -508,14 +552,14 @@ impl Queue {
                 };
                 Err(BrokerError::Refused(Box::new(Refusal {
                     queue: self.name.to_string(),
-                    lane: self.settings.lanes[lane as usize].clone(),
+                    lane: settings.lanes[lane as usize].clone(),
                     lane_index: lane,
                     figures,
                     threshold: fraction(lane),
                     retry_after_ms: ms(wait - max_wait).clamp(RETRY_AFTER_MS_MIN, RETRY_AFTER_MS_MAX),
                     reason: RefusalReason::PublishRate {
-                        max_publish_rate: self.settings.max_publish_rate,
-                        max_publish_byte_rate: self.settings.max_publish_byte_rate,
+                        max_publish_rate: settings.max_publish_rate,
+                        max_publish_byte_rate: settings.max_publish_byte_rate,
                         batch_messages: count,
                         batch_bytes: bytes,
                         wait_ms: ms(wait),
@@ -557,13 +601,14 @@ impl Queue {
     fn validate(&self, index: usize, message: &Publish) -> Result<u32> {
         let which = |what: String| BrokerError::InvalidArgument(format!("message {index}: {what}"));
         let size = message.payload.len();
-        if size > self.settings.message_size_max as usize {
+        let settings = self.settings();
+        if size > settings.message_size_max as usize {
             return Err(which(format!(
                 "payload is {size} bytes; queue {} accepts at most {} (message_size_max)",
-                self.name, self.settings.message_size_max
+                self.name, settings.message_size_max
             )));
         }
-        let lane = message.lane.unwrap_or(self.settings.default_lane);
+        let lane = message.lane.unwrap_or(settings.default_lane);
         if lane >= self.lane_count() {
             return Err(which(format!(
                 "lane {lane} does not exist; queue {} has lanes 0..{}",

@@ -24,7 +24,10 @@
 //! lane's calls are bounded by their own line, so all lanes together stay
 //! within the quota (plus one burst allowance per lane).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use parking_lot::Mutex;
 
@@ -33,12 +36,23 @@ use crate::limits::QUOTA_BURST_MS;
 /// A queue's publish quota.
 #[derive(Debug)]
 pub(crate) struct Quota {
-    /// Seconds per message and per byte; `None`: that dimension is free.
-    per_message: Option<f64>,
-    per_byte: Option<f64>,
+    /// Seconds per message and per byte, as `f64` bits; 0 (no rate can
+    /// give it): that dimension is free. Atomics, so an update of the
+    /// queue's settings changes them live ([`Quota::set_rates`]).
+    per_message: AtomicU64,
+    per_byte: AtomicU64,
     /// Per lane, highest priority first: theoretical arrival times
     /// (messages, bytes).
     lines: Mutex<Vec<(Instant, Instant)>>,
+}
+
+/// Seconds per unit of a rate, as `f64` bits; 0 for no rate.
+fn per_unit_bits(rate: u64) -> u64 {
+    if rate == 0 { 0 } else { (1.0 / rate as f64).to_bits() }
+}
+
+fn per_unit(bits: u64) -> Option<f64> {
+    (bits != 0).then(|| f64::from_bits(bits))
 }
 
 /// What a call gets from [`Quota::reserve`].
@@ -54,23 +68,39 @@ impl Quota {
     /// A quota of `messages_per_s` and `bytes_per_s` (each 0 for none) over
     /// `lanes` lanes.
     pub(crate) fn new(messages_per_s: u64, bytes_per_s: u64, lanes: usize, now: Instant) -> Quota {
-        let per_unit = |rate: u64| (rate > 0).then(|| 1.0 / rate as f64);
         Quota {
-            per_message: per_unit(messages_per_s),
-            per_byte: per_unit(bytes_per_s),
+            per_message: AtomicU64::new(per_unit_bits(messages_per_s)),
+            per_byte: AtomicU64::new(per_unit_bits(bytes_per_s)),
             lines: Mutex::new(vec![(now, now); lanes.max(1)]),
         }
+    }
+
+    /// Changes the rates (each 0 for none) from the next call on; the
+    /// lines keep their place, so calls already charged keep their turns.
+    pub(crate) fn set_rates(&self, messages_per_s: u64, bytes_per_s: u64) {
+        // Under the lines' lock: a reserve sees both old rates or both new.
+        let _lines = self.lines.lock();
+        self.per_message.store(per_unit_bits(messages_per_s), Ordering::Relaxed);
+        self.per_byte.store(per_unit_bits(bytes_per_s), Ordering::Relaxed);
+    }
+
+    fn per_message(&self) -> Option<f64> {
+        per_unit(self.per_message.load(Ordering::Relaxed))
+    }
+
+    fn per_byte(&self) -> Option<f64> {
+        per_unit(self.per_byte.load(Ordering::Relaxed))
     }
 
     /// Whether the quota limits anything (if not, [`Quota::reserve`] always
     /// answers `Wait(0)` and publishes need not compute their cost).
     pub(crate) fn is_limited(&self) -> bool {
-        self.per_message.is_some() || self.per_byte.is_some()
+        self.per_message().is_some() || self.per_byte().is_some()
     }
 
     /// Whether calls must say their bytes (a byte rate is set).
     pub(crate) fn limits_bytes(&self) -> bool {
-        self.per_byte.is_some()
+        self.per_byte().is_some()
     }
 
     /// Reserves the turn of a call arriving at `now` that waits on lane
@@ -82,14 +112,15 @@ impl Quota {
     pub(crate) fn reserve(&self, now: Instant, waits_on: usize, costs: &[(u64, u64)], max_wait: Duration) -> Turn {
         let burst = Duration::from_millis(QUOTA_BURST_MS);
         let mut lines = self.lines.lock();
+        let (per_message, per_byte) = (self.per_message(), self.per_byte());
         let waits_on = waits_on.min(lines.len() - 1);
         let wait_for = |tat: Instant| tat.saturating_duration_since(now + burst);
         let own = lines[waits_on];
         let mut wait = Duration::ZERO;
-        if self.per_message.is_some() {
+        if per_message.is_some() {
             wait = wait.max(wait_for(own.0));
         }
-        if self.per_byte.is_some() {
+        if per_byte.is_some() {
             wait = wait.max(wait_for(own.1));
         }
         if wait > max_wait {
@@ -115,8 +146,8 @@ impl Quota {
             if messages == 0 && bytes == 0 {
                 continue;
             }
-            line.0 = advance(line.0, self.per_message, messages);
-            line.1 = advance(line.1, self.per_byte, bytes);
+            line.0 = advance(line.0, per_message, messages);
+            line.1 = advance(line.1, per_byte, bytes);
         }
         Turn::Wait(wait)
     }

@@ -166,7 +166,7 @@ impl LaneMeter {
 
 impl Queue {
     fn saturation_of(&self, depth: u64, bytes: u64) -> f64 {
-        let s = &self.settings;
+        let s = self.settings();
         (depth as f64 / s.max_messages as f64).max(bytes as f64 / s.max_bytes as f64)
     }
 
@@ -259,6 +259,8 @@ impl Queue {
     /// caller holds the reservation until its append ended. Takes no disk
     /// I/O beyond what the figures need, and stores nothing.
     pub(crate) fn admit(&self, adding: &[(u64, u64)]) -> Result<Admitted<'_>> {
+        // One snapshot for the whole decision, even if an update lands meanwhile.
+        let settings = self.settings();
         if let Some(free) = self.node.disk_low() {
             self.refused.disk_full.fetch_add(1, Ordering::Relaxed);
             let (total, _) = self.figures_with(false);
@@ -266,10 +268,10 @@ impl Queue {
             self.lane_metrics(lane).refused_disk_low.increment(1);
             return Err(BrokerError::Refused(Box::new(Refusal {
                 queue: self.name.to_string(),
-                lane: self.settings.lanes[lane].clone(),
+                lane: settings.lanes[lane].clone(),
                 lane_index: lane_index(lane),
                 figures: total,
-                threshold: self.settings.lane_admission[lane],
+                threshold: settings.lane_admission[lane],
                 retry_after_ms: RETRY_AFTER_MS_MAX.min(10_000),
                 reason: RefusalReason::DiskLow { free, min: self.node.disk_free_min() },
             })));
@@ -286,9 +288,9 @@ impl Queue {
             if n == 0 {
                 continue;
             }
-            let threshold = self.settings.lane_admission[lane];
-            let max_messages = (self.settings.max_messages as f64 * threshold).floor() as u64;
-            let max_bytes = (self.settings.max_bytes as f64 * threshold).floor() as u64;
+            let threshold = settings.lane_admission[lane];
+            let max_messages = (settings.max_messages as f64 * threshold).floor() as u64;
+            let max_bytes = (settings.max_bytes as f64 * threshold).floor() as u64;
             if new_messages > max_messages || new_bytes > max_bytes {
                 drop(admitting);
                 // Not even an empty queue would take it: retrying cannot help.
@@ -296,7 +298,7 @@ impl Queue {
                     "a batch of {new_messages} messages ({new_bytes} bytes) exceeds lane {}'s share of queue {} even when \
                      the queue is empty: {:.0}% of max_messages is {max_messages} and of max_bytes {max_bytes}; split \
                      the batch, or publish to a higher lane",
-                    self.settings.lanes[lane],
+                    settings.lanes[lane],
                     self.name,
                     threshold * 100.0
                 )));
@@ -310,14 +312,14 @@ impl Queue {
                 let (total, _) = self.figures_with(false);
                 return Err(BrokerError::Refused(Box::new(Refusal {
                     queue: self.name.to_string(),
-                    lane: self.settings.lanes[lane].clone(),
+                    lane: settings.lanes[lane].clone(),
                     lane_index: lane_index(lane),
                     figures: total,
                     threshold,
                     retry_after_ms: retry_after_ms(excess_messages, excess_bytes, &total),
                     reason: RefusalReason::QueueFull {
-                        max_messages: self.settings.max_messages,
-                        max_bytes: self.settings.max_bytes,
+                        max_messages: settings.max_messages,
+                        max_bytes: settings.max_bytes,
                         batch_messages: new_messages,
                         batch_bytes: new_bytes,
                         lane_max_messages: max_messages,

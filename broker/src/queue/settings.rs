@@ -245,12 +245,80 @@ impl QueueSettings {
         Ok(())
     }
 
+    /// These settings with `changes` applied (unset fields keep their
+    /// value), validated as on create. A setting the live queue is built on
+    /// (its lanes and their order, weights, scheduling, dead-letter queue,
+    /// and what its storage logs were opened with) asked for with another
+    /// value refuses the whole update, naming it.
+    pub fn updated(&self, changes: &SettingsRequest) -> Result<QueueSettings> {
+        let fixed = |key: &'static str, differs: bool, why: &str| {
+            if differs {
+                Err(invalid(
+                    key,
+                    format!(
+                        "{key} cannot change on a live queue ({why}); create a new queue with the settings you need"
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let lanes_why = "each lane is a log on disk, in priority order";
+        let storage_why = "the queue's storage logs are opened with it";
+        let asked = |value: Option<_>, current| value.is_some_and(|v| v != current);
+        fixed("lanes", !changes.lanes.is_empty() && changes.lanes != self.lanes, lanes_why)?;
+        let weights = !changes.lane_weights.is_empty() && changes.lane_weights != self.lane_weights;
+        fixed("lane_weights", weights, "the lane scheduler is built on them")?;
+        fixed(
+            "strict_priority",
+            asked(changes.strict_priority, self.strict_priority),
+            "the lane scheduler is built on it",
+        )?;
+        fixed("dead_letter", asked(changes.dead_letter, self.dead_letter), "the dead-letter queue exists or not")?;
+        let size = changes.message_size_max.is_some_and(|v| v != self.message_size_max);
+        fixed("message_size_max", size, storage_why)?;
+        fixed("sync_policy", changes.sync_policy.is_some_and(|v| v != self.sync_policy), storage_why)?;
+        let interval = changes.sync_interval_ms.is_some_and(|v| v != self.sync_interval_ms);
+        fixed("sync_interval_ms", interval, storage_why)?;
+        let updated = QueueSettings {
+            default_lane: changes.default_lane.unwrap_or(self.default_lane),
+            lease_timeout_ms: changes.lease_timeout_ms.unwrap_or(self.lease_timeout_ms),
+            max_attempts: changes.max_attempts.unwrap_or(self.max_attempts),
+            max_messages: changes.max_messages.unwrap_or(self.max_messages),
+            max_bytes: changes.max_bytes.unwrap_or(self.max_bytes),
+            lane_admission: if changes.lane_admission.is_empty() {
+                self.lane_admission.clone()
+            } else {
+                changes.lane_admission.clone()
+            },
+            max_publish_rate: changes.max_publish_rate.unwrap_or(self.max_publish_rate),
+            max_publish_byte_rate: changes.max_publish_byte_rate.unwrap_or(self.max_publish_byte_rate),
+            dedupe_window_ms: changes.dedupe_window_ms.unwrap_or(self.dedupe_window_ms),
+            ..self.clone()
+        };
+        updated.validate()?;
+        Ok(updated)
+    }
+
+    /// The keys whose values differ between two settings, in field order.
+    pub fn changed_keys(&self, other: &QueueSettings) -> Vec<&'static str> {
+        self.differences(other).into_iter().map(|(key, _)| key).collect()
+    }
+
     /// The first difference between two settings, for ALREADY_EXISTS.
     pub fn difference(&self, other: &QueueSettings) -> Option<String> {
+        self.differences(other).into_iter().next().map(|(_, text)| text)
+    }
+
+    /// Every field that differs, in field order: its key and "key is X,
+    /// asked Y".
+    fn differences(&self, other: &QueueSettings) -> Vec<(&'static str, String)> {
+        let mut differences = Vec::new();
         macro_rules! compare {
             ($($field:ident),*) => {$(
                 if self.$field != other.$field {
-                    return Some(format!("{} is {:?}, asked {:?}", stringify!($field), self.$field, other.$field));
+                    let key = stringify!($field);
+                    differences.push((key, format!("{key} is {:?}, asked {:?}", self.$field, other.$field)));
                 }
             )*};
         }
@@ -272,7 +340,7 @@ impl QueueSettings {
             max_publish_rate,
             max_publish_byte_rate
         );
-        None
+        differences
     }
 
     pub fn lane_count(&self) -> u32 {

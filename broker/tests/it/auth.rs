@@ -182,7 +182,7 @@ async fn missing_malformed_or_unknown_credentials_are_unauthenticated() {
 }
 
 /// A principal allowed to publish but not consume gets PERMISSION_DENIED
-/// naming the action and the queue on Consume, Pull, Ack and Nack, and the
+/// naming the action and the queue on Consume, Pull, Ack, Nack, Extend and Peek, and the
 /// message is not delivered to it: a principal that may consume gets it
 /// as its first delivery.
 #[tokio::test]
@@ -199,6 +199,14 @@ async fn a_publish_only_principal_cannot_consume() {
     assert_code(publisher.consumer.ack(ack).await, Code::PermissionDenied, &needles);
     let nack = pb::NackRequest { queue: "jobs".into(), delivery_id: 1, delay_ms: 0, reason: String::new() };
     assert_code(publisher.consumer.nack(nack).await, Code::PermissionDenied, &needles);
+    let extend = pb::ExtendRequest { queue: "jobs".into(), delivery_ids: vec![1], lease_ms: 0 };
+    assert_code(publisher.consumer.extend(extend).await, Code::PermissionDenied, &needles);
+    let peek = pb::PeekRequest { queue: "jobs".into(), start: None, max_messages: 1 };
+    assert_code(publisher.consumer.peek(peek).await, Code::PermissionDenied, &needles);
+    let redrive = pb::RedriveRequest { name: "jobs".into(), max_messages: 0, reason: String::new() };
+    assert_code(publisher.admin.redrive(redrive).await, Code::PermissionDenied, &["admin", "\"jobs\""]);
+    let update = pb::UpdateQueueRequest { name: "jobs".into(), settings: None };
+    assert_code(publisher.admin.update_queue(update).await, Code::PermissionDenied, &["admin", "\"jobs\""]);
     let create_request = pb::CreateQueueRequest { name: "other".into(), settings: None };
     assert_code(publisher.admin.create_queue(create_request).await, Code::PermissionDenied, &["admin", "\"other\""]);
     let deliveries = pull(&mut ops, "jobs").await.unwrap();

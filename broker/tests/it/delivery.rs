@@ -282,3 +282,41 @@ async fn a_stream_flooding_nacks_is_held_back_and_recovers() {
     publish(&mut broker.publisher().await, "n", message("after")).await;
     assert_eq!(session.delivery().await.payload, "after".as_bytes());
 }
+
+/// Nacks sent just before the client half-closes its stream are applied before
+/// the stream's leases are released: each counts its attempt (here the last
+/// one, so every message is dead-lettered), none comes back as if it had
+/// never been nacked.
+#[tokio::test]
+async fn nacks_sent_just_before_closing_the_stream_count() {
+    let broker = BrokerProcess::start();
+    let settings = pb::QueueSettings { max_attempts: Some(1), ..queue_settings() };
+    let mut admin = broker.admin().await;
+    create(&mut admin, "closing", settings).await;
+    let mut publisher = broker.publisher().await;
+    for i in 0..50 {
+        publish(&mut publisher, "closing", message(format!("m{i}"))).await;
+    }
+    let mut consumer = broker.consumer().await;
+    let mut session = Session::open(&mut consumer, "closing", 50).await;
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids.push(session.delivery().await.delivery_id);
+    }
+    for id in ids {
+        session.nack(id, 0, "closing").await;
+    }
+    // Done sending; the broker ends the stream once it has read the nacks.
+    let mut responses = session.half_close();
+    while let Ok(Some(_)) = responses.message().await {}
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (left, dead) = (depth(&mut admin, "closing").await, depth(&mut admin, "closing.dead").await);
+        if dead == 50 {
+            assert_eq!(left, 0, "every nacked message was dead-lettered");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{dead} of 50 dead-lettered, {left} left in the queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

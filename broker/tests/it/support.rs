@@ -303,6 +303,12 @@ impl Session {
         }
     }
 
+    /// Ends the request side (a half-close, as a client that is done
+    /// sending does) and returns the response side, still open.
+    pub fn half_close(self) -> Streaming<pb::ConsumeResponse> {
+        self.responses
+    }
+
     /// The stream's request side, for sending from another task.
     pub fn sender(&self) -> mpsc::Sender<pb::ConsumeRequest> {
         self.requests.clone()

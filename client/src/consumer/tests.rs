@@ -59,6 +59,13 @@ fn assert_session_discipline(sessions: &[SessionLog]) {
                     );
                     continue;
                 }
+                RequestKind::Extend(extend) => {
+                    for id in &extend.delivery_ids {
+                        assert!(session.delivered.contains_key(id), "session {index} extended {id}, never delivered");
+                        assert!(!settled.contains(id), "session {index} extended {id} after settling it");
+                    }
+                    continue;
+                }
                 RequestKind::Subscribe(_) => continue,
             };
             for id in ids {
@@ -284,11 +291,15 @@ fn config_validation() {
         (ConsumerConfig { prefetch: contract::CREDIT_MAX + 1, ..ConsumerConfig::default() }, "prefetch"),
         (ConsumerConfig { concurrency: 0, ..ConsumerConfig::default() }, "concurrency"),
         (ConsumerConfig { max_messages: Some(0), ..ConsumerConfig::default() }, "max_messages"),
+        (ConsumerConfig { extend_max: Some(Duration::ZERO), ..ConsumerConfig::default() }, "extend_max"),
     ] {
         let error = config.validate().expect_err("invalid");
         assert!(error.to_string().contains(name), "{error}");
     }
     assert!(ConsumerConfig { prefetch: contract::CREDIT_MAX, ..ConsumerConfig::default() }.validate().is_ok());
+    let shortest = ConsumerConfig { extend_max: Some(Duration::from_millis(1)), ..ConsumerConfig::default() };
+    assert!(shortest.validate().is_ok());
+    assert!(ConsumerConfig { extend_max: None, ..ConsumerConfig::default() }.validate().is_ok(), "never extend");
 }
 
 /// Nack reasons are cut at a character boundary.

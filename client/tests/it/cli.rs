@@ -356,3 +356,112 @@ fn tls_flags_reach_a_tls_broker() {
     assert_ne!(code(&plain), 0, "{plain:?}");
     assert!(stderr.contains("TLS failed: the broker speaks TLS and this client does not"), "{stderr}");
 }
+
+/// `ballast extend` extends a pulled lease (exit 0), and answers per id
+/// with exit 1 when one of them is not leased; --json prints one object
+/// per id.
+#[test]
+fn extend_leases_by_id() {
+    use ballast_proto::v1 as pb;
+
+    let broker = Broker::start();
+    let url = broker.url();
+    let created = ballast(&url, &["queue", "create", "jobs", "--lease-timeout-ms", "2000"], None);
+    assert_eq!(code(&created), 0, "{created:?}");
+    assert_eq!(code(&ballast(&url, &["publish", "jobs", "one"], None)), 0);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let delivery_id = runtime.block_on(async {
+        let mut consumer = pb::consumer_client::ConsumerClient::connect(url.clone()).await.expect("connect");
+        let pull = pb::PullRequest { queue: "jobs".into(), max_messages: 1, wait_ms: 2000 };
+        let deliveries = consumer.pull(pull).await.expect("pull").into_inner().deliveries;
+        deliveries[0].delivery_id
+    });
+    let id = delivery_id.to_string();
+    let extended = ballast(&url, &["extend", "jobs", &id, "--lease-ms", "60000"], None);
+    assert_eq!(code(&extended), 0, "{extended:?}");
+    assert!(stdout(&extended).starts_with(&format!("{id} extended until ")), "{}", stdout(&extended));
+    let mixed = ballast(&url, &["--json", "extend", "jobs", &id, "7"], None);
+    assert_eq!(code(&mixed), 1, "{mixed:?}");
+    let lines: Vec<serde_json::Value> =
+        stdout(&mixed).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 2, "{}", stdout(&mixed));
+    assert_eq!(lines[0]["outcome"], "extended");
+    assert!(lines[0]["lease_deadline_ms"].as_u64().is_some());
+    assert_eq!((lines[1]["delivery_id"].as_u64(), lines[1]["outcome"].as_str()), (Some(7), Some("not leased")));
+    let bad = ballast(&url, &["extend", "jobs", &id, "--lease-ms", "9"], None);
+    assert_eq!(code(&bad), 2, "{bad:?}");
+}
+
+/// `ballast queue update` changes only the flags given and prints the
+/// queue; a setting that cannot change on a live queue exits 2 naming it.
+#[test]
+fn queue_update() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let created = ballast(&url, &["queue", "create", "tuned"], None);
+    assert_eq!(code(&created), 0, "{created:?}");
+    let updated = ballast(&url, &["--json", "queue", "update", "tuned", "--max-attempts", "9"], None);
+    assert_eq!(code(&updated), 0, "{updated:?}");
+    let queue: serde_json::Value = serde_json::from_str(stdout(&updated).trim()).expect("one JSON object");
+    assert_eq!(queue["settings"]["max_attempts"], 9, "{queue}");
+    assert_eq!(queue["settings"]["lease_timeout_ms"], 30_000, "{queue}");
+    let refused = ballast(&url, &["queue", "update", "tuned", "--lanes", "a,b"], None);
+    assert_eq!(code(&refused), 2, "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("lanes cannot change on a live queue"), "{stderr}");
+}
+
+/// `ballast peek` shows messages without taking them: one page of
+/// --count, or every page with --all; the queue keeps them all.
+#[test]
+fn peek_pages_without_taking() {
+    let broker = Broker::start();
+    let url = broker.url();
+    assert_eq!(code(&ballast(&url, &["queue", "create", "seen"], None)), 0);
+    assert_eq!(code(&ballast(&url, &["publish", "seen", "a", "b", "c"], None)), 0);
+    let one = ballast(&url, &["peek", "seen", "--count", "1"], None);
+    assert_eq!(code(&one), 0, "{one:?}");
+    assert_eq!(stdout(&one).lines().count(), 1, "{}", stdout(&one));
+    assert!(stdout(&one).contains("attempts=0") && stdout(&one).ends_with(" a\n"), "{}", stdout(&one));
+    let all = ballast(&url, &["--json", "peek", "seen", "--count", "2", "--all"], None);
+    assert_eq!(code(&all), 0, "{all:?}");
+    let payloads: Vec<String> = stdout(&all)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON")["payload"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(payloads, ["a", "b", "c"]);
+    let consumed = ballast(&url, &["consume", "seen", "--count", "3"], None);
+    assert_eq!(code(&consumed), 0, "every message is still there: {consumed:?}");
+}
+
+/// A dead letter seen with `ballast peek NAME.dead` (its reason shown)
+/// goes back with `ballast redrive NAME`; a second redrive moves nothing.
+#[test]
+fn peek_and_redrive_dead_letters() {
+    use ballast_proto::v1 as pb;
+
+    let broker = Broker::start();
+    let url = broker.url();
+    assert_eq!(code(&ballast(&url, &["queue", "create", "mail", "--max-attempts", "1"], None)), 0);
+    assert_eq!(code(&ballast(&url, &["publish", "mail", "hello"], None)), 0);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let mut consumer = pb::consumer_client::ConsumerClient::connect(url.clone()).await.expect("connect");
+        let pull = pb::PullRequest { queue: "mail".into(), max_messages: 1, wait_ms: 2000 };
+        let id = consumer.pull(pull).await.expect("pull").into_inner().deliveries[0].delivery_id;
+        let nack = pb::NackRequest { queue: "mail".into(), delivery_id: id, delay_ms: 0, reason: "smtp down".into() };
+        consumer.nack(nack).await.expect("nack");
+    });
+    let dead = ballast(&url, &["peek", "mail.dead"], None);
+    assert_eq!(code(&dead), 0, "{dead:?}");
+    assert!(stdout(&dead).contains("attempts=1") && stdout(&dead).contains("reason=smtp down"), "{}", stdout(&dead));
+    let moved = ballast(&url, &["--json", "redrive", "mail"], None);
+    assert_eq!(code(&moved), 0, "{moved:?}");
+    let done: serde_json::Value = serde_json::from_str(stdout(&moved).trim()).expect("JSON");
+    assert_eq!((done["moved"].as_u64(), done["already_moved"].as_u64()), (Some(1), Some(0)), "{done}");
+    assert_eq!(stdout(&ballast(&url, &["peek", "mail.dead"], None)), "", "the dead-letter queue is empty");
+    let again = ballast(&url, &["redrive", "mail"], None);
+    assert!(stdout(&again).starts_with("moved 0 dead letters back to mail"), "{}", stdout(&again));
+    let consumed = ballast(&url, &["consume", "mail", "--count", "1"], None);
+    assert!(stdout(&consumed).contains("hello"), "{consumed:?}");
+}

@@ -4,6 +4,7 @@
 
 mod auth;
 mod cli;
+mod lease;
 mod library;
 mod saturation;
 mod support;

@@ -33,7 +33,7 @@ impl Shared {
             .map_err(|e| SyncError::new("writing the checkpoint", e))?;
         checkpointer.last = point;
         if checkpointer.keys.needs_compaction() {
-            let cutoff = now_ms().saturating_sub(self.options.dedupe_window_ms);
+            let cutoff = now_ms().saturating_sub(self.dedupe_window_ms.load(Ordering::Relaxed));
             let len = match checkpointer.keys.compact(&self.io, cutoff, self.options.dedupe_keys_max as usize) {
                 Ok(len) => len,
                 Err(e) if e.is_deferrable() => {

@@ -526,7 +526,12 @@ async fn session(
             }
             // An ack of a delivery that a restart or a dropped stream took
             // back: it will be delivered again.
-            Some(pb::consume_response::Kind::Rejected(_) | pb::consume_response::Kind::Subscribed(_)) => {}
+            // (It never extends leases, so no `extended` answer comes.)
+            Some(
+                pb::consume_response::Kind::Rejected(_)
+                | pb::consume_response::Kind::Subscribed(_)
+                | pb::consume_response::Kind::Extended(_),
+            ) => {}
             None => return Err(tonic::Status::unavailable("the consume stream ended")),
         }
     }

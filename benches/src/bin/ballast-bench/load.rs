@@ -191,7 +191,8 @@ pub async fn consume(
                         }
                     }
                     Some(pb::consume_response::Kind::Rejected(r)) => anyhow::bail!("ack rejected: {}", r.message),
-                    Some(pb::consume_response::Kind::Subscribed(_)) => {}
+                    // It never extends leases, so no `extended` answer comes.
+                    Some(pb::consume_response::Kind::Subscribed(_) | pb::consume_response::Kind::Extended(_)) => {}
                     None => anyhow::bail!("the consume stream ended"),
                 }
             }
@@ -267,7 +268,8 @@ pub async fn consume_paced(
                     buffer.push_back(d);
                 }
                 Some(pb::consume_response::Kind::Rejected(r)) => anyhow::bail!("ack rejected: {}", r.message),
-                Some(pb::consume_response::Kind::Subscribed(_)) => {}
+                // It never extends leases, so no `extended` answer comes.
+                Some(pb::consume_response::Kind::Subscribed(_) | pb::consume_response::Kind::Extended(_)) => {}
                 None => anyhow::bail!("the consume stream ended"),
             },
             _ = tick.tick() => {}

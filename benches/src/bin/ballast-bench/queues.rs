@@ -326,7 +326,8 @@ async fn steady(channel: &Channel, queues: &[String], args: &Args) -> anyhow::Re
                         }
                     }
                     Some(pb::consume_response::Kind::Rejected(r)) => anyhow::bail!("ack rejected: {}", r.message),
-                    Some(pb::consume_response::Kind::Subscribed(_)) => {}
+                    // It never extends leases, so no `extended` answer comes.
+                    Some(pb::consume_response::Kind::Subscribed(_) | pb::consume_response::Kind::Extended(_)) => {}
                     None => anyhow::bail!("the consume stream ended"),
                 }
             }

@@ -435,7 +435,8 @@ async fn session(
             Some(pb::consume_response::Kind::Rejected(_)) => {
                 shared.ledger.lock().expect("ledger lock").rejected_acks += 1;
             }
-            Some(pb::consume_response::Kind::Subscribed(_)) => {}
+            // It never extends leases, so no `extended` answer comes.
+            Some(pb::consume_response::Kind::Subscribed(_) | pb::consume_response::Kind::Extended(_)) => {}
             None => return Err(tonic::Status::unavailable("the consume stream ended")),
         }
     }

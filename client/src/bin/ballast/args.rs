@@ -105,6 +105,30 @@ pub enum Command {
     /// --count, until COUNT messages were printed and acked.
     Consume(ConsumeArgs),
 
+    /// Show messages of a queue without taking them (nothing is leased or
+    /// redelivered): payload, attempts, dead-letter reason and age.
+    ///
+    /// Lanes in priority order, oldest first; --count messages (all of them
+    /// with --all, a page at a time). For dead letters, peek NAME.dead.
+    Peek(PeekArgs),
+
+    /// Move dead letters of NAME.dead back into NAME, each exactly once.
+    ///
+    /// Each comes back with its application headers and lane, at attempt 1,
+    /// through the queue's admission. Safe to repeat after an interruption
+    /// (within the queue's dedupe window): what was moved is not moved
+    /// again. Prints how many moved.
+    Redrive(RedriveArgs),
+
+    /// Extend leases by delivery id so their messages are not redelivered yet.
+    ///
+    /// For deliveries taken by Pull or by a consumer that cannot extend them
+    /// itself: each lease held gets a new deadline LEASE_MS from now. Prints
+    /// one line per id: "extended" with the new deadline, "expired" (being
+    /// redelivered) or "not leased" (settled, redelivered, or never issued).
+    /// Exits 1 unless every lease was extended.
+    Extend(ExtendArgs),
+
     /// Show depth, saturation, rates, oldest age and drain estimate per queue
     /// and lane, once.
     ///
@@ -149,6 +173,16 @@ pub enum QueueCommand {
     /// Create a queue (and its dead-letter queue NAME.dead). Succeeds if it
     /// exists with the same settings.
     Create(Box<CreateArgs>),
+    /// Change settings of a live queue, without a restart; prints the queue.
+    ///
+    /// Only the flags given change (the defaults shown do not apply). May
+    /// change: --max-messages, --max-bytes, --lane-admission,
+    /// --max-publish-rate, --max-publish-byte-rate, --lease-timeout-ms,
+    /// --max-attempts, --default-lane, --dedupe-window-ms. Lanes, their
+    /// order and weights, strict priority, dead letter, message size and
+    /// sync policy cannot change on a live queue: the broker refuses the update
+    /// (exit 2) naming the setting.
+    Update(Box<CreateArgs>),
     /// List every queue with its depth.
     List,
     /// Show one queue's settings and counts.
@@ -243,6 +277,42 @@ pub struct PublishArgs {
     /// Deliver no earlier than this many milliseconds from now.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub delay_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct PeekArgs {
+    /// Queue to read.
+    pub queue: String,
+    /// Messages to show (1..=1000).
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub count: u32,
+    /// Show every message, a page of --count at a time.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RedriveArgs {
+    /// The source queue (its dead letters are in NAME.dead).
+    pub name: String,
+    /// Move at most N [default: all].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Move only dead letters with exactly this reason.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExtendArgs {
+    /// Queue the deliveries came from.
+    pub queue: String,
+    /// Delivery ids (at most 10000).
+    #[arg(required = true, value_name = "DELIVERY_ID")]
+    pub delivery_ids: Vec<u64>,
+    /// New lease length from now, in milliseconds (10..=43200000); 0 for the queue's lease timeout.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub lease_ms: u64,
 }
 
 #[derive(Debug, Args)]

@@ -3,13 +3,16 @@
 use std::{collections::VecDeque, io::IsTerminal, time::Duration};
 
 use ballast_client::{
-    Admin, AdminConfig, Client, ClientConfig, ConsumerConfig, Delivery, Error, Message, PendingReceipt, Producer,
-    ProducerConfig, QueueSettings,
+    Admin, AdminConfig, Client, ClientConfig, ConsumerConfig, Delivery, Error, LeaseExtension, Message, PendingReceipt,
+    Producer, ProducerConfig, QueueSettings,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{
-    args::{Cli, Command, ConsumeArgs, CreateArgs, PublishArgs, QueueCommand, StatsArgs, TokenCommand, TopArgs},
+    args::{
+        Cli, Command, ConsumeArgs, CreateArgs, ExtendArgs, PeekArgs, PublishArgs, QueueCommand, StatsArgs,
+        TokenCommand, TopArgs,
+    },
     exit::CliError,
     output::{Output, Screen},
 };
@@ -35,6 +38,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Queue(command) => queue(&client, timeout, output, command).await,
         Command::Publish(args) => publish(&client, timeout, output, args).await,
         Command::Consume(args) => consume(&client, timeout, output, args).await,
+        Command::Extend(args) => extend(&client, timeout, output, args).await,
+        Command::Peek(args) => peek(&client, timeout, output, args).await,
+        Command::Redrive(args) => {
+            let done = admin(&client, timeout).redrive(&args.name, args.count, args.reason.as_deref()).await?;
+            Ok(output.redriven(&args.name, &done)?)
+        }
         Command::Stats(args) => stats(&client, timeout, output, args).await,
         Command::Top(args) => top(&client, timeout, output, args).await,
         Command::Token(_) => Ok(()),
@@ -59,6 +68,44 @@ fn token_new(output: Output, name: &str) -> Result<(), CliError> {
     Ok(output.token(name, &token, &digest)?)
 }
 
+/// `ballast peek QUEUE`: one page, or every page with --all (each call
+/// within the timeout).
+async fn peek(client: &Client, timeout: Duration, output: Output, args: PeekArgs) -> Result<(), CliError> {
+    let mut start = None;
+    loop {
+        let page = tokio::time::timeout(timeout, client.peek(&args.queue, start, args.count))
+            .await
+            .map_err(|_| Error::DeadlineExceeded { timeout: Some(timeout), last_error: None })??;
+        for message in &page.messages {
+            output.peeked(message)?;
+        }
+        match page.next {
+            Some(next) if args.all => start = Some(next),
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// `ballast extend QUEUE ID...`: one Extend call; every outcome printed,
+/// and a failure exit unless each lease was extended.
+async fn extend(client: &Client, timeout: Duration, output: Output, args: ExtendArgs) -> Result<(), CliError> {
+    let lease = Duration::from_millis(args.lease_ms);
+    let extend = client.extend_leases(&args.queue, &args.delivery_ids, lease);
+    let results = tokio::time::timeout(timeout, extend)
+        .await
+        .map_err(|_| Error::DeadlineExceeded { timeout: Some(timeout), last_error: None })??;
+    for (delivery_id, extension) in &results {
+        output.extension(*delivery_id, extension)?;
+    }
+    let refused = results.iter().filter(|(_, e)| !matches!(e, LeaseExtension::Extended { .. })).count();
+    if refused > 0 {
+        return Err(CliError::Client(Error::FailedPrecondition {
+            message: format!("{refused} of {} leases were not extended", results.len()),
+        }));
+    }
+    Ok(())
+}
+
 /// An admin handle whose calls (retries included) end within `timeout`.
 fn admin(client: &Client, timeout: Duration) -> Admin {
     client.admin_with_config(AdminConfig {
@@ -74,6 +121,10 @@ async fn queue(client: &Client, timeout: Duration, output: Output, command: Queu
         QueueCommand::Create(args) => {
             let name = args.name.clone();
             output.queue(&admin.create_queue(&name, settings(*args)).await?)?;
+        }
+        QueueCommand::Update(args) => {
+            let name = args.name.clone();
+            output.queue(&admin.update_queue(&name, settings(*args)).await?)?;
         }
         QueueCommand::List => output.queues(&admin.list_queues().await?)?,
         QueueCommand::Get(args) => output.queue(&admin.get_queue(&args.name).await?)?,

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ballast_client::{BrokerStats, Delivery, QueueInfo, Receipt, Saturation};
+use ballast_client::{BrokerStats, Delivery, LeaseExtension, PeekedMessage, QueueInfo, Receipt, Redriven, Saturation};
 use serde_json::{Value, json};
 
 /// Where command output goes, in the chosen format.
@@ -111,6 +111,47 @@ impl Output {
         }
     }
 
+    pub fn extension(&self, delivery_id: u64, extension: &LeaseExtension) -> std::io::Result<()> {
+        let deadline_ms = match extension {
+            LeaseExtension::Extended { lease_deadline } => {
+                lease_deadline.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+            }
+            LeaseExtension::Expired | LeaseExtension::NotLeased => 0,
+        };
+        let outcome = match extension {
+            LeaseExtension::Extended { .. } => "extended",
+            LeaseExtension::Expired => "expired",
+            LeaseExtension::NotLeased => "not leased",
+        };
+        if self.json {
+            let deadline = (deadline_ms > 0).then_some(deadline_ms as u64);
+            line(&json!({ "delivery_id": delivery_id, "outcome": outcome, "lease_deadline_ms": deadline }))
+        } else if deadline_ms > 0 {
+            write(&format!("{delivery_id} {outcome} until {deadline_ms} (Unix ms)\n"))
+        } else {
+            write(&format!("{delivery_id} {outcome}\n"))
+        }
+    }
+
+    pub fn redriven(&self, name: &str, done: &Redriven) -> std::io::Result<()> {
+        if self.json {
+            line(&json!({
+                "queue": name,
+                "moved": done.moved,
+                "already_moved": done.already_moved,
+                "skipped_leased": done.skipped_leased,
+            }))
+        } else {
+            write(&format!(
+                "moved {} dead letters back to {} ({} already moved before, {} leased and left)\n",
+                done.moved,
+                printable(name),
+                done.already_moved,
+                done.skipped_leased
+            ))
+        }
+    }
+
     pub fn receipt(&self, receipt: &Receipt) -> std::io::Result<()> {
         if self.json {
             line(&json!({
@@ -137,10 +178,30 @@ impl Output {
             "idempotency_key": delivery.idempotency_key,
             "published_at_ms": unix_ms(delivery.published_at),
         });
-        match std::str::from_utf8(&delivery.payload) {
-            Ok(text) => object["payload"] = Value::from(text),
-            Err(_) => object["payload_hex"] = Value::from(hex(&delivery.payload)),
+        with_payload(&mut object, &delivery.payload);
+        line(&object)
+    }
+
+    /// A peeked message: `lane:offset attempts=N age=MS [reason=R] PAYLOAD`,
+    /// or one JSON object.
+    pub fn peeked(&self, message: &PeekedMessage) -> std::io::Result<()> {
+        let age_ms = message.age.as_millis();
+        if !self.json {
+            let reason = message.reason.as_deref().map(|r| format!(" reason={}", printable(r))).unwrap_or_default();
+            let text = String::from_utf8_lossy(&message.payload);
+            let payload = printable(&text);
+            return write(&format!("{} attempts={} age={age_ms}ms{reason} {payload}\n", message.id, message.attempts));
         }
+        let mut object = json!({
+            "id": { "lane": message.id.lane, "offset": message.id.offset },
+            "attempts": message.attempts,
+            "reason": message.reason,
+            "age_ms": age_ms as u64,
+            "headers": message.headers,
+            "idempotency_key": message.idempotency_key,
+            "published_at_ms": unix_ms(message.published_at),
+        });
+        with_payload(&mut object, &message.payload);
         line(&object)
     }
 
@@ -462,6 +523,15 @@ pub fn printable(text: &str) -> Cow<'_, str> {
 fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// Adds a payload to a JSON object: `payload` when it is UTF-8 text, else
+/// `payload_hex`.
+fn with_payload(object: &mut Value, payload: &[u8]) {
+    match std::str::from_utf8(payload) {
+        Ok(text) => object["payload"] = Value::from(text),
+        Err(_) => object["payload_hex"] = Value::from(hex(payload)),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

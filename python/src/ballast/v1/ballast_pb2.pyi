@@ -13,10 +13,21 @@ class SyncPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SYNC_POLICY_FSYNC: _ClassVar[SyncPolicy]
     SYNC_POLICY_INTERVAL: _ClassVar[SyncPolicy]
     SYNC_POLICY_NONE: _ClassVar[SyncPolicy]
+
+class ExtendOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXTEND_OUTCOME_UNSPECIFIED: _ClassVar[ExtendOutcome]
+    EXTEND_OUTCOME_EXTENDED: _ClassVar[ExtendOutcome]
+    EXTEND_OUTCOME_EXPIRED: _ClassVar[ExtendOutcome]
+    EXTEND_OUTCOME_NOT_LEASED: _ClassVar[ExtendOutcome]
 SYNC_POLICY_UNSPECIFIED: SyncPolicy
 SYNC_POLICY_FSYNC: SyncPolicy
 SYNC_POLICY_INTERVAL: SyncPolicy
 SYNC_POLICY_NONE: SyncPolicy
+EXTEND_OUTCOME_UNSPECIFIED: ExtendOutcome
+EXTEND_OUTCOME_EXTENDED: ExtendOutcome
+EXTEND_OUTCOME_EXPIRED: ExtendOutcome
+EXTEND_OUTCOME_NOT_LEASED: ExtendOutcome
 
 class QueueSettings(_message.Message):
     __slots__ = ("lanes", "lane_weights", "strict_priority", "default_lane", "lease_timeout_ms", "max_attempts", "dead_letter", "dedupe_window_ms", "message_size_max", "sync_policy", "sync_interval_ms", "max_messages", "max_bytes", "lane_admission", "max_publish_rate", "max_publish_byte_rate")
@@ -61,6 +72,34 @@ class CreateQueueRequest(_message.Message):
     name: str
     settings: QueueSettings
     def __init__(self, name: _Optional[str] = ..., settings: _Optional[_Union[QueueSettings, _Mapping]] = ...) -> None: ...
+
+class UpdateQueueRequest(_message.Message):
+    __slots__ = ("name", "settings")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    settings: QueueSettings
+    def __init__(self, name: _Optional[str] = ..., settings: _Optional[_Union[QueueSettings, _Mapping]] = ...) -> None: ...
+
+class RedriveRequest(_message.Message):
+    __slots__ = ("name", "max_messages", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    max_messages: int
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., max_messages: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RedriveResponse(_message.Message):
+    __slots__ = ("moved", "already_moved", "skipped_leased")
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_MOVED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_LEASED_FIELD_NUMBER: _ClassVar[int]
+    moved: int
+    already_moved: int
+    skipped_leased: int
+    def __init__(self, moved: _Optional[int] = ..., already_moved: _Optional[int] = ..., skipped_leased: _Optional[int] = ...) -> None: ...
 
 class GetQueueRequest(_message.Message):
     __slots__ = ("name",)
@@ -286,16 +325,18 @@ class StatsResponse(_message.Message):
     def __init__(self, at_ms: _Optional[int] = ..., queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., disk_free_min_bytes: _Optional[int] = ...) -> None: ...
 
 class ConsumeRequest(_message.Message):
-    __slots__ = ("subscribe", "credit", "ack", "nack")
+    __slots__ = ("subscribe", "credit", "ack", "nack", "extend")
     SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     NACK_FIELD_NUMBER: _ClassVar[int]
+    EXTEND_FIELD_NUMBER: _ClassVar[int]
     subscribe: Subscribe
     credit: Credit
     ack: Ack
     nack: Nack
-    def __init__(self, subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., nack: _Optional[_Union[Nack, _Mapping]] = ...) -> None: ...
+    extend: Extend
+    def __init__(self, subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., nack: _Optional[_Union[Nack, _Mapping]] = ..., extend: _Optional[_Union[Extend, _Mapping]] = ...) -> None: ...
 
 class Subscribe(_message.Message):
     __slots__ = ("queue", "credit")
@@ -327,15 +368,41 @@ class Nack(_message.Message):
     reason: str
     def __init__(self, delivery_id: _Optional[int] = ..., delay_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class Extend(_message.Message):
+    __slots__ = ("delivery_ids", "lease_ms")
+    DELIVERY_IDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    delivery_ids: _containers.RepeatedScalarFieldContainer[int]
+    lease_ms: int
+    def __init__(self, delivery_ids: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class ExtendResult(_message.Message):
+    __slots__ = ("delivery_id", "outcome", "lease_deadline_ms")
+    DELIVERY_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    LEASE_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    delivery_id: int
+    outcome: ExtendOutcome
+    lease_deadline_ms: int
+    def __init__(self, delivery_id: _Optional[int] = ..., outcome: _Optional[_Union[ExtendOutcome, str]] = ..., lease_deadline_ms: _Optional[int] = ...) -> None: ...
+
+class Extended(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ExtendResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ExtendResult, _Mapping]]] = ...) -> None: ...
+
 class ConsumeResponse(_message.Message):
-    __slots__ = ("subscribed", "delivery", "rejected")
+    __slots__ = ("subscribed", "delivery", "rejected", "extended")
     SUBSCRIBED_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    EXTENDED_FIELD_NUMBER: _ClassVar[int]
     subscribed: Subscribed
     delivery: Delivery
     rejected: Rejected
-    def __init__(self, subscribed: _Optional[_Union[Subscribed, _Mapping]] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ..., rejected: _Optional[_Union[Rejected, _Mapping]] = ...) -> None: ...
+    extended: Extended
+    def __init__(self, subscribed: _Optional[_Union[Subscribed, _Mapping]] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ..., rejected: _Optional[_Union[Rejected, _Mapping]] = ..., extended: _Optional[_Union[Extended, _Mapping]] = ...) -> None: ...
 
 class Subscribed(_message.Message):
     __slots__ = ("queue", "consumer_id")
@@ -346,7 +413,7 @@ class Subscribed(_message.Message):
     def __init__(self, queue: _Optional[str] = ..., consumer_id: _Optional[int] = ...) -> None: ...
 
 class Delivery(_message.Message):
-    __slots__ = ("delivery_id", "id", "payload", "headers", "idempotency_key", "attempt", "published_at_ms", "lease_deadline_ms")
+    __slots__ = ("delivery_id", "id", "payload", "headers", "idempotency_key", "attempt", "published_at_ms", "lease_deadline_ms", "lease_ms")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +429,7 @@ class Delivery(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     delivery_id: int
     id: MessageId
     payload: bytes
@@ -370,7 +438,8 @@ class Delivery(_message.Message):
     attempt: int
     published_at_ms: int
     lease_deadline_ms: int
-    def __init__(self, delivery_id: _Optional[int] = ..., id: _Optional[_Union[MessageId, _Mapping]] = ..., payload: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., published_at_ms: _Optional[int] = ..., lease_deadline_ms: _Optional[int] = ...) -> None: ...
+    lease_ms: int
+    def __init__(self, delivery_id: _Optional[int] = ..., id: _Optional[_Union[MessageId, _Mapping]] = ..., payload: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., published_at_ms: _Optional[int] = ..., lease_deadline_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class Rejected(_message.Message):
     __slots__ = ("delivery_id", "code", "message")
@@ -425,3 +494,64 @@ class NackRequest(_message.Message):
 class NackResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ExtendRequest(_message.Message):
+    __slots__ = ("queue", "delivery_ids", "lease_ms")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_IDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    delivery_ids: _containers.RepeatedScalarFieldContainer[int]
+    lease_ms: int
+    def __init__(self, queue: _Optional[str] = ..., delivery_ids: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class PeekRequest(_message.Message):
+    __slots__ = ("queue", "start", "max_messages")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    start: MessageId
+    max_messages: int
+    def __init__(self, queue: _Optional[str] = ..., start: _Optional[_Union[MessageId, _Mapping]] = ..., max_messages: _Optional[int] = ...) -> None: ...
+
+class PeekedMessage(_message.Message):
+    __slots__ = ("id", "payload", "headers", "idempotency_key", "attempts", "reason", "published_at_ms", "age_ms")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    id: MessageId
+    payload: bytes
+    headers: _containers.ScalarMap[str, str]
+    idempotency_key: str
+    attempts: int
+    reason: str
+    published_at_ms: int
+    age_ms: int
+    def __init__(self, id: _Optional[_Union[MessageId, _Mapping]] = ..., payload: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., attempts: _Optional[int] = ..., reason: _Optional[str] = ..., published_at_ms: _Optional[int] = ..., age_ms: _Optional[int] = ...) -> None: ...
+
+class PeekResponse(_message.Message):
+    __slots__ = ("messages", "next")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[PeekedMessage]
+    next: MessageId
+    def __init__(self, messages: _Optional[_Iterable[_Union[PeekedMessage, _Mapping]]] = ..., next: _Optional[_Union[MessageId, _Mapping]] = ...) -> None: ...
+
+class ExtendResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ExtendResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ExtendResult, _Mapping]]] = ...) -> None: ...

@@ -62,6 +62,16 @@ class AdminStub:
                 request_serializer=ballast_dot_v1_dot_ballast__pb2.PurgeQueueRequest.SerializeToString,
                 response_deserializer=ballast_dot_v1_dot_ballast__pb2.PurgeQueueResponse.FromString,
                 _registered_method=True)
+        self.UpdateQueue = channel.unary_unary(
+                '/ballast.v1.Admin/UpdateQueue',
+                request_serializer=ballast_dot_v1_dot_ballast__pb2.UpdateQueueRequest.SerializeToString,
+                response_deserializer=ballast_dot_v1_dot_ballast__pb2.QueueInfo.FromString,
+                _registered_method=True)
+        self.Redrive = channel.unary_unary(
+                '/ballast.v1.Admin/Redrive',
+                request_serializer=ballast_dot_v1_dot_ballast__pb2.RedriveRequest.SerializeToString,
+                response_deserializer=ballast_dot_v1_dot_ballast__pb2.RedriveResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -112,6 +122,33 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateQueue(self, request, context):
+        """Changes settings of a live queue, without a restart; returns the queue
+        with the settings now in force. Validated as on create; durable before
+        it answers (a crash leaves the old or the new settings); audited;
+        `admin` permission. See UpdateQueueRequest for what may change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Redrive(self, request, context):
+        """Moves dead letters of `<name>.dead` back into `<name>`, each exactly
+        once even if the redrive is interrupted (kill -9 included) and
+        repeated within the queue's dedupe window: each copy's idempotency key
+        is `ballast-redrive:<lane>:<offset>` of its dead letter, and a dead
+        letter is acked only once its copy is durable. A copy keeps the
+        payload, the application headers (not the broker's `ballast-*` ones)
+        and its source lane, starts again at attempt 1 and passes the queue's
+        admission and quota like any publish: a refusal ends the call with
+        that status, what was moved before it staying moved (repeat later).
+        Dead letters leased to a consumer of `<name>.dead` are skipped.
+        `admin` permission on `<name>`; audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +176,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.PurgeQueue,
                     request_deserializer=ballast_dot_v1_dot_ballast__pb2.PurgeQueueRequest.FromString,
                     response_serializer=ballast_dot_v1_dot_ballast__pb2.PurgeQueueResponse.SerializeToString,
+            ),
+            'UpdateQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateQueue,
+                    request_deserializer=ballast_dot_v1_dot_ballast__pb2.UpdateQueueRequest.FromString,
+                    response_serializer=ballast_dot_v1_dot_ballast__pb2.QueueInfo.SerializeToString,
+            ),
+            'Redrive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Redrive,
+                    request_deserializer=ballast_dot_v1_dot_ballast__pb2.RedriveRequest.FromString,
+                    response_serializer=ballast_dot_v1_dot_ballast__pb2.RedriveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -279,6 +326,60 @@ class Admin:
             '/ballast.v1.Admin/PurgeQueue',
             ballast_dot_v1_dot_ballast__pb2.PurgeQueueRequest.SerializeToString,
             ballast_dot_v1_dot_ballast__pb2.PurgeQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ballast.v1.Admin/UpdateQueue',
+            ballast_dot_v1_dot_ballast__pb2.UpdateQueueRequest.SerializeToString,
+            ballast_dot_v1_dot_ballast__pb2.QueueInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Redrive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ballast.v1.Admin/Redrive',
+            ballast_dot_v1_dot_ballast__pb2.RedriveRequest.SerializeToString,
+            ballast_dot_v1_dot_ballast__pb2.RedriveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -602,6 +703,16 @@ class ConsumerStub:
                 request_serializer=ballast_dot_v1_dot_ballast__pb2.NackRequest.SerializeToString,
                 response_deserializer=ballast_dot_v1_dot_ballast__pb2.NackResponse.FromString,
                 _registered_method=True)
+        self.Extend = channel.unary_unary(
+                '/ballast.v1.Consumer/Extend',
+                request_serializer=ballast_dot_v1_dot_ballast__pb2.ExtendRequest.SerializeToString,
+                response_deserializer=ballast_dot_v1_dot_ballast__pb2.ExtendResponse.FromString,
+                _registered_method=True)
+        self.Peek = channel.unary_unary(
+                '/ballast.v1.Consumer/Peek',
+                request_serializer=ballast_dot_v1_dot_ballast__pb2.PeekRequest.SerializeToString,
+                response_deserializer=ballast_dot_v1_dot_ballast__pb2.PeekResponse.FromString,
+                _registered_method=True)
 
 
 class ConsumerServicer:
@@ -615,7 +726,7 @@ class ConsumerServicer:
 
     def Consume(self, request_iterator, context):
         """A consumer session. The first request must be `subscribe`; afterwards
-        `credit`, `ack` and `nack` in any order. Each delivery uses one credit;
+        `credit`, `ack`, `nack` and `extend` in any order. Each delivery uses one credit;
         the broker never sends more deliveries than the credit granted. Closing
         the stream releases every lease the session holds (redelivered at once).
         A stream may ack or nack only its own deliveries; another stream's are
@@ -654,6 +765,27 @@ class ConsumerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Extend(self, request, context):
+        """Extends leases (from Pull or a stream) by id, like Ack: each lease held
+        is given a new deadline `lease_ms` from now. Answered per id (never as a
+        whole-call error for an id that is not leased): a lease that expired, was
+        settled or is unknown is left alone and said so. `consume` permission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Peek(self, request, context):
+        """Reads messages not yet done (waiting, leased or delayed) without
+        leasing them: nothing about their delivery changes. Lanes in priority
+        order, offsets ascending, a page at a time. `consume` permission (it
+        reads payloads). Made for looking at dead letters (`<q>.dead`), works
+        on any queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsumerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -676,6 +808,16 @@ def add_ConsumerServicer_to_server(servicer, server):
                     servicer.Nack,
                     request_deserializer=ballast_dot_v1_dot_ballast__pb2.NackRequest.FromString,
                     response_serializer=ballast_dot_v1_dot_ballast__pb2.NackResponse.SerializeToString,
+            ),
+            'Extend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Extend,
+                    request_deserializer=ballast_dot_v1_dot_ballast__pb2.ExtendRequest.FromString,
+                    response_serializer=ballast_dot_v1_dot_ballast__pb2.ExtendResponse.SerializeToString,
+            ),
+            'Peek': grpc.unary_unary_rpc_method_handler(
+                    servicer.Peek,
+                    request_deserializer=ballast_dot_v1_dot_ballast__pb2.PeekRequest.FromString,
+                    response_serializer=ballast_dot_v1_dot_ballast__pb2.PeekResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -792,6 +934,60 @@ class Consumer:
             '/ballast.v1.Consumer/Nack',
             ballast_dot_v1_dot_ballast__pb2.NackRequest.SerializeToString,
             ballast_dot_v1_dot_ballast__pb2.NackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Extend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ballast.v1.Consumer/Extend',
+            ballast_dot_v1_dot_ballast__pb2.ExtendRequest.SerializeToString,
+            ballast_dot_v1_dot_ballast__pb2.ExtendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Peek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ballast.v1.Consumer/Peek',
+            ballast_dot_v1_dot_ballast__pb2.PeekRequest.SerializeToString,
+            ballast_dot_v1_dot_ballast__pb2.PeekResponse.FromString,
             options,
             channel_credentials,
             insecure,
