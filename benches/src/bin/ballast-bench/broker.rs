@@ -34,6 +34,15 @@ impl Interceptor for Token {
     }
 }
 
+/// How the started broker is secured (`--tls`, `--auth`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Secure {
+    /// TLS with a self-signed certificate made for the run.
+    pub tls: bool,
+    /// An auth file of one principal; the bench sends its token.
+    pub auth: bool,
+}
+
 /// A broker to run scenarios against.
 #[derive(Debug)]
 pub struct Target {
@@ -64,9 +73,9 @@ impl Target {
         log: Option<PathBuf>,
         data_root: &Path,
         keep: bool,
-        tls: bool,
-        auth: bool,
+        secure: Secure,
     ) -> anyhow::Result<Target> {
+        let Secure { tls, auth } = secure;
         let ballastd = match ballastd {
             Some(path) => path,
             None => std::env::current_exe()?.with_file_name("ballastd"),

@@ -210,8 +210,7 @@ async fn scenario(args: &Args, tls: bool) -> anyhow::Result<(&'static str, serde
         args.broker_log.clone(),
         &args.data_root,
         args.keep,
-        tls,
-        auth,
+        broker::Secure { tls, auth },
     )?;
     if tls {
         println!("over TLS");
