@@ -18,7 +18,8 @@
 //! ```
 //!
 //! Tokens are never stored: the file holds their SHA-256, and a request's
-//! token is hashed and looked up by digest. The file is read again on
+//! token is hashed and its digest compared with every stored one in
+//! constant time. The file is read again on
 //! SIGHUP and when its modification time or size changes
 //! ([`AUTH_RELOAD_POLL_MS`]); a new file that does not load is logged and the
 //! old principals stay.
@@ -176,10 +177,11 @@ pub fn token_sha256_hex(token: &str) -> String {
 /// The principals of one version of the auth file.
 #[derive(Debug, Default)]
 pub struct Principals {
-    /// Keyed by the SHA-256 of the token. A lookup hashes and compares
-    /// digests, never tokens: a caller controls the token but cannot steer
-    /// its digest, so the timing of the lookup tells nothing about a valid
-    /// token (this is the constant-time comparison the digest map gives).
+    /// Keyed by the SHA-256 of the token (the map finds duplicates when the
+    /// file loads). A lookup hashes the caller's token and compares its
+    /// digest with every stored one in full, in constant time
+    /// ([`digests_equal`]), so the time a call takes says nothing about
+    /// any stored digest; tokens themselves are never compared.
     by_token: HashMap<[u8; 32], Arc<Principal>>,
     by_cert: HashMap<String, Arc<Principal>>,
 }
@@ -206,6 +208,13 @@ struct RawPrincipal {
 struct RawRule {
     queues: String,
     actions: Vec<String>,
+}
+
+/// Whether two digests are equal, looking at every byte whatever differs
+/// (no early exit), so the comparison takes the same time for any input.
+fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
 }
 
 fn parse_digest(hex: &str) -> Option<[u8; 32]> {
@@ -281,7 +290,15 @@ impl Principals {
     /// The principal whose token this is.
     pub fn by_token(&self, token: &str) -> Option<Arc<Principal>> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.by_token.get(&digest).cloned()
+        // Every entry is compared, whatever matched before: the work is the
+        // same for every token, valid or not.
+        let mut found = None;
+        for (stored, principal) in &self.by_token {
+            if digests_equal(stored, &digest) {
+                found = Some(principal);
+            }
+        }
+        found.cloned()
     }
 
     /// The principal mapped to one of a certificate's identities.
@@ -495,6 +512,19 @@ impl Failures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Digests are equal only when every byte is; a difference in the first
+    /// or the last byte alone is found.
+    #[test]
+    fn digests_are_compared_whole() {
+        let a = [7u8; 32];
+        assert!(digests_equal(&a, &a));
+        for at in [0, 31] {
+            let mut b = a;
+            b[at] ^= 1;
+            assert!(!digests_equal(&a, &b), "byte {at} differs");
+        }
+    }
 
     const TOKEN: &str = "s3cret-token";
 
