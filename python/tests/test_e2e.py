@@ -210,6 +210,29 @@ async def test_nack_delay_then_dead_letter(broker: Broker) -> None:
         assert dead[0].headers["ballast-attempts"] == "2"
 
 
+async def test_a_running_handler_keeps_its_lease(broker: Broker) -> None:
+    """A handler running four times the lease is not redelivered: the
+    consumer extends the lease while it runs, and its ack lands."""
+    async with Connection(broker.address) as connection:
+        await Admin(connection).create_queue("slow", queue_settings(lease_timeout_ms=300))
+        async with Producer(connection) as producer:
+            await producer.publish("slow", b"long work")
+        attempts: list[int] = []
+
+        async def handler(delivery: Delivery) -> None:
+            attempts.append(delivery.attempt)
+            assert delivery.lease_ms == 300
+            await asyncio.sleep(1.2)
+
+        consumer = Consumer(connection, "slow", handler, ConsumerConfig(max_messages=1))
+        await asyncio.wait_for(consumer.run(), 20)
+        assert attempts == [1]
+        assert consumer.extended >= 3, "about every 100 ms for 1.2 s"
+        assert consumer.acked == 1
+        figures = await Stats(connection).queue("slow")
+        assert figures.saturation.depth == 0, "the ack of the extended lease was applied"
+
+
 async def test_stats_get_and_watch(broker: Broker) -> None:
     async with Connection(broker.address) as connection:
         await Admin(connection).create_queue("metrics")

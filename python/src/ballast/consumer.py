@@ -17,9 +17,12 @@ cannot fix (:func:`is_fatal`: unknown queue, bad argument, credentials) end
 ``stop()`` stops taking deliveries, lets running handlers finish, sends
 their acks and closes the stream.
 
-Lease extension: the broker has no lease extension yet. The hook is
-:meth:`Consumer.extend_lease`, which raises :class:`NotImplementedError`
-until it does; handlers must finish within the queue's ``lease_timeout_ms``.
+Lease extension: while a handler runs, the consumer extends its
+delivery's lease every third of the lease (unary ``Extend``), so long work
+is not redelivered while it is still running; it stops when the handler
+ends, when the broker does not extend (the lease expired or is no longer
+held) or at ``extend_max`` seconds of extensions (``None``: never extend).
+:meth:`Consumer.extend_lease` does one extension by hand.
 """
 
 from __future__ import annotations
@@ -114,6 +117,9 @@ class ConsumerConfig:
     mode: str = "stream"
     #: Longest wait of one Pull for its first delivery, in ms (pull mode).
     pull_wait_ms: int = 1000
+    #: How long a running handler's lease is kept extended, in seconds
+    #: (every third of the lease); ``None`` never extends.
+    extend_max: float | None = 1800.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("stream", "pull"):
@@ -122,6 +128,8 @@ class ConsumerConfig:
             raise ValueError(f"prefetch must be 1..={CREDIT_MAX}")
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if self.extend_max is not None and self.extend_max <= 0:
+            raise ValueError("extend_max must be positive (None never extends)")
 
 
 class _Session:
@@ -212,22 +220,45 @@ class Consumer:
         #: Deliveries acked and nacked so far.
         self.acked = 0
         self.nacked = 0
+        #: Lease extensions the broker granted.
+        self.extended = 0
 
     def stop(self) -> None:
         """Graceful stop: no new deliveries; running handlers finish and are acked."""
         self._stopping.set()
 
-    async def extend_lease(self, delivery: Delivery, lease_ms: int) -> None:
-        """Hook for lease extension while a handler runs: give ``delivery``'s
-        lease a new deadline ``lease_ms`` from now. The broker has no lease
-        extension yet (issue #15 adds ``extend{delivery_ids, lease_ms}`` on
-        the consume stream and a unary ``Extend``), so this raises
-        :class:`NotImplementedError`; once the broker has it, this sends it
-        and the consumer calls it while a handler runs."""
-        raise NotImplementedError(
-            "the broker does not support lease extension yet; finish handlers within "
-            "the queue's lease_timeout_ms"
+    async def extend_lease(self, delivery: Delivery, lease_ms: int = 0) -> bool:
+        """Gives ``delivery``'s lease a new deadline ``lease_ms`` from now
+        (0: the queue's lease timeout) by the unary ``Extend``. True if the
+        broker extended it; False if the lease had expired or is no longer
+        held (acked, taken back): then the message may be redelivered."""
+        request = pb.ExtendRequest(
+            queue=self.queue, delivery_ids=[delivery.delivery_id], lease_ms=lease_ms
         )
+        response = await self._connection.unary("Consumer/Extend", request, pb.ExtendResponse)
+        extended = any(r.outcome == pb.EXTEND_OUTCOME_EXTENDED for r in response.results)
+        if extended:
+            self.extended += 1
+        return extended
+
+    async def _keep_leased(self, delivery: Delivery) -> None:
+        """Extends ``delivery``'s lease every third of it until cancelled
+        (the handler ended), refused, or ``extend_max`` is reached."""
+        ceiling = self.config.extend_max
+        if ceiling is None or delivery.lease_ms <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + ceiling
+        period = delivery.lease_ms / 3000
+        while loop.time() + period < give_up_at:
+            await asyncio.sleep(period)
+            try:
+                if not await self.extend_lease(delivery, delivery.lease_ms):
+                    log.warning("lease of delivery %d not extended", delivery.delivery_id)
+                    return
+            except BallastError as error:
+                log.warning("extending delivery %d failed: %s", delivery.delivery_id, error)
+                return
 
     async def run(self) -> None:
         """Consumes until ``stop()`` (or ``max_messages``); reconnects after
@@ -409,6 +440,7 @@ class Consumer:
         task.add_done_callback(self._handlers.discard)
 
     async def _handle(self, session: _Session, delivery: Delivery) -> None:
+        keeper = asyncio.get_running_loop().create_task(self._keep_leased(delivery))
         try:
             try:
                 await self.handler(delivery)
@@ -435,4 +467,5 @@ class Consumer:
                 session.flush_scheduled = True
                 asyncio.get_running_loop().call_later(self.config.ack_flush_interval, session.flush)
         finally:
+            keeper.cancel()
             self._slots.release()

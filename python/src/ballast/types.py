@@ -103,6 +103,8 @@ class Delivery:
     attempt: int
     published_at_ms: int
     lease_deadline_ms: int
+    #: The lease this delivery was given, in ms (what an extension renews).
+    lease_ms: int = 0
 
     @staticmethod
     def from_pb(value: pb.Delivery) -> Delivery:
@@ -115,4 +117,5 @@ class Delivery:
             attempt=value.attempt,
             published_at_ms=value.published_at_ms,
             lease_deadline_ms=value.lease_deadline_ms,
+            lease_ms=value.lease_ms,
         )
