@@ -79,6 +79,14 @@ pub const STREAM_NACKS_IN_FLIGHT_MAX: usize = 1024;
 /// Longest Pull wait, in milliseconds.
 pub const PULL_WAIT_MS_MAX: u64 = 60_000;
 
+/// Room, in milliseconds, a Pull keeps between the end of its wait and the
+/// server's `grpc.request_timeout_ms`, to lease and encode its answer: a
+/// Pull waits at most `request_timeout_ms - PULL_ANSWER_MARGIN_MS` whatever
+/// its `wait_ms`, so on a busy node its answer still starts before the
+/// timeout cuts the call (which would strand what it leased until the
+/// leases expire). Below `REQUEST_TIMEOUT_MS_MIN`.
+pub const PULL_ANSWER_MARGIN_MS: u64 = 100;
+
 /// Messages pulled and not yet acked, nacked or expired, per queue (plus
 /// the `max_messages` of Pulls in progress): as many as one stream consumer
 /// may hold. A Pull asking for more gets fewer; at the limit it is refused
@@ -243,6 +251,7 @@ pub const OPEN_FILES_RESERVE_MIN: u64 = 64;
 /// Header names starting with this are reserved for the broker.
 pub const RESERVED_HEADER_PREFIX: &str = "ballast-";
 
+const _: () = assert!(PULL_ANSWER_MARGIN_MS < REQUEST_TIMEOUT_MS_MIN);
 const _: () = assert!(LANES_MAX <= u8::MAX as usize);
 const _: () = assert!(RESERVED_HEADERS_SIZE < HEADERS_SIZE_MAX / 16);
 const _: () = assert!(RESERVED_HEADERS_COUNT < HEADERS_COUNT_MAX / 4);

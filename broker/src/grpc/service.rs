@@ -14,8 +14,9 @@ use crate::{
     broker::{DamagedQueue, OpeningQueue},
     error::BrokerError,
     limits::{
-        CREDIT_MAX, PEEK_MESSAGES_MAX, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX,
-        STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
+        CREDIT_MAX, PEEK_MESSAGES_MAX, PULL_ANSWER_MARGIN_MS, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX,
+        QUEUES_RESPONSE_SIZE_MAX, STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX,
+        WATCH_INTERVAL_MS_MIN,
     },
     now_ms,
     queue::{Holder, Queue, check_ids},
@@ -481,10 +482,9 @@ impl consumer_server::Consumer for Service {
         // If the call is dropped while it waits (the client cancelled or
         // went away), what was leased to it goes back to its lanes.
         let mut pending = PendingPull { queue: &queue, consumer_id: Some(subscription.consumer_id) };
-        let first = tokio::time::timeout(Duration::from_millis(request.wait_ms), subscription.deliveries.recv())
-            .await
-            .ok()
-            .flatten();
+        let wait_ms = request.wait_ms.min(request_timeout_ms.saturating_sub(PULL_ANSWER_MARGIN_MS));
+        let first =
+            tokio::time::timeout(Duration::from_millis(wait_ms), subscription.deliveries.recv()).await.ok().flatten();
         // Without release: what is returned stays leased until Ack, Nack or
         // expiry. The channel still yields what was sent before.
         pending.finish();
