@@ -72,9 +72,11 @@ pub struct LazyLaneMetrics {
 
 impl LazyLaneMetrics {
     /// The lane's handles, registering its series with the recorder on the
-    /// first call. `queue` and `lane` are the labels.
-    pub fn get(&self, queue: &str, lane: &str) -> &LaneMetrics {
-        self.handles.get_or_init(|| Box::new(LaneMetrics::new(queue, lane)))
+    /// first call. `queue` and the lane name `lane()` gives are the labels;
+    /// `lane` runs only then, so a call on the hot path after the first is
+    /// one atomic load.
+    pub fn get(&self, queue: &str, lane: impl FnOnce() -> String) -> &LaneMetrics {
+        self.handles.get_or_init(|| Box::new(LaneMetrics::new(queue, &lane())))
     }
 
     /// Whether the lane's series exist (it has been used).

@@ -342,7 +342,9 @@ impl Queue {
     /// Lane `lane`'s counters and histograms, registered on first use (an
     /// idle lane holds no series).
     pub(crate) fn lane_metrics(&self, lane: usize) -> &crate::metrics::LaneMetrics {
-        self.meters[lane].metrics.get(self.name.as_str(), &self.settings().lanes[lane])
+        // The settings snapshot (a lock and an Arc) is read only when the
+        // lane's series are first registered.
+        self.meters[lane].metrics.get(self.name.as_str(), || self.settings().lanes[lane].clone())
     }
 
     /// Whether lane `lane`'s log can write (it is not poisoned).
@@ -355,8 +357,10 @@ impl Queue {
         (0..self.lanes.len()).all(|lane| self.lane_writable(lane))
     }
 
+    /// The queue's lanes: one log each, fixed for the queue's life (an
+    /// update cannot change them), so no settings snapshot is read.
     pub fn lane_count(&self) -> u32 {
-        self.settings().lane_count()
+        u32::try_from(self.lanes.len()).expect("at most LANES_MAX lanes")
     }
 
     pub fn stats(&self) -> QueueStats {
