@@ -227,6 +227,10 @@ pub const CONNECTIONS_MAX: usize = 65_536;
 /// `grpc.streams_per_connection_max` the client's HTTP/2 layer waits for a
 /// stream to end before it starts another call.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 65_536;
+/// Ceiling of `grpc.publish_slots`: publish calls doing their CPU work at
+/// once across the node (`fair.rs`). More slots than workers only lets one
+/// queue's calls queue on the workers again.
+pub const PUBLISH_SLOTS_MAX: usize = 1024;
 /// Stats Watch streams open at once: past `grpc.watch_streams_max` a Watch
 /// is refused with RESOURCE_EXHAUSTED.
 pub const WATCH_STREAMS_MAX: usize = 65_536;
