@@ -113,6 +113,17 @@ fn latency() {
     assert!(json.with_extension("svg").exists(), "latency writes a chart");
 }
 
+/// The same through the client library: a Producer over its publish
+/// stream and a Consumer.
+#[test]
+fn latency_via_the_client_library() {
+    let args = ["--via", "client", "--rate", "500", "--seconds", "1", "--warmup", "0", "--size", "64"];
+    let (v, _, _dir) = run("latency", &args);
+    assert_eq!(v["via"], "client");
+    assert_eq!(u(&v["publish_to_durable"]["count"]), 500);
+    assert_eq!(u(&v["publish_to_delivery"]["count"]), 500);
+}
+
 #[test]
 fn spike() {
     let args = [
