@@ -574,6 +574,8 @@ impl Broker {
                         dead_letter: false,
                         max_publish_rate: 0,
                         max_publish_byte_rate: 0,
+                        // Dead letters stay until handled.
+                        message_ttl_ms: 0,
                         ..settings.clone()
                     };
                     let dead = self.create_dir_and_queue(dead_name.clone(), dead_settings, None).await?;

@@ -39,6 +39,10 @@ pub struct LaneMetrics {
     /// Dead letters stored back into this lane by a redrive.
     pub redriven: Counter,
     pub dead_lettered: Counter,
+    /// Expired messages (message_ttl_ms, ttl_ms) stored in the dead-letter
+    /// queue with reason `expired`, and dropped.
+    pub expired_dead_lettered: Counter,
+    pub expired_dropped: Counter,
     /// Redelivered or dead-lettered copies stored without the broker's
     /// headers, because storage refused the full copy for good.
     pub stripped_copies: Counter,
@@ -104,6 +108,8 @@ impl LaneMetrics {
             lease_extended: counter!("ballast_lease_extensions_total", labels()),
             redriven: counter!("ballast_redriven_messages_total", labels()),
             dead_lettered: counter!("ballast_dead_lettered_messages_total", labels()),
+            expired_dead_lettered: counter!("ballast_expired_messages_total", with("action", "dead_letter")),
+            expired_dropped: counter!("ballast_expired_messages_total", with("action", "drop")),
             stripped_copies: counter!("ballast_stripped_copies_total", labels()),
             dropped_dead_letters: counter!("ballast_dropped_dead_letters_total", labels()),
             refused_queue_full: counter!("ballast_refused_publishes_total", with("reason", "queue_full")),
@@ -189,6 +195,11 @@ fn describe() {
         "Dead letters stored back into the lane by a redrive."
     );
     describe_counter!("ballast_dead_lettered_messages_total", Unit::Count, "Messages moved to the dead-letter queue.");
+    describe_counter!(
+        "ballast_expired_messages_total",
+        Unit::Count,
+        "Messages past their time to live, never delivered: dead-lettered with reason expired, or dropped."
+    );
     describe_counter!(
         "ballast_stripped_copies_total",
         Unit::Count,

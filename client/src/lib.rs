@@ -119,6 +119,6 @@ pub use consumer::{
 pub use error::{Error, Refusal};
 pub use message::{Message, MessageId, PeekPage, PeekedMessage, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};
-pub use queue::{QueueInfo, QueueSettings, SyncPolicy};
+pub use queue::{ExpiredAction, QueueInfo, QueueSettings, SyncPolicy};
 pub use stats::{BrokerStats, LaneStats, QueueStats, Saturation, StatsWatch};
 pub use tls::{Pem, TlsConfig};

@@ -164,6 +164,11 @@ pub struct QueueStats {
     /// started.
     pub throttled_calls: u64,
     pub throttled: Duration,
+    /// Messages past their time to live, never delivered, since the broker
+    /// started: stored in the dead-letter queue (reason `expired`), and
+    /// dropped.
+    pub expired_dead_lettered: u64,
+    pub expired_dropped: u64,
 }
 
 impl QueueStats {
@@ -202,6 +207,8 @@ impl QueueStats {
             refused_publish_rate: stats.refused_publish_rate,
             throttled_calls: stats.throttled_calls,
             throttled: Duration::from_millis(stats.throttled_ms),
+            expired_dead_lettered: stats.expired_dead_lettered,
+            expired_dropped: stats.expired_dropped,
         })
     }
 }

@@ -13,6 +13,14 @@
 //! 4. Memory is bounded: leases by consumers x credit, the delayed set by
 //!    [`DELAYED_MAX`] per lane, the requeue by released leases.
 //!
+//! Message expiry (`message_ttl_ms`, a publish's `ttl_ms`): a record
+//! carries its deadline (its publish time plus the queue's TTL, and its own
+//! `ballast-expires-at`), checked whenever a lane yields a record (cursor,
+//! requeue, delayed set) and when a lease ends without ack. An expired
+//! record is never delivered: it is dropped (acked, inline) or handed to
+//! the timer task, which dead-letters it with reason `expired`. No expiry
+//! time is held in memory and the backlog is never scanned for it.
+//!
 //! Nack and lease expiry re-append the message at the tail of its lane with
 //! its attempt count (durable), then ack the original; past `max_attempts`
 //! it is appended to the dead-letter queue instead. A consumer that
@@ -29,11 +37,13 @@ use ballast_storage::{AckKind, Cursor, Log, NewRecord, Record};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{HEADER_NOT_BEFORE, LaneScheduler, Queue, QueueSettings, headers};
+use super::{
+    EXPIRED_REASON, ExpiredAction, HEADER_EXPIRES_AT, HEADER_NOT_BEFORE, LaneScheduler, Queue, QueueSettings, headers,
+};
 use crate::{
     error::{BrokerError, Result},
     limits::{
-        CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, LEASE_TIMEOUT_MS_MAX, LEASE_TIMEOUT_MS_MIN,
+        CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, EXPIRING_MAX, LEASE_TIMEOUT_MS_MAX, LEASE_TIMEOUT_MS_MIN,
         NACK_REASON_SIZE_MAX, PULL_LEASES_MAX, REREAD_RETRY_MS,
     },
     now_ms,
@@ -91,6 +101,35 @@ pub(crate) struct DeliveryState {
     next_consumer: u64,
     /// When the timer task plans to wake (`u64::MAX`: not planned).
     timer_deadline: u64,
+    /// Expired messages dispatch read, for the timer task to dead-letter
+    /// (at most [`EXPIRING_MAX`] with those running), with their attempts.
+    expiring: Vec<(Lease, Record, u32)>,
+    /// Expired messages being dead-lettered by tasks now.
+    expiring_running: usize,
+}
+
+/// One dispatch's view of expiry: what the queue's settings say and how
+/// much expiry work it may still do.
+struct ExpiryPass<'a> {
+    now: u64,
+    ttl_ms: u64,
+    /// Whether expired messages go to the dead-letter queue (else dropped).
+    dead_letter: bool,
+    /// The state's `expiring`.
+    expiring: &'a mut Vec<(Lease, Record, u32)>,
+    /// Expired messages this pass may still hand to the timer.
+    room: usize,
+    /// Expired messages this pass may still handle at all: the work one
+    /// dispatch does under the mutex for a backlog of expired messages is
+    /// bounded; the timer runs the next pass.
+    budget: usize,
+}
+
+/// Expired messages of a queue since start, by what became of them.
+#[derive(Debug, Default)]
+pub(crate) struct ExpiredCounters {
+    pub dead_lettered: std::sync::atomic::AtomicU64,
+    pub dropped: std::sync::atomic::AtomicU64,
 }
 
 struct LaneState {
@@ -174,6 +213,8 @@ impl DeliveryState {
             pull_leases: 0,
             next_consumer: 0,
             timer_deadline: 0,
+            expiring: Vec::new(),
+            expiring_running: 0,
         }
     }
 
@@ -200,6 +241,9 @@ impl DeliveryState {
     /// consumer could take it (without credit a due message waits for the
     /// credit, which dispatches by itself).
     fn next_deadline(&self) -> Option<u64> {
+        if !self.expiring.is_empty() {
+            return Some(0);
+        }
         let lease = self.expiries.first().map(|&(d, _)| d);
         let can_deliver = self.consumers.values().any(|c| c.credit > 0);
         let delayed =
@@ -297,6 +341,9 @@ pub struct DeliveryFigures {
     pub consumers: u32,
     /// Credit held by the consumers (deliveries they may still receive).
     pub credit: u64,
+    /// Expired messages since start: dead-lettered, dropped.
+    pub expired_dead_lettered: u64,
+    pub expired_dropped: u64,
 }
 
 impl Queue {
@@ -312,6 +359,8 @@ impl Queue {
             lane_in_flight,
             consumers: u32::try_from(state.consumers.len()).unwrap_or(u32::MAX),
             credit: state.consumers.values().map(|c| u64::from(c.credit)).sum(),
+            expired_dead_lettered: self.expired.dead_lettered.load(Ordering::Relaxed),
+            expired_dropped: self.expired.dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -606,12 +655,24 @@ impl Queue {
             return;
         }
         let now = now_ms();
-        let lease_timeout_ms = self.settings().lease_timeout_ms;
+        let settings = self.settings();
+        let lease_timeout_ms = settings.lease_timeout_ms;
         let wake_timer = {
             let mut guard = self.delivery.lock();
             let state = &mut *guard;
+            let mut cut = false;
             while let Some(consumer_id) = state.consumer_with_credit() {
-                let Some((lane, offset, prior, record)) = self.next_message(state, now) else { break };
+                let mut pass = ExpiryPass {
+                    now,
+                    ttl_ms: settings.message_ttl_ms,
+                    dead_letter: settings.expired_action == ExpiredAction::DeadLetter && self.dead_letter.is_some(),
+                    room: EXPIRING_MAX.saturating_sub(state.expiring.len() + state.expiring_running),
+                    budget: EXPIRING_MAX,
+                    expiring: &mut state.expiring,
+                };
+                let next = Self::next_message(self, &mut state.lanes, &mut state.scheduler, &mut pass);
+                cut |= pass.budget == 0;
+                let Some((lane, offset, prior, record)) = next else { break };
                 let delivery_id = state.new_delivery_id();
                 let deadline_ms = now + lease_timeout_ms;
                 let attempt = prior + 1;
@@ -649,8 +710,9 @@ impl Queue {
                 }
             }
             // Wake the timer only if something is now due before the time it
-            // sleeps until (otherwise every dispatch would spin it).
-            state.next_deadline().is_some_and(|d| d < state.timer_deadline)
+            // sleeps until (otherwise every dispatch would spin it), or to
+            // run the next pass over expired messages.
+            cut || state.next_deadline().is_some_and(|d| d < state.timer_deadline)
         };
         if wake_timer {
             self.timer_wake.notify_one();
@@ -659,22 +721,36 @@ impl Queue {
 
     /// The next message to deliver: the scheduler picks a lane with
     /// something to take (see [`LaneScheduler`]), then it is taken.
-    fn next_message(&self, state: &mut DeliveryState, now: u64) -> Option<(u32, u64, u32, Record)> {
-        let lanes = &mut state.lanes;
-        let (lane, (offset, prior, record)) = state.scheduler.serve(|lane| self.take(lane, &mut lanes[lane], now))?;
+    fn next_message(
+        &self,
+        lanes: &mut [LaneState],
+        scheduler: &mut LaneScheduler,
+        pass: &mut ExpiryPass<'_>,
+    ) -> Option<(u32, u64, u32, Record)> {
+        let (lane, (offset, prior, record)) = scheduler.serve(|lane| self.take(lane, &mut lanes[lane], pass))?;
         let lane = u32::try_from(lane).expect("at most LANES_MAX lanes");
         Some((lane, offset, prior, record))
     }
 
     /// Takes the next message of one lane: released leases first, then due
     /// delayed messages, then fresh ones from the cursor.
-    fn take(&self, lane: usize, state: &mut LaneState, now: u64) -> Option<(u64, u32, Record)> {
+    /// An expired message is never returned: see [`Queue::keep_unexpired`].
+    fn take(&self, lane: usize, state: &mut LaneState, pass: &mut ExpiryPass<'_>) -> Option<(u64, u32, Record)> {
+        let now = pass.now;
         // A message that cannot be read now goes to the delayed set, to be
         // tried again later (kept, never dropped).
         let retry_at = now + REREAD_RETRY_MS;
         while let Some((offset, prior)) = state.requeue.pop_front() {
+            if pass.budget == 0 || pass.room == 0 {
+                state.requeue.push_front((offset, prior));
+                return None;
+            }
             match self.reread(lane, offset) {
-                Reread::Record(record) => return Some((offset, prior, record)),
+                Reread::Record(record) => {
+                    if let Some(kept) = self.keep_unexpired(lane, state, offset, prior, record, pass) {
+                        return Some(kept);
+                    }
+                }
                 Reread::Done => {}
                 Reread::Failed => {
                     state.delayed.insert((retry_at, offset, prior));
@@ -682,12 +758,16 @@ impl Queue {
             }
         }
         while let Some(&(due, offset, prior)) = state.delayed.first() {
-            if due > now {
+            if due > now || pass.budget == 0 || pass.room == 0 {
                 break;
             }
             state.delayed.pop_first();
             match self.reread(lane, offset) {
-                Reread::Record(record) => return Some((offset, prior, record)),
+                Reread::Record(record) => {
+                    if let Some(kept) = self.keep_unexpired(lane, state, offset, prior, record, pass) {
+                        return Some(kept);
+                    }
+                }
                 Reread::Done => {}
                 Reread::Failed => {
                     state.delayed.insert((retry_at, offset, prior));
@@ -696,6 +776,9 @@ impl Queue {
         }
         let durable = self.durable[lane].load(Ordering::Acquire);
         while state.delayed.len() < DELAYED_MAX && state.cursor.offset() < durable {
+            if pass.budget == 0 || pass.room == 0 {
+                return None;
+            }
             match state.cursor.next()? {
                 Ok(record) => {
                     // Since a rewind, offsets owned elsewhere are passed
@@ -709,10 +792,17 @@ impl Queue {
                         continue;
                     }
                     match not_before(&record) {
+                        // Checked for expiry when due: a delayed message
+                        // costs its place in the delayed set either way.
                         Some(due) if due > now => {
                             state.delayed.insert((due, record.offset, record.attempt));
                         }
-                        _ => return Some((record.offset, record.attempt, record)),
+                        _ => {
+                            let (offset, prior) = (record.offset, record.attempt);
+                            if let Some(kept) = self.keep_unexpired(lane, state, offset, prior, record, pass) {
+                                return Some(kept);
+                            }
+                        }
                     }
                 }
                 Err(error) => {
@@ -722,6 +812,102 @@ impl Queue {
             }
         }
         None
+    }
+
+    /// `record` as taken from a lane, unless it has expired: then it is
+    /// dropped here (acked as dead-lettered, which is a few memory updates
+    /// and no wait) or handed to the timer task for the dead-letter queue,
+    /// and `None` is returned. A drop storage refuses keeps the message in
+    /// the delayed set, to be tried again in [`REREAD_RETRY_MS`].
+    fn keep_unexpired(
+        &self,
+        lane: usize,
+        state: &mut LaneState,
+        offset: u64,
+        prior: u32,
+        record: Record,
+        pass: &mut ExpiryPass<'_>,
+    ) -> Option<(u64, u32, Record)> {
+        if !expired(&record, pass.ttl_ms, pass.now) {
+            return Some((offset, prior, record));
+        }
+        pass.budget -= 1;
+        let lane_index = u32::try_from(lane).expect("at most LANES_MAX lanes");
+        let size = record.stored_size();
+        let lease = Lease {
+            lane: lane_index,
+            offset,
+            consumer_id: 0,
+            pull: false,
+            deadline_ms: 0,
+            attempt: prior + 1,
+            delivered_ms: pass.now,
+            size,
+        };
+        if pass.dead_letter {
+            pass.room -= 1;
+            pass.expiring.push((lease, record, prior));
+            return None;
+        }
+        match self.ack_record(lane_index, offset, size, AckKind::DeadLettered) {
+            Ok(_) => self.count_expired(&lease, false),
+            Err(error) => {
+                tracing::error!(queue = %self.name, lane, offset, %error, "an expired message could not be dropped; trying again later");
+                state.delayed.insert((pass.now + REREAD_RETRY_MS, offset, prior));
+            }
+        }
+        None
+    }
+
+    /// Counts a message whose expiry is stored: in the lane's figures (it
+    /// is done), the queue's expired counts and the metrics.
+    fn count_expired(&self, lease: &Lease, dead_lettered: bool) {
+        let meter = &self.meters[lease.lane as usize];
+        meter.acked.fetch_add(1, Ordering::Relaxed);
+        meter.acked_bytes.fetch_add(lease.size, Ordering::Relaxed);
+        let metrics = self.lane_metrics(lease.lane as usize);
+        if dead_lettered {
+            self.expired.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            metrics.expired_dead_lettered.increment(1);
+        } else {
+            self.expired.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics.expired_dropped.increment(1);
+        }
+    }
+
+    /// The expired messages dispatch handed over, now counted as running.
+    fn take_expiring(&self) -> Vec<(Lease, Record, u32)> {
+        let mut state = self.delivery.lock();
+        let taken = std::mem::take(&mut state.expiring);
+        state.expiring_running += taken.len();
+        taken
+    }
+
+    /// Dead-letters (or, by the queue's setting or for want of a
+    /// dead-letter queue, drops) a message that expired after `attempts`
+    /// deliveries, then acks it. If that cannot be stored now, the message
+    /// is kept in the delayed set and tried again in [`REREAD_RETRY_MS`]
+    /// (found expired again when it comes out).
+    async fn expire_message(&self, lease: Lease, record: Record, attempts: u32) {
+        let dead_letter = self.settings().expired_action == ExpiredAction::DeadLetter && self.dead_letter.is_some();
+        let stored = if dead_letter {
+            let original_offset = headers::original_offset(&record.headers, lease.offset);
+            let dead = Lease { attempt: attempts, ..lease };
+            self.dead_letter(dead, record, EXPIRED_REASON, original_offset).await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        let stored =
+            stored.and_then(|()| Ok(self.ack_record(lease.lane, lease.offset, lease.size, AckKind::DeadLettered)?));
+        match stored {
+            Ok(_) => self.count_expired(&lease, dead_letter),
+            Err(error) => {
+                tracing::error!(queue = %self.name, lane = lease.lane, offset = lease.offset, %error,
+                    "an expired message could not be dead-lettered; trying again later");
+                let due = now_ms() + REREAD_RETRY_MS;
+                self.delivery.lock().lanes[lease.lane as usize].delayed.insert((due, lease.offset, lease.attempt - 1));
+            }
+        }
     }
 
     /// Reads a lane again from its ack floor, after its poisoned log was
@@ -830,6 +1016,13 @@ impl Queue {
     /// [`Queue::append_copy`]; a redelivery refused even so is dead-lettered.
     async fn retry(self: &Arc<Self>, lease: Lease, delay_ms: u64, reason: &str) {
         let Some(record) = self.reread_for_retry(&lease) else { return };
+        if expired(&record, self.settings().message_ttl_ms, now_ms()) {
+            // Expired while leased: it ends here instead of being
+            // redelivered, after the attempts it had.
+            self.expire_message(lease, record, lease.attempt).await;
+            self.dispatch();
+            return;
+        }
         let original_offset = headers::original_offset(&record.headers, lease.offset);
         let outcome = if lease.attempt >= self.settings().max_attempts {
             self.dead_letter(lease, record, reason, original_offset).await
@@ -879,7 +1072,7 @@ impl Queue {
                 "message used its last attempt and the queue has no dead-letter queue: dropped");
             return Ok(AckKind::DeadLettered);
         };
-        let own = headers::own_headers(record.headers.clone());
+        let own = headers::dead_letter_own_headers(record.headers.clone());
         let source = headers::DeadLetterSource {
             reason,
             queue: self.name.as_str(),
@@ -993,6 +1186,18 @@ fn check_credit(credit: u32, held: u32) -> Result<()> {
     Ok(())
 }
 
+/// Whether `record` has expired at `now`: its own `ballast-expires-at`, or
+/// its publish time plus the queue's `ttl_ms` (0: none), whichever is
+/// earlier, has passed. A redelivered copy keeps its message's publish
+/// time and header, so the deadline counts from the first publish.
+fn expired(record: &Record, ttl_ms: u64, now: u64) -> bool {
+    if ttl_ms > 0 && record.timestamp_ms.saturating_add(ttl_ms) <= now {
+        return true;
+    }
+    let own = record.headers.iter().find(|(k, _)| k == HEADER_EXPIRES_AT).and_then(|(_, v)| v.parse::<u64>().ok());
+    own.is_some_and(|at| at <= now)
+}
+
 fn not_before(record: &Record) -> Option<u64> {
     record.headers.iter().find(|(k, _)| k == HEADER_NOT_BEFORE).and_then(|(_, v)| v.parse().ok())
 }
@@ -1055,6 +1260,14 @@ pub(crate) fn spawn_timer(queue: &Arc<Queue>) {
                 let queue = Arc::clone(&queue);
                 tokio::spawn(async move { queue.retry(lease, 0, LEASE_EXPIRED).await });
             }
+            for (lease, record, attempts) in queue.take_expiring() {
+                let queue = Arc::clone(&queue);
+                tokio::spawn(async move {
+                    queue.expire_message(lease, record, attempts).await;
+                    queue.delivery.lock().expiring_running -= 1;
+                    queue.dispatch();
+                });
+            }
             queue.dispatch();
         }
     });
@@ -1098,6 +1311,7 @@ mod tests {
                 key: None,
                 lane: Some(0),
                 delay_ms: 0,
+                ttl_ms: 0,
             })
             .collect()
     }

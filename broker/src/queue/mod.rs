@@ -22,7 +22,7 @@ pub(crate) use queue::{QUEUE_FILE, remove_in_background};
 pub use redrive::Redriven;
 pub use saturation::Figures;
 pub use scheduler::LaneScheduler;
-pub use settings::{QueueSettings, SettingsRequest, SyncPolicySetting};
+pub use settings::{ExpiredAction, QueueSettings, SettingsRequest, SyncPolicySetting};
 
 /// Reserved header: Unix milliseconds before which a message is not
 /// delivered (publish delay, nack delay). Stripped from deliveries.
@@ -38,3 +38,10 @@ pub const HEADER_ATTEMPTS: &str = "ballast-attempts";
 /// publish receipt (its lane is the copy's lane, or `ballast-source-lane`
 /// for a dead letter), which each redelivery otherwise replaces.
 pub const HEADER_ORIGINAL_OFFSET: &str = "ballast-original-offset";
+/// Reserved header set on a message published with a `ttl_ms`: the Unix
+/// milliseconds after which it is expired (publish time + its TTL). Kept
+/// on its redelivered copies, left off its dead letter. Counted in the
+/// publisher's header allowance, not the broker's reserve.
+pub const HEADER_EXPIRES_AT: &str = "ballast-expires-at";
+/// The dead-letter reason of an expired message.
+pub const EXPIRED_REASON: &str = "expired";

@@ -6,6 +6,7 @@ mod auth;
 mod delivery;
 mod disk;
 mod durability;
+mod expiry;
 mod lease;
 mod peek;
 mod publish;
