@@ -131,6 +131,18 @@ pub const MESSAGE_TTL_MS_MAX: u64 = 14 * 24 * 3600 * 1000;
 /// dead-lettered at the pace the dead-letter queue's group commit takes.
 pub const EXPIRING_MAX: usize = 1024;
 
+/// Ceiling of a queue's `max_delivery_rate`, deliveries per second (a
+/// million: above any rate one queue's dispatch reaches, so a higher
+/// setting would be no pace at all). More is INVALID_ARGUMENT; 0 is none.
+pub const MAX_DELIVERY_RATE_MAX: u64 = 1_000_000;
+
+/// How far ahead of now a queue's delivery pace may run, in milliseconds:
+/// after an idle stretch the consumers may get this much of the rate at
+/// once (at least one delivery), then exactly the rate. Small, so the rate
+/// holds over any window a downstream cares about (100 ms of 200/s is 20
+/// deliveries, 0.4% over 5 s).
+pub const DELIVERY_PACE_BURST_MS: u64 = 100;
+
 /// Longest lease, in milliseconds (12 hours).
 pub const LEASE_TIMEOUT_MS_MAX: u64 = 12 * 3600 * 1000;
 

@@ -277,7 +277,22 @@ const QUEUE_GAUGES: &[QueueGauge] = &[
     }),
     ("ballast_queue_consumers", "Consumers subscribed.", |r| f64::from(r.consumers)),
     ("ballast_queue_credit", "Credit held by the queue's consumers.", |r| r.credit as f64),
+    ("ballast_queue_paced", "1 while max_delivery_rate holds delivery back, else 0.", |r| {
+        if r.pacing.paced { 1.0 } else { 0.0 }
+    }),
+    (
+        "ballast_queue_paced_held_back_messages",
+        "While paced: deliveries the consumers could take now that max_delivery_rate holds back.",
+        |r| r.pacing.held_back as f64,
+    ),
 ];
+
+/// The per-queue counters written at scrape time from the queues' state
+/// (cumulative since the broker started).
+const QUEUE_COUNTERS: &[QueueGauge] =
+    &[("ballast_queue_paced_seconds_total", "Time delivery was held back by max_delivery_rate.", |r| {
+        r.pacing.paced_ms as f64 / 1000.0
+    })];
 
 /// One lane's gauges, taken once per scrape.
 struct LaneRow {
@@ -297,6 +312,7 @@ struct QueueRow {
     drain_estimate_ms: Option<u64>,
     consumers: u32,
     credit: u64,
+    pacing: crate::queue::PacingFigures,
 }
 
 impl QueueRow {
@@ -326,6 +342,7 @@ impl QueueRow {
             drain_estimate_ms: total.drain_estimate_ms,
             consumers: delivery.consumers,
             credit: delivery.credit,
+            pacing: delivery.pacing,
         }
     }
 }
@@ -347,9 +364,10 @@ pub fn write_queue_gauges(out: &mut String, queues: &[Arc<Queue>]) {
         }
         out.push('\n');
     }
-    for &(name, help, value) in QUEUE_GAUGES {
+    let families = QUEUE_GAUGES.iter().map(|g| (g, "gauge")).chain(QUEUE_COUNTERS.iter().map(|c| (c, "counter")));
+    for (&(name, help, value), kind) in families {
         write_help_line(out, name, None, None, help);
-        write_type_line(out, name, None, None, "gauge");
+        write_type_line(out, name, None, None, kind);
         for row in &rows {
             let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", row.queue, value(row));
         }

@@ -192,6 +192,11 @@ pub struct QueueSettings {
     pub message_ttl: Option<Duration>,
     /// What becomes of an expired message. (default: dead-letter)
     pub expired_action: Option<ExpiredAction>,
+    /// Delivery pace: deliveries per second to all the queue's consumers
+    /// together, however many attach; 0 for none. Lanes keep their weights
+    /// inside it; what is not delivered stays in the backlog, and
+    /// [`QueueStats::paced`](crate::QueueStats::paced) says so. (default: 0)
+    pub max_delivery_rate: Option<u64>,
 }
 
 impl QueueSettings {
@@ -215,6 +220,7 @@ impl QueueSettings {
             max_publish_byte_rate: self.max_publish_byte_rate,
             message_ttl_ms: self.message_ttl.map(millis),
             expired_action: ExpiredAction::to_proto(self.expired_action).into(),
+            max_delivery_rate: self.max_delivery_rate,
         }
     }
 
@@ -238,6 +244,7 @@ impl QueueSettings {
             max_publish_byte_rate: settings.max_publish_byte_rate,
             message_ttl: settings.message_ttl_ms.map(Duration::from_millis),
             expired_action: ExpiredAction::from_proto(settings.expired_action),
+            max_delivery_rate: settings.max_delivery_rate,
         }
     }
 
@@ -324,6 +331,7 @@ mod tests {
             max_publish_byte_rate: Some(0),
             message_ttl: Some(Duration::from_secs(90)),
             expired_action: Some(ExpiredAction::Drop),
+            max_delivery_rate: Some(200),
         };
         assert_eq!(QueueSettings::from_proto(full.clone().into_proto()), full);
         let empty = QueueSettings::default();

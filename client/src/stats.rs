@@ -169,6 +169,14 @@ pub struct QueueStats {
     /// dropped.
     pub expired_dead_lettered: u64,
     pub expired_dropped: u64,
+    /// Delivery is held back by the queue's `max_delivery_rate` now: the
+    /// consumers have credit and messages wait for the pace.
+    pub paced: bool,
+    /// Time delivery was held back by the pace since the broker started.
+    pub paced_time: Duration,
+    /// While paced: deliveries the consumers could take now that the pace
+    /// holds back (the backlog it keeps); 0 when not paced.
+    pub paced_held_back: u64,
 }
 
 impl QueueStats {
@@ -209,6 +217,9 @@ impl QueueStats {
             throttled: Duration::from_millis(stats.throttled_ms),
             expired_dead_lettered: stats.expired_dead_lettered,
             expired_dropped: stats.expired_dropped,
+            paced: stats.paced,
+            paced_time: Duration::from_millis(stats.paced_ms),
+            paced_held_back: stats.paced_held_back,
         })
     }
 }

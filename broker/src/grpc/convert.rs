@@ -41,6 +41,7 @@ pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsR
     Ok(SettingsRequest {
         message_ttl_ms: s.message_ttl_ms,
         expired_action,
+        max_delivery_rate: s.max_delivery_rate,
         lanes: s.lanes,
         lane_weights: s.lane_weights,
         strict_priority: s.strict_priority,
@@ -84,6 +85,7 @@ pub fn settings(s: &QueueSettings) -> pb::QueueSettings {
         max_publish_rate: Some(s.max_publish_rate),
         max_publish_byte_rate: Some(s.max_publish_byte_rate),
         message_ttl_ms: Some(s.message_ttl_ms),
+        max_delivery_rate: Some(s.max_delivery_rate),
         expired_action: match s.expired_action {
             ExpiredAction::DeadLetter => pb::ExpiredAction::DeadLetter,
             ExpiredAction::Drop => pb::ExpiredAction::Drop,
@@ -217,6 +219,9 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
         throttled_ms: refused.throttled_ms,
         expired_dead_lettered: delivery.expired_dead_lettered,
         expired_dropped: delivery.expired_dropped,
+        paced: delivery.pacing.paced,
+        paced_ms: delivery.pacing.paced_ms,
+        paced_held_back: delivery.pacing.held_back,
         damaged: String::new(),
         opening: false,
     }

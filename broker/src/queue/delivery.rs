@@ -21,6 +21,9 @@
 //! the timer task, which dead-letters it with reason `expired`. No expiry
 //! time is held in memory and the backlog is never scanned for it.
 //!
+//! Delivery pacing (`max_delivery_rate`): dispatch asks the queue's
+//! [`Pacer`] before each delivery; see `queue/pacing.rs`.
+//!
 //! Nack and lease expiry re-append the message at the tail of its lane with
 //! its attempt count (durable), then ack the original; past `max_attempts`
 //! it is appended to the dead-letter queue instead. A consumer that
@@ -38,7 +41,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
-    EXPIRED_REASON, ExpiredAction, HEADER_EXPIRES_AT, HEADER_NOT_BEFORE, LaneScheduler, Queue, QueueSettings, headers,
+    EXPIRED_REASON, ExpiredAction, HEADER_EXPIRES_AT, HEADER_NOT_BEFORE, LaneScheduler, PacingFigures, Queue,
+    QueueSettings, headers,
 };
 use crate::{
     error::{BrokerError, Result},
@@ -106,6 +110,8 @@ pub(crate) struct DeliveryState {
     expiring: Vec<(Lease, Record, u32)>,
     /// Expired messages being dead-lettered by tasks now.
     expiring_running: usize,
+    /// The delivery pace (`max_delivery_rate`) and its figures.
+    pacer: super::pacing::Pacer,
 }
 
 /// One dispatch's view of expiry: what the queue's settings say and how
@@ -215,6 +221,7 @@ impl DeliveryState {
             timer_deadline: 0,
             expiring: Vec::new(),
             expiring_running: 0,
+            pacer: super::pacing::Pacer::new(std::time::Instant::now()),
         }
     }
 
@@ -248,7 +255,8 @@ impl DeliveryState {
         let can_deliver = self.consumers.values().any(|c| c.credit > 0);
         let delayed =
             self.lanes.iter().filter_map(|l| l.delayed.first().map(|&(d, _, _)| d)).filter(|_| can_deliver).min();
-        lease.into_iter().chain(delayed).min()
+        let paced = self.pacer.resume_ms().filter(|_| can_deliver);
+        lease.into_iter().chain(delayed).chain(paced).min()
     }
 
     /// Whether a lease holds the message at `lane`, `offset` (a scan of
@@ -344,6 +352,8 @@ pub struct DeliveryFigures {
     /// Expired messages since start: dead-lettered, dropped.
     pub expired_dead_lettered: u64,
     pub expired_dropped: u64,
+    /// Whether and how much `max_delivery_rate` holds delivery back.
+    pub pacing: PacingFigures,
 }
 
 impl Queue {
@@ -361,6 +371,7 @@ impl Queue {
             credit: state.consumers.values().map(|c| u64::from(c.credit)).sum(),
             expired_dead_lettered: self.expired.dead_lettered.load(Ordering::Relaxed),
             expired_dropped: self.expired.dropped.load(Ordering::Relaxed),
+            pacing: state.pacer.figures(std::time::Instant::now()),
         }
     }
 
@@ -657,11 +668,18 @@ impl Queue {
         let now = now_ms();
         let settings = self.settings();
         let lease_timeout_ms = settings.lease_timeout_ms;
+        let rate = settings.max_delivery_rate;
+        let clock = std::time::Instant::now();
         let wake_timer = {
             let mut guard = self.delivery.lock();
             let state = &mut *guard;
             let mut cut = false;
+            let mut paced = None;
             while let Some(consumer_id) = state.consumer_with_credit() {
+                if let Some(wait) = state.pacer.wait(rate, clock) {
+                    paced = Some(wait);
+                    break;
+                }
                 let mut pass = ExpiryPass {
                     now,
                     ttl_ms: settings.message_ttl_ms,
@@ -700,6 +718,7 @@ impl Queue {
                             metrics.publish_to_delivery.record(now.saturating_sub(published_ms) as f64 / 1000.0);
                         }
                         state.expiries.insert((deadline_ms, delivery_id));
+                        state.pacer.charge(rate, clock);
                     }
                     Err(_) => {
                         // The consumer went away: put the message back; its
@@ -708,6 +727,11 @@ impl Queue {
                         consumer.credit = 0;
                     }
                 }
+            }
+            // Paced: the timer runs dispatch again at the next token.
+            match paced.map(|wait| (wait, held_back(state, &self.durable))) {
+                Some((wait, held_back)) if held_back > 0 => state.pacer.pace(clock, now, wait, held_back),
+                _ => state.pacer.unpace(clock),
             }
             // Wake the timer only if something is now due before the time it
             // sleeps until (otherwise every dispatch would spin it), or to
@@ -1184,6 +1208,21 @@ fn check_credit(credit: u32, held: u32) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Deliveries the consumers could take now: their credit, up to the
+/// messages waiting in the lanes (released leases and the durable records
+/// past each cursor; delayed ones not counted). O(lanes + consumers).
+fn held_back(state: &DeliveryState, durable: &[std::sync::atomic::AtomicU64]) -> u64 {
+    let credit: u64 = state.consumers.values().map(|c| u64::from(c.credit)).sum();
+    let mut waiting = 0u64;
+    for (lane, durable) in state.lanes.iter().zip(durable) {
+        waiting += lane.requeue.len() as u64 + durable.load(Ordering::Acquire).saturating_sub(lane.cursor.offset());
+        if waiting >= credit {
+            break;
+        }
+    }
+    waiting.min(credit)
 }
 
 /// Whether `record` has expired at `now`: its own `ballast-expires-at`, or

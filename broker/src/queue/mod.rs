@@ -4,6 +4,7 @@
 mod delivery;
 mod headers;
 mod name;
+mod pacing;
 mod peek;
 #[allow(clippy::module_inception, reason = "the file is named after the type, as everywhere else")]
 mod queue;
@@ -16,6 +17,7 @@ mod settings;
 pub(crate) use delivery::check_ids;
 pub use delivery::{Delivery, DeliveryFigures, Extension, Holder, RefusedCounts, Subscription};
 pub use name::QueueName;
+pub use pacing::PacingFigures;
 pub use peek::Peeked;
 pub use queue::{Publish, Queue, QueueStats, Receipt};
 pub(crate) use queue::{QUEUE_FILE, remove_in_background};

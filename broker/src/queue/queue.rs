@@ -229,7 +229,7 @@ impl Queue {
     /// durably, and only then put in force. Returns the keys that changed
     /// (empty: nothing to do, nothing written).
     pub fn update_settings(&self, changes: &SettingsRequest) -> Result<Vec<&'static str>> {
-        let _one_at_a_time = self.settings_update.lock();
+        let one_at_a_time = self.settings_update.lock();
         let current = self.settings();
         let updated = current.updated(changes)?;
         let changed = current.changed_keys(&updated);
@@ -244,7 +244,10 @@ impl Queue {
         }
         *self.settings.write() = Arc::new(updated);
         // A lower limit or threshold may refuse what is queued for
-        // admission; a longer lease applies to the next delivery.
+        // admission; a longer lease applies to the next delivery; a new
+        // delivery pace or TTL applies to this dispatch.
+        drop(one_at_a_time);
+        self.dispatch();
         Ok(changed)
     }
 
@@ -644,9 +647,10 @@ impl Queue {
         let ttl_header = message.ttl_ms > 0;
         let headers_count = message.headers.len() + usize::from(ttl_header);
         if headers_count > PUBLISH_HEADERS_COUNT_MAX as usize {
+            let ttl_note = if ttl_header { "; a ttl_ms takes one" } else { "" };
             return Err(which(format!(
-                "{headers_count} headers (a ttl_ms takes one); the limit is {PUBLISH_HEADERS_COUNT_MAX} \
-                 ({HEADERS_COUNT_MAX} less {RESERVED_HEADERS_COUNT} kept for the broker's headers)",
+                "{headers_count} headers; the limit is {PUBLISH_HEADERS_COUNT_MAX} ({HEADERS_COUNT_MAX} less \
+                 {RESERVED_HEADERS_COUNT} kept for the broker's headers){ttl_note}",
             )));
         }
         let headers_size = headers_size(&message.headers) + if ttl_header { EXPIRES_AT_HEADER_SIZE } else { 0 };

@@ -72,6 +72,9 @@ pub struct QueueSettings {
     pub message_ttl_ms: u64,
     /// What becomes of an expired message.
     pub expired_action: ExpiredAction,
+    /// Deliveries per second to all consumers together; 0 is none (see
+    /// `queue/pacing.rs`).
+    pub max_delivery_rate: u64,
 }
 
 impl Default for QueueSettings {
@@ -97,6 +100,7 @@ impl Default for QueueSettings {
             max_publish_byte_rate: 0,
             message_ttl_ms: 0,
             expired_action: ExpiredAction::DeadLetter,
+            max_delivery_rate: 0,
         }
     }
 }
@@ -122,6 +126,7 @@ pub struct SettingsRequest {
     pub max_publish_byte_rate: Option<u64>,
     pub message_ttl_ms: Option<u64>,
     pub expired_action: Option<ExpiredAction>,
+    pub max_delivery_rate: Option<u64>,
 }
 
 /// Admission fractions for `n` lanes: 1.0 for the first, down to 0.7 for
@@ -168,6 +173,7 @@ impl QueueSettings {
             max_publish_byte_rate: request.max_publish_byte_rate.unwrap_or(defaults.max_publish_byte_rate),
             message_ttl_ms: request.message_ttl_ms.unwrap_or(defaults.message_ttl_ms),
             expired_action: request.expired_action.unwrap_or(defaults.expired_action),
+            max_delivery_rate: request.max_delivery_rate.unwrap_or(defaults.max_delivery_rate),
             lanes,
             lane_weights,
             strict_priority: request.strict_priority.unwrap_or(defaults.strict_priority),
@@ -265,6 +271,12 @@ impl QueueSettings {
                 format!("must be at most {MESSAGE_TTL_MS_MAX} (0: none); got {}", self.message_ttl_ms),
             ));
         }
+        if self.max_delivery_rate > MAX_DELIVERY_RATE_MAX {
+            return Err(invalid(
+                "max_delivery_rate",
+                format!("must be at most {MAX_DELIVERY_RATE_MAX} (0: none); got {}", self.max_delivery_rate),
+            ));
+        }
         let interval_max = ballast_storage::limits::SYNC_INTERVAL_MS_MAX;
         if self.sync_policy == SyncPolicySetting::Interval && !(1..=interval_max).contains(&self.sync_interval_ms) {
             return Err(invalid(
@@ -326,6 +338,7 @@ impl QueueSettings {
             dedupe_window_ms: changes.dedupe_window_ms.unwrap_or(self.dedupe_window_ms),
             message_ttl_ms: changes.message_ttl_ms.unwrap_or(self.message_ttl_ms),
             expired_action: changes.expired_action.unwrap_or(self.expired_action),
+            max_delivery_rate: changes.max_delivery_rate.unwrap_or(self.max_delivery_rate),
             ..self.clone()
         };
         updated.validate()?;
@@ -372,7 +385,8 @@ impl QueueSettings {
             max_publish_rate,
             max_publish_byte_rate,
             message_ttl_ms,
-            expired_action
+            expired_action,
+            max_delivery_rate
         );
         differences
     }
@@ -425,6 +439,10 @@ mod tests {
             ),
             (SettingsRequest { lease_timeout_ms: Some(1), ..Default::default() }, "lease_timeout_ms"),
             (SettingsRequest { message_ttl_ms: Some(MESSAGE_TTL_MS_MAX + 1), ..Default::default() }, "message_ttl_ms"),
+            (
+                SettingsRequest { max_delivery_rate: Some(MAX_DELIVERY_RATE_MAX + 1), ..Default::default() },
+                "max_delivery_rate",
+            ),
         ];
         for (request, key) in cases {
             match QueueSettings::resolve(&request, &d) {
@@ -436,6 +454,7 @@ mod tests {
             lanes: (0..8).map(|i| format!("l{i}")).collect(),
             message_size_max: Some(MESSAGE_SIZE_MAX),
             message_ttl_ms: Some(MESSAGE_TTL_MS_MAX),
+            max_delivery_rate: Some(MAX_DELIVERY_RATE_MAX),
             ..Default::default()
         };
         QueueSettings::resolve(&at_limit, &d).unwrap();

@@ -8,6 +8,7 @@ mod disk;
 mod durability;
 mod expiry;
 mod lease;
+mod pacing;
 mod peek;
 mod publish;
 mod pull;

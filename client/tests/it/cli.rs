@@ -467,11 +467,11 @@ fn peek_and_redrive_dead_letters() {
 }
 
 /// `--message-ttl-ms` and `--expired-action` set a queue's expiry on
-/// create and update; `publish --ttl-ms` gives a message its own: past it,
+/// create and update (`--max-delivery-rate` its pace); `publish --ttl-ms` gives a message its own: past it,
 /// the message is dead-lettered with reason `expired` (seen with `ballast
 /// peek NAME.dead`) and counted in `ballast stats --json`.
 #[test]
-fn message_ttl_flags() {
+fn expiry_and_pacing_flags() {
     let broker = Broker::start();
     let url = broker.url();
     let created = ballast(&url, &["--json", "queue", "create", "brief", "--message-ttl-ms", "60000"], None);
@@ -482,7 +482,10 @@ fn message_ttl_flags() {
     let updated = ballast(&url, &["--json", "queue", "update", "brief", "--expired-action", "drop"], None);
     let queue: serde_json::Value = serde_json::from_str(stdout(&updated).trim()).expect("one JSON object");
     assert_eq!(queue["settings"]["expired_action"], "drop", "{queue}");
-    assert_eq!(code(&ballast(&url, &["queue", "update", "brief", "--expired-action", "dead_letter"], None)), 0);
+    let args = ["--json", "queue", "update", "brief", "--expired-action", "dead_letter", "--max-delivery-rate", "500"];
+    let updated = ballast(&url, &args, None);
+    let queue: serde_json::Value = serde_json::from_str(stdout(&updated).trim()).expect("one JSON object");
+    assert_eq!(queue["settings"]["max_delivery_rate"], 500, "{queue}");
     assert_eq!(code(&ballast(&url, &["publish", "brief", "gone", "--ttl-ms", "1"], None)), 0);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(code(&ballast(&url, &["publish", "brief", "kept"], None)), 0);

@@ -53,6 +53,7 @@ def queue_settings(
     max_publish_byte_rate: int | None = None,
     message_ttl_ms: int | None = None,
     expired_action: str | None = None,
+    max_delivery_rate: int | None = None,
 ) -> pb.QueueSettings:
     """A ``QueueSettings``; ``None`` leaves a setting at the broker's default.
     ``sync_policy`` is ``"fsync"``, ``"interval"`` or ``"none"``;
@@ -82,6 +83,7 @@ def queue_settings(
         "max_publish_rate": max_publish_rate,
         "max_publish_byte_rate": max_publish_byte_rate,
         "message_ttl_ms": message_ttl_ms,
+        "max_delivery_rate": max_delivery_rate,
     }
     for name, value in optional.items():
         if value is not None:

@@ -262,6 +262,9 @@ pub struct CreateArgs {
     /// What becomes of an expired message: dead_letter or drop [default: dead_letter].
     #[arg(long, value_name = "ACTION")]
     pub expired_action: Option<ballast_client::ExpiredAction>,
+    /// Delivery pace: deliveries per second to all consumers together, 0 for none [default: 0].
+    #[arg(long, value_name = "N")]
+    pub max_delivery_rate: Option<u64>,
 }
 
 #[derive(Debug, Args)]

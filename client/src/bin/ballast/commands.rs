@@ -160,6 +160,7 @@ fn settings(args: CreateArgs) -> QueueSettings {
     settings.max_publish_byte_rate = args.max_publish_byte_rate;
     settings.message_ttl = args.message_ttl_ms.map(Duration::from_millis);
     settings.expired_action = args.expired_action;
+    settings.max_delivery_rate = args.max_delivery_rate;
     settings
 }
 

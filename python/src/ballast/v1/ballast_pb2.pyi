@@ -39,7 +39,7 @@ EXTEND_OUTCOME_EXPIRED: ExtendOutcome
 EXTEND_OUTCOME_NOT_LEASED: ExtendOutcome
 
 class QueueSettings(_message.Message):
-    __slots__ = ("lanes", "lane_weights", "strict_priority", "default_lane", "lease_timeout_ms", "max_attempts", "dead_letter", "dedupe_window_ms", "message_size_max", "sync_policy", "sync_interval_ms", "max_messages", "max_bytes", "lane_admission", "max_publish_rate", "max_publish_byte_rate", "message_ttl_ms", "expired_action")
+    __slots__ = ("lanes", "lane_weights", "strict_priority", "default_lane", "lease_timeout_ms", "max_attempts", "dead_letter", "dedupe_window_ms", "message_size_max", "sync_policy", "sync_interval_ms", "max_messages", "max_bytes", "lane_admission", "max_publish_rate", "max_publish_byte_rate", "message_ttl_ms", "expired_action", "max_delivery_rate")
     LANES_FIELD_NUMBER: _ClassVar[int]
     LANE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STRICT_PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class QueueSettings(_message.Message):
     MAX_PUBLISH_BYTE_RATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_ACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELIVERY_RATE_FIELD_NUMBER: _ClassVar[int]
     lanes: _containers.RepeatedScalarFieldContainer[str]
     lane_weights: _containers.RepeatedScalarFieldContainer[int]
     strict_priority: bool
@@ -76,7 +77,8 @@ class QueueSettings(_message.Message):
     max_publish_byte_rate: int
     message_ttl_ms: int
     expired_action: ExpiredAction
-    def __init__(self, lanes: _Optional[_Iterable[str]] = ..., lane_weights: _Optional[_Iterable[int]] = ..., strict_priority: _Optional[bool] = ..., default_lane: _Optional[int] = ..., lease_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., dead_letter: _Optional[bool] = ..., dedupe_window_ms: _Optional[int] = ..., message_size_max: _Optional[int] = ..., sync_policy: _Optional[_Union[SyncPolicy, str]] = ..., sync_interval_ms: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lane_admission: _Optional[_Iterable[float]] = ..., max_publish_rate: _Optional[int] = ..., max_publish_byte_rate: _Optional[int] = ..., message_ttl_ms: _Optional[int] = ..., expired_action: _Optional[_Union[ExpiredAction, str]] = ...) -> None: ...
+    max_delivery_rate: int
+    def __init__(self, lanes: _Optional[_Iterable[str]] = ..., lane_weights: _Optional[_Iterable[int]] = ..., strict_priority: _Optional[bool] = ..., default_lane: _Optional[int] = ..., lease_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., dead_letter: _Optional[bool] = ..., dedupe_window_ms: _Optional[int] = ..., message_size_max: _Optional[int] = ..., sync_policy: _Optional[_Union[SyncPolicy, str]] = ..., sync_interval_ms: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lane_admission: _Optional[_Iterable[float]] = ..., max_publish_rate: _Optional[int] = ..., max_publish_byte_rate: _Optional[int] = ..., message_ttl_ms: _Optional[int] = ..., expired_action: _Optional[_Union[ExpiredAction, str]] = ..., max_delivery_rate: _Optional[int] = ...) -> None: ...
 
 class CreateQueueRequest(_message.Message):
     __slots__ = ("name", "settings")
@@ -294,7 +296,7 @@ class LaneStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., admission: _Optional[float] = ..., in_flight: _Optional[int] = ..., storage_failed: _Optional[bool] = ...) -> None: ...
 
 class QueueStats(_message.Message):
-    __slots__ = ("name", "saturation", "lanes", "in_flight", "consumers", "credit", "max_messages", "max_bytes", "refused_queue_full", "refused_disk_full", "refused_publish_rate", "throttled_calls", "throttled_ms", "damaged", "opening", "expired_dead_lettered", "expired_dropped")
+    __slots__ = ("name", "saturation", "lanes", "in_flight", "consumers", "credit", "max_messages", "max_bytes", "refused_queue_full", "refused_disk_full", "refused_publish_rate", "throttled_calls", "throttled_ms", "damaged", "opening", "expired_dead_lettered", "expired_dropped", "paced", "paced_ms", "paced_held_back")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SATURATION_FIELD_NUMBER: _ClassVar[int]
     LANES_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +314,9 @@ class QueueStats(_message.Message):
     OPENING_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PACED_FIELD_NUMBER: _ClassVar[int]
+    PACED_MS_FIELD_NUMBER: _ClassVar[int]
+    PACED_HELD_BACK_FIELD_NUMBER: _ClassVar[int]
     name: str
     saturation: Saturation
     lanes: _containers.RepeatedCompositeFieldContainer[LaneStats]
@@ -329,7 +334,10 @@ class QueueStats(_message.Message):
     opening: bool
     expired_dead_lettered: int
     expired_dropped: int
-    def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., lanes: _Optional[_Iterable[_Union[LaneStats, _Mapping]]] = ..., in_flight: _Optional[int] = ..., consumers: _Optional[int] = ..., credit: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., refused_queue_full: _Optional[int] = ..., refused_disk_full: _Optional[int] = ..., refused_publish_rate: _Optional[int] = ..., throttled_calls: _Optional[int] = ..., throttled_ms: _Optional[int] = ..., damaged: _Optional[str] = ..., opening: _Optional[bool] = ..., expired_dead_lettered: _Optional[int] = ..., expired_dropped: _Optional[int] = ...) -> None: ...
+    paced: bool
+    paced_ms: int
+    paced_held_back: int
+    def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., lanes: _Optional[_Iterable[_Union[LaneStats, _Mapping]]] = ..., in_flight: _Optional[int] = ..., consumers: _Optional[int] = ..., credit: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., refused_queue_full: _Optional[int] = ..., refused_disk_full: _Optional[int] = ..., refused_publish_rate: _Optional[int] = ..., throttled_calls: _Optional[int] = ..., throttled_ms: _Optional[int] = ..., damaged: _Optional[str] = ..., opening: _Optional[bool] = ..., expired_dead_lettered: _Optional[int] = ..., expired_dropped: _Optional[int] = ..., paced: _Optional[bool] = ..., paced_ms: _Optional[int] = ..., paced_held_back: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("at_ms", "queues", "disk_free_bytes", "disk_free_min_bytes")
