@@ -18,5 +18,6 @@ mod redrive;
 mod saturation;
 mod support;
 mod tls;
+mod trace;
 mod update;
 mod wire;
