@@ -70,6 +70,8 @@
 //! - `consumer`: [`Consumer`], [`ConsumerConfig`], [`Delivery`],
 //!   [`NackPolicy`], [`ConsumerHandle`], [`Stopper`].
 //! - `admin` and `queue`: [`Admin`], [`QueueSettings`], [`QueueInfo`].
+//! - `otel` (feature `otel`, off by default): W3C trace context injected on
+//!   publish, a consumer span linked to it around each handler.
 //! - `backoff`, `breaker`, `retry`, `clock`: the retry machinery, reusable
 //!   on its own ([`Backoff`], [`RetryPolicy`], [`CircuitBreaker`]).
 //!
@@ -94,6 +96,8 @@ mod consumer;
 pub mod contract;
 mod error;
 mod message;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod producer;
 mod queue;
 mod retry;

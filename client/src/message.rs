@@ -163,10 +163,17 @@ impl Message {
 
     /// The wire form, with `key` as its idempotency key. Called once per
     /// logical message; every retry sends the same wire message.
+    /// With the `otel` feature, the current span's context is added as
+    /// `traceparent`/`tracestate` here, on the publishing task (see
+    /// [`crate::otel`]).
     pub(crate) fn into_proto(self, key: String) -> proto::Message {
+        #[allow(unused_mut, reason = "written only with the otel feature")]
+        let mut headers = self.headers;
+        #[cfg(feature = "otel")]
+        crate::otel::inject_current(&mut headers);
         proto::Message {
             payload: self.payload,
-            headers: self.headers.into_iter().collect(),
+            headers: headers.into_iter().collect(),
             idempotency_key: key,
             lane: self.lane,
             delay_ms: u64::try_from(self.delay.as_millis()).unwrap_or(u64::MAX),
