@@ -633,6 +633,8 @@ impl Queue {
         let mut state = self.delivery.lock();
         state.leases.clear();
         state.expiries.clear();
+        // Expired messages not yet handed to the timer are purged too.
+        state.expiring.clear();
         state.pull_leases = 0;
         for consumer in state.consumers.values_mut() {
             consumer.in_flight = 0;
@@ -940,8 +942,8 @@ impl Queue {
     /// journal is pending again in storage while this lane's cursor is past
     /// it. Without the rewind it would be stranded (counted in the depth,
     /// never delivered) until a restart; with it, it is delivered again (at
-    /// least once). Offsets leased, requeued or delayed now are owned
-    /// elsewhere and passed over once.
+    /// least once). Offsets leased, requeued, delayed or expiring now are
+    /// owned elsewhere and passed over once.
     pub(crate) fn rewind_lane(&self, lane: usize) {
         {
             let mut guard = self.delivery.lock();
@@ -949,6 +951,7 @@ impl Queue {
             let lane_index = u32::try_from(lane).expect("at most LANES_MAX lanes");
             let leased = state.leases.values().filter(|l| l.lane == lane_index).map(|l| l.offset);
             let mut skip: BTreeSet<u64> = leased.collect();
+            skip.extend(state.expiring.iter().filter(|(l, _, _)| l.lane == lane_index).map(|(l, _, _)| l.offset));
             let lane_state = &mut state.lanes[lane];
             skip.extend(lane_state.requeue.iter().map(|&(offset, _)| offset));
             skip.extend(lane_state.delayed.iter().map(|&(_, offset, _)| offset));
