@@ -71,10 +71,10 @@ impl Pacer {
 
     /// Charges one delivery under `rate` (0: nothing to charge).
     pub(crate) fn charge(&mut self, rate: u64, now: Instant) {
-        if rate > 0 {
-            // Whole nanoseconds: at most 1 ns per delivery fast, which is
-            // 0.1% at the ceiling rate.
-            self.tat = self.tat.max(now) + Duration::from_nanos(1_000_000_000 / rate);
+        // Whole nanoseconds: at most 1 ns per delivery fast, which is 0.1%
+        // at the ceiling rate. No rate (0): nothing to charge.
+        if let Some(interval_ns) = 1_000_000_000u64.checked_div(rate) {
+            self.tat = self.tat.max(now) + Duration::from_nanos(interval_ns);
         }
     }
 
