@@ -99,6 +99,7 @@ mod message;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod producer;
+mod publish_stream;
 mod queue;
 mod retry;
 mod stats;
