@@ -117,17 +117,19 @@ async fn the_drop_action_drops_expired_messages() {
 #[tokio::test]
 async fn a_leased_message_past_its_deadline_expires_at_lease_end() {
     let broker = BrokerProcess::start();
-    let settings = pb::QueueSettings { lease_timeout_ms: Some(400), ..queue_settings() };
+    // Margins of a second, so a slow machine still delivers both before
+    // their deadline.
+    let settings = pb::QueueSettings { lease_timeout_ms: Some(1500), ..queue_settings() };
     create(&mut broker.admin().await, "leased", settings).await;
     let mut publisher = broker.publisher().await;
-    publish_batch(&mut publisher, "leased", vec![with_ttl("nacked", 200), with_ttl("abandoned", 200)]).await;
+    publish_batch(&mut publisher, "leased", vec![with_ttl("nacked", 1000), with_ttl("abandoned", 1000)]).await;
     let mut session = Session::open(&mut broker.consumer().await, "leased", 2).await;
     let first = session.delivery().await;
     let second = session.delivery().await;
     assert_eq!((first.payload.as_ref(), second.payload.as_ref()), (&b"nacked"[..], &b"abandoned"[..]));
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     session.nack(first.delivery_id, 0, "busy").await;
-    // The second lease runs out (400 ms) after the message's deadline.
+    // The second lease runs out (1.5 s) after the message's deadline.
     session.credit(2).await;
     session.expect_silence(Duration::from_millis(600)).await;
     let dead = wait_dead_letters(&broker, "leased", 2).await;
@@ -154,12 +156,12 @@ async fn a_delayed_message_past_its_deadline_is_never_delivered() {
     let mut publisher = broker.publisher().await;
     let delayed = pb::Message { delay_ms: 300, ..with_ttl("delayed", 100) };
     publish(&mut publisher, "later", delayed).await;
-    publish(&mut publisher, "later", with_ttl("nacked", 300)).await;
+    publish(&mut publisher, "later", with_ttl("nacked", 1000)).await;
     let mut session = Session::open(&mut broker.consumer().await, "later", 2).await;
     let nacked = session.delivery().await;
     assert_eq!(nacked.payload.as_ref(), b"nacked");
-    session.nack(nacked.delivery_id, 500, "later").await;
-    session.expect_silence(Duration::from_millis(900)).await;
+    session.nack(nacked.delivery_id, 1500, "later").await;
+    session.expect_silence(Duration::from_millis(1800)).await;
     let dead = wait_dead_letters(&broker, "later", 2).await;
     assert!(dead.iter().all(|d| d.reason == "expired"), "{dead:?}");
     wait_expired(&broker, "later", 2, 0).await;

@@ -32,7 +32,7 @@ fn assert_traced(headers: &std::collections::HashMap<String, String>, what: &str
 #[tokio::test]
 async fn trace_headers_travel_untouched_through_every_copy() {
     let broker = BrokerProcess::start();
-    let settings = pb::QueueSettings { max_attempts: Some(3), lease_timeout_ms: Some(200), ..queue_settings() };
+    let settings = pb::QueueSettings { max_attempts: Some(3), lease_timeout_ms: Some(1000), ..queue_settings() };
     create(&mut broker.admin().await, "traced", settings).await;
     let mut publisher = broker.publisher().await;
     publish(&mut publisher, "traced", traced("now")).await;
@@ -53,7 +53,7 @@ async fn trace_headers_travel_untouched_through_every_copy() {
     session.ack(vec![delayed.delivery_id]).await;
     assert_eq!((nacked.payload.as_ref(), nacked.attempt), (&b"now"[..], 2));
     assert_traced(&nacked.headers, "redelivered after a nack with a delay");
-    // Not settled: the 200 ms lease expires and the message comes back.
+    // Not settled: the 1 s lease expires and the message comes back.
     session.credit(1).await;
     let expired = session.delivery().await;
     assert_eq!((expired.payload.as_ref(), expired.attempt), (&b"now"[..], 3));
