@@ -1475,6 +1475,47 @@ mod tests {
         assert_eq!(queue.delivery_figures().in_flight, 0);
     }
 
+    /// More expired messages than one dispatch handles or hands to the
+    /// timer ([`EXPIRING_MAX`]) are all dead-lettered, or dropped, over
+    /// several passes, and the fresh message behind them is delivered: the
+    /// bound splits the work, it does not stall it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_messages_past_expiring_max_are_handled_in_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = open(dir.path(), None).await;
+        let count = EXPIRING_MAX * 2 + 100;
+        for (name, action) in [("expire-dead", ExpiredAction::DeadLetter), ("expire-drop", ExpiredAction::Drop)] {
+            let request = crate::queue::SettingsRequest { expired_action: Some(action), ..Default::default() };
+            let queue = broker.create(name, &request).await.unwrap();
+            let mut left = count;
+            while left > 0 {
+                let batch = messages(left.min(1000)).into_iter().map(|m| Publish { ttl_ms: 1, ..m }).collect();
+                queue.publish(batch).await.unwrap();
+                left -= left.min(1000);
+            }
+            // Past the last message's 1 ms TTL.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let fresh = Publish { payload: Bytes::from_static(b"fresh"), ..messages(1).remove(0) };
+            queue.publish(vec![fresh]).await.unwrap();
+            let mut subscription = queue.subscribe(1).unwrap();
+            assert_eq!(next(&mut subscription).await.payload, Bytes::from_static(b"fresh"), "{name}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let expected = (u64::from(action == ExpiredAction::DeadLetter), u64::from(action == ExpiredAction::Drop));
+            loop {
+                let figures = queue.delivery_figures();
+                let counted = (figures.expired_dead_lettered, figures.expired_dropped);
+                if counted == (expected.0 * count as u64, expected.1 * count as u64) {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{name}: {counted:?} of {count}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let dead = queue.dead_letter.as_ref().unwrap().stats().lane_depths.iter().sum::<u64>();
+            assert_eq!(dead, expected.0 * count as u64, "{name}");
+            assert_eq!(queue.stats().lane_depths.iter().sum::<u64>(), 1, "{name}: only the delivered message");
+        }
+    }
+
     /// Delivery ids are random 64-bit numbers, not a counter: consecutive
     /// ids are not adjacent and their high bits vary.
     #[test]
