@@ -675,7 +675,9 @@ impl Queue {
         let wake_timer = {
             let mut guard = self.delivery.lock();
             let state = &mut *guard;
-            let mut cut = false;
+            // Expired messages this dispatch may still handle (see
+            // `ExpiryPass::budget`), across all its deliveries.
+            let mut budget = EXPIRING_MAX;
             let mut paced = None;
             while let Some(consumer_id) = state.consumer_with_credit() {
                 if let Some(wait) = state.pacer.wait(rate, clock) {
@@ -687,11 +689,11 @@ impl Queue {
                     ttl_ms: settings.message_ttl_ms,
                     dead_letter: settings.expired_action == ExpiredAction::DeadLetter && self.dead_letter.is_some(),
                     room: EXPIRING_MAX.saturating_sub(state.expiring.len() + state.expiring_running),
-                    budget: EXPIRING_MAX,
+                    budget,
                     expiring: &mut state.expiring,
                 };
                 let next = Self::next_message(self, &mut state.lanes, &mut state.scheduler, &mut pass);
-                cut |= pass.budget == 0;
+                budget = pass.budget;
                 let Some((lane, offset, prior, record)) = next else { break };
                 let delivery_id = state.new_delivery_id();
                 let deadline_ms = now + lease_timeout_ms;
@@ -738,7 +740,7 @@ impl Queue {
             // Wake the timer only if something is now due before the time it
             // sleeps until (otherwise every dispatch would spin it), or to
             // run the next pass over expired messages.
-            cut || state.next_deadline().is_some_and(|d| d < state.timer_deadline)
+            budget == 0 || state.next_deadline().is_some_and(|d| d < state.timer_deadline)
         };
         if wake_timer {
             self.timer_wake.notify_one();
@@ -915,24 +917,31 @@ impl Queue {
     /// is kept in the delayed set and tried again in [`REREAD_RETRY_MS`]
     /// (found expired again when it comes out).
     async fn expire_message(&self, lease: Lease, record: Record, attempts: u32) {
-        let dead_letter = self.settings().expired_action == ExpiredAction::DeadLetter && self.dead_letter.is_some();
-        let stored = if dead_letter {
-            let original_offset = headers::original_offset(&record.headers, lease.offset);
-            let dead = Lease { attempt: attempts, ..lease };
-            self.dead_letter(dead, record, EXPIRED_REASON, original_offset).await.map(|_| ())
-        } else {
-            Ok(())
+        let keep = |error: BrokerError| {
+            tracing::error!(queue = %self.name, lane = lease.lane, offset = lease.offset, %error,
+                "an expired message could not be dead-lettered or dropped; trying again later");
+            let due = now_ms() + REREAD_RETRY_MS;
+            self.delivery.lock().lanes[lease.lane as usize].delayed.insert((due, lease.offset, lease.attempt - 1));
         };
-        let stored =
-            stored.and_then(|()| Ok(self.ack_record(lease.lane, lease.offset, lease.size, AckKind::DeadLettered)?));
-        match stored {
-            Ok(_) => self.count_expired(&lease, dead_letter),
-            Err(error) => {
-                tracing::error!(queue = %self.name, lane = lease.lane, offset = lease.offset, %error,
-                    "an expired message could not be dead-lettered; trying again later");
-                let due = now_ms() + REREAD_RETRY_MS;
-                self.delivery.lock().lanes[lease.lane as usize].delayed.insert((due, lease.offset, lease.attempt - 1));
+        if self.settings().expired_action == ExpiredAction::Drop || self.dead_letter.is_none() {
+            match self.ack_record(lease.lane, lease.offset, lease.size, AckKind::DeadLettered) {
+                Ok(_) => self.count_expired(&lease, false),
+                Err(error) => keep(error.into()),
             }
+            return;
+        }
+        let original_offset = headers::original_offset(&record.headers, lease.offset);
+        let dead = Lease { attempt: attempts, ..lease };
+        if let Err(error) = self.dead_letter(dead, record, EXPIRED_REASON, original_offset).await {
+            keep(error);
+            return;
+        }
+        self.count_expired(&lease, true);
+        // As for a redelivery: the dead letter is stored, so the message
+        // is not kept; an ack storage refuses is read again after the
+        // lane's log is reopened (at least once).
+        if let Err(error) = self.ack_record(lease.lane, lease.offset, lease.size, AckKind::DeadLettered) {
+            tracing::error!(queue = %self.name, %error, "acking an expired message after its dead letter");
         }
     }
 
