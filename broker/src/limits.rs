@@ -379,3 +379,21 @@ pub const METRICS_TLS_HANDSHAKES_MAX: usize = 64;
 /// instead of a reset. The connection keeps its permit meanwhile; a quarter
 /// second covers a loopback or LAN round trip.
 pub const TLS_FAILED_LINGER_MS: u64 = 250;
+
+/// Samples kept in a queue's console history ring: one per stats tick
+/// ([`STATS_TICK_MS`]), so 300 is the last five minutes. The oldest sample
+/// is dropped when a new one would pass it. A sample is a few dozen bytes
+/// plus one `u64` depth per lane.
+pub const HISTORY_SAMPLES_MAX: usize = 300;
+
+/// Queues whose history the console keeps at once. A queue's history is
+/// sampled only while someone reads it (`GET /api/v1/queues/{name}`), so
+/// nobody looking costs nothing; past this many queues read within
+/// [`HISTORY_IDLE_MS`], the history read longest ago is dropped to make
+/// room. 64 rings of 300 samples of a 3-lane queue are about 1.5 MiB.
+pub const HISTORY_QUEUES_MAX: usize = 64;
+
+/// A queue's history ring is dropped (and no longer sampled) when nobody
+/// has read it for this long, in ms: ten minutes, so a console tab left in
+/// the background for a while still shows the minutes before it returns.
+pub const HISTORY_IDLE_MS: u64 = 600_000;

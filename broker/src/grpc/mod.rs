@@ -7,6 +7,7 @@
 
 pub mod auth;
 mod convert;
+pub mod json;
 pub mod peer;
 mod service;
 pub(crate) mod status;

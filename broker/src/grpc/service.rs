@@ -294,6 +294,23 @@ impl Service {
             disk_free_min_bytes: self.broker.node().disk_free_min(),
         })
     }
+
+    /// GetStats for the console's JSON API (`crate::console`): the same
+    /// figures, the same `stats` permission check and filter, as JSON.
+    /// `principal` is the caller the API authenticated (`None` without an
+    /// auth file), `peer` its address for the audit log.
+    pub async fn stats_json(
+        &self,
+        principal: Option<Arc<Principal>>,
+        peer: Option<std::net::SocketAddr>,
+        queue: &str,
+    ) -> Result<serde_json::Value, Status> {
+        if self.auth_on && principal.is_none() {
+            return Err(Status::unauthenticated("no credentials were checked for this call"));
+        }
+        let access = Access { principal: principal.filter(|_| self.auth_on), peer };
+        Ok(super::json::stats(&self.stats(&access, queue).await?))
+    }
 }
 
 #[tonic::async_trait]

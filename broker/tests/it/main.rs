@@ -3,6 +3,7 @@
 
 mod admin;
 mod auth;
+mod console;
 mod delivery;
 mod disk;
 mod durability;
