@@ -136,14 +136,15 @@ function renderQueue(data) {
     ["refused: queue full", count(q.refused_queue_full)], ["refused: disk", count(q.refused_disk_full)],
     ["refused: publish rate", count(q.refused_publish_rate)], ["throttled calls", count(q.throttled_calls)],
   ];
-  const items = [];
-  for (const [term, value] of facts) {
+  const items = facts.map(([term, value]) => {
+    const item = document.createElement("div");
     const dt = document.createElement("dt");
     dt.textContent = term;
     const dd = document.createElement("dd");
     dd.textContent = value;
-    items.push(dt, dd);
-  }
+    item.append(dt, dd);
+    return item;
+  });
   $("summary").replaceChildren(...items);
   const thresholds = q.lanes.map((l) => l.admission);
   const rows = q.lanes.map((lane) => {
