@@ -8,6 +8,7 @@ mod delivery;
 mod disk;
 mod durability;
 mod lease;
+mod operating;
 mod peek;
 mod publish;
 mod pull;
