@@ -397,3 +397,23 @@ pub const HISTORY_QUEUES_MAX: usize = 64;
 /// has read it for this long, in ms: ten minutes, so a console tab left in
 /// the background for a while still shows the minutes before it returns.
 pub const HISTORY_IDLE_MS: u64 = 600_000;
+
+/// KEDA external scaler `StreamIsActive` streams open at once (KEDA opens
+/// one per ScaledObject that uses the scaler): past it a new stream is
+/// refused with RESOURCE_EXHAUSTED. Each holds a task and a small
+/// channel; 1,024 is far more ScaledObjects than one broker serves.
+pub const SCALER_STREAMS_MAX: usize = 1_024;
+
+/// How often, in ms, a `StreamIsActive` stream looks at its queue; it
+/// sends only when the answer changes (and once at the start). One stats
+/// tick, the rate at which the figures behind it move.
+pub const SCALER_STREAM_CHECK_MS: u64 = STATS_TICK_MS;
+
+/// The scaler's target when a ScaledObject gives no `targetValue`, for
+/// `metric: depth`: messages of backlog per consumer replica.
+pub const SCALER_TARGET_DEPTH_DEFAULT: f64 = 100.0;
+
+/// The scaler's target when a ScaledObject gives no `targetValue`, for
+/// `metric: drainSeconds`: the drain time, in seconds, the consumers
+/// should keep the backlog under.
+pub const SCALER_TARGET_DRAIN_SECONDS_DEFAULT: f64 = 60.0;

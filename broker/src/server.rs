@@ -52,6 +52,12 @@ pub async fn serve(
     // reads it; its API authenticates with the same auth file.
     let history = Arc::new(crate::console::History::default());
     let console = crate::console::Console::new(service.clone(), auth.clone(), Arc::clone(&history));
+    // KEDA's external scaler, over the same Stats code.
+    let scaler = ballast_proto::externalscaler::external_scaler_server::ExternalScalerServer::new(
+        crate::grpc::scaler::Scaler::new(service.clone()),
+    )
+    .max_decoding_message_size(GRPC_DECODE_SIZE_MAX)
+    .max_encoding_message_size(GRPC_ENCODE_SIZE_MAX);
     let health = tonic_health::server::HealthReporter::new();
     let health_service = tonic_health::pb::health_server::HealthServer::new(crate::grpc::auth::QueueHealth::new(
         tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -118,6 +124,7 @@ pub async fn serve(
                 .max_decoding_message_size(GRPC_DECODE_SIZE_MAX)
                 .max_encoding_message_size(GRPC_ENCODE_SIZE_MAX),
         )
+        .add_service(scaler)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });

@@ -90,12 +90,15 @@ impl Console {
     }
 
     /// The caller of `request` (`None` without an auth file) and its
-    /// address, or the response that refuses it.
-    fn authenticate(&self, request: &mut Request) -> Result<(Option<Arc<Principal>>, Option<SocketAddr>), Response> {
+    /// address, or the status that refuses it.
+    fn authenticate(
+        &self,
+        request: &mut Request,
+    ) -> Result<(Option<Arc<Principal>>, Option<SocketAddr>), tonic::Status> {
         let addr = request.extensions().get::<ConnectInfo<RemoteAddr>>().map(|info| info.0.0);
         let Some(auth) = &self.auth else { return Ok((None, addr)) };
         request.extensions_mut().insert(Peer { addr, cert_identities: Arc::from([]) });
-        crate::grpc::auth::admit(Some(auth), request).map_err(|status| refusal(&status))?;
+        crate::grpc::auth::admit(Some(auth), request)?;
         let principal = request.extensions().get::<Caller>().map(|caller| Arc::clone(&caller.0));
         Ok((principal, addr))
     }
@@ -105,7 +108,7 @@ impl Console {
 async fn list(State(console): State<Console>, mut request: Request) -> Response {
     let (principal, addr) = match console.authenticate(&mut request) {
         Ok(caller) => caller,
-        Err(response) => return response,
+        Err(status) => return refusal(&status),
     };
     match console.service.stats_json(principal, addr, "").await {
         Ok(value) => json_response(&value),
@@ -117,7 +120,7 @@ async fn list(State(console): State<Console>, mut request: Request) -> Response 
 async fn one(State(console): State<Console>, Path(name): Path<String>, mut request: Request) -> Response {
     let (principal, addr) = match console.authenticate(&mut request) {
         Ok(caller) => caller,
-        Err(response) => return response,
+        Err(status) => return refusal(&status),
     };
     let mut stats = match console.service.stats_json(principal, addr, &name).await {
         Ok(value) => value,

@@ -16,6 +16,7 @@ mod queues;
 mod quota;
 mod redrive;
 mod saturation;
+mod scaler;
 mod support;
 mod tls;
 mod update;
