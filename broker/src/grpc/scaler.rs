@@ -324,4 +324,33 @@ mod tests {
         assert_eq!(drain.value(reading(0, None)), 0.0);
         assert_eq!(drain.value(reading(5, None)), 10.0, "unknown: hold steady");
     }
+
+    /// StreamIsActive streams at the limit: the last permit opens one;
+    /// past it, RESOURCE_EXHAUSTED naming the limit; a closed stream gives
+    /// its permit back.
+    #[tokio::test]
+    async fn streams_at_the_limit_and_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config { data_dir: dir.path().to_owned(), ..crate::Config::default() };
+        let broker = crate::Broker::open(config).unwrap();
+        broker.create("q", &Default::default()).await.unwrap();
+        let scaler = Scaler::new(Service::new(broker));
+        let request = || {
+            let metadata = HashMap::from([("queue".to_owned(), "q".to_owned())]);
+            Request::new(ScaledObjectRef { scaler_metadata: metadata, ..Default::default() })
+        };
+        let held = Arc::clone(&scaler.streams).acquire_many_owned(SCALER_STREAMS_MAX as u32 - 1).await.unwrap();
+        let last = scaler.stream_is_active(request()).await.expect("the last permit opens a stream");
+        let past = scaler.stream_is_active(request()).await.expect_err("past the limit");
+        assert_eq!(past.code(), tonic::Code::ResourceExhausted, "{past:?}");
+        assert!(past.message().contains("StreamIsActive streams"), "{past:?}");
+        drop(last);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while scaler.streams.available_permits() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the closed stream's permit never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        scaler.stream_is_active(request()).await.expect("a permit is free again");
+        drop(held);
+    }
 }

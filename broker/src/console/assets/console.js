@@ -4,6 +4,10 @@
 "use strict";
 
 const POLL_MS = 1000;
+// The next poll waits at least this many times as long as the last answer
+// took, so a node with thousands of queues is not asked for its whole
+// list back to back.
+const POLL_BACKOFF = 10;
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 let timer = null;
@@ -241,6 +245,7 @@ function route() {
 async function refresh() {
   clearTimeout(timer);
   const mine = ++generation;
+  const started = performance.now();
   const queue = route();
   $("list-view").hidden = queue !== null;
   $("queue-view").hidden = queue === null;
@@ -269,7 +274,8 @@ async function refresh() {
     $("error").textContent = error.message;
     $("error").hidden = false;
   }
-  if (!document.hidden) timer = setTimeout(refresh, POLL_MS);
+  const delay = Math.max(POLL_MS, (performance.now() - started) * POLL_BACKOFF);
+  if (!document.hidden) timer = setTimeout(refresh, delay);
 }
 
 function renderNode(data) {
