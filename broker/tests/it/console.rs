@@ -10,11 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ballast_broker::auth::token_sha256_hex;
 use ballast_proto::v1::{self as pb, stats_client::StatsClient};
 use serde_json::Value;
 
-use crate::support::{BrokerProcess, create, message, on_lane, publish, queue_settings};
+use crate::support::{
+    BrokerProcess, create, create_as, message, on_lane, publish, pull_ids, queue_settings, start_with_principals,
+};
 
 /// An HTTP answer: status code, head (lower-cased), body.
 pub struct Answer {
@@ -114,13 +115,8 @@ async fn the_api_serves_the_figures_of_get_stats() {
     // The low lane's threshold (70% of 4) refuses the next low publish.
     let refused = publisher.publish(pb::PublishRequest { queue: "beta".into(), message: Some(on_lane("x", 2)) }).await;
     assert_eq!(refused.expect_err("beta is past its low lane's threshold").code(), tonic::Code::ResourceExhausted);
-    let mut consumer = broker.consumer().await;
-    let pulled = consumer
-        .pull(pb::PullRequest { queue: "alpha".into(), max_messages: 2, wait_ms: 1_000 })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(pulled.deliveries.len(), 2);
+    let pulled = pull_ids(&mut broker.consumer().await, "alpha", 2).await;
+    assert_eq!(pulled.len(), 2);
 
     assert_api_equals_stats(&broker, "/api/v1/queues", "", |v| v).await;
     let one = |mut v: Value| {
@@ -202,32 +198,12 @@ async fn with_an_auth_file_the_api_wants_a_token_with_stats() {
     const OPS: &str = "ops-token-0123456789";
     const VIEWER: &str = "viewer-token-0123456789";
     const PUBLISHER: &str = "publisher-token-01234567";
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    let path = dir.path().join("auth.toml");
-    let principal = |name: &str, token: &str, rules: &str| {
-        format!(
-            "[[principals]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\nallow = [ {rules} ]\n\n",
-            token_sha256_hex(token)
-        )
-    };
-    let text = [
-        principal("ops", OPS, r#"{ queues = "*", actions = ["admin", "stats"] }"#),
-        principal("viewer", VIEWER, r#"{ queues = "orders*", actions = ["stats"] }"#),
-        principal("publisher", PUBLISHER, r#"{ queues = "*", actions = ["publish"] }"#),
-    ]
-    .concat();
-    std::fs::write(&path, text).unwrap();
-    let broker = BrokerProcess::start_with(&["--auth-file", path.to_str().unwrap()]);
-    let channel = broker.channel().await;
-    let bearer = |mut request: tonic::Request<()>| {
-        request.metadata_mut().insert("authorization", format!("Bearer {OPS}").parse().unwrap());
-        Ok(request)
-    };
-    let mut admin = ballast_proto::v1::admin_client::AdminClient::with_interceptor(channel, bearer);
-    for name in ["orders", "payments"] {
-        let request = pb::CreateQueueRequest { name: name.into(), settings: Some(queue_settings()) };
-        admin.create_queue(request).await.unwrap();
-    }
+    let (broker, _auth_dir) = start_with_principals(&[
+        ("ops", OPS, r#"{ queues = "*", actions = ["admin", "stats"] }"#),
+        ("viewer", VIEWER, r#"{ queues = "orders*", actions = ["stats"] }"#),
+        ("publisher", PUBLISHER, r#"{ queues = "*", actions = ["publish"] }"#),
+    ]);
+    create_as(&broker, OPS, &["orders", "payments"]).await;
     let addr = broker.metrics_addr;
 
     for token in [None, Some("not-a-token")] {

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use ballast_proto::v1 as pb;
 
-use crate::support::{BrokerProcess, create, message, on_lane, publish, queue_settings};
+use crate::support::{BrokerProcess, create, message, on_lane, publish, pull_ids, queue_settings};
 
 /// The repository's root (the workspace), where `deploy/` lives.
 fn repo_file(path: &str) -> String {
@@ -98,15 +98,10 @@ async fn the_dashboard_and_the_rules_use_only_exported_metrics() {
         let _ = publisher.publish(pb::PublishRequest { queue: "ops".into(), message: Some(on_lane("x", 2)) }).await;
     }
     let mut consumer = broker.consumer().await;
-    let pulled = consumer
-        .pull(pb::PullRequest { queue: "ops".into(), max_messages: 2, wait_ms: 1_000 })
-        .await
-        .unwrap()
-        .into_inner()
-        .deliveries;
+    let pulled = pull_ids(&mut consumer, "ops", 2).await;
     assert_eq!(pulled.len(), 2);
-    consumer.ack(pb::AckRequest { queue: "ops".into(), delivery_ids: vec![pulled[0].delivery_id] }).await.unwrap();
-    let nack = pb::NackRequest { queue: "ops".into(), delivery_id: pulled[1].delivery_id, ..Default::default() };
+    consumer.ack(pb::AckRequest { queue: "ops".into(), delivery_ids: vec![pulled[0]] }).await.unwrap();
+    let nack = pb::NackRequest { queue: "ops".into(), delivery_id: pulled[1], ..Default::default() };
     consumer.nack(nack).await.unwrap();
     let unknown = admin.get_queue(pb::GetQueueRequest { name: "no-such-queue".into() }).await;
     assert_eq!(unknown.expect_err("an unknown queue").code(), tonic::Code::NotFound);

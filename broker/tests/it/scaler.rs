@@ -5,14 +5,15 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use ballast_broker::auth::token_sha256_hex;
 use ballast_proto::{
     externalscaler::{GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient},
     v1 as pb,
 };
 use tonic::{Code, transport::Channel};
 
-use crate::support::{BrokerProcess, create, message, publish, queue_settings, stats};
+use crate::support::{
+    BrokerProcess, create, create_as, message, publish, pull_ids, queue_settings, start_with_principals, stats,
+};
 
 fn object(pairs: &[(&str, &str)]) -> ScaledObjectRef {
     ScaledObjectRef {
@@ -70,13 +71,7 @@ async fn the_scaler_reports_the_figures_of_get_stats() {
 
     // Consumers ack two: the next tick gives a drain estimate.
     let mut consumer = broker.consumer().await;
-    let pulled = consumer
-        .pull(pb::PullRequest { queue: "jobs".into(), max_messages: 2, wait_ms: 1_000 })
-        .await
-        .unwrap()
-        .into_inner()
-        .deliveries;
-    let ids = pulled.iter().map(|d| d.delivery_id).collect();
+    let ids = pull_ids(&mut consumer, "jobs", 2).await;
     consumer.ack(pb::AckRequest { queue: "jobs".into(), delivery_ids: ids }).await.unwrap();
     let drain = [("queue", "jobs"), ("metric", "drainSeconds")];
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -114,13 +109,8 @@ async fn stream_is_active_follows_the_backlog() {
     publish(&mut publisher, "jobs", message("m")).await;
     assert!(next(&mut stream).await, "a backlog: active");
     let mut consumer = broker.consumer().await;
-    let pulled = consumer
-        .pull(pb::PullRequest { queue: "jobs".into(), max_messages: 1, wait_ms: 1_000 })
-        .await
-        .unwrap()
-        .into_inner()
-        .deliveries;
-    consumer.ack(pb::AckRequest { queue: "jobs".into(), delivery_ids: vec![pulled[0].delivery_id] }).await.unwrap();
+    let ids = pull_ids(&mut consumer, "jobs", 1).await;
+    consumer.ack(pb::AckRequest { queue: "jobs".into(), delivery_ids: ids }).await.unwrap();
     assert!(!next(&mut stream).await, "drained: not active");
 }
 
@@ -154,21 +144,11 @@ async fn bad_metadata_and_unknown_queues() {
 async fn with_an_auth_file_the_scaler_needs_stats_on_the_queue() {
     const KEDA: &str = "keda-token-0123456789";
     const ADMIN: &str = "admin-token-0123456789";
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    let path = dir.path().join("auth.toml");
-    let principal = |name: &str, token: &str, rules: &str| {
-        format!(
-            "[[principals]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\nallow = [ {rules} ]\n\n",
-            token_sha256_hex(token)
-        )
-    };
-    let text = [
-        principal("keda", KEDA, r#"{ queues = "jobs*", actions = ["stats"] }"#),
-        principal("admin", ADMIN, r#"{ queues = "*", actions = ["admin", "publish"] }"#),
-    ]
-    .concat();
-    std::fs::write(&path, text).unwrap();
-    let broker = BrokerProcess::start_with(&["--auth-file", path.to_str().unwrap()]);
+    let (broker, _auth_dir) = start_with_principals(&[
+        ("keda", KEDA, r#"{ queues = "jobs*", actions = ["stats"] }"#),
+        ("admin", ADMIN, r#"{ queues = "*", actions = ["admin", "publish"] }"#),
+    ]);
+    create_as(&broker, ADMIN, &["jobs", "payments"]).await;
     let channel = broker.channel().await;
     let with = |token: Option<&'static str>| {
         move |mut request: tonic::Request<()>| {
@@ -178,11 +158,6 @@ async fn with_an_auth_file_the_scaler_needs_stats_on_the_queue() {
             Ok(request)
         }
     };
-    let mut admin = ballast_proto::v1::admin_client::AdminClient::with_interceptor(channel.clone(), with(Some(ADMIN)));
-    for name in ["jobs", "payments"] {
-        let request = pb::CreateQueueRequest { name: name.into(), settings: Some(queue_settings()) };
-        admin.create_queue(request).await.unwrap();
-    }
     let mut keda = ExternalScalerClient::with_interceptor(channel.clone(), with(Some(KEDA)));
     assert!(!keda.is_active(object(&[("queue", "jobs")])).await.unwrap().into_inner().result);
     for queue in ["payments", "nope"] {

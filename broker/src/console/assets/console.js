@@ -89,6 +89,17 @@ function bar(saturation, thresholds, colourBy) {
   return wrap;
 }
 
+// The cells of a queue's or a lane's Saturation figures: depth, bytes,
+// the saturation bar, oldest age, publish and ack rates.
+function saturationCells(tr, s, thresholds, colourBy) {
+  cell(tr, count(s.depth), "num depth").dataset.depth = s.depth;
+  cell(tr, bytes(s.bytes), "num");
+  cell(tr, "").appendChild(bar(s.saturation, thresholds, colourBy));
+  cell(tr, duration(s.oldest_age_ms), "num");
+  cell(tr, rate(s.publish_rate), "num");
+  cell(tr, rate(s.ack_rate), "num");
+}
+
 function queueState(q) {
   if (q.damaged) return ["damaged: " + q.damaged, "state-bad"];
   if (q.opening) return ["opening", "state-note"];
@@ -110,13 +121,8 @@ function renderList(data) {
     link.textContent = q.name;
     name.appendChild(link);
     tr.appendChild(name);
-    cell(tr, count(s.depth), "num depth").dataset.depth = s.depth;
-    cell(tr, bytes(s.bytes), "num");
-    cell(tr, "").appendChild(bar(s.saturation, thresholds, s.saturation));
-    cell(tr, duration(s.oldest_age_ms), "num");
+    saturationCells(tr, s, thresholds, s.saturation);
     cell(tr, duration(s.drain_estimate_ms), "num");
-    cell(tr, rate(s.publish_rate), "num");
-    cell(tr, rate(s.ack_rate), "num");
     cell(tr, count(q.consumers), "num");
     cell(tr, count(q.refused_queue_full + q.refused_disk_full + q.refused_publish_rate), "num");
     const [state, cls] = queueState(q);
@@ -156,16 +162,11 @@ function renderQueue(data) {
     const tr = document.createElement("tr");
     tr.dataset.lane = lane.name;
     cell(tr, lane.name);
-    cell(tr, count(ls.depth), "num depth").dataset.depth = ls.depth;
-    cell(tr, bytes(ls.bytes), "num");
     // The lane's share of the queue's limits; coloured by what the
     // queue's saturation means for admission.
-    cell(tr, "").appendChild(bar(ls.saturation, thresholds, s.saturation));
+    saturationCells(tr, ls, thresholds, s.saturation);
     cell(tr, percent(lane.admission), "num");
     cell(tr, count(lane.in_flight), "num");
-    cell(tr, duration(ls.oldest_age_ms), "num");
-    cell(tr, rate(ls.publish_rate), "num");
-    cell(tr, rate(ls.ack_rate), "num");
     if (lane.storage_failed) cell(tr, "storage failed", "state-bad");
     else if (s.saturation >= lane.admission) cell(tr, "refusing", "state-bad");
     else cell(tr, "admitting");
