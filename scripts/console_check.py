@@ -10,7 +10,9 @@ written here on the standard library: no package to install), and checks:
 2. it lists the test's queues with their depth, the saturation bar
    coloured by the lane thresholds passed (green, amber past one);
 3. after another publish it shows the new depth within 2 s;
-4. a queue's page shows its lanes and the history the tick samples.
+4. a queue's page shows its lanes and the history the tick samples;
+5. with an auth file, the page asks for a token (the API answers 401) and
+   with a viewer's token lists only the queues it has `stats` on.
 
 Writes target/console-screenshot.png (the queue list) and
 target/console-queue-screenshot.png (a queue's page). Bounded: gives up
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -172,10 +175,11 @@ class Page:
         print(f"screenshot: {path}")
 
 
-def start_broker(work: Path) -> tuple[subprocess.Popen[str], str, str]:
+def start_broker(work: Path, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
     broker = subprocess.Popen(
         [
             str(TARGET / "debug" / "ballastd"),
+            *extra,
             "--data-dir",
             str(work / "data"),
             "--listen",
@@ -197,11 +201,16 @@ def start_broker(work: Path) -> tuple[subprocess.Popen[str], str, str]:
     return broker, grpc, metrics
 
 
-def cli(grpc: str, *args: str) -> None:
+def cli(grpc: str, *args: str, token: str | None = None) -> None:
+    env = dict(os.environ)
+    env.pop("BALLAST_TOKEN", None)
+    if token is not None:
+        env["BALLAST_TOKEN"] = token
     subprocess.run(
         [str(TARGET / "debug" / "ballast"), "--addr", f"http://{grpc}", *args],
         check=True,
         stdout=subprocess.DEVNULL,
+        env=env,
     )
 
 
@@ -290,7 +299,9 @@ def main() -> None:
                 UPDATE_WITHIN_S,
             )
             print(f"updated {time.monotonic() - published:.2f} s after the publish")
-            page.wait_for("the list's saturation bars", "document.querySelectorAll('#queues .bar .fill').length >= 2", 2)
+            page.wait_for(
+                "the list's saturation bars", "document.querySelectorAll('#queues .bar .fill').length >= 2", 2
+            )
             page.screenshot(TARGET / "console-screenshot.png")
 
             page.evaluate("location.hash = '#/queues/console-a'")
@@ -319,12 +330,61 @@ def main() -> None:
             if page.errors:
                 fail("console errors: " + "; ".join(page.errors))
             print("console check passed: no console errors, queues listed, update within 2 s, queue page drawn")
+            check_token_login(page, work, depths)
         finally:
             if browser is not None:
                 browser.terminate()
                 browser.wait(timeout=10)
             broker.send_signal(signal.SIGTERM)
             broker.wait(timeout=15)
+
+
+def check_token_login(page: Page, work: Path, depths: str) -> None:
+    """With an auth file: the page asks for a token (the API answers 401),
+    and with a viewer's token lists only the queues it has `stats` on."""
+    ops, viewer = "console-ops-token-0123456789", "console-viewer-token-0123456789"
+
+    def digest(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    auth = work / "auth.toml"
+    auth.write_text(
+        f'[[principals]]\nname = "ops"\ntoken_sha256 = "{digest(ops)}"\n'
+        'allow = [ { queues = "*", actions = ["admin", "publish", "stats"] } ]\n\n'
+        f'[[principals]]\nname = "viewer"\ntoken_sha256 = "{digest(viewer)}"\n'
+        'allow = [ { queues = "seen*", actions = ["stats"] } ]\n'
+    )
+    (work / "auth-data").mkdir()
+    broker, grpc, metrics = start_broker(work / "auth-data", "--auth-file", str(auth))
+    try:
+        for queue in ("seen", "hidden"):
+            cli(grpc, "queue", "create", queue, token=ops)
+        cli(grpc, "publish", "seen", "s1", "s2", token=ops)
+        page.errors.clear()
+        page.call("Page.navigate", url=f"http://{metrics}/")
+        page.wait_for(
+            "the token form after a 401",
+            f"location.host === {json.dumps(metrics)} && document.readyState === 'complete' && "
+            "!!document.getElementById('login') && !document.getElementById('login').hidden",
+            5,
+        )
+        page.evaluate(
+            f"document.getElementById('token').value = {json.dumps(viewer)};"
+            "document.getElementById('login').requestSubmit(); true"
+        )
+        page.wait_for("seen (2) listed with the viewer's token", f"{depths}['seen'] === 2", 5)
+        listed = sorted(page.evaluate(depths))
+        if listed != ["seen", "seen.dead"]:
+            fail(f"the viewer sees only the queues it has stats on; listed {listed}")
+        if not page.evaluate("document.getElementById('login').hidden"):
+            fail("the token form is still shown after a good token")
+        unexpected = [e for e in page.errors if "401" not in e]
+        if unexpected:
+            fail("console errors besides the expected 401: " + "; ".join(unexpected))
+        print(f"token login passed: 401 asked for a token; the viewer's token lists {listed}")
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(timeout=15)
 
 
 if __name__ == "__main__":

@@ -223,3 +223,35 @@ fn refusal(status: &tonic::Status) -> Response {
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(status: tonic::Status, http: StatusCode, headers: &[(&str, &str)]) {
+        let response = refusal(&status);
+        assert_eq!(response.status(), http, "{status:?}");
+        for (name, value) in headers {
+            assert_eq!(response.headers().get(*name).and_then(|v| v.to_str().ok()), Some(*value), "{name}");
+        }
+    }
+
+    /// Each gRPC status the API can meet maps to its HTTP status; 401
+    /// says `Bearer`; a retry-after hint becomes `Retry-After` in whole
+    /// seconds, rounded up.
+    #[test]
+    fn statuses_become_http_answers() {
+        check(tonic::Status::unauthenticated("no"), StatusCode::UNAUTHORIZED, &[("www-authenticate", "Bearer")]);
+        check(tonic::Status::permission_denied("no"), StatusCode::FORBIDDEN, &[]);
+        check(tonic::Status::not_found("no"), StatusCode::NOT_FOUND, &[("content-type", "application/json")]);
+        check(tonic::Status::invalid_argument("no"), StatusCode::BAD_REQUEST, &[]);
+        check(tonic::Status::unavailable("no"), StatusCode::SERVICE_UNAVAILABLE, &[]);
+        check(tonic::Status::internal("no"), StatusCode::INTERNAL_SERVER_ERROR, &[]);
+        let mut held_off = tonic::Status::resource_exhausted("too many failures");
+        held_off.metadata_mut().insert(crate::grpc::status::RETRY_AFTER_MS, "1500".parse().unwrap());
+        check(held_off, StatusCode::TOO_MANY_REQUESTS, &[("retry-after", "2")]);
+        let mut soon = tonic::Status::resource_exhausted("soon");
+        soon.metadata_mut().insert(crate::grpc::status::RETRY_AFTER_MS, "1".parse().unwrap());
+        check(soon, StatusCode::TOO_MANY_REQUESTS, &[("retry-after", "1")]);
+    }
+}
