@@ -20,6 +20,7 @@ pub mod config;
 pub mod console;
 mod dedupe;
 pub mod error;
+pub mod fair;
 pub mod grpc;
 pub mod limits;
 pub mod metrics;

@@ -11,6 +11,7 @@ mod lease;
 mod operating;
 mod peek;
 mod publish;
+mod publish_stream;
 mod pull;
 mod queues;
 mod quota;
