@@ -76,6 +76,16 @@ pub const CONSUMERS_MAX: usize = 1024;
 /// tasks without bound.
 pub const STREAM_NACKS_IN_FLIGHT_MAX: usize = 1024;
 
+/// How long a publish refused by admission (queue full, disk low) waits
+/// before its answer, holding nothing (no publish slot, no idempotency
+/// key, its messages dropped). A producer that ignores `retry-after-ms` and
+/// retries at once is slowed to one call per this long per call in flight,
+/// so that a flood of refused calls cannot take the node's CPU from the
+/// other queues (a refusal costs about as much as a store: receiving and
+/// decoding the request). Small against the smallest retry-after hint
+/// (`RETRY_AFTER_MS_MIN`), which a well-behaved producer waits anyway.
+pub const REFUSAL_HOLD_MS: u64 = 25;
+
 /// Requests of one PublishStream published at once (read but not yet
 /// answered). At the limit the broker stops reading the stream, and HTTP/2
 /// flow control makes the sender wait: a producer never makes the broker
@@ -394,6 +404,9 @@ pub const METRICS_TLS_HANDSHAKES_MAX: usize = 64;
 /// instead of a reset. The connection keeps its permit meanwhile; a quarter
 /// second covers a loopback or LAN round trip.
 pub const TLS_FAILED_LINGER_MS: u64 = 250;
+
+const _: () =
+    assert!(REFUSAL_HOLD_MS < RETRY_AFTER_MS_MIN, "a refusal's hold stays below the smallest retry-after hint");
 
 /// Samples kept in a queue's console history ring: one per stats tick
 /// ([`STATS_TICK_MS`]), so 300 is the last five minutes. The oldest sample

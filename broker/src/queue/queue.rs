@@ -33,8 +33,8 @@ use crate::{
     fair::Slot,
     limits::{
         BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, PUBLISH_HEADERS_COUNT_MAX,
-        PUBLISH_HEADERS_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX, RESERVED_HEADER_PREFIX, RESERVED_HEADERS_COUNT,
-        RESERVED_HEADERS_SIZE, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
+        PUBLISH_HEADERS_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX, REFUSAL_HOLD_MS, RESERVED_HEADER_PREFIX,
+        RESERVED_HEADERS_COUNT, RESERVED_HEADERS_SIZE, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
     },
     now_ms,
 };
@@ -416,12 +416,23 @@ impl Queue {
         let slot = self.node.fair().acquire(&self.name).await;
         let queue = Arc::clone(self);
         let stored = tokio::spawn(async move { queue.store(Batch { messages, lanes, keys, now, slot }).await });
-        match stored.await {
+        let outcome = match stored.await {
             Ok(receipts) => receipts,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             // The runtime is shutting down.
             Err(_) => Err(BrokerError::ShuttingDown),
+        };
+        if let Err(BrokerError::Refused(refusal)) = &outcome
+            && matches!(refusal.reason, RefusalReason::QueueFull { .. } | RefusalReason::DiskLow { .. })
+        {
+            // Answered a little later, holding nothing (no slot, no key,
+            // the messages dropped): a producer that retries refusals at
+            // once makes at most one call per REFUSAL_HOLD_MS per call in
+            // flight, instead of taking the node's CPU with requests
+            // decoded only to be refused.
+            tokio::time::sleep(Duration::from_millis(REFUSAL_HOLD_MS)).await;
         }
+        outcome
     }
 
     /// Resolves the call's idempotency keys: a key stored before answers
