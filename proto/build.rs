@@ -1,11 +1,12 @@
-//! Compiles `ballast/v1/*.proto` without a system `protoc`: protox parses
-//! them into a descriptor set, tonic-prost-build generates the code, and the
-//! encoded descriptor set is kept for server reflection.
+//! Compiles `ballast/v1/*.proto` and KEDA's `externalscaler/externalscaler.proto`
+//! without a system `protoc`: protox parses them into a descriptor set,
+//! tonic-prost-build generates the code, and the encoded descriptor set is
+//! kept for server reflection.
 
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["ballast/v1/ballast.proto"];
+    let protos = ["ballast/v1/ballast.proto", "externalscaler/externalscaler.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

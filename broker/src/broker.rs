@@ -397,7 +397,7 @@ impl Broker {
     }
 
     /// The open queue named `name`, if it is open.
-    fn open_queue(&self, name: &QueueName) -> Option<Arc<Queue>> {
+    pub(crate) fn open_queue(&self, name: &QueueName) -> Option<Arc<Queue>> {
         match self.queues.read().get(name) {
             Some(Slot::Open(queue)) => Some(Arc::clone(queue)),
             Some(Slot::Opening(_)) | None => None,

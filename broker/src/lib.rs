@@ -11,11 +11,13 @@
 //! - [`queue`]: one queue: settings, publish, dedupe, delivery.
 //! - [`grpc`]: the tonic services and the error-to-status mapping.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
+//! - [`console`]: the web console and its JSON API, beside `/metrics`.
 //! - [`server`]: wiring it all to a listener, with graceful shutdown.
 
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod console;
 mod dedupe;
 pub mod error;
 pub mod fair;

@@ -431,3 +431,42 @@ pub const TLS_FAILED_LINGER_MS: u64 = 250;
 
 const _: () =
     assert!(REFUSAL_HOLD_MS < RETRY_AFTER_MS_MIN, "a refusal's hold stays below the smallest retry-after hint");
+
+/// Samples kept in a queue's console history ring: one per stats tick
+/// ([`STATS_TICK_MS`]), so 300 is the last five minutes. The oldest sample
+/// is dropped when a new one would pass it. A sample is a few dozen bytes
+/// plus one `u64` depth per lane.
+pub const HISTORY_SAMPLES_MAX: usize = 300;
+
+/// Queues whose history the console keeps at once. A queue's history is
+/// sampled only while someone reads it (`GET /api/v1/queues/{name}`), so
+/// nobody looking costs nothing; past this many queues read within
+/// [`HISTORY_IDLE_MS`], the history read longest ago is dropped to make
+/// room. 64 rings of 300 samples of a 3-lane queue (about 130 bytes a
+/// sample with its allocation) are about 2.4 MiB.
+pub const HISTORY_QUEUES_MAX: usize = 64;
+
+/// A queue's history ring is dropped (and no longer sampled) when nobody
+/// has read it for this long, in ms: ten minutes, so a console tab left in
+/// the background for a while still shows the minutes before it returns.
+pub const HISTORY_IDLE_MS: u64 = 600_000;
+
+/// KEDA external scaler `StreamIsActive` streams open at once (KEDA opens
+/// one per ScaledObject that uses the scaler): past it a new stream is
+/// refused with RESOURCE_EXHAUSTED. Each holds a task and a small
+/// channel; 1,024 is far more ScaledObjects than one broker serves.
+pub const SCALER_STREAMS_MAX: usize = 1_024;
+
+/// How often, in ms, a `StreamIsActive` stream looks at its queue; it
+/// sends only when the answer changes (and once at the start). One stats
+/// tick, the rate at which the figures behind it move.
+pub const SCALER_STREAM_CHECK_MS: u64 = STATS_TICK_MS;
+
+/// The scaler's target when a ScaledObject gives no `targetValue`, for
+/// `metric: depth`: messages of backlog per consumer replica.
+pub const SCALER_TARGET_DEPTH_DEFAULT: f64 = 100.0;
+
+/// The scaler's target when a ScaledObject gives no `targetValue`, for
+/// `metric: drainSeconds`: the drain time, in seconds, the consumers
+/// should keep the backlog under.
+pub const SCALER_TARGET_DRAIN_SECONDS_DEFAULT: f64 = 60.0;

@@ -136,7 +136,8 @@ pub fn count_error(code: tonic::Code) {
     counter!("ballast_errors_total", "code" => code_name(code)).increment(1);
 }
 
-fn code_name(code: tonic::Code) -> &'static str {
+/// The status code's name, as the `code` label and the console API say it.
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "ok",
@@ -389,17 +390,19 @@ pub fn write_queue_gauges(out: &mut String, queues: &[Arc<Queue>]) {
     }
 }
 
-/// Serves `GET /metrics` on `listener` (a `TcpListener`, or a
+/// Serves `GET /metrics` and the web console ([`crate::console`]) on
+/// `listener` (a `TcpListener`, or a
 /// [`crate::grpc::tls::MetricsTlsListener`] with `[metrics] tls`) until
 /// `shutdown`.
 pub async fn serve<L>(
     listener: L,
     broker: std::sync::Weak<Broker>,
     handle: PrometheusHandle,
+    console: crate::console::Console,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+    for<'a> crate::console::RemoteAddr: axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
     let render = move || {
         let queues = broker.upgrade().map(|broker| {
@@ -413,19 +416,22 @@ pub async fn serve<L>(
         }
         text
     };
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
-            async move {
-                // With thousands of queues a scrape renders hundreds of
-                // thousands of series: seconds of CPU that must not hold
-                // a runtime worker other queues' calls need.
-                let text = tokio::task::spawn_blocking(render).await.unwrap_or_default();
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
-            }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let render = render.clone();
+                async move {
+                    // With thousands of queues a scrape renders hundreds of
+                    // thousands of series: seconds of CPU that must not hold
+                    // a runtime worker other queues' calls need.
+                    let text = tokio::task::spawn_blocking(render).await.unwrap_or_default();
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+                }
+            }),
+        )
+        .merge(console.router());
+    let app = app.into_make_service_with_connect_info::<crate::console::RemoteAddr>();
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!("metrics endpoint stopped: {e}");
     }

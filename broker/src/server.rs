@@ -48,6 +48,16 @@ pub async fn serve(
         }
         None => None,
     };
+    // The console's history, sampled by the stats tick while someone
+    // reads it; its API authenticates with the same auth file.
+    let history = Arc::new(crate::console::History::default());
+    let console = crate::console::Console::new(service.clone(), auth.clone(), Arc::clone(&history));
+    // KEDA's external scaler, over the same Stats code.
+    let scaler = ballast_proto::externalscaler::external_scaler_server::ExternalScalerServer::new(
+        crate::grpc::scaler::Scaler::new(service.clone()),
+    )
+    .max_decoding_message_size(GRPC_DECODE_SIZE_MAX)
+    .max_encoding_message_size(GRPC_ENCODE_SIZE_MAX);
     let health = tonic_health::server::HealthReporter::new();
     let health_service = tonic_health::pb::health_server::HealthServer::new(crate::grpc::auth::QueueHealth::new(
         tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -114,6 +124,7 @@ pub async fn serve(
                 .max_decoding_message_size(GRPC_DECODE_SIZE_MAX)
                 .max_encoding_message_size(GRPC_ENCODE_SIZE_MAX),
         )
+        .add_service(scaler)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
@@ -122,7 +133,7 @@ pub async fn serve(
     let mut health_reporter = health.clone();
     broker.report_health(&mut health_reporter).await;
     let mut server = tokio::spawn(server);
-    let ticker = tokio::spawn(tick(Arc::downgrade(&broker), health.clone()));
+    let ticker = tokio::spawn(tick(Arc::downgrade(&broker), health.clone(), history));
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_stopped = async {
         let _ = metrics_stopped.await;
@@ -130,11 +141,21 @@ pub async fn serve(
     let metrics_task = match (metrics, &tls) {
         (Some((listener, handle)), Some(tls)) if broker.config().metrics.tls => {
             let listener = MetricsTlsListener::new(listener, Arc::clone(tls))?;
-            Some(tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, metrics_stopped)))
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::downgrade(&broker),
+                handle,
+                console,
+                metrics_stopped,
+            )))
         }
-        (Some((listener, handle)), _) => {
-            Some(tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), handle, metrics_stopped)))
-        }
+        (Some((listener, handle)), _) => Some(tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::downgrade(&broker),
+            handle,
+            console,
+            metrics_stopped,
+        ))),
         (None, _) => None,
     };
 
@@ -174,8 +195,13 @@ pub async fn serve(
     Ok(())
 }
 
-/// The stats task: smoothed rates and the disk watermark, every tick.
-async fn tick(broker: std::sync::Weak<Broker>, mut health: tonic_health::server::HealthReporter) {
+/// The stats task: smoothed rates, the disk watermark and the console's
+/// history, every tick.
+async fn tick(
+    broker: std::sync::Weak<Broker>,
+    mut health: tonic_health::server::HealthReporter,
+    history: Arc<crate::console::History>,
+) {
     let period = Duration::from_millis(crate::limits::STATS_TICK_MS);
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -186,6 +212,7 @@ async fn tick(broker: std::sync::Weak<Broker>, mut health: tonic_health::server:
         let Some(broker) = broker.upgrade() else { return };
         let now = tokio::time::Instant::now();
         broker.tick((now - last).as_secs_f64());
+        history.sample(&broker, now.into_std(), crate::now_ms());
         broker.report_health(&mut health).await;
         last = now;
     }

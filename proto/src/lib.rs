@@ -4,11 +4,20 @@
 //!
 //! - [`v1`]: messages, `admin_client`/`admin_server`,
 //!   `publisher_client`/`publisher_server`, `consumer_client`/`consumer_server`.
+//! - [`externalscaler`]: KEDA's external scaler protocol (its own package,
+//!   copied from KEDA under Apache-2.0), which `ballastd` serves for
+//!   autoscaling consumers.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
 
 #[allow(clippy::all, missing_debug_implementations, reason = "generated code")]
 pub mod v1 {
     tonic::include_proto!("ballast.v1");
+}
+
+/// KEDA's external scaler protocol (`externalscaler.ExternalScaler`).
+#[allow(clippy::all, missing_debug_implementations, reason = "generated code")]
+pub mod externalscaler {
+    tonic::include_proto!("externalscaler");
 }
 
 /// The encoded `FileDescriptorSet` of the protocol (for gRPC reflection).

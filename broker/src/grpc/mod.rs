@@ -7,7 +7,9 @@
 
 pub mod auth;
 mod convert;
+pub mod json;
 pub mod peer;
+pub mod scaler;
 mod service;
 pub(crate) mod status;
 pub mod tls;

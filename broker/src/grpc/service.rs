@@ -25,7 +25,7 @@ use crate::{
 /// Implements every `ballast.v1` service on one [`Broker`].
 #[derive(Debug, Clone)]
 pub struct Service {
-    broker: Arc<Broker>,
+    pub(super) broker: Arc<Broker>,
     /// A permit per open Stats Watch stream (`grpc.watch_streams_max`).
     watches: Arc<tokio::sync::Semaphore>,
     /// Whether an auth file is set: then every call must carry the
@@ -36,7 +36,7 @@ pub struct Service {
 /// What one call may do: everything (no auth file) or what its principal
 /// may; and where it came from, for the audit log.
 #[derive(Debug, Clone)]
-struct Access {
+pub(super) struct Access {
     principal: Option<Arc<Principal>>,
     peer: Option<std::net::SocketAddr>,
 }
@@ -53,7 +53,7 @@ impl Access {
     /// PERMISSION_DENIED naming the action and the queue unless allowed.
     /// Called before the queue is looked up, so the answer is the same
     /// whether the queue exists or not.
-    fn check(&self, action: Action, queue: &str) -> Result<(), Status> {
+    pub(super) fn check(&self, action: Action, queue: &str) -> Result<(), Status> {
         if self.allows(action, queue) {
             return Ok(());
         }
@@ -76,7 +76,7 @@ impl Access {
     /// principal, with the status that ends its stream: UNAUTHENTICATED when
     /// its credentials are gone, ABORTED (open the stream again, which is
     /// checked anew) when its rules changed. Never without an auth file.
-    async fn revoked(&self) -> Status {
+    pub(super) async fn revoked(&self) -> Status {
         let Some(principal) = &self.principal else { return std::future::pending().await };
         let status = match principal.revoked().await {
             Revocation::Removed => Status::unauthenticated("the auth file no longer holds this stream's credentials"),
@@ -110,7 +110,7 @@ impl Service {
     /// What the call of `request` may do. With an auth file, a request
     /// without a [`Caller`] (never the case behind the auth layer) is
     /// UNAUTHENTICATED rather than open.
-    fn access<T>(&self, request: &Request<T>) -> Result<Access, Status> {
+    pub(super) fn access<T>(&self, request: &Request<T>) -> Result<Access, Status> {
         let peer = request.extensions().get::<Peer>().and_then(|p| p.addr);
         let principal = request.extensions().get::<Caller>().map(|c| Arc::clone(&c.0));
         if self.auth_on && principal.is_none() {
@@ -371,7 +371,7 @@ async fn publish_session(
 
 impl Service {
     /// One queue's figures, or every permitted queue's (`queue` empty).
-    async fn stats(&self, access: &Access, queue: &str) -> Result<pb::StatsResponse, Status> {
+    pub(super) async fn stats(&self, access: &Access, queue: &str) -> Result<pb::StatsResponse, Status> {
         let queues = if queue.is_empty() {
             if self.broker.is_shutting_down() {
                 return Err(to_status(BrokerError::ShuttingDown));
@@ -395,6 +395,23 @@ impl Service {
             disk_free_bytes: self.broker.node().disk_free(),
             disk_free_min_bytes: self.broker.node().disk_free_min(),
         })
+    }
+
+    /// GetStats for the console's JSON API (`crate::console`): the same
+    /// figures, the same `stats` permission check and filter, as JSON.
+    /// `principal` is the caller the API authenticated (`None` without an
+    /// auth file), `peer` its address for the audit log.
+    pub async fn stats_json(
+        &self,
+        principal: Option<Arc<Principal>>,
+        peer: Option<std::net::SocketAddr>,
+        queue: &str,
+    ) -> Result<serde_json::Value, Status> {
+        if self.auth_on && principal.is_none() {
+            return Err(Status::unauthenticated("no credentials were checked for this call"));
+        }
+        let access = Access { principal: principal.filter(|_| self.auth_on), peer };
+        Ok(super::json::stats(&self.stats(&access, queue).await?))
     }
 }
 

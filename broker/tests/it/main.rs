@@ -3,12 +3,14 @@
 
 mod admin;
 mod auth;
+mod console;
 mod delivery;
 mod disk;
 mod durability;
 mod expiry;
 mod lease;
 mod pacing;
+mod operating;
 mod peek;
 mod publish;
 mod publish_stream;
@@ -17,6 +19,7 @@ mod queues;
 mod quota;
 mod redrive;
 mod saturation;
+mod scaler;
 mod support;
 mod tls;
 mod trace;

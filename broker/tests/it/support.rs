@@ -401,3 +401,41 @@ pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A broker whose auth file holds `principals`, each `(name, token,
+/// rules)` with `rules` the TOML of its `allow` entries; and the directory
+/// holding the file (removed when dropped).
+pub fn start_with_principals(principals: &[(&str, &str, &str)]) -> (BrokerProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let path = dir.path().join("auth.toml");
+    let text: String = principals
+        .iter()
+        .map(|(name, token, rules)| {
+            let digest = ballast_broker::auth::token_sha256_hex(token);
+            format!("[[principals]]\nname = \"{name}\"\ntoken_sha256 = \"{digest}\"\nallow = [ {rules} ]\n\n")
+        })
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    (BrokerProcess::start_with(&["--auth-file", path.to_str().unwrap()]), dir)
+}
+
+/// Creates queues `names` (default settings) as the principal of `token`.
+pub async fn create_as(broker: &BrokerProcess, token: &str, names: &[&str]) {
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().expect("an ASCII token");
+    let bearer = move |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", value.clone());
+        Ok(request)
+    };
+    let mut admin = AdminClient::with_interceptor(broker.channel().await, bearer);
+    for name in names {
+        let request = pb::CreateQueueRequest { name: (*name).into(), settings: Some(queue_settings()) };
+        admin.create_queue(request).await.unwrap_or_else(|s| panic!("create {name}: {s}"));
+    }
+}
+
+/// The delivery ids of one Pull of up to `max_messages` from `queue`.
+pub async fn pull_ids(consumer: &mut ConsumerClient<Channel>, queue: &str, max_messages: u32) -> Vec<u64> {
+    let request = pb::PullRequest { queue: queue.into(), max_messages, wait_ms: 1_000 };
+    let response = consumer.pull(request).await.unwrap_or_else(|s| panic!("pull from {queue}: {s}"));
+    response.into_inner().deliveries.iter().map(|d| d.delivery_id).collect()
+}
