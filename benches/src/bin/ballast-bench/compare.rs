@@ -23,12 +23,10 @@
 //!
 //! 1. **publish**: `--messages` of `--size` bytes, durable, from
 //!    `--producers` connections each keeping `--unacked` messages
-//!    unacknowledged. Ballast twice: through the client `Producer`
-//!    (batches of `--batch`, `--linger-ms`) and through raw `PublishBatch`
-//!    calls (`--batch` messages a call, `unacked / batch` calls in flight
-//!    per connection, idempotency keys as the Producer sends them). NATS:
-//!    JetStream publishes with their `PubAck` futures; RabbitMQ: persistent
-//!    publishes with publisher confirms.
+//!    unacknowledged. Ballast through the client `Producer` (batches of
+//!    `--batch`, `--linger-ms`); NATS: JetStream publishes with their
+//!    `PubAck` futures; RabbitMQ: persistent publishes with publisher
+//!    confirms.
 //! 2. **drain**: the queue the publish filled, by one consumer with
 //!    `--prefetch` unacknowledged at most: Ballast's `Consumer` (credit),
 //!    a JetStream pull consumer (`max_ack_pending` and pull batches of the
@@ -38,6 +36,14 @@
 //!    (as `latency` does: coordinated omission is corrected by
 //!    construction). Ballast through the `Producer` with linger 0 and the
 //!    `Consumer`.
+//!
+//! Ballast also runs each workload through the generated stubs, the
+//! `ballast_raw` row: what the broker does without the client library's
+//! costs, so the table shows where a gap lies. Publish: `PublishBatch`
+//! calls of `--batch` messages, `unacked / batch` calls in flight per
+//! connection, idempotency keys as the Producer sends them; drain: a raw
+//! `Consume` stream with the prefetch as credit, acks in chunks; latency:
+//! one unary `Publish` per message.
 //!
 //! Durability differs and the table does not hide it: Ballast acks after
 //! its sync policy (`--sync`, fsync by default), a quorum queue confirms
@@ -159,6 +165,11 @@ pub async fn run(
             && args.size.iter().all(|&s| s > 0),
         "rounds, messages, producers, unacked, batch, prefetch and sizes must be positive"
     );
+    anyhow::ensure!(
+        args.prefetch <= ballast_client::contract::CREDIT_MAX && args.prefetch <= u32::from(u16::MAX),
+        "--prefetch must be at most {} (Ballast's credit ceiling; RabbitMQ's is 65,535)",
+        ballast_client::contract::CREDIT_MAX
+    );
     anyhow::ensure!(args.latency_size >= 16, "--latency-size must be at least 16 bytes (a sequence number)");
     anyhow::ensure!(args.rate.iter().all(|&r| r > 0) && args.inflight > 0, "rates and --inflight must be positive");
     anyhow::ensure!(
@@ -169,7 +180,7 @@ pub async fn run(
     let mut systems = vec![System::Ballast { endpoint: target.endpoint.clone() }];
     systems.extend(peers.systems.iter().map(|(system, _)| system.clone()));
     let broker_pid = |system: &System| match system {
-        System::Ballast { .. } => target.pid(),
+        System::Ballast { .. } | System::BallastRaw { .. } => target.pid(),
         _ => peers.systems.iter().find(|(s, _)| s.name() == system.name()).and_then(|(_, pid)| *pid),
     };
 
@@ -185,14 +196,14 @@ pub async fn run(
             if !args.workloads.iter().any(|w| matches!(w, Workload::Publish | Workload::Drain)) {
                 break;
             }
-            for system in &order {
+            for system in &with_raw(target, &order).await? {
                 let pid = broker_pid(system);
                 publish_and_drain(&mut results, target, args, sync, system, size, pid).await?;
             }
         }
         if args.workloads.contains(&Workload::Latency) {
             for &rate in &args.rate {
-                for system in &order {
+                for system in &with_raw(target, &order).await? {
                     system.fresh_queue(target, sync).await?;
                     let (measured, usage) = latency(system, args, rate, broker_pid(system)).await?;
                     println!(
@@ -232,8 +243,8 @@ pub async fn run(
     }))
 }
 
-/// The publish workload (Ballast: raw calls, then the Producer) and the
-/// drain of what it stored.
+/// The publish workload and the drain of what it stored (Ballast raw:
+/// `PublishBatch` calls of `--batch`, then a raw consume stream).
 async fn publish_and_drain(
     results: &mut Results,
     target: &Target,
@@ -244,25 +255,22 @@ async fn publish_and_drain(
     broker_pid: Option<u32>,
 ) -> anyhow::Result<()> {
     let name = system.name();
-    let publish = args.workloads.contains(&Workload::Publish);
-    if publish && matches!(system, System::Ballast { .. }) {
-        system.fresh_queue(target, sync).await?;
-        let mut channels = Vec::new();
-        for _ in 0..args.producers {
-            channels.push(target.channel().await?);
-        }
-        let inflight = (args.unacked / args.batch).max(1);
-        let meter = Meter::start(broker_pid);
-        load::publish_all(&channels, clients::QUEUE, args.messages, size, args.batch, inflight, true).await?;
-        let (elapsed, usage) = meter.stop()?;
-        let rate = load::rate(args.messages, elapsed);
-        print_figure(name, "raw PublishBatch", rate, usage);
-        results.add(Figure::publish(size), "ballast_raw", rate, usage, serde_json::Value::Null);
-    }
     system.fresh_queue(target, sync).await?;
-    let (elapsed, usage) = publish_with(system, args, size, broker_pid).await?;
-    let rate = load::rate(args.messages, elapsed);
-    if publish {
+    let (elapsed, usage) = match system {
+        System::BallastRaw { .. } => {
+            let mut channels = Vec::new();
+            for _ in 0..args.producers {
+                channels.push(target.channel().await?);
+            }
+            let inflight = (args.unacked / args.batch).max(1);
+            let meter = Meter::start(broker_pid);
+            load::publish_all(&channels, clients::QUEUE, args.messages, size, args.batch, inflight, true).await?;
+            meter.stop()?
+        }
+        _ => publish_with(system, args, size, broker_pid).await?,
+    };
+    if args.workloads.contains(&Workload::Publish) {
+        let rate = load::rate(args.messages, elapsed);
         print_figure(name, &format!("publish {size} B"), rate, usage);
         results.add(Figure::publish(size), name, rate, usage, serde_json::Value::Null);
     }
@@ -275,6 +283,18 @@ async fn publish_and_drain(
         results.add(Figure::drain(size), name, rate, usage, serde_json::Value::Null);
     }
     Ok(())
+}
+
+/// `order` with Ballast's raw row right before Ballast's.
+async fn with_raw(target: &Target, order: &[System]) -> anyhow::Result<Vec<System>> {
+    let mut systems = Vec::with_capacity(order.len() + 1);
+    for system in order {
+        if matches!(system, System::Ballast { .. }) {
+            systems.push(System::BallastRaw { channel: target.channel().await? });
+        }
+        systems.push(system.clone());
+    }
+    Ok(systems)
 }
 
 /// Publishes `--messages` through `--producers` publishers of `system`,
@@ -420,7 +440,9 @@ struct Peers {
     systems: Vec<(System, Option<u32>)>,
     versions: serde_json::Map<String, serde_json::Value>,
     /// Held for their `Drop`, which stops them.
-    _servers: Vec<Server>,
+    servers: Vec<Server>,
+    /// The run's directory holding each server's.
+    root: std::path::PathBuf,
 }
 
 impl Peers {
@@ -432,7 +454,8 @@ impl Peers {
             args.peers.contains(&Peer::Rabbitmq).then(|| servers::rabbitmq_binary(args.rabbitmq_server.as_deref()));
         let (nats, rabbitmq) = (nats.transpose()?, rabbitmq.transpose()?);
         let root = std::path::absolute(data_root)?.join(format!("peers-{}", std::process::id()));
-        let mut peers = Peers { systems: Vec::new(), versions: serde_json::Map::new(), _servers: Vec::new() };
+        let mut peers =
+            Peers { systems: Vec::new(), versions: serde_json::Map::new(), servers: Vec::new(), root: root.clone() };
         if let Some(binary) = nats {
             let version = command_output(&binary, &["--version"]);
             println!("starting {} ({version})", binary.display());
@@ -441,7 +464,7 @@ impl Peers {
             server.wait_until_ready(|| clients::nats_ready(&addr)).await?;
             peers.versions.insert("nats".into(), version.into());
             peers.systems.push((System::Nats { addr }, server.cpu_pid));
-            peers._servers.push(server);
+            peers.servers.push(server);
         }
         if let Some(binary) = rabbitmq {
             let version = command_output(Path::new("dpkg-query"), &["-W", "-f", "${Version}", "rabbitmq-server"]);
@@ -451,11 +474,7 @@ impl Peers {
             server.wait_until_ready(|| clients::rabbitmq_ready(&uri)).await?;
             peers.versions.insert("rabbitmq".into(), version.into());
             peers.systems.push((System::Rabbitmq { uri, queue: args.rabbitmq_queue }, server.cpu_pid));
-            peers._servers.push(server);
-        }
-        if !keep && !peers._servers.is_empty() {
-            // The servers' own directories go with them; this one is empty.
-            let _ = std::fs::remove_dir(&root);
+            peers.servers.push(server);
         }
         Ok(peers)
     }
@@ -463,9 +482,13 @@ impl Peers {
 
 impl Drop for Peers {
     fn drop(&mut self) {
-        if !self._servers.is_empty() {
+        if !self.servers.is_empty() {
             println!("stopping the peers");
         }
+        // Each server stops and removes its directory (unless kept); the
+        // run's directory is then empty, or holds what was kept.
+        self.servers.clear();
+        let _ = std::fs::remove_dir(&self.root);
     }
 }
 
@@ -710,7 +733,7 @@ fn print_table(results: &Results, systems: &[&str]) {
         }
         println!();
         if let Some(r) = results.ratio(&figure, "ballast", "ballast_raw") {
-            println!("{:<26} Producer / raw PublishBatch: {:.0}%", "", r * 100.0);
+            println!("{:<26} client library / raw stubs: {:.0}%", "", r * 100.0);
         }
     }
     println!("ratios are Ballast (Producer, Consumer) / peer: above 1 is faster for msg/s, slower for ms");

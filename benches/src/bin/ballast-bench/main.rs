@@ -187,6 +187,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
+        // Before a broker starts for nothing.
+        #[cfg(not(feature = "compare"))]
+        if matches!(args.scenario, Scenario::Compare { .. }) {
+            return Err(compare_not_built());
+        }
         let tls_scenario = matches!(args.scenario, Scenario::Throughput(_) | Scenario::Latency(_));
         anyhow::ensure!(args.tls == Tls::Off || tls_scenario, "--tls is for the throughput and latency scenarios");
         anyhow::ensure!(!args.auth || tls_scenario, "--auth is for the throughput and latency scenarios");
@@ -256,11 +261,17 @@ async fn scenario(args: &Args, tls: bool) -> anyhow::Result<(&'static str, serde
         #[cfg(feature = "compare")]
         Scenario::Compare(a) => ("compare", compare::run(&target, a, args.sync, &args.data_root, args.keep).await?),
         #[cfg(not(feature = "compare"))]
-        Scenario::Compare { .. } => anyhow::bail!(
-            "this ballast-bench was built without the compare scenario: \
-             cargo build --release -p ballast-benches --features ballast-benches/compare"
-        ),
+        Scenario::Compare { .. } => return Err(compare_not_built()),
     })
+}
+
+/// What `compare` says in a build without its feature.
+#[cfg(not(feature = "compare"))]
+fn compare_not_built() -> anyhow::Error {
+    anyhow::anyhow!(
+        "this ballast-bench was built without the compare scenario: \
+         cargo build --release -p ballast-benches --features ballast-benches/compare"
+    )
 }
 
 /// One result holding a plaintext and a TLS run of `name`, with the change
