@@ -196,14 +196,14 @@ pub async fn run(
             if !args.workloads.iter().any(|w| matches!(w, Workload::Publish | Workload::Drain)) {
                 break;
             }
-            for system in &with_raw(target, &order).await? {
+            for system in &with_raw(target, &order, args.producers).await? {
                 let pid = broker_pid(system);
                 publish_and_drain(&mut results, target, args, sync, system, size, pid).await?;
             }
         }
         if args.workloads.contains(&Workload::Latency) {
             for &rate in &args.rate {
-                for system in &with_raw(target, &order).await? {
+                for system in &with_raw(target, &order, args.producers).await? {
                     system.fresh_queue(target, sync).await?;
                     let (measured, usage) = latency(system, args, rate, broker_pid(system)).await?;
                     println!(
@@ -257,14 +257,10 @@ async fn publish_and_drain(
     let name = system.name();
     system.fresh_queue(target, sync).await?;
     let (elapsed, usage) = match system {
-        System::BallastRaw { .. } => {
-            let mut channels = Vec::new();
-            for _ in 0..args.producers {
-                channels.push(target.channel().await?);
-            }
+        System::BallastRaw { publish: channels, .. } => {
             let inflight = (args.unacked / args.batch).max(1);
             let meter = Meter::start(broker_pid);
-            load::publish_all(&channels, clients::QUEUE, args.messages, size, args.batch, inflight, true).await?;
+            load::publish_all(channels, clients::QUEUE, args.messages, size, args.batch, inflight, true).await?;
             meter.stop()?
         }
         _ => publish_with(system, args, size, broker_pid).await?,
@@ -285,12 +281,17 @@ async fn publish_and_drain(
     Ok(())
 }
 
-/// `order` with Ballast's raw row right before Ballast's.
-async fn with_raw(target: &Target, order: &[System]) -> anyhow::Result<Vec<System>> {
+/// `order` with Ballast's raw row right before Ballast's, on connections
+/// of its own (one per producer, one for the consumer).
+async fn with_raw(target: &Target, order: &[System], producers: usize) -> anyhow::Result<Vec<System>> {
     let mut systems = Vec::with_capacity(order.len() + 1);
     for system in order {
         if matches!(system, System::Ballast { .. }) {
-            systems.push(System::BallastRaw { channel: target.channel().await? });
+            let mut publish = Vec::with_capacity(producers);
+            for _ in 0..producers {
+                publish.push(target.channel().await?);
+            }
+            systems.push(System::BallastRaw { publish, consume: target.channel().await? });
         }
         systems.push(system.clone());
     }
@@ -308,8 +309,8 @@ async fn publish_with(
 ) -> anyhow::Result<(Duration, Usage)> {
     let linger = Duration::from_millis(args.linger_ms);
     let mut publishers = Vec::new();
-    for _ in 0..args.producers {
-        publishers.push(system.publisher(args.unacked, args.batch, linger).await?);
+    for index in 0..args.producers {
+        publishers.push(system.publisher(index, args.unacked, args.batch, linger).await?);
     }
     let payload = Bytes::from(vec![b'x'; size]);
     let producers = args.producers as u64;
@@ -361,9 +362,9 @@ async fn latency(
     let warmup_count = rate * args.warmup;
     let interval_ns = 1_000_000_000 / rate;
     let mut publishers = Vec::new();
-    for _ in 0..args.producers {
-        let window = args.inflight.div_ceil(args.producers);
-        publishers.push(system.publisher(window, args.batch, Duration::ZERO).await?);
+    let window = args.inflight.div_ceil(args.producers);
+    for index in 0..args.producers {
+        publishers.push(system.publisher(index, window, args.batch, Duration::ZERO).await?);
     }
     let delivered = Arc::new(Mutex::new(load::histogram()));
     let acked = Arc::new(Mutex::new(load::histogram()));

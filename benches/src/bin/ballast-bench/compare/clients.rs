@@ -61,7 +61,10 @@ pub enum System {
     /// Through the generated stubs: what the broker does without the
     /// client library's costs (the diagnostic row beside Ballast's).
     BallastRaw {
-        channel: Channel,
+        /// One connection per producer.
+        publish: Vec<Channel>,
+        /// The consumer's connection.
+        consume: Channel,
     },
     Nats {
         addr: String,
@@ -127,9 +130,16 @@ impl System {
         }
     }
 
-    /// A publisher on a connection of its own that may keep `window`
-    /// messages unacknowledged (`linger` is the Ballast `Producer`'s).
-    pub async fn publisher(&self, window: usize, batch: usize, linger: Duration) -> anyhow::Result<Publisher> {
+    /// The `index`th publisher, on a connection of its own, that may keep
+    /// `window` messages unacknowledged (`linger` is the Ballast
+    /// `Producer`'s).
+    pub async fn publisher(
+        &self,
+        index: usize,
+        window: usize,
+        batch: usize,
+        linger: Duration,
+    ) -> anyhow::Result<Publisher> {
         Ok(match self {
             System::Ballast { endpoint } => {
                 let client = Client::connect(endpoint).await?;
@@ -142,7 +152,10 @@ impl System {
                 };
                 Publisher::Ballast(Arc::new(client.producer(config)?))
             }
-            System::BallastRaw { channel } => Publisher::BallastRaw(PublisherClient::new(channel.clone())),
+            System::BallastRaw { publish, .. } => {
+                let channel = publish.get(index % publish.len().max(1)).context("no raw publish connection")?;
+                Publisher::BallastRaw(PublisherClient::new(channel.clone()))
+            }
             System::Nats { addr } => {
                 let client = async_nats::connect(addr.as_str()).await?;
                 let js = async_nats::jetstream::context::ContextBuilder::new().max_ack_inflight(window.max(1));
@@ -162,9 +175,9 @@ impl System {
     pub async fn consume(&self, count: u64, prefetch: u32, on_payload: OnPayload) -> anyhow::Result<()> {
         match self {
             System::Ballast { endpoint } => consume_ballast(endpoint, count, prefetch, on_payload).await,
-            System::BallastRaw { channel } => {
+            System::BallastRaw { consume, .. } => {
                 let on_delivery: load::OnDelivery = Arc::new(move |delivery| on_payload(&delivery.payload));
-                load::consume(std::slice::from_ref(channel), QUEUE, 1, prefetch, count, on_delivery).await?;
+                load::consume(std::slice::from_ref(consume), QUEUE, 1, prefetch, count, on_delivery).await?;
                 Ok(())
             }
             System::Nats { addr } => consume_nats(addr, count, prefetch, on_payload).await,
