@@ -369,7 +369,7 @@ fn compare_ballast_side() {
             assert!((0.0..=1.0).contains(&share), "the tool's CPU share is a fraction of the machine: {share}");
             assert!(f(&s["broker_cpu_cores_median"]) > 0.0, "the started broker's CPU is read: {figure}");
         }
-        assert!(f(&figure["ratios"]["producer_over_raw"]) > 0.0);
+        assert!(f(&figure["ratios"]["ballast/ballast_raw"]) > 0.0);
     }
 }
 

@@ -17,7 +17,9 @@
 //! `nats-server -js` (file storage) and a RabbitMQ node of its own (ports,
 //! node name, Mnesia and logs of the run, no plugins). `--peers nats` or
 //! `--peers rabbitmq` runs one peer, `--peers none` Ballast alone (the
-//! smoke test's way to exercise Ballast's side without the peers).
+//! smoke test's way to exercise Ballast's side without the peers). The
+//! peers share the bench's process group, so a Ctrl-C stops them too
+//! (their data then stays under `--data-root`, in `peers-<pid>`).
 //!
 //! Workloads, each on a fresh queue per system and round:
 //!
@@ -677,15 +679,16 @@ impl Results {
                     );
                 }
                 let mut ratios = serde_json::Map::new();
-                for peer in &peers {
-                    for (ballast, key) in [("ballast", (*peer).to_owned()), ("ballast_raw", format!("{peer}_raw"))] {
-                        if let Some(r) = self.ratio(figure, ballast, peer) {
-                            ratios.insert(key, r.into());
-                        }
+                // Keyed `numerator/denominator`: `ballast/nats`,
+                // `ballast_raw/nats`, ..., `ballast/ballast_raw`.
+                let pairs = peers
+                    .iter()
+                    .flat_map(|peer| [("ballast", *peer), ("ballast_raw", *peer)])
+                    .chain([("ballast", "ballast_raw")]);
+                for (ballast, other) in pairs {
+                    if let Some(r) = self.ratio(figure, ballast, other) {
+                        ratios.insert(format!("{ballast}/{other}"), r.into());
                     }
-                }
-                if let Some(r) = self.ratio(figure, "ballast", "ballast_raw") {
-                    ratios.insert("producer_over_raw".into(), r.into());
                 }
                 serde_json::json!({
                     "figure": figure.kind, "label": figure.label(), "unit": figure.unit(),
