@@ -323,44 +323,33 @@ fn queues() {
     assert!(f(&v["p99_ratio_publish_to_delivery"]) > 0.0);
 }
 
-/// `compare` with `--peers none`: Ballast's side of every workload, through
-/// the client library and through the raw stubs, lands in the JSON with a
-/// median per figure, every round and the load tool's CPU share. Only built
-/// with `--features compare` (the peers' clients stay out of default builds
-/// and CI); the peers are never started here.
+/// `compare` with `--peers none`: the disk probe and Ballast's side of
+/// every workload, through the client library and through the raw stubs,
+/// land in the JSON with a median per figure, every round and the load
+/// tool's CPU share. Only built with `--features compare` (the peers'
+/// clients stay out of default builds and CI); the peers are never started
+/// here.
 #[cfg(feature = "compare")]
 #[test]
 fn compare_ballast_side() {
+    #[rustfmt::skip]
     let args = [
-        "--peers",
-        "none",
-        "--rounds",
-        "2",
-        "--messages",
-        "300",
-        "--size",
-        "100",
-        "--producers",
-        "2",
-        "--unacked",
-        "32",
-        "--batch",
-        "8",
-        "--prefetch",
-        "50",
-        "--rate",
-        "200",
-        "--seconds",
-        "1",
-        "--warmup",
-        "1",
+        "--peers", "none", "--rounds", "2", "--messages", "300", "--size", "100", "--producers", "2",
+        "--unacked", "32", "--batch", "8", "--prefetch", "50", "--rate", "200", "--seconds", "1",
+        "--warmup", "1", "--disk-probe", "20",
     ];
     let (v, _, _dir) = run("compare", &args);
     assert_eq!(v["systems"], serde_json::json!(["ballast"]));
     let figures = v["figures"].as_array().expect("figures");
     let kinds: Vec<&str> = figures.iter().map(|fig| fig["figure"].as_str().expect("figure kind")).collect();
-    assert_eq!(kinds, ["publish", "drain", "latency_p50", "latency_p99"]);
-    for figure in figures {
+    assert_eq!(kinds, ["fdatasync_p50", "fdatasync_p99", "publish", "drain", "latency_p50", "latency_p99"]);
+    for figure in &figures[..2] {
+        let disk = &figure["systems"]["disk"];
+        assert_eq!(disk["rounds"].as_array().map(Vec::len), Some(2), "the disk was probed every round: {figure}");
+        assert!(f(&disk["median"]) > 0.0, "{figure}");
+    }
+    assert!(f(&figures[5]["ratios"]["ballast/fdatasync_p99"]) > 0.0, "p99 over the disk's: {}", figures[5]);
+    for figure in &figures[2..] {
         for system in ["ballast", "ballast_raw"] {
             let s = &figure["systems"][system];
             assert_eq!(s["rounds"].as_array().map(Vec::len), Some(2), "{system} ran every round: {figure}");
