@@ -14,7 +14,16 @@
 //! own; RabbitMQ acks with `multiple`; JetStream acks each message, as its
 //! explicit ack policy asks).
 
-use std::{collections::VecDeque, convert::Infallible, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use ballast_client::{Client, ConsumerConfig, Message, Producer, ProducerConfig};
@@ -306,12 +315,37 @@ async fn consume_ballast(endpoint: &str, count: u64, prefetch: u32, on_payload: 
         max_messages: Some(count),
         ..ConsumerConfig::default()
     };
-    let consumer = client.consumer(QUEUE, config)?.spawn(move |delivery| {
-        on_payload(&delivery.payload);
-        async { Ok::<(), Infallible>(()) }
+    let seen = Arc::new(AtomicU64::new(0));
+    let consumer = client.consumer(QUEUE, config)?.spawn({
+        let seen = Arc::clone(&seen);
+        move |delivery| {
+            on_payload(&delivery.payload);
+            seen.fetch_add(1, Ordering::Relaxed);
+            async { Ok::<(), Infallible>(()) }
+        }
     });
-    consumer.join().await?;
-    Ok(())
+    // A watchdog, as the other consumers have in their receive loops: a
+    // consumer that stops receiving fails the run instead of hanging it.
+    let stopper = consumer.stopper();
+    let mut join = std::pin::pin!(consumer.join());
+    let (mut count_then, mut since) = (0, std::time::Instant::now());
+    loop {
+        tokio::select! {
+            result = &mut join => {
+                result?;
+                return Ok(());
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                let received = seen.load(Ordering::Relaxed);
+                if received != count_then {
+                    (count_then, since) = (received, std::time::Instant::now());
+                } else if since.elapsed() >= STALL_TIMEOUT {
+                    stopper.stop();
+                    anyhow::bail!("Ballast delivered {received} of {count} messages, then nothing");
+                }
+            }
+        }
+    }
 }
 
 async fn consume_nats(addr: &str, count: u64, prefetch: u32, on_payload: OnPayload) -> anyhow::Result<()> {
