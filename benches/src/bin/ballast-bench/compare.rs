@@ -258,6 +258,16 @@ pub async fn run(
     let systems: Vec<&str> = systems.iter().map(System::name).collect();
     let figures = results.summary(&systems);
     print_table(&results, &systems);
+    println!(
+        "durability: Ballast acks after its sync policy ({}); a RabbitMQ {} queue confirms after {}; \
+         NATS JetStream acks before any fsync",
+        format!("{sync:?}").to_lowercase(),
+        format!("{:?}", args.rabbitmq_queue).to_lowercase(),
+        match args.rabbitmq_queue {
+            RabbitQueue::Quorum => "its Raft log's fsync",
+            RabbitQueue::Classic => "the message is written (fsynced in batches)",
+        }
+    );
     Ok(serde_json::json!({
         "scenario": "compare", "sync": format!("{sync:?}").to_lowercase(),
         "systems": systems, "versions": peers.versions,
