@@ -113,6 +113,17 @@ fn latency() {
     assert!(json.with_extension("svg").exists(), "latency writes a chart");
 }
 
+/// The same through the client library: a Producer over its publish
+/// stream and a Consumer.
+#[test]
+fn latency_via_the_client_library() {
+    let args = ["--via", "client", "--rate", "500", "--seconds", "1", "--warmup", "0", "--size", "64"];
+    let (v, _, _dir) = run("latency", &args);
+    assert_eq!(v["via"], "client");
+    assert_eq!(u(&v["publish_to_durable"]["count"]), 500);
+    assert_eq!(u(&v["publish_to_delivery"]["count"]), 500);
+}
+
 #[test]
 fn spike() {
     let args = [
@@ -269,8 +280,9 @@ fn backlog() {
 fn overhead() {
     let args = ["--messages", "2000", "--size", "64", "--batch", "50", "--inflight", "2", "--tasks", "2"];
     let (v, _, _dir) = run("overhead", &args);
-    assert!(f(&v["raw_messages_per_s"]) > 0.0);
-    assert!(f(&v["producer_messages_per_s"]) > 0.0);
+    for mode in ["raw", "producer_stream", "producer_unary", "producer_linger0"] {
+        assert!(f(&v[format!("{mode}_messages_per_s").as_str()]) > 0.0, "{mode}: {v}");
+    }
 }
 
 /// Many queues, tiny: every figure is reported, the restart reaches

@@ -38,6 +38,7 @@ use parking_lot::RwLock;
 use crate::{
     config::Config,
     error::{BrokerError, Result},
+    fair::FairShare,
     limits::DEAD_LETTER_SUFFIX,
     now_ms,
     queue::{Queue, QueueName, QueueSettings, SettingsRequest},
@@ -52,10 +53,12 @@ pub struct Node {
     /// Free bytes on the data directory's filesystem, refreshed every tick.
     disk_free: AtomicU64,
     disk_free_min: u64,
+    /// The node's publish slots, shared fairly between queues.
+    fair: Arc<FairShare>,
 }
 
 impl Node {
-    fn new(disk_free_min: u64) -> Node {
+    fn new(disk_free_min: u64, publish_slots: usize) -> Node {
         // Queue directory generations start from the clock so that a queue
         // re-created after a restart never reuses a directory name.
         let start = now_ms() << 20;
@@ -64,7 +67,13 @@ impl Node {
             generation: AtomicU64::new(start),
             disk_free: AtomicU64::new(u64::MAX),
             disk_free_min,
+            fair: Arc::new(FairShare::new(publish_slots)),
         }
+    }
+
+    /// The fair share of publish work between queues (`fair.rs`).
+    pub fn fair(&self) -> &Arc<FairShare> {
+        &self.fair
     }
 
     /// `Some(free bytes)` while the disk is below its watermark.
@@ -241,7 +250,7 @@ impl Broker {
         let lock = DataDirLock::acquire(&config.data_dir)?;
         let queues_dir = config.data_dir.join(QUEUES_DIR);
         std::fs::create_dir_all(&queues_dir).map_err(|e| io_error(&queues_dir, e))?;
-        let node = Arc::new(Node::new(config.disk_free_min_bytes));
+        let node = Arc::new(Node::new(config.disk_free_min_bytes, config.grpc.publish_slots()));
         node.refresh_disk(&queues_dir);
         let mut found: Vec<Found> = Vec::new();
         let mut damaged: BTreeMap<QueueName, DamagedQueue> = BTreeMap::new();

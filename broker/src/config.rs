@@ -65,6 +65,11 @@ pub const TCP_KEEPALIVE_MS_DEFAULT: u64 = 60_000;
 pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
 /// Default limit on concurrent calls (HTTP/2 streams) per connection.
 pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 1024;
+/// Default publish slots (`grpc.publish_slots`): 0, one per core
+/// (`std::thread::available_parallelism`), as many as the runtime has
+/// workers, so the calls doing publish work never outnumber the workers
+/// that run them.
+pub const PUBLISH_SLOTS_DEFAULT: usize = 0;
 /// Default limit on queues (dead-letter and damaged queues included):
 /// 10,000 queues, each with its dead-letter queue, the figure the broker is
 /// benchmarked at (`ballast-bench queues`). An idle queue costs little (see
@@ -216,6 +221,11 @@ pub struct GrpcConfig {
     /// stream): past it the call ends CANCELLED ("Timeout expired"). A
     /// client's shorter `grpc-timeout` wins. A Pull must wait less.
     pub request_timeout_ms: u64,
+    /// Publish calls doing their CPU work (admission, encoding, appending)
+    /// at once, node-wide; more wait in their queue's line and the freed
+    /// slots go round the queues with calls waiting (`fair.rs`). 0: one
+    /// per core.
+    pub publish_slots: usize,
 }
 
 impl Default for GrpcConfig {
@@ -228,6 +238,7 @@ impl Default for GrpcConfig {
             streams_per_connection_max: STREAMS_PER_CONNECTION_MAX_DEFAULT,
             watch_streams_max: WATCH_STREAMS_MAX_DEFAULT,
             request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
+            publish_slots: PUBLISH_SLOTS_DEFAULT,
         }
     }
 }
@@ -236,8 +247,8 @@ impl GrpcConfig {
     /// Checks each setting against its range; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
         use crate::limits::{
-            CONNECTIONS_MAX, KEEPALIVE_MS_MAX, KEEPALIVE_MS_MIN, REQUEST_TIMEOUT_MS_MAX, REQUEST_TIMEOUT_MS_MIN,
-            STREAMS_PER_CONNECTION_MAX, WATCH_STREAMS_MAX,
+            CONNECTIONS_MAX, KEEPALIVE_MS_MAX, KEEPALIVE_MS_MIN, PUBLISH_SLOTS_MAX, REQUEST_TIMEOUT_MS_MAX,
+            REQUEST_TIMEOUT_MS_MIN, STREAMS_PER_CONNECTION_MAX, WATCH_STREAMS_MAX,
         };
         if !(REQUEST_TIMEOUT_MS_MIN..=REQUEST_TIMEOUT_MS_MAX).contains(&self.request_timeout_ms) {
             return Err(format!(
@@ -269,7 +280,21 @@ impl GrpcConfig {
                 return Err(format!("{key} must be in 1..={max}; got {value}"));
             }
         }
+        if self.publish_slots > PUBLISH_SLOTS_MAX {
+            return Err(format!(
+                "publish_slots must be in 0..={PUBLISH_SLOTS_MAX} (0: one per core); got {}",
+                self.publish_slots
+            ));
+        }
         Ok(())
+    }
+
+    /// The publish slots: `publish_slots`, or one per core when 0.
+    pub fn publish_slots(&self) -> usize {
+        match self.publish_slots {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            slots => slots,
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod broker;
 pub mod config;
 mod dedupe;
 pub mod error;
+pub mod fair;
 pub mod grpc;
 pub mod limits;
 pub mod metrics;

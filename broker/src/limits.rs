@@ -76,6 +76,27 @@ pub const CONSUMERS_MAX: usize = 1024;
 /// tasks without bound.
 pub const STREAM_NACKS_IN_FLIGHT_MAX: usize = 1024;
 
+/// How long a publish refused by admission (queue full, disk low) waits
+/// before its answer, holding nothing (no publish slot, no idempotency
+/// key, its messages dropped). A producer that ignores `retry-after-ms` and
+/// retries at once is slowed to one call per this long per call in flight,
+/// so that a flood of refused calls cannot take the node's CPU from the
+/// other queues (a refusal costs about as much as a store: receiving and
+/// decoding the request). Small against the smallest retry-after hint
+/// (`RETRY_AFTER_MS_MIN`), which a well-behaved producer waits anyway.
+pub const REFUSAL_HOLD_MS: u64 = 25;
+
+/// Requests of one PublishStream published at once (read but not yet
+/// answered). At the limit the broker stops reading the stream, and HTTP/2
+/// flow control makes the sender wait: a producer never makes the broker
+/// hold more than this many of its batches.
+pub const PUBLISH_STREAM_IN_FLIGHT_MAX: usize = 64;
+
+/// Payload bytes of one PublishStream's requests being published at once:
+/// the broker stops reading at this many (so one stream holds at most this
+/// plus one request, at most `GRPC_DECODE_SIZE_MAX`, in memory).
+pub const PUBLISH_STREAM_IN_FLIGHT_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 /// Longest Pull wait, in milliseconds.
 pub const PULL_WAIT_MS_MAX: u64 = 60_000;
 
@@ -227,6 +248,10 @@ pub const CONNECTIONS_MAX: usize = 65_536;
 /// `grpc.streams_per_connection_max` the client's HTTP/2 layer waits for a
 /// stream to end before it starts another call.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 65_536;
+/// Ceiling of `grpc.publish_slots`: publish calls doing their CPU work at
+/// once across the node (`fair.rs`). More slots than workers only lets one
+/// queue's calls queue on the workers again.
+pub const PUBLISH_SLOTS_MAX: usize = 1024;
 /// Stats Watch streams open at once: past `grpc.watch_streams_max` a Watch
 /// is refused with RESOURCE_EXHAUSTED.
 pub const WATCH_STREAMS_MAX: usize = 65_536;
@@ -379,3 +404,6 @@ pub const METRICS_TLS_HANDSHAKES_MAX: usize = 64;
 /// instead of a reset. The connection keeps its permit meanwhile; a quarter
 /// second covers a loopback or LAN round trip.
 pub const TLS_FAILED_LINGER_MS: u64 = 250;
+
+const _: () =
+    assert!(REFUSAL_HOLD_MS < RETRY_AFTER_MS_MIN, "a refusal's hold stays below the smallest retry-after hint");

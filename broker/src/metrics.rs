@@ -118,6 +118,13 @@ impl LaneMetrics {
     }
 }
 
+/// Records how long a publish call waited for its publish slot (the fair
+/// share of the node's publish work between queues, `fair.rs`); a call
+/// that found a slot free records nothing.
+pub fn record_publish_turn_wait(waited: std::time::Duration) {
+    histogram!("ballast_publish_turn_wait_seconds").record(waited.as_secs_f64());
+}
+
 /// Counts a request that failed with `code` (the errors signal).
 pub fn count_error(code: tonic::Code) {
     counter!("ballast_errors_total", "code" => code_name(code)).increment(1);
@@ -216,6 +223,12 @@ fn describe() {
         Unit::Seconds,
         "Waits of publish calls for their turn under the queue's publish quota."
     );
+    describe_histogram!(
+        "ballast_publish_turn_wait_seconds",
+        Unit::Seconds,
+        "Waits of publish calls for a publish slot while every slot was busy (the fair share between queues)."
+    );
+    describe_gauge!("ballast_publish_slots_waiting", Unit::Count, "Publish calls waiting for a publish slot.");
     describe_gauge!("ballast_disk_free_bytes", Unit::Bytes, "Free space on the data directory's filesystem.");
     describe_gauge!("ballast_disk_free_min_bytes", Unit::Bytes, "Publishes are refused below this free space.");
     describe_gauge!("ballast_open_files", Unit::Count, "File descriptors the process holds.");
@@ -233,6 +246,7 @@ fn refresh(broker: &Broker) {
     gauge!("ballast_queues_damaged").set(broker.damaged_queues().len() as f64);
     gauge!("ballast_disk_free_bytes").set(broker.node().disk_free() as f64);
     gauge!("ballast_disk_free_min_bytes").set(broker.node().disk_free_min() as f64);
+    gauge!("ballast_publish_slots_waiting").set(broker.node().fair().waiting() as f64);
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         gauge!("ballast_open_files").set(fds.count() as f64);
     }

@@ -468,6 +468,12 @@ struct Loop {
     /// Handler tasks of every session; results of old sessions are dropped.
     handlers: JoinSet<Result<(), String>>,
     running: HashMap<tokio::task::Id, Running>,
+    /// No later than the next lease extension due among the current
+    /// session's handlers (`None`: none due). Lowered as handlers start,
+    /// recomputed only when extensions run, so the loop does not scan
+    /// every running handler per event; a handler that ended early makes
+    /// at most one wake-up that finds nothing due.
+    extension_due: Option<Instant>,
     /// Session counter; a session's deliveries carry its epoch.
     epoch: u64,
     rng: fastrand::Rng,
@@ -511,6 +517,7 @@ impl Loop {
             stopping: false,
             handlers: JoinSet::new(),
             running: HashMap::new(),
+            extension_due: None,
             epoch: 0,
             rng: fastrand::Rng::new(),
             stats: ConsumerStats::default(),
@@ -535,6 +542,7 @@ impl Loop {
                 return Ok(());
             }
             self.epoch += 1;
+            self.extension_due = None;
             let error = match self.open().await {
                 Ok(session) => {
                     failures = 0;
@@ -636,7 +644,7 @@ impl Loop {
                 self.stopping = true;
                 continue;
             }
-            let next_extension = self.next_extension(session.epoch);
+            let next_extension = self.extension_due;
             tokio::select! {
                 message = session.incoming.message() => match message {
                     Ok(Some(response)) => self.received(&mut session, response)?,
@@ -747,6 +755,9 @@ impl Loop {
                 extend_at: extend_max.map(|_| arrived + lease / 3),
                 extend_until: arrived + extend_max.unwrap_or_default(),
             };
+            if let Some(at) = running.extend_at {
+                self.extension_due = Some(self.extension_due.map_or(at, |due| due.min(at)));
+            }
             let task = self.handlers.spawn((self.handler)(delivery));
             self.running.insert(task.id(), running);
             self.stats.handled += 1;
@@ -819,6 +830,7 @@ impl Loop {
                 session.outbox.push_back(proto::ConsumeRequest { kind: Some(RequestKind::Extend(extend)) });
             }
         }
+        self.extension_due = self.next_extension(session.epoch);
     }
 
     /// Queues the unsent acks and nacks, then the credit they free (rule 1).

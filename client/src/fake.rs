@@ -43,7 +43,7 @@ impl FakeServer {
         let addr = listener.local_addr().expect("bound address");
         let (shutdown, stopped) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
-            .add_service(PublisherServer::from_arc(state.clone()))
+            .add_service(PublisherServer::new(PublisherService(state.clone())))
             .add_service(ConsumerServer::new(ConsumerService(state.clone())))
             .add_service(AdminServer::from_arc(state.clone()))
             .add_service(StatsServer::new(StatsService(state.clone())));
@@ -94,9 +94,20 @@ pub(crate) enum Fault {
     StoreThenHang,
 }
 
-/// One publish RPC as the fake saw it.
+/// Which call carried a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PublishKind {
+    Unary,
+    Batch,
+    /// A request on a PublishStream.
+    Stream,
+}
+
+/// One publish RPC (or stream request) as the fake saw it.
 #[derive(Debug, Clone)]
 pub(crate) struct PublishCall {
+    pub(crate) kind: PublishKind,
+    /// More than one message.
     pub(crate) batch: bool,
     pub(crate) keys: Vec<String>,
     pub(crate) at: Instant,
@@ -124,6 +135,8 @@ pub(crate) struct State {
     // Publisher.
     pub(crate) faults: VecDeque<Fault>,
     pub(crate) calls: Vec<PublishCall>,
+    /// Answer PublishStream with UNIMPLEMENTED, as a broker from before it.
+    pub(crate) no_publish_stream: bool,
     pub(crate) stored: Vec<Stored>,
     dedupe: HashMap<String, proto::MessageId>,
     // Consumer.
@@ -234,10 +247,11 @@ impl Fake {
     }
 
     /// Records a publish call and takes the next fault, if any.
-    fn begin_publish(&self, batch: bool, messages: &[proto::Message]) -> Result<Option<Fault>, Status> {
+    fn begin_publish(&self, kind: PublishKind, messages: &[proto::Message]) -> Result<Option<Fault>, Status> {
         let mut state = self.lock();
         state.calls.push(PublishCall {
-            batch,
+            kind,
+            batch: messages.len() > 1,
             keys: messages.iter().map(|m| m.idempotency_key.clone()).collect(),
             at: Instant::now(),
         });
@@ -304,15 +318,20 @@ pub(crate) fn refused(retry_after: Duration) -> Status {
     status
 }
 
+/// The publish side of the fake (a newtype: stream tasks need the `Arc`).
+struct PublisherService(Arc<Fake>);
+
 #[tonic::async_trait]
-impl proto::publisher_server::Publisher for Fake {
+impl proto::publisher_server::Publisher for PublisherService {
+    type PublishStreamStream = ReceiverStream<Result<proto::PublishStreamResponse, Status>>;
+
     async fn publish(
         &self,
         request: Request<proto::PublishRequest>,
     ) -> Result<Response<proto::PublishResponse>, Status> {
         let message = request.into_inner().message.ok_or_else(|| Status::invalid_argument("no message"))?;
-        let fault = self.begin_publish(false, std::slice::from_ref(&message))?;
-        let receipt = self.store(message);
+        let fault = self.0.begin_publish(PublishKind::Unary, std::slice::from_ref(&message))?;
+        let receipt = self.0.store(message);
         Fake::finish_publish(fault, proto::PublishResponse { receipt: Some(receipt) }).await
     }
 
@@ -321,12 +340,71 @@ impl proto::publisher_server::Publisher for Fake {
         request: Request<proto::PublishBatchRequest>,
     ) -> Result<Response<proto::PublishBatchResponse>, Status> {
         let messages = request.into_inner().messages;
+        let receipts = self.0.store_batch(PublishKind::Batch, messages)?;
+        Fake::finish_publish(receipts.0, proto::PublishBatchResponse { receipts: receipts.1 }).await
+    }
+
+    /// Each request is answered by a task of its own (so a hung one holds
+    /// up no other); a fault ends the stream as a lost connection would.
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<proto::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        if self.0.lock().no_publish_stream {
+            return Err(Status::unimplemented("this broker has no PublishStream"));
+        }
+        let mut inbound = request.into_inner();
+        let (out, rx) = mpsc::channel(64);
+        let fake = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(request)) = inbound.message().await {
+                let (fake, out) = (fake.clone(), out.clone());
+                tokio::spawn(async move {
+                    let sequence = request.sequence;
+                    let answer = match fake.store_batch(PublishKind::Stream, request.messages) {
+                        Ok((None, receipts)) => Ok(proto::PublishStreamResponse { sequence, receipts, error: None }),
+                        Ok((Some(Fault::StoreThenUnavailable), _)) => Err(Status::unavailable("answer lost")),
+                        Ok((Some(Fault::StoreThenHang), _)) => std::future::pending().await,
+                        Ok((Some(Fault::Refuse(status)), _)) | Err(status) => Ok(proto::PublishStreamResponse {
+                            sequence,
+                            receipts: Vec::new(),
+                            error: Some(proto::PublishError {
+                                code: status.code() as i32,
+                                message: status.message().to_owned(),
+                                metadata: status
+                                    .metadata()
+                                    .iter()
+                                    .filter_map(|entry| match entry {
+                                        tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
+                                            Some((key.to_string(), value.to_str().ok()?.to_owned()))
+                                        }
+                                        tonic::metadata::KeyAndValueRef::Binary(..) => None,
+                                    })
+                                    .collect(),
+                            }),
+                        }),
+                    };
+                    let _ = out.send(answer).await;
+                });
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl Fake {
+    /// A batch's call recorded and its fault taken, then stored (checked
+    /// against the batch limit first).
+    fn store_batch(
+        &self,
+        kind: PublishKind,
+        messages: Vec<proto::Message>,
+    ) -> Result<(Option<Fault>, Vec<proto::Receipt>), Status> {
         if messages.len() > contract::BATCH_COUNT_MAX {
             return Err(Status::invalid_argument("batch too big"));
         }
-        let fault = self.begin_publish(true, &messages)?;
-        let receipts = messages.into_iter().map(|m| self.store(m)).collect();
-        Fake::finish_publish(fault, proto::PublishBatchResponse { receipts }).await
+        let fault = self.begin_publish(kind, &messages)?;
+        Ok((fault, messages.into_iter().map(|m| self.store(m)).collect()))
     }
 }
 

@@ -95,6 +95,7 @@ pub mod contract;
 mod error;
 mod message;
 mod producer;
+mod publish_stream;
 mod queue;
 mod retry;
 mod stats;

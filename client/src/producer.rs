@@ -18,9 +18,11 @@
 //!    whole, as its most restricted lane, so a high-lane message sharing a
 //!    batch with low-lane ones would be shed or held with them.
 //! 5. A batch is sent by its own task (at most `in_flight_batches_max` at
-//!    once) as one `PublishBatch` (or `Publish` for one message), retried with
-//!    backoff and jitter within the latest deadline of its messages; the
-//!    queue's breaker sees every attempt.
+//!    once) as one request on the producer's `PublishStream`
+//!    (`publish_stream.rs`; or, with `publish_stream` off or against a
+//!    broker without it, one `PublishBatch`, or `Publish` for one message),
+//!    retried with backoff and jitter within the latest deadline of its
+//!    messages; the queue's breaker sees every attempt.
 //! 6. If the broker rejects a whole batch as invalid, its messages are sent
 //!    one by one, so only the bad message fails.
 //! 7. Each caller gets its own receipt, or the error, or a deadline error
@@ -50,6 +52,7 @@ use crate::{
     clock::{Clock, SystemClock},
     contract,
     message::generate_idempotency_key,
+    publish_stream::PublishStream,
     retry::Retrier,
 };
 
@@ -94,12 +97,16 @@ pub struct ProducerConfig {
     /// Seed of the retry jitter; `None` seeds from the OS. Set it to make
     /// retry timing reproducible in tests.
     pub jitter_seed: Option<u64>,
+    /// Send batches as requests on one `PublishStream` (the default), or
+    /// each as its own unary call. Against a broker without the stream the
+    /// producer uses the unary calls either way.
+    pub publish_stream: bool,
 }
 
 impl Default for ProducerConfig {
     /// 5 ms linger, batches of up to 100 messages or 1 MiB, 30 s per publish,
     /// 10 s per attempt, the default retry policy and breaker, 8 batches in
-    /// flight, 1024 messages queued.
+    /// flight, 1024 messages queued, over the publish stream.
     fn default() -> ProducerConfig {
         ProducerConfig {
             linger: Duration::from_millis(5),
@@ -112,6 +119,7 @@ impl Default for ProducerConfig {
             in_flight_batches_max: 8,
             pending_count_max: 1024,
             jitter_seed: None,
+            publish_stream: true,
         }
     }
 }
@@ -182,6 +190,7 @@ pub struct Producer {
 #[derive(Debug)]
 struct Shared {
     client: PublisherClient<Transport>,
+    stream: PublishStream,
     config: ProducerConfig,
     retrier: Retrier,
     clock: Arc<dyn Clock>,
@@ -220,8 +229,10 @@ impl Producer {
     ) -> Result<Producer, Error> {
         config.validate()?;
         let (requests, receiver) = mpsc::channel(config.pending_count_max);
+        let client = PublisherClient::new(channel);
         let shared = Arc::new(Shared {
-            client: PublisherClient::new(channel),
+            stream: PublishStream::new(client.clone(), config.in_flight_batches_max),
+            client,
             retrier: Retrier::new(config.retry, config.attempt_timeout, config.jitter_seed),
             config,
             clock,
@@ -382,21 +393,11 @@ impl Shared {
         message: proto::Message,
         deadline: Instant,
     ) -> Result<Receipt, Error> {
-        let request = proto::PublishRequest { queue: queue.to_owned(), message: Some(message) };
-        let response = self
-            .retrier
-            .run(deadline, self.config.deadline, Some(breaker), || {
-                let mut client = self.client.clone();
-                let request = request.clone();
-                async move { client.publish(request).await.map(tonic::Response::into_inner).map_err(Error::from_status) }
-            })
-            .await?;
-        let receipt =
-            response.receipt.ok_or_else(|| Error::Protocol { message: "publish answered without a receipt".into() })?;
-        Receipt::try_from(receipt)
+        let mut receipts = self.publish_batch(queue, breaker, vec![message], deadline).await?;
+        receipts.pop().ok_or_else(|| Error::Protocol { message: "publish answered without a receipt".into() })
     }
 
-    /// Publishes a batch of several messages with retries, within `deadline`.
+    /// Publishes a batch with retries, within `deadline`.
     async fn publish_batch(
         &self,
         queue: &str,
@@ -405,23 +406,38 @@ impl Shared {
         deadline: Instant,
     ) -> Result<Vec<Receipt>, Error> {
         let count = messages.len();
-        let request = proto::PublishBatchRequest { queue: queue.to_owned(), messages };
-        let response = self
+        let receipts = self
             .retrier
-            .run(deadline, self.config.deadline, Some(breaker), || {
-                let mut client = self.client.clone();
-                let request = request.clone();
-                async move {
-                    client.publish_batch(request).await.map(tonic::Response::into_inner).map_err(Error::from_status)
-                }
-            })
+            .run(deadline, self.config.deadline, Some(breaker), || self.attempt(queue, messages.clone()))
             .await?;
-        if response.receipts.len() != count {
+        if receipts.len() != count {
             return Err(Error::Protocol {
-                message: format!("a batch of {count} messages was answered with {} receipts", response.receipts.len()),
+                message: format!("a batch of {count} messages was answered with {} receipts", receipts.len()),
             });
         }
-        response.receipts.into_iter().map(Receipt::try_from).collect()
+        receipts.into_iter().map(Receipt::try_from).collect()
+    }
+
+    /// One attempt: a request on the publish stream, or a unary call (when
+    /// configured, or when the broker lacks the stream).
+    async fn attempt(&self, queue: &str, messages: Vec<proto::Message>) -> Result<Vec<proto::Receipt>, Error> {
+        if self.config.publish_stream && !self.stream.unsupported() {
+            match self.stream.publish(queue, messages.clone()).await {
+                Err(Error::Broker { code: tonic::Code::Unimplemented, .. }) if self.stream.unsupported() => {
+                    tracing::debug!("the broker has no PublishStream; publishing with unary calls");
+                }
+                answer => return answer,
+            }
+        }
+        let mut client = self.client.clone();
+        if messages.len() == 1 {
+            let message = messages.into_iter().next();
+            let request = proto::PublishRequest { queue: queue.to_owned(), message };
+            let response = client.publish(request).await.map_err(Error::from_status)?.into_inner();
+            return Ok(response.receipt.into_iter().collect());
+        }
+        let request = proto::PublishBatchRequest { queue: queue.to_owned(), messages };
+        Ok(client.publish_batch(request).await.map_err(Error::from_status)?.into_inner().receipts)
     }
 }
 

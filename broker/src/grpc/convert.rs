@@ -140,6 +140,23 @@ pub fn publish(message: Option<pb::Message>) -> Result<Publish> {
     })
 }
 
+/// A PublishStream request's failure: the status a unary publish would
+/// have ended with, its ASCII metadata (retry-after, the refusal's
+/// figures) kept as a map.
+pub fn publish_error(status: &tonic::Status) -> pb::PublishError {
+    let metadata = status
+        .metadata()
+        .iter()
+        .filter_map(|entry| match entry {
+            tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
+                Some((key.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+            }
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })
+        .collect();
+    pb::PublishError { code: status.code() as i32, message: status.message().to_owned(), metadata }
+}
+
 /// Receipts with the queue's figures taken once after the publish.
 pub fn receipts(queue: &Queue, receipts: Vec<Receipt>) -> Vec<pb::Receipt> {
     let (total, lanes) = queue.figures();

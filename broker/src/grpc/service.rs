@@ -14,9 +14,9 @@ use crate::{
     broker::{DamagedQueue, OpeningQueue},
     error::BrokerError,
     limits::{
-        CREDIT_MAX, PEEK_MESSAGES_MAX, PULL_ANSWER_MARGIN_MS, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX,
-        QUEUES_RESPONSE_SIZE_MAX, STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX,
-        WATCH_INTERVAL_MS_MIN,
+        CREDIT_MAX, PEEK_MESSAGES_MAX, PUBLISH_STREAM_IN_FLIGHT_BYTES_MAX, PUBLISH_STREAM_IN_FLIGHT_MAX,
+        PULL_ANSWER_MARGIN_MS, PULL_RESPONSE_SIZE_MAX, PULL_WAIT_MS_MAX, QUEUES_RESPONSE_SIZE_MAX,
+        STREAM_NACKS_IN_FLIGHT_MAX, WATCH_INTERVAL_MS_DEFAULT, WATCH_INTERVAL_MS_MAX, WATCH_INTERVAL_MS_MIN,
     },
     now_ms,
     queue::{Holder, Queue, check_ids},
@@ -237,14 +237,13 @@ impl admin_server::Admin for Service {
 
 #[tonic::async_trait]
 impl publisher_server::Publisher for Service {
+    type PublishStreamStream = ReceiverStream<Result<pb::PublishStreamResponse, Status>>;
+
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let access = self.access(&request)?;
         let request = request.into_inner();
-        access.check(Action::Publish, &request.queue)?;
-        let queue = self.queue(&request.queue).await?;
-        let message = convert::publish(request.message).map_err(to_status)?;
-        let receipts = queue.publish(vec![message]).await.map_err(to_status)?;
-        let receipt = convert::receipts(&queue, receipts).into_iter().next();
+        let messages = request.message.map_or_else(Vec::new, |m| vec![m]);
+        let receipt = self.publish_messages(&access, &request.queue, messages).await?.into_iter().next();
         Ok(Response::new(pb::PublishResponse { receipt }))
     }
 
@@ -254,16 +253,111 @@ impl publisher_server::Publisher for Service {
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
         let access = self.access(&request)?;
         let request = request.into_inner();
-        access.check(Action::Publish, &request.queue)?;
-        let queue = self.queue(&request.queue).await?;
-        let messages = request
-            .messages
-            .into_iter()
-            .map(|m| convert::publish(Some(m)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(to_status)?;
-        let receipts = queue.publish(messages).await.map_err(to_status)?;
-        Ok(Response::new(pb::PublishBatchResponse { receipts: convert::receipts(&queue, receipts) }))
+        let receipts = self.publish_messages(&access, &request.queue, request.messages).await?;
+        Ok(Response::new(pb::PublishBatchResponse { receipts }))
+    }
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let access = self.access(&request)?;
+        let inbound = request.into_inner();
+        let (out, rx) = mpsc::channel(PUBLISH_STREAM_IN_FLIGHT_MAX);
+        tokio::spawn(publish_session(self.clone(), access, inbound, out));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl Service {
+    /// One publish call's messages to `queue`, checked, converted and
+    /// published; the receipts in message order. Publish, PublishBatch and
+    /// each PublishStream request come here.
+    async fn publish_messages(
+        &self,
+        access: &Access,
+        queue: &str,
+        messages: Vec<pb::Message>,
+    ) -> Result<Vec<pb::Receipt>, Status> {
+        access.check(Action::Publish, queue)?;
+        let queue = self.queue(queue).await?;
+        // No message at all is refused by Queue::publish.
+        let messages = messages.into_iter().map(|m| convert::publish(Some(m))).collect::<Result<Vec<_>, _>>();
+        let receipts = queue.publish(messages.map_err(to_status)?).await.map_err(to_status)?;
+        Ok(convert::receipts(&queue, receipts))
+    }
+}
+
+/// Serves one PublishStream: reads requests while fewer than
+/// [`PUBLISH_STREAM_IN_FLIGHT_MAX`] requests (and
+/// [`PUBLISH_STREAM_IN_FLIGHT_BYTES_MAX`] bytes of them) are unanswered,
+/// publishes each as PublishBatch would, concurrently, and answers each as
+/// it completes. A request's failure is its own response; the stream ends
+/// when the client closes its side and every answer is sent, or with an
+/// error status for an undecodable request, a revoked credential or a
+/// shutdown.
+async fn publish_session(
+    service: Service,
+    access: Access,
+    mut inbound: Streaming<pb::PublishStreamRequest>,
+    out: mpsc::Sender<Result<pb::PublishStreamResponse, Status>>,
+) {
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    let mut in_flight_bytes = 0usize;
+    let mut closed = false;
+    let revoked = access.revoked();
+    let stopping = service.broker.stopping();
+    tokio::pin!(revoked, stopping);
+    loop {
+        if closed && in_flight.is_empty() {
+            break;
+        }
+        let room =
+            in_flight.len() < PUBLISH_STREAM_IN_FLIGHT_MAX && in_flight_bytes < PUBLISH_STREAM_IN_FLIGHT_BYTES_MAX;
+        tokio::select! {
+            status = &mut revoked => {
+                let _ = out.send(Err(status)).await;
+                break;
+            }
+            () = &mut stopping => {
+                let _ = out.send(Err(to_status(BrokerError::ShuttingDown))).await;
+                break;
+            }
+            Some((response, size)) = futures_util::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                in_flight_bytes -= size;
+                if out.send(Ok(response)).await.is_err() {
+                    // The client is gone. Requests still in flight are
+                    // dropped here; what reached storage completes in the
+                    // queue's own task (see Queue::publish).
+                    break;
+                }
+            }
+            request = inbound.message(), if room && !closed => match request {
+                Ok(Some(request)) => {
+                    let size = request.messages.iter().map(|m| m.payload.len()).sum::<usize>();
+                    in_flight_bytes += size;
+                    let (service, access) = (service.clone(), access.clone());
+                    in_flight.push(async move {
+                        let pb::PublishStreamRequest { sequence, queue, messages } = request;
+                        let response = match service.publish_messages(&access, &queue, messages).await {
+                            Ok(receipts) => pb::PublishStreamResponse { sequence, receipts, error: None },
+                            Err(status) => {
+                                crate::metrics::count_error(status.code());
+                                pb::PublishStreamResponse { sequence, receipts: Vec::new(), error: Some(convert::publish_error(&status)) }
+                            }
+                        };
+                        (response, size)
+                    });
+                }
+                Ok(None) => closed = true,
+                Err(status) => {
+                    // A request the broker cannot decode gets its status;
+                    // otherwise the client is gone and nobody reads it.
+                    let _ = out.send(Err(inbound_error(status))).await;
+                    break;
+                }
+            },
+        }
     }
 }
 

@@ -30,10 +30,11 @@ use crate::{
     config::Config,
     dedupe::{Claims, Dedupe, Stored},
     error::{BrokerError, Refusal, RefusalReason, Result},
+    fair::Slot,
     limits::{
         BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, PUBLISH_HEADERS_COUNT_MAX,
-        PUBLISH_HEADERS_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX, RESERVED_HEADER_PREFIX, RESERVED_HEADERS_COUNT,
-        RESERVED_HEADERS_SIZE, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
+        PUBLISH_HEADERS_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX, REFUSAL_HOLD_MS, RESERVED_HEADER_PREFIX,
+        RESERVED_HEADERS_COUNT, RESERVED_HEADERS_SIZE, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
     },
     now_ms,
 };
@@ -66,6 +67,8 @@ struct Batch {
     keys: Keys,
     /// The publish time of every message.
     now: u64,
+    /// The call's publish slot, held until its records are appended.
+    slot: Slot,
 }
 
 /// How a call's idempotency keys resolved ([`Queue::claim_keys`]).
@@ -407,14 +410,29 @@ impl Queue {
         }
         let now = now_ms();
         let keys = self.claim_keys(&messages, now).await;
+        // The node's publish work is shared fairly between queues: wait
+        // for a slot in this queue's line (`fair.rs`). After the keys, so
+        // a call waiting on another's claim holds no slot.
+        let slot = self.node.fair().acquire(&self.name).await;
         let queue = Arc::clone(self);
-        let stored = tokio::spawn(async move { queue.store(Batch { messages, lanes, keys, now }).await });
-        match stored.await {
+        let stored = tokio::spawn(async move { queue.store(Batch { messages, lanes, keys, now, slot }).await });
+        let outcome = match stored.await {
             Ok(receipts) => receipts,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             // The runtime is shutting down.
             Err(_) => Err(BrokerError::ShuttingDown),
+        };
+        if let Err(BrokerError::Refused(refusal)) = &outcome
+            && matches!(refusal.reason, RefusalReason::QueueFull { .. } | RefusalReason::DiskLow { .. })
+        {
+            // Answered a little later, holding nothing (no slot, no key,
+            // the messages dropped): a producer that retries refusals at
+            // once makes at most one call per REFUSAL_HOLD_MS per call in
+            // flight, instead of taking the node's CPU with requests
+            // decoded only to be refused.
+            tokio::time::sleep(Duration::from_millis(REFUSAL_HOLD_MS)).await;
         }
+        outcome
     }
 
     /// Resolves the call's idempotency keys: a key stored before answers
@@ -445,7 +463,7 @@ impl Queue {
     /// still committed and their keys recorded (so a retry of the batch
     /// stores only what is missing); the call then fails.
     async fn store(self: Arc<Self>, batch: Batch) -> Result<Vec<Receipt>> {
-        let Batch { messages, lanes, keys, now } = batch;
+        let Batch { messages, lanes, keys, now, slot } = batch;
         let Keys { seen, repeats, mut claims } = keys;
         // What to store: one record per message that is neither a duplicate
         // nor a repeat of an earlier key in the batch. Admission decides on
@@ -466,6 +484,8 @@ impl Queue {
         let (appended, mut failure) = self.append(&messages, &to_store, &lanes, now);
         // The records are in their logs' counts now (or were not stored).
         drop(admitted);
+        // The CPU part is done; the commit wait holds no slot.
+        drop(slot);
 
         // A stored message gets its receipt once durable.
         let mut receipts = seen;

@@ -9,6 +9,7 @@ mod durability;
 mod lease;
 mod peek;
 mod publish;
+mod publish_stream;
 mod pull;
 mod queues;
 mod quota;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use ballast_broker::limits::{RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN};
+use ballast_broker::limits::{REFUSAL_HOLD_MS, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN};
 use ballast_proto::v1::{self as pb, stats_client::StatsClient};
 use tonic::Code;
 
@@ -517,4 +517,25 @@ async fn byte_limit_refusal_names_the_batch_and_waits_for_the_bytes() {
         "retry-after {retry_after} ms; expected {low:.0}..{high:.0} ms for {excess} bytes over at {rate:?} B/s"
     );
     assert!(retry_after >= 1000, "well above one message's time: {retry_after} ms");
+}
+
+/// A refusal is answered only after REFUSAL_HOLD_MS, so a producer retrying
+/// at once cannot spin the broker; what it held meanwhile is released at
+/// once: a publish to another lane with room is stored without waiting.
+#[tokio::test]
+async fn a_refusal_is_held_before_its_answer_and_holds_nothing() {
+    let broker = BrokerProcess::start();
+    let settings = pb::QueueSettings { max_messages: Some(10), ..queue_settings() };
+    create(&mut broker.admin().await, "held", settings).await;
+    let mut publisher = broker.publisher().await;
+    let fill: Vec<pb::Message> = (0..7).map(|i| on_lane(format!("{i}"), 2)).collect();
+    publish_batch(&mut publisher, "held", fill).await;
+    let started = Instant::now();
+    let refused = publisher.publish(pb::PublishRequest { queue: "held".into(), message: Some(on_lane("x", 2)) }).await;
+    let waited = started.elapsed();
+    assert_eq!(refused.expect_err("the low lane is full").code(), Code::ResourceExhausted);
+    assert!(waited >= Duration::from_millis(REFUSAL_HOLD_MS), "answered after {waited:?}");
+    // The high lane still has room: stored (the refusal held no slot).
+    let receipt = publish(&mut publisher, "held", on_lane("high", 0)).await;
+    assert_eq!(receipt.id.expect("id").lane, 0);
 }

@@ -9,7 +9,7 @@ use tonic::Status;
 use super::*;
 use crate::{
     Backoff, Client, MessageId,
-    fake::{FakeServer, Fault, refused},
+    fake::{FakeServer, Fault, PublishKind, refused},
 };
 
 /// Fast retries so failure tests take milliseconds; a fixed jitter seed so
@@ -48,6 +48,55 @@ async fn retried_publish_after_lost_answer_is_stored_once() {
     let key = &state.calls[0].keys[0];
     assert_eq!(key.len(), 32, "a generated 128-bit hex key");
     assert_eq!(&state.calls[1].keys[0], key, "the retry reused the key");
+}
+
+/// Batches travel as requests on one PublishStream by default; with
+/// `publish_stream` off, and against a broker without the stream, as unary
+/// calls (a lone message as Publish, several as PublishBatch).
+#[tokio::test]
+async fn batches_go_over_the_stream_or_unary_calls() {
+    for (publish_stream, no_publish_stream, expected) in [
+        (true, false, [PublishKind::Stream, PublishKind::Stream]),
+        (false, false, [PublishKind::Unary, PublishKind::Batch]),
+        (true, true, [PublishKind::Unary, PublishKind::Batch]),
+    ] {
+        let server = FakeServer::start().await;
+        server.state.lock().no_publish_stream = no_publish_stream;
+        let producer = server.client().producer(ProducerConfig { publish_stream, ..config() }).expect("valid config");
+        producer.publish("orders", Message::new("alone")).await.expect("published");
+        let results = producer.publish_all("orders", (0..5).map(|i| Message::new(format!("m{i}")))).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let state = server.state.lock();
+        let kinds: Vec<PublishKind> = state.calls.iter().map(|call| call.kind).collect();
+        assert_eq!(kinds, expected, "publish_stream {publish_stream}, broker without it {no_publish_stream}");
+        assert_eq!(state.stored.len(), 6);
+    }
+}
+
+/// A request that never gets its answer holds up no other request on the
+/// same stream: answers come by sequence, not in order.
+#[tokio::test]
+async fn a_hung_stream_request_holds_up_no_other() {
+    let server = FakeServer::start().await;
+    server.state.fault(Fault::StoreThenHang);
+    let producer = Arc::new(
+        server
+            .client()
+            .producer(ProducerConfig { attempt_timeout: Duration::from_secs(5), ..config() })
+            .expect("valid config"),
+    );
+    let hung = {
+        let producer = producer.clone();
+        tokio::spawn(async move { producer.publish("orders", Message::new("hung")).await })
+    };
+    // Wait until the broker holds the hung request, then publish past it.
+    while server.state.lock().stored.is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let receipt = producer.publish("orders", Message::new("next")).await.expect("answered");
+    assert!(!hung.is_finished(), "the first request is still waiting for its answer");
+    assert_eq!(receipt.id.offset, 1);
+    hung.abort();
 }
 
 /// An attempt that hangs after storing is cut by the attempt timeout and

@@ -290,6 +290,17 @@ fn forwarded(status: &Status) -> Status {
 
 #[tonic::async_trait]
 impl Publisher for RelayService {
+    type PublishStreamStream = tokio_stream::wrappers::ReceiverStream<Result<pb::PublishStreamResponse, Status>>;
+
+    /// Not relayed: the relay answers as a broker from before the stream,
+    /// so a producer behind it falls back to the unary calls it records.
+    async fn publish_stream(
+        &self,
+        _request: tonic::Request<tonic::Streaming<pb::PublishStreamRequest>>,
+    ) -> Result<tonic::Response<Self::PublishStreamStream>, Status> {
+        Err(Status::unimplemented("the relay passes unary publishes only"))
+    }
+
     async fn publish(
         &self,
         request: tonic::Request<pb::PublishRequest>,

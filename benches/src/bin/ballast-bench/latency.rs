@@ -37,6 +37,19 @@ pub struct Args {
     /// shows in the latencies).
     #[arg(long, default_value_t = 4096)]
     pub inflight: usize,
+    /// How messages travel: `raw` (one unary Publish per message through
+    /// generated stubs, consumed by a raw stream) or `client` (the client
+    /// library: one `Producer` with no linger, each message published on
+    /// its own, and a `Consumer` with prefetch 1,000).
+    #[arg(long, value_enum, default_value_t = Via::Raw)]
+    pub via: Via,
+}
+
+/// See [`Args::via`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    Raw,
+    Client,
 }
 
 pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde_json::Value> {
@@ -45,13 +58,21 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     target.fresh_queue(queue, sync.settings()).await?;
     let m = measure(target, queue, args).await?;
     println!(
-        "latency: {} msg/s offered for {} s (+{} s warm-up), {} B, {} producer connections, sync {:?}",
-        args.rate, args.seconds, args.warmup, args.size, args.producers, sync
+        "latency: {} msg/s offered for {} s (+{} s warm-up), {} B, {}, sync {:?}",
+        args.rate,
+        args.seconds,
+        args.warmup,
+        args.size,
+        match args.via {
+            Via::Raw => format!("{} producer connections, raw stubs", args.producers),
+            Via::Client => "the client library (Producer, linger 0; Consumer)".to_owned(),
+        },
+        sync
     );
     m.print();
     Ok(serde_json::json!({
         "scenario": "latency", "tls": target.tls(), "rate": args.rate, "size": args.size, "seconds": args.seconds,
-        "warmup": args.warmup, "producers": args.producers, "sync": format!("{sync:?}").to_lowercase(),
+        "warmup": args.warmup, "producers": args.producers, "via": format!("{:?}", args.via).to_lowercase(), "sync": format!("{sync:?}").to_lowercase(),
         "achieved_rate": m.achieved_rate,
         "publish_to_durable": load::percentiles(&m.durable),
         "publish_to_delivery": load::percentiles(&m.delivered),
@@ -117,6 +138,9 @@ impl Measured {
 /// Runs the open-loop producer and one consumer on `queue` (which must
 /// exist and be empty).
 pub async fn measure(target: &Target, queue: &str, args: &Args) -> anyhow::Result<Measured> {
+    if args.via == Via::Client {
+        return measure_client(target, queue, args).await;
+    }
     let total = args.rate * (args.seconds + args.warmup);
     let warmup_count = args.rate * args.warmup;
     let interval_ns = 1_000_000_000 / args.rate;
@@ -186,6 +210,88 @@ pub async fn measure(target: &Target, queue: &str, args: &Args) -> anyhow::Resul
     }
     let offered_for = start.elapsed();
     tokio::time::timeout(Duration::from_secs(120), consumer).await???;
+    let durable = durable.lock().expect("histogram lock").clone();
+    let delivered = delivered.lock().expect("histogram lock").clone();
+    let send_lag = send_lag.lock().expect("histogram lock").clone();
+    Ok(Measured { achieved_rate: load::rate(total, offered_for), durable, delivered, send_lag })
+}
+
+/// [`measure`] through the client library: a `Producer` (no linger; each
+/// message published by its own task, as an application publishing one
+/// message per request would) and a `Consumer` (prefetch 1,000).
+async fn measure_client(target: &Target, queue: &str, args: &Args) -> anyhow::Result<Measured> {
+    let total = args.rate * (args.seconds + args.warmup);
+    let warmup_count = args.rate * args.warmup;
+    let interval_ns = 1_000_000_000 / args.rate;
+    let client = ballast_client::Client::connect(&target.endpoint).await?;
+    let start = Instant::now();
+    let intended = move |seq: u64| start + Duration::from_nanos(seq * interval_ns);
+
+    let delivered = Arc::new(Mutex::new(load::histogram()));
+    let consumer_config = ballast_client::ConsumerConfig {
+        prefetch: 1000,
+        concurrency: 1000,
+        max_messages: Some(total),
+        ..ballast_client::ConsumerConfig::default()
+    };
+    let consumer = {
+        let delivered = Arc::clone(&delivered);
+        client.consumer(queue, consumer_config)?.spawn(move |d: ballast_client::Delivery| {
+            let seq = u64::from_le_bytes(d.payload[..8].try_into().expect("8 bytes"));
+            if seq >= warmup_count {
+                let us = intended(seq).elapsed().as_micros().max(1) as u64;
+                let _ = delivered.lock().expect("histogram lock").record(us);
+            }
+            std::future::ready(Ok::<(), String>(()))
+        })
+    };
+
+    let producer_config = ballast_client::ProducerConfig {
+        linger: Duration::ZERO,
+        pending_count_max: args.inflight,
+        ..ballast_client::ProducerConfig::default()
+    };
+    let producer = Arc::new(client.producer(producer_config)?);
+    let durable = Arc::new(Mutex::new(load::histogram()));
+    let send_lag = Arc::new(Mutex::new(load::histogram()));
+    let permits = Arc::new(Semaphore::new(args.inflight));
+    let filler = Bytes::from(vec![b'x'; args.size - 8]);
+    let runtime = tokio::runtime::Handle::current();
+    let queue_name = queue.to_owned();
+    let size = args.size;
+    let generator = {
+        let durable = Arc::clone(&durable);
+        let send_lag = Arc::clone(&send_lag);
+        load::open_loop(total, start, interval_ns, move |seq, at| {
+            let permit = runtime.block_on(Arc::clone(&permits).acquire_owned())?;
+            let mut payload = BytesMut::with_capacity(size);
+            payload.put_u64_le(seq);
+            payload.put_slice(&filler);
+            let producer = Arc::clone(&producer);
+            let durable = Arc::clone(&durable);
+            let queue = queue_name.clone();
+            if seq >= warmup_count {
+                let us = Instant::now().saturating_duration_since(at).as_micros().max(1) as u64;
+                let _ = send_lag.lock().expect("histogram lock").record(us);
+            }
+            Ok(runtime.spawn(async move {
+                let result = producer.publish(&queue, ballast_client::Message::new(payload.freeze())).await;
+                if seq >= warmup_count {
+                    let us = at.elapsed().as_micros().max(1) as u64;
+                    let _ = durable.lock().expect("histogram lock").record(us);
+                }
+                drop(permit);
+                result.map(|_| ()).map_err(anyhow::Error::from)
+            }))
+        })
+    };
+    let calls = load::join_open_loop(generator).await?;
+    for call in calls {
+        call.await??;
+    }
+    let offered_for = start.elapsed();
+    let stats = tokio::time::timeout(Duration::from_secs(120), consumer.join()).await??;
+    anyhow::ensure!(stats.acked >= total, "the consumer acked {} of {total}", stats.acked);
     let durable = durable.lock().expect("histogram lock").clone();
     let delivered = delivered.lock().expect("histogram lock").clone();
     let send_lag = send_lag.lock().expect("histogram lock").clone();

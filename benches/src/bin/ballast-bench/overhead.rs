@@ -2,7 +2,10 @@
 //! the same batch size, calls in flight and idempotency keys: publish
 //! throughput through raw generated stubs, then through
 //! `ballast_client::Producer` (which adds batching with linger, deadlines,
-//! retries, the circuit breaker and receipts per message).
+//! retries, the circuit breaker and receipts per message) over its publish
+//! stream, over unary calls, and with no linger (messages submitted one by
+//! one, batched only by what queued up meanwhile). Modes alternate round by
+//! round; medians are reported.
 
 use std::{sync::Arc, time::Instant};
 
@@ -28,24 +31,115 @@ pub struct Args {
     /// Tasks submitting to the one Producer.
     #[arg(long, default_value_t = 4)]
     tasks: usize,
+    /// Rounds; each runs every mode once, in turn. Medians are reported.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+}
+
+/// How a round publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Generated stubs, `PublishBatch` calls of `batch` messages.
+    Raw,
+    /// The `Producer` with its defaults (5 ms linger), over its stream.
+    Producer,
+    /// The same over unary `PublishBatch` calls (`publish_stream` off).
+    ProducerUnary,
+    /// The `Producer` with no linger: each message submitted alone, batched
+    /// only by what has queued up meanwhile (the caller does no batching).
+    PerMessage,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Raw, Mode::Producer, Mode::ProducerUnary, Mode::PerMessage];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Raw => "raw PublishBatch",
+            Mode::Producer => "Producer, stream",
+            Mode::ProducerUnary => "Producer, unary",
+            Mode::PerMessage => "Producer, stream, linger 0",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Mode::Raw => "raw",
+            Mode::Producer => "producer_stream",
+            Mode::ProducerUnary => "producer_unary",
+            Mode::PerMessage => "producer_linger0",
+        }
+    }
 }
 
 pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(args.rounds > 0 && args.tasks > 0, "rounds and tasks > 0");
     let queue = "bench-overhead";
-    target.fresh_queue(queue, sync.settings()).await?;
-    let channels = vec![target.channel().await?];
-    let (raw_elapsed, _) =
-        load::publish_all(&channels, queue, args.messages, args.size, args.batch, args.inflight, true).await?;
-    let raw_rate = load::rate(args.messages, raw_elapsed);
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
+    // The modes alternate round by round, so that drift of the disk or of
+    // the machine's load spreads over all of them.
+    for _ in 0..args.rounds {
+        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+            target.fresh_queue(queue, sync.settings()).await?;
+            let rate = match mode {
+                Mode::Raw => {
+                    let channels = vec![target.channel().await?];
+                    let (elapsed, _) =
+                        load::publish_all(&channels, queue, args.messages, args.size, args.batch, args.inflight, true)
+                            .await?;
+                    load::rate(args.messages, elapsed)
+                }
+                mode => through_producer(target, queue, args, mode).await?,
+            };
+            rates[i].push(rate);
+        }
+    }
+    let medians: Vec<f64> = rates.iter().map(|r| median(r)).collect();
+    let raw = medians[0];
+    println!(
+        "overhead: {} messages of {} B, batch {}, {} in flight, {} submitting tasks, idempotency keys, sync {:?}, median of {} alternating rounds",
+        args.messages, args.size, args.batch, args.inflight, args.tasks, sync, args.rounds
+    );
+    let mut json = serde_json::json!({
+        "scenario": "overhead", "size": args.size, "messages": args.messages, "batch": args.batch,
+        "inflight": args.inflight, "tasks": args.tasks, "rounds": args.rounds,
+        "sync": format!("{sync:?}").to_lowercase(),
+    });
+    for (i, mode) in Mode::ALL.into_iter().enumerate() {
+        let rounds: Vec<String> = rates[i].iter().map(|r| format!("{r:.0}")).collect();
+        println!(
+            "  {:<28} {:>10.0} msg/s ({:>5.1}% of raw)   rounds: {}",
+            mode.name(),
+            medians[i],
+            medians[i] / raw * 100.0,
+            rounds.join(" ")
+        );
+        json[format!("{}_messages_per_s", mode.key())] = serde_json::json!(medians[i]);
+        json[format!("{}_rounds", mode.key())] = serde_json::json!(rates[i]);
+    }
+    json["producer_fraction_of_raw"] = serde_json::json!(medians[1] / raw);
+    Ok(json)
+}
 
-    target.fresh_queue(queue, sync.settings()).await?;
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// One round through a `Producer` configured for `mode`; its rate.
+async fn through_producer(target: &Target, queue: &str, args: &Args, mode: Mode) -> anyhow::Result<f64> {
     let client = Client::connect(&target.endpoint).await?;
-    let config = ProducerConfig {
+    let mut config = ProducerConfig {
         batch_count_max: args.batch,
         in_flight_batches_max: args.inflight,
         pending_count_max: args.batch * args.inflight * 2,
+        publish_stream: mode != Mode::ProducerUnary,
         ..ProducerConfig::default()
     };
+    if mode == Mode::PerMessage {
+        config.linger = std::time::Duration::ZERO;
+    }
     let producer = Arc::new(client.producer(config)?);
     let payload = Bytes::from(vec![b'x'; args.size]);
     let per_task = args.messages / args.tasks as u64;
@@ -54,10 +148,11 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     for _ in 0..args.tasks {
         let producer = Arc::clone(&producer);
         let payload = payload.clone();
+        let queue = queue.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut pending = std::collections::VecDeque::new();
             for _ in 0..per_task {
-                pending.push_back(producer.submit(queue, Message::new(payload.clone())).await?);
+                pending.push_back(producer.submit(&queue, Message::new(payload.clone())).await?);
                 if pending.len() >= 4096 {
                     pending.pop_front().expect("non-empty").wait().await?;
                 }
@@ -71,27 +166,10 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     for task in tasks {
         task.await??;
     }
-    let client_elapsed = start.elapsed();
-    let client_rate = load::rate(per_task * args.tasks as u64, client_elapsed);
+    let elapsed = start.elapsed();
     anyhow::ensure!(
         target.depth(queue).await? == per_task * args.tasks as u64,
         "the Producer's messages are not all stored"
     );
-
-    println!(
-        "overhead: {} messages of {} B, batch {}, {} in flight, idempotency keys, sync {:?}",
-        args.messages, args.size, args.batch, args.inflight, sync
-    );
-    println!("  raw stubs (one connection):      {raw_rate:>10.0} msg/s");
-    println!(
-        "  Producer ({} submitting tasks):  {client_rate:>10.0} msg/s ({:.1}% of raw)",
-        args.tasks,
-        client_rate / raw_rate * 100.0
-    );
-    Ok(serde_json::json!({
-        "scenario": "overhead", "size": args.size, "messages": args.messages, "batch": args.batch,
-        "inflight": args.inflight, "sync": format!("{sync:?}").to_lowercase(),
-        "raw_messages_per_s": raw_rate, "producer_messages_per_s": client_rate,
-        "producer_fraction_of_raw": client_rate / raw_rate,
-    }))
+    Ok(load::rate(per_task * args.tasks as u64, elapsed))
 }

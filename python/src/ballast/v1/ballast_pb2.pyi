@@ -250,6 +250,43 @@ class PublishBatchResponse(_message.Message):
     receipts: _containers.RepeatedCompositeFieldContainer[Receipt]
     def __init__(self, receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ...) -> None: ...
 
+class PublishStreamRequest(_message.Message):
+    __slots__ = ("sequence", "queue", "messages")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    queue: str
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    def __init__(self, sequence: _Optional[int] = ..., queue: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
+
+class PublishStreamResponse(_message.Message):
+    __slots__ = ("sequence", "receipts", "error")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    receipts: _containers.RepeatedCompositeFieldContainer[Receipt]
+    error: PublishError
+    def __init__(self, sequence: _Optional[int] = ..., receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., error: _Optional[_Union[PublishError, _Mapping]] = ...) -> None: ...
+
+class PublishError(_message.Message):
+    __slots__ = ("code", "message", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ("queue",)
     QUEUE_FIELD_NUMBER: _ClassVar[int]

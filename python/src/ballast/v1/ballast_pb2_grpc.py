@@ -414,6 +414,11 @@ class PublisherStub:
                 request_serializer=ballast_dot_v1_dot_ballast__pb2.PublishBatchRequest.SerializeToString,
                 response_deserializer=ballast_dot_v1_dot_ballast__pb2.PublishBatchResponse.FromString,
                 _registered_method=True)
+        self.PublishStream = channel.stream_stream(
+                '/ballast.v1.Publisher/PublishStream',
+                request_serializer=ballast_dot_v1_dot_ballast__pb2.PublishStreamRequest.SerializeToString,
+                response_deserializer=ballast_dot_v1_dot_ballast__pb2.PublishStreamResponse.FromString,
+                _registered_method=True)
 
 
 class PublisherServicer:
@@ -441,6 +446,29 @@ class PublisherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishStream(self, request_iterator, context):
+        """Publishes over one long-lived stream: the per-call cost of Publish and
+        PublishBatch (an HTTP/2 stream, headers, a task) is paid once. Each
+        request is a batch with the rules of PublishBatch (one queue, 1..=1000
+        messages, validated whole, admitted, throttled and deduplicated the
+        same way) and is answered by exactly one response carrying its
+        `sequence`: its receipts in message order, or its error. Responses
+        come as requests complete, which for requests to different queues or
+        lanes may differ from the order they were sent in (so that a batch
+        waiting for its quota turn never holds up another's receipt); match
+        them by `sequence`. A failed request does not end the stream. The
+        broker reads at most 64 requests ahead of its answers
+        (PUBLISH_STREAM_IN_FLIGHT_MAX); past that it stops reading and
+        HTTP/2 flow control holds the sender. The stream ends with an error
+        status only for what ends every call: an undecodable or oversized
+        request, a revoked credential, shutdown. Requests already reading
+        storage when the client goes away still complete (a retry with the
+        same idempotency keys is answered as a duplicate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PublisherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -453,6 +481,11 @@ def add_PublisherServicer_to_server(servicer, server):
                     servicer.PublishBatch,
                     request_deserializer=ballast_dot_v1_dot_ballast__pb2.PublishBatchRequest.FromString,
                     response_serializer=ballast_dot_v1_dot_ballast__pb2.PublishBatchResponse.SerializeToString,
+            ),
+            'PublishStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PublishStream,
+                    request_deserializer=ballast_dot_v1_dot_ballast__pb2.PublishStreamRequest.FromString,
+                    response_serializer=ballast_dot_v1_dot_ballast__pb2.PublishStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -513,6 +546,33 @@ class Publisher:
             '/ballast.v1.Publisher/PublishBatch',
             ballast_dot_v1_dot_ballast__pb2.PublishBatchRequest.SerializeToString,
             ballast_dot_v1_dot_ballast__pb2.PublishBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ballast.v1.Publisher/PublishStream',
+            ballast_dot_v1_dot_ballast__pb2.PublishStreamRequest.SerializeToString,
+            ballast_dot_v1_dot_ballast__pb2.PublishStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
