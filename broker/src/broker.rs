@@ -583,6 +583,11 @@ impl Broker {
                         dead_letter: false,
                         max_publish_rate: 0,
                         max_publish_byte_rate: 0,
+                        // Dead letters stay until handled.
+                        message_ttl_ms: 0,
+                        // Its consumers are the operator's, not the
+                        // downstream the source queue paces.
+                        max_delivery_rate: 0,
                         ..settings.clone()
                     };
                     let dead = self.create_dir_and_queue(dead_name.clone(), dead_settings, None).await?;

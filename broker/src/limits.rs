@@ -140,6 +140,30 @@ pub const REREAD_RETRY_MS: u64 = 1_000;
 /// Longest publish or nack delay, in milliseconds (7 days).
 pub const DELAY_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 
+/// Ceiling of a queue's `message_ttl_ms` and of a message's `ttl_ms`, in
+/// milliseconds (14 days, as long as SQS keeps a message). A longer one is
+/// INVALID_ARGUMENT; 0 is no TTL.
+pub const MESSAGE_TTL_MS_MAX: u64 = 14 * 24 * 3600 * 1000;
+
+/// Expired messages of one queue on their way to its dead-letter queue at
+/// once (read by dispatch, stored by tasks of the queue's timer). At the
+/// limit the queue's lanes yield nothing more until some are stored, so a
+/// backlog of expired messages costs bounded memory and tasks, and is
+/// dead-lettered at the pace the dead-letter queue's group commit takes.
+pub const EXPIRING_MAX: usize = 1024;
+
+/// Ceiling of a queue's `max_delivery_rate`, deliveries per second (a
+/// million: above any rate one queue's dispatch reaches, so a higher
+/// setting would be no pace at all). More is INVALID_ARGUMENT; 0 is none.
+pub const MAX_DELIVERY_RATE_MAX: u64 = 1_000_000;
+
+/// How far ahead of now a queue's delivery pace may run, in milliseconds:
+/// after an idle stretch the consumers may get this much of the rate at
+/// once (at least one delivery), then exactly the rate. Small, so the rate
+/// holds over any window a downstream cares about (100 ms of 200/s is 20
+/// deliveries, 0.4% over 5 s).
+pub const DELIVERY_PACE_BURST_MS: u64 = 100;
+
 /// Longest lease, in milliseconds (12 hours).
 pub const LEASE_TIMEOUT_MS_MAX: u64 = 12 * 3600 * 1000;
 

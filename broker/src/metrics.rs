@@ -39,6 +39,10 @@ pub struct LaneMetrics {
     /// Dead letters stored back into this lane by a redrive.
     pub redriven: Counter,
     pub dead_lettered: Counter,
+    /// Expired messages (message_ttl_ms, ttl_ms) stored in the dead-letter
+    /// queue with reason `expired`, and dropped.
+    pub expired_dead_lettered: Counter,
+    pub expired_dropped: Counter,
     /// Redelivered or dead-lettered copies stored without the broker's
     /// headers, because storage refused the full copy for good.
     pub stripped_copies: Counter,
@@ -104,6 +108,8 @@ impl LaneMetrics {
             lease_extended: counter!("ballast_lease_extensions_total", labels()),
             redriven: counter!("ballast_redriven_messages_total", labels()),
             dead_lettered: counter!("ballast_dead_lettered_messages_total", labels()),
+            expired_dead_lettered: counter!("ballast_expired_messages_total", with("action", "dead_letter")),
+            expired_dropped: counter!("ballast_expired_messages_total", with("action", "drop")),
             stripped_copies: counter!("ballast_stripped_copies_total", labels()),
             dropped_dead_letters: counter!("ballast_dropped_dead_letters_total", labels()),
             refused_queue_full: counter!("ballast_refused_publishes_total", with("reason", "queue_full")),
@@ -197,6 +203,11 @@ fn describe() {
     );
     describe_counter!("ballast_dead_lettered_messages_total", Unit::Count, "Messages moved to the dead-letter queue.");
     describe_counter!(
+        "ballast_expired_messages_total",
+        Unit::Count,
+        "Messages past their time to live, never delivered: dead-lettered with reason expired, or dropped."
+    );
+    describe_counter!(
         "ballast_stripped_copies_total",
         Unit::Count,
         "Redelivered or dead-lettered copies stored without the broker's headers (storage refused the full copy)."
@@ -280,7 +291,22 @@ const QUEUE_GAUGES: &[QueueGauge] = &[
     }),
     ("ballast_queue_consumers", "Consumers subscribed.", |r| f64::from(r.consumers)),
     ("ballast_queue_credit", "Credit held by the queue's consumers.", |r| r.credit as f64),
+    ("ballast_queue_paced", "1 while max_delivery_rate holds delivery back, else 0.", |r| {
+        if r.pacing.paced { 1.0 } else { 0.0 }
+    }),
+    (
+        "ballast_queue_paced_held_back_messages",
+        "While paced: deliveries the consumers could take now that max_delivery_rate holds back.",
+        |r| r.pacing.held_back as f64,
+    ),
 ];
+
+/// The per-queue counters written at scrape time from the queues' state
+/// (cumulative since the broker started).
+const QUEUE_COUNTERS: &[QueueGauge] =
+    &[("ballast_queue_paced_seconds_total", "Time delivery was held back by max_delivery_rate.", |r| {
+        r.pacing.paced_ms as f64 / 1000.0
+    })];
 
 /// One lane's gauges, taken once per scrape.
 struct LaneRow {
@@ -300,6 +326,7 @@ struct QueueRow {
     drain_estimate_ms: Option<u64>,
     consumers: u32,
     credit: u64,
+    pacing: crate::queue::PacingFigures,
 }
 
 impl QueueRow {
@@ -329,6 +356,7 @@ impl QueueRow {
             drain_estimate_ms: total.drain_estimate_ms,
             consumers: delivery.consumers,
             credit: delivery.credit,
+            pacing: delivery.pacing,
         }
     }
 }
@@ -350,9 +378,10 @@ pub fn write_queue_gauges(out: &mut String, queues: &[Arc<Queue>]) {
         }
         out.push('\n');
     }
-    for &(name, help, value) in QUEUE_GAUGES {
+    let families = QUEUE_GAUGES.iter().map(|g| (g, "gauge")).chain(QUEUE_COUNTERS.iter().map(|c| (c, "counter")));
+    for (&(name, help, value), kind) in families {
         write_help_line(out, name, None, None, help);
-        write_type_line(out, name, None, None, "gauge");
+        write_type_line(out, name, None, None, kind);
         for row in &rows {
             let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", row.queue, value(row));
         }

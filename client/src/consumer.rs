@@ -395,9 +395,20 @@ impl Consumer {
         E: fmt::Display + Send + 'static,
     {
         let (stop, stopped) = watch::channel(false);
+        #[cfg(feature = "otel")]
+        let queue = self.queue.clone();
         let handler: Arc<dyn Fn(Delivery) -> HandlerFuture + Send + Sync> = Arc::new(move |delivery| {
+            // With `otel`, the handler (its future built too) runs in a
+            // consumer span linked to the message's trace context.
+            #[cfg(feature = "otel")]
+            let span = crate::otel::consumer_context(&queue, &delivery);
+            #[cfg(feature = "otel")]
+            let _current = span.clone().attach();
             let future = handler(delivery);
-            Box::pin(async move { future.await.map_err(|error| error.to_string()) })
+            let outcome = async move { future.await.map_err(|error| error.to_string()) };
+            #[cfg(feature = "otel")]
+            let outcome = crate::otel::in_span(span, outcome);
+            Box::pin(outcome)
         });
         let task = tokio::spawn(Loop::new(self, handler, stopped).run());
         ConsumerHandle { stop: Arc::new(stop), task }

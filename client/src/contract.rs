@@ -143,6 +143,10 @@ pub const BATCH_SIZE_MAX: usize = 16 * 1024 * 1024;
 /// Longest publish or nack delay the broker accepts (7 days).
 pub const DELAY_MAX: Duration = Duration::from_millis(7 * 24 * 3600 * 1000);
 
+/// Longest time to live of a message or a queue (the broker's
+/// `MESSAGE_TTL_MS_MAX`, 14 days).
+pub const MESSAGE_TTL_MAX: Duration = Duration::from_millis(14 * 24 * 3600 * 1000);
+
 /// Header names with this prefix are reserved for the broker; the client
 /// refuses them locally.
 pub const RESERVED_HEADER_PREFIX: &str = "ballast-";

@@ -70,6 +70,8 @@
 //! - `consumer`: [`Consumer`], [`ConsumerConfig`], [`Delivery`],
 //!   [`NackPolicy`], [`ConsumerHandle`], [`Stopper`].
 //! - `admin` and `queue`: [`Admin`], [`QueueSettings`], [`QueueInfo`].
+//! - `otel` (feature `otel`, off by default): W3C trace context injected on
+//!   publish, a consumer span linked to it around each handler.
 //! - `backoff`, `breaker`, `retry`, `clock`: the retry machinery, reusable
 //!   on its own ([`Backoff`], [`RetryPolicy`], [`CircuitBreaker`]).
 //!
@@ -94,6 +96,8 @@ mod consumer;
 pub mod contract;
 mod error;
 mod message;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod producer;
 mod publish_stream;
 mod queue;
@@ -120,6 +124,6 @@ pub use consumer::{
 pub use error::{Error, Refusal};
 pub use message::{Message, MessageId, PeekPage, PeekedMessage, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};
-pub use queue::{QueueInfo, QueueSettings, SyncPolicy};
+pub use queue::{ExpiredAction, QueueInfo, QueueSettings, SyncPolicy};
 pub use stats::{BrokerStats, LaneStats, QueueStats, Saturation, StatsWatch};
 pub use tls::{Pem, TlsConfig};

@@ -36,6 +36,7 @@ pub struct Message {
     idempotency_key: Option<String>,
     lane: Option<u32>,
     delay: Duration,
+    ttl: Option<Duration>,
 }
 
 impl Message {
@@ -66,6 +67,18 @@ impl Message {
         self
     }
 
+    /// Expires the message `ttl` after the broker stores it (millisecond
+    /// precision, at most [`contract::MESSAGE_TTL_MAX`]): past it, it is
+    /// never delivered but dead-lettered with reason `expired` or dropped,
+    /// as the queue's `expired_action` says. The queue's own
+    /// `message_ttl` applies too; the earlier deadline wins. Stored as the
+    /// header `ballast-expires-at` (Unix ms), which takes one of the
+    /// message's headers and is delivered with it.
+    pub fn with_ttl(mut self, ttl: Duration) -> Message {
+        self.ttl = Some(ttl);
+        self
+    }
+
     /// Uses this idempotency key (at most 256 bytes) instead of a generated
     /// one.
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Message {
@@ -91,6 +104,11 @@ impl Message {
     /// The delivery delay.
     pub fn delay(&self) -> Duration {
         self.delay
+    }
+
+    /// The message's own time to live, if one was set.
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl
     }
 
     /// The idempotency key, if one was set.
@@ -129,18 +147,37 @@ impl Message {
                 ),
             });
         }
+        if let Some(ttl) = self.ttl
+            && (ttl > contract::MESSAGE_TTL_MAX || ttl.is_zero())
+        {
+            return Err(Error::InvalidArgument {
+                message: format!(
+                    "ttl is {}ms; it must be in 1..={}ms",
+                    ttl.as_millis(),
+                    contract::MESSAGE_TTL_MAX.as_millis()
+                ),
+            });
+        }
         Ok(())
     }
 
     /// The wire form, with `key` as its idempotency key. Called once per
     /// logical message; every retry sends the same wire message.
+    /// With the `otel` feature, the current span's context is added as
+    /// `traceparent`/`tracestate` here, on the publishing task (see
+    /// [`crate::otel`]).
     pub(crate) fn into_proto(self, key: String) -> proto::Message {
+        #[allow(unused_mut, reason = "written only with the otel feature")]
+        let mut headers = self.headers;
+        #[cfg(feature = "otel")]
+        crate::otel::inject_current(&mut headers);
         proto::Message {
             payload: self.payload,
-            headers: self.headers.into_iter().collect(),
+            headers: headers.into_iter().collect(),
             idempotency_key: key,
             lane: self.lane,
             delay_ms: u64::try_from(self.delay.as_millis()).unwrap_or(u64::MAX),
+            ttl_ms: self.ttl.map_or(0, |ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 }
@@ -340,6 +377,10 @@ mod tests {
         assert!(Message::new("x").with_header("x-ballast", "1").validate().is_ok());
         assert!(Message::new("x").with_delay(contract::DELAY_MAX).validate().is_ok());
         assert!(Message::new("x").with_delay(contract::DELAY_MAX + Duration::from_millis(1)).validate().is_err());
+        assert!(Message::new("x").with_ttl(contract::MESSAGE_TTL_MAX).validate().is_ok());
+        let past = contract::MESSAGE_TTL_MAX + Duration::from_millis(1);
+        assert!(Message::new("x").with_ttl(past).validate().is_err());
+        assert!(Message::new("x").with_ttl(Duration::ZERO).validate().is_err());
     }
 
     /// The wire form carries every field and the key it was given.

@@ -61,6 +61,54 @@ impl std::str::FromStr for SyncPolicy {
     }
 }
 
+/// What becomes of a message whose time to live has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExpiredAction {
+    /// Stored in the dead-letter queue with reason `expired` (dropped when
+    /// the queue has none). The broker's default.
+    DeadLetter,
+    /// Dropped and counted.
+    Drop,
+}
+
+impl ExpiredAction {
+    /// The action's name as the CLI and the broker's config spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpiredAction::DeadLetter => "dead_letter",
+            ExpiredAction::Drop => "drop",
+        }
+    }
+
+    fn to_proto(action: Option<ExpiredAction>) -> proto::ExpiredAction {
+        match action {
+            None => proto::ExpiredAction::Unspecified,
+            Some(ExpiredAction::DeadLetter) => proto::ExpiredAction::DeadLetter,
+            Some(ExpiredAction::Drop) => proto::ExpiredAction::Drop,
+        }
+    }
+
+    fn from_proto(value: i32) -> Option<ExpiredAction> {
+        match proto::ExpiredAction::try_from(value).ok()? {
+            proto::ExpiredAction::Unspecified => None,
+            proto::ExpiredAction::DeadLetter => Some(ExpiredAction::DeadLetter),
+            proto::ExpiredAction::Drop => Some(ExpiredAction::Drop),
+        }
+    }
+}
+
+impl std::str::FromStr for ExpiredAction {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ExpiredAction, String> {
+        match text {
+            "dead_letter" => Ok(ExpiredAction::DeadLetter),
+            "drop" => Ok(ExpiredAction::Drop),
+            other => Err(format!("unknown expired action {other:?}; expected dead_letter or drop")),
+        }
+    }
+}
+
 /// A queue's settings. Every field is optional: `None` (or an empty list)
 /// takes the broker's default, shown in parentheses.
 ///
@@ -136,6 +184,19 @@ pub struct QueueSettings {
     /// Publish quota in stored bytes per second; 0 for none. Same rules as
     /// `max_publish_rate`. (default: 0)
     pub max_publish_byte_rate: Option<u64>,
+    /// Time to live of every message from its publish (millisecond
+    /// precision, at most [`contract::MESSAGE_TTL_MAX`](crate::contract::MESSAGE_TTL_MAX));
+    /// zero for none. An expired message is never delivered: see
+    /// `expired_action`. A message's own [`Message::with_ttl`](crate::Message::with_ttl)
+    /// applies too; the earlier deadline wins. (default: none)
+    pub message_ttl: Option<Duration>,
+    /// What becomes of an expired message. (default: dead-letter)
+    pub expired_action: Option<ExpiredAction>,
+    /// Delivery pace: deliveries per second to all the queue's consumers
+    /// together, however many attach; 0 for none. Lanes keep their weights
+    /// inside it; what is not delivered stays in the backlog, and
+    /// [`QueueStats::paced`](crate::QueueStats::paced) says so. (default: 0)
+    pub max_delivery_rate: Option<u64>,
 }
 
 impl QueueSettings {
@@ -157,6 +218,9 @@ impl QueueSettings {
             lane_admission: self.lane_admission,
             max_publish_rate: self.max_publish_rate,
             max_publish_byte_rate: self.max_publish_byte_rate,
+            message_ttl_ms: self.message_ttl.map(millis),
+            expired_action: ExpiredAction::to_proto(self.expired_action).into(),
+            max_delivery_rate: self.max_delivery_rate,
         }
     }
 
@@ -178,6 +242,9 @@ impl QueueSettings {
             lane_admission: settings.lane_admission,
             max_publish_rate: settings.max_publish_rate,
             max_publish_byte_rate: settings.max_publish_byte_rate,
+            message_ttl: settings.message_ttl_ms.map(Duration::from_millis),
+            expired_action: ExpiredAction::from_proto(settings.expired_action),
+            max_delivery_rate: settings.max_delivery_rate,
         }
     }
 
@@ -262,6 +329,9 @@ mod tests {
             lane_admission: vec![1.0, 0.5],
             max_publish_rate: Some(2000),
             max_publish_byte_rate: Some(0),
+            message_ttl: Some(Duration::from_secs(90)),
+            expired_action: Some(ExpiredAction::Drop),
+            max_delivery_rate: Some(200),
         };
         assert_eq!(QueueSettings::from_proto(full.clone().into_proto()), full);
         let empty = QueueSettings::default();

@@ -164,6 +164,19 @@ pub struct QueueStats {
     /// started.
     pub throttled_calls: u64,
     pub throttled: Duration,
+    /// Messages past their time to live, never delivered, since the broker
+    /// started: stored in the dead-letter queue (reason `expired`), and
+    /// dropped.
+    pub expired_dead_lettered: u64,
+    pub expired_dropped: u64,
+    /// Delivery is held back by the queue's `max_delivery_rate` now: the
+    /// consumers have credit and messages wait for the pace.
+    pub paced: bool,
+    /// Time delivery was held back by the pace since the broker started.
+    pub paced_time: Duration,
+    /// While paced: deliveries the consumers could take now that the pace
+    /// holds back (the backlog it keeps); 0 when not paced.
+    pub paced_held_back: u64,
 }
 
 impl QueueStats {
@@ -202,6 +215,11 @@ impl QueueStats {
             refused_publish_rate: stats.refused_publish_rate,
             throttled_calls: stats.throttled_calls,
             throttled: Duration::from_millis(stats.throttled_ms),
+            expired_dead_lettered: stats.expired_dead_lettered,
+            expired_dropped: stats.expired_dropped,
+            paced: stats.paced,
+            paced_time: Duration::from_millis(stats.paced_ms),
+            paced_held_back: stats.paced_held_back,
         })
     }
 }

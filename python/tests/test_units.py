@@ -270,3 +270,20 @@ def test_tls_failures_are_told_apart_from_an_unavailable_broker(details: str, ad
     assert advice in str(error)
     refused = "failed to connect to all addresses; last error: Connection refused"
     assert isinstance(errors.from_status(grpc.StatusCode.UNAVAILABLE, refused), Unavailable)
+
+
+def test_expiry_and_pacing_settings_reach_the_wire() -> None:
+    """The expiry and pacing settings and a message's ttl_ms are set on the
+    protobuf messages; an unknown expired action is refused locally."""
+    from ballast import Message, queue_settings
+    from ballast.v1 import ballast_pb2 as pb
+
+    settings = queue_settings(message_ttl_ms=60_000, expired_action="drop", max_delivery_rate=200)
+    assert settings.message_ttl_ms == 60_000
+    assert settings.expired_action == pb.EXPIRED_ACTION_DROP
+    assert settings.max_delivery_rate == 200
+    assert not queue_settings().HasField("message_ttl_ms")
+    assert queue_settings().expired_action == pb.EXPIRED_ACTION_UNSPECIFIED
+    with pytest.raises(ValueError, match="expired_action"):
+        queue_settings(expired_action="keep")
+    assert Message(b"x", ttl_ms=1500).to_pb().ttl_ms == 1500

@@ -8,7 +8,7 @@ use crate::{
     broker::{DamagedQueue, OpeningQueue},
     error::{BrokerError, Result},
     queue::{
-        Delivery, Extension, Figures, Peeked, Publish, Queue, QueueSettings, Receipt, SettingsRequest,
+        Delivery, ExpiredAction, Extension, Figures, Peeked, Publish, Queue, QueueSettings, Receipt, SettingsRequest,
         SyncPolicySetting,
     },
 };
@@ -27,7 +27,21 @@ pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsR
             });
         }
     };
+    let expired_action = match pb::ExpiredAction::try_from(s.expired_action) {
+        Ok(pb::ExpiredAction::Unspecified) => None,
+        Ok(pb::ExpiredAction::DeadLetter) => Some(ExpiredAction::DeadLetter),
+        Ok(pb::ExpiredAction::Drop) => Some(ExpiredAction::Drop),
+        Err(_) => {
+            return Err(BrokerError::InvalidSetting {
+                key: "expired_action",
+                message: format!("unknown value {}; use DEAD_LETTER or DROP", s.expired_action),
+            });
+        }
+    };
     Ok(SettingsRequest {
+        message_ttl_ms: s.message_ttl_ms,
+        expired_action,
+        max_delivery_rate: s.max_delivery_rate,
         lanes: s.lanes,
         lane_weights: s.lane_weights,
         strict_priority: s.strict_priority,
@@ -70,6 +84,13 @@ pub fn settings(s: &QueueSettings) -> pb::QueueSettings {
         lane_admission: s.lane_admission.clone(),
         max_publish_rate: Some(s.max_publish_rate),
         max_publish_byte_rate: Some(s.max_publish_byte_rate),
+        message_ttl_ms: Some(s.message_ttl_ms),
+        max_delivery_rate: Some(s.max_delivery_rate),
+        expired_action: match s.expired_action {
+            ExpiredAction::DeadLetter => pb::ExpiredAction::DeadLetter,
+            ExpiredAction::Drop => pb::ExpiredAction::Drop,
+        }
+        .into(),
     }
 }
 
@@ -137,6 +158,7 @@ pub fn publish(message: Option<pb::Message>) -> Result<Publish> {
         key: (!m.idempotency_key.is_empty()).then(|| Bytes::from(m.idempotency_key)),
         lane: m.lane,
         delay_ms: m.delay_ms,
+        ttl_ms: m.ttl_ms,
     })
 }
 
@@ -212,6 +234,11 @@ pub fn queue_stats(queue: &Queue) -> pb::QueueStats {
         refused_publish_rate: refused.publish_rate,
         throttled_calls: refused.throttled,
         throttled_ms: refused.throttled_ms,
+        expired_dead_lettered: delivery.expired_dead_lettered,
+        expired_dropped: delivery.expired_dropped,
+        paced: delivery.pacing.paced,
+        paced_ms: delivery.pacing.paced_ms,
+        paced_held_back: delivery.pacing.held_back,
         damaged: String::new(),
         opening: false,
     }

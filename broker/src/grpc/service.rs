@@ -242,7 +242,15 @@ impl publisher_server::Publisher for Service {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let access = self.access(&request)?;
         let request = request.into_inner();
-        let messages = request.message.map_or_else(Vec::new, |m| vec![m]);
+        let Some(message) = request.message else {
+            // Checked and looked up first, as any publish: the answer is the
+            // same whether the queue exists or not only for those who may
+            // not publish to it.
+            access.check(Action::Publish, &request.queue)?;
+            self.queue(&request.queue).await?;
+            return Err(to_status(BrokerError::InvalidArgument("the request has no message".into())));
+        };
+        let messages = vec![message];
         let receipt = self.publish_messages(&access, &request.queue, messages).await?.into_iter().next();
         Ok(Response::new(pb::PublishResponse { receipt }))
     }

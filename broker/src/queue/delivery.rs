@@ -13,6 +13,17 @@
 //! 4. Memory is bounded: leases by consumers x credit, the delayed set by
 //!    [`DELAYED_MAX`] per lane, the requeue by released leases.
 //!
+//! Message expiry (`message_ttl_ms`, a publish's `ttl_ms`): a record
+//! carries its deadline (its publish time plus the queue's TTL, and its own
+//! `ballast-expires-at`), checked whenever a lane yields a record (cursor,
+//! requeue, delayed set) and when a lease ends without ack. An expired
+//! record is never delivered: it is dropped (acked, inline) or handed to
+//! the timer task, which dead-letters it with reason `expired`. No expiry
+//! time is held in memory and the backlog is never scanned for it.
+//!
+//! Delivery pacing (`max_delivery_rate`): dispatch asks the queue's
+//! [`Pacer`] before each delivery; see `queue/pacing.rs`.
+//!
 //! Nack and lease expiry re-append the message at the tail of its lane with
 //! its attempt count (durable), then ack the original; past `max_attempts`
 //! it is appended to the dead-letter queue instead. A consumer that
@@ -29,11 +40,14 @@ use ballast_storage::{AckKind, Cursor, Log, NewRecord, Record};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{HEADER_NOT_BEFORE, LaneScheduler, Queue, QueueSettings, headers};
+use super::{
+    EXPIRED_REASON, ExpiredAction, HEADER_EXPIRES_AT, HEADER_NOT_BEFORE, LaneScheduler, PacingFigures, Queue,
+    QueueSettings, headers,
+};
 use crate::{
     error::{BrokerError, Result},
     limits::{
-        CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, LEASE_TIMEOUT_MS_MAX, LEASE_TIMEOUT_MS_MIN,
+        CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, EXPIRING_MAX, LEASE_TIMEOUT_MS_MAX, LEASE_TIMEOUT_MS_MIN,
         NACK_REASON_SIZE_MAX, PULL_LEASES_MAX, REREAD_RETRY_MS,
     },
     now_ms,
@@ -91,6 +105,37 @@ pub(crate) struct DeliveryState {
     next_consumer: u64,
     /// When the timer task plans to wake (`u64::MAX`: not planned).
     timer_deadline: u64,
+    /// Expired messages dispatch read, for the timer task to dead-letter
+    /// (at most [`EXPIRING_MAX`] with those running), with their attempts.
+    expiring: Vec<(Lease, Record, u32)>,
+    /// Expired messages being dead-lettered by tasks now.
+    expiring_running: usize,
+    /// The delivery pace (`max_delivery_rate`) and its figures.
+    pacer: super::pacing::Pacer,
+}
+
+/// One dispatch's view of expiry: what the queue's settings say and how
+/// much expiry work it may still do.
+struct ExpiryPass<'a> {
+    now: u64,
+    ttl_ms: u64,
+    /// Whether expired messages go to the dead-letter queue (else dropped).
+    dead_letter: bool,
+    /// The state's `expiring`.
+    expiring: &'a mut Vec<(Lease, Record, u32)>,
+    /// Expired messages this pass may still hand to the timer.
+    room: usize,
+    /// Expired messages this pass may still handle at all: the work one
+    /// dispatch does under the mutex for a backlog of expired messages is
+    /// bounded; the timer runs the next pass.
+    budget: usize,
+}
+
+/// Expired messages of a queue since start, by what became of them.
+#[derive(Debug, Default)]
+pub(crate) struct ExpiredCounters {
+    pub dead_lettered: std::sync::atomic::AtomicU64,
+    pub dropped: std::sync::atomic::AtomicU64,
 }
 
 struct LaneState {
@@ -174,6 +219,9 @@ impl DeliveryState {
             pull_leases: 0,
             next_consumer: 0,
             timer_deadline: 0,
+            expiring: Vec::new(),
+            expiring_running: 0,
+            pacer: super::pacing::Pacer::new(std::time::Instant::now()),
         }
     }
 
@@ -200,11 +248,15 @@ impl DeliveryState {
     /// consumer could take it (without credit a due message waits for the
     /// credit, which dispatches by itself).
     fn next_deadline(&self) -> Option<u64> {
+        if !self.expiring.is_empty() {
+            return Some(0);
+        }
         let lease = self.expiries.first().map(|&(d, _)| d);
         let can_deliver = self.consumers.values().any(|c| c.credit > 0);
         let delayed =
             self.lanes.iter().filter_map(|l| l.delayed.first().map(|&(d, _, _)| d)).filter(|_| can_deliver).min();
-        lease.into_iter().chain(delayed).min()
+        let paced = self.pacer.resume_ms().filter(|_| can_deliver);
+        lease.into_iter().chain(delayed).chain(paced).min()
     }
 
     /// Whether a lease holds the message at `lane`, `offset` (a scan of
@@ -297,6 +349,11 @@ pub struct DeliveryFigures {
     pub consumers: u32,
     /// Credit held by the consumers (deliveries they may still receive).
     pub credit: u64,
+    /// Expired messages since start: dead-lettered, dropped.
+    pub expired_dead_lettered: u64,
+    pub expired_dropped: u64,
+    /// Whether and how much `max_delivery_rate` holds delivery back.
+    pub pacing: PacingFigures,
 }
 
 impl Queue {
@@ -312,6 +369,9 @@ impl Queue {
             lane_in_flight,
             consumers: u32::try_from(state.consumers.len()).unwrap_or(u32::MAX),
             credit: state.consumers.values().map(|c| u64::from(c.credit)).sum(),
+            expired_dead_lettered: self.expired.dead_lettered.load(Ordering::Relaxed),
+            expired_dropped: self.expired.dropped.load(Ordering::Relaxed),
+            pacing: state.pacer.figures(std::time::Instant::now()),
         }
     }
 
@@ -573,6 +633,8 @@ impl Queue {
         let mut state = self.delivery.lock();
         state.leases.clear();
         state.expiries.clear();
+        // Expired messages not yet handed to the timer are purged too.
+        state.expiring.clear();
         state.pull_leases = 0;
         for consumer in state.consumers.values_mut() {
             consumer.in_flight = 0;
@@ -606,12 +668,33 @@ impl Queue {
             return;
         }
         let now = now_ms();
-        let lease_timeout_ms = self.settings().lease_timeout_ms;
+        let settings = self.settings();
+        let lease_timeout_ms = settings.lease_timeout_ms;
+        let rate = settings.max_delivery_rate;
+        let clock = std::time::Instant::now();
         let wake_timer = {
             let mut guard = self.delivery.lock();
             let state = &mut *guard;
+            // Expired messages this dispatch may still handle (see
+            // `ExpiryPass::budget`), across all its deliveries.
+            let mut budget = EXPIRING_MAX;
+            let mut paced = None;
             while let Some(consumer_id) = state.consumer_with_credit() {
-                let Some((lane, offset, prior, record)) = self.next_message(state, now) else { break };
+                if let Some(wait) = state.pacer.wait(rate, clock) {
+                    paced = Some(wait);
+                    break;
+                }
+                let mut pass = ExpiryPass {
+                    now,
+                    ttl_ms: settings.message_ttl_ms,
+                    dead_letter: settings.expired_action == ExpiredAction::DeadLetter && self.dead_letter.is_some(),
+                    room: EXPIRING_MAX.saturating_sub(state.expiring.len() + state.expiring_running),
+                    budget,
+                    expiring: &mut state.expiring,
+                };
+                let next = Self::next_message(self, &mut state.lanes, &mut state.scheduler, &mut pass);
+                budget = pass.budget;
+                let Some((lane, offset, prior, record)) = next else { break };
                 let delivery_id = state.new_delivery_id();
                 let deadline_ms = now + lease_timeout_ms;
                 let attempt = prior + 1;
@@ -639,6 +722,7 @@ impl Queue {
                             metrics.publish_to_delivery.record(now.saturating_sub(published_ms) as f64 / 1000.0);
                         }
                         state.expiries.insert((deadline_ms, delivery_id));
+                        state.pacer.charge(rate, clock);
                     }
                     Err(_) => {
                         // The consumer went away: put the message back; its
@@ -648,9 +732,15 @@ impl Queue {
                     }
                 }
             }
+            // Paced: the timer runs dispatch again at the next token.
+            match paced.map(|wait| (wait, held_back(state, &self.durable))) {
+                Some((wait, held_back)) if held_back > 0 => state.pacer.pace(clock, now, wait, held_back),
+                _ => state.pacer.unpace(clock),
+            }
             // Wake the timer only if something is now due before the time it
-            // sleeps until (otherwise every dispatch would spin it).
-            state.next_deadline().is_some_and(|d| d < state.timer_deadline)
+            // sleeps until (otherwise every dispatch would spin it), or to
+            // run the next pass over expired messages.
+            budget == 0 || state.next_deadline().is_some_and(|d| d < state.timer_deadline)
         };
         if wake_timer {
             self.timer_wake.notify_one();
@@ -659,22 +749,36 @@ impl Queue {
 
     /// The next message to deliver: the scheduler picks a lane with
     /// something to take (see [`LaneScheduler`]), then it is taken.
-    fn next_message(&self, state: &mut DeliveryState, now: u64) -> Option<(u32, u64, u32, Record)> {
-        let lanes = &mut state.lanes;
-        let (lane, (offset, prior, record)) = state.scheduler.serve(|lane| self.take(lane, &mut lanes[lane], now))?;
+    fn next_message(
+        &self,
+        lanes: &mut [LaneState],
+        scheduler: &mut LaneScheduler,
+        pass: &mut ExpiryPass<'_>,
+    ) -> Option<(u32, u64, u32, Record)> {
+        let (lane, (offset, prior, record)) = scheduler.serve(|lane| self.take(lane, &mut lanes[lane], pass))?;
         let lane = u32::try_from(lane).expect("at most LANES_MAX lanes");
         Some((lane, offset, prior, record))
     }
 
     /// Takes the next message of one lane: released leases first, then due
     /// delayed messages, then fresh ones from the cursor.
-    fn take(&self, lane: usize, state: &mut LaneState, now: u64) -> Option<(u64, u32, Record)> {
+    /// An expired message is never returned: see [`Queue::keep_unexpired`].
+    fn take(&self, lane: usize, state: &mut LaneState, pass: &mut ExpiryPass<'_>) -> Option<(u64, u32, Record)> {
+        let now = pass.now;
         // A message that cannot be read now goes to the delayed set, to be
         // tried again later (kept, never dropped).
         let retry_at = now + REREAD_RETRY_MS;
         while let Some((offset, prior)) = state.requeue.pop_front() {
+            if pass.budget == 0 || pass.room == 0 {
+                state.requeue.push_front((offset, prior));
+                return None;
+            }
             match self.reread(lane, offset) {
-                Reread::Record(record) => return Some((offset, prior, record)),
+                Reread::Record(record) => {
+                    if let Some(kept) = self.keep_unexpired(lane, state, offset, prior, record, pass) {
+                        return Some(kept);
+                    }
+                }
                 Reread::Done => {}
                 Reread::Failed => {
                     state.delayed.insert((retry_at, offset, prior));
@@ -682,12 +786,16 @@ impl Queue {
             }
         }
         while let Some(&(due, offset, prior)) = state.delayed.first() {
-            if due > now {
+            if due > now || pass.budget == 0 || pass.room == 0 {
                 break;
             }
             state.delayed.pop_first();
             match self.reread(lane, offset) {
-                Reread::Record(record) => return Some((offset, prior, record)),
+                Reread::Record(record) => {
+                    if let Some(kept) = self.keep_unexpired(lane, state, offset, prior, record, pass) {
+                        return Some(kept);
+                    }
+                }
                 Reread::Done => {}
                 Reread::Failed => {
                     state.delayed.insert((retry_at, offset, prior));
@@ -696,6 +804,9 @@ impl Queue {
         }
         let durable = self.durable[lane].load(Ordering::Acquire);
         while state.delayed.len() < DELAYED_MAX && state.cursor.offset() < durable {
+            if pass.budget == 0 || pass.room == 0 {
+                return None;
+            }
             match state.cursor.next()? {
                 Ok(record) => {
                     // Since a rewind, offsets owned elsewhere are passed
@@ -709,10 +820,17 @@ impl Queue {
                         continue;
                     }
                     match not_before(&record) {
+                        // Checked for expiry when due: a delayed message
+                        // costs its place in the delayed set either way.
                         Some(due) if due > now => {
                             state.delayed.insert((due, record.offset, record.attempt));
                         }
-                        _ => return Some((record.offset, record.attempt, record)),
+                        _ => {
+                            let (offset, prior) = (record.offset, record.attempt);
+                            if let Some(kept) = self.keep_unexpired(lane, state, offset, prior, record, pass) {
+                                return Some(kept);
+                            }
+                        }
                     }
                 }
                 Err(error) => {
@@ -724,14 +842,117 @@ impl Queue {
         None
     }
 
+    /// `record` as taken from a lane, unless it has expired: then it is
+    /// dropped here (acked as dead-lettered, which is a few memory updates
+    /// and no wait) or handed to the timer task for the dead-letter queue,
+    /// and `None` is returned. A drop storage refuses keeps the message in
+    /// the delayed set, to be tried again in [`REREAD_RETRY_MS`].
+    fn keep_unexpired(
+        &self,
+        lane: usize,
+        state: &mut LaneState,
+        offset: u64,
+        prior: u32,
+        record: Record,
+        pass: &mut ExpiryPass<'_>,
+    ) -> Option<(u64, u32, Record)> {
+        if !expired(&record, pass.ttl_ms, pass.now) {
+            return Some((offset, prior, record));
+        }
+        pass.budget -= 1;
+        let lane_index = u32::try_from(lane).expect("at most LANES_MAX lanes");
+        let size = record.stored_size();
+        let lease = Lease {
+            lane: lane_index,
+            offset,
+            consumer_id: 0,
+            pull: false,
+            deadline_ms: 0,
+            attempt: prior + 1,
+            delivered_ms: pass.now,
+            size,
+        };
+        if pass.dead_letter {
+            pass.room -= 1;
+            pass.expiring.push((lease, record, prior));
+            return None;
+        }
+        match self.ack_record(lane_index, offset, size, AckKind::DeadLettered) {
+            Ok(_) => self.count_expired(&lease, false),
+            Err(error) => {
+                tracing::error!(queue = %self.name, lane, offset, %error, "an expired message could not be dropped; trying again later");
+                state.delayed.insert((pass.now + REREAD_RETRY_MS, offset, prior));
+            }
+        }
+        None
+    }
+
+    /// Counts a message whose expiry is stored: in the lane's figures (it
+    /// is done), the queue's expired counts and the metrics.
+    fn count_expired(&self, lease: &Lease, dead_lettered: bool) {
+        let meter = &self.meters[lease.lane as usize];
+        meter.acked.fetch_add(1, Ordering::Relaxed);
+        meter.acked_bytes.fetch_add(lease.size, Ordering::Relaxed);
+        let metrics = self.lane_metrics(lease.lane as usize);
+        if dead_lettered {
+            self.expired.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            metrics.expired_dead_lettered.increment(1);
+        } else {
+            self.expired.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics.expired_dropped.increment(1);
+        }
+    }
+
+    /// The expired messages dispatch handed over, now counted as running.
+    fn take_expiring(&self) -> Vec<(Lease, Record, u32)> {
+        let mut state = self.delivery.lock();
+        let taken = std::mem::take(&mut state.expiring);
+        state.expiring_running += taken.len();
+        taken
+    }
+
+    /// Dead-letters (or, by the queue's setting or for want of a
+    /// dead-letter queue, drops) a message that expired after `attempts`
+    /// deliveries, then acks it. If that cannot be stored now, the message
+    /// is kept in the delayed set and tried again in [`REREAD_RETRY_MS`]
+    /// (found expired again when it comes out).
+    async fn expire_message(&self, lease: Lease, record: Record, attempts: u32) {
+        let keep = |error: BrokerError| {
+            tracing::error!(queue = %self.name, lane = lease.lane, offset = lease.offset, %error,
+                "an expired message could not be dead-lettered or dropped; trying again later");
+            let due = now_ms() + REREAD_RETRY_MS;
+            self.delivery.lock().lanes[lease.lane as usize].delayed.insert((due, lease.offset, lease.attempt - 1));
+        };
+        if self.settings().expired_action == ExpiredAction::Drop || self.dead_letter.is_none() {
+            match self.ack_record(lease.lane, lease.offset, lease.size, AckKind::DeadLettered) {
+                Ok(_) => self.count_expired(&lease, false),
+                Err(error) => keep(error.into()),
+            }
+            return;
+        }
+        let original_offset = headers::original_offset(&record.headers, lease.offset);
+        let dead = Lease { attempt: attempts, ..lease };
+        if let Err(error) = self.dead_letter(dead, record, EXPIRED_REASON, original_offset).await {
+            keep(error);
+            return;
+        }
+        self.count_expired(&lease, true);
+        // As for a redelivery: the dead letter is stored, so the message
+        // is not kept; an ack storage refuses is read again after the
+        // lane's log is reopened (at least once).
+        if let Err(error) = self.ack_record(lease.lane, lease.offset, lease.size, AckKind::DeadLettered) {
+            tracing::error!(queue = %self.name, %error, "acking an expired message after its dead letter");
+        }
+    }
+
     /// Reads a lane again from its ack floor, after its poisoned log was
     /// reopened: the reopen keeps only the acks journaled before the
     /// failure, so a message acked in memory whose ack never reached the
     /// journal is pending again in storage while this lane's cursor is past
     /// it. Without the rewind it would be stranded (counted in the depth,
     /// never delivered) until a restart; with it, it is delivered again (at
-    /// least once). Offsets leased, requeued or delayed now are owned
-    /// elsewhere and passed over once.
+    /// least once). Offsets leased, requeued, delayed or expiring now are
+    /// owned elsewhere and passed over once.
     pub(crate) fn rewind_lane(&self, lane: usize) {
         {
             let mut guard = self.delivery.lock();
@@ -739,6 +960,7 @@ impl Queue {
             let lane_index = u32::try_from(lane).expect("at most LANES_MAX lanes");
             let leased = state.leases.values().filter(|l| l.lane == lane_index).map(|l| l.offset);
             let mut skip: BTreeSet<u64> = leased.collect();
+            skip.extend(state.expiring.iter().filter(|(l, _, _)| l.lane == lane_index).map(|(l, _, _)| l.offset));
             let lane_state = &mut state.lanes[lane];
             skip.extend(lane_state.requeue.iter().map(|&(offset, _)| offset));
             skip.extend(lane_state.delayed.iter().map(|&(_, offset, _)| offset));
@@ -830,6 +1052,13 @@ impl Queue {
     /// [`Queue::append_copy`]; a redelivery refused even so is dead-lettered.
     async fn retry(self: &Arc<Self>, lease: Lease, delay_ms: u64, reason: &str) {
         let Some(record) = self.reread_for_retry(&lease) else { return };
+        if expired(&record, self.settings().message_ttl_ms, now_ms()) {
+            // Expired while leased: it ends here instead of being
+            // redelivered, after the attempts it had.
+            self.expire_message(lease, record, lease.attempt).await;
+            self.dispatch();
+            return;
+        }
         let original_offset = headers::original_offset(&record.headers, lease.offset);
         let outcome = if lease.attempt >= self.settings().max_attempts {
             self.dead_letter(lease, record, reason, original_offset).await
@@ -879,7 +1108,7 @@ impl Queue {
                 "message used its last attempt and the queue has no dead-letter queue: dropped");
             return Ok(AckKind::DeadLettered);
         };
-        let own = headers::own_headers(record.headers.clone());
+        let own = headers::dead_letter_own_headers(record.headers.clone());
         let source = headers::DeadLetterSource {
             reason,
             queue: self.name.as_str(),
@@ -993,6 +1222,33 @@ fn check_credit(credit: u32, held: u32) -> Result<()> {
     Ok(())
 }
 
+/// Deliveries the consumers could take now: their credit, up to the
+/// messages waiting in the lanes (released leases and the durable records
+/// past each cursor; delayed ones not counted). O(lanes + consumers).
+fn held_back(state: &DeliveryState, durable: &[std::sync::atomic::AtomicU64]) -> u64 {
+    let credit: u64 = state.consumers.values().map(|c| u64::from(c.credit)).sum();
+    let mut waiting = 0u64;
+    for (lane, durable) in state.lanes.iter().zip(durable) {
+        waiting += lane.requeue.len() as u64 + durable.load(Ordering::Acquire).saturating_sub(lane.cursor.offset());
+        if waiting >= credit {
+            break;
+        }
+    }
+    waiting.min(credit)
+}
+
+/// Whether `record` has expired at `now`: its own `ballast-expires-at`, or
+/// its publish time plus the queue's `ttl_ms` (0: none), whichever is
+/// earlier, has passed. A redelivered copy keeps its message's publish
+/// time and header, so the deadline counts from the first publish.
+fn expired(record: &Record, ttl_ms: u64, now: u64) -> bool {
+    if ttl_ms > 0 && record.timestamp_ms.saturating_add(ttl_ms) <= now {
+        return true;
+    }
+    let own = record.headers.iter().find(|(k, _)| k == HEADER_EXPIRES_AT).and_then(|(_, v)| v.parse::<u64>().ok());
+    own.is_some_and(|at| at <= now)
+}
+
 fn not_before(record: &Record) -> Option<u64> {
     record.headers.iter().find(|(k, _)| k == HEADER_NOT_BEFORE).and_then(|(_, v)| v.parse().ok())
 }
@@ -1055,6 +1311,14 @@ pub(crate) fn spawn_timer(queue: &Arc<Queue>) {
                 let queue = Arc::clone(&queue);
                 tokio::spawn(async move { queue.retry(lease, 0, LEASE_EXPIRED).await });
             }
+            for (lease, record, attempts) in queue.take_expiring() {
+                let queue = Arc::clone(&queue);
+                tokio::spawn(async move {
+                    queue.expire_message(lease, record, attempts).await;
+                    queue.delivery.lock().expiring_running -= 1;
+                    queue.dispatch();
+                });
+            }
             queue.dispatch();
         }
     });
@@ -1098,6 +1362,7 @@ mod tests {
                 key: None,
                 lane: Some(0),
                 delay_ms: 0,
+                ttl_ms: 0,
             })
             .collect()
     }
@@ -1217,6 +1482,47 @@ mod tests {
         queue.ack(&[one.delivery_id], false, Holder::Consumer(a.consumer_id)).await.unwrap();
         queue.ack(&[two.delivery_id], false, Holder::AnyCaller).await.unwrap();
         assert_eq!(queue.delivery_figures().in_flight, 0);
+    }
+
+    /// More expired messages than one dispatch handles or hands to the
+    /// timer ([`EXPIRING_MAX`]) are all dead-lettered, or dropped, over
+    /// several passes, and the fresh message behind them is delivered: the
+    /// bound splits the work, it does not stall it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_messages_past_expiring_max_are_handled_in_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = open(dir.path(), None).await;
+        let count = EXPIRING_MAX * 2 + 100;
+        for (name, action) in [("expire-dead", ExpiredAction::DeadLetter), ("expire-drop", ExpiredAction::Drop)] {
+            let request = crate::queue::SettingsRequest { expired_action: Some(action), ..Default::default() };
+            let queue = broker.create(name, &request).await.unwrap();
+            let mut left = count;
+            while left > 0 {
+                let batch = messages(left.min(1000)).into_iter().map(|m| Publish { ttl_ms: 1, ..m }).collect();
+                queue.publish(batch).await.unwrap();
+                left -= left.min(1000);
+            }
+            // Past the last message's 1 ms TTL.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let fresh = Publish { payload: Bytes::from_static(b"fresh"), ..messages(1).remove(0) };
+            queue.publish(vec![fresh]).await.unwrap();
+            let mut subscription = queue.subscribe(1).unwrap();
+            assert_eq!(next(&mut subscription).await.payload, Bytes::from_static(b"fresh"), "{name}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let expected = (u64::from(action == ExpiredAction::DeadLetter), u64::from(action == ExpiredAction::Drop));
+            loop {
+                let figures = queue.delivery_figures();
+                let counted = (figures.expired_dead_lettered, figures.expired_dropped);
+                if counted == (expected.0 * count as u64, expected.1 * count as u64) {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{name}: {counted:?} of {count}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let dead = queue.dead_letter.as_ref().unwrap().stats().lane_depths.iter().sum::<u64>();
+            assert_eq!(dead, expected.0 * count as u64, "{name}");
+            assert_eq!(queue.stats().lane_depths.iter().sum::<u64>(), 1, "{name}: only the delivered message");
+        }
     }
 
     /// Delivery ids are random 64-bit numbers, not a counter: consecutive

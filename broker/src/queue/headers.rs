@@ -7,8 +7,8 @@
 //! check the room against the longest values.
 
 use super::{
-    HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_NOT_BEFORE, HEADER_ORIGINAL_OFFSET, HEADER_SOURCE_LANE,
-    HEADER_SOURCE_OFFSET, HEADER_SOURCE_QUEUE,
+    HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_EXPIRES_AT, HEADER_NOT_BEFORE, HEADER_ORIGINAL_OFFSET,
+    HEADER_SOURCE_LANE, HEADER_SOURCE_OFFSET, HEADER_SOURCE_QUEUE,
 };
 
 /// Where a dead letter comes from, for its headers.
@@ -35,6 +35,13 @@ pub(crate) fn original_offset(headers: &[(String, String)], offset: u64) -> u64 
 /// plain copy carries.
 pub(crate) fn own_headers(headers: Vec<(String, String)>) -> Vec<(String, String)> {
     headers.into_iter().filter(|(name, _)| name != HEADER_NOT_BEFORE && name != HEADER_ORIGINAL_OFFSET).collect()
+}
+
+/// The message's headers a dead letter starts from: its own, without its
+/// TTL's deadline (`ballast-expires-at`), so that a dead letter, expired
+/// or not, stays in the dead-letter queue until it is handled.
+pub(crate) fn dead_letter_own_headers(headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    own_headers(headers).into_iter().filter(|(name, _)| name != HEADER_EXPIRES_AT).collect()
 }
 
 /// Headers of a redelivered copy: the message's own, its not-before time

@@ -24,7 +24,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{HEADER_NOT_BEFORE, QueueName, QueueSettings, SettingsRequest, delivery::DeliveryState, quota::Turn};
+use super::{
+    HEADER_EXPIRES_AT, HEADER_NOT_BEFORE, QueueName, QueueSettings, SettingsRequest, delivery::DeliveryState,
+    quota::Turn,
+};
 use crate::{
     broker::Node,
     config::Config,
@@ -32,9 +35,9 @@ use crate::{
     error::{BrokerError, Refusal, RefusalReason, Result},
     fair::Slot,
     limits::{
-        BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, PUBLISH_HEADERS_COUNT_MAX,
-        PUBLISH_HEADERS_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX, REFUSAL_HOLD_MS, RESERVED_HEADER_PREFIX,
-        RESERVED_HEADERS_COUNT, RESERVED_HEADERS_SIZE, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
+        BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, MESSAGE_TTL_MS_MAX,
+        PUBLISH_HEADERS_COUNT_MAX, PUBLISH_HEADERS_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX, REFUSAL_HOLD_MS,
+        RESERVED_HEADER_PREFIX, RESERVED_HEADERS_COUNT, RESERVED_HEADERS_SIZE, RETRY_AFTER_MS_MAX, RETRY_AFTER_MS_MIN,
     },
     now_ms,
 };
@@ -48,6 +51,9 @@ pub struct Publish {
     /// `None`: the queue's default lane.
     pub lane: Option<u32>,
     pub delay_ms: u64,
+    /// Time to live from now, in milliseconds; 0: the queue's
+    /// `message_ttl_ms` alone. The earlier of the two deadlines applies.
+    pub ttl_ms: u64,
 }
 
 /// Where a published message is stored.
@@ -130,6 +136,8 @@ pub struct Queue {
     /// Per lane: counters and smoothed rates for the saturation figures.
     pub(crate) meters: Vec<super::saturation::LaneMeter>,
     pub(crate) refused: super::saturation::Refused,
+    /// Expired messages since start (`delivery.rs`).
+    pub(crate) expired: super::delivery::ExpiredCounters,
     /// The publish quota (`max_publish_rate`, `max_publish_byte_rate`).
     quota: super::quota::Quota,
     /// Per lane: offsets below this are durable and may be delivered.
@@ -224,7 +232,7 @@ impl Queue {
     /// durably, and only then put in force. Returns the keys that changed
     /// (empty: nothing to do, nothing written).
     pub fn update_settings(&self, changes: &SettingsRequest) -> Result<Vec<&'static str>> {
-        let _one_at_a_time = self.settings_update.lock();
+        let one_at_a_time = self.settings_update.lock();
         let current = self.settings();
         let updated = current.updated(changes)?;
         let changed = current.changed_keys(&updated);
@@ -239,7 +247,10 @@ impl Queue {
         }
         *self.settings.write() = Arc::new(updated);
         // A lower limit or threshold may refuse what is queued for
-        // admission; a longer lease applies to the next delivery.
+        // admission; a longer lease applies to the next delivery; a new
+        // delivery pace or TTL applies to this dispatch.
+        drop(one_at_a_time);
+        self.dispatch();
         Ok(changed)
     }
 
@@ -309,6 +320,7 @@ impl Queue {
             durable,
             meters,
             refused: super::saturation::Refused::default(),
+            expired: super::delivery::ExpiredCounters::default(),
             quota,
             dedupe: Arc::new(Mutex::new(dedupe)),
             admitting: super::saturation::Admitting::default(),
@@ -650,14 +662,18 @@ impl Queue {
         // own headers (the delay's, a redelivery's, a dead letter's) is not
         // the publisher's, so that every message published can always be
         // stored again with them.
-        if message.headers.len() > PUBLISH_HEADERS_COUNT_MAX as usize {
+        // A TTL's `ballast-expires-at` header is the message's own: it
+        // takes one of the publisher's headers, not the broker's reserve.
+        let ttl_header = message.ttl_ms > 0;
+        let headers_count = message.headers.len() + usize::from(ttl_header);
+        if headers_count > PUBLISH_HEADERS_COUNT_MAX as usize {
+            let ttl_note = if ttl_header { "; a ttl_ms takes one" } else { "" };
             return Err(which(format!(
-                "{} headers; the limit is {PUBLISH_HEADERS_COUNT_MAX} ({HEADERS_COUNT_MAX} less \
-                 {RESERVED_HEADERS_COUNT} kept for the broker's headers)",
-                message.headers.len()
+                "{headers_count} headers; the limit is {PUBLISH_HEADERS_COUNT_MAX} ({HEADERS_COUNT_MAX} less \
+                 {RESERVED_HEADERS_COUNT} kept for the broker's headers){ttl_note}",
             )));
         }
-        let headers_size = headers_size(&message.headers);
+        let headers_size = headers_size(&message.headers) + if ttl_header { EXPIRES_AT_HEADER_SIZE } else { 0 };
         if headers_size > u64::from(PUBLISH_HEADERS_SIZE_MAX) {
             return Err(which(format!(
                 "headers take {headers_size} bytes encoded (name and value plus 6 bytes each); the limit is \
@@ -667,7 +683,8 @@ impl Queue {
         // Only a small `storage.segment_size` makes this bind: records
         // then cannot outgrow a segment, and neither can their copies.
         let key_len = message.key.as_ref().map_or(0, Bytes::len);
-        let record_size = ballast_storage::record::encoded_len(key_len, &message.headers, size);
+        let record_size = ballast_storage::record::encoded_len(key_len, &message.headers, size)
+            + if ttl_header { EXPIRES_AT_HEADER_SIZE } else { 0 };
         let record_size_max = u64::from(self.lanes[lane as usize].options().record_size_max);
         if record_size + u64::from(RESERVED_HEADERS_SIZE) > record_size_max {
             return Err(which(format!(
@@ -681,6 +698,12 @@ impl Queue {
         }
         if message.delay_ms > DELAY_MS_MAX {
             return Err(which(format!("delay is {} ms; the limit is {DELAY_MS_MAX}", message.delay_ms)));
+        }
+        if message.ttl_ms > MESSAGE_TTL_MS_MAX {
+            return Err(which(format!(
+                "ttl_ms is {}; the limit is {MESSAGE_TTL_MS_MAX} (MESSAGE_TTL_MS_MAX, 14 days)",
+                message.ttl_ms
+            )));
         }
         Ok(lane)
     }
@@ -792,7 +815,7 @@ fn backlog_bytes(queue: &QueueName, log: &Log) -> u64 {
 /// making it (no copy of the headers unless the message is delayed).
 fn stored_size(message: &Publish, now: u64) -> u64 {
     let key_len = message.key.as_ref().map_or(0, Bytes::len);
-    if message.delay_ms == 0 {
+    if message.delay_ms == 0 && message.ttl_ms == 0 {
         return ballast_storage::record::stored_size(key_len, &message.headers, message.payload.len());
     }
     to_record(message, now).stored_size()
@@ -803,6 +826,9 @@ fn to_record(message: &Publish, now: u64) -> NewRecord {
     if message.delay_ms > 0 {
         headers.push((HEADER_NOT_BEFORE.to_owned(), (now + message.delay_ms).to_string()));
     }
+    if message.ttl_ms > 0 {
+        headers.push((HEADER_EXPIRES_AT.to_owned(), (now + message.ttl_ms).to_string()));
+    }
     NewRecord {
         timestamp_ms: now,
         attempt: 0,
@@ -812,6 +838,10 @@ fn to_record(message: &Publish, now: u64) -> NewRecord {
         payload: message.payload.clone(),
     }
 }
+
+/// Encoded size of a `ballast-expires-at` header at its longest (a 2-byte
+/// name length, the name, a 4-byte value length, 20 digits).
+const EXPIRES_AT_HEADER_SIZE: u64 = (2 + HEADER_EXPIRES_AT.len() + 4 + 20) as u64;
 
 fn storage_error(path: &Path, e: std::io::Error) -> BrokerError {
     BrokerError::io("writing the queue's files", path, &e)
@@ -837,13 +867,14 @@ mod tests {
     #[test]
     fn admission_size_is_the_record_size() {
         let now = 1_796_000_000_000;
-        for delay_ms in [0, 1, 86_400_000] {
+        for (delay_ms, ttl_ms) in [(0, 0), (1, 0), (86_400_000, 0), (0, 1), (5, 60_000)] {
             for (key, headers, payload) in [
                 (None, vec![], 0usize),
                 (Some(Bytes::from_static(b"k-1")), vec![("a".to_owned(), "b".to_owned())], 100),
                 (Some(Bytes::from(vec![b'k'; 256])), vec![("trace".to_owned(), "x".repeat(77)); 3], 1000),
             ] {
-                let message = Publish { payload: Bytes::from(vec![0; payload]), headers, key, lane: None, delay_ms };
+                let payload = Bytes::from(vec![0; payload]);
+                let message = Publish { payload, headers, key, lane: None, delay_ms, ttl_ms };
                 assert_eq!(stored_size(&message, now), to_record(&message, now).stored_size(), "{message:?}");
             }
         }

@@ -121,7 +121,14 @@ impl Queue {
         let size = record.stored_size();
         let key = Bytes::from(format!("ballast-redrive:{lane}:{}", record.offset));
         let headers = record.headers.into_iter().filter(|(k, _)| !k.starts_with("ballast-")).collect();
-        let copy = Publish { payload: record.payload, headers, key: Some(key), lane: Some(source_lane), delay_ms: 0 };
+        let copy = Publish {
+            payload: record.payload,
+            headers,
+            key: Some(key),
+            lane: Some(source_lane),
+            delay_ms: 0,
+            ttl_ms: 0,
+        };
         Candidate { lane, offset: record.offset, size, copy }
     }
 

@@ -18,6 +18,19 @@ pub enum SyncPolicySetting {
     None,
 }
 
+/// What becomes of a message whose time to live has passed (see
+/// `docs/api.md`, "Message expiry").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiredAction {
+    /// Stored in the dead-letter queue with reason `expired` (dropped, and
+    /// counted, when the queue has none).
+    #[default]
+    DeadLetter,
+    /// Dropped (marked done) and counted.
+    Drop,
+}
+
 /// Resolved settings of a queue. Persisted with the queue (`queue.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +67,14 @@ pub struct QueueSettings {
     pub max_publish_rate: u64,
     /// Publish quota in stored bytes per second; 0 is none.
     pub max_publish_byte_rate: u64,
+    /// Time to live of a message from its publish, in milliseconds; 0 is
+    /// none. A message past it is never delivered (see `expired_action`).
+    pub message_ttl_ms: u64,
+    /// What becomes of an expired message.
+    pub expired_action: ExpiredAction,
+    /// Deliveries per second to all consumers together; 0 is none (see
+    /// `queue/pacing.rs`).
+    pub max_delivery_rate: u64,
 }
 
 impl Default for QueueSettings {
@@ -77,6 +98,9 @@ impl Default for QueueSettings {
             lane_admission: vec![1.0, 0.9, 0.7],
             max_publish_rate: 0,
             max_publish_byte_rate: 0,
+            message_ttl_ms: 0,
+            expired_action: ExpiredAction::DeadLetter,
+            max_delivery_rate: 0,
         }
     }
 }
@@ -100,6 +124,9 @@ pub struct SettingsRequest {
     pub lane_admission: Vec<f64>,
     pub max_publish_rate: Option<u64>,
     pub max_publish_byte_rate: Option<u64>,
+    pub message_ttl_ms: Option<u64>,
+    pub expired_action: Option<ExpiredAction>,
+    pub max_delivery_rate: Option<u64>,
 }
 
 /// Admission fractions for `n` lanes: 1.0 for the first, down to 0.7 for
@@ -144,6 +171,9 @@ impl QueueSettings {
             max_bytes: request.max_bytes.unwrap_or(defaults.max_bytes),
             max_publish_rate: request.max_publish_rate.unwrap_or(defaults.max_publish_rate),
             max_publish_byte_rate: request.max_publish_byte_rate.unwrap_or(defaults.max_publish_byte_rate),
+            message_ttl_ms: request.message_ttl_ms.unwrap_or(defaults.message_ttl_ms),
+            expired_action: request.expired_action.unwrap_or(defaults.expired_action),
+            max_delivery_rate: request.max_delivery_rate.unwrap_or(defaults.max_delivery_rate),
             lanes,
             lane_weights,
             strict_priority: request.strict_priority.unwrap_or(defaults.strict_priority),
@@ -235,6 +265,18 @@ impl QueueSettings {
         if let Some(f) = self.lane_admission.iter().find(|f| !(**f > 0.0 && **f <= 1.0)) {
             return Err(invalid("lane_admission", format!("fractions are in (0, 1]; got {f}")));
         }
+        if self.message_ttl_ms > MESSAGE_TTL_MS_MAX {
+            return Err(invalid(
+                "message_ttl_ms",
+                format!("must be at most {MESSAGE_TTL_MS_MAX} (0: none); got {}", self.message_ttl_ms),
+            ));
+        }
+        if self.max_delivery_rate > MAX_DELIVERY_RATE_MAX {
+            return Err(invalid(
+                "max_delivery_rate",
+                format!("must be at most {MAX_DELIVERY_RATE_MAX} (0: none); got {}", self.max_delivery_rate),
+            ));
+        }
         let interval_max = ballast_storage::limits::SYNC_INTERVAL_MS_MAX;
         if self.sync_policy == SyncPolicySetting::Interval && !(1..=interval_max).contains(&self.sync_interval_ms) {
             return Err(invalid(
@@ -294,6 +336,9 @@ impl QueueSettings {
             max_publish_rate: changes.max_publish_rate.unwrap_or(self.max_publish_rate),
             max_publish_byte_rate: changes.max_publish_byte_rate.unwrap_or(self.max_publish_byte_rate),
             dedupe_window_ms: changes.dedupe_window_ms.unwrap_or(self.dedupe_window_ms),
+            message_ttl_ms: changes.message_ttl_ms.unwrap_or(self.message_ttl_ms),
+            expired_action: changes.expired_action.unwrap_or(self.expired_action),
+            max_delivery_rate: changes.max_delivery_rate.unwrap_or(self.max_delivery_rate),
             ..self.clone()
         };
         updated.validate()?;
@@ -338,7 +383,10 @@ impl QueueSettings {
             max_bytes,
             lane_admission,
             max_publish_rate,
-            max_publish_byte_rate
+            max_publish_byte_rate,
+            message_ttl_ms,
+            expired_action,
+            max_delivery_rate
         );
         differences
     }
@@ -390,6 +438,11 @@ mod tests {
                 "message_size_max",
             ),
             (SettingsRequest { lease_timeout_ms: Some(1), ..Default::default() }, "lease_timeout_ms"),
+            (SettingsRequest { message_ttl_ms: Some(MESSAGE_TTL_MS_MAX + 1), ..Default::default() }, "message_ttl_ms"),
+            (
+                SettingsRequest { max_delivery_rate: Some(MAX_DELIVERY_RATE_MAX + 1), ..Default::default() },
+                "max_delivery_rate",
+            ),
         ];
         for (request, key) in cases {
             match QueueSettings::resolve(&request, &d) {
@@ -400,6 +453,8 @@ mod tests {
         let at_limit = SettingsRequest {
             lanes: (0..8).map(|i| format!("l{i}")).collect(),
             message_size_max: Some(MESSAGE_SIZE_MAX),
+            message_ttl_ms: Some(MESSAGE_TTL_MS_MAX),
+            max_delivery_rate: Some(MAX_DELIVERY_RATE_MAX),
             ..Default::default()
         };
         QueueSettings::resolve(&at_limit, &d).unwrap();

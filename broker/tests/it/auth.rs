@@ -504,3 +504,41 @@ async fn bad_input_before_auth_is_refused_cleanly() {
     let check = tonic_health::pb::HealthCheckRequest { service: String::new() };
     assert!(health.check(check).await.is_ok(), "the broker stays healthy");
 }
+
+/// A publish stream is authenticated once, when it opens, and every
+/// request is checked against the principal's `publish` permission on its
+/// own queue: a forbidden request is answered PERMISSION_DENIED (the
+/// queue's existence not revealed) and the stream goes on.
+#[tokio::test]
+async fn publish_stream_requests_are_each_checked_for_their_queue() {
+    let (broker, _dir, _path) = start(&principals());
+    let mut ops = as_token(&broker, Some(OPS)).await;
+    create(&mut ops, "orders-eu", pb::QueueSettings::default()).await;
+    create(&mut ops, "payments", pb::QueueSettings::default()).await;
+    let mut orders = as_token(&broker, Some(ORDERS)).await;
+    let (requests, outbound) = tokio::sync::mpsc::channel(8);
+    let mut answers = orders.publisher.publish_stream(ReceiverStream::new(outbound)).await.unwrap().into_inner();
+    let request = |sequence, queue: &str| pb::PublishStreamRequest {
+        sequence,
+        queue: queue.into(),
+        messages: vec![message("m")],
+    };
+    for (sequence, queue) in [(1, "payments"), (2, "no-such-queue"), (3, "orders-eu")] {
+        requests.send(request(sequence, queue)).await.unwrap();
+        let answer = answers.message().await.unwrap().expect("an answer");
+        assert_eq!(answer.sequence, sequence);
+        match queue {
+            "orders-eu" => assert!(answer.error.is_none() && answer.receipts.len() == 1, "{answer:?}"),
+            _ => {
+                let error = answer.error.expect("refused");
+                assert_eq!(error.code, Code::PermissionDenied as i32, "{error:?}");
+                assert!(error.message.contains("publish"), "{error:?}");
+            }
+        }
+    }
+    // Without credentials the stream does not open at all.
+    let mut nobody = as_token(&broker, None).await;
+    let (_requests, outbound) = tokio::sync::mpsc::channel(1);
+    let opened = nobody.publisher.publish_stream(ReceiverStream::new(outbound)).await;
+    assert_code(opened.map(|_| ()), Code::Unauthenticated, &[]);
+}

@@ -465,3 +465,34 @@ fn peek_and_redrive_dead_letters() {
     let consumed = ballast(&url, &["consume", "mail", "--count", "1"], None);
     assert!(stdout(&consumed).contains("hello"), "{consumed:?}");
 }
+
+/// `--message-ttl-ms` and `--expired-action` set a queue's expiry on
+/// create and update (`--max-delivery-rate` its pace); `publish --ttl-ms` gives a message its own: past it,
+/// the message is dead-lettered with reason `expired` (seen with `ballast
+/// peek NAME.dead`) and counted in `ballast stats --json`.
+#[test]
+fn expiry_and_pacing_flags() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let created = ballast(&url, &["--json", "queue", "create", "brief", "--message-ttl-ms", "60000"], None);
+    assert_eq!(code(&created), 0, "{created:?}");
+    let queue: serde_json::Value = serde_json::from_str(stdout(&created).trim()).expect("one JSON object");
+    assert_eq!(queue["settings"]["message_ttl_ms"], 60_000, "{queue}");
+    assert_eq!(queue["settings"]["expired_action"], "dead_letter", "{queue}");
+    let updated = ballast(&url, &["--json", "queue", "update", "brief", "--expired-action", "drop"], None);
+    let queue: serde_json::Value = serde_json::from_str(stdout(&updated).trim()).expect("one JSON object");
+    assert_eq!(queue["settings"]["expired_action"], "drop", "{queue}");
+    let args = ["--json", "queue", "update", "brief", "--expired-action", "dead_letter", "--max-delivery-rate", "500"];
+    let updated = ballast(&url, &args, None);
+    let queue: serde_json::Value = serde_json::from_str(stdout(&updated).trim()).expect("one JSON object");
+    assert_eq!(queue["settings"]["max_delivery_rate"], 500, "{queue}");
+    assert_eq!(code(&ballast(&url, &["publish", "brief", "gone", "--ttl-ms", "1"], None)), 0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(code(&ballast(&url, &["publish", "brief", "kept"], None)), 0);
+    let consumed = ballast(&url, &["consume", "brief", "--count", "1"], None);
+    assert!(stdout(&consumed).contains("kept") && !stdout(&consumed).contains("gone"), "{consumed:?}");
+    let dead = ballast(&url, &["peek", "brief.dead"], None);
+    assert!(stdout(&dead).contains("reason=expired") && stdout(&dead).contains("gone"), "{}", stdout(&dead));
+    let stats = ballast(&url, &["--json", "stats", "brief"], None);
+    assert!(stdout(&stats).contains("\"expired_dead_lettered\":1"), "{}", stdout(&stats));
+}

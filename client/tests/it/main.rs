@@ -6,5 +6,7 @@ mod auth;
 mod cli;
 mod lease;
 mod library;
+#[cfg(feature = "otel")]
+mod otel;
 mod saturation;
 mod support;

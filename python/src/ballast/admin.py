@@ -26,6 +26,12 @@ SYNC_POLICIES = {
     "none": pb.SYNC_POLICY_NONE,
 }
 
+EXPIRED_ACTIONS = {
+    None: pb.EXPIRED_ACTION_UNSPECIFIED,
+    "dead_letter": pb.EXPIRED_ACTION_DEAD_LETTER,
+    "drop": pb.EXPIRED_ACTION_DROP,
+}
+
 
 def queue_settings(
     *,
@@ -45,16 +51,23 @@ def queue_settings(
     lane_admission: Sequence[float] | None = None,
     max_publish_rate: int | None = None,
     max_publish_byte_rate: int | None = None,
+    message_ttl_ms: int | None = None,
+    expired_action: str | None = None,
+    max_delivery_rate: int | None = None,
 ) -> pb.QueueSettings:
     """A ``QueueSettings``; ``None`` leaves a setting at the broker's default.
-    ``sync_policy`` is ``"fsync"``, ``"interval"`` or ``"none"``."""
+    ``sync_policy`` is ``"fsync"``, ``"interval"`` or ``"none"``;
+    ``expired_action`` is ``"dead_letter"`` or ``"drop"``."""
     if sync_policy not in SYNC_POLICIES:
         raise ValueError(f"sync_policy must be one of fsync, interval, none, not {sync_policy!r}")
+    if expired_action not in EXPIRED_ACTIONS:
+        raise ValueError(f"expired_action must be one of dead_letter, drop, not {expired_action!r}")
     settings = pb.QueueSettings(
         lanes=list(lanes or ()),
         lane_weights=list(lane_weights or ()),
         lane_admission=list(lane_admission or ()),
         sync_policy=SYNC_POLICIES[sync_policy],
+        expired_action=EXPIRED_ACTIONS[expired_action],
     )
     optional = {
         "strict_priority": strict_priority,
@@ -69,6 +82,8 @@ def queue_settings(
         "max_bytes": max_bytes,
         "max_publish_rate": max_publish_rate,
         "max_publish_byte_rate": max_publish_byte_rate,
+        "message_ttl_ms": message_ttl_ms,
+        "max_delivery_rate": max_delivery_rate,
     }
     for name, value in optional.items():
         if value is not None:

@@ -78,6 +78,9 @@ class Message:
     key: str = ""
     lane: int | None = None
     delay_ms: int = 0
+    ttl_ms: int = 0
+    """Time to live from the publish, 0 for the queue's alone (docs/api.md,
+    "Message expiry")."""
 
     def to_pb(self) -> pb.Message:
         message = pb.Message(
@@ -85,6 +88,7 @@ class Message:
             headers=self.headers,
             idempotency_key=self.key,
             delay_ms=self.delay_ms,
+            ttl_ms=self.ttl_ms,
         )
         if self.lane is not None:
             message.lane = self.lane

@@ -255,6 +255,16 @@ pub struct CreateArgs {
     /// Publish quota in stored bytes per second, 0 for none [default: 0].
     #[arg(long, value_name = "BYTES")]
     pub max_publish_byte_rate: Option<u64>,
+    /// Time to live of every message from its publish, 0 for none; an expired message is never
+    /// delivered [default: 0].
+    #[arg(long, value_name = "MS")]
+    pub message_ttl_ms: Option<u64>,
+    /// What becomes of an expired message: dead_letter or drop [default: dead_letter].
+    #[arg(long, value_name = "ACTION")]
+    pub expired_action: Option<ballast_client::ExpiredAction>,
+    /// Delivery pace: deliveries per second to all consumers together, 0 for none [default: 0].
+    #[arg(long, value_name = "N")]
+    pub max_delivery_rate: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -277,6 +287,9 @@ pub struct PublishArgs {
     /// Deliver no earlier than this many milliseconds from now.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub delay_ms: u64,
+    /// Expire each message this many milliseconds from now (besides the queue's message_ttl_ms).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]

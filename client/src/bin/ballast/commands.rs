@@ -158,6 +158,9 @@ fn settings(args: CreateArgs) -> QueueSettings {
     settings.lane_admission = args.lane_admission;
     settings.max_publish_rate = args.max_publish_rate;
     settings.max_publish_byte_rate = args.max_publish_byte_rate;
+    settings.message_ttl = args.message_ttl_ms.map(Duration::from_millis);
+    settings.expired_action = args.expired_action;
+    settings.max_delivery_rate = args.max_delivery_rate;
     settings
 }
 
@@ -170,7 +173,13 @@ async fn publish(client: &Client, timeout: Duration, output: Output, args: Publi
     // Producer::submit); batches of up to 100 keep it fast.
     let producer =
         client.producer(ProducerConfig { deadline: timeout, in_flight_batches_max: 1, ..ProducerConfig::default() })?;
-    let template = Template { lane, headers: args.headers, key: args.key, delay: Duration::from_millis(args.delay_ms) };
+    let template = Template {
+        lane,
+        headers: args.headers,
+        key: args.key,
+        delay: Duration::from_millis(args.delay_ms),
+        ttl: args.ttl_ms.map(Duration::from_millis),
+    };
     let mut publisher = Publisher {
         producer,
         queue: args.queue,
@@ -218,11 +227,15 @@ struct Template {
     headers: Vec<(String, String)>,
     key: Option<String>,
     delay: Duration,
+    ttl: Option<Duration>,
 }
 
 impl Template {
     fn message(&self, payload: String, index: usize, several: bool) -> Message {
         let mut message = Message::new(payload).with_delay(self.delay);
+        if let Some(ttl) = self.ttl {
+            message = message.with_ttl(ttl);
+        }
         if let Some(lane) = self.lane {
             message = message.with_lane(lane);
         }

@@ -71,6 +71,9 @@ impl Output {
         field("max bytes", optional(settings.max_bytes));
         field("max publish rate", optional(settings.max_publish_rate));
         field("max publish byte rate", optional(settings.max_publish_byte_rate));
+        field("message ttl ms", optional(settings.message_ttl.map(|d| d.as_millis())));
+        field("expired action", settings.expired_action.map_or("-".into(), |a| a.as_str().to_owned()));
+        field("max delivery rate", optional(settings.max_delivery_rate));
         let admission: Vec<String> = settings.lane_admission.iter().map(|f| f.to_string()).collect();
         field("lane admission", if admission.is_empty() { "-".into() } else { admission.join(", ") });
         field("created at ms", unix_ms(queue.created_at).to_string());
@@ -383,6 +386,11 @@ fn stats_json(stats: &BrokerStats) -> Value {
             object["refused_publish_rate"] = Value::from(queue.refused_publish_rate);
             object["throttled_calls"] = Value::from(queue.throttled_calls);
             object["throttled_ms"] = Value::from(queue.throttled.as_millis() as u64);
+            object["expired_dead_lettered"] = Value::from(queue.expired_dead_lettered);
+            object["expired_dropped"] = Value::from(queue.expired_dropped);
+            object["paced"] = Value::from(queue.paced);
+            object["paced_ms"] = Value::from(queue.paced_time.as_millis() as u64);
+            object["paced_held_back"] = Value::from(queue.paced_held_back);
             object["lanes"] = queue
                 .lanes
                 .iter()
@@ -445,6 +453,9 @@ fn queue_json(queue: &QueueInfo) -> Value {
             "lane_admission": settings.lane_admission,
             "max_publish_rate": settings.max_publish_rate,
             "max_publish_byte_rate": settings.max_publish_byte_rate,
+            "message_ttl_ms": settings.message_ttl.map(millis),
+            "expired_action": settings.expired_action.map(|a| a.as_str()),
+            "max_delivery_rate": settings.max_delivery_rate,
         },
     })
 }

@@ -14,6 +14,12 @@ class SyncPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SYNC_POLICY_INTERVAL: _ClassVar[SyncPolicy]
     SYNC_POLICY_NONE: _ClassVar[SyncPolicy]
 
+class ExpiredAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPIRED_ACTION_UNSPECIFIED: _ClassVar[ExpiredAction]
+    EXPIRED_ACTION_DEAD_LETTER: _ClassVar[ExpiredAction]
+    EXPIRED_ACTION_DROP: _ClassVar[ExpiredAction]
+
 class ExtendOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EXTEND_OUTCOME_UNSPECIFIED: _ClassVar[ExtendOutcome]
@@ -24,13 +30,16 @@ SYNC_POLICY_UNSPECIFIED: SyncPolicy
 SYNC_POLICY_FSYNC: SyncPolicy
 SYNC_POLICY_INTERVAL: SyncPolicy
 SYNC_POLICY_NONE: SyncPolicy
+EXPIRED_ACTION_UNSPECIFIED: ExpiredAction
+EXPIRED_ACTION_DEAD_LETTER: ExpiredAction
+EXPIRED_ACTION_DROP: ExpiredAction
 EXTEND_OUTCOME_UNSPECIFIED: ExtendOutcome
 EXTEND_OUTCOME_EXTENDED: ExtendOutcome
 EXTEND_OUTCOME_EXPIRED: ExtendOutcome
 EXTEND_OUTCOME_NOT_LEASED: ExtendOutcome
 
 class QueueSettings(_message.Message):
-    __slots__ = ("lanes", "lane_weights", "strict_priority", "default_lane", "lease_timeout_ms", "max_attempts", "dead_letter", "dedupe_window_ms", "message_size_max", "sync_policy", "sync_interval_ms", "max_messages", "max_bytes", "lane_admission", "max_publish_rate", "max_publish_byte_rate")
+    __slots__ = ("lanes", "lane_weights", "strict_priority", "default_lane", "lease_timeout_ms", "max_attempts", "dead_letter", "dedupe_window_ms", "message_size_max", "sync_policy", "sync_interval_ms", "max_messages", "max_bytes", "lane_admission", "max_publish_rate", "max_publish_byte_rate", "message_ttl_ms", "expired_action", "max_delivery_rate")
     LANES_FIELD_NUMBER: _ClassVar[int]
     LANE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STRICT_PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +56,9 @@ class QueueSettings(_message.Message):
     LANE_ADMISSION_FIELD_NUMBER: _ClassVar[int]
     MAX_PUBLISH_RATE_FIELD_NUMBER: _ClassVar[int]
     MAX_PUBLISH_BYTE_RATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_ACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELIVERY_RATE_FIELD_NUMBER: _ClassVar[int]
     lanes: _containers.RepeatedScalarFieldContainer[str]
     lane_weights: _containers.RepeatedScalarFieldContainer[int]
     strict_priority: bool
@@ -63,7 +75,10 @@ class QueueSettings(_message.Message):
     lane_admission: _containers.RepeatedScalarFieldContainer[float]
     max_publish_rate: int
     max_publish_byte_rate: int
-    def __init__(self, lanes: _Optional[_Iterable[str]] = ..., lane_weights: _Optional[_Iterable[int]] = ..., strict_priority: _Optional[bool] = ..., default_lane: _Optional[int] = ..., lease_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., dead_letter: _Optional[bool] = ..., dedupe_window_ms: _Optional[int] = ..., message_size_max: _Optional[int] = ..., sync_policy: _Optional[_Union[SyncPolicy, str]] = ..., sync_interval_ms: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lane_admission: _Optional[_Iterable[float]] = ..., max_publish_rate: _Optional[int] = ..., max_publish_byte_rate: _Optional[int] = ...) -> None: ...
+    message_ttl_ms: int
+    expired_action: ExpiredAction
+    max_delivery_rate: int
+    def __init__(self, lanes: _Optional[_Iterable[str]] = ..., lane_weights: _Optional[_Iterable[int]] = ..., strict_priority: _Optional[bool] = ..., default_lane: _Optional[int] = ..., lease_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., dead_letter: _Optional[bool] = ..., dedupe_window_ms: _Optional[int] = ..., message_size_max: _Optional[int] = ..., sync_policy: _Optional[_Union[SyncPolicy, str]] = ..., sync_interval_ms: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lane_admission: _Optional[_Iterable[float]] = ..., max_publish_rate: _Optional[int] = ..., max_publish_byte_rate: _Optional[int] = ..., message_ttl_ms: _Optional[int] = ..., expired_action: _Optional[_Union[ExpiredAction, str]] = ..., max_delivery_rate: _Optional[int] = ...) -> None: ...
 
 class CreateQueueRequest(_message.Message):
     __slots__ = ("name", "settings")
@@ -164,7 +179,7 @@ class PurgeQueueResponse(_message.Message):
     def __init__(self, purged: _Optional[int] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("payload", "headers", "idempotency_key", "lane", "delay_ms")
+    __slots__ = ("payload", "headers", "idempotency_key", "lane", "delay_ms", "ttl_ms")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -177,12 +192,14 @@ class Message(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
     DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     headers: _containers.ScalarMap[str, str]
     idempotency_key: str
     lane: int
     delay_ms: int
-    def __init__(self, payload: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., lane: _Optional[int] = ..., delay_ms: _Optional[int] = ...) -> None: ...
+    ttl_ms: int
+    def __init__(self, payload: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., lane: _Optional[int] = ..., delay_ms: _Optional[int] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("queue", "message")
@@ -316,7 +333,7 @@ class LaneStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., admission: _Optional[float] = ..., in_flight: _Optional[int] = ..., storage_failed: _Optional[bool] = ...) -> None: ...
 
 class QueueStats(_message.Message):
-    __slots__ = ("name", "saturation", "lanes", "in_flight", "consumers", "credit", "max_messages", "max_bytes", "refused_queue_full", "refused_disk_full", "refused_publish_rate", "throttled_calls", "throttled_ms", "damaged", "opening")
+    __slots__ = ("name", "saturation", "lanes", "in_flight", "consumers", "credit", "max_messages", "max_bytes", "refused_queue_full", "refused_disk_full", "refused_publish_rate", "throttled_calls", "throttled_ms", "damaged", "opening", "expired_dead_lettered", "expired_dropped", "paced", "paced_ms", "paced_held_back")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SATURATION_FIELD_NUMBER: _ClassVar[int]
     LANES_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +349,11 @@ class QueueStats(_message.Message):
     THROTTLED_MS_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
     OPENING_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PACED_FIELD_NUMBER: _ClassVar[int]
+    PACED_MS_FIELD_NUMBER: _ClassVar[int]
+    PACED_HELD_BACK_FIELD_NUMBER: _ClassVar[int]
     name: str
     saturation: Saturation
     lanes: _containers.RepeatedCompositeFieldContainer[LaneStats]
@@ -347,7 +369,12 @@ class QueueStats(_message.Message):
     throttled_ms: int
     damaged: str
     opening: bool
-    def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., lanes: _Optional[_Iterable[_Union[LaneStats, _Mapping]]] = ..., in_flight: _Optional[int] = ..., consumers: _Optional[int] = ..., credit: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., refused_queue_full: _Optional[int] = ..., refused_disk_full: _Optional[int] = ..., refused_publish_rate: _Optional[int] = ..., throttled_calls: _Optional[int] = ..., throttled_ms: _Optional[int] = ..., damaged: _Optional[str] = ..., opening: _Optional[bool] = ...) -> None: ...
+    expired_dead_lettered: int
+    expired_dropped: int
+    paced: bool
+    paced_ms: int
+    paced_held_back: int
+    def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., lanes: _Optional[_Iterable[_Union[LaneStats, _Mapping]]] = ..., in_flight: _Optional[int] = ..., consumers: _Optional[int] = ..., credit: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., refused_queue_full: _Optional[int] = ..., refused_disk_full: _Optional[int] = ..., refused_publish_rate: _Optional[int] = ..., throttled_calls: _Optional[int] = ..., throttled_ms: _Optional[int] = ..., damaged: _Optional[str] = ..., opening: _Optional[bool] = ..., expired_dead_lettered: _Optional[int] = ..., expired_dropped: _Optional[int] = ..., paced: _Optional[bool] = ..., paced_ms: _Optional[int] = ..., paced_held_back: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("at_ms", "queues", "disk_free_bytes", "disk_free_min_bytes")
