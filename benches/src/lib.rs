@@ -5,7 +5,9 @@
 //!   priority, recovery, backlog, overhead), each printing a table and
 //!   writing JSON (and an SVG chart where one helps) to
 //!   `target/bench-results/`. See its `main.rs` for one command per
-//!   scenario.
+//!   scenario. `compare` (Ballast beside NATS JetStream and RabbitMQ, which
+//!   it starts itself) is built only with the `compare` feature;
+//!   `scripts/install-peers` installs the peers on Debian.
 //! - `benches/storage.rs`: criterion micro-benchmarks of `ballast-storage`
 //!   (append by record size, batch size and sync policy; sequential read;
 //!   recovery). Run with `cargo bench -p ballast-benches --bench storage`.

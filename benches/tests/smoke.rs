@@ -334,3 +334,53 @@ fn queues() {
     assert!(u(&v["flood_stored"]) > 0, "the flood stored messages");
     assert!(f(&v["p99_ratio_publish_to_delivery"]) > 0.0);
 }
+
+/// `compare` with `--peers none`: the disk probe and Ballast's side of
+/// every workload, through the client library and through the raw stubs,
+/// land in the JSON with a median per figure, every round and the load
+/// tool's CPU share. Only built with `--features compare` (the peers'
+/// clients stay out of default builds and CI); the peers are never started
+/// here.
+#[cfg(feature = "compare")]
+#[test]
+fn compare_ballast_side() {
+    #[rustfmt::skip]
+    let args = [
+        "--peers", "none", "--rounds", "2", "--messages", "300", "--size", "100", "--producers", "2",
+        "--unacked", "32", "--batch", "8", "--prefetch", "50", "--rate", "200", "--seconds", "1",
+        "--warmup", "1", "--disk-probe", "20",
+    ];
+    let (v, _, _dir) = run("compare", &args);
+    assert_eq!(v["systems"], serde_json::json!(["ballast"]));
+    let figures = v["figures"].as_array().expect("figures");
+    let kinds: Vec<&str> = figures.iter().map(|fig| fig["figure"].as_str().expect("figure kind")).collect();
+    assert_eq!(kinds, ["fdatasync_p50", "fdatasync_p99", "publish", "drain", "latency_p50", "latency_p99"]);
+    for figure in &figures[..2] {
+        let disk = &figure["systems"]["disk"];
+        assert_eq!(disk["rounds"].as_array().map(Vec::len), Some(2), "the disk was probed every round: {figure}");
+        assert!(f(&disk["median"]) > 0.0, "{figure}");
+    }
+    assert!(f(&figures[5]["ratios"]["ballast/fdatasync_p99"]) > 0.0, "p99 over the disk's: {}", figures[5]);
+    for figure in &figures[2..] {
+        for system in ["ballast", "ballast_raw"] {
+            let s = &figure["systems"][system];
+            assert_eq!(s["rounds"].as_array().map(Vec::len), Some(2), "{system} ran every round: {figure}");
+            assert!(f(&s["median"]) > 0.0, "{system}: {figure}");
+            let share = f(&s["tool_cpu_share_median"]);
+            assert!((0.0..=1.0).contains(&share), "the tool's CPU share is a fraction of the machine: {share}");
+            assert!(f(&s["broker_cpu_cores_median"]) > 0.0, "the started broker's CPU is read: {figure}");
+        }
+        assert!(f(&figure["ratios"]["ballast/ballast_raw"]) > 0.0);
+    }
+}
+
+/// Without its feature, `compare` says how to build it (and starts no
+/// broker first).
+#[cfg(not(feature = "compare"))]
+#[test]
+fn compare_needs_its_feature() {
+    let output = Command::new(BENCH).args(["compare", "--peers", "none"]).output().expect("running ballast-bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("--features ballast-benches/compare"), "{stderr}");
+}

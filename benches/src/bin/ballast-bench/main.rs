@@ -28,6 +28,15 @@
 //! target/release/ballast-bench cold --rate 2000 --backlog-mb 2048   # as root: drops the page cache
 //! ```
 //!
+//! `compare` (Ballast beside NATS JetStream and RabbitMQ quorum queues)
+//! needs the `compare` feature and the peers installed (see its module):
+//!
+//! ```text
+//! benches/scripts/install-peers
+//! cargo build --release -p ballast-broker -p ballast-benches --features ballast-benches/compare
+//! target/release/ballast-bench compare --rounds 3 --messages 200000 --size 1024,100 --rate 2000,10000
+//! ```
+//!
 //! `--sync fsync|interval|none` (default fsync) sets the queue's sync
 //! policy for any scenario; `--addr HOST:PORT` targets a running broker
 //! instead (not for backlog, recovery and queues, which restart it).
@@ -44,6 +53,8 @@ mod broker;
 mod chaos;
 mod chart;
 mod cold;
+#[cfg(feature = "compare")]
+mod compare;
 mod isolation;
 mod latency;
 mod load;
@@ -158,12 +169,29 @@ enum Scenario {
     /// backlog that is not in the page cache (reads that fault on the
     /// broker's runtime workers).
     Cold(cold::Args),
+    /// Ballast side by side with NATS JetStream and RabbitMQ quorum
+    /// queues: durable publish, drain and publish-to-delivery latency, one
+    /// load generator, interleaved rounds.
+    #[cfg(feature = "compare")]
+    Compare(compare::Args),
+    /// Ballast side by side with NATS JetStream and RabbitMQ (not in this
+    /// build: it needs the `compare` feature).
+    #[cfg(not(feature = "compare"))]
+    Compare {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
+        // Before a broker starts for nothing.
+        #[cfg(not(feature = "compare"))]
+        if matches!(args.scenario, Scenario::Compare { .. }) {
+            return Err(compare_not_built());
+        }
         let tls_scenario = matches!(args.scenario, Scenario::Throughput(_) | Scenario::Latency(_));
         anyhow::ensure!(args.tls == Tls::Off || tls_scenario, "--tls is for the throughput and latency scenarios");
         anyhow::ensure!(!args.auth || tls_scenario, "--auth is for the throughput and latency scenarios");
@@ -230,7 +258,20 @@ async fn scenario(args: &Args, tls: bool) -> anyhow::Result<(&'static str, serde
         Scenario::Chaos(a) => ("chaos", chaos::run(&mut target, a, args.sync).await?),
         Scenario::Queues(a) => ("queues", queues::run(&mut target, a, args.sync).await?),
         Scenario::Cold(a) => ("cold", cold::run(&target, a, args.sync).await?),
+        #[cfg(feature = "compare")]
+        Scenario::Compare(a) => ("compare", compare::run(&target, a, args.sync, &args.data_root, args.keep).await?),
+        #[cfg(not(feature = "compare"))]
+        Scenario::Compare { .. } => return Err(compare_not_built()),
     })
+}
+
+/// What `compare` says in a build without its feature.
+#[cfg(not(feature = "compare"))]
+fn compare_not_built() -> anyhow::Error {
+    anyhow::anyhow!(
+        "this ballast-bench was built without the compare scenario: \
+         cargo build --release -p ballast-benches --features ballast-benches/compare"
+    )
 }
 
 /// One result holding a plaintext and a TLS run of `name`, with the change
