@@ -33,7 +33,6 @@ use crate::{
     config::Config,
     dedupe::{Claims, Dedupe, Stored},
     error::{BrokerError, Refusal, RefusalReason, Result},
-    fair::Slot,
     limits::{
         BATCH_COUNT_MAX, DELAY_MS_MAX, HEADERS_COUNT_MAX, HEADERS_SIZE_MAX, KEY_SIZE_MAX, MESSAGE_TTL_MS_MAX,
         PUBLISH_HEADERS_COUNT_MAX, PUBLISH_HEADERS_SIZE_MAX, PUBLISH_THROTTLE_WAIT_MS_MAX, REFUSAL_HOLD_MS,
@@ -73,8 +72,6 @@ struct Batch {
     keys: Keys,
     /// The publish time of every message.
     now: u64,
-    /// The call's publish slot, held until its records are appended.
-    slot: Slot,
 }
 
 /// How a call's idempotency keys resolved ([`Queue::claim_keys`]).
@@ -422,12 +419,8 @@ impl Queue {
         }
         let now = now_ms();
         let keys = self.claim_keys(&messages, now).await;
-        // The node's publish work is shared fairly between queues: wait
-        // for a slot in this queue's line (`fair.rs`). After the keys, so
-        // a call waiting on another's claim holds no slot.
-        let slot = self.node.fair().acquire(&self.name).await;
         let queue = Arc::clone(self);
-        let stored = tokio::spawn(async move { queue.store(Batch { messages, lanes, keys, now, slot }).await });
+        let stored = tokio::spawn(async move { queue.store(Batch { messages, lanes, keys, now }).await });
         let outcome = match stored.await {
             Ok(receipts) => receipts,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
@@ -475,7 +468,14 @@ impl Queue {
     /// still committed and their keys recorded (so a retry of the batch
     /// stores only what is missing); the call then fails.
     async fn store(self: Arc<Self>, batch: Batch) -> Result<Vec<Receipt>> {
-        let Batch { messages, lanes, keys, now, slot } = batch;
+        let Batch { messages, lanes, keys, now } = batch;
+        // The node's publish work is shared fairly between queues: wait
+        // for a slot in this queue's line (`fair.rs`), held until the
+        // records are appended. Taken here, in the task that does the
+        // work, so that a slot is never held while that task waits to be
+        // scheduled; after the keys, so a call waiting on another's claim
+        // holds none.
+        let slot = self.node.fair().acquire(&self.name).await;
         let Keys { seen, repeats, mut claims } = keys;
         // What to store: one record per message that is neither a duplicate
         // nor a repeat of an earlier key in the batch. Admission decides on
