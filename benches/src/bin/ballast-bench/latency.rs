@@ -169,51 +169,24 @@ pub async fn measure(target: &Target, queue: &str, args: &Args) -> anyhow::Resul
     for _ in 0..args.producers {
         clients.push(PublisherClient::new(target.channel().await?));
     }
-    let durable = Arc::new(Mutex::new(load::histogram()));
-    let send_lag = Arc::new(Mutex::new(load::histogram()));
-    let permits = Arc::new(Semaphore::new(args.inflight));
-    let filler = Bytes::from(vec![b'x'; args.size - 8]);
-    let runtime = tokio::runtime::Handle::current();
-    let queue_name = queue.to_owned();
     let producers = args.producers as u64;
-    let size = args.size;
-    let generator = {
-        let durable = Arc::clone(&durable);
-        let send_lag = Arc::clone(&send_lag);
-        load::open_loop(total, start, interval_ns, move |seq, at| {
-            let permit = runtime.block_on(Arc::clone(&permits).acquire_owned())?;
-            let mut payload = BytesMut::with_capacity(size);
-            payload.put_u64_le(seq);
-            payload.put_slice(&filler);
-            let message = pb::Message { payload: payload.freeze(), ..Default::default() };
-            let mut client = clients[(seq % producers) as usize].clone();
-            let durable = Arc::clone(&durable);
-            let queue = queue_name.clone();
-            if seq >= warmup_count {
-                let us = Instant::now().saturating_duration_since(at).as_micros().max(1) as u64;
-                let _ = send_lag.lock().expect("histogram lock").record(us);
-            }
-            Ok(runtime.spawn(async move {
-                let result = client.publish(pb::PublishRequest { queue, message: Some(message) }).await;
-                if seq >= warmup_count {
-                    let us = at.elapsed().as_micros().max(1) as u64;
-                    let _ = durable.lock().expect("histogram lock").record(us);
-                }
-                drop(permit);
-                result.map(|_| ())
-            }))
-        })
-    };
-    let calls = load::join_open_loop(generator).await?;
-    for call in calls {
-        call.await??;
-    }
-    let offered_for = start.elapsed();
+    let queue_name = queue.to_owned();
+    let (durable, send_lag, achieved_rate) = publish_open_loop(args, start, move |seq, payload| {
+        let message = pb::Message { payload, ..Default::default() };
+        let mut client = clients[(seq % producers) as usize].clone();
+        let queue = queue_name.clone();
+        async move {
+            client
+                .publish(pb::PublishRequest { queue, message: Some(message) })
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await?;
     tokio::time::timeout(Duration::from_secs(120), consumer).await???;
-    let durable = durable.lock().expect("histogram lock").clone();
     let delivered = delivered.lock().expect("histogram lock").clone();
-    let send_lag = send_lag.lock().expect("histogram lock").clone();
-    Ok(Measured { achieved_rate: load::rate(total, offered_for), durable, delivered, send_lag })
+    Ok(Measured { achieved_rate, durable, delivered, send_lag })
 }
 
 /// [`measure`] through the client library: a `Producer` (no linger; each
@@ -252,12 +225,47 @@ async fn measure_client(target: &Target, queue: &str, args: &Args) -> anyhow::Re
         ..ballast_client::ProducerConfig::default()
     };
     let producer = Arc::new(client.producer(producer_config)?);
+    let queue_name = queue.to_owned();
+    let (durable, send_lag, achieved_rate) = publish_open_loop(args, start, move |_seq, payload| {
+        let producer = Arc::clone(&producer);
+        let queue = queue_name.clone();
+        async move {
+            producer
+                .publish(&queue, ballast_client::Message::new(payload))
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await?;
+    let stats = tokio::time::timeout(Duration::from_secs(120), consumer.join()).await??;
+    anyhow::ensure!(stats.acked >= total, "the consumer acked {} of {total}", stats.acked);
+    let delivered = delivered.lock().expect("histogram lock").clone();
+    Ok(Measured { achieved_rate, durable, delivered, send_lag })
+}
+
+/// The open loop both paths share: at each intended send time (from
+/// `start`), a payload holding the sequence number then filler is handed
+/// to `publish`, in a task of its own, at most `args.inflight` at once.
+/// Returns the publish-to-durable and send-lag histograms (warm-up left
+/// out) and the achieved offer rate.
+async fn publish_open_loop<P, F>(
+    args: &Args,
+    start: Instant,
+    publish: P,
+) -> anyhow::Result<(hdrhistogram::Histogram<u64>, hdrhistogram::Histogram<u64>, f64)>
+where
+    P: Fn(u64, Bytes) -> F + Send + 'static,
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let total = args.rate * (args.seconds + args.warmup);
+    let warmup_count = args.rate * args.warmup;
+    let interval_ns = 1_000_000_000 / args.rate;
     let durable = Arc::new(Mutex::new(load::histogram()));
     let send_lag = Arc::new(Mutex::new(load::histogram()));
     let permits = Arc::new(Semaphore::new(args.inflight));
     let filler = Bytes::from(vec![b'x'; args.size - 8]);
     let runtime = tokio::runtime::Handle::current();
-    let queue_name = queue.to_owned();
     let size = args.size;
     let generator = {
         let durable = Arc::clone(&durable);
@@ -267,21 +275,20 @@ async fn measure_client(target: &Target, queue: &str, args: &Args) -> anyhow::Re
             let mut payload = BytesMut::with_capacity(size);
             payload.put_u64_le(seq);
             payload.put_slice(&filler);
-            let producer = Arc::clone(&producer);
             let durable = Arc::clone(&durable);
-            let queue = queue_name.clone();
             if seq >= warmup_count {
                 let us = Instant::now().saturating_duration_since(at).as_micros().max(1) as u64;
                 let _ = send_lag.lock().expect("histogram lock").record(us);
             }
+            let published = publish(seq, payload.freeze());
             Ok(runtime.spawn(async move {
-                let result = producer.publish(&queue, ballast_client::Message::new(payload.freeze())).await;
+                let result = published.await;
                 if seq >= warmup_count {
                     let us = at.elapsed().as_micros().max(1) as u64;
                     let _ = durable.lock().expect("histogram lock").record(us);
                 }
                 drop(permit);
-                result.map(|_| ()).map_err(anyhow::Error::from)
+                result
             }))
         })
     };
@@ -289,11 +296,8 @@ async fn measure_client(target: &Target, queue: &str, args: &Args) -> anyhow::Re
     for call in calls {
         call.await??;
     }
-    let offered_for = start.elapsed();
-    let stats = tokio::time::timeout(Duration::from_secs(120), consumer.join()).await??;
-    anyhow::ensure!(stats.acked >= total, "the consumer acked {} of {total}", stats.acked);
+    let achieved_rate = load::rate(total, start.elapsed());
     let durable = durable.lock().expect("histogram lock").clone();
-    let delivered = delivered.lock().expect("histogram lock").clone();
     let send_lag = send_lag.lock().expect("histogram lock").clone();
-    Ok(Measured { achieved_rate: load::rate(total, offered_for), durable, delivered, send_lag })
+    Ok((durable, send_lag, achieved_rate))
 }
