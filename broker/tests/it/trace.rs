@@ -65,9 +65,20 @@ async fn trace_headers_travel_untouched_through_every_copy() {
     assert_eq!(letter.headers.get("ballast-dead-letter-reason").map(String::as_str), Some("give up"));
     assert_traced(&letter.headers, "dead-lettered");
     drop(dead);
-    let redriven = pb::RedriveRequest { name: "traced".into(), max_messages: 0, reason: String::new() };
-    let moved = broker.admin().await.redrive(redriven).await.unwrap().into_inner();
-    assert_eq!(moved.moved, 1);
+    // The dropped session's lease on the letter is released once the broker
+    // sees its stream end; a redrive passes over leased letters, so repeat
+    // it (bounded) until the letter has moved.
+    let mut admin = broker.admin().await;
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let mut moved = 0;
+    while moved == 0 && std::time::Instant::now() < until {
+        let redriven = pb::RedriveRequest { name: "traced".into(), max_messages: 0, reason: String::new() };
+        moved = admin.redrive(redriven).await.unwrap().into_inner().moved;
+        if moved == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(moved, 1);
     session.credit(1).await;
     let back = session.delivery().await;
     assert_eq!((back.payload.as_ref(), back.attempt), (&b"now"[..], 1));
