@@ -52,7 +52,7 @@ use crate::{
     clock::{Clock, SystemClock},
     contract,
     message::generate_idempotency_key,
-    publish_stream::PublishStream,
+    publish_stream::{PublishStream, Sent},
     retry::Retrier,
 };
 
@@ -421,14 +421,17 @@ impl Shared {
     /// One attempt: a request on the publish stream, or a unary call (when
     /// configured, or when the broker lacks the stream).
     async fn attempt(&self, queue: &str, messages: Vec<proto::Message>) -> Result<Vec<proto::Receipt>, Error> {
-        if self.config.publish_stream && !self.stream.unsupported() {
-            match self.stream.publish(queue, messages.clone()).await {
-                Err(Error::Broker { code: tonic::Code::Unimplemented, .. }) if self.stream.unsupported() => {
+        let messages = if self.config.publish_stream && !self.stream.unsupported() {
+            match self.stream.publish(queue, messages).await {
+                Sent::Answered(answer) => return answer,
+                Sent::Unsupported(messages) => {
                     tracing::debug!("the broker has no PublishStream; publishing with unary calls");
+                    messages
                 }
-                answer => return answer,
             }
-        }
+        } else {
+            messages
+        };
         let mut client = self.client.clone();
         if messages.len() == 1 {
             let message = messages.into_iter().next();

@@ -35,6 +35,16 @@ use crate::{Error, client::Transport};
 /// A reply to one request: its response or the error that ended the stream.
 type Reply = oneshot::Sender<Result<proto::PublishStreamResponse, Error>>;
 
+/// What a stream attempt came to.
+#[derive(Debug)]
+pub(crate) enum Sent {
+    /// The broker's answer, or the attempt's error.
+    Answered(Result<Vec<proto::Receipt>, Error>),
+    /// The broker has no PublishStream: nothing was sent; the messages,
+    /// for a unary call.
+    Unsupported(Vec<proto::Message>),
+}
+
 /// The producer's stream, opened on demand.
 #[derive(Debug)]
 pub(crate) struct PublishStream {
@@ -76,37 +86,49 @@ impl PublishStream {
     /// Publishes one batch as a stream request and waits for its answer:
     /// the receipts, or the error PublishBatch would have returned. An
     /// attempt given up (dropped) leaves its answer to be discarded.
-    pub(crate) async fn publish(
-        &self,
-        queue: &str,
-        messages: Vec<proto::Message>,
-    ) -> Result<Vec<proto::Receipt>, Error> {
-        let reply = self.send(queue, messages).await?;
-        let response = reply.await.map_err(|_| Error::Unavailable { message: "the publish stream ended".into() })??;
-        match response.error {
-            Some(error) => Err(error_of(error)),
-            None => Ok(response.receipts),
-        }
+    /// Against a broker without the stream nothing is sent and the
+    /// messages come back, for a unary call.
+    pub(crate) async fn publish(&self, queue: &str, messages: Vec<proto::Message>) -> Sent {
+        let reply = match self.send(queue, messages).await {
+            Ok(reply) => reply,
+            Err((_, messages)) if self.unsupported() => return Sent::Unsupported(messages),
+            Err((error, _)) => return Sent::Answered(Err(error)),
+        };
+        let answer = match reply.await {
+            Ok(Ok(response)) => match response.error {
+                Some(error) => Err(error_of(error)),
+                None => Ok(response.receipts),
+            },
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(Error::Unavailable { message: "the publish stream ended".into() }),
+        };
+        Sent::Answered(answer)
     }
 
+    /// Queues the request on the open stream (opening one first if need
+    /// be); on failure, the error and the messages, which were not sent.
     async fn send(
         &self,
         queue: &str,
         messages: Vec<proto::Message>,
-    ) -> Result<oneshot::Receiver<Result<proto::PublishStreamResponse, Error>>, Error> {
+    ) -> Result<oneshot::Receiver<Result<proto::PublishStreamResponse, Error>>, (Error, Vec<proto::Message>)> {
         let mut session = self.session.lock().await;
         let open = session.as_ref().is_some_and(|s| lock(&s.replies).ended.is_none());
         if !open {
-            *session = Some(self.open().await?);
+            match self.open().await {
+                Ok(opened) => *session = Some(opened),
+                Err(error) => return Err((error, messages)),
+            }
         }
-        let Some(session) = session.as_ref() else { return Err(Error::Closed) };
-        let ended = || Error::Unavailable { message: "the publish stream ended".into() };
+        let Some(session) = session.as_ref() else { return Err((Error::Closed, messages)) };
         // Room first (the HTTP/2 stream's flow control may hold the queue
         // full), then the sequence: answers match requests in the order sent.
-        let permit = session.requests.reserve().await.map_err(|_| ended())?;
+        let Ok(permit) = session.requests.reserve().await else {
+            return Err((Error::Unavailable { message: "the publish stream ended".into() }, messages));
+        };
         let mut replies = lock(&session.replies);
         if let Some(error) = &replies.ended {
-            return Err(error.clone());
+            return Err((error.clone(), messages));
         }
         let sequence = replies.next_sequence;
         replies.next_sequence += 1;
