@@ -15,6 +15,7 @@
 //! - [`server`]: wiring it all to a listener, with graceful shutdown.
 
 pub mod auth;
+pub mod cluster;
 pub mod broker;
 pub mod config;
 pub mod console;

@@ -1,0 +1,1 @@
+//! The cluster's transport (filled in by the network work).
