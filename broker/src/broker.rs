@@ -55,6 +55,9 @@ pub struct Node {
     disk_free_min: u64,
     /// The node's publish slots, shared fairly between queues.
     fair: Arc<FairShare>,
+    /// The cluster log, when `[cluster]` is configured (set once Raft is
+    /// running, after the broker opened).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::node::Cluster>>,
 }
 
 impl Node {
@@ -68,7 +71,18 @@ impl Node {
             disk_free: AtomicU64::new(u64::MAX),
             disk_free_min,
             fair: Arc::new(FairShare::new(publish_slots)),
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The cluster log, if this node is part of a cluster and it runs.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::node::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Sets the running cluster log (once, at start).
+    pub fn set_cluster(&self, cluster: Arc<crate::cluster::node::Cluster>) {
+        let _ = self.cluster.set(cluster);
     }
 
     /// The fair share of publish work between queues (`fair.rs`).
@@ -547,6 +561,63 @@ impl Broker {
             });
         }
         let settings = QueueSettings::resolve(request, &self.config.queue_defaults)?;
+        if settings.replicas > 1 {
+            let Some(cluster) = self.node.cluster() else {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "replicas = {} needs a cluster; this node has no [cluster] section (docs/replication.md)",
+                    settings.replicas
+                )));
+            };
+            if settings.replicas != cluster.voters() {
+                return Err(BrokerError::InvalidSetting {
+                    key: "replicas",
+                    message: format!(
+                        "a replicated queue is kept by every voter: this cluster has {}; got {}",
+                        cluster.voters(),
+                        settings.replicas
+                    ),
+                });
+            }
+            cluster.check_leader(name.as_str())?;
+            if let Some(existing) = self.open_queue(&name) {
+                return match existing.settings().difference(&settings) {
+                    None => Ok(existing),
+                    Some(difference) => Err(BrokerError::QueueExists { name: name.to_string(), difference }),
+                };
+            }
+            let settings_toml = toml::to_string(&settings)
+                .map_err(|e| BrokerError::Storage(format!("queue settings as TOML: {e}")))?;
+            let command = crate::cluster::Command::CreateQueue { name: name.to_string(), settings_toml };
+            cluster.propose(name.as_str(), command).await?;
+            return self.open_queue(&name).ok_or_else(|| BrokerError::QueueNotFound(name.to_string()));
+        }
+        self.create_resolved(name, settings).await
+    }
+
+    /// Applies a cluster log `CreateQueue` on this node: the queue with the
+    /// leader's resolved settings, or nothing if it exists with them.
+    pub(crate) async fn apply_create(self: &Arc<Self>, name: &str, settings: QueueSettings) -> Result<()> {
+        let name = QueueName::parse(name)?;
+        self.create_resolved(name, settings).await.map(drop)
+    }
+
+    /// Applies a cluster log `UpdateQueue`: the queue's settings become
+    /// `settings` (validated as any update).
+    pub(crate) async fn apply_update(self: &Arc<Self>, name: &str, settings: QueueSettings) -> Result<()> {
+        let queue = self.queue(name).await?;
+        queue.update_settings(&SettingsRequest::from_settings(&settings)).map(drop)
+    }
+
+    /// Applies a cluster log `DeleteQueue`; a queue already gone is fine.
+    pub(crate) async fn apply_delete(self: &Arc<Self>, name: &str) -> Result<()> {
+        match self.delete_local(name).await {
+            Err(BrokerError::QueueNotFound(_)) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Creates a queue with resolved settings (see [`Broker::create`]).
+    async fn create_resolved(self: &Arc<Self>, name: QueueName, settings: QueueSettings) -> Result<Arc<Queue>> {
         let _admin = self.admin.lock().await;
         self.check_running()?;
         let dead_name = dead_letter_name(&name)?;
@@ -662,6 +733,24 @@ impl Broker {
     /// exists cannot be deleted on its own.
     pub async fn delete(self: &Arc<Self>, name: &str) -> Result<()> {
         self.check_running()?;
+        if let Some(queue) = self.open_queue(&QueueName::parse(name)?)
+            && let Some(cluster) = queue.replicated().cloned()
+        {
+            cluster.check_leader(name)?;
+            let source = name.strip_suffix(DEAD_LETTER_SUFFIX).unwrap_or(name);
+            if source != name && self.open_queue(&QueueName::parse(source)?).is_some() {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "{name} is the dead-letter queue of {source}; delete {source} (which deletes both) or purge {name}"
+                )));
+            }
+            let command = crate::cluster::Command::DeleteQueue { name: name.to_owned() };
+            return cluster.propose(name, command).await.map(drop);
+        }
+        self.delete_local(name).await
+    }
+
+    /// Deletes a queue on this node only (see [`Broker::delete`]).
+    async fn delete_local(self: &Arc<Self>, name: &str) -> Result<()> {
         let name = QueueName::parse(name)?;
         let _admin = self.admin.lock().await;
         let dead_name = dead_letter_name(&name)?;

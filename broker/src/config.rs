@@ -119,6 +119,9 @@ pub struct Config {
     /// Start on a non-loopback address without TLS and authentication
     /// (see [`check_exposure`]).
     pub insecure: bool,
+    /// Replication (`docs/replication.md`): this node's id and its
+    /// peers. Absent: a single node, and `replicas` above 1 is refused.
+    pub cluster: Option<ClusterConfig>,
     /// Test seam, never read from a file: failures to inject into every
     /// log's I/O (see `ballast_storage::Faults`).
     #[serde(skip)]
@@ -177,6 +180,118 @@ pub struct StorageConfig {
 }
 
 /// Authentication and authorization (`docs/security.md`).
+/// Default Raft heartbeat interval of the cluster log, in ms.
+pub const CLUSTER_HEARTBEAT_MS_DEFAULT: u64 = 150;
+/// Default lower bound of the randomized election timeout, in ms: a
+/// follower that hears nothing from a leader for this long (plus a random
+/// part up to the upper bound) starts an election.
+pub const CLUSTER_ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 1_000;
+/// Default upper bound of the randomized election timeout, in ms.
+pub const CLUSTER_ELECTION_TIMEOUT_MAX_MS_DEFAULT: u64 = 2_000;
+
+/// `[cluster]`: this node's place in a statically configured cluster.
+///
+/// ```toml
+/// [cluster]
+/// node_id = 1
+/// peers = [
+///   { id = 1, addr = "127.0.0.1:7400" },
+///   { id = 2, addr = "127.0.0.1:7410" },
+///   { id = 3, addr = "127.0.0.1:7420" },
+/// ]
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id, one of `peers`' ids, never 0.
+    pub node_id: u64,
+    /// Every voter of the cluster, this node included: its id and the
+    /// gRPC address the other nodes and the clients reach it at.
+    pub peers: Vec<Peer>,
+    /// Raft heartbeat interval, in ms.
+    #[serde(default = "heartbeat_default")]
+    pub heartbeat_ms: u64,
+    /// Randomized election timeout's lower bound, in ms.
+    #[serde(default = "election_min_default")]
+    pub election_timeout_min_ms: u64,
+    /// Randomized election timeout's upper bound, in ms.
+    #[serde(default = "election_max_default")]
+    pub election_timeout_max_ms: u64,
+    /// Bearer token this node presents to its peers when they have an
+    /// auth file (a principal with the `cluster` permission).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn heartbeat_default() -> u64 {
+    CLUSTER_HEARTBEAT_MS_DEFAULT
+}
+fn election_min_default() -> u64 {
+    CLUSTER_ELECTION_TIMEOUT_MIN_MS_DEFAULT
+}
+fn election_max_default() -> u64 {
+    CLUSTER_ELECTION_TIMEOUT_MAX_MS_DEFAULT
+}
+
+/// One voter of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub id: u64,
+    /// `host:port` of its gRPC listener.
+    pub addr: String,
+}
+
+impl ClusterConfig {
+    /// Checks the node set: ids unique and non-zero, this node among
+    /// them, an odd count up to `REPLICAS_MAX`, the timeouts ordered.
+    pub fn validate(&self) -> Result<(), String> {
+        let max = crate::limits::REPLICAS_MAX as usize;
+        let n = self.peers.len();
+        if !(3..=max).contains(&n) || n % 2 == 0 {
+            return Err(format!("peers must list an odd count of 3..={max} nodes (this one included); got {n}"));
+        }
+        for (i, peer) in self.peers.iter().enumerate() {
+            if peer.id == 0 {
+                return Err("peers: node ids start at 1".to_owned());
+            }
+            if self.peers[..i].iter().any(|p| p.id == peer.id) {
+                return Err(format!("peers: node id {} appears twice", peer.id));
+            }
+            if peer.addr.is_empty() {
+                return Err(format!("peers: node {} has no addr", peer.id));
+            }
+        }
+        if !self.peers.iter().any(|p| p.id == self.node_id) {
+            return Err(format!("node_id {} is not among peers' ids", self.node_id));
+        }
+        if !(10..=10_000).contains(&self.heartbeat_ms) {
+            return Err(format!("heartbeat_ms must be in 10..=10000; got {}", self.heartbeat_ms));
+        }
+        if self.election_timeout_min_ms < 2 * self.heartbeat_ms
+            || self.election_timeout_max_ms <= self.election_timeout_min_ms
+            || self.election_timeout_max_ms > 60_000
+        {
+            return Err(format!(
+                "election timeouts must satisfy 2 x heartbeat_ms <= election_timeout_min_ms < \
+                 election_timeout_max_ms <= 60000; got {}..{} with a heartbeat of {}",
+                self.election_timeout_min_ms, self.election_timeout_max_ms, self.heartbeat_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// This node's own peer entry.
+    pub fn me(&self) -> &Peer {
+        self.peers.iter().find(|p| p.id == self.node_id).expect("validated: node_id is among peers")
+    }
+
+    /// The client address of node `id`, if it is a peer.
+    pub fn addr_of(&self, id: u64) -> Option<&str> {
+        self.peers.iter().find(|p| p.id == id).map(|p| p.addr.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
@@ -358,6 +473,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             metrics: MetricsConfig::default(),
             insecure: false,
+            cluster: None,
             faults: FaultSeam::default(),
             storage_shared: StorageShared::default(),
         }
@@ -399,6 +515,9 @@ impl Config {
             return Err(format!("storage.open_files_max must be in {min}..={max}; got {files}"));
         }
         self.grpc.validate().map_err(|e| format!("grpc.{e}"))?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate().map_err(|e| format!("cluster.{e}"))?;
+        }
         let max = crate::limits::QUEUES_MAX;
         if !(1..=max).contains(&self.queues_max) {
             return Err(format!("queues_max must be in 1..={max}; got {}", self.queues_max));

@@ -188,6 +188,15 @@ impl Dedupe {
         }
     }
 
+    /// Records a key a replica stored by applying the cluster log. On the
+    /// leader the publishing call holds the key's claim and records it
+    /// itself; anywhere else it is inserted.
+    pub fn applied(&mut self, key: Bytes, at: Stored, timestamp_ms: u64) {
+        if !matches!(self.slots.get(&key), Some(Slot::Pending(_)) | Some(Slot::Stored { .. })) {
+            self.insert(key, at, timestamp_ms);
+        }
+    }
+
     /// Inserts a key recovered from storage or just stored.
     pub fn insert(&mut self, key: Bytes, at: Stored, timestamp_ms: u64) {
         self.slots.insert(key.clone(), Slot::Stored { at, timestamp_ms });

@@ -23,6 +23,18 @@ pub enum BrokerError {
     UnknownDelivery { delivery_id: u64 },
     #[error("the broker is shutting down; retry against the restarted broker")]
     ShuttingDown,
+    /// A call on a replicated queue reached a node that is not the
+    /// cluster's leader. `leader`: the leader's gRPC address, if known
+    /// (none during an election).
+    #[error("{}", match leader {
+        Some(leader) => format!("queue {queue} is replicated and this node is not the cluster's leader; call the leader at {leader} (metadata ballast-leader)"),
+        None => format!("queue {queue} is replicated and the cluster has no leader now (an election); retry shortly"),
+    })]
+    NotLeader { queue: String, leader: Option<String> },
+    /// The cluster log could not take a command (the leader lost its
+    /// majority meanwhile, or Raft stopped); nothing was acknowledged.
+    #[error("the cluster log did not commit the write: {0}; retry (the leader may have changed)")]
+    Cluster(String),
     /// A real ENOSPC from the disk (not the watermark, which is a
     /// `Refused`): nothing of the call was stored. The path is in the
     /// broker's log, not here: clients never see paths.

@@ -470,3 +470,27 @@ pub const SCALER_TARGET_DEPTH_DEFAULT: f64 = 100.0;
 /// `metric: drainSeconds`: the drain time, in seconds, the consumers
 /// should keep the backlog under.
 pub const SCALER_TARGET_DRAIN_SECONDS_DEFAULT: f64 = 60.0;
+
+/// Ceiling of a queue's `replicas`: the largest cluster a replicated queue
+/// spans (Raft voters; an odd count, so a majority is always one more
+/// than a minority).
+pub const REPLICAS_MAX: u32 = 7;
+
+/// `retry-after-ms` of an UNAVAILABLE for a replicated queue on a node
+/// that is not the leader, or during an election: about a heartbeat, so a
+/// client that cannot follow `ballast-leader` retries soon after the new
+/// leader is known.
+pub const NOT_LEADER_RETRY_AFTER_MS: u64 = 200;
+
+/// Acks of replicated queues gathered into one cluster log entry at most
+/// (the proposer takes what is waiting, up to this many, per entry).
+pub const CLUSTER_ACK_BATCH_MAX: usize = 4096;
+
+/// Entries of the cluster log kept behind a snapshot before openraft
+/// purges them: a follower that falls further behind than this (down for
+/// long) needs a re-seed in this version (docs/replication.md).
+pub const CLUSTER_LOG_KEEP: u64 = 100_000;
+
+/// How often each node writes its cluster sync point, snapshots and lets
+/// openraft purge its cluster log (ms).
+pub const CLUSTER_SYNC_INTERVAL_MS: u64 = 1_000;

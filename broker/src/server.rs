@@ -37,6 +37,18 @@ pub async fn serve(
     metrics: Option<(TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // The cluster log, when configured: started before the listener so
+    // that the Raft service has its node (docs/replication.md).
+    let cluster = match broker.config().cluster.clone() {
+        Some(config) => {
+            let cluster =
+                crate::cluster::node::Cluster::start(&config, &broker.config().data_dir, &broker).await?;
+            broker.node().set_cluster(Arc::clone(&cluster));
+            Some(cluster)
+        }
+        None => None,
+    };
+    let raft_service = cluster.as_ref().map(|c| crate::cluster::network::RaftService::new(c.raft.clone()));
     let service = Service::new(Arc::clone(&broker));
     // The auth file, reloaded on SIGHUP and when it changes; the watcher
     // ends when the server (the last holder of `auth`) does.
@@ -125,6 +137,7 @@ pub async fn serve(
                 .max_encoding_message_size(GRPC_ENCODE_SIZE_MAX),
         )
         .add_service(scaler)
+        .add_optional_service(raft_service)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
@@ -189,6 +202,9 @@ pub async fn serve(
     let _ = metrics_stop.send(());
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
+    if let Some(cluster) = cluster {
+        cluster.shutdown().await;
     }
     broker.sync_all()?;
     tracing::info!("all queues synced; bye");

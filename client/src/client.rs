@@ -7,7 +7,7 @@ use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+    transport::Endpoint,
 };
 
 use ballast_proto::v1::{self as proto, consumer_client::ConsumerClient};
@@ -115,7 +115,7 @@ impl Interceptor for Credentials {
 
 /// The channel every stub of a [`Client`] calls through: the connection,
 /// with the credentials added to each call.
-pub(crate) type Transport = InterceptedService<Channel, Credentials>;
+pub(crate) type Transport = InterceptedService<crate::leader::Follow, Credentials>;
 
 impl Default for ClientConfig {
     /// Connect within 5 s; ping every 10 s, give up after 5 s without answer.
@@ -174,7 +174,8 @@ impl Client {
     pub fn with_config(addr: &str, config: ClientConfig) -> Result<Client, Error> {
         let credentials = Credentials::new(config.token.as_deref())?;
         let (endpoint, addr) = endpoint(addr, &config)?;
-        Ok(Client { channel: Transport::new(endpoint.connect_lazy(), credentials), addr })
+        let follow = crate::leader::Follow::new(addr.clone(), endpoint.connect_lazy(), config);
+        Ok(Client { channel: Transport::new(follow, credentials), addr })
     }
 
     /// A client connected to the broker at `addr` now, so an unreachable
@@ -195,7 +196,8 @@ impl Client {
                 None => Error::Transport { message: format!("cannot connect to {addr}: {chain}") },
             }
         })?;
-        Ok(Client { channel: Transport::new(channel, credentials), addr })
+        let follow = crate::leader::Follow::new(addr.clone(), channel, config);
+        Ok(Client { channel: Transport::new(follow, credentials), addr })
     }
 
     /// The broker's address, normalized (`http://host:port`).
@@ -267,7 +269,7 @@ impl Client {
     }
 }
 
-fn endpoint(addr: &str, config: &ClientConfig) -> Result<(Endpoint, String), Error> {
+pub(crate) fn endpoint(addr: &str, config: &ClientConfig) -> Result<(Endpoint, String), Error> {
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     let addr = if addr.contains("://") { addr.to_owned() } else { format!("{scheme}://{addr}") };
     let mut endpoint = Endpoint::from_shared(addr.clone())

@@ -65,10 +65,10 @@ impl FakeServer {
     /// A lazily connecting channel to the fake, for constructors that take
     /// one directly.
     pub(crate) fn client_channel(&self) -> crate::client::Transport {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-            .expect("valid address")
-            .connect_lazy();
-        crate::client::Transport::new(channel, crate::client::Credentials::default())
+        let addr = format!("http://{}", self.addr);
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone()).expect("valid address").connect_lazy();
+        let follow = crate::leader::Follow::new(addr, channel, crate::ClientConfig::default());
+        crate::client::Transport::new(follow, crate::client::Credentials::default())
     }
 }
 
@@ -243,7 +243,7 @@ impl Fake {
                 ..proto::QueueStats::default()
             })
             .collect();
-        Ok(proto::StatsResponse { at_ms: now_ms(), queues, disk_free_bytes: 1 << 40, disk_free_min_bytes: 1 << 29 })
+        Ok(proto::StatsResponse { at_ms: now_ms(), queues, disk_free_bytes: 1 << 40, disk_free_min_bytes: 1 << 29, cluster: None })
     }
 
     /// Records a publish call and takes the next fault, if any.

@@ -95,6 +95,7 @@ mod clock;
 mod consumer;
 pub mod contract;
 mod error;
+mod leader;
 mod message;
 #[cfg(feature = "otel")]
 pub mod otel;
@@ -125,5 +126,5 @@ pub use error::{Error, Refusal};
 pub use message::{Message, MessageId, PeekPage, PeekedMessage, Receipt, generate_idempotency_key};
 pub use producer::{PendingReceipt, Producer, ProducerConfig};
 pub use queue::{ExpiredAction, QueueInfo, QueueSettings, SyncPolicy};
-pub use stats::{BrokerStats, LaneStats, QueueStats, Saturation, StatsWatch};
+pub use stats::{BrokerStats, ClusterStatus, LaneStats, QueueStats, Saturation, StatsWatch};
 pub use tls::{Pem, TlsConfig};

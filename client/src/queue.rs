@@ -197,6 +197,11 @@ pub struct QueueSettings {
     /// inside it; what is not delivered stays in the backlog, and
     /// [`QueueStats::paced`](crate::QueueStats::paced) says so. (default: 0)
     pub max_delivery_rate: Option<u64>,
+    /// Copies of the queue: 1, a queue of the node it is created on; or the
+    /// cluster's voter count, a queue replicated by Raft and served by the
+    /// cluster's leader (a [`Client`](crate::Client) follows the leader by
+    /// itself). Fixed at creation. (default: 1)
+    pub replicas: Option<u32>,
 }
 
 impl QueueSettings {
@@ -221,6 +226,7 @@ impl QueueSettings {
             message_ttl_ms: self.message_ttl.map(millis),
             expired_action: ExpiredAction::to_proto(self.expired_action).into(),
             max_delivery_rate: self.max_delivery_rate,
+            replicas: self.replicas,
         }
     }
 
@@ -245,6 +251,7 @@ impl QueueSettings {
             message_ttl: settings.message_ttl_ms.map(Duration::from_millis),
             expired_action: ExpiredAction::from_proto(settings.expired_action),
             max_delivery_rate: settings.max_delivery_rate,
+            replicas: settings.replicas,
         }
     }
 

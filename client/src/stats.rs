@@ -111,6 +111,40 @@ pub struct BrokerStats {
     /// The broker refuses every publish while `disk_free_bytes` is below
     /// this floor.
     pub disk_free_min_bytes: u64,
+    /// The node's place in its cluster; `None` for a node without one.
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// The cluster log as one node sees it (`docs/replication.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterStatus {
+    pub node_id: u64,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    pub term: u64,
+    /// The leader's id and address; `None` during an election.
+    pub leader: Option<(u64, String)>,
+    /// Index of the last entry of this node's cluster log.
+    pub last_log_index: u64,
+    /// Index of the last entry committed and applied on this node.
+    pub last_applied: u64,
+    /// On the leader: each voter's id, matched index and lag in entries.
+    pub peers: Vec<(u64, u64, u64)>,
+}
+
+impl ClusterStatus {
+    fn from_proto(status: proto::ClusterStatus) -> ClusterStatus {
+        ClusterStatus {
+            node_id: status.node_id,
+            role: status.role,
+            term: status.term,
+            leader: (status.leader_id != 0).then_some((status.leader_id, status.leader_addr)),
+            last_log_index: status.last_log_index,
+            last_applied: status.last_applied,
+            peers: status.peers.into_iter().map(|p| (p.node_id, p.matched_index, p.lag)).collect(),
+        }
+    }
 }
 
 impl BrokerStats {
@@ -125,6 +159,7 @@ impl BrokerStats {
             queues: stats.queues.into_iter().map(QueueStats::from_proto).collect::<Result<_, _>>()?,
             disk_free_bytes: stats.disk_free_bytes,
             disk_free_min_bytes: stats.disk_free_min_bytes,
+            cluster: stats.cluster.map(ClusterStatus::from_proto),
         })
     }
 }
@@ -366,6 +401,7 @@ mod tests {
             queues: vec![queue.clone()],
             disk_free_bytes: 10,
             disk_free_min_bytes: 5,
+            cluster: None,
         };
         let stats = BrokerStats::from_proto(response.clone()).expect("valid");
         assert_eq!(stats.at, UNIX_EPOCH + Duration::from_secs(1_700_000_000));

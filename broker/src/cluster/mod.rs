@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod log_store;
 pub mod network;
+pub mod node;
+pub mod state_machine;
 
 openraft::declare_raft_types!(
     /// The cluster log's types: commands in, what applying them gave out.
@@ -51,8 +53,11 @@ pub enum Command {
     /// Appends byte-identical records to one lane of a replicated queue
     /// (or of its `.dead` queue).
     Append { queue: String, lane: u32, records: Vec<RecordData> },
-    /// Marks offsets of one lane done (acked, dead-lettered, expired).
-    Ack { queue: String, lane: u32, offsets: Vec<u64>, kind: u8 },
+    /// Marks records of one lane done: `(offset, stored size)` each; `kind`
+    /// is storage's `AckKind` as a byte (acked, dead-lettered).
+    Ack { queue: String, lane: u32, acks: Vec<(u64, u64)>, kind: u8 },
+    /// Marks every record of one lane below `end` done (a purge).
+    Purge { queue: String, lane: u32, end: u64 },
 }
 
 /// A record as the leader built it: every replica stores these bytes.

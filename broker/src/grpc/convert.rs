@@ -42,6 +42,7 @@ pub fn settings_request(settings: Option<pb::QueueSettings>) -> Result<SettingsR
         message_ttl_ms: s.message_ttl_ms,
         expired_action,
         max_delivery_rate: s.max_delivery_rate,
+        replicas: s.replicas,
         lanes: s.lanes,
         lane_weights: s.lane_weights,
         strict_priority: s.strict_priority,
@@ -86,6 +87,7 @@ pub fn settings(s: &QueueSettings) -> pb::QueueSettings {
         max_publish_byte_rate: Some(s.max_publish_byte_rate),
         message_ttl_ms: Some(s.message_ttl_ms),
         max_delivery_rate: Some(s.max_delivery_rate),
+        replicas: Some(s.replicas),
         expired_action: match s.expired_action {
             ExpiredAction::DeadLetter => pb::ExpiredAction::DeadLetter,
             ExpiredAction::Drop => pb::ExpiredAction::Drop,
@@ -286,4 +288,26 @@ pub fn extensions(delivery_ids: &[u64], extensions: Vec<Extension>) -> Vec<pb::E
             pb::ExtendResult { delivery_id, outcome: outcome.into(), lease_deadline_ms }
         })
         .collect()
+}
+
+/// The cluster figures of GetStats.
+pub fn cluster_status(status: &crate::cluster::node::ClusterStatus) -> pb::ClusterStatus {
+    pb::ClusterStatus {
+        node_id: status.node_id,
+        role: status.role.to_owned(),
+        term: status.term,
+        leader_id: status.leader_id.unwrap_or(0),
+        leader_addr: status.leader_addr.clone().unwrap_or_default(),
+        last_log_index: status.last_log_index,
+        last_applied: status.last_applied,
+        peers: status
+            .peers
+            .iter()
+            .map(|&(node_id, matched_index)| pb::PeerStatus {
+                node_id,
+                matched_index,
+                lag: status.last_log_index.saturating_sub(matched_index),
+            })
+            .collect(),
+    }
 }

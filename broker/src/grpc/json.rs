@@ -80,6 +80,7 @@ mod tests {
             at_ms: 7,
             disk_free_bytes: 100,
             disk_free_min_bytes: 10,
+            cluster: None,
             queues: vec![pb::QueueStats {
                 name: "jobs".into(),
                 saturation: Some(pb::Saturation {

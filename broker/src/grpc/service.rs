@@ -124,6 +124,17 @@ impl Service {
     async fn queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
         self.broker.queue(name).await.map_err(to_status)
     }
+
+    /// The queue, for a call that changes it or delivers from it: a
+    /// replicated queue is served by the cluster's leader only; anywhere
+    /// else the call is UNAVAILABLE with `ballast-leader`.
+    async fn leader_queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
+        let queue = self.queue(name).await?;
+        if let Some(cluster) = queue.replicated() {
+            cluster.check_leader(name).map_err(to_status)?;
+        }
+        Ok(queue)
+    }
 }
 
 #[tonic::async_trait]
@@ -145,8 +156,22 @@ impl admin_server::Admin for Service {
         let request = request.into_inner();
         access.check(Action::Admin, &request.name)?;
         let updated = async {
-            let queue = self.queue(&request.name).await?;
+            let queue = self.leader_queue(&request.name).await?;
             let changes = convert::settings_request(request.settings).map_err(to_status)?;
+            if let Some(cluster) = queue.replicated().cloned() {
+                // Every replica takes the same settings from the cluster log.
+                let current = queue.settings();
+                let updated = current.updated(&changes).map_err(to_status)?;
+                let changed = current.changed_keys(&updated);
+                if !changed.is_empty() {
+                    let settings_toml = toml::to_string(&updated)
+                        .map_err(|e| Status::internal(format!("queue settings as TOML: {e}")))?;
+                    let command =
+                        crate::cluster::Command::UpdateQueue { name: queue.name.to_string(), settings_toml };
+                    cluster.propose(queue.name.as_str(), command).await.map_err(to_status)?;
+                }
+                return Ok((queue, changed));
+            }
             // Off the runtime: the update syncs `queue.toml` and its directory.
             let updating = Arc::clone(&queue);
             let changed = tokio::task::spawn_blocking(move || updating.update_settings(&changes))
@@ -168,7 +193,7 @@ impl admin_server::Admin for Service {
         let request = request.into_inner();
         access.check(Action::Admin, &request.name)?;
         let redriven = async {
-            let queue = self.queue(&request.name).await?;
+            let queue = self.leader_queue(&request.name).await?;
             let max_messages = Some(request.max_messages).filter(|&max| max > 0);
             let reason = Some(request.reason.as_str()).filter(|r| !r.is_empty());
             queue.redrive(max_messages, reason).await.map_err(to_status)
@@ -230,7 +255,7 @@ impl admin_server::Admin for Service {
         let name = request.into_inner().name;
         access.check(Action::Admin, &name)?;
         let purged =
-            access.audited("purge", &name, self.queue(&name).await.and_then(|q| q.purge().map_err(to_status)))?;
+            access.audited("purge", &name, self.leader_queue(&name).await.and_then(|q| q.purge().map_err(to_status)))?;
         Ok(Response::new(pb::PurgeQueueResponse { purged }))
     }
 }
@@ -288,7 +313,7 @@ impl Service {
         messages: Vec<pb::Message>,
     ) -> Result<Vec<pb::Receipt>, Status> {
         access.check(Action::Publish, queue)?;
-        let queue = self.queue(queue).await?;
+        let queue = self.leader_queue(queue).await?;
         // No message at all is refused by Queue::publish.
         let messages = messages.into_iter().map(|m| convert::publish(Some(m))).collect::<Result<Vec<_>, _>>();
         let receipts = queue.publish(messages.map_err(to_status)?).await.map_err(to_status)?;
@@ -394,6 +419,7 @@ impl Service {
             queues,
             disk_free_bytes: self.broker.node().disk_free(),
             disk_free_min_bytes: self.broker.node().disk_free_min(),
+            cluster: self.broker.node().cluster().map(|c| convert::cluster_status(&c.status())),
         })
     }
 
@@ -568,7 +594,7 @@ impl consumer_server::Consumer for Service {
             return Err(Status::invalid_argument("the first request of a consume stream must be subscribe"));
         };
         access.check(Action::Consume, &subscribe.queue)?;
-        let queue = self.queue(&subscribe.queue).await?;
+        let queue = self.leader_queue(&subscribe.queue).await?;
         let subscription = queue.subscribe(subscribe.credit).map_err(to_status)?;
         let (out, rx) = mpsc::channel(CREDIT_MAX as usize + SESSION_CHANNEL_EXTRA);
         let subscribed = pb::Subscribed { queue: queue.name.to_string(), consumer_id: subscription.consumer_id };
@@ -581,7 +607,7 @@ impl consumer_server::Consumer for Service {
         let access = self.access(&request)?;
         let request = request.into_inner();
         access.check(Action::Consume, &request.queue)?;
-        let queue = self.queue(&request.queue).await?;
+        let queue = self.leader_queue(&request.queue).await?;
         if request.wait_ms > PULL_WAIT_MS_MAX {
             return Err(Status::invalid_argument(format!(
                 "wait_ms is {}; the limit is {PULL_WAIT_MS_MAX}",
@@ -629,7 +655,7 @@ impl consumer_server::Consumer for Service {
         let access = self.access(&request)?;
         let request = request.into_inner();
         access.check(Action::Consume, &request.queue)?;
-        let queue = self.queue(&request.queue).await?;
+        let queue = self.leader_queue(&request.queue).await?;
         check_ids("ack", &request.delivery_ids).map_err(to_status)?;
         queue.ack(&request.delivery_ids, true, Holder::AnyCaller).await.map_err(to_status)?;
         Ok(Response::new(pb::AckResponse {}))
@@ -639,7 +665,7 @@ impl consumer_server::Consumer for Service {
         let access = self.access(&request)?;
         let request = request.into_inner();
         access.check(Action::Consume, &request.queue)?;
-        let queue = self.queue(&request.queue).await?;
+        let queue = self.leader_queue(&request.queue).await?;
         queue
             .nack(request.delivery_id, request.delay_ms, &request.reason, Holder::AnyCaller)
             .await
@@ -693,7 +719,7 @@ impl consumer_server::Consumer for Service {
         let access = self.access(&request)?;
         let request = request.into_inner();
         access.check(Action::Consume, &request.queue)?;
-        let queue = self.queue(&request.queue).await?;
+        let queue = self.leader_queue(&request.queue).await?;
         let extensions = queue.extend(&request.delivery_ids, request.lease_ms, Holder::AnyCaller).map_err(to_status)?;
         Ok(Response::new(pb::ExtendResponse { results: convert::extensions(&request.delivery_ids, extensions) }))
     }

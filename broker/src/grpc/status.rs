@@ -20,6 +20,9 @@ pub const LANE_INDEX: &str = "ballast-lane-index";
 /// `publish_rate` (the names of `ballast_refused_publishes_total`'s
 /// `reason` label): always sent.
 pub const REASON: &str = "ballast-reason";
+/// Metadata key naming the cluster leader's gRPC address on an
+/// UNAVAILABLE from a follower (`docs/replication.md`).
+pub const LEADER: &str = "ballast-leader";
 
 /// RESOURCE_EXHAUSTED with the hint and the figures in metadata (see
 /// `docs/metrics.md`, "Admission").
@@ -106,6 +109,24 @@ fn status_of(error: BrokerError) -> Status {
         }
         BrokerError::Refused(refusal) => return refused(refusal),
         BrokerError::ShuttingDown => Code::Unavailable,
+        BrokerError::NotLeader { leader, .. } => {
+            let mut status = with_retry_after(
+                Code::Unavailable,
+                error.to_string(),
+                crate::limits::NOT_LEADER_RETRY_AFTER_MS,
+                Some("not_leader"),
+            );
+            if let Some(leader) = leader
+                && let Ok(value) = MetadataValue::try_from(leader.as_str())
+            {
+                status.metadata_mut().insert(LEADER, value);
+            }
+            return status;
+        }
+        BrokerError::Cluster(_) => {
+            let retry = crate::limits::NOT_LEADER_RETRY_AFTER_MS;
+            return with_retry_after(Code::Unavailable, error.to_string(), retry, Some("cluster"));
+        }
         // Only `Broker::open` returns it; no call can see it.
         BrokerError::DataDirInUse { .. } => Code::FailedPrecondition,
         BrokerError::Storage(detail) => {

@@ -650,6 +650,16 @@ impl Queue {
             if stats.next_offset > stats.ack_floor {
                 // Not awaited: the purge is durable with the next sync.
                 drop(log.ack(stats.ack_floor, stats.next_offset - stats.ack_floor, AckKind::Acked)?);
+                if let Some(cluster) = self.replicated() {
+                    let lane = u32::try_from(lane).expect("at most LANES_MAX lanes");
+                    let command = crate::cluster::Command::Purge {
+                        queue: self.name.to_string(),
+                        lane,
+                        end: stats.next_offset,
+                    };
+                    let (cluster, queue) = (Arc::clone(cluster), self.name.to_string());
+                    tokio::spawn(async move { cluster.propose(&queue, command).await });
+                }
             }
             meter.backlog_bytes.store(0, Ordering::Relaxed);
             drop(exclusive);
@@ -1171,6 +1181,25 @@ impl Queue {
     }
 
     /// Ends every consumer (shutdown or delete): their streams finish.
+    /// This node lost the cluster's leadership: every consumer of this
+    /// replicated queue is let go (its stream ends; it reconnects to the
+    /// new leader) and their leases go back to their lanes.
+    pub(crate) fn release_consumers(&self) {
+        let mut state = self.delivery.lock();
+        state.consumers.clear();
+        let all: Vec<u64> = state.leases.keys().copied().collect();
+        self.requeue_released(&mut state, all);
+    }
+
+    /// This node became the cluster's leader: every lane is read again
+    /// from its ack floor, so what a former leader leased and nobody acked
+    /// is delivered again.
+    pub(crate) fn take_leadership(&self) {
+        for lane in 0..self.lanes.len() {
+            self.rewind_lane(lane);
+        }
+    }
+
     pub(crate) fn close_consumers(&self) {
         self.closed.store(true, Ordering::Release);
         self.delivery.lock().consumers.clear();

@@ -20,7 +20,7 @@ pub use name::QueueName;
 pub use pacing::PacingFigures;
 pub use peek::Peeked;
 pub use queue::{Publish, Queue, QueueStats, Receipt};
-pub(crate) use queue::{QUEUE_FILE, remove_in_background};
+pub(crate) use queue::{QUEUE_FILE, remove_in_background, write_atomically};
 pub use redrive::Redriven;
 pub use saturation::Figures;
 pub use scheduler::LaneScheduler;

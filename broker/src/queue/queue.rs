@@ -92,7 +92,16 @@ struct LaneAppend {
     first_offset: u64,
     /// The messages of the call appended, in order from `first_offset`.
     indexes: Vec<usize>,
-    commit: Commit,
+    /// The storage commit to wait for; `None` for a replicated queue,
+    /// whose append was committed by the cluster log.
+    commit: Option<Commit>,
+}
+
+/// One lane's records of a publish call, built and not yet stored.
+struct LaneBatch {
+    lane: u32,
+    indexes: Vec<usize>,
+    records: Vec<NewRecord>,
 }
 
 /// Counts describing a queue now.
@@ -493,16 +502,29 @@ impl Queue {
         }
         let started = std::time::Instant::now();
         let admitted = self.admit(&adding)?;
-        let (appended, mut failure) = self.append(&messages, &to_store, &lanes, now);
+        let batches = self.lane_batches(&messages, &to_store, &lanes, now);
+        let (appended, mut failure) = match self.replicated().cloned() {
+            None => {
+                let appended = self.append(batches);
+                // The CPU part is done; the commit wait holds no slot.
+                drop(slot);
+                appended
+            }
+            Some(cluster) => {
+                // The cluster log's round trip holds no slot.
+                drop(slot);
+                self.append_replicated(&cluster, batches).await
+            }
+        };
         // The records are in their logs' counts now (or were not stored).
         drop(admitted);
-        // The CPU part is done; the commit wait holds no slot.
-        drop(slot);
 
         // A stored message gets its receipt once durable.
         let mut receipts = seen;
         for lane in appended {
-            if let Err(error) = lane.commit.await {
+            if let Some(commit) = lane.commit
+                && let Err(error) = commit.await
+            {
                 failure.get_or_insert(error.into());
                 continue;
             }
@@ -606,31 +628,155 @@ impl Queue {
         }
     }
 
-    /// Appends the messages marked `to_store`, one append per lane. Stops
-    /// at the first lane whose append fails and returns its error with the
-    /// lanes appended before it, which are stored and must be committed.
-    fn append(
-        &self,
-        messages: &[Publish],
-        to_store: &[bool],
-        lanes: &[u32],
-        now: u64,
-    ) -> (Vec<LaneAppend>, Option<BrokerError>) {
-        let mut appended = Vec::new();
+    /// The records of the messages marked `to_store`, one batch per lane
+    /// in lane order.
+    fn lane_batches(&self, messages: &[Publish], to_store: &[bool], lanes: &[u32], now: u64) -> Vec<LaneBatch> {
+        let mut batches = Vec::new();
         for lane in 0..self.lane_count() {
             let indexes: Vec<usize> = (0..messages.len()).filter(|&i| lanes[i] == lane && to_store[i]).collect();
             if indexes.is_empty() {
                 continue;
             }
-            let batch: Vec<NewRecord> = indexes.iter().map(|&i| to_record(&messages[i], now)).collect();
-            match self.append_to(lane, &batch) {
-                Ok(done) => {
-                    appended.push(LaneAppend { lane, first_offset: done.first_offset, indexes, commit: done.commit })
-                }
+            let records = indexes.iter().map(|&i| to_record(&messages[i], now)).collect();
+            batches.push(LaneBatch { lane, indexes, records });
+        }
+        batches
+    }
+
+    /// Appends the batches, one append per lane. Stops at the first lane
+    /// whose append fails and returns its error with the lanes appended
+    /// before it, which are stored and must be committed.
+    fn append(&self, batches: Vec<LaneBatch>) -> (Vec<LaneAppend>, Option<BrokerError>) {
+        let mut appended = Vec::new();
+        for LaneBatch { lane, indexes, records } in batches {
+            match self.append_to(lane, &records) {
+                Ok(done) => appended.push(LaneAppend {
+                    lane,
+                    first_offset: done.first_offset,
+                    indexes,
+                    commit: Some(done.commit),
+                }),
                 Err(error) => return (appended, Some(error.into())),
             }
         }
         (appended, None)
+    }
+
+    /// The same for a replicated queue: one `Append` entry per lane,
+    /// proposed to the cluster log in lane order and awaited until
+    /// committed and applied here (`docs/replication.md`).
+    async fn append_replicated(
+        &self,
+        cluster: &crate::cluster::node::Cluster,
+        batches: Vec<LaneBatch>,
+    ) -> (Vec<LaneAppend>, Option<BrokerError>) {
+        let mut appended = Vec::new();
+        for LaneBatch { lane, indexes, records } in batches {
+            match self.propose_append(cluster, lane, &records).await {
+                Ok(first_offset) => appended.push(LaneAppend { lane, first_offset, indexes, commit: None }),
+                Err(error) => return (appended, Some(error)),
+            }
+        }
+        (appended, None)
+    }
+
+    /// Proposes one `Append` of `records` to `lane`; returns the offset of
+    /// the first, once committed and applied on this node.
+    async fn propose_append(
+        &self,
+        cluster: &crate::cluster::node::Cluster,
+        lane: u32,
+        records: &[NewRecord],
+    ) -> Result<u64> {
+        let command = crate::cluster::Command::Append {
+            queue: self.name.to_string(),
+            lane,
+            records: records.iter().map(crate::cluster::RecordData::from_record).collect(),
+        };
+        match cluster.propose(self.name.as_str(), command).await? {
+            crate::cluster::Applied::Appended { first_offset } => Ok(first_offset),
+            other => Err(BrokerError::Cluster(format!("an append was applied as {other:?}"))),
+        }
+    }
+
+    /// The cluster log, if this queue is replicated and this node runs one.
+    pub(crate) fn replicated(&self) -> Option<&Arc<crate::cluster::node::Cluster>> {
+        if self.settings().replicas > 1 { self.node.cluster() } else { None }
+    }
+
+    /// Applies a cluster log `Append` (every replica, the leader too):
+    /// stores the records from `expected` on (the offset the cluster log
+    /// says the first takes), skipping those a replay finds already
+    /// stored; records their keys for dedupe; makes them deliverable
+    /// (committed by the cluster, so durable). Returns `expected`.
+    pub(crate) fn apply_append(&self, lane: u32, expected: u64, records: &[NewRecord]) -> Result<u64> {
+        let log = self.lanes.get(lane as usize).ok_or_else(|| {
+            BrokerError::InvalidArgument(format!("lane {lane} does not exist in queue {}", self.name))
+        })?;
+        let next = log.next_offset();
+        let count = records.len() as u64;
+        if next < expected {
+            return Err(BrokerError::Storage(format!(
+                "lane {lane} of {} ends at offset {next} but the cluster log's sync point says {expected}: this \
+                 node's copy lost records; re-seed it from a follower's copy",
+                self.name
+            )));
+        }
+        let stored = (next - expected).min(count);
+        if stored < count {
+            // The lane's own sync is the flusher's; the cluster log holds
+            // the records durably meanwhile.
+            let appended = self.append_to(lane, &records[stored as usize..])?;
+            debug_assert_eq!(appended.first_offset, expected + stored);
+        }
+        self.mark_durable(lane, expected + count);
+        {
+            let mut dedupe = self.dedupe.lock();
+            for (i, record) in records.iter().enumerate() {
+                if let Some(key) = &record.key {
+                    let at = Stored { lane, offset: expected + i as u64 };
+                    dedupe.applied(key.clone(), at, record.timestamp_ms);
+                }
+            }
+        }
+        self.dispatch();
+        Ok(expected)
+    }
+
+    /// Applies a cluster log `Ack`: each record not done yet is marked
+    /// done (the leader's own acks are done already and skipped).
+    pub(crate) fn apply_ack(&self, lane: u32, acks: &[(u64, u64)], kind: u8) -> Result<()> {
+        if lane >= self.lane_count() {
+            return Err(BrokerError::InvalidArgument(format!("lane {lane} does not exist in queue {}", self.name)));
+        }
+        let kind = match kind {
+            2 => AckKind::DeadLettered,
+            _ => AckKind::Acked,
+        };
+        for &(offset, size) in acks {
+            if offset < self.lanes[lane as usize].next_offset() {
+                drop(self.ack_record_local(lane, offset, size, kind)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a cluster log `Purge`: every record of `lane` below `end`
+    /// done, the lane's bytes counted again.
+    pub(crate) fn apply_purge(&self, lane: u32, end: u64) -> Result<()> {
+        let log = self.lanes.get(lane as usize).ok_or_else(|| {
+            BrokerError::InvalidArgument(format!("lane {lane} does not exist in queue {}", self.name))
+        })?;
+        {
+            let _exclusive = self.meters[lane as usize].backlog_sync.write();
+            let floor = log.ack_floor();
+            let end = end.min(log.next_offset());
+            if end > floor {
+                drop(log.ack(floor, end - floor, AckKind::Acked)?);
+            }
+        }
+        self.recount_bytes(lane as usize);
+        Ok(())
     }
 
     /// Checks one message against the queue's limits; returns its lane.
@@ -711,6 +857,9 @@ impl Queue {
     /// Appends records to one lane as they are (redelivery, dead letters)
     /// and waits until durable.
     pub(crate) async fn append_raw(&self, lane: u32, record: NewRecord) -> Result<u64> {
+        if let Some(cluster) = self.replicated().cloned() {
+            return self.propose_append(&cluster, lane, std::slice::from_ref(&record)).await;
+        }
         let appended = self.append_to(lane, &[record])?;
         appended.commit.await?;
         self.mark_durable(lane, appended.first_offset + 1);
@@ -739,6 +888,17 @@ impl Queue {
         size: u64,
         kind: AckKind,
     ) -> Result<Option<Commit>, AckError> {
+        let commit = self.ack_record_local(lane, offset, size, kind)?;
+        if commit.is_some()
+            && let Some(cluster) = self.replicated()
+        {
+            cluster.propose_ack(self.name.as_str(), lane, offset, size, kind as u8);
+        }
+        Ok(commit)
+    }
+
+    /// [`Queue::ack_record`] on this node only.
+    fn ack_record_local(&self, lane: u32, offset: u64, size: u64, kind: AckKind) -> Result<Option<Commit>, AckError> {
         let log = &self.lanes[lane as usize];
         let meter = &self.meters[lane as usize];
         let _shared = meter.backlog_sync.read();

@@ -75,6 +75,10 @@ pub struct QueueSettings {
     /// Deliveries per second to all consumers together; 0 is none (see
     /// `queue/pacing.rs`).
     pub max_delivery_rate: u64,
+    /// Copies of the queue kept by the cluster (`docs/replication.md`): 1
+    /// is a queue of this node only; more is a replicated queue, which
+    /// must equal the cluster's voters. Fixed at creation.
+    pub replicas: u32,
 }
 
 impl Default for QueueSettings {
@@ -101,6 +105,7 @@ impl Default for QueueSettings {
             message_ttl_ms: 0,
             expired_action: ExpiredAction::DeadLetter,
             max_delivery_rate: 0,
+            replicas: 1,
         }
     }
 }
@@ -127,10 +132,41 @@ pub struct SettingsRequest {
     pub message_ttl_ms: Option<u64>,
     pub expired_action: Option<ExpiredAction>,
     pub max_delivery_rate: Option<u64>,
+    pub replicas: Option<u32>,
 }
 
 /// Admission fractions for `n` lanes: 1.0 for the first, down to 0.7 for
 /// the last, evenly spaced.
+impl SettingsRequest {
+    /// A request that asks for every value of `settings`: an update to it
+    /// changes what differs and refuses what cannot change.
+    pub fn from_settings(settings: &QueueSettings) -> SettingsRequest {
+        let s = settings.clone();
+        SettingsRequest {
+            lanes: s.lanes,
+            lane_weights: s.lane_weights,
+            strict_priority: Some(s.strict_priority),
+            default_lane: Some(s.default_lane),
+            lease_timeout_ms: Some(s.lease_timeout_ms),
+            max_attempts: Some(s.max_attempts),
+            dead_letter: Some(s.dead_letter),
+            dedupe_window_ms: Some(s.dedupe_window_ms),
+            message_size_max: Some(s.message_size_max),
+            sync_policy: Some(s.sync_policy),
+            sync_interval_ms: Some(s.sync_interval_ms),
+            max_messages: Some(s.max_messages),
+            max_bytes: Some(s.max_bytes),
+            lane_admission: s.lane_admission,
+            max_publish_rate: Some(s.max_publish_rate),
+            max_publish_byte_rate: Some(s.max_publish_byte_rate),
+            message_ttl_ms: Some(s.message_ttl_ms),
+            expired_action: Some(s.expired_action),
+            max_delivery_rate: Some(s.max_delivery_rate),
+            replicas: Some(s.replicas),
+        }
+    }
+}
+
 fn default_admission(n: usize) -> Vec<f64> {
     if n <= 1 {
         return vec![1.0];
@@ -174,6 +210,7 @@ impl QueueSettings {
             message_ttl_ms: request.message_ttl_ms.unwrap_or(defaults.message_ttl_ms),
             expired_action: request.expired_action.unwrap_or(defaults.expired_action),
             max_delivery_rate: request.max_delivery_rate.unwrap_or(defaults.max_delivery_rate),
+            replicas: request.replicas.unwrap_or(defaults.replicas),
             lanes,
             lane_weights,
             strict_priority: request.strict_priority.unwrap_or(defaults.strict_priority),
@@ -277,6 +314,15 @@ impl QueueSettings {
                 format!("must be at most {MAX_DELIVERY_RATE_MAX} (0: none); got {}", self.max_delivery_rate),
             ));
         }
+        if !(1..=REPLICAS_MAX).contains(&self.replicas) || self.replicas % 2 == 0 {
+            return Err(invalid(
+                "replicas",
+                format!(
+                    "must be 1 (this node only) or an odd count up to {REPLICAS_MAX} (the cluster's voters); got {}",
+                    self.replicas
+                ),
+            ));
+        }
         let interval_max = ballast_storage::limits::SYNC_INTERVAL_MS_MAX;
         if self.sync_policy == SyncPolicySetting::Interval && !(1..=interval_max).contains(&self.sync_interval_ms) {
             return Err(invalid(
@@ -322,6 +368,8 @@ impl QueueSettings {
         fixed("sync_policy", changes.sync_policy.is_some_and(|v| v != self.sync_policy), storage_why)?;
         let interval = changes.sync_interval_ms.is_some_and(|v| v != self.sync_interval_ms);
         fixed("sync_interval_ms", interval, storage_why)?;
+        let replicas = changes.replicas.is_some_and(|v| v != self.replicas);
+        fixed("replicas", replicas, "the queue's copies are made when it is created")?;
         let updated = QueueSettings {
             default_lane: changes.default_lane.unwrap_or(self.default_lane),
             lease_timeout_ms: changes.lease_timeout_ms.unwrap_or(self.lease_timeout_ms),
@@ -386,7 +434,8 @@ impl QueueSettings {
             max_publish_byte_rate,
             message_ttl_ms,
             expired_action,
-            max_delivery_rate
+            max_delivery_rate,
+            replicas
         );
         differences
     }
