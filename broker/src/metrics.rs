@@ -250,6 +250,23 @@ fn describe() {
         Unit::Count,
         "Queues set aside at start because their files could not be opened (refused until deleted)."
     );
+    describe_gauge!(
+        "ballast_cluster_leader",
+        Unit::Count,
+        "1 while this node leads the cluster log (serves the replicated queues), else 0."
+    );
+    describe_gauge!("ballast_cluster_term", Unit::Count, "The cluster log's current Raft term on this node.");
+    describe_gauge!("ballast_cluster_last_log_index", Unit::Count, "Index of the last entry of this node's cluster log.");
+    describe_gauge!(
+        "ballast_cluster_last_applied",
+        Unit::Count,
+        "Index of the last cluster log entry committed and applied on this node."
+    );
+    describe_gauge!(
+        "ballast_cluster_peer_lag",
+        Unit::Count,
+        "On the leader: entries of the cluster log a voter has not matched yet (label peer)."
+    );
 }
 
 /// Sets the process gauges from the broker now.
@@ -259,6 +276,17 @@ fn refresh(broker: &Broker) {
     gauge!("ballast_disk_free_bytes").set(broker.node().disk_free() as f64);
     gauge!("ballast_disk_free_min_bytes").set(broker.node().disk_free_min() as f64);
     gauge!("ballast_publish_slots_waiting").set(broker.node().fair().waiting() as f64);
+    if let Some(cluster) = broker.node().cluster() {
+        let status = cluster.status();
+        gauge!("ballast_cluster_leader").set(if status.role == "leader" { 1.0 } else { 0.0 });
+        gauge!("ballast_cluster_term").set(status.term as f64);
+        gauge!("ballast_cluster_last_log_index").set(status.last_log_index as f64);
+        gauge!("ballast_cluster_last_applied").set(status.last_applied as f64);
+        for (peer, matched) in status.peers {
+            let lag = status.last_log_index.saturating_sub(matched);
+            gauge!("ballast_cluster_peer_lag", "peer" => peer.to_string()).set(lag as f64);
+        }
+    }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         gauge!("ballast_open_files").set(fds.count() as f64);
     }

@@ -154,7 +154,11 @@ pub struct Client {
 
 impl Client {
     /// A client for the broker at `addr` (`http://host:port`; a bare
-    /// `host:port` gets `http://`), with default settings. Connects lazily:
+    /// `host:port` gets `http://`), with default settings. A cluster's
+    /// nodes may be given together, separated by commas: calls go to the
+    /// first, follow the leader a follower names (`ballast-leader`), and
+    /// move to the next address when a node cannot be reached
+    /// (docs/replication.md). Connects lazily:
     /// no I/O happens until the first call. Must be called inside a Tokio
     /// runtime.
     ///
@@ -173,8 +177,9 @@ impl Client {
     /// Like [`Client::new`], with explicit connection settings.
     pub fn with_config(addr: &str, config: ClientConfig) -> Result<Client, Error> {
         let credentials = Credentials::new(config.token.as_deref())?;
-        let (endpoint, addr) = endpoint(addr, &config)?;
-        let follow = crate::leader::Follow::new(addr.clone(), endpoint.connect_lazy(), config);
+        let (seeds, first) = seeds(addr, &config)?;
+        let (endpoint, addr) = first;
+        let follow = crate::leader::Follow::new(addr.clone(), endpoint.connect_lazy(), seeds, config);
         Ok(Client { channel: Transport::new(follow, credentials), addr })
     }
 
@@ -188,7 +193,7 @@ impl Client {
     /// Like [`Client::connect`], with explicit connection settings.
     pub async fn connect_with_config(addr: &str, config: ClientConfig) -> Result<Client, Error> {
         let credentials = Credentials::new(config.token.as_deref())?;
-        let (endpoint, addr) = endpoint(addr, &config)?;
+        let (seeds, (endpoint, addr)) = seeds(addr, &config)?;
         let channel = endpoint.connect().await.map_err(|error| {
             let chain = error_chain(&error);
             match crate::tls::advice(&chain) {
@@ -196,7 +201,7 @@ impl Client {
                 None => Error::Transport { message: format!("cannot connect to {addr}: {chain}") },
             }
         })?;
-        let follow = crate::leader::Follow::new(addr.clone(), channel, config);
+        let follow = crate::leader::Follow::new(addr.clone(), channel, seeds, config);
         Ok(Client { channel: Transport::new(follow, credentials), addr })
     }
 
@@ -267,6 +272,23 @@ impl Client {
         let response = ConsumerClient::new(self.channel.clone()).extend(request).await.map_err(Error::from_status)?;
         Ok(response.into_inner().results.iter().map(|r| (r.delivery_id, LeaseExtension::from_proto(r))).collect())
     }
+}
+
+/// Every address of `addrs` (one, or several separated by commas: the
+/// nodes of a cluster), normalized, and the endpoint of the first.
+fn seeds(addrs: &str, config: &ClientConfig) -> Result<(Vec<String>, (Endpoint, String)), Error> {
+    let mut seeds = Vec::new();
+    let mut first = None;
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let (endpoint, addr) = endpoint(addr, config)?;
+        seeds.push(addr.clone());
+        first.get_or_insert((endpoint, addr));
+    }
+    let first = match first {
+        Some(first) => first,
+        None => endpoint(addrs, config)?,
+    };
+    Ok((seeds, first))
 }
 
 pub(crate) fn endpoint(addr: &str, config: &ClientConfig) -> Result<(Endpoint, String), Error> {

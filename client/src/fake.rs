@@ -67,7 +67,7 @@ impl FakeServer {
     pub(crate) fn client_channel(&self) -> crate::client::Transport {
         let addr = format!("http://{}", self.addr);
         let channel = tonic::transport::Endpoint::from_shared(addr.clone()).expect("valid address").connect_lazy();
-        let follow = crate::leader::Follow::new(addr, channel, crate::ClientConfig::default());
+        let follow = crate::leader::Follow::new(addr.clone(), channel, vec![addr], crate::ClientConfig::default());
         crate::client::Transport::new(follow, crate::client::Credentials::default())
     }
 }

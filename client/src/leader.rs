@@ -10,6 +10,11 @@
 //! with the same idempotency keys, and the consumer's reconnect go to the
 //! leader. Queues with one replica never answer with the header, so a
 //! single node behaves exactly as before.
+//!
+//! A client given several addresses (`"host1:7400,host2:7400,host3:7400"`)
+//! also moves to the next one when a call cannot reach the node it uses
+//! (the leader was killed): that node, if it is not the new leader, sends
+//! it on with `ballast-leader`.
 
 use std::{
     collections::HashMap,
@@ -34,6 +39,9 @@ pub(crate) struct Follow {
 
 struct Shared {
     config: ClientConfig,
+    /// Every address the client was given, in order: where to turn when
+    /// the current node cannot be reached.
+    seeds: Vec<String>,
     /// The address calls go to now, and its channel.
     current: parking_lot::RwLock<(String, Channel)>,
     /// Channels made for addresses followed before (a failover back).
@@ -47,15 +55,29 @@ impl std::fmt::Debug for Follow {
 }
 
 impl Follow {
-    pub(crate) fn new(addr: String, channel: Channel, config: ClientConfig) -> Follow {
+    /// Calls go to `addr` over `channel` first; `seeds` are every address
+    /// the client was given (`addr` among them).
+    pub(crate) fn new(addr: String, channel: Channel, seeds: Vec<String>, config: ClientConfig) -> Follow {
         let known = HashMap::from([(addr.clone(), channel.clone())]);
         Follow {
             shared: Arc::new(Shared {
                 config,
+                seeds,
                 current: parking_lot::RwLock::new((addr, channel)),
                 known: parking_lot::Mutex::new(known),
             }),
         }
+    }
+
+    /// The node in use cannot be reached: the next seed, if there are
+    /// several, gets the next calls.
+    fn next_seed(&self, failed: &str) {
+        let seeds = &self.shared.seeds;
+        if seeds.len() < 2 || self.shared.current.read().0 != failed {
+            return;
+        }
+        let at = seeds.iter().position(|s| s == failed).map_or(0, |i| i + 1);
+        self.follow(&seeds[at % seeds.len()]);
     }
 
     /// Sends the next calls to `leader` (`host:port`, as the broker names
@@ -90,11 +112,20 @@ impl tower_service::Service<http::Request<Body>> for Follow {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let mut channel = self.shared.current.read().1.clone();
+        let (addr, mut channel) = self.shared.current.read().clone();
         let follow = self.clone();
         Box::pin(async move {
-            std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut channel, cx)).await?;
-            let response = tower_service::Service::call(&mut channel, request).await?;
+            let sent = async {
+                std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut channel, cx)).await?;
+                tower_service::Service::call(&mut channel, request).await
+            };
+            let response = match sent.await {
+                Ok(response) => response,
+                Err(error) => {
+                    follow.next_seed(&addr);
+                    return Err(error.into());
+                }
+            };
             // A follower's answer is trailers-only: its status and metadata
             // are in the response's headers.
             if let Some(leader) = response.headers().get(LEADER).and_then(|v| v.to_str().ok()) {

@@ -3,6 +3,7 @@
 
 mod admin;
 mod auth;
+mod cluster;
 mod console;
 mod delivery;
 mod disk;

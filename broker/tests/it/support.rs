@@ -41,6 +41,26 @@ impl BrokerProcess {
         BrokerProcess { child: Some(child), addr, metrics_addr, data_dir, _dir: dir, extra_args, open_files_max: None }
     }
 
+    /// Starts `ballastd` listening on `listen` (a cluster's peers must know
+    /// each other's ports before they start), on a fresh data directory.
+    pub fn start_at(listen: SocketAddr, extra_args: &[&str]) -> BrokerProcess {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        let (child, addr, metrics_addr) = spawn(&data_dir, listen, &extra_args, None);
+        BrokerProcess { child: Some(child), addr, metrics_addr, data_dir, _dir: dir, extra_args, open_files_max: None }
+    }
+
+    /// Sends a signal (SIGSTOP, SIGCONT) to the running child.
+    pub fn signal(&self, signal_number: libc::c_int) {
+        signal(self.child.as_ref().expect("running"), signal_number);
+    }
+
+    /// Whether the child is running (not killed or exited).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Starts `ballastd` with its soft and hard RLIMIT_NOFILE set to
     /// `open_files_max` (so it cannot raise it), on a fresh data directory.
     pub fn start_with_open_files_max(open_files_max: u64, extra_args: &[&str]) -> BrokerProcess {

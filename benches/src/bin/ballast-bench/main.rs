@@ -52,6 +52,7 @@ mod backlog;
 mod broker;
 mod chaos;
 mod chart;
+mod cluster;
 mod cold;
 #[cfg(feature = "compare")]
 mod compare;
@@ -169,6 +170,11 @@ enum Scenario {
     /// backlog that is not in the page cache (reads that fault on the
     /// broker's runtime workers).
     Cold(cold::Args),
+    /// Three nodes on loopback: a replicated queue's publish rate beside a
+    /// single-node queue's, then a soak of kills and pauses with a checker
+    /// (every acknowledged publish delivered, nothing never published
+    /// delivered, no key stored twice).
+    Cluster(cluster::Args),
     /// Ballast side by side with NATS JetStream and RabbitMQ quorum
     /// queues: durable publish, drain and publish-to-delivery latency, one
     /// load generator, interleaved rounds.
@@ -229,6 +235,15 @@ fn main() -> anyhow::Result<()> {
 
 /// Runs the chosen scenario against a broker of its own (or `--addr`).
 async fn scenario(args: &Args, tls: bool) -> anyhow::Result<(&'static str, serde_json::Value)> {
+    if let Scenario::Cluster(a) = &args.scenario {
+        // Starts three nodes of its own.
+        anyhow::ensure!(args.addr.is_none() && !tls && !args.auth, "cluster starts its own nodes, in plaintext");
+        let ballastd = match &args.ballastd {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?.with_file_name("ballastd"),
+        };
+        return Ok(("cluster", cluster::run(a, &ballastd, &args.data_root, args.keep).await?));
+    }
     // With --tls both: plaintext without the token, TLS with it.
     let auth = args.auth && (tls || args.tls != Tls::Both);
     let mut target = broker::Target::new(
@@ -258,6 +273,7 @@ async fn scenario(args: &Args, tls: bool) -> anyhow::Result<(&'static str, serde
         Scenario::Chaos(a) => ("chaos", chaos::run(&mut target, a, args.sync).await?),
         Scenario::Queues(a) => ("queues", queues::run(&mut target, a, args.sync).await?),
         Scenario::Cold(a) => ("cold", cold::run(&target, a, args.sync).await?),
+        Scenario::Cluster(_) => unreachable!("run above, without a target"),
         #[cfg(feature = "compare")]
         Scenario::Compare(a) => ("compare", compare::run(&target, a, args.sync, &args.data_root, args.keep).await?),
         #[cfg(not(feature = "compare"))]

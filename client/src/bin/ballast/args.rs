@@ -26,7 +26,7 @@ Environment:
 #[derive(Debug, Parser)]
 #[command(name = "ballast", version, after_help = EXIT_CODES, propagate_version = true)]
 pub struct Cli {
-    /// Broker address.
+    /// Broker address; a cluster's nodes separated by commas (the client follows the leader).
     #[arg(long, global = true, env = "BALLAST_ADDR", default_value = ballast_client::contract::ADDR_DEFAULT)]
     pub addr: String,
 
@@ -64,10 +64,11 @@ impl Cli {
     /// The broker's address: with TLS, an `http://` one (the default)
     /// becomes `https://`.
     pub fn broker_addr(&self) -> String {
-        match (&self.tls_ca, self.addr.strip_prefix("http://")) {
+        let one = |addr: &str| match (&self.tls_ca, addr.strip_prefix("http://")) {
             (Some(_), Some(rest)) => format!("https://{rest}"),
-            _ => self.addr.clone(),
-        }
+            _ => addr.to_owned(),
+        };
+        self.addr.split(',').map(one).collect::<Vec<_>>().join(",")
     }
 
     /// The client's connection settings, TLS included when asked for.
@@ -265,6 +266,10 @@ pub struct CreateArgs {
     /// Delivery pace: deliveries per second to all consumers together, 0 for none [default: 0].
     #[arg(long, value_name = "N")]
     pub max_delivery_rate: Option<u64>,
+    /// Copies of the queue: 1, or the cluster's voter count for a queue replicated across the
+    /// cluster (docs/replication.md); fixed at creation [default: 1].
+    #[arg(long, value_name = "N")]
+    pub replicas: Option<u32>,
 }
 
 #[derive(Debug, Args)]

@@ -161,6 +161,7 @@ fn settings(args: CreateArgs) -> QueueSettings {
     settings.message_ttl = args.message_ttl_ms.map(Duration::from_millis);
     settings.expired_action = args.expired_action;
     settings.max_delivery_rate = args.max_delivery_rate;
+    settings.replicas = args.replicas;
     settings
 }
 

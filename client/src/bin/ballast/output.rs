@@ -74,6 +74,7 @@ impl Output {
         field("message ttl ms", optional(settings.message_ttl.map(|d| d.as_millis())));
         field("expired action", settings.expired_action.map_or("-".into(), |a| a.as_str().to_owned()));
         field("max delivery rate", optional(settings.max_delivery_rate));
+        field("replicas", optional(settings.replicas));
         let admission: Vec<String> = settings.lane_admission.iter().map(|f| f.to_string()).collect();
         field("lane admission", if admission.is_empty() { "-".into() } else { admission.join(", ") });
         field("created at ms", unix_ms(queue.created_at).to_string());
@@ -456,6 +457,7 @@ fn queue_json(queue: &QueueInfo) -> Value {
             "message_ttl_ms": settings.message_ttl.map(millis),
             "expired_action": settings.expired_action.map(|a| a.as_str()),
             "max_delivery_rate": settings.max_delivery_rate,
+            "replicas": settings.replicas,
         },
     })
 }

@@ -1,0 +1,422 @@
+//! `cluster`: three `ballastd` nodes on loopback (docs/replication.md).
+//!
+//! 1. **Throughput**, side by side in one run: durable 1 KiB publishes
+//!    through the client library's `Producer` (batching on) into a queue of
+//!    one replica on the leader node and into a queue replicated on all
+//!    three, alternated over rounds; the ratio replicated / single.
+//! 2. **Soak**, a Jepsen-style checker: a producer publishes keyed messages
+//!    through a `Client` given every node's address (it follows the
+//!    leader) while the bench, per cycle, picks a fault at random: kill -9
+//!    the leader, kill -9 a follower, or SIGSTOP the leader (and SIGCONT it
+//!    later); killed nodes are restarted. Then every message is consumed.
+//!    The verdict: every acknowledged publish delivered at least once
+//!    (`lost` = 0), nothing delivered that was never published (`phantom`
+//!    = 0), no key stored twice (depth = unique keys). Partitions are not
+//!    injected (that needs network namespaces or iptables the bench does
+//!    not set up); the pause is the nearest fault it has.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use ballast_client::{Client, ConsumerConfig, Delivery, Message, ProducerConfig, QueueSettings};
+use ballast_proto::v1 as pb;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Throughput rounds (each: one run per queue, alternated).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Messages per throughput run.
+    #[arg(long, default_value_t = 50_000)]
+    messages: u64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Publishes in flight through the producer during a throughput run.
+    #[arg(long, default_value_t = 2048)]
+    in_flight: usize,
+    /// Fault cycles of the soak (0: no soak).
+    #[arg(long, default_value_t = 10)]
+    cycles: u32,
+    /// Seconds of load between two faults.
+    #[arg(long, default_value_t = 3.0)]
+    cycle_seconds: f64,
+    /// Seed of the fault schedule [default: from the clock].
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// One `ballastd` of the cluster.
+struct Node {
+    id: u64,
+    listen: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
+    ballastd: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+}
+
+impl Node {
+    fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut child = Command::new(&self.ballastd)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.ballastd.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if !line.starts_with("listening on ") {
+            let _ = child.kill();
+            bail!("node {} did not start; see {}", self.id, self.log.display());
+        }
+        self.child = Some(child);
+        self.paused = false;
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused = false;
+    }
+
+    fn signal(&mut self, signal: libc::c_int) {
+        if let Some(child) = &self.child
+            && let Ok(pid) = libc::pid_t::try_from(child.id())
+        {
+            // SAFETY: kill(2) on our own child's pid; no memory involved.
+            unsafe { libc::kill(pid, signal) };
+            self.paused = signal == libc::SIGSTOP;
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.paused {
+            self.signal(libc::SIGCONT);
+        }
+        self.kill();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn start(ballastd: &Path, root: &Path) -> anyhow::Result<Cluster> {
+        let listens: Vec<SocketAddr> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
+            .collect::<Result<_, _>>()?;
+        let peers: Vec<String> =
+            listens.iter().enumerate().map(|(i, a)| format!("{{ id = {}, addr = \"{a}\" }}", i + 1)).collect();
+        let mut nodes = Vec::new();
+        for (i, &listen) in listens.iter().enumerate() {
+            let dir = root.join(format!("node{}", i + 1));
+            std::fs::create_dir_all(&dir)?;
+            let config = dir.join("ballastd.toml");
+            let text = format!(
+                "data_dir = \"{}\"\nlisten = \"{listen}\"\nmetrics_listen = \"127.0.0.1:0\"\n\n[cluster]\nnode_id = {}\n\
+                 peers = [{}]\n",
+                dir.join("data").display(),
+                i + 1,
+                peers.join(", ")
+            );
+            std::fs::write(&config, text)?;
+            let mut node = Node {
+                id: i as u64 + 1,
+                listen,
+                config,
+                log: dir.join("ballastd.log"),
+                ballastd: ballastd.to_path_buf(),
+                child: None,
+                paused: false,
+            };
+            node.start()?;
+            nodes.push(node);
+        }
+        Ok(Cluster { nodes })
+    }
+
+    fn addrs(&self) -> String {
+        self.nodes.iter().map(Node::endpoint).collect::<Vec<_>>().join(",")
+    }
+
+    /// The index of the node the running, unpaused nodes agree leads.
+    async fn leader(&self, within: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut agreed = BTreeSet::new();
+            let mut leading = None;
+            for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| n.child.is_some() && !n.paused) {
+                match status(node).await {
+                    Some(s) => {
+                        agreed.insert(s.leader_id);
+                        if s.role == "leader" {
+                            leading = Some(i);
+                        }
+                    }
+                    None => {
+                        agreed.insert(0);
+                    }
+                }
+            }
+            if let Some(i) = leading
+                && agreed.len() == 1
+                && agreed.contains(&(i as u64 + 1))
+            {
+                return Ok(i);
+            }
+            if Instant::now() > deadline {
+                bail!("no agreed leader within {within:?} ({agreed:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn status(node: &Node) -> Option<pb::ClusterStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(node.endpoint())
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()?;
+    let response = pb::stats_client::StatsClient::new(channel).get_stats(pb::StatsRequest::default()).await.ok()?;
+    response.into_inner().cluster
+}
+
+pub async fn run(args: &Args, ballastd: &Path, data_root: &Path, keep: bool) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(ballastd.exists(), "{} not found: cargo build --release -p ballast-broker", ballastd.display());
+    let root = data_root.join(format!("cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut cluster = Cluster::start(ballastd, &root)?;
+    let leader = cluster.leader(Duration::from_secs(30)).await?;
+    println!("three nodes up; node {} leads", leader + 1);
+    let throughput = throughput(args, &cluster, leader).await?;
+    let soak = if args.cycles > 0 { Some(soak(args, &mut cluster).await?) } else { None };
+    drop(cluster);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    Ok(serde_json::json!({ "throughput": throughput, "soak": soak }))
+}
+
+/// Publishes `count` messages of `size` bytes through `producer`, `window`
+/// at a time; the rate in messages per second.
+async fn publish_run(
+    producer: &ballast_client::Producer,
+    queue: &str,
+    count: u64,
+    size: usize,
+    window: usize,
+) -> anyhow::Result<f64> {
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let mut in_flight = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        if in_flight.len() >= window {
+            in_flight.join_next().await.context("a publish task")???;
+        }
+        let producer = producer.clone();
+        let queue = queue.to_owned();
+        let message = Message::new(payload.clone());
+        in_flight.spawn(async move { producer.publish(&queue, message).await.map(drop).map_err(anyhow::Error::from) });
+    }
+    while let Some(done) = in_flight.join_next().await {
+        done??;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn throughput(args: &Args, cluster: &Cluster, leader: usize) -> anyhow::Result<serde_json::Value> {
+    let single_client = Client::new(&cluster.nodes[leader].endpoint())?;
+    let replicated_client = Client::new(&cluster.addrs())?;
+    let admin = single_client.admin();
+    admin.create_queue("single", QueueSettings { dead_letter: Some(false), ..QueueSettings::default() }).await?;
+    let settings = QueueSettings { dead_letter: Some(false), replicas: Some(3), ..QueueSettings::default() };
+    admin.create_queue("replicated", settings).await?;
+    let single = single_client.producer(ProducerConfig::default())?;
+    let replicated = replicated_client.producer(ProducerConfig::default())?;
+    let (mut singles, mut replicas) = (Vec::new(), Vec::new());
+    println!("{:>5} {:>14} {:>14} {:>7}", "round", "single msg/s", "replicated", "ratio");
+    for round in 1..=args.rounds {
+        let a = publish_run(&single, "single", args.messages, args.size, args.in_flight).await?;
+        let b = publish_run(&replicated, "replicated", args.messages, args.size, args.in_flight).await?;
+        println!("{round:>5} {a:>14.0} {b:>14.0} {:>7.2}", b / a);
+        singles.push(a);
+        replicas.push(b);
+        // Empty both, so each round starts alike.
+        admin.purge_queue("single").await?;
+        admin.purge_queue("replicated").await?;
+    }
+    single.close().await;
+    replicated.close().await;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (a, b) = (median(&mut singles), median(&mut replicas));
+    println!("median: single {a:.0} msg/s, replicated {b:.0} msg/s, ratio {:.2}", b / a);
+    Ok(serde_json::json!({
+        "messages": args.messages, "size": args.size, "rounds": args.rounds,
+        "single_messages_per_s": singles, "replicated_messages_per_s": replicas,
+        "median_single": a, "median_replicated": b, "ratio": b / a,
+    }))
+}
+
+/// The fault of one cycle.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillLeader,
+    KillFollower,
+    PauseLeader,
+}
+
+async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::Value> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    println!("soak: {} cycles, seed {seed}", args.cycles);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let client = Client::new(&cluster.addrs())?;
+    let leader = cluster.leader(Duration::from_secs(30)).await?;
+    let admin = Client::new(&cluster.nodes[leader].endpoint())?.admin();
+    let settings = QueueSettings { replicas: Some(3), ..QueueSettings::default() };
+    admin.create_queue("soak", settings).await?;
+
+    let attempted = Arc::new(Mutex::new(BTreeSet::new()));
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = client.producer(ProducerConfig {
+        deadline: Duration::from_secs(30),
+        attempt_timeout: Duration::from_secs(2),
+        ..ProducerConfig::default()
+    })?;
+    let publishing = {
+        let (attempted, acked, stop, producer) =
+            (Arc::clone(&attempted), Arc::clone(&acked), Arc::clone(&stop), producer.clone());
+        tokio::spawn(async move {
+            let mut in_flight = tokio::task::JoinSet::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                while in_flight.len() >= 256 {
+                    in_flight.join_next().await;
+                }
+                let key = format!("soak-{n}");
+                n += 1;
+                attempted.lock().expect("ledger").insert(key.clone());
+                let (producer, acked) = (producer.clone(), Arc::clone(&acked));
+                in_flight.spawn(async move {
+                    let message = Message::new(format!("payload of {key}")).with_idempotency_key(key.clone());
+                    if producer.publish("soak", message).await.is_ok() {
+                        acked.lock().expect("ledger").insert(key);
+                    }
+                });
+                if n % 64 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            while in_flight.join_next().await.is_some() {}
+        })
+    };
+    let mut faults = Vec::new();
+    for cycle in 1..=args.cycles {
+        tokio::time::sleep(Duration::from_secs_f64(args.cycle_seconds)).await;
+        let leader = cluster.leader(Duration::from_secs(30)).await?;
+        let fault = match rng.u8(0..3) {
+            0 => Fault::KillLeader,
+            1 => Fault::KillFollower,
+            _ => Fault::PauseLeader,
+        };
+        let started = Instant::now();
+        let victim = match fault {
+            Fault::KillLeader | Fault::PauseLeader => leader,
+            Fault::KillFollower => (leader + 1 + rng.usize(0..2)) % 3,
+        };
+        match fault {
+            Fault::KillLeader | Fault::KillFollower => cluster.nodes[victim].kill(),
+            Fault::PauseLeader => cluster.nodes[victim].signal(libc::SIGSTOP),
+        }
+        let new_leader = cluster.leader(Duration::from_secs(30)).await?;
+        let failover_ms = started.elapsed().as_millis() as u64;
+        tokio::time::sleep(Duration::from_secs_f64(args.cycle_seconds / 2.0)).await;
+        match fault {
+            Fault::PauseLeader => cluster.nodes[victim].signal(libc::SIGCONT),
+            _ => cluster.nodes[victim].start()?,
+        }
+        let acked_now = acked.lock().expect("ledger").len();
+        println!(
+            "cycle {cycle:>3}: {fault:?} node {} -> leader node {} after {failover_ms} ms; {acked_now} acknowledged so far",
+            victim + 1,
+            new_leader + 1
+        );
+        faults.push(serde_json::json!({
+            "cycle": cycle, "fault": format!("{fault:?}"), "node": victim + 1,
+            "leader_after": new_leader + 1, "leader_after_ms": failover_ms,
+        }));
+    }
+    stop.store(true, Ordering::Relaxed);
+    publishing.await?;
+    producer.close().await;
+    let leader = cluster.leader(Duration::from_secs(30)).await?;
+
+    // Drain: every message, through a consumer that follows the leader.
+    let depth = Client::new(&cluster.nodes[leader].endpoint())?.admin().get_queue("soak").await?.depth;
+    let delivered = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let seen = Arc::clone(&delivered);
+    let consumer = client.consumer("soak", ConsumerConfig { max_messages: Some(depth), ..ConsumerConfig::default() })?;
+    let handle = consumer.spawn(move |delivery: Delivery| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let key = delivery.idempotency_key.clone().unwrap_or_default();
+            *seen.lock().expect("ledger").entry(key).or_default() += 1;
+            Ok::<(), String>(())
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(300), handle.join()).await.context("drain within 300 s")??;
+    let attempted = attempted.lock().expect("ledger").clone();
+    let acked = acked.lock().expect("ledger").clone();
+    let delivered = delivered.lock().expect("ledger").clone();
+    let lost = acked.iter().filter(|k| !delivered.contains_key(*k)).count();
+    let phantom = delivered.keys().filter(|k| !attempted.contains(*k)).count();
+    let unique = delivered.len() as u64;
+    let stored_twice = depth.saturating_sub(unique);
+    let redelivered: u64 = delivered.values().map(|&n| u64::from(n.saturating_sub(1))).sum();
+    println!(
+        "soak verdict: attempted {}, acknowledged {}, stored {depth}, delivered {unique} distinct ({redelivered} \
+         again); lost {lost}, phantom {phantom}, stored twice {stored_twice}",
+        attempted.len(),
+        acked.len()
+    );
+    Ok(serde_json::json!({
+        "seed": seed, "cycles": args.cycles, "faults": faults,
+        "attempted": attempted.len(), "acknowledged": acked.len(), "stored": depth,
+        "delivered_distinct": unique, "delivered_again": redelivered,
+        "lost": lost, "phantom": phantom, "stored_twice": stored_twice,
+    }))
+}

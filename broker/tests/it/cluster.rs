@@ -1,0 +1,336 @@
+//! Replicated queues on three real `ballastd` processes (docs/replication.md):
+//! the leader killed under a publish load, a follower killed and restarted,
+//! a paused leader replaced.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ballast_client::{Client, ConsumerConfig, Delivery, Message, ProducerConfig};
+use ballast_proto::v1 as pb;
+use tonic::Code;
+
+use crate::support::{BrokerProcess, message, publish};
+
+/// How long a cluster may take to have a leader (three election timeouts
+/// of the test config and the processes' start).
+const LEADER_WITHIN: Duration = Duration::from_secs(20);
+
+/// Three nodes on loopback, each with its own data directory and config.
+struct Cluster {
+    nodes: Vec<BrokerProcess>,
+    _config_dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let listens: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+        let config_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        let peers: Vec<String> =
+            listens.iter().enumerate().map(|(i, addr)| format!("{{ id = {}, addr = \"{addr}\" }}", i + 1)).collect();
+        let nodes = listens
+            .iter()
+            .enumerate()
+            .map(|(i, &listen)| {
+                let path = config_dir.path().join(format!("node{}.toml", i + 1));
+                let text = format!(
+                    "[cluster]\nnode_id = {}\npeers = [{}]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\n\
+                     election_timeout_max_ms = 1200\n",
+                    i + 1,
+                    peers.join(", ")
+                );
+                std::fs::write(&path, text).expect("write the node's config");
+                BrokerProcess::start_at(listen, &["--config", path.to_str().expect("utf-8 path")])
+            })
+            .collect();
+        Cluster { nodes, _config_dir: config_dir }
+    }
+
+    /// The index of the node every running node agrees leads, once they do.
+    async fn leader(&self) -> usize {
+        let deadline = Instant::now() + LEADER_WITHIN;
+        loop {
+            let mut leaders = BTreeSet::new();
+            let mut leading = None;
+            for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| n.is_running()) {
+                let Some(status) = cluster_status(node).await else {
+                    leaders.insert(0);
+                    continue;
+                };
+                leaders.insert(status.leader_id);
+                if status.role == "leader" {
+                    leading = Some(i);
+                }
+            }
+            if let (Some(i), 1) = (leading, leaders.len())
+                && leaders.contains(&(i as u64 + 1))
+            {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no agreed leader within {LEADER_WITHIN:?}: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every node's address, as a client that follows the leader takes them.
+    fn addrs(&self) -> String {
+        self.nodes.iter().map(BrokerProcess::endpoint).collect::<Vec<_>>().join(",")
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr")
+}
+
+async fn cluster_status(node: &BrokerProcess) -> Option<pb::ClusterStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(node.endpoint()).ok()?.connect().await.ok()?;
+    let mut stats = pb::stats_client::StatsClient::new(channel);
+    let response = stats.get_stats(pb::StatsRequest::default()).await.ok()?;
+    response.into_inner().cluster
+}
+
+/// A node's depth of `queue` as it has applied it.
+async fn depth_on(node: &BrokerProcess, queue: &str) -> Option<u64> {
+    let channel = tonic::transport::Endpoint::from_shared(node.endpoint()).ok()?.connect().await.ok()?;
+    let mut stats = pb::stats_client::StatsClient::new(channel);
+    let request = pb::StatsRequest { queue: Some(queue.to_owned()), ..Default::default() };
+    let response = stats.get_stats(request).await.ok()?.into_inner();
+    response.queues.first()?.saturation.as_ref().map(|s| s.depth)
+}
+
+/// Waits until every running node holds `depth` messages of `queue`.
+async fn wait_depth(cluster: &Cluster, queue: &str, depth: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut seen = Vec::new();
+        for node in cluster.nodes.iter().filter(|n| n.is_running()) {
+            seen.push(depth_on(node, queue).await);
+        }
+        if seen.iter().all(|d| *d == Some(depth)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "depths of {queue}: {seen:?}, waiting for {depth} on every node");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn replicated() -> pb::QueueSettings {
+    pb::QueueSettings { replicas: Some(3), ..Default::default() }
+}
+
+/// A replicated queue is created on the leader and exists on every node;
+/// what is published there is on every node; a follower sends callers to
+/// the leader (UNAVAILABLE with `ballast-leader`); a queue of one replica
+/// is refused a replica count that is not the cluster's.
+#[tokio::test]
+async fn a_replicated_queue_is_on_every_node_and_followers_name_the_leader() {
+    let cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    let leading = &cluster.nodes[leader];
+    let mut admin = leading.admin().await;
+    let request = pb::CreateQueueRequest { name: "orders".into(), settings: Some(replicated()) };
+    admin.create_queue(request).await.expect("create the replicated queue on the leader");
+    let mut publisher = leading.publisher().await;
+    for i in 0..20 {
+        publish(&mut publisher, "orders", message(format!("m{i}"))).await;
+    }
+    wait_depth(&cluster, "orders", 20).await;
+
+    let follower = &cluster.nodes[(leader + 1) % 3];
+    let mut to_follower = follower.publisher().await;
+    let request = pb::PublishRequest { queue: "orders".into(), message: Some(message("x")) };
+    let status = to_follower.publish(request).await.expect_err("a follower does not take publishes");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let named = status.metadata().get("ballast-leader").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    assert_eq!(named, Some(leading.addr.to_string()), "{status:?}");
+
+    let wrong = pb::CreateQueueRequest {
+        name: "two".into(),
+        settings: Some(pb::QueueSettings { replicas: Some(5), ..Default::default() }),
+    };
+    let status = admin.create_queue(wrong).await.expect_err("5 replicas on 3 voters");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}
+
+/// The leader is killed (SIGKILL) while producers publish with keys
+/// through the client library, which follows the leader: a new leader is
+/// elected, every acknowledged message is delivered from it, and no key
+/// is stored twice.
+#[tokio::test]
+async fn leader_killed_under_load_loses_no_acknowledged_message() {
+    let mut cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    let client = Client::new(&cluster.addrs()).expect("addresses");
+    let mut admin = cluster.nodes[leader].admin().await;
+    let request = pb::CreateQueueRequest { name: "payments".into(), settings: Some(replicated()) };
+    admin.create_queue(request).await.expect("create");
+
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let producer = client
+        .producer(ProducerConfig {
+            attempt_timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(60),
+            ..ProducerConfig::default()
+        })
+        .expect("producer");
+    let total = 600u32;
+    let publishing = {
+        let acked = Arc::clone(&acked);
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            let mut sends = Vec::new();
+            for i in 0..total {
+                let producer = producer.clone();
+                let acked = Arc::clone(&acked);
+                sends.push(tokio::spawn(async move {
+                    let key = format!("k{i}");
+                    let message = Message::new(format!("payload {i}")).with_idempotency_key(key.clone());
+                    if producer.publish("payments", message).await.is_ok() {
+                        acked.lock().unwrap().insert(key);
+                    }
+                }));
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            for send in sends {
+                send.await.expect("send task");
+            }
+        })
+    };
+    // Kill the leader once some publishes are acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 100 {
+        assert!(Instant::now() < deadline, "no publishes acknowledged before the kill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed_at = Instant::now();
+    cluster.nodes[leader].kill();
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+    let elected_in = killed_at.elapsed();
+    assert!(elected_in < LEADER_WITHIN, "a new leader took {elected_in:?}");
+    publishing.await.expect("publishing");
+    let acked: BTreeSet<String> = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), total as usize, "every publish was acknowledged in the end (retries follow the leader)");
+
+    // Everything is delivered from the new leader, each key once in storage.
+    let depth = depth_on(&cluster.nodes[new_leader], "payments").await.expect("depth on the new leader");
+    assert_eq!(depth, u64::from(total), "no key stored twice, none lost");
+    let seen = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let seen_in = Arc::clone(&seen);
+    let consumer = client
+        .consumer("payments", ConsumerConfig { max_messages: Some(u64::from(total)), ..ConsumerConfig::default() })
+        .expect("consumer");
+    let consumed = consumer.spawn(move |delivery: Delivery| {
+        let seen = Arc::clone(&seen_in);
+        async move {
+            let key = delivery.idempotency_key.clone().ok_or("a keyed message")?;
+            *seen.lock().unwrap().entry(key).or_default() += 1;
+            Ok::<(), String>(())
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(60), consumed.join())
+        .await
+        .expect("every message consumed within 60 s")
+        .expect("consumer");
+    let seen: BTreeSet<String> = seen.lock().unwrap().keys().cloned().collect();
+    assert_eq!(seen, acked, "every acknowledged message delivered, nothing else");
+}
+
+/// A follower killed while publishes go on catches up when it returns.
+#[tokio::test]
+async fn a_killed_follower_catches_up_after_its_restart() {
+    let mut cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    let mut admin = cluster.nodes[leader].admin().await;
+    let request = pb::CreateQueueRequest { name: "events".into(), settings: Some(replicated()) };
+    admin.create_queue(request).await.expect("create");
+    let mut publisher = cluster.nodes[leader].publisher().await;
+    for i in 0..10 {
+        publish(&mut publisher, "events", message(format!("before {i}"))).await;
+    }
+    let follower = (leader + 1) % 3;
+    cluster.nodes[follower].kill();
+    for i in 0..30 {
+        publish(&mut publisher, "events", message(format!("while down {i}"))).await;
+    }
+    cluster.nodes[follower].restart();
+    wait_depth(&cluster, "events", 40).await;
+}
+
+/// A leader paused (SIGSTOP) is replaced; the cluster keeps taking
+/// publishes; resumed (SIGCONT), the old leader steps down and holds what
+/// the new leader committed, and nothing it was sent while paused.
+#[tokio::test]
+async fn a_paused_leader_is_replaced_and_steps_down_on_resume() {
+    let cluster = Cluster::start();
+    let old = cluster.leader().await;
+    let mut admin = cluster.nodes[old].admin().await;
+    let request = pb::CreateQueueRequest { name: "jobs".into(), settings: Some(replicated()) };
+    admin.create_queue(request).await.expect("create");
+    let mut to_old = cluster.nodes[old].publisher().await;
+    publish(&mut to_old, "jobs", message("first")).await;
+    wait_depth(&cluster, "jobs", 1).await;
+
+    cluster.nodes[old].signal(libc::SIGSTOP);
+    // A publish sent to the paused leader: it cannot be answered now.
+    let paused_publish = tokio::spawn(async move {
+        let mut request =
+            tonic::Request::new(pb::PublishRequest { queue: "jobs".into(), message: Some(message("to the paused")) });
+        request.set_timeout(Duration::from_secs(60));
+        to_old.publish(request).await
+    });
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let new = {
+        let deadline = Instant::now() + LEADER_WITHIN;
+        loop {
+            let mut found = None;
+            for &i in &others {
+                if cluster_status(&cluster.nodes[i]).await.is_some_and(|s| s.role == "leader") {
+                    found = Some(i);
+                }
+            }
+            if let Some(i) = found {
+                break i;
+            }
+            assert!(Instant::now() < deadline, "no new leader while the old one is paused");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut to_new = cluster.nodes[new].publisher().await;
+    for i in 0..5 {
+        publish(&mut to_new, "jobs", message(format!("new leader {i}"))).await;
+    }
+    cluster.nodes[old].signal(libc::SIGCONT);
+    // The old leader steps down and converges on the new leader's log.
+    let deadline = Instant::now() + LEADER_WITHIN;
+    loop {
+        let status = cluster_status(&cluster.nodes[old]).await;
+        if status.as_ref().is_some_and(|s| s.role == "follower" && s.leader_id == new as u64 + 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the resumed leader did not step down: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(30), paused_publish)
+        .await
+        .expect("the paused publish is answered once its node runs again")
+        .expect("task");
+    let stored_anyway = match &answer {
+        // Committed after all (the new leader may carry the entry on);
+        // then it is on every node, acknowledged or not.
+        Ok(_) => 1,
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            // Not acknowledged: if it is stored, it is stored everywhere,
+            // which the equal depths below check.
+            u64::from(depth_on(&cluster.nodes[new], "jobs").await == Some(7))
+        }
+    };
+    wait_depth(&cluster, "jobs", 6 + stored_anyway).await;
+}
