@@ -15,8 +15,8 @@
 //! - [`server`]: wiring it all to a listener, with graceful shutdown.
 
 pub mod auth;
-pub mod cluster;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod console;
 mod dedupe;

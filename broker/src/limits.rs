@@ -494,3 +494,33 @@ pub const CLUSTER_LOG_KEEP: u64 = 100_000;
 /// How often each node writes its cluster sync point, snapshots and lets
 /// openraft purge its cluster log (ms).
 pub const CLUSTER_SYNC_INTERVAL_MS: u64 = 1_000;
+
+/// Size, in bytes, past which the Raft log (`cluster::log_store`) starts a
+/// new segment file. Purging the log deletes whole segments, so this is
+/// also the granularity of the disk space a purge gives back; 64 MiB keeps
+/// the file count small at a few thousand entries per second.
+pub const RAFT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
+
+/// Largest encoded Raft log entry, in bytes: one `Append` of the largest
+/// publish (a batch within the gRPC decode limit) plus 1 MiB for the
+/// command's own fields. A bigger entry is refused by the log store (its
+/// proposer must split it), and a frame header claiming more is corruption.
+pub const RAFT_ENTRY_SIZE_MAX: u32 = GRPC_DECODE_SIZE_MAX as u32 + 1024 * 1024;
+
+/// Bytes of recent Raft log entries the log store keeps decoded in memory
+/// (besides those not yet written, which it always keeps): replication to
+/// a follower that keeps up reads from here instead of the disk.
+pub const RAFT_LOG_CACHE_SIZE: u64 = 32 * 1024 * 1024;
+
+/// Writes queued for the Raft log's writer thread (appends, truncations,
+/// purges, votes): past this many, openraft waits for the writer. Also the
+/// most jobs the writer takes into one group commit.
+pub const RAFT_LOG_WRITER_QUEUE_MAX: usize = 256;
+
+/// Largest message of the internal `ballast.cluster.v1.Raft` service, in
+/// bytes, both ways: one largest entry plus 1 MiB of request fields. An
+/// AppendEntries over it is split (openraft resends fewer entries) before
+/// it is sent.
+pub const RAFT_MESSAGE_SIZE_MAX: usize = RAFT_ENTRY_SIZE_MAX as usize + 1024 * 1024;
+
+const _: () = assert!(RAFT_ENTRY_SIZE_MAX as u64 + 8 <= RAFT_SEGMENT_SIZE);

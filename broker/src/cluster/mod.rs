@@ -16,6 +16,8 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod state_machine;
+#[cfg(test)]
+mod testing;
 
 openraft::declare_raft_types!(
     /// The cluster log's types: commands in, what applying them gave out.
