@@ -55,10 +55,13 @@ pub enum Action {
     Admin,
     /// GetStats and Watch.
     Stats,
+    /// The cluster's internal Raft service (node to node); granted by a
+    /// rule on every queue (`queues = "*"`).
+    Cluster,
 }
 
 impl Action {
-    const ALL: [Action; 4] = [Action::Publish, Action::Consume, Action::Admin, Action::Stats];
+    const ALL: [Action; 5] = [Action::Publish, Action::Consume, Action::Admin, Action::Stats, Action::Cluster];
 
     /// The name the auth file and the messages use.
     pub fn name(self) -> &'static str {
@@ -67,6 +70,7 @@ impl Action {
             Action::Consume => "consume",
             Action::Admin => "admin",
             Action::Stats => "stats",
+            Action::Cluster => "cluster",
         }
     }
 
@@ -256,7 +260,7 @@ impl Principals {
                 for action in &rule.actions {
                     let Some(known) = Action::ALL.iter().find(|a| a.name() == action) else {
                         return Err(at(format!(
-                            "unknown action {action:?} (the actions are publish, consume, admin, stats)"
+                            "unknown action {action:?} (the actions are publish, consume, admin, stats, cluster)"
                         )));
                     };
                     actions |= known.bit();

@@ -68,6 +68,20 @@ use tonic::Code;
 /// unless told otherwise.
 pub const ADDR_DEFAULT: &str = "http://127.0.0.1:7400";
 
+/// Metadata naming the cluster leader's `host:port` on a follower's
+/// UNAVAILABLE (`docs/replication.md`).
+pub const LEADER_METADATA: &str = "ballast-leader";
+
+/// Shortest wait before retrying an UNAVAILABLE: a follower during an
+/// election or a broker shutting down is not back sooner (the broker's
+/// `retry-after-ms` for a redirect, `NOT_LEADER_RETRY_AFTER_MS`).
+pub const UNAVAILABLE_RETRY_FLOOR: Duration = Duration::from_millis(200);
+
+/// How long an address that could not be reached is not followed again
+/// when a follower names it as leader (its view of the leader lags an
+/// election by up to an election timeout).
+pub const UNREACHABLE_FOR: Duration = Duration::from_secs(3);
+
 /// ASCII metadata key on a `RESOURCE_EXHAUSTED` status: how long to wait
 /// before retrying, in decimal milliseconds.
 pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";

@@ -28,8 +28,7 @@ use tonic::{body::Body, transport::Channel};
 
 use crate::ClientConfig;
 
-/// Metadata key of the leader's address on a follower's UNAVAILABLE.
-pub const LEADER: &str = "ballast-leader";
+use crate::contract::{LEADER_METADATA as LEADER, UNREACHABLE_FOR};
 
 /// The channel to whichever node leads, switched on `ballast-leader`.
 #[derive(Clone)]
@@ -46,6 +45,10 @@ struct Shared {
     current: parking_lot::RwLock<(String, Channel)>,
     /// Channels made for addresses followed before (a failover back).
     known: parking_lot::Mutex<HashMap<String, Channel>>,
+    /// Addresses that could not be reached, and when: a follower that
+    /// still names a dead leader is not followed there again for
+    /// `UNREACHABLE_FOR`.
+    unreachable: parking_lot::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Follow {
@@ -65,6 +68,7 @@ impl Follow {
                 seeds,
                 current: parking_lot::RwLock::new((addr, channel)),
                 known: parking_lot::Mutex::new(known),
+                unreachable: parking_lot::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -72,18 +76,41 @@ impl Follow {
     /// The node in use cannot be reached: the next seed, if there are
     /// several, gets the next calls.
     fn next_seed(&self, failed: &str) {
+        self.shared.unreachable.lock().insert(failed.to_owned(), std::time::Instant::now());
         let seeds = &self.shared.seeds;
         if seeds.len() < 2 || self.shared.current.read().0 != failed {
             return;
         }
         let at = seeds.iter().position(|s| s == failed).map_or(0, |i| i + 1);
-        self.follow(&seeds[at % seeds.len()]);
+        // The next seed not known unreachable, or simply the next.
+        let next = (0..seeds.len())
+            .map(|k| &seeds[(at + k) % seeds.len()])
+            .find(|s| s.as_str() != failed && !self.recently_unreachable(s))
+            .unwrap_or(&seeds[at % seeds.len()]);
+        self.switch(next);
+    }
+
+    fn recently_unreachable(&self, addr: &str) -> bool {
+        self.shared.unreachable.lock().get(addr).is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
     }
 
     /// Sends the next calls to `leader` (`host:port`, as the broker names
     /// it). An address that does not parse is ignored: calls stay where
     /// they are and retry there.
     fn follow(&self, leader: &str) {
+        let (_, addr) = match crate::client::endpoint(leader, &self.shared.config) {
+            Ok(made) => made,
+            Err(_) => return self.switch(leader),
+        };
+        if self.recently_unreachable(&addr) {
+            // A follower's view lags the election: stay, and retry here.
+            return;
+        }
+        self.switch(leader);
+    }
+
+    /// Sends the next calls to `addr`.
+    fn switch(&self, leader: &str) {
         let (endpoint, addr) = match crate::client::endpoint(leader, &self.shared.config) {
             Ok(made) => made,
             Err(error) => {
@@ -126,12 +153,47 @@ impl tower_service::Service<http::Request<Body>> for Follow {
                     return Err(error.into());
                 }
             };
-            // A follower's answer is trailers-only: its status and metadata
-            // are in the response's headers.
+            // A follower's refusal of a call is trailers-only: its status
+            // and metadata are in the response's headers. A stream it ends
+            // (the publish stream meeting a replicated queue) says it in
+            // its trailers, which the body watches for.
             if let Some(leader) = response.headers().get(LEADER).and_then(|v| v.to_str().ok()) {
                 follow.follow(leader);
+                return Ok(response);
             }
-            Ok(response)
+            Ok(response.map(|body| Body::new(Trailers { inner: body, follow })))
         })
+    }
+}
+
+/// A response body that follows the leader a stream's trailers name.
+struct Trailers {
+    inner: Body,
+    follow: Follow,
+}
+
+impl http_body::Body for Trailers {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(leader) = frame.trailers_ref().and_then(|t| t.get(LEADER)).and_then(|v| v.to_str().ok())
+        {
+            self.follow.follow(leader);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -106,7 +106,11 @@ impl Retrier {
             }
             let delay = {
                 let mut rng = self.rng.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                self.policy.backoff.delay_after(retry - 1, error.retry_after(), &mut rng)
+                let floor = match &error {
+                    Error::Unavailable { .. } => Some(crate::contract::UNAVAILABLE_RETRY_FLOOR),
+                    error => error.retry_after(),
+                };
+                self.policy.backoff.delay_after(retry - 1, floor, &mut rng)
             };
             if Instant::now() + delay >= deadline {
                 return Err(error);

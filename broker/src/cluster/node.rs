@@ -87,7 +87,7 @@ impl Cluster {
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate()?);
-        let network = Network::new(config.token.clone());
+        let network = Network::new(config.token.clone(), None)?;
         let machine = StateMachine { shared: Arc::clone(&shared) };
         let raft = Raft::new(config.node_id, raft_config, network, log_store, machine).await?;
         if !raft.is_initialized().await? {

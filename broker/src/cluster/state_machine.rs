@@ -106,6 +106,7 @@ fn io_error(message: &str, what: &str) -> StorageError {
 }
 
 /// The machine openraft drives.
+#[derive(Debug)]
 pub struct StateMachine {
     pub shared: Arc<Shared>,
 }
@@ -267,6 +268,7 @@ impl RecordData {
 
 /// Builds a snapshot: the last sync point's metadata (what is known on
 /// disk), never more than is applied.
+#[derive(Debug)]
 pub struct SnapshotBuilder {
     shared: Arc<Shared>,
 }

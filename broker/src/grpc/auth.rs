@@ -37,6 +37,10 @@ pub const REASON_AUTH_FAILURES: &str = "auth_failures";
 #[derive(Debug, Clone)]
 pub struct Caller(pub Arc<Principal>);
 
+/// Path prefix of the internal Raft service: its calls need a principal
+/// with the `cluster` action on every queue.
+const RAFT_PATH: &str = "/ballast.cluster.v1.Raft/";
+
 /// Authenticates `request` against `auth` (nothing to do without an auth
 /// file; a health check without a token passes): puts its [`Caller`] in its
 /// extensions, or returns the status that answers it. Run by [`StatusService`] once the
@@ -59,6 +63,13 @@ pub fn admit<B>(auth: Option<&Auth>, request: &mut http::Request<B>) -> Result<(
     } else {
         authenticate(auth, request.headers(), &peer, request.uri().path())?
     };
+    if request.uri().path().starts_with(RAFT_PATH) && !principal.allows(Action::Cluster, "*") {
+        return Err(Status::permission_denied(format!(
+            "principal {} may not speak for a cluster node: it needs a rule with queues = \"*\" and the \
+             cluster action",
+            principal.name
+        )));
+    }
     request.extensions_mut().insert(Caller(principal));
     Ok(())
 }

@@ -128,8 +128,19 @@ impl Service {
     /// The queue, for a call that changes it or delivers from it: a
     /// replicated queue is served by the cluster's leader only; anywhere
     /// else the call is UNAVAILABLE with `ballast-leader`.
+    /// On a follower, a queue it does not know is asked of the leader too:
+    /// it may be a replicated queue this node has not applied yet.
     async fn leader_queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
-        let queue = self.queue(name).await?;
+        let queue = match self.broker.queue(name).await {
+            Ok(queue) => queue,
+            Err(BrokerError::QueueNotFound(_))
+                if self.broker.node().cluster().is_some_and(|cluster| !cluster.is_leader()) =>
+            {
+                let leader = self.broker.node().cluster().and_then(|cluster| cluster.leader_addr());
+                return Err(to_status(BrokerError::NotLeader { queue: name.to_owned(), leader }));
+            }
+            Err(error) => return Err(to_status(error)),
+        };
         if let Some(cluster) = queue.replicated() {
             cluster.check_leader(name).map_err(to_status)?;
         }
@@ -356,8 +367,16 @@ async fn publish_session(
                 let _ = out.send(Err(to_status(BrokerError::ShuttingDown))).await;
                 break;
             }
-            Some((response, size)) = futures_util::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+            Some((response, size, redirect)) = futures_util::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
                 in_flight_bytes -= size;
+                if let Some(status) = redirect {
+                    // This node does not lead the cluster: the stream ends
+                    // with the status naming the leader (in its trailers),
+                    // so the client reopens it there; the requests in
+                    // flight end with it and are retried.
+                    let _ = out.send(Err(status)).await;
+                    break;
+                }
                 if out.send(Ok(response)).await.is_err() {
                     // The client is gone. Requests still in flight are
                     // dropped here; what reached storage completes in the
@@ -372,14 +391,19 @@ async fn publish_session(
                     let (service, access) = (service.clone(), access.clone());
                     in_flight.push(async move {
                         let pb::PublishStreamRequest { sequence, queue, messages } = request;
+                        let mut redirect = None;
                         let response = match service.publish_messages(&access, &queue, messages).await {
                             Ok(receipts) => pb::PublishStreamResponse { sequence, receipts, error: None },
                             Err(status) => {
                                 crate::metrics::count_error(status.code());
-                                pb::PublishStreamResponse { sequence, receipts: Vec::new(), error: Some(convert::publish_error(&status)) }
+                                let error = convert::publish_error(&status);
+                                if status.metadata().contains_key(super::status::LEADER) {
+                                    redirect = Some(status);
+                                }
+                                pb::PublishStreamResponse { sequence, receipts: Vec::new(), error: Some(error) }
                             }
                         };
-                        (response, size)
+                        (response, size, redirect)
                     });
                 }
                 Ok(None) => closed = true,

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ballast_client::{Client, ConsumerConfig, Delivery, Message, ProducerConfig};
+use ballast_client::{BreakerConfig, Client, ConsumerConfig, Delivery, Message, ProducerConfig};
 use ballast_proto::v1 as pb;
 use tonic::Code;
 
@@ -97,7 +97,7 @@ async fn cluster_status(node: &BrokerProcess) -> Option<pb::ClusterStatus> {
 async fn depth_on(node: &BrokerProcess, queue: &str) -> Option<u64> {
     let channel = tonic::transport::Endpoint::from_shared(node.endpoint()).ok()?.connect().await.ok()?;
     let mut stats = pb::stats_client::StatsClient::new(channel);
-    let request = pb::StatsRequest { queue: Some(queue.to_owned()), ..Default::default() };
+    let request = pb::StatsRequest { queue: queue.to_owned(), ..Default::default() };
     let response = stats.get_stats(request).await.ok()?.into_inner();
     response.queues.first()?.saturation.as_ref().map(|s| s.depth)
 }
@@ -170,27 +170,32 @@ async fn leader_killed_under_load_loses_no_acknowledged_message() {
     admin.create_queue(request).await.expect("create");
 
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let producer = client
+    let producer = Arc::new(client
         .producer(ProducerConfig {
             attempt_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(60),
+            // The failover is ridden out by retries, not failed fast.
+            breaker: BreakerConfig { failure_threshold: 1_000_000, ..BreakerConfig::default() },
             ..ProducerConfig::default()
         })
-        .expect("producer");
+        .expect("producer"));
     let total = 600u32;
     let publishing = {
         let acked = Arc::clone(&acked);
-        let producer = producer.clone();
+        let producer = Arc::clone(&producer);
         tokio::spawn(async move {
             let mut sends = Vec::new();
             for i in 0..total {
-                let producer = producer.clone();
+                let producer = Arc::clone(&producer);
                 let acked = Arc::clone(&acked);
                 sends.push(tokio::spawn(async move {
                     let key = format!("k{i}");
                     let message = Message::new(format!("payload {i}")).with_idempotency_key(key.clone());
-                    if producer.publish("payments", message).await.is_ok() {
-                        acked.lock().unwrap().insert(key);
+                    match producer.publish("payments", message).await {
+                        Ok(_) => {
+                            acked.lock().unwrap().insert(key);
+                        }
+                        Err(error) => eprintln!("publish of {key} failed: {error:?}"),
                     }
                 }));
                 if i % 50 == 0 {

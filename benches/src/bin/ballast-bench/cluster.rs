@@ -29,7 +29,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use ballast_client::{Client, ConsumerConfig, Delivery, Message, ProducerConfig, QueueSettings};
+use ballast_client::{BreakerConfig, Client, ConsumerConfig, Delivery, Message, ProducerConfig, QueueSettings};
 use ballast_proto::v1 as pb;
 
 #[derive(Debug, clap::Args)]
@@ -229,7 +229,7 @@ pub async fn run(args: &Args, ballastd: &Path, data_root: &Path, keep: bool) -> 
 /// Publishes `count` messages of `size` bytes through `producer`, `window`
 /// at a time; the rate in messages per second.
 async fn publish_run(
-    producer: &ballast_client::Producer,
+    producer: &Arc<ballast_client::Producer>,
     queue: &str,
     count: u64,
     size: usize,
@@ -242,7 +242,7 @@ async fn publish_run(
         if in_flight.len() >= window {
             in_flight.join_next().await.context("a publish task")???;
         }
-        let producer = producer.clone();
+        let producer = Arc::clone(producer);
         let queue = queue.to_owned();
         let message = Message::new(payload.clone());
         in_flight.spawn(async move { producer.publish(&queue, message).await.map(drop).map_err(anyhow::Error::from) });
@@ -260,8 +260,8 @@ async fn throughput(args: &Args, cluster: &Cluster, leader: usize) -> anyhow::Re
     admin.create_queue("single", QueueSettings { dead_letter: Some(false), ..QueueSettings::default() }).await?;
     let settings = QueueSettings { dead_letter: Some(false), replicas: Some(3), ..QueueSettings::default() };
     admin.create_queue("replicated", settings).await?;
-    let single = single_client.producer(ProducerConfig::default())?;
-    let replicated = replicated_client.producer(ProducerConfig::default())?;
+    let single = Arc::new(single_client.producer(ProducerConfig::default())?);
+    let replicated = Arc::new(replicated_client.producer(ProducerConfig::default())?);
     let (mut singles, mut replicas) = (Vec::new(), Vec::new());
     println!("{:>5} {:>14} {:>14} {:>7}", "round", "single msg/s", "replicated", "ratio");
     for round in 1..=args.rounds {
@@ -274,8 +274,11 @@ async fn throughput(args: &Args, cluster: &Cluster, leader: usize) -> anyhow::Re
         admin.purge_queue("single").await?;
         admin.purge_queue("replicated").await?;
     }
-    single.close().await;
-    replicated.close().await;
+    for producer in [single, replicated] {
+        if let Ok(producer) = Arc::try_unwrap(producer) {
+            producer.close().await;
+        }
+    }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -312,14 +315,16 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
     let attempted = Arc::new(Mutex::new(BTreeSet::new()));
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let producer = client.producer(ProducerConfig {
+    let producer = Arc::new(client.producer(ProducerConfig {
         deadline: Duration::from_secs(30),
         attempt_timeout: Duration::from_secs(2),
+        // Faults are ridden out by retries (with the same keys), not failed fast.
+        breaker: BreakerConfig { failure_threshold: 1_000_000, ..BreakerConfig::default() },
         ..ProducerConfig::default()
-    })?;
+    })?);
     let publishing = {
         let (attempted, acked, stop, producer) =
-            (Arc::clone(&attempted), Arc::clone(&acked), Arc::clone(&stop), producer.clone());
+            (Arc::clone(&attempted), Arc::clone(&acked), Arc::clone(&stop), Arc::clone(&producer));
         tokio::spawn(async move {
             let mut in_flight = tokio::task::JoinSet::new();
             let mut n = 0u64;
@@ -330,7 +335,7 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
                 let key = format!("soak-{n}");
                 n += 1;
                 attempted.lock().expect("ledger").insert(key.clone());
-                let (producer, acked) = (producer.clone(), Arc::clone(&acked));
+                let (producer, acked) = (Arc::clone(&producer), Arc::clone(&acked));
                 in_flight.spawn(async move {
                     let message = Message::new(format!("payload of {key}")).with_idempotency_key(key.clone());
                     if producer.publish("soak", message).await.is_ok() {
@@ -382,7 +387,9 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
     }
     stop.store(true, Ordering::Relaxed);
     publishing.await?;
-    producer.close().await;
+    if let Ok(producer) = Arc::try_unwrap(producer) {
+        producer.close().await;
+    }
     let leader = cluster.leader(Duration::from_secs(30)).await?;
 
     // Drain: every message, through a consumer that follows the leader.
