@@ -7,6 +7,9 @@
 //! - [`externalscaler`]: KEDA's external scaler protocol (its own package,
 //!   copied from KEDA under Apache-2.0), which `ballastd` serves for
 //!   autoscaling consumers.
+//! - [`cluster::v1`]: the internal node-to-node protocol (`ballast.cluster.v1`,
+//!   the Raft service of replicated queues), `raft_client`/`raft_server`. Not
+//!   a client API and not in [`FILE_DESCRIPTOR_SET`].
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
 
 #[allow(clippy::all, missing_debug_implementations, reason = "generated code")]
@@ -18,6 +21,14 @@ pub mod v1 {
 #[allow(clippy::all, missing_debug_implementations, reason = "generated code")]
 pub mod externalscaler {
     tonic::include_proto!("externalscaler");
+}
+
+/// The internal node-to-node protocol (`ballast.cluster.v1`).
+pub mod cluster {
+    #[allow(clippy::all, missing_debug_implementations, reason = "generated code")]
+    pub mod v1 {
+        tonic::include_proto!("ballast.cluster.v1");
+    }
 }
 
 /// The encoded `FileDescriptorSet` of the protocol (for gRPC reflection).

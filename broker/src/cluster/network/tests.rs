@@ -1,0 +1,185 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ballast_proto::cluster::v1::raft_client::RaftClient;
+use openraft::{Config, Raft};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use super::*;
+use crate::cluster::Command;
+use crate::cluster::log_store::LogStore;
+use crate::cluster::testing::MemStateMachine;
+
+/// Longest wait for an election or for an entry to be applied everywhere.
+const WAIT: Duration = Duration::from_secs(15);
+
+/// One in-process node: its Raft, its state machine and its gRPC server.
+struct Node {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    state_machine: MemStateMachine,
+    server: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn listen() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+    let addr = format!("http://{}", listener.local_addr().expect("its address"));
+    (listener, addr)
+}
+
+async fn start(id: NodeId, listener: TcpListener, network: Network) -> Node {
+    let config =
+        Config { heartbeat_interval: 100, election_timeout_min: 500, election_timeout_max: 1000, ..Default::default() };
+    let config = Arc::new(config.validate().expect("a valid config"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path()).expect("open the log store");
+    let state_machine = MemStateMachine::default();
+    let raft = Raft::new(id, config, network, store, state_machine.clone()).await.expect("a raft node");
+    let service = RaftService::new(raft.clone());
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    Node { id, raft, state_machine, server, _dir: dir }
+}
+
+/// Three nodes over real loopback gRPC elect a leader and replicate a
+/// write to all three; when the leader stops (server and Raft), the other
+/// two elect a new leader within a bounded time and keep committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_and_fail_over() {
+    let mut listeners = Vec::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let (listener, addr) = listen().await;
+        listeners.push((id, listener));
+        members.insert(id, BasicNode { addr });
+    }
+    let mut nodes = Vec::new();
+    for (id, listener) in listeners {
+        nodes.push(start(id, listener, Network::new(None, None).expect("a network")).await);
+    }
+    nodes[0].raft.initialize(members).await.expect("initialize");
+    let metrics = nodes[0].raft.wait(Some(WAIT)).metrics(|m| m.current_leader.is_some(), "a leader").await;
+    let leader = metrics.expect("a leader within the bound").current_leader.expect("a leader");
+
+    let command = Command::DeleteQueue { name: "first".into() };
+    let leader_node = nodes.iter().find(|n| n.id == leader).expect("the leader is a node");
+    let written = leader_node.raft.client_write(command.clone()).await.expect("a write through the leader");
+    let index = written.log_id.index;
+    for node in &nodes {
+        node.raft.wait(Some(WAIT)).applied_index_at_least(Some(index), "applied").await.expect("applied everywhere");
+        assert_eq!(node.state_machine.commands(), vec![command.clone()], "node {}", node.id);
+    }
+
+    // The leader goes away: its server stops and its Raft shuts down.
+    let old = nodes.iter().position(|n| n.id == leader).expect("the leader");
+    let old = nodes.remove(old);
+    old.server.abort();
+    old.raft.shutdown().await.expect("the old leader shuts down");
+    let started = std::time::Instant::now();
+    let new_leader = nodes[0]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(|m| m.current_leader.is_some_and(|l| l != leader), "a new leader")
+        .await
+        .expect("a new leader within the bound")
+        .current_leader
+        .expect("a leader");
+    assert!(started.elapsed() < WAIT);
+    let second = Command::DeleteQueue { name: "second".into() };
+    let new_node = nodes.iter().find(|n| n.id == new_leader).expect("the new leader is a survivor");
+    let written = new_node.raft.client_write(second.clone()).await.expect("a write through the new leader");
+    for node in &nodes {
+        node.raft
+            .wait(Some(WAIT))
+            .applied_index_at_least(Some(written.log_id.index), "applied")
+            .await
+            .expect("applied on both survivors");
+        assert_eq!(node.state_machine.commands(), vec![command.clone(), second.clone()], "node {}", node.id);
+    }
+    for node in nodes {
+        node.server.abort();
+        node.raft.shutdown().await.expect("shutdown");
+    }
+}
+
+/// A payload that is not an openraft message is refused with
+/// INVALID_ARGUMENT, and the bearer token given to the network travels in
+/// the `authorization` metadata.
+#[tokio::test]
+async fn undecodable_payload_is_invalid_argument_and_token_travels() {
+    let (listener, addr) = listen().await;
+    let seen = Arc::new(parking_lot::Mutex::new(None::<String>));
+    let config = Arc::new(Config::default().validate().expect("config"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path()).expect("open");
+    let network = Network::new(Some("s3cret".into()), None).expect("a network");
+    let raft = Raft::new(1, config, network.clone(), store, MemStateMachine::default()).await.expect("raft");
+    let record = Arc::clone(&seen);
+    let service =
+        RaftServer::with_interceptor(RaftService { raft: raft.clone() }, move |request: tonic::Request<()>| {
+            let value = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            *record.lock() = value;
+            Ok(request)
+        });
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+
+    let mut client = RaftClient::connect(addr.clone()).await.expect("connect");
+    let status = client.vote(RaftMessage { payload: vec![0xff; 3].into() }).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("does not decode"), "{}", status.message());
+
+    // A real vote through the network: the answer decodes, the token was sent.
+    let mut factory = network;
+    let mut peer = factory.new_client(1, &BasicNode { addr }).await;
+    let vote = VoteRequest { vote: openraft::Vote::new(1, 2), last_log_id: None };
+    peer.vote(vote, RPCOption::new(Duration::from_secs(5))).await.expect("a vote answer");
+    assert_eq!(seen.lock().as_deref(), Some("Bearer s3cret"));
+
+    server.abort();
+    raft.shutdown().await.expect("shutdown");
+}
+
+/// A peer that does not answer is unreachable (openraft backs off), and a
+/// bad address is too, with the reason.
+#[tokio::test]
+async fn unanswered_rpcs_are_unreachable() {
+    let (listener, addr) = listen().await;
+    drop(listener);
+    let mut factory = Network::new(None, None).expect("a network");
+    let vote = VoteRequest { vote: openraft::Vote::new(1, 2), last_log_id: None };
+    for addr in [addr, "not a url".to_string()] {
+        let mut peer = factory.new_client(7, &BasicNode { addr: addr.clone() }).await;
+        match peer.vote(vote.clone(), RPCOption::new(Duration::from_secs(5))).await {
+            Err(RPCError::Unreachable(_)) => {}
+            other => panic!("{addr}: expected unreachable, got {other:?}"),
+        }
+    }
+}
+
+/// An AppendEntries of exactly the message limit is sent; one byte more
+/// is split (openraft is told to send half the entries), and a single
+/// entry that big is unreachable instead.
+#[test]
+fn append_entries_size_limit() {
+    assert!(too_large::<openraft::error::Infallible>(10, RAFT_MESSAGE_SIZE_MAX).is_none());
+    match too_large::<openraft::error::Infallible>(10, RAFT_MESSAGE_SIZE_MAX + 1) {
+        Some(RPCError::PayloadTooLarge(e)) => assert_eq!(e.entries_hint(), 5),
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    assert!(matches!(
+        too_large::<openraft::error::Infallible>(1, RAFT_MESSAGE_SIZE_MAX + 1),
+        Some(RPCError::Unreachable(_))
+    ));
+}
