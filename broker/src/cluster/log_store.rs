@@ -229,7 +229,7 @@ impl State {
 /// One change for the writer thread.
 enum Job {
     Append {
-        writes: Vec<Write_>,
+        writes: Vec<SegmentWrite>,
         last_index: u64,
         epoch: u64,
         callback: LogFlushed<TypeConfig>,
@@ -255,7 +255,7 @@ enum Job {
 }
 
 /// Frames to write at a position of one segment (`create`: a new file).
-struct Write_ {
+struct SegmentWrite {
     segment: u64,
     pos: u64,
     create: bool,
@@ -292,7 +292,7 @@ impl LogStore {
 
     /// The entries' planned layout: appends each frame to the active
     /// segment, starting a new segment when it would pass `segment_size`.
-    fn plan_append(&self, entries: Vec<Entry>) -> Result<(Vec<Write_>, u64, u64), LogStoreError> {
+    fn plan_append(&self, entries: Vec<Entry>) -> Result<(Vec<SegmentWrite>, u64, u64), LogStoreError> {
         // Encoded outside the lock, and checked before anything changes,
         // so a refused append leaves the log as it was.
         let frames = entries.iter().map(encode_frame).collect::<Result<Vec<_>, _>>()?;
@@ -314,7 +314,7 @@ impl LogStore {
             state.first_index = first;
             state.written_next = state.written_next.max(first);
         }
-        let mut writes: Vec<Write_> = Vec::new();
+        let mut writes: Vec<SegmentWrite> = Vec::new();
         let last_index = expected - 1;
         for (entry, frame) in entries.into_iter().zip(frames) {
             let index = entry.log_id.index;
@@ -330,7 +330,7 @@ impl LogStore {
             state.cache_size += u64::from(size);
             match writes.last_mut() {
                 Some(w) if w.segment == segment && !create => w.bytes.extend_from_slice(&frame),
-                _ => writes.push(Write_ { segment, pos, create, bytes: frame }),
+                _ => writes.push(SegmentWrite { segment, pos, create, bytes: frame }),
             }
         }
         state.evict();
@@ -532,11 +532,11 @@ async fn read_entries<RB: RangeBounds<u64>>(shared: &Arc<Shared>, range: RB) -> 
                     if shared.state.lock().slot(slot.log_id.index) != Some(&slot) {
                         return Ok(entries);
                     }
-                    return Err(read_logs(LogStoreError::Corrupt {
+                    return Err(LogStoreError::Corrupt {
                         path: segment_path(&shared.dir, slot.segment),
                         offset: slot.pos,
                         reason: e,
-                    }));
+                    });
                 }
             }
         }
@@ -546,6 +546,7 @@ async fn read_entries<RB: RangeBounds<u64>>(shared: &Arc<Shared>, range: RB) -> 
     })
     .await
     .map_err(|e| read_logs(LogStoreError::PreviousIo(format!("the reading thread failed: {e}"))))?
+    .map_err(read_logs)
 }
 
 /// Reads and checks one frame: size, CRC, decoding, and that it is the
@@ -822,7 +823,7 @@ impl Writer {
         })
     }
 
-    fn append(&mut self, writes: Vec<Write_>, last_index: u64, epoch: u64) -> Result<(), LogStoreError> {
+    fn append(&mut self, writes: Vec<SegmentWrite>, last_index: u64, epoch: u64) -> Result<(), LogStoreError> {
         for w in writes {
             if w.create {
                 // Rule 4: the segments before a new one are on disk first.

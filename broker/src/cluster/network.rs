@@ -9,8 +9,8 @@
 //!
 //! - Client: [`Network`] (openraft's [`RaftNetworkFactory`]) makes one
 //!   [`PeerClient`] per target, on a lazily connected tonic channel to the
-//!   target's `BasicNode::addr` (`http://host:port`, or `https://` with
-//!   TLS). Every failure to get an answer is [`Unreachable`], so openraft
+//!   target's `BasicNode::addr` (`http://host:port`; dialed as `https`
+//!   when the network has TLS settings, see `peer_uri`). Every failure to get an answer is [`Unreachable`], so openraft
 //!   backs off instead of retrying at once; openraft's own timeout
 //!   (`RPCOption::hard_ttl`) also travels as the gRPC deadline.
 //! - Server: [`RaftService`] answers the three RPCs by calling the local
@@ -73,7 +73,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let client = Endpoint::from_shared(node.addr.clone())
+        let client = peer_uri(&node.addr, self.tls.is_some())
+            .and_then(|uri| Endpoint::from_shared(uri).map_err(|e| e.to_string()))
             .map_err(|e| format!("peer {target}'s address {:?}: {e}", node.addr))
             .and_then(|endpoint| match &self.tls {
                 Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| format!("TLS for peer {target}: {e}")),
@@ -87,6 +88,25 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             });
         PeerClient { target, node: node.clone(), client, authorization: self.authorization.clone() }
     }
+}
+
+/// The URI to dial for a peer's address (`http://host:port`,
+/// `https://host:port` or `host:port`): its scheme follows the TLS setting,
+/// so a cluster configured for TLS never talks plaintext because an address
+/// says `http` (tonic would), and an `https` address without TLS
+/// configured is refused rather than dialed with default roots.
+fn peer_uri(addr: &str, tls: bool) -> Result<String, String> {
+    let rest = if let Some(rest) = addr.strip_prefix("http://") {
+        rest
+    } else if let Some(rest) = addr.strip_prefix("https://") {
+        if !tls {
+            return Err("an https address, but the cluster has no TLS settings".into());
+        }
+        rest
+    } else {
+        addr
+    };
+    Ok(format!("{}://{rest}", if tls { "https" } else { "http" }))
 }
 
 /// openraft's client to one peer.

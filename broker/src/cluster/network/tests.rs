@@ -159,7 +159,7 @@ async fn unanswered_rpcs_are_unreachable() {
     drop(listener);
     let mut factory = Network::new(None, None).expect("a network");
     let vote = VoteRequest { vote: openraft::Vote::new(1, 2), last_log_id: None };
-    for addr in [addr, "not a url".to_string()] {
+    for addr in [addr, "not a url".to_string(), "https://127.0.0.1:1".to_string()] {
         let mut peer = factory.new_client(7, &BasicNode { addr: addr.clone() }).await;
         match peer.vote(vote.clone(), RPCOption::new(Duration::from_secs(5))).await {
             Err(RPCError::Unreachable(_)) => {}
@@ -182,4 +182,15 @@ fn append_entries_size_limit() {
         too_large::<openraft::error::Infallible>(1, RAFT_MESSAGE_SIZE_MAX + 1),
         Some(RPCError::Unreachable(_))
     ));
+}
+
+/// The scheme dialed follows the TLS setting, whatever the address says;
+/// an https address without TLS settings is refused.
+#[test]
+fn peer_scheme_follows_tls() {
+    assert_eq!(peer_uri("http://10.0.0.1:7000", false).as_deref(), Ok("http://10.0.0.1:7000"));
+    assert_eq!(peer_uri("10.0.0.1:7000", false).as_deref(), Ok("http://10.0.0.1:7000"));
+    assert_eq!(peer_uri("http://node-2:7000", true).as_deref(), Ok("https://node-2:7000"));
+    assert_eq!(peer_uri("https://node-2:7000", true).as_deref(), Ok("https://node-2:7000"));
+    assert!(peer_uri("https://node-2:7000", false).is_err());
 }
