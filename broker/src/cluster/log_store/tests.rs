@@ -314,3 +314,19 @@ fn entry_size_limit() {
         other => panic!("expected EntryTooLarge, got {other:?}"),
     }
 }
+
+/// A failed write fails its append's callback and poisons the store:
+/// later writes (here a vote) fail with the previous-I/O error instead of
+/// trusting a page cache that may have dropped the data.
+#[tokio::test]
+async fn failed_write_poisons_the_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raft_dir = dir.path().join("raft");
+    let mut store = LogStore::open_with(&raft_dir, 3 * frame_size()).expect("open");
+    store.blocking_append(entries(1, 0..3)).await.expect("append");
+    // The next append needs a new segment file, which cannot be created.
+    std::fs::remove_dir_all(&raft_dir).expect("remove the directory");
+    assert!(store.blocking_append(entries(1, 3..4)).await.is_err(), "the append's callback reports the failure");
+    let error = store.save_vote(&Vote::new(2, 1)).await.expect_err("poisoned");
+    assert!(error.to_string().contains("stopped writing after an I/O error"), "{error}");
+}
