@@ -230,7 +230,8 @@ impl State {
 enum Job {
     Append {
         writes: Vec<SegmentWrite>,
-        last_index: u64,
+        /// The last entry's index; `None` for an empty append.
+        last_index: Option<u64>,
         epoch: u64,
         callback: LogFlushed<TypeConfig>,
     },
@@ -292,13 +293,15 @@ impl LogStore {
 
     /// The entries' planned layout: appends each frame to the active
     /// segment, starting a new segment when it would pass `segment_size`.
-    fn plan_append(&self, entries: Vec<Entry>) -> Result<(Vec<SegmentWrite>, u64, u64), LogStoreError> {
+    fn plan_append(&self, entries: Vec<Entry>) -> Result<(Vec<SegmentWrite>, Option<u64>, u64), LogStoreError> {
         // Encoded outside the lock, and checked before anything changes,
         // so a refused append leaves the log as it was.
         let frames = entries.iter().map(encode_frame).collect::<Result<Vec<_>, _>>()?;
         let mut state = self.shared.state.lock();
         state.check_failed()?;
-        let first = entries.first().map_or(0, |e| e.log_id.index);
+        let Some(first) = entries.first().map(|e| e.log_id.index) else {
+            return Ok((Vec::new(), None, state.epoch));
+        };
         // An empty log (nothing purged) may start anywhere; otherwise
         // entries continue the log.
         let starts_anywhere = state.slots.is_empty() && state.last_purged.is_none();
@@ -315,7 +318,7 @@ impl LogStore {
             state.written_next = state.written_next.max(first);
         }
         let mut writes: Vec<SegmentWrite> = Vec::new();
-        let last_index = expected - 1;
+        let last_index = Some(expected - 1);
         for (entry, frame) in entries.into_iter().zip(frames) {
             let index = entry.log_id.index;
             let frame_size = frame.len() as u64;
@@ -410,11 +413,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Even an empty append goes through the writer, so its callback
+        // comes after the earlier appends' syncs, never before.
         let entries: Vec<Entry> = entries.into_iter().collect();
-        if entries.is_empty() {
-            callback.log_io_completed(Ok(()));
-            return Ok(());
-        }
         let (writes, last_index, epoch) = self.plan_append(entries).map_err(write_logs)?;
         self.send(Job::Append { writes, last_index, epoch, callback }).await.map_err(write_logs)
     }
@@ -823,7 +824,7 @@ impl Writer {
         })
     }
 
-    fn append(&mut self, writes: Vec<SegmentWrite>, last_index: u64, epoch: u64) -> Result<(), LogStoreError> {
+    fn append(&mut self, writes: Vec<SegmentWrite>, last_index: Option<u64>, epoch: u64) -> Result<(), LogStoreError> {
         for w in writes {
             if w.create {
                 // Rule 4: the segments before a new one are on disk first.
@@ -848,7 +849,7 @@ impl Writer {
             self.dirty.insert(w.segment);
         }
         let mut state = self.shared.state.lock();
-        if state.epoch == epoch {
+        if let Some(last_index) = last_index.filter(|_| state.epoch == epoch) {
             state.written_next = state.written_next.max(last_index + 1);
             state.evict();
         }
