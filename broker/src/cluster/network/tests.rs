@@ -18,10 +18,12 @@ const WAIT: Duration = Duration::from_secs(15);
 /// One in-process node: its Raft, its state machine and its gRPC server.
 struct Node {
     id: NodeId,
+    addr: std::net::SocketAddr,
     raft: Raft<TypeConfig>,
     state_machine: MemStateMachine,
+    stop: tokio::sync::oneshot::Sender<()>,
     server: JoinHandle<()>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn listen() -> (TcpListener, String) {
@@ -30,27 +32,56 @@ async fn listen() -> (TcpListener, String) {
     (listener, addr)
 }
 
-async fn start(id: NodeId, listener: TcpListener, network: Network) -> Node {
+/// Starts node `id` on `listener` with its Raft log in `dir` (a new or a
+/// reopened one) and an empty in-memory state machine.
+async fn start(id: NodeId, listener: TcpListener, dir: tempfile::TempDir) -> Node {
     let config =
         Config { heartbeat_interval: 100, election_timeout_min: 500, election_timeout_max: 1000, ..Default::default() };
     let config = Arc::new(config.validate().expect("a valid config"));
-    let dir = tempfile::tempdir().expect("tempdir");
     let store = LogStore::open(dir.path()).expect("open the log store");
     let state_machine = MemStateMachine::default();
+    let network = Network::new(None, None).expect("a network");
     let raft = Raft::new(id, config, network, store, state_machine.clone()).await.expect("a raft node");
+    let addr = listener.local_addr().expect("its address");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service = RaftService::new(raft.clone());
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stopped.await;
+            })
             .await;
     });
-    Node { id, raft, state_machine, server, _dir: dir }
+    Node { id, addr, raft, state_machine, stop, server, dir }
+}
+
+impl Node {
+    /// Stops the node as a crash would look to its peers: its Raft stops,
+    /// then its server closes its connections. Returns its data directory.
+    async fn stop(self) -> (std::net::SocketAddr, tempfile::TempDir) {
+        self.raft.shutdown().await.expect("the raft shuts down");
+        let _ = self.stop.send(());
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+            server.abort();
+        }
+        (self.addr, self.dir)
+    }
+}
+
+async fn wait_applied(node: &Node, index: u64) {
+    node.raft
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(index), "applied")
+        .await
+        .unwrap_or_else(|e| panic!("node {} did not apply {index}: {e}", node.id));
 }
 
 /// Three nodes over real loopback gRPC elect a leader and replicate a
-/// write to all three; when the leader stops (server and Raft), the other
-/// two elect a new leader within a bounded time and keep committing.
+/// write to all three; a follower stopped and restarted on its own Raft
+/// log catches up; when the leader stops, the other two elect a new leader
+/// within a bounded time and keep committing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_and_fail_over() {
     let mut listeners = Vec::new();
@@ -62,26 +93,35 @@ async fn three_nodes_replicate_and_fail_over() {
     }
     let mut nodes = Vec::new();
     for (id, listener) in listeners {
-        nodes.push(start(id, listener, Network::new(None, None).expect("a network")).await);
+        nodes.push(start(id, listener, tempfile::tempdir().expect("tempdir")).await);
     }
     nodes[0].raft.initialize(members).await.expect("initialize");
     let metrics = nodes[0].raft.wait(Some(WAIT)).metrics(|m| m.current_leader.is_some(), "a leader").await;
     let leader = metrics.expect("a leader within the bound").current_leader.expect("a leader");
+    let leader_node = |nodes: &[Node], id: NodeId| nodes.iter().position(|n| n.id == id).expect("a node");
 
-    let command = Command::DeleteQueue { name: "first".into() };
-    let leader_node = nodes.iter().find(|n| n.id == leader).expect("the leader is a node");
-    let written = leader_node.raft.client_write(command.clone()).await.expect("a write through the leader");
-    let index = written.log_id.index;
+    let first = Command::DeleteQueue { name: "first".into() };
+    let written = nodes[leader_node(&nodes, leader)].raft.client_write(first.clone()).await.expect("a write");
     for node in &nodes {
-        node.raft.wait(Some(WAIT)).applied_index_at_least(Some(index), "applied").await.expect("applied everywhere");
-        assert_eq!(node.state_machine.commands(), vec![command.clone()], "node {}", node.id);
+        wait_applied(node, written.log_id.index).await;
+        assert_eq!(node.state_machine.commands(), vec![first.clone()], "node {}", node.id);
     }
 
-    // The leader goes away: its server stops and its Raft shuts down.
-    let old = nodes.iter().position(|n| n.id == leader).expect("the leader");
-    let old = nodes.remove(old);
-    old.server.abort();
-    old.raft.shutdown().await.expect("the old leader shuts down");
+    // A follower stops; a write commits without it; it restarts on its
+    // own log (its state machine empty) and catches up.
+    let follower = nodes.iter().position(|n| n.id != leader).expect("a follower");
+    let follower_id = nodes[follower].id;
+    let (addr, dir) = nodes.remove(follower).stop().await;
+    let second = Command::DeleteQueue { name: "second".into() };
+    let written = nodes[leader_node(&nodes, leader)].raft.client_write(second.clone()).await.expect("a write");
+    let listener = TcpListener::bind(addr).await.expect("the follower's port again");
+    nodes.push(start(follower_id, listener, dir).await);
+    let restarted = nodes.last().expect("the restarted follower");
+    wait_applied(restarted, written.log_id.index).await;
+    assert_eq!(restarted.state_machine.commands(), vec![first.clone(), second.clone()]);
+
+    // The leader stops.
+    let (_, _dir) = nodes.remove(leader_node(&nodes, leader)).stop().await;
     let started = std::time::Instant::now();
     let new_leader = nodes[0]
         .raft
@@ -92,20 +132,16 @@ async fn three_nodes_replicate_and_fail_over() {
         .current_leader
         .expect("a leader");
     assert!(started.elapsed() < WAIT);
-    let second = Command::DeleteQueue { name: "second".into() };
+    let third = Command::DeleteQueue { name: "third".into() };
     let new_node = nodes.iter().find(|n| n.id == new_leader).expect("the new leader is a survivor");
-    let written = new_node.raft.client_write(second.clone()).await.expect("a write through the new leader");
+    let written = new_node.raft.client_write(third.clone()).await.expect("a write through the new leader");
     for node in &nodes {
-        node.raft
-            .wait(Some(WAIT))
-            .applied_index_at_least(Some(written.log_id.index), "applied")
-            .await
-            .expect("applied on both survivors");
-        assert_eq!(node.state_machine.commands(), vec![command.clone(), second.clone()], "node {}", node.id);
+        wait_applied(node, written.log_id.index).await;
+        let commands = node.state_machine.commands();
+        assert_eq!(commands, vec![first.clone(), second.clone(), third.clone()], "node {}", node.id);
     }
     for node in nodes {
-        node.server.abort();
-        node.raft.shutdown().await.expect("shutdown");
+        node.stop().await;
     }
 }
 
