@@ -148,6 +148,8 @@ struct State {
     cache: VecDeque<Entry>,
     /// Sum of the cached entries' body sizes.
     cache_size: u64,
+    /// The cache's bound for written entries ([`RAFT_LOG_CACHE_SIZE`]).
+    cache_size_max: u64,
     /// Entries below this index are written to their segment (page cache
     /// at least); the ones at or past it are only in the cache.
     written_next: u64,
@@ -184,7 +186,7 @@ impl State {
     /// Drops the oldest cached entries that are written, while the cache is
     /// over its size.
     fn evict(&mut self) {
-        while self.cache_size > RAFT_LOG_CACHE_SIZE && self.cache_first() < self.written_next {
+        while self.cache_size > self.cache_size_max && self.cache_first() < self.written_next {
             let index = self.cache_first();
             let size = self.slot(index).map_or(0, |s| s.size);
             self.cache.pop_front();
@@ -270,17 +272,18 @@ impl LogStore {
     /// the writer thread. Blocking: call it at startup or on a blocking
     /// thread.
     pub fn open(dir: &Path) -> Result<LogStore, LogStoreError> {
-        Self::open_with(dir, RAFT_SEGMENT_SIZE)
+        Self::open_with(dir, RAFT_SEGMENT_SIZE, RAFT_LOG_CACHE_SIZE)
     }
 
-    /// [`LogStore::open`] with another segment size (tests roll segments
-    /// without writing 64 MiB).
-    pub(crate) fn open_with(dir: &Path, segment_size: u64) -> Result<LogStore, LogStoreError> {
+    /// [`LogStore::open`] with another segment and cache size (tests roll
+    /// segments and evict without writing megabytes).
+    pub(crate) fn open_with(dir: &Path, segment_size: u64, cache_size_max: u64) -> Result<LogStore, LogStoreError> {
         std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
         let vote = read_small_file::<Vote<NodeId>>(dir, VOTE_FILE)?;
         let committed = read_small_file::<Option<LogId>>(dir, COMMITTED_FILE)?.flatten();
         let last_purged = read_small_file::<LogId>(dir, PURGED_FILE)?;
-        let state = recover(dir, last_purged)?;
+        let mut state = recover(dir, last_purged)?;
+        state.cache_size_max = cache_size_max;
         let (tx, rx) = mpsc::channel(RAFT_LOG_WRITER_QUEUE_MAX);
         let shared = Arc::new(Shared { dir: dir.to_path_buf(), state: Mutex::new(state) });
         let writer = Writer { shared: Arc::clone(&shared), dirty: BTreeSet::new(), dir_dirty: false };
@@ -628,6 +631,7 @@ fn recover(dir: &Path, last_purged: Option<LogId>) -> Result<State, LogStoreErro
         last_purged,
         cache: VecDeque::new(),
         cache_size: 0,
+        cache_size_max: RAFT_LOG_CACHE_SIZE,
         written_next: 0,
         epoch: 0,
         files: BTreeMap::new(),

@@ -165,14 +165,14 @@ async fn segments_roll_at_their_size() {
         let dir = tempfile::tempdir().expect("tempdir");
         let written = entries(1, 0..7);
         {
-            let mut store = LogStore::open_with(dir.path(), segment_size).expect("open");
+            let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("open");
             store.blocking_append(written[..4].to_vec()).await.expect("append");
             store.blocking_append(written[4..].to_vec()).await.expect("append");
         }
         let paths = segments(dir.path());
         assert_eq!(paths.len(), 7usize.div_ceil(per_segment), "segment size {segment_size}");
         assert_eq!(std::fs::metadata(&paths[0]).expect("stat").len(), per_segment as u64 * frame);
-        let mut store = LogStore::open_with(dir.path(), segment_size).expect("reopen");
+        let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
         assert_eq!(all(&mut store).await, written);
     }
 }
@@ -220,14 +220,14 @@ async fn corrupt_frame_before_the_tail_is_an_error() {
     for (segment_size, damaged_at) in [(RAFT_SEGMENT_SIZE, 2 * frame + 20), (2 * frame, frame + 20)] {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let mut store = LogStore::open_with(dir.path(), segment_size).expect("open");
+            let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("open");
             store.blocking_append(entries(1, 0..5)).await.expect("append");
         }
         let path = segments(dir.path()).remove(0);
         let file = OpenOptions::new().write(true).open(&path).expect("open segment");
         file.write_all_at(&[0xee], damaged_at).expect("flip");
         drop(file);
-        match LogStore::open_with(dir.path(), segment_size) {
+        match LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE) {
             Err(LogStoreError::Corrupt { offset, .. }) => assert_eq!(offset, damaged_at - 20),
             other => panic!("expected corruption, got {other:?}"),
         }
@@ -241,7 +241,7 @@ async fn truncate_then_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let segment_size = 3 * frame_size();
     {
-        let mut store = LogStore::open_with(dir.path(), segment_size).expect("open");
+        let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("open");
         store.blocking_append(entries(1, 0..10)).await.expect("append");
         assert_eq!(segments(dir.path()).len(), 4);
         store.truncate(log_id(1, 4)).await.expect("truncate");
@@ -249,7 +249,7 @@ async fn truncate_then_reopen() {
         assert_eq!(all(&mut store).await, entries(1, 0..4));
         store.blocking_append(entries(2, 4..6)).await.expect("append");
     }
-    let mut store = LogStore::open_with(dir.path(), segment_size).expect("reopen");
+    let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
     let mut expected = entries(1, 0..4);
     expected.extend(entries(2, 4..6));
     assert_eq!(all(&mut store).await, expected);
@@ -257,7 +257,7 @@ async fn truncate_then_reopen() {
     store.truncate(log_id(1, 3)).await.expect("truncate");
     assert_eq!(segments(dir.path()).len(), 1);
     drop(store);
-    let mut store = LogStore::open_with(dir.path(), segment_size).expect("reopen");
+    let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
     assert_eq!(all(&mut store).await, entries(1, 0..3));
 }
 
@@ -268,14 +268,14 @@ async fn purge_then_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let segment_size = 3 * frame_size();
     {
-        let mut store = LogStore::open_with(dir.path(), segment_size).expect("open");
+        let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("open");
         store.blocking_append(entries(1, 0..20)).await.expect("append");
         store.purge(log_id(1, 12)).await.expect("purge");
         // Segments start at 0, 3, 6, 9, 12, 15, 18: 12's keeps 13 and 14.
         assert_eq!(segments(dir.path()).len(), 3);
         assert_eq!(all(&mut store).await, entries(1, 13..20));
     }
-    let mut store = LogStore::open_with(dir.path(), segment_size).expect("reopen");
+    let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
     let state = store.get_log_state().await.expect("state");
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 12)));
     assert_eq!(state.last_log_id, Some(log_id(1, 19)));
@@ -286,7 +286,7 @@ async fn purge_then_reopen() {
     assert!(segments(dir.path()).is_empty());
     store.blocking_append(entries(2, 26..27)).await.expect("append");
     drop(store);
-    let mut store = LogStore::open_with(dir.path(), segment_size).expect("reopen");
+    let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
     assert_eq!(all(&mut store).await, entries(2, 26..27));
 }
 
@@ -322,11 +322,31 @@ fn entry_size_limit() {
 async fn failed_write_poisons_the_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let raft_dir = dir.path().join("raft");
-    let mut store = LogStore::open_with(&raft_dir, 3 * frame_size()).expect("open");
+    let mut store = LogStore::open_with(&raft_dir, 3 * frame_size(), RAFT_LOG_CACHE_SIZE).expect("open");
     store.blocking_append(entries(1, 0..3)).await.expect("append");
     // The next append needs a new segment file, which cannot be created.
     std::fs::remove_dir_all(&raft_dir).expect("remove the directory");
     assert!(store.blocking_append(entries(1, 3..4)).await.is_err(), "the append's callback reports the failure");
     let error = store.save_vote(&Vote::new(2, 1)).await.expect_err("poisoned");
     assert!(error.to_string().contains("stopped writing after an I/O error"), "{error}");
+}
+
+/// The cache keeps written entries up to its size: at exactly three
+/// entries' bodies it holds three, one byte less and it holds two; every
+/// entry still reads back (from the segment).
+#[tokio::test]
+async fn cache_is_bounded_by_its_size() {
+    let body = frame_size() - FRAME_HEADER_SIZE;
+    for (cache_size_max, cached) in [(3 * body, 3), (3 * body - 1, 2)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = LogStore::open_with(dir.path(), RAFT_SEGMENT_SIZE, cache_size_max).expect("open");
+        store.blocking_append(entries(1, 0..6)).await.expect("append");
+        {
+            let state = store.shared.state.lock();
+            assert_eq!(state.cache.len(), cached, "cache size {cache_size_max}");
+            assert!(state.cache_size <= cache_size_max);
+            assert_eq!(state.cache.back().map(|e| e.log_id), Some(log_id(1, 5)), "the newest are kept");
+        }
+        assert_eq!(all(&mut store).await, entries(1, 0..6));
+    }
 }

@@ -230,3 +230,25 @@ fn peer_scheme_follows_tls() {
     assert_eq!(peer_uri("https://node-2:7000", true).as_deref(), Ok("https://node-2:7000"));
     assert!(peer_uri("https://node-2:7000", false).is_err());
 }
+
+/// The server takes a message of exactly RAFT_MESSAGE_SIZE_MAX encoded
+/// bytes (it reaches the decoder: INVALID_ARGUMENT) and refuses one byte
+/// more before decoding it.
+#[tokio::test]
+async fn server_message_size_limit() {
+    let (listener, addr) = listen().await;
+    let node = start(1, listener, tempfile::tempdir().expect("tempdir")).await;
+    let mut client = RaftClient::connect(addr)
+        .await
+        .expect("connect")
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
+    // The message's own encoding: a 1-byte tag and a 4-byte length.
+    let at_limit = RAFT_MESSAGE_SIZE_MAX - 5;
+    let status = client.vote(RaftMessage { payload: vec![0xff; at_limit].into() }).await.expect_err("garbage");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
+    let status = client.vote(RaftMessage { payload: vec![0xff; at_limit + 1].into() }).await.expect_err("too big");
+    assert_ne!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
+    assert!(status.message().contains("message length too large"), "{}", status.message());
+    node.stop().await;
+}
