@@ -252,3 +252,45 @@ async fn server_message_size_limit() {
     assert!(status.message().contains("message length too large"), "{}", status.message());
     node.stop().await;
 }
+
+/// With TLS settings the network dials TLS even to an `http://` address
+/// and a vote gets its answer over it; without them the same TLS-only
+/// peer is unreachable.
+#[tokio::test]
+async fn tls_peer() {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+    let (cert, key) = (certified.cert.pem(), certified.signing_key.serialize_pem());
+    let (listener, addr) = listen().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path()).expect("open");
+    let config = Arc::new(Config::default().validate().expect("config"));
+    let raft = Raft::new(1, config, Network::new(None, None).expect("network"), store, MemStateMachine::default())
+        .await
+        .expect("raft");
+    let service = RaftService::new(raft.clone());
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(&cert, &key));
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .expect("server TLS")
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+
+    let vote = VoteRequest { vote: openraft::Vote::new(1, 2), last_log_id: None };
+    let client_tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&cert)).domain_name("localhost");
+    let mut factory = Network::new(None, Some(client_tls)).expect("a network");
+    let mut peer = factory.new_client(1, &BasicNode { addr: addr.clone() }).await;
+    peer.vote(vote.clone(), RPCOption::new(Duration::from_secs(5))).await.expect("a vote answer over TLS");
+
+    let mut plain = Network::new(None, None).expect("a network");
+    let mut peer = plain.new_client(1, &BasicNode { addr }).await;
+    match peer.vote(vote, RPCOption::new(Duration::from_secs(5))).await {
+        Err(RPCError::Unreachable(_)) => {}
+        other => panic!("expected unreachable without TLS, got {other:?}"),
+    }
+    server.abort();
+    raft.shutdown().await.expect("shutdown");
+}
