@@ -1026,7 +1026,7 @@ impl DataDirLock {
 /// `flock(LOCK_EX | LOCK_NB)`: the lock belongs to the open file and goes
 /// when it closes (or the process dies). `std`'s `File::try_lock` is newer
 /// than the workspace's MSRV.
-fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
+pub(crate) fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: flock only reads its integer arguments; the fd is valid for
     // the lifetime of `file`.

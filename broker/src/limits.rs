@@ -517,6 +517,13 @@ pub const RAFT_LOG_CACHE_SIZE: u64 = 32 * 1024 * 1024;
 /// most jobs the writer takes into one group commit.
 pub const RAFT_LOG_WRITER_QUEUE_MAX: usize = 256;
 
+/// Milliseconds the Raft log store's `open` waits for its directory's
+/// lock: a store of this process dropped just before (a restart of the
+/// cluster node) releases it once its writer thread has finished the
+/// writes queued to it. Past this the open fails (another store still
+/// has the directory).
+pub const RAFT_LOG_LOCK_WAIT_MS: u64 = 5_000;
+
 /// Largest message of the internal `ballast.cluster.v1.Raft` service, in
 /// bytes, both ways: one largest entry plus 1 MiB of request fields. An
 /// AppendEntries over it is split (openraft resends fewer entries) before

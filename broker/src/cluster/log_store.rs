@@ -9,6 +9,7 @@
 //!   being the postcard encoding of an openraft [`Entry`]. A segment is named
 //!   after the index of its first frame; a new one starts when the next frame
 //!   would take the current one past [`RAFT_SEGMENT_SIZE`].
+//! - `lock`: held (`flock`) by the store's writer thread while it runs.
 //! - `vote`, `committed`, `purged`: small files `[crc32 u32 LE][postcard
 //!   body]` holding the last vote, the last committed log id and the last
 //!   purged log id, each replaced whole (temporary file, fsync, rename,
@@ -46,6 +47,7 @@ use std::ops::{Bound, RangeBounds};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -55,7 +57,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig};
-use crate::limits::{RAFT_ENTRY_SIZE_MAX, RAFT_LOG_CACHE_SIZE, RAFT_LOG_WRITER_QUEUE_MAX, RAFT_SEGMENT_SIZE};
+use crate::limits::{
+    RAFT_ENTRY_SIZE_MAX, RAFT_LOG_CACHE_SIZE, RAFT_LOG_LOCK_WAIT_MS, RAFT_LOG_WRITER_QUEUE_MAX, RAFT_SEGMENT_SIZE,
+};
 
 /// Bytes of a frame's header: the body's size and its CRC.
 const FRAME_HEADER_SIZE: u64 = 8;
@@ -63,6 +67,7 @@ const SEGMENT_SUFFIX: &str = ".seg";
 const VOTE_FILE: &str = "vote";
 const COMMITTED_FILE: &str = "committed";
 const PURGED_FILE: &str = "purged";
+const LOCK_FILE: &str = "lock";
 
 /// Why the log store could not open or write its files.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +85,9 @@ pub enum LogStoreError {
     /// An append that does not continue the log (a hole or an overlap).
     #[error("raft log append at index {index} does not follow the last index {last:?}")]
     OutOfOrder { index: u64, last: Option<u64> },
+    /// Another store has the directory open (its lock file is held).
+    #[error("the raft log in {dir} is in use by another log store (its lock was not released within {waited_ms} ms)")]
+    InUse { dir: PathBuf, waited_ms: u64 },
     /// A write or sync failed earlier; nothing is written until reopen.
     #[error("the raft log stopped writing after an I/O error: {0}")]
     PreviousIo(String),
@@ -96,6 +104,27 @@ pub struct LogStore {
     committed: Option<LogId>,
     /// Size past which appends start a new segment.
     segment_size: u64,
+}
+
+/// Sizes of a [`LogStore`]; the defaults are the limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Options {
+    /// Size past which appends start a new segment.
+    pub(crate) segment_size: u64,
+    /// Bound of the cache of written entries.
+    pub(crate) cache_size_max: u64,
+    /// How long `open` waits for the directory's lock.
+    pub(crate) lock_wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            segment_size: RAFT_SEGMENT_SIZE,
+            cache_size_max: RAFT_LOG_CACHE_SIZE,
+            lock_wait: Duration::from_millis(RAFT_LOG_LOCK_WAIT_MS),
+        }
+    }
 }
 
 /// A cheap reader of the log, sharing the store's index, cache and files.
@@ -272,13 +301,15 @@ impl LogStore {
     /// the writer thread. Blocking: call it at startup or on a blocking
     /// thread.
     pub fn open(dir: &Path) -> Result<LogStore, LogStoreError> {
-        Self::open_with(dir, RAFT_SEGMENT_SIZE, RAFT_LOG_CACHE_SIZE)
+        Self::open_with(dir, Options::default())
     }
 
-    /// [`LogStore::open`] with another segment and cache size (tests roll
-    /// segments and evict without writing megabytes).
-    pub(crate) fn open_with(dir: &Path, segment_size: u64, cache_size_max: u64) -> Result<LogStore, LogStoreError> {
+    /// [`LogStore::open`] with other sizes (tests roll segments and evict
+    /// without writing megabytes).
+    pub(crate) fn open_with(dir: &Path, options: Options) -> Result<LogStore, LogStoreError> {
+        let Options { segment_size, cache_size_max, lock_wait } = options;
         std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
+        let lock = lock_dir(dir, lock_wait)?;
         let vote = read_small_file::<Vote<NodeId>>(dir, VOTE_FILE)?;
         let committed = read_small_file::<Option<LogId>>(dir, COMMITTED_FILE)?.flatten();
         let last_purged = read_small_file::<LogId>(dir, PURGED_FILE)?;
@@ -289,7 +320,11 @@ impl LogStore {
         let writer = Writer { shared: Arc::clone(&shared), dirty: BTreeSet::new(), dir_dirty: false };
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                // The lock goes when the writer has finished every job.
+                let _lock = lock;
+                writer.run(rx);
+            })
             .map_err(io_error("starting the writer thread of", dir))?;
         Ok(LogStore { shared, jobs: tx, vote, committed, segment_size })
     }
@@ -960,6 +995,29 @@ fn write_small_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), LogStore
     file.sync_data().map_err(io_error("syncing", &tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_error("renaming", &tmp))?;
     sync_dir(dir)
+}
+
+/// Takes the directory's lock (`flock` on `lock`), waiting up to `wait`
+/// for a store of this process that is still finishing its writes (a
+/// reopen right after a drop). Another process is already kept out by the
+/// broker's data directory lock.
+fn lock_dir(dir: &Path, wait: Duration) -> Result<File, LogStoreError> {
+    let path = dir.join(LOCK_FILE);
+    let file =
+        OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io_error("opening", &path))?;
+    let started = Instant::now();
+    loop {
+        match crate::broker::try_lock_exclusive(&file) {
+            Ok(()) => return Ok(file),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) && started.elapsed() < wait => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                return Err(LogStoreError::InUse { dir: dir.to_path_buf(), waited_ms: wait.as_millis() as u64 });
+            }
+            Err(e) => return Err(io_error("locking", &path)(e)),
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogStoreError> {

@@ -165,14 +165,16 @@ async fn segments_roll_at_their_size() {
         let dir = tempfile::tempdir().expect("tempdir");
         let written = entries(1, 0..7);
         {
-            let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("open");
+            let mut store =
+                LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }).expect("open");
             store.blocking_append(written[..4].to_vec()).await.expect("append");
             store.blocking_append(written[4..].to_vec()).await.expect("append");
         }
         let paths = segments(dir.path());
         assert_eq!(paths.len(), 7usize.div_ceil(per_segment), "segment size {segment_size}");
         assert_eq!(std::fs::metadata(&paths[0]).expect("stat").len(), per_segment as u64 * frame);
-        let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
+        let mut store =
+            LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }).expect("reopen");
         assert_eq!(all(&mut store).await, written);
     }
 }
@@ -220,14 +222,15 @@ async fn corrupt_frame_before_the_tail_is_an_error() {
     for (segment_size, damaged_at) in [(RAFT_SEGMENT_SIZE, 2 * frame + 20), (2 * frame, frame + 20)] {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("open");
+            let mut store =
+                LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }).expect("open");
             store.blocking_append(entries(1, 0..5)).await.expect("append");
         }
         let path = segments(dir.path()).remove(0);
         let file = OpenOptions::new().write(true).open(&path).expect("open segment");
         file.write_all_at(&[0xee], damaged_at).expect("flip");
         drop(file);
-        match LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE) {
+        match LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }) {
             Err(LogStoreError::Corrupt { offset, .. }) => assert_eq!(offset, damaged_at - 20),
             other => panic!("expected corruption, got {other:?}"),
         }
@@ -241,7 +244,7 @@ async fn truncate_then_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let segment_size = 3 * frame_size();
     {
-        let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("open");
+        let mut store = LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }).expect("open");
         store.blocking_append(entries(1, 0..10)).await.expect("append");
         assert_eq!(segments(dir.path()).len(), 4);
         store.truncate(log_id(1, 4)).await.expect("truncate");
@@ -249,7 +252,7 @@ async fn truncate_then_reopen() {
         assert_eq!(all(&mut store).await, entries(1, 0..4));
         store.blocking_append(entries(2, 4..6)).await.expect("append");
     }
-    let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
+    let mut store = LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }).expect("reopen");
     let mut expected = entries(1, 0..4);
     expected.extend(entries(2, 4..6));
     assert_eq!(all(&mut store).await, expected);
@@ -257,7 +260,7 @@ async fn truncate_then_reopen() {
     store.truncate(log_id(1, 3)).await.expect("truncate");
     assert_eq!(segments(dir.path()).len(), 1);
     drop(store);
-    let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
+    let mut store = LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }).expect("reopen");
     assert_eq!(all(&mut store).await, entries(1, 0..3));
 }
 
@@ -268,14 +271,14 @@ async fn purge_then_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let segment_size = 3 * frame_size();
     {
-        let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("open");
+        let mut store = LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }).expect("open");
         store.blocking_append(entries(1, 0..20)).await.expect("append");
         store.purge(log_id(1, 12)).await.expect("purge");
         // Segments start at 0, 3, 6, 9, 12, 15, 18: 12's keeps 13 and 14.
         assert_eq!(segments(dir.path()).len(), 3);
         assert_eq!(all(&mut store).await, entries(1, 13..20));
     }
-    let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
+    let mut store = LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }).expect("reopen");
     let state = store.get_log_state().await.expect("state");
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 12)));
     assert_eq!(state.last_log_id, Some(log_id(1, 19)));
@@ -286,7 +289,7 @@ async fn purge_then_reopen() {
     assert!(segments(dir.path()).is_empty());
     store.blocking_append(entries(2, 26..27)).await.expect("append");
     drop(store);
-    let mut store = LogStore::open_with(dir.path(), segment_size, RAFT_LOG_CACHE_SIZE).expect("reopen");
+    let mut store = LogStore::open_with(dir.path(), Options { segment_size, ..Options::default() }).expect("reopen");
     assert_eq!(all(&mut store).await, entries(2, 26..27));
 }
 
@@ -322,7 +325,8 @@ fn entry_size_limit() {
 async fn failed_write_poisons_the_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let raft_dir = dir.path().join("raft");
-    let mut store = LogStore::open_with(&raft_dir, 3 * frame_size(), RAFT_LOG_CACHE_SIZE).expect("open");
+    let mut store =
+        LogStore::open_with(&raft_dir, Options { segment_size: 3 * frame_size(), ..Options::default() }).expect("open");
     store.blocking_append(entries(1, 0..3)).await.expect("append");
     // The next append needs a new segment file, which cannot be created.
     std::fs::remove_dir_all(&raft_dir).expect("remove the directory");
@@ -339,7 +343,8 @@ async fn cache_is_bounded_by_its_size() {
     let body = frame_size() - FRAME_HEADER_SIZE;
     for (cache_size_max, cached) in [(3 * body, 3), (3 * body - 1, 2)] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = LogStore::open_with(dir.path(), RAFT_SEGMENT_SIZE, cache_size_max).expect("open");
+        let mut store =
+            LogStore::open_with(dir.path(), Options { cache_size_max, ..Options::default() }).expect("open");
         store.blocking_append(entries(1, 0..6)).await.expect("append");
         {
             let state = store.shared.state.lock();
@@ -349,4 +354,21 @@ async fn cache_is_bounded_by_its_size() {
         }
         assert_eq!(all(&mut store).await, entries(1, 0..6));
     }
+}
+
+/// A directory whose store is still open is refused after the lock wait;
+/// once that store is dropped (its writer done), it opens.
+#[tokio::test]
+async fn a_directory_is_opened_by_one_store_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path()).expect("open");
+    store.blocking_append(entries(1, 0..2)).await.expect("append");
+    let quick = Options { lock_wait: Duration::from_millis(50), ..Options::default() };
+    match LogStore::open_with(dir.path(), quick) {
+        Err(LogStoreError::InUse { waited_ms, .. }) => assert_eq!(waited_ms, 50),
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    drop(store);
+    let mut store = LogStore::open(dir.path()).expect("open after the first store is gone");
+    assert_eq!(all(&mut store).await, entries(1, 0..2));
 }
