@@ -525,9 +525,10 @@ pub const RAFT_LOG_WRITER_QUEUE_MAX: usize = 256;
 pub const RAFT_LOG_LOCK_WAIT_MS: u64 = 5_000;
 
 /// Largest message of the internal `ballast.cluster.v1.Raft` service, in
-/// bytes, both ways: one largest entry plus 1 MiB of request fields. An
-/// AppendEntries over it is split (openraft resends fewer entries) before
-/// it is sent.
+/// bytes, both ways: one largest entry plus 1 MiB of request fields.
+/// Replication reads at most [`RAFT_ENTRY_SIZE_MAX`] bytes of entries per
+/// AppendEntries, so one always fits; one over it anyway is split
+/// (openraft resends fewer entries) before it is sent.
 pub const RAFT_MESSAGE_SIZE_MAX: usize = RAFT_ENTRY_SIZE_MAX as usize + 1024 * 1024;
 
 const _: () = assert!(RAFT_ENTRY_SIZE_MAX as u64 + 8 <= RAFT_SEGMENT_SIZE);

@@ -397,7 +397,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        read_entries(&self.shared, range).await
+        read_entries(&self.shared, range, u64::MAX).await
+    }
+
+    /// What replication sends: at most [`RAFT_ENTRY_SIZE_MAX`] bytes of
+    /// entries (at least one), so an AppendEntries fits its message limit.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        read_entries(&self.shared, start..end, u64::from(RAFT_ENTRY_SIZE_MAX)).await
     }
 }
 
@@ -406,7 +412,13 @@ impl RaftLogReader<TypeConfig> for LogReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        read_entries(&self.shared, range).await
+        read_entries(&self.shared, range, u64::MAX).await
+    }
+
+    /// What replication sends: at most [`RAFT_ENTRY_SIZE_MAX`] bytes of
+    /// entries (at least one), so an AppendEntries fits its message limit.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        read_entries(&self.shared, start..end, u64::from(RAFT_ENTRY_SIZE_MAX)).await
     }
 }
 
@@ -517,11 +529,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// Reads the entries of `range` that exist: from the cache, or from their
-/// segment on a blocking thread. An entry truncated meanwhile ends the
+/// Reads the entries of `range` that exist, up to `size_max` bytes of
+/// bodies (at least one entry): from the cache, or from their segment on a
+/// blocking thread. An entry truncated meanwhile ends the
 /// answer early (openraft allows missing entries); a frame that fails its
 /// checks while its slot is unchanged is corruption.
-async fn read_entries<RB: RangeBounds<u64>>(shared: &Arc<Shared>, range: RB) -> Result<Vec<Entry>, StorageError> {
+async fn read_entries<RB: RangeBounds<u64>>(
+    shared: &Arc<Shared>,
+    range: RB,
+    size_max: u64,
+) -> Result<Vec<Entry>, StorageError> {
     let (cached, on_disk) = {
         let state = shared.state.lock();
         let start = match range.start_bound() {
@@ -539,6 +556,13 @@ async fn read_entries<RB: RangeBounds<u64>>(shared: &Arc<Shared>, range: RB) -> 
         if start >= end {
             return Ok(Vec::new());
         }
+        let mut size = 0u64;
+        let end = (start..end)
+            .find(|&index| {
+                size += u64::from(state.slot(index).map_or(0, |s| s.size));
+                size > size_max && index > start
+            })
+            .unwrap_or(end);
         let cache_first = state.cache_first();
         let mut on_disk = Vec::new();
         for index in start..end.min(cache_first) {

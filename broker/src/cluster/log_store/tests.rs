@@ -372,3 +372,20 @@ async fn a_directory_is_opened_by_one_store_at_a_time() {
     let mut store = LogStore::open(dir.path()).expect("open after the first store is gone");
     assert_eq!(all(&mut store).await, entries(1, 0..2));
 }
+
+/// Replication's reads stop at the size limit: bodies up to exactly the
+/// limit are read together, one byte less leaves the last one out; one
+/// entry is always read, even over the limit.
+#[tokio::test]
+async fn limited_reads_stop_at_the_size_limit() {
+    let body = frame_size() - FRAME_HEADER_SIZE;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path()).expect("open");
+    store.blocking_append(entries(1, 0..6)).await.expect("append");
+    for (size_max, count) in [(3 * body, 3), (3 * body - 1, 2), (1, 1)] {
+        let read = read_entries(&store.shared, 1..6, size_max).await.expect("read");
+        assert_eq!(read, entries(1, 1..1 + count), "size limit {size_max}");
+    }
+    let mut reader = store.get_log_reader().await;
+    assert_eq!(reader.limited_get_log_entries(0, 6).await.expect("read"), entries(1, 0..6));
+}
