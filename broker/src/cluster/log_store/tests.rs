@@ -389,3 +389,18 @@ async fn limited_reads_stop_at_the_size_limit() {
     let mut reader = store.get_log_reader().await;
     assert_eq!(reader.limited_get_log_entries(0, 6).await.expect("read"), entries(1, 0..6));
 }
+
+/// The index on open decodes only an entry's log id: its encoding must
+/// start with it, whatever the payload.
+#[test]
+fn an_entry_encoding_starts_with_its_log_id() {
+    let membership = Entry {
+        log_id: log_id(7, 300),
+        payload: EntryPayload::Membership(openraft::Membership::new(vec![[1u64, 2, 3].into()], None)),
+    };
+    for entry in [entry(5, 1 << 40, 10), Entry { log_id: log_id(6, 2), payload: EntryPayload::Blank }, membership] {
+        let body = postcard::to_allocvec(&entry).expect("encodes");
+        let (prefix, _) = postcard::take_from_bytes::<LogId>(&body).expect("a log id first");
+        assert_eq!(prefix, entry.log_id);
+    }
+}
