@@ -585,8 +585,8 @@ impl Broker {
                     Some(difference) => Err(BrokerError::QueueExists { name: name.to_string(), difference }),
                 };
             }
-            let settings_toml = toml::to_string(&settings)
-                .map_err(|e| BrokerError::Storage(format!("queue settings as TOML: {e}")))?;
+            let settings_toml =
+                toml::to_string(&settings).map_err(|e| BrokerError::Storage(format!("queue settings as TOML: {e}")))?;
             let command = crate::cluster::Command::CreateQueue { name: name.to_string(), settings_toml };
             cluster.propose(name.as_str(), command).await?;
             return self.open_queue(&name).ok_or_else(|| BrokerError::QueueNotFound(name.to_string()));

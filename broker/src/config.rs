@@ -221,6 +221,11 @@ pub struct ClusterConfig {
     /// auth file (a principal with the `cluster` permission).
     #[serde(default)]
     pub token: Option<String>,
+    /// With `[tls]`: the CA certificates (PEM) that signed the peers'
+    /// server certificates. Peers are dialed over TLS, presenting this
+    /// node's own `[tls]` certificate when `tls.client_ca` asks for one.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 fn heartbeat_default() -> u64 {

@@ -486,6 +486,10 @@ pub const NOT_LEADER_RETRY_AFTER_MS: u64 = 200;
 /// (the proposer takes what is waiting, up to this many, per entry).
 pub const CLUSTER_ACK_BATCH_MAX: usize = 4096;
 
+/// Acks of replicated queues queued for the cluster log at once; past it,
+/// each further ack waits in a task of its own for room.
+pub const CLUSTER_ACKS_QUEUED_MAX: usize = 65_536;
+
 /// Entries of the cluster log kept behind a snapshot before openraft
 /// purges them: a follower that falls further behind than this (down for
 /// long) needs a re-seed in this version (docs/replication.md).

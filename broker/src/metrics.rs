@@ -256,7 +256,11 @@ fn describe() {
         "1 while this node leads the cluster log (serves the replicated queues), else 0."
     );
     describe_gauge!("ballast_cluster_term", Unit::Count, "The cluster log's current Raft term on this node.");
-    describe_gauge!("ballast_cluster_last_log_index", Unit::Count, "Index of the last entry of this node's cluster log.");
+    describe_gauge!(
+        "ballast_cluster_last_log_index",
+        Unit::Count,
+        "Index of the last entry of this node's cluster log."
+    );
     describe_gauge!(
         "ballast_cluster_last_applied",
         Unit::Count,

@@ -41,8 +41,7 @@ pub async fn serve(
     // that the Raft service has its node (docs/replication.md).
     let cluster = match broker.config().cluster.clone() {
         Some(config) => {
-            let cluster =
-                crate::cluster::node::Cluster::start(&config, &broker.config().data_dir, &broker).await?;
+            let cluster = crate::cluster::node::Cluster::start(&config, &broker.config().data_dir, &broker).await?;
             broker.node().set_cluster(Arc::clone(&cluster));
             Some(cluster)
         }

@@ -243,7 +243,13 @@ impl Fake {
                 ..proto::QueueStats::default()
             })
             .collect();
-        Ok(proto::StatsResponse { at_ms: now_ms(), queues, disk_free_bytes: 1 << 40, disk_free_min_bytes: 1 << 29, cluster: None })
+        Ok(proto::StatsResponse {
+            at_ms: now_ms(),
+            queues,
+            disk_free_bytes: 1 << 40,
+            disk_free_min_bytes: 1 << 29,
+            cluster: None,
+        })
     }
 
     /// Records a publish call and takes the next fault, if any.

@@ -339,6 +339,7 @@ mod tests {
             message_ttl: Some(Duration::from_secs(90)),
             expired_action: Some(ExpiredAction::Drop),
             max_delivery_rate: Some(200),
+            replicas: Some(3),
         };
         assert_eq!(QueueSettings::from_proto(full.clone().into_proto()), full);
         let empty = QueueSettings::default();

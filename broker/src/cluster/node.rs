@@ -21,7 +21,7 @@ use crate::{
     broker::Broker,
     config::ClusterConfig,
     error::{BrokerError, Result},
-    limits::{CLUSTER_ACK_BATCH_MAX, CLUSTER_LOG_KEEP, CLUSTER_SYNC_INTERVAL_MS},
+    limits::{CLUSTER_ACK_BATCH_MAX, CLUSTER_ACKS_QUEUED_MAX, CLUSTER_LOG_KEEP, CLUSTER_SYNC_INTERVAL_MS},
 };
 
 /// One ack of a replicated queue waiting to be proposed.
@@ -38,7 +38,7 @@ struct PendingAck {
 pub struct Cluster {
     pub raft: Raft<TypeConfig>,
     config: ClusterConfig,
-    acks: mpsc::UnboundedSender<PendingAck>,
+    acks: mpsc::Sender<PendingAck>,
     shared: Arc<Shared>,
 }
 
@@ -67,11 +67,7 @@ impl Cluster {
     /// Opens the cluster log under `<data>/cluster`, starts Raft, and
     /// initializes the cluster with the configured voters when this node
     /// is pristine (every node does; the calls agree).
-    pub async fn start(
-        config: &ClusterConfig,
-        data_dir: &Path,
-        broker: &Arc<Broker>,
-    ) -> anyhow::Result<Arc<Cluster>> {
+    pub async fn start(config: &ClusterConfig, data_dir: &Path, broker: &Arc<Broker>) -> anyhow::Result<Arc<Cluster>> {
         let dir = data_dir.join("cluster");
         let shared = Shared::open(&dir)?;
         shared.broker.set(Arc::downgrade(broker)).expect("the cluster starts once");
@@ -87,7 +83,7 @@ impl Cluster {
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate()?);
-        let network = Network::new(config.token.clone(), None)?;
+        let network = Network::new(config.token.clone(), peer_tls(config, &broker.config().tls)?)?;
         let machine = StateMachine { shared: Arc::clone(&shared) };
         let raft = Raft::new(config.node_id, raft_config, network, log_store, machine).await?;
         if !raft.is_initialized().await? {
@@ -98,7 +94,7 @@ impl Cluster {
                 tracing::info!("cluster initialization: {e}");
             }
         }
-        let (acks, pending) = mpsc::unbounded_channel();
+        let (acks, pending) = mpsc::channel(CLUSTER_ACKS_QUEUED_MAX);
         let cluster = Arc::new(Cluster { raft, config: config.clone(), acks, shared });
         tokio::spawn(propose_acks(Arc::downgrade(&cluster), pending));
         tokio::spawn(maintain(Arc::downgrade(&cluster)));
@@ -158,7 +154,14 @@ impl Cluster {
     /// entries, so followers mark the same records done (a lost ack means
     /// a redelivery after a failover, never a loss).
     pub fn propose_ack(&self, queue: &str, lane: u32, offset: u64, size: u64, kind: u8) {
-        let _ = self.acks.send(PendingAck { queue: queue.to_owned(), lane, offset, size, kind });
+        let ack = PendingAck { queue: queue.to_owned(), lane, offset, size, kind };
+        if let Err(mpsc::error::TrySendError::Full(ack)) = self.acks.try_send(ack) {
+            // The cluster log is behind the acks: this one waits its turn
+            // (never dropped: a follower would keep its record, and its
+            // segment, until a failover redelivered it).
+            let acks = self.acks.clone();
+            tokio::spawn(async move { acks.send(ack).await });
+        }
     }
 
     /// The cluster figures of this node.
@@ -199,10 +202,30 @@ impl Cluster {
     }
 }
 
+/// TLS to the peers, when this node serves TLS (`docs/replication.md`).
+fn peer_tls(
+    cluster: &ClusterConfig,
+    tls: &crate::config::TlsConfig,
+) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else { return Ok(None) };
+    let Some(ca) = &cluster.ca else {
+        anyhow::bail!("cluster.ca is needed with [tls]: the CA certificates that signed the peers' certificates");
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+    };
+    let mut client = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if tls.client_ca.is_some() {
+        client = client.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(Some(client))
+}
+
 /// Gathers queued acks into `Ack` entries, one per queue and lane, and
 /// proposes them in order. Off the leader the acks are dropped: a new
 /// leader delivers those messages again.
-async fn propose_acks(cluster: Weak<Cluster>, mut pending: mpsc::UnboundedReceiver<PendingAck>) {
+async fn propose_acks(cluster: Weak<Cluster>, mut pending: mpsc::Receiver<PendingAck>) {
     let mut batch = Vec::new();
     while pending.recv_many(&mut batch, CLUSTER_ACK_BATCH_MAX).await > 0 {
         let Some(cluster) = cluster.upgrade() else { return };

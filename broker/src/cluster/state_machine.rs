@@ -71,9 +71,6 @@ impl Shared {
         Ok(Arc::new(Shared { state: Mutex::new(state), broker: OnceLock::new(), dir: dir.to_path_buf() }))
     }
 
-    fn broker(&self) -> Result<Arc<Broker>, StorageError> {
-        self.broker.get().and_then(Weak::upgrade).ok_or_else(|| io_error("the broker is gone", "apply"))
-    }
 
     /// Writes a sync point: the state as it is now, once every replicated
     /// lane's log has been synced (so every append and ack it counts is
@@ -176,8 +173,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 impl StateMachine {
+    #[allow(clippy::result_large_err, reason = "openraft's own error type, returned from its trait methods")]
     async fn apply_command(&mut self, command: Command) -> Result<Applied, StorageError> {
-        let broker = self.shared.broker()?;
+        let Some(broker) = self.shared.broker.get().and_then(Weak::upgrade) else {
+            return Err(io_error("the broker is gone", "apply"));
+        };
         let outcome = match command {
             Command::CreateQueue { name, settings_toml } => {
                 let settings = match toml::from_str(&settings_toml) {

@@ -177,8 +177,7 @@ impl admin_server::Admin for Service {
                 if !changed.is_empty() {
                     let settings_toml = toml::to_string(&updated)
                         .map_err(|e| Status::internal(format!("queue settings as TOML: {e}")))?;
-                    let command =
-                        crate::cluster::Command::UpdateQueue { name: queue.name.to_string(), settings_toml };
+                    let command = crate::cluster::Command::UpdateQueue { name: queue.name.to_string(), settings_toml };
                     cluster.propose(queue.name.as_str(), command).await.map_err(to_status)?;
                 }
                 return Ok((queue, changed));
@@ -265,8 +264,11 @@ impl admin_server::Admin for Service {
         let access = self.access(&request)?;
         let name = request.into_inner().name;
         access.check(Action::Admin, &name)?;
-        let purged =
-            access.audited("purge", &name, self.leader_queue(&name).await.and_then(|q| q.purge().map_err(to_status)))?;
+        let purged = access.audited(
+            "purge",
+            &name,
+            self.leader_queue(&name).await.and_then(|q| q.purge().map_err(to_status)),
+        )?;
         Ok(Response::new(pb::PurgeQueueResponse { purged }))
     }
 }

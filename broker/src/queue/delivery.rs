@@ -652,11 +652,8 @@ impl Queue {
                 drop(log.ack(stats.ack_floor, stats.next_offset - stats.ack_floor, AckKind::Acked)?);
                 if let Some(cluster) = self.replicated() {
                     let lane = u32::try_from(lane).expect("at most LANES_MAX lanes");
-                    let command = crate::cluster::Command::Purge {
-                        queue: self.name.to_string(),
-                        lane,
-                        end: stats.next_offset,
-                    };
+                    let command =
+                        crate::cluster::Command::Purge { queue: self.name.to_string(), lane, end: stats.next_offset };
                     let (cluster, queue) = (Arc::clone(cluster), self.name.to_string());
                     tokio::spawn(async move { cluster.propose(&queue, command).await });
                 }

@@ -97,7 +97,7 @@ async fn cluster_status(node: &BrokerProcess) -> Option<pb::ClusterStatus> {
 async fn depth_on(node: &BrokerProcess, queue: &str) -> Option<u64> {
     let channel = tonic::transport::Endpoint::from_shared(node.endpoint()).ok()?.connect().await.ok()?;
     let mut stats = pb::stats_client::StatsClient::new(channel);
-    let request = pb::StatsRequest { queue: queue.to_owned(), ..Default::default() };
+    let request = pb::StatsRequest { queue: queue.to_owned() };
     let response = stats.get_stats(request).await.ok()?.into_inner();
     response.queues.first()?.saturation.as_ref().map(|s| s.depth)
 }
@@ -170,15 +170,17 @@ async fn leader_killed_under_load_loses_no_acknowledged_message() {
     admin.create_queue(request).await.expect("create");
 
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let producer = Arc::new(client
-        .producer(ProducerConfig {
-            attempt_timeout: Duration::from_secs(2),
-            deadline: Duration::from_secs(60),
-            // The failover is ridden out by retries, not failed fast.
-            breaker: BreakerConfig { failure_threshold: 1_000_000, ..BreakerConfig::default() },
-            ..ProducerConfig::default()
-        })
-        .expect("producer"));
+    let producer = Arc::new(
+        client
+            .producer(ProducerConfig {
+                attempt_timeout: Duration::from_secs(2),
+                deadline: Duration::from_secs(60),
+                // The failover is ridden out by retries, not failed fast.
+                breaker: BreakerConfig { failure_threshold: 1_000_000, ..BreakerConfig::default() },
+                ..ProducerConfig::default()
+            })
+            .expect("producer"),
+    );
     let total = 600u32;
     let publishing = {
         let acked = Arc::clone(&acked);

@@ -257,8 +257,10 @@ async fn throughput(args: &Args, cluster: &Cluster, leader: usize) -> anyhow::Re
     let single_client = Client::new(&cluster.nodes[leader].endpoint())?;
     let replicated_client = Client::new(&cluster.addrs())?;
     let admin = single_client.admin();
-    admin.create_queue("single", QueueSettings { dead_letter: Some(false), ..QueueSettings::default() }).await?;
-    let settings = QueueSettings { dead_letter: Some(false), replicas: Some(3), ..QueueSettings::default() };
+    let mut settings = QueueSettings::default();
+    settings.dead_letter = Some(false);
+    admin.create_queue("single", settings.clone()).await?;
+    settings.replicas = Some(3);
     admin.create_queue("replicated", settings).await?;
     let single = Arc::new(single_client.producer(ProducerConfig::default())?);
     let replicated = Arc::new(replicated_client.producer(ProducerConfig::default())?);
@@ -309,7 +311,8 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
     let client = Client::new(&cluster.addrs())?;
     let leader = cluster.leader(Duration::from_secs(30)).await?;
     let admin = Client::new(&cluster.nodes[leader].endpoint())?.admin();
-    let settings = QueueSettings { replicas: Some(3), ..QueueSettings::default() };
+    let mut settings = QueueSettings::default();
+    settings.replicas = Some(3);
     admin.create_queue("soak", settings).await?;
 
     let attempted = Arc::new(Mutex::new(BTreeSet::new()));
@@ -396,7 +399,8 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
     let depth = Client::new(&cluster.nodes[leader].endpoint())?.admin().get_queue("soak").await?.depth;
     let delivered = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
     let seen = Arc::clone(&delivered);
-    let consumer = client.consumer("soak", ConsumerConfig { max_messages: Some(depth), ..ConsumerConfig::default() })?;
+    let consumer =
+        client.consumer("soak", ConsumerConfig { max_messages: Some(depth), ..ConsumerConfig::default() })?;
     let handle = consumer.spawn(move |delivery: Delivery| {
         let seen = Arc::clone(&seen);
         async move {
