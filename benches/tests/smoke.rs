@@ -205,6 +205,38 @@ fn recovery() {
     assert!(f(&restarts[0]["first_delivery_s"]) > 0.0);
 }
 
+/// Three nodes: a replicated queue's rate beside a single-node one, and a
+/// soak of two faults with the checker: nothing acknowledged lost, nothing
+/// delivered that was never published, no key stored twice.
+#[test]
+fn cluster() {
+    let args = [
+        "--rounds",
+        "1",
+        "--messages",
+        "300",
+        "--size",
+        "256",
+        "--in-flight",
+        "64",
+        "--cycles",
+        "2",
+        "--cycle-seconds",
+        "1",
+        "--seed",
+        "7",
+    ];
+    let (v, _, _dir) = run("cluster", &args);
+    assert!(f(&v["throughput"]["median_single"]) > 0.0);
+    assert!(f(&v["throughput"]["median_replicated"]) > 0.0);
+    let soak = &v["soak"];
+    assert_eq!(soak["faults"].as_array().map(Vec::len), Some(2));
+    assert!(u(&soak["acknowledged"]) > 0);
+    assert_eq!(u(&soak["lost"]), 0, "no acknowledged publish is lost");
+    assert_eq!(u(&soak["phantom"]), 0, "nothing delivered that was never published");
+    assert_eq!(u(&soak["stored_twice"]), 0, "no key stored twice");
+}
+
 /// The chaos soak, a few faults of each kind but the disk (which needs a
 /// filesystem of its own): nothing lost, corrupt or stored twice.
 #[test]

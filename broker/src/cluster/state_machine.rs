@@ -71,7 +71,6 @@ impl Shared {
         Ok(Arc::new(Shared { state: Mutex::new(state), broker: OnceLock::new(), dir: dir.to_path_buf() }))
     }
 
-
     /// Writes a sync point: the state as it is now, once every replicated
     /// lane's log has been synced (so every append and ack it counts is
     /// on disk). Runs file work on a blocking thread.

@@ -367,7 +367,24 @@ impl Row<'_> {
 }
 
 fn disk_line(stats: &BrokerStats) -> String {
-    format!("disk free {} (publishes refused below {})", bytes(stats.disk_free_bytes), bytes(stats.disk_free_min_bytes))
+    let disk = format!(
+        "disk free {} (publishes refused below {})",
+        bytes(stats.disk_free_bytes),
+        bytes(stats.disk_free_min_bytes)
+    );
+    match &stats.cluster {
+        None => disk,
+        Some(cluster) => {
+            let leader = cluster
+                .leader
+                .as_ref()
+                .map_or("none (an election)".to_owned(), |(id, addr)| format!("node {id} at {addr}"));
+            format!(
+                "{disk}; cluster: node {} is {} in term {}, leader {leader}, applied {} of {}",
+                cluster.node_id, cluster.role, cluster.term, cluster.last_applied, cluster.last_log_index
+            )
+        }
+    }
 }
 
 fn stats_json(stats: &BrokerStats) -> Value {
@@ -411,6 +428,16 @@ fn stats_json(stats: &BrokerStats) -> Value {
         "disk_free_bytes": stats.disk_free_bytes,
         "disk_free_min_bytes": stats.disk_free_min_bytes,
         "queues": queues,
+        "cluster": stats.cluster.as_ref().map(|c| json!({
+            "node_id": c.node_id,
+            "role": c.role,
+            "term": c.term,
+            "leader_id": c.leader.as_ref().map(|(id, _)| *id),
+            "leader_addr": c.leader.as_ref().map(|(_, addr)| addr.clone()),
+            "last_log_index": c.last_log_index,
+            "last_applied": c.last_applied,
+            "peers": c.peers.iter().map(|(id, matched, lag)| json!({"node_id": id, "matched_index": matched, "lag": lag})).collect::<Vec<_>>(),
+        })),
     })
 }
 

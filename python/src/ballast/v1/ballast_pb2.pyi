@@ -39,7 +39,7 @@ EXTEND_OUTCOME_EXPIRED: ExtendOutcome
 EXTEND_OUTCOME_NOT_LEASED: ExtendOutcome
 
 class QueueSettings(_message.Message):
-    __slots__ = ("lanes", "lane_weights", "strict_priority", "default_lane", "lease_timeout_ms", "max_attempts", "dead_letter", "dedupe_window_ms", "message_size_max", "sync_policy", "sync_interval_ms", "max_messages", "max_bytes", "lane_admission", "max_publish_rate", "max_publish_byte_rate", "message_ttl_ms", "expired_action", "max_delivery_rate")
+    __slots__ = ("lanes", "lane_weights", "strict_priority", "default_lane", "lease_timeout_ms", "max_attempts", "dead_letter", "dedupe_window_ms", "message_size_max", "sync_policy", "sync_interval_ms", "max_messages", "max_bytes", "lane_admission", "max_publish_rate", "max_publish_byte_rate", "message_ttl_ms", "expired_action", "max_delivery_rate", "replicas")
     LANES_FIELD_NUMBER: _ClassVar[int]
     LANE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STRICT_PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class QueueSettings(_message.Message):
     MESSAGE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_ACTION_FIELD_NUMBER: _ClassVar[int]
     MAX_DELIVERY_RATE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     lanes: _containers.RepeatedScalarFieldContainer[str]
     lane_weights: _containers.RepeatedScalarFieldContainer[int]
     strict_priority: bool
@@ -78,7 +79,8 @@ class QueueSettings(_message.Message):
     message_ttl_ms: int
     expired_action: ExpiredAction
     max_delivery_rate: int
-    def __init__(self, lanes: _Optional[_Iterable[str]] = ..., lane_weights: _Optional[_Iterable[int]] = ..., strict_priority: _Optional[bool] = ..., default_lane: _Optional[int] = ..., lease_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., dead_letter: _Optional[bool] = ..., dedupe_window_ms: _Optional[int] = ..., message_size_max: _Optional[int] = ..., sync_policy: _Optional[_Union[SyncPolicy, str]] = ..., sync_interval_ms: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lane_admission: _Optional[_Iterable[float]] = ..., max_publish_rate: _Optional[int] = ..., max_publish_byte_rate: _Optional[int] = ..., message_ttl_ms: _Optional[int] = ..., expired_action: _Optional[_Union[ExpiredAction, str]] = ..., max_delivery_rate: _Optional[int] = ...) -> None: ...
+    replicas: int
+    def __init__(self, lanes: _Optional[_Iterable[str]] = ..., lane_weights: _Optional[_Iterable[int]] = ..., strict_priority: _Optional[bool] = ..., default_lane: _Optional[int] = ..., lease_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., dead_letter: _Optional[bool] = ..., dedupe_window_ms: _Optional[int] = ..., message_size_max: _Optional[int] = ..., sync_policy: _Optional[_Union[SyncPolicy, str]] = ..., sync_interval_ms: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lane_admission: _Optional[_Iterable[float]] = ..., max_publish_rate: _Optional[int] = ..., max_publish_byte_rate: _Optional[int] = ..., message_ttl_ms: _Optional[int] = ..., expired_action: _Optional[_Union[ExpiredAction, str]] = ..., max_delivery_rate: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class CreateQueueRequest(_message.Message):
     __slots__ = ("name", "settings")
@@ -377,16 +379,48 @@ class QueueStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., saturation: _Optional[_Union[Saturation, _Mapping]] = ..., lanes: _Optional[_Iterable[_Union[LaneStats, _Mapping]]] = ..., in_flight: _Optional[int] = ..., consumers: _Optional[int] = ..., credit: _Optional[int] = ..., max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., refused_queue_full: _Optional[int] = ..., refused_disk_full: _Optional[int] = ..., refused_publish_rate: _Optional[int] = ..., throttled_calls: _Optional[int] = ..., throttled_ms: _Optional[int] = ..., damaged: _Optional[str] = ..., opening: _Optional[bool] = ..., expired_dead_lettered: _Optional[int] = ..., expired_dropped: _Optional[int] = ..., paced: _Optional[bool] = ..., paced_ms: _Optional[int] = ..., paced_held_back: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("at_ms", "queues", "disk_free_bytes", "disk_free_min_bytes")
+    __slots__ = ("at_ms", "queues", "disk_free_bytes", "disk_free_min_bytes", "cluster")
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     at_ms: int
     queues: _containers.RepeatedCompositeFieldContainer[QueueStats]
     disk_free_bytes: int
     disk_free_min_bytes: int
-    def __init__(self, at_ms: _Optional[int] = ..., queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., disk_free_min_bytes: _Optional[int] = ...) -> None: ...
+    cluster: ClusterStatus
+    def __init__(self, at_ms: _Optional[int] = ..., queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., disk_free_min_bytes: _Optional[int] = ..., cluster: _Optional[_Union[ClusterStatus, _Mapping]] = ...) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("node_id", "role", "term", "leader_id", "leader_addr", "last_log_index", "last_applied", "peers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDR_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAST_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    role: str
+    term: int
+    leader_id: int
+    leader_addr: str
+    last_log_index: int
+    last_applied: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    def __init__(self, node_id: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_addr: _Optional[str] = ..., last_log_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("node_id", "matched_index", "lag")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    matched_index: int
+    lag: int
+    def __init__(self, node_id: _Optional[int] = ..., matched_index: _Optional[int] = ..., lag: _Optional[int] = ...) -> None: ...
 
 class ConsumeRequest(_message.Message):
     __slots__ = ("subscribe", "credit", "ack", "nack", "extend")
