@@ -13,7 +13,9 @@
 //! - `vote`, `committed`, `purged`: small files `[crc32 u32 LE][postcard
 //!   body]` holding the last vote, the last committed log id and the last
 //!   purged log id, each replaced whole (temporary file, fsync, rename,
-//!   directory fsync).
+//!   directory fsync). A vote, a truncation and a purge return once
+//!   durable; a committed id is written in order but not awaited (it is a
+//!   restart hint: losing the last one costs a re-apply, never safety).
 //!
 //! # Rules
 //!
@@ -160,6 +162,9 @@ struct Slot {
     /// Size of the frame's body.
     size: u32,
 }
+
+// Rule 6's figure.
+const _: () = assert!(std::mem::size_of::<Slot>() <= 48);
 
 impl Slot {
     fn end(&self) -> u64 {
