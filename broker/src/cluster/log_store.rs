@@ -1051,6 +1051,13 @@ fn lock_dir(dir: &Path, wait: Duration) -> Result<File, LogStoreError> {
     }
 }
 
+/// Waits until no store has `dir` open any more (its writer thread has
+/// finished every queued write): tests delete a directory only then.
+#[cfg(test)]
+pub(crate) fn wait_released(dir: &Path) {
+    drop(lock_dir(dir, Duration::from_millis(RAFT_LOG_LOCK_WAIT_MS)).expect("the store's writer finishes"));
+}
+
 fn sync_dir(dir: &Path) -> Result<(), LogStoreError> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(io_error("syncing", dir))
 }

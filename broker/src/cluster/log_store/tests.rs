@@ -81,8 +81,10 @@ where
 {
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let result = runtime.block_on(async {
-        let (_dir, store, sm) = Builder.build().await?;
-        case(store, sm).await
+        let (dir, store, sm) = Builder.build().await?;
+        let result = case(store, sm).await;
+        wait_released(dir.path());
+        result
     });
     if let Err(e) = result {
         panic!("suite case {name}: {e}");

@@ -9,7 +9,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use super::*;
 use crate::cluster::Command;
-use crate::cluster::log_store::LogStore;
+use crate::cluster::log_store::{LogStore, wait_released};
 use crate::cluster::testing::MemStateMachine;
 
 /// Longest wait for an election or for an entry to be applied everywhere.
@@ -62,6 +62,8 @@ impl Node {
     async fn stop(self) -> (std::net::SocketAddr, tempfile::TempDir) {
         self.raft.shutdown().await.expect("the raft shuts down");
         let _ = self.stop.send(());
+        let path = self.dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || wait_released(&path)).await.expect("the log store closes");
         let mut server = self.server;
         if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
             server.abort();
@@ -185,6 +187,8 @@ async fn undecodable_payload_is_invalid_argument_and_token_travels() {
 
     server.abort();
     raft.shutdown().await.expect("shutdown");
+    let path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || wait_released(&path)).await.expect("the log store closes");
 }
 
 /// A peer that does not answer is unreachable (openraft backs off), and a
@@ -293,4 +297,6 @@ async fn tls_peer() {
     }
     server.abort();
     raft.shutdown().await.expect("shutdown");
+    let path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || wait_released(&path)).await.expect("the log store closes");
 }
