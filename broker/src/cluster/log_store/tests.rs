@@ -406,3 +406,69 @@ fn an_entry_encoding_starts_with_its_log_id() {
         assert_eq!(prefix, entry.log_id);
     }
 }
+
+/// Random appends, truncations, purges and reopens, on small segments
+/// and a small cache, against a model (a vector of entries): after every
+/// step the store holds exactly the model's entries and log state. The
+/// seed is printed; `RAFT_LOG_SEED=<n>` replays it.
+#[tokio::test]
+async fn random_operations_match_a_model() {
+    let seed: u64 = std::env::var("RAFT_LOG_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    println!("RAFT_LOG_SEED={seed}");
+    let mut rng = seed | 1;
+    let mut next_random = move |bound: u64| {
+        // xorshift64: enough to pick operations, reproducible from the seed.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % bound.max(1)
+    };
+    let body = frame_size() - FRAME_HEADER_SIZE;
+    let options = Options { segment_size: 3 * frame_size() + 7, cache_size_max: 2 * body, ..Options::default() };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open_with(dir.path(), options).expect("open");
+    let mut model: Vec<Entry> = Vec::new();
+    let mut purged: Option<LogId> = None;
+    let mut term = 1;
+    for step in 0..300 {
+        let next = model.last().map(|e| e.log_id.index + 1).or(purged.map(|p| p.index + 1)).unwrap_or(0);
+        match next_random(10) {
+            0..=4 => {
+                let count = 1 + next_random(4);
+                let new = entries(term, next..next + count);
+                store.blocking_append(new.clone()).await.expect("append");
+                model.extend(new);
+            }
+            5 | 6 if !model.is_empty() => {
+                let at = next_random(model.len() as u64) as usize;
+                store.truncate(model[at].log_id).await.expect("truncate");
+                model.truncate(at);
+                term += 1;
+            }
+            7 if !model.is_empty() => {
+                let upto = next_random(model.len() as u64) as usize;
+                purged = Some(model[upto].log_id);
+                store.purge(model[upto].log_id).await.expect("purge");
+                model.drain(..=upto);
+            }
+            8 => {
+                drop(store);
+                wait_released(dir.path());
+                store = LogStore::open_with(dir.path(), options).expect("reopen");
+            }
+            _ => {}
+        }
+        assert_eq!(all(&mut store).await, model, "step {step}, seed {seed}");
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, purged, "step {step}, seed {seed}");
+        assert_eq!(state.last_log_id, model.last().map(|e| e.log_id).or(purged), "step {step}, seed {seed}");
+        if let Some(first) = model.first().map(|e| e.log_id.index) {
+            let from = first + next_random(model.len() as u64);
+            let read = store.try_get_log_entries(from..from + 3).await.expect("read");
+            let offset = (from - first) as usize;
+            assert_eq!(read, model[offset..(offset + 3).min(model.len())].to_vec(), "step {step}, seed {seed}");
+        }
+    }
+}
