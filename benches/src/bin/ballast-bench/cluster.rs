@@ -223,7 +223,7 @@ pub async fn run(args: &Args, ballastd: &Path, data_root: &Path, keep: bool) -> 
     if !keep {
         let _ = std::fs::remove_dir_all(&root);
     }
-    Ok(serde_json::json!({ "throughput": throughput, "soak": soak }))
+    Ok(serde_json::json!({ "scenario": "cluster", "throughput": throughput, "soak": soak }))
 }
 
 /// Publishes `count` messages of `size` bytes through `producer`, `window`
