@@ -943,13 +943,14 @@ impl Queue {
             keep(error);
             return;
         }
-        self.count_expired(&lease, true);
         // As for a redelivery: the dead letter is stored, so the message
         // is not kept; an ack storage refuses is read again after the
-        // lane's log is reopened (at least once).
+        // lane's log is reopened (at least once). Counted after the ack,
+        // so the counts never run ahead of the depth.
         if let Err(error) = self.ack_record(lease.lane, lease.offset, lease.size, AckKind::DeadLettered) {
             tracing::error!(queue = %self.name, %error, "acking an expired message after its dead letter");
         }
+        self.count_expired(&lease, true);
     }
 
     /// Reads a lane again from its ack floor, after its poisoned log was

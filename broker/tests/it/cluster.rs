@@ -341,3 +341,32 @@ async fn a_paused_leader_is_replaced_and_steps_down_on_resume() {
     };
     wait_depth(&cluster, "jobs", 6 + stored_anyway).await;
 }
+
+/// Delivery semantics hold on a replicated queue: a nacked message past
+/// `max_attempts` is dead-lettered, and the dead letter and the ack of
+/// the original reach every node; an acked message leaves every node's
+/// depth.
+#[tokio::test]
+async fn nacks_dead_letters_and_acks_reach_every_node() {
+    let cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    let leading = &cluster.nodes[leader];
+    let mut admin = leading.admin().await;
+    let settings = pb::QueueSettings { replicas: Some(3), max_attempts: Some(1), ..Default::default() };
+    let request = pb::CreateQueueRequest { name: "tasks".into(), settings: Some(settings) };
+    admin.create_queue(request).await.expect("create");
+    let mut publisher = leading.publisher().await;
+    publish(&mut publisher, "tasks", message("to fail")).await;
+    publish(&mut publisher, "tasks", message("to ack")).await;
+    wait_depth(&cluster, "tasks", 2).await;
+
+    let mut consumer = leading.consumer().await;
+    let mut session = crate::support::Session::open(&mut consumer, "tasks", 2).await;
+    let first = session.delivery().await;
+    let second = session.delivery().await;
+    let (fail, ack) = if first.payload.as_ref() == b"to fail" { (first, second) } else { (second, first) };
+    session.nack(fail.delivery_id, 0, "broken").await;
+    session.ack(vec![ack.delivery_id]).await;
+    wait_depth(&cluster, "tasks", 0).await;
+    wait_depth(&cluster, "tasks.dead", 1).await;
+}
