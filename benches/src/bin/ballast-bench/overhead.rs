@@ -221,6 +221,8 @@ async fn drain(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde
         for (i, mode) in args.drain.iter().enumerate() {
             target.fresh_queue(queue, sync.settings()).await?;
             load::publish_all(&channels, queue, args.messages, args.size, args.batch, args.inflight, true).await?;
+            // A line a profiler can start and stop on (see BENCHMARKS.md).
+            eprintln!("round {round}: {mode:?} draining");
             let elapsed = match mode {
                 DrainMode::Raw => {
                     let consume = vec![target.channel().await?];
@@ -229,7 +231,7 @@ async fn drain(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde
                 DrainMode::Consumer => through_consumer(target, queue, args).await?,
             };
             let rate = load::rate(args.messages, elapsed);
-            eprintln!("round {round}: {mode:?} {rate:.0} msg/s");
+            eprintln!("round {round}: {mode:?} drained, {rate:.0} msg/s");
             rates[i].push(rate);
         }
     }
