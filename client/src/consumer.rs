@@ -5,11 +5,11 @@
 //! One task owns the loop. A handler's future is polled once on that task
 //! when it starts: if it is done then (it did not wait on anything), its
 //! result is recorded at once, with no task of its own; otherwise it goes
-//! on as a task of its own. A first poll that takes longer than
-//! [`INLINE_POLL_BUDGET`] (a handler doing CPU work before it first waits)
-//! makes the loop spawn the next [`INLINE_PROBE_INTERVAL`] handlers without
-//! polling them first, so such handlers run in parallel and do not hold up
-//! the stream. Rules:
+//! on as a task of its own. [`INLINE_SLOW_POLLS`] first polls in a row
+//! that take longer than [`INLINE_POLL_BUDGET`] (handlers doing CPU work
+//! before they first wait) make the loop spawn the next
+//! [`INLINE_PROBE_INTERVAL`] handlers without polling them first, so such
+//! handlers run in parallel and do not hold up the stream. Rules:
 //!
 //! 1. Credit window: a session subscribes with credit `prefetch` (W). Every
 //!    delivery uses one credit. A delivery is *held* from its arrival until
@@ -473,9 +473,14 @@ const NACK_REASON_SIZE_MAX: usize = 1024;
 /// loop.
 pub const INLINE_POLL_BUDGET: Duration = Duration::from_micros(100);
 
-/// Handlers spawned without a first poll after one took longer than
-/// [`INLINE_POLL_BUDGET`]; then the next one is polled inline again, so a
-/// consumer whose handlers got fast again goes back to the cheap path.
+/// First polls in a row over [`INLINE_POLL_BUDGET`] that turn inline
+/// polls off. One alone may be the thread being preempted, not the
+/// handler's work; a handler that is slow is slow every time.
+pub const INLINE_SLOW_POLLS: u32 = 2;
+
+/// Handlers spawned without a first poll once inline polls were turned
+/// off; then the next ones are polled inline again, so a consumer whose
+/// handlers got fast again goes back to the cheap path.
 pub const INLINE_PROBE_INTERVAL: u32 = 64;
 
 /// Requests queued on the outgoing stream before the loop stops moving more
@@ -506,9 +511,11 @@ struct Loop {
     /// Handler tasks of every session; results of old sessions are dropped.
     handlers: JoinSet<Result<(), String>>,
     running: HashMap<tokio::task::Id, Running>,
-    /// Handlers still to be spawned without a first poll inline, after one
-    /// took longer than [`INLINE_POLL_BUDGET`].
+    /// Handlers still to be spawned without a first poll inline, after
+    /// [`INLINE_SLOW_POLLS`] took longer than [`INLINE_POLL_BUDGET`].
     inline_skip: u32,
+    /// First polls in a row that took longer than [`INLINE_POLL_BUDGET`].
+    slow_polls: u32,
     /// No later than the next lease extension due among the current
     /// session's handlers (`None`: none due). Lowered as handlers start,
     /// recomputed only when extensions run, so the loop does not scan
@@ -559,6 +566,7 @@ impl Loop {
             handlers: JoinSet::new(),
             running: HashMap::new(),
             inline_skip: 0,
+            slow_polls: 0,
             extension_due: None,
             epoch: 0,
             rng: fastrand::Rng::new(),
@@ -841,14 +849,20 @@ impl Loop {
     /// Polls a handler's future once on the loop's task: its outcome if it
     /// is done (a panic is an error, as in a task), `None` if it waits. A
     /// waiting future is then spawned, and its task's first poll registers
-    /// the task's waker (the no-op one used here is never needed). A slow
-    /// poll turns inline polls off for a while.
+    /// the task's waker (the no-op one used here is never needed). Slow
+    /// polls in a row turn inline polls off for a while.
     fn poll_inline(&mut self, future: &mut HandlerFuture) -> Option<Result<(), String>> {
         let started = std::time::Instant::now();
         let mut context = Context::from_waker(Waker::noop());
         let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut context)));
-        if started.elapsed() > INLINE_POLL_BUDGET {
-            self.inline_skip = INLINE_PROBE_INTERVAL;
+        if started.elapsed() <= INLINE_POLL_BUDGET {
+            self.slow_polls = 0;
+        } else {
+            self.slow_polls += 1;
+            if self.slow_polls >= INLINE_SLOW_POLLS {
+                self.slow_polls = 0;
+                self.inline_skip = INLINE_PROBE_INTERVAL;
+            }
         }
         match polled {
             Ok(Poll::Ready(outcome)) => Some(outcome),
