@@ -399,8 +399,12 @@ impl Consumer {
     /// handler counts as an error.
     ///
     /// `handler` itself is called on the consumer's task and should only
-    /// build its future; the work belongs in the future, which runs as its
-    /// own task (up to `concurrency` at once).
+    /// build its future; the work belongs in the future (up to
+    /// `concurrency` at once). The future is polled once on the consumer's
+    /// task: one done then costs no task; one that waits goes on as its own
+    /// task. Long blocking or CPU work before the first `.await` holds up
+    /// the consumer meanwhile (until a run of such polls turns inline polls
+    /// off, see the module docs): put it in `spawn_blocking`.
     pub fn spawn<H, F, E>(self, handler: H) -> ConsumerHandle
     where
         H: Fn(Delivery) -> F + Send + Sync + 'static,
