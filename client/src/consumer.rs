@@ -299,7 +299,7 @@ pub struct ConsumerStats {
     /// Handlers started.
     pub handled: u64,
     /// Of those, handlers done in their first poll on the consumer's task,
-    /// which needed no task of their own (see the module docs).
+    /// which needed no task of their own (see [`Consumer::spawn`]).
     pub handled_inline: u64,
     /// Acks sent.
     pub acked: u64,
@@ -402,9 +402,10 @@ impl Consumer {
     /// build its future; the work belongs in the future (up to
     /// `concurrency` at once). The future is polled once on the consumer's
     /// task: one done then costs no task; one that waits goes on as its own
-    /// task. Long blocking or CPU work before the first `.await` holds up
-    /// the consumer meanwhile (until a run of such polls turns inline polls
-    /// off, see the module docs): put it in `spawn_blocking`.
+    /// task. Blocking or CPU work before the first `.await` holds up the
+    /// consumer meanwhile: two such first polls in a row over 100 µs make
+    /// the consumer spawn the next 64 handlers without polling them first,
+    /// but such work belongs in `spawn_blocking`.
     pub fn spawn<H, F, E>(self, handler: H) -> ConsumerHandle
     where
         H: Fn(Delivery) -> F + Send + Sync + 'static,
@@ -475,17 +476,17 @@ const NACK_REASON_SIZE_MAX: usize = 1024;
 /// of its own, and while it runs inline no delivery is read and no ack
 /// sent. 100 microseconds is about 15 deliveries at the drain rate of this
 /// loop.
-pub const INLINE_POLL_BUDGET: Duration = Duration::from_micros(100);
+const INLINE_POLL_BUDGET: Duration = Duration::from_micros(100);
 
 /// First polls in a row over [`INLINE_POLL_BUDGET`] that turn inline
 /// polls off. One alone may be the thread being preempted, not the
 /// handler's work; a handler that is slow is slow every time.
-pub const INLINE_SLOW_POLLS: u32 = 2;
+const INLINE_SLOW_POLLS: u32 = 2;
 
 /// Handlers spawned without a first poll once inline polls were turned
 /// off; then the next ones are polled inline again, so a consumer whose
 /// handlers got fast again goes back to the cheap path.
-pub const INLINE_PROBE_INTERVAL: u32 = 64;
+const INLINE_PROBE_INTERVAL: u32 = 64;
 
 /// Requests queued on the outgoing stream before the loop stops moving more
 /// into it; the loop keeps its own queue beyond that, so it never blocks on
