@@ -240,7 +240,7 @@ async fn drain(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde
         args.messages, args.size, args.prefetch, sync, args.rounds
     );
     let mut json = serde_json::json!({
-        "scenario": "overhead-drain", "size": args.size, "messages": args.messages, "prefetch": args.prefetch,
+        "scenario": "overhead", "workload": "drain", "size": args.size, "messages": args.messages, "prefetch": args.prefetch,
         "rounds": args.rounds, "sync": format!("{sync:?}").to_lowercase(),
     });
     let first = median(&rates[0]);
