@@ -317,6 +317,19 @@ fn overhead() {
     }
 }
 
+/// `overhead --drain`: a raw consume stream and the Consumer each drain
+/// their filled queue, and both rates are reported.
+#[test]
+fn overhead_drain() {
+    let args = ["--drain", "raw,consumer", "--messages", "2000", "--size", "64", "--prefetch", "100", "--rounds", "2"];
+    let (v, _, _dir) = run("overhead", &args);
+    assert_eq!(v["workload"], "drain");
+    for mode in ["raw", "consumer"] {
+        assert!(f(&v[format!("drain_{mode}_messages_per_s").as_str()]) > 0.0, "{mode}: {v}");
+        assert_eq!(v[format!("drain_{mode}_rounds").as_str()].as_array().map(Vec::len), Some(2), "{mode}: {v}");
+    }
+}
+
 /// Many queues, tiny: every figure is reported, the restart reaches
 /// SERVING, and the steady load over the sampled queues is delivered alone
 /// and during the flood.

@@ -2,7 +2,14 @@
 //! window, a concurrency limit, batched acks, nacks with a delay policy,
 //! reconnects and a graceful stop.
 //!
-//! One task owns the loop; handlers run as their own tasks. Rules:
+//! One task owns the loop. A handler's future is polled once on that task
+//! when it starts: if it is done then (it did not wait on anything), its
+//! result is recorded at once, with no task of its own; otherwise it goes
+//! on as a task of its own. [`INLINE_SLOW_POLLS`] first polls in a row
+//! that take longer than [`INLINE_POLL_BUDGET`] (handlers doing CPU work
+//! before they first wait) make the loop spawn the next
+//! [`INLINE_PROBE_INTERVAL`] handlers without polling them first, so such
+//! handlers run in parallel and do not hold up the stream. Rules:
 //!
 //! 1. Credit window: a session subscribes with credit `prefetch` (W). Every
 //!    delivery uses one credit. A delivery is *held* from its arrival until
@@ -43,7 +50,10 @@ use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     fmt,
     future::Future,
+    panic::AssertUnwindSafe,
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll, Waker},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -288,6 +298,9 @@ pub struct ConsumerStats {
     pub delivered: u64,
     /// Handlers started.
     pub handled: u64,
+    /// Of those, handlers done in their first poll on the consumer's task,
+    /// which needed no task of their own (see [`Consumer::spawn`]).
+    pub handled_inline: u64,
     /// Acks sent.
     pub acked: u64,
     /// Nacks sent.
@@ -386,8 +399,13 @@ impl Consumer {
     /// handler counts as an error.
     ///
     /// `handler` itself is called on the consumer's task and should only
-    /// build its future; the work belongs in the future, which runs as its
-    /// own task (up to `concurrency` at once).
+    /// build its future; the work belongs in the future (up to
+    /// `concurrency` at once). The future is polled once on the consumer's
+    /// task: one done then costs no task; one that waits goes on as its own
+    /// task. Blocking or CPU work before the first `.await` holds up the
+    /// consumer meanwhile: two such first polls in a row over 100 µs make
+    /// the consumer spawn the next 64 handlers without polling them first,
+    /// but such work belongs in `spawn_blocking`.
     pub fn spawn<H, F, E>(self, handler: H) -> ConsumerHandle
     where
         H: Fn(Delivery) -> F + Send + Sync + 'static,
@@ -445,11 +463,30 @@ impl ConsumerHandle {
     }
 }
 
-type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 type Handler = Arc<dyn Fn(Delivery) -> HandlerFuture + Send + Sync>;
 
 /// Longest nack reason sent, in bytes; longer handler errors are cut.
 const NACK_REASON_SIZE_MAX: usize = 1024;
+
+/// Longest first poll of a handler's future on the consumer's task before
+/// the loop stops polling handlers there (see the module docs). A handler
+/// that returns at once (or after a non-blocking step) takes a few
+/// microseconds; one that is slower is doing work that belongs on a worker
+/// of its own, and while it runs inline no delivery is read and no ack
+/// sent. 100 microseconds is about 15 deliveries at the drain rate of this
+/// loop.
+const INLINE_POLL_BUDGET: Duration = Duration::from_micros(100);
+
+/// First polls in a row over [`INLINE_POLL_BUDGET`] that turn inline
+/// polls off. One alone may be the thread being preempted, not the
+/// handler's work; a handler that is slow is slow every time.
+const INLINE_SLOW_POLLS: u32 = 2;
+
+/// Handlers spawned without a first poll once inline polls were turned
+/// off; then the next ones are polled inline again, so a consumer whose
+/// handlers got fast again goes back to the cheap path.
+const INLINE_PROBE_INTERVAL: u32 = 64;
 
 /// Requests queued on the outgoing stream before the loop stops moving more
 /// into it; the loop keeps its own queue beyond that, so it never blocks on
@@ -479,6 +516,11 @@ struct Loop {
     /// Handler tasks of every session; results of old sessions are dropped.
     handlers: JoinSet<Result<(), String>>,
     running: HashMap<tokio::task::Id, Running>,
+    /// Handlers still to be spawned without a first poll inline, after
+    /// [`INLINE_SLOW_POLLS`] took longer than [`INLINE_POLL_BUDGET`].
+    inline_skip: u32,
+    /// First polls in a row that took longer than [`INLINE_POLL_BUDGET`].
+    slow_polls: u32,
     /// No later than the next lease extension due among the current
     /// session's handlers (`None`: none due). Lowered as handlers start,
     /// recomputed only when extensions run, so the loop does not scan
@@ -528,6 +570,8 @@ impl Loop {
             stopping: false,
             handlers: JoinSet::new(),
             running: HashMap::new(),
+            inline_skip: 0,
+            slow_polls: 0,
             extension_due: None,
             epoch: 0,
             rng: fastrand::Rng::new(),
@@ -641,6 +685,7 @@ impl Loop {
     /// Runs one session until it breaks, or the consumer stops.
     async fn serve(&mut self, mut session: Session) -> Result<SessionEnd, Error> {
         let prefetch = self.consumer.config.prefetch;
+        let (mut flush_timer, mut extension_timer) = (Deadline::new(), Deadline::new());
         loop {
             self.start_handlers(&mut session);
             let results = u32::try_from(session.acks.len() + session.nacks.len()).unwrap_or(u32::MAX);
@@ -655,7 +700,11 @@ impl Loop {
                 self.stopping = true;
                 continue;
             }
-            let next_extension = self.extension_due;
+            if !self.pump(&mut session) {
+                return Ok(SessionEnd::Broken(Error::Transport { message: "the consume stream closed".into() }));
+            }
+            flush_timer.set(session.flush_at);
+            extension_timer.set(self.extension_due);
             tokio::select! {
                 message = session.incoming.message() => match message {
                     Ok(Some(response)) => self.received(&mut session, response)?,
@@ -681,8 +730,8 @@ impl Loop {
                         return Ok(SessionEnd::Broken(Error::Transport { message: "the consume stream closed".into() }));
                     }
                 },
-                () = sleep_until(session.flush_at), if session.flush_at.is_some() => self.flush(&mut session),
-                () = sleep_until(next_extension), if next_extension.is_some() => self.extend(&mut session),
+                () = &mut flush_timer.sleep, if flush_timer.at.is_some() => self.flush(&mut session),
+                () = &mut extension_timer.sleep, if extension_timer.at.is_some() => self.extend(&mut session),
                 changed = self.stop.changed(), if !self.stopping => {
                     if changed.is_err() || *self.stop.borrow() {
                         self.stopping = true;
@@ -690,6 +739,23 @@ impl Loop {
                 }
             }
         }
+    }
+
+    /// Moves queued requests into the stream's channel while it has room,
+    /// so they go out this turn; what does not fit waits for the
+    /// `reserve` branch of the loop. False if the stream is closed.
+    fn pump(&mut self, session: &mut Session) -> bool {
+        while let Some(request) = session.outbox.pop_front() {
+            match session.outgoing.try_send(request) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(request)) => {
+                    session.outbox.push_front(request);
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        true
     }
 
     /// Handles one message from the broker.
@@ -747,7 +813,9 @@ impl Loop {
         }
     }
 
-    /// Starts handlers for waiting deliveries while the limits allow.
+    /// Starts handlers for waiting deliveries while the limits allow. Each
+    /// handler's future is polled once here; one that is done is settled at
+    /// once, the others go on as tasks (see the module docs).
     fn start_handlers(&mut self, session: &mut Session) {
         if self.stopping {
             // Not started: released when the stream closes.
@@ -756,12 +824,21 @@ impl Loop {
         }
         while self.handlers.len() < self.consumer.config.concurrency && !self.limit_reached() {
             let Some((arrived, delivery)) = session.waiting.pop_front() else { break };
-            let lease = delivery.lease;
+            let (delivery_id, attempt, lease) = (delivery.delivery_id, delivery.attempt, delivery.lease);
+            let mut future = (self.handler)(delivery);
+            self.stats.handled += 1;
+            if self.inline_skip > 0 {
+                self.inline_skip -= 1;
+            } else if let Some(outcome) = self.poll_inline(&mut future) {
+                self.stats.handled_inline += 1;
+                self.settle(session, delivery_id, attempt, outcome);
+                continue;
+            }
             let extend_max = self.consumer.config.extend_max.filter(|_| !lease.is_zero());
             let running = Running {
                 epoch: session.epoch,
-                delivery_id: delivery.delivery_id,
-                attempt: delivery.attempt,
+                delivery_id,
+                attempt,
                 lease,
                 extend_at: extend_max.map(|_| arrived + lease / 3),
                 extend_until: arrived + extend_max.unwrap_or_default(),
@@ -769,9 +846,33 @@ impl Loop {
             if let Some(at) = running.extend_at {
                 self.extension_due = Some(self.extension_due.map_or(at, |due| due.min(at)));
             }
-            let task = self.handlers.spawn((self.handler)(delivery));
+            let task = self.handlers.spawn(future);
             self.running.insert(task.id(), running);
-            self.stats.handled += 1;
+        }
+    }
+
+    /// Polls a handler's future once on the loop's task: its outcome if it
+    /// is done (a panic is an error, as in a task), `None` if it waits. A
+    /// waiting future is then spawned, and its task's first poll registers
+    /// the task's waker (the no-op one used here is never needed). Slow
+    /// polls in a row turn inline polls off for a while.
+    fn poll_inline(&mut self, future: &mut HandlerFuture) -> Option<Result<(), String>> {
+        let started = std::time::Instant::now();
+        let mut context = Context::from_waker(Waker::noop());
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut context)));
+        if started.elapsed() <= INLINE_POLL_BUDGET {
+            self.slow_polls = 0;
+        } else {
+            self.slow_polls += 1;
+            if self.slow_polls >= INLINE_SLOW_POLLS {
+                self.slow_polls = 0;
+                self.inline_skip = INLINE_PROBE_INTERVAL;
+            }
+        }
+        match polled {
+            Ok(Poll::Ready(outcome)) => Some(outcome),
+            Ok(Poll::Pending) => None,
+            Err(payload) => Some(Err(panic_text(payload.as_ref()))),
         }
     }
 
@@ -791,12 +892,18 @@ impl Loop {
             self.stats.abandoned += 1;
             return;
         };
+        self.settle(session, running.delivery_id, running.attempt, outcome);
+    }
+
+    /// Queues a handler's result on its session: an ack, or a nack with the
+    /// policy's delay for its attempt; the first result unsent arms the
+    /// flush timer.
+    fn settle(&mut self, session: &mut Session, delivery_id: u64, attempt: u32, outcome: Result<(), String>) {
         match outcome {
-            Ok(()) => session.acks.push(running.delivery_id),
+            Ok(()) => session.acks.push(delivery_id),
             Err(reason) => session.nacks.push(proto::Nack {
-                delivery_id: running.delivery_id,
-                delay_ms: u64::try_from(self.consumer.config.nack_delay.delay(running.attempt).as_millis())
-                    .unwrap_or(u64::MAX),
+                delivery_id,
+                delay_ms: u64::try_from(self.consumer.config.nack_delay.delay(attempt).as_millis()).unwrap_or(u64::MAX),
                 reason: truncate(reason, NACK_REASON_SIZE_MAX),
             }),
         }
@@ -981,7 +1088,11 @@ fn panic_reason(error: tokio::task::JoinError) -> String {
     if !error.is_panic() {
         return "handler was cancelled".into();
     }
-    let payload = error.into_panic();
+    panic_text(error.into_panic().as_ref())
+}
+
+/// A nack reason for a handler that panicked with `payload`.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     let text = payload
         .downcast_ref::<&str>()
         .map(|text| (*text).to_owned())
@@ -1001,10 +1112,27 @@ fn truncate(mut text: String, size_max: usize) -> String {
     text
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// A timer kept across turns of the loop and re-armed only when its
+/// deadline changes, so a turn registers no timer of its own.
+struct Deadline {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// When it fires; `None`: disarmed (the loop does not wait on it).
+    at: Option<Instant>,
+}
+
+impl Deadline {
+    fn new() -> Deadline {
+        Deadline { sleep: Box::pin(tokio::time::sleep_until(Instant::now())), at: None }
+    }
+
+    fn set(&mut self, at: Option<Instant>) {
+        if at == self.at {
+            return;
+        }
+        if let Some(at) = at {
+            self.sleep.as_mut().reset(at);
+        }
+        self.at = at;
     }
 }
 

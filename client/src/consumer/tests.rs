@@ -157,6 +157,82 @@ async fn failures_are_nacked_with_delay() {
     assert!(nacked[1].2.contains("handler panicked: bad template"), "{}", nacked[1].2);
 }
 
+/// A handler done at its first poll is settled on the loop's task without
+/// a task of its own; one that waits goes on as a task and is acked when it
+/// ends; one that panics after waiting is nacked as a panic. Every message
+/// is settled once either way.
+#[tokio::test]
+async fn handlers_done_at_first_poll_need_no_task() {
+    let server = FakeServer::start().await;
+    server.state.add_queue("jobs", 30);
+    let consumer = server
+        .client()
+        .consumer(
+            "jobs",
+            ConsumerConfig {
+                prefetch: 8,
+                concurrency: 4,
+                max_messages: Some(30),
+                nack_delay: NackPolicy::immediate(),
+                ..config()
+            },
+        )
+        .expect("valid");
+    let handle = consumer.spawn(|delivery: Delivery| async move {
+        match delivery.id.offset % 3 {
+            0 => Ok::<(), String>(()),
+            1 => {
+                tokio::task::yield_now().await;
+                Ok(())
+            }
+            _ => {
+                tokio::task::yield_now().await;
+                panic!("after a wait")
+            }
+        }
+    });
+    let stats = handle.join().await.expect("runs to max_messages");
+
+    assert_eq!(stats.handled, 30);
+    assert_eq!(stats.handled_inline, 10, "only the handlers that never waited ran inline");
+    assert_eq!((stats.acked, stats.nacked), (20, 10));
+    let state = server.state.lock();
+    assert!(state.nacked.iter().all(|(_, _, reason)| reason.contains("handler panicked: after a wait")));
+    assert!(state.window_max <= 8, "window reached {}", state.window_max);
+    assert_session_discipline(&state.sessions);
+}
+
+/// Handlers whose first polls run longer than INLINE_POLL_BUDGET (CPU work
+/// before any await), INLINE_SLOW_POLLS in a row, make the loop spawn the
+/// next INLINE_PROBE_INTERVAL handlers without polling them first; then it
+/// tries inline again. Every message is still acked once.
+#[tokio::test]
+async fn slow_first_polls_switch_handlers_to_tasks() {
+    let slow = u64::from(INLINE_SLOW_POLLS);
+    // Two probes inline, the interval spawned, two more probes inline.
+    let count = 2 * slow + u64::from(INLINE_PROBE_INTERVAL);
+    let server = FakeServer::start().await;
+    server.state.add_queue("jobs", count);
+    let consumer = server
+        .client()
+        .consumer("jobs", ConsumerConfig { prefetch: 16, concurrency: 4, max_messages: Some(count), ..config() })
+        .expect("valid");
+    let handle = consumer.spawn(|_delivery: Delivery| async {
+        // CPU work, not a wait: spin past the budget.
+        let started = std::time::Instant::now();
+        while started.elapsed() <= INLINE_POLL_BUDGET * 2 {
+            std::hint::spin_loop();
+        }
+        Ok::<(), String>(())
+    });
+    let stats = handle.join().await.expect("runs to max_messages");
+
+    assert_eq!(stats.handled, count);
+    assert_eq!(stats.handled_inline, 2 * slow, "only the probes before and after the interval ran inline");
+    assert_eq!(acked_offsets(&server), (0..count).collect::<Vec<u64>>());
+    assert_session_discipline(&server.state.lock().sessions);
+}
+
 /// After the stream breaks, the consumer reconnects; deliveries it held are
 /// dropped and the result of a handler that was running is not acked on the
 /// new session (whose delivery ids collide with the old ones). Every message

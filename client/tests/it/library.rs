@@ -195,9 +195,16 @@ async fn consumer_reconnects_after_broker_restart() {
 
     broker.kill();
     broker.restart();
+    // Released only once the consumer is on its new session: a handler
+    // that finished before the consumer saw its stream break would be
+    // acked on the dead stream, which proves nothing about the rule.
+    let admin = client.admin();
+    eventually("the consumer to subscribe again", || async {
+        matches!(admin.get_queue("work").await, Ok(queue) if queue.consumers == 1)
+    })
+    .await;
     release.add_permits(1);
 
-    let admin = client.admin();
     eventually("every message acked after the restart", || async {
         matches!(admin.get_queue("work").await, Ok(queue) if queue.depth == 0)
     })

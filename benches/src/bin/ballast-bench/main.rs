@@ -24,6 +24,7 @@
 //! target/release/ballast-bench chaos --seconds 60
 //! target/release/ballast-bench backlog --messages 10000000 --size 100
 //! target/release/ballast-bench overhead --size 1024 --messages 200000
+//! target/release/ballast-bench overhead --drain raw,consumer --rounds 5 --prefetch 1000
 //! target/release/ballast-bench queues --queues 10000 --sample 100 --rate 1000
 //! target/release/ballast-bench cold --rate 2000 --backlog-mb 2048   # as root: drops the page cache
 //! ```

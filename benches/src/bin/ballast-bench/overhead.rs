@@ -6,10 +6,25 @@
 //! stream, over unary calls, and with no linger (messages submitted one by
 //! one, batched only by what queued up meanwhile). Modes alternate round by
 //! round; medians are reported.
+//!
+//! With `--drain raw,consumer` it measures the other direction instead: a
+//! queue filled with `--messages` (raw `PublishBatch` calls, not timed) is
+//! drained by one consumer holding `--prefetch` unacknowledged at most,
+//! through a raw `Consume` stream (acks and the same credit back every
+//! quarter of the window, as `compare`'s raw row does) or through
+//! `ballast_client::Consumer` (handlers that do nothing, `concurrency` =
+//! prefetch, as `compare` runs it). Same broker, same backlog, modes
+//! alternated round by round.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use ballast_client::{Client, Message, ProducerConfig};
+use ballast_client::{Client, ConsumerConfig, Message, ProducerConfig};
 use bytes::Bytes;
 
 use crate::{Sync, broker::Target, load};
@@ -34,6 +49,24 @@ pub struct Args {
     /// Rounds; each runs every mode once, in turn. Medians are reported.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Measure draining instead of publishing, through these paths
+    /// (comma-separated, alternated in this order): `raw` (a raw consume
+    /// stream), `consumer` (the client's `Consumer`).
+    #[arg(long, value_delimiter = ',')]
+    drain: Vec<DrainMode>,
+    /// Unacknowledged deliveries the consumer may hold (`--drain`).
+    #[arg(long, default_value_t = 1000)]
+    prefetch: u32,
+}
+
+/// How a drain round consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DrainMode {
+    /// Generated stubs: one consume stream, acks and credit every quarter
+    /// of the window.
+    Raw,
+    /// `ballast_client::Consumer` with handlers that do nothing.
+    Consumer,
 }
 
 /// How a round publishes.
@@ -74,6 +107,9 @@ impl Mode {
 
 pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(args.rounds > 0 && args.tasks > 0, "rounds and tasks > 0");
+    if !args.drain.is_empty() {
+        return drain(target, args, sync).await;
+    }
     let queue = "bench-overhead";
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
     // The modes alternate round by round, so that drift of the disk or of
@@ -172,4 +208,88 @@ async fn through_producer(target: &Target, queue: &str, args: &Args, mode: Mode)
         "the Producer's messages are not all stored"
     );
     Ok(load::rate(per_task * args.tasks as u64, elapsed))
+}
+
+/// `--drain`: the modes alternate round by round on a queue filled anew
+/// each time; prints and returns each mode's median rate.
+async fn drain(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(args.prefetch > 0, "prefetch > 0");
+    let queue = "bench-overhead-drain";
+    let channels = vec![target.channel().await?];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); args.drain.len()];
+    for round in 0..args.rounds {
+        for (i, mode) in args.drain.iter().enumerate() {
+            target.fresh_queue(queue, sync.settings()).await?;
+            load::publish_all(&channels, queue, args.messages, args.size, args.batch, args.inflight, true).await?;
+            // A line a profiler can start and stop on (see BENCHMARKS.md).
+            eprintln!("round {round}: {mode:?} draining");
+            let elapsed = match mode {
+                DrainMode::Raw => {
+                    let consume = vec![target.channel().await?];
+                    load::consume(&consume, queue, 1, args.prefetch, args.messages, Arc::new(|_| {})).await?
+                }
+                DrainMode::Consumer => through_consumer(target, queue, args).await?,
+            };
+            let rate = load::rate(args.messages, elapsed);
+            eprintln!("round {round}: {mode:?} drained, {rate:.0} msg/s");
+            rates[i].push(rate);
+        }
+    }
+    println!(
+        "overhead --drain: {} messages of {} B, prefetch {}, sync {:?}, median of {} alternating rounds",
+        args.messages, args.size, args.prefetch, sync, args.rounds
+    );
+    let mut json = serde_json::json!({
+        "scenario": "overhead", "workload": "drain", "size": args.size, "messages": args.messages, "prefetch": args.prefetch,
+        "rounds": args.rounds, "sync": format!("{sync:?}").to_lowercase(),
+    });
+    let first = median(&rates[0]);
+    for (i, mode) in args.drain.iter().enumerate() {
+        let rounds: Vec<String> = rates[i].iter().map(|r| format!("{r:.0}")).collect();
+        let rate = median(&rates[i]);
+        println!(
+            "  {:<10} {:>10.0} msg/s ({:>5.1}% of {:?})   rounds: {}",
+            format!("{mode:?}"),
+            rate,
+            rate / first * 100.0,
+            args.drain[0],
+            rounds.join(" ")
+        );
+        let key = format!("{mode:?}").to_lowercase();
+        json[format!("drain_{key}_messages_per_s")] = serde_json::json!(rate);
+        json[format!("drain_{key}_rounds")] = serde_json::json!(rates[i]);
+    }
+    Ok(json)
+}
+
+/// One drain of `--messages` through a `Consumer`; the time from spawning
+/// it to its end (`max_messages` reached, the last acks applied).
+async fn through_consumer(target: &Target, queue: &str, args: &Args) -> anyhow::Result<Duration> {
+    let client = Client::connect(&target.endpoint).await?;
+    let config = ConsumerConfig {
+        prefetch: args.prefetch,
+        // Handlers do nothing: never let them be what limits the pace.
+        concurrency: args.prefetch as usize,
+        max_messages: Some(args.messages),
+        ..ConsumerConfig::default()
+    };
+    let seen = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handle = client.consumer(queue, config)?.spawn({
+        let seen = Arc::clone(&seen);
+        move |_delivery| {
+            seen.fetch_add(1, Ordering::Relaxed);
+            async { Ok::<(), std::convert::Infallible>(()) }
+        }
+    });
+    let stats = tokio::time::timeout(Duration::from_secs(120), handle.join()).await??;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        seen.load(Ordering::Relaxed) == args.messages && stats.acked == args.messages,
+        "the Consumer handled {} and acked {} of {} messages",
+        seen.load(Ordering::Relaxed),
+        stats.acked,
+        args.messages
+    );
+    Ok(elapsed)
 }
