@@ -219,6 +219,10 @@ fn cluster() {
         "256",
         "--in-flight",
         "64",
+        "--latency-rate",
+        "200",
+        "--latency-seconds",
+        "0.5",
         "--cycles",
         "2",
         "--cycle-seconds",
@@ -229,6 +233,7 @@ fn cluster() {
     let (v, _, _dir) = run("cluster", &args);
     assert!(f(&v["throughput"]["median_single"]) > 0.0);
     assert!(f(&v["throughput"]["median_replicated"]) > 0.0);
+    assert_eq!(u(&v["throughput"]["latency"]["replicated"]["count"]), 100);
     let soak = &v["soak"];
     assert_eq!(soak["faults"].as_array().map(Vec::len), Some(2));
     assert!(u(&soak["acknowledged"]) > 0);

@@ -1076,6 +1076,7 @@ fn is_fatal(error: &Error) -> bool {
         Error::Broker { code, .. } => *code == tonic::Code::Unimplemented,
         Error::ResourceExhausted { .. }
         | Error::Unavailable { .. }
+        | Error::NotLeader { .. }
         | Error::Transport { .. }
         | Error::DeadlineExceeded { .. }
         | Error::Aborted { .. }

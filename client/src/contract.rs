@@ -125,6 +125,9 @@ pub const REASON_METADATA: &str = "ballast-reason";
 /// [`REASON_METADATA`] of a refusal by the queue's publish quota.
 pub const REASON_PUBLISH_RATE: &str = "publish_rate";
 
+/// `ballast-reason` of a cluster follower's UNAVAILABLE naming the leader.
+pub const REASON_NOT_LEADER: &str = "not_leader";
+
 /// Shortest interval between stats snapshots the broker pushes.
 pub const WATCH_INTERVAL_MIN: Duration = Duration::from_millis(100);
 

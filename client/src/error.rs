@@ -78,6 +78,22 @@ pub enum Error {
         message: String,
     },
 
+    /// A cluster node that is not the leader was asked to change or deliver
+    /// from a replicated queue (`UNAVAILABLE`, `ballast-reason:
+    /// not_leader`; `docs/replication.md`). The [`Client`](crate::Client)
+    /// sends the next calls to `leader` by itself. Retryable; not a
+    /// failure for the circuit breaker (the broker answered).
+    #[error("not the cluster's leader: {message}")]
+    NotLeader {
+        /// The broker's explanation.
+        message: String,
+        /// The leader's `host:port`, if the node knew one (none during an
+        /// election).
+        leader: Option<String>,
+        /// The broker's `retry-after-ms`.
+        retry_after: Option<Duration>,
+    },
+
     /// The broker could not be reached, or the connection was lost before
     /// the answer arrived. The request may or may not have been applied; a
     /// publish is safe to retry because it carries its idempotency key.
@@ -193,6 +209,7 @@ impl Error {
         match self {
             Error::ResourceExhausted { .. }
             | Error::Unavailable { .. }
+            | Error::NotLeader { .. }
             | Error::Transport { .. }
             | Error::DeadlineExceeded { .. }
             | Error::Aborted { .. }
@@ -216,7 +233,7 @@ impl Error {
     /// circuit breaker lets a probe through.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::ResourceExhausted { retry_after, .. } => *retry_after,
+            Error::ResourceExhausted { retry_after, .. } | Error::NotLeader { retry_after, .. } => *retry_after,
             Error::CircuitOpen { retry_in } => Some(*retry_in),
             _ => None,
         }
@@ -251,7 +268,7 @@ impl Error {
             Error::NotFound { .. } => Some(Code::NotFound),
             Error::AlreadyExists { .. } => Some(Code::AlreadyExists),
             Error::ResourceExhausted { .. } => Some(Code::ResourceExhausted),
-            Error::Unavailable { .. } | Error::Transport { .. } => Some(Code::Unavailable),
+            Error::Unavailable { .. } | Error::NotLeader { .. } | Error::Transport { .. } => Some(Code::Unavailable),
             Error::DeadlineExceeded { .. } => Some(Code::DeadlineExceeded),
             Error::Aborted { .. } => Some(Code::Aborted),
             Error::FailedPrecondition { .. } => Some(Code::FailedPrecondition),
@@ -297,6 +314,13 @@ impl Error {
                 refusal: Refusal::from_metadata(status.metadata()).map(Box::new),
                 message,
             },
+            Code::Unavailable
+                if status.metadata().get(contract::REASON_METADATA).and_then(|v| v.to_str().ok())
+                    == Some(contract::REASON_NOT_LEADER) =>
+            {
+                let leader = status.metadata().get(contract::LEADER_METADATA).and_then(|v| v.to_str().ok());
+                Error::NotLeader { leader: leader.map(str::to_owned), retry_after: retry_after(&status), message }
+            }
             Code::Unavailable => Error::Unavailable { message },
             Code::DeadlineExceeded => Error::DeadlineExceeded {
                 timeout: None,

@@ -92,6 +92,10 @@ impl Retrier {
                     // queue's breaker over a full low lane and fail the
                     // high-lane publishes the broker still admits.
                     Error::ResourceExhausted { .. } => permit.success(),
+                    // A cluster follower naming its leader (the next
+                    // attempt goes there): the broker answered; neither a
+                    // failure nor a success.
+                    Error::NotLeader { .. } => drop(permit),
                     error if error.is_retryable() => permit.failure(),
                     // Dropped: the request was wrong, the broker is fine.
                     _ => drop(permit),

@@ -444,7 +444,15 @@ impl QueueSettings {
         u32::try_from(self.lanes.len()).expect("validated: at most LANES_MAX lanes")
     }
 
+    /// The lanes' sync policy. A replicated queue's lane logs are copies
+    /// of what the cluster log already holds durably on a majority: they
+    /// are synced every `CLUSTER_SYNC_INTERVAL_MS` and by each sync point
+    /// (`cluster::state_machine`), never on a publish's path, whatever
+    /// `sync_policy` says (docs/replication.md, "Writing twice").
     pub fn storage_policy(&self) -> ballast_storage::SyncPolicy {
+        if self.replicas > 1 {
+            return ballast_storage::SyncPolicy::Interval { interval_ms: CLUSTER_SYNC_INTERVAL_MS };
+        }
         match self.sync_policy {
             SyncPolicySetting::Fsync => ballast_storage::SyncPolicy::Fsync,
             SyncPolicySetting::Interval => ballast_storage::SyncPolicy::Interval { interval_ms: self.sync_interval_ms },

@@ -44,8 +44,18 @@ pub struct Args {
     #[arg(long, default_value_t = 1024)]
     size: usize,
     /// Publishes in flight through the producer during a throughput run.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 1000)]
     in_flight: usize,
+    /// Batches each producer keeps in flight (`ProducerConfig::in_flight_batches_max`),
+    /// the same for both queues.
+    #[arg(long, default_value_t = 8)]
+    batches_in_flight: usize,
+    /// Rate of the paced latency run (publish to receipt), messages/s.
+    #[arg(long, default_value_t = 2000)]
+    latency_rate: u64,
+    /// Seconds of the paced latency run, per queue.
+    #[arg(long, default_value_t = 5.0)]
+    latency_seconds: f64,
     /// Fault cycles of the soak (0: no soak).
     #[arg(long, default_value_t = 10)]
     cycles: u32,
@@ -245,12 +255,45 @@ async fn publish_run(
         let producer = Arc::clone(producer);
         let queue = queue.to_owned();
         let message = Message::new(payload.clone());
-        in_flight.spawn(async move { producer.publish(&queue, message).await.map(drop).map_err(anyhow::Error::from) });
+        in_flight.spawn(async move {
+            producer.publish(&queue, message).await.map(drop).with_context(|| format!("a publish to {queue}"))
+        });
     }
     while let Some(done) = in_flight.join_next().await {
         done??;
     }
     Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Publishes at `rate` for `seconds`, each message on its own schedule
+/// (open loop: measured from its intended send time, so a stall counts for
+/// every message it delays); the publish-to-receipt percentiles.
+async fn paced_latency(
+    producer: &Arc<ballast_client::Producer>,
+    queue: &str,
+    rate: u64,
+    seconds: f64,
+    size: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let payload = bytes::Bytes::from(vec![b'l'; size]);
+    let count = (rate as f64 * seconds) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
+        let (producer, queue, message) = (Arc::clone(producer), queue.to_owned(), Message::new(payload.clone()));
+        sends.spawn(async move {
+            producer.publish(&queue, message).await.map(|_| due.elapsed()).with_context(|| format!("a publish to {queue}"))
+        });
+    }
+    let mut histogram = crate::load::histogram();
+    while let Some(done) = sends.join_next().await {
+        let took = done??;
+        histogram.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1))?;
+    }
+    Ok(crate::load::percentiles(&histogram))
 }
 
 async fn throughput(args: &Args, cluster: &Cluster, leader: usize) -> anyhow::Result<serde_json::Value> {
@@ -262,8 +305,13 @@ async fn throughput(args: &Args, cluster: &Cluster, leader: usize) -> anyhow::Re
     admin.create_queue("single", settings.clone()).await?;
     settings.replicas = Some(3);
     admin.create_queue("replicated", settings).await?;
-    let single = Arc::new(single_client.producer(ProducerConfig::default())?);
-    let replicated = Arc::new(replicated_client.producer(ProducerConfig::default())?);
+    let config = ProducerConfig {
+        pending_count_max: args.in_flight.max(1024),
+        in_flight_batches_max: args.batches_in_flight,
+        ..ProducerConfig::default()
+    };
+    let single = Arc::new(single_client.producer(config.clone())?);
+    let replicated = Arc::new(replicated_client.producer(config)?);
     let (mut singles, mut replicas) = (Vec::new(), Vec::new());
     println!("{:>5} {:>14} {:>14} {:>7}", "round", "single msg/s", "replicated", "ratio");
     for round in 1..=args.rounds {
@@ -276,21 +324,33 @@ async fn throughput(args: &Args, cluster: &Cluster, leader: usize) -> anyhow::Re
         admin.purge_queue("single").await?;
         admin.purge_queue("replicated").await?;
     }
-    for producer in [single, replicated] {
-        if let Ok(producer) = Arc::try_unwrap(producer) {
-            producer.close().await;
-        }
-    }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let (a, b) = (median(&mut singles), median(&mut replicas));
     println!("median: single {a:.0} msg/s, replicated {b:.0} msg/s, ratio {:.2}", b / a);
+    let mut latency = serde_json::Map::new();
+    for (name, producer) in [("single", &single), ("replicated", &replicated)] {
+        let figures = paced_latency(producer, name, args.latency_rate, args.latency_seconds, args.size).await?;
+        println!(
+            "publish to receipt at {} msg/s, {name}: p50 {} ms, p99 {} ms",
+            args.latency_rate, figures["p50_ms"], figures["p99_ms"]
+        );
+        latency.insert(name.to_owned(), figures);
+        admin.purge_queue(name).await?;
+    }
+    for producer in [single, replicated] {
+        if let Ok(producer) = Arc::try_unwrap(producer) {
+            producer.close().await;
+        }
+    }
+
     Ok(serde_json::json!({
         "messages": args.messages, "size": args.size, "rounds": args.rounds,
         "single_messages_per_s": singles, "replicated_messages_per_s": replicas,
         "median_single": a, "median_replicated": b, "ratio": b / a,
+        "latency_rate": args.latency_rate, "latency": latency,
     }))
 }
 
