@@ -285,7 +285,11 @@ async fn paced_latency(
         tokio::time::sleep_until(due).await;
         let (producer, queue, message) = (Arc::clone(producer), queue.to_owned(), Message::new(payload.clone()));
         sends.spawn(async move {
-            producer.publish(&queue, message).await.map(|_| due.elapsed()).with_context(|| format!("a publish to {queue}"))
+            producer
+                .publish(&queue, message)
+                .await
+                .map(|_| due.elapsed())
+                .with_context(|| format!("a publish to {queue}"))
         });
     }
     let mut histogram = crate::load::histogram();

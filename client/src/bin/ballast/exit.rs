@@ -53,9 +53,10 @@ pub fn client_exit_code(error: &Error) -> u8 {
         Error::NotFound { .. } => NOT_FOUND,
         Error::AlreadyExists { .. } => ALREADY_EXISTS,
         Error::ResourceExhausted { .. } | Error::CircuitOpen { .. } => REFUSED,
-        Error::Unavailable { .. } | Error::NotLeader { .. } | Error::Transport { .. } | Error::DeadlineExceeded { .. } => {
-            UNAVAILABLE
-        }
+        Error::Unavailable { .. }
+        | Error::NotLeader { .. }
+        | Error::Transport { .. }
+        | Error::DeadlineExceeded { .. } => UNAVAILABLE,
         Error::Unauthenticated { .. } | Error::PermissionDenied { .. } => DENIED,
         Error::Aborted { .. }
         | Error::FailedPrecondition { .. }
