@@ -9,11 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ballast_client::{BreakerConfig, Client, ConsumerConfig, Delivery, Message, ProducerConfig};
+use ballast_client::{BreakerConfig, Client, ConsumerConfig, Delivery, Message, ProducerConfig, RetryPolicy};
 use ballast_proto::v1 as pb;
 use tonic::Code;
 
-use crate::support::{BrokerProcess, message, publish};
+use crate::support::{BrokerProcess, message};
 
 /// How long a cluster may take to have a leader (three election timeouts
 /// of the test config and the processes' start).
@@ -37,8 +37,8 @@ impl Cluster {
             .map(|(i, &listen)| {
                 let path = config_dir.path().join(format!("node{}.toml", i + 1));
                 let text = format!(
-                    "[cluster]\nnode_id = {}\npeers = [{}]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\n\
-                     election_timeout_max_ms = 1200\n",
+                    "[cluster]\nnode_id = {}\npeers = [{}]\nheartbeat_ms = 200\nelection_timeout_min_ms = 1500\n\
+                     election_timeout_max_ms = 3000\n",
                     i + 1,
                     peers.join(", ")
                 );
@@ -86,8 +86,16 @@ fn free_port() -> SocketAddr {
     listener.local_addr().expect("local addr")
 }
 
+/// A channel to `node` that gives up within a second or two (a paused node
+/// accepts connections but never answers).
+async fn quick_channel(node: &BrokerProcess) -> Option<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(node.endpoint()).ok()?;
+    let endpoint = endpoint.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(2));
+    endpoint.connect().await.ok()
+}
+
 async fn cluster_status(node: &BrokerProcess) -> Option<pb::ClusterStatus> {
-    let channel = tonic::transport::Endpoint::from_shared(node.endpoint()).ok()?.connect().await.ok()?;
+    let channel = quick_channel(node).await?;
     let mut stats = pb::stats_client::StatsClient::new(channel);
     let response = stats.get_stats(pb::StatsRequest::default()).await.ok()?;
     response.into_inner().cluster
@@ -95,7 +103,7 @@ async fn cluster_status(node: &BrokerProcess) -> Option<pb::ClusterStatus> {
 
 /// A node's depth of `queue` as it has applied it.
 async fn depth_on(node: &BrokerProcess, queue: &str) -> Option<u64> {
-    let channel = tonic::transport::Endpoint::from_shared(node.endpoint()).ok()?.connect().await.ok()?;
+    let channel = quick_channel(node).await?;
     let mut stats = pb::stats_client::StatsClient::new(channel);
     let request = pb::StatsRequest { queue: queue.to_owned() };
     let response = stats.get_stats(request).await.ok()?.into_inner();
@@ -118,6 +126,55 @@ async fn wait_depth(cluster: &Cluster, queue: &str, depth: u64) {
     }
 }
 
+/// Sends `request` to whichever of `among` leads, again while the answer
+/// is UNAVAILABLE (a leader change under a loaded machine), for at most
+/// `LEADER_WITHIN`. Panics with the last status otherwise.
+async fn on_leader<T: Clone>(
+    cluster: &Cluster,
+    among: &[usize],
+    what: &str,
+    request: T,
+    call: impl AsyncFn(tonic::transport::Channel, T) -> Result<(), tonic::Status>,
+) {
+    let deadline = Instant::now() + LEADER_WITHIN;
+    loop {
+        let mut last = None;
+        for &i in among {
+            let leads =
+                cluster_status(&cluster.nodes[i]).await.is_some_and(|s| s.role == "leader" && s.leader_id == s.node_id);
+            if !leads {
+                continue;
+            }
+            let Some(channel) = quick_channel(&cluster.nodes[i]).await else { continue };
+            match call(channel, request.clone()).await {
+                Ok(()) => return,
+                Err(status) if status.code() == Code::Unavailable => last = Some(status),
+                Err(status) => panic!("{what}: {status:?}"),
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}: no leader took it within {LEADER_WITHIN:?}: {last:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates a replicated queue through the leader.
+async fn create_replicated(cluster: &Cluster, name: &str, settings: pb::QueueSettings) {
+    let request = pb::CreateQueueRequest { name: name.to_owned(), settings: Some(settings) };
+    on_leader(cluster, &[0, 1, 2], "create", request, async |channel, request| {
+        pb::admin_client::AdminClient::new(channel).create_queue(request).await.map(drop)
+    })
+    .await;
+}
+
+/// Publishes one message through the leader (one of `among`).
+async fn publish_replicated(cluster: &Cluster, among: &[usize], queue: &str, payload: String) {
+    let request = pb::PublishRequest { queue: queue.to_owned(), message: Some(message(payload)) };
+    on_leader(cluster, among, "publish", request, async |channel, request| {
+        pb::publisher_client::PublisherClient::new(channel).publish(request).await.map(drop)
+    })
+    .await;
+}
+
 fn replicated() -> pb::QueueSettings {
     pb::QueueSettings { replicas: Some(3), ..Default::default() }
 }
@@ -129,16 +186,13 @@ fn replicated() -> pb::QueueSettings {
 #[tokio::test]
 async fn a_replicated_queue_is_on_every_node_and_followers_name_the_leader() {
     let cluster = Cluster::start();
-    let leader = cluster.leader().await;
-    let leading = &cluster.nodes[leader];
-    let mut admin = leading.admin().await;
-    let request = pb::CreateQueueRequest { name: "orders".into(), settings: Some(replicated()) };
-    admin.create_queue(request).await.expect("create the replicated queue on the leader");
-    let mut publisher = leading.publisher().await;
+    cluster.leader().await;
+    create_replicated(&cluster, "orders", replicated()).await;
     for i in 0..20 {
-        publish(&mut publisher, "orders", message(format!("m{i}"))).await;
+        publish_replicated(&cluster, &[0, 1, 2], "orders", format!("m{i}")).await;
     }
     wait_depth(&cluster, "orders", 20).await;
+    let leader = cluster.leader().await;
 
     let follower = &cluster.nodes[(leader + 1) % 3];
     let mut to_follower = follower.publisher().await;
@@ -146,7 +200,10 @@ async fn a_replicated_queue_is_on_every_node_and_followers_name_the_leader() {
     let status = to_follower.publish(request).await.expect_err("a follower does not take publishes");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     let named = status.metadata().get("ballast-leader").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    assert_eq!(named, Some(leading.addr.to_string()), "{status:?}");
+    // The leader seen just before, unless the leadership moved meanwhile.
+    let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
+    assert!(named.as_ref().is_some_and(|a| addrs.contains(a)), "{status:?}");
+    let mut admin = cluster.nodes[leader].admin().await;
 
     let wrong = pb::CreateQueueRequest {
         name: "two".into(),
@@ -163,11 +220,9 @@ async fn a_replicated_queue_is_on_every_node_and_followers_name_the_leader() {
 #[tokio::test]
 async fn leader_killed_under_load_loses_no_acknowledged_message() {
     let mut cluster = Cluster::start();
-    let leader = cluster.leader().await;
+    cluster.leader().await;
     let client = Client::new(&cluster.addrs()).expect("addresses");
-    let mut admin = cluster.nodes[leader].admin().await;
-    let request = pb::CreateQueueRequest { name: "payments".into(), settings: Some(replicated()) };
-    admin.create_queue(request).await.expect("create");
+    create_replicated(&cluster, "payments", replicated()).await;
 
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let producer = Arc::new(
@@ -177,6 +232,8 @@ async fn leader_killed_under_load_loses_no_acknowledged_message() {
                 deadline: Duration::from_secs(60),
                 // The failover is ridden out by retries, not failed fast.
                 breaker: BreakerConfig { failure_threshold: 1_000_000, ..BreakerConfig::default() },
+                // An election takes up to two election timeouts: retried within the deadline.
+                retry: RetryPolicy { attempts_max: 100, ..RetryPolicy::default() },
                 ..ProducerConfig::default()
             })
             .expect("producer"),
@@ -215,6 +272,7 @@ async fn leader_killed_under_load_loses_no_acknowledged_message() {
         assert!(Instant::now() < deadline, "no publishes acknowledged before the kill");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let leader = cluster.leader().await;
     let killed_at = Instant::now();
     cluster.nodes[leader].kill();
     let new_leader = cluster.leader().await;
@@ -253,18 +311,16 @@ async fn leader_killed_under_load_loses_no_acknowledged_message() {
 #[tokio::test]
 async fn a_killed_follower_catches_up_after_its_restart() {
     let mut cluster = Cluster::start();
-    let leader = cluster.leader().await;
-    let mut admin = cluster.nodes[leader].admin().await;
-    let request = pb::CreateQueueRequest { name: "events".into(), settings: Some(replicated()) };
-    admin.create_queue(request).await.expect("create");
-    let mut publisher = cluster.nodes[leader].publisher().await;
+    cluster.leader().await;
+    create_replicated(&cluster, "events", replicated()).await;
     for i in 0..10 {
-        publish(&mut publisher, "events", message(format!("before {i}"))).await;
+        publish_replicated(&cluster, &[0, 1, 2], "events", format!("before {i}")).await;
     }
-    let follower = (leader + 1) % 3;
+    let follower = (cluster.leader().await + 1) % 3;
     cluster.nodes[follower].kill();
+    let others: Vec<usize> = (0..3).filter(|&i| i != follower).collect();
     for i in 0..30 {
-        publish(&mut publisher, "events", message(format!("while down {i}"))).await;
+        publish_replicated(&cluster, &others, "events", format!("while down {i}")).await;
     }
     cluster.nodes[follower].restart();
     wait_depth(&cluster, "events", 40).await;
@@ -276,13 +332,12 @@ async fn a_killed_follower_catches_up_after_its_restart() {
 #[tokio::test]
 async fn a_paused_leader_is_replaced_and_steps_down_on_resume() {
     let cluster = Cluster::start();
-    let old = cluster.leader().await;
-    let mut admin = cluster.nodes[old].admin().await;
-    let request = pb::CreateQueueRequest { name: "jobs".into(), settings: Some(replicated()) };
-    admin.create_queue(request).await.expect("create");
-    let mut to_old = cluster.nodes[old].publisher().await;
-    publish(&mut to_old, "jobs", message("first")).await;
+    cluster.leader().await;
+    create_replicated(&cluster, "jobs", replicated()).await;
+    publish_replicated(&cluster, &[0, 1, 2], "jobs", "first".to_owned()).await;
     wait_depth(&cluster, "jobs", 1).await;
+    let old = cluster.leader().await;
+    let mut to_old = cluster.nodes[old].publisher().await;
 
     cluster.nodes[old].signal(libc::SIGSTOP);
     // A publish sent to the paused leader: it cannot be answered now.
@@ -298,7 +353,10 @@ async fn a_paused_leader_is_replaced_and_steps_down_on_resume() {
         loop {
             let mut found = None;
             for &i in &others {
-                if cluster_status(&cluster.nodes[i]).await.is_some_and(|s| s.role == "leader") {
+                if cluster_status(&cluster.nodes[i])
+                    .await
+                    .is_some_and(|s| s.role == "leader" && s.leader_id == s.node_id)
+                {
                     found = Some(i);
                 }
             }
@@ -309,9 +367,8 @@ async fn a_paused_leader_is_replaced_and_steps_down_on_resume() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let mut to_new = cluster.nodes[new].publisher().await;
     for i in 0..5 {
-        publish(&mut to_new, "jobs", message(format!("new leader {i}"))).await;
+        publish_replicated(&cluster, &others, "jobs", format!("new leader {i}")).await;
     }
     cluster.nodes[old].signal(libc::SIGCONT);
     // The old leader steps down and converges on the new leader's log.
@@ -349,16 +406,13 @@ async fn a_paused_leader_is_replaced_and_steps_down_on_resume() {
 #[tokio::test]
 async fn nacks_dead_letters_and_acks_reach_every_node() {
     let cluster = Cluster::start();
-    let leader = cluster.leader().await;
-    let leading = &cluster.nodes[leader];
-    let mut admin = leading.admin().await;
+    cluster.leader().await;
     let settings = pb::QueueSettings { replicas: Some(3), max_attempts: Some(1), ..Default::default() };
-    let request = pb::CreateQueueRequest { name: "tasks".into(), settings: Some(settings) };
-    admin.create_queue(request).await.expect("create");
-    let mut publisher = leading.publisher().await;
-    publish(&mut publisher, "tasks", message("to fail")).await;
-    publish(&mut publisher, "tasks", message("to ack")).await;
+    create_replicated(&cluster, "tasks", settings).await;
+    publish_replicated(&cluster, &[0, 1, 2], "tasks", "to fail".to_owned()).await;
+    publish_replicated(&cluster, &[0, 1, 2], "tasks", "to ack".to_owned()).await;
     wait_depth(&cluster, "tasks", 2).await;
+    let leading = &cluster.nodes[cluster.leader().await];
 
     let mut consumer = leading.consumer().await;
     let mut session = crate::support::Session::open(&mut consumer, "tasks", 2).await;

@@ -678,3 +678,96 @@ async fn a_client_certificate_names_its_principal() {
         .expect_err("an unmapped certificate names no principal");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 }
+
+/// A cluster whose nodes serve TLS speaks TLS between its nodes too
+/// (`cluster.ca`): three real processes elect a leader over it and a
+/// replicated queue's message reaches every node.
+#[tokio::test]
+async fn a_tls_cluster_replicates_over_tls() {
+    let ca = Ca::new("cluster CA");
+    let files = ServerFiles::new(&ca, None);
+    std::fs::write(files.path("ca.pem"), ca.pem()).unwrap();
+    let listens: Vec<std::net::SocketAddr> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port"))
+        .collect();
+    let peers: Vec<String> =
+        listens.iter().enumerate().map(|(i, addr)| format!("{{ id = {}, addr = \"{addr}\" }}", i + 1)).collect();
+    let nodes: Vec<BrokerProcess> = listens
+        .iter()
+        .enumerate()
+        .map(|(i, &listen)| {
+            let config = files.path(&format!("node{}.toml", i + 1));
+            let text = format!(
+                "[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[cluster]\nnode_id = {}\npeers = [{}]\nheartbeat_ms = 200\n\
+                 election_timeout_min_ms = 1500\nelection_timeout_max_ms = 3000\nca = \"{}\"\n",
+                path_arg(&files.path("server.pem")),
+                path_arg(&files.path("server.key")),
+                i + 1,
+                peers.join(", "),
+                path_arg(&files.path("ca.pem")),
+            );
+            std::fs::write(&config, text).unwrap();
+            BrokerProcess::start_at(listen, &["--config", &path_arg(&config)])
+        })
+        .collect();
+    let stats = |i: usize| {
+        let (node, ca) = (&nodes[i], &ca);
+        async move {
+            let channel = connect(node, ca, None).await.ok()?;
+            let mut stats = ballast_proto::v1::stats_client::StatsClient::new(channel);
+            stats.get_stats(ballast_proto::v1::StatsRequest { queue: String::new() }).await.ok().map(|r| r.into_inner())
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let mut found = None;
+        for i in 0..3 {
+            if stats(i).await.and_then(|s| s.cluster).is_some_and(|c| c.role == "leader" && c.leader_id == c.node_id) {
+                found = Some(i);
+            }
+        }
+        if let Some(i) = found {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "no leader over TLS: {}", log_of(&nodes[0]));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Through the leader, again if an election under a loaded machine moved
+    // the leadership meanwhile (UNAVAILABLE names the new leader).
+    let mut at = leader;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let channel = connect(&nodes[at], &ca, None).await.expect("TLS to the leader");
+        let settings = ballast_proto::v1::QueueSettings { replicas: Some(3), ..Default::default() };
+        let request = ballast_proto::v1::CreateQueueRequest { name: "secured".into(), settings: Some(settings) };
+        let created = AdminClient::new(channel.clone()).create_queue(request).await;
+        let published = match created {
+            Ok(_) => {
+                let request =
+                    ballast_proto::v1::PublishRequest { queue: "secured".into(), message: Some(message("over tls")) };
+                PublisherClient::new(channel).publish(request).await.map(drop)
+            }
+            Err(status) => Err(status),
+        };
+        match published {
+            Ok(()) => break,
+            Err(status) if status.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline => {
+                let named = status.metadata().get("ballast-leader").and_then(|v| v.to_str().ok());
+                at = named.and_then(|a| nodes.iter().position(|n| n.addr.to_string() == a)).unwrap_or(at);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("create and publish over TLS: {status:?}"),
+        }
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let depth = stats(i).await.and_then(|s| s.queues.into_iter().find(|q| q.name == "secured"));
+            if depth.and_then(|q| q.saturation).is_some_and(|s| s.depth == 1) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "node {} never got the message: {}", i + 1, log_of(node));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

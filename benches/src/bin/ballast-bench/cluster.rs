@@ -29,7 +29,9 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use ballast_client::{BreakerConfig, Client, ConsumerConfig, Delivery, Message, ProducerConfig, QueueSettings};
+use ballast_client::{
+    BreakerConfig, Client, ConsumerConfig, Delivery, Message, ProducerConfig, QueueSettings, RetryPolicy,
+};
 use ballast_proto::v1 as pb;
 
 #[derive(Debug, clap::Args)]
@@ -387,6 +389,8 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
         attempt_timeout: Duration::from_secs(2),
         // Faults are ridden out by retries (with the same keys), not failed fast.
         breaker: BreakerConfig { failure_threshold: 1_000_000, ..BreakerConfig::default() },
+        // An election takes up to two election timeouts: retried within the deadline.
+        retry: RetryPolicy { attempts_max: 100, ..RetryPolicy::default() },
         ..ProducerConfig::default()
     })?);
     let publishing = {
