@@ -700,8 +700,10 @@ impl Queue {
     }
 
     /// The cluster log, if this queue is replicated and this node runs one.
+    /// Asked on every ack and publish: a node without a cluster answers
+    /// without reading the settings snapshot.
     pub(crate) fn replicated(&self) -> Option<&Arc<crate::cluster::node::Cluster>> {
-        if self.settings().replicas > 1 { self.node.cluster() } else { None }
+        self.node.cluster().filter(|_| self.settings().replicas > 1)
     }
 
     /// Applies a cluster log `Append` (every replica, the leader too):
