@@ -253,15 +253,9 @@ impl RecordData {
     }
 
     /// A record to replicate, as the leader built it.
-    pub fn from_record(record: &NewRecord) -> RecordData {
-        RecordData {
-            timestamp_ms: record.timestamp_ms,
-            attempt: record.attempt,
-            flags: record.flags,
-            key: record.key.clone(),
-            headers: record.headers.clone(),
-            payload: record.payload.clone(),
-        }
+    pub fn from_record(record: NewRecord) -> RecordData {
+        let NewRecord { timestamp_ms, attempt, flags, key, headers, payload } = record;
+        RecordData { timestamp_ms, attempt, flags, key, headers, payload }
     }
 }
 

@@ -672,7 +672,7 @@ impl Queue {
     ) -> (Vec<LaneAppend>, Option<BrokerError>) {
         let mut appended = Vec::new();
         for LaneBatch { lane, indexes, records } in batches {
-            match self.propose_append(cluster, lane, &records).await {
+            match self.propose_append(cluster, lane, records).await {
                 Ok(first_offset) => appended.push(LaneAppend { lane, first_offset, indexes, commit: None }),
                 Err(error) => return (appended, Some(error)),
             }
@@ -686,12 +686,13 @@ impl Queue {
         &self,
         cluster: &crate::cluster::node::Cluster,
         lane: u32,
-        records: &[NewRecord],
+        records: Vec<NewRecord>,
     ) -> Result<u64> {
+        // Moved, not copied: the records were built for this proposal.
         let command = crate::cluster::Command::Append {
             queue: self.name.to_string(),
             lane,
-            records: records.iter().map(crate::cluster::RecordData::from_record).collect(),
+            records: records.into_iter().map(crate::cluster::RecordData::from_record).collect(),
         };
         match cluster.propose(self.name.as_str(), command).await? {
             crate::cluster::Applied::Appended { first_offset } => Ok(first_offset),
@@ -860,7 +861,7 @@ impl Queue {
     /// and waits until durable.
     pub(crate) async fn append_raw(&self, lane: u32, record: NewRecord) -> Result<u64> {
         if let Some(cluster) = self.replicated().cloned() {
-            return self.propose_append(&cluster, lane, std::slice::from_ref(&record)).await;
+            return self.propose_append(&cluster, lane, vec![record]).await;
         }
         let appended = self.append_to(lane, &[record])?;
         appended.commit.await?;
