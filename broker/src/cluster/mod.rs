@@ -53,8 +53,11 @@ pub enum Command {
     /// Deletes a replicated queue and its dead-letter queue.
     DeleteQueue { name: String },
     /// Appends byte-identical records to one lane of a replicated queue
-    /// (or of its `.dead` queue).
-    Append { queue: String, lane: u32, records: Vec<RecordData> },
+    /// (or of its `.dead` queue). `term`, when set, is the leader's term in
+    /// which the records' idempotency keys were looked up: the entry is
+    /// applied only if it was written in that same term (see
+    /// [`Applied::Superseded`]).
+    Append { queue: String, lane: u32, term: Option<u64>, records: Vec<RecordData> },
     /// Marks records of one lane done: `(offset, stored size)` each; `kind`
     /// is storage's `AckKind` as a byte (acked, dead-lettered).
     Ack { queue: String, lane: u32, acks: Vec<(u64, u64)>, kind: u8 },
@@ -80,6 +83,12 @@ pub enum Applied {
     Done,
     /// An `Append`'s records start at this offset of their lane.
     Appended { first_offset: u64 },
+    /// An `Append` whose keys were looked up in an earlier term than the
+    /// one its entry was written in: the proposer lost the leadership and
+    /// won it back in between, and another leader may have stored those
+    /// keys meanwhile. Nothing was stored, on any replica; the publish is
+    /// answered as not-leader, and its retry looks the keys up again.
+    Superseded,
     /// The command could not be applied on this replica; the message says
     /// why (a queue missing, a lane out of range). The same on every
     /// replica, since every replica applies the same commands in order.

@@ -133,12 +133,49 @@ impl Cluster {
         Err(BrokerError::NotLeader { queue: queue.to_owned(), leader: self.leader_addr() })
     }
 
+    /// The term this node leads, once it has applied an entry of that term
+    /// itself (the blank entry a new leader writes first). Every entry of
+    /// an earlier term that any leader could have acknowledged is then
+    /// applied here, so its idempotency keys are in the dedupe index: a
+    /// publish retried after a failover is found a duplicate instead of
+    /// being stored twice. Waits for that at most one election timeout
+    /// (`cluster.election_timeout_max_ms`: a leader that cannot commit
+    /// its own first entry in that time is about to lose the leadership);
+    /// a follower, or a leader still not ready then, answers not-leader.
+    pub async fn leader_term(&self, queue: &str) -> Result<u64> {
+        let mut metrics = self.raft.metrics();
+        let ready = async {
+            loop {
+                {
+                    let m = metrics.borrow_and_update();
+                    if m.state != ServerState::Leader || m.current_leader != Some(self.config.node_id) {
+                        return None;
+                    }
+                    if m.last_applied.is_some_and(|applied| applied.leader_id.term == m.current_term) {
+                        return Some(m.current_term);
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        let wait = Duration::from_millis(self.config.election_timeout_max_ms);
+        if let Ok(Some(term)) = tokio::time::timeout(wait, ready).await {
+            return Ok(term);
+        }
+        Err(BrokerError::NotLeader { queue: queue.to_owned(), leader: self.leader_addr() })
+    }
+
     /// Proposes a command and waits until it is committed (a majority has
     /// it synced) and applied here; returns what applying it gave.
     pub async fn propose(&self, queue: &str, command: Command) -> Result<Applied> {
         match self.raft.client_write(command).await {
             Ok(response) => match response.data {
                 Applied::Failed { message } => Err(BrokerError::FailedPrecondition(message)),
+                Applied::Superseded => {
+                    Err(BrokerError::NotLeader { queue: queue.to_owned(), leader: self.leader_addr() })
+                }
                 applied => Ok(applied),
             },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => Err(BrokerError::NotLeader {

@@ -128,7 +128,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     self.shared.state.lock().membership = StoredMembership::new(Some(entry.log_id), membership);
                     Applied::Done
                 }
-                EntryPayload::Normal(command) => self.apply_command(command).await?,
+                EntryPayload::Normal(command) => self.apply_command(entry.log_id, command).await?,
             };
             self.shared.state.lock().last_applied = Some(entry.log_id);
             results.push(applied);
@@ -173,7 +173,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 impl StateMachine {
     #[allow(clippy::result_large_err, reason = "openraft's own error type, returned from its trait methods")]
-    async fn apply_command(&mut self, command: Command) -> Result<Applied, StorageError> {
+    async fn apply_command(&mut self, log_id: LogId, command: Command) -> Result<Applied, StorageError> {
         let Some(broker) = self.shared.broker.get().and_then(Weak::upgrade) else {
             return Err(io_error("the broker is gone", "apply"));
         };
@@ -196,7 +196,11 @@ impl StateMachine {
                 });
                 deleted
             }
-            Command::Append { queue, lane, records } => {
+            Command::Append { term: Some(term), .. } if term != log_id.leader_id.term => {
+                // Decided by the entry alone, so the same on every replica.
+                return Ok(Applied::Superseded);
+            }
+            Command::Append { queue, lane, term: _, records } => {
                 let expected = self.expected(&queue, lane);
                 let count = records.len() as u64;
                 let records: Vec<NewRecord> = records.into_iter().map(RecordData::into_record).collect();
@@ -279,5 +283,62 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: SnapshotMeta { last_log_id: last, last_membership: state.membership, snapshot_id },
             snapshot: Box::new(Cursor::new(bytes)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+    use crate::{config::Config, queue::QueueSettings};
+
+    fn entry(term: u64, index: u64, command: Command) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(term, 1), index), payload: EntryPayload::Normal(command) }
+    }
+
+    fn append(term: Option<u64>, key: &str) -> Command {
+        let record = RecordData {
+            timestamp_ms: 1,
+            attempt: 0,
+            flags: 0,
+            key: Some(Bytes::from(key.to_owned())),
+            headers: Vec::new(),
+            payload: Bytes::from_static(b"payload"),
+        };
+        Command::Append { queue: "q".into(), lane: 0, term, records: vec![record] }
+    }
+
+    /// An `Append` whose keys were looked up in another term than the one
+    /// its entry was written in stores nothing, and says so; one of the
+    /// same term, or one with no keys looked up, is stored. Applying the
+    /// same entries again (a replay) stores nothing more.
+    #[tokio::test]
+    async fn an_append_written_in_another_term_than_its_lookup_stores_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+        let broker = Broker::open(config).expect("broker");
+        broker.apply_create("q", QueueSettings::default()).await.expect("create");
+        let shared = Shared::open(&dir.path().join("cluster")).expect("machine state");
+        shared.broker.set(Arc::downgrade(&broker)).expect("set once");
+        let mut machine = StateMachine { shared: Arc::clone(&shared) };
+        let entries = || {
+            vec![entry(2, 1, append(Some(2), "a")), entry(3, 2, append(Some(2), "b")), entry(3, 3, append(None, "c"))]
+        };
+
+        let applied = machine.apply(entries()).await.expect("apply");
+        let expected =
+            vec![Applied::Appended { first_offset: 0 }, Applied::Superseded, Applied::Appended { first_offset: 1 }];
+        assert_eq!(applied, expected);
+        let queue = broker.queue("q").await.expect("queue");
+        let depth = || queue.stats().lane_depths.iter().sum::<u64>();
+        assert_eq!(depth(), 2);
+
+        // A replay from before the first entry (no sync point was written).
+        shared.state.lock().expected.clear();
+        let applied = machine.apply(entries()).await.expect("apply again");
+        assert_eq!(applied, expected);
+        assert_eq!(depth(), 2, "a replay stores nothing more");
     }
 }

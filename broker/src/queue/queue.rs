@@ -72,6 +72,9 @@ struct Batch {
     keys: Keys,
     /// The publish time of every message.
     now: u64,
+    /// For a replicated queue: the leader's term the keys were looked up
+    /// in (`Cluster::leader_term`).
+    term: Option<u64>,
 }
 
 /// How a call's idempotency keys resolved ([`Queue::claim_keys`]).
@@ -426,10 +429,17 @@ impl Queue {
                 return Err(BrokerError::QueueNotFound(self.name.to_string()));
             }
         }
+        // A replicated queue looks its keys up only once this node, as
+        // leader, has applied every entry of earlier terms: a key stored
+        // by the previous leader is then in the index.
+        let term = match self.replicated() {
+            Some(cluster) => Some(cluster.leader_term(self.name.as_str()).await?),
+            None => None,
+        };
         let now = now_ms();
         let keys = self.claim_keys(&messages, now).await;
         let queue = Arc::clone(self);
-        let stored = tokio::spawn(async move { queue.store(Batch { messages, lanes, keys, now }).await });
+        let stored = tokio::spawn(async move { queue.store(Batch { messages, lanes, keys, now, term }).await });
         let outcome = match stored.await {
             Ok(receipts) => receipts,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
@@ -477,7 +487,7 @@ impl Queue {
     /// still committed and their keys recorded (so a retry of the batch
     /// stores only what is missing); the call then fails.
     async fn store(self: Arc<Self>, batch: Batch) -> Result<Vec<Receipt>> {
-        let Batch { messages, lanes, keys, now } = batch;
+        let Batch { messages, lanes, keys, now, term } = batch;
         // The node's publish work is shared fairly between queues: wait
         // for a slot in this queue's line (`fair.rs`), held until the
         // records are appended. Taken here, in the task that does the
@@ -513,7 +523,7 @@ impl Queue {
             Some(cluster) => {
                 // The cluster log's round trip holds no slot.
                 drop(slot);
-                self.append_replicated(&cluster, batches).await
+                self.append_replicated(&cluster, batches, term).await
             }
         };
         // The records are in their logs' counts now (or were not stored).
@@ -664,15 +674,18 @@ impl Queue {
 
     /// The same for a replicated queue: one `Append` entry per lane,
     /// proposed to the cluster log in lane order and awaited until
-    /// committed and applied here (`docs/replication.md`).
+    /// committed and applied here (`docs/replication.md`). `term` is the
+    /// one the keys were looked up in: an entry written in another term
+    /// stores nothing.
     async fn append_replicated(
         &self,
         cluster: &crate::cluster::node::Cluster,
         batches: Vec<LaneBatch>,
+        term: Option<u64>,
     ) -> (Vec<LaneAppend>, Option<BrokerError>) {
         let mut appended = Vec::new();
         for LaneBatch { lane, indexes, records } in batches {
-            match self.propose_append(cluster, lane, records).await {
+            match self.propose_append(cluster, lane, term, records).await {
                 Ok(first_offset) => appended.push(LaneAppend { lane, first_offset, indexes, commit: None }),
                 Err(error) => return (appended, Some(error)),
             }
@@ -686,12 +699,14 @@ impl Queue {
         &self,
         cluster: &crate::cluster::node::Cluster,
         lane: u32,
+        term: Option<u64>,
         records: Vec<NewRecord>,
     ) -> Result<u64> {
         // Moved, not copied: the records were built for this proposal.
         let command = crate::cluster::Command::Append {
             queue: self.name.to_string(),
             lane,
+            term,
             records: records.into_iter().map(crate::cluster::RecordData::from_record).collect(),
         };
         match cluster.propose(self.name.as_str(), command).await? {
@@ -861,7 +876,8 @@ impl Queue {
     /// and waits until durable.
     pub(crate) async fn append_raw(&self, lane: u32, record: NewRecord) -> Result<u64> {
         if let Some(cluster) = self.replicated().cloned() {
-            return self.propose_append(&cluster, lane, vec![record]).await;
+            // No key is looked up for these: any term will do.
+            return self.propose_append(&cluster, lane, None, vec![record]).await;
         }
         let appended = self.append_to(lane, &[record])?;
         appended.commit.await?;

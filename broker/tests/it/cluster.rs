@@ -307,6 +307,61 @@ async fn leader_killed_under_load_loses_no_acknowledged_message() {
     assert_eq!(seen, acked, "every acknowledged message delivered, nothing else");
 }
 
+/// A keyed batch in flight when the leader is killed (0 to 9 ms after it
+/// was sent: before, during or after its commit), sent again at once to
+/// whichever node takes it (as a client following the leader does), is
+/// stored once: a key the old leader acknowledged answers with its
+/// original message id. A new leader looks keys up only once it has
+/// applied every entry of the earlier terms (`Cluster::leader_term`), so
+/// an entry the old leader left behind is counted before the retry is.
+/// Four rounds, each on a fresh leader.
+#[tokio::test]
+async fn a_batch_in_flight_when_the_leader_dies_is_stored_once() {
+    const BATCH: u64 = 200;
+    let mut cluster = Cluster::start();
+    cluster.leader().await;
+    create_replicated(&cluster, "orders", replicated()).await;
+    let mut stored = 0;
+    for round in 0..4u64 {
+        let leader = cluster.leader().await;
+        let messages = (0..BATCH)
+            .map(|i| pb::Message { idempotency_key: format!("r{round}-k{i}"), ..message(format!("m{i}")) })
+            .collect();
+        let batch = pb::PublishBatchRequest { queue: "orders".into(), messages };
+        let mut publisher = cluster.nodes[leader].publisher().await;
+        let sent = {
+            let batch = batch.clone();
+            tokio::spawn(async move { publisher.publish_batch(batch).await })
+        };
+        tokio::time::sleep(Duration::from_millis(round * 3)).await;
+        cluster.nodes[leader].kill();
+        let first = sent.await.expect("publish task").ok().map(|r| r.into_inner().receipts);
+
+        let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        let deadline = Instant::now() + LEADER_WITHIN;
+        let again = 'taken: loop {
+            for &i in &survivors {
+                let Some(channel) = quick_channel(&cluster.nodes[i]).await else { continue };
+                match pb::publisher_client::PublisherClient::new(channel).publish_batch(batch.clone()).await {
+                    Ok(response) => break 'taken response.into_inner().receipts,
+                    Err(status) if status.code() == Code::Unavailable => {}
+                    Err(status) => panic!("round {round}: node {i} refused the batch: {status:?}"),
+                }
+            }
+            assert!(Instant::now() < deadline, "round {round}: no node took the batch again");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if let Some(first) = first {
+            let ids = |receipts: &[pb::Receipt]| receipts.iter().map(|r| r.id).collect::<Vec<_>>();
+            assert_eq!(ids(&again), ids(&first), "round {round}: acknowledged keys keep their message ids");
+            assert!(again.iter().all(|r| r.duplicate), "round {round}: every acknowledged key is a duplicate");
+        }
+        stored += BATCH;
+        wait_depth(&cluster, "orders", stored).await;
+        cluster.nodes[leader].restart();
+    }
+}
+
 /// A follower killed while publishes go on catches up when it returns.
 #[tokio::test]
 async fn a_killed_follower_catches_up_after_its_restart() {

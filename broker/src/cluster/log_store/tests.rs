@@ -107,7 +107,12 @@ fn entry(term: u64, index: u64, payload_size: usize) -> Entry {
     };
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Normal(Command::Append { queue: "q".into(), lane: 0, records: vec![record] }),
+        payload: EntryPayload::Normal(Command::Append {
+            queue: "q".into(),
+            lane: 0,
+            term: None,
+            records: vec![record],
+        }),
     }
 }
 
