@@ -578,7 +578,7 @@ impl Broker {
                     ),
                 });
             }
-            cluster.check_leader(name.as_str())?;
+            cluster.leader_term(name.as_str()).await?;
             if let Some(existing) = self.open_queue(&name) {
                 return match existing.settings().difference(&settings) {
                     None => Ok(existing),
@@ -736,7 +736,7 @@ impl Broker {
         if let Some(queue) = self.open_queue(&QueueName::parse(name)?)
             && let Some(cluster) = queue.replicated().cloned()
         {
-            cluster.check_leader(name)?;
+            cluster.leader_term(name).await?;
             let source = name.strip_suffix(DEAD_LETTER_SUFFIX).unwrap_or(name);
             if source != name && self.open_queue(&QueueName::parse(source)?).is_some() {
                 return Err(BrokerError::FailedPrecondition(format!(

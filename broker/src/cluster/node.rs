@@ -112,25 +112,10 @@ impl Cluster {
         u32::try_from(self.config.peers.len()).unwrap_or(u32::MAX)
     }
 
-    /// Whether this node leads the cluster now.
-    pub fn is_leader(&self) -> bool {
-        let metrics = self.raft.metrics();
-        let metrics = metrics.borrow();
-        metrics.state == ServerState::Leader && metrics.current_leader == Some(self.config.node_id)
-    }
-
     /// The leader's client address, if one is known.
     pub fn leader_addr(&self) -> Option<String> {
         let leader = self.raft.metrics().borrow().current_leader?;
         self.config.addr_of(leader).map(str::to_owned)
-    }
-
-    /// `Ok` on the leader; the error a follower answers with otherwise.
-    pub fn check_leader(&self, queue: &str) -> Result<()> {
-        if self.is_leader() {
-            return Ok(());
-        }
-        Err(BrokerError::NotLeader { queue: queue.to_owned(), leader: self.leader_addr() })
     }
 
     /// The term this node leads, once it has applied an entry of that term

@@ -131,18 +131,19 @@ impl Service {
     /// On a follower, a queue it does not know is asked of the leader too:
     /// it may be a replicated queue this node has not applied yet.
     async fn leader_queue(&self, name: &str) -> Result<Arc<Queue>, Status> {
-        let queue = match self.broker.queue(name).await {
-            Ok(queue) => queue,
-            Err(BrokerError::QueueNotFound(_))
-                if self.broker.node().cluster().is_some_and(|cluster| !cluster.is_leader()) =>
-            {
-                let leader = self.broker.node().cluster().and_then(|cluster| cluster.leader_addr());
-                return Err(to_status(BrokerError::NotLeader { queue: name.to_owned(), leader }));
+        let queue = match (self.broker.queue(name).await, self.broker.node().cluster()) {
+            (Ok(queue), _) => queue,
+            (Err(BrokerError::QueueNotFound(_)), Some(cluster)) => {
+                // A follower sends the caller to the leader; a new leader
+                // first applies what it inherited (the queue's creation
+                // may be among it), then looks again.
+                cluster.leader_term(name).await.map_err(to_status)?;
+                self.broker.queue(name).await.map_err(to_status)?
             }
-            Err(error) => return Err(to_status(error)),
+            (Err(error), _) => return Err(to_status(error)),
         };
         if let Some(cluster) = queue.replicated() {
-            cluster.check_leader(name).map_err(to_status)?;
+            cluster.leader_term(name).await.map_err(to_status)?;
         }
         Ok(queue)
     }
