@@ -602,6 +602,12 @@ fn field_len(item: &impl prost::Message) -> usize {
 /// its deliveries (which credit bounds): rejections and the final status.
 const SESSION_CHANNEL_EXTRA: usize = 64;
 
+/// Deliveries a consume session forwards in one turn of its loop when
+/// they are ready together (a credit refill releases hundreds at once):
+/// the client's requests and a revocation are looked at between turns,
+/// not between every two deliveries.
+const SESSION_DELIVERIES_PER_TURN: usize = 64;
+
 #[tonic::async_trait]
 impl consumer_server::Consumer for Service {
     type ConsumeStream = ReceiverStream<Result<pb::ConsumeResponse, Status>>;
@@ -805,7 +811,7 @@ async fn session(
     let nacks = Arc::new(tokio::sync::Semaphore::new(STREAM_NACKS_IN_FLIGHT_MAX));
     let revoked = access.revoked();
     tokio::pin!(revoked);
-    loop {
+    'session: loop {
         tokio::select! {
             status = &mut revoked => {
                 let _ = out.send(Err(status)).await;
@@ -813,9 +819,17 @@ async fn session(
             }
             delivery = subscription.deliveries.recv() => match delivery {
                 Some(delivery) => {
-                    let message = response(pb::consume_response::Kind::Delivery(convert::delivery(delivery)));
-                    if out.send(Ok(message)).await.is_err() {
-                        break;
+                    let mut next = Some(delivery);
+                    let mut forwarded = 0;
+                    while let Some(delivery) = next.take() {
+                        let message = response(pb::consume_response::Kind::Delivery(convert::delivery(delivery)));
+                        if out.send(Ok(message)).await.is_err() {
+                            break 'session;
+                        }
+                        forwarded += 1;
+                        if forwarded < SESSION_DELIVERIES_PER_TURN {
+                            next = subscription.deliveries.try_recv().ok();
+                        }
                     }
                 }
                 None => {
@@ -883,10 +897,8 @@ async fn handle(
             }
             // Each id on its own: a stale one is rejected, the others apply.
             // Not awaited: stream acks become durable with the next sync.
-            for delivery_id in ack.delivery_ids {
-                if let Err(error) = queue.ack(&[delivery_id], false, Holder::Consumer(consumer_id)).await {
-                    let _ = out.send(Ok(rejected(delivery_id, error))).await;
-                }
+            for (delivery_id, error) in queue.ack_each(&ack.delivery_ids, Holder::Consumer(consumer_id)) {
+                let _ = out.send(Ok(rejected(delivery_id, error))).await;
             }
             Ok(())
         }

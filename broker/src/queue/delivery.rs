@@ -36,7 +36,7 @@ use std::{
     time::Duration,
 };
 
-use ballast_storage::{AckKind, Cursor, Log, NewRecord, Record};
+use ballast_storage::{AckKind, Commit, Cursor, Log, NewRecord, Record};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
@@ -47,8 +47,8 @@ use super::{
 use crate::{
     error::{BrokerError, Result},
     limits::{
-        CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, EXPIRING_MAX, LEASE_TIMEOUT_MS_MAX, LEASE_TIMEOUT_MS_MIN,
-        NACK_REASON_SIZE_MAX, PULL_LEASES_MAX, REREAD_RETRY_MS,
+        CONSUMERS_MAX, CREDIT_MAX, DELAY_MS_MAX, DELAYED_MAX, EXPIRING_MAX, LANES_MAX, LEASE_TIMEOUT_MS_MAX,
+        LEASE_TIMEOUT_MS_MIN, NACK_REASON_SIZE_MAX, PULL_LEASES_MAX, REREAD_RETRY_MS,
     },
     now_ms,
 };
@@ -506,43 +506,18 @@ impl Queue {
     /// others are still acked, and the first error is returned: every
     /// message taken from a lane ends acked, requeued or dead-lettered.
     pub async fn ack(&self, delivery_ids: &[u64], wait: bool, holder: Holder) -> Result<()> {
-        let leases: Vec<Lease> = {
+        let leases: Vec<(u64, Lease)> = {
             let mut state = self.delivery.lock();
             if let Some(&delivery_id) =
                 delivery_ids.iter().find(|id| !state.leases.get(id).is_some_and(|l| holder.holds(l)))
             {
                 return Err(BrokerError::UnknownDelivery { delivery_id });
             }
-            delivery_ids.iter().filter_map(|&id| state.remove_lease(id)).collect()
+            delivery_ids.iter().filter_map(|&id| state.remove_lease(id).map(|lease| (id, lease))).collect()
         };
-        let mut commits = Vec::with_capacity(leases.len());
-        let mut failed: Vec<Lease> = Vec::new();
-        let mut first_error = None;
-        for lease in leases {
-            // `None`: purged meanwhile; the purge is the ack.
-            match self.ack_record(lease.lane, lease.offset, lease.size, AckKind::Acked) {
-                Ok(commit) => commits.extend(commit),
-                Err(error) => {
-                    tracing::error!(queue = %self.name, lane = lease.lane, offset = lease.offset, %error,
-                        "ack not stored; the message goes back to its lane");
-                    failed.push(lease);
-                    first_error.get_or_insert(error);
-                    continue;
-                }
-            }
-            let meter = &self.meters[lease.lane as usize];
-            meter.acked.fetch_add(1, Ordering::Relaxed);
-            meter.acked_bytes.fetch_add(lease.size, Ordering::Relaxed);
-            let metrics = self.lane_metrics(lease.lane as usize);
-            metrics.acked.increment(1);
-            metrics.delivery_to_ack.record(now_ms().saturating_sub(lease.delivered_ms) as f64 / 1000.0);
-        }
-        if !failed.is_empty() {
-            self.requeue_leases(&mut self.delivery.lock(), failed);
-            self.dispatch();
-        }
-        if let Some(error) = first_error {
-            return Err(error.into());
+        let (commits, failed) = self.ack_leases(leases);
+        if let Some((_, error)) = failed.into_iter().next() {
+            return Err(error);
         }
         if wait {
             for commit in commits {
@@ -550,6 +525,74 @@ impl Queue {
             }
         }
         Ok(())
+    }
+
+    /// Acks each of `delivery_ids` on its own, as a consume stream's ack
+    /// does: an id not leased by `holder` changes nothing and comes back
+    /// with its error, the others are acked. Does not wait: stream acks
+    /// become durable with the next sync. One lock and one pass over the
+    /// meters for the whole request.
+    pub fn ack_each(&self, delivery_ids: &[u64], holder: Holder) -> Vec<(u64, BrokerError)> {
+        let mut rejected = Vec::new();
+        let leases: Vec<(u64, Lease)> = {
+            let mut state = self.delivery.lock();
+            let mut leases = Vec::with_capacity(delivery_ids.len());
+            for &delivery_id in delivery_ids {
+                if state.leases.get(&delivery_id).is_some_and(|l| holder.holds(l))
+                    && let Some(lease) = state.remove_lease(delivery_id)
+                {
+                    leases.push((delivery_id, lease));
+                } else {
+                    rejected.push((delivery_id, BrokerError::UnknownDelivery { delivery_id }));
+                }
+            }
+            leases
+        };
+        let (_commits, failed) = self.ack_leases(leases);
+        rejected.extend(failed);
+        rejected
+    }
+
+    /// Marks the records of `leases` (each with its delivery id) done in
+    /// storage and counts them. If storage refuses an ack, that message
+    /// goes back to the front of its lane (redelivered without counting an
+    /// attempt) and its id comes back with the error; the others are
+    /// still acked. Returns the commits to await for durability.
+    fn ack_leases(&self, leases: Vec<(u64, Lease)>) -> (Vec<Commit>, Vec<(u64, BrokerError)>) {
+        let mut commits = Vec::with_capacity(leases.len());
+        let mut failed: Vec<Lease> = Vec::new();
+        let mut errors = Vec::new();
+        let now = now_ms();
+        let mut acked = [(0u64, 0u64); LANES_MAX];
+        for (delivery_id, lease) in leases {
+            // `None`: purged meanwhile; the purge is the ack.
+            match self.ack_record(lease.lane, lease.offset, lease.size, AckKind::Acked) {
+                Ok(commit) => commits.extend(commit),
+                Err(error) => {
+                    tracing::error!(queue = %self.name, lane = lease.lane, offset = lease.offset, %error,
+                        "ack not stored; the message goes back to its lane");
+                    failed.push(lease);
+                    errors.push((delivery_id, error.into()));
+                    continue;
+                }
+            }
+            let lane = &mut acked[lease.lane as usize];
+            lane.0 += 1;
+            lane.1 += lease.size;
+            let waited = now.saturating_sub(lease.delivered_ms) as f64 / 1000.0;
+            self.lane_metrics(lease.lane as usize).delivery_to_ack.record(waited);
+        }
+        for (lane, &(count, bytes)) in acked.iter().enumerate().filter(|(_, (count, _))| *count > 0) {
+            let meter = &self.meters[lane];
+            meter.acked.fetch_add(count, Ordering::Relaxed);
+            meter.acked_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.lane_metrics(lane).acked.increment(count);
+        }
+        if !failed.is_empty() {
+            self.requeue_leases(&mut self.delivery.lock(), failed);
+            self.dispatch();
+        }
+        (commits, errors)
     }
 
     /// Nacks a delivery held by `holder`: redelivered after `delay_ms`
