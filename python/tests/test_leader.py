@@ -56,8 +56,7 @@ def test_an_unreachable_node_moves_calls_to_the_next_seed_in_order() -> None:
     seeds.next_seed("b:2")
     assert seeds.current == "c:3"
     clock.now += 0.5
-    # a and b failed within the window: c's failure keeps calls on... the
-    # next seed all the same (a), since every other one failed lately.
+    # Every other seed failed within the window: the next one all the same.
     seeds.next_seed("c:3")
     assert seeds.current == "a:1"
 
@@ -178,3 +177,16 @@ async def test_retries_of_unavailable_wait_the_floor_and_a_redirect_is_no_breake
     assert errors.least_wait(Unavailable("down")) == errors.UNAVAILABLE_RETRY_FLOOR
     assert errors.least_wait(Unavailable("recovering", 1.0)) == 1.0
     assert errors.least_wait(errors.Aborted("x")) is None
+
+
+async def test_a_stream_ended_with_the_leader_in_its_trailers_follows_it() -> None:
+    class EndedCall:
+        async def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("ballast-leader", "b:2"),)
+
+    connection = Connection("a:1,b:2")
+    try:
+        await connection.stream_ended(EndedCall())
+        assert connection.address == "b:2"
+    finally:
+        await connection.close()
