@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from test_units import Clock
 
 from ballast import (
     Backoff,
@@ -25,14 +26,6 @@ from ballast import (
 )
 from ballast.leader import UNREACHABLE_FOR, Seeds, parse_addresses
 from ballast.retry import Retrier
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_addresses_are_split_on_commas_stripped_of_schemes_and_repeats() -> None:
