@@ -32,7 +32,7 @@ def ballastd_path() -> Path:
 class Broker:
     """A ``ballastd`` child process on its own data directory."""
 
-    def __init__(self, workdir: Path, extra_args: list[str]) -> None:
+    def __init__(self, workdir: Path, extra_args: list[str], listen: str = "127.0.0.1:0") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.data_dir = workdir / "data"
@@ -40,7 +40,7 @@ class Broker:
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
-        self._spawn("127.0.0.1:0")
+        self._spawn(listen)
 
     def _spawn(self, listen: str) -> None:
         binary = ballastd_path()
@@ -107,8 +107,8 @@ class Broker:
 def broker_factory(tmp_path: Path) -> Iterator[type[Broker] | object]:
     brokers: list[Broker] = []
 
-    def start(*extra_args: str) -> Broker:
-        broker = Broker(tmp_path / f"broker{len(brokers)}", list(extra_args))
+    def start(*extra_args: str, listen: str = "127.0.0.1:0") -> Broker:
+        broker = Broker(tmp_path / f"broker{len(brokers)}", list(extra_args), listen)
         brokers.append(broker)
         return broker
 

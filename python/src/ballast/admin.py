@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from .client import EOF, ClientConfig, Connection, connect
-from .errors import from_rpc_error
 from .v1 import ballast_pb2 as pb
 
 #: Bounds of ``Watch``'s interval (``interval_ms``).
@@ -54,10 +53,13 @@ def queue_settings(
     message_ttl_ms: int | None = None,
     expired_action: str | None = None,
     max_delivery_rate: int | None = None,
+    replicas: int | None = None,
 ) -> pb.QueueSettings:
     """A ``QueueSettings``; ``None`` leaves a setting at the broker's default.
     ``sync_policy`` is ``"fsync"``, ``"interval"`` or ``"none"``;
-    ``expired_action`` is ``"dead_letter"`` or ``"drop"``."""
+    ``expired_action`` is ``"dead_letter"`` or ``"drop"``. ``replicas`` is 1
+    or the cluster's voter count (a replicated queue, ``docs/replication.md``;
+    fixed at creation)."""
     if sync_policy not in SYNC_POLICIES:
         raise ValueError(f"sync_policy must be one of fsync, interval, none, not {sync_policy!r}")
     if expired_action not in EXPIRED_ACTIONS:
@@ -84,6 +86,7 @@ def queue_settings(
         "max_publish_byte_rate": max_publish_byte_rate,
         "message_ttl_ms": message_ttl_ms,
         "max_delivery_rate": max_delivery_rate,
+        "replicas": replicas,
     }
     for name, value in optional.items():
         if value is not None:
@@ -165,6 +168,7 @@ class Stats(_Service):
             raise ValueError(
                 f"interval_ms must be {WATCH_INTERVAL_MS_MIN}..={WATCH_INTERVAL_MS_MAX}"
             )
+        address = self._connection.address
         call = self._connection.server_stream(
             "Stats/Watch", pb.WatchRequest(queue=queue, interval_ms=interval_ms), pb.StatsResponse
         )
@@ -175,6 +179,6 @@ class Stats(_Service):
                     return
                 yield response
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._connection.failure(address, error) from None
         finally:
             call.cancel()

@@ -12,6 +12,9 @@ Same states and rules as the Rust client's ``breaker.rs``:
 
 Only outcomes of the current state count (permits carry a generation).
 Admission refusals are not failures: the broker is alive and paces clients.
+Nor is a cluster follower's redirect (:class:`~ballast.errors.NotLeader`):
+the broker answered, and the retry goes to the leader; it is reported
+neutral.
 """
 
 from __future__ import annotations

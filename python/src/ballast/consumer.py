@@ -49,7 +49,7 @@ from .errors import (
     TlsError,
     Unauthenticated,
     Unavailable,
-    from_rpc_error,
+    least_wait,
 )
 from .types import Delivery
 from .v1 import ballast_pb2 as pb
@@ -281,7 +281,7 @@ class Consumer:
                     if self.sessions > sessions:
                         failures = 0  # the backoff restarts once a session was established
                     delay = self.config.reconnect.delay_after(
-                        failures, error.retry_after, self._rng
+                        failures, least_wait(error), self._rng
                     )
                     failures += 1
                     log.warning(
@@ -312,11 +312,13 @@ class Consumer:
         session.requests.put_nowait(
             pb.ConsumeRequest(subscribe=pb.Subscribe(queue=self.queue, credit=credit))
         )
+        address = self._connection.address
         call = self._connection.stream("Consumer/Consume", session.iterate(), pb.ConsumeResponse)
         closer: asyncio.Task[None] | None = None
         try:
             first = await asyncio.wait_for(call.read(), self.config.subscribe_timeout)
             if first is EOF:
+                await self._connection.stream_ended(call)
                 raise Unavailable("the broker ended the consume stream before subscribing")
             if first.WhichOneof("kind") != "subscribed":
                 raise ProtocolError("the broker did not answer subscribe with subscribed")
@@ -327,6 +329,7 @@ class Consumer:
                 if response is EOF:
                     if self._stopping.is_set():
                         return
+                    await self._connection.stream_ended(call)
                     raise Unavailable("the broker ended the consume stream")
                 kind = response.WhichOneof("kind")
                 if kind == "delivery":
@@ -342,7 +345,8 @@ class Consumer:
                         response.rejected.message,
                     )
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            # A follower's UNAVAILABLE names the leader: the reconnect goes there.
+            raise self._connection.failure(address, error) from None
         except asyncio.TimeoutError:
             raise Unavailable("no subscription confirmed within subscribe_timeout") from None
         finally:

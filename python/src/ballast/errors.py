@@ -15,7 +15,11 @@ NOT_FOUND                 NotFound               no
 ALREADY_EXISTS            AlreadyExists          no
 RESOURCE_EXHAUSTED        Refused                yes, after ``retry_after``
 UNAVAILABLE               Unavailable            yes (after ``retry_after``
-                                                 when a recovering queue sent one)
+                                                 when a recovering queue sent one,
+                                                 and never sooner than 0.2 s)
+UNAVAILABLE with          NotLeader              yes (the connection sends
+``ballast-reason:                                the retry to ``leader``)
+not_leader``
 DEADLINE_EXCEEDED         DeadlineExceeded       yes
 ABORTED                   Aborted                yes
 FAILED_PRECONDITION       FailedPrecondition     no
@@ -50,6 +54,17 @@ REASON_QUEUE_FULL = "queue_full"
 REASON_DISK_LOW = "disk_low"
 REASON_DISK_FULL = "disk_full"
 REASON_PUBLISH_RATE = "publish_rate"
+#: A cluster follower (or a node during an election) was asked to change or
+#: deliver from a replicated queue (``docs/replication.md``).
+REASON_NOT_LEADER = "not_leader"
+#: Metadata naming the cluster leader's ``host:port`` on a follower's UNAVAILABLE.
+LEADER_METADATA = "ballast-leader"
+
+#: Shortest wait in seconds before retrying an UNAVAILABLE: a follower during
+#: an election or a broker shutting down is not back sooner (the broker's
+#: ``retry-after-ms`` for a redirect). The Rust client's
+#: ``UNAVAILABLE_RETRY_FLOOR``.
+UNAVAILABLE_RETRY_FLOOR = 0.2
 
 Metadata = Iterable[tuple[str, str | bytes]]
 
@@ -130,9 +145,50 @@ class _WithRetryAfter(BallastError):
 class Unavailable(_WithRetryAfter):
     """The broker cannot serve now: shutting down, unreachable, or a queue
     reopening its log (then with ``retry_after``). Retryable; the request may
-    or may not have been applied, so a publish retries with its key."""
+    or may not have been applied, so a publish retries with its key.
+
+    ``reason`` is the broker's ``ballast-reason`` when it sent one
+    (``cluster``: the leader lost its majority before the write committed).
+    """
 
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(
+        self, message: str, retry_after: float | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message, retry_after)
+        self.reason = reason
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether the node could not be reached (or is going away): no
+        Ballast reason and no retry-after hint, so the broker did not judge
+        the call. A client given several addresses tries the next one."""
+        return self.reason is None and self._retry_after is None
+
+
+class NotLeader(Unavailable):
+    """A cluster node that is not the leader was asked to change or deliver
+    from a replicated queue (UNAVAILABLE, ``ballast-reason: not_leader``;
+    ``docs/replication.md``). ``leader`` is the leader's ``host:port``, or
+    ``None`` during an election. The :class:`~ballast.client.Connection`
+    sends the next calls to the leader by itself. Retryable; not a failure
+    for the circuit breaker (the broker answered)."""
+
+    def __init__(
+        self, message: str, retry_after: float | None = None, leader: str | None = None
+    ) -> None:
+        super().__init__(message, retry_after, REASON_NOT_LEADER)
+        self.leader = leader
+
+
+def least_wait(error: BallastError) -> float | None:
+    """The least time to wait before retrying after ``error``: its
+    ``retry_after``, raised to :data:`UNAVAILABLE_RETRY_FLOOR` for an
+    :class:`Unavailable`."""
+    if isinstance(error, Unavailable):
+        return max(error.retry_after or 0.0, UNAVAILABLE_RETRY_FLOOR)
+    return error.retry_after
 
 
 @dataclass(frozen=True)
@@ -350,7 +406,12 @@ def from_status(code: grpc.StatusCode, message: str, metadata: Metadata = ()) ->
         advice = _tls_advice(message)
         if advice is not None:
             return TlsError(advice)
-        return Unavailable(message, parse_retry_after(metadata))
+        table = {key.lower(): value for key, value in metadata}
+        reason = _text(table, REASON_METADATA)
+        if reason == REASON_NOT_LEADER:
+            leader = _text(table, LEADER_METADATA) or None
+            return NotLeader(message, parse_retry_after(metadata), leader)
+        return Unavailable(message, parse_retry_after(metadata), reason)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"deadline exceeded: {message}")
     kind = _BY_CODE.get(code)

@@ -1,7 +1,9 @@
 """Runs one logical call as attempts within a deadline (the Rust client's
-``retry.rs``): backoff with full jitter, never sooner than retry-after, and
-an optional circuit breaker. The caller makes every attempt send the same
-request, so a publish keeps its idempotency keys across retries."""
+``retry.rs``): backoff with full jitter, never sooner than retry-after (nor
+than ``UNAVAILABLE_RETRY_FLOOR`` after an UNAVAILABLE), and an optional
+circuit breaker. The caller makes every attempt send the same request, so a
+publish keeps its idempotency keys across retries, also when the connection
+moved it to another cluster node (:mod:`ballast.leader`)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import TypeVar
 
 from .backoff import RetryPolicy
 from .breaker import CircuitBreaker
-from .errors import BallastError, DeadlineExceeded, Refused
+from .errors import BallastError, DeadlineExceeded, NotLeader, Refused, least_wait
 
 T = TypeVar("T")
 log = logging.getLogger("ballast")
@@ -52,7 +54,12 @@ class Retrier:
             except BallastError as error:
                 if permit is not None:
                     if isinstance(error, Refused):
+                        # Admission control answering: the broker is alive.
                         permit.success()
+                    elif isinstance(error, NotLeader):
+                        # A follower naming its leader (the next attempt
+                        # goes there): the broker answered; no verdict.
+                        permit.neutral()
                     elif error.retryable:
                         permit.failure()
                     else:
@@ -62,7 +69,7 @@ class Retrier:
                 retry += 1
                 if retry >= self.policy.attempts_max:
                     raise
-                delay = self.policy.backoff.delay_after(retry - 1, error.retry_after, self.rng)
+                delay = self.policy.backoff.delay_after(retry - 1, least_wait(error), self.rng)
                 if time.monotonic() + delay >= deadline:
                     raise
                 log.debug("retrying after %.3fs: %s", delay, error)
