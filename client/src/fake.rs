@@ -156,6 +156,8 @@ pub(crate) struct State {
     pub(crate) stored: Vec<Stored>,
     dedupe: HashMap<String, proto::MessageId>,
     // Consumer.
+    /// Consume calls still to be taken and never answered (a paused node).
+    pub(crate) silent_consumes: u32,
     /// Messages ready for delivery, with their attempt count so far.
     pub(crate) ready: VecDeque<(proto::MessageId, proto::Message, u32)>,
     pub(crate) sessions: Vec<SessionLog>,
@@ -460,6 +462,15 @@ impl proto::consumer_server::Consumer for ConsumerService {
         &self,
         request: Request<Streaming<proto::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let silent = {
+            let mut state = self.0.lock();
+            let silent = state.silent_consumes > 0;
+            state.silent_consumes = state.silent_consumes.saturating_sub(1);
+            silent
+        };
+        if silent {
+            return std::future::pending().await;
+        }
         let mut incoming = request.into_inner();
         let first = incoming.message().await?.and_then(|r| r.kind);
         let Some(RequestKind::Subscribe(subscribe)) = first else {

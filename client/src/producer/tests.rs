@@ -517,9 +517,8 @@ async fn requests_on_a_stalled_stream_fail_saying_so() {
     let message = Message::new("x").into_proto("key-1".to_owned());
 
     let start = Instant::now();
-    let Sent::Answered(answer) = stream.publish("orders", vec![message]).await else {
-        panic!("the fake has the stream")
-    };
+    let sent = tokio::time::timeout(10 * STALL, stream.publish("orders", vec![message])).await;
+    let Sent::Answered(answer) = sent.expect("the stall ends the request") else { panic!("the fake has the stream") };
     let error = answer.expect_err("nothing answers");
     assert!(start.elapsed() >= STALL && start.elapsed() < 3 * STALL, "{:?}", start.elapsed());
     assert!(matches!(&error, Error::Unavailable { message } if message.contains("stalled")), "{error:?}");
