@@ -157,8 +157,8 @@ impl Client {
     /// `host:port` gets `http://`), with default settings. A cluster's
     /// nodes may be given together, separated by commas: calls go to the
     /// first, follow the leader a follower names (`ballast-leader`), and
-    /// move to the next address when a node cannot be reached
-    /// (docs/replication.md). Connects lazily:
+    /// move to the next address when a node cannot be reached or stops
+    /// answering (docs/replication.md). Connects lazily:
     /// no I/O happens until the first call. Must be called inside a Tokio
     /// runtime.
     ///

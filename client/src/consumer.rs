@@ -70,7 +70,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use crate::client::Transport;
+use crate::{client::Transport, leader::Route};
 
 use crate::{Backoff, Error, MessageId, contract};
 
@@ -103,7 +103,10 @@ pub struct ConsumerConfig {
     /// attempt count resets once a session is established).
     pub reconnect: Backoff,
     /// Longest wait for a stream to open and the broker to confirm the
-    /// subscription.
+    /// subscription. A node that lets it pass (paused or hung, its
+    /// connection up) is treated as unreachable: a client given several
+    /// addresses reconnects to the next, and a single address gets a new
+    /// connection.
     pub subscribe_timeout: Duration,
     /// Longest wait, on stop, for the broker to end the stream after the last
     /// acks were sent.
@@ -649,9 +652,11 @@ impl Loop {
         };
         outgoing.try_send(subscribe).expect("a new channel has room for the subscribe request");
         let mut client = self.consumer.client.clone();
+        let route = Route::default();
+        let mut request = tonic::Request::new(ReceiverStream::new(receiver));
+        request.extensions_mut().insert(route.clone());
         let opened = tokio::time::timeout(config.subscribe_timeout, async move {
-            let mut incoming =
-                client.consume(ReceiverStream::new(receiver)).await.map_err(Error::from_status)?.into_inner();
+            let mut incoming = client.consume(request).await.map_err(Error::from_status)?.into_inner();
             match incoming.message().await.map_err(Error::from_status)? {
                 Some(proto::ConsumeResponse { kind: Some(ResponseKind::Subscribed(subscribed)) }) => {
                     tracing::debug!(queue = %subscribed.queue, consumer_id = subscribed.consumer_id, "subscribed");
@@ -665,6 +670,9 @@ impl Loop {
         let incoming = match opened {
             Ok(result) => result?,
             Err(_elapsed) => {
+                // A node that took the call and answered nothing (paused,
+                // its connection up): the next session goes elsewhere.
+                route.stalled();
                 return Err(Error::DeadlineExceeded { timeout: Some(config.subscribe_timeout), last_error: None });
             }
         };

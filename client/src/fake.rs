@@ -94,6 +94,16 @@ pub(crate) enum Fault {
     StoreThenHang,
 }
 
+/// What the fake does with the next PublishStream opened: a paused node
+/// (its connection stays up, nothing answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamFault {
+    /// Never answer the call: the stream's headers never come.
+    NoReply,
+    /// Take the stream and its requests, and answer none of them.
+    Silent,
+}
+
 /// Which call carried a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PublishKind {
@@ -137,9 +147,17 @@ pub(crate) struct State {
     pub(crate) calls: Vec<PublishCall>,
     /// Answer PublishStream with UNIMPLEMENTED, as a broker from before it.
     pub(crate) no_publish_stream: bool,
+    /// Faults of the next PublishStreams, one each, in order.
+    pub(crate) stream_faults: VecDeque<StreamFault>,
+    /// PublishStreams opened (whatever their fault).
+    pub(crate) streams_opened: u32,
+    /// Requests taken by a silent stream and never answered.
+    pub(crate) unanswered: u32,
     pub(crate) stored: Vec<Stored>,
     dedupe: HashMap<String, proto::MessageId>,
     // Consumer.
+    /// Consume calls still to be taken and never answered (a paused node).
+    pub(crate) silent_consumes: u32,
     /// Messages ready for delivery, with their attempt count so far.
     pub(crate) ready: VecDeque<(proto::MessageId, proto::Message, u32)>,
     pub(crate) sessions: Vec<SessionLog>,
@@ -356,12 +374,31 @@ impl proto::publisher_server::Publisher for PublisherService {
         &self,
         request: Request<Streaming<proto::PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        if self.0.lock().no_publish_stream {
-            return Err(Status::unimplemented("this broker has no PublishStream"));
-        }
+        let fault = {
+            let mut state = self.0.lock();
+            if state.no_publish_stream {
+                return Err(Status::unimplemented("this broker has no PublishStream"));
+            }
+            state.streams_opened += 1;
+            state.stream_faults.pop_front()
+        };
         let mut inbound = request.into_inner();
         let (out, rx) = mpsc::channel(64);
         let fake = self.0.clone();
+        match fault {
+            None => {}
+            Some(StreamFault::NoReply) => std::future::pending().await,
+            Some(StreamFault::Silent) => {
+                // Holds `out`, so the stream stays open, until the client leaves.
+                tokio::spawn(async move {
+                    while let Ok(Some(_)) = inbound.message().await {
+                        fake.lock().unanswered += 1;
+                    }
+                    drop(out);
+                });
+                return Ok(Response::new(ReceiverStream::new(rx)));
+            }
+        }
         tokio::spawn(async move {
             while let Ok(Some(request)) = inbound.message().await {
                 let (fake, out) = (fake.clone(), out.clone());
@@ -425,6 +462,15 @@ impl proto::consumer_server::Consumer for ConsumerService {
         &self,
         request: Request<Streaming<proto::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let silent = {
+            let mut state = self.0.lock();
+            let silent = state.silent_consumes > 0;
+            state.silent_consumes = state.silent_consumes.saturating_sub(1);
+            silent
+        };
+        if silent {
+            return std::future::pending().await;
+        }
         let mut incoming = request.into_inner();
         let first = incoming.message().await?.and_then(|r| r.kind);
         let Some(RequestKind::Subscribe(subscribe)) = first else {

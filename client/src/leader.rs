@@ -15,12 +15,20 @@
 //! also moves to the next one when a call cannot reach the node it uses
 //! (the leader was killed): that node, if it is not the new leader, sends
 //! it on with `ballast-leader`.
+//!
+//! A node that takes calls but stops answering them (paused, hung: its TCP
+//! connection stays up, so no call fails) is noticed by the caller, which
+//! waits: a call carrying a [`Route`] learns which node it went to, and
+//! the caller reports that node stalled ([`Route::stalled`]) when it gives
+//! up on it. The node is then treated as unreachable (the next seed gets
+//! the next calls), and its connection is replaced, so a later call there
+//! starts afresh.
 
 use std::{
     collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
 };
 
@@ -49,6 +57,35 @@ struct Shared {
     /// still names a dead leader is not followed there again for
     /// `UNREACHABLE_FOR`.
     unreachable: parking_lot::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// Where a call went, filled in by [`Follow`] when it sends the call (a
+/// request extension: `request.extensions_mut().insert(route.clone())`),
+/// so a caller that stops waiting for a node's answer can say which node
+/// stalled. Cheap to clone; clones share the slot.
+#[derive(Clone, Default)]
+pub(crate) struct Route(Arc<OnceLock<(String, Follow)>>);
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Route").field(&self.addr()).finish()
+    }
+}
+
+impl Route {
+    /// The address the call was sent to, once it was sent.
+    pub(crate) fn addr(&self) -> Option<&str> {
+        self.0.get().map(|(addr, _)| addr.as_str())
+    }
+
+    /// The node the call went to took it and then answered nothing for as
+    /// long as the caller would wait: see [`Follow::stalled`]. Nothing
+    /// happens if the call was never sent.
+    pub(crate) fn stalled(&self) {
+        if let Some((addr, follow)) = self.0.get() {
+            follow.stalled(addr);
+        }
+    }
 }
 
 impl std::fmt::Debug for Follow {
@@ -88,6 +125,26 @@ impl Follow {
             .find(|s| s.as_str() != failed && !self.recently_unreachable(s))
             .unwrap_or(&seeds[at % seeds.len()]);
         self.switch(next);
+    }
+
+    /// The node at `addr` took a call and then stopped answering (paused:
+    /// its connection stays up, so nothing fails). Treated as unreachable:
+    /// the next seed, if there are several, gets the next calls, and a
+    /// follower naming it as leader is not followed there for
+    /// `UNREACHABLE_FOR`. Its channel is replaced by a new one, connected
+    /// on first use, so calls that come back to it (the only seed, or
+    /// later) do not queue behind the stalled connection.
+    pub(crate) fn stalled(&self, addr: &str) {
+        tracing::warn!(%addr, "the node stopped answering; moving on");
+        if let Ok((endpoint, _)) = crate::client::endpoint(addr, &self.shared.config) {
+            let channel = endpoint.connect_lazy();
+            self.shared.known.lock().insert(addr.to_owned(), channel.clone());
+            let mut current = self.shared.current.write();
+            if current.0 == addr {
+                current.1 = channel;
+            }
+        }
+        self.next_seed(addr);
     }
 
     fn recently_unreachable(&self, addr: &str) -> bool {
@@ -141,6 +198,10 @@ impl tower_service::Service<http::Request<Body>> for Follow {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let (addr, mut channel) = self.shared.current.read().clone();
         let follow = self.clone();
+        if let Some(route) = request.extensions().get::<Route>() {
+            // A route is filled in once: its call goes to one node.
+            let _ = route.0.set((addr.clone(), follow.clone()));
+        }
         Box::pin(async move {
             let sent = async {
                 std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut channel, cx)).await?;

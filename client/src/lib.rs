@@ -9,7 +9,9 @@
 //!   carrying one idempotency key across all its retries so a retry is never
 //!   stored twice, and a circuit breaker per queue so a dead or failing
 //!   broker fails calls fast (a refusing broker is alive: its retry-after
-//!   hint paces the retries instead).
+//!   hint paces the retries instead). A node that stops answering with
+//!   its connection up (paused, hung) is given up after the attempt
+//!   timeout: a new stream, to the next address if the client has several.
 //! - [`Consumer`] runs a handler for every delivery with a credit window and a
 //!   concurrency limit, acks on success, nacks with a delay on failure,
 //!   reconnects after a broker restart, and stops gracefully.

@@ -83,7 +83,13 @@ pub struct ProducerConfig {
     /// Time allowed for one publish call, from the call to the receipt:
     /// linger, queueing and every retry included.
     pub deadline: Duration,
-    /// Time allowed for one attempt (one RPC).
+    /// Time allowed for one attempt (one RPC). Also how long the publish
+    /// stream may go without any answer while requests wait on it (or a
+    /// new stream without the broker's reply) before it is abandoned as
+    /// stalled: a node paused or hung with its connection up. Then the
+    /// requests waiting fail (retryably), the node is treated as
+    /// unreachable (a client given several addresses moves to the next)
+    /// and the next attempt opens a new stream.
     pub attempt_timeout: Duration,
     /// Retries of retryable failures.
     pub retry: RetryPolicy,
@@ -231,7 +237,7 @@ impl Producer {
         let (requests, receiver) = mpsc::channel(config.pending_count_max);
         let client = PublisherClient::new(channel);
         let shared = Arc::new(Shared {
-            stream: PublishStream::new(client.clone(), config.in_flight_batches_max),
+            stream: PublishStream::new(client.clone(), config.in_flight_batches_max, config.attempt_timeout),
             client,
             retrier: Retrier::new(config.retry, config.attempt_timeout, config.jitter_seed),
             config,

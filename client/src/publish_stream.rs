@@ -13,6 +13,17 @@
 //! fails with the error that ended it, which the producer's retries treat
 //! like a failed unary call. Against a broker that does not know the call
 //! (UNIMPLEMENTED) the producer falls back to the unary calls for good.
+//!
+//! A stream also ends when it stalls: requests are outstanding and the
+//! node has sent no answer of any kind for `stall_after` (the producer's
+//! attempt timeout), or a new stream's headers do not come within it. That
+//! is a node paused or hung with its connection up, which no transport
+//! error would ever report. Every request still waiting fails with a
+//! retryable UNAVAILABLE that says the stream stalled, the node is
+//! reported to the client's leader following ([`Route::stalled`]: the next
+//! seed gets the next stream), and the next attempt opens a new stream.
+//! One slow request among answered ones is no stall: answers arriving mean
+//! the node is alive.
 
 use std::{
     collections::HashMap,
@@ -20,17 +31,21 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use ballast_proto::v1::{self as proto, publisher_client::PublisherClient};
-use tokio::sync::{mpsc, oneshot};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Code, Status,
     metadata::{MetadataKey, MetadataMap, MetadataValue},
 };
 
-use crate::{Error, client::Transport};
+use crate::{Error, client::Transport, leader::Route};
 
 /// A reply to one request: its response or the error that ended the stream.
 type Reply = oneshot::Sender<Result<proto::PublishStreamResponse, Error>>;
@@ -52,6 +67,9 @@ pub(crate) struct PublishStream {
     /// Requests queued for the stream at most (the producer's batches in
     /// flight: each has at most one attempt outstanding).
     capacity: usize,
+    /// How long a stream may leave requests without any answer (or a new
+    /// stream without its headers) before it is abandoned as stalled.
+    stall_after: Duration,
     session: tokio::sync::Mutex<Option<Session>>,
     /// The broker answered UNIMPLEMENTED: it predates the stream.
     unsupported: AtomicBool,
@@ -62,20 +80,33 @@ pub(crate) struct PublishStream {
 struct Session {
     requests: mpsc::Sender<proto::PublishStreamRequest>,
     replies: Arc<Mutex<Replies>>,
+    /// The node the stream went to, reported if it stalls.
+    route: Route,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Replies {
     next_sequence: u64,
     waiting: HashMap<u64, Reply>,
+    /// The last sign of life while requests were outstanding: the last
+    /// answer, or the request sent when none was waiting.
+    heard: Instant,
     /// Set once the stream ended: why. No request is sent after it.
     ended: Option<Error>,
 }
 
 impl PublishStream {
-    pub(crate) fn new(client: PublisherClient<Transport>, capacity: usize) -> PublishStream {
+    /// A stream of `capacity` requests at most, abandoned as stalled after
+    /// `stall_after` without an answer.
+    pub(crate) fn new(client: PublisherClient<Transport>, capacity: usize, stall_after: Duration) -> PublishStream {
         let capacity = capacity.max(1);
-        PublishStream { client, capacity, session: tokio::sync::Mutex::new(None), unsupported: AtomicBool::new(false) }
+        PublishStream {
+            client,
+            capacity,
+            stall_after,
+            session: tokio::sync::Mutex::new(None),
+            unsupported: AtomicBool::new(false),
+        }
     }
 
     /// Whether the broker lacks the stream (then use the unary calls).
@@ -113,7 +144,9 @@ impl PublishStream {
         messages: Vec<proto::Message>,
     ) -> Result<oneshot::Receiver<Result<proto::PublishStreamResponse, Error>>, (Error, Vec<proto::Message>)> {
         let mut session = self.session.lock().await;
-        let open = session.as_ref().is_some_and(|s| lock(&s.replies).ended.is_none());
+        // A stall the reading task has not acted on yet (its timer and an
+        // attempt's timeout fall at the same moment) ends the stream here.
+        let open = session.as_ref().is_some_and(|s| !s.stall(self.stall_after));
         if !open {
             match self.open().await {
                 Ok(opened) => *session = Some(opened),
@@ -132,16 +165,41 @@ impl PublishStream {
         }
         let sequence = replies.next_sequence;
         replies.next_sequence += 1;
+        if replies.waiting.is_empty() {
+            // Silence counts from the first request outstanding.
+            replies.heard = Instant::now();
+        }
         let (reply, answer) = oneshot::channel();
         replies.waiting.insert(sequence, reply);
         permit.send(proto::PublishStreamRequest { sequence, queue: queue.to_owned(), messages });
         Ok(answer)
     }
 
-    /// Opens a stream and starts the task that reads its answers.
+    /// Opens a stream and starts the task that reads its answers. A node
+    /// that does not answer within `stall_after` is reported stalled.
     async fn open(&self) -> Result<Session, Error> {
         let (requests, outbound) = mpsc::channel(self.capacity);
-        let opened = self.client.clone().publish_stream(ReceiverStream::new(outbound)).await;
+        let route = Route::default();
+        let mut request = tonic::Request::new(ReceiverStream::new(outbound));
+        request.extensions_mut().insert(route.clone());
+        // The call runs in a task of its own, so a silent node is reported
+        // even when the attempt that opened it gives up first (its timeout
+        // started a little earlier).
+        let (mut client, stall_after, called) = (self.client.clone(), self.stall_after, route.clone());
+        let opening = tokio::spawn(async move {
+            let opened = tokio::time::timeout(stall_after, client.publish_stream(request)).await;
+            if opened.is_err() {
+                called.stalled();
+            }
+            opened
+        });
+        let opened = match opening.await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(_elapsed)) => return Err(stalled(&route, self.stall_after, "opening the publish stream")),
+            Err(error) => {
+                return Err(Error::Protocol { message: format!("opening the publish stream failed: {error}") });
+            }
+        };
         let inbound = match opened {
             Ok(response) => response.into_inner(),
             Err(status) => {
@@ -152,19 +210,70 @@ impl PublishStream {
                 return Err(error);
             }
         };
-        let replies = Arc::new(Mutex::new(Replies::default()));
-        tokio::spawn(read_answers(inbound, Arc::clone(&replies)));
-        Ok(Session { requests, replies })
+        let replies = Arc::new(Mutex::new(Replies {
+            next_sequence: 0,
+            waiting: HashMap::new(),
+            heard: Instant::now(),
+            ended: None,
+        }));
+        let session = Session { requests, replies, route };
+        tokio::spawn(read_answers(inbound, session.watch(), self.stall_after));
+        Ok(session)
     }
 }
 
+impl Session {
+    /// What the task reading the answers needs of the session: not the
+    /// request sender, whose drop closes the stream.
+    fn watch(&self) -> Watch {
+        Watch { replies: Arc::clone(&self.replies), route: self.route.clone() }
+    }
+
+    /// Whether the stream ended, ending it first if it stalled.
+    fn stall(&self, stall_after: Duration) -> bool {
+        stall(&self.replies, &self.route, stall_after)
+    }
+}
+
+/// The reading task's view of a session.
+struct Watch {
+    replies: Arc<Mutex<Replies>>,
+    route: Route,
+}
+
 /// Hands each answer to its request's waiter; when the stream ends, fails
-/// every request still waiting with the reason.
-async fn read_answers(mut inbound: tonic::Streaming<proto::PublishStreamResponse>, replies: Arc<Mutex<Replies>>) {
+/// every request still waiting with the reason. Ends the stream when it
+/// stalls (no answer for `stall_after` while requests wait).
+async fn read_answers(
+    mut inbound: tonic::Streaming<proto::PublishStreamResponse>,
+    watch: Watch,
+    stall_after: Duration,
+) {
+    let Watch { replies, route } = watch;
     let error = loop {
-        match inbound.message().await {
+        let silent_until = {
+            let replies = lock(&replies);
+            // Nothing waiting: look again later (a request sent meanwhile
+            // moves `heard`, so this wakes early at most once per period).
+            if replies.waiting.is_empty() { Instant::now() + stall_after } else { replies.heard + stall_after }
+        };
+        // `message` is cancel safe: an answer half read stays in `inbound`.
+        let message = tokio::select! {
+            message = inbound.message() => message,
+            () = tokio::time::sleep_until(silent_until) => {
+                if stall(&replies, &route, stall_after) {
+                    return;
+                }
+                continue;
+            }
+        };
+        match message {
             Ok(Some(response)) => {
-                let waiter = lock(&replies).waiting.remove(&response.sequence);
+                let waiter = {
+                    let mut replies = lock(&replies);
+                    replies.heard = Instant::now();
+                    replies.waiting.remove(&response.sequence)
+                };
                 match waiter {
                     // A waiter that gave up has dropped its receiver.
                     Some(waiter) => drop(waiter.send(Ok(response))),
@@ -179,13 +288,46 @@ async fn read_answers(mut inbound: tonic::Streaming<proto::PublishStreamResponse
             Err(status) => break Error::from_status(status),
         }
     };
-    let waiting = {
-        let mut replies = lock(&replies);
-        replies.ended = Some(error.clone());
-        std::mem::take(&mut replies.waiting)
-    };
-    for (_, waiter) in waiting {
+    end(&mut lock(&replies), error);
+}
+
+/// Whether the stream ended; if it has just stalled (requests waiting, no
+/// answer for `stall_after`), ends it, failing them, and reports the node.
+fn stall(replies: &Mutex<Replies>, route: &Route, stall_after: Duration) -> bool {
+    let mut replies = lock(replies);
+    if replies.ended.is_some() {
+        return true;
+    }
+    if replies.waiting.is_empty() || replies.heard.elapsed() < stall_after {
+        return false;
+    }
+    let waiting = replies.waiting.len();
+    end(&mut replies, stalled(route, stall_after, &format!("{waiting} requests unanswered")));
+    drop(replies);
+    route.stalled();
+    true
+}
+
+/// Ends the stream (if it has not ended yet) with `error`, which every
+/// request still waiting gets.
+fn end(replies: &mut Replies, error: Error) {
+    if replies.ended.is_some() {
+        return;
+    }
+    for (_, waiter) in replies.waiting.drain() {
         let _ = waiter.send(Err(error.clone()));
+    }
+    replies.ended = Some(error);
+}
+
+/// The retryable error of a stream that stalled while `doing`.
+fn stalled(route: &Route, stall_after: Duration, doing: &str) -> Error {
+    let node = route.addr().unwrap_or("the broker");
+    Error::Unavailable {
+        message: format!(
+            "the publish stream to {node} stalled: {doing}, no answer for {stall_after:?}; \
+             the next attempt opens a new stream (to the next address, if the client has several)"
+        ),
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ballast_client::{BreakerConfig, Client, ConsumerConfig, Delivery, Message, ProducerConfig, RetryPolicy};
+use ballast_client::{Backoff, BreakerConfig, Client, ConsumerConfig, Delivery, Message, ProducerConfig, RetryPolicy};
 use ballast_proto::v1 as pb;
 use tonic::Code;
 
@@ -478,4 +478,57 @@ async fn nacks_dead_letters_and_acks_reach_every_node() {
     session.ack(vec![ack.delivery_id]).await;
     wait_depth(&cluster, "tasks", 0).await;
     wait_depth(&cluster, "tasks.dead", 1).await;
+}
+
+/// A producer given every node's address keeps publishing while the
+/// leader it streams to is paused (SIGSTOP: its connection stays up and
+/// nothing answers): its stream is abandoned as stalled after the attempt
+/// timeout, the client moves to another node, which sends it on to the
+/// new leader, and every publish is acknowledged while the old leader is
+/// still paused, each stored once. Before, the producer waited on the
+/// paused node's stream until it resumed.
+#[tokio::test]
+async fn a_producer_keeps_publishing_while_its_leader_is_paused() {
+    const PUBLISHES: u64 = 20;
+    let cluster = Cluster::start();
+    cluster.leader().await;
+    create_replicated(&cluster, "orders", replicated()).await;
+    let client = Client::new(&cluster.addrs()).expect("addresses");
+    let producer = client
+        .producer(ProducerConfig {
+            attempt_timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(20),
+            breaker: BreakerConfig { failure_threshold: 1_000_000, ..BreakerConfig::default() },
+            // Redirects to the paused leader until the election ends are
+            // retried; a short cap keeps the backoff from outlasting it.
+            retry: RetryPolicy {
+                attempts_max: 100,
+                backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(500)),
+            },
+            ..ProducerConfig::default()
+        })
+        .expect("producer");
+    // The producer's stream now goes to the leader.
+    producer.publish("orders", Message::new("before").with_idempotency_key("before")).await.expect("published");
+    let old = cluster.leader().await;
+
+    cluster.nodes[old].signal(libc::SIGSTOP);
+    let paused_at = Instant::now();
+    for i in 0..PUBLISHES {
+        let message = Message::new(format!("while paused {i}")).with_idempotency_key(format!("k{i}"));
+        if let Err(error) = producer.publish("orders", message).await {
+            cluster.nodes[old].signal(libc::SIGCONT);
+            panic!("publish {i} failed {:?} after the pause: {error:?}", paused_at.elapsed());
+        }
+    }
+    let took = paused_at.elapsed();
+    cluster.nodes[old].signal(libc::SIGCONT);
+    // The stall (2 s), an election (up to two election timeouts) and the
+    // redirects. Without the stall the first publish waited on the paused
+    // node's stream (and its connection, kept up by the kernel) until its
+    // deadline.
+    assert!(took < Duration::from_secs(15), "{PUBLISHES} publishes took {took:?} after the pause");
+    // The resumed node converges on the new leader's log: every
+    // acknowledged publish on every node, once.
+    wait_depth(&cluster, "orders", 1 + PUBLISHES).await;
 }

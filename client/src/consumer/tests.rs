@@ -358,6 +358,32 @@ async fn stop_while_reconnecting() {
     assert_eq!(stats.sessions, 0);
 }
 
+/// A node that takes the consume call and never confirms the subscription
+/// (paused, its connection up) is given up after `subscribe_timeout`: a
+/// client given a second address subscribes there and consumes. Without
+/// it, every reconnect went back to the silent node.
+#[tokio::test]
+async fn a_silent_node_is_left_for_the_next_address() {
+    let silent = FakeServer::start().await;
+    silent.state.lock().silent_consumes = 8;
+    let answering = FakeServer::start().await;
+    answering.state.add_queue("jobs", 3);
+    let client = crate::Client::new(&format!("{},{}", silent.addr, answering.addr)).expect("addresses");
+    let subscribe_timeout = Duration::from_millis(300);
+    let consumer = client
+        .consumer("jobs", ConsumerConfig { subscribe_timeout, max_messages: Some(3), ..config() })
+        .expect("valid");
+    let start = Instant::now();
+    let handle = consumer.spawn(|_d: Delivery| async { Ok::<(), String>(()) });
+    let stats = tokio::time::timeout(5 * subscribe_timeout, handle.join())
+        .await
+        .expect("consumed from the second node within a few subscribe timeouts")
+        .expect("ok");
+    assert_eq!(stats.acked, 3, "after {:?}", start.elapsed());
+    assert_eq!(acked_offsets(&answering), vec![0, 1, 2]);
+    assert_eq!(silent.state.lock().silent_consumes, 7, "one call to the silent node");
+}
+
 /// Out-of-range settings are refused with the setting's name.
 #[test]
 fn config_validation() {

@@ -9,7 +9,7 @@ use tonic::Status;
 use super::*;
 use crate::{
     Backoff, Client, MessageId,
-    fake::{FakeServer, Fault, PublishKind, refused},
+    fake::{FakeServer, Fault, PublishKind, StreamFault, refused},
 };
 
 /// Fast retries so failure tests take milliseconds; a fixed jitter seed so
@@ -432,4 +432,126 @@ fn config_validation() {
     );
     assert!(ProducerConfig { in_flight_batches_max: 0, ..ProducerConfig::default() }.validate().is_err());
     assert!(ProducerConfig { deadline: Duration::ZERO, ..ProducerConfig::default() }.validate().is_err());
+}
+
+/// How long the stall tests let a silent node keep a request.
+const STALL: Duration = Duration::from_millis(300);
+
+/// A producer whose attempts (and so its stream's stall limit) last
+/// `STALL`, over `client`.
+fn stall_producer(client: &Client) -> Producer {
+    client.producer(ProducerConfig { attempt_timeout: STALL, ..config() }).expect("valid config")
+}
+
+/// A node that takes the publish stream and its requests but answers
+/// nothing (paused, its connection up) is given up after the attempt
+/// timeout: with a second address the publish is stored there, within a
+/// few attempt timeouts, and later publishes go there at once. Without the
+/// stall, every retry queued on the silent stream until the deadline.
+#[tokio::test]
+async fn a_silent_stream_moves_to_the_next_address() {
+    let (silent, answering, producer) = publish_past_a_stalled_node(StreamFault::Silent).await;
+    let start = Instant::now();
+    producer.publish("orders", Message::new("two")).await.expect("stored on the second node");
+    assert!(start.elapsed() < STALL, "the next publish went to the answering node at once");
+
+    let state = silent.state.lock();
+    assert_eq!(state.streams_opened, 1, "one stream to the silent node");
+    assert!(state.unanswered >= 1);
+    assert_eq!(answering.state.lock().stored.len(), 2);
+}
+
+/// A node that never replies to the stream's call (no headers) is given
+/// up the same way.
+#[tokio::test]
+async fn a_stream_never_opened_moves_to_the_next_address() {
+    let (_silent, answering, _producer) = publish_past_a_stalled_node(StreamFault::NoReply).await;
+    assert_eq!(answering.state.lock().stored.len(), 1);
+}
+
+/// Two fakes, every stream to the first with `fault`, and a producer
+/// given both addresses, which has published one message: stored on the
+/// second within a few stall limits, nothing on the first.
+async fn publish_past_a_stalled_node(fault: StreamFault) -> (FakeServer, FakeServer, Producer) {
+    let silent = FakeServer::start().await;
+    silent.state.lock().stream_faults.extend([fault; 8]);
+    let answering = FakeServer::start().await;
+    let client = Client::new(&format!("{},{}", silent.addr, answering.addr)).expect("addresses");
+    let producer = stall_producer(&client);
+
+    let start = Instant::now();
+    let receipt = producer.publish("orders", Message::new("one")).await.expect("stored on the second node");
+    let elapsed = start.elapsed();
+    assert!(elapsed < 5 * STALL, "published in {elapsed:?}");
+    assert!(!receipt.duplicate);
+    assert_eq!(silent.state.lock().stored.len(), 0);
+    (silent, answering, producer)
+}
+
+/// With one address, a stalled stream is replaced by a new one (on a new
+/// connection) and the producer recovers once the node answers again.
+#[tokio::test]
+async fn a_stalled_stream_is_replaced_on_a_single_address() {
+    let server = FakeServer::start().await;
+    server.state.lock().stream_faults.push_back(StreamFault::Silent);
+    let producer = stall_producer(&server.client());
+
+    let start = Instant::now();
+    let receipt = producer.publish("orders", Message::new("one")).await.expect("stored on a new stream");
+    let elapsed = start.elapsed();
+    assert!(elapsed < 5 * STALL, "published in {elapsed:?}");
+    assert_eq!(receipt.id.offset, 0);
+    let state = server.state.lock();
+    assert_eq!(state.streams_opened, 2, "the silent stream, then a new one");
+    assert_eq!(state.stored.len(), 1);
+}
+
+/// Requests waiting on a stream that answers nothing for the stall limit
+/// fail with a retryable UNAVAILABLE that says the stream stalled.
+#[tokio::test]
+async fn requests_on_a_stalled_stream_fail_saying_so() {
+    let server = FakeServer::start().await;
+    server.state.lock().stream_faults.push_back(StreamFault::Silent);
+    let stream = PublishStream::new(PublisherClient::new(server.client_channel()), 4, STALL);
+    let message = Message::new("x").into_proto("key-1".to_owned());
+
+    let start = Instant::now();
+    let sent = tokio::time::timeout(10 * STALL, stream.publish("orders", vec![message])).await;
+    let Sent::Answered(answer) = sent.expect("the stall ends the request") else { panic!("the fake has the stream") };
+    let error = answer.expect_err("nothing answers");
+    assert!(start.elapsed() >= STALL && start.elapsed() < 3 * STALL, "{:?}", start.elapsed());
+    assert!(matches!(&error, Error::Unavailable { message } if message.contains("stalled")), "{error:?}");
+    assert!(error.is_retryable());
+}
+
+/// One request the node holds while it answers the others is no stall:
+/// the stream lives on (answers arriving mean the node is alive), however
+/// long the held request waits.
+#[tokio::test]
+async fn a_held_request_among_answered_ones_keeps_the_stream() {
+    let server = FakeServer::start().await;
+    server.state.fault(Fault::StoreThenHang);
+    let stream = Arc::new(PublishStream::new(PublisherClient::new(server.client_channel()), 4, STALL));
+    let held = {
+        let stream = Arc::clone(&stream);
+        let message = Message::new("held").into_proto("held".to_owned());
+        tokio::spawn(async move { stream.publish("orders", vec![message]).await })
+    };
+    // The broker holds the first request (stored, never answered) before
+    // the others go out; then answers keep coming for four stall limits.
+    while server.state.lock().stored.is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let until = Instant::now() + 4 * STALL;
+    let mut index = 0;
+    while Instant::now() < until {
+        let message = Message::new("next").into_proto(format!("next-{index}"));
+        let Sent::Answered(answer) = stream.publish("orders", vec![message]).await else { panic!("stream") };
+        answer.expect("answered");
+        index += 1;
+        tokio::time::sleep(STALL / 6).await;
+    }
+    assert!(!held.is_finished(), "the held request still waits on the same stream");
+    assert_eq!(server.state.lock().streams_opened, 1);
+    held.abort();
 }
