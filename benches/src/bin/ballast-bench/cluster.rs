@@ -11,9 +11,12 @@
 //!    later); killed nodes are restarted. Then every message is consumed.
 //!    The verdict: every acknowledged publish delivered at least once
 //!    (`lost` = 0), nothing delivered that was never published (`phantom`
-//!    = 0), no key stored twice (depth = unique keys). Partitions are not
-//!    injected (that needs network namespaces or iptables the bench does
-//!    not set up); the pause is the nearest fault it has.
+//!    = 0), no key stored twice (depth = unique keys). With `--netns`
+//!    (root, in a private network namespace: `scripts/cluster-partitions`)
+//!    each node runs in a namespace of its own and three more faults are
+//!    drawn: the leader cut off from both followers (the bench, as a
+//!    client, still reaches it), a follower cut off, and one pair of nodes
+//!    that cannot hear each other (`netns.rs`); cuts heal half a cycle later.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -33,6 +36,8 @@ use ballast_client::{
     BreakerConfig, Client, ConsumerConfig, Delivery, Message, ProducerConfig, QueueSettings, RetryPolicy,
 };
 use ballast_proto::v1 as pb;
+
+use crate::netns::Netns;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -67,6 +72,12 @@ pub struct Args {
     /// Seed of the fault schedule [default: from the clock].
     #[arg(long)]
     seed: Option<u64>,
+    /// Run each node in a network namespace `<NETNS>-n<i>` the bench makes,
+    /// and add partitions to the soak's faults. Root and iproute2 only,
+    /// with the bench in a private network namespace (`unshare -n`; see
+    /// `scripts/cluster-partitions`).
+    #[arg(long)]
+    netns: Option<String>,
 }
 
 /// One `ballastd` of the cluster.
@@ -78,12 +89,20 @@ struct Node {
     ballastd: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// Cut off from both other nodes (not from the bench).
+    isolated: bool,
+    /// The namespaces the node runs in, with its index there.
+    netns: Option<(Arc<Netns>, usize)>,
 }
 
 impl Node {
     fn start(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut child = Command::new(&self.ballastd)
+        let mut command = match &self.netns {
+            Some((netns, index)) => netns.command(*index, &self.ballastd),
+            None => Command::new(&self.ballastd),
+        };
+        let mut child = command
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "warn")
@@ -136,13 +155,19 @@ impl Drop for Node {
 
 struct Cluster {
     nodes: Vec<Node>,
+    netns: Option<Arc<Netns>>,
+    /// The pairs of nodes cut from each other now.
+    cuts: BTreeSet<(usize, usize)>,
 }
 
 impl Cluster {
-    fn start(ballastd: &Path, root: &Path) -> anyhow::Result<Cluster> {
-        let listens: Vec<SocketAddr> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
-            .collect::<Result<_, _>>()?;
+    fn start(ballastd: &Path, root: &Path, netns: Option<Arc<Netns>>) -> anyhow::Result<Cluster> {
+        let listens: Vec<SocketAddr> = match netns {
+            Some(_) => (0..3).map(Netns::listen).collect(),
+            None => (0..3)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
+                .collect::<Result<_, _>>()?,
+        };
         let peers: Vec<String> =
             listens.iter().enumerate().map(|(i, a)| format!("{{ id = {}, addr = \"{a}\" }}", i + 1)).collect();
         let mut nodes = Vec::new();
@@ -150,9 +175,12 @@ impl Cluster {
             let dir = root.join(format!("node{}", i + 1));
             std::fs::create_dir_all(&dir)?;
             let config = dir.join("ballastd.toml");
+            // In its own private namespace a node listens off loopback,
+            // reached only through the bench's bridge.
+            let insecure = if netns.is_some() { "insecure = true\n" } else { "" };
             let text = format!(
-                "data_dir = \"{}\"\nlisten = \"{listen}\"\nmetrics_listen = \"127.0.0.1:0\"\n\n[cluster]\nnode_id = {}\n\
-                 peers = [{}]\n",
+                "data_dir = \"{}\"\nlisten = \"{listen}\"\nmetrics_listen = \"127.0.0.1:0\"\n{insecure}\n[cluster]\n\
+                 node_id = {}\npeers = [{}]\n",
                 dir.join("data").display(),
                 i + 1,
                 peers.join(", ")
@@ -166,11 +194,34 @@ impl Cluster {
                 ballastd: ballastd.to_path_buf(),
                 child: None,
                 paused: false,
+                isolated: false,
+                netns: netns.as_ref().map(|n| (Arc::clone(n), i)),
             };
             node.start()?;
             nodes.push(node);
         }
-        Ok(Cluster { nodes })
+        Ok(Cluster { nodes, netns, cuts: BTreeSet::new() })
+    }
+
+    /// Cuts nodes `a` and `b` from each other (`--netns` only).
+    fn cut(&mut self, a: usize, b: usize) -> anyhow::Result<()> {
+        let netns = self.netns.as_ref().context("partitions need --netns")?;
+        netns.set_cut(a, b, true)?;
+        self.cuts.insert((a.min(b), a.max(b)));
+        Ok(())
+    }
+
+    /// Heals every cut.
+    fn heal(&mut self) -> anyhow::Result<()> {
+        if let Some(netns) = &self.netns {
+            for (a, b) in std::mem::take(&mut self.cuts) {
+                netns.set_cut(a, b, false)?;
+            }
+        }
+        for node in &mut self.nodes {
+            node.isolated = false;
+        }
+        Ok(())
     }
 
     fn addrs(&self) -> String {
@@ -183,7 +234,9 @@ impl Cluster {
         loop {
             let mut agreed = BTreeSet::new();
             let mut leading = None;
-            for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| n.child.is_some() && !n.paused) {
+            for (i, node) in
+                self.nodes.iter().enumerate().filter(|(_, n)| n.child.is_some() && !n.paused && !n.isolated)
+            {
                 match status(node).await {
                     Some(s) => {
                         agreed.insert(s.leader_id);
@@ -226,10 +279,11 @@ pub async fn run(args: &Args, ballastd: &Path, data_root: &Path, keep: bool) -> 
     anyhow::ensure!(ballastd.exists(), "{} not found: cargo build --release -p ballast-broker", ballastd.display());
     let root = data_root.join(format!("cluster-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let mut cluster = Cluster::start(ballastd, &root)?;
+    let netns = args.netns.as_deref().map(|prefix| Netns::create(prefix, 3)).transpose()?.map(Arc::new);
+    let mut cluster = Cluster::start(ballastd, &root, netns)?;
     let leader = cluster.leader(Duration::from_secs(30)).await?;
     println!("three nodes up; node {} leads", leader + 1);
-    let throughput = throughput(args, &cluster, leader).await?;
+    let throughput = if args.rounds > 0 { Some(throughput(args, &cluster, leader).await?) } else { None };
     let soak = if args.cycles > 0 { Some(soak(args, &mut cluster).await?) } else { None };
     drop(cluster);
     if !keep {
@@ -366,6 +420,12 @@ enum Fault {
     KillLeader,
     KillFollower,
     PauseLeader,
+    /// The leader cut off from both followers.
+    IsolateLeader,
+    /// One follower cut off from the two other nodes.
+    IsolateFollower,
+    /// Two nodes that cannot hear each other (each still hears the third).
+    CutPair,
 }
 
 async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::Value> {
@@ -379,10 +439,17 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
     let admin = Client::new(&cluster.nodes[leader].endpoint())?.admin();
     let mut settings = QueueSettings::default();
     settings.replicas = Some(3);
+    // Nothing is consumed until the end: the soak's queue must hold every
+    // publish, or admission refuses them once the default 1,000,000 (90%
+    // for the normal lane) are stored, and the refusals read as a stall.
+    settings.max_messages = Some(100_000_000);
+    settings.max_bytes = Some(16 << 30);
     admin.create_queue("soak", settings).await?;
 
     let attempted = Arc::new(Mutex::new(BTreeSet::new()));
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    // Why publishes failed (at their deadline), per cycle: what a stall was.
+    let failures = Arc::new(Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let producer = Arc::new(client.producer(ProducerConfig {
         deadline: Duration::from_secs(30),
@@ -394,8 +461,13 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
         ..ProducerConfig::default()
     })?);
     let publishing = {
-        let (attempted, acked, stop, producer) =
-            (Arc::clone(&attempted), Arc::clone(&acked), Arc::clone(&stop), Arc::clone(&producer));
+        let (attempted, acked, stop, producer, failures) = (
+            Arc::clone(&attempted),
+            Arc::clone(&acked),
+            Arc::clone(&stop),
+            Arc::clone(&producer),
+            Arc::clone(&failures),
+        );
         tokio::spawn(async move {
             let mut in_flight = tokio::task::JoinSet::new();
             let mut n = 0u64;
@@ -406,11 +478,17 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
                 let key = format!("soak-{n}");
                 n += 1;
                 attempted.lock().expect("ledger").insert(key.clone());
-                let (producer, acked) = (Arc::clone(&producer), Arc::clone(&acked));
+                let (producer, acked, failures) = (Arc::clone(&producer), Arc::clone(&acked), Arc::clone(&failures));
                 in_flight.spawn(async move {
                     let message = Message::new(format!("payload of {key}")).with_idempotency_key(key.clone());
-                    if producer.publish("soak", message).await.is_ok() {
-                        acked.lock().expect("ledger").insert(key);
+                    match producer.publish("soak", message).await {
+                        Ok(_) => {
+                            acked.lock().expect("ledger").insert(key);
+                        }
+                        Err(error) => {
+                            let why: String = error.to_string().chars().take(160).collect();
+                            *failures.lock().expect("ledger").entry(why).or_default() += 1;
+                        }
                     }
                 });
                 if n % 64 == 0 {
@@ -424,30 +502,61 @@ async fn soak(args: &Args, cluster: &mut Cluster) -> anyhow::Result<serde_json::
     for cycle in 1..=args.cycles {
         tokio::time::sleep(Duration::from_secs_f64(args.cycle_seconds)).await;
         let leader = cluster.leader(Duration::from_secs(30)).await?;
-        let fault = match rng.u8(0..3) {
+        let kinds = if cluster.netns.is_some() { 6 } else { 3 };
+        let fault = match rng.u8(0..kinds) {
             0 => Fault::KillLeader,
             1 => Fault::KillFollower,
-            _ => Fault::PauseLeader,
+            2 => Fault::PauseLeader,
+            3 => Fault::IsolateLeader,
+            4 => Fault::IsolateFollower,
+            _ => Fault::CutPair,
         };
         let started = Instant::now();
+        let follower = (leader + 1 + rng.usize(0..2)) % 3;
         let victim = match fault {
-            Fault::KillLeader | Fault::PauseLeader => leader,
-            Fault::KillFollower => (leader + 1 + rng.usize(0..2)) % 3,
+            Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader => leader,
+            Fault::KillFollower | Fault::IsolateFollower => follower,
+            // The leader and one follower, or the two followers.
+            Fault::CutPair => [leader, follower][rng.usize(0..2)],
         };
         match fault {
             Fault::KillLeader | Fault::KillFollower => cluster.nodes[victim].kill(),
             Fault::PauseLeader => cluster.nodes[victim].signal(libc::SIGSTOP),
+            Fault::IsolateLeader | Fault::IsolateFollower => {
+                for other in (0..3).filter(|&n| n != victim) {
+                    cluster.cut(victim, other)?;
+                }
+                cluster.nodes[victim].isolated = true;
+            }
+            Fault::CutPair => {
+                let other = (0..3).find(|&n| n != victim && n != leader).unwrap_or(follower);
+                cluster.cut(victim, other)?;
+            }
         }
-        let new_leader = cluster.leader(Duration::from_secs(30)).await?;
-        let failover_ms = started.elapsed().as_millis() as u64;
+        // With one pair cut the two sides may trade the leadership until
+        // the cut heals: no leader is waited for then.
+        let new_leader = match fault {
+            Fault::CutPair => None,
+            _ => Some(cluster.leader(Duration::from_secs(30)).await?),
+        };
+        let failover_ms = new_leader.map(|_| started.elapsed().as_millis() as u64);
         tokio::time::sleep(Duration::from_secs_f64(args.cycle_seconds / 2.0)).await;
         match fault {
             Fault::PauseLeader => cluster.nodes[victim].signal(libc::SIGCONT),
-            _ => cluster.nodes[victim].start()?,
+            Fault::KillLeader | Fault::KillFollower => cluster.nodes[victim].start()?,
+            Fault::IsolateLeader | Fault::IsolateFollower | Fault::CutPair => cluster.heal()?,
         }
+        let new_leader = match new_leader {
+            Some(leader) => leader,
+            None => cluster.leader(Duration::from_secs(30)).await?,
+        };
         let acked_now = acked.lock().expect("ledger").len();
+        for (why, count) in std::mem::take(&mut *failures.lock().expect("ledger")) {
+            println!("    {count} publishes failed: {why}");
+        }
+        let after = failover_ms.map_or_else(|| "after the heal".to_owned(), |ms| format!("after {ms} ms"));
         println!(
-            "cycle {cycle:>3}: {fault:?} node {} -> leader node {} after {failover_ms} ms; {acked_now} acknowledged so far",
+            "cycle {cycle:>3}: {fault:?} node {} -> leader node {} {after}; {acked_now} acknowledged so far",
             victim + 1,
             new_leader + 1
         );

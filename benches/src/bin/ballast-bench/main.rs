@@ -60,6 +60,7 @@ mod compare;
 mod isolation;
 mod latency;
 mod load;
+mod netns;
 mod overhead;
 mod priority;
 mod queues;
