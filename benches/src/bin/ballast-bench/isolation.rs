@@ -44,6 +44,13 @@ pub struct Args {
     /// Rounds of (alone, during the flood), pooled.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Flood another broker, already running at this address (HOST:PORT),
+    /// instead of the steady queue's: the control that separates what
+    /// the broker shares between its queues from what the machine shares
+    /// between processes (the same flood, the same CPUs, no queue in
+    /// common).
+    #[arg(long)]
+    flood_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -71,7 +78,20 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         max_publish_rate: Some(args.flood_quota),
         ..sync.settings()
     };
-    target.fresh_queue(flooded, flood_settings).await?;
+    let other = match &args.flood_addr {
+        Some(addr) => Some(crate::broker::Target::new(
+            Some(addr.clone()),
+            None,
+            None,
+            None,
+            std::path::Path::new("."),
+            false,
+            crate::broker::Secure { tls: false, auth: false },
+        )?),
+        None => None,
+    };
+    let flood_target = other.as_ref().unwrap_or(target);
+    flood_target.fresh_queue(flooded, flood_settings).await?;
     // The flood runs on its own threads, as another client process would:
     // on the steady side's runtime its tasks would queue ahead of the steady
     // calls inside the load tool and count as the broker's latency.
@@ -79,13 +99,13 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("flood").enable_all().build()?;
     let mut flood_channels = Vec::new();
     for _ in 0..args.flood_producers {
-        let endpoint = target.endpoint.clone();
+        let endpoint = flood_target.endpoint.clone();
         let channel = flood_runtime
             .spawn(async move {
                 tonic::transport::Channel::from_shared(endpoint)?.connect().await.map_err(anyhow::Error::from)
             })
             .await??;
-        flood_channels.push(target.with_token(channel));
+        flood_channels.push(flood_target.with_token(channel));
     }
     // Alone and during alternate, round after round, and each side's
     // histograms are pooled: the disk's sync latency drifts over minutes,
@@ -135,6 +155,9 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
         if args.flood_rate > 0 { format!("{} msg/s offered", args.flood_rate) } else { "unpaced".to_owned() },
         if args.flood_quota > 0 { format!("quota {} msg/s", args.flood_quota) } else { "no quota".to_owned() }
     );
+    if let Some(addr) = &args.flood_addr {
+        println!("(the flood went to another broker, at {addr})");
+    }
     println!("-- steady queue alone ({} rounds pooled)", args.rounds);
     alone.print();
     println!("-- steady queue during the flood ({} rounds pooled)", args.rounds);
@@ -151,7 +174,7 @@ pub async fn run(target: &Target, args: &Args, sync: Sync) -> anyhow::Result<ser
     );
     Ok(serde_json::json!({
         "scenario": "isolation", "flood": format!("{:?}", args.flood).to_lowercase(), "flood_rate": args.flood_rate,
-        "flood_quota": args.flood_quota, "rounds": args.rounds, "per_round": rounds,
+        "flood_quota": args.flood_quota, "flood_addr": args.flood_addr, "rounds": args.rounds, "per_round": rounds,
         "steady_rate": args.steady.rate, "size": args.steady.size, "sync": format!("{sync:?}").to_lowercase(),
         "alone": { "publish_to_durable": load::percentiles(&alone.durable), "publish_to_delivery": load::percentiles(&alone.delivered) },
         "during": { "publish_to_durable": load::percentiles(&during.durable), "publish_to_delivery": load::percentiles(&during.delivered) },
