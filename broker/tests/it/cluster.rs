@@ -5,7 +5,10 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU16, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -81,9 +84,29 @@ impl Cluster {
     }
 }
 
+/// A free port **below the kernel's ephemeral range**. A node killed and
+/// restarted binds its port again; a port from the ephemeral range can be
+/// taken meanwhile as the local end of another test's outgoing connection
+/// (CI saw a restart fail for 5 s with "address already in use"). Ports
+/// are handed out from a counter, so two tests never try the same one.
 fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr")
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (20_000u16, ephemeral_low.clamp(20_001, 32_768));
+    // Spread over the range by process, so a second test run beside this
+    // one starts elsewhere.
+    let offset = (std::process::id() % u32::from(high - low)) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < high - low, "no free port in {low}..{high}");
+        let port = low + (offset + n) % (high - low);
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("local addr");
+        }
+    }
 }
 
 /// A channel to `node` that gives up within a second or two (a paused node
