@@ -128,28 +128,40 @@ impl Cluster {
     /// its own first entry in that time is about to lose the leadership);
     /// a follower, or a leader still not ready then, answers not-leader.
     pub async fn leader_term(&self, queue: &str) -> Result<u64> {
+        // Ready: the term; not leading: `Err`; leading, not ready: `Ok(None)`.
+        let ready = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
+            if m.state != ServerState::Leader || m.current_leader != Some(self.config.node_id) {
+                return Err(());
+            }
+            Ok(m.last_applied.filter(|applied| applied.leader_id.term == m.current_term).map(|_| m.current_term))
+        };
         let mut metrics = self.raft.metrics();
-        let ready = async {
-            loop {
-                {
-                    let m = metrics.borrow_and_update();
-                    if m.state != ServerState::Leader || m.current_leader != Some(self.config.node_id) {
-                        return None;
+        // Asked on every replicated publish: once the leader is ready,
+        // one look at the metrics, no timer.
+        let first = ready(&metrics.borrow_and_update());
+        let answer = match first {
+            Ok(Some(term)) => Some(term),
+            Err(()) => None,
+            Ok(None) => {
+                let wait = async {
+                    while metrics.changed().await.is_ok() {
+                        match ready(&metrics.borrow_and_update()) {
+                            Ok(None) => continue,
+                            outcome => return outcome.ok().flatten(),
+                        }
                     }
-                    if m.last_applied.is_some_and(|applied| applied.leader_id.term == m.current_term) {
-                        return Some(m.current_term);
-                    }
-                }
-                if metrics.changed().await.is_err() {
-                    return None;
-                }
+                    None
+                };
+                let limit = Duration::from_millis(self.config.election_timeout_max_ms);
+                tokio::time::timeout(limit, wait).await.ok().flatten()
             }
         };
-        let wait = Duration::from_millis(self.config.election_timeout_max_ms);
-        if let Ok(Some(term)) = tokio::time::timeout(wait, ready).await {
-            return Ok(term);
-        }
-        Err(BrokerError::NotLeader { queue: queue.to_owned(), leader: self.leader_addr() })
+        answer.ok_or_else(|| self.not_leader(queue))
+    }
+
+    /// What a node that cannot take a call on `queue` as leader answers.
+    fn not_leader(&self, queue: &str) -> BrokerError {
+        BrokerError::NotLeader { queue: queue.to_owned(), leader: self.leader_addr() }
     }
 
     /// Proposes a command and waits until it is committed (a majority has
@@ -158,9 +170,7 @@ impl Cluster {
         match self.raft.client_write(command).await {
             Ok(response) => match response.data {
                 Applied::Failed { message } => Err(BrokerError::FailedPrecondition(message)),
-                Applied::Superseded => {
-                    Err(BrokerError::NotLeader { queue: queue.to_owned(), leader: self.leader_addr() })
-                }
+                Applied::Superseded => Err(self.not_leader(queue)),
                 applied => Ok(applied),
             },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => Err(BrokerError::NotLeader {

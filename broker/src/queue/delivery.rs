@@ -515,7 +515,8 @@ impl Queue {
             }
             delivery_ids.iter().filter_map(|&id| state.remove_lease(id).map(|lease| (id, lease))).collect()
         };
-        let (commits, failed) = self.ack_leases(leases);
+        let mut commits = Vec::new();
+        let failed = self.ack_leases(leases, wait.then_some(&mut commits));
         if let Some((_, error)) = failed.into_iter().next() {
             return Err(error);
         }
@@ -548,8 +549,7 @@ impl Queue {
             }
             leases
         };
-        let (_commits, failed) = self.ack_leases(leases);
-        rejected.extend(failed);
+        rejected.extend(self.ack_leases(leases, None));
         rejected
     }
 
@@ -557,9 +557,9 @@ impl Queue {
     /// storage and counts them. If storage refuses an ack, that message
     /// goes back to the front of its lane (redelivered without counting an
     /// attempt) and its id comes back with the error; the others are
-    /// still acked. Returns the commits to await for durability.
-    fn ack_leases(&self, leases: Vec<(u64, Lease)>) -> (Vec<Commit>, Vec<(u64, BrokerError)>) {
-        let mut commits = Vec::with_capacity(leases.len());
+    /// still acked. The commits to await for durability go to `commits`,
+    /// if the caller waits for them.
+    fn ack_leases(&self, leases: Vec<(u64, Lease)>, mut commits: Option<&mut Vec<Commit>>) -> Vec<(u64, BrokerError)> {
         let mut failed: Vec<Lease> = Vec::new();
         let mut errors = Vec::new();
         let now = now_ms();
@@ -567,7 +567,11 @@ impl Queue {
         for (delivery_id, lease) in leases {
             // `None`: purged meanwhile; the purge is the ack.
             match self.ack_record(lease.lane, lease.offset, lease.size, AckKind::Acked) {
-                Ok(commit) => commits.extend(commit),
+                Ok(commit) => {
+                    if let Some(commits) = commits.as_deref_mut() {
+                        commits.extend(commit);
+                    }
+                }
                 Err(error) => {
                     tracing::error!(queue = %self.name, lane = lease.lane, offset = lease.offset, %error,
                         "ack not stored; the message goes back to its lane");
@@ -592,7 +596,7 @@ impl Queue {
             self.requeue_leases(&mut self.delivery.lock(), failed);
             self.dispatch();
         }
-        (commits, errors)
+        errors
     }
 
     /// Nacks a delivery held by `holder`: redelivered after `delay_ms`
